@@ -1,0 +1,34 @@
+# One-command setup: `make demo` and `make test` create .venv on first use.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+TORCH   := torch==2.13.0
+OUT     ?= demo_out
+
+.PHONY: setup demo test lint bench clean
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: on this kind of machine it resolves to a local CPU wheel in
+	# seconds; an unpinned torch pulls a multi-GB CUDA build.
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[dev,ray]'
+	touch $@
+
+setup: .venv/.installed
+
+demo: setup
+	.venv/bin/fmoe demo --out $(OUT)
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+bench: setup
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf .venv $(OUT) .pytest_cache .hypothesis

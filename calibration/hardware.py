@@ -1,0 +1,124 @@
+"""HardwareProfile: what a machine costs, as the simulator needs it.
+
+A profile is either *published* (a preset built from public figures, each cited in the
+file), *calibrated* (written by ``fmoe calibrate bench`` from measurements on one
+machine, for one model) or a *placeholder* (cpu-local before calibration). Units: bytes,
+bytes per second, seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GPUSpec(_Strict):
+    """One accelerator (all GPUs of a profile are alike)."""
+
+    name: str
+    memory_bytes: int = Field(gt=0)
+    memory_bandwidth_Bps: float = Field(gt=0)
+    tflops: float = Field(gt=0, description="dense bf16/fp16 tensor TFLOP/s (fp32 accumulate)")
+
+
+class LinkSpec(_Strict):
+    """The host->GPU link of one GPU."""
+
+    pinned_bandwidth_Bps: float = Field(gt=0, description="sustained H2D from pinned memory")
+    pageable_bandwidth_Bps: float = Field(gt=0, description="sustained H2D from pageable memory")
+    latency_s: float = Field(ge=0, description="fixed cost per transfer")
+    concurrency: int = Field(default=1, ge=1, description="transfers the link carries at once")
+    emulated: bool = Field(default=False, description="True when the link is a CPU emulation")
+
+
+class InterconnectSpec(_Strict):
+    """GPU<->GPU links (expert-parallel activations, pipeline hand-offs)."""
+
+    kind: Literal["nvlink", "pcie", "none"] = "none"
+    bandwidth_Bps: float = Field(default=1e12, gt=0)
+    latency_s: float = Field(default=0.0, ge=0)
+
+
+class LinearCost(_Strict):
+    """time = fixed_s + per_token_s * tokens (+ per_token_context_s * tokens * context)."""
+
+    fixed_s: float = Field(ge=0)
+    per_token_s: float = Field(ge=0)
+    per_token_context_s: float = Field(default=0.0, ge=0)
+
+    def __call__(self, tokens: int, context: int = 0) -> float:
+        return self.fixed_s + self.per_token_s * tokens + self.per_token_context_s * tokens * context
+
+
+class ComputeModel(_Strict):
+    """Compute costs: fitted linear models when calibrated, a roofline otherwise.
+
+    ``expert``: one routed expert's FFN on ``tokens`` tokens. ``dense``: one decoder
+    layer's attention, norms, gate and shared experts on ``tokens`` tokens with
+    ``context`` tokens of KV. ``head``: embedding + LM head per iteration. When a fitted
+    cost is absent the roofline (bytes / bandwidth vs flops / peak, at
+    ``roofline_efficiency``) is used.
+    """
+
+    fitted_for_model: str | None = None
+    expert: LinearCost | None = None
+    dense: LinearCost | None = None
+    head: LinearCost | None = None
+    roofline_efficiency: float = Field(default=0.7, gt=0, le=1)
+    kernel_launch_s: float = Field(default=10e-6, ge=0)
+    policy_search_s: float = Field(
+        default=2e-4, ge=0, description="latency until an async policy's search result is usable"
+    )
+    fit_errors: dict[str, float] = Field(default_factory=dict, description="relative error per fit")
+
+
+class HardwareProfile(_Strict):
+    """A machine: GPUs, their host links, interconnect and compute cost model."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    kind: Literal["published", "calibrated", "placeholder"] = "published"
+    device: Literal["cuda", "cpu"] = "cuda"
+    num_gpus: int = Field(default=1, ge=1)
+    gpu: GPUSpec
+    link: LinkSpec
+    host_bandwidth_cap_Bps: float | None = Field(
+        default=None, gt=0, description="shared host-side cap across all links at once"
+    )
+    interconnect: InterconnectSpec = InterconnectSpec()
+    compute: ComputeModel = ComputeModel()
+    sources: list[str] = Field(default_factory=list)
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> HardwareProfile:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"unknown schema_version {self.schema_version} (this version reads {SCHEMA_VERSION})")
+        return self
+
+    @property
+    def total_gpu_memory_bytes(self) -> int:
+        return self.num_gpus * self.gpu.memory_bytes
+
+    def summary(self) -> dict:
+        """The profile as plain JSON-able data, for `fmoe hardware --json`."""
+        return self.model_dump(mode="json")
+
+    def to_json(self, path: str | Path) -> None:
+        from calibration.jsonio import write_json_atomic
+
+        write_json_atomic(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> HardwareProfile:
+        from calibration.jsonio import load_model_json
+
+        return load_model_json(cls, path)

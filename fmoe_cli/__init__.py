@@ -1,0 +1,2 @@
+"""The thin `fmoe` command line: one module per command group, each calling a package's
+public functions."""

@@ -1,0 +1,239 @@
+"""The Policy interface: one class drives both the simulator and the real executor.
+
+The executor (simulator or real) owns time, the transfer queue and one ExpertCache per
+device; a policy only observes and decides, as in vLLM's scheduler interface:
+
+observe (the executor calls these, in this order per iteration)
+    on_request_arrival -> on_iteration_start -> for each MoE layer l:
+    on_gate(l) -> on_expert_used(...)* -> ... -> on_iteration_end.
+    on_load_finished whenever a copy lands.
+decide
+    decide_prefetch(): drains the prefetch orders (to enqueue) and cancellations the
+    policy produced since the last call. The executor calls it after every observe call.
+    Demand loads (misses) are the executor's job and always go before prefetches.
+    eviction_score(entry): lower is evicted first; the cache never evicts pinned keys
+    and evicts protected (predicted, not yet used) ones only when nothing else can go.
+
+Contracts an executor guarantees: layers are MoE-layer indices 0..L-1 and arrive in
+order within an iteration; arrays are numpy; ``now`` is seconds on the executor's clock
+(simulated or wall). Contracts a policy guarantees: every order names a valid
+(layer, expert) and a finite priority (higher goes first); the same seed and inputs give
+the same decisions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from calibration.errors import InputError
+from calibration.model_spec import ModelSpec
+from policies.cache import CacheEntry, ExpertCache, ExpertKey, lru_score
+from policies.placement import Placement
+
+
+# -- events (observe) ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class RequestArrival:
+    """A request entered the system. ``prompt_embedding`` [H] when known (e.g. mean token embedding)."""
+
+    request_id: str
+    prompt_len: int
+    prompt_text: str | None = None
+    prompt_embedding: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class IterationStart:
+    """A forward pass starts. One entry per token row of the batch.
+
+    ``request_ids[b]`` and ``positions[b]`` name row b's request and its token index in
+    that request's routing; ``prefill[b]`` tells prefill rows from decode rows;
+    ``embeddings`` [B, H] are the embedding layer's outputs (None when unknown).
+    """
+
+    iteration: int
+    request_ids: tuple[str, ...]
+    positions: np.ndarray
+    prefill: np.ndarray
+    embeddings: np.ndarray | None = None
+    now: float = 0.0
+
+
+@dataclass(frozen=True)
+class GateOutput:
+    """Layer ``layer``'s router ran for the batch's B rows.
+
+    ``topk_ids``/``topk_weights`` [B, K] are the experts actually chosen; ``probs`` [B, J]
+    the full probability rows (None when the source lacks them); ``lookahead`` [B, J] the
+    next layer's gate on this layer's hidden state (None unless the executor has it).
+    """
+
+    iteration: int
+    layer: int
+    topk_ids: np.ndarray
+    topk_weights: np.ndarray
+    probs: np.ndarray | None = None
+    lookahead: np.ndarray | None = None
+    now: float = 0.0
+
+
+@dataclass(frozen=True)
+class IterationEnd:
+    """A forward pass finished; ``finished`` lists requests that produced their last token."""
+
+    iteration: int
+    request_ids: tuple[str, ...]
+    finished: tuple[str, ...] = ()
+    now: float = 0.0
+
+
+# -- decisions ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefetchOrder:
+    """Load (layer, expert) ahead of use; higher priority goes first."""
+
+    layer: int
+    expert: int
+    priority: float
+
+    @property
+    def key(self) -> ExpertKey:
+        return (self.layer, self.expert)
+
+
+@dataclass
+class PrefetchDecision:
+    enqueue: list[PrefetchOrder] = field(default_factory=list)
+    cancel: list[ExpertKey] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.enqueue or self.cancel)
+
+
+@dataclass
+class PolicyContext:
+    """What an executor tells a policy when binding it."""
+
+    spec: ModelSpec
+    placement: Placement
+    caches: Sequence[ExpertCache]
+    prefetch_distance: int | None = None
+    seed: int = 0
+
+    def cache_of(self, key: ExpertKey) -> ExpertCache:
+        return self.caches[self.placement.device_of(key)]
+
+    def is_cached(self, key: ExpertKey) -> bool:
+        """Resident or loading on its device."""
+        return key in self.cache_of(key).entries
+
+
+class PolicyOptions(BaseModel):
+    """Options of a policy; subclasses add typed fields that become `--policy-opt k=v`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Policy(ABC):
+    """Base class: every hook has a do-nothing default; subclasses override what they use."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[PolicyOptions]] = PolicyOptions
+    reads_future: ClassVar[bool] = False
+    """Reads the trace's future (oracle): simulator and replay only; the real executor refuses it."""
+    wants_lookahead: ClassVar[bool] = False
+    """Uses lookahead rows; the real executor computes them only for such policies."""
+    async_search: ClassVar[bool] = False
+    """Orders produced in on_gate / on_iteration_start become usable only after the
+    profile's ``policy_search_s`` (the simulator delays them; the real executor runs the
+    policy on a searcher thread)."""
+    preload_all: ClassVar[bool] = False
+    """Every expert resident before the run (no-offload)."""
+    needs_training: ClassVar[bool] = False
+    """fit() must see a training workload for the policy to predict anything."""
+
+    def __init__(self, **options: Any) -> None:
+        try:
+            self.options = self.Options(**options)
+        except Exception as exc:  # pydantic ValidationError -> one line
+            raise InputError(f"policy {self.name!r}: bad option ({exc.__class__.__name__}: {_first_line(exc)})") from None
+        self.ctx: PolicyContext | None = None
+        self._enqueue: list[PrefetchOrder] = []
+        self._cancel: list[ExpertKey] = []
+
+    # -- lifecycle --------------------------------------------------------------------
+    def bind(self, ctx: PolicyContext) -> None:
+        """Attach to an executor before the run. Subclasses extend to size their state."""
+        self.ctx = ctx
+
+    def fit(self, training: Any) -> None:
+        """Offline preparation from a training Workload (store fill, predictor training)."""
+
+    def bind_future(self, workload: Any) -> None:
+        """Give a future-reading policy the whole workload. Only for ``reads_future``."""
+        raise InputError(f"policy {self.name!r} does not read the future")
+
+    def metadata(self) -> dict[str, Any]:
+        """Facts about this run's policy for the results (options, which embeddings, ...)."""
+        return {"policy": self.name, **self.options.model_dump()}
+
+    # -- observe ----------------------------------------------------------------------
+    def on_request_arrival(self, ev: RequestArrival) -> None:
+        """A request arrived."""
+
+    def on_iteration_start(self, ev: IterationStart) -> None:
+        """An iteration starts; only embeddings are known."""
+
+    def on_gate(self, ev: GateOutput) -> None:
+        """Layer ``ev.layer``'s gate ran; its experts are about to be demanded."""
+
+    def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
+        """Compute used ``key`` for ``tokens`` rows."""
+
+    def on_load_finished(self, key: ExpertKey, by_prefetch: bool, now: float) -> None:
+        """A copy of ``key`` landed."""
+
+    def on_iteration_end(self, ev: IterationEnd) -> None:
+        """An iteration finished all layers."""
+
+    # -- decide -----------------------------------------------------------------------
+    def prefetch(self, layer: int, expert: int, priority: float) -> None:
+        """Queue an order for the next decide_prefetch (helper for subclasses)."""
+        self._enqueue.append(PrefetchOrder(layer, expert, float(priority)))
+
+    def cancel(self, layer: int, expert: int) -> None:
+        """Queue a cancellation of a pending prefetch (helper for subclasses)."""
+        self._cancel.append((layer, expert))
+
+    def decide_prefetch(self) -> PrefetchDecision:
+        """Drain orders and cancellations produced since the last call."""
+        out = PrefetchDecision(self._enqueue, self._cancel)
+        self._enqueue, self._cancel = [], []
+        return out
+
+    def eviction_score(self, entry: CacheEntry) -> float:
+        """Lower is evicted first. Default: least recently used."""
+        return lru_score(entry)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return "; ".join(t.strip() for t in text[:3])
+
+
+def validate_order(order: PrefetchOrder, spec: ModelSpec) -> None:
+    """Raise InputError when an order names a non-existent expert or a bad priority."""
+    if not (0 <= order.layer < spec.num_moe_layers and 0 <= order.expert < spec.num_experts):
+        raise InputError(
+            f"prefetch order for non-existent expert (layer {order.layer}, expert {order.expert}); "
+            f"model has {spec.num_moe_layers} layers x {spec.num_experts} experts"
+        )
+    if not np.isfinite(order.priority):
+        raise InputError(f"prefetch order for {order.key} has non-finite priority {order.priority}")

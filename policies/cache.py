@@ -1,0 +1,270 @@
+"""ExpertCache: the one cache mechanism, shared by the simulator and the real executor.
+
+One cache per device. Each (layer, expert) key is ABSENT, LOADING (a slot is reserved
+and a copy is in flight) or RESIDENT. Capacity counts LOADING and RESIDENT keys, so a
+load can never overfill the device. The executor owns time and transfers; the cache only
+keeps state, chooses victims with a caller-supplied score (lower goes first) and counts.
+
+Rules the executor follows (checked here, raising CacheError when broken):
+- ``begin_load`` reserves a slot, evicting resident keys if needed; pinned keys are never
+  evicted, protected keys only when nothing unprotected can go.
+- ``finish_load`` makes a loading key resident; ``cancel_load`` frees its slot.
+- ``demand`` records a compute demand (hit iff RESIDENT at that moment) and the executor
+  must have made the key resident and pinned it before computing (``use``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from calibration.errors import InputError
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+
+class CacheError(RuntimeError):
+    """An executor broke the cache protocol (a bug, not bad user input)."""
+
+
+class CacheFullError(CacheError):
+    """No slot can be freed: every cached key is pinned or loading."""
+
+
+class ExpertState(Enum):
+    ABSENT = "absent"
+    LOADING = "loading"
+    RESIDENT = "resident"
+
+
+@dataclass
+class CacheEntry:
+    """What the cache knows about one cached key; policies read it to score evictions."""
+
+    key: ExpertKey
+    state: ExpertState
+    loaded_at: float
+    last_used: float
+    uses: int = 0  # uses while cached (MoE-Infinity's in-cache visits)
+    pins: int = 0
+    protected: bool = False
+    by_prefetch: bool = False
+    prefetch_used: bool = False
+
+
+@dataclass
+class CacheCounters:
+    """Counters of one cache; all are monotone and never negative."""
+
+    demands: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    demand_loads: int = 0
+    prefetches_issued: int = 0
+    prefetches_used: int = 0
+    prefetches_wasted: int = 0
+    prefetches_cancelled: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def add(self, other: CacheCounters) -> CacheCounters:
+        return CacheCounters(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+
+EvictionScore = Callable[[CacheEntry], float]
+
+
+def lru_score(entry: CacheEntry) -> float:
+    """Default eviction score: least recently used goes first."""
+    return entry.last_used
+
+
+@dataclass
+class ExpertCache:
+    """Expert slots of one device.
+
+    ``capacity`` is in experts; build from bytes with :meth:`from_bytes`. Contract:
+    ``capacity >= 1``; ``expert_bytes > 0``.
+    """
+
+    capacity: int
+    expert_bytes: int
+    device: int = 0
+    entries: dict[ExpertKey, CacheEntry] = field(default_factory=dict)
+    counters: CacheCounters = field(default_factory=CacheCounters)
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise InputError(f"device {self.device}: expert cache capacity must be >= 1 expert, got {self.capacity}")
+        if self.expert_bytes <= 0:
+            raise InputError(f"expert_bytes must be positive, got {self.expert_bytes}")
+
+    @classmethod
+    def from_bytes(cls, budget_bytes: int, expert_bytes: int, device: int = 0) -> ExpertCache:
+        """A cache holding as many whole experts as ``budget_bytes`` allows."""
+        return cls(capacity=int(budget_bytes // max(expert_bytes, 1)), expert_bytes=expert_bytes, device=device)
+
+    # -- queries ----------------------------------------------------------------------
+    def state(self, key: ExpertKey) -> ExpertState:
+        e = self.entries.get(key)
+        return e.state if e else ExpertState.ABSENT
+
+    def is_resident(self, key: ExpertKey) -> bool:
+        e = self.entries.get(key)
+        return e is not None and e.state is ExpertState.RESIDENT
+
+    def is_loading(self, key: ExpertKey) -> bool:
+        e = self.entries.get(key)
+        return e is not None and e.state is ExpertState.LOADING
+
+    @property
+    def used(self) -> int:
+        """Slots taken by LOADING and RESIDENT keys."""
+        return len(self.entries)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.entries)
+
+    def resident_keys(self) -> list[ExpertKey]:
+        return [k for k, e in self.entries.items() if e.state is ExpertState.RESIDENT]
+
+    def loading_keys(self) -> list[ExpertKey]:
+        return [k for k, e in self.entries.items() if e.state is ExpertState.LOADING]
+
+    def can_make_room(self) -> bool:
+        """True when a slot is free or some resident key is unpinned."""
+        return self.free > 0 or any(
+            e.state is ExpertState.RESIDENT and e.pins == 0 for e in self.entries.values()
+        )
+
+    # -- loads ------------------------------------------------------------------------
+    def choose_victim(self, score: EvictionScore = lru_score) -> ExpertKey | None:
+        """Lowest-score evictable key: unprotected first, protected only if nothing else.
+
+        Never a pinned or loading key. Ties break by key, so choices are deterministic.
+        """
+        best: tuple[int, float, ExpertKey] | None = None
+        for k, e in self.entries.items():
+            if e.state is not ExpertState.RESIDENT or e.pins:
+                continue
+            cand = (1 if e.protected else 0, score(e), k)
+            if best is None or cand < best:
+                best = cand
+        return None if best is None else best[2]
+
+    def begin_load(
+        self, key: ExpertKey, now: float, *, prefetch: bool, score: EvictionScore = lru_score
+    ) -> list[ExpertKey]:
+        """Reserve a slot for ``key`` (ABSENT -> LOADING), evicting as needed.
+
+        Returns the evicted keys. Raises CacheFullError when no slot can be freed, and
+        CacheError when ``key`` is already cached.
+        """
+        if key in self.entries:
+            raise CacheError(f"begin_load of {key}: already {self.entries[key].state.value}")
+        evicted: list[ExpertKey] = []
+        while self.free <= 0:
+            victim = self.choose_victim(score)
+            if victim is None:
+                raise CacheFullError(f"device {self.device}: all {self.capacity} slots pinned or loading")
+            self.evict(victim)
+            evicted.append(victim)
+        self.entries[key] = CacheEntry(
+            key, ExpertState.LOADING, loaded_at=now, last_used=now, by_prefetch=prefetch, protected=prefetch
+        )
+        self.counters.loads += 1
+        self.counters.bytes_loaded += self.expert_bytes
+        if prefetch:
+            self.counters.prefetches_issued += 1
+        else:
+            self.counters.demand_loads += 1
+        return evicted
+
+    def finish_load(self, key: ExpertKey, now: float) -> None:
+        """LOADING -> RESIDENT."""
+        e = self.entries.get(key)
+        if e is None or e.state is not ExpertState.LOADING:
+            raise CacheError(f"finish_load of {key}: not loading")
+        e.state = ExpertState.RESIDENT
+        e.loaded_at = now
+
+    def cancel_load(self, key: ExpertKey) -> None:
+        """Abort an in-flight load: LOADING -> ABSENT; the bytes already counted stay counted."""
+        e = self.entries.get(key)
+        if e is None or e.state is not ExpertState.LOADING:
+            raise CacheError(f"cancel_load of {key}: not loading")
+        if e.pins:
+            raise CacheError(f"cancel_load of {key}: pinned")
+        del self.entries[key]
+        if e.by_prefetch:
+            self.counters.prefetches_cancelled += 1
+
+    def evict(self, key: ExpertKey) -> None:
+        """RESIDENT -> ABSENT. Raises CacheError for a pinned or loading key."""
+        e = self.entries.get(key)
+        if e is None or e.state is not ExpertState.RESIDENT:
+            raise CacheError(f"evict of {key}: not resident")
+        if e.pins:
+            raise CacheError(f"evict of {key}: pinned")
+        del self.entries[key]
+        self.counters.evictions += 1
+        if e.by_prefetch and not e.prefetch_used:
+            self.counters.prefetches_wasted += 1
+
+    def preload(self, keys: Iterable[ExpertKey], now: float = 0.0) -> None:
+        """Make keys resident before a run starts (no-offload, warm starts); not counted as loads."""
+        for key in keys:
+            if key in self.entries:
+                continue
+            if self.free <= 0:
+                raise CacheFullError(f"device {self.device}: preload exceeds capacity {self.capacity}")
+            self.entries[key] = CacheEntry(key, ExpertState.RESIDENT, loaded_at=now, last_used=now)
+
+    # -- compute ----------------------------------------------------------------------
+    def demand(self, key: ExpertKey) -> bool:
+        """Record that compute needs ``key`` now; True (a hit) iff it is RESIDENT."""
+        self.counters.demands += 1
+        hit = self.is_resident(key)
+        if hit:
+            self.counters.hits += 1
+        else:
+            self.counters.misses += 1
+        e = self.entries.get(key)
+        if e is not None and e.by_prefetch and not e.prefetch_used:
+            # a prefetch that was in flight when demanded still saved part of the copy
+            e.prefetch_used = True
+            self.counters.prefetches_used += 1
+        return hit
+
+    def pin(self, key: ExpertKey) -> None:
+        e = self.entries.get(key)
+        if e is None:
+            raise CacheError(f"pin of {key}: not cached")
+        e.pins += 1
+
+    def unpin(self, key: ExpertKey) -> None:
+        e = self.entries.get(key)
+        if e is None or e.pins == 0:
+            raise CacheError(f"unpin of {key}: not pinned")
+        e.pins -= 1
+
+    def use(self, key: ExpertKey, now: float) -> None:
+        """Compute used ``key`` (must be RESIDENT): update recency and frequency, lift protection."""
+        e = self.entries.get(key)
+        if e is None or e.state is not ExpertState.RESIDENT:
+            raise CacheError(f"use of {key}: not resident")
+        e.uses += 1
+        e.last_used = now
+        e.protected = False
+
+    def unprotect_layer(self, layer: int) -> None:
+        """A layer has passed: its predicted-but-unused prefetches lose their protection."""
+        for (lyr, _), e in self.entries.items():
+            if lyr == layer:
+                e.protected = False

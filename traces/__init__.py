@@ -1,0 +1,6 @@
+"""The workload data model: requests, routing traces, prompts; file IO, validation,
+importers of public formats, a synthetic generator, prompt sets."""
+
+from traces.types import Request, Routing, Workload
+
+__all__ = ["Request", "Routing", "Workload"]
