@@ -55,7 +55,9 @@ class LinearCost(_Strict):
     per_token_context_s: float = Field(default=0.0, ge=0)
 
     def __call__(self, tokens: int, context: int = 0) -> float:
-        return self.fixed_s + self.per_token_s * tokens + self.per_token_context_s * tokens * context
+        return (
+            self.fixed_s + self.per_token_s * tokens + self.per_token_context_s * tokens * context
+        )
 
 
 class ComputeModel(_Strict):
@@ -101,7 +103,9 @@ class HardwareProfile(_Strict):
     @model_validator(mode="after")
     def _check(self) -> HardwareProfile:
         if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"unknown schema_version {self.schema_version} (this version reads {SCHEMA_VERSION})")
+            raise ValueError(
+                f"unknown schema_version {self.schema_version} (this version reads {SCHEMA_VERSION})"
+            )
         return self
 
     @property

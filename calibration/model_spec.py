@@ -7,7 +7,6 @@ FFN instead (e.g. DeepSeek-V3's first three) so costs can still account for them
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +39,9 @@ class ModelSpec(BaseModel):
     name: str
     family: str = Field(description="transformers model_type, e.g. 'mixtral'")
     num_layers: int = Field(gt=0, description="decoder layers, dense and MoE")
-    dense_layers: list[int] = Field(default_factory=list, description="decoder layers without experts")
+    dense_layers: list[int] = Field(
+        default_factory=list, description="decoder layers without experts"
+    )
     num_experts: int = Field(gt=0, description="routed experts per MoE layer (J)")
     top_k: int = Field(gt=0, description="experts per token (K)")
     num_shared_experts: int = Field(default=0, ge=0)
@@ -139,7 +140,9 @@ class ModelSpec(BaseModel):
         return load_model_json(cls, path)
 
     @classmethod
-    def from_transformers_config(cls, config: Any, name: str | None = None, dtype: DType = "bf16") -> ModelSpec:
+    def from_transformers_config(
+        cls, config: Any, name: str | None = None, dtype: DType = "bf16"
+    ) -> ModelSpec:
         """Build a spec from a transformers MoE config object.
 
         Raises InputError when the config has no routed experts.
@@ -147,7 +150,9 @@ class ModelSpec(BaseModel):
         d = config.to_dict()
         experts = d.get("num_local_experts") or d.get("num_experts") or d.get("n_routed_experts")
         if not experts:
-            raise InputError(f"config of type {d.get('model_type')!r} is not an MoE model (no experts field)")
+            raise InputError(
+                f"config of type {d.get('model_type')!r} is not an MoE model (no experts field)"
+            )
         n_layers = d["num_hidden_layers"]
         first_dense = d.get("first_k_dense_replace") or 0
         dense = list(range(first_dense))
@@ -156,8 +161,12 @@ class ModelSpec(BaseModel):
             dense += [i for i in range(n_layers) if (i + 1) % step != 0 and i not in dense]
         dense += [i for i in d.get("mlp_only_layers") or [] if i not in dense]
         inter = d.get("moe_intermediate_size") or d["intermediate_size"]
-        n_shared = d.get("n_shared_experts") or (1 if d.get("shared_expert_intermediate_size") else 0)
-        shared_inter = d.get("shared_expert_intermediate_size") or (inter * n_shared if n_shared else 0)
+        n_shared = d.get("n_shared_experts") or (
+            1 if d.get("shared_expert_intermediate_size") else 0
+        )
+        shared_inter = d.get("shared_expert_intermediate_size") or (
+            inter * n_shared if n_shared else 0
+        )
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         return cls(
@@ -170,7 +179,9 @@ class ModelSpec(BaseModel):
             num_shared_experts=n_shared if shared_inter else 0,
             hidden_size=d["hidden_size"],
             expert_intermediate_size=inter,
-            shared_expert_intermediate_size=shared_inter if n_shared == 0 else shared_inter // max(n_shared, 1),
+            shared_expert_intermediate_size=shared_inter
+            if n_shared == 0
+            else shared_inter // max(n_shared, 1),
             vocab_size=d["vocab_size"],
             num_attention_heads=heads,
             num_kv_heads=d.get("num_key_value_heads") or heads,

@@ -55,5 +55,7 @@ def load_hardware(ref: str) -> HardwareProfile:
     if _is_path(ref):
         return HardwareProfile.from_json(ref)
     if ref not in hardware_preset_names():
-        raise InputError(f"unknown hardware preset {ref!r} (known: {', '.join(hardware_preset_names())})")
+        raise InputError(
+            f"unknown hardware preset {ref!r} (known: {', '.join(hardware_preset_names())})"
+        )
     return _load_hardware_preset(ref).model_copy(deep=True)

@@ -32,7 +32,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fmoe", description="Fine-grained MoE expert offloading: simulate, run, calibrate.")
+    parser = _Parser(
+        prog="fmoe", description="Fine-grained MoE expert offloading: simulate, run, calibrate."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in GROUPS:
         try:

@@ -20,5 +20,12 @@ def _policies(args: argparse.Namespace) -> None:
         print_json(rows)
         return
     print_table(
-        [{"name": r["name"], "options": ",".join(r["options"]) or "-", "description": r["description"]} for r in rows]
+        [
+            {
+                "name": r["name"],
+                "options": ",".join(r["options"]) or "-",
+                "description": r["description"],
+            }
+            for r in rows
+        ]
     )

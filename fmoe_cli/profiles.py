@@ -25,7 +25,17 @@ def _models(args: argparse.Namespace) -> None:
     if args.json:
         print_json(rows[0] if args.name else rows)
         return
-    cols = ["name", "num_moe_layers", "num_experts", "top_k", "hidden_size", "dtype", "expert_bytes", "model_bytes", "runnable_on_cpu"]
+    cols = [
+        "name",
+        "num_moe_layers",
+        "num_experts",
+        "top_k",
+        "hidden_size",
+        "dtype",
+        "expert_bytes",
+        "model_bytes",
+        "runnable_on_cpu",
+    ]
     print_table(rows, cols)
     if args.name:
         print("sources:")
@@ -34,7 +44,11 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _hardware(args: argparse.Namespace) -> None:
-    profiles = [load_hardware(args.name)] if args.name else [load_hardware(n) for n in hardware_preset_names()]
+    profiles = (
+        [load_hardware(args.name)]
+        if args.name
+        else [load_hardware(n) for n in hardware_preset_names()]
+    )
     if args.json:
         rows = [p.summary() for p in profiles]
         print_json(rows[0] if args.name else rows)

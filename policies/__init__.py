@@ -14,11 +14,33 @@ from policies.base import (
 )
 from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertKey, ExpertState
 from policies.placement import Placement
-from policies.registry import describe_policies, make_policy, policy_class, policy_names, register_policy
+from policies.registry import (
+    describe_policies,
+    make_policy,
+    policy_class,
+    policy_names,
+    register_policy,
+)
 
 __all__ = [
-    "CacheCounters", "CacheEntry", "ExpertCache", "ExpertKey", "ExpertState", "GateOutput",
-    "IterationEnd", "IterationStart", "Placement", "Policy", "PolicyContext", "PolicyOptions",
-    "PrefetchDecision", "PrefetchOrder", "RequestArrival", "describe_policies", "make_policy",
-    "policy_class", "policy_names", "register_policy",
+    "CacheCounters",
+    "CacheEntry",
+    "ExpertCache",
+    "ExpertKey",
+    "ExpertState",
+    "GateOutput",
+    "IterationEnd",
+    "IterationStart",
+    "Placement",
+    "Policy",
+    "PolicyContext",
+    "PolicyOptions",
+    "PrefetchDecision",
+    "PrefetchOrder",
+    "RequestArrival",
+    "describe_policies",
+    "make_policy",
+    "policy_class",
+    "policy_names",
+    "register_policy",
 ]

@@ -140,7 +140,7 @@ class PolicyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Policy(ABC):
+class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe default
     """Base class: every hook has a do-nothing default; subclasses override what they use."""
 
     name: ClassVar[str] = ""
@@ -163,7 +163,9 @@ class Policy(ABC):
         try:
             self.options = self.Options(**options)
         except Exception as exc:  # pydantic ValidationError -> one line
-            raise InputError(f"policy {self.name!r}: bad option ({exc.__class__.__name__}: {_first_line(exc)})") from None
+            raise InputError(
+                f"policy {self.name!r}: bad option ({exc.__class__.__name__}: {_first_line(exc)})"
+            ) from None
         self.ctx: PolicyContext | None = None
         self._enqueue: list[PrefetchOrder] = []
         self._cancel: list[ExpertKey] = []

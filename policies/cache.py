@@ -100,14 +100,20 @@ class ExpertCache:
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
-            raise InputError(f"device {self.device}: expert cache capacity must be >= 1 expert, got {self.capacity}")
+            raise InputError(
+                f"device {self.device}: expert cache capacity must be >= 1 expert, got {self.capacity}"
+            )
         if self.expert_bytes <= 0:
             raise InputError(f"expert_bytes must be positive, got {self.expert_bytes}")
 
     @classmethod
     def from_bytes(cls, budget_bytes: int, expert_bytes: int, device: int = 0) -> ExpertCache:
         """A cache holding as many whole experts as ``budget_bytes`` allows."""
-        return cls(capacity=int(budget_bytes // max(expert_bytes, 1)), expert_bytes=expert_bytes, device=device)
+        return cls(
+            capacity=int(budget_bytes // max(expert_bytes, 1)),
+            expert_bytes=expert_bytes,
+            device=device,
+        )
 
     # -- queries ----------------------------------------------------------------------
     def state(self, key: ExpertKey) -> ExpertState:
@@ -172,11 +178,18 @@ class ExpertCache:
         while self.free <= 0:
             victim = self.choose_victim(score)
             if victim is None:
-                raise CacheFullError(f"device {self.device}: all {self.capacity} slots pinned or loading")
+                raise CacheFullError(
+                    f"device {self.device}: all {self.capacity} slots pinned or loading"
+                )
             self.evict(victim)
             evicted.append(victim)
         self.entries[key] = CacheEntry(
-            key, ExpertState.LOADING, loaded_at=now, last_used=now, by_prefetch=prefetch, protected=prefetch
+            key,
+            ExpertState.LOADING,
+            loaded_at=now,
+            last_used=now,
+            by_prefetch=prefetch,
+            protected=prefetch,
         )
         self.counters.loads += 1
         self.counters.bytes_loaded += self.expert_bytes
@@ -223,7 +236,9 @@ class ExpertCache:
             if key in self.entries:
                 continue
             if self.free <= 0:
-                raise CacheFullError(f"device {self.device}: preload exceeds capacity {self.capacity}")
+                raise CacheFullError(
+                    f"device {self.device}: preload exceeds capacity {self.capacity}"
+                )
             self.entries[key] = CacheEntry(key, ExpertState.RESIDENT, loaded_at=now, last_used=now)
 
     # -- compute ----------------------------------------------------------------------

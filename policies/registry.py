@@ -46,7 +46,9 @@ def policy_class(name: str) -> type[Policy]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise InputError(f"unknown policy {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+        raise InputError(
+            f"unknown policy {name!r} (known: {', '.join(sorted(_REGISTRY))})"
+        ) from None
 
 
 def make_policy(name: str, **options: Any) -> Policy:

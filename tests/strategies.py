@@ -69,7 +69,9 @@ def random_workload(
                     topk_ids=ids.astype(np.int16),
                     topk_weights=w,
                     gate_probs=probs.astype(np.float32) if with_probs else None,
-                    embeddings=rng.normal(size=(T, H)).astype(np.float32) if with_embeddings else None,
+                    embeddings=rng.normal(size=(T, H)).astype(np.float32)
+                    if with_embeddings
+                    else None,
                     lookahead=look,
                 ),
             )

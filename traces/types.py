@@ -77,13 +77,17 @@ class Request:
         T = self.prompt_len + self.output_len - 1
         ids = r.topk_ids
         if ids.ndim != 3 or ids.shape != (T, L, K):
-            raise InputError(f"{tag}: topk_ids has shape {tuple(ids.shape)}, expected (tokens={T}, layers={L}, top_k={K})")
+            raise InputError(
+                f"{tag}: topk_ids has shape {tuple(ids.shape)}, expected (tokens={T}, layers={L}, top_k={K})"
+            )
         if not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"{tag}: topk_ids must be integers, got {ids.dtype}")
         bad = np.argwhere((ids < 0) | (ids >= J))
         if len(bad):
             t, layer, k = (int(x) for x in bad[0])
-            raise InputError(f"{tag}: topk_ids row {t} layer {layer} holds expert {int(ids[t, layer, k])}, not in [0, {J})")
+            raise InputError(
+                f"{tag}: topk_ids row {t} layer {layer} holds expert {int(ids[t, layer, k])}, not in [0, {J})"
+            )
         if K > 1:
             s = np.sort(ids, axis=-1)
             dup = np.argwhere((s[..., 1:] == s[..., :-1]).any(axis=-1))
@@ -91,18 +95,24 @@ class Request:
                 t, layer = (int(x) for x in dup[0])
                 raise InputError(f"{tag}: topk_ids row {t} layer {layer} repeats an expert")
         if r.topk_weights.shape != ids.shape:
-            raise InputError(f"{tag}: topk_weights shape {tuple(r.topk_weights.shape)} differs from topk_ids {tuple(ids.shape)}")
+            raise InputError(
+                f"{tag}: topk_weights shape {tuple(r.topk_weights.shape)} differs from topk_ids {tuple(ids.shape)}"
+            )
         if not np.isfinite(r.topk_weights).all():
             raise InputError(f"{tag}: topk_weights holds a non-finite value")
         for name in ("gate_probs", "lookahead"):
             arr = getattr(r, name)
             if arr is not None:
                 if arr.shape != (T, L, J):
-                    raise InputError(f"{tag}: {name} has shape {tuple(arr.shape)}, expected ({T}, {L}, {J})")
+                    raise InputError(
+                        f"{tag}: {name} has shape {tuple(arr.shape)}, expected ({T}, {L}, {J})"
+                    )
                 if not np.isfinite(arr).all():
                     raise InputError(f"{tag}: {name} holds a non-finite value")
         if r.embeddings is not None and (r.embeddings.ndim != 2 or r.embeddings.shape[0] != T):
-            raise InputError(f"{tag}: embeddings has shape {tuple(r.embeddings.shape)}, expected ({T}, dim)")
+            raise InputError(
+                f"{tag}: embeddings has shape {tuple(r.embeddings.shape)}, expected ({T}, dim)"
+            )
         if self.prompt_embedding is not None and self.prompt_embedding.ndim != 1:
             raise InputError(f"{tag}: prompt_embedding must be a vector")
 
@@ -127,11 +137,15 @@ class Workload:
             if req.routing.embeddings is not None:
                 widths.add(req.routing.embeddings.shape[1])
         if len(widths) > 1:
-            raise InputError(f"{where}embeddings have different widths across requests: {sorted(widths)}")
+            raise InputError(
+                f"{where}embeddings have different widths across requests: {sorted(widths)}"
+            )
 
     # -- what the workload carries --------------------------------------------------
     def _all(self, attr: str) -> bool:
-        return bool(self.requests) and all(getattr(r.routing, attr) is not None for r in self.requests)
+        return bool(self.requests) and all(
+            getattr(r.routing, attr) is not None for r in self.requests
+        )
 
     @property
     def has_gate_probs(self) -> bool:
@@ -171,7 +185,8 @@ class Workload:
             "has_embeddings": self.has_embeddings,
             "has_lookahead": self.has_lookahead,
             "has_prompt_embeddings": self.has_prompt_embeddings,
-            "has_prompt_text": bool(self.requests) and all(r.prompt_text is not None for r in self.requests),
+            "has_prompt_text": bool(self.requests)
+            and all(r.prompt_text is not None for r in self.requests),
             "provenance": self.provenance,
         }
 
@@ -184,6 +199,14 @@ class Workload:
         train_idx, test_idx = sorted(order[:n_train]), sorted(order[n_train:])
         prov = dict(self.provenance)
         return (
-            Workload(self.spec, [self.requests[i] for i in train_idx], {**prov, "split": f"train {train_fraction}"}),
-            Workload(self.spec, [self.requests[i] for i in test_idx], {**prov, "split": f"test {1 - train_fraction:.2f}"}),
+            Workload(
+                self.spec,
+                [self.requests[i] for i in train_idx],
+                {**prov, "split": f"train {train_fraction}"},
+            ),
+            Workload(
+                self.spec,
+                [self.requests[i] for i in test_idx],
+                {**prov, "split": f"test {1 - train_fraction:.2f}"},
+            ),
         )
