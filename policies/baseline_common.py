@@ -1,0 +1,106 @@
+"""Small helpers shared by the baseline policies: eviction scores, training-set checks,
+and turning scored candidates into prefetch orders that fit each device's cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from calibration.errors import InputError
+from calibration.model_spec import ModelSpec
+from policies.base import PolicyContext, PrefetchOrder
+
+SCORE_SCALE = 1e9
+"""Count weight in lexicographic scores ``count * SCORE_SCALE + last_used``: exact while
+``last_used`` (seconds or ticks) stays below 1e9 and counts below ~9e6 (float64)."""
+
+
+def count_then_recency(count: float, last_used: float) -> float:
+    """Eviction score: fewer uses go first, then the least recently used."""
+    return count * SCORE_SCALE + last_used
+
+
+def check_training(policy: str, training: Any, spec: ModelSpec | None) -> None:
+    """Raise InputError unless ``training`` is a Workload whose shape matches ``spec``."""
+    tspec = getattr(training, "spec", None)
+    if tspec is None or not hasattr(training, "requests"):
+        raise InputError(
+            f"policy {policy!r}: fit() needs a Workload, got {type(training).__name__}"
+        )
+    if spec is None:
+        return
+    have = (tspec.num_moe_layers, tspec.num_experts, tspec.top_k)
+    want = (spec.num_moe_layers, spec.num_experts, spec.top_k)
+    if have != want:
+        raise InputError(
+            f"policy {policy!r}: training workload is for {tspec.name} "
+            f"(layers, experts, top_k = {have}), the run is for {spec.name} {want}"
+        )
+
+
+def layer_reserve(ctx: PolicyContext, layer: int, experts: np.ndarray) -> np.ndarray:
+    """Slots per device that layer ``layer``'s ``experts`` are about to take (pinned for compute)."""
+    d = ctx.placement.num_devices
+    if experts.size == 0:
+        return np.zeros(d, dtype=np.int64)
+    dev = (layer * ctx.spec.num_experts + np.unique(experts)) % d
+    return np.bincount(dev, minlength=d)
+
+
+def select_orders(
+    ctx: PolicyContext,
+    priorities: np.ndarray,
+    layers: np.ndarray,
+    experts: np.ndarray,
+    reserve: np.ndarray | None = None,
+) -> list[PrefetchOrder]:
+    """Orders for the best candidates that fit each device's cache.
+
+    Candidates are ranked by priority (descending; ties by layer then expert, so the
+    choice is deterministic). Per device, the first ``capacity - reserve`` candidates are
+    kept (already-cached ones count against that budget, since they hold a slot too);
+    orders are returned for the kept ones that are not cached yet, best first. Candidates
+    with a non-positive priority are dropped.
+    """
+    keep = priorities > 0
+    if not keep.any():
+        return []
+    pr, ly, ex = priorities[keep], layers[keep], experts[keep]
+    order = np.lexsort((ex, ly, -pr))
+    pr, ly, ex = pr[order], ly[order], ex[order]
+    ndev = ctx.placement.num_devices
+    budget = np.array([c.capacity for c in ctx.caches], dtype=np.int64)
+    if reserve is not None:
+        budget = np.maximum(budget - reserve, 0)
+    if ndev == 1:
+        take = np.arange(min(int(budget[0]), pr.size))
+    else:
+        dev = (ly * ctx.spec.num_experts + ex) % ndev
+        rank = np.empty(pr.size, dtype=np.int64)
+        for d in range(ndev):
+            m = dev == d
+            rank[m] = np.arange(int(m.sum()))
+        take = np.flatnonzero(rank < budget[dev])
+    out = []
+    for i in take:
+        key = (int(ly[i]), int(ex[i]))
+        if not ctx.is_cached(key):
+            out.append(PrefetchOrder(key[0], key[1], float(pr[i])))
+    return out
+
+
+def union_top(scores: np.ndarray, n: int) -> np.ndarray:
+    """Sum over rows of each row's top-``n`` scores (others zero): a batch's combined vote.
+
+    ``scores`` [B, J]; returns [J]. Ties inside a row go to the lower expert id.
+    """
+    b, j = scores.shape
+    n = max(0, min(n, j))
+    if n == 0 or b == 0:
+        return np.zeros(j)
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+    out = np.zeros(j)
+    np.add.at(out, idx.ravel(), np.take_along_axis(scores, idx, axis=1).ravel())
+    return out

@@ -1,0 +1,66 @@
+"""``deepspeed``: DeepSpeed-Inference style layer-wise, expert-agnostic offloading.
+
+FMOE_ALGORITHM.md lists the paper's DeepSpeed-Inference baseline as "layer-wise, on
+demand, no prediction". ZeRO-offload/ZeRO-Inference streams a layer's parameters from
+host memory when that layer runs; being expert-agnostic it moves the layer's experts as
+a whole, not just the routed ones. What we model:
+
+- No prediction, no lookahead, nothing fetched ahead of the layer that runs.
+- When layer l's gate has run, the routed experts are demand loads (the executor's job,
+  first in line) and the layer's other experts are fetched right behind them (orders
+  issued in ``on_gate(l)``), as the layer-wise copy would move them. They take link time
+  and cache slots like the real layer fetch, but the layer does not wait for them. In the
+  timing-free replay they are late orders and land after the layer computed.
+- The fetch is capped to what the device cache can hold next to the routed experts
+  (real DeepSpeed would need room for the whole layer; with less it could not run).
+- The expert cache evicts the least recently used expert.
+
+``whole_layer=False`` keeps only the on-demand loads (then it behaves like ``lru``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from policies.base import GateOutput, Policy, PolicyContext, PolicyOptions
+from policies.baseline_common import layer_reserve, select_orders
+from policies.cache import CacheEntry
+from policies.registry import register_policy
+
+
+class DeepSpeedOptions(PolicyOptions):
+    whole_layer: bool = Field(
+        default=True, description="fetch all of a running layer's experts, not only the routed ones"
+    )
+
+
+@register_policy
+class DeepSpeed(Policy):
+    name = "deepspeed"
+    description = "DeepSpeed-Inference: layer-wise, expert-agnostic on-demand fetch of a running layer, LRU expert cache"
+    Options = DeepSpeedOptions
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        J = ctx.spec.num_experts
+        self._all = np.arange(J)
+        self._ones = np.ones(J)
+
+    def on_gate(self, ev: GateOutput) -> None:
+        if not self.options.whole_layer:
+            return
+        ctx = self.ctx
+        chosen = np.unique(ev.topk_ids)
+        rest = np.setdiff1d(self._all, chosen, assume_unique=True)
+        if rest.size == 0:
+            return
+        layers = np.full(rest.size, ev.layer)
+        for o in select_orders(
+            ctx, self._ones[: rest.size], layers, rest, layer_reserve(ctx, ev.layer, chosen)
+        ):
+            self.prefetch(o.layer, o.expert, o.priority)
+
+    def eviction_score(self, entry: CacheEntry) -> float:
+        """Least recently used goes first."""
+        return entry.last_used

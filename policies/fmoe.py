@@ -1,0 +1,467 @@
+"""The fMoE policy (FMOE_ALGORITHM.md steps 1-7), registered as ``fmoe``.
+
+Per iteration (one forward pass over B token rows) the policy keeps, for every row, its
+semantic query, its observed gate rows P_1..P_m and running dot products with all C
+stored maps, so each layer step costs one [B, J] x [J, C] product (step 2's incremental
+dot products), vectorised over rows x store.
+
+- iteration start: semantic search (step 1) predicts layers 0..d-1;
+- gate of layer g: trajectory search (step 2) on the prefix 0..g predicts layer g+d;
+- each prediction selects experts with the similarity-aware threshold (step 3), per row,
+  merged over the batch as the union with priority max p / (l - l_now) (step 4);
+- eviction score p * freq with p the searched map's probability (max over rows) and freq
+  the entry's uses while cached (step 5); the cache protects pinned/predicted entries;
+- iteration end: rows that saw all L gates are offered to the store (step 6);
+- ``async_search``: executors apply the orders after the search latency (step 7).
+
+Embeddings: the iteration's per-token embeddings when the executor passes them, else the
+request's prompt embedding; gate rows: full probabilities when present, else rows built
+from top-K ids and weights. :meth:`FmoePolicy.metadata` reports which were used.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from calibration.errors import InputError
+from calibration.model_spec import ModelSpec
+from policies.base import (
+    GateOutput,
+    IterationEnd,
+    IterationStart,
+    Policy,
+    PolicyContext,
+    PolicyOptions,
+    RequestArrival,
+)
+from policies.cache import CacheEntry, ExpertKey
+from policies.expert_map_store import ExpertMapStore
+from policies.fmoe_select import merge_priorities, select_experts, topk_rows
+from policies.registry import register_policy
+
+# The paper's prefetch distances per model family (transformers model_type).
+FAMILY_DISTANCE: dict[str, int] = {"mixtral": 3, "qwen2_moe": 6, "phimoe": 4}
+DEFAULT_DISTANCE = 3
+FIT_CHUNK_ROWS = 256
+_TIE_EPS = 1e-9  # recency tie-break weight, far below any meaningful p * freq gap
+
+Prediction = Literal["traj", "traj+sem", "traj+sem+delta"]
+Eviction = Literal["lru", "lfu", "fmoe"]
+
+
+def _inv_sqrt(x: np.ndarray) -> np.ndarray:
+    """1 / sqrt(x) for x >= 0; a huge finite value at 0, which only ever multiplies zeros."""
+    return 1.0 / np.sqrt(np.maximum(x, 1e-30))
+
+
+def default_prefetch_distance(spec: ModelSpec) -> int:
+    """The paper's d for the spec's family (Mixtral 3, Qwen1.5-MoE 6, Phi-3.5-MoE 4), else 3."""
+    return FAMILY_DISTANCE.get(spec.family, DEFAULT_DISTANCE)
+
+
+class FmoeOptions(PolicyOptions):
+    """Options of ``fmoe``; the prediction/eviction switches are the paper's ablation."""
+
+    prefetch_distance: int | None = Field(
+        default=None,
+        ge=1,
+        description="layers ahead (None: the executor's value, else the model family's)",
+    )
+    store_capacity: int = Field(default=1000, ge=1, description="expert map store rows C")
+    prediction: Prediction = Field(
+        default="traj+sem+delta",
+        description="traj: trajectory only, fixed top-K; traj+sem: + semantic for layers < d; "
+        "traj+sem+delta: + similarity-aware threshold (full fMoE)",
+    )
+    eviction: Eviction = Field(
+        default="fmoe", description="lru, lfu (global frequency) or fmoe (p x freq)"
+    )
+    embed_dim: int | None = Field(
+        default=None,
+        ge=1,
+        description="random-project embeddings to this width to save store memory (None: full)",
+    )
+    store_path: str | None = Field(
+        default=None,
+        description="load the expert map store from this .npz at bind (its capacity unless store_capacity is set)",
+    )
+
+
+@dataclass
+class _IterState:
+    """Search state of one iteration's B token rows."""
+
+    iteration: int
+    query: np.ndarray | None  # [B, E] prepared embeddings (zero rows where unknown)
+    observed: np.ndarray  # [B, L, J] gate rows seen so far
+    seen: np.ndarray  # [L] bool
+    sem: np.ndarray  # [B, C] cosine with stored embeddings (valid [:, :size])
+    dots: np.ndarray  # [B, C] running trajectory dot products
+    norm2: np.ndarray  # [B] squared norm of the observed prefix
+    version: int  # store version the vectors are exact for
+    issued: set[ExpertKey] = field(default_factory=set)
+
+    @property
+    def rows(self) -> int:
+        return self.observed.shape[0]
+
+
+@register_policy
+class FmoePolicy(Policy):
+    """fMoE: expert map store, semantic + trajectory search, similarity-aware prefetch,
+    prediction-weighted eviction."""
+
+    name = "fmoe"
+    description = (
+        "fMoE: expert map store, semantic + trajectory search, similarity-aware prefetch, "
+        "prediction-weighted eviction"
+    )
+    Options = FmoeOptions
+    async_search = True
+    options: FmoeOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.store: ExpertMapStore | None = None
+        self.spec: ModelSpec | None = None
+        self.distance = 0
+        self._pred = np.zeros((0, 0), np.float32)  # searched map's p per (layer, expert)
+        self._freq = np.zeros((0, 0), np.int64)  # global uses per (layer, expert), for lfu
+        self._prompt_emb: dict[str, np.ndarray] = {}
+        self._it: _IterState | None = None
+        self._now = 0.0
+        self._stats: Counter[str] = Counter()
+        self._score = {"lru": self._score_lru, "lfu": self._score_lfu, "fmoe": self._score_fmoe}[
+            self.options.eviction
+        ]
+
+    @property
+    def use_semantic(self) -> bool:
+        return self.options.prediction != "traj"
+
+    @property
+    def use_delta(self) -> bool:
+        return self.options.prediction == "traj+sem+delta"
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def bind(self, ctx: PolicyContext) -> None:
+        """Size the state for ``ctx.spec``; load the store when ``store_path`` is set."""
+        super().bind(ctx)
+        self._setup(ctx.spec, ctx.prefetch_distance)
+
+    def _setup(self, spec: ModelSpec, ctx_distance: int | None) -> None:
+        L, J = spec.num_moe_layers, spec.num_experts
+        if self.options.prefetch_distance is not None:
+            d = self.options.prefetch_distance
+        elif ctx_distance is not None:
+            d = ctx_distance
+        else:
+            d = default_prefetch_distance(spec)
+        if d < 1:
+            raise InputError(f"policy 'fmoe': prefetch distance must be >= 1, got {d}")
+        self.distance = min(int(d), L)
+        if self.store is None:
+            if self.options.store_path:
+                # the file's capacity unless store_capacity was given explicitly
+                explicit = "store_capacity" in self.options.model_fields_set
+                cap = self.options.store_capacity if explicit else None
+                self.store = ExpertMapStore.load(self.options.store_path, capacity=cap)
+            else:
+                self.store = ExpertMapStore(
+                    self.options.store_capacity,
+                    L,
+                    J,
+                    self.distance,
+                    project_dim=self.options.embed_dim,
+                )
+        if (self.store.num_layers, self.store.num_experts) != (L, J):
+            raise InputError(
+                f"policy 'fmoe': expert map store is {self.store.num_layers} layers x "
+                f"{self.store.num_experts} experts, model {spec.name!r} has {L} x {J}"
+            )
+        self.store.prefetch_distance = self.distance
+        if self.spec is None or self._pred.shape != (L, J):
+            self._pred = np.zeros((L, J), np.float32)
+            self._freq = np.zeros((L, J), np.int64)
+        self.spec = spec
+
+    def fit(self, training: Any) -> None:
+        """Offline mode: offer every token of every training request to the store, in order.
+
+        Each token's row is (its embedding, else its request's prompt embedding; its gate
+        probabilities [L, J], else rows from its top-K ids and weights).
+        """
+        from traces.types import Workload
+
+        if not isinstance(training, Workload):
+            raise InputError(f"policy 'fmoe': fit needs a Workload, got {type(training).__name__}")
+        if self.spec is None:
+            self._setup(training.spec, None)
+        assert self.store is not None and self.spec is not None
+        L, J = self.spec.num_moe_layers, self.spec.num_experts
+        if (training.spec.num_moe_layers, training.spec.num_experts) != (L, J):
+            raise InputError(
+                f"policy 'fmoe': training workload is for {training.spec.num_moe_layers} layers x "
+                f"{training.spec.num_experts} experts, bound model has {L} x {J}"
+            )
+        maps: list[np.ndarray] = []
+        embs: list[np.ndarray | None] = []
+        pending = 0
+        for req in training.requests:
+            r = req.routing
+            T = r.num_tokens
+            if r.gate_probs is not None:
+                m = np.asarray(r.gate_probs, np.float32)
+                self._stats["fit_rows_gate_probs"] += T
+            else:
+                m = topk_rows(
+                    r.topk_ids.reshape(T * L, -1), r.topk_weights.reshape(T * L, -1), J
+                ).reshape(T, L, J)
+                self._stats["fit_rows_topk_weights"] += T
+            if r.embeddings is not None:
+                e = np.asarray(r.embeddings, np.float32)
+                self._stats["fit_rows_emb_token"] += T
+            elif req.prompt_embedding is not None:
+                e = np.broadcast_to(
+                    np.asarray(req.prompt_embedding, np.float32), (T, req.prompt_embedding.shape[0])
+                )
+                self._stats["fit_rows_emb_prompt"] += T
+            else:
+                e = None
+                self._stats["fit_rows_emb_none"] += T
+            maps.append(m)
+            embs.append(e)
+            pending += T
+            if pending >= FIT_CHUNK_ROWS:
+                self._fit_chunk(maps, embs)
+                maps, embs, pending = [], [], 0
+        if maps:
+            self._fit_chunk(maps, embs)
+
+    def _fit_chunk(self, maps: list[np.ndarray], embs: list[np.ndarray | None]) -> None:
+        assert self.store is not None
+        width = next((e.shape[1] for e in embs if e is not None), None)
+        emb = None
+        if width is not None:
+            emb = np.concatenate(
+                [
+                    e if e is not None else np.zeros((len(m), width), np.float32)
+                    for m, e in zip(maps, embs, strict=True)
+                ]
+            )
+        self.store.add_batch(np.concatenate(maps), emb)
+
+    def save_store(self, path: str | Path) -> None:
+        """Write the expert map store to ``path`` (.npz, atomic)."""
+        if self.store is None:
+            raise InputError("policy 'fmoe': no store to save (bind or fit first)")
+        self.store.save(path)
+
+    def metadata(self) -> dict[str, Any]:
+        """Options plus what the run used: prefetch distance, embedding and gate-row sources, store size."""
+        s = self._stats
+        emb_counts = {k: s[f"rows_emb_{k}"] for k in ("token", "prompt", "none")}
+        used = [k for k, v in emb_counts.items() if v]
+        out = super().metadata()
+        out.update(
+            prefetch_distance_used=self.distance,
+            embedding_source=used[0] if len(used) == 1 else ("mixed" if used else "none"),
+            embedding_rows=emb_counts,
+            gate_rows_source={k: s[f"gate_rows_{k}"] for k in ("gate_probs", "topk_weights")},
+            fit_rows={k[9:]: v for k, v in s.items() if k.startswith("fit_rows_")},
+            semantic_searches=s["semantic_searches"],
+            trajectory_searches=s["trajectory_searches"],
+            orders_issued=s["orders_issued"],
+            store_rows=0 if self.store is None else self.store.size,
+            store_writes=0 if self.store is None else self.store.version,
+            store_bytes=0 if self.store is None else self.store.nbytes,
+            store_embed_width=0 if self.store is None else self.store.embed_width,
+        )
+        return out
+
+    # -- observe ------------------------------------------------------------------------
+    def on_request_arrival(self, ev: RequestArrival) -> None:
+        if ev.prompt_embedding is not None:
+            self._prompt_emb[ev.request_id] = np.asarray(ev.prompt_embedding, np.float32)
+
+    def on_iteration_start(self, ev: IterationStart) -> None:
+        """Step 1: semantic search per row; predict layers 0..d-1."""
+        self._now = max(self._now, ev.now)
+        B = len(ev.request_ids)
+        raw, has = self._embeddings(ev, B)
+        it = self._new_state(ev.iteration, B, raw)
+        store = self._need_store()
+        n = store.size
+        if it.query is None or n == 0:
+            return
+        it.sem[:, :n] = store.semantic_scores(it.query)
+        if not self.use_semantic:
+            return  # still computed: the store's RDY needs s_sem at iteration end
+        rows = np.flatnonzero(has)
+        best = np.argmax(it.sem[rows, :n], axis=1)
+        score = it.sem[rows, best]
+        pred = store.maps[:, best, :]  # [L, R, J]
+        self._stats["semantic_searches"] += len(rows)
+        self._pred = pred.max(axis=1)
+        for layer in range(self.distance):
+            self._issue(it, layer, pred[layer], score, now_layer=-1)
+
+    def on_gate(self, ev: GateOutput) -> None:
+        """Step 2: add layer g to every row's running dots; predict layer g + d."""
+        self._now = max(self._now, ev.now)
+        store = self._need_store()
+        assert self.spec is not None
+        L, J = self.spec.num_moe_layers, self.spec.num_experts
+        g = int(ev.layer)
+        if not 0 <= g < L:
+            raise InputError(f"policy 'fmoe': gate output for layer {g}, model has {L} MoE layers")
+        B = int(np.shape(ev.topk_ids)[0])
+        it = self._it
+        if it is None or it.iteration != ev.iteration or it.rows != B:
+            it = self._new_state(ev.iteration, B, None)  # no iteration start seen: no embeddings
+        if it.seen[g]:
+            return  # a repeated gate (e.g. a prefill run in waves) adds nothing new
+        if ev.probs is not None:
+            probs = np.asarray(ev.probs, np.float32)
+            self._stats["gate_rows_gate_probs"] += B
+        else:
+            probs = topk_rows(ev.topk_ids, ev.topk_weights, J)
+            self._stats["gate_rows_topk_weights"] += B
+        if probs.shape != (B, J):
+            raise InputError(
+                f"policy 'fmoe': gate probs of layer {g} have shape {probs.shape}, expected ({B}, {J})"
+            )
+        self._refresh(it)
+        it.observed[:, g] = probs
+        it.seen[g] = True
+        it.norm2 += np.einsum("bj,bj->b", probs, probs)
+        n = store.size
+        if n == 0:
+            return
+        it.dots[:, :n] += store.layer_dots(g, probs)
+        target = g + self.distance
+        if target >= L:
+            return
+        sims = it.dots[:, :n] * store.inv_prefix[g, :n]  # cosine up to a positive per-row factor
+        best = np.argmax(sims, axis=1)
+        score = sims.max(axis=1) * _inv_sqrt(it.norm2)
+        self._stats["trajectory_searches"] += B
+        pred = self._pred.copy()  # swapped whole: eviction_score may read it from another thread
+        pred[g + 1 :] = store.maps[g + 1 :, best, :].max(axis=1)
+        self._pred = pred
+        self._issue(it, target, store.maps[target, best, :], score, now_layer=g)
+
+    def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
+        self._now = max(self._now, now)
+        if self._freq.size:
+            self._freq[key] += 1
+
+    def on_iteration_end(self, ev: IterationEnd) -> None:
+        """Step 6: offer each row that saw all layers to the store."""
+        self._now = max(self._now, ev.now)
+        it, self._it = self._it, None
+        for rid in ev.finished:
+            self._prompt_emb.pop(rid, None)
+        if it is None or it.iteration != ev.iteration or not it.seen.all():
+            return
+        store = self._need_store()
+        self._refresh(it)
+        n = store.size
+        assert self.spec is not None
+        traj = it.dots[:, :n] * store.inv_prefix[-1, :n] * _inv_sqrt(it.norm2)[:, None]
+        store.add_batch(
+            it.observed, it.query, sem=it.sem[:, :n], traj=traj, prepared=it.query is not None
+        )
+
+    # -- decide -------------------------------------------------------------------------
+    def eviction_score(self, entry: CacheEntry) -> float:
+        """Lower goes first: ``fmoe`` p x uses-while-cached, ``lfu`` global uses, ``lru`` last use."""
+        return self._score(entry)
+
+    def _tie(self, entry: CacheEntry) -> float:
+        return _TIE_EPS * entry.last_used / (abs(self._now) + 1.0)
+
+    def _score_lru(self, entry: CacheEntry) -> float:
+        return float(entry.last_used)
+
+    def _score_lfu(self, entry: CacheEntry) -> float:
+        freq = self._freq[entry.key] if self._freq.size else entry.uses
+        return float(freq) + self._tie(entry)
+
+    def _score_fmoe(self, entry: CacheEntry) -> float:
+        pred = self._pred
+        p = float(pred[entry.key]) if pred.size else 0.0
+        return p * entry.uses + self._tie(entry)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _need_store(self) -> ExpertMapStore:
+        if self.store is None or self.spec is None:
+            raise InputError("policy 'fmoe' used before bind()")
+        return self.store
+
+    def _embeddings(self, ev: IterationStart, B: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """Row embeddings [B, H] (token, else prompt) and which rows have one."""
+        if ev.embeddings is not None:
+            self._stats["rows_emb_token"] += B
+            return np.asarray(ev.embeddings, np.float32), np.ones(B, bool)
+        got = [self._prompt_emb.get(rid) for rid in ev.request_ids]
+        has = np.array([e is not None for e in got], bool)
+        self._stats["rows_emb_prompt"] += int(has.sum())
+        self._stats["rows_emb_none"] += int(B - has.sum())
+        if not has.any():
+            return None, has
+        width = next(e.shape[0] for e in got if e is not None)
+        raw = np.zeros((B, width), np.float32)
+        for b, e in enumerate(got):
+            if e is not None:
+                raw[b] = e
+        return raw, has
+
+    def _new_state(self, iteration: int, B: int, raw: np.ndarray | None) -> _IterState:
+        store = self._need_store()
+        L, C, J = store.num_layers, store.capacity, store.num_experts
+        query = None if raw is None else store.prepare(raw)
+        self._it = _IterState(
+            iteration=iteration,
+            query=query,
+            observed=np.zeros((B, L, J), np.float32),
+            seen=np.zeros(L, bool),
+            sem=np.zeros((B, C), np.float32),
+            dots=np.zeros((B, C), np.float32),
+            norm2=np.zeros(B, np.float32),
+            version=store.version,
+        )
+        return self._it
+
+    def _refresh(self, it: _IterState) -> None:
+        """Recompute the vectors of store rows written since the state was last exact."""
+        store = self._need_store()
+        if store.version == it.version:
+            return
+        rows = store.changed_since(it.version)
+        if it.query is not None and store.embed_width == it.query.shape[1]:
+            it.sem[:, rows] = it.query @ store.emb[rows].T
+        upto = int(np.flatnonzero(it.seen).max()) + 1 if it.seen.any() else 0
+        it.dots[:, rows] = store.prefix_dots(rows, it.observed, upto)
+        it.version = store.version
+
+    def _issue(
+        self, it: _IterState, layer: int, probs: np.ndarray, score: np.ndarray, now_layer: int
+    ) -> None:
+        """Steps 3-4: select per row, merge over rows, order by priority p / (l - l_now)."""
+        assert self.spec is not None
+        mask = select_experts(probs, score, self.spec.top_k, use_delta=self.use_delta)
+        pri = merge_priorities(probs, mask, layer, now_layer)
+        for j, p in sorted(pri.items(), key=lambda kv: (-kv[1], kv[0])):
+            key = (layer, j)
+            if key in it.issued or (self.ctx is not None and self.ctx.is_cached(key)):
+                continue
+            it.issued.add(key)
+            self.prefetch(layer, j, p)
+            self._stats["orders_issued"] += 1

@@ -1,0 +1,91 @@
+"""fMoE's expert selection and prefetch priorities (FMOE_ALGORITHM.md steps 3 and 4).
+
+Pure numpy functions over a batch of B predicted probability rows, so the policy stays a
+thin event handler and each step is unit-testable on hand-made rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_CUM_TOL = 1e-6  # float32 cumulative sums of a softmax row land a hair under 1.0
+
+
+def topk_rows(topk_ids: np.ndarray, topk_weights: np.ndarray, num_experts: int) -> np.ndarray:
+    """Probability rows [B, J] built from chosen experts and weights (zeros elsewhere).
+
+    The fallback when a trace has no full gate probabilities.
+    """
+    ids = np.asarray(topk_ids, np.int64)
+    rows = np.zeros((ids.shape[0], num_experts), np.float32)
+    np.put_along_axis(rows, ids, np.asarray(topk_weights, np.float32), axis=1)
+    return rows
+
+
+def select_experts(
+    probs: np.ndarray, scores: np.ndarray, top_k: int, use_delta: bool = True
+) -> np.ndarray:
+    """Which experts to prefetch for each predicted row: bool mask [B, J].
+
+    With ``use_delta``: delta = clip(1 - score, 0, 1); take experts in descending
+    probability until their cumulative probability reaches delta, never fewer than
+    ``top_k`` nor more than J; experts of probability exactly 0 beyond the first
+    ``top_k`` are skipped (they cannot help). Without: the fixed top-K.
+    Ties in probability go to the lower expert id.
+    """
+    # plain ufuncs and fancy indexing: this runs per layer step on tiny arrays, where
+    # numpy's convenience wrappers (clip, put_along_axis) cost more than the work
+    probs = np.asarray(probs, np.float32)
+    B, J = probs.shape
+    k = min(max(int(top_k), 1), J)
+    if B == 1:
+        return _select_one(probs[0], float(np.asarray(scores).reshape(-1)[0]), k, use_delta)[
+            None, :
+        ]
+    order = np.argsort(-probs, axis=1, kind="stable")
+    rows = np.arange(B)[:, None]
+    rank = np.arange(J)
+    if use_delta:
+        sp = probs[rows, order]
+        # delta = clip(1 - s, 0, 1); the lower clip is implicit (a threshold <= 0 counts
+        # none and the K floor applies after)
+        thr = np.minimum(1.0 - np.asarray(scores, np.float32), 1.0) - _CUM_TOL
+        count = np.count_nonzero(np.cumsum(sp, axis=1) < thr[:, None], axis=1) + 1
+        take = (rank < np.maximum(count, k)[:, None]) & ((sp > 0.0) | (rank < k))
+    else:
+        take = np.broadcast_to(rank < k, (B, J))
+    mask = np.zeros((B, J), bool)
+    mask[rows, order] = take
+    return mask
+
+
+def _select_one(p: np.ndarray, score: float, k: int, use_delta: bool) -> np.ndarray:
+    """select_experts for one row with fewer numpy calls (the decode-time common case)."""
+    order = np.argsort(-p, kind="stable")
+    n = k
+    if use_delta:
+        thr = min(1.0 - score, 1.0) - _CUM_TOL
+        cum = np.cumsum(p[order])
+        n = max(int(np.searchsorted(cum, thr, side="left")) + 1, k)  # first index with cum >= thr
+    chosen = order[:n]
+    if n > k:
+        chosen = np.concatenate([chosen[:k], chosen[k:][p[chosen[k:]] > 0.0]])
+    mask = np.zeros(p.shape[0], bool)
+    mask[chosen] = True
+    return mask
+
+
+def merge_priorities(
+    probs: np.ndarray, mask: np.ndarray, layer: int, now_layer: int
+) -> dict[int, float]:
+    """Union of the rows' selections for ``layer`` -> {expert: priority}.
+
+    priority = max over selecting rows of p / (layer - now_layer); contract:
+    ``layer > now_layer`` (prefetches target layers ahead of the executing one).
+    """
+    dist = float(layer - now_layer)
+    if dist <= 0:
+        raise ValueError(f"priority for layer {layer} at executing layer {now_layer}: not ahead")
+    best = np.where(mask, probs, -np.inf).max(axis=0)
+    chosen = np.flatnonzero(mask.any(axis=0))
+    return {int(j): float(best[j]) / dist for j in chosen}

@@ -1,0 +1,120 @@
+"""``mixtral-offloading``: per-layer LRU expert cache plus speculative next-layer prefetch.
+
+After layer l's gate, Mixtral-Offloading applies layer l+1's gate to layer l's hidden
+state and prefetches the top experts that guess names. Traces carry that guess as the
+lookahead row (``GateOutput.lookahead``); each batch row votes for its top
+``prefetch_top_k`` experts (default: the model's top-K) and the union is ordered, most
+probable first, within what the device caches hold next to layer l's own experts.
+
+Without lookahead rows (a trace that lacks them, or an executor that cannot compute
+them) it falls back to on-demand loading with the LRU cache only; ``metadata()`` says
+which mode the run used.
+
+Caching: the real system gives each layer a fixed share of the GPU slots with an LRU per
+layer. We keep the shared cache and approximate that with the eviction score: experts of
+layers holding more than their share (device capacity / L) go first, least recent
+first, then the least recent of all. When layer l needs a slot and every layer is at its
+share, the global LRU victim lies in the layer visited longest ago, which then takes its
+slot back from layer l next time, the same victims a per-layer LRU picks in steady state.
+``per_layer_share=False`` gives a plain global LRU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from policies.base import GateOutput, Policy, PolicyContext, PolicyOptions
+from policies.baseline_common import SCORE_SCALE, layer_reserve, select_orders, union_top
+from policies.cache import CacheEntry
+from policies.registry import register_policy
+
+
+class MixtralOffloadingOptions(PolicyOptions):
+    prefetch_top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="experts each row's lookahead prefetches (default: the model's top-K)",
+    )
+    per_layer_share: bool = Field(
+        default=True, description="evict first from layers over their share of slots"
+    )
+
+
+@register_policy
+class MixtralOffloading(Policy):
+    name = "mixtral-offloading"
+    description = (
+        "Mixtral-Offloading: per-layer LRU cache + speculative prefetch of the next layer's top experts "
+        "from the lookahead row (on-demand LRU when the trace has none)"
+    )
+    Options = MixtralOffloadingOptions
+    wants_lookahead = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._gates = 0
+        self._speculated = 0
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        L = ctx.spec.num_moe_layers
+        self._shares = [c.capacity / L for c in ctx.caches]
+        self._versions: list[tuple | None] = [None] * len(ctx.caches)
+        self._over: list[np.ndarray] = [np.zeros(L, dtype=bool) for _ in ctx.caches]
+
+    def on_gate(self, ev: GateOutput) -> None:
+        self._gates += 1
+        nxt = ev.layer + 1
+        if ev.lookahead is None or nxt >= self.ctx.spec.num_moe_layers:
+            return
+        self._speculated += 1
+        n = self.options.prefetch_top_k or self.ctx.spec.top_k
+        votes = union_top(np.asarray(ev.lookahead, dtype=np.float64), n)
+        experts = np.flatnonzero(votes > 0)
+        orders = select_orders(
+            self.ctx,
+            votes[experts],
+            np.full(experts.size, nxt),
+            experts,
+            layer_reserve(self.ctx, ev.layer, ev.topk_ids),
+        )
+        for o in orders:
+            self.prefetch(o.layer, o.expert, o.priority)
+
+    def _over_share(self, entry: CacheEntry) -> bool:
+        """Whether the entry's layer holds more than its share of its device's slots."""
+        d = self.ctx.placement.device_of(entry.key)
+        cache = self.ctx.caches[d]
+        c = cache.counters
+        version = (c.loads, c.evictions, c.prefetches_cancelled, len(cache.entries))
+        if version != self._versions[d]:  # recount once per cache change, not per scored entry
+            layers = np.fromiter(
+                (k[0] for k in cache.entries), dtype=np.int64, count=len(cache.entries)
+            )
+            counts = np.bincount(layers, minlength=self.ctx.spec.num_moe_layers)
+            self._over[d] = counts > self._shares[d]
+            self._versions[d] = version
+        return bool(self._over[d][entry.key[0]])
+
+    def eviction_score(self, entry: CacheEntry) -> float:
+        """Lower goes first: over-share layers' least recent experts, then the least recent."""
+        if self.options.per_layer_share and self._over_share(entry):
+            return entry.last_used
+        return entry.last_used + SCORE_SCALE
+
+    def metadata(self) -> dict[str, Any]:
+        if self._gates == 0:
+            mode = "not run"
+        elif self._speculated:
+            mode = "lookahead: next layer's gate on this layer's hidden state"
+        else:
+            mode = "none: no lookahead rows, on-demand loading with the LRU cache only"
+        return {
+            **super().metadata(),
+            "speculation": mode,
+            "gates_with_lookahead": self._speculated,
+            "gates": self._gates,
+        }

@@ -1,0 +1,56 @@
+"""Prompts for real runs: a named set (traces.prompts) or explicit texts, tokenized and cut.
+
+Prompt texts are resolved (and bad names rejected) before any model work; tokenizing
+needs the model's tokenizer and happens after. Prompts longer than
+``max_prompt_tokens`` keep their first tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from calibration.errors import InputError
+
+
+@dataclass(frozen=True)
+class PromptText:
+    request_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    request_id: str
+    text: str
+    ids: list[int]
+
+
+def prompt_texts(name: str | None, texts: Sequence[str] | None, n: int) -> list[PromptText]:
+    """Explicit ``texts`` (ids p0, p1, ...) or the first ``n`` prompts of set ``name``."""
+    if n < 1:
+        raise InputError(f"--num-prompts must be >= 1, got {n}")
+    if texts:
+        return [PromptText(f"p{i}", t) for i, t in enumerate(texts[:n])]
+    if not name:
+        raise InputError("give --prompts NAME or --prompt TEXT")
+    from traces.prompts import load_prompts
+
+    return [PromptText(str(p.prompt_id), p.text) for p in load_prompts(name, n)]
+
+
+def check_lengths(config: Any, max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """The prompt cut that fits the model's positions; InputError when nothing fits."""
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if max_prompt_tokens < 1:
+        raise InputError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_new_tokens >= limit:
+        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt (the model has {limit} positions)")
+    return min(max_prompt_tokens, limit - max_new_tokens) if limit is not None else max_prompt_tokens
+
+
+def encode(tokenizer: Any, prompts: Sequence[PromptText], max_prompt_tokens: int) -> list[PromptIds]:
+    return [PromptIds(p.request_id, p.text, tokenizer.encode(p.text)[:max_prompt_tokens]) for p in prompts]

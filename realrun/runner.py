@@ -1,0 +1,175 @@
+"""`fmoe run` as a function: validate everything, build, offload, run prompts, report.
+
+:func:`prepare` checks every input that can be checked without weights (model, policy
+and its options, budget, devices, link, prompts) so bad input fails at once;
+:func:`execute` does the work. :func:`run` is both.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from calibration.errors import InputError
+from calibration.model_spec import ModelSpec
+from policies.base import Policy
+from realrun.copy_engine import LinkEmulation
+from realrun.placement import budget_experts, resolve_devices
+from realrun.prompting import PromptText, check_lengths, encode, prompt_texts
+from realrun.session import RunSession, SessionOptions, refuse_future_readers
+
+Progress = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+
+
+@dataclass
+class RunConfig:
+    """Every knob of a real run (CLI flags map one to one)."""
+
+    model: str
+    policy: str = "lru"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    cache_experts: int | None = None
+    cache_gb: float | None = None
+    prompts: str | None = "mt-bench"
+    prompt_texts: list[str] | None = None
+    num_prompts: int = 4
+    max_new_tokens: int = 16
+    max_prompt_tokens: int = 128
+    device: str = "cpu"
+    num_devices: int | None = None
+    link_gbps: float | None = None
+    link_latency_us: float | None = None
+    store: str = "auto"
+    store_dir: str | None = None
+    seed: int = 0
+    chunk_bytes: int = 1 << 20
+    trace_out: str | None = None
+    train_trace: str | None = None
+
+
+@dataclass
+class PreparedRun:
+    cfg: RunConfig
+    spec: ModelSpec
+    policy: Policy
+    budget: int
+    devices: list[torch.device]
+    link: LinkEmulation | None
+    prompts: list[PromptText]
+    max_prompt_tokens: int
+
+
+def make_link(gbps: float | None, latency_us: float | None) -> LinkEmulation | None:
+    """The emulated link of ``--link-gbps``/``--link-latency-us`` (None: no emulation)."""
+    if gbps is None:
+        if latency_us:
+            raise InputError("--link-latency-us needs --link-gbps (the emulated link's bandwidth)")
+        return None
+    return LinkEmulation(gbps, latency_us or 0.0)
+
+
+def prepare(cfg: RunConfig) -> PreparedRun:
+    """Check every input before any work; InputError names the first problem."""
+    from policies.registry import make_policy, policy_class
+    from realrun.models import resolve_model
+
+    spec, hf_config, _ = resolve_model(cfg.model)
+    refuse_future_readers(policy_class(cfg.policy))
+    policy = make_policy(cfg.policy, **cfg.policy_options)
+    budget = budget_experts(spec, cfg.cache_experts, cfg.cache_gb)
+    if policy.preload_all and budget < spec.total_experts:
+        raise InputError(
+            f"policy {cfg.policy!r} keeps every expert resident: it needs {spec.total_experts} experts "
+            f"({spec.experts_total_bytes} bytes), the budget is {budget}"
+        )
+    devices = resolve_devices(cfg.device, cfg.num_devices)
+    if budget < len(devices):
+        raise InputError(f"a cache of {budget} experts leaves some of {len(devices)} devices with no slot")
+    if cfg.store not in ("auto", "ram", "file"):
+        raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
+    link = make_link(cfg.link_gbps, cfg.link_latency_us)
+    max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
+    prompts = prompt_texts(cfg.prompts, cfg.prompt_texts, cfg.num_prompts)
+    return PreparedRun(cfg, spec, policy, budget, devices, link, prompts, max_prompt)
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, Any]
+    workload: Any | None = None  # traces.types.Workload when recorded
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def execute(prep: PreparedRun, progress: Progress = _stderr) -> RunResult:
+    """Build and offload the model, run every prompt, return metrics (and the trace if asked)."""
+    from realrun.models import load
+    from realrun.offload import offload_model
+
+    cfg = prep.cfg
+    t0 = time.perf_counter()
+    if cfg.train_trace:
+        from traces.io import load_workload
+
+        prep.policy.fit(load_workload(cfg.train_trace, prep.spec))
+    elif prep.policy.needs_training:
+        progress(f"note: policy {cfg.policy!r} learns from a training trace (--train-trace); running without one")
+    loaded = load(cfg.model, seed=cfg.seed)
+    progress(f"loaded {prep.spec.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s; offloading experts")
+    om = offload_model(loaded, store=cfg.store, store_dir=cfg.store_dir, dense_device=prep.devices[0])
+    prompts = encode(loaded.tokenizer, prep.prompts, prep.max_prompt_tokens)
+    opts = SessionOptions(prep.budget, prep.devices, prep.link, cfg.chunk_bytes, record=bool(cfg.trace_out), seed=cfg.seed)
+    try:
+        with RunSession(om, prep.policy, opts) as session:
+            for i, p in enumerate(prompts):
+                g = session.generate(p.request_id, p.ids, cfg.max_new_tokens, prompt_text=p.text)
+                progress(f"[{i + 1}/{len(prompts)}] {p.request_id}: {len(p.ids)} prompt tokens, ttft {g.ttft_s:.3f} s, tpot {g.tpot_s:.4f} s")
+            metrics = session.metrics()
+            requests = session.recorder.requests if session.recorder else None
+    finally:
+        om.close()
+    metrics.update(
+        executor="realrun",
+        model=prep.spec.name,
+        policy=cfg.policy,
+        policy_metadata=prep.policy.metadata(),
+        device=cfg.device,
+        expert_store=om.store.kind,
+        tokenizer=getattr(loaded.tokenizer, "name", "unknown"),
+        prompts=cfg.prompts if not cfg.prompt_texts else "explicit",
+        num_prompts=len(prompts),
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        model_bytes=prep.spec.model_bytes,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
+    workload = None
+    if requests is not None:
+        from realrun.capture import make_workload, write_workload
+
+        workload = make_workload(prep.spec, requests, cfg.seed, source="realrun.run", extra={"policy": cfg.policy, **metrics_link(metrics)})
+        write_workload(workload, cfg.trace_out)
+        progress(f"wrote trace {cfg.trace_out}")
+    return RunResult(metrics, workload)
+
+
+def metrics_link(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in ("emulated_link", "link_gbps", "link_latency_us")}
+
+
+def run(cfg: RunConfig, progress: Progress = _stderr) -> RunResult:
+    """prepare + execute."""
+    return execute(prepare(cfg), progress)

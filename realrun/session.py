@@ -1,0 +1,306 @@
+"""RunSession: one policy driving an offloaded model, with timing and optional recording.
+
+A session binds a policy to an :class:`OffloadedModel` for one run: it builds the
+per-device caches, slot pools and copy engines for a budget, installs the routing taps,
+and executes every MoE layer (:meth:`RunSession.run_layer`, called by the offloaded
+experts modules):
+
+1. the gate event goes to the policy (probability rows, the chosen experts, lookahead
+   rows if the policy wants them), whose prefetch orders go to the copy engines;
+2. the layer's experts are demanded (hit = resident at that moment), misses become demand
+   loads (ahead of every prefetch), everything used is pinned;
+3. the compute waits for its experts (that wait is ``stall_s``) and calls the library's
+   experts forward on slot views (see realrun.offload for the exactness argument); a
+   layer needing more distinct experts than a device has slots runs in waves;
+4. pins are released and the layer's unused prefetches lose their protection.
+
+Event order to the policy follows policies/base.py: on_request_arrival, then per
+iteration on_iteration_start (with the embedding layer's output), on_gate /
+on_expert_used per layer in order, on_iteration_end; on_load_finished as copies land.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibration.errors import InputError
+from policies.async_runner import ExpertUsed, LoadFinished
+from policies.base import (
+    GateOutput,
+    IterationEnd,
+    IterationStart,
+    Policy,
+    PolicyContext,
+    PrefetchDecision,
+    RequestArrival,
+    validate_order,
+)
+from policies.cache import CacheCounters, ExpertKey
+from realrun.copy_engine import LinkEmulation
+from realrun.drivers import make_driver
+from realrun.generate import Generation, greedy_generate
+from realrun.metrics import summarise
+from realrun.offload import (
+    OffloadedExperts,
+    OffloadedModel,
+    SlotView,
+    run_on_slots,
+    run_one_expert,
+    single_call_is_exact,
+)
+from realrun.placement import plan_waves, split_over_devices
+from realrun.recorder import RoutingRecorder
+from realrun.residency import Residency
+from realrun.taps import ModelTaps
+
+
+def refuse_future_readers(policy_cls: type[Policy]) -> None:
+    """InputError for policies that read the trace's future (they run only in the simulator)."""
+    if policy_cls.reads_future:
+        raise InputError(f"policy {policy_cls.name!r} reads the trace's future; it runs only in the simulator")
+
+
+@dataclass
+class SessionOptions:
+    """How a session runs. ``cache_experts`` is the total over devices (None: every expert)."""
+
+    cache_experts: int | None = None
+    devices: Sequence[torch.device] = (torch.device("cpu"),)
+    link: LinkEmulation | None = None
+    chunk_bytes: int = 1 << 20
+    record: bool = False
+    seed: int = 0
+
+
+class RunSession:
+    """Attach with the constructor, run prompts with :meth:`generate`, end with :meth:`close`."""
+
+    def __init__(self, om: OffloadedModel, policy: Policy, opts: SessionOptions | None = None) -> None:
+        opts = opts or SessionOptions()
+        refuse_future_readers(type(policy))
+        spec = om.loaded.spec
+        total = spec.total_experts if opts.cache_experts is None else opts.cache_experts
+        if policy.preload_all and total < spec.total_experts:
+            raise InputError(
+                f"policy {policy.name!r} keeps every expert resident: it needs a cache of "
+                f"{spec.total_experts} experts, got {total}"
+            )
+        if any(m.runner is not None for m in om.modules):
+            raise RuntimeError("another session is attached to this model; close it first")
+        self.om = om
+        self.spec = spec
+        self.policy = policy
+        self.opts = opts
+        self.placement, caps = split_over_devices(spec, total, len(opts.devices))
+        self._t0 = time.perf_counter()
+        self.res = Residency(
+            om.store, spec.expert_bytes, self.placement, opts.devices, caps, opts.link, opts.chunk_bytes, self.now
+        )
+        policy.bind(PolicyContext(spec, self.placement, self.res.caches, seed=opts.seed))
+        self.driver = make_driver(policy, self._apply)
+        self.taps = ModelTaps(om.loaded).install()
+        self.taps.on_embeddings = self._on_embeddings
+        self.recorder = RoutingRecorder(spec) if opts.record else None
+        self._lookahead = policy.wants_lookahead or opts.record
+        for m in om.modules:
+            m.runner = self
+        if policy.preload_all:
+            self.res.preload([(lyr, e) for lyr in range(spec.num_moe_layers) for e in range(spec.num_experts)])
+        self.stall_s = 0.0
+        self.layer_steps = 0
+        self.layer_paths = {"single_call": 0, "per_expert": 0, "multi_wave": 0}
+        self.iteration = -1
+        self.generations: list[Generation] = []
+        self._req: str | None = None
+        self._positions = np.zeros(0, dtype=np.int64)
+        self._prefill = False
+        self._wall_s = 0.0
+
+    def now(self) -> float:
+        """Seconds since the session started (the clock the policy and caches see)."""
+        return time.perf_counter() - self._t0
+
+    # -- requests -------------------------------------------------------------------------------
+    def generate(
+        self, request_id: str, prompt_ids: list[int], max_new_tokens: int, prompt_text: str | None = None, keep_logits: bool = False
+    ) -> Generation:
+        """Run one request to completion (greedy); its timings join the session's metrics."""
+        t0 = time.perf_counter()
+        self._req = request_id
+        model = self.om.loaded.model
+        with torch.no_grad():
+            cb, self.taps.on_embeddings = self.taps.on_embeddings, None
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.om.dense_device)
+            emb = model.get_input_embeddings()(ids)[0].float().mean(dim=0).cpu().numpy()
+            self.taps.on_embeddings = cb
+        self.driver.observe(RequestArrival(request_id, len(prompt_ids), prompt_text, emb))
+        if self.recorder is not None:
+            self.recorder.start_request(request_id, len(prompt_ids), prompt_text)
+        gen = greedy_generate(model, request_id, prompt_ids, max_new_tokens, observer=self, keep_logits=keep_logits)
+        if self.recorder is not None:
+            self.recorder.finish_request(len(gen.output_ids))
+        self.generations.append(gen)
+        self._wall_s += time.perf_counter() - t0
+        return gen
+
+    # IterationObserver
+    def begin_iteration(self, positions: np.ndarray, prefill: bool) -> None:
+        self.iteration += 1
+        self._positions, self._prefill = positions, prefill
+        if self.recorder is not None:
+            self.recorder.start_iteration()
+
+    def end_iteration(self, last: bool) -> None:
+        assert self._req is not None
+        self._pump()
+        self.driver.observe(IterationEnd(self.iteration, (self._req,), (self._req,) if last else (), self.now()))
+
+    def _on_embeddings(self, out: torch.Tensor) -> None:
+        rows = out.detach().reshape(-1, out.shape[-1]).float().cpu().numpy()
+        if self.recorder is not None:
+            self.recorder.embeddings(rows)
+        n = rows.shape[0]
+        self.driver.observe(
+            IterationStart(
+                self.iteration,
+                (self._req,) * n,
+                self._positions,
+                np.full(n, self._prefill),
+                rows,
+                self.now(),
+            )
+        )
+
+    # -- one MoE layer ---------------------------------------------------------------------------
+    def run_layer(
+        self, mod: OffloadedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        layer = mod.moe_layer
+        ids = top_k_index.detach().cpu().numpy()
+        self._gate(layer, hidden, ids, top_k_weights)
+        E = self.spec.num_experts
+        flat = ids.reshape(-1)
+        counts = np.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
+        needed = np.flatnonzero(counts).tolist()
+        waves = plan_waves(needed, lambda e: self.placement.device_of((layer, e)), self.res.capacities)
+        out = torch.zeros_like(hidden)
+        if len(waves) > 1:
+            self.layer_paths["multi_wave"] += 1
+        for wave in waves:
+            keys = [(layer, e) for e in wave]
+            self.res.demand(keys, self.policy.eviction_score)
+            views = self._views(mod, layer, wave)
+            if len(waves) == 1 and single_call_is_exact(top_k_index.shape[-1], views):
+                for key in keys:
+                    self.stall_s += self.res.wait(key)
+                out = run_on_slots(mod, views, hidden, top_k_index, top_k_weights)
+                self._used(keys, counts)
+                self.layer_paths["single_call"] += 1
+            else:  # one expert at a time, ascending: the library's own summation order
+                by_dev = {v.device_index: v for v in views}
+                for key in keys:
+                    self.stall_s += self.res.wait(key)
+                    view = by_dev[self.placement.device_of(key)]
+                    out = out + run_one_expert(mod, view, key[1], hidden, top_k_index, top_k_weights)
+                    self._used([key], counts)
+                self.layer_paths["per_expert"] += 1
+            self.res.release(keys)
+        self.res.unprotect_layer(layer)
+        self.layer_steps += 1
+        self._pump()
+        return out
+
+    def _gate(self, layer: int, hidden: torch.Tensor, ids: np.ndarray, weights: torch.Tensor) -> None:
+        wts = weights.detach().float().cpu().numpy()
+        probs = self.taps.probs(layer)
+        look = self.taps.lookahead(layer, hidden) if self._lookahead else None
+        if self.recorder is not None:
+            self.recorder.gate(layer, ids, wts, probs, look)
+        la = look if self.policy.wants_lookahead else None
+        self.driver.observe(GateOutput(self.iteration, layer, ids, wts, probs, la, self.now()))
+
+    def _views(self, mod: OffloadedExperts, layer: int, experts: list[int]) -> list[SlotView]:
+        by_dev: dict[int, dict[int, int]] = {}
+        for e in experts:
+            d = self.placement.device_of((layer, e))
+            by_dev.setdefault(d, {})[e] = self.res.devs[d].pool.slot_of[(layer, e)]
+        out = []
+        for d, slot_of in sorted(by_dev.items()):
+            dev = self.res.devs[d]
+            out.append(SlotView(dev.pool.views(mod.layout), dev.pool.capacity, dev.device, slot_of, d))
+        return out
+
+    def _used(self, keys: list[ExpertKey], counts: np.ndarray) -> None:
+        now = self.now()
+        for key in keys:
+            self.res.dev(key).cache.use(key, now)
+            self.driver.observe(ExpertUsed(key, int(counts[key[1]]), now))
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        now = self.now()
+        for key, by_prefetch in self.res.take_landed():
+            self.driver.observe(LoadFinished(key, by_prefetch, now))
+        self.driver.pump()
+
+    def _apply(self, dec: PrefetchDecision) -> None:
+        for key in dec.cancel:
+            self.res.cancel(key)
+        score = self.policy.eviction_score
+        for order in sorted(dec.enqueue, key=lambda o: -o.priority):
+            validate_order(order, self.spec)
+            self.res.prefetch(order.key, order.priority, score)
+
+    # -- results ---------------------------------------------------------------------------------
+    def counters(self) -> CacheCounters:
+        total = CacheCounters()
+        for c in self.res.caches:
+            total = total.add(c.counters)
+        return total
+
+    def metrics(self) -> dict[str, Any]:
+        """Metrics of every request generated so far (simulator names)."""
+        self.driver.flush()
+        link = self.opts.link.describe() if self.opts.link else {"emulated_link": False, "link_gbps": None, "link_latency_us": None}
+        out = summarise(
+            self.generations,
+            self.counters(),
+            stall_s=self.stall_s,
+            layer_steps=self.layer_steps,
+            wall_s=self._wall_s,
+            link_busy_s=sum(d.engine.stats.busy_s for d in self.res.devs),
+            link=link,
+        )
+        out.update(
+            cache_experts=sum(self.res.capacities),
+            cache_experts_per_device=self.res.capacities,
+            cache_bytes=sum(self.res.capacities) * self.spec.expert_bytes,
+            num_devices=len(self.res.devs),
+            bytes_copied=sum(d.engine.stats.bytes_copied for d in self.res.devs),
+            copy_preemptions=sum(d.engine.stats.preemptions for d in self.res.devs),
+            **{f"layer_calls_{k}": v for k, v in self.layer_paths.items()},
+        )
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+
+    def close(self) -> None:
+        """Detach from the model and stop the threads (the model can take a new session)."""
+        try:
+            self.driver.close()
+        finally:
+            self.taps.remove()
+            self.res.close()
+            for m in self.om.modules:
+                m.runner = None
+
+    def __enter__(self) -> RunSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

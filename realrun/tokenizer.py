@@ -1,0 +1,56 @@
+"""Tokenizers for the real executor.
+
+Tiny random-weight presets have no trained tokenizer, so prompts are tokenized with a
+deterministic byte-level scheme: the UTF-8 bytes of the text, each mapped to
+``byte % vocab_size``. It is reproducible everywhere and needs no download; the tokens
+mean nothing to a random model anyway. Local checkpoint directories use their own
+tokenizer (``AutoTokenizer``) when they ship one, else the byte scheme.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from calibration.model_spec import ModelSpec
+
+
+class Tokenizer(Protocol):
+    name: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    """token = UTF-8 byte % vocab_size (empty text -> one token 0)."""
+
+    vocab_size: int
+    name: str = "bytes-mod-vocab"
+
+    def encode(self, text: str) -> list[int]:
+        return [b % self.vocab_size for b in text.encode("utf-8")] or [0]
+
+
+@dataclass
+class HFTokenizer:
+    """A checkpoint's own tokenizer."""
+
+    inner: Any
+    name: str = "checkpoint"
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.inner.encode(text)) or [0]
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_for(ref: str, spec: ModelSpec, source: str) -> Tokenizer:
+    """The checkpoint's tokenizer when it has one, else :class:`ByteTokenizer`."""
+    if source == "checkpoint" and any((Path(ref) / f).is_file() for f in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(ref))
+    return ByteTokenizer(spec.vocab_size)

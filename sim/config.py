@@ -1,0 +1,78 @@
+"""SimConfig: everything one simulation run needs besides the workload.
+
+A pydantic model, so the CLI, the sweep and the calibration validator build it the same
+way and a sweep row can record it. Sizes: ``cache_gb`` and ``kv_reserve_gb`` are in GB
+of 2**30 bytes (the unit of the hardware presets' memory sizes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from calibration.hardware import HardwareProfile
+from calibration.model_spec import ModelSpec
+
+GB = 2**30
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+
+Batching = Literal["static", "continuous"]
+Arrivals = Literal["auto", "trace", "closed"]
+
+
+class SimConfig(BaseModel):
+    """One simulation run: model, machine, policy, cache budget, batching, link options.
+
+    Cache budget: at most one of ``cache_experts`` / ``cache_gb``; both are a total over
+    all GPUs split by the placement, or per GPU when ``cache_per_gpu``. Neither: every
+    GPU gets what its memory holds after the dense weights and the KV reserve.
+
+    Offline mode: a training workload (``training`` here, or the ``training`` argument
+    of :func:`sim.run.simulate`, or a ``train_fraction`` split of the workload) is given
+    to ``policy.fit`` before the run. ``arrivals="auto"`` then serves requests closed
+    loop (each request arrives when a batch slot frees, so TTFT has no queueing), and
+    otherwise follows the trace's arrival times.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: ModelSpec
+    hardware: HardwareProfile
+    policy: str = "lru"
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+    cache_experts: int | None = Field(default=None, ge=0)
+    cache_gb: float | None = Field(default=None, ge=0)
+    cache_per_gpu: bool = False
+    kv_reserve_gb: float = Field(default=0.0, ge=0, description="total over GPUs, split evenly")
+    batch_size: int = Field(default=1, ge=1)
+    batching: Batching = "continuous"
+    arrivals: Arrivals = "auto"
+    prefetch_distance: int | None = Field(default=None, ge=1)
+    chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1, description="preemption granularity of a copy")
+    pinned: bool = Field(default=True, description="host copies from pinned (else pageable) memory")
+    warm_start: bool = Field(default=False, description="fill caches layer by layer before the run")
+    seed: int = 0
+    train_fraction: float | None = Field(default=None, ge=0, le=1, description="split the workload into train/test")
+    training: Any = Field(default=None, exclude=True, description="a training traces.Workload (offline mode)")
+    record_events: bool = Field(default=False, description="keep transfer/compute spans (Chrome trace)")
+
+    @model_validator(mode="after")
+    def _check(self) -> SimConfig:
+        if self.cache_experts is not None and self.cache_gb is not None:
+            raise ValueError("give at most one of cache_experts and cache_gb")
+        return self
+
+    def label(self) -> dict[str, Any]:
+        """The fields that identify a run in a results table."""
+        return {
+            "model": self.model.name,
+            "hardware": self.hardware.name,
+            "policy": self.policy,
+            "cache_experts_budget": self.cache_experts,
+            "cache_gb_budget": self.cache_gb,
+            "cache_per_gpu": self.cache_per_gpu,
+            "batch_size": self.batch_size,
+            "batching": self.batching,
+            "prefetch_distance": self.prefetch_distance,
+        }

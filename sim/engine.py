@@ -1,0 +1,497 @@
+"""The inference engine process: batches, iterations, layers, expert compute per GPU.
+
+Per iteration: the policy sees ``on_iteration_start``; the head (embedding + LM head)
+runs; then every decoder layer in order: its dense part (attention, norms, gate, shared
+experts; a dense decoder layer costs only this), a pipeline hand-off when the layer is on
+the next GPU, and for an MoE layer l:
+
+1. the gate: ``on_gate(l)`` (orders of an ``async_search`` policy from this hook and from
+   ``on_iteration_start`` are enqueued ``policy_search_s`` later);
+2. demands: per GPU, each distinct expert routed there is demanded (a hit iff resident)
+   and pinned; a miss is a demand load (a LOADING key is promoted to one), which goes
+   before every prefetch and preempts one at its next chunk boundary;
+3. compute: each GPU runs its resident experts, then the loaded ones in the order they
+   land (``expert_time_s`` of the rows routed to each), the GPUs in parallel; the layer
+   ends when the last GPU finishes, plus the expert-parallel activation exchange when
+   there are several GPUs. When a GPU's cache cannot hold the layer's experts at once,
+   that GPU runs them in waves (compute, release, load the next ones);
+4. at the layer end the experts are used and unpinned, predicted-but-unused prefetches
+   of l lose their protection, and the policy sees ``on_expert_used`` per expert.
+
+The policy's ``decide_prefetch`` is drained after every observe call.
+
+Clock: the engine keeps its own time ``t`` >= ``env.now`` and only yields to simpy when an
+event (a copy landing, an arrival, a delayed order) lies at or before its next action,
+or when it must wait for a copy. Between two such points nothing else can happen, so
+acting at ``t`` directly is the same as scheduling a timeout to it, without the cost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Generator
+from functools import partial
+from typing import Any
+
+import numpy as np
+import simpy
+
+from calibration.model_spec import ModelSpec
+from policies.base import (
+    GateOutput,
+    IterationEnd,
+    IterationStart,
+    Policy,
+    PrefetchDecision,
+    RequestArrival,
+    validate_order,
+)
+from policies.cache import CacheFullError, ExpertCache, ExpertKey
+from policies.placement import Placement
+from sim.batching import make_batcher
+from sim.config import SimConfig
+from sim.events import EventLog
+from sim.iteration import Iteration, RequestState, build_iteration, stack_field
+from sim.links import Link, Links
+from sim.timing import Timing
+from traces.types import Workload
+
+Proc = Generator[simpy.Event, Any, Any]
+
+
+class _GpuPlan:
+    """One GPU's share of an MoE layer."""
+
+    __slots__ = ("g", "cache", "link", "comp", "res", "pend", "defer", "keys")
+
+    def __init__(self, g: int, cache: ExpertCache, link: Link):
+        self.g, self.cache, self.link = g, cache, link
+        self.comp = 0.0  # compute time of experts resident at demand
+        self.res: list[tuple[ExpertKey, float]] = []  # resident at demand: (key, compute time)
+        self.pend: list[tuple[ExpertKey, float]] = []  # loading: (key, compute time)
+        self.defer: list[tuple[ExpertKey, float]] = []  # no slot yet: next waves
+        self.keys: list[ExpertKey] = []  # pinned, released at the layer end
+
+
+def _overrides(policy: Policy, hook: str) -> bool:
+    return getattr(type(policy), hook) is not getattr(Policy, hook)
+
+
+class Engine:
+    """Runs a workload through batches and iterations on simpy's clock (see module doc)."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        cfg: SimConfig,
+        workload: Workload,
+        policy: Policy,
+        caches: list[ExpertCache],
+        links: Links,
+        placement: Placement,
+        timing: Timing,
+        closed_loop: bool,
+        log: EventLog | None = None,
+    ) -> None:
+        self.env, self.cfg, self.policy = env, cfg, policy
+        self.spec: ModelSpec = cfg.model
+        self.caches, self.links, self.timing, self.log = caches, links, timing, log
+        self.states = [RequestState(r, i) for i, r in enumerate(workload.requests)]
+        self.closed = closed_loop
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.more_coming = True
+        self._arrived: simpy.Event | None = None
+        self.batcher = make_batcher(cfg.batching, cfg.batch_size)
+        self.iterations = 0
+        self.layer_steps = 0
+        self.stall_s = 0.0
+        self.end_s = 0.0
+        self.gate_seq = 0
+        self.delayed_orders = 0
+        self.search_s = cfg.hardware.compute.policy_search_s if policy.async_search else 0.0
+        self.score = policy.eviction_score
+        self._plain_decide = not _overrides(policy, "decide_prefetch")
+        self._h_arrival = _overrides(policy, "on_request_arrival")
+        self._h_start = _overrides(policy, "on_iteration_start")
+        self._h_gate = _overrides(policy, "on_gate")
+        self._h_used = _overrides(policy, "on_expert_used")
+        self._h_end = _overrides(policy, "on_iteration_end")
+        if _overrides(policy, "on_load_finished"):
+            links.on_load = self._on_load
+        self.has_probs = workload.has_gate_probs
+        self.has_look = workload.has_lookahead
+        self.has_emb = workload.has_embeddings
+        spec, n = self.spec, cfg.hardware.num_gpus
+        self.num_gpus = n
+        self.dev_table = [[placement.device_of((lay, e)) for e in range(spec.num_experts)]
+                          for lay in range(spec.num_moe_layers)]
+        dense = set(spec.dense_layers)
+        stages = [i * n // spec.num_layers for i in range(spec.num_layers)]
+        moe_index = {d: i for i, d in enumerate(spec.moe_layer_ids)}
+        # (moe layer index or -1, pipeline hand-off before this decoder layer, stage GPU)
+        self.plan = [
+            (-1 if i in dense else moe_index[i], i > 0 and stages[i] != stages[i - 1], stages[i])
+            for i in range(spec.num_layers)
+        ]
+
+    # -- policy plumbing ------------------------------------------------------------------
+    def _drain(self, now: float, delayed: bool = False) -> None:
+        """Apply the policy's decisions (after ``policy_search_s`` when ``delayed``)."""
+        p = self.policy
+        if self._plain_decide and not p._enqueue and not p._cancel:  # nothing to drain
+            return
+        dec = p.decide_prefetch()
+        if not dec:
+            return
+        stamp = self.links.stamp
+        if delayed and self.search_s > 0:
+            self.delayed_orders += len(dec.enqueue)
+            ev = self.env.timeout(now + self.search_s - self.env.now)
+            ev.callbacks.append(partial(self._apply_later, dec, stamp))
+        else:
+            self._apply(dec, stamp, now)
+
+    def _apply_later(self, dec: PrefetchDecision, stamp: int, _ev: simpy.Event) -> None:
+        self._apply(dec, stamp, self.env.now)
+
+    def _apply(self, dec: PrefetchDecision, stamp: int, now: float) -> None:
+        links, spec = self.links, self.spec
+        for key in dec.cancel:
+            links.cancel(key, now)
+        for order in dec.enqueue:
+            validate_order(order, spec)
+            links.enqueue(order.key, order.priority, stamp, now)
+
+    def _on_load(self, key: ExpertKey, by_prefetch: bool, now: float) -> None:
+        self.policy.on_load_finished(key, by_prefetch, now)
+        self._drain(now)
+
+    def _notify_arrival(self, s: RequestState, now: float) -> None:
+        if not self._h_arrival:
+            return
+        req = s.req
+        emb = req.prompt_embedding
+        if emb is None and req.routing.embeddings is not None:
+            emb = req.routing.embeddings[: req.prompt_len].astype(np.float32).mean(axis=0)
+        self.policy.on_request_arrival(RequestArrival(req.request_id, req.prompt_len, req.prompt_text, emb))
+        self._drain(now)
+
+    # -- arrivals and batching --------------------------------------------------------------
+    def _wake(self) -> None:
+        ev, self._arrived = self._arrived, None
+        if ev is not None:
+            ev.succeed()
+
+    def arrivals(self) -> Proc:
+        """Requests enter the waiting queue at their trace arrival times."""
+        env = self.env
+        for s in sorted(self.states, key=lambda s: (s.req.arrival_s, s.index)):
+            dt = s.req.arrival_s - env.now
+            if dt > 0:
+                yield env.timeout(dt)
+            s.arrival_s = s.req.arrival_s
+            self.waiting.append(s)
+            self._notify_arrival(s, env.now)
+            self._wake()
+        self.more_coming = False
+        self._wake()
+
+    def run(self) -> Proc:
+        """The engine process: admit, iterate, until every request has finished."""
+        env = self.env
+        t = 0.0
+        if self.closed:
+            self.waiting.extend(self.states)
+            self.more_coming = False
+        else:
+            env.process(self.arrivals())
+        while True:
+            if env.peek() <= t:
+                yield env.timeout(t - env.now)
+                t = max(t, env.now)
+            for _ in range(self.batcher.admit(len(self.waiting), len(self.running), self.more_coming)):
+                s = self.waiting.popleft()
+                s.start_s = t
+                if self.closed:
+                    s.arrival_s = t
+                    self._notify_arrival(s, t)
+                self.running.append(s)
+            if not self.running:
+                if not self.more_coming and not self.waiting:
+                    break
+                if t > env.now:
+                    yield env.timeout(t - env.now)
+                self._arrived = env.event()
+                yield self._arrived
+                t = max(t, env.now)
+                continue
+            t = yield from self._iteration(t)
+        self.end_s = t
+
+    # -- one iteration ----------------------------------------------------------------------
+    def _iteration_start(self, it: Iteration, batch: list[RequestState], t: float) -> None:
+        ids: list[str] = []
+        pos, pre = [], []
+        for s, sl in zip(batch, it.slices, strict=True):
+            n = sl.stop - sl.start
+            ids.extend([s.req.request_id] * n)
+            pos.append(np.arange(sl.start, sl.stop))
+            pre.append(np.full(n, s.next_iter == 0))
+        emb = stack_field(batch, it.slices, "embeddings") if self.has_emb else None
+        ev = IterationStart(self.iterations, tuple(ids), np.concatenate(pos), np.concatenate(pre), emb, t)
+        self.policy.on_iteration_start(ev)
+        self._drain(t, delayed=True)
+
+    def _iteration(self, t: float) -> Proc:
+        env, policy, timing, log = self.env, self.policy, self.timing, self.log
+        batch = self.running
+        it = build_iteration(batch, self.spec.num_experts)
+        self.iterations += 1
+        rows = it.rows
+        dense_t = timing.dense(rows, it.context)
+        head_t = timing.head(len(batch))
+        hand_t = timing.handoff(rows) if self.num_gpus > 1 else 0.0
+        exch_t = timing.exchange(rows)
+        if self._h_start:
+            if env.peek() <= t:
+                yield env.timeout(t - env.now)
+                t = max(t, env.now)
+            self._iteration_start(it, batch, t)
+        if log is not None:
+            log.span("compute", 0, "head", t, t + head_t)
+        t += head_t
+        weights = probs = look = None
+        if self._h_gate:
+            weights = stack_field(batch, it.slices, "topk_weights")
+            probs = stack_field(batch, it.slices, "gate_probs") if self.has_probs else None
+            look = stack_field(batch, it.slices, "lookahead") if self.has_look else None
+        links = self.links
+        for moe, hand, stage in self.plan:
+            if hand:
+                t += hand_t
+            if log is not None:
+                log.span("compute", stage, "dense", t, t + dense_t)
+            t += dense_t
+            if moe < 0:
+                continue
+            l = moe  # noqa: E741
+            self.gate_seq += 1
+            links.stamp = links.last_gate[l] = self.gate_seq
+            if env.peek() <= t:
+                yield env.timeout(t - env.now)
+                t = max(t, env.now)
+            if self._h_gate:
+                assert weights is not None
+                policy.on_gate(GateOutput(
+                    self.iterations, l, it.ids[:, l], weights[:, l],
+                    None if probs is None else probs[:, l], None if look is None else look[:, l], t,
+                ))
+            plans, hitmap = self._demand(l, it.items[l], t)
+            if self._h_gate:  # after the demand loads: they go first
+                self._drain(t, delayed=True)
+            for link in links.links:
+                if link.suspended:
+                    link.drop_suspended_of_layer(l)
+            # compute: the fast case has every expert resident
+            waits = [p for p in plans if p.pend or p.defer]
+            if not waits:
+                t_layer = t + max(p.comp for p in plans)
+                if log is not None:
+                    self._log_compute(plans, t)
+            else:
+                ideal = max(p.comp + sum(c for _, c in p.pend) + sum(c for _, c in p.defer) for p in plans)
+                t_layer, t = yield from self._wait_compute(plans, t)
+                self.stall_s += t_layer - t - ideal
+            t = t_layer + exch_t
+            if env.peek() <= t:
+                yield env.timeout(t - env.now)
+                t = max(t, env.now)
+            self._release(plans, l, t)
+            self._attribute(batch, it, l, hitmap)
+            if self._h_used:
+                for e, tok in it.items[l]:
+                    policy.on_expert_used((l, e), tok, t)
+                    self._drain(t)
+            self.layer_steps += 1
+        if env.peek() <= t:
+            yield env.timeout(t - env.now)
+            t = max(t, env.now)
+        for s in batch:
+            if s.next_iter == 0:
+                s.first_token_s = t
+            s.last_token_s = t
+            s.next_iter += 1
+        self.running = [s for s in batch if not s.done]
+        if self._h_end:
+            finished = tuple(s.req.request_id for s in batch if s.done)
+            policy.on_iteration_end(IterationEnd(self.iterations, tuple(s.req.request_id for s in batch), finished, t))
+            self._drain(t)
+        return t
+
+    # -- one MoE layer ----------------------------------------------------------------------
+    def _demand(self, l: int, items: list[tuple[int, int]], t: float) -> tuple[list[_GpuPlan], dict[int, bool]]:
+        """Demand, pin and (on a miss) start loading every expert the layer routes to."""
+        caches, links = self.caches, self.links.links
+        et = self.timing._expert
+        hitmap: dict[int, bool] = {}
+        if self.num_gpus == 1:
+            groups: dict[int, list[tuple[int, int]]] = {0: items}
+        else:
+            dev = self.dev_table[l]
+            groups = {}
+            for item in items:
+                groups.setdefault(dev[item[0]], []).append(item)
+        plans = []
+        for g, its in groups.items():
+            cache, link = caches[g], links[g]
+            p = _GpuPlan(g, cache, link)
+            entries = cache.entries
+            for e, tok in its:
+                key = (l, e)
+                ct = et.get(tok)
+                if ct is None:
+                    ct = self.timing.expert(tok)
+                if cache.demand(key):
+                    hitmap[e] = True
+                    cache.pin(key)
+                    p.comp += ct
+                    p.res.append((key, ct))
+                    p.keys.append(key)
+                    continue
+                hitmap[e] = False
+                if key in entries:  # loading: make it a demand load
+                    cache.pin(key)
+                    link.promote(key, t)
+                    p.pend.append((key, ct))
+                    p.keys.append(key)
+                elif self._start_demand(cache, link, key, t):
+                    p.pend.append((key, ct))
+                    p.keys.append(key)
+                else:
+                    p.defer.append((key, ct))
+            plans.append(p)
+        return plans, hitmap
+
+    def _start_demand(self, cache: ExpertCache, link: Link, key: ExpertKey, t: float) -> bool:
+        """Reserve a slot for a missed ``key``, pin it and queue its demand load."""
+        link.take_queued(key)
+        try:
+            cache.begin_load(key, t, prefetch=False, score=self.score)
+        except CacheFullError:
+            if not link.free_suspended():
+                return False
+            try:
+                cache.begin_load(key, t, prefetch=False, score=self.score)
+            except CacheFullError:
+                return False
+        cache.pin(key)
+        link.push_demand(key, t)
+        return True
+
+    def _timeline(self, p: _GpuPlan, t: float) -> float:
+        """When GPU p finishes: resident experts first, then loaded ones as they land."""
+        if self.log is not None:
+            self._log_compute([p], t)
+        tg = t + p.comp
+        entries = p.cache.entries
+        for key, ct in sorted(p.pend, key=lambda kc: (entries[kc[0]].loaded_at, kc[0])):
+            ready = entries[key].loaded_at
+            start = ready if ready > tg else tg
+            if self.log is not None:
+                self.log.span("compute", p.g, f"L{key[0]}E{key[1]}", start, start + ct, wait=start - tg)
+            tg = start + ct
+        return tg
+
+    def _log_compute(self, plans: list[_GpuPlan], t: float) -> None:
+        assert self.log is not None
+        for p in plans:
+            tg = t
+            for key, ct in p.res:
+                self.log.span("compute", p.g, f"L{key[0]}E{key[1]}", tg, tg + ct)
+                tg += ct
+
+    def _wait_compute(self, plans: list[_GpuPlan], t: float) -> Proc:
+        """Wait for the layer's loads (and run waves); returns (layer end, gate time)."""
+        env = self.env
+        procs = []
+        out: dict[int, float] = {}
+        if any(p.defer for p in plans):
+            if t > env.now:  # waves act on the clock: be at t first
+                yield env.timeout(t - env.now)
+                t = max(t, env.now)
+            for p in plans:
+                if p.defer:
+                    procs.append(env.process(self._waves(p, t, out)))
+        keys = [k for p in plans if not p.defer for k, _ in p.pend if not p.cache.is_resident(k)]
+        ev = self.links.wait_all(keys)
+        if ev is not None:
+            yield ev
+        for proc in procs:
+            yield proc
+        end = t
+        for p in plans:
+            tg = out[p.g] if p.g in out else self._timeline(p, t)
+            end = max(end, tg)
+        return end, t
+
+    def _waves(self, p: _GpuPlan, t: float, out: dict[int, float]) -> Proc:
+        """A GPU whose cache cannot hold the layer's experts at once: compute what is pinned,
+        release it, load the next experts, repeat."""
+        env, cache = self.env, p.cache
+        tg = t
+        while True:
+            keys = [k for k, _ in p.pend if not cache.is_resident(k)]
+            ev = self.links.wait_all(keys)
+            if ev is not None:
+                yield ev
+            tg = self._timeline(p, tg)
+            p.comp, p.res = 0.0, []
+            if tg > env.now:
+                yield env.timeout(tg - env.now)
+            now = env.now
+            for key in p.keys:
+                cache.use(key, now)
+                cache.unpin(key)
+            p.keys, p.pend = [], []
+            while p.defer:
+                key, ct = p.defer[0]
+                state = cache.entries.get(key)
+                if state is not None:  # a prefetch got there meanwhile
+                    cache.pin(key)
+                    p.link.promote(key, now)
+                elif not self._start_demand(cache, p.link, key, now):
+                    break
+                p.defer.pop(0)
+                p.pend.append((key, ct))
+                p.keys.append(key)
+            if not p.defer and not p.pend:
+                break
+            if not p.pend:  # every slot holds an in-flight prefetch: wait for one to land
+                yield self.links.slot_event(p.g)
+            tg = max(tg, env.now)
+        out[p.g] = tg
+
+    def _release(self, plans: list[_GpuPlan], l: int, t: float) -> None:
+        protected = self.links.protected
+        for p in plans:
+            cache = p.cache
+            for key in p.keys:
+                cache.use(key, t)
+                cache.unpin(key)
+        for g, layers in enumerate(protected):
+            if l in layers:
+                layers.discard(l)
+                self.caches[g].unprotect_layer(l)
+
+    def _attribute(self, batch: list[RequestState], it: Iteration, l: int, hitmap: dict[int, bool]) -> None:
+        """Per-request hits and demands: the distinct experts each request's rows used."""
+        if it.per_request is None:
+            s = batch[0]
+            s.demands += len(hitmap)
+            s.hits += sum(hitmap.values())
+            return
+        for s, lists in zip(batch, it.per_request, strict=True):
+            experts = lists[l]
+            s.demands += len(experts)
+            s.hits += sum(hitmap[e] for e in experts)

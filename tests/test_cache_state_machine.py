@@ -1,0 +1,243 @@
+"""ExpertCache against a plain reference model (hypothesis RuleBasedStateMachine).
+
+The model keeps one record per cached key and its own counters; every rule applies the
+same step to both and checks the cache's answer (hit, victims, errors). Invariants:
+capacity never exceeded; a pinned key never evicted; compute may only use a resident
+key; hits + misses = demands; bytes loaded = loads x expert bytes; counters never
+negative and never decreasing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from policies.cache import (
+    CacheCounters,
+    CacheEntry,
+    CacheError,
+    CacheFullError,
+    ExpertCache,
+    ExpertState,
+    lru_score,
+)
+
+KEYS = [(layer, e) for layer in range(3) for e in range(4)]
+
+SCORES = {
+    "lru": lru_score,
+    "uses": lambda e: e.uses * 1e6 + e.last_used,
+    "fixed": lambda e: float((e.key[0] * 7 + e.key[1] * 3) % 5),
+}
+
+
+class CacheMachine(RuleBasedStateMachine):
+    @initialize(
+        capacity=st.integers(1, 5),
+        expert_bytes=st.integers(1, 1000),
+        score=st.sampled_from(sorted(SCORES)),
+    )
+    def setup(self, capacity: int, expert_bytes: int, score: str) -> None:
+        self.cache = ExpertCache(capacity, expert_bytes)
+        self.capacity, self.eb = capacity, expert_bytes
+        self.score = SCORES[score]
+        self.model: dict[tuple[int, int], CacheEntry] = {}
+        self.n = CacheCounters()
+        self.prev = CacheCounters()
+        self.t = 0.0
+
+    def tick(self) -> float:
+        self.t += 1.0
+        return self.t
+
+    # -- model helpers ----------------------------------------------------------------
+    def model_victim(self) -> tuple[int, int] | None:
+        cands = [
+            (1 if e.protected else 0, self.score(e), k)
+            for k, e in self.model.items()
+            if e.state is ExpertState.RESIDENT and e.pins == 0
+        ]
+        return min(cands)[2] if cands else None
+
+    def model_evict(self, key: tuple[int, int]) -> None:
+        e = self.model.pop(key)
+        assert e.pins == 0, "model evicted a pinned key"
+        self.n.evictions += 1
+        if e.by_prefetch and not e.prefetch_used:
+            self.n.prefetches_wasted += 1
+
+    # -- rules ------------------------------------------------------------------------
+    @rule(key=st.sampled_from(KEYS), prefetch=st.booleans())
+    def begin_load(self, key: tuple[int, int], prefetch: bool) -> None:
+        now = self.tick()
+        if key in self.model:
+            with pytest.raises(CacheError):
+                self.cache.begin_load(key, now, prefetch=prefetch, score=self.score)
+            return
+        expected: list[tuple[int, int]] = []
+        if len(self.model) >= self.capacity:
+            victim = self.model_victim()
+            if victim is None:
+                with pytest.raises(CacheFullError):
+                    self.cache.begin_load(key, now, prefetch=prefetch, score=self.score)
+                return
+            expected.append(victim)
+        for v in expected:
+            assert self.model[v].pins == 0
+        evicted = self.cache.begin_load(key, now, prefetch=prefetch, score=self.score)
+        assert evicted == expected
+        for v in expected:
+            self.model_evict(v)
+        self.model[key] = CacheEntry(
+            key,
+            ExpertState.LOADING,
+            loaded_at=now,
+            last_used=now,
+            by_prefetch=prefetch,
+            protected=prefetch,
+        )
+        self.n.loads += 1
+        self.n.bytes_loaded += self.eb
+        if prefetch:
+            self.n.prefetches_issued += 1
+        else:
+            self.n.demand_loads += 1
+
+    @rule(data=st.data())
+    def finish_load(self, data: st.DataObject) -> None:
+        loading = sorted(k for k, e in self.model.items() if e.state is ExpertState.LOADING)
+        key = data.draw(st.sampled_from(loading or KEYS))
+        now = self.tick()
+        if key not in loading:
+            with pytest.raises(CacheError):
+                self.cache.finish_load(key, now)
+            return
+        self.cache.finish_load(key, now)
+        self.model[key].state = ExpertState.RESIDENT
+        self.model[key].loaded_at = now
+
+    @rule(data=st.data())
+    def cancel_load(self, data: st.DataObject) -> None:
+        loading = sorted(k for k, e in self.model.items() if e.state is ExpertState.LOADING)
+        key = data.draw(st.sampled_from(loading or KEYS))
+        e = self.model.get(key)
+        if e is None or e.state is not ExpertState.LOADING or e.pins:
+            with pytest.raises(CacheError):
+                self.cache.cancel_load(key)
+            return
+        self.cache.cancel_load(key)
+        del self.model[key]
+        if e.by_prefetch:
+            self.n.prefetches_cancelled += 1
+
+    @rule(key=st.sampled_from(KEYS))
+    def demand(self, key: tuple[int, int]) -> None:
+        e = self.model.get(key)
+        expect_hit = e is not None and e.state is ExpertState.RESIDENT
+        assert self.cache.demand(key) == expect_hit
+        self.n.demands += 1
+        if expect_hit:
+            self.n.hits += 1
+        else:
+            self.n.misses += 1
+        if e is not None and e.by_prefetch and not e.prefetch_used:
+            e.prefetch_used = True
+            self.n.prefetches_used += 1
+
+    @rule(key=st.sampled_from(KEYS))
+    def pin(self, key: tuple[int, int]) -> None:
+        if key not in self.model:
+            with pytest.raises(CacheError):
+                self.cache.pin(key)
+            return
+        self.cache.pin(key)
+        self.model[key].pins += 1
+
+    @rule(key=st.sampled_from(KEYS))
+    def unpin(self, key: tuple[int, int]) -> None:
+        e = self.model.get(key)
+        if e is None or e.pins == 0:
+            with pytest.raises(CacheError):
+                self.cache.unpin(key)
+            return
+        self.cache.unpin(key)
+        e.pins -= 1
+
+    @rule(key=st.sampled_from(KEYS))
+    def use(self, key: tuple[int, int]) -> None:
+        """Compute may only use a resident key: anything else is refused."""
+        now = self.tick()
+        e = self.model.get(key)
+        if e is None or e.state is not ExpertState.RESIDENT:
+            with pytest.raises(CacheError):
+                self.cache.use(key, now)
+            return
+        self.cache.use(key, now)
+        e.uses += 1
+        e.last_used = now
+        e.protected = False
+
+    @rule(key=st.sampled_from(KEYS))
+    def evict(self, key: tuple[int, int]) -> None:
+        e = self.model.get(key)
+        if e is None or e.state is not ExpertState.RESIDENT or e.pins:
+            with pytest.raises(CacheError):
+                self.cache.evict(key)
+            return
+        self.cache.evict(key)
+        self.model_evict(key)
+
+    @rule(layer=st.integers(0, 2))
+    def unprotect_layer(self, layer: int) -> None:
+        self.cache.unprotect_layer(layer)
+        for k, e in self.model.items():
+            if k[0] == layer:
+                e.protected = False
+
+    @precondition(lambda self: any(e.state is ExpertState.RESIDENT for e in self.model.values()))
+    @rule()
+    def choose_victim_matches(self) -> None:
+        assert self.cache.choose_victim(self.score) == self.model_victim()
+
+    # -- invariants -------------------------------------------------------------------
+    @invariant()
+    def within_capacity(self) -> None:
+        assert self.cache.used <= self.capacity
+        assert self.cache.free == self.capacity - self.cache.used
+
+    @invariant()
+    def matches_model(self) -> None:
+        assert set(self.cache.entries) == set(self.model)
+        for k, e in self.model.items():
+            got = self.cache.entries[k]
+            assert (got.state, got.pins, got.protected, got.uses, got.last_used) == (
+                e.state,
+                e.pins,
+                e.protected,
+                e.uses,
+                e.last_used,
+            )
+            assert (got.by_prefetch, got.prefetch_used) == (e.by_prefetch, e.prefetch_used)
+
+    @invariant()
+    def counters_consistent(self) -> None:
+        c = self.cache.counters
+        assert c == self.n
+        assert c.hits + c.misses == c.demands
+        assert c.bytes_loaded == c.loads * self.eb
+        assert c.loads == c.demand_loads + c.prefetches_issued
+        now = c.as_dict()
+        for name, value in now.items():
+            assert value >= 0, name
+            assert value >= getattr(self.prev, name), f"{name} decreased"
+        self.prev = replace(c)
+
+
+TestExpertCacheStateMachine = CacheMachine.TestCase
+TestExpertCacheStateMachine.settings = settings(
+    max_examples=40, stateful_step_count=40, deadline=None
+)

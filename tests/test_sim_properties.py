@@ -1,0 +1,226 @@
+"""Hypothesis properties of the simulator, over every registered policy.
+
+Each example draws a small model, workload, machine (1-3 GPUs, link concurrency 1-2, an
+optional host cap, chunk size), batching and cache budget, runs the simulator with the
+policy wrapped to record what it observes, and checks one invariant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from calibration import costs
+from calibration.hardware import HardwareProfile
+from calibration.model_spec import ModelSpec
+from policies.base import GateOutput, IterationEnd, IterationStart, Policy
+from policies.cache import ExpertKey
+from policies.registry import policy_class, policy_names
+from sim.config import SimConfig
+from sim.metrics import WALL_CLOCK_KEYS
+from sim.run import SimResult, simulate
+from tests.strategies import random_workload, specs
+from tests.test_sim_kit import exact_profile
+from traces.types import Request, Workload
+
+POLICIES = policy_names()
+
+
+def recording(name: str, **options: Any) -> Policy:
+    """An instance of policy ``name`` that also records every time it is shown and every load."""
+    base = policy_class(name)
+
+    class Recording(base):  # type: ignore[valid-type, misc]
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.times: list[float] = []
+            self.loads: list[ExpertKey] = []
+
+        def on_iteration_start(self, ev: IterationStart) -> None:
+            self.times.append(ev.now)
+            super().on_iteration_start(ev)
+
+        def on_gate(self, ev: GateOutput) -> None:
+            self.times.append(ev.now)
+            super().on_gate(ev)
+
+        def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
+            self.times.append(now)
+            super().on_expert_used(key, tokens, now)
+
+        def on_load_finished(self, key: ExpertKey, by_prefetch: bool, now: float) -> None:
+            self.times.append(now)
+            self.loads.append(key)
+            super().on_load_finished(key, by_prefetch, now)
+
+        def on_iteration_end(self, ev: IterationEnd) -> None:
+            self.times.append(ev.now)
+            super().on_iteration_end(ev)
+
+    Recording.__name__ = f"Recording_{base.__name__}"
+    return Recording(**options)
+
+
+@st.composite
+def profiles(draw: st.DrawFn) -> HardwareProfile:
+    """Fitted linear costs (monotone in tokens and tokens x context) and a drawn link."""
+    f = st.floats(1e-5, 1e-3)
+    return exact_profile(
+        expert_s=draw(f),
+        expert_per_token_s=draw(st.sampled_from([0.0, 1e-5])),
+        dense_s=draw(f),
+        dense_per_token_s=draw(st.sampled_from([0.0, 1e-5])),
+        dense_per_token_context_s=draw(st.sampled_from([0.0, 1e-7])),
+        head_s=draw(f),
+        bandwidth_Bps=draw(st.floats(1e5, 1e8)),
+        latency_s=draw(st.sampled_from([0.0, 1e-5, 1e-4])),
+        concurrency=draw(st.integers(1, 2)),
+        host_cap_Bps=draw(st.sampled_from([None, 3e5, 1e7])),
+        num_gpus=draw(st.integers(1, 3)),
+        search_s=draw(st.sampled_from([0.0, 1e-4])),
+    )
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, policy: str | None = None) -> dict[str, Any]:
+    spec: ModelSpec = draw(specs())
+    name = policy or draw(st.sampled_from(POLICIES))
+    w = random_workload(
+        spec,
+        num_requests=draw(st.integers(1, 4)),
+        seed=draw(st.integers(0, 2**16)),
+        with_probs=draw(st.booleans()),
+        with_embeddings=draw(st.booleans()),
+        with_lookahead=draw(st.booleans()),
+        arrival_gap_s=draw(st.sampled_from([0.0, 1e-4, 1e-2])),
+    )
+    hw = draw(profiles())
+    if policy_class(name).preload_all:
+        cache = spec.total_experts
+    else:
+        cache = draw(st.integers(max(spec.top_k, hw.num_gpus), max(spec.total_experts, spec.top_k, hw.num_gpus)))
+    cfg = SimConfig(
+        model=spec,
+        hardware=hw,
+        policy=name,
+        cache_experts=cache,
+        batch_size=draw(st.integers(1, 3)),
+        batching=draw(st.sampled_from(["static", "continuous"])),
+        chunk_bytes=draw(st.sampled_from([256, 700, 10**9])),
+        train_fraction=draw(st.sampled_from([None, 0.5])) if len(w.requests) > 1 else None,
+        seed=draw(st.integers(0, 3)),
+        record_events=True,
+    )
+    return {"workload": w, "config": cfg}
+
+
+def run(sc: dict[str, Any], **overrides: Any) -> tuple[SimResult, Policy]:
+    cfg = sc["config"].model_copy(update=overrides)
+    pol = recording(cfg.policy)
+    return simulate(sc["workload"], cfg, policy=pol), pol
+
+
+def pure_compute_s(req: Request, spec: ModelSpec, hw: HardwareProfile) -> float:
+    """The request alone, every expert resident, no queueing: the engine's cost formulas."""
+    n = hw.num_gpus
+    stages = [i * n // spec.num_layers for i in range(spec.num_layers)]
+    handoffs = sum(1 for i in range(1, spec.num_layers) if stages[i] != stages[i - 1])
+    act = spec.hidden_size * 4 if spec.dtype == "fp32" else spec.hidden_size * 2
+    ic = hw.interconnect
+    total = 0.0
+    for it in range(req.output_len):
+        sl = req.iteration_rows(it)
+        rows = sl.stop - sl.start
+        ctx = (sl.stop * (sl.stop + 1) / 2) / rows if it == 0 else float(sl.stop)
+        t = costs.head_time_s(hw, spec, 1) + spec.num_layers * costs.dense_layer_time_s(hw, spec, rows, ctx)
+        if n > 1:
+            t += handoffs * (rows * act / ic.bandwidth_Bps + ic.latency_s)
+        ids = req.routing.topk_ids[sl]
+        for layer in range(spec.num_moe_layers):
+            experts, tokens = np.unique(ids[:, layer], return_counts=True)
+            per_gpu = [0.0] * n
+            for e, tok in zip(experts.tolist(), tokens.tolist(), strict=True):
+                per_gpu[(layer * spec.num_experts + e) % n] += costs.expert_time_s(hw, spec, tok)
+            t += max(per_gpu)
+            if n > 1:
+                t += rows * act * 2 / ic.bandwidth_Bps + ic.latency_s
+        total += t
+    return total
+
+
+@given(scenarios())
+def test_a_link_never_carries_more_than_its_concurrency(sc: dict[str, Any]) -> None:
+    r, _ = run(sc)
+    cap = sc["config"].hardware.link.concurrency
+    for d in range(sc["config"].hardware.num_gpus):
+        edges = sorted(
+            [(s.start, 1) for s in r.events.spans if s.cat == "h2d" and s.device == d]
+            + [(s.end, -1) for s in r.events.spans if s.cat == "h2d" and s.device == d]
+        )
+        level = 0
+        for _, delta in edges:  # ends sort before starts at the same time
+            level += delta
+            assert level <= cap
+
+
+@given(scenarios())
+def test_bytes_moved_match_loads(sc: dict[str, Any]) -> None:
+    """bytes_h2d = loads x expert bytes; the links moved every finished load's bytes and at
+    most one expert's bytes per load."""
+    r, pol = run(sc)
+    m = r.metrics
+    eb = sc["config"].model.expert_bytes
+    assert m["bytes_h2d"] == m["loads"] * eb
+    finished = len(pol.loads)
+    assert finished * eb <= m["bytes_transferred"] <= m["bytes_h2d"]
+    assert sum(s.args["bytes"] for s in r.events.spans if s.cat == "h2d") == m["bytes_transferred"]
+    assert m["hits"] + m["misses"] == m["demands"]
+
+
+@given(scenarios())
+def test_simulated_time_never_goes_back(sc: dict[str, Any]) -> None:
+    r, pol = run(sc)
+    assert pol.times == sorted(pol.times)
+    assert all(s.end >= s.start >= 0 for s in r.events.spans)
+    q = r.requests
+    assert (q.start_s >= q.arrival_s).all()
+    assert (q.ttft_s > 0).all() and (q.e2e_s >= q.ttft_s).all()
+
+
+@given(scenarios())
+def test_latency_is_at_least_the_pure_compute_time(sc: dict[str, Any]) -> None:
+    r, _ = run(sc)
+    w: Workload = sc["workload"]
+    cfg: SimConfig = sc["config"]
+    by_id = {req.request_id: req for req in w.requests}
+    for rid, e2e in zip(r.requests.id, r.requests.e2e_s, strict=True):
+        assert e2e >= pure_compute_s(by_id[rid], cfg.model, cfg.hardware) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=6)
+@given(data=st.data())
+def test_whole_model_cached_gives_hit_rate_one_and_no_offload_latency(name: str, data: st.DataObject) -> None:
+    sc = data.draw(scenarios(policy=name))
+    total = sc["config"].model.total_experts
+    r, _ = run(sc, cache_experts=total, warm_start=True)
+    ref, _ = run(sc, cache_experts=total, policy="no-offload")
+    assert r.metrics["hit_rate"] == 1.0 and r.metrics["bytes_h2d"] == 0
+    for col in ("ttft_s", "e2e_s", "tpot_s"):
+        np.testing.assert_allclose(r.requests[col], ref.requests[col], rtol=1e-9)
+
+
+@settings(max_examples=10)
+@given(scenarios())
+def test_the_same_inputs_give_identical_results(sc: dict[str, Any]) -> None:
+    import json
+
+    a, _ = run(sc)
+    b, _ = run(sc)
+    strip = lambda m: json.dumps({k: v for k, v in m.items() if k not in WALL_CLOCK_KEYS}, sort_keys=True)  # noqa: E731
+    assert strip(a.metrics) == strip(b.metrics)
+    assert a.requests.equals(b.requests)
