@@ -1,8 +1,9 @@
 """Real executor benchmarks on tiny-mixtral-wide (8 experts of ~50 MB per layer, fp32), CPU.
 
 1. Overhead: wall time of the unmodified model vs the offloaded one with every expert
-   resident (no-offload policy, so no copies), same process, same prompts; the ratio
-   should stay <= 1.10. Outputs are also checked bit for bit.
+   resident (no-offload policy, so no copies), same process, same prompts, measured
+   alternately; the median per-repetition ratio should stay <= 1.10. Outputs are also
+   checked bit for bit.
 2. Emulated link: TPOT, TTFT and hit rate of fmoe, lru and mixtral-offloading with a
    cache below the model's experts and an emulated 2 GB/s host link (labelled emulated).
    fmoe's expert map store is filled from a trace recorded on separate training prompts
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +36,7 @@ from realrun.generate import greedy_generate  # noqa: E402
 from realrun.models import load  # noqa: E402
 from realrun.offload import offload_model  # noqa: E402
 from realrun.prompting import encode, prompt_texts  # noqa: E402
+from realrun.runner import peak_rss_bytes  # noqa: E402
 from realrun.session import RunSession, SessionOptions  # noqa: E402
 
 MODEL = "tiny-mixtral-wide"
@@ -51,52 +52,55 @@ def rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def prompts(tokenizer, first: int, n: int, max_tokens: int):
     texts = prompt_texts("mt-bench", None, first + n)[first:]
     return encode(tokenizer, texts, max_tokens)
 
 
 def overhead(args) -> tuple[dict, object]:
-    loaded = load(MODEL)
-    ps = prompts(loaded.tokenizer, 0, args.prompts, args.prompt_tokens)
-
-    def unmodified():
-        return [greedy_generate(loaded.model, p.request_id, p.ids, args.new_tokens, keep_logits=True) for p in ps]
-
-    unmodified()  # warm-up
-    t_ref, ref = [], None
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        ref = unmodified()
-        t_ref.append(time.perf_counter() - t0)
-    om = offload_model(loaded, store="file")
-    t_off, exact = [], True
+    """Two copies of the model in one process, measured alternately (A B A B ...)."""
+    ref_model = load(MODEL)
+    om = offload_model(load(MODEL), store="file")
+    ps = prompts(ref_model.tokenizer, 0, args.prompts, args.prompt_tokens)
+    t_ref, t_off, exact = [], [], True
     with RunSession(om, make_policy("no-offload"), SessionOptions(None)) as s:
-        s.generate("warm", ps[0].ids, args.new_tokens)
-        for _ in range(args.reps):
+        for rep in range(args.reps + 1):  # rep 0 warms both up
             t0 = time.perf_counter()
+            ref = [
+                greedy_generate(
+                    ref_model.model, p.request_id, p.ids, args.new_tokens, keep_logits=True
+                )
+                for p in ps
+            ]
+            t1 = time.perf_counter()
             got = [s.generate(p.request_id, p.ids, args.new_tokens, keep_logits=True) for p in ps]
-            t_off.append(time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            if rep:
+                t_ref.append(t1 - t0)
+                t_off.append(t2 - t1)
             exact &= all(
-                a.output_ids == b.output_ids and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
+                a.output_ids == b.output_ids
+                and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
                 for a, b in zip(got, ref, strict=True)
             )
         m = s.metrics()
+    del ref_model
+    ratios = [b / a for a, b in zip(t_ref, t_off, strict=True)]
     out = {
         "unmodified_s": statistics.median(t_ref),
         "offloaded_all_resident_s": statistics.median(t_off),
-        "ratio": statistics.median(t_off) / statistics.median(t_ref),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
         "unmodified_runs_s": t_ref,
         "offloaded_runs_s": t_off,
         "outputs_bitwise_equal": exact,
         "hit_rate": m["hit_rate"],
         "bytes_h2d": m["bytes_h2d"],
     }
-    log(f"overhead: unmodified {out['unmodified_s']:.3f} s, offloaded {out['offloaded_all_resident_s']:.3f} s, ratio {out['ratio']:.3f}, exact {exact}")
+    log(
+        f"overhead: unmodified {out['unmodified_s']:.3f} s, offloaded {out['offloaded_all_resident_s']:.3f} s, "
+        f"median ratio {out['ratio']:.3f} (per rep {', '.join(f'{r:.3f}' for r in ratios)}), exact {exact}"
+    )
     return out, om
 
 
@@ -119,9 +123,31 @@ def emulated_link(args, om) -> list[dict]:
             for p in test:
                 s.generate(p.request_id, p.ids, args.new_tokens, prompt_text=p.text)
             m = s.metrics()
-        row = {"policy": name, **{k: m[k] for k in ("tpot_mean_s", "ttft_mean_s", "hit_rate", "stall_s", "bytes_h2d", "prefetch_accuracy", "prefetches_issued", "copy_preemptions", "emulated_link", "link_gbps", "link_latency_us", "cache_experts", "tokens_sha256")}}
+        row = {
+            "policy": name,
+            **{
+                k: m[k]
+                for k in (
+                    "tpot_mean_s",
+                    "ttft_mean_s",
+                    "hit_rate",
+                    "stall_s",
+                    "bytes_h2d",
+                    "prefetch_accuracy",
+                    "prefetches_issued",
+                    "preemptions",
+                    "emulated_link",
+                    "link_gbps",
+                    "link_latency_us",
+                    "cache_experts_total",
+                    "tokens_sha256",
+                )
+            },
+        }
         rows.append(row)
-        log(f"link {args.link_gbps} GB/s (emulated), cache {args.cache_experts}/32: {name:19s} tpot {row['tpot_mean_s']:.4f} s, ttft {row['ttft_mean_s']:.3f} s, hit {row['hit_rate']:.3f}, stall {row['stall_s']:.2f} s")
+        log(
+            f"link {args.link_gbps} GB/s (emulated), cache {args.cache_experts}/32: {name:19s} tpot {row['tpot_mean_s']:.4f} s, ttft {row['ttft_mean_s']:.3f} s, hit {row['hit_rate']:.3f}, stall {row['stall_s']:.2f} s"
+        )
     return rows
 
 
@@ -143,9 +169,10 @@ def memory_probe(store: str, cache: int) -> dict:
         "rss_before_model": base,
         "rss_after_build": after_build,
         "rss_during_run": during_run,
-        "peak_rss": peak_rss(),
-        "peak_over_model": peak_rss() / spec.model_bytes,
-        "peak_above_baseline_over_model": (peak_rss() - base) / spec.model_bytes,
+        "slot_pool_bytes": cache * om.store.row_bytes,
+        "peak_rss": peak_rss_bytes(),
+        "peak_over_model": peak_rss_bytes() / spec.model_bytes,
+        "peak_above_baseline_over_model": (peak_rss_bytes() - base) / spec.model_bytes,
     }
 
 
@@ -153,7 +180,11 @@ def run_probe(store: str, cache: int) -> dict:
     cmd = [sys.executable, __file__, "--memory-probe", store, str(cache)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     res = json.loads(out.stdout)
-    log(f"memory ({store} store, cache {cache}): peak RSS {res['peak_rss'] / 1e9:.2f} GB = {res['peak_over_model']:.2f} x model ({res['model_bytes'] / 1e9:.2f} GB); above the interpreter baseline {res['peak_above_baseline_over_model']:.2f} x")
+    log(
+        f"memory ({store} store, cache {cache}): peak RSS {res['peak_rss'] / 1e9:.2f} GB = {res['peak_over_model']:.2f} x model "
+        f"({res['model_bytes'] / 1e9:.2f} GB); above the interpreter baseline {res['peak_above_baseline_over_model']:.2f} x, "
+        f"of which the slot pool (device memory on a GPU) is {res['slot_pool_bytes'] / res['model_bytes']:.2f} x"
+    )
     return res
 
 
@@ -163,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-prompts", type=int, default=6)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--cache-experts", type=int, default=12)
     ap.add_argument("--link-gbps", type=float, default=2.0)
     ap.add_argument("--link-latency-us", type=float, default=10.0)
@@ -180,15 +211,30 @@ def main(argv: list[str] | None = None) -> int:
     om.close()
     del om
     memory = [run_probe("file", args.cache_experts), run_probe("ram", 6)]
-    result = {"model": MODEL, "torch_threads": 1, "overhead": over, "emulated_link": link_rows, "memory": memory, "bench_wall_s": time.perf_counter() - t0}
+    result = {
+        "model": MODEL,
+        "torch_threads": 1,
+        "overhead": over,
+        "emulated_link": link_rows,
+        "memory": memory,
+        "bench_wall_s": time.perf_counter() - t0,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"overhead (all experts resident, {MODEL}, CPU): ratio {over['ratio']:.3f} (target <= 1.10), outputs bitwise equal: {over['outputs_bitwise_equal']}")
+        print(
+            f"overhead (all experts resident, {MODEL}, CPU): ratio {over['ratio']:.3f} (target <= 1.10), outputs bitwise equal: {over['outputs_bitwise_equal']}"
+        )
         for r in link_rows:
-            print(f"emulated {r['link_gbps']} GB/s link, cache {r['cache_experts']}/32: {r['policy']:19s} TPOT {r['tpot_mean_s'] * 1e3:7.1f} ms  TTFT {r['ttft_mean_s']:.3f} s  hit rate {r['hit_rate']:.3f}")
+            print(
+                f"emulated {r['link_gbps']} GB/s link, cache {r['cache_experts_total']}/32: {r['policy']:19s} TPOT {r['tpot_mean_s'] * 1e3:7.1f} ms  TTFT {r['ttft_mean_s']:.3f} s  hit rate {r['hit_rate']:.3f}"
+            )
         for m in memory:
-            print(f"peak RSS, {m['store']} store, cache {m['cache_experts']}: {m['peak_over_model']:.2f} x model size ({m['peak_above_baseline_over_model']:.2f} x above interpreter baseline)")
+            print(
+                f"peak RSS, {m['store']} store, cache {m['cache_experts']}: {m['peak_over_model']:.2f} x model size "
+                f"({m['peak_above_baseline_over_model']:.2f} x above the interpreter baseline, "
+                f"slot pool {m['slot_pool_bytes'] / m['model_bytes']:.2f} x)"
+            )
         print(f"benchmark wall time {result['bench_wall_s']:.0f} s")
     return 0
 

@@ -10,29 +10,79 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fmoe_cli.common import add_json_flag, parse_policy_opts, positive_float, positive_int, print_json, print_table
+from fmoe_cli.common import (
+    add_json_flag,
+    parse_policy_opts,
+    positive_float,
+    positive_int,
+    print_json,
+    print_table,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a real MoE model with offloaded experts under a policy")
-    p.add_argument("--model", required=True, help="tiny preset name (random weights) or local checkpoint directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="tiny preset name (random weights) or local checkpoint directory",
+    )
     p.add_argument("--policy", required=True, help="policy name (see `fmoe policies`)")
-    p.add_argument("--policy-opt", action="append", metavar="KEY=VALUE", help="policy option (repeatable)")
+    p.add_argument(
+        "--policy-opt", action="append", metavar="KEY=VALUE", help="policy option (repeatable)"
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--cache-experts", type=positive_int, help="expert cache in experts, total over devices")
-    budget.add_argument("--cache-gb", type=positive_float, help="expert cache in GB (1e9 bytes), total over devices")
+    budget.add_argument(
+        "--cache-experts", type=positive_int, help="expert cache in experts, total over devices"
+    )
+    budget.add_argument(
+        "--cache-gb",
+        type=positive_float,
+        help="expert cache in GB (2^30 bytes, as fmoe sim), total over devices",
+    )
     p.add_argument("--prompts", default="mt-bench", help="prompt set (mt-bench, gsm8k, sharegpt)")
-    p.add_argument("--prompt", action="append", dest="prompt_texts", metavar="TEXT", help="explicit prompt (repeatable)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompt_texts",
+        metavar="TEXT",
+        help="explicit prompt (repeatable)",
+    )
     p.add_argument("--num-prompts", type=positive_int, default=4)
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--max-prompt-tokens", type=positive_int, default=128)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--num-devices", type=positive_int, help="devices holding expert slots (cuda: default all visible)")
-    p.add_argument("--link-gbps", type=positive_float, help="emulate a host link of this many GB/s (labelled emulated)")
-    p.add_argument("--link-latency-us", type=float, help="per-transfer latency of the emulated link")
-    p.add_argument("--store", choices=["auto", "ram", "file"], default="auto", help="where offloaded experts live")
-    p.add_argument("--store-dir", help="directory of the file store's spill file (default: temp dir)")
-    p.add_argument("--seed", type=int, default=0, help="torch seed of a tiny preset's random weights; policy seed")
+    p.add_argument(
+        "--num-devices",
+        type=positive_int,
+        help="devices holding expert slots (cuda: default all visible)",
+    )
+    p.add_argument(
+        "--link-gbps",
+        type=positive_float,
+        help="emulate a host link of this many GB/s (labelled emulated)",
+    )
+    p.add_argument(
+        "--link-latency-us", type=float, help="per-transfer latency of the emulated link"
+    )
+    p.add_argument(
+        "--store",
+        choices=["auto", "ram", "file"],
+        default="auto",
+        help="where offloaded experts live",
+    )
+    p.add_argument(
+        "--store-dir", help="directory of the file store's spill file (default: temp dir)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="torch seed of a tiny preset's random weights; policy seed",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, help="torch threads (leave a core to the copy thread)"
+    )
     p.add_argument("--trace-out", help="also write the run's routing trace (traces/ format)")
     p.add_argument("--train-trace", help="training trace for policies that learn offline")
     add_json_flag(p)
@@ -42,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 _TABLE_KEYS = [
     "model",
     "policy",
-    "cache_experts",
+    "cache_experts_total",
     "hit_rate",
     "ttft_mean_s",
     "tpot_mean_s",
@@ -79,6 +129,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         trace_out=args.trace_out,
         train_trace=args.train_trace,
+        threads=args.threads,
     )
     metrics: dict[str, Any] = run(cfg).metrics
     if args.json:

@@ -41,12 +41,15 @@ def check_training(policy: str, training: Any, spec: ModelSpec | None) -> None:
 
 
 def layer_reserve(ctx: PolicyContext, layer: int, experts: np.ndarray) -> np.ndarray:
-    """Slots per device that layer ``layer``'s ``experts`` are about to take (pinned for compute)."""
+    """Slots per device that layer ``layer``'s ``experts`` are about to take (to compute)."""
     d = ctx.placement.num_devices
-    if experts.size == 0:
-        return np.zeros(d, dtype=np.int64)
-    dev = (layer * ctx.spec.num_experts + np.unique(experts)) % d
-    return np.bincount(dev, minlength=d)
+    distinct = set(np.asarray(experts).ravel().tolist())  # small: a set beats np.unique
+    if d == 1:
+        return np.array([len(distinct)], dtype=np.int64)
+    out = np.zeros(d, dtype=np.int64)
+    for e in distinct:
+        out[(layer * ctx.spec.num_experts + e) % d] += 1
+    return out
 
 
 def select_orders(
@@ -83,11 +86,12 @@ def select_orders(
             m = dev == d
             rank[m] = np.arange(int(m.sum()))
         take = np.flatnonzero(rank < budget[dev])
+    caches = ctx.caches
     out = []
-    for i in take:
-        key = (int(ly[i]), int(ex[i]))
-        if not ctx.is_cached(key):
-            out.append(PrefetchOrder(key[0], key[1], float(pr[i])))
+    for p, lyr, e in zip(pr[take].tolist(), ly[take].tolist(), ex[take].tolist(), strict=True):
+        entries = caches[(lyr * ctx.spec.num_experts + e) % ndev].entries
+        if (lyr, e) not in entries:
+            out.append(PrefetchOrder(lyr, e, p))
     return out
 
 

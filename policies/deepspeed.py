@@ -38,7 +38,10 @@ class DeepSpeedOptions(PolicyOptions):
 @register_policy
 class DeepSpeed(Policy):
     name = "deepspeed"
-    description = "DeepSpeed-Inference: layer-wise, expert-agnostic on-demand fetch of a running layer, LRU expert cache"
+    description = (
+        "DeepSpeed-Inference: layer-wise, expert-agnostic on-demand fetch of the running layer, "
+        "LRU expert cache"
+    )
     Options = DeepSpeedOptions
 
     def bind(self, ctx: PolicyContext) -> None:

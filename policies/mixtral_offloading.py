@@ -6,8 +6,9 @@ lookahead row (``GateOutput.lookahead``); each batch row votes for its top
 ``prefetch_top_k`` experts (default: the model's top-K) and the union is ordered, most
 probable first, within what the device caches hold next to layer l's own experts.
 
-Without lookahead rows (a trace that lacks them, or an executor that cannot compute
-them) it falls back to on-demand loading with the LRU cache only; ``metadata()`` says
+The lookahead reaches one layer, so ``--prefetch-distance`` does not apply. Without
+lookahead rows (a trace that lacks them, or an executor that cannot compute them) it
+falls back to on-demand loading with the LRU cache only; ``metadata()`` says
 which mode the run used.
 
 Caching: the real system gives each layer a fixed share of the GPU slots with an LRU per
@@ -47,7 +48,8 @@ class MixtralOffloadingOptions(PolicyOptions):
 class MixtralOffloading(Policy):
     name = "mixtral-offloading"
     description = (
-        "Mixtral-Offloading: per-layer LRU cache + speculative prefetch of the next layer's top experts "
+        "Mixtral-Offloading: per-layer LRU cache + speculative prefetch of the next layer's "
+        "top experts "
         "from the lookahead row (on-demand LRU when the trace has none)"
     )
     Options = MixtralOffloadingOptions
@@ -63,7 +65,8 @@ class MixtralOffloading(Policy):
         L = ctx.spec.num_moe_layers
         self._shares = [c.capacity / L for c in ctx.caches]
         self._versions: list[tuple | None] = [None] * len(ctx.caches)
-        self._over: list[np.ndarray] = [np.zeros(L, dtype=bool) for _ in ctx.caches]
+        self._over: list[list[bool]] = [[False] * L for _ in ctx.caches]
+        self._J, self._ndev = ctx.spec.num_experts, ctx.placement.num_devices
 
     def on_gate(self, ev: GateOutput) -> None:
         self._gates += 1
@@ -84,24 +87,27 @@ class MixtralOffloading(Policy):
         for o in orders:
             self.prefetch(o.layer, o.expert, o.priority)
 
-    def _over_share(self, entry: CacheEntry) -> bool:
-        """Whether the entry's layer holds more than its share of its device's slots."""
-        d = self.ctx.placement.device_of(entry.key)
+    def _over_share(self, d: int, layer: int) -> bool:
+        """Whether ``layer`` holds more than its share of device ``d``'s slots."""
         cache = self.ctx.caches[d]
         c = cache.counters
         version = (c.loads, c.evictions, c.prefetches_cancelled, len(cache.entries))
         if version != self._versions[d]:  # recount once per cache change, not per scored entry
-            layers = np.fromiter(
-                (k[0] for k in cache.entries), dtype=np.int64, count=len(cache.entries)
-            )
-            counts = np.bincount(layers, minlength=self.ctx.spec.num_moe_layers)
-            self._over[d] = counts > self._shares[d]
+            counts = [0] * self.ctx.spec.num_moe_layers
+            for k in cache.entries:
+                counts[k[0]] += 1
+            share = self._shares[d]
+            self._over[d] = [n > share for n in counts]
             self._versions[d] = version
-        return bool(self._over[d][entry.key[0]])
+        return self._over[d][layer]
 
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower goes first: over-share layers' least recent experts, then the least recent."""
-        if self.options.per_layer_share and self._over_share(entry):
+        if not self.options.per_layer_share:
+            return entry.last_used
+        layer, e = entry.key
+        d = (layer * self._J + e) % self._ndev  # placement.device_of, inlined: hot path
+        if self._over_share(d, layer):
             return entry.last_used
         return entry.last_used + SCORE_SCALE
 

@@ -14,7 +14,9 @@ from policies.registry import register_policy
 @register_policy
 class NoOffload(Policy):
     name = "no-offload"
-    description = "every expert resident on the GPUs from the start (latency floor; needs memory for all experts)"
+    description = (
+        "every expert resident on the GPUs from the start (latency floor; needs memory for all)"
+    )
     preload_all = True
 
     def bind(self, ctx: PolicyContext) -> None:
@@ -25,7 +27,8 @@ class NoOffload(Policy):
             need = ctx.placement.experts_on(d)
             if cache.capacity < need:
                 raise InputError(
-                    f"policy 'no-offload' needs all {total} experts resident: device {d} holds {need} "
+                    f"policy 'no-offload' needs all {total} experts resident: "
+                    f"device {d} holds {need} "
                     f"of them but has {cache.capacity} slots (raise --cache-experts / --cache-gb)"
                 )
 

@@ -32,6 +32,7 @@ allow.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ from policies.base import (
     PolicyOptions,
     PrefetchDecision,
 )
-from policies.cache import CacheEntry, ExpertKey, ExpertState
+from policies.cache import CacheEntry, ExpertCache, ExpertKey, ExpertState
 from policies.registry import register_policy
 
 
@@ -55,7 +56,7 @@ class OracleOptions(PolicyOptions):
     lookahead_layers: int | None = Field(
         default=None,
         ge=1,
-        description="layers ahead it prefetches (default: --prefetch-distance, else one iteration, L)",
+        description="layers ahead it prefetches (default: --prefetch-distance, else L)",
     )
     horizon_iterations: int = Field(
         default=64, ge=1, description="future iterations of the running requests it reads"
@@ -65,7 +66,10 @@ class OracleOptions(PolicyOptions):
 @register_policy
 class Oracle(Policy):
     name = "oracle"
-    description = "reads the trace's future: prefetches exactly what is needed in order, Belady eviction (simulator only)"
+    description = (
+        "reads the trace's future: prefetches exactly what is needed in order, Belady "
+        "eviction (simulator only)"
+    )
     Options = OracleOptions
     reads_future = True
 
@@ -105,15 +109,22 @@ class Oracle(Policy):
         self._base = 0  # global step of this iteration's layer 0
         self._iters = 0
         self._pending: dict[ExpertKey, int] = {}  # ordered, not landed -> global need step
+        self._need_steps = np.zeros(
+            0, dtype=np.int64
+        )  # (step, expert) pairs to come, in demand order
+        self._need_exps = np.zeros(0, dtype=np.int64)
         self._dirty = False
-        self._refused = False
+        self._refused: dict[
+            int, tuple[bool, float]
+        ] = {}  # device -> (no victim at all, need refused)
         self._plans = 0
 
     # -- the future ---------------------------------------------------------------------
     def on_iteration_start(self, ev: IterationStart) -> None:
         if self._requests is None:
             raise InputError(
-                "policy 'oracle' reads the trace's future: the executor must call bind_future(workload) "
+                "policy 'oracle' reads the trace's future: the executor must call "
+                "bind_future(workload) "
                 "(the simulator and the replay do; the real executor cannot)"
             )
         L, H = self._L, self._H
@@ -139,6 +150,7 @@ class Oracle(Policy):
         anyuse = later.any(axis=0)
         first = later.argmax(axis=0) + 1
         self._nu1 = np.where(anyuse, first * L + self._steps[:, None], np.inf)
+        self._need_steps, self._need_exps = np.nonzero(used.reshape(-1, self._J))
         self._cur = -1
         self._used_now = set()
         self._base = self._iters * L
@@ -163,8 +175,9 @@ class Oracle(Policy):
     def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
         if key[0] == self._cur:
             self._used_now.add(key)
-        if self._refused:  # a slot may have become free to evict
-            self._dirty = True
+        refused = self._refused.get(self.ctx.placement.device_of(key))
+        if refused is not None and (refused[0] or self._next_use(key) > refused[1]):
+            self._dirty = True  # unpinned, or now used later than what the plan had to refuse
 
     def on_load_finished(self, key: ExpertKey, by_prefetch: bool, now: float) -> None:
         self._pending.pop(key, None)
@@ -183,62 +196,50 @@ class Oracle(Policy):
         return super().decide_prefetch()
 
     def _plan(self) -> None:
+        """Order what the window needs, device by device, as long as Belady allows."""
         ctx, L, J = self.ctx, self._L, self._J
         self._plans += 1
-        now_global = self._base + self._cur
-        self._pending = {k: s for k, s in self._pending.items() if s > now_global}
+        now_global = self._base + min(self._cur, L - 1)  # after the last layer nothing new ran
+        if self._pending:
+            self._pending = {k: s for k, s in self._pending.items() if s > now_global}
         start = self._cur + 1
         end = min(self._cur + self._window, (self._H + 1) * L - 1)
-        sims: dict[int, list] = {}  # device -> [free, heap, cached set, stopped]
+        lo, hi = np.searchsorted(self._need_steps, [start, end + 1])
         ndev = ctx.placement.num_devices
-        stopped = 0
-        self._refused = False
-        for s in range(start, end + 1):
-            k, layer = divmod(s, L)
-            for e in np.flatnonzero(self._used[k, layer]):
-                key = (layer, int(e))
-                t = float(s * J + key[1])
-                d = ctx.placement.device_of(key)
-                sim = sims.get(d)
-                if sim is None:
-                    sim = sims[d] = self._device_sim(d)
-                if sim[3] or key in sim[2]:
+        views: dict[int, _DeviceView] = {}
+        self._refused = {}
+        steps, exps = self._need_steps[lo:hi].tolist(), self._need_exps[lo:hi].tolist()
+        for s, e in zip(steps, exps, strict=True):
+            key = (s % L, e)
+            d = (key[0] * J + e) % ndev
+            v = views.get(d)
+            if v is None:
+                v = views[d] = self._device_view(d)
+            if v.stopped or key in v.planned or (key in v.cache.entries and key not in v.evicted):
+                continue
+            t = float(s * J + e)
+            if v.free > 0:
+                v.free -= 1
+            else:
+                heap = v.victims(self._next_use)
+                if not heap or -heap[0][1] <= t:  # nothing evictable, or all needed sooner
+                    v.stopped = True
+                    self._refused[d] = (not heap, t)
+                    if len(self._refused) == ndev:
+                        return
                     continue
-                if sim[0] > 0:
-                    sim[0] -= 1
-                else:
-                    heap = sim[1]
-                    if (
-                        not heap or -heap[0][1] <= t
-                    ):  # nothing evictable, or every victim is needed sooner
-                        sim[3] = True
-                        self._refused = True
-                        stopped += 1
-                        if stopped == ndev:
-                            return
-                        continue
-                    victim = heapq.heappop(heap)[2]
-                    sim[2].discard(victim)
-                sim[2].add(key)
-                heapq.heappush(sim[1], (1, -t, key))
-                self._pending[key] = self._base + s
-                self.prefetch(layer, int(e), 1.0 / (1.0 + (s - start) * J + int(e)))
+                victim = heapq.heappop(heap)[2]
+                v.planned.discard(victim)
+                v.evicted.add(victim)
+            v.add(key, t)
+            self._pending[key] = self._base + s
+            self.prefetch(key[0], e, 1.0 / (1.0 + (s - start) * J + e))
 
-    def _device_sim(self, d: int) -> list:
-        """[free slots, heap of (protected, -next use, key) over evictable keys, cached keys, stopped]."""
+    def _device_view(self, d: int) -> _DeviceView:
         cache = self.ctx.caches[d]
-        heap = [
-            (1 if ent.protected else 0, -self._next_use(k), k)
-            for k, ent in cache.entries.items()
-            if ent.state is ExpertState.RESIDENT and ent.pins == 0
-        ]
-        heapq.heapify(heap)
-        cached = set(cache.entries)
-        extra = [
-            k for k in self._pending if k not in cached and self.ctx.placement.device_of(k) == d
-        ]
-        cached.update(extra)
-        return [cache.capacity - len(cache.entries) - len(extra), heap, cached, False]
+        device_of = self.ctx.placement.device_of
+        in_flight = {k for k in self._pending if k not in cache.entries and device_of(k) == d}
+        return _DeviceView(cache, cache.capacity - len(cache.entries) - len(in_flight), in_flight)
 
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower goes first: minus the next use (never used again: -inf)."""
@@ -250,3 +251,36 @@ class Oracle(Policy):
             "lookahead_layers": getattr(self, "_window", None),
             "plans": getattr(self, "_plans", 0),
         }
+
+
+@dataclass
+class _DeviceView:
+    """What one plan assumes about a device's cache as its orders land in turn."""
+
+    cache: ExpertCache
+    free: int
+    planned: set[ExpertKey]  # keys ordered by this plan or still in flight
+    evicted: set[ExpertKey] = field(default_factory=set)  # cached keys the plan pushes out
+    stopped: bool = False
+    heap: list | None = None  # (protected, -next use, key) of evictable keys, built when needed
+    early: list = field(default_factory=list)  # heap items of keys planned before the heap
+
+    def victims(self, next_use: Any) -> list:
+        """The heap of what the cache could evict: resident unpinned keys and planned ones."""
+        if self.heap is None:
+            self.heap = [
+                (1 if ent.protected else 0, -next_use(k), k)
+                for k, ent in self.cache.entries.items()
+                if ent.state is ExpertState.RESIDENT and ent.pins == 0
+            ]
+            self.heap.extend(self.early)
+            heapq.heapify(self.heap)
+        return self.heap
+
+    def add(self, key: ExpertKey, t: float) -> None:
+        """``key`` lands (protected, needed at ``t``) and becomes a candidate victim itself."""
+        self.planned.add(key)
+        if self.heap is None:
+            self.early.append((1, -t, key))
+        else:
+            heapq.heappush(self.heap, (1, -t, key))

@@ -69,7 +69,10 @@ class ProMoEOptions(PolicyOptions):
 @register_policy
 class ProMoE(Policy):
     name = "promoe"
-    description = "ProMoE: predictor of layer l+d's experts from layer l's choice (trained on a training split), stride prefetch"
+    description = (
+        "ProMoE: predictor of layer l+d's experts from layer l's choice (trained on a "
+        "training split), stride prefetch"
+    )
     Options = ProMoEOptions
 
     def __init__(self, **options: Any) -> None:
@@ -130,7 +133,8 @@ class ProMoE(Policy):
             ctx.spec.num_experts,
         ):
             raise InputError(
-                f"policy 'promoe': tables sized for {self._tables[:2]} (layers, experts), model has others"
+                f"policy 'promoe': tables sized for {self._tables[:2]} (layers, experts), "
+                "the model has others"
             )
         if self._tables is None:
             self._alloc(ctx.spec)

@@ -23,13 +23,14 @@ What the replay models (and the simulator does with time):
   dropped. An order for a layer whose gate already ran in the current iteration is late:
   a real copy issued then could not beat the demand load, so it is applied only after
   the current layer has computed (it can serve a later iteration).
-- Time is a logical clock that ticks once per event, so recency scores are exact.
+- Time is a logical clock that ticks once per event, so recency scores are exact; with no
+  time, a policy's ``async_search`` delay does not apply either.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,8 @@ class ReplayResult:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the decision log is left out)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("per_request", "decisions")}
+        skip = ("per_request", "decisions")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out["layer_steps_per_s"] = self.layer_steps_per_s
         out["per_request"] = {
             rid: {"demands": h.demands, "hits": h.hits, "hit_rate": h.hit_rate}
@@ -218,6 +220,9 @@ class _Replayer:
         self.deferred = 0
         self.per_request: dict[str, RequestHits] = {}
         self.log: list[tuple] | None = [] if record else None
+        # layers that may hold protected entries, per device: only landed prefetches are protected
+        self.protected_layers: list[set[int]] = [set() for _ in self.caches]
+        self.caps = [c.capacity for c in self.caches]
 
     # -- protocol helpers -----------------------------------------------------------
     def now(self) -> float:
@@ -227,8 +232,11 @@ class _Replayer:
     def observe(self, hook: Any, *args: Any) -> None:
         """Call an observe hook as an executor event, then apply what the policy decided."""
         hook(*args)
-        self.landed = set()
-        self.drain(self.policy.decide_prefetch())
+        if self.landed:
+            self.landed = set()
+        dec = self.policy.decide_prefetch()
+        if dec.enqueue or dec.cancel:
+            self.drain(dec)
 
     def drain(self, decision: PrefetchDecision, replayed: bool = False) -> None:
         """Apply a decision and whatever the policy decides when its prefetches land.
@@ -280,6 +288,7 @@ class _Replayer:
             return False
         cache.finish_load(key, now)
         self.landed.add(key)
+        self.protected_layers[cache.device].add(key[0])
         self._log_evictions(evicted)
         return True
 
@@ -346,8 +355,8 @@ class _Replayer:
                 now=self.now(),
             ),
         )
-        demands = np.zeros(len(active), dtype=np.int64)
-        hits = np.zeros(len(active), dtype=np.int64)
+        J = spec.num_experts
+        hit = np.zeros((L, J), dtype=bool)
         for layer in range(L):
             gate = GateOutput(
                 iteration=self.iteration,
@@ -358,15 +367,14 @@ class _Replayer:
                 lookahead=None if look is None else look[:, layer],
                 now=self.now(),
             )
-            hit = self.run_layer(gate)
-            # per request: its distinct experts at this layer, and which of them hit
-            codes = np.unique(row_req[:, None] * spec.num_experts + ids[:, layer])
-            demands += np.bincount(codes // spec.num_experts, minlength=len(active))
-            hits += np.bincount(
-                codes // spec.num_experts,
-                weights=hit[codes % spec.num_experts],
-                minlength=len(active),
-            ).astype(np.int64)
+            self.run_layer(gate, hit[layer])
+        # per request: its distinct (layer, expert) demands and which of them hit
+        codes = np.unique(
+            ((row_req[:, None, None] * L + np.arange(L)[None, :, None]) * J + ids).ravel()
+        )
+        owner = codes // (L * J)
+        demands = np.bincount(owner, minlength=len(active))
+        hits = np.bincount(owner, weights=hit.ravel()[codes % (L * J)], minlength=len(active))
         self.cur_layer = -1  # every layer passed: orders now target the next iteration
         finished = tuple(r.request_id for r in active if step == r.num_iterations - 1)
         for i, r in enumerate(active):
@@ -381,49 +389,55 @@ class _Replayer:
         )
         self.iteration += 1
 
-    def run_layer(self, gate: GateOutput) -> np.ndarray:
-        """Gate, demands in waves, uses; returns hit[J] for the layer's experts."""
+    def run_layer(self, gate: GateOutput, hit: np.ndarray) -> None:
+        """Gate, demands in waves, uses; marks ``hit[e]`` for the layer's experts that hit."""
         layer = gate.layer
         J = self.spec.num_experts
+        ndev = self.ndev
         self.cur_layer = layer
         self.layer_steps += 1
         self.observe(self.policy.on_gate, gate)
         tokens = np.bincount(gate.topk_ids.ravel(), minlength=J)
-        experts = np.flatnonzero(tokens)
-        hit = np.zeros(J, dtype=bool)
-        dev = (layer * J + experts) % self.ndev
-        per_dev = [experts[dev == d] for d in range(self.ndev)]
-        caps = [c.capacity for c in self.caches]
+        experts = np.flatnonzero(tokens).tolist()
+        counts = tokens.tolist()
+        if ndev == 1:
+            per_dev = [experts]
+        else:
+            per_dev = [[] for _ in range(ndev)]
+            for e in experts:
+                per_dev[(layer * J + e) % ndev].append(e)
+        caps = self.caps
         waves = max(-(-len(p) // caps[d]) for d, p in enumerate(per_dev))
-        self.extra_waves += max(waves - 1, 0)
+        if waves > 1:
+            self.extra_waves += waves - 1
+        policy = self.policy
         for w in range(waves):
-            wave: list[ExpertKey] = []
+            wave: list[tuple[ExpertCache, ExpertKey]] = []
             for d, p in enumerate(per_dev):
-                wave.extend((layer, int(e)) for e in p[w * caps[d] : (w + 1) * caps[d]])
-            for key in wave:
-                cache = self.ctx.cache_of(key)
-                hit[key[1]] = cache.demand(key)
-                if not hit[key[1]]:
-                    now = self.now()
-                    evicted = cache.begin_load(
-                        key, now, prefetch=False, score=self.policy.eviction_score
-                    )
-                    cache.finish_load(key, now)
-                    self._log_evictions(evicted)
-                    cache.pin(key)  # before the policy reacts, so its prefetches cannot evict it
-                    self.observe(self.policy.on_load_finished, key, False, now)
-                else:
+                cache = self.caches[d]
+                wave.extend((cache, (layer, e)) for e in p[w * caps[d] : (w + 1) * caps[d]])
+            for cache, key in wave:
+                if cache.demand(key):
+                    hit[key[1]] = True
                     cache.pin(key)
-            for key in wave:
-                self.ctx.cache_of(key).use(key, self.now())
-            for key in wave:
-                self.ctx.cache_of(key).unpin(key)
-            for key in wave:
-                self.observe(self.policy.on_expert_used, key, int(tokens[key[1]]), self.now())
+                    continue
+                now = self.now()
+                evicted = cache.begin_load(key, now, prefetch=False, score=policy.eviction_score)
+                cache.finish_load(key, now)
+                self._log_evictions(evicted)
+                cache.pin(key)  # before the policy reacts, so its prefetches cannot evict it
+                self.observe(policy.on_load_finished, key, False, now)
+            for cache, key in wave:
+                cache.use(key, self.now())
+            for cache, key in wave:
+                cache.unpin(key)
+            for _, key in wave:
+                self.observe(policy.on_expert_used, key, counts[key[1]], self.now())
         self.flush_late()
-        for cache in self.caches:
-            cache.unprotect_layer(layer)
-        return hit
+        for d, cache in enumerate(self.caches):
+            if layer in self.protected_layers[d]:
+                cache.unprotect_layer(layer)
+                self.protected_layers[d].discard(layer)
 
 
 def _arrival(req: Request, now: float) -> RequestArrival:

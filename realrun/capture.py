@@ -26,7 +26,9 @@ from realrun.recorder import RoutingRecorder
 from realrun.taps import ModelTaps
 
 
-def make_workload(spec: ModelSpec, requests: list, seed: int, source: str, extra: dict[str, Any] | None = None) -> Any:
+def make_workload(
+    spec: ModelSpec, requests: list, seed: int, source: str, extra: dict[str, Any] | None = None
+) -> Any:
     """A traces Workload with provenance (source, model, software versions, seed)."""
     import transformers
 
@@ -67,10 +69,14 @@ class _CaptureObserver:
     def __init__(self, taps: ModelTaps, recorder: RoutingRecorder) -> None:
         self.taps = taps
         self.rec = recorder
-        taps.on_embeddings = lambda out: recorder.embeddings(out.detach().reshape(-1, out.shape[-1]).float().cpu().numpy())
+        taps.on_embeddings = lambda out: recorder.embeddings(
+            out.detach().reshape(-1, out.shape[-1]).float().cpu().numpy()
+        )
         taps.on_gate = self._gate
 
-    def _gate(self, layer: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> None:
+    def _gate(
+        self, layer: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+    ) -> None:
         self.rec.gate(
             layer,
             idx.detach().cpu().numpy(),
@@ -106,7 +112,9 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
             recorder.start_request(p.request_id, len(p.ids), p.text)
             g = greedy_generate(loaded.model, p.request_id, p.ids, cfg.max_new_tokens, observer=obs)
             recorder.finish_request(len(g.output_ids))
-            progress(f"[{i + 1}/{len(texts)}] {p.request_id}: {len(p.ids)} + {len(g.output_ids)} tokens")
+            progress(
+                f"[{i + 1}/{len(texts)}] {p.request_id}: {len(p.ids)} + {len(g.output_ids)} tokens"
+            )
     finally:
         taps.remove()
     workload = make_workload(
@@ -129,15 +137,25 @@ def register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
     """Add `fmoe trace capture` to the `fmoe trace` group."""
     from fmoe_cli.common import add_json_flag, positive_int
 
-    p = trace_subparsers.add_parser("capture", help="run a real MoE model and write its routing trace")
+    p = trace_subparsers.add_parser(
+        "capture", help="run a real MoE model and write its routing trace"
+    )
     p.add_argument("--model", required=True, help="tiny preset name or local checkpoint directory")
     p.add_argument("--out", required=True, help="trace file to write (traces/ format)")
     p.add_argument("--prompts", default="mt-bench", help="prompt set (mt-bench, gsm8k, sharegpt)")
-    p.add_argument("--prompt", action="append", dest="prompt_texts", metavar="TEXT", help="explicit prompt (repeatable)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompt_texts",
+        metavar="TEXT",
+        help="explicit prompt (repeatable)",
+    )
     p.add_argument("--num-prompts", type=positive_int, default=8)
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--max-prompt-tokens", type=positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0, help="torch seed of a tiny preset's random weights")
+    p.add_argument(
+        "--seed", type=int, default=0, help="torch seed of a tiny preset's random weights"
+    )
     add_json_flag(p)
     p.set_defaults(func=_cmd_capture)
 
@@ -160,5 +178,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
     else:
-        print(f"wrote {args.out}: {info['requests']} requests, {info['tokens']} tokens, {info['layers']} MoE layers")
+        print(
+            f"wrote {args.out}: {info['requests']} requests, {info['tokens']} tokens, {info['layers']} MoE layers"
+        )
     return 0

@@ -83,6 +83,9 @@ class CopyJob:
     submitted_at: float = field(default_factory=time.perf_counter)
     finished_at: float = 0.0
     preemptions: int = 0
+    after: Any = None
+    """CUDA: an event on the compute stream; the copy must not write before it (the slot's
+    previous expert may still be read by kernels queued before the slot was reused)."""
     _version: int = 0
 
 
@@ -105,8 +108,10 @@ class CudaMover:
     The copy thread waits on each chunk's event (releasing the GIL) before it picks the
     next chunk, so a demand load can overtake a prefetch at a chunk boundary, and a job is
     reported done only once its bytes are on the device: any kernel the compute stream
-    launches afterwards sees them. Stores without a host row (file) go through a pinned
-    staging buffer.
+    launches afterwards sees them. Before its first byte the copy stream waits for
+    ``job.after``, recorded on the compute stream when the slot was reused, so kernels
+    still queued on the slot's previous expert read it intact. Stores without a host row
+    (file) go through a pinned staging buffer.
     """
 
     def __init__(self, device: torch.device, chunk_bytes: int) -> None:
@@ -130,6 +135,8 @@ class CudaMover:
         else:
             src_chunk = src[lo:hi]
         with torch.cuda.stream(self.stream):
+            if lo == 0 and job.after is not None:
+                self.stream.wait_event(job.after)  # write-after-read on the reused slot
             job.dst[lo:hi].copy_(src_chunk, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
@@ -207,7 +214,12 @@ class CopyEngine:
         """Change a queued prefetch's priority."""
         with self._cond:
             job = self._jobs.get(key)
-            if job is not None and job.state is JobState.QUEUED and not job.demand and job.priority != priority:
+            if (
+                job is not None
+                and job.state is JobState.QUEUED
+                and not job.demand
+                and job.priority != priority
+            ):
                 job.priority = priority
                 self._push(job)
 
@@ -253,7 +265,9 @@ class CopyEngine:
         with self._cond:
             while not self._completed:
                 self._raise_if_failed()
-                if not any(j.state in (JobState.QUEUED, JobState.RUNNING) for j in self._jobs.values()):
+                if not any(
+                    j.state in (JobState.QUEUED, JobState.RUNNING) for j in self._jobs.values()
+                ):
                     break
                 self._cond.wait()
         return time.perf_counter() - t0
@@ -281,7 +295,9 @@ class CopyEngine:
         if job.demand:
             self._demand_queued += 1
         # (class, -priority, seq): demand class 0 first, then higher priority, then FIFO
-        heapq.heappush(self._heap, (0 if job.demand else 1, -job.priority, next(self._seq), job._version, job))
+        heapq.heappush(
+            self._heap, (0 if job.demand else 1, -job.priority, next(self._seq), job._version, job)
+        )
 
     def _cancel(self, job: CopyJob) -> None:
         job.state = JobState.CANCELLED

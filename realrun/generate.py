@@ -76,7 +76,9 @@ def greedy_generate(
             t0 = time.perf_counter()
             if observer is not None:
                 observer.begin_iteration(positions, i == 0)
-            logits = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model(
+                input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1
+            ).logits[:, -1]
             nxt = int(logits.argmax(dim=-1).item())
             stop = last or (eos_token_id is not None and nxt == eos_token_id)
             if observer is not None:

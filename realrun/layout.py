@@ -50,7 +50,9 @@ class ExpertLayout:
         """
         n = getattr(experts, "num_experts", None)
         if not isinstance(n, int) or n < 1:
-            raise InputError(f"{type(experts).__name__} has no num_experts attribute; not a fused experts module")
+            raise InputError(
+                f"{type(experts).__name__} has no num_experts attribute; not a fused experts module"
+            )
         params: list[ParamSlice] = []
         offset = 0
         for name, p in experts.named_parameters(recurse=False):
@@ -66,7 +68,9 @@ class ExpertLayout:
     def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views [S, *shape] of a uint8 tensor [S, >= row_bytes]; no copy."""
         if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] < self.row_bytes:
-            raise ValueError(f"expected uint8 rows [S, >= {self.row_bytes}], got {rows.dtype} {tuple(rows.shape)}")
+            raise ValueError(
+                f"expected uint8 rows [S, >= {self.row_bytes}], got {rows.dtype} {tuple(rows.shape)}"
+            )
         out = {}
         for s in self.params:
             flat = rows[:, s.offset : s.offset + s.nbytes].view(s.dtype)

@@ -3,7 +3,9 @@
 Latency: TTFT is the prefill forward (waits for expert loads included), TPOT a request's
 mean decode step, e2e their sum; ``*_mean_s`` average over requests and ``*_p99_s`` is the
 99th percentile over requests. Cache figures sum over devices. ``tokens_sha256`` hashes
-the generated token ids so runs can be compared for exactness at a glance.
+the generated token ids so runs can be compared for exactness at a glance. Per-device
+figures (``cache_experts``, ``link_busy_s``) are lists, as in the simulator; ``emulated``
+(the simulator's name) and ``emulated_link`` both say whether the host link was emulated.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def summarise(
     stall_s: float,
     layer_steps: int,
     wall_s: float,
-    link_busy_s: float,
+    link_busy_s: list[float],
     link: dict[str, Any],
 ) -> dict[str, Any]:
     """The run's metrics dict (times in seconds, sizes in bytes, rates 0..1)."""
@@ -51,6 +53,7 @@ def summarise(
     tpot = [g.tpot_s for g in gens]
     e2e = [g.e2e_s for g in gens]
     return {
+        "emulated": bool(link.get("emulated_link")),
         "hit_rate": c.hits / c.demands if c.demands else math.nan,
         "ttft_mean_s": _mean(ttft),
         "ttft_p99_s": _p99(ttft),
@@ -59,12 +62,15 @@ def summarise(
         "e2e_mean_s": _mean(e2e),
         "e2e_p99_s": _p99(e2e),
         "bytes_h2d": c.bytes_loaded,
-        "prefetch_accuracy": c.prefetches_used / c.prefetches_issued if c.prefetches_issued else math.nan,
+        "prefetch_accuracy": c.prefetches_used / c.prefetches_issued
+        if c.prefetches_issued
+        else math.nan,
         "stall_s": stall_s,
         "layer_steps": layer_steps,
         "wall_s": wall_s,
         "link_busy_s": link_busy_s,
         "requests": len(gens),
+        "iterations": sum(len(g.output_ids) for g in gens),
         "tokens_generated": sum(len(g.output_ids) for g in gens),
         "tokens_sha256": tokens_sha256(gens),
         **{k: v for k, v in c.as_dict().items() if k != "bytes_loaded"},

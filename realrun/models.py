@@ -93,7 +93,9 @@ def _config_for_preset(spec: ModelSpec) -> Any:
     assert recipe is not None
     cls = getattr(transformers, recipe.config_class, None)
     if cls is None:
-        raise InputError(f"model {spec.name}: transformers has no config class {recipe.config_class!r}")
+        raise InputError(
+            f"model {spec.name}: transformers has no config class {recipe.config_class!r}"
+        )
     return cls(**recipe.kwargs)
 
 
@@ -112,12 +114,18 @@ def resolve_model(ref: str) -> tuple[ModelSpec, Any, str]:
         try:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"{ref}/config.json: cannot be read as a transformers config ({exc})") from None
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(config, "dtype", None), "fp32")
+            raise InputError(
+                f"{ref}/config.json: cannot be read as a transformers config ({exc})"
+            ) from None
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+            getattr(config, "dtype", None), "fp32"
+        )
         try:
             spec = ModelSpec.from_transformers_config(config, name=path.name, dtype=dtype)
         except KeyError as exc:
-            raise InputError(f"{ref}/config.json: missing field {exc} needed for an MoE model") from None
+            raise InputError(
+                f"{ref}/config.json: missing field {exc} needed for an MoE model"
+            ) from None
         return spec, config, "checkpoint"
     if ref in model_preset_names():
         spec = load_model(ref)
@@ -128,7 +136,9 @@ def resolve_model(ref: str) -> tuple[ModelSpec, Any, str]:
             )
         return spec, _config_for_preset(spec), "preset"
     tiny = [n for n in model_preset_names() if load_model(n).hf_recipe is not None]
-    raise InputError(f"unknown model {ref!r}: not a local checkpoint directory nor a preset (runnable: {', '.join(tiny)})")
+    raise InputError(
+        f"unknown model {ref!r}: not a local checkpoint directory nor a preset (runnable: {', '.join(tiny)})"
+    )
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -149,7 +159,9 @@ def find_moe_blocks(model: nn.Module, spec: ModelSpec, adapter: ArchAdapter) -> 
             continue
         router = getattr(mlp, adapter.router_attr, None)
         if router is None:
-            raise InputError(f"decoder layer {i}: MoE block {type(mlp).__name__} has no router {adapter.router_attr!r}")
+            raise InputError(
+                f"decoder layer {i}: MoE block {type(mlp).__name__} has no router {adapter.router_attr!r}"
+            )
         blocks.append(MoEBlock(len(blocks), i, mlp, router, experts))
     if [b.decoder_layer for b in blocks] != spec.moe_layer_ids:
         raise InputError(

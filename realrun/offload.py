@@ -34,7 +34,11 @@ class LayerRunner(Protocol):
     """What an OffloadedExperts delegates to (the session attached to the model)."""
 
     def run_layer(
-        self, mod: OffloadedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        mod: OffloadedExperts,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
     ) -> torch.Tensor: ...
 
 
@@ -49,13 +53,22 @@ class OffloadedExperts(nn.Module):
         self.num_experts = layout.num_experts
         self.runner: LayerRunner | None = None
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         if self.runner is None:
-            raise RuntimeError("offloaded experts have no session attached; use realrun.session.RunSession")
+            raise RuntimeError(
+                "offloaded experts have no session attached; use realrun.session.RunSession"
+            )
         return self.runner.run_layer(self, hidden_states, top_k_index, top_k_weights)
 
     def call_on_view(
-        self, views: dict[str, torch.Tensor], num_slots: int, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+        self,
+        views: dict[str, torch.Tensor],
+        num_slots: int,
+        hidden: torch.Tensor,
+        index: torch.Tensor,
+        weights: torch.Tensor,
     ) -> torch.Tensor:
         """The library's experts forward with its fused tensors set to ``views`` ([num_slots, ...])."""
         shell = self.shell
@@ -172,7 +185,7 @@ def offload_model(
     modules = []
     for b, lay in zip(loaded.blocks, st.layouts, strict=True):
         mod = OffloadedExperts(b.moe_layer, b.experts, lay)
-        setattr(b.block, "experts", mod)
+        b.block.experts = mod
         b.experts = mod
         modules.append(mod)
     loaded.model.to(dense_device)

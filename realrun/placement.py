@@ -16,7 +16,7 @@ from calibration.errors import InputError
 from calibration.model_spec import ModelSpec
 from policies.placement import Placement
 
-GB = 1e9  # --cache-gb is decimal gigabytes, like the bandwidth figures
+GB = 2**30  # --cache-gb is binary gigabytes, as in the simulator (sim.config.GB)
 
 
 def resolve_devices(kind: str, num_devices: int | None = None) -> list[torch.device]:
@@ -42,7 +42,9 @@ def resolve_devices(kind: str, num_devices: int | None = None) -> list[torch.dev
     raise InputError(f"unknown device {kind!r} (known: cpu, cuda)")
 
 
-def budget_experts(spec: ModelSpec, cache_experts: int | None = None, cache_gb: float | None = None) -> int:
+def budget_experts(
+    spec: ModelSpec, cache_experts: int | None = None, cache_gb: float | None = None
+) -> int:
     """The total expert cache budget in experts; all experts when neither is given.
 
     Raises InputError when both are given or when the budget is below what one layer
@@ -61,17 +63,23 @@ def budget_experts(spec: ModelSpec, cache_experts: int | None = None, cache_gb: 
     else:
         return spec.total_experts
     if n < spec.top_k:
-        raise InputError(f"{what} is below what one layer needs: top-K = {spec.top_k} experts of {spec.name}")
+        raise InputError(
+            f"{what} is below what one layer needs: top-K = {spec.top_k} experts of {spec.name}"
+        )
     return min(n, spec.total_experts)
 
 
-def split_over_devices(spec: ModelSpec, total: int, num_devices: int) -> tuple[Placement, list[int]]:
+def split_over_devices(
+    spec: ModelSpec, total: int, num_devices: int
+) -> tuple[Placement, list[int]]:
     """Round-robin placement and per-device slot counts for a total budget."""
     placement = Placement(spec.num_moe_layers, spec.num_experts, num_devices)
     return placement, placement.split_budget(total, spec.top_k)
 
 
-def plan_waves(experts: Sequence[int], device_of: Callable[[int], int], capacity: Sequence[int]) -> list[list[int]]:
+def plan_waves(
+    experts: Sequence[int], device_of: Callable[[int], int], capacity: Sequence[int]
+) -> list[list[int]]:
     """Split ``experts`` (ascending) into consecutive waves that fit every device's slots.
 
     Contract: the waves concatenate to ``experts`` in order, and no wave holds more experts

@@ -48,9 +48,18 @@ def check_lengths(config: Any, max_prompt_tokens: int, max_new_tokens: int) -> i
         raise InputError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and max_new_tokens >= limit:
-        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt (the model has {limit} positions)")
-    return min(max_prompt_tokens, limit - max_new_tokens) if limit is not None else max_prompt_tokens
+        raise InputError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt (the model has {limit} positions)"
+        )
+    return (
+        min(max_prompt_tokens, limit - max_new_tokens) if limit is not None else max_prompt_tokens
+    )
 
 
-def encode(tokenizer: Any, prompts: Sequence[PromptText], max_prompt_tokens: int) -> list[PromptIds]:
-    return [PromptIds(p.request_id, p.text, tokenizer.encode(p.text)[:max_prompt_tokens]) for p in prompts]
+def encode(
+    tokenizer: Any, prompts: Sequence[PromptText], max_prompt_tokens: int
+) -> list[PromptIds]:
+    return [
+        PromptIds(p.request_id, p.text, tokenizer.encode(p.text)[:max_prompt_tokens])
+        for p in prompts
+    ]

@@ -24,20 +24,36 @@ class RoutingRecorder:
         self.requests: list[Request] = []
         self._cur: dict | None = None
 
-    def start_request(self, request_id: str, prompt_len: int, prompt_text: str | None = None) -> None:
+    def start_request(
+        self, request_id: str, prompt_len: int, prompt_text: str | None = None
+    ) -> None:
         self._cur = {"id": request_id, "prompt_len": prompt_len, "text": prompt_text, "iters": []}
 
     def start_iteration(self) -> None:
         assert self._cur is not None, "start_request first"
         L = self.spec.num_moe_layers
-        self._cur["iters"].append({"emb": None, "ids": [None] * L, "w": [None] * L, "p": [None] * L, "la": [None] * L})
+        self._cur["iters"].append(
+            {"emb": None, "ids": [None] * L, "w": [None] * L, "p": [None] * L, "la": [None] * L}
+        )
 
     def embeddings(self, rows: np.ndarray) -> None:
         self._cur["iters"][-1]["emb"] = rows
 
-    def gate(self, layer: int, ids: np.ndarray, weights: np.ndarray, probs: np.ndarray | None, lookahead: np.ndarray | None) -> None:
+    def gate(
+        self,
+        layer: int,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        probs: np.ndarray | None,
+        lookahead: np.ndarray | None,
+    ) -> None:
         it = self._cur["iters"][-1]
-        it["ids"][layer], it["w"][layer], it["p"][layer], it["la"][layer] = ids, weights, probs, lookahead
+        it["ids"][layer], it["w"][layer], it["p"][layer], it["la"][layer] = (
+            ids,
+            weights,
+            probs,
+            lookahead,
+        )
 
     def finish_request(self, output_len: int, arrival_s: float = 0.0) -> Request:
         """Assemble the current request (``output_len`` tokens generated) and keep it."""
@@ -45,7 +61,9 @@ class RoutingRecorder:
         assert cur is not None
         iters = cur["iters"]
         if len(iters) != output_len:
-            raise RuntimeError(f"request {cur['id']}: {len(iters)} forward passes for {output_len} tokens")
+            raise RuntimeError(
+                f"request {cur['id']}: {len(iters)} forward passes for {output_len} tokens"
+            )
         L = self.spec.num_moe_layers
 
         def stack(field: str, dtype) -> np.ndarray | None:
@@ -61,7 +79,11 @@ class RoutingRecorder:
         if ids is None:
             raise RuntimeError(f"request {cur['id']}: some MoE layer reported no routing")
         emb = [it["emb"] for it in iters]
-        embeddings = np.concatenate(emb, axis=0).astype(np.float32) if all(e is not None for e in emb) else None
+        embeddings = (
+            np.concatenate(emb, axis=0).astype(np.float32)
+            if all(e is not None for e in emb)
+            else None
+        )
         routing = Routing(
             topk_ids=ids,
             topk_weights=stack("w", np.float32),
@@ -77,7 +99,9 @@ class RoutingRecorder:
             output_len=output_len,
             routing=routing,
             prompt_text=cur["text"],
-            prompt_embedding=embeddings[: cur["prompt_len"]].mean(axis=0) if embeddings is not None else None,
+            prompt_embedding=embeddings[: cur["prompt_len"]].mean(axis=0)
+            if embeddings is not None
+            else None,
         )
         self.requests.append(req)
         return req

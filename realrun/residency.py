@@ -102,6 +102,8 @@ class Residency:
                 )
             )
         self._landed: list[tuple[ExpertKey, bool]] = []
+        self.stall_s = 0.0
+        """Seconds the compute thread waited for copies (demand waits and full caches)."""
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -169,6 +171,7 @@ class Residency:
         stalled = 0.0
         if not d.cache.is_resident(key):
             stalled = d.engine.wait(key)
+            self.stall_s += stalled
             self._drain_device(d)
         if not d.cache.is_resident(key):
             raise RuntimeError(f"expert {key} is not resident after its copy finished")
@@ -221,13 +224,17 @@ class Residency:
                     continue
                 if not d.cache.loading_keys():
                     raise
-                d.engine.wait_any()
+                self.stall_s += d.engine.wait_any()
                 self._drain_device(d)
         for v in evicted:
             d.pool.release(v)
         slot = d.pool.assign(key)
         n = self.store.layouts[key[0]].row_bytes
-        d.engine.submit(CopyJob(key, d.pool.rows[slot, :n], n, demand=demand, priority=priority))
+        job = CopyJob(key, d.pool.rows[slot, :n], n, demand=demand, priority=priority)
+        if d.device.type == "cuda":  # kernels queued on the slot's previous expert finish first
+            job.after = torch.cuda.Event()
+            job.after.record(torch.cuda.current_stream(d.device))
+        d.engine.submit(job)
         return True
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -242,10 +249,7 @@ class Residency:
                 self.store.read_into(key[0], key[1], 0, n, row)
             else:
                 src = self.store.host_row(*key)
-                if src is None:
-                    src = torch.empty(n, dtype=torch.uint8)
-                    self.store.read_into(key[0], key[1], 0, n, src)
-                row.copy_(src)
+                row.copy_(src if src is not None else self.store.read_row(*key))
             d.cache.preload([key], now=self.clock())
 
     def close(self) -> None:

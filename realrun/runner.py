@@ -7,6 +7,7 @@ and its options, budget, devices, link, prompts) so bad input fails at once;
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -55,6 +56,8 @@ class RunConfig:
     chunk_bytes: int = 1 << 20
     trace_out: str | None = None
     train_trace: str | None = None
+    threads: int | None = None  # torch intra-op threads (None: all cores but one on the CPU)
+    warmup: bool = True  # one unmeasured forward of the unmodified model before offloading
 
 
 @dataclass
@@ -94,10 +97,14 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         )
     devices = resolve_devices(cfg.device, cfg.num_devices)
     if budget < len(devices):
-        raise InputError(f"a cache of {budget} experts leaves some of {len(devices)} devices with no slot")
+        raise InputError(
+            f"a cache of {budget} experts leaves some of {len(devices)} devices with no slot"
+        )
     if cfg.store not in ("auto", "ram", "file"):
         raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
     link = make_link(cfg.link_gbps, cfg.link_latency_us)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {cfg.threads}")
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompts = prompt_texts(cfg.prompts, cfg.prompt_texts, cfg.num_prompts)
     return PreparedRun(cfg, spec, policy, budget, devices, link, prompts, max_prompt)
@@ -110,12 +117,39 @@ class RunResult:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process (VmHWM; ru_maxrss would include a forking
+    parent's peak on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def torch_threads(cfg: RunConfig) -> int:
+    """Intra-op threads for the run: ``cfg.threads``, else on the CPU every core but one
+    (the copy thread needs one; an oversubscribed OpenMP pool is many times slower)."""
+    if cfg.threads is not None:
+        return cfg.threads
+    if cfg.device == "cpu":
+        return max(1, (os.cpu_count() or 2) - 1)
+    return torch.get_num_threads()
 
 
 def execute(prep: PreparedRun, progress: Progress = _stderr) -> RunResult:
     """Build and offload the model, run every prompt, return metrics (and the trace if asked)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads(prep.cfg))
+    try:
+        return _execute(prep, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
     from realrun.models import load
     from realrun.offload import offload_model
 
@@ -126,17 +160,35 @@ def execute(prep: PreparedRun, progress: Progress = _stderr) -> RunResult:
 
         prep.policy.fit(load_workload(cfg.train_trace, prep.spec))
     elif prep.policy.needs_training:
-        progress(f"note: policy {cfg.policy!r} learns from a training trace (--train-trace); running without one")
+        progress(
+            f"note: policy {cfg.policy!r} learns from a training trace (--train-trace); running without one"
+        )
     loaded = load(cfg.model, seed=cfg.seed)
-    progress(f"loaded {prep.spec.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s; offloading experts")
-    om = offload_model(loaded, store=cfg.store, store_dir=cfg.store_dir, dense_device=prep.devices[0])
+    if cfg.warmup:  # one-time kernel setup should not count as the first request's TTFT
+        with torch.no_grad():
+            loaded.model(input_ids=torch.tensor([[0, 1]]), logits_to_keep=1)
+    progress(
+        f"loaded {prep.spec.name} ({loaded.source}) in {time.perf_counter() - t0:.1f} s; offloading experts"
+    )
+    om = offload_model(
+        loaded, store=cfg.store, store_dir=cfg.store_dir, dense_device=prep.devices[0]
+    )
     prompts = encode(loaded.tokenizer, prep.prompts, prep.max_prompt_tokens)
-    opts = SessionOptions(prep.budget, prep.devices, prep.link, cfg.chunk_bytes, record=bool(cfg.trace_out), seed=cfg.seed)
+    opts = SessionOptions(
+        prep.budget,
+        prep.devices,
+        prep.link,
+        cfg.chunk_bytes,
+        record=bool(cfg.trace_out),
+        seed=cfg.seed,
+    )
     try:
         with RunSession(om, prep.policy, opts) as session:
             for i, p in enumerate(prompts):
                 g = session.generate(p.request_id, p.ids, cfg.max_new_tokens, prompt_text=p.text)
-                progress(f"[{i + 1}/{len(prompts)}] {p.request_id}: {len(p.ids)} prompt tokens, ttft {g.ttft_s:.3f} s, tpot {g.tpot_s:.4f} s")
+                progress(
+                    f"[{i + 1}/{len(prompts)}] {p.request_id}: {len(p.ids)} prompt tokens, ttft {g.ttft_s:.3f} s, tpot {g.tpot_s:.4f} s"
+                )
             metrics = session.metrics()
             requests = session.recorder.requests if session.recorder else None
     finally:
@@ -153,6 +205,7 @@ def execute(prep: PreparedRun, progress: Progress = _stderr) -> RunResult:
         num_prompts=len(prompts),
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
+        torch_threads=torch.get_num_threads(),
         model_bytes=prep.spec.model_bytes,
         peak_rss_bytes=peak_rss_bytes(),
     )
@@ -160,7 +213,13 @@ def execute(prep: PreparedRun, progress: Progress = _stderr) -> RunResult:
     if requests is not None:
         from realrun.capture import make_workload, write_workload
 
-        workload = make_workload(prep.spec, requests, cfg.seed, source="realrun.run", extra={"policy": cfg.policy, **metrics_link(metrics)})
+        workload = make_workload(
+            prep.spec,
+            requests,
+            cfg.seed,
+            source="realrun.run",
+            extra={"policy": cfg.policy, **metrics_link(metrics)},
+        )
         write_workload(workload, cfg.trace_out)
         progress(f"wrote trace {cfg.trace_out}")
     return RunResult(metrics, workload)

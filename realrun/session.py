@@ -64,7 +64,9 @@ from realrun.taps import ModelTaps
 def refuse_future_readers(policy_cls: type[Policy]) -> None:
     """InputError for policies that read the trace's future (they run only in the simulator)."""
     if policy_cls.reads_future:
-        raise InputError(f"policy {policy_cls.name!r} reads the trace's future; it runs only in the simulator")
+        raise InputError(
+            f"policy {policy_cls.name!r} reads the trace's future; it runs only in the simulator"
+        )
 
 
 @dataclass
@@ -82,7 +84,9 @@ class SessionOptions:
 class RunSession:
     """Attach with the constructor, run prompts with :meth:`generate`, end with :meth:`close`."""
 
-    def __init__(self, om: OffloadedModel, policy: Policy, opts: SessionOptions | None = None) -> None:
+    def __init__(
+        self, om: OffloadedModel, policy: Policy, opts: SessionOptions | None = None
+    ) -> None:
         opts = opts or SessionOptions()
         refuse_future_readers(type(policy))
         spec = om.loaded.spec
@@ -101,19 +105,41 @@ class RunSession:
         self.placement, caps = split_over_devices(spec, total, len(opts.devices))
         self._t0 = time.perf_counter()
         self.res = Residency(
-            om.store, spec.expert_bytes, self.placement, opts.devices, caps, opts.link, opts.chunk_bytes, self.now
+            om.store,
+            spec.expert_bytes,
+            self.placement,
+            opts.devices,
+            caps,
+            opts.link,
+            opts.chunk_bytes,
+            self.now,
         )
-        policy.bind(PolicyContext(spec, self.placement, self.res.caches, seed=opts.seed))
-        self.driver = make_driver(policy, self._apply)
-        self.taps = ModelTaps(om.loaded).install()
-        self.taps.on_embeddings = self._on_embeddings
-        self.recorder = RoutingRecorder(spec) if opts.record else None
-        self._lookahead = policy.wants_lookahead or opts.record
-        for m in om.modules:
-            m.runner = self
-        if policy.preload_all:
-            self.res.preload([(lyr, e) for lyr in range(spec.num_moe_layers) for e in range(spec.num_experts)])
-        self.stall_s = 0.0
+        self.taps = ModelTaps(om.loaded)
+        try:
+            policy.bind(PolicyContext(spec, self.placement, self.res.caches, seed=opts.seed))
+            self.driver = make_driver(policy, self._apply)
+            self.taps.install()
+            self.taps.on_embeddings = self._on_embeddings
+            self.recorder = RoutingRecorder(spec) if opts.record else None
+            self._lookahead = policy.wants_lookahead or opts.record
+            for m in om.modules:
+                m.runner = self
+            if policy.preload_all:
+                self.res.preload(
+                    [
+                        (lyr, e)
+                        for lyr in range(spec.num_moe_layers)
+                        for e in range(spec.num_experts)
+                    ]
+                )
+        except BaseException:  # leave the model as it was: no threads, hooks or runner left
+            if getattr(self, "driver", None) is not None:
+                self.driver.close()
+            self.taps.remove()
+            self.res.close()
+            for m in om.modules:
+                m.runner = None
+            raise
         self.layer_steps = 0
         self.layer_paths = {"single_call": 0, "per_expert": 0, "multi_wave": 0}
         self.iteration = -1
@@ -129,7 +155,12 @@ class RunSession:
 
     # -- requests -------------------------------------------------------------------------------
     def generate(
-        self, request_id: str, prompt_ids: list[int], max_new_tokens: int, prompt_text: str | None = None, keep_logits: bool = False
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        prompt_text: str | None = None,
+        keep_logits: bool = False,
     ) -> Generation:
         """Run one request to completion (greedy); its timings join the session's metrics."""
         t0 = time.perf_counter()
@@ -143,7 +174,9 @@ class RunSession:
         self.driver.observe(RequestArrival(request_id, len(prompt_ids), prompt_text, emb))
         if self.recorder is not None:
             self.recorder.start_request(request_id, len(prompt_ids), prompt_text)
-        gen = greedy_generate(model, request_id, prompt_ids, max_new_tokens, observer=self, keep_logits=keep_logits)
+        gen = greedy_generate(
+            model, request_id, prompt_ids, max_new_tokens, observer=self, keep_logits=keep_logits
+        )
         if self.recorder is not None:
             self.recorder.finish_request(len(gen.output_ids))
         self.generations.append(gen)
@@ -160,7 +193,9 @@ class RunSession:
     def end_iteration(self, last: bool) -> None:
         assert self._req is not None
         self._pump()
-        self.driver.observe(IterationEnd(self.iteration, (self._req,), (self._req,) if last else (), self.now()))
+        self.driver.observe(
+            IterationEnd(self.iteration, (self._req,), (self._req,) if last else (), self.now())
+        )
 
     def _on_embeddings(self, out: torch.Tensor) -> None:
         rows = out.detach().reshape(-1, out.shape[-1]).float().cpu().numpy()
@@ -180,7 +215,11 @@ class RunSession:
 
     # -- one MoE layer ---------------------------------------------------------------------------
     def run_layer(
-        self, mod: OffloadedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        mod: OffloadedExperts,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         layer = mod.moe_layer
         ids = top_k_index.detach().cpu().numpy()
@@ -189,7 +228,9 @@ class RunSession:
         flat = ids.reshape(-1)
         counts = np.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
         needed = np.flatnonzero(counts).tolist()
-        waves = plan_waves(needed, lambda e: self.placement.device_of((layer, e)), self.res.capacities)
+        waves = plan_waves(
+            needed, lambda e: self.placement.device_of((layer, e)), self.res.capacities
+        )
         out = torch.zeros_like(hidden)
         if len(waves) > 1:
             self.layer_paths["multi_wave"] += 1
@@ -199,16 +240,18 @@ class RunSession:
             views = self._views(mod, layer, wave)
             if len(waves) == 1 and single_call_is_exact(top_k_index.shape[-1], views):
                 for key in keys:
-                    self.stall_s += self.res.wait(key)
+                    self.res.wait(key)
                 out = run_on_slots(mod, views, hidden, top_k_index, top_k_weights)
                 self._used(keys, counts)
                 self.layer_paths["single_call"] += 1
             else:  # one expert at a time, ascending: the library's own summation order
                 by_dev = {v.device_index: v for v in views}
                 for key in keys:
-                    self.stall_s += self.res.wait(key)
+                    self.res.wait(key)
                     view = by_dev[self.placement.device_of(key)]
-                    out = out + run_one_expert(mod, view, key[1], hidden, top_k_index, top_k_weights)
+                    out = out + run_one_expert(
+                        mod, view, key[1], hidden, top_k_index, top_k_weights
+                    )
                     self._used([key], counts)
                 self.layer_paths["per_expert"] += 1
             self.res.release(keys)
@@ -217,7 +260,9 @@ class RunSession:
         self._pump()
         return out
 
-    def _gate(self, layer: int, hidden: torch.Tensor, ids: np.ndarray, weights: torch.Tensor) -> None:
+    def _gate(
+        self, layer: int, hidden: torch.Tensor, ids: np.ndarray, weights: torch.Tensor
+    ) -> None:
         wts = weights.detach().float().cpu().numpy()
         probs = self.taps.probs(layer)
         look = self.taps.lookahead(layer, hidden) if self._lookahead else None
@@ -234,7 +279,9 @@ class RunSession:
         out = []
         for d, slot_of in sorted(by_dev.items()):
             dev = self.res.devs[d]
-            out.append(SlotView(dev.pool.views(mod.layout), dev.pool.capacity, dev.device, slot_of, d))
+            out.append(
+                SlotView(dev.pool.views(mod.layout), dev.pool.capacity, dev.device, slot_of, d)
+            )
         return out
 
     def _used(self, keys: list[ExpertKey], counts: np.ndarray) -> None:
@@ -267,24 +314,27 @@ class RunSession:
 
     def metrics(self) -> dict[str, Any]:
         """Metrics of every request generated so far (simulator names)."""
-        self.driver.flush()
-        link = self.opts.link.describe() if self.opts.link else {"emulated_link": False, "link_gbps": None, "link_latency_us": None}
+        link = (
+            self.opts.link.describe()
+            if self.opts.link
+            else {"emulated_link": False, "link_gbps": None, "link_latency_us": None}
+        )
         out = summarise(
             self.generations,
             self.counters(),
-            stall_s=self.stall_s,
+            stall_s=self.res.stall_s,
             layer_steps=self.layer_steps,
             wall_s=self._wall_s,
-            link_busy_s=sum(d.engine.stats.busy_s for d in self.res.devs),
+            link_busy_s=[d.engine.stats.busy_s for d in self.res.devs],
             link=link,
         )
         out.update(
-            cache_experts=sum(self.res.capacities),
-            cache_experts_per_device=self.res.capacities,
-            cache_bytes=sum(self.res.capacities) * self.spec.expert_bytes,
+            cache_experts=self.res.capacities,
+            cache_experts_total=sum(self.res.capacities),
+            expert_memory_bytes=sum(self.res.capacities) * self.spec.expert_bytes,
             num_devices=len(self.res.devs),
-            bytes_copied=sum(d.engine.stats.bytes_copied for d in self.res.devs),
-            copy_preemptions=sum(d.engine.stats.preemptions for d in self.res.devs),
+            bytes_transferred=sum(d.engine.stats.bytes_copied for d in self.res.devs),
+            preemptions=sum(d.engine.stats.preemptions for d in self.res.devs),
             **{f"layer_calls_{k}": v for k, v in self.layer_paths.items()},
         )
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}

@@ -61,35 +61,67 @@ class ExpertStore(ABC):
         """Copy bytes [lo, hi) of (layer, expert)'s row into ``dst`` (CPU uint8, hi - lo bytes)."""
 
     def host_row(self, layer: int, expert: int) -> torch.Tensor | None:
-        """The expert's row as a host tensor when the store has one (RAM), else None."""
+        """The expert's packed row as a host tensor when the store keeps one, else None."""
         return None
+
+    def read_row(self, layer: int, expert: int) -> torch.Tensor:
+        """A new CPU tensor holding the expert's whole packed row."""
+        n = self.layouts[layer].row_bytes
+        row = torch.zeros(n, dtype=torch.uint8)
+        self.read_into(layer, expert, 0, n, row)
+        return row
 
     def close(self) -> None:
         """Release resources (files); idempotent."""
 
 
 class RamStore(ExpertStore):
-    """Experts packed in host memory; ``pin=True`` pins it for asynchronous CUDA copies."""
+    """Experts in host memory.
+
+    Packed (default when ``pin``; pinned for CUDA): each layer is packed into a uint8
+    tensor [E, row_bytes], one layer at a time, the fused parameters dropped right after,
+    so moving an expert is one (asynchronous, from pinned memory) transfer. Unpacked (the
+    CPU default): host memory is where the fused tensors already are, so the store adopts
+    them as they are (no copy, no extra memory) and reads a row as its parameter slices.
+    """
 
     kind = "ram"
 
-    def __init__(self, experts_modules: Sequence[nn.Module], pin: bool = False) -> None:
+    def __init__(
+        self, experts_modules: Sequence[nn.Module], pin: bool = False, packed: bool | None = None
+    ) -> None:
         layouts = [ExpertLayout.of_module(m) for m in experts_modules]
         super().__init__(layouts)
         self.pinned = pin
+        self.packed = pin if packed is None else packed
+        if pin and not self.packed:
+            raise ValueError("a pinned store must be packed")
         self._rows: list[torch.Tensor] = []
+        self._fused: list[dict[str, torch.Tensor]] = []
         for mod, lay in zip(experts_modules, layouts, strict=True):
-            rows = torch.empty(lay.num_experts, lay.row_bytes, dtype=torch.uint8, pin_memory=pin)
-            for e in range(lay.num_experts):
-                lay.pack_expert(mod, e, rows[e])
-            strip_expert_params(mod, lay)  # the fused copy goes now, before the next layer is packed
-            self._rows.append(rows)
+            if self.packed:
+                rows = torch.empty(
+                    lay.num_experts, lay.row_bytes, dtype=torch.uint8, pin_memory=pin
+                )
+                for e in range(lay.num_experts):
+                    lay.pack_expert(mod, e, rows[e])
+                self._rows.append(rows)
+            else:
+                self._fused.append({s.name: getattr(mod, s.name).data for s in lay.params})
+            strip_expert_params(mod, lay)  # the fused Parameters go before the next layer is packed
 
     def read_into(self, layer: int, expert: int, lo: int, hi: int, dst: torch.Tensor) -> None:
-        dst.copy_(self._rows[layer][expert, lo:hi])
+        if self.packed:
+            dst.copy_(self._rows[layer][expert, lo:hi])
+            return
+        for s in self.layouts[layer].params:  # the slices of [lo, hi) that hold a parameter
+            a, b = max(lo, s.offset), min(hi, s.offset + s.nbytes)
+            if a < b:
+                src = self._fused[layer][s.name][expert].view(-1).view(torch.uint8)
+                dst[a - lo : b - lo].copy_(src[a - s.offset : b - s.offset])
 
-    def host_row(self, layer: int, expert: int) -> torch.Tensor:
-        return self._rows[layer][expert]
+    def host_row(self, layer: int, expert: int) -> torch.Tensor | None:
+        return self._rows[layer][expert] if self.packed else None
 
 
 class FileStore(ExpertStore):
@@ -115,7 +147,9 @@ class FileStore(ExpertStore):
             raise InputError(f"expert store directory {directory} does not exist")
         fd, name = tempfile.mkstemp(prefix="fmoe-experts-", suffix=".safetensors", dir=directory)
         self.path = Path(name)
-        self._data_start, self._offsets = _write_safetensors(fd, experts_modules, layouts, metadata or {})
+        self._data_start, self._offsets = _write_safetensors(
+            fd, experts_modules, layouts, metadata or {}
+        )
         self._fd: int | None = os.open(name, os.O_RDONLY)
         if not keep:
             os.unlink(name)
@@ -154,12 +188,19 @@ def _write_safetensors(
     for layer, lay in enumerate(layouts):
         row = []
         for e in range(lay.num_experts):
-            header[f"layers.{layer}.experts.{e}"] = {"dtype": "U8", "shape": [lay.row_bytes], "data_offsets": [pos, pos + lay.row_bytes]}
+            header[f"layers.{layer}.experts.{e}"] = {
+                "dtype": "U8",
+                "shape": [lay.row_bytes],
+                "data_offsets": [pos, pos + lay.row_bytes],
+            }
             row.append(pos)
             pos += lay.row_bytes
         offsets.append(row)
     header["__metadata__"]["layouts"] = json.dumps(  # type: ignore[index]
-        [[(s.name, str(s.dtype), list(s.shape), s.offset, s.nbytes) for s in lay.params] for lay in layouts]
+        [
+            [(s.name, str(s.dtype), list(s.shape), s.offset, s.nbytes) for s in lay.params]
+            for lay in layouts
+        ]
     )
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -178,7 +219,11 @@ STORE_KINDS = ("ram", "file")
 
 
 def build_store(
-    kind: str, experts_modules: Sequence[nn.Module], *, pin: bool = False, directory: str | Path | None = None
+    kind: str,
+    experts_modules: Sequence[nn.Module],
+    *,
+    pin: bool = False,
+    directory: str | Path | None = None,
 ) -> ExpertStore:
     """Build a store of ``kind`` ('ram' or 'file') from the fused experts modules (strips them)."""
     if kind == "ram":

@@ -41,7 +41,8 @@ class ModelTaps:
         for b in self.loaded.blocks:
             self._handles.append(b.router.register_forward_hook(self._router_hook(b.moe_layer)))
             if experts_prehook:
-                self._handles.append(b.experts.register_forward_pre_hook(self._experts_hook(b.moe_layer)))
+                hook = self._experts_hook(b.moe_layer)
+                self._handles.append(b.experts.register_forward_pre_hook(hook, with_kwargs=True))
         emb = self.loaded.model.get_input_embeddings()
         self._handles.append(emb.register_forward_hook(self._embedding_hook))
         return self
@@ -60,9 +61,11 @@ class ModelTaps:
         return hook
 
     def _experts_hook(self, layer: int):
-        def hook(_mod, args):
+        def hook(_mod, args, kwargs):
             if self.on_gate is not None:
-                self.on_gate(layer, *args[:3])
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                vals = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]) :]]
+                self.on_gate(layer, *vals)
 
         return hook
 
@@ -77,7 +80,9 @@ class ModelTaps:
         if logits is None:
             return None
         self._logits[layer] = None
-        return self.loaded.adapter.probs(logits.detach().reshape(-1, logits.shape[-1])).cpu().numpy()
+        return (
+            self.loaded.adapter.probs(logits.detach().reshape(-1, logits.shape[-1])).cpu().numpy()
+        )
 
     def lookahead(self, layer: int, hidden: torch.Tensor) -> np.ndarray:
         """Layer ``layer + 1``'s router on ``hidden`` as probability rows [T, J]; zeros for the last layer."""

@@ -16,6 +16,7 @@ from calibration.model_spec import ModelSpec
 
 GB = 2**30
 DEFAULT_CHUNK_BYTES = 16 * 2**20
+OFFLINE_TRAIN_FRACTION = 0.7  # the paper: 70% of the prompts fill the store, 30% are tested
 
 Batching = Literal["static", "continuous"]
 Arrivals = Literal["auto", "trace", "closed"]
@@ -28,11 +29,13 @@ class SimConfig(BaseModel):
     all GPUs split by the placement, or per GPU when ``cache_per_gpu``. Neither: every
     GPU gets what its memory holds after the dense weights and the KV reserve.
 
-    Offline mode: a training workload (``training`` here, or the ``training`` argument
-    of :func:`sim.run.simulate`, or a ``train_fraction`` split of the workload) is given
-    to ``policy.fit`` before the run. ``arrivals="auto"`` then serves requests closed
-    loop (each request arrives when a batch slot frees, so TTFT has no queueing), and
-    otherwise follows the trace's arrival times.
+    Offline mode (the paper's offline setup): a training workload is given to
+    ``policy.fit`` before the run: ``training`` here or the ``training`` argument of
+    :func:`sim.run.simulate`, else a split of the workload into ``train_fraction`` for
+    training and the rest for the run (``offline=True`` alone means the paper's 70/30).
+    ``arrivals="auto"`` then serves requests closed loop (each request arrives when a
+    batch slot frees, so TTFT has no queueing) and otherwise follows the trace's arrival
+    times; ``"trace"`` / ``"closed"`` force one or the other.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -49,13 +52,24 @@ class SimConfig(BaseModel):
     batching: Batching = "continuous"
     arrivals: Arrivals = "auto"
     prefetch_distance: int | None = Field(default=None, ge=1)
-    chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1, description="preemption granularity of a copy")
+    chunk_bytes: int = Field(
+        default=DEFAULT_CHUNK_BYTES, ge=1, description="preemption granularity of a copy"
+    )
     pinned: bool = Field(default=True, description="host copies from pinned (else pageable) memory")
     warm_start: bool = Field(default=False, description="fill caches layer by layer before the run")
     seed: int = 0
-    train_fraction: float | None = Field(default=None, ge=0, le=1, description="split the workload into train/test")
-    training: Any = Field(default=None, exclude=True, description="a training traces.Workload (offline mode)")
-    record_events: bool = Field(default=False, description="keep transfer/compute spans (Chrome trace)")
+    offline: bool = Field(
+        default=False, description="fit on a training split (70/30 unless train_fraction)"
+    )
+    train_fraction: float | None = Field(
+        default=None, ge=0, le=1, description="split the workload into train/test"
+    )
+    training: Any = Field(
+        default=None, exclude=True, description="a training traces.Workload (offline mode)"
+    )
+    record_events: bool = Field(
+        default=False, description="keep transfer/compute spans (Chrome trace)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SimConfig:

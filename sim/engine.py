@@ -18,7 +18,10 @@ the next GPU, and for an MoE layer l:
 4. at the layer end the experts are used and unpinned, predicted-but-unused prefetches
    of l lose their protection, and the policy sees ``on_expert_used`` per expert.
 
-The policy's ``decide_prefetch`` is drained after every observe call.
+The policy's ``decide_prefetch`` is drained after every observe call (the call is
+skipped when the policy keeps the base implementation and has queued nothing: the
+result would be empty); orders issued in ``on_gate`` are applied after that layer's
+demand loads are queued, so demand loads go first.
 
 Clock: the engine keeps its own time ``t`` >= ``env.now`` and only yields to simpy when an
 event (a copy landing, an arrival, a delayed order) lies at or before its next action,
@@ -60,17 +63,16 @@ Proc = Generator[simpy.Event, Any, Any]
 
 
 class _GpuPlan:
-    """One GPU's share of an MoE layer."""
+    """One GPU's experts of an MoE layer that were not resident at demand."""
 
-    __slots__ = ("g", "cache", "link", "comp", "res", "pend", "defer", "keys")
+    __slots__ = ("g", "cache", "link", "comp", "load", "pend", "defer")
 
     def __init__(self, g: int, cache: ExpertCache, link: Link):
         self.g, self.cache, self.link = g, cache, link
-        self.comp = 0.0  # compute time of experts resident at demand
-        self.res: list[tuple[ExpertKey, float]] = []  # resident at demand: (key, compute time)
-        self.pend: list[tuple[ExpertKey, float]] = []  # loading: (key, compute time)
-        self.defer: list[tuple[ExpertKey, float]] = []  # no slot yet: next waves
-        self.keys: list[ExpertKey] = []  # pinned, released at the layer end
+        self.comp = 0.0  # compute time of the GPU's experts resident at demand
+        self.load = 0.0  # compute time of the others
+        self.pend: list[tuple[ExpertKey, float]] = []  # loading (pinned): (key, compute time)
+        self.defer: list[tuple[ExpertKey, float]] = []  # no slot yet: later waves
 
 
 def _overrides(policy: Policy, hook: str) -> bool:
@@ -124,8 +126,10 @@ class Engine:
         self.has_emb = workload.has_embeddings
         spec, n = self.spec, cfg.hardware.num_gpus
         self.num_gpus = n
-        self.dev_table = [[placement.device_of((lay, e)) for e in range(spec.num_experts)]
-                          for lay in range(spec.num_moe_layers)]
+        self.dev_table = [
+            [placement.device_of((lay, e)) for e in range(spec.num_experts)]
+            for lay in range(spec.num_moe_layers)
+        ]
         dense = set(spec.dense_layers)
         stages = [i * n // spec.num_layers for i in range(spec.num_layers)]
         moe_index = {d: i for i, d in enumerate(spec.moe_layer_ids)}
@@ -174,7 +178,9 @@ class Engine:
         emb = req.prompt_embedding
         if emb is None and req.routing.embeddings is not None:
             emb = req.routing.embeddings[: req.prompt_len].astype(np.float32).mean(axis=0)
-        self.policy.on_request_arrival(RequestArrival(req.request_id, req.prompt_len, req.prompt_text, emb))
+        self.policy.on_request_arrival(
+            RequestArrival(req.request_id, req.prompt_len, req.prompt_text, emb)
+        )
         self._drain(now)
 
     # -- arrivals and batching --------------------------------------------------------------
@@ -210,7 +216,9 @@ class Engine:
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
-            for _ in range(self.batcher.admit(len(self.waiting), len(self.running), self.more_coming)):
+            for _ in range(
+                self.batcher.admit(len(self.waiting), len(self.running), self.more_coming)
+            ):
                 s = self.waiting.popleft()
                 s.start_s = t
                 if self.closed:
@@ -239,7 +247,9 @@ class Engine:
             pos.append(np.arange(sl.start, sl.stop))
             pre.append(np.full(n, s.next_iter == 0))
         emb = stack_field(batch, it.slices, "embeddings") if self.has_emb else None
-        ev = IterationStart(self.iterations, tuple(ids), np.concatenate(pos), np.concatenate(pre), emb, t)
+        ev = IterationStart(
+            self.iterations, tuple(ids), np.concatenate(pos), np.concatenate(pre), emb, t
+        )
         self.policy.on_iteration_start(ev)
         self._drain(t, delayed=True)
 
@@ -275,43 +285,57 @@ class Engine:
             t += dense_t
             if moe < 0:
                 continue
-            l = moe  # noqa: E741
+            layer = moe
             self.gate_seq += 1
-            links.stamp = links.last_gate[l] = self.gate_seq
+            links.stamp = links.last_gate[layer] = self.gate_seq
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
             if self._h_gate:
                 assert weights is not None
-                policy.on_gate(GateOutput(
-                    self.iterations, l, it.ids[:, l], weights[:, l],
-                    None if probs is None else probs[:, l], None if look is None else look[:, l], t,
-                ))
-            plans, hitmap = self._demand(l, it.items[l], t)
+                policy.on_gate(
+                    GateOutput(
+                        self.iterations,
+                        layer,
+                        it.ids[:, layer],
+                        weights[:, layer],
+                        None if probs is None else probs[:, layer],
+                        None if look is None else look[:, layer],
+                        t,
+                    )
+                )
+            slow, used, comp, hitmap = self._demand(layer, it.items[layer], t)
             if self._h_gate:  # after the demand loads: they go first
                 self._drain(t, delayed=True)
-            for link in links.links:
-                if link.suspended:
-                    link.drop_suspended_of_layer(l)
-            # compute: the fast case has every expert resident
-            waits = [p for p in plans if p.pend or p.defer]
-            if not waits:
-                t_layer = t + max(p.comp for p in plans)
+            if links.n_suspended:
+                for link in links.links:
+                    if link.suspended:
+                        link.drop_suspended_of_layer(layer)
+            if slow is None:  # every expert resident: the GPUs just compute
+                t_layer = t + max(comp)
                 if log is not None:
-                    self._log_compute(plans, t)
+                    self._log_compute(used, layer, it.items[layer], t)
             else:
-                ideal = max(p.comp + sum(c for _, c in p.pend) + sum(c for _, c in p.defer) for p in plans)
-                t_layer, t = yield from self._wait_compute(plans, t)
+                ideal = max(comp)
+                for p in slow:
+                    p.comp = comp[p.g]
+                    ideal = max(ideal, p.comp + p.load)
+                t_layer, t = yield from self._wait_compute(
+                    slow, comp, used, layer, it.items[layer], t
+                )
                 self.stall_s += t_layer - t - ideal
             t = t_layer + exch_t
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
-            self._release(plans, l, t)
-            self._attribute(batch, it, l, hitmap)
+            for cache, key in used:
+                cache.use(key, t)
+                cache.unpin(key)
+            self._unprotect(layer)
+            self._attribute(batch, it, layer, hitmap)
             if self._h_used:
-                for e, tok in it.items[l]:
-                    policy.on_expert_used((l, e), tok, t)
+                for e, tok in it.items[layer]:
+                    policy.on_expert_used((layer, e), tok, t)
                     self._drain(t)
             self.layer_steps += 1
         if env.peek() <= t:
@@ -325,53 +349,61 @@ class Engine:
         self.running = [s for s in batch if not s.done]
         if self._h_end:
             finished = tuple(s.req.request_id for s in batch if s.done)
-            policy.on_iteration_end(IterationEnd(self.iterations, tuple(s.req.request_id for s in batch), finished, t))
+            policy.on_iteration_end(
+                IterationEnd(self.iterations, tuple(s.req.request_id for s in batch), finished, t)
+            )
             self._drain(t)
         return t
 
     # -- one MoE layer ----------------------------------------------------------------------
-    def _demand(self, l: int, items: list[tuple[int, int]], t: float) -> tuple[list[_GpuPlan], dict[int, bool]]:
-        """Demand, pin and (on a miss) start loading every expert the layer routes to."""
-        caches, links = self.caches, self.links.links
+    def _demand(
+        self, layer: int, items: list[tuple[int, int]], t: float
+    ) -> tuple[
+        list[_GpuPlan] | None, list[tuple[ExpertCache, ExpertKey]], list[float], dict[int, bool]
+    ]:
+        """Demand and pin every expert the layer routes to; start loading the misses.
+
+        Returns the GPUs with misses (None when every expert was resident), the pinned
+        (cache, key) pairs to release at the layer end, the compute time of the resident
+        experts per GPU, and hit/miss per expert.
+        """
+        caches, dev = self.caches, self.dev_table[layer]
         et = self.timing._expert
+        comp = [0.0] * self.num_gpus
+        used: list[tuple[ExpertCache, ExpertKey]] = []
         hitmap: dict[int, bool] = {}
-        if self.num_gpus == 1:
-            groups: dict[int, list[tuple[int, int]]] = {0: items}
-        else:
-            dev = self.dev_table[l]
-            groups = {}
-            for item in items:
-                groups.setdefault(dev[item[0]], []).append(item)
-        plans = []
-        for g, its in groups.items():
-            cache, link = caches[g], links[g]
-            p = _GpuPlan(g, cache, link)
-            entries = cache.entries
-            for e, tok in its:
-                key = (l, e)
-                ct = et.get(tok)
-                if ct is None:
-                    ct = self.timing.expert(tok)
-                if cache.demand(key):
-                    hitmap[e] = True
-                    cache.pin(key)
-                    p.comp += ct
-                    p.res.append((key, ct))
-                    p.keys.append(key)
-                    continue
-                hitmap[e] = False
-                if key in entries:  # loading: make it a demand load
-                    cache.pin(key)
-                    link.promote(key, t)
-                    p.pend.append((key, ct))
-                    p.keys.append(key)
-                elif self._start_demand(cache, link, key, t):
-                    p.pend.append((key, ct))
-                    p.keys.append(key)
-                else:
-                    p.defer.append((key, ct))
-            plans.append(p)
-        return plans, hitmap
+        slow: dict[int, _GpuPlan] | None = None
+        for e, tok in items:
+            g = dev[e]
+            cache = caches[g]
+            key = (layer, e)
+            ct = et.get(tok)
+            if ct is None:
+                ct = self.timing.expert(tok)
+            if cache.demand(key):
+                hitmap[e] = True
+                cache.pin(key)
+                comp[g] += ct
+                used.append((cache, key))
+                continue
+            hitmap[e] = False
+            if slow is None:
+                slow = {}
+            p = slow.get(g)
+            if p is None:
+                p = slow[g] = _GpuPlan(g, cache, self.links.links[g])
+            p.load += ct
+            if key in cache.entries:  # loading: make it a demand load
+                cache.pin(key)
+                p.link.promote(key, t)
+                p.pend.append((key, ct))
+                used.append((cache, key))
+            elif self._start_demand(cache, p.link, key, t):
+                p.pend.append((key, ct))
+                used.append((cache, key))
+            else:
+                p.defer.append((key, ct))
+        return (None if slow is None else list(slow.values())), used, comp, hitmap
 
     def _start_demand(self, cache: ExpertCache, link: Link, key: ExpertKey, t: float) -> bool:
         """Reserve a slot for a missed ``key``, pin it and queue its demand load."""
@@ -390,54 +422,86 @@ class Engine:
         return True
 
     def _timeline(self, p: _GpuPlan, t: float) -> float:
-        """When GPU p finishes: resident experts first, then loaded ones as they land."""
-        if self.log is not None:
-            self._log_compute([p], t)
+        """When GPU p finishes: ``p.comp`` of resident experts first, then the loaded ones
+        as they land."""
         tg = t + p.comp
         entries = p.cache.entries
-        for key, ct in sorted(p.pend, key=lambda kc: (entries[kc[0]].loaded_at, kc[0])):
+        pend = (
+            p.pend
+            if len(p.pend) < 2
+            else sorted(p.pend, key=lambda kc: (entries[kc[0]].loaded_at, kc[0]))
+        )
+        for key, ct in pend:
             ready = entries[key].loaded_at
             start = ready if ready > tg else tg
             if self.log is not None:
-                self.log.span("compute", p.g, f"L{key[0]}E{key[1]}", start, start + ct, wait=start - tg)
+                self.log.span(
+                    "compute", p.g, f"L{key[0]}E{key[1]}", start, start + ct, wait=start - tg
+                )
             tg = start + ct
         return tg
 
-    def _log_compute(self, plans: list[_GpuPlan], t: float) -> None:
+    def _log_compute(
+        self,
+        used: list[tuple[ExpertCache, ExpertKey]],
+        layer: int,
+        items: list[tuple[int, int]],
+        t: float,
+        skip: set[ExpertKey] | None = None,
+    ) -> None:
+        """Spans of the experts that were resident at demand, back to back per GPU from t."""
         assert self.log is not None
-        for p in plans:
-            tg = t
-            for key, ct in p.res:
-                self.log.span("compute", p.g, f"L{key[0]}E{key[1]}", tg, tg + ct)
-                tg += ct
+        tokens = dict(items)
+        cursor = [t] * self.num_gpus
+        for cache, key in used:
+            if skip and key in skip:
+                continue
+            g = cache.device
+            ct = self.timing.expert(tokens[key[1]])
+            self.log.span("compute", g, f"L{layer}E{key[1]}", cursor[g], cursor[g] + ct)
+            cursor[g] += ct
 
-    def _wait_compute(self, plans: list[_GpuPlan], t: float) -> Proc:
-        """Wait for the layer's loads (and run waves); returns (layer end, gate time)."""
+    def _wait_compute(
+        self,
+        slow: list[_GpuPlan],
+        comp: list[float],
+        used: list[tuple[ExpertCache, ExpertKey]],
+        layer: int,
+        items: list[tuple[int, int]],
+        t: float,
+    ) -> Proc:
+        """Wait for the layer's loads (running waves where needed); returns (layer end, t)."""
         env = self.env
         procs = []
         out: dict[int, float] = {}
-        if any(p.defer for p in plans):
+        if self.log is not None:  # experts resident at demand run first, from t
+            self._log_compute(used, layer, items, t, skip={k for p in slow for k, _ in p.pend})
+        if any(p.defer for p in slow):
             if t > env.now:  # waves act on the clock: be at t first
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
-            for p in plans:
+            waving = {p.g for p in slow if p.defer}
+            for p in slow:
                 if p.defer:
-                    procs.append(env.process(self._waves(p, t, out)))
-        keys = [k for p in plans if not p.defer for k, _ in p.pend if not p.cache.is_resident(k)]
+                    mine = [k for c, k in used if c.device == p.g]
+                    procs.append(env.process(self._waves(p, t, out, mine)))
+            used[:] = [(c, k) for c, k in used if c.device not in waving]  # waves release their own
+        keys = [k for p in slow if not p.defer for k, _ in p.pend]
         ev = self.links.wait_all(keys)
         if ev is not None:
             yield ev
-        for proc in procs:
-            yield proc
-        end = t
-        for p in plans:
+        yield from procs
+        end = t + max(comp)
+        for p in slow:
             tg = out[p.g] if p.g in out else self._timeline(p, t)
-            end = max(end, tg)
+            if tg > end:
+                end = tg
         return end, t
 
-    def _waves(self, p: _GpuPlan, t: float, out: dict[int, float]) -> Proc:
+    def _waves(self, p: _GpuPlan, t: float, out: dict[int, float], mine: list[ExpertKey]) -> Proc:
         """A GPU whose cache cannot hold the layer's experts at once: compute what is pinned,
-        release it, load the next experts, repeat."""
+        release it, load the next experts, repeat. Pinned keys of this GPU are released
+        here (the engine skips them at the layer end)."""
         env, cache = self.env, p.cache
         tg = t
         while True:
@@ -446,25 +510,24 @@ class Engine:
             if ev is not None:
                 yield ev
             tg = self._timeline(p, tg)
-            p.comp, p.res = 0.0, []
+            p.comp = 0.0
             if tg > env.now:
                 yield env.timeout(tg - env.now)
             now = env.now
-            for key in p.keys:
+            for key in mine:
                 cache.use(key, now)
                 cache.unpin(key)
-            p.keys, p.pend = [], []
+            p.pend, mine = [], []
             while p.defer:
                 key, ct = p.defer[0]
-                state = cache.entries.get(key)
-                if state is not None:  # a prefetch got there meanwhile
+                if key in cache.entries:  # a prefetch got there meanwhile
                     cache.pin(key)
                     p.link.promote(key, now)
                 elif not self._start_demand(cache, p.link, key, now):
                     break
                 p.defer.pop(0)
                 p.pend.append((key, ct))
-                p.keys.append(key)
+                mine.append(key)
             if not p.defer and not p.pend:
                 break
             if not p.pend:  # every slot holds an in-flight prefetch: wait for one to land
@@ -472,19 +535,15 @@ class Engine:
             tg = max(tg, env.now)
         out[p.g] = tg
 
-    def _release(self, plans: list[_GpuPlan], l: int, t: float) -> None:
-        protected = self.links.protected
-        for p in plans:
-            cache = p.cache
-            for key in p.keys:
-                cache.use(key, t)
-                cache.unpin(key)
-        for g, layers in enumerate(protected):
-            if l in layers:
-                layers.discard(l)
-                self.caches[g].unprotect_layer(l)
+    def _unprotect(self, layer: int) -> None:
+        for g, layers in enumerate(self.links.protected):
+            if layer in layers:
+                layers.discard(layer)
+                self.caches[g].unprotect_layer(layer)
 
-    def _attribute(self, batch: list[RequestState], it: Iteration, l: int, hitmap: dict[int, bool]) -> None:
+    def _attribute(
+        self, batch: list[RequestState], it: Iteration, layer: int, hitmap: dict[int, bool]
+    ) -> None:
         """Per-request hits and demands: the distinct experts each request's rows used."""
         if it.per_request is None:
             s = batch[0]
@@ -492,6 +551,6 @@ class Engine:
             s.hits += sum(hitmap.values())
             return
         for s, lists in zip(batch, it.per_request, strict=True):
-            experts = lists[l]
+            experts = lists[layer]
             s.demands += len(experts)
             s.hits += sum(hitmap[e] for e in experts)

@@ -29,7 +29,9 @@ class EventLog:
     def __init__(self) -> None:
         self.spans: list[Span] = []
 
-    def span(self, cat: str, device: int, name: str, start: float, end: float, tid: int = 0, **args: Any) -> None:
+    def span(
+        self, cat: str, device: int, name: str, start: float, end: float, tid: int = 0, **args: Any
+    ) -> None:
         self.spans.append(Span(cat, device, name, start, end, tid, args))
 
     def to_chrome(self) -> dict[str, Any]:
@@ -37,12 +39,18 @@ class EventLog:
         events: list[dict[str, Any]] = []
         devices = sorted({s.device for s in self.spans})
         for d in devices:
-            events.append({"ph": "M", "name": "process_name", "pid": d, "args": {"name": f"GPU {d}"}})
-            events.append({"ph": "M", "name": "thread_name", "pid": d, "tid": 0, "args": {"name": "compute"}})
+            events.append(
+                {"ph": "M", "name": "process_name", "pid": d, "args": {"name": f"GPU {d}"}}
+            )
+            events.append(
+                {"ph": "M", "name": "thread_name", "pid": d, "tid": 0, "args": {"name": "compute"}}
+            )
         for tid in sorted({s.tid for s in self.spans if s.tid > 0}):
             for d in devices:
                 name = f"h2d link channel {tid - 1}"
-                events.append({"ph": "M", "name": "thread_name", "pid": d, "tid": tid, "args": {"name": name}})
+                events.append(
+                    {"ph": "M", "name": "thread_name", "pid": d, "tid": tid, "args": {"name": name}}
+                )
         for s in self.spans:
             events.append(
                 {

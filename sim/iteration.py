@@ -81,7 +81,14 @@ def build_iteration(batch: list[RequestState], num_experts: int) -> Iteration:
         items = layer_items(ids, num_experts)
         per_request = [[[e for e, _ in lay] for lay in layer_items(p, num_experts)] for p in parts]
     rows = int(ids.shape[0])
-    return Iteration(rows=rows, context=ctx_sum / rows, ids=ids, items=items, per_request=per_request, slices=slices)
+    return Iteration(
+        rows=rows,
+        context=ctx_sum / rows,
+        ids=ids,
+        items=items,
+        per_request=per_request,
+        slices=slices,
+    )
 
 
 def stack_field(batch: list[RequestState], slices: list[slice], name: str) -> np.ndarray | None:

@@ -7,8 +7,9 @@ Model (one :class:`Link` per GPU):
   priority (FIFO among equal priorities).
 - A copy pays the link latency when it starts (or resumes) and then moves its bytes at
   the link bandwidth. Concurrent copies share the link bandwidth equally, and when the
-  profile has a host-side cap, all copies on all links share the cap equally too; a
-  copy's rate is re-evaluated at every chunk boundary in that case.
+  profile has a host-side cap, all copies on all links share the cap equally too (a
+  copy gets min(link bandwidth / copies on its link, cap / copies on all links)). Rates
+  change whenever a copy starts or ends; a copy in its latency phase counts as active.
 - A demand load that finds every channel busy with prefetches preempts the lowest
   priority one at its next chunk boundary (``chunk_bytes``; a copy still in its latency
   phase stops at once). The preempted copy keeps its cache slot (LOADING) and resumes
@@ -46,7 +47,9 @@ class _Job:
 
     __slots__ = ("key", "demand", "remaining", "priority", "seq", "stamp", "stop")
 
-    def __init__(self, key: ExpertKey, demand: bool, remaining: int, priority: float, seq: int, stamp: int):
+    def __init__(
+        self, key: ExpertKey, demand: bool, remaining: int, priority: float, seq: int, stamp: int
+    ):
         self.key = key
         self.demand = demand
         self.remaining = remaining
@@ -59,10 +62,11 @@ class _Job:
 class _Channel:
     """One concurrent copy slot of a link and the segment it is moving."""
 
-    __slots__ = ("index", "job", "gen", "start", "t0", "end", "seg", "rate")
+    __slots__ = ("index", "job", "gen", "start", "t0", "end", "seg", "rate", "on_timeout")
 
     def __init__(self, index: int):
         self.index = index
+        self.on_timeout: Callable[[simpy.Event], None] = lambda ev: None
         self.job: _Job | None = None
         self.gen = 0  # invalidates scheduled callbacks of a rescheduled segment
         self.start = 0.0  # when the segment started (incl. latency)
@@ -78,6 +82,7 @@ class HostBus:
     def __init__(self, cap_Bps: float | None):
         self.cap = cap_Bps
         self.active = 0
+        self.links: list[Link] = []
 
 
 class Link:
@@ -100,9 +105,12 @@ class Link:
         self.ebytes = cache.expert_bytes
         self.bw, self.lat, self.chunk = bandwidth_Bps, latency_s, chunk_bytes
         self.bus = bus
+        bus.links.append(self)
         # rates change with other copies only when channels or a cap are shared
-        self.chunked = concurrency > 1 or bus.cap is not None
+        self.shared = concurrency > 1 or bus.cap is not None
         self.channels = [_Channel(i) for i in range(concurrency)]
+        for ch in self.channels:
+            ch.on_timeout = partial(self._on_timeout, ch)
         self.demand_q: deque[_Job] = deque()
         self.heap: list[tuple[float, int, ExpertKey]] = []
         self.queued: dict[ExpertKey, _Job] = {}  # prefetches waiting (new or preempted)
@@ -112,19 +120,27 @@ class Link:
         self.busy_s = 0.0
         self._busy_t0 = 0.0
         self.bytes_moved = 0
-        self.stats = {"orders": 0, "skipped_cached": 0, "stale": 0, "dropped_full": 0, "preemptions": 0}
+        self.stats = {
+            "orders": 0,
+            "skipped_cached": 0,
+            "stale": 0,
+            "dropped_full": 0,
+            "preemptions": 0,
+        }
 
     # -- engine / policy entry points -----------------------------------------------------
     def push_demand(self, key: ExpertKey, now: float) -> None:
         """Queue a demand load for ``key`` (its slot already reserved by the engine)."""
-        self.demand_q.append(_Job(key, True, self.ebytes, math.inf, self.owner.next_seq(), self.owner.stamp))
+        self.demand_q.append(
+            _Job(key, True, self.ebytes, math.inf, self.owner.next_seq(), self.owner.stamp)
+        )
         self._kick(now)
 
     def promote(self, key: ExpertKey, now: float) -> None:
         """A LOADING ``key`` is demanded: make its copy a demand load (no more preemption)."""
         if key in self.suspended:
             job = self.queued.pop(key)
-            self.suspended.discard(key)
+            self._unsuspend(key)
             job.demand, job.stop = True, 0
             self.demand_q.append(job)
             self._kick(now)
@@ -162,7 +178,7 @@ class Link:
         job = self.queued.pop(key, None)
         if job is not None:
             if key in self.suspended:
-                self.suspended.discard(key)
+                self._unsuspend(key)
                 self._cancel_slot(key)
             return
         ch = self.inflight.get(key)
@@ -174,7 +190,7 @@ class Link:
         without demanding them."""
         gate = self.owner.last_gate[layer]
         for key in [k for k in self.suspended if k[0] == layer and self.queued[k].stamp < gate]:
-            self.suspended.discard(key)
+            self._unsuspend(key)
             del self.queued[key]
             self.stats["stale"] += 1
             self._cancel_slot(key)
@@ -184,9 +200,9 @@ class Link:
         if not self.suspended:
             return False
         for key in sorted(self.suspended):
+            self._unsuspend(key)
             del self.queued[key]
             self._cancel_slot(key)
-        self.suspended.clear()
         return True
 
     def busy_until(self, now: float) -> float:
@@ -206,10 +222,18 @@ class Link:
 
     def _preempt(self, now: float) -> None:
         while self.demand_q:
-            stopping = sum(1 for ch in self.channels if ch.job is not None and ch.job.stop and not ch.job.demand)
+            stopping = sum(
+                1
+                for ch in self.channels
+                if ch.job is not None and ch.job.stop and not ch.job.demand
+            )
             if len(self.demand_q) <= stopping:
                 return
-            victims = [ch for ch in self.channels if ch.job is not None and not ch.job.demand and not ch.job.stop]
+            victims = [
+                ch
+                for ch in self.channels
+                if ch.job is not None and not ch.job.demand and not ch.job.stop
+            ]
             if not victims:
                 return
             victim = min(victims, key=lambda c: (c.job.priority, -c.job.seq))  # type: ignore[union-attr]
@@ -229,11 +253,11 @@ class Link:
             if last_gate[key[0]] > job.stamp:  # its layer has run since the order
                 self.stats["stale"] += 1
                 if key in self.suspended:
-                    self.suspended.discard(key)
+                    self._unsuspend(key)
                     self._cancel_slot(key)
                 continue
             if key in self.suspended:
-                self.suspended.discard(key)
+                self._unsuspend(key)
                 return job
             if key in cache.entries:
                 self.stats["skipped_cached"] += 1
@@ -264,21 +288,37 @@ class Link:
             self.active += 1
             self.bus.active += 1
             lat = self.lat
-        rate = self._rate() if self.chunked else self.bw
+        rate = self._rate() if self.shared else self.bw
         seg = job.remaining
-        if self.chunked:
-            seg = min(seg, self.chunk - (self.ebytes - job.remaining) % self.chunk)
         ch.start, ch.t0, ch.seg, ch.rate = now, now + lat, seg, rate
         ch.end = ch.t0 + seg / rate
         self._schedule(ch)
+        if new_run and self.shared:
+            self._rerate(now, ch)
+
+    def _rerate(self, now: float, skip: _Channel | None) -> None:
+        """The number of copies changed: give every other copy in flight its new share."""
+        for link in self.bus.links if self.bus.cap is not None else (self,):
+            for c in link.channels:
+                if c.job is None or c is skip:
+                    continue
+                rate = link._rate()
+                if rate == c.rate:
+                    continue
+                if now > c.t0:  # keep the bytes moved so far: restart the clock at the new rate
+                    c.t0 = now - (now - c.t0) * c.rate / rate
+                c.rate = rate
+                c.end = c.t0 + c.seg / rate
+                link._schedule(c)
 
     def _schedule(self, ch: _Channel) -> None:
         ch.gen += 1
-        ev = self.env.timeout(max(ch.end - self.env.now, 0.0))
-        ev.callbacks.append(partial(self._on_timeout, ch, ch.gen))
+        env = self.env
+        ev = env.timeout(max(ch.end - env.now, 0.0), ch.gen)
+        ev.callbacks.append(ch.on_timeout)
 
-    def _on_timeout(self, ch: _Channel, gen: int, _ev: simpy.Event) -> None:
-        if gen == ch.gen and ch.job is not None:
+    def _on_timeout(self, ch: _Channel, ev: simpy.Event) -> None:
+        if ev._value == ch.gen and ch.job is not None:  # not a rescheduled segment's old event
             self._segment_done(ch, self.env.now)
 
     def _stop(self, ch: _Channel, now: float, kind: int) -> None:
@@ -311,8 +351,16 @@ class Link:
         self.bytes_moved += ch.seg
         rec = self.owner.log
         if rec is not None and now > ch.start:
-            rec.span("h2d", self.device, f"L{job.key[0]}E{job.key[1]}", ch.start, now, tid=1 + ch.index,
-                     bytes=ch.seg, demand=job.demand)
+            rec.span(
+                "h2d",
+                self.device,
+                f"L{job.key[0]}E{job.key[1]}",
+                ch.start,
+                now,
+                tid=1 + ch.index,
+                bytes=ch.seg,
+                demand=job.demand,
+            )
         if job.remaining > 0 and not (job.stop and not job.demand):
             job.stop = 0
             self._begin(ch, job, now, new_run=False)
@@ -326,6 +374,7 @@ class Link:
             self.stats["preemptions"] += 1
             job.stop = 0
             self.suspended.add(key)
+            self.owner.n_suspended += 1
             self.queued[key] = job
             heapq.heappush(self.heap, (-job.priority, job.seq, key))
         else:
@@ -342,6 +391,12 @@ class Link:
         self.bus.active -= 1
         if self.active == 0:
             self.busy_s += now - self._busy_t0
+        if self.shared:
+            self._rerate(now, None)
+
+    def _unsuspend(self, key: ExpertKey) -> None:
+        self.suspended.discard(key)
+        self.owner.n_suspended -= 1
 
     def _cancel_slot(self, key: ExpertKey) -> None:
         self.cache.cancel_load(key)
@@ -380,14 +435,24 @@ class Links:
         self.bus = HostBus(host_cap_Bps)
         self.last_gate = [0] * num_layers  # gate sequence number of each layer's last gate
         self.stamp = 0  # the current gate sequence number
+        self.n_suspended = 0  # preempted copies on all links
         self._seq = 0
         self.protected: list[set[int]] = [set() for _ in caches]  # layers with prefetched entries
         self.on_load: Callable[[ExpertKey, bool, float], None] | None = None
         self._waiters: dict[ExpertKey, list[_Waiter]] = {}
         self._slot_waiters: dict[int, list[simpy.Event]] = {}
         self.links = [
-            Link(env, d, c, self, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s, concurrency=concurrency,
-                 chunk_bytes=chunk_bytes, bus=self.bus)
+            Link(
+                env,
+                d,
+                c,
+                self,
+                bandwidth_Bps=bandwidth_Bps,
+                latency_s=latency_s,
+                concurrency=concurrency,
+                chunk_bytes=chunk_bytes,
+                bus=self.bus,
+            )
             for d, c in enumerate(caches)
         ]
 

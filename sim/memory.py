@@ -38,13 +38,15 @@ def _per_gpu(count: int, placement: Placement, top_k: int, what: str) -> list[in
         raise InputError(f"per-GPU expert cache {what} holds no expert")
     caps = [min(count, placement.experts_on(d)) for d in range(placement.num_devices)]
     if sum(caps) < top_k:
-        raise InputError(f"expert cache of {sum(caps)} experts in total ({what} per GPU) is below top-K ({top_k})")
+        raise InputError(
+            f"expert cache {what} per GPU holds {sum(caps)} in total, below top-K ({top_k} experts)"
+        )
     return caps
 
 
 def _total(count: int, placement: Placement, top_k: int, what: str) -> list[int]:
     if count < top_k:
-        raise InputError(f"expert cache {what} holds {count} experts, below top-K ({top_k})")
+        raise InputError(f"expert cache {what} is below top-K ({top_k} experts)")
     return placement.split_budget(count, top_k)
 
 
@@ -60,18 +62,20 @@ def cache_capacities(cfg: SimConfig, placement: Placement, preload_all: bool = F
     fit = free // eb
     k = spec.top_k
     if cfg.cache_experts is not None:
-        what = f"of {cfg.cache_experts} experts"
+        what = f"of {cfg.cache_experts} expert{'s' * (cfg.cache_experts != 1)}"
         split = _per_gpu if cfg.cache_per_gpu else _total
         caps = split(cfg.cache_experts, placement, k, what)
     elif cfg.cache_gb is not None:
-        what = f"of {cfg.cache_gb:g} GB"
         count = int(cfg.cache_gb * GB // eb)
+        what = f"of {cfg.cache_gb:g} GB ({count} experts of {eb / 2**20:.3g} MiB)"
         split = _per_gpu if cfg.cache_per_gpu else _total
         caps = split(count, placement, k, what)
     else:
         caps = [min(fit, placement.experts_on(d)) for d in range(placement.num_devices)]
         if sum(caps) < k:
-            raise InputError(f"{spec.name} on {hw.name}: GPU memory holds {sum(caps)} experts, below top-K ({k})")
+            raise InputError(
+                f"{spec.name} on {hw.name}: GPU memory holds {sum(caps)} experts, below top-K ({k})"
+            )
     for d, c in enumerate(caps):
         if c > fit:
             raise InputError(

@@ -20,7 +20,16 @@ from sim.iteration import RequestState
 # Keys that depend on the wall clock, not on the inputs (left out when comparing runs).
 WALL_CLOCK_KEYS = ("wall_s", "run_wall_s", "layer_steps_per_s")
 REQUEST_COLUMNS = [
-    "id", "arrival_s", "start_s", "prompt_len", "output_len", "ttft_s", "tpot_s", "e2e_s", "hits", "demands",
+    "id",
+    "arrival_s",
+    "start_s",
+    "prompt_len",
+    "output_len",
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "hits",
+    "demands",
 ]
 
 
@@ -32,8 +41,16 @@ def request_frame(states: list[RequestState]) -> pd.DataFrame:
         tpot = (s.last_token_s - s.first_token_s) / (out - 1) if out > 1 else math.nan
         rows.append(
             (
-                s.req.request_id, s.arrival_s, s.start_s, s.req.prompt_len, out,
-                s.first_token_s - s.arrival_s, tpot, s.last_token_s - s.arrival_s, s.hits, s.demands,
+                s.req.request_id,
+                s.arrival_s,
+                s.start_s,
+                s.req.prompt_len,
+                out,
+                s.first_token_s - s.arrival_s,
+                tpot,
+                s.last_token_s - s.arrival_s,
+                s.hits,
+                s.demands,
             )
         )
     return pd.DataFrame.from_records(rows, columns=REQUEST_COLUMNS)
@@ -63,7 +80,9 @@ def cache_metrics(caches: list[ExpertCache]) -> dict[str, Any]:
     t = total.as_dict()
     return {
         "hit_rate": t["hits"] / t["demands"] if t["demands"] else None,
-        "prefetch_accuracy": t["prefetches_used"] / t["prefetches_issued"] if t["prefetches_issued"] else None,
+        "prefetch_accuracy": t["prefetches_used"] / t["prefetches_issued"]
+        if t["prefetches_issued"]
+        else None,
         "bytes_h2d": t["bytes_loaded"],
         **{k: v for k, v in t.items() if k != "bytes_loaded"},
         "cache_experts": [c.capacity for c in caches],

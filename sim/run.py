@@ -15,7 +15,7 @@ from policies.base import Policy, PolicyContext
 from policies.cache import ExpertCache
 from policies.placement import Placement
 from policies.registry import make_policy
-from sim.config import SimConfig
+from sim.config import OFFLINE_TRAIN_FRACTION, SimConfig
 from sim.engine import Engine
 from sim.events import EventLog
 from sim.links import Links
@@ -63,10 +63,15 @@ def _preload_keys(placement: Placement, device: int, capacity: int) -> list[tupl
     return keys[:capacity]
 
 
-def _split(workload: Workload, config: SimConfig, training: Workload | None) -> tuple[Workload, Workload | None]:
+def _split(
+    workload: Workload, config: SimConfig, training: Workload | None
+) -> tuple[Workload, Workload | None]:
     training = training if training is not None else config.training
-    if training is None and config.train_fraction is not None:
-        training, workload = workload.split(config.train_fraction, config.seed)
+    fraction = config.train_fraction
+    if fraction is None and config.offline:
+        fraction = OFFLINE_TRAIN_FRACTION
+    if training is None and fraction is not None:
+        training, workload = workload.split(fraction, config.seed)
     if not workload.requests:
         raise InputError("the workload to simulate has no requests (after the train/test split)")
     return workload, training
@@ -77,7 +82,11 @@ def build_policy(config: SimConfig) -> Policy:
 
 
 def simulate(
-    workload: Workload, config: SimConfig, training: Workload | None = None, *, policy: Policy | None = None
+    workload: Workload,
+    config: SimConfig,
+    training: Workload | None = None,
+    *,
+    policy: Policy | None = None,
 ) -> SimResult:
     """Run ``workload`` under ``config`` and return its metrics.
 

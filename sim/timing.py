@@ -15,7 +15,9 @@ class Timing:
         self.hw, self.spec, self.pinned = hw, spec, pinned
         self._expert: dict[int, float] = {}
         self._act_bytes = spec.hidden_size * DTYPE_BYTES[spec.dtype]
-        self.bandwidth_Bps = hw.link.pinned_bandwidth_Bps if pinned else hw.link.pageable_bandwidth_Bps
+        self.bandwidth_Bps = (
+            hw.link.pinned_bandwidth_Bps if pinned else hw.link.pageable_bandwidth_Bps
+        )
         self.latency_s = hw.link.latency_s
 
     def expert(self, tokens: int) -> float:

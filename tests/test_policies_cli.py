@@ -1,4 +1,5 @@
-"""`fmoe policies` lists every registered policy; the registry rejects unknown names and bad options."""
+"""`fmoe policies` lists every registered policy; the registry rejects unknown names and
+bad options."""
 
 from __future__ import annotations
 

@@ -45,7 +45,16 @@ def _run_json(capsys, *argv) -> dict:
     return json.loads(out.out)
 
 
-BASE = ["--model", "tiny-mixtral", "--prompt", "Name three rivers.", "--prompt", "2+2?", "--max-new-tokens", "3"]
+BASE = [
+    "--model",
+    "tiny-mixtral",
+    "--prompt",
+    "Name three rivers.",
+    "--prompt",
+    "2+2?",
+    "--max-new-tokens",
+    "3",
+]
 
 
 def test_run_prints_simulator_metrics_and_a_token_hash(capsys):
@@ -53,18 +62,34 @@ def test_run_prints_simulator_metrics_and_a_token_hash(capsys):
     for k in SIM_METRICS + ["tokens_sha256", "emulated_link", "link_gbps"]:
         assert k in m
     assert m["emulated_link"] is False and m["requests"] == 2 and m["tokens_generated"] == 6
-    assert 0 <= m["hit_rate"] <= 1 and m["cache_experts"] == 4
+    assert 0 <= m["hit_rate"] <= 1 and m["cache_experts"] == [4] and m["cache_experts_total"] == 4
     assert m["layer_steps"] == 2 * 3 * 4
     assert m["bytes_h2d"] == m["loads"] * 98304
 
 
 def test_tokens_do_not_depend_on_policy_budget_or_link(capsys):
     a = _run_json(capsys, *BASE, "--policy", "lru", "--cache-experts", "2")
-    b = _run_json(capsys, *BASE, "--policy", "mixtral-offloading", "--cache-gb", "0.0008", "--link-gbps", "1", "--link-latency-us", "50")
+    b = _run_json(
+        capsys,
+        *BASE,
+        "--policy",
+        "mixtral-offloading",
+        "--cache-gb",
+        "0.0008",
+        "--link-gbps",
+        "1",
+        "--link-latency-us",
+        "50",
+    )
     c = _run_json(capsys, *BASE, "--policy", "no-offload", "--store", "ram")
     assert a["tokens_sha256"] == b["tokens_sha256"] == c["tokens_sha256"]
-    assert b["emulated_link"] is True and b["link_gbps"] == 1.0 and b["link_latency_us"] == 50.0
-    assert b["cache_experts"] == int(0.0008e9 // 98304)
+    assert (
+        b["emulated_link"] is True
+        and b["emulated"] is True
+        and b["link_gbps"] == 1.0
+        and b["link_latency_us"] == 50.0
+    )
+    assert b["cache_experts"] == [int(0.0008 * 2**30 // 98304)]
     assert c["hit_rate"] == 1.0 and c["bytes_h2d"] == 0
 
 
@@ -81,12 +106,24 @@ def test_a_local_checkpoint_runs_like_its_preset(capsys, tmp_path):
     [
         (["--model", "no-such-model", "--policy", "lru"], "unknown model 'no-such-model'"),
         (["--model", "mixtral-8x7b", "--policy", "lru"], "no local weights"),
-        (["--model", "tiny-olmoe", "--policy", "lru", "--cache-experts", "3"], "below what one layer needs: top-K = 4"),
-        (["--model", "tiny-mixtral", "--policy", "oracle"], "reads the trace's future; it runs only in the simulator"),
-        (["--model", "tiny-mixtral", "--policy", "no-offload", "--cache-experts", "8"], "keeps every expert resident"),
+        (
+            ["--model", "tiny-olmoe", "--policy", "lru", "--cache-experts", "3"],
+            "below what one layer needs: top-K = 4",
+        ),
+        (
+            ["--model", "tiny-mixtral", "--policy", "oracle"],
+            "reads the trace's future; it runs only in the simulator",
+        ),
+        (
+            ["--model", "tiny-mixtral", "--policy", "no-offload", "--cache-experts", "8"],
+            "keeps every expert resident",
+        ),
         (["--model", "tiny-mixtral", "--policy", "nope"], "unknown policy 'nope'"),
         (["--model", "tiny-mixtral", "--policy", "lru", "--device", "cuda"], "no CUDA device"),
-        (["--model", "tiny-mixtral", "--policy", "lru", "--link-latency-us", "5"], "needs --link-gbps"),
+        (
+            ["--model", "tiny-mixtral", "--policy", "lru", "--link-latency-us", "5"],
+            "needs --link-gbps",
+        ),
         (["--model", "tiny-mixtral", "--policy", "lru", "--prompts", "nope"], "unknown prompt set"),
     ],
 )
@@ -109,7 +146,13 @@ def test_bad_input_is_one_line_and_status_2(capsys, monkeypatch, argv, message):
 def test_a_checkpoint_that_is_not_moe_is_refused_from_its_config(capsys, tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    ).save_pretrained(tmp_path)
     rc = main(["run", "--model", str(tmp_path), "--policy", "lru", "--prompt", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and "not an MoE model" in err
@@ -117,7 +160,23 @@ def test_a_checkpoint_that_is_not_moe_is_refused_from_its_config(capsys, tmp_pat
 
 def test_capture_writes_a_trace_the_run_reproduces(capsys, tmp_path):
     path = tmp_path / "cap.fmoe"
-    rc = main(["trace", "capture", "--model", "tiny-phimoe", "--prompt", "hello", "--prompt", "moe!", "--max-new-tokens", "3", "--out", str(path), "--json"])
+    rc = main(
+        [
+            "trace",
+            "capture",
+            "--model",
+            "tiny-phimoe",
+            "--prompt",
+            "hello",
+            "--prompt",
+            "moe!",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(path),
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     info = json.loads(out.out)
@@ -128,9 +187,48 @@ def test_capture_writes_a_trace_the_run_reproduces(capsys, tmp_path):
     assert [r.routing.num_tokens for r in w.requests] == [5 + 3 - 1, 4 + 3 - 1]
     # an offloaded run under a small cache records the same routing
     run_path = tmp_path / "run.fmoe"
-    _run_json(capsys, "--model", "tiny-phimoe", "--prompt", "hello", "--prompt", "moe!", "--max-new-tokens", "3", "--policy", "lru", "--cache-experts", "2", "--trace-out", str(run_path))
+    _run_json(
+        capsys,
+        "--model",
+        "tiny-phimoe",
+        "--prompt",
+        "hello",
+        "--prompt",
+        "moe!",
+        "--max-new-tokens",
+        "3",
+        "--policy",
+        "lru",
+        "--cache-experts",
+        "2",
+        "--trace-out",
+        str(run_path),
+    )
     w2 = load_workload(run_path)
     assert w2.provenance["source"] == "realrun.run"
     for a, b in zip(w.requests, w2.requests, strict=True):
         np.testing.assert_array_equal(a.routing.topk_ids, b.routing.topk_ids)
         np.testing.assert_array_equal(a.routing.gate_probs, b.routing.gate_probs)
+
+
+def test_a_captured_trace_drives_the_simulator(capsys, tmp_path):
+    path = tmp_path / "cap.fmoe"
+    argv = [
+        "trace",
+        "capture",
+        "--model",
+        "tiny-qwen2-moe",
+        "--prompt",
+        "a prompt",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert main([*argv, "--out", str(path)]) == 0
+    capsys.readouterr()
+    sim = ["sim", "--trace", str(path), "--hardware", "cpu-local", "--cache-experts", "8", "--json"]
+    for policy in ("fmoe", "mixtral-offloading"):  # gate rows, embeddings, lookahead rows
+        rc = main([*sim, "--policy", policy])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        m = json.loads(out.out)
+        assert m["model"] == "tiny-qwen2-moe" and m["requests"] == 1 and m["demands"] > 0

@@ -18,7 +18,9 @@ from realrun.store import ExpertStore, RamStore
 class FakeExperts(nn.Module):
     """The shape of a transformers fused experts module, random weights."""
 
-    def __init__(self, num_experts: int = 4, inter: int = 64, hidden: int = 32, seed: int = 0) -> None:
+    def __init__(
+        self, num_experts: int = 4, inter: int = 64, hidden: int = 32, seed: int = 0
+    ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.num_experts = num_experts
@@ -64,7 +66,7 @@ def test_copies_are_byte_exact():
         done = eng.poll()
         assert {j.key for j in done} == {(0, e) for e in range(4)}
         for j in jobs:
-            assert torch.equal(j.dst, store.host_row(*j.key))
+            assert torch.equal(j.dst, store.read_row(*j.key))
         assert eng.stats.bytes_copied == sum(j.nbytes for j in jobs)
     finally:
         eng.close()
@@ -97,7 +99,9 @@ def test_running_prefetch_yields_to_a_demand_at_a_chunk_boundary_and_resumes():
     try:
         pre = _job(store, (0, 0))
         eng.submit(pre)
-        time.sleep(0.002)
+        t0 = time.perf_counter()
+        while pre.done_bytes == 0 and time.perf_counter() - t0 < 5:  # the prefetch is running
+            time.sleep(0.0005)
         dem = _job(store, (0, 1), demand=True)
         eng.submit(dem)
         eng.wait(dem.key)
@@ -105,7 +109,9 @@ def test_running_prefetch_yields_to_a_demand_at_a_chunk_boundary_and_resumes():
         eng.wait(pre.key)
         assert [j.key for j in eng.poll()] == [dem.key, pre.key]
         assert pre.preemptions >= 1 and eng.stats.preemptions >= 1
-        assert torch.equal(pre.dst, store.host_row(0, 0)) and torch.equal(dem.dst, store.host_row(0, 1))
+        assert torch.equal(pre.dst, store.read_row(0, 0)) and torch.equal(
+            dem.dst, store.read_row(0, 1)
+        )
     finally:
         eng.close()
 

@@ -20,7 +20,14 @@ from realrun.models import load
 from realrun.offload import offload_model
 from realrun.session import RunSession, SessionOptions
 
-ARCH_PRESETS = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-phimoe", "tiny-olmoe", "tiny-qwen3-moe", "tiny-deepseek-v3"]
+ARCH_PRESETS = [
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-phimoe",
+    "tiny-olmoe",
+    "tiny-qwen3-moe",
+    "tiny-deepseek-v3",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +114,9 @@ def _ref(arch: str):
 def _off(arch: str):
     if arch not in _OFF:
         # alternate the two stores over architectures so both are covered
-        _OFF[arch] = offload_model(load(arch), store="file" if ARCH_PRESETS.index(arch) % 2 else "ram")
+        _OFF[arch] = offload_model(
+            load(arch), store="file" if ARCH_PRESETS.index(arch) % 2 else "ram"
+        )
     return _OFF[arch]
 
 
@@ -118,7 +127,9 @@ def _reference(arch: str, prompt: list[int], new: int):
     return _OUT[key]
 
 
-def assert_exact(arch, policy_name, cache, prompt, new, num_devices=1, chunk_bytes=1 << 20, link=None):
+def assert_exact(
+    arch, policy_name, cache, prompt, new, num_devices=1, chunk_bytes=1 << 20, link=None
+):
     ref = _reference(arch, prompt, new)
     om = _off(arch)
     opts = SessionOptions(cache, [torch.device("cpu")] * num_devices, link, chunk_bytes)
@@ -189,6 +200,9 @@ def test_the_oracle_is_refused():
         reads_future = True
 
     for cls in [Peeker] + [policy_class(n) for n in future]:
-        with pytest.raises(InputError, match=f"policy '{cls.name}' reads the trace's future; it runs only in the simulator"):
+        with pytest.raises(
+            InputError,
+            match=f"policy '{cls.name}' reads the trace's future; it runs only in the simulator",
+        ):
             RunSession(_off("tiny-mixtral"), cls(), SessionOptions(4))
     assert all(m.runner is None for m in _off("tiny-mixtral").modules)

@@ -85,7 +85,14 @@ class PrefetchAll(Recorder):
                 self.prefetch(ev.layer + 1, e, priority=-e)
 
 
-def _run(preset: str, policy: Policy, prompt_text: str = "What is MoE?", new: int = 3, cache=None, record=False):
+def _run(
+    preset: str,
+    policy: Policy,
+    prompt_text: str = "What is MoE?",
+    new: int = 3,
+    cache=None,
+    record=False,
+):
     loaded = load(preset)
     om = offload_model(loaded, store="ram")
     ids = loaded.tokenizer.encode(prompt_text)
@@ -142,14 +149,24 @@ def test_deepseek_v3_records_the_experts_it_ran_not_a_top_k_of_its_scores(tmp_pa
     text = "Group-limited routing picks experts from the best groups only."
     loaded, ids, g, _, _ = _run("tiny-deepseek-v3", pol, prompt_text=text, new=2)
     # what the experts modules of an unmodified model received (forward pre-hook)
-    w = capture(CaptureConfig("tiny-deepseek-v3", str(tmp_path / "t.fmoe"), prompt_texts=[text], num_prompts=1, max_new_tokens=2))
+    w = capture(
+        CaptureConfig(
+            "tiny-deepseek-v3",
+            str(tmp_path / "t.fmoe"),
+            prompt_texts=[text],
+            num_prompts=1,
+            max_new_tokens=2,
+        )
+    )
     r = w.requests[0].routing
     L = loaded.spec.num_moe_layers
     for it in range(2):
         rows = slice(0, len(ids)) if it == 0 else slice(len(ids) + it - 1, len(ids) + it)
         for layer in range(L):
             gate = pol.gates[it * L + layer]
-            np.testing.assert_array_equal(np.sort(gate.topk_ids, -1), np.sort(r.topk_ids[rows, layer], -1))
+            np.testing.assert_array_equal(
+                np.sort(gate.topk_ids, -1), np.sort(r.topk_ids[rows, layer], -1)
+            )
             np.testing.assert_allclose(gate.probs, r.gate_probs[rows, layer], rtol=1e-6)
     K = loaded.spec.top_k
     naive = np.sort(np.argsort(-r.gate_probs, axis=-1, kind="stable")[..., :K], -1)
@@ -167,7 +184,12 @@ def test_lookahead_rows_only_for_policies_that_want_them():
     # recompute: next layer's router on the hidden state entering this layer's experts
     ref = load("tiny-olmoe")
     seen: dict[int, torch.Tensor] = {}
-    hooks = [b.experts.register_forward_pre_hook(lambda m, a, lyr=b.moe_layer: seen.__setitem__(lyr, a[0])) for b in ref.blocks]
+    hooks = [
+        b.experts.register_forward_pre_hook(
+            lambda m, a, lyr=b.moe_layer: seen.__setitem__(lyr, a[0])
+        )
+        for b in ref.blocks
+    ]
     with torch.no_grad():
         ref.model(input_ids=torch.tensor([ids]))
     for h in hooks:
@@ -176,7 +198,11 @@ def test_lookahead_rows_only_for_policies_that_want_them():
         gate = look.gates[layer]  # prefill iteration
         assert gate.lookahead.shape == (len(ids), J)
         if layer + 1 < L:
-            expect = torch.softmax(ref.blocks[layer + 1].router(seen[layer])[0].float(), -1).detach().numpy()
+            expect = (
+                torch.softmax(ref.blocks[layer + 1].router(seen[layer])[0].float(), -1)
+                .detach()
+                .numpy()
+            )
             np.testing.assert_allclose(gate.lookahead, expect, rtol=1e-5, atol=1e-7)
         else:
             assert not gate.lookahead.any()
@@ -204,7 +230,13 @@ def test_a_recorded_run_matches_the_trace_contract():
     (req,) = reqs
     T = len(ids) + len(g.output_ids) - 1
     r = req.routing
-    assert r.topk_ids.shape == (T, 4, 4) and r.gate_probs.shape == (T, 4, 16) and r.lookahead.shape == (T, 4, 16)
+    assert (
+        r.topk_ids.shape == (T, 4, 4)
+        and r.gate_probs.shape == (T, 4, 16)
+        and r.lookahead.shape == (T, 4, 16)
+    )
     assert r.embeddings.shape == (T, 64) and not r.lookahead[:, -1].any()
     # the chosen experts are the top-K of the probability rows for a softmax router
-    np.testing.assert_array_equal(np.sort(r.topk_ids, -1), np.sort(np.argsort(-r.gate_probs, -1, kind="stable")[..., :4], -1))
+    np.testing.assert_array_equal(
+        np.sort(r.topk_ids, -1), np.sort(np.argsort(-r.gate_probs, -1, kind="stable")[..., :4], -1)
+    )

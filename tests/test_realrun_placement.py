@@ -40,7 +40,7 @@ def test_budgets_in_experts_and_gigabytes():
     assert budget_experts(spec) == spec.total_experts
     assert budget_experts(spec, cache_experts=5) == 5
     assert budget_experts(spec, cache_experts=10_000) == spec.total_experts
-    assert budget_experts(spec, cache_gb=0.2) == int(0.2e9 // spec.expert_bytes)
+    assert budget_experts(spec, cache_gb=0.2) == int(0.2 * 2**30 // spec.expert_bytes)
     with pytest.raises(InputError, match="below what one layer needs"):
         budget_experts(spec, cache_experts=spec.top_k - 1)
     with pytest.raises(InputError, match="below what one layer needs"):
@@ -63,7 +63,10 @@ def test_budget_split_is_round_robin_and_total():
     spec = load_model("tiny-olmoe")  # 4 layers x 16 experts
     placement, caps = split_over_devices(spec, 10, 3)
     assert sum(caps) == 10 and all(c >= 1 for c in caps)
-    held = [sum(1 for lyr in range(4) for e in range(16) if placement.device_of((lyr, e)) == d) for d in range(3)]
+    held = [
+        sum(1 for lyr in range(4) for e in range(16) if placement.device_of((lyr, e)) == d)
+        for d in range(3)
+    ]
     assert held == [placement.experts_on(d) for d in range(3)]
     assert [placement.device_of((0, e)) for e in range(4)] == [0, 1, 2, 0]
 

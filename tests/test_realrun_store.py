@@ -25,7 +25,10 @@ TINY = {
 
 
 def _fused(loaded):
-    return [{n: p.detach().clone() for n, p in b.experts.named_parameters(recurse=False)} for b in loaded.blocks]
+    return [
+        {n: p.detach().clone() for n, p in b.experts.named_parameters(recurse=False)}
+        for b in loaded.blocks
+    ]
 
 
 def test_every_tested_architecture_has_a_tiny_preset():
@@ -33,14 +36,16 @@ def test_every_tested_architecture_has_a_tiny_preset():
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
-def test_ram_store_rows_view_back_to_the_fused_weights(family):
+@pytest.mark.parametrize("packed", [False, True])
+def test_ram_store_rows_view_back_to_the_fused_weights(family, packed):
     loaded = load(TINY[family])
     before = _fused(loaded)
     experts = [b.experts for b in loaded.blocks]
-    store = RamStore(experts)
+    store = RamStore(experts, packed=packed)
     for layer, lay in enumerate(store.layouts):
         assert lay.row_bytes % ALIGN == 0 and all(s.offset % ALIGN == 0 for s in lay.params)
-        rows = torch.stack([store.host_row(layer, e) for e in range(lay.num_experts)])
+        assert (store.host_row(layer, 0) is not None) == packed
+        rows = torch.stack([store.read_row(layer, e) for e in range(lay.num_experts)])
         views = lay.views(rows)
         assert set(views) == set(before[layer])
         for name, v in views.items():
@@ -59,7 +64,9 @@ def test_file_store_is_a_safetensors_file_with_the_packed_rows(tmp_path):
         with safe_open(str(store.path), framework="pt") as f:
             assert len(list(f.keys())) == loaded.spec.total_experts
             for layer, lay in enumerate(store.layouts):
-                rows = torch.stack([f.get_tensor(f"layers.{layer}.experts.{e}") for e in range(lay.num_experts)])
+                rows = torch.stack(
+                    [f.get_tensor(f"layers.{layer}.experts.{e}") for e in range(lay.num_experts)]
+                )
                 for name, v in lay.views(rows).items():
                     assert torch.equal(v, before[layer][name])
         # chunked reads, including a chunk that starts mid-row

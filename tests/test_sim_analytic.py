@@ -110,13 +110,15 @@ def test_async_search_delays_orders_by_the_search_latency() -> None:
     L, d, S = 5, 2, 3e-4
     spec = small_spec(layers=L, experts=2, top_k=1)
     routes = [[1 if layer == d else 0 for layer in range(L)]]
-    pol = ScriptPolicy(preload=[(layer, 0) for layer in range(L)], at_gate={0: [(d, 1, 1.0)]}, async_search=True)
+    pol = ScriptPolicy(
+        preload=[(layer, 0) for layer in range(L)], at_gate={0: [(d, 1, 1.0)]}, async_search=True
+    )
     hw = exact_profile(dense_s=5e-4, expert_s=5e-4, search_s=S)
     r = simulate(one_request(spec, routes), config(spec, hw, cache_experts=L + 1), policy=pol)
     stall = S + X - d * 1e-3
     assert stall > 0
     assert r.metrics["stall_s"] == approx(stall)
-    (key, by_prefetch, landed), = pol.loads
+    ((key, by_prefetch, landed),) = pol.loads
     assert key == (d, 1) and by_prefetch
     assert landed == approx(H + 5e-4 + S + X)
 
@@ -164,7 +166,9 @@ def test_stale_prefetch_is_dropped_when_its_layer_has_passed() -> None:
 def test_prefetches_go_by_descending_priority() -> None:
     """Three orders queued behind a demand load run by descending priority."""
     spec = small_spec(layers=3, experts=4, top_k=1)
-    pol = ScriptPolicy(preload=[(1, 0), (2, 0)], at_gate={0: [(2, 1, 1.0), (2, 2, 3.0), (2, 3, 2.0)]})
+    pol = ScriptPolicy(
+        preload=[(1, 0), (2, 0)], at_gate={0: [(2, 1, 1.0), (2, 2, 3.0), (2, 3, 2.0)]}
+    )
     w = one_request(spec, [[0, 0, 0]])
     hw = exact_profile(dense_s=10e-3)
     r = simulate(w, config(spec, hw, cache_experts=12), policy=pol)

@@ -19,8 +19,8 @@ from calibration.model_spec import ModelSpec
 from policies.base import GateOutput, IterationStart, Policy, PolicyContext
 from policies.cache import ExpertKey
 from sim.config import SimConfig
-from traces.types import Request, Routing, Workload
 from tests.strategies import small_spec
+from traces.types import Request, Routing, Workload
 
 EXPERT_BYTES = 1536  # small_spec(hidden=8) experts: 3 x 8 x 16 x fp32
 
@@ -56,10 +56,16 @@ def exact_profile(
             concurrency=concurrency,
         ),
         host_bandwidth_cap_Bps=host_cap_Bps,
-        interconnect=InterconnectSpec(kind="nvlink", bandwidth_Bps=ic_bandwidth_Bps, latency_s=ic_latency_s),
+        interconnect=InterconnectSpec(
+            kind="nvlink", bandwidth_Bps=ic_bandwidth_Bps, latency_s=ic_latency_s
+        ),
         compute=ComputeModel(
             expert=LinearCost(fixed_s=expert_s, per_token_s=expert_per_token_s),
-            dense=LinearCost(fixed_s=dense_s, per_token_s=dense_per_token_s, per_token_context_s=dense_per_token_context_s),
+            dense=LinearCost(
+                fixed_s=dense_s,
+                per_token_s=dense_per_token_s,
+                per_token_context_s=dense_per_token_context_s,
+            ),
             head=LinearCost(fixed_s=head_s, per_token_s=head_per_token_s),
             policy_search_s=search_s,
         ),

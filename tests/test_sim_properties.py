@@ -7,6 +7,7 @@ policy wrapped to record what it observes, and checks one invariant.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from tests.test_sim_kit import exact_profile
 from traces.types import Request, Workload
 
 POLICIES = policy_names()
+EXAMPLES = 8  # per policy; every registered policy runs every property
 
 
 def recording(name: str, **options: Any) -> Policy:
@@ -86,9 +88,9 @@ def profiles(draw: st.DrawFn) -> HardwareProfile:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn, policy: str | None = None) -> dict[str, Any]:
+def scenarios(draw: st.DrawFn, policy: str) -> dict[str, Any]:
     spec: ModelSpec = draw(specs())
-    name = policy or draw(st.sampled_from(POLICIES))
+    name = policy
     w = random_workload(
         spec,
         num_requests=draw(st.integers(1, 4)),
@@ -99,10 +101,16 @@ def scenarios(draw: st.DrawFn, policy: str | None = None) -> dict[str, Any]:
         arrival_gap_s=draw(st.sampled_from([0.0, 1e-4, 1e-2])),
     )
     hw = draw(profiles())
+    if hw.num_gpus > spec.total_experts:  # every GPU holds at least one expert
+        hw = hw.model_copy(update={"num_gpus": spec.total_experts})
     if policy_class(name).preload_all:
         cache = spec.total_experts
     else:
-        cache = draw(st.integers(max(spec.top_k, hw.num_gpus), max(spec.total_experts, spec.top_k, hw.num_gpus)))
+        cache = draw(
+            st.integers(
+                max(spec.top_k, hw.num_gpus), max(spec.total_experts, spec.top_k, hw.num_gpus)
+            )
+        )
     cfg = SimConfig(
         model=spec,
         hardware=hw,
@@ -136,7 +144,9 @@ def pure_compute_s(req: Request, spec: ModelSpec, hw: HardwareProfile) -> float:
         sl = req.iteration_rows(it)
         rows = sl.stop - sl.start
         ctx = (sl.stop * (sl.stop + 1) / 2) / rows if it == 0 else float(sl.stop)
-        t = costs.head_time_s(hw, spec, 1) + spec.num_layers * costs.dense_layer_time_s(hw, spec, rows, ctx)
+        t = costs.head_time_s(hw, spec, 1) + spec.num_layers * costs.dense_layer_time_s(
+            hw, spec, rows, ctx
+        )
         if n > 1:
             t += handoffs * (rows * act / ic.bandwidth_Bps + ic.latency_s)
         ids = req.routing.topk_ids[sl]
@@ -152,8 +162,11 @@ def pure_compute_s(req: Request, spec: ModelSpec, hw: HardwareProfile) -> float:
     return total
 
 
-@given(scenarios())
-def test_a_link_never_carries_more_than_its_concurrency(sc: dict[str, Any]) -> None:
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_a_link_never_carries_more_than_its_concurrency(name: str, data: st.DataObject) -> None:
+    sc = data.draw(scenarios(policy=name))
     r, _ = run(sc)
     cap = sc["config"].hardware.link.concurrency
     for d in range(sc["config"].hardware.num_gpus):
@@ -167,10 +180,13 @@ def test_a_link_never_carries_more_than_its_concurrency(sc: dict[str, Any]) -> N
             assert level <= cap
 
 
-@given(scenarios())
-def test_bytes_moved_match_loads(sc: dict[str, Any]) -> None:
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_bytes_moved_match_loads(name: str, data: st.DataObject) -> None:
     """bytes_h2d = loads x expert bytes; the links moved every finished load's bytes and at
     most one expert's bytes per load."""
+    sc = data.draw(scenarios(policy=name))
     r, pol = run(sc)
     m = r.metrics
     eb = sc["config"].model.expert_bytes
@@ -181,8 +197,12 @@ def test_bytes_moved_match_loads(sc: dict[str, Any]) -> None:
     assert m["hits"] + m["misses"] == m["demands"]
 
 
-@given(scenarios())
-def test_simulated_time_never_goes_back(sc: dict[str, Any]) -> None:
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_simulated_time_never_goes_back(name: str, data: st.DataObject) -> None:
+    """Every time the policy is shown (gates, uses, loads, iteration bounds) is in order."""
+    sc = data.draw(scenarios(policy=name))
     r, pol = run(sc)
     assert pol.times == sorted(pol.times)
     assert all(s.end >= s.start >= 0 for s in r.events.spans)
@@ -191,8 +211,11 @@ def test_simulated_time_never_goes_back(sc: dict[str, Any]) -> None:
     assert (q.ttft_s > 0).all() and (q.e2e_s >= q.ttft_s).all()
 
 
-@given(scenarios())
-def test_latency_is_at_least_the_pure_compute_time(sc: dict[str, Any]) -> None:
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_latency_is_at_least_the_pure_compute_time(name: str, data: st.DataObject) -> None:
+    sc = data.draw(scenarios(policy=name))
     r, _ = run(sc)
     w: Workload = sc["workload"]
     cfg: SimConfig = sc["config"]
@@ -204,7 +227,9 @@ def test_latency_is_at_least_the_pure_compute_time(sc: dict[str, Any]) -> None:
 @pytest.mark.parametrize("name", POLICIES)
 @settings(max_examples=6)
 @given(data=st.data())
-def test_whole_model_cached_gives_hit_rate_one_and_no_offload_latency(name: str, data: st.DataObject) -> None:
+def test_whole_model_cached_gives_hit_rate_one_and_no_offload_latency(
+    name: str, data: st.DataObject
+) -> None:
     sc = data.draw(scenarios(policy=name))
     total = sc["config"].model.total_experts
     r, _ = run(sc, cache_experts=total, warm_start=True)
@@ -214,13 +239,16 @@ def test_whole_model_cached_gives_hit_rate_one_and_no_offload_latency(name: str,
         np.testing.assert_allclose(r.requests[col], ref.requests[col], rtol=1e-9)
 
 
-@settings(max_examples=10)
-@given(scenarios())
-def test_the_same_inputs_give_identical_results(sc: dict[str, Any]) -> None:
-    import json
-
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=4)
+@given(data=st.data())
+def test_the_same_inputs_give_identical_results(name: str, data: st.DataObject) -> None:
+    sc = data.draw(scenarios(policy=name))
     a, _ = run(sc)
     b, _ = run(sc)
-    strip = lambda m: json.dumps({k: v for k, v in m.items() if k not in WALL_CLOCK_KEYS}, sort_keys=True)  # noqa: E731
+
+    def strip(m: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in m.items() if k not in WALL_CLOCK_KEYS}, sort_keys=True)
+
     assert strip(a.metrics) == strip(b.metrics)
     assert a.requests.equals(b.requests)

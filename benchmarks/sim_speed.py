@@ -1,0 +1,207 @@
+"""Simulator speed: layer-steps per second against a bare simpy skeleton, and the paper's
+online setup end to end.
+
+Skeleton: one simpy process doing, per layer-step, one link request (a simpy.Resource of
+capacity 1: request, hold it for a transfer timeout, release) and one compute timeout.
+The simulator runs Mixtral-8x7B on paper-6x3090 with a synthetic LMSYS-like workload
+(traces.synth: 37/127 mean prompt/output tokens, Poisson arrivals at 2.91 req/s; the
+Azure arrival trace itself is not shipped). Layer-steps per second = MoE layer steps /
+wall seconds of the event loop; ratios are against a skeleton run of the same number of
+steps measured right before. Goals (issue 6): lru >= 0.5 x skeleton, fmoe >= 0.25 x
+skeleton; the online setup (256 requests) in under 60 s on one core.
+
+    python benchmarks/sim_speed.py [--requests 256] [--speed-requests 12] [--cache-gb 24,48,96]
+                                   [--batch-size 1] [--skip-online] [--json]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one core, as the goal says
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import simpy  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calibration import costs  # noqa: E402
+from calibration.presets import load_hardware, load_model  # noqa: E402
+from policies.base import Policy  # noqa: E402
+from policies.registry import policy_class  # noqa: E402
+from sim.config import SimConfig  # noqa: E402
+from sim.run import simulate  # noqa: E402
+from traces.synth import SynthConfig, generate  # noqa: E402
+
+MODEL, HARDWARE, RATE = "mixtral-8x7b", "paper-6x3090", 2.91
+
+
+def skeleton_rate(steps: int, transfer_s: float, compute_s: float) -> float:
+    """Layer-steps per second of the bare skeleton."""
+    env = simpy.Environment()
+    link = simpy.Resource(env, capacity=1)
+
+    def engine() -> simpy.events.ProcessGenerator:
+        for _ in range(steps):
+            req = link.request()
+            yield req
+            yield env.timeout(transfer_s)
+            link.release(req)
+            yield env.timeout(compute_s)
+
+    env.process(engine())
+    t0 = time.perf_counter()
+    env.run()
+    return steps / (time.perf_counter() - t0)
+
+
+HOOKS = (
+    "on_request_arrival",
+    "on_iteration_start",
+    "on_gate",
+    "on_expert_used",
+    "on_load_finished",
+    "on_iteration_end",
+    "decide_prefetch",
+    "eviction_score",
+)
+
+
+def timed_policy(name: str) -> Policy:
+    """Policy ``name`` with a stopwatch around every hook it overrides (and eviction scores)."""
+    base = policy_class(name)
+    spent = [0.0]
+
+    def wrap(hook: str):  # noqa: ANN202
+        inner = getattr(base, hook)
+
+        def timed(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return inner(self, *a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        return timed
+
+    own = {h: wrap(h) for h in HOOKS if getattr(base, h) is not getattr(Policy, h)}
+    pol = type(f"Timed{base.__name__}", (base,), own)()
+    pol.spent = spent  # type: ignore[attr-defined]
+    return pol
+
+
+def sim_run(workload, policy: str, cache_gb: float | None, batch: int, timed: bool = False) -> dict:
+    spec, hw = load_model(MODEL), load_hardware(HARDWARE)
+    cfg = SimConfig(model=spec, hardware=hw, policy=policy, cache_gb=cache_gb, batch_size=batch)
+    pol = timed_policy(policy) if timed else None
+    m = simulate(workload, cfg, policy=pol).metrics
+    if pol is not None:
+        m["policy_s"] = pol.spent[0]  # type: ignore[attr-defined]
+    return m
+
+
+def speed(args: argparse.Namespace) -> list[dict]:
+    spec, hw = load_model(MODEL), load_hardware(HARDWARE)
+    transfer = costs.transfer_time_s(hw, spec.expert_bytes)
+    compute = costs.expert_time_s(hw, spec, 1)
+    w = generate(
+        spec, SynthConfig(num_requests=args.speed_requests, arrival_rate=RATE, seed=args.seed)
+    )
+    rows = []
+    for cache in args.cache_gb:
+        for policy in ("lru", "fmoe"):
+            m = sim_run(w, policy, cache, args.batch_size)
+            sk = max(skeleton_rate(m["layer_steps"], transfer, compute) for _ in range(2))
+            rate = m["layer_steps_per_s"]
+            goal = 0.5 if policy == "lru" else 0.25
+            t = sim_run(w, policy, cache, args.batch_size, timed=True)  # same run, hooks timed
+            rows.append(
+                {
+                    "policy": policy,
+                    "cache_gb": cache,
+                    "hit_rate": round(m["hit_rate"], 3),
+                    "loads_per_step": round(m["loads"] / m["layer_steps"], 3),
+                    "layer_steps": m["layer_steps"],
+                    "steps_per_s": round(rate),
+                    "skeleton_steps_per_s": round(sk),
+                    "ratio": round(rate / sk, 3),
+                    "goal": goal,
+                    "meets_goal": rate / sk >= goal,
+                    # share of the event loop's time spent inside the policy's own code
+                    "policy_share": round(t["policy_s"] / t["run_wall_s"], 3),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def online(args: argparse.Namespace) -> list[dict]:
+    spec = load_model(MODEL)
+    w = generate(spec, SynthConfig(num_requests=args.requests, arrival_rate=RATE, seed=args.seed))
+    rows = []
+    for policy in ("lru", "fmoe"):
+        for batch in sorted({1, args.batch_size, 8}):
+            t0 = time.perf_counter()
+            m = sim_run(w, policy, args.online_cache_gb, batch)
+            wall = time.perf_counter() - t0
+            rows.append(
+                {
+                    "policy": policy,
+                    "requests": args.requests,
+                    "batch_size": batch,
+                    "cache_gb": args.online_cache_gb,
+                    "layer_steps": m["layer_steps"],
+                    "wall_s": round(wall, 2),
+                    "under_60_s": wall < 60,
+                    "hit_rate": round(m["hit_rate"], 3),
+                    "ttft_mean_s": m["ttft_mean_s"],
+                    "tpot_mean_s": m["tpot_mean_s"],
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=256, help="requests of the online run")
+    p.add_argument(
+        "--speed-requests", type=int, default=12, help="requests of the speed comparison"
+    )
+    p.add_argument(
+        "--cache-gb", type=lambda s: [float(x) for x in s.split(",")], default=[24.0, 48.0, 96.0]
+    )
+    p.add_argument("--online-cache-gb", type=float, default=48.0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-online", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    args = p.parse_args()
+    result = {"speed": speed(args), "online": [] if args.skip_online else online(args)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{MODEL} on {HARDWARE}, synthetic LMSYS-like workload, batch {args.batch_size}")
+    print("policy cache_gb hit_rate loads/step steps/s skeleton/s ratio goal policy-share")
+    for r in result["speed"]:
+        print(
+            f"{r['policy']:6s} {r['cache_gb']:8.0f} {r['hit_rate']:8.3f} {r['loads_per_step']:10.3f} "
+            f"{r['steps_per_s']:7d} {r['skeleton_steps_per_s']:10d} {r['ratio']:5.2f} "
+            f">={r['goal']} {'ok' if r['meets_goal'] else 'MISSED'} {r['policy_share']:.0%}"
+        )
+    for r in result["online"]:
+        print(
+            f"online {r['requests']} requests, {r['policy']}, batch {r['batch_size']}, {r['cache_gb']:.0f} GB: "
+            f"{r['wall_s']} s for {r['layer_steps']} layer-steps ({'ok' if r['under_60_s'] else 'over 60 s'})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""PNG plots of sweep results (matplotlib, Agg backend).
+
+Inputs are :func:`sim.sweep.run_sweep` frames: one row per (trace, policy, budget) with
+``expert_memory_bytes``, ``hit_rate`` and the latency metrics. Rows with an ``error`` are
+left out. Every figure is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sim.config import GB  # noqa: E402
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    if "error" in df:
+        df = df[df["error"].isna()]
+    return df.assign(expert_memory_gb=df["expert_memory_bytes"].astype(float) / GB)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Rows not dominated in (x, y), both lower-is-better, sorted by x."""
+    front = []
+    best = float("inf")
+    for _, row in points.sort_values([x, y]).iterrows():
+        if row[y] < best:
+            front.append(row)
+            best = row[y]
+    return pd.DataFrame(front)
+
+
+def plot_pareto(df: pd.DataFrame, path: str | Path, latency: str = "e2e_mean_s") -> Path:
+    """Latency vs expert memory per policy, with the Pareto front over all runs."""
+    d = _ok(df).dropna(subset=[latency])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, g in d.groupby("policy"):
+        ax.scatter(g["expert_memory_gb"], g[latency], label=name, s=28)
+    if len(d):
+        front = pareto_front(d, "expert_memory_gb", latency)
+        ax.step(
+            front["expert_memory_gb"],
+            front[latency],
+            where="post",
+            color="black",
+            lw=1,
+            label="Pareto front",
+        )
+    ax.set_xlabel("expert memory on GPUs (GB)")
+    ax.set_ylabel(latency.replace("_s", " (s)"))
+    ax.set_title("latency vs memory")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_hit_rate(df: pd.DataFrame, path: str | Path) -> Path:
+    """Expert hit rate vs cache size, one line per policy (mean over traces)."""
+    d = _ok(df).dropna(subset=["hit_rate"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, g in d.groupby("policy"):
+        g = g.groupby("expert_memory_gb", as_index=False)["hit_rate"].mean()
+        ax.plot(g["expert_memory_gb"], g["hit_rate"], marker="o", label=name)
+    ax.set_xlabel("expert cache (GB)")
+    ax.set_ylabel("hit rate")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("hit rate vs cache size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_latency_bars(df: pd.DataFrame, path: str | Path) -> Path:
+    """Mean TTFT and TPOT per policy, one bar per cache size (mean over traces)."""
+    d = _ok(df)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    policies = sorted(d["policy"].unique())
+    sizes = sorted(d["expert_memory_gb"].unique())
+    width = 0.8 / max(len(sizes), 1)
+    for ax, col, title in ((axes[0], "ttft_mean_s", "TTFT"), (axes[1], "tpot_mean_s", "TPOT")):
+        means = d.groupby(["policy", "expert_memory_gb"])[col].mean()
+        for j, size in enumerate(sizes):
+            vals = [means.get((p, size), float("nan")) for p in policies]
+            xs = [i + (j - (len(sizes) - 1) / 2) * width for i in range(len(policies))]
+            ax.bar(xs, vals, width=width, label=f"{size:.1f} GB")
+        ax.set_xticks(range(len(policies)), policies, rotation=30, ha="right")
+        ax.set_ylabel(f"{title} mean (s)")
+        ax.set_title(f"{title} per policy")
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(fontsize=8, title="expert cache")
+    return _save(fig, Path(path))
+
+
+def plot_all(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """The three sweep figures into ``out_dir``."""
+    out = Path(out_dir)
+    return [
+        plot_pareto(df, out / "pareto_latency_memory.png"),
+        plot_hit_rate(df, out / "hit_rate_vs_cache.png"),
+        plot_latency_bars(df, out / "ttft_tpot_bars.png"),
+    ]

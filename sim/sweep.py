@@ -1,0 +1,219 @@
+"""Sweeps: policies x cache budgets x traces, in a local process pool or on a Ray cluster.
+
+Each job simulates one (trace, policy, cache budget) with the grid's base config and
+returns one results row: the job's labels plus the scalar metrics (lists and dicts as
+JSON strings). A job whose inputs are invalid (say a budget below top-K) gives a row with
+``error`` set instead of stopping the sweep. Policies that keep every expert resident
+(no-offload) run once per trace, with the budget the GPUs hold.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from calibration.errors import InputError
+from policies.registry import policy_class
+from sim.config import SimConfig
+from traces.types import Workload
+
+
+class SweepGrid(BaseModel):
+    """The grid: ``base`` config with every combination of policy, budget and trace.
+
+    ``traces`` are trace file paths (traces.io format) or keys of the in-memory workloads
+    given to :func:`run_sweep`. At most one of ``cache_gb`` / ``cache_experts`` (totals,
+    or per GPU when ``base.cache_per_gpu``); neither: the base config's budget.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: SimConfig
+    policies: list[str] = Field(min_length=1)
+    traces: list[str] = Field(min_length=1)
+    cache_gb: list[float] | None = None
+    cache_experts: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepGrid:
+        if self.cache_gb is not None and self.cache_experts is not None:
+            raise ValueError("give at most one of cache_gb and cache_experts")
+        return self
+
+
+class SweepJob(BaseModel):
+    """One simulation of a sweep (picklable; the workload travels only when in memory)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    index: int
+    trace: str
+    config: SimConfig
+    workload: Any = None
+
+
+def expand(grid: SweepGrid, workloads: Mapping[str, Workload] | None = None) -> list[SweepJob]:
+    """The grid's jobs in a fixed order: trace, then policy, then budget."""
+    for name in grid.policies:
+        policy_class(name)  # unknown names fail before any job runs
+    workloads = workloads or {}
+    for tr in grid.traces:
+        if tr not in workloads and not Path(tr).is_file():
+            raise InputError(f"trace {tr!r}: no such file")
+    budgets: list[dict[str, Any]]
+    if grid.cache_gb is not None:
+        budgets = [{"cache_gb": g, "cache_experts": None} for g in grid.cache_gb]
+    elif grid.cache_experts is not None:
+        budgets = [{"cache_experts": n, "cache_gb": None} for n in grid.cache_experts]
+    else:
+        budgets = [{}]
+    jobs = []
+    for tr in grid.traces:
+        for name in grid.policies:
+            keep_all = policy_class(name).preload_all
+            for b in [{"cache_gb": None, "cache_experts": None}] if keep_all else budgets:
+                cfg = grid.base.model_copy(update={"policy": name, **b})
+                jobs.append(
+                    SweepJob(index=len(jobs), trace=tr, config=cfg, workload=workloads.get(tr))
+                )
+    return jobs
+
+
+_loaded: dict[str, Workload] = {}
+
+
+def _workload(job: SweepJob) -> Workload:
+    if job.workload is not None:
+        return job.workload
+    if job.trace not in _loaded:  # each worker process reads a trace once
+        from traces.io import load_workload
+
+        _loaded[job.trace] = load_workload(job.trace)
+    return _loaded[job.trace]
+
+
+def _flat(value: Any) -> Any:
+    if isinstance(value, list | dict | tuple):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def run_job(job: SweepJob) -> dict[str, Any]:
+    """Simulate one job; a row of labels and scalar metrics (``error`` on bad input)."""
+    from sim.run import simulate
+
+    cfg = job.config
+    row: dict[str, Any] = {"job": job.index, "trace": job.trace, **cfg.label(), "error": None}
+    try:
+        result = simulate(_workload(job), cfg)
+    except InputError as exc:
+        row["error"] = str(exc)
+        return row
+    row.update(
+        {k: _flat(v) for k, v in result.metrics.items() if k not in ("policy", "model", "hardware")}
+    )
+    return row
+
+
+def _progress(total: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, file=sys.stderr, disable=not enabled, desc="sweep", unit="run")
+
+
+def _run_local(jobs: list[SweepJob], workers: int, progress: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+    with _progress(len(jobs), progress) as bar:
+        if workers <= 1:
+            for i, job in enumerate(jobs):
+                rows[i] = run_job(job)
+                bar.update()
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+                for fut in as_completed(futures):
+                    rows[futures[fut]] = fut.result()
+                    bar.update()
+    return [r for r in rows if r is not None]
+
+
+def _run_ray(
+    jobs: list[SweepJob], address: str, workers: int, progress: bool
+) -> list[dict[str, Any]]:
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--ray needs the 'ray' package (pip install 'fmoe-sim[ray]')") from None
+    started = False
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        started = True
+    try:
+        remote = ray.remote(num_cpus=1)(run_job)
+        refs = [remote.remote(job) for job in jobs]
+        pending = list(refs)
+        with _progress(len(jobs), progress) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        return list(ray.get(refs))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_sweep(
+    grid: SweepGrid,
+    workers: int = 1,
+    ray_address: str | None = None,
+    workloads: Mapping[str, Workload] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every job of ``grid``; one row per job, in :func:`expand` order.
+
+    ``workers`` processes (spawned) run the jobs locally; with ``ray_address`` they run as
+    Ray tasks instead (``"local"`` starts a local Ray; otherwise ``ray.init(address)``).
+    A tqdm progress bar goes to stderr.
+    """
+    jobs = expand(grid, workloads)
+    if ray_address:
+        rows = _run_ray(jobs, ray_address, workers, progress)
+    else:
+        rows = _run_local(jobs, workers, progress)
+    return pd.DataFrame(rows).sort_values("job").reset_index(drop=True)
+
+
+Format = Literal["csv", "parquet"]
+
+
+def save_results(df: pd.DataFrame, path: str | Path, fmt: Format = "csv") -> Path:
+    """Write ``df`` as CSV or parquet, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if fmt == "csv":
+            df.to_csv(tmp, index=False)
+        elif fmt == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            raise InputError(f"unknown results format {fmt!r} (csv or parquet)")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
