@@ -8,6 +8,7 @@ bytes per second, seconds.
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,12 @@ class LinkSpec(_Strict):
     latency_s: float = Field(ge=0, description="fixed cost per transfer")
     concurrency: int = Field(default=1, ge=1, description="transfers the link carries at once")
     emulated: bool = Field(default=False, description="True when the link is a CPU emulation")
+    emulated_gbps: float | None = Field(
+        default=None, gt=0, description="the emulation's setting (GB/s) when emulated"
+    )
+    emulated_latency_us: float | None = Field(
+        default=None, ge=0, description="the emulation's per-transfer latency setting"
+    )
 
 
 class InterconnectSpec(_Strict):
@@ -48,16 +55,43 @@ class InterconnectSpec(_Strict):
 
 
 class LinearCost(_Strict):
-    """time = fixed_s + per_token_s * tokens (+ per_token_context_s * tokens * context)."""
+    """time = fixed_s + per_token_s * tokens (+ per_token_context_s * tokens * context).
+
+    With ``knots`` [(tokens, seconds), ...] (tokens ascending) the token term is
+    piecewise linear instead: interpolated between knots, the first knot's time below
+    it, and ``last seconds + per_token_s * (tokens - last tokens)`` beyond the last
+    (``fixed_s`` is then unused). CPU kernels switch algorithms with the token count
+    (a matrix-vector product at 1 token, blocked GEMM from 2), which one line cannot fit.
+    """
 
     fixed_s: float = Field(ge=0)
     per_token_s: float = Field(ge=0)
     per_token_context_s: float = Field(default=0.0, ge=0)
+    knots: list[tuple[float, float]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_knots(self) -> LinearCost:
+        xs = [k[0] for k in self.knots]
+        if any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
+            raise ValueError("knots must have strictly ascending token counts")
+        if any(k[1] < 0 for k in self.knots):
+            raise ValueError("knot times must be >= 0")
+        return self
+
+    def _token_term(self, tokens: float) -> float:
+        k = self.knots
+        if not k:
+            return self.fixed_s + self.per_token_s * tokens
+        if tokens <= k[0][0]:
+            return k[0][1]
+        if tokens >= k[-1][0]:
+            return k[-1][1] + self.per_token_s * (tokens - k[-1][0])
+        i = bisect.bisect_right([x for x, _ in k], tokens)
+        (x0, y0), (x1, y1) = k[i - 1], k[i]
+        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
 
     def __call__(self, tokens: int, context: int = 0) -> float:
-        return (
-            self.fixed_s + self.per_token_s * tokens + self.per_token_context_s * tokens * context
-        )
+        return self._token_term(tokens) + self.per_token_context_s * tokens * context
 
 
 class ComputeModel(_Strict):
@@ -80,6 +114,24 @@ class ComputeModel(_Strict):
         default=2e-4, ge=0, description="latency until an async policy's search result is usable"
     )
     fit_errors: dict[str, float] = Field(default_factory=dict, description="relative error per fit")
+    layer_overhead_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="executor time per MoE layer step besides dense and expert compute "
+        "(hooks, routing bookkeeping, cache calls); measured by calibrate bench",
+    )
+    policy_overhead_s: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra executor time per MoE layer step of a named policy (its hooks "
+        "on the compute thread), on top of layer_overhead_s",
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads the fits were measured with"
+    )
+
+    def layer_overhead(self, policy: str | None = None) -> float:
+        """Executor overhead of one MoE layer step under ``policy`` (seconds)."""
+        return self.layer_overhead_s + (self.policy_overhead_s.get(policy, 0.0) if policy else 0.0)
 
 
 class HardwareProfile(_Strict):

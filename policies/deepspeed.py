@@ -10,7 +10,7 @@ a whole, not just the routed ones. What we model:
   first in line) and the layer's other experts are fetched right behind them (orders
   issued in ``on_gate(l)``), as the layer-wise copy would move them. They take link time
   and cache slots like the real layer fetch, but the layer does not wait for them. In the
-  timing-free replay they are late orders and land after the layer computed.
+  timing-free replay they land at once (none of them serves the layer's own demands).
 - The fetch is capped to what the device cache can hold next to the routed experts
   (real DeepSpeed would need room for the whole layer; with less it could not run).
 - The expert cache evicts the least recently used expert.

@@ -202,8 +202,9 @@ class Oracle(Policy):
         now_global = self._base + min(self._cur, L - 1)  # after the last layer nothing new ran
         if self._pending:
             self._pending = {k: s for k, s in self._pending.items() if s > now_global}
-        start = self._cur + 1
-        end = min(self._cur + self._window, (self._H + 1) * L - 1)
+        cur = self._cur
+        start = min(cur + 1, L)  # after the iteration: from the next one's layer 0
+        end = min(start + self._window - 1, (self._H + 1) * L - 1)
         lo, hi = np.searchsorted(self._need_steps, [start, end + 1])
         ndev = ctx.placement.num_devices
         views: dict[int, _DeviceView] = {}
@@ -217,6 +218,8 @@ class Oracle(Policy):
                 v = views[d] = self._device_view(d)
             if v.stopped or key in v.planned or (key in v.cache.entries and key not in v.evicted):
                 continue
+            if key[0] == cur and key not in self._used_now and self._used[0, cur, e]:
+                continue  # the running layer needs it now: a demand load, not a prefetch
             t = float(s * J + e)
             if v.free > 0:
                 v.free -= 1

@@ -20,9 +20,9 @@ What the replay models (and the simulator does with time):
 - Prefetch orders are validated (``validate_order``; a non-existent expert is an
   InputError), applied best priority first, and land at once through ``begin_load`` with
   eviction; an order for a cached key is a no-op, one that finds every slot pinned is
-  dropped. An order for a layer whose gate already ran in the current iteration is late:
-  a real copy issued then could not beat the demand load, so it is applied only after
-  the current layer has computed (it can serve a later iteration).
+  dropped. An order for an expert the running layer routed to and has not demanded yet
+  is late: its gate already ran, so a real copy issued then could not beat the demand
+  load. It is applied only after the layer computed (it can serve a later iteration).
 - Time is a logical clock that ticks once per event, so recency scores are exact; with no
   time, a policy's ``async_search`` delay does not apply either.
 """
@@ -71,7 +71,10 @@ class ReplayResult:
 
     ``hit_rate`` = hits / demands (0.0 when nothing was demanded); ``prefetch_accuracy``
     = prefetches_used / prefetches_issued (0.0 when no prefetch was issued).
-    ``decisions`` is the log of orders and evictions when ``record_decisions`` was set.
+    ``decisions`` (when ``record_decisions`` was set) logs, in order, every order as
+    ("order", iteration, running layer, layer, expert, priority) and every eviction as
+    ("evict", iteration, running layer, layer, expert); the running layer is -1 between
+    layers.
     """
 
     policy: str
@@ -213,6 +216,7 @@ class _Replayer:
         self.iteration = 0
         self.cur_layer = -1  # layer whose gate ran last in this iteration (-1: none yet)
         self.late: list[PrefetchOrder] = []
+        self.awaiting: set[int] = set()  # experts of cur_layer routed but not demanded yet
         self.landed: set[ExpertKey] = set()  # prefetches landed in the current round
         self.layer_steps = 0
         self.extra_waves = 0
@@ -264,7 +268,7 @@ class _Replayer:
                                 order.priority,
                             )
                         )
-                if order.layer <= self.cur_layer:
+                if order.layer == self.cur_layer and order.expert in self.awaiting:
                     self.late.append(order)
                     self.deferred += 1
                     continue
@@ -294,14 +298,11 @@ class _Replayer:
 
     def flush_late(self) -> None:
         """Apply orders deferred during the layer that just computed."""
-        while self.late:
+        self.awaiting.clear()  # every expert of the layer was demanded: nothing is late now
+        if self.late:
             orders, self.late = self.late, []
-            saved, self.cur_layer = self.cur_layer, -1  # the layer has passed: any order may land
             self.landed = set()
-            try:
-                self.drain(PrefetchDecision(orders), replayed=True)
-            finally:
-                self.cur_layer = saved
+            self.drain(PrefetchDecision(orders), replayed=True)
 
     def _log_evictions(self, evicted: list[ExpertKey]) -> None:
         if self.log is not None:
@@ -394,12 +395,13 @@ class _Replayer:
         layer = gate.layer
         J = self.spec.num_experts
         ndev = self.ndev
-        self.cur_layer = layer
-        self.layer_steps += 1
-        self.observe(self.policy.on_gate, gate)
         tokens = np.bincount(gate.topk_ids.ravel(), minlength=J)
         experts = np.flatnonzero(tokens).tolist()
         counts = tokens.tolist()
+        self.cur_layer = layer
+        self.awaiting = set(experts)
+        self.layer_steps += 1
+        self.observe(self.policy.on_gate, gate)
         if ndev == 1:
             per_dev = [experts]
         else:
@@ -417,6 +419,7 @@ class _Replayer:
                 cache = self.caches[d]
                 wave.extend((cache, (layer, e)) for e in p[w * caps[d] : (w + 1) * caps[d]])
             for cache, key in wave:
+                self.awaiting.discard(key[1])
                 if cache.demand(key):
                     hit[key[1]] = True
                     cache.pin(key)

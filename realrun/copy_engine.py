@@ -3,8 +3,10 @@
 One engine per device (each GPU has its own host link). A copy thread serves a priority
 queue: demand loads (the compute is waiting) always go first, then prefetches by
 descending priority, FIFO among equals. Copies move in chunks of ``chunk_bytes``; at
-every chunk boundary a running prefetch yields to a waiting demand load and resumes
-later from where it stopped.
+every chunk boundary a running prefetch yields to a waiting demand load (it keeps its
+slot and resumes later from where it stopped) or stops if a policy cancelled it. A
+prefetch order gets its slot only when its copy starts (the ``starter`` callback), the
+same semantics as the simulator's links (sim/links.py).
 
 Backends (a :class:`Mover` copies one chunk):
 
@@ -25,6 +27,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -63,26 +66,36 @@ class LinkEmulation:
 
 
 class JobState(Enum):
-    QUEUED = "queued"
+    QUEUED = "queued"  # waiting (a preempted prefetch waits with its slot)
+    STARTING = "starting"  # a slotless prefetch order being given a slot by the starter
     RUNNING = "running"
     DONE = "done"
-    CANCELLED = "cancelled"
+    CANCELLED = "cancelled"  # never started, or stopped before any byte: no slot to free
+    ABORTED = "aborted"  # stopped mid-copy by a cancel: its slot is freed when polled
 
 
 @dataclass(eq=False)
 class CopyJob:
-    """Copy (layer, expert)'s packed row into ``dst`` (a slot row, ``nbytes`` long)."""
+    """Copy (layer, expert)'s packed row into ``dst`` (a slot row, ``nbytes`` long).
+
+    A prefetch order is queued without a slot (``dst`` None): the engine asks its
+    ``starter`` for one when the copy is about to start, as the simulator reserves a
+    prefetch's slot when its copy starts, not when it is ordered. ``stamp`` is the gate
+    sequence number when the order was made (staleness is the starter's call).
+    """
 
     key: ExpertKey
-    dst: torch.Tensor
+    dst: torch.Tensor | None
     nbytes: int
     demand: bool
     priority: float = 0.0
+    stamp: int = 0
     state: JobState = JobState.QUEUED
     done_bytes: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     finished_at: float = 0.0
     preemptions: int = 0
+    abort: bool = False
     after: Any = None
     """CUDA: an event on the compute stream; the copy must not write before it (the slot's
     previous expert may still be read by kernels queued before the slot was reused)."""
@@ -154,11 +167,18 @@ class EngineStats:
     preemptions: int = 0
 
 
+Starter = Callable[[CopyJob], bool]
+"""Gives a slotless prefetch its slot (sets ``job.dst``) on the copy thread; False drops it."""
+
+_LIVE = (JobState.QUEUED, JobState.STARTING, JobState.RUNNING)
+
+
 class CopyEngine:
     """A copy thread with a priority queue; all methods are thread-safe.
 
-    Contract: a key has at most one live job; the caller owns the destination slot until
-    the job is DONE or cancelled (it must not reuse the slot in between).
+    Contract: a key has at most one live job. The caller owns a job's slot until the job
+    is reported by :meth:`poll` (DONE or ABORTED) or :meth:`cancel` says it was dropped.
+    The starter is called without the engine's lock held, so it may take the caller's.
     """
 
     def __init__(
@@ -168,6 +188,7 @@ class CopyEngine:
         link: LinkEmulation | None = None,
         chunk_bytes: int = 1 << 20,
         name: str = "copy",
+        starter: Starter | None = None,
     ) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
@@ -175,6 +196,7 @@ class CopyEngine:
         self.mover: Mover = mover or CpuMover()
         self.link = link
         self.chunk_bytes = chunk_bytes
+        self.starter = starter
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._heap: list[tuple[int, float, int, int, CopyJob]] = []
@@ -189,91 +211,116 @@ class CopyEngine:
 
     # -- caller side --------------------------------------------------------------------
     def submit(self, job: CopyJob) -> None:
-        """Queue a new job for ``job.key`` (which must have no live job)."""
+        """Queue ``job``. A live slotless order for the same key is superseded (dropped)."""
         with self._cond:
             self._raise_if_failed()
             live = self._jobs.get(job.key)
-            if live is not None and live.state in (JobState.QUEUED, JobState.RUNNING):
-                raise RuntimeError(f"copy of {job.key} already queued")
+            if live is not None and live.state in _LIVE:
+                if live.dst is not None:
+                    raise RuntimeError(f"copy of {job.key} already queued")
+                self._drop(live)
             self._jobs[job.key] = job
             self._push(job)
             self._cond.notify_all()
 
     def promote(self, key: ExpertKey) -> None:
-        """Make a pending prefetch of ``key`` a demand load (it goes first, is not preempted)."""
+        """Make ``key``'s prefetch copy (which has a slot) a demand load: it goes first, is
+        not preempted, and a cancel that has not stopped it yet is withdrawn (one that has
+        stopped it is resumed)."""
         with self._cond:
             job = self._jobs.get(key)
-            if job is None or job.demand or job.state not in (JobState.QUEUED, JobState.RUNNING):
+            if job is None or job.dst is None:
                 return
-            job.demand = True
-            if job.state is JobState.QUEUED:
-                self._push(job)
+            if job.state is JobState.ABORTED:  # stopped, not yet polled: resume it
+                self._completed.remove(job)
+                job.state = JobState.QUEUED
+            if job.state not in _LIVE:
+                return
+            job.abort = False
+            if not job.demand:
+                job.demand = True
+                if job.state is JobState.QUEUED:
+                    self._push(job)
             self._cond.notify_all()
 
-    def reprioritize(self, key: ExpertKey, priority: float) -> None:
-        """Change a queued prefetch's priority."""
+    def order(self, key: ExpertKey, priority: float, stamp: int) -> bool:
+        """Re-prioritise (and re-stamp) a queued prefetch of ``key``; False if there is none."""
         with self._cond:
             job = self._jobs.get(key)
-            if (
-                job is not None
-                and job.state is JobState.QUEUED
-                and not job.demand
-                and job.priority != priority
-            ):
-                job.priority = priority
-                self._push(job)
-
-    def cancel(self, key: ExpertKey) -> bool:
-        """Cancel ``key``'s job if it is queued (not being copied right now); True if cancelled."""
-        with self._cond:
-            job = self._jobs.get(key)
-            if job is None or job.state is not JobState.QUEUED:
+            if job is None or job.state is not JobState.QUEUED or job.demand:
                 return False
-            self._cancel(job)
+            if job.priority != priority or job.stamp != stamp:
+                job.priority, job.stamp = priority, stamp
+                self._push(job)
             return True
 
-    def cancel_lowest_prefetch(self) -> ExpertKey | None:
-        """Cancel the queued prefetch with the lowest priority; its key, or None if there is none."""
-        with self._cond:
-            cands = [j for j in self._jobs.values() if j.state is JobState.QUEUED and not j.demand]
-            if not cands:
-                return None
-            job = min(cands, key=lambda j: (j.priority, -j.submitted_at))
-            self._cancel(job)
-            return job.key
-
-    def is_pending(self, key: ExpertKey) -> bool:
+    def has_job(self, key: ExpertKey) -> bool:
         with self._cond:
             job = self._jobs.get(key)
-            return job is not None and job.state in (JobState.QUEUED, JobState.RUNNING)
+            return job is not None and job.state in _LIVE
+
+    def cancel(self, key: ExpertKey) -> CopyJob | None:
+        """A policy's cancel of ``key``'s prefetch.
+
+        A queued one is dropped and returned (the caller frees its slot if it has one); a
+        copy in flight stops at its next chunk boundary and is reported ABORTED by
+        :meth:`poll` (None is returned). Demand loads are never cancelled.
+        """
+        with self._cond:
+            job = self._jobs.get(key)
+            if job is None or job.demand:
+                return None
+            if job.state is JobState.QUEUED:
+                self._drop(job)
+                return job
+            if job.state in (JobState.STARTING, JobState.RUNNING):
+                job.abort = True
+            return None
+
+    def drop_queued(self, keep=lambda job: False) -> list[CopyJob]:
+        """Drop every queued prefetch that has a slot (preempted copies) unless ``keep(job)``."""
+        with self._cond:
+            out = [
+                j
+                for j in self._jobs.values()
+                if j.state is JobState.QUEUED and j.dst is not None and not j.demand and not keep(j)
+            ]
+            for j in out:
+                self._drop(j)
+            return out
+
+    def take_order(self, key: ExpertKey) -> None:
+        """Forget a queued slotless order of ``key`` (it is about to be a demand load)."""
+        with self._cond:
+            job = self._jobs.get(key)
+            if job is not None and job.dst is None and job.state is JobState.QUEUED:
+                self._drop(job)
 
     def wait(self, key: ExpertKey) -> float:
-        """Block until ``key``'s job is done; returns the seconds spent waiting (0 if done)."""
+        """Block until ``key``'s job is no longer live; returns the seconds spent waiting."""
         t0 = time.perf_counter()
         with self._cond:
             while True:
                 self._raise_if_failed()
                 job = self._jobs.get(key)
-                if job is None or job.state in (JobState.DONE, JobState.CANCELLED):
+                if job is None or job.state not in _LIVE:
                     break
                 self._cond.wait()
         return time.perf_counter() - t0
 
     def wait_any(self) -> float:
-        """Block until some job completes (returns at once if one is waiting in poll())."""
+        """Block until some copy finishes (at once if one waits in poll() or none is live)."""
         t0 = time.perf_counter()
         with self._cond:
             while not self._completed:
                 self._raise_if_failed()
-                if not any(
-                    j.state in (JobState.QUEUED, JobState.RUNNING) for j in self._jobs.values()
-                ):
+                if not any(j.state in _LIVE and j.dst is not None for j in self._jobs.values()):
                     break
                 self._cond.wait()
         return time.perf_counter() - t0
 
     def poll(self) -> list[CopyJob]:
-        """Jobs finished since the last poll, in completion order."""
+        """Copies finished (DONE) or stopped by a cancel (ABORTED) since the last poll."""
         with self._cond:
             self._raise_if_failed()
             done, self._completed = self._completed, []
@@ -299,7 +346,7 @@ class CopyEngine:
             self._heap, (0 if job.demand else 1, -job.priority, next(self._seq), job._version, job)
         )
 
-    def _cancel(self, job: CopyJob) -> None:
+    def _drop(self, job: CopyJob) -> None:
         job.state = JobState.CANCELLED
         job._version += 1  # its heap entries go stale
         if self._jobs.get(job.key) is job:
@@ -331,12 +378,37 @@ class CopyEngine:
                         job = self._pop()
                     if self._closed:
                         return
-                    job.state = JobState.RUNNING
+                    job.state = JobState.STARTING if job.dst is None else JobState.RUNNING
+                if job.dst is None and not self._start(job):
+                    continue
                 self._run(job)
         except BaseException as exc:  # surfaced to the caller on its next call
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
+
+    def _start(self, job: CopyJob) -> bool:
+        """Ask the starter for a slot; False when the order is dropped."""
+        ok = self.starter is not None and self.starter(job)
+        with self._cond:
+            if job.state is JobState.CANCELLED:  # superseded by a demand meanwhile
+                return False
+            if not ok:
+                self._drop(job)
+                return False
+            if job.abort:  # cancelled while its slot was being reserved
+                self._finish(job, JobState.ABORTED)
+                return False
+            job.state = JobState.RUNNING
+            return True
+
+    def _finish(self, job: CopyJob, state: JobState) -> None:
+        job.state = state
+        job.finished_at = time.perf_counter()
+        self._completed.append(job)
+        if state is JobState.DONE:
+            self.stats.jobs_done += 1
+        self._cond.notify_all()
 
     def _run(self, job: CopyJob) -> None:
         t0 = time.perf_counter()
@@ -354,6 +426,10 @@ class CopyEngine:
                     time.sleep(pause)
             if job.done_bytes < job.nbytes and not job.demand:
                 with self._cond:
+                    if job.abort:  # a policy's cancel: stop here
+                        self.stats.busy_s += time.perf_counter() - t0
+                        self._finish(job, JobState.ABORTED)
+                        return
                     if self._demand_queued > 0:  # yield to a waiting demand load
                         job.state = JobState.QUEUED
                         job.preemptions += 1
@@ -362,9 +438,5 @@ class CopyEngine:
                         self.stats.busy_s += time.perf_counter() - t0
                         return
         with self._cond:
-            job.state = JobState.DONE
-            job.finished_at = time.perf_counter()
-            self._completed.append(job)
-            self.stats.jobs_done += 1
             self.stats.busy_s += time.perf_counter() - t0
-            self._cond.notify_all()
+            self._finish(job, JobState.DONE)

@@ -113,6 +113,7 @@ class RunSession:
             opts.link,
             opts.chunk_bytes,
             self.now,
+            score=policy.eviction_score,
         )
         self.taps = ModelTaps(om.loaded)
         try:
@@ -140,6 +141,7 @@ class RunSession:
             for m in om.modules:
                 m.runner = None
             raise
+        self._held: list[PrefetchDecision] | None = None
         self.layer_steps = 0
         self.layer_paths = {"single_call": 0, "per_expert": 0, "multi_wave": 0}
         self.iteration = -1
@@ -223,6 +225,8 @@ class RunSession:
     ) -> torch.Tensor:
         layer = mod.moe_layer
         ids = top_k_index.detach().cpu().numpy()
+        self.res.gate(layer)
+        self._held = []  # the gate's orders go after its demand loads, as in the simulator
         self._gate(layer, hidden, ids, top_k_weights)
         E = self.spec.num_experts
         flat = ids.reshape(-1)
@@ -234,9 +238,12 @@ class RunSession:
         out = torch.zeros_like(hidden)
         if len(waves) > 1:
             self.layer_paths["multi_wave"] += 1
-        for wave in waves:
+        for i, wave in enumerate(waves):
             keys = [(layer, e) for e in wave]
-            self.res.demand(keys, self.policy.eviction_score)
+            self.res.demand(keys)
+            if i == 0:
+                self._release_held()
+                self.res.drop_stale_preempted(layer)
             views = self._views(mod, layer, wave)
             if len(waves) == 1 and single_call_is_exact(top_k_index.shape[-1], views):
                 for key in keys:
@@ -255,7 +262,9 @@ class RunSession:
                     self._used([key], counts)
                 self.layer_paths["per_expert"] += 1
             self.res.release(keys)
-        self.res.unprotect_layer(layer)
+        if not waves:
+            self._release_held()
+        self.res.end_layer(layer)
         self.layer_steps += 1
         self._pump()
         return out
@@ -286,8 +295,8 @@ class RunSession:
 
     def _used(self, keys: list[ExpertKey], counts: np.ndarray) -> None:
         now = self.now()
+        self.res.use(keys, now)
         for key in keys:
-            self.res.dev(key).cache.use(key, now)
             self.driver.observe(ExpertUsed(key, int(counts[key[1]]), now))
 
     # -- decisions ------------------------------------------------------------------------------
@@ -298,12 +307,19 @@ class RunSession:
         self.driver.pump()
 
     def _apply(self, dec: PrefetchDecision) -> None:
+        if self._held is not None:
+            self._held.append(dec)
+            return
         for key in dec.cancel:
             self.res.cancel(key)
-        score = self.policy.eviction_score
-        for order in sorted(dec.enqueue, key=lambda o: -o.priority):
+        for order in dec.enqueue:
             validate_order(order, self.spec)
-            self.res.prefetch(order.key, order.priority, score)
+            self.res.order(order.key, order.priority)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        for dec in held or []:
+            self._apply(dec)
 
     # -- results ---------------------------------------------------------------------------------
     def counters(self) -> CacheCounters:
@@ -335,6 +351,7 @@ class RunSession:
             num_devices=len(self.res.devs),
             bytes_transferred=sum(d.engine.stats.bytes_copied for d in self.res.devs),
             preemptions=sum(d.engine.stats.preemptions for d in self.res.devs),
+            **self.res.stats.as_metrics(),
             **{f"layer_calls_{k}": v for k, v in self.layer_paths.items()},
         )
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}

@@ -112,6 +112,8 @@ class Engine:
         self.gate_seq = 0
         self.delayed_orders = 0
         self.search_s = cfg.hardware.compute.policy_search_s if policy.async_search else 0.0
+        # executor time per MoE layer step besides compute (0 unless calibrated)
+        self.overhead_s = cfg.hardware.compute.layer_overhead(policy.name)
         self.score = policy.eviction_score
         self._plain_decide = not _overrides(policy, "decide_prefetch")
         self._h_arrival = _overrides(policy, "on_request_arrival")
@@ -285,6 +287,7 @@ class Engine:
             t += dense_t
             if moe < 0:
                 continue
+            t += self.overhead_s
             layer = moe
             self.gate_seq += 1
             links.stamp = links.last_gate[layer] = self.gate_seq
@@ -373,6 +376,7 @@ class Engine:
         used: list[tuple[ExpertCache, ExpertKey]] = []
         hitmap: dict[int, bool] = {}
         slow: dict[int, _GpuPlan] | None = None
+        absent: list[tuple[_GpuPlan, ExpertKey, float]] = []
         for e, tok in items:
             g = dev[e]
             cache = caches[g]
@@ -398,9 +402,14 @@ class Engine:
                 p.link.promote(key, t)
                 p.pend.append((key, ct))
                 used.append((cache, key))
-            elif self._start_demand(cache, p.link, key, t):
+            else:
+                absent.append((p, key, ct))
+        # misses load only once every cached key of the layer is pinned, so a miss never
+        # evicts an expert the same layer is about to use (as the real executor does)
+        for p, key, ct in absent:
+            if self._start_demand(p.cache, p.link, key, t):
                 p.pend.append((key, ct))
-                used.append((cache, key))
+                used.append((p.cache, key))
             else:
                 p.defer.append((key, ct))
         return (None if slow is None else list(slow.values())), used, comp, hitmap

@@ -379,7 +379,8 @@ class Link:
             heapq.heappush(self.heap, (-job.priority, job.seq, key))
         else:
             self._cancel_slot(key)
-        self._kick(now)
+        if self.demand_q or self.heap:
+            self._kick(now)
 
     def _release(self, ch: _Channel, now: float) -> None:
         job = ch.job

@@ -147,21 +147,18 @@ def test_prefetch_lands_before_the_gate_and_counts_as_used() -> None:
 
 
 def test_late_order_cannot_serve_its_own_layer() -> None:
-    """An order for the running layer is applied only after the layer computed."""
+    """After a layer's gate, an order for one of its routed experts waits for the layer to
+    compute (the demand load goes first); an order for an unrouted expert lands at once."""
     spec = small_spec(layers=2, experts=4, top_k=1)
-    req = hand_request(spec, [[2, 0], [2, 0]])
-    pol = Recorder(script={("gate", 0): [(0, 1)]})
-    res = replay(hand_workload(spec, req), pol, capacity_experts=8, record_decisions=True)
-    assert res.prefetches_deferred == 2  # once per iteration's gate 0
-    loaded = [c for c in pol.calls if c[0] == "loaded" and c[2]]
-    assert loaded == [("loaded", (0, 1), True)]  # the second order found it cached
-    i_loaded = pol.calls.index(loaded[0])
-    i_used = pol.calls.index(("used", (0, 2), 1))
-    assert (
-        i_used
-        < i_loaded
-        < pol.calls.index(next(c for c in pol.calls if c[0] == "gate" and c[2] == 1))
-    )
+    req = hand_request(spec, [[1, 0], [2, 0]], prompt_len=2)  # layer 0 routes experts 1 and 2
+    pol = Recorder(script={("gate", 0): [(0, 2), (0, 3)]})
+    res = replay(hand_workload(spec, req), pol, capacity_experts=8)
+    assert res.prefetches_deferred == 1
+    assert res.counters["hits"] == 0  # (0, 2) was still a miss
+    assert res.counters["prefetches_issued"] == 1  # (0, 3); (0, 2) was cached by then
+    first_use = next(i for i, c in enumerate(pol.calls) if c[0] == "used")
+    assert pol.calls.index(("loaded", (0, 3), True)) < first_use
+    assert ("loaded", (0, 2), False) in pol.calls
 
 
 def test_prefetch_dropped_when_every_slot_is_pinned() -> None:

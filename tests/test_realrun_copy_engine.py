@@ -136,27 +136,97 @@ def test_emulated_link_takes_latency_plus_bytes_over_bandwidth():
         eng.close()
 
 
-def test_cancel_only_hits_queued_jobs():
-    store = GatedStore(_store())
-    eng = CopyEngine(store)
+def test_cancel_drops_queued_jobs_and_stops_a_running_prefetch_at_a_chunk_boundary():
+    store = _store(inter=256, hidden=256)
+    n = store.layouts[0].row_bytes
+    eng = CopyEngine(store, link=LinkEmulation(gbps=0.02), chunk_bytes=n // 16)
     try:
         running = _job(store, (0, 0))
         eng.submit(running)
-        assert store.started.wait(5)
+        t0 = time.perf_counter()
+        while running.done_bytes == 0 and time.perf_counter() - t0 < 5:
+            time.sleep(0.0005)
         queued = _job(store, (0, 1), priority=1.0)
-        low = _job(store, (0, 2), priority=-1.0)
+        preempted_like = _job(store, (0, 2), priority=-1.0)
         eng.submit(queued)
-        eng.submit(low)
-        assert not eng.cancel(running.key)
-        assert eng.cancel_lowest_prefetch() == low.key
-        assert eng.cancel(queued.key) and queued.state is JobState.CANCELLED
-        assert not eng.is_pending(queued.key)
-        store.gate.set()
+        eng.submit(preempted_like)
+        assert eng.cancel(running.key) is None  # in flight: stops at its next chunk boundary
+        assert eng.drop_queued(keep=lambda j: j.key == queued.key) == [preempted_like]
+        assert eng.cancel(queued.key) is queued and queued.state is JobState.CANCELLED
+        assert not eng.has_job(queued.key)
         eng.wait(running.key)
-        assert [j.key for j in eng.poll()] == [running.key]
-        assert eng.stats.jobs_cancelled == 2
+        (stopped,) = eng.poll()
+        assert stopped is running and running.state is JobState.ABORTED
+        assert 0 < running.done_bytes < n
+        assert eng.stats.jobs_cancelled == 2 and eng.stats.jobs_done == 0
+    finally:
+        eng.close()
+
+
+def test_demand_loads_are_never_cancelled_and_promote_resumes_a_stopped_prefetch():
+    store = GatedStore(_store())
+    eng = CopyEngine(store)
+    try:
+        dem = _job(store, (0, 0), demand=True)
+        eng.submit(dem)
+        assert store.started.wait(5)
+        assert eng.cancel(dem.key) is None and not dem.abort
+        pre = _job(store, (0, 1))
+        eng.submit(pre)
+        eng.cancel(pre.key)  # queued: dropped
+        assert pre.state is JobState.CANCELLED
+        store.gate.set()
+        eng.wait(dem.key)
+        assert [j.key for j in eng.poll()] == [dem.key]
     finally:
         store.gate.set()
+        eng.close()
+
+
+def test_slotless_orders_get_their_slot_from_the_starter_when_the_copy_starts():
+    store = _store()
+    n = store.layouts[0].row_bytes
+    started: list[tuple[int, int]] = []
+
+    def starter(job: CopyJob) -> bool:
+        started.append(job.key)
+        if job.key[1] == 3:  # e.g. stale, or no slot can be freed: dropped
+            return False
+        job.dst = torch.zeros(n, dtype=torch.uint8)
+        return True
+
+    gated = GatedStore(store)
+    eng = CopyEngine(gated, starter=starter)
+    try:
+        eng.submit(_job(gated, (0, 0), demand=True))
+        assert gated.started.wait(5)
+        orders = [CopyJob((0, e), None, n, demand=False, priority=float(e)) for e in (1, 2, 3)]
+        for o in orders:
+            eng.submit(o)
+        assert started == []  # no slot while queued
+        assert eng.order((0, 1), priority=10.0, stamp=7) and orders[0].stamp == 7
+        gated.gate.set()
+        for e in range(4):
+            eng.wait((0, e))
+        assert started == [(0, 1), (0, 3), (0, 2)]
+        assert [j.key for j in eng.poll()] == [(0, 0), (0, 1), (0, 2)]
+        assert orders[2].state is JobState.CANCELLED and orders[2].dst is None
+        assert torch.equal(orders[0].dst, store.read_row(0, 1))
+        # a demand load for a key with a queued order supersedes the order
+        gated.gate.clear()
+        gated.started.clear()
+        eng.submit(_job(gated, (0, 0), demand=True))
+        assert gated.started.wait(5)
+        order = CopyJob((0, 2), None, n, demand=False)
+        eng.submit(order)
+        demand = _job(gated, (0, 2), demand=True)
+        eng.submit(demand)
+        assert order.state is JobState.CANCELLED
+        gated.gate.set()
+        eng.wait((0, 2))
+        assert demand.state is JobState.DONE and torch.equal(demand.dst, store.read_row(0, 2))
+    finally:
+        gated.gate.set()
         eng.close()
 
 

@@ -96,7 +96,17 @@ class SynthConfig(BaseModel):
     kind_strength: float = Field(1.5, ge=0, description="how differently token kinds route")
     affinity: float = Field(3.0, ge=0, description="cross-layer transition strength")
     temporal_locality: float = Field(
-        0.3, ge=0, le=1, description="probability a token re-uses the previous token's experts"
+        0.3,
+        ge=0,
+        le=1,
+        description="probability a token re-uses the previous token's experts (at the last layer)",
+    )
+    temporal_locality_first: float | None = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="re-use probability at the first MoE layer, rising linearly to "
+        "temporal_locality at the last; None = temporal_locality at every layer",
     )
     routing_noise: float = Field(
         1.0, ge=0, description="scale of per-token Gumbel noise on the logits"
@@ -328,8 +338,10 @@ def generate(spec: ModelSpec, cfg: SynthConfig) -> Workload:
             z = z + trans[layer][prev.astype(np.int64)].mean(axis=1)
         return z
 
+    first = cfg.temporal_locality if cfg.temporal_locality_first is None else cfg.temporal_locality_first
+    reuse = np.linspace(first, cfg.temporal_locality, L) if L > 1 else np.full(L, cfg.temporal_locality)
     routing = _sample_routing(
-        sk, spec, rng, base, np.full(L, cfg.temporal_locality), cfg.routing_noise,
+        sk, spec, rng, base, reuse, cfg.routing_noise,
         cfg.gate_temperature, cfg.normalize_topk, cfg.lookahead_noise,
         cfg.with_gate_probs, cfg.with_lookahead,
     )  # fmt: skip

@@ -1,0 +1,370 @@
+"""`fmoe calibrate validate`: the simulator's error against the real executor, same workload.
+
+1. The real model (built once, experts offloaded) runs the prompts greedily with every
+   expert resident and its routing recorded: that trace is the workload of every run
+   (outputs are bitwise those of the unmodified model, so every real run routes alike).
+2. For each policy x cache size, the real executor serves the prompts one after another
+   (closed loop, batch size 1, cold cache, the profile's link emulation on the CPU), and
+   the simulator runs the captured trace with the profile, the same policy, cache size,
+   batching, closed-loop arrivals and copy chunk size.
+3. Errors per metric (:mod:`calibration.sim_error`): per-request TTFT/TPOT/e2e MAPE,
+   hit-rate absolute error, stall time; a table, CSV files and a PNG
+   (:mod:`calibration.validate_plot`).
+
+Sits on top of realrun and sim; they never import it. :func:`prepare_validation` checks
+the profile (device, model, schema) and every other input before any weight is built.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from calibration.bench import NullProgress, Progress
+from calibration.errors import InputError
+from calibration.hardware import HardwareProfile
+from calibration.jsonio import write_json_atomic
+from calibration.model_spec import ModelSpec
+
+DEFAULT_POLICIES = ["lru", "mixtral-offloading", "fmoe"]
+CAPTURE_POLICY = "lru"
+
+
+@dataclass
+class ValidateConfig:
+    """Every knob of a validation (CLI flags map one to one)."""
+
+    profile: str
+    model: str | None = None
+    device: str | None = None
+    policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
+    cache_experts: list[int] | None = None
+    prompts: str = "mt-bench"
+    num_prompts: int = 4
+    max_new_tokens: int = 16
+    max_prompt_tokens: int = 64
+    chunk_bytes: int = 1 << 20
+    store: str = "auto"
+    seed: int = 0
+    out: str | None = None
+
+
+@dataclass
+class PreparedValidation:
+    cfg: ValidateConfig
+    profile: HardwareProfile
+    model_ref: str
+    spec: ModelSpec
+    caches: list[int]
+    devices: list[torch.device]
+    link: Any  # realrun.copy_engine.LinkEmulation | None
+    prompts: list[Any]  # realrun.prompting.PromptText
+    max_prompt_tokens: int
+    threads: int
+
+
+@dataclass
+class ValidationResult:
+    """Per-run and per-request frames (real and simulated side by side) and the summary."""
+
+    runs: pd.DataFrame
+    requests: pd.DataFrame
+    summary: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary,
+            "runs": json.loads(self.runs.to_json(orient="records")),
+            "files": self.files,
+        }
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def load_profile(ref: str) -> HardwareProfile:
+    """A profile from a JSON path or a preset name (missing field, bad JSON, unknown
+    schema version: InputError naming the file)."""
+    from calibration.presets import load_hardware
+
+    return load_hardware(ref)
+
+
+def check_profile(profile: HardwareProfile, ref: str, model: str, device: str) -> None:
+    """InputError when ``profile`` was measured on another device or fitted for another model."""
+    if profile.device != device:
+        raise InputError(f"{ref}: profile measured on {profile.device}, not {device}")
+    fitted = profile.compute.fitted_for_model
+    if fitted is not None and fitted != model:
+        raise InputError(f"{ref}: profile fitted for {fitted}, not {model}")
+
+
+def default_cache_sizes(spec: ModelSpec) -> list[int]:
+    """A quarter, half and three quarters of all experts (at least top-K, distinct)."""
+    total = spec.total_experts
+    sizes = {max(spec.top_k, round(total * f)) for f in (0.25, 0.5, 0.75)}
+    return sorted(s for s in sizes if s < total) or [total]
+
+
+def _link_of(profile: HardwareProfile) -> Any:
+    from realrun.copy_engine import LinkEmulation
+
+    lk = profile.link
+    if profile.device != "cpu" or not lk.emulated:
+        return None
+    gbps = lk.emulated_gbps or lk.pinned_bandwidth_Bps / 1e9
+    lat = lk.emulated_latency_us if lk.emulated_gbps is not None else lk.latency_s * 1e6
+    return LinkEmulation(gbps, lat or 0.0)
+
+
+def prepare_validation(cfg: ValidateConfig) -> PreparedValidation:
+    """Check every input before any work; InputError names the first problem."""
+    from policies.registry import policy_class
+    from realrun.models import resolve_model
+    from realrun.placement import budget_experts, resolve_devices
+    from realrun.prompting import check_lengths, prompt_texts
+    from realrun.runner import RunConfig, torch_threads
+    from realrun.session import refuse_future_readers
+
+    profile = load_profile(cfg.profile)
+    device = cfg.device or profile.device
+    model = cfg.model or profile.compute.fitted_for_model
+    if model is None:
+        raise InputError(
+            f"{cfg.profile}: profile is not fitted for any model; give --model "
+            "(or calibrate one with `fmoe calibrate bench`)"
+        )
+    spec, hf_config, _ = resolve_model(model)
+    check_profile(profile, cfg.profile, spec.name, device)
+    if not cfg.policies:
+        raise InputError("--policies needs at least one policy")
+    caches = list(cfg.cache_experts) if cfg.cache_experts else default_cache_sizes(spec)
+    caches = [budget_experts(spec, c) for c in caches]
+    for p in cfg.policies:
+        cls = policy_class(p)
+        refuse_future_readers(cls)
+        small = [c for c in caches if c < spec.total_experts]
+        if cls.preload_all and small:
+            raise InputError(
+                f"policy {p!r} keeps every expert resident: it needs a cache of "
+                f"{spec.total_experts} experts, got {small[0]}"
+            )
+    devices = resolve_devices(device, profile.num_gpus)
+    if min(caches) < len(devices):
+        raise InputError(
+            f"a cache of {min(caches)} experts leaves some of {len(devices)} devices with no slot"
+        )
+    if cfg.store not in ("auto", "ram", "file"):
+        raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
+    max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
+    prompts = prompt_texts(cfg.prompts, None, cfg.num_prompts)
+    threads = profile.compute.torch_threads or torch_threads(RunConfig(model=model, device=device))
+    if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise InputError(f"--out {cfg.out}: exists and is not a directory")
+    return PreparedValidation(
+        cfg, profile, model, spec, caches, devices, _link_of(profile), prompts, max_prompt, threads
+    )
+
+
+# -- the work -------------------------------------------------------------------------------
+def run_validation(cfg: ValidateConfig, progress: Progress | None = None) -> ValidationResult:
+    """prepare + execute."""
+    return execute_validation(prepare_validation(cfg), progress)
+
+
+def execute_validation(
+    prep: PreparedValidation, progress: Progress | None = None
+) -> ValidationResult:
+    """Capture, run real and simulated pairs, compute errors, write files (see module doc)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(prep.threads)
+    try:
+        return _execute(prep, progress if progress is not None else NullProgress())
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
+    from calibration import sim_error
+    from realrun.models import load
+    from realrun.offload import offload_model
+    from realrun.prompting import encode
+
+    cfg, spec = prep.cfg, prep.spec
+    pairs = [(p, c) for p in cfg.policies for c in prep.caches]
+    bar.reset(total=len(prep.prompts) * (1 + len(pairs)))
+    bar.write(f"building {spec.name} and offloading its experts")
+    loaded = load(prep.model_ref, seed=cfg.seed)
+    with torch.no_grad():  # one-time kernel setup, as the real run does before offloading
+        loaded.model(input_ids=torch.tensor([[0, 1]]), logits_to_keep=1)
+    om = offload_model(loaded, store=cfg.store, dense_device=prep.devices[0])
+    prompts = encode(loaded.tokenizer, prep.prompts, prep.max_prompt_tokens)
+    run_rows, req_rows = [], []
+    try:
+        workload, ref_sha = _capture(prep, om, prompts, bar)
+        for policy, cache in pairs:
+            real, real_reqs = _real_run(prep, om, prompts, policy, cache, bar)
+            sim, sim_reqs = _sim_run(prep, workload, policy, cache)
+            run_rows.append(_run_row(policy, cache, real, sim, real["tokens_sha256"] == ref_sha))
+            sim_by_id = sim_reqs.set_index("id")
+            for r in real_reqs:
+                s = sim_by_id.loc[r["id"]]
+                req_rows.append(
+                    {
+                        "policy": policy,
+                        "cache_experts": cache,
+                        "request_id": r["id"],
+                        "prompt_len": int(s["prompt_len"]),
+                        "output_len": int(s["output_len"]),
+                        **{f"real_{m}_s": r[m] for m in sim_error.LATENCIES},
+                        **{f"sim_{m}_s": float(s[f"{m}_s"]) for m in sim_error.LATENCIES},
+                    }
+                )
+            bar.write(_pair_line(run_rows[-1]))
+    finally:
+        om.close()
+    runs, requests = pd.DataFrame(run_rows), pd.DataFrame(req_rows)
+    sim_error.add_errors(requests, runs)
+    summary = sim_error.summarise(requests, runs)
+    summary.update(
+        per_policy=sim_error.per_policy(requests, runs),
+        profile=prep.profile.name,
+        model=spec.name,
+        device=prep.profile.device,
+        emulated_link=prep.link.describe() if prep.link is not None else None,
+        policies=cfg.policies,
+        cache_experts=prep.caches,
+        num_prompts=len(prompts),
+        max_new_tokens=cfg.max_new_tokens,
+        torch_threads=prep.threads,
+        mape_over="requests (every request of every run); *_run_means: over run means",
+        routing_matches_capture=bool(runs["routing_matches_capture"].all()),
+    )
+    result = ValidationResult(runs, requests, summary)
+    if cfg.out:
+        result.files = write_outputs(result, cfg.out)
+    return result
+
+
+def _capture(prep: PreparedValidation, om: Any, prompts: list[Any], bar: Progress):
+    """The workload every run shares: the prompts with every expert resident, recorded."""
+    from policies.registry import make_policy
+    from realrun.capture import make_workload
+    from realrun.metrics import tokens_sha256
+    from realrun.session import RunSession, SessionOptions
+
+    opts = SessionOptions(None, prep.devices, None, prep.cfg.chunk_bytes, record=True)
+    with RunSession(om, make_policy(CAPTURE_POLICY), opts) as s:
+        for p in prompts:
+            s.generate(p.request_id, p.ids, prep.cfg.max_new_tokens, prompt_text=p.text)
+            bar.update(1)
+        assert s.recorder is not None
+        requests, gens = s.recorder.requests, s.generations
+    w = make_workload(prep.spec, requests, prep.cfg.seed, source="calibration.validate capture")
+    return w, tokens_sha256(gens)
+
+
+def _real_run(
+    prep: PreparedValidation, om: Any, prompts: list[Any], policy: str, cache: int, bar: Progress
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from policies.registry import make_policy
+    from realrun.session import RunSession, SessionOptions
+
+    opts = SessionOptions(cache, prep.devices, prep.link, prep.cfg.chunk_bytes, seed=prep.cfg.seed)
+    with RunSession(om, make_policy(policy), opts) as s:
+        for p in prompts:
+            s.generate(p.request_id, p.ids, prep.cfg.max_new_tokens, prompt_text=p.text)
+            bar.update(1)
+        metrics = s.metrics()
+        reqs = [
+            {"id": g.request_id, "ttft": g.ttft_s, "tpot": g.tpot_s, "e2e": g.e2e_s}
+            for g in s.generations
+        ]
+    return metrics, reqs
+
+
+def _sim_run(
+    prep: PreparedValidation, workload: Any, policy: str, cache: int
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    from sim.config import SimConfig
+    from sim.run import simulate
+
+    cfg = SimConfig(
+        model=prep.spec,
+        hardware=prep.profile,
+        policy=policy,
+        cache_experts=cache,
+        batch_size=1,
+        batching="continuous",
+        arrivals="closed",
+        chunk_bytes=prep.cfg.chunk_bytes,
+        seed=prep.cfg.seed,
+    )
+    res = simulate(workload, cfg)
+    return res.metrics, res.requests
+
+
+RUN_METRICS = ["ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "hit_rate", "stall_s", "bytes_h2d"]
+
+
+def _run_row(
+    policy: str, cache: int, real: dict[str, Any], sim: dict[str, Any], same_routing: bool
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"policy": policy, "cache_experts": cache}
+    for k in RUN_METRICS:
+        row[f"real_{k}"] = real.get(k)
+        row[f"sim_{k}"] = sim.get(k)
+    n = real["requests"]
+    row["real_e2e_total_s"] = (real["e2e_mean_s"] or 0.0) * n
+    row["sim_e2e_total_s"] = (sim["e2e_mean_s"] or 0.0) * n
+    row["routing_matches_capture"] = same_routing
+    return row
+
+
+def _pair_line(row: dict[str, Any]) -> str:
+    def pair(k: str) -> str:
+        return f"{row[f'real_{k}']:.4g}/{row[f'sim_{k}']:.4g}"
+
+    return (
+        f"{row['policy']} cache {row['cache_experts']}: real/sim ttft {pair('ttft_mean_s')} s, "
+        f"tpot {pair('tpot_mean_s')} s, hit {pair('hit_rate')}, stall {pair('stall_s')} s"
+    )
+
+
+def write_outputs(result: ValidationResult, out: str | Path) -> dict[str, str]:
+    """runs.csv, requests.csv, summary.json and sim_vs_real.png under ``out`` (atomic)."""
+    from calibration.validate_plot import plot_sim_vs_real
+
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    files = {
+        "runs_csv": str(d / "runs.csv"),
+        "requests_csv": str(d / "requests.csv"),
+        "summary_json": str(d / "summary.json"),
+        "plot_png": str(d / "sim_vs_real.png"),
+    }
+    _write_csv(result.runs, Path(files["runs_csv"]))
+    _write_csv(result.requests, Path(files["requests_csv"]))
+    write_json_atomic(files["summary_json"], result.summary)
+    s = result.summary
+    title = f"{s['model']} on {s['profile']}: simulated vs measured"
+    plot_sim_vs_real(result.requests, result.runs, files["plot_png"], title)
+    return files
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
