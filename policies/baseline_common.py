@@ -104,6 +104,11 @@ def union_top(scores: np.ndarray, n: int) -> np.ndarray:
     n = max(0, min(n, j))
     if n == 0 or b == 0:
         return np.zeros(j)
+    if b == 1:  # one row (a decode step): no scatter needed
+        out = np.zeros(j)
+        top = np.argsort(-scores[0], kind="stable")[:n]
+        out[top] = scores[0, top]
+        return out
     idx = np.argsort(-scores, axis=1, kind="stable")[:, :n]
     out = np.zeros(j)
     np.add.at(out, idx.ravel(), np.take_along_axis(scores, idx, axis=1).ravel())

@@ -6,9 +6,10 @@ and executes every MoE layer (:meth:`RunSession.run_layer`, called by the offloa
 experts modules):
 
 1. the gate event goes to the policy (probability rows, the chosen experts, lookahead
-   rows if the policy wants them), whose prefetch orders go to the copy engines;
+   rows if the policy wants them); orders made before for this layer become stale;
 2. the layer's experts are demanded (hit = resident at that moment), misses become demand
-   loads (ahead of every prefetch), everything used is pinned;
+   loads (ahead of every prefetch), everything used is pinned; only then do the gate's
+   prefetch orders reach the copy engines (as in the simulator, see realrun.residency);
 3. the compute waits for its experts (that wait is ``stall_s``) and calls the library's
    experts forward on slot views (see realrun.offload for the exactness argument); a
    layer needing more distinct experts than a device has slots runs in waves;

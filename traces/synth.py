@@ -87,7 +87,13 @@ class SynthConfig(BaseModel):
     num_topics: int = Field(8, ge=1, description="semantic clusters of requests")
     topic_skew: float = Field(0.0, ge=0, description="Zipf exponent of topic frequencies")
     kinds_per_topic: int = Field(
-        4, ge=1, description="token kinds per topic (own embedding offset and routing)"
+        16, ge=1, description="token kinds per topic (own embedding offset and routing)"
+    )
+    num_kinds: int | None = Field(
+        64,
+        ge=1,
+        description="token kinds shared by all topics (each topic uses kinds_per_topic of "
+        "them); None = every topic has its own kinds",
     )
     popularity_skew: float | list[float] = Field(
         1.0, description="Zipf exponent of expert popularity, one or per layer"
@@ -311,11 +317,18 @@ def generate(spec: ModelSpec, cfg: SynthConfig) -> Workload:
     f32 = np.float32
     pop = np.stack([-s * log_rank[world.permutation(J)] for s in skew]).astype(f32)  # [L, J]
     topic_logits = (cfg.topic_strength * world.standard_normal((C, L, J))).astype(f32)
-    kind_logits = (cfg.kind_strength * world.standard_normal((C, Kd, L, J))).astype(f32)
+    V = C * Kd if cfg.num_kinds is None else cfg.num_kinds  # the kind vocabulary
+    if Kd > V:
+        raise InputError(f"kinds_per_topic ({Kd}) exceeds num_kinds ({V})")
+    kind_logits = (cfg.kind_strength * world.standard_normal((V, L, J))).astype(f32)
     kind_mix = world.dirichlet(np.ones(Kd), size=C)  # [C, Kd]
     trans = (cfg.affinity * world.standard_normal((L, J, J))).astype(f32)  # row i: after expert i
     centroids = _unit(world, (C, D))
-    kind_offsets = cfg.kind_embedding_scale * _unit(world, (C, Kd, D))
+    kind_offsets = cfg.kind_embedding_scale * _unit(world, (V, D))
+    if cfg.num_kinds is None:  # topic c owns kinds c*Kd .. (c+1)*Kd-1
+        topic_kinds = np.arange(V).reshape(C, Kd)
+    else:  # topics draw their kinds from one shared vocabulary, so they overlap
+        topic_kinds = np.stack([world.choice(V, Kd, replace=False) for _ in range(C)])
     topic_p = np.arange(1, C + 1, dtype=float) ** -cfg.topic_skew
     topic_p /= topic_p.sum()
 
@@ -330,10 +343,10 @@ def generate(spec: ModelSpec, cfg: SynthConfig) -> Workload:
     topic_of_req = rng.choice(C, size=n, p=topic_p)
     topic = topic_of_req[sk.req_of_token]
     cum = np.cumsum(kind_mix[topic], axis=1)
-    kind = np.minimum((rng.random((len(topic), 1)) > cum).sum(axis=1), Kd - 1)
+    kind = topic_kinds[topic, np.minimum((rng.random((len(topic), 1)) > cum).sum(axis=1), Kd - 1)]
 
     def base(layer: int, prev: np.ndarray | None) -> np.ndarray:
-        z = pop[layer] + topic_logits[topic, layer] + kind_logits[topic, kind, layer]
+        z = pop[layer] + topic_logits[topic, layer] + kind_logits[kind, layer]
         if prev is not None:
             z = z + trans[layer][prev.astype(np.int64)].mean(axis=1)
         return z
@@ -348,7 +361,7 @@ def generate(spec: ModelSpec, cfg: SynthConfig) -> Workload:
     emb = None
     if cfg.with_embeddings:
         noise = cfg.embedding_noise / math.sqrt(D) * rng.standard_normal((len(topic), D))
-        emb = (centroids[topic] + kind_offsets[topic, kind] + noise).astype(np.float32)
+        emb = (centroids[topic] + kind_offsets[kind] + noise).astype(np.float32)
     tags = [{"topic": int(c)} for c in topic_of_req]
     prov = {
         "source": "synthetic",

@@ -1,0 +1,224 @@
+"""`fmoe calibrate`: measure this machine (bench) and the simulator's error (validate).
+
+- ``fmoe calibrate bench [--device cpu|cuda] [--model M] [--link-gbps G] --out PROFILE.json``
+  times the link, expert FFN, dense/attention, head, the executor's per-layer overhead
+  and an async policy's search time on this machine, fits the profile's cost model
+  and writes a calibrated HardwareProfile (atomically). A progress bar goes to stderr.
+- ``fmoe calibrate validate --profile PROFILE.json [--model M] [--out DIR] [--json]``
+  runs the real executor and the simulator on the same captured workload over policies
+  x cache sizes and reports the simulator's error per metric (table or one JSON
+  document; CSV files and a PNG under --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from calibration.errors import InputError
+from fmoe_cli.common import add_json_flag, positive_float, positive_int, print_json, print_table
+
+
+def _names(text: str) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [positive_int(t) for t in _names(text)]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        ) from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure this machine; validate the simulator against it")
+    cs = p.add_subparsers(dest="calibrate_command", metavar="SUBCOMMAND")
+    _register_bench(cs)
+    _register_validate(cs)
+    p.set_defaults(func=lambda args: _usage(p))
+
+
+def _usage(p: argparse.ArgumentParser) -> int:
+    p.print_help(sys.stderr)
+    return 2
+
+
+def _register_bench(cs: argparse._SubParsersAction) -> None:
+    b = cs.add_parser("bench", help="microbenchmarks -> a calibrated hardware profile")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--num-devices", type=positive_int, help="GPUs to measure (default: all)")
+    b.add_argument(
+        "--model", default="tiny-mixtral-wide", help="tiny preset or local checkpoint directory"
+    )
+    b.add_argument(
+        "--link-gbps", type=positive_float, help="CPU: emulate a host link of this many GB/s"
+    )
+    b.add_argument("--link-latency-us", type=float, help="CPU: the emulated link's latency")
+    b.add_argument("--threads", type=positive_int, help="torch threads (as `fmoe run`)")
+    b.add_argument("--repeats", type=positive_int, default=5, help="rounds per point (median)")
+    b.add_argument("--max-tokens", type=positive_int, default=128, help="largest prefill timed")
+    b.add_argument("--max-context", type=positive_int, default=256, help="longest KV timed")
+    b.add_argument(
+        "--policies",
+        type=_names,
+        help="policies whose executor overhead is measured (default: lru,lfu,mixtral-offloading,fmoe)",
+    )
+    b.add_argument("--overhead-rounds", type=positive_int, default=3)
+    b.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
+    b.add_argument("--name", help="profile name (default: calibrated-DEVICE-MODEL)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True, help="profile JSON to write")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json_flag(b)
+    b.set_defaults(func=_cmd_bench)
+
+
+def _register_validate(cs: argparse._SubParsersAction) -> None:
+    v = cs.add_parser("validate", help="simulator vs real executor on the same workload")
+    v.add_argument("--profile", required=True, help="calibrated profile JSON (or a preset name)")
+    v.add_argument("--model", help="model (default: the one the profile was fitted for)")
+    v.add_argument("--device", choices=["cpu", "cuda"], help="default: the profile's device")
+    v.add_argument(
+        "--policies", type=_names, help="comma-separated (default: lru,mixtral-offloading,fmoe)"
+    )
+    v.add_argument(
+        "--cache-experts",
+        type=_ints,
+        help="comma-separated cache sizes in experts (default: 1/4, 1/2, 3/4 of all experts)",
+    )
+    v.add_argument("--prompts", default="mt-bench", help="prompt set (mt-bench, gsm8k, sharegpt)")
+    v.add_argument("--num-prompts", type=positive_int, default=4)
+    v.add_argument("--max-new-tokens", type=positive_int, default=16)
+    v.add_argument("--max-prompt-tokens", type=positive_int, default=64)
+    v.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", help="directory for runs.csv, requests.csv, summary.json, PNG")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json_flag(v)
+    v.set_defaults(func=_cmd_validate)
+
+
+def _bar(disabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, disable=disabled, unit="step", dynamic_ncols=True)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from calibration.bench import DEFAULT_POLICIES, BenchConfig, execute_bench, prepare_bench
+
+    cfg = BenchConfig(
+        model=args.model,
+        device=args.device,
+        num_devices=args.num_devices,
+        link_gbps=args.link_gbps,
+        link_latency_us=args.link_latency_us,
+        threads=args.threads,
+        repeats=args.repeats,
+        max_tokens=args.max_tokens,
+        max_context=args.max_context,
+        policies=args.policies or list(DEFAULT_POLICIES),
+        overhead_rounds=args.overhead_rounds,
+        store=args.store,
+        seed=args.seed,
+        name=args.name,
+    )
+    prep = prepare_bench(cfg)
+    _check_out_dir(args.out)
+    with _bar(args.no_progress) as bar:
+        result = execute_bench(prep, bar)
+    result.profile.to_json(args.out)
+    summary = {"path": args.out, **result.summary()}
+    if args.json:
+        print_json(summary)
+        return 0
+    summary.pop("measurements")
+    errors = summary.pop("fit_errors")
+    print_table([{"figure": k, "value": v} for k, v in summary.items()])
+    print_table([{"fit": k, "mape": v} for k, v in errors.items()])
+    return 0
+
+
+def _check_out_dir(path: str) -> None:
+    from pathlib import Path
+
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise InputError(f"--out {path}: directory {parent} does not exist")
+
+
+_RUN_COLUMNS = [
+    "policy",
+    "cache_experts",
+    "real_ttft_mean_s",
+    "sim_ttft_mean_s",
+    "real_tpot_mean_s",
+    "sim_tpot_mean_s",
+    "real_hit_rate",
+    "sim_hit_rate",
+    "real_stall_s",
+    "sim_stall_s",
+    "ttft_mean_ape",
+    "tpot_mean_ape",
+    "hit_rate_abs_error",
+]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from calibration.validate import (
+        DEFAULT_POLICIES,
+        ValidateConfig,
+        execute_validation,
+        prepare_validation,
+    )
+
+    cfg = ValidateConfig(
+        profile=args.profile,
+        model=args.model,
+        device=args.device,
+        policies=args.policies or list(DEFAULT_POLICIES),
+        cache_experts=args.cache_experts,
+        prompts=args.prompts,
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        store=args.store,
+        seed=args.seed,
+        out=args.out,
+    )
+    prep = prepare_validation(cfg)
+    with _bar(args.no_progress) as bar:
+        result = execute_validation(prep, bar)
+    if args.json:
+        print_json(result.to_json())
+        return 0
+    print_table(result.runs[_RUN_COLUMNS].to_dict(orient="records"))
+    print()
+    s = result.summary
+    rows = [
+        {"metric": k, "error": s[k], "target": t["target"], "met": t["met"]}
+        for k, t in s["targets"].items()
+    ]
+    rows += [
+        {"metric": k, "error": s[k], "target": "", "met": ""}
+        for k in (
+            "e2e_mape",
+            "ttft_mape_run_means",
+            "tpot_mape_run_means",
+            "hit_rate_abs_error_mean",
+            "stall_abs_error_s_mean",
+            "stall_share_abs_error_mean",
+        )
+    ]
+    print_table(rows)
+    if result.files:
+        print(f"wrote {', '.join(result.files.values())}")
+    if s.get("emulated_link"):
+        print("(host link emulated on the CPU)")
+    return 0
