@@ -1,0 +1,49 @@
+"""Shared argument handling for the study scripts: each writes a CSV and a PNG into --out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from sim.paper import PaperSetup, save_csv
+
+
+def parse(description: str, default_requests: int = 40) -> tuple[PaperSetup, Path]:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default="experiments_out", help="folder for the CSV and PNG")
+    p.add_argument(
+        "--num-requests", type=int, default=default_requests, help="requests per workload"
+    )
+    p.add_argument("--cache-gb", type=float, default=24.0, help="total expert cache (GiB)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workloads", default="lmsys,sharegpt", help="comma-separated: lmsys, sharegpt")
+    a = p.parse_args()
+    setup = PaperSetup(
+        num_requests=a.num_requests,
+        cache_gb=a.cache_gb,
+        workers=a.workers,
+        seed=a.seed,
+        workloads=a.workloads.split(","),
+    )
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.stderr.write(
+        f"{Path(sys.argv[0]).name}: simulated, {setup.model} on {setup.hardware} (published figures), "
+        f"synthetic workloads {setup.workloads} of {setup.num_requests} requests\n"
+    )
+    return setup, out
+
+
+def report(df: pd.DataFrame, columns: list[str], csv: Path, pngs: list[Path], t0: float) -> None:
+    """Print the study's table (the README copies it) and where its files went."""
+    save_csv(df, csv)
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format
+    ):
+        print(df[columns].to_string(index=False))
+    print(f"wrote {csv} and {', '.join(str(p) for p in pngs)} in {time.perf_counter() - t0:.0f} s")
