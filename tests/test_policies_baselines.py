@@ -6,24 +6,25 @@ import numpy as np
 import pytest
 
 from calibration.errors import InputError
+from calibration.model_spec import ModelSpec
 from policies.base import GateOutput, IterationStart, PolicyContext
 from policies.cache import ExpertCache
 from policies.placement import Placement
 from policies.registry import make_policy
-from policies.replay import replay
+from policies.replay import ReplayResult, replay
 from tests.strategies import random_workload, small_spec
 from tests.test_policies_replay import hand_request, hand_workload
 
 
-def evictions(res) -> list[tuple[int, int]]:  # noqa: ANN001
+def evictions(res: ReplayResult) -> list[tuple[int, int]]:
     return [(d[3], d[4]) for d in res.decisions if d[0] == "evict"]
 
 
-def orders(res) -> list[tuple[int, int]]:  # noqa: ANN001
+def orders(res: ReplayResult) -> list[tuple[int, int]]:
     return [(d[3], d[4]) for d in res.decisions if d[0] == "order"]
 
 
-def context(spec, capacity: int, devices: int = 1) -> PolicyContext:  # noqa: ANN001
+def context(spec: ModelSpec, capacity: int, devices: int = 1) -> PolicyContext:
     placement = Placement(spec.num_moe_layers, spec.num_experts, devices)
     caches = [
         ExpertCache(c, spec.expert_bytes, d)
@@ -226,7 +227,7 @@ def test_moe_infinity_rejects_a_training_set_for_another_model() -> None:
 
 
 # -- promoe ------------------------------------------------------------------------------------
-def shifted(spec, tokens: int, start: int = 0) -> list:  # noqa: ANN001
+def shifted(spec: ModelSpec, tokens: int, start: int = 0) -> list:
     """Token rows where layer l+1 uses expert (e + 1) % J after layer l used e."""
     J = spec.num_experts
     return [

@@ -45,7 +45,8 @@ def test_select_orders_fills_each_device_best_first_and_skips_cached() -> None:
     lay = np.array([1, 1, 1, 1, 1, 1])
     exp = np.array([0, 2, 1, 3, 3, 2])
     got = [(o.layer, o.expert, o.priority) for o in select_orders(ctx, pri, lay, exp)]
-    # device 0: (1,0) cached (takes a slot), (1,2) ordered; device 1: (1,1), (1,3); zero priority dropped
+    # device 0: (1,0) cached (takes a slot), (1,2) ordered; device 1: (1,1), (1,3);
+    # the duplicate (1,3) is over device 1's budget and the zero priority is dropped
     assert got == [(1, 2, 0.8), (1, 1, 0.7), (1, 3, 0.6)]
     reserve = layer_reserve(ctx, 0, np.array([[0], [2]]))  # both on device 0
     assert reserve.tolist() == [2, 0]
