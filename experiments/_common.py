@@ -1,15 +1,20 @@
-"""Shared argument handling for the study scripts: each writes a CSV and a PNG into --out."""
+"""Shared handling for the study scripts: each writes a CSV and a PNG into --out and prints
+its table (the README copies these tables)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from sim.paper import PaperSetup, save_csv
+from sim.paper_plots import lines
+
+METRICS = ["ttft_mean_s", "tpot_mean_s", "hit_rate"]
 
 
 def parse(description: str, default_requests: int = 40) -> tuple[PaperSetup, Path]:
@@ -40,10 +45,28 @@ def parse(description: str, default_requests: int = 40) -> tuple[PaperSetup, Pat
 
 
 def report(df: pd.DataFrame, columns: list[str], csv: Path, pngs: list[Path], t0: float) -> None:
-    """Print the study's table (the README copies it) and where its files went."""
+    """Print the study's table and where its files went."""
     save_csv(df, csv)
     with pd.option_context(
         "display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format
     ):
         print(df[columns].to_string(index=False))
     print(f"wrote {csv} and {', '.join(str(p) for p in pngs)} in {time.perf_counter() - t0:.0f} s")
+
+
+def line_study(
+    name: str,
+    description: str,
+    study: Callable[[PaperSetup], pd.DataFrame],
+    keys: list[str],
+    x: str,
+    panels: list[tuple[str, str]],
+    title: str,
+) -> None:
+    """Run ``study``, average the metrics over workloads per ``keys``, plot metric vs ``x``."""
+    setup, out = parse(description)
+    t0 = time.perf_counter()
+    df = study(setup).groupby(keys, as_index=False, sort=False)[METRICS].mean()
+    group = next((k for k in keys if k != x), None)
+    png = lines(df, x, panels, out / f"{name}.png", title, group=group or x)
+    report(df, [*keys, *METRICS], out / f"{name}.csv", [png], t0)

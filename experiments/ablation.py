@@ -1,31 +1,28 @@
 """The paper's ablations: prediction (Speculate < hit count < Map(T) < Map(T+S) < Map(T+S+delta))
 and caching (LRU < LFU < fMoE)."""
 
-import time
-
-from experiments._common import parse, report
+from experiments._common import line_study
 from sim.paper import study_ablation
-from sim.paper_plots import lines
+
+
+def _indexed(setup):
+    df = study_ablation(setup)
+    # x axis: the variant's position within its part, in the paper's order
+    order = {
+        v: i
+        for part in df["part"].unique()
+        for i, v in enumerate(df[df["part"] == part]["variant"].unique())
+    }
+    return df.assign(variant_index=df["variant"].map(order))
+
 
 if __name__ == "__main__":
-    setup, out = parse(__doc__)
-    t0 = time.perf_counter()
-    df = study_ablation(setup)
-    df = df.groupby(["part", "variant"], as_index=False, sort=False)[
-        ["ttft_mean_s", "tpot_mean_s", "hit_rate"]
-    ].mean()
-    png = lines(
-        df.assign(x=df.groupby("part").cumcount()),
-        "x",
+    line_study(
+        "ablation",
+        __doc__,
+        _indexed,
+        ["part", "variant", "variant_index"],
+        "variant_index",
         [("hit_rate", "hit rate"), ("tpot_mean_s", "TPOT mean (s)")],
-        out / "ablation.png",
-        "Ablation (x: variant index in the table)",
-        group="part",
-    )
-    report(
-        df,
-        ["part", "variant", "ttft_mean_s", "tpot_mean_s", "hit_rate"],
-        out / "ablation.csv",
-        [png],
-        t0,
+        "Ablation (x: variant, in the table's order)",
     )
