@@ -8,8 +8,8 @@ if __name__ == "__main__":
         "batch_size",
         __doc__,
         study_batch_size,
-        ["policy", "batch"],
-        "batch",
+        ["policy", "batch_size"],
+        "batch_size",
         [("tpot_mean_s", "TPOT mean (s)"), ("hit_rate", "hit rate")],
         "Batch size",
     )

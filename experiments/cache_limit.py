@@ -8,8 +8,8 @@ if __name__ == "__main__":
         "cache_limit",
         __doc__,
         study_cache_limit,
-        ["policy", "cache_gb"],
-        "cache_gb",
+        ["policy", "cache_gb_budget"],
+        "cache_gb_budget",
         [("tpot_mean_s", "TPOT mean (s)"), ("hit_rate", "hit rate")],
         "Expert cache limit",
     )
