@@ -16,12 +16,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fMoE vs the baselines on Mixtral-8x7B / paper-6x3090 in simulation (the paper's Fig. 10)",
     )
     p.add_argument("--out", default="demo_out", help="folder for CSV and PNG results")
+    p.add_argument("--model", default="mixtral-8x7b", help="model preset or ModelSpec JSON")
+    p.add_argument("--hardware", default="paper-6x3090", help="hardware preset or profile JSON")
     p.add_argument("--num-requests", type=positive_int, default=60, help="requests per workload")
     p.add_argument("--cache-gb", type=positive_float, default=24.0, help="total expert cache (GiB)")
     p.add_argument("--workers", type=positive_int, default=2, help="simulation processes")
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
     p.set_defaults(func=_demo)
+
+
+def _figures(hardware: str) -> str:
+    from calibration.presets import load_hardware
+
+    kind = load_hardware(hardware).kind
+    return {
+        "published": "published hardware figures, not measured",
+        "calibrated": "calibrated profile",
+    }.get(kind, f"{kind} profile")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -36,11 +48,16 @@ def _demo(args: argparse.Namespace) -> None:
     from sim.paper_plots import policy_bars, reduction_bars
 
     setup = PaperSetup(
-        num_requests=args.num_requests, cache_gb=args.cache_gb, workers=args.workers, seed=args.seed
+        model=args.model,
+        hardware=args.hardware,
+        num_requests=args.num_requests,
+        cache_gb=args.cache_gb,
+        workers=args.workers,
+        seed=args.seed,
     )
     out = Path(args.out)
     sys.stderr.write(
-        f"fmoe demo: {setup.model} on {setup.hardware} (published hardware figures, not measured), "
+        f"fmoe demo: {setup.model} on {setup.hardware} ({_figures(setup.hardware)}), "
         f"synthetic LMSYS-Chat-like and ShareGPT-like workloads of {setup.num_requests} requests "
         f"(70% fill the stores, 30% measured), expert cache {setup.cache_gb:g} GiB total\n"
     )
