@@ -23,6 +23,7 @@ the same decisions.
 
 from __future__ import annotations
 
+import math
 from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -237,5 +238,5 @@ def validate_order(order: PrefetchOrder, spec: ModelSpec) -> None:
             f"prefetch order for non-existent expert (layer {order.layer}, expert {order.expert}); "
             f"model has {spec.num_moe_layers} layers x {spec.num_experts} experts"
         )
-    if not np.isfinite(order.priority):
+    if not math.isfinite(order.priority):  # a Python float: math is ~10x cheaper than numpy
         raise InputError(f"prefetch order for {order.key} has non-finite priority {order.priority}")

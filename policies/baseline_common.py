@@ -81,16 +81,18 @@ def select_orders(
         take = np.arange(min(int(budget[0]), pr.size))
     else:
         dev = (ly * ctx.spec.num_experts + ex) % ndev
+        # rank of each candidate among its device's, in priority order: a stable sort by
+        # device keeps the priority order inside each device's run
+        by_dev = np.argsort(dev, kind="stable")
+        counts = np.bincount(dev, minlength=ndev)
         rank = np.empty(pr.size, dtype=np.int64)
-        for d in range(ndev):
-            m = dev == d
-            rank[m] = np.arange(int(m.sum()))
+        rank[by_dev] = np.arange(pr.size) - np.repeat(np.cumsum(counts) - counts, counts)
         take = np.flatnonzero(rank < budget[dev])
     caches = ctx.caches
+    J = ctx.spec.num_experts
     out = []
     for p, lyr, e in zip(pr[take].tolist(), ly[take].tolist(), ex[take].tolist(), strict=True):
-        entries = caches[(lyr * ctx.spec.num_experts + e) % ndev].entries
-        if (lyr, e) not in entries:
+        if (lyr, e) not in caches[(lyr * J + e) % ndev].entries:
             out.append(PrefetchOrder(lyr, e, p))
     return out
 

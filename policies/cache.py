@@ -155,14 +155,27 @@ class ExpertCache:
 
         Never a pinned or loading key. Ties break by key, so choices are deterministic.
         """
-        best: tuple[int, float, ExpertKey] | None = None
+        # the lexicographic minimum of (protected, score, key), without building tuples:
+        # this runs for every load once the cache is full
+        resident = ExpertState.RESIDENT
+        best_key: ExpertKey | None = None
+        best_prot = True
+        best_score = 0.0
         for k, e in self.entries.items():
-            if e.state is not ExpertState.RESIDENT or e.pins:
+            if e.state is not resident or e.pins:
                 continue
-            cand = (1 if e.protected else 0, score(e), k)
-            if best is None or cand < best:
-                best = cand
-        return None if best is None else best[2]
+            prot = e.protected
+            if prot and not best_prot:
+                continue  # an unprotected candidate already beats every protected one
+            s = score(e)
+            if (
+                best_key is None
+                or (best_prot and not prot)
+                or s < best_score
+                or (s == best_score and k < best_key)
+            ):
+                best_key, best_prot, best_score = k, prot, s
+        return best_key
 
     def begin_load(
         self, key: ExpertKey, now: float, *, prefetch: bool, score: EvictionScore = lru_score

@@ -10,7 +10,10 @@ dot products), vectorised over rows x store.
 - each prediction selects experts with the similarity-aware threshold (step 3), per row,
   merged over the batch as the union with priority max p / (l - l_now) (step 4);
 - eviction score p * freq with p the searched map's probability (max over rows) and freq
-  the entry's uses while cached (step 5); the cache protects pinned/predicted entries;
+  the entry's uses while cached (step 5); the cache protects pinned/predicted entries.
+  A layer's p changes only when that layer is forecast (semantic: 0..d-1; trajectory:
+  g+d), as the official FineMoE cache keeps per-expert probabilities (1 before any
+  forecast); other layers keep their last forecast;
 - iteration end: rows that saw all L gates are offered to the store (step 6);
 - ``async_search``: executors apply the orders after the search latency (step 7).
 
@@ -42,7 +45,7 @@ from policies.base import (
 )
 from policies.cache import CacheEntry, ExpertKey
 from policies.expert_map_store import ExpertMapStore
-from policies.fmoe_select import merge_priorities, select_experts, topk_rows
+from policies.fmoe_select import merge_priorities, select_experts, select_row, topk_rows
 from policies.registry import register_policy
 
 # The paper's prefetch distances per model family (transformers model_type).
@@ -131,7 +134,9 @@ class FmoePolicy(Policy):
         self.store: ExpertMapStore | None = None
         self.spec: ModelSpec | None = None
         self.distance = 0
-        self._pred = np.zeros((0, 0), np.float32)  # searched map's p per (layer, expert)
+        # searched map's p per [layer][expert]: Python floats, read per cached entry by
+        # eviction_score (a list lookup is ~10x cheaper than a numpy scalar read)
+        self._pred: list[list[float]] = []
         self._freq = np.zeros((0, 0), np.int64)  # global uses per (layer, expert), for lfu
         self._prompt_emb: dict[str, np.ndarray] = {}
         self._it: _IterState | None = None
@@ -186,8 +191,8 @@ class FmoePolicy(Policy):
                 f"{self.store.num_experts} experts, model {spec.name!r} has {L} x {J}"
             )
         self.store.prefetch_distance = self.distance
-        if self.spec is None or self._pred.shape != (L, J):
-            self._pred = np.zeros((L, J), np.float32)
+        if self.spec is None or len(self._pred) != L or len(self._pred[0]) != J:
+            self._pred = [[1.0] * J for _ in range(L)]  # no forecast yet: p = 1 (plain LFU)
             self._freq = np.zeros((L, J), np.int64)
         self.spec = spec
 
@@ -308,7 +313,11 @@ class FmoePolicy(Policy):
         score = it.sem[rows, best]
         pred = store.maps[:, best, :]  # [L, R, J]
         self._stats["semantic_searches"] += len(rows)
-        self._pred = pred.max(axis=1)
+        # a layer's p changes only when that layer is forecast (as the official code's cache
+        # does): the semantic search forecasts layers 0..d-1, each trajectory search one
+        fresh = list(self._pred)  # swapped whole: eviction_score may read it from another thread
+        fresh[: self.distance] = pred[: self.distance].max(axis=1).tolist()
+        self._pred = fresh
         for layer in range(self.distance):
             self._issue(it, layer, pred[layer], score, now_layer=-1)
 
@@ -348,14 +357,22 @@ class FmoePolicy(Policy):
         target = g + self.distance
         if target >= L:
             return
+        self._stats["trajectory_searches"] += B
+        if B == 1:  # decode: the same float32 arithmetic on scalars, fewer numpy calls
+            sim = it.dots[0, :n] * store.inv_prefix[g, :n]  # cosine up to a positive factor
+            b = int(sim.argmax())
+            x = it.norm2[0]  # a float32 scalar: float32 maths as in _inv_sqrt
+            score = float(sim[b] * (1.0 / np.sqrt(np.maximum(x, 1e-30))))
+            row = store.maps[target, b]
+            self._pred[target] = row.tolist()  # one reference swap: thread-safe
+            self._issue_row(it, target, row, score, now_layer=g)
+            return
         sims = it.dots[:, :n] * store.inv_prefix[g, :n]  # cosine up to a positive per-row factor
         best = np.argmax(sims, axis=1)
-        score = sims.max(axis=1) * _inv_sqrt(it.norm2)
-        self._stats["trajectory_searches"] += B
-        pred = self._pred.copy()  # swapped whole: eviction_score may read it from another thread
-        pred[g + 1 :] = store.maps[g + 1 :, best, :].max(axis=1)
-        self._pred = pred
-        self._issue(it, target, store.maps[target, best, :], score, now_layer=g)
+        score_rows = sims[np.arange(B), best] * _inv_sqrt(it.norm2)  # the rows' maxima
+        rows = store.maps[target, best, :]
+        self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
+        self._issue(it, target, rows, score_rows, now_layer=g)
 
     def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
         self._now = max(self._now, now)
@@ -395,9 +412,9 @@ class FmoePolicy(Policy):
         return float(freq) + self._tie(entry)
 
     def _score_fmoe(self, entry: CacheEntry) -> float:
-        pred = self._pred
-        p = float(pred[entry.key]) if pred.size else 0.0
-        return p * entry.uses + self._tie(entry)
+        layer, expert = entry.key
+        p = self._pred[layer][expert] if self._pred else 0.0
+        return p * entry.uses + _TIE_EPS * entry.last_used / (abs(self._now) + 1.0)
 
     # -- helpers ------------------------------------------------------------------------
     def _need_store(self) -> ExpertMapStore:
@@ -456,12 +473,35 @@ class FmoePolicy(Policy):
     ) -> None:
         """Steps 3-4: select per row, merge over rows, order by priority p / (l - l_now)."""
         assert self.spec is not None
+        if probs.shape[0] == 1:
+            self._issue_row(it, layer, probs[0], float(score[0]), now_layer)
+            return
         mask = select_experts(probs, score, self.spec.top_k, use_delta=self.use_delta)
-        pri = merge_priorities(probs, mask, layer, now_layer)
-        for j, p in sorted(pri.items(), key=lambda kv: (-kv[1], kv[0])):
+        merged = merge_priorities(probs, mask, layer, now_layer)
+        self._order(it, layer, sorted(merged.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def _issue_row(
+        self, it: _IterState, layer: int, row: np.ndarray, score: float, now_layer: int
+    ) -> None:
+        """_issue for one row (decode): the merge over rows is the row itself."""
+        assert self.spec is not None
+        dist = float(layer - now_layer)
+        if dist <= 0:
+            raise ValueError(
+                f"priority for layer {layer} at executing layer {now_layer}: not ahead"
+            )
+        chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta)
+        pri = [(j, p / dist) for j, p in zip(chosen, row[chosen].tolist(), strict=True)]
+        pri.sort(key=lambda kv: (-kv[1], kv[0]))
+        self._order(it, layer, pri)
+
+    def _order(self, it: _IterState, layer: int, pri: list[tuple[int, float]]) -> None:
+        """Queue orders for the (expert, priority) pairs, best first, skipping cached ones."""
+        issued, ctx = it.issued, self.ctx
+        for j, p in pri:
             key = (layer, j)
-            if key in it.issued or (self.ctx is not None and self.ctx.is_cached(key)):
+            if key in issued or (ctx is not None and ctx.is_cached(key)):
                 continue
-            it.issued.add(key)
+            issued.add(key)
             self.prefetch(layer, j, p)
             self._stats["orders_issued"] += 1

@@ -89,3 +89,26 @@ def merge_priorities(
     best = np.where(mask, probs, -np.inf).max(axis=0)
     chosen = np.flatnonzero(mask.any(axis=0))
     return {int(j): float(best[j]) / dist for j in chosen}
+
+
+_FAST_MARGIN = 1e-5  # far above float32 rounding of a K-term sum, far below any real gap
+
+
+def select_row(probs: np.ndarray, score: float, top_k: int, use_delta: bool = True) -> list[int]:
+    """:func:`select_experts` for one row [J], as ascending expert ids (same result).
+
+    The decode-time hot path: with a confident match the threshold 1 - score is already
+    covered by the top-K mass, so the answer is the top-K, found with Python on the row's
+    J floats; only when the top-K mass lies within a hair of the threshold, or below it,
+    does it fall back to the exact float32 computation.
+    """
+    p = probs.tolist()
+    J = len(p)
+    k = min(max(int(top_k), 1), J)
+    order = sorted(range(J), key=lambda j: -p[j])  # stable: ties to the lower id, as argsort
+    if use_delta:
+        thr = min(1.0 - float(score), 1.0) - _CUM_TOL
+        if thr > 0 and sum(p[j] for j in order[:k]) < thr + _FAST_MARGIN:
+            mask = _select_one(np.asarray(probs, np.float32), float(score), k, use_delta)
+            return np.flatnonzero(mask).tolist()
+    return sorted(order[:k])

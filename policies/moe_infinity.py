@@ -224,8 +224,8 @@ class MoEInfinity(Policy):
         if lay.size == 0:
             return
         reserve = None if chosen is None else layer_reserve(self.ctx, layer, chosen)
-        for o in select_orders(self.ctx, score[lay, exp], lay + lo, exp, reserve):
-            self.prefetch(o.layer, o.expert, o.priority)
+        # select_orders builds finite float orders already: queue them as they are
+        self._enqueue.extend(select_orders(self.ctx, score[lay, exp], lay + lo, exp, reserve))
 
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower goes first: fewest in-cache visits, then least recent."""

@@ -3,7 +3,8 @@
 Per iteration: the policy sees ``on_iteration_start``; the head (embedding + LM head)
 runs; then every decoder layer in order: its dense part (attention, norms, gate, shared
 experts; a dense decoder layer costs only this), a pipeline hand-off when the layer is on
-the next GPU, and for an MoE layer l:
+the next GPU, and for an MoE layer the executor's overhead (``compute.layer_overhead``,
+calibrated; 0 in published profiles) and then, for MoE layer l:
 
 1. the gate: ``on_gate(l)`` (orders of an ``async_search`` policy from this hook and from
    ``on_iteration_start`` are enqueued ``policy_search_s`` later);
@@ -11,7 +12,9 @@ the next GPU, and for an MoE layer l:
    and pinned; a miss is a demand load (a LOADING key is promoted to one), which goes
    before every prefetch and preempts one at its next chunk boundary;
 3. compute: each GPU runs its resident experts, then the loaded ones in the order they
-   land (``expert_time_s`` of the rows routed to each), the GPUs in parallel; the layer
+   land (``expert_time_s`` of the rows routed to each; with the calibrated
+   ``experts_wait_for_loads``, all of them once the last lands, as the real executor's
+   one fused call does), the GPUs in parallel; the layer
    ends when the last GPU finishes, plus the expert-parallel activation exchange when
    there are several GPUs. When a GPU's cache cannot hold the layer's experts at once,
    that GPU runs them in waves (compute, release, load the next ones);
@@ -31,6 +34,7 @@ acting at ``t`` directly is the same as scheduling a timeout to it, without the 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Generator
 from functools import partial
@@ -113,7 +117,8 @@ class Engine:
         self.delayed_orders = 0
         self.search_s = cfg.hardware.compute.policy_search_s if policy.async_search else 0.0
         # executor time per MoE layer step besides compute (0 unless calibrated)
-        self.overhead_s = cfg.hardware.compute.layer_overhead(policy.name)
+        self.compute_model = cfg.hardware.compute
+        self.after_loads = cfg.hardware.compute.experts_wait_for_loads
         self.score = policy.eviction_score
         self._plain_decide = not _overrides(policy, "decide_prefetch")
         self._h_arrival = _overrides(policy, "on_request_arrival")
@@ -162,12 +167,16 @@ class Engine:
         self._apply(dec, stamp, self.env.now)
 
     def _apply(self, dec: PrefetchDecision, stamp: int, now: float) -> None:
-        links, spec = self.links, self.spec
+        links = self.links
         for key in dec.cancel:
             links.cancel(key, now)
+        L, J, dev = self.spec.num_moe_layers, self.spec.num_experts, self.dev_table
+        finite = math.isfinite
         for order in dec.enqueue:
-            validate_order(order, spec)
-            links.enqueue(order.key, order.priority, stamp, now)
+            lay, e, pri = order.layer, order.expert, order.priority
+            if not (0 <= lay < L and 0 <= e < J and finite(pri)):
+                validate_order(order, self.spec)  # raises the one-line InputError
+            links.links[dev[lay][e]].enqueue((lay, e), pri, stamp, now)
 
     def _on_load(self, key: ExpertKey, by_prefetch: bool, now: float) -> None:
         self.policy.on_load_finished(key, by_prefetch, now)
@@ -265,6 +274,7 @@ class Engine:
         head_t = timing.head(len(batch))
         hand_t = timing.handoff(rows) if self.num_gpus > 1 else 0.0
         exch_t = timing.exchange(rows)
+        over_t = self.compute_model.layer_overhead(policy.name, rows)
         if self._h_start:
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
@@ -287,7 +297,7 @@ class Engine:
             t += dense_t
             if moe < 0:
                 continue
-            t += self.overhead_s
+            t += over_t
             layer = moe
             self.gate_seq += 1
             links.stamp = links.last_gate[layer] = self.gate_seq
@@ -432,9 +442,15 @@ class Engine:
 
     def _timeline(self, p: _GpuPlan, t: float) -> float:
         """When GPU p finishes: ``p.comp`` of resident experts first, then the loaded ones
-        as they land."""
+        as they land (or, with ``experts_wait_for_loads``, everything once the last lands)."""
         tg = t + p.comp
         entries = p.cache.entries
+        if self.after_loads and p.pend:  # one fused call over the layer's experts
+            start = max(t, max(entries[k].loaded_at for k, _ in p.pend))
+            end = start + p.comp + sum(ct for _, ct in p.pend)
+            if self.log is not None:
+                self.log.span("compute", p.g, f"L{p.pend[0][0][0]}", start, end, wait=start - t)
+            return end
         pend = (
             p.pend
             if len(p.pend) < 2

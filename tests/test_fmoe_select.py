@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.fmoe_select import merge_priorities, select_experts, topk_rows
+from policies.fmoe_select import merge_priorities, select_experts, select_row, topk_rows
 
 ROW = np.array([[0.1, 0.5, 0.1, 0.3]], np.float32)  # sorted: e1 .5, e3 .3, e0 .1, e2 .1
 
@@ -98,3 +98,29 @@ def test_one_row_path_agrees_with_the_batch_path(rows, scores, k, use_delta):
         np.testing.assert_array_equal(
             batch[b], select_experts(p[b : b + 1], s[b : b + 1], top_k=k, use_delta=use_delta)[0]
         )
+
+
+@given(
+    logits=st.lists(st.floats(-6, 6, width=32), min_size=2, max_size=12),
+    score=st.floats(-1, 1, width=32),
+    k=st.integers(1, 4),
+    use_delta=st.booleans(),
+)
+def test_select_row_fast_path_equals_select_experts(logits, score, k, use_delta):
+    z = np.array(logits, np.float32)
+    p = (np.exp(z - z.max()) / np.exp(z - z.max()).sum()).astype(np.float32)
+    mask = select_experts(p[None, :], np.array([score], np.float32), top_k=k, use_delta=use_delta)
+    got = select_row(p, float(np.float32(score)), k, use_delta=use_delta)
+    assert got == np.flatnonzero(mask[0]).tolist()
+
+
+@pytest.mark.parametrize("score, k", [(1.0, 1), (0.5, 1), (0.3, 1), (0.15, 1), (0.0, 1), (1.0, 2)])
+def test_select_row_matches_the_hand_made_cases(score, k):
+    mask = select_experts(ROW, np.array([score]), top_k=k)
+    assert select_row(ROW[0], score, k) == np.flatnonzero(mask[0]).tolist()
+    # a threshold right at the top-K mass takes the exact path and still agrees
+    edge = 1.0 - float(ROW[0].max()) + 1e-6
+    assert (
+        select_row(ROW[0], edge, 1)
+        == np.flatnonzero(select_experts(ROW, np.array([edge]), top_k=1)[0]).tolist()
+    )

@@ -116,6 +116,36 @@ def test_more_temporal_locality_gives_more_reuse_and_shorter_distances() -> None
     assert dists[0] > dists[1] > dists[2]
 
 
+def test_temporal_locality_rises_with_depth_from_temporal_locality_first() -> None:
+    ramp = stats.reuse_rate(gen(temporal_locality=0.6, temporal_locality_first=0.0))
+    flat_rate = stats.reuse_rate(gen(temporal_locality=0.6, temporal_locality_first=None))
+    assert ramp[-1] > ramp[0] + 0.3  # layer 0 routes by the token itself, deep layers by context
+    assert flat_rate.max() - flat_rate.min() < 0.15
+
+
+def test_shared_kinds_route_alike_across_topics() -> None:
+    """With a shared kind vocabulary, a token's embedding nearest neighbour in *another*
+    topic still routes like it; with per-topic kinds it does not."""
+
+    def cross_topic_overlap(w: Workload) -> float:
+        emb, ids = flat(w, "embeddings"), flat(w, "topk_ids")[:, 0]  # layer 0: no copies
+        topic = np.concatenate([[r.tags["topic"]] * r.routing.num_tokens for r in w.requests])
+        rng = np.random.default_rng(2)
+        pick = rng.choice(len(emb), 1500, replace=False)
+        e = emb[pick] / np.linalg.norm(emb[pick], axis=1, keepdims=True)
+        sim = e @ e.T
+        sim[topic[pick][:, None] == topic[pick][None, :]] = -np.inf  # other topics only
+        nn = sim.argmax(axis=1)
+        i = ids[pick]
+        return float((i[:, :, None] == i[nn][:, None, :]).any(-1).mean())
+
+    shared = cross_topic_overlap(gen(num_kinds=16, kinds_per_topic=8))
+    own = cross_topic_overlap(gen(num_kinds=None, kinds_per_topic=8))
+    assert shared > own + 0.1
+    with pytest.raises(InputError, match="kinds_per_topic"):
+        gen(num_kinds=4, kinds_per_topic=8)
+
+
 def _topic_separation(w: Workload, vectors: list[np.ndarray]) -> float:
     """Mean cosine of same-topic request pairs minus that of different-topic pairs."""
     v = np.array(vectors, dtype=float)
@@ -303,13 +333,15 @@ def test_fit_to_real_switch_trace_matches_its_statistics() -> None:
 
 
 def test_fit_reproduces_reuse_popularity_and_affinity_of_a_synthetic_trace() -> None:
-    src = gen(num_requests=200, temporal_locality=0.5, affinity=4.0)
+    src = gen(num_requests=200, temporal_locality=0.5, temporal_locality_first=None, affinity=4.0)
     fitted = fit(src)
     assert (fitted.reuse >= 0.4).all()  # the copies, plus the topic similarity it absorbs
     again = fitted.generate(num_requests=200, seed=3)
     assert _tv(stats.popularity(src), stats.popularity(again)) < 0.05
     np.testing.assert_allclose(stats.reuse_rate(again), stats.reuse_rate(src), atol=0.04)
-    low = fit(gen(num_requests=200, temporal_locality=0.0, affinity=4.0))
+    low = fit(
+        gen(num_requests=200, temporal_locality=0.0, temporal_locality_first=None, affinity=4.0)
+    )
     assert (low.reuse < fitted.reuse).all()
     assert (
         abs(stats.affinity_mi(src).mean() - stats.affinity_mi(again).mean())
