@@ -20,16 +20,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from calibration.errors import InputError
-from calibration.fit import fit_linear, fit_link
+from calibration.fit import Fit, _mape, fit_linear, fit_link
 from calibration.hardware import ComputeModel, GPUSpec, HardwareProfile, LinkSpec
 from calibration.model_spec import ModelSpec
-from calibration.piecewise import fit_piecewise, fit_piecewise_dense
-from calibration.stopwatch import device_sync
+from calibration.piecewise import choose_knots, fit_piecewise, fit_piecewise_dense, isotonic
+from calibration.stopwatch import device_sync, load_average
 
 DEFAULT_POLICIES = ["lru", "lfu", "mixtral-offloading", "fmoe"]
+SEARCH_STEPS = 20  # timed iterations of the async policy's search
 
 
 class Progress(Protocol):
@@ -65,13 +67,13 @@ class BenchConfig:
     link_gbps: float | None = None
     link_latency_us: float | None = None
     threads: int | None = None
-    repeats: int = 5
+    repeats: int = 7
     max_tokens: int = 128
     max_context: int = 256
     policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
-    overhead_rounds: int = 3
+    overhead_rounds: int = 4
     overhead_prompt_tokens: int = 32
-    overhead_new_tokens: int = 8
+    overhead_new_tokens: int = 16
     search_store_rows: int = 256
     chunk_bytes: int = 1 << 20
     store: str = "auto"
@@ -90,7 +92,7 @@ class PreparedBench:
 
 @dataclass
 class BenchResult:
-    """The calibrated profile and the raw medians it was fitted to."""
+    """The calibrated profile and the raw figures it was fitted to."""
 
     profile: HardwareProfile
     measurements: dict[str, Any]
@@ -111,6 +113,7 @@ class BenchResult:
             "head_s": c.head(1) if c.head else None,
             "layer_overhead_s": c.layer_overhead_s,
             "policy_overhead_s": c.policy_overhead_s,
+            "policy_overhead_per_row_s": c.policy_overhead_per_row_s,
             "policy_search_s": c.policy_search_s,
             "torch_threads": c.torch_threads,
             "fit_errors": c.fit_errors,
@@ -168,7 +171,27 @@ def execute_bench(prep: PreparedBench, progress: Progress | None = None) -> Benc
         torch.set_num_threads(before)
 
 
+@dataclass
+class _Raw:
+    """Everything measured, before fitting."""
+
+    link: list[Any]
+    host_cap_Bps: float | None
+    expert: list[Any]
+    dense: list[Any]
+    head: list[Any]
+    overhead: Any  # bench_compute.Overhead
+    search_policy: str
+    search_s: float
+    load_average: list[float | None]
+
+
 def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
+    raw = _measure(prep, bar)
+    return BenchResult(_build_profile(prep, raw), _measurements(raw))
+
+
+def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
     from calibration import bench_compute as bc
     from calibration import bench_link as bl
     from calibration.bench_policy import measure_search_s
@@ -177,6 +200,7 @@ def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
 
     cfg, spec, dev0 = prep.cfg, prep.spec, prep.devices[0]
     tick: Callable[[int], Any] = bar.update
+    load_start = load_average()
     bar.write(f"building {spec.name} and offloading its experts")
     loaded = load(cfg.model, seed=cfg.seed)
     with torch.no_grad():  # one-time kernel setup, as the real run does before offloading
@@ -187,57 +211,67 @@ def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
         sizes = bl.copy_sizes(om.store.row_bytes)
         tokens, contexts = bc.dense_points(cfg.max_tokens, cfg.max_context)
         head_batches = [1, 2, 4, 8]
-        expert_tokens = tokens
-        n_link = len(sizes) * cfg.repeats * (2 * len(prep.devices) if dev0.type == "cuda" else 1)
+        n_dev = len(prep.devices)
+        n_link = len(sizes) * cfg.repeats * (2 * n_dev if dev0.type == "cuda" else 1)
+        n_link += n_dev * cfg.repeats if dev0.type == "cuda" and n_dev > 1 else 0
         n_dense = (2 * (len(tokens) + len(contexts)) + len(head_batches)) * cfg.repeats
-        n_expert = len(expert_tokens) * cfg.repeats
-        n_over = len(cfg.policies) * cfg.overhead_rounds
-        bar.reset(total=n_link + n_dense + n_expert + n_over + 20)
+        n_expert = len(tokens) * cfg.repeats
+        bar.reset(total=n_link + n_dense + n_expert + cfg.overhead_rounds + 1 + SEARCH_STEPS)
 
         link_samples, cap = _measure_link(prep, om, sizes, tick)
-        expert_samples = bc.measure_experts(
-            om, dev0, sync, expert_tokens, cfg.repeats, tick, cfg.seed
-        )
+        experts = bc.ExpertTimer(om, dev0, sync, cfg.seed)
+        expert_samples = bc.measure_experts(experts, tokens, cfg.repeats, tick)
         dense_samples, head_samples = bc.measure_dense_and_head(
             om, sync, tokens, contexts, head_batches, cfg.repeats, tick, cfg.seed
         )
-        expert_fit = fit_piecewise([s.tokens for s in expert_samples],
-                                   [s.seconds for s in expert_samples])  # fmt: skip
-        dense_fit = fit_piecewise_dense(
-            [s.tokens for s in dense_samples],
-            [s.context for s in dense_samples],
-            [s.seconds for s in dense_samples],
-            knots=tokens,
+        order = sorted(cfg.policies, key=lambda p: p != "lru")  # lru is the reference
+        overhead = bc.measure_overhead(
+            om,
+            prep.devices,
+            order,
+            experts,
+            cfg.overhead_prompt_tokens,
+            cfg.overhead_new_tokens,
+            cfg.overhead_rounds,
+            tick,
+            cfg.seed,
         )
-        head_fit = fit_linear([s.tokens for s in head_samples], [s.seconds for s in head_samples])
-
-        def predict(context: float) -> float:
-            return bc.predicted_decode_s(
-                head_fit.cost, dense_fit.cost, expert_fit.cost, spec.num_layers,
-                spec.num_moe_layers, spec.top_k, context,
-            )  # fmt: skip
-
-        resid = bc.measure_overhead(
-            om, prep.devices, cfg.policies, predict, cfg.overhead_prompt_tokens,
-            cfg.overhead_new_tokens, cfg.overhead_rounds, tick, cfg.seed,
-        )  # fmt: skip
+        del experts  # its slot pool
         search_policy = _search_policy(cfg.policies)
-        search_s = measure_search_s(spec, search_policy, cfg.search_store_rows, 20, tick, cfg.seed)
+        search_s = measure_search_s(
+            spec, search_policy, cfg.search_store_rows, SEARCH_STEPS, tick, cfg.seed
+        )
     finally:
         om.close()
+    return _Raw(
+        link_samples,
+        cap,
+        expert_samples,
+        dense_samples,
+        head_samples,
+        overhead,
+        search_policy,
+        search_s,
+        [load_start, load_average()],
+    )
 
-    pinned = [s for s in link_samples if s.pinned and s.device == 0]
-    pageable = [s for s in link_samples if not s.pinned and s.device == 0] or pinned
+
+def _build_profile(prep: PreparedBench, raw: _Raw) -> HardwareProfile:
+    """The fits of ``raw`` as a calibrated profile."""
+    cfg, spec = prep.cfg, prep.spec
+    expert_fit, dense_fit = fit_compute(raw.expert, raw.dense)
+    head_fit = fit_linear([s.tokens for s in raw.head], [s.seconds for s in raw.head])
+    pinned = [s for s in raw.link if s.pinned and s.device == 0]
+    pageable = [s for s in raw.link if not s.pinned and s.device == 0] or pinned
     link_fit = fit_link([s.nbytes for s in pinned], [s.seconds for s in pinned])
     page_fit = fit_link([s.nbytes for s in pageable], [s.seconds for s in pageable])
-    base = "lru" if "lru" in resid else min(resid, key=resid.__getitem__)
-    layer_overhead = max(0.0, resid[base])
+    policy_fixed, policy_per_row = raw.overhead.per_policy()
     compute = ComputeModel(
         fitted_for_model=spec.name,
         expert=expert_fit.cost,
         dense=dense_fit.cost,
         head=head_fit.cost,
-        policy_search_s=search_s,
+        policy_search_s=raw.search_s,
         fit_errors={
             "expert": expert_fit.mape,
             "dense": dense_fit.mape,
@@ -245,17 +279,20 @@ def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
             "link": link_fit.mape,
             "link_pageable": page_fit.mape,
         },
-        layer_overhead_s=layer_overhead,
-        policy_overhead_s={p: max(0.0, r - layer_overhead) for p, r in resid.items() if p != base},
+        # policies not measured get layer_overhead_s alone
+        layer_overhead_s=max(0.0, raw.overhead.base_s),
+        policy_overhead_s=policy_fixed,
+        policy_overhead_per_row_s=policy_per_row,
+        experts_wait_for_loads=True,  # the real executor runs a layer in one fused call
         torch_threads=prep.threads,
     )
     link = prep.link
-    profile = HardwareProfile(
+    return HardwareProfile(
         name=cfg.name or f"calibrated-{cfg.device}-{spec.name}",
         kind="calibrated",
         device=cfg.device,  # type: ignore[arg-type]
         num_gpus=len(prep.devices),
-        gpu=_gpu_spec(dev0, spec, expert_fit.cost),
+        gpu=_gpu_spec(prep.devices[0], spec, expert_fit.cost),
         link=LinkSpec(
             pinned_bandwidth_Bps=link_fit.bandwidth_Bps,
             pageable_bandwidth_Bps=page_fit.bandwidth_Bps,
@@ -265,20 +302,46 @@ def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
             emulated_gbps=link.gbps if link is not None else None,
             emulated_latency_us=link.latency_us if link is not None else None,
         ),
-        host_bandwidth_cap_Bps=cap,
+        host_bandwidth_cap_Bps=raw.host_cap_Bps,
         compute=compute,
-        sources=[_provenance(prep)],
+        sources=[_provenance(prep, raw.load_average)],
         notes=_notes(prep),
     )
-    measurements = {
-        "link": [asdict(s) for s in link_samples],
-        "expert": [asdict(s) for s in expert_samples],
-        "dense": [asdict(s) for s in dense_samples],
-        "head": [asdict(s) for s in head_samples],
-        "overhead_residual_s": resid,
-        "search_policy": search_policy,
+
+
+def _measurements(raw: _Raw) -> dict[str, Any]:
+    return {
+        "link": [asdict(s) for s in raw.link],
+        "expert": [asdict(s) for s in raw.expert],
+        "dense": [asdict(s) for s in raw.dense],
+        "head": [asdict(s) for s in raw.head],
+        "overhead": asdict(raw.overhead),
+        "search_policy": raw.search_policy,
+        "search_s": raw.search_s,
+        "load_average": raw.load_average,
     }
-    return BenchResult(profile, measurements)
+
+
+def fit_compute(expert: list[Any], dense: list[Any]) -> tuple[Fit, Fit]:
+    """Piecewise fits of the expert and dense samples (``bench_compute.Sample``).
+
+    Each series (experts by tokens; prefill by tokens; decode by context) is made
+    nondecreasing first (:func:`calibration.piecewise.isotonic`); the reported error is
+    against the raw figures."""
+    e = sorted(expert, key=lambda s: s.tokens)
+    ex, ey = np.array([s.tokens for s in e], float), np.array([s.seconds for s in e])
+    efit = fit_piecewise(ex, isotonic(ey))
+    efit = Fit(efit.cost, _mape(np.array([efit.cost(x) for x in ex]), ey))
+    pre = sorted((s for s in dense if s.context == (s.tokens + 1) / 2), key=lambda s: s.tokens)
+    dec = sorted((s for s in dense if s not in pre), key=lambda s: s.context)
+    rows = pre + dec
+    t = np.array([s.tokens for s in rows], float)
+    c = np.array([s.context for s in rows], float)
+    raw = np.array([s.seconds for s in rows])
+    smooth = np.concatenate([isotonic(raw[: len(pre)]), isotonic(raw[len(pre) :])])
+    dfit = fit_piecewise_dense(t, c, smooth, knots=choose_knots([s.tokens for s in pre]))
+    pred = np.array([dfit.cost(a, b) for a, b in zip(t, c, strict=True)])
+    return efit, Fit(dfit.cost, _mape(pred, raw))
 
 
 def _search_policy(policies: list[str]) -> str:
@@ -316,11 +379,19 @@ def _gpu_spec(dev: torch.device, spec: ModelSpec, expert: Any) -> GPUSpec:
     tflops = estimate_tflops(spec.hidden_size, spec.expert_intermediate_size, expert.per_token_s)
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        return GPUSpec(name=props.name, memory_bytes=int(props.total_memory),
-                       memory_bandwidth_Bps=bw, tflops=tflops)  # fmt: skip
+        return GPUSpec(
+            name=props.name,
+            memory_bytes=int(props.total_memory),
+            memory_bandwidth_Bps=bw,
+            tflops=tflops,
+        )
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return GPUSpec(name=f"host CPU ({_cpu_name()}) as the device", memory_bytes=int(mem),
-                   memory_bandwidth_Bps=bw, tflops=tflops)  # fmt: skip
+    return GPUSpec(
+        name=f"host CPU ({_cpu_name()}) as the device",
+        memory_bytes=int(mem),
+        memory_bandwidth_Bps=bw,
+        tflops=tflops,
+    )
 
 
 def _cpu_name() -> str:
@@ -334,12 +405,13 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _provenance(prep: PreparedBench) -> str:
+def _provenance(prep: PreparedBench, loads: list[float | None]) -> str:
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return (
         f"measured by `fmoe calibrate bench` on {platform.node()} at {now}: model "
         f"{prep.spec.name}, device {prep.cfg.device} x{len(prep.devices)}, torch "
-        f"{torch.__version__}, {prep.threads} torch threads, {prep.cfg.repeats} repeats (medians)"
+        f"{torch.__version__}, {prep.threads} torch threads, {prep.cfg.repeats} repeats (lower quartiles), load average "
+        f"{loads[0]} at the start and {loads[1]} at the end"
     )
 
 

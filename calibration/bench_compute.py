@@ -13,9 +13,11 @@ views, the model's own attention and router code):
   (mean context (t + 1) / 2, as the simulator counts it); decode points one token after
   ``c - 1`` cached ones (context ``c``);
 - executor overhead: a :class:`realrun.session.RunSession` per policy with every expert
-  resident decodes a prompt; each step's time minus the fitted head, dense and expert
-  costs, per MoE layer, is what the executor (hooks, routing bookkeeping, cache calls,
-  the policy's own work on the compute thread) adds.
+  resident serves a prompt; the reference policy's decode step minus the same step's
+  compute (zero-experts forward + expert calls, timed in the same round), per MoE
+  layer, is what the executor adds (hooks, routing bookkeeping, cache calls); every
+  other policy's difference to the reference, paired by step, is its own work on the
+  compute thread (see :class:`Overhead`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibration.hardware import LinearCost
-from calibration.stopwatch import Tick, _no_tick, interleaved_medians, time_call
+from calibration.stopwatch import Tick, _no_tick, interleaved_times, robust_time, time_call
 from realrun.offload import OffloadedModel
 from realrun.residency import SlotPool
 
@@ -148,10 +149,10 @@ def measure_dense_and_head(
     heads = [(1, 0, b) for b in head_batches]
     with zero_experts(om):
         full_t = {s: _forward_timer(model, device, sync, *s, gen) for s in shapes}
-        full = interleaved_medians(full_t, repeats, tick)
+        full = interleaved_times(full_t, repeats, tick)
         with without_layers(model):
             head_t = {s: _forward_timer(model, device, sync, *s, gen) for s in shapes + heads}
-            head = interleaved_medians(head_t, repeats, tick)
+            head = interleaved_times(head_t, repeats, tick)
     dense = []
     for s in shapes:
         t, past, _ = s
@@ -173,91 +174,137 @@ def _fill_pool(om: OffloadedModel, pool: SlotPool, layer: int) -> None:
             row.copy_(src if src is not None else store.read_row(layer, slot))
 
 
-def measure_experts(
-    om: OffloadedModel,
-    device: torch.device,
-    sync: Callable[[], None],
-    token_counts: Sequence[int],
-    repeats: int,
-    tick: Tick = _no_tick,
-    seed: int = 0,
-) -> list[Sample]:
-    """One routed expert's time on ``n`` tokens, per ``n`` in ``token_counts``."""
-    spec = om.loaded.spec
-    mod = om.modules[0]
-    K, J, H = spec.top_k, spec.num_experts, spec.hidden_size
-    pool = SlotPool(J, om.store.row_bytes, device)
-    _fill_pool(om, pool, mod.moe_layer)
-    views = pool.views(mod.layout)
-    dtype = next(iter(views.values())).dtype
-    gen = torch.Generator().manual_seed(seed)
+class ExpertTimer:
+    """Times the library experts forward on a slot pool holding one layer's experts, the
+    way the executor calls it; every token goes to the same top-K experts."""
 
-    def point(n: int) -> Callable[[], float]:
-        hidden = torch.randn(n, H, generator=gen).to(device=device, dtype=dtype)
-        idx = torch.arange(K).repeat(n, 1).to(device)
-        w = torch.full((n, K), 1.0 / K, dtype=dtype, device=device)
+    def __init__(
+        self, om: OffloadedModel, device: torch.device, sync: Callable[[], None], seed: int = 0
+    ) -> None:
+        spec = om.loaded.spec
+        self.mod = om.modules[0]
+        self.K, self.J, self.H = spec.top_k, spec.num_experts, spec.hidden_size
+        self.device, self.sync = device, sync
+        self.pool = SlotPool(self.J, om.store.row_bytes, device)
+        _fill_pool(om, self.pool, self.mod.moe_layer)
+        self.views = self.pool.views(self.mod.layout)
+        self.dtype = next(iter(self.views.values())).dtype
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def point(self, n: int) -> Callable[[], float]:
+        """A measurement of one expert's seconds on ``n`` tokens (the call / K)."""
+        hidden = torch.randn(n, self.H, generator=self.gen).to(self.device, self.dtype)
+        idx = torch.arange(self.K).repeat(n, 1).to(self.device)
+        w = torch.full((n, self.K), 1.0 / self.K, dtype=self.dtype, device=self.device)
+        mod, views, J, K = self.mod, self.views, self.J, self.K
 
         def run() -> float:
             with torch.no_grad():
-                return time_call(lambda: mod.call_on_view(views, J, hidden, idx, w), sync) / K
+                call = lambda: mod.call_on_view(views, J, hidden, idx, w)  # noqa: E731
+                return time_call(call, self.sync) / K
 
         return run
 
-    med = interleaved_medians({n: point(n) for n in token_counts}, repeats, tick)
+
+def measure_experts(
+    timer: ExpertTimer, token_counts: Sequence[int], repeats: int, tick: Tick = _no_tick
+) -> list[Sample]:
+    """One routed expert's time on ``n`` tokens, per ``n`` in ``token_counts``."""
+    med = interleaved_times({n: timer.point(n) for n in token_counts}, repeats, tick)
     return [Sample(n, 0.0, s) for n, s in med.items()]
 
 
-def predicted_decode_s(
-    head: LinearCost,
-    dense: LinearCost,
-    expert: LinearCost,
-    layers: int,
-    moe_layers: int,
-    top_k: int,
-    context: float,
-) -> float:
-    """The simulator's decode step of one request without overhead or transfers."""
-    return head(1) + layers * dense(1, context) + moe_layers * top_k * expert(1)
+@dataclass(frozen=True)
+class Overhead:
+    """What the executor adds per MoE layer step, from sessions with every expert resident.
+
+    ``base_s``: the reference policy's decode step minus the compute of the same step
+    (the model's forward with zero experts plus K expert calls per layer, timed in the
+    same round), per MoE layer. ``decode_extra_s`` / ``prefill_extra_s``: each other
+    policy's decode step / prefill minus the reference policy's on the same prompt
+    (paired, so slow phases of a shared machine cancel), per MoE layer; a prefill has
+    ``prefill_rows`` token rows.
+    """
+
+    base_policy: str
+    base_s: float
+    decode_extra_s: dict[str, float]
+    prefill_extra_s: dict[str, float]
+    prefill_rows: int
+
+    def per_policy(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(per layer step, per layer step and row) extra seconds per policy, >= 0, from a
+        line through the decode (1 row) and prefill (``prefill_rows``) points."""
+        fixed, per_row = {}, {}
+        for p, d1 in self.decode_extra_s.items():
+            b = (self.prefill_extra_s[p] - d1) / max(self.prefill_rows - 1, 1)
+            per_row[p] = max(0.0, b)
+            fixed[p] = max(0.0, d1 - per_row[p])
+        return fixed, per_row
 
 
 def measure_overhead(
     om: OffloadedModel,
     devices: Sequence[torch.device],
     policies: Sequence[str],
-    predict: Callable[[float], float],
+    experts: ExpertTimer,
     prompt_tokens: int,
     new_tokens: int,
     rounds: int,
     tick: Tick = _no_tick,
     seed: int = 0,
-) -> dict[str, float]:
-    """Per MoE layer step: median over decode steps of (measured - ``predict(context)``) /
-    MoE layers, per policy, every expert resident (no copies). Policies take turns, one
-    prompt each per round, so slow phases of a shared machine hit all of them alike."""
+) -> Overhead:
+    """Executor overhead per MoE layer step (see :class:`Overhead`); ``policies[0]`` is the
+    reference. Per round every policy serves the same random prompt (after an unmeasured
+    one: a policy's first request pays its one-time setup, which a run amortises), then
+    the zero-experts model decodes it and the expert call is timed, so all figures of a
+    round share its machine state."""
     from policies.registry import make_policy
+    from realrun.generate import greedy_generate
     from realrun.session import RunSession, SessionOptions
 
     spec = om.loaded.spec
+    L, K = spec.num_moe_layers, spec.top_k
     gen = torch.Generator().manual_seed(seed)
     vocab = om.loaded.model.get_input_embeddings().num_embeddings
-    every = [(lay, e) for lay in range(spec.num_moe_layers) for e in range(spec.num_experts)]
-    resid: dict[str, list[float]] = {p: [] for p in policies}
+    every = [(lay, e) for lay in range(L) for e in range(spec.num_experts)]
+    base = policies[0]
+    one_token = experts.point(1)
+    resid: list[float] = []
+    dec: dict[str, list[float]] = {p: [] for p in policies[1:]}
+    pre: dict[str, list[float]] = {p: [] for p in policies[1:]}
     for r in range(rounds + 1):  # round 0 warms up
         ids = torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist()
+        runs = {}
         for p in policies:
             policy = make_policy(p)
             opts = SessionOptions(None, list(devices), None, seed=seed)
             with RunSession(om, policy, opts) as s:
                 if not policy.preload_all:  # every expert resident: no copy in the timings
                     s.res.preload(every)
-                g = s.generate(f"bench{r}", ids, new_tokens)
-            if r == 0:
-                continue
-            for i, step in enumerate(g.decode_s):
-                ctx = prompt_tokens + i + 1
-                resid[p].append((step - predict(ctx)) / spec.num_moe_layers)
-            tick(1)
-    return {p: float(statistics.median(v)) for p, v in resid.items()}
+                s.generate(f"warm{r}", ids[::-1], 2)  # the policy's one-time setup
+                runs[p] = s.generate(f"bench{r}", ids, new_tokens)
+        with zero_experts(om):
+            stub = greedy_generate(om.loaded.model, "stub", ids, new_tokens)
+        one_token()
+        expert_s = robust_time(one_token() for _ in range(8))
+        tick(1)
+        if r == 0:
+            continue
+        ref = runs[base]
+        for step, dense_step in zip(ref.decode_s, stub.decode_s, strict=True):
+            resid.append((step - dense_step - L * K * expert_s) / L)
+        for p in policies[1:]:
+            g = runs[p]
+            dec[p] += [(a - b) / L for a, b in zip(g.decode_s, ref.decode_s, strict=True)]
+            pre[p].append((g.ttft_s - ref.ttft_s) / L)
+    return Overhead(
+        base,
+        float(statistics.median(resid)),
+        {p: float(statistics.median(v)) for p, v in dec.items()},
+        {p: float(statistics.median(v)) for p, v in pre.items()},
+        prompt_tokens,
+    )
 
 
 def estimate_memory_bandwidth(expert_bytes: int, expert_one_token_s: float) -> float:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calibration.stopwatch import Tick, _no_tick
+from calibration.stopwatch import Tick, _no_tick, robust_time
 from realrun.copy_engine import CopyEngine, CopyJob, CpuMover, LinkEmulation
 from realrun.store import ExpertStore
 
@@ -31,7 +30,7 @@ HOST_CAP_THRESHOLD = 0.9
 
 @dataclass(frozen=True)
 class CopySample:
-    """One copy size and its median seconds (``pinned`` False: from pageable memory)."""
+    """One copy size and its seconds (lower quartile) (``pinned`` False: from pageable memory)."""
 
     nbytes: int
     seconds: float
@@ -59,7 +58,7 @@ def measure_cpu_link(
     chunk_bytes: int = 1 << 20,
     tick: Tick = _no_tick,
 ) -> list[CopySample]:
-    """Median submit-to-wake time of a demand copy per size, rotating over the store's experts."""
+    """Submit-to-wake time (lower quartile) of a demand copy per size, rotating over the store's experts."""
     engine = CopyEngine(store, CpuMover(), link, chunk_bytes, name="bench")
     dst = torch.empty(max(sizes), dtype=torch.uint8)
     experts = [(lay, e) for lay, L in enumerate(store.layouts) for e in range(L.num_experts)]
@@ -81,7 +80,7 @@ def measure_cpu_link(
                     tick(1)
     finally:
         engine.close()
-    return [CopySample(n, statistics.median(v)) for n, v in times.items()]
+    return [CopySample(n, robust_time(v)) for n, v in times.items()]
 
 
 def _cuda_copy_s(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> float:
@@ -109,7 +108,7 @@ def measure_cuda_links(
             for n in sizes:
                 _cuda_copy_s(dst[:n], src[:n], stream)  # warm-up
                 ts = [_cuda_copy_s(dst[:n], src[:n], stream) for _ in range(repeats)]
-                out.append(CopySample(n, statistics.median(ts), is_pinned, d))
+                out.append(CopySample(n, robust_time(ts), is_pinned, d))
                 tick(repeats)
     return out
 

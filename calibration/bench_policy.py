@@ -4,18 +4,18 @@ into prefetch orders (the simulator delays such orders by ``policy_search_s``).
 The policy is bound at the model's dimensions, its expert map store filled with
 ``store_rows`` synthetic iterations (softmax gate rows and embeddings), and then it sees
 iterations whose rows resemble stored ones (the case the store is built for); the figure
-is the median time of ``on_gate`` + ``decide_prefetch`` over those layer steps.
+is the :func:`calibration.stopwatch.robust_time` of ``on_gate`` + ``decide_prefetch``
+over those layer steps.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
 
 from calibration.model_spec import ModelSpec
-from calibration.stopwatch import Tick, _no_tick
+from calibration.stopwatch import Tick, _no_tick, robust_time
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -31,7 +31,7 @@ def measure_search_s(
     tick: Tick = _no_tick,
     seed: int = 0,
 ) -> float:
-    """Median seconds of one layer step's ``on_gate`` + ``decide_prefetch`` of ``policy``."""
+    """Seconds (lower quartile) of one layer step's ``on_gate`` + ``decide_prefetch`` of ``policy``."""
     from policies.base import GateOutput, IterationEnd, IterationStart, PolicyContext
     from policies.cache import ExpertCache
     from policies.placement import Placement
@@ -68,4 +68,4 @@ def measure_search_s(
         pol.on_iteration_end(IterationEnd(it, ("r",), ("r",)))
         if it >= store_rows:
             tick(1)
-    return float(statistics.median(samples))
+    return robust_time(samples)

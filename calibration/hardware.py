@@ -125,13 +125,30 @@ class ComputeModel(_Strict):
         description="extra executor time per MoE layer step of a named policy (its hooks "
         "on the compute thread), on top of layer_overhead_s",
     )
+    experts_wait_for_loads: bool = Field(
+        default=False,
+        description="True: a layer's experts compute only once all of them are resident (one "
+        "fused call, as the real executor does); False: resident experts compute while the "
+        "misses load, loaded ones as they land",
+    )
+    policy_overhead_per_row_s: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra executor time per MoE layer step and token row of a named policy "
+        "(work that grows with the batch, e.g. a search over every prefill row)",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads the fits were measured with"
     )
 
-    def layer_overhead(self, policy: str | None = None) -> float:
-        """Executor overhead of one MoE layer step under ``policy`` (seconds)."""
-        return self.layer_overhead_s + (self.policy_overhead_s.get(policy, 0.0) if policy else 0.0)
+    def layer_overhead(self, policy: str | None = None, rows: int = 1) -> float:
+        """Executor overhead of one MoE layer step of ``rows`` token rows under ``policy``."""
+        if not policy:
+            return self.layer_overhead_s
+        return (
+            self.layer_overhead_s
+            + self.policy_overhead_s.get(policy, 0.0)
+            + self.policy_overhead_per_row_s.get(policy, 0.0) * rows
+        )
 
 
 class HardwareProfile(_Strict):

@@ -97,3 +97,17 @@ def fit_piecewise_dense(
     cost = _cost(knots, coef[:-1], coef[-1])
     pred = np.array([cost(ti, ci) for ti, ci in zip(t, c, strict=True)])
     return Fit(cost, _mape(pred, y))
+
+
+def isotonic(y: Sequence[float]) -> np.ndarray:
+    """The nondecreasing sequence closest to ``y`` in least squares (pool adjacent
+    violators). Compute cannot get cheaper with more tokens or context, so a dip in
+    measured times is noise; smoothing it before a fit keeps one noisy point from
+    bending a segment."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in np.asarray(y, float):
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    return np.concatenate([np.full(int(w), m) for m, w in blocks])

@@ -18,6 +18,7 @@ the profile (device, model, schema) and every other input before any weight is b
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from calibration.errors import InputError
 from calibration.hardware import HardwareProfile
 from calibration.jsonio import write_json_atomic
 from calibration.model_spec import ModelSpec
+from calibration.stopwatch import load_average
 
 DEFAULT_POLICIES = ["lru", "mixtral-offloading", "fmoe"]
 CAPTURE_POLICY = "lru"
@@ -195,7 +197,9 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
     from realrun.prompting import encode
 
     cfg, spec = prep.cfg, prep.spec
-    pairs = [(p, c) for p in cfg.policies for c in prep.caches]
+    load_start = load_average()
+    # cache-major, so a slow phase of a shared machine does not land on one policy alone
+    pairs = [(p, c) for c in prep.caches for p in cfg.policies]
     bar.reset(total=len(prep.prompts) * (1 + len(pairs)))
     bar.write(f"building {spec.name} and offloading its experts")
     loaded = load(prep.model_ref, seed=cfg.seed)
@@ -207,27 +211,17 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
     try:
         workload, ref_sha = _capture(prep, om, prompts, bar)
         for policy, cache in pairs:
+            slowdown = _compute_slowdown(prep, om)
             real, real_reqs = _real_run(prep, om, prompts, policy, cache, bar)
             sim, sim_reqs = _sim_run(prep, workload, policy, cache)
             run_rows.append(_run_row(policy, cache, real, sim, real["tokens_sha256"] == ref_sha))
-            sim_by_id = sim_reqs.set_index("id")
-            for r in real_reqs:
-                s = sim_by_id.loc[r["id"]]
-                req_rows.append(
-                    {
-                        "policy": policy,
-                        "cache_experts": cache,
-                        "request_id": r["id"],
-                        "prompt_len": int(s["prompt_len"]),
-                        "output_len": int(s["output_len"]),
-                        **{f"real_{m}_s": r[m] for m in sim_error.LATENCIES},
-                        **{f"sim_{m}_s": float(s[f"{m}_s"]) for m in sim_error.LATENCIES},
-                    }
-                )
+            run_rows[-1]["compute_slowdown"] = slowdown
+            req_rows += _request_rows(policy, cache, real_reqs, sim_reqs)
             bar.write(_pair_line(run_rows[-1]))
     finally:
         om.close()
-    runs, requests = pd.DataFrame(run_rows), pd.DataFrame(req_rows)
+    runs = _in_table_order(pd.DataFrame(run_rows), cfg.policies)
+    requests = _in_table_order(pd.DataFrame(req_rows), cfg.policies)
     sim_error.add_errors(requests, runs)
     summary = sim_error.summarise(requests, runs)
     summary.update(
@@ -243,11 +237,45 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         torch_threads=prep.threads,
         mape_over="requests (every request of every run); *_run_means: over run means",
         routing_matches_capture=bool(runs["routing_matches_capture"].all()),
+        compute_slowdown_median=float(runs["compute_slowdown"].median()),
+        load_average=[load_start, load_average()],
     )
     result = ValidationResult(runs, requests, summary)
     if cfg.out:
-        result.files = write_outputs(result, cfg.out)
+        result.files = write_outputs(result, cfg.out, workload)
     return result
+
+
+def _request_rows(
+    policy: str, cache: int, real: list[dict[str, Any]], sim: pd.DataFrame
+) -> list[dict[str, Any]]:
+    """One row per request: the real and simulated TTFT, TPOT and e2e side by side."""
+    from calibration.sim_error import LATENCIES
+
+    sim_by_id = sim.set_index("id")
+    rows = []
+    for r in real:
+        s = sim_by_id.loc[r["id"]]
+        rows.append(
+            {
+                "policy": policy,
+                "cache_experts": cache,
+                "request_id": r["id"],
+                "prompt_len": int(s["prompt_len"]),
+                "output_len": int(s["output_len"]),
+                **{f"real_{m}_s": r[m] for m in LATENCIES},
+                **{f"sim_{m}_s": float(s[f"{m}_s"]) for m in LATENCIES},
+            }
+        )
+    return rows
+
+
+def _in_table_order(df: pd.DataFrame, policies: list[str]) -> pd.DataFrame:
+    """Rows by policy (in the order given), then cache size; stable within."""
+    rank = {p: i for i, p in enumerate(policies)}
+    df = df.assign(_rank=df["policy"].map(rank))
+    df = df.sort_values(["_rank", "cache_experts"], kind="stable")
+    return df.drop(columns="_rank").reset_index(drop=True)
 
 
 def _capture(prep: PreparedValidation, om: Any, prompts: list[Any], bar: Progress):
@@ -276,6 +304,7 @@ def _real_run(
 
     opts = SessionOptions(cache, prep.devices, prep.link, prep.cfg.chunk_bytes, seed=prep.cfg.seed)
     with RunSession(om, make_policy(policy), opts) as s:
+        _prefault_slots(s)
         for p in prompts:
             s.generate(p.request_id, p.ids, prep.cfg.max_new_tokens, prompt_text=p.text)
             bar.update(1)
@@ -285,6 +314,40 @@ def _real_run(
             for g in s.generations
         ]
     return metrics, reqs
+
+
+PROBE_PROMPT, PROBE_TOKENS = 16, 8
+
+
+def _compute_slowdown(prep: PreparedValidation, om: Any) -> float | None:
+    """Measured / profiled time of the model's decode steps without experts, just before a
+    real run: how much slower compute is now than when the profile was measured (other
+    processes on a shared machine). A diagnostic column, never applied to the simulator.
+    None when the profile has no fitted dense and head costs."""
+    from calibration.bench_compute import zero_experts
+    from realrun.generate import greedy_generate
+
+    c, spec = prep.profile.compute, prep.spec
+    if c.dense is None or c.head is None:
+        return None
+    ids = list(range(1, PROBE_PROMPT + 1))
+    with zero_experts(om):
+        g = greedy_generate(om.loaded.model, "probe", ids, PROBE_TOKENS)
+    predicted = [
+        c.head(1) + spec.num_layers * c.dense(1, PROBE_PROMPT + i + 1)
+        for i in range(len(g.decode_s))
+    ]
+    ratios = [m / p for m, p in zip(g.decode_s, predicted, strict=True) if p > 0]
+    return float(statistics.median(ratios)) if ratios else None
+
+
+def _prefault_slots(session: Any) -> None:
+    """Touch every slot page before the timed run. A new slot pool is untouched memory, so
+    the first copy into each slot also takes the kernel's page faults (measured here: 25
+    to 80 ms instead of 25 ms for a 50 MB expert at 2 GB/s), which no device has and the
+    simulator does not model; the bench times copies into reused buffers likewise."""
+    for d in session.res.devs:
+        d.pool.rows.fill_(0)
 
 
 def _sim_run(
@@ -309,13 +372,16 @@ def _sim_run(
 
 
 RUN_METRICS = ["ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "hit_rate", "stall_s", "bytes_h2d"]
+# cache counters side by side: where a hit-rate gap comes from (late or wasted prefetches)
+RUN_COUNTERS = ["demand_loads", "prefetches_issued", "prefetches_used", "prefetches_wasted",
+                "prefetches_cancelled", "evictions"]  # fmt: skip
 
 
 def _run_row(
     policy: str, cache: int, real: dict[str, Any], sim: dict[str, Any], same_routing: bool
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"policy": policy, "cache_experts": cache}
-    for k in RUN_METRICS:
+    for k in RUN_METRICS + RUN_COUNTERS:
         row[f"real_{k}"] = real.get(k)
         row[f"sim_{k}"] = sim.get(k)
     n = real["requests"]
@@ -335,8 +401,12 @@ def _pair_line(row: dict[str, Any]) -> str:
     )
 
 
-def write_outputs(result: ValidationResult, out: str | Path) -> dict[str, str]:
-    """runs.csv, requests.csv, summary.json and sim_vs_real.png under ``out`` (atomic)."""
+def write_outputs(
+    result: ValidationResult, out: str | Path, workload: Any | None = None
+) -> dict[str, str]:
+    """runs.csv, requests.csv, summary.json, sim_vs_real.png and, given the captured
+    ``workload``, captured.fmoe (to re-simulate without the model) under ``out``; every
+    file is written atomically."""
     from calibration.validate_plot import plot_sim_vs_real
 
     d = Path(out)
@@ -353,6 +423,11 @@ def write_outputs(result: ValidationResult, out: str | Path) -> dict[str, str]:
     s = result.summary
     title = f"{s['model']} on {s['profile']}: simulated vs measured"
     plot_sim_vs_real(result.requests, result.runs, files["plot_png"], title)
+    if workload is not None:
+        from realrun.capture import write_workload
+
+        files["trace"] = str(d / "captured.fmoe")
+        write_workload(workload, files["trace"])
     return files
 
 

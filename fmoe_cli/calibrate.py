@@ -61,7 +61,7 @@ def _register_bench(cs: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--link-latency-us", type=float, help="CPU: the emulated link's latency")
     b.add_argument("--threads", type=positive_int, help="torch threads (as `fmoe run`)")
-    b.add_argument("--repeats", type=positive_int, default=5, help="rounds per point (median)")
+    b.add_argument("--repeats", type=positive_int, default=7, help="rounds per point")
     b.add_argument("--max-tokens", type=positive_int, default=128, help="largest prefill timed")
     b.add_argument("--max-context", type=positive_int, default=256, help="longest KV timed")
     b.add_argument(
@@ -69,7 +69,7 @@ def _register_bench(cs: argparse._SubParsersAction) -> None:
         type=_names,
         help="policies whose executor overhead is measured (default: lru,lfu,mixtral-offloading,fmoe)",
     )
-    b.add_argument("--overhead-rounds", type=positive_int, default=3)
+    b.add_argument("--overhead-rounds", type=positive_int, default=4)
     b.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
     b.add_argument("--name", help="profile name (default: calibrated-DEVICE-MODEL)")
     b.add_argument("--seed", type=int, default=0)
@@ -104,10 +104,35 @@ def _register_validate(cs: argparse._SubParsersAction) -> None:
     v.set_defaults(func=_cmd_validate)
 
 
-def _bar(disabled: bool) -> Any:
-    from tqdm import tqdm
+class _Bar:
+    """A tqdm bar on stderr whose messages also go to stderr (tqdm.write defaults to stdout,
+    which must hold nothing but the --json document)."""
 
-    return tqdm(file=sys.stderr, disable=disabled, unit="step", dynamic_ncols=True)
+    def __init__(self, disabled: bool) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._disabled = disabled
+        self.bar = tqdm(file=sys.stderr, disable=disabled, unit="step", dynamic_ncols=True)
+
+    def reset(self, total: int | None = None) -> None:
+        self.bar.reset(total=total)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def write(self, s: str) -> None:
+        self._tqdm.write(s, file=sys.stderr)
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _bar(disabled: bool) -> Any:
+    return _Bar(disabled)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -167,6 +192,7 @@ _RUN_COLUMNS = [
     "ttft_mean_ape",
     "tpot_mean_ape",
     "hit_rate_abs_error",
+    "compute_slowdown",
 ]
 
 
@@ -217,6 +243,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         )
     ]
     print_table(rows)
+    print(
+        f"compute slowdown vs the profile (median over runs): {s['compute_slowdown_median']:.3g}"
+        " (machine load while validating; 1 = as when benched)"
+    )
     if result.files:
         print(f"wrote {', '.join(result.files.values())}")
     if s.get("emulated_link"):

@@ -58,7 +58,7 @@ class PaperSetup(BaseModel):
     hardware: str = "paper-6x3090"
     workloads: list[str] = Field(default_factory=lambda: list(WORKLOADS))
     num_requests: int = Field(
-        60, ge=4, description="requests per workload (70% train, 30% measured)"
+        30, ge=4, description="requests per workload (70% train, 30% measured)"
     )
     cache_gb: float = Field(24.0, gt=0, description="total expert cache over all GPUs (GiB)")
     batch_size: int = Field(1, ge=1)
