@@ -50,7 +50,9 @@ class SlotPool:
 
     def __init__(self, capacity: int, row_bytes: int, device: torch.device) -> None:
         self.device = device
-        self.rows = torch.empty(capacity, row_bytes, dtype=torch.uint8, device=device)
+        # zeros, not empty: the pages are touched now, so the first copies into a fresh pool
+        # do not pay page faults (measured 29-80 ms instead of 25 ms per 50 MB expert)
+        self.rows = torch.zeros(capacity, row_bytes, dtype=torch.uint8, device=device)
         self._free = list(range(capacity))
         self.slot_of: dict[ExpertKey, int] = {}
         self._views: dict[int, dict[str, torch.Tensor]] = {}
