@@ -1,10 +1,12 @@
-"""JSON files for pydantic models: atomic writes and loads with one-line errors."""
+"""Files for pydantic models and results: atomic writes and loads with one-line errors."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,6 +15,25 @@ from pydantic import BaseModel, ValidationError
 from calibration.errors import InputError
 
 M = TypeVar("M", bound=BaseModel)
+
+
+@contextmanager
+def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it goes.
+
+    Writers (plots, tables) write to the yielded path, so a failure never leaves a
+    half-written ``path`` behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:

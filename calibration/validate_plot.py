@@ -6,8 +6,6 @@ atomically (temporary file + rename).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from calibration.jsonio import atomic_output  # noqa: E402
 
 PANELS = [
     ("requests", "ttft_s", "TTFT (s), per request"),
@@ -49,15 +49,9 @@ def plot_sim_vs_real(
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_output(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

@@ -13,7 +13,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from calibration.errors import InputError
+from calibration.jsonio import atomic_output
 from policies.registry import policy_class
 from sim.config import SimConfig
 from traces.types import Workload
@@ -211,19 +211,11 @@ Format = Literal["csv", "parquet"]
 
 def save_results(df: pd.DataFrame, path: str | Path, fmt: Format = "csv") -> Path:
     """Write ``df`` as CSV or parquet, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    if fmt not in ("csv", "parquet"):
+        raise InputError(f"unknown results format {fmt!r} (csv or parquet)")
+    with atomic_output(path) as tmp:
         if fmt == "csv":
             df.to_csv(tmp, index=False)
-        elif fmt == "parquet":
-            df.to_parquet(tmp, index=False)
         else:
-            raise InputError(f"unknown results format {fmt!r} (csv or parquet)")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+            df.to_parquet(tmp, index=False)
+    return Path(path)
