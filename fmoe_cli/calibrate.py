@@ -17,7 +17,14 @@ import sys
 from typing import Any
 
 from calibration.errors import InputError
-from fmoe_cli.common import add_json_flag, positive_float, positive_int, print_json, print_table
+from fmoe_cli.common import (
+    add_json_flag,
+    add_prompt_flags,
+    positive_float,
+    positive_int,
+    print_json,
+    print_table,
+)
 
 
 def _names(text: str) -> list[str]:
@@ -92,10 +99,7 @@ def _register_validate(cs: argparse._SubParsersAction) -> None:
         type=_ints,
         help="comma-separated cache sizes in experts (default: 1/4, 1/2, 3/4 of all experts)",
     )
-    v.add_argument("--prompts", default="mt-bench", help="prompt set (mt-bench, gsm8k, sharegpt)")
-    v.add_argument("--num-prompts", type=positive_int, default=4)
-    v.add_argument("--max-new-tokens", type=positive_int, default=16)
-    v.add_argument("--max-prompt-tokens", type=positive_int, default=64)
+    add_prompt_flags(v, max_prompt_tokens=64, explicit=False)
     v.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="directory for runs.csv, requests.csv, summary.json, PNG")

@@ -81,3 +81,25 @@ def parse_policy_opts(items: list[str] | None) -> dict[str, Any]:
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print exactly one JSON document on stdout")
+
+
+def add_prompt_flags(
+    p: argparse.ArgumentParser,
+    *,
+    num_prompts: int = 4,
+    max_prompt_tokens: int = 128,
+    explicit: bool = True,
+) -> None:
+    """The prompt flags of commands that run a real model (run, trace capture, calibrate)."""
+    p.add_argument("--prompts", default="mt-bench", help="prompt set (mt-bench, gsm8k, sharegpt)")
+    if explicit:
+        p.add_argument(
+            "--prompt",
+            action="append",
+            dest="prompt_texts",
+            metavar="TEXT",
+            help="explicit prompt (repeatable)",
+        )
+    p.add_argument("--num-prompts", type=positive_int, default=num_prompts)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=max_prompt_tokens)

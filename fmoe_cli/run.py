@@ -12,6 +12,7 @@ from typing import Any
 
 from fmoe_cli.common import (
     add_json_flag,
+    add_prompt_flags,
     parse_policy_opts,
     positive_float,
     positive_int,
@@ -40,17 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=positive_float,
         help="expert cache in GB (2^30 bytes, as fmoe sim), total over devices",
     )
-    p.add_argument("--prompts", default="mt-bench", help="prompt set (mt-bench, gsm8k, sharegpt)")
-    p.add_argument(
-        "--prompt",
-        action="append",
-        dest="prompt_texts",
-        metavar="TEXT",
-        help="explicit prompt (repeatable)",
-    )
-    p.add_argument("--num-prompts", type=positive_int, default=4)
-    p.add_argument("--max-new-tokens", type=positive_int, default=16)
-    p.add_argument("--max-prompt-tokens", type=positive_int, default=128)
+    add_prompt_flags(p, num_prompts=4)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--num-devices",

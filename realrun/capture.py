@@ -135,24 +135,14 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
 
 def register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
     """Add `fmoe trace capture` to the `fmoe trace` group."""
-    from fmoe_cli.common import add_json_flag, positive_int
+    from fmoe_cli.common import add_json_flag, add_prompt_flags
 
     p = trace_subparsers.add_parser(
         "capture", help="run a real MoE model and write its routing trace"
     )
     p.add_argument("--model", required=True, help="tiny preset name or local checkpoint directory")
     p.add_argument("--out", required=True, help="trace file to write (traces/ format)")
-    p.add_argument("--prompts", default="mt-bench", help="prompt set (mt-bench, gsm8k, sharegpt)")
-    p.add_argument(
-        "--prompt",
-        action="append",
-        dest="prompt_texts",
-        metavar="TEXT",
-        help="explicit prompt (repeatable)",
-    )
-    p.add_argument("--num-prompts", type=positive_int, default=8)
-    p.add_argument("--max-new-tokens", type=positive_int, default=16)
-    p.add_argument("--max-prompt-tokens", type=positive_int, default=128)
+    add_prompt_flags(p, num_prompts=8)
     p.add_argument(
         "--seed", type=int, default=0, help="torch seed of a tiny preset's random weights"
     )
