@@ -1,3 +1,5 @@
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # Bounded example counts keep CI fast; `HYPOTHESIS_PROFILE=thorough` for local digging.
@@ -6,3 +8,13 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile("ci")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Real-executor tests: the copy thread needs a core; torch's own pool on a busy
+    2-core machine made them up to 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

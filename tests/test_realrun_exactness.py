@@ -30,13 +30,7 @@ ARCH_PRESETS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # the copy threads need a core; torch's own pool on a busy 2-core box is 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- small policies that exercise every executor path ---------------------------------------------

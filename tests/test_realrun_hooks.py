@@ -17,13 +17,7 @@ from realrun.models import load
 from realrun.offload import offload_model
 from realrun.session import RunSession, SessionOptions
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Recorder(Policy):

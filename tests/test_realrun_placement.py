@@ -71,13 +71,7 @@ def test_budget_split_is_round_robin_and_total():
     assert [placement.device_of((0, e)) for e in range(4)] == [0, 1, 2, 0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # the copy threads need a core; torch's own pool on a busy 2-core box is 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Plain(Policy):
