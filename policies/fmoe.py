@@ -55,7 +55,7 @@ FIT_CHUNK_ROWS = 256
 _TIE_EPS = 1e-9  # recency tie-break weight, far below any meaningful p * freq gap
 
 Prediction = Literal["traj", "traj+sem", "traj+sem+delta"]
-Eviction = Literal["lru", "lfu", "fmoe"]
+Eviction = Literal["lru", "lfu", "lfu-global", "fmoe"]
 
 
 def _inv_sqrt(x: np.ndarray) -> np.ndarray:
@@ -83,7 +83,9 @@ class FmoeOptions(PolicyOptions):
         "traj+sem+delta: + similarity-aware threshold (full fMoE)",
     )
     eviction: Eviction = Field(
-        default="fmoe", description="lru, lfu (global frequency) or fmoe (p x freq)"
+        default="fmoe",
+        description="lru; lfu (uses while cached: fmoe's freq without p, the paper's ablation); "
+        "lfu-global (uses over the whole run, kept across evictions); fmoe (p x uses while cached)",
     )
     embed_dim: int | None = Field(
         default=None,
@@ -142,9 +144,12 @@ class FmoePolicy(Policy):
         self._it: _IterState | None = None
         self._now = 0.0
         self._stats: Counter[str] = Counter()
-        self._score = {"lru": self._score_lru, "lfu": self._score_lfu, "fmoe": self._score_fmoe}[
-            self.options.eviction
-        ]
+        self._score = {
+            "lru": self._score_lru,
+            "lfu": self._score_lfu,
+            "lfu-global": self._score_lfu_global,
+            "fmoe": self._score_fmoe,
+        }[self.options.eviction]
 
     @property
     def use_semantic(self) -> bool:
@@ -398,7 +403,8 @@ class FmoePolicy(Policy):
 
     # -- decide -------------------------------------------------------------------------
     def eviction_score(self, entry: CacheEntry) -> float:
-        """Lower goes first: ``fmoe`` p x uses-while-cached, ``lfu`` global uses, ``lru`` last use."""
+        """Lower goes first: ``fmoe`` p x uses while cached, ``lfu`` uses while cached,
+        ``lfu-global`` uses over the run, ``lru`` last use (ties: least recent first)."""
         return self._score(entry)
 
     def _tie(self, entry: CacheEntry) -> float:
@@ -408,6 +414,9 @@ class FmoePolicy(Policy):
         return float(entry.last_used)
 
     def _score_lfu(self, entry: CacheEntry) -> float:
+        return entry.uses + self._tie(entry)
+
+    def _score_lfu_global(self, entry: CacheEntry) -> float:
         freq = self._freq[entry.key] if self._freq.size else entry.uses
         return float(freq) + self._tie(entry)
 

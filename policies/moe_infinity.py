@@ -14,12 +14,18 @@ store (MoE-Infinity's EAM collection) holds the matrices of past requests:
   layer, not a full L x J product per call). The best match's rows for layers l+1 ..
   l+D, normalised per layer (activation ratios), are the prediction; at an iteration's
   start the matrix of its previous iterations predicts layers 0 .. D-1.
+- Per layer, the ``top_experts`` largest ratios are kept (the rest set to 0).
 - Prefetch priority = activation ratio x layer decay (1 - (distance - 1) / L), summed
   over the batch's requests; experts with ratio above ``min_ratio`` are ordered, best
   first, within what each device cache holds next to the running layer's experts.
 - Eviction: fewest uses while cached (in-cache visits) first, then least recent.
 
-D is ``prefetch_layers``, else ``--prefetch-distance``, else every remaining layer.
+Defaults follow the MoE-Infinity baseline as the fMoE authors configured it in their
+artifact (IntelliSys-Lab/FineMoE-EuroSys26, ``moe_infinity/memory/expert_predictor.py``):
+a window of 6 layers and the top J/4 experts of each layer of the matched matrix. D is
+``prefetch_layers``, else ``--prefetch-distance``, else 6; ``prefetch_layers`` equal to
+the layer count with ``top_experts`` equal to J gives the unbounded variant (every
+remaining layer, every expert the match used).
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ from policies.cache import CacheEntry
 from policies.registry import register_policy
 
 
+# The fMoE authors' MoE-Infinity baseline predicts a window of 6 layers (their artifact's
+# expert_predictor.py: layer_end = layer_start + 6).
+ARTIFACT_WINDOW = 6
+
+
 class MoEInfinityOptions(PolicyOptions):
     store_capacity: int = Field(
         default=1000, ge=1, description="activation matrices kept in the store"
@@ -53,7 +64,13 @@ class MoEInfinityOptions(PolicyOptions):
     prefetch_layers: int | None = Field(
         default=None,
         ge=1,
-        description="layers ahead to prefetch (default: --prefetch-distance, else all remaining)",
+        description="layers ahead to prefetch (default: --prefetch-distance, else "
+        f"{ARTIFACT_WINDOW} as in the fMoE artifact)",
+    )
+    top_experts: int | None = Field(
+        default=None,
+        ge=1,
+        description="experts kept per predicted layer (default: J/4, at least 1, as in the fMoE artifact)",
     )
     min_ratio: float = Field(
         default=0.0,
@@ -150,9 +167,9 @@ class MoEInfinity(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         self._ensure(ctx.spec)
-        self._distance = (
-            self.options.prefetch_layers or ctx.prefetch_distance or ctx.spec.num_moe_layers
-        )
+        self._distance = self.options.prefetch_layers or ctx.prefetch_distance or ARTIFACT_WINDOW
+        J = ctx.spec.num_experts
+        self._top = min(J, self.options.top_experts or max(1, J // 4))
 
     def _state(self, rid: str) -> _Active:
         st = self._active.get(rid)
@@ -218,6 +235,9 @@ class MoEInfinity(Policy):
             tot = pred.sum(axis=1, keepdims=True)
             ratio = np.divide(pred, tot, out=np.zeros_like(pred), where=tot > 0)
             ratio[ratio <= self.options.min_ratio] = 0.0
+            if self._top < J:  # keep each layer's top experts (ties to the lower id)
+                drop = np.argsort(-ratio, axis=1, kind="stable")[:, self._top :]
+                np.put_along_axis(ratio, drop, 0.0, axis=1)
             score += ratio
         score *= self._decay[: hi - lo, None]
         lay, exp = np.nonzero(score)
@@ -238,4 +258,5 @@ class MoEInfinity(Policy):
             "trained_on_requests": self._trained_on,
             "added_online": self._added_online,
             "prefetch_layers": getattr(self, "_distance", None),
+            "top_experts": getattr(self, "_top", None),
         }

@@ -348,6 +348,14 @@ QUALITY_VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "fmoe eviction=lru": ("ablation: eviction", "fmoe", {"eviction": "lru"}),
     "fmoe eviction=lfu": ("ablation: eviction", "fmoe", {"eviction": "lfu"}),
     "fmoe eviction=fmoe": ("ablation: eviction", "fmoe", {"eviction": "fmoe"}),
+    # reported beside the claims, not part of them: a run-long LFU (not the paper's caching
+    # ablation) and MoE-Infinity unbounded (every remaining layer, every expert its match used)
+    "fmoe eviction=lfu-global": ("extra", "fmoe", {"eviction": "lfu-global"}),
+    "moe-infinity unbounded": (
+        "extra",
+        "moe-infinity",
+        {"prefetch_layers": 10_000, "top_experts": 10_000},
+    ),
 }
 # rough relative cost of a run (moe-infinity scores every remaining layer per gate): the
 # longest go first so two workers finish together

@@ -212,7 +212,7 @@ def test_ties_break_by_recency():
     assert cache.choose_victim(pol.eviction_score) == (3, 3)  # no prediction: p = 0 for both
 
 
-@pytest.mark.parametrize("mode", ["lru", "lfu"])
+@pytest.mark.parametrize("mode", ["lru", "lfu", "lfu-global"])
 def test_lru_and_lfu_eviction_switches(mode):
     pol, cache = _policy(eviction=mode)
     cache.preload([(0, 0), (0, 1)])
@@ -410,3 +410,17 @@ def test_fmoe_beats_lru_and_semantics_help_on_a_trace_with_semantic_structure():
     assert rates["traj+sem+delta"] > rates["traj"] + 0.05, (
         rates
     )  # layers < d need the semantic search
+
+
+def test_lfu_counts_uses_while_cached_and_lfu_global_remembers_across_evictions():
+    """The paper's caching ablation: lfu is fmoe's freq without p (it restarts when an
+    expert is evicted and reloaded); lfu-global keeps counting over the run."""
+    for mode, expected in (("lfu", (0, 0)), ("lfu-global", (0, 1))):
+        pol, cache = _policy(eviction=mode)
+        cache.preload([(0, 0)])
+        for _ in range(3):  # (0, 0) was popular before ...
+            pol.on_expert_used((0, 0), 1, 1.0)
+        cache.preload([(0, 1)])
+        cache.use((0, 1), now=2.0)  # ... but only (0, 1) was used since it is cached
+        pol.on_expert_used((0, 1), 1, 2.0)
+        assert cache.choose_victim(pol.eviction_score) == expected, mode

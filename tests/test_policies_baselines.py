@@ -299,3 +299,25 @@ def test_oracle_needs_the_future() -> None:
     assert type(pol).reads_future
     with pytest.raises(InputError, match="does not read the future"):
         make_policy("lru").bind_future(hand_workload(SPEC1))
+
+
+def test_moe_infinity_defaults_follow_the_fmoe_artifact_window_and_top_quarter() -> None:
+    spec = small_spec(layers=10, experts=8, top_k=2)
+    pol = make_policy("moe-infinity")
+    pol.bind(context(spec, 80))
+    assert pol.metadata()["prefetch_layers"] == 6 and pol.metadata()["top_experts"] == 2
+    train = random_workload(spec, num_requests=3, seed=1)
+    pol.fit(train)
+    pol.on_iteration_start(IterationStart(0, ("x",), np.array([0]), np.array([True])))
+    pol.on_gate(GateOutput(0, 0, np.array([[0, 1]]), np.full((1, 2), 0.5, np.float32)))
+    orders = pol.decide_prefetch().enqueue
+    layers = [o.layer for o in orders]
+    assert orders and min(layers) >= 1 and max(layers) <= 6  # the 6 layers after layer 0
+    per_layer = np.bincount(layers)
+    assert per_layer.max() <= 2  # the top J/4 experts of each predicted layer
+    wide = make_policy("moe-infinity", prefetch_layers=100, top_experts=8)
+    wide.bind(context(spec, 80))
+    wide.fit(train)
+    wide.on_iteration_start(IterationStart(0, ("x",), np.array([0]), np.array([True])))
+    wide.on_gate(GateOutput(0, 0, np.array([[0, 1]]), np.full((1, 2), 0.5, np.float32)))
+    assert len(wide.decide_prefetch().enqueue) > len(orders)
