@@ -38,7 +38,7 @@ class ExpertState(Enum):
     RESIDENT = "resident"
 
 
-@dataclass
+@dataclass(slots=True)  # slots: policies read these fields per entry on every eviction
 class CacheEntry:
     """What the cache knows about one cached key; policies read it to score evictions."""
 
@@ -155,27 +155,23 @@ class ExpertCache:
 
         Never a pinned or loading key. Ties break by key, so choices are deterministic.
         """
-        # the lexicographic minimum of (protected, score, key), without building tuples:
-        # this runs for every load once the cache is full
+        # the lexicographic minimum of (protected, score, key): this runs for every load
+        # once the cache is full, so filter with comprehensions and score only the group
+        # that can win
         resident = ExpertState.RESIDENT
-        best_key: ExpertKey | None = None
-        best_prot = True
-        best_score = 0.0
-        for k, e in self.entries.items():
-            if e.state is not resident or e.pins:
-                continue
-            prot = e.protected
-            if prot and not best_prot:
-                continue  # an unprotected candidate already beats every protected one
+        free = [e for e in self.entries.values() if e.state is resident and not e.pins]
+        if not free:
+            return None
+        group = [e for e in free if not e.protected] or free
+        if len(group) == 1:
+            return group[0].key
+        best = group[0]
+        best_score = score(best)
+        for e in group[1:]:
             s = score(e)
-            if (
-                best_key is None
-                or (best_prot and not prot)
-                or s < best_score
-                or (s == best_score and k < best_key)
-            ):
-                best_key, best_prot, best_score = k, prot, s
-        return best_key
+            if s < best_score or (s == best_score and e.key < best.key):
+                best, best_score = e, s
+        return best.key
 
     def begin_load(
         self, key: ExpertKey, now: float, *, prefetch: bool, score: EvictionScore = lru_score
