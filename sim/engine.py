@@ -26,17 +26,21 @@ skipped when the policy keeps the base implementation and has queued nothing: th
 result would be empty); orders issued in ``on_gate`` are applied after that layer's
 demand loads are queued, so demand loads go first.
 
-Clock: the engine keeps its own time ``t`` >= ``env.now`` and only yields to simpy when an
-event (a copy landing, an arrival, a delayed order) lies at or before its next action,
-or when it must wait for a copy. Between two such points nothing else can happen, so
-acting at ``t`` directly is the same as scheduling a timeout to it, without the cost.
+Clock: the engine keeps its own time ``t`` >= ``env.now`` and only yields to simpy when a
+simpy event (an arrival, a delayed order) lies at or before its next action. Link events
+(copies landing) are not simpy events: before each action the engine runs the links'
+own event queue up to ``t`` (:meth:`sim.links.Links.advance`), and while it waits for a
+load it runs that queue forward itself. Between two such points nothing else can happen,
+so acting at ``t`` directly is the same as scheduling a timeout to it, without the cost.
+Wave processes (a cache smaller than a layer needs) wait on simpy's clock instead, since
+several may run side by side.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from functools import partial
 from typing import Any
 
@@ -53,7 +57,7 @@ from policies.base import (
     RequestArrival,
     validate_order,
 )
-from policies.cache import CacheFullError, ExpertCache, ExpertKey
+from policies.cache import CacheFullError, ExpertCache, ExpertKey, ExpertState
 from policies.placement import Placement
 from sim.batching import make_batcher
 from sim.config import SimConfig
@@ -77,6 +81,12 @@ class _GpuPlan:
         self.load = 0.0  # compute time of the others
         self.pend: list[tuple[ExpertKey, float]] = []  # loading (pinned): (key, compute time)
         self.defer: list[tuple[ExpertKey, float]] = []  # no slot yet: later waves
+
+
+def _landed(pending: list[tuple[dict, ExpertKey]]) -> bool:
+    """True when every (cache entries, key) pair is resident."""
+    resident = ExpertState.RESIDENT
+    return all(entries[k].state is resident for entries, k in pending)
 
 
 def _overrides(policy: Policy, hook: str) -> bool:
@@ -164,7 +174,9 @@ class Engine:
             self._apply(dec, stamp, now)
 
     def _apply_later(self, dec: PrefetchDecision, stamp: int, _ev: simpy.Event) -> None:
-        self._apply(dec, stamp, self.env.now)
+        now = self.env.now
+        self.links.advance(now)  # the links' events up to now come first
+        self._apply(dec, stamp, now)
 
     def _apply(self, dec: PrefetchDecision, stamp: int, now: float) -> None:
         links = self.links
@@ -209,6 +221,7 @@ class Engine:
                 yield env.timeout(dt)
             s.arrival_s = s.req.arrival_s
             self.waiting.append(s)
+            self.links.advance(env.now)  # the policy may order prefetches: links first
             self._notify_arrival(s, env.now)
             self._wake()
         self.more_coming = False
@@ -216,7 +229,7 @@ class Engine:
 
     def run(self) -> Proc:
         """The engine process: admit, iterate, until every request has finished."""
-        env = self.env
+        env, links = self.env, self.links
         t = 0.0
         if self.closed:
             self.waiting.extend(self.states)
@@ -227,6 +240,8 @@ class Engine:
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
+            if links.due <= t:
+                links.advance(t)
             for _ in range(
                 self.batcher.admit(len(self.waiting), len(self.running), self.more_coming)
             ):
@@ -266,6 +281,7 @@ class Engine:
 
     def _iteration(self, t: float) -> Proc:
         env, policy, timing, log = self.env, self.policy, self.timing, self.log
+        links = self.links
         batch = self.running
         it = build_iteration(batch, self.spec.num_experts)
         self.iterations += 1
@@ -279,6 +295,8 @@ class Engine:
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
+            if links.due <= t:
+                links.advance(t)
             self._iteration_start(it, batch, t)
         if log is not None:
             log.span("compute", 0, "head", t, t + head_t)
@@ -288,7 +306,6 @@ class Engine:
             weights = stack_field(batch, it.slices, "topk_weights")
             probs = stack_field(batch, it.slices, "gate_probs") if self.has_probs else None
             look = stack_field(batch, it.slices, "lookahead") if self.has_look else None
-        links = self.links
         for moe, hand, stage in self.plan:
             if hand:
                 t += hand_t
@@ -304,6 +321,8 @@ class Engine:
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
+            if links.due <= t:
+                links.advance(t)
             if self._h_gate:
                 assert weights is not None
                 policy.on_gate(
@@ -341,6 +360,8 @@ class Engine:
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
+            if links.due <= t:
+                links.advance(t)
             for cache, key in used:
                 cache.use(key, t)
                 cache.unpin(key)
@@ -354,6 +375,8 @@ class Engine:
         if env.peek() <= t:
             yield env.timeout(t - env.now)
             t = max(t, env.now)
+        if links.due <= t:
+            links.advance(t)
         for s in batch:
             if s.next_iter == 0:
                 s.first_token_s = t
@@ -511,10 +534,11 @@ class Engine:
                     mine = [k for c, k in used if c.device == p.g]
                     procs.append(env.process(self._waves(p, t, out, mine)))
             used[:] = [(c, k) for c, k in used if c.device not in waving]  # waves release their own
-        keys = [k for p in slow if not p.defer for k, _ in p.pend]
-        ev = self.links.wait_all(keys)
-        if ev is not None:
-            yield ev
+        pending = [(p.cache.entries, k) for p in slow if not p.defer for k, _ in p.pend]
+        if procs:  # wave processes act on simpy's clock: wait on it too
+            yield from self._wait_clocked(lambda: _landed(pending))
+        else:
+            yield from self._wait_ahead(pending)
         yield from procs
         end = t + max(comp)
         for p in slow:
@@ -529,16 +553,16 @@ class Engine:
         here (the engine skips them at the layer end)."""
         env, cache = self.env, p.cache
         tg = t
+        links = self.links
         while True:
-            keys = [k for k, _ in p.pend if not cache.is_resident(k)]
-            ev = self.links.wait_all(keys)
-            if ev is not None:
-                yield ev
+            pending = [(cache.entries, k) for k, _ in p.pend]
+            yield from self._wait_clocked(lambda: _landed(pending))  # noqa: B023
             tg = self._timeline(p, tg)
             p.comp = 0.0
             if tg > env.now:
                 yield env.timeout(tg - env.now)
             now = env.now
+            links.advance(now)
             for key in mine:
                 cache.use(key, now)
                 cache.unpin(key)
@@ -556,9 +580,40 @@ class Engine:
             if not p.defer and not p.pend:
                 break
             if not p.pend:  # every slot holds an in-flight prefetch: wait for one to land
-                yield self.links.slot_event(p.g)
+                frees = links.slot_frees
+                before = frees[p.g]
+                yield from self._wait_clocked(lambda: frees[p.g] != before)  # noqa: B023
             tg = max(tg, env.now)
         out[p.g] = tg
+
+    def _wait_ahead(self, pending: list[tuple[dict, ExpertKey]]) -> Proc:
+        """Run the link events forward until every pending key is resident, without simpy
+        events unless one (an arrival, a delayed order) comes first: then yield to it.
+
+        Only for the engine itself, while no wave process runs (nothing else waits on
+        the links), so running the links ahead of ``env.now`` is safe."""
+        env, links = self.env, self.links
+        while not _landed(pending):
+            when = links.next_time()
+            if when == math.inf:
+                raise RuntimeError("waiting for loads that no link carries")
+            nxt = env.peek()
+            if nxt <= when:
+                yield env.timeout(max(nxt - env.now, 0.0))
+                continue
+            links.advance(when)
+
+    def _wait_clocked(self, done: Callable[[], bool]) -> Proc:
+        """Wait until ``done()``, moving simpy's clock to each link event on the way (for
+        wave processes, which act at ``env.now`` and may run side by side)."""
+        env, links = self.env, self.links
+        while not done():
+            when = links.next_time()
+            if when == math.inf:
+                raise RuntimeError("waiting for a link event that no link will produce")
+            if when > env.now:
+                yield env.timeout(when - env.now)
+            links.advance(env.now)
 
     def _unprotect(self, layer: int) -> None:
         for g, layers in enumerate(self.links.protected):

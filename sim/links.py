@@ -21,9 +21,15 @@ Model (one :class:`Link` per GPU):
   at that gate unless demanded. A policy's cancel removes a queued order, cancels a
   preempted copy, and stops an in-flight prefetch at its next chunk boundary.
 
-Events are simpy timeouts whose callbacks advance the link, so an idle link costs no
-events. Calls from the engine pass ``now`` explicitly: the engine may run ahead of
-``env.now`` when no event lies in between (see :mod:`sim.engine`).
+Link events (a segment of a copy ending) are kept in one time-ordered queue shared by
+all links (:class:`Links`), not as simpy events: whoever acts at time t first calls
+:meth:`Links.advance` (t), which runs every link event up to t in time order (ties in
+the order they were scheduled). The engine does so before each of its actions and runs
+the queue forward itself while it waits for a load; simpy callbacks that touch the links
+(delayed policy orders, arrivals) advance them to their own time first. So a copy costs
+no simpy event, and an idle link costs nothing. Calls pass ``now`` explicitly: the
+engine may run ahead of ``env.now`` when no simpy event lies in between (see
+:mod:`sim.engine`).
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 
 import simpy
 
@@ -62,13 +67,12 @@ class _Job:
 class _Channel:
     """One concurrent copy slot of a link and the segment it is moving."""
 
-    __slots__ = ("index", "job", "gen", "start", "t0", "end", "seg", "rate", "on_timeout")
+    __slots__ = ("index", "job", "gen", "start", "t0", "end", "seg", "rate")
 
     def __init__(self, index: int):
         self.index = index
-        self.on_timeout: Callable[[simpy.Event], None] = lambda ev: None
         self.job: _Job | None = None
-        self.gen = 0  # invalidates scheduled callbacks of a rescheduled segment
+        self.gen = 0  # invalidates queued events of a rescheduled segment
         self.start = 0.0  # when the segment started (incl. latency)
         self.t0 = 0.0  # when its bytes start to flow
         self.end = 0.0
@@ -109,8 +113,6 @@ class Link:
         # rates change with other copies only when channels or a cap are shared
         self.shared = concurrency > 1 or bus.cap is not None
         self.channels = [_Channel(i) for i in range(concurrency)]
-        for ch in self.channels:
-            ch.on_timeout = partial(self._on_timeout, ch)
         self.demand_q: deque[_Job] = deque()
         self.heap: list[tuple[float, int, ExpertKey]] = []
         self.queued: dict[ExpertKey, _Job] = {}  # prefetches waiting (new or preempted)
@@ -292,7 +294,7 @@ class Link:
         seg = job.remaining
         ch.start, ch.t0, ch.seg, ch.rate = now, now + lat, seg, rate
         ch.end = ch.t0 + seg / rate
-        self._schedule(ch)
+        self._schedule(ch, now)
         if new_run and self.shared:
             self._rerate(now, ch)
 
@@ -309,17 +311,12 @@ class Link:
                     c.t0 = now - (now - c.t0) * c.rate / rate
                 c.rate = rate
                 c.end = c.t0 + c.seg / rate
-                link._schedule(c)
+                link._schedule(c, now)
 
-    def _schedule(self, ch: _Channel) -> None:
+    def _schedule(self, ch: _Channel, now: float) -> None:
         ch.gen += 1
-        env = self.env
-        ev = env.timeout(max(ch.end - env.now, 0.0), ch.gen)
-        ev.callbacks.append(ch.on_timeout)
-
-    def _on_timeout(self, ch: _Channel, ev: simpy.Event) -> None:
-        if ev._value == ch.gen and ch.job is not None:  # not a rescheduled segment's old event
-            self._segment_done(ch, self.env.now)
+        # never before now: rounding in a rerate can put the end a hair behind it
+        self.owner.push(ch.end if ch.end > now else now, self, ch)
 
     def _stop(self, ch: _Channel, now: float, kind: int) -> None:
         """Stop ``ch``'s prefetch at its next chunk boundary (at once in its latency phase)."""
@@ -342,7 +339,7 @@ class Link:
             return  # the segment already ends at a boundary
         ch.seg = seg
         ch.end = max(ch.t0 + seg / ch.rate, now)
-        self._schedule(ch)
+        self._schedule(ch, now)
 
     def _segment_done(self, ch: _Channel, now: float) -> None:
         job = ch.job
@@ -404,13 +401,6 @@ class Link:
         self.owner.slot_freed(self.device)
 
 
-class _Waiter:
-    __slots__ = ("left", "event")
-
-    def __init__(self, left: int, event: simpy.Event):
-        self.left, self.event = left, event
-
-
 class Links:
     """All links of a run, the host bus, and what the engine and policy hear from them."""
 
@@ -440,8 +430,10 @@ class Links:
         self._seq = 0
         self.protected: list[set[int]] = [set() for _ in caches]  # layers with prefetched entries
         self.on_load: Callable[[ExpertKey, bool, float], None] | None = None
-        self._waiters: dict[ExpertKey, list[_Waiter]] = {}
-        self._slot_waiters: dict[int, list[simpy.Event]] = {}
+        # link events: (time, seq, channel generation, link, channel), earliest first
+        self._events: list[tuple[float, int, int, Link, _Channel]] = []
+        self.due = math.inf  # time of the earliest queued event (possibly a stale one)
+        self.slot_frees = [0] * len(caches)  # per device: loads finished or cancelled so far
         self.links = [
             Link(
                 env,
@@ -467,35 +459,40 @@ class Links:
     def cancel(self, key: ExpertKey, now: float) -> None:
         self.links[self.device_of(key)].cancel(key, now)
 
-    def wait_all(self, keys: list[ExpertKey]) -> simpy.Event | None:
-        """An event that fires when every key in ``keys`` (all loading) has landed."""
-        if not keys:
-            return None
-        w = _Waiter(len(keys), self.env.event())
-        for k in keys:
-            self._waiters.setdefault(k, []).append(w)
-        return w.event
+    def push(self, end: float, link: Link, ch: _Channel) -> None:
+        """Queue the end of ``ch``'s current segment (generation ``ch.gen``) at ``end``."""
+        self._seq += 1
+        heapq.heappush(self._events, (end, self._seq, ch.gen, link, ch))
+        if end < self.due:
+            self.due = end
 
-    def slot_event(self, device: int) -> simpy.Event:
-        """Fires at the next load finishing or being cancelled on ``device``."""
-        ev = self.env.event()
-        self._slot_waiters.setdefault(device, []).append(ev)
-        return ev
+    def next_time(self) -> float:
+        """Time of the earliest live link event (inf when none is queued)."""
+        ev = self._events
+        while ev:
+            _, _, gen, _, ch = ev[0]
+            if gen == ch.gen and ch.job is not None:
+                return ev[0][0]
+            heapq.heappop(ev)  # a rescheduled or released segment's old event
+        self.due = math.inf
+        return math.inf
+
+    def advance(self, t: float) -> None:
+        """Run every link event at or before ``t``, in time order (ties: scheduling order)."""
+        ev = self._events
+        pop = heapq.heappop
+        while ev and ev[0][0] <= t:
+            end, _, gen, link, ch = pop(ev)
+            if gen == ch.gen and ch.job is not None:
+                link._segment_done(ch, end)
+        self.due = ev[0][0] if ev else math.inf
 
     def slot_freed(self, device: int) -> None:
-        for ev in self._slot_waiters.pop(device, ()):
-            ev.succeed()
+        self.slot_frees[device] += 1
 
     def loaded(self, link: Link, key: ExpertKey, now: float) -> None:
-        """A copy landed: wake waiters, then tell the policy."""
-        ws = self._waiters.pop(key, None)
-        if ws:
-            for w in ws:
-                w.left -= 1
-                if w.left == 0:
-                    w.event.succeed()
-        if self._slot_waiters:
-            self.slot_freed(link.device)
+        """A copy landed: count the freed slot, then tell the policy."""
+        self.slot_frees[link.device] += 1
         if self.on_load is not None:
             entry = link.cache.entries[key]
             self.on_load(key, entry.by_prefetch, now)
