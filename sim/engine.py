@@ -352,9 +352,16 @@ class Engine:
                 for p in slow:
                     p.comp = comp[p.g]
                     ideal = max(ideal, p.comp + p.load)
-                t_layer, t = yield from self._wait_compute(
-                    slow, comp, used, layer, it.items[layer], t
-                )
+                if log is None and self._land_ahead(slow):  # the common case, no simpy
+                    t_layer = t + max(comp)
+                    for p in slow:
+                        tg = self._timeline(p, t)
+                        if tg > t_layer:
+                            t_layer = tg
+                else:
+                    t_layer, t = yield from self._wait_compute(
+                        slow, comp, used, layer, it.items[layer], t
+                    )
                 self.stall_s += t_layer - t - ideal
             t = t_layer + exch_t
             if env.peek() <= t:
@@ -585,6 +592,29 @@ class Engine:
                 yield from self._wait_clocked(lambda: frees[p.g] != before)  # noqa: B023
             tg = max(tg, env.now)
         out[p.g] = tg
+
+    def _land_ahead(self, slow: list[_GpuPlan]) -> bool:
+        """Run the link events forward until every loading key of ``slow`` has landed, as
+        :meth:`_wait_ahead` does, without a generator: True when done; False (nothing
+        lost, the caller then waits with :meth:`_wait_compute`) when a GPU runs waves or
+        a simpy event comes before the next link event."""
+        links, peek = self.links, self.env.peek
+        resident = ExpertState.RESIDENT
+        for p in slow:
+            if p.defer:
+                return False
+        for p in slow:
+            entries = p.cache.entries
+            for key, _ in p.pend:
+                entry = entries[key]
+                while entry.state is not resident:
+                    when = links.next_time()
+                    if when == math.inf:
+                        raise RuntimeError("waiting for loads that no link carries")
+                    if peek() <= when:
+                        return False
+                    links.advance(when)
+        return True
 
     def _wait_ahead(self, pending: list[tuple[dict, ExpertKey]]) -> Proc:
         """Run the link events forward until every pending key is resident, without simpy
