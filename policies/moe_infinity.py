@@ -51,7 +51,6 @@ from policies.baseline_common import SCORE_SCALE, check_training, layer_reserve,
 from policies.cache import CacheEntry
 from policies.registry import register_policy
 
-
 # The fMoE authors' MoE-Infinity baseline predicts a window of 6 layers (their artifact's
 # expert_predictor.py: layer_end = layer_start + 6).
 ARTIFACT_WINDOW = 6
