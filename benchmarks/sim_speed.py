@@ -70,6 +70,7 @@ HOOKS = (
     "on_iteration_end",
     "decide_prefetch",
     "eviction_score",
+    "eviction_scores",
 )
 
 

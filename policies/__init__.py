@@ -4,6 +4,7 @@ policy (fMoE and the baselines), one module each."""
 from policies.base import (
     GateOutput,
     IterationEnd,
+    IterationGates,
     IterationStart,
     Policy,
     PolicyContext,
@@ -30,6 +31,7 @@ __all__ = [
     "ExpertState",
     "GateOutput",
     "IterationEnd",
+    "IterationGates",
     "IterationStart",
     "Placement",
     "Policy",

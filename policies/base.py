@@ -13,6 +13,8 @@ decide
     Demand loads (misses) are the executor's job and always go before prefetches.
     eviction_score(entry): lower is evicted first; the cache never evicts pinned keys
     and evicts protected (predicted, not yet used) ones only when nothing else can go.
+    The cache asks through eviction_scores(entries), which a policy may override to
+    score many entries at once (same values, faster).
 
 Contracts an executor guarantees: layers are MoE-layer indices 0..L-1 and arrive in
 order within an iteration; arrays are numpy; ``now`` is seconds on the executor's clock
@@ -50,12 +52,28 @@ class RequestArrival:
 
 
 @dataclass(frozen=True)
+class IterationGates:
+    """Every MoE layer's gate output of one iteration, known before it runs.
+
+    Only an executor replaying a trace (the simulator) has them; it passes them to a
+    policy that sets ``precomputes_from_gates``. Arrays: ``topk_ids``/``topk_weights``
+    [B, L, K], ``probs`` [B, L, J] or None, row b as in :class:`IterationStart`.
+    """
+
+    topk_ids: np.ndarray
+    topk_weights: np.ndarray
+    probs: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
 class IterationStart:
     """A forward pass starts. One entry per token row of the batch.
 
     ``request_ids[b]`` and ``positions[b]`` name row b's request and its token index in
     that request's routing; ``prefill[b]`` tells prefill rows from decode rows;
-    ``embeddings`` [B, H] are the embedding layer's outputs (None when unknown).
+    ``embeddings`` [B, H] are the embedding layer's outputs (None when unknown);
+    ``gates`` the iteration's gate outputs of all layers, for ``precomputes_from_gates``
+    policies when the executor knows them in advance (else None).
     """
 
     iteration: int
@@ -64,6 +82,7 @@ class IterationStart:
     prefill: np.ndarray
     embeddings: np.ndarray | None = None
     now: float = 0.0
+    gates: IterationGates | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,10 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
     """Every expert resident before the run (no-offload)."""
     needs_training: ClassVar[bool] = False
     """fit() must see a training workload for the policy to predict anything."""
+    precomputes_from_gates: ClassVar[bool] = False
+    """Takes ``IterationStart.gates`` (when the executor has them) only to do at once the
+    per-layer work it would do in each ``on_gate``: its decisions must be exactly those it
+    makes without them (a speed-up for trace replay, not a look into the future)."""
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -224,6 +247,12 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower is evicted first. Default: least recently used."""
         return lru_score(entry)
+
+    def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
+        """``eviction_score`` of each entry; what caches call. Overrides must return the
+        same values (a batch form only saves a Python call per entry)."""
+        score = self.eviction_score
+        return [score(e) for e in entries]
 
 
 def _first_line(exc: Exception) -> str:

@@ -7,7 +7,9 @@ keeps state, chooses victims with a caller-supplied score (lower goes first) and
 
 Rules the executor follows (checked here, raising CacheError when broken):
 - ``begin_load`` reserves a slot, evicting resident keys if needed; pinned keys are never
-  evicted, protected keys only when nothing unprotected can go.
+  evicted, protected keys only when nothing unprotected can go. Victims are scored by a
+  caller-supplied *batch* scorer (one call per choice, scoring the candidates at once:
+  a policy's ``eviction_scores``), lowest first.
 - ``finish_load`` makes a loading key resident; ``cancel_load`` frees its slot.
 - ``demand`` records a compute demand (hit iff RESIDENT at that moment) and the executor
   must have made the key resident and pinned it before computing (``use``).
@@ -77,11 +79,17 @@ class CacheCounters:
 
 
 EvictionScore = Callable[[CacheEntry], float]
+EvictionScores = Callable[[list[CacheEntry]], list[float]]
 
 
 def lru_score(entry: CacheEntry) -> float:
     """Default eviction score: least recently used goes first."""
     return entry.last_used
+
+
+def lru_scores(entries: list[CacheEntry]) -> list[float]:
+    """:func:`lru_score` of each entry."""
+    return [e.last_used for e in entries]
 
 
 @dataclass
@@ -150,14 +158,15 @@ class ExpertCache:
         )
 
     # -- loads ------------------------------------------------------------------------
-    def choose_victim(self, score: EvictionScore = lru_score) -> ExpertKey | None:
+    def choose_victim(self, scores: EvictionScores = lru_scores) -> ExpertKey | None:
         """Lowest-score evictable key: unprotected first, protected only if nothing else.
 
+        ``scores`` maps a list of candidate entries to their scores (lower goes first).
         Never a pinned or loading key. Ties break by key, so choices are deterministic.
         """
         # the lexicographic minimum of (protected, score, key): this runs for every load
-        # once the cache is full, so filter with comprehensions and score only the group
-        # that can win
+        # once the cache is full, so filter with comprehensions, score only the group that
+        # can win, and in one call
         resident = ExpertState.RESIDENT
         free = [e for e in self.entries.values() if e.state is resident and not e.pins]
         if not free:
@@ -165,16 +174,14 @@ class ExpertCache:
         group = [e for e in free if not e.protected] or free
         if len(group) == 1:
             return group[0].key
-        best = group[0]
-        best_score = score(best)
-        for e in group[1:]:
-            s = score(e)
-            if s < best_score or (s == best_score and e.key < best.key):
-                best, best_score = e, s
-        return best.key
+        sc = scores(group)
+        best = min(sc)
+        if sc.count(best) == 1:
+            return group[sc.index(best)].key
+        return min(e.key for e, s in zip(group, sc, strict=True) if s == best)
 
     def begin_load(
-        self, key: ExpertKey, now: float, *, prefetch: bool, score: EvictionScore = lru_score
+        self, key: ExpertKey, now: float, *, prefetch: bool, scores: EvictionScores = lru_scores
     ) -> list[ExpertKey]:
         """Reserve a slot for ``key`` (ABSENT -> LOADING), evicting as needed.
 
@@ -185,7 +192,7 @@ class ExpertCache:
             raise CacheError(f"begin_load of {key}: already {self.entries[key].state.value}")
         evicted: list[ExpertKey] = []
         while self.free <= 0:
-            victim = self.choose_victim(score)
+            victim = self.choose_victim(scores)
             if victim is None:
                 raise CacheFullError(
                     f"device {self.device}: all {self.capacity} slots pinned or loading"

@@ -37,6 +37,7 @@ from calibration.model_spec import ModelSpec
 from policies.base import (
     GateOutput,
     IterationEnd,
+    IterationGates,
     IterationStart,
     Policy,
     PolicyContext,
@@ -98,6 +99,28 @@ class FmoeOptions(PolicyOptions):
     )
 
 
+# a plan holds three [L, B, size] float32 arrays: past this many elements (e.g. a long
+# prompt's prefill) the search runs layer by layer instead
+PLAN_MAX_ELEMENTS = 4_000_000
+
+
+@dataclass
+class _SearchPlan:
+    """Every layer's trajectory search of one iteration, done at its start from the gates
+    the executor knew in advance (``IterationStart.gates``). Each value is bitwise what the
+    layer-by-layer search in :meth:`FmoePolicy.on_gate` computes; it is used while the
+    gates arrive in layer order and the store is unchanged, else dropped for that path."""
+
+    rows: np.ndarray  # [B, L, J] gate rows
+    cum_dots: np.ndarray  # [L, B, n] running dot products after layer l
+    cum_norm2: np.ndarray  # [L, B] squared norm of the prefix 0..l
+    best: list[list[int]]  # [L][B] best stored row after layer l
+    score: list[list[float]]  # [L][B] its match score
+    n: int  # store size (and version below) the plan is exact for
+    version: int
+    next_layer: int = 0  # layers consumed in order so far
+
+
 @dataclass
 class _IterState:
     """Search state of one iteration's B token rows."""
@@ -111,6 +134,7 @@ class _IterState:
     norm2: np.ndarray  # [B] squared norm of the observed prefix
     version: int  # store version the vectors are exact for
     issued: set[ExpertKey] = field(default_factory=set)
+    plan: _SearchPlan | None = None  # the precomputed searches, when the gates were known
 
     @property
     def rows(self) -> int:
@@ -129,6 +153,7 @@ class FmoePolicy(Policy):
     )
     Options = FmoeOptions
     async_search = True
+    precomputes_from_gates = True
     options: FmoeOptions
 
     def __init__(self, **options: Any) -> None:
@@ -139,7 +164,9 @@ class FmoePolicy(Policy):
         # searched map's p per [layer][expert]: Python floats, read per cached entry by
         # eviction_score (a list lookup is ~10x cheaper than a numpy scalar read)
         self._pred: list[list[float]] = []
-        self._freq = np.zeros((0, 0), np.int64)  # global uses per (layer, expert), for lfu
+        # uses over the run per [layer][expert], counted only for eviction=lfu-global
+        self._count_uses = self.options.eviction == "lfu-global"
+        self._freq: list[list[int]] = []
         self._prompt_emb: dict[str, np.ndarray] = {}
         self._it: _IterState | None = None
         self._now = 0.0
@@ -198,7 +225,7 @@ class FmoePolicy(Policy):
         self.store.prefetch_distance = self.distance
         if self.spec is None or len(self._pred) != L or len(self._pred[0]) != J:
             self._pred = [[1.0] * J for _ in range(L)]  # no forecast yet: p = 1 (plain LFU)
-            self._freq = np.zeros((L, J), np.int64)
+            self._freq = [[0] * J for _ in range(L)]
         self.spec = spec
 
     def fit(self, training: Any) -> None:
@@ -308,6 +335,8 @@ class FmoePolicy(Policy):
         it = self._new_state(ev.iteration, B, raw)
         store = self._need_store()
         n = store.size
+        if ev.gates is not None and n > 0 and B * store.num_layers * n <= PLAN_MAX_ELEMENTS:
+            it.plan = self._plan(ev.gates, B, store)
         if it.query is None or n == 0:
             return
         it.sem[:, :n] = store.semantic_scores(it.query)
@@ -341,6 +370,12 @@ class FmoePolicy(Policy):
             it = self._new_state(ev.iteration, B, None)  # no iteration start seen: no embeddings
         if it.seen[g]:
             return  # a repeated gate (e.g. a prefill run in waves) adds nothing new
+        plan = it.plan
+        if plan is not None:
+            if plan.next_layer == g and plan.version == store.version:
+                self._planned_gate(it, plan, g, ev.probs is not None, B, store)
+                return
+            self._drop_plan(it)  # out of order or the store changed: search layer by layer
         if ev.probs is not None:
             probs = np.asarray(ev.probs, np.float32)
             self._stats["gate_rows_gate_probs"] += B
@@ -368,8 +403,8 @@ class FmoePolicy(Policy):
             b = int(sim.argmax())
             x = it.norm2[0]  # a float32 scalar: float32 maths as in _inv_sqrt
             score = float(sim[b] * (1.0 / np.sqrt(np.maximum(x, 1e-30))))
-            row = store.maps[target, b]
-            self._pred[target] = row.tolist()  # one reference swap: thread-safe
+            row = store.maps[target, b].tolist()
+            self._pred[target] = row  # one reference swap: thread-safe
             self._issue_row(it, target, row, score, now_layer=g)
             return
         sims = it.dots[:, :n] * store.inv_prefix[g, :n]  # cosine up to a positive per-row factor
@@ -381,8 +416,8 @@ class FmoePolicy(Policy):
 
     def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
         self._now = max(self._now, now)
-        if self._freq.size:
-            self._freq[key] += 1
+        if self._count_uses and self._freq:
+            self._freq[key[0]][key[1]] += 1
 
     def on_iteration_end(self, ev: IterationEnd) -> None:
         """Step 6: offer each row that saw all layers to the store."""
@@ -393,6 +428,8 @@ class FmoePolicy(Policy):
         if it is None or it.iteration != ev.iteration or not it.seen.all():
             return
         store = self._need_store()
+        if it.plan is not None:
+            self._drop_plan(it)
         self._refresh(it)
         n = store.size
         assert self.spec is not None
@@ -407,6 +444,13 @@ class FmoePolicy(Policy):
         ``lfu-global`` uses over the run, ``lru`` last use (ties: least recent first)."""
         return self._score(entry)
 
+    def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
+        if self.options.eviction != "fmoe" or not self._pred:
+            return [self._score(e) for e in entries]
+        # _score_fmoe of each entry, inlined: this runs for every load once a cache is full
+        pred, tie = self._pred, _TIE_EPS / (abs(self._now) + 1.0)
+        return [pred[k[0]][k[1]] * e.uses + tie * e.last_used for e in entries for k in (e.key,)]
+
     def _tie(self, entry: CacheEntry) -> float:
         return _TIE_EPS * entry.last_used / (abs(self._now) + 1.0)
 
@@ -417,13 +461,14 @@ class FmoePolicy(Policy):
         return entry.uses + self._tie(entry)
 
     def _score_lfu_global(self, entry: CacheEntry) -> float:
-        freq = self._freq[entry.key] if self._freq.size else entry.uses
+        layer, expert = entry.key
+        freq = self._freq[layer][expert] if self._freq else entry.uses
         return float(freq) + self._tie(entry)
 
     def _score_fmoe(self, entry: CacheEntry) -> float:
         layer, expert = entry.key
         p = self._pred[layer][expert] if self._pred else 0.0
-        return p * entry.uses + _TIE_EPS * entry.last_used / (abs(self._now) + 1.0)
+        return p * entry.uses + _TIE_EPS / (abs(self._now) + 1.0) * entry.last_used
 
     # -- helpers ------------------------------------------------------------------------
     def _need_store(self) -> ExpertMapStore:
@@ -465,6 +510,76 @@ class FmoePolicy(Policy):
         )
         return self._it
 
+    def _plan(self, gates: IterationGates, B: int, store: ExpertMapStore) -> _SearchPlan | None:
+        """Every layer's trajectory search at once: the same float32 operations as
+        :meth:`on_gate` (per-layer products stacked, running sums accumulated in layer
+        order), so every value is bitwise the same. None when the gates do not fit B rows."""
+        assert self.spec is not None
+        L, J, n = self.spec.num_moe_layers, self.spec.num_experts, store.size
+        if gates.probs is not None:
+            rows = np.asarray(gates.probs, np.float32)
+        else:
+            ids = np.asarray(gates.topk_ids)
+            w = np.asarray(gates.topk_weights)
+            if ids.ndim != 3:
+                return None
+            K = ids.shape[2]
+            rows = topk_rows(ids.reshape(-1, K), w.reshape(-1, K), J).reshape(ids.shape[0], -1, J)
+        if rows.shape != (B, L, J):
+            return None  # not this iteration's rows: search layer by layer
+        cum_dots = np.matmul(rows.transpose(1, 0, 2), store.maps[:, :n].transpose(0, 2, 1))
+        cum_norm2 = np.einsum("blj,blj->lb", rows, rows)
+        for layer in range(1, L):  # running float32 sums in layer order ([L, B, n], [L, B]);
+            # np.cumsum over axis 0 walks the array column by column, many times slower
+            cum_dots[layer] += cum_dots[layer - 1]
+            cum_norm2[layer] += cum_norm2[layer - 1]
+        sims = cum_dots * store.inv_prefix[:, None, :n]
+        best = sims.argmax(axis=2)  # [L, B]
+        top = np.take_along_axis(sims, best[:, :, None], axis=2)[:, :, 0]
+        score = top * _inv_sqrt(cum_norm2)
+        return _SearchPlan(
+            rows, cum_dots, cum_norm2, best.tolist(), score.tolist(), n, store.version
+        )
+
+    def _planned_gate(
+        self,
+        it: _IterState,
+        plan: _SearchPlan,
+        g: int,
+        has_probs: bool,
+        B: int,
+        store: ExpertMapStore,
+    ) -> None:
+        """on_gate(g) from the plan: the same predictions and orders, no per-layer search."""
+        plan.next_layer = g + 1
+        it.seen[g] = True
+        self._stats["gate_rows_gate_probs" if has_probs else "gate_rows_topk_weights"] += B
+        target = g + self.distance
+        if target >= len(self._pred):
+            return
+        self._stats["trajectory_searches"] += B
+        best = plan.best[g]
+        if B == 1:
+            row = store.maps[target, best[0]].tolist()
+            self._pred[target] = row  # one reference swap: thread-safe
+            self._issue_row(it, target, row, plan.score[g][0], now_layer=g)
+            return
+        rows = store.maps[target, best, :]
+        self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
+        self._issue(it, target, rows, np.asarray(plan.score[g], np.float32), now_layer=g)
+
+    def _drop_plan(self, it: _IterState) -> None:
+        """Leave the plan: the running state becomes what on_gate would have built over
+        the layers consumed so far (they came in order from layer 0)."""
+        plan, it.plan = it.plan, None
+        assert plan is not None
+        k = plan.next_layer
+        if k == 0:
+            return
+        it.observed[:, :k] = plan.rows[:, :k]
+        it.dots[:, : plan.n] = plan.cum_dots[k - 1]
+        it.norm2[:] = plan.cum_norm2[k - 1]
+
     def _refresh(self, it: _IterState) -> None:
         """Recompute the vectors of store rows written since the state was last exact."""
         store = self._need_store()
@@ -483,16 +598,16 @@ class FmoePolicy(Policy):
         """Steps 3-4: select per row, merge over rows, order by priority p / (l - l_now)."""
         assert self.spec is not None
         if probs.shape[0] == 1:
-            self._issue_row(it, layer, probs[0], float(score[0]), now_layer)
+            self._issue_row(it, layer, probs[0].tolist(), float(score[0]), now_layer)
             return
         mask = select_experts(probs, score, self.spec.top_k, use_delta=self.use_delta)
         merged = merge_priorities(probs, mask, layer, now_layer)
         self._order(it, layer, sorted(merged.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def _issue_row(
-        self, it: _IterState, layer: int, row: np.ndarray, score: float, now_layer: int
+        self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
     ) -> None:
-        """_issue for one row (decode): the merge over rows is the row itself."""
+        """_issue for one row (decode) of J probabilities: the merge over rows is the row."""
         assert self.spec is not None
         dist = float(layer - now_layer)
         if dist <= 0:
@@ -500,7 +615,7 @@ class FmoePolicy(Policy):
                 f"priority for layer {layer} at executing layer {now_layer}: not ahead"
             )
         chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta)
-        pri = [(j, p / dist) for j, p in zip(chosen, row[chosen].tolist(), strict=True)]
+        pri = [(j, row[j] / dist) for j in chosen]
         pri.sort(key=lambda kv: (-kv[1], kv[0]))
         self._order(it, layer, pri)
 

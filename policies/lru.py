@@ -19,3 +19,6 @@ class LRU(Policy):
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower goes first: the oldest last use."""
         return entry.last_used
+
+    def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
+        return [e.last_used for e in entries]

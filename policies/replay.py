@@ -14,7 +14,7 @@ What the replay models (and the simulator does with time):
   ``decide_prefetch`` follows every observe call (``on_load_finished`` included).
 - Demands: a layer demands its distinct experts in ascending expert id. A device whose
   share of the layer exceeds its capacity runs the layer in waves: a wave demands its
-  keys (a miss is a demand load, evicting by ``policy.eviction_score``), pins them all,
+  keys (a miss is a demand load, evicting by ``policy.eviction_scores``), pins them all,
   computes (``cache.use``), unpins, then reports ``on_expert_used`` for each key.
   After the layer, ``cache.unprotect_layer(l)`` lifts the protection of its prefetches.
 - Prefetch orders are validated (``validate_order``; a non-existent expert is an
@@ -39,6 +39,7 @@ from calibration.errors import InputError
 from policies.base import (
     GateOutput,
     IterationEnd,
+    IterationGates,
     IterationStart,
     Policy,
     PolicyContext,
@@ -286,7 +287,7 @@ class _Replayer:
             return False
         now = self.now()
         try:
-            evicted = cache.begin_load(key, now, prefetch=True, score=self.policy.eviction_score)
+            evicted = cache.begin_load(key, now, prefetch=True, scores=self.policy.eviction_scores)
         except CacheFullError:
             self.dropped += 1
             return False
@@ -354,6 +355,9 @@ class _Replayer:
                 prefill=np.full(positions.size, step == 0),
                 embeddings=emb,
                 now=self.now(),
+                gates=IterationGates(ids, weights, probs)
+                if self.policy.precomputes_from_gates
+                else None,
             ),
         )
         J = spec.num_experts
@@ -425,7 +429,7 @@ class _Replayer:
                     cache.pin(key)
                     continue
                 now = self.now()
-                evicted = cache.begin_load(key, now, prefetch=False, score=policy.eviction_score)
+                evicted = cache.begin_load(key, now, prefetch=False, scores=policy.eviction_scores)
                 cache.finish_load(key, now)
                 self._log_evictions(evicted)
                 cache.pin(key)  # before the policy reacts, so its prefetches cannot evict it

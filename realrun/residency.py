@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policies.cache import CacheFullError, EvictionScore, ExpertCache, ExpertKey, lru_score
+from policies.cache import CacheFullError, EvictionScores, ExpertCache, ExpertKey, lru_scores
 from policies.placement import Placement
 from realrun.copy_engine import (
     CopyEngine,
@@ -126,13 +126,13 @@ class Residency:
         link: LinkEmulation | None = None,
         chunk_bytes: int = 1 << 20,
         clock: Callable[[], float] = time.perf_counter,
-        score: EvictionScore = lru_score,
+        scores: EvictionScores = lru_scores,
     ) -> None:
         self.store = store
         self.placement = placement
         self.clock = clock
         self.link = link
-        self.score = score
+        self.scores = scores
         self.lock = threading.Lock()
         self.stats = OrderStats()
         self.stall_s = 0.0
@@ -177,7 +177,9 @@ class Residency:
                 self.stats.skipped_cached += 1
                 return False
             try:
-                evicted = d.cache.begin_load(job.key, self.clock(), prefetch=True, score=self.score)
+                evicted = d.cache.begin_load(
+                    job.key, self.clock(), prefetch=True, scores=self.scores
+                )
             except CacheFullError:
                 self.stats.dropped_full += 1
                 return False
@@ -264,7 +266,7 @@ class Residency:
                 d.engine.take_order(key)
                 try:
                     evicted = d.cache.begin_load(
-                        key, self.clock(), prefetch=False, score=self.score
+                        key, self.clock(), prefetch=False, scores=self.scores
                     )
                 except CacheFullError:
                     # every slot pinned or loading: cancel preempted prefetches, else wait

@@ -114,7 +114,7 @@ class RunSession:
             opts.link,
             opts.chunk_bytes,
             self.now,
-            score=policy.eviction_score,
+            scores=policy.eviction_scores,
         )
         self.taps = ModelTaps(om.loaded)
         try:

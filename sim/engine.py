@@ -51,6 +51,7 @@ from calibration.model_spec import ModelSpec
 from policies.base import (
     GateOutput,
     IterationEnd,
+    IterationGates,
     IterationStart,
     Policy,
     PrefetchDecision,
@@ -129,13 +130,14 @@ class Engine:
         # executor time per MoE layer step besides compute (0 unless calibrated)
         self.compute_model = cfg.hardware.compute
         self.after_loads = cfg.hardware.compute.experts_wait_for_loads
-        self.score = policy.eviction_score
+        self.scores = policy.eviction_scores
         self._plain_decide = not _overrides(policy, "decide_prefetch")
         self._h_arrival = _overrides(policy, "on_request_arrival")
         self._h_start = _overrides(policy, "on_iteration_start")
         self._h_gate = _overrides(policy, "on_gate")
         self._h_used = _overrides(policy, "on_expert_used")
         self._h_end = _overrides(policy, "on_iteration_end")
+        self._pass_gates = policy.precomputes_from_gates and self._h_gate
         if _overrides(policy, "on_load_finished"):
             links.on_load = self._on_load
         self.has_probs = workload.has_gate_probs
@@ -264,7 +266,9 @@ class Engine:
         self.end_s = t
 
     # -- one iteration ----------------------------------------------------------------------
-    def _iteration_start(self, it: Iteration, batch: list[RequestState], t: float) -> None:
+    def _iteration_start(
+        self, it: Iteration, batch: list[RequestState], t: float, gates: IterationGates | None
+    ) -> None:
         ids: list[str] = []
         pos, pre = [], []
         for s, sl in zip(batch, it.slices, strict=True):
@@ -274,7 +278,7 @@ class Engine:
             pre.append(np.full(n, s.next_iter == 0))
         emb = stack_field(batch, it.slices, "embeddings") if self.has_emb else None
         ev = IterationStart(
-            self.iterations, tuple(ids), np.concatenate(pos), np.concatenate(pre), emb, t
+            self.iterations, tuple(ids), np.concatenate(pos), np.concatenate(pre), emb, t, gates
         )
         self.policy.on_iteration_start(ev)
         self._drain(t, delayed=True)
@@ -291,21 +295,24 @@ class Engine:
         hand_t = timing.handoff(rows) if self.num_gpus > 1 else 0.0
         exch_t = timing.exchange(rows)
         over_t = self.compute_model.layer_overhead(policy.name, rows)
+        weights = probs = look = None
+        if self._h_gate:
+            weights = stack_field(batch, it.slices, "topk_weights")
+            probs = stack_field(batch, it.slices, "gate_probs") if self.has_probs else None
+            look = stack_field(batch, it.slices, "lookahead") if self.has_look else None
         if self._h_start:
             if env.peek() <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
             if links.due <= t:
                 links.advance(t)
-            self._iteration_start(it, batch, t)
+            gates = None
+            if self._pass_gates:  # replaying a trace: the policy may do its searches at once
+                gates = IterationGates(it.ids, weights, probs)
+            self._iteration_start(it, batch, t, gates)
         if log is not None:
             log.span("compute", 0, "head", t, t + head_t)
         t += head_t
-        weights = probs = look = None
-        if self._h_gate:
-            weights = stack_field(batch, it.slices, "topk_weights")
-            probs = stack_field(batch, it.slices, "gate_probs") if self.has_probs else None
-            look = stack_field(batch, it.slices, "lookahead") if self.has_look else None
         for moe, hand, stage in self.plan:
             if hand:
                 t += hand_t
@@ -458,12 +465,12 @@ class Engine:
         """Reserve a slot for a missed ``key``, pin it and queue its demand load."""
         link.take_queued(key)
         try:
-            cache.begin_load(key, t, prefetch=False, score=self.score)
+            cache.begin_load(key, t, prefetch=False, scores=self.scores)
         except CacheFullError:
             if not link.free_suspended():
                 return False
             try:
-                cache.begin_load(key, t, prefetch=False, score=self.score)
+                cache.begin_load(key, t, prefetch=False, scores=self.scores)
             except CacheFullError:
                 return False
         cache.pin(key)

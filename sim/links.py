@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import simpy
 
-from policies.cache import CacheFullError, EvictionScore, ExpertCache, ExpertKey
+from policies.cache import CacheFullError, EvictionScores, ExpertCache, ExpertKey
 from sim.events import EventLog
 
 _SUSPEND, _CANCEL = 1, 2
@@ -265,7 +265,7 @@ class Link:
                 self.stats["skipped_cached"] += 1
                 continue
             try:
-                cache.begin_load(key, now, prefetch=True, score=self.owner.score)
+                cache.begin_load(key, now, prefetch=True, scores=self.owner.scores)
             except CacheFullError:
                 self.stats["dropped_full"] += 1
                 continue
@@ -416,12 +416,12 @@ class Links:
         concurrency: int,
         chunk_bytes: int,
         host_cap_Bps: float | None,
-        score: EvictionScore,
+        scores: EvictionScores,
         log: EventLog | None = None,
     ) -> None:
         self.env = env
         self.device_of = device_of
-        self.score = score
+        self.scores = scores
         self.log = log
         self.bus = HostBus(host_cap_Bps)
         self.last_gate = [0] * num_layers  # gate sequence number of each layer's last gate

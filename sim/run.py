@@ -132,7 +132,7 @@ def simulate(
         concurrency=hw.link.concurrency,
         chunk_bytes=config.chunk_bytes,
         host_cap_Bps=hw.host_bandwidth_cap_Bps,
-        score=policy.eviction_score,
+        scores=policy.eviction_scores,
         log=log,
     )
     closed = config.arrivals == "closed" or (config.arrivals == "auto" and training is not None)

@@ -45,6 +45,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache = ExpertCache(capacity, expert_bytes)
         self.capacity, self.eb = capacity, expert_bytes
         self.score = SCORES[score]
+        self.scores = lambda entries: [self.score(e) for e in entries]
         self.model: dict[tuple[int, int], CacheEntry] = {}
         self.n = CacheCounters()
         self.prev = CacheCounters()
@@ -76,19 +77,19 @@ class CacheMachine(RuleBasedStateMachine):
         now = self.tick()
         if key in self.model:
             with pytest.raises(CacheError):
-                self.cache.begin_load(key, now, prefetch=prefetch, score=self.score)
+                self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores)
             return
         expected: list[tuple[int, int]] = []
         if len(self.model) >= self.capacity:
             victim = self.model_victim()
             if victim is None:
                 with pytest.raises(CacheFullError):
-                    self.cache.begin_load(key, now, prefetch=prefetch, score=self.score)
+                    self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores)
                 return
             expected.append(victim)
         for v in expected:
             assert self.model[v].pins == 0
-        evicted = self.cache.begin_load(key, now, prefetch=prefetch, score=self.score)
+        evicted = self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores)
         assert evicted == expected
         for v in expected:
             self.model_evict(v)
@@ -201,7 +202,7 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(e.state is ExpertState.RESIDENT for e in self.model.values()))
     @rule()
     def choose_victim_matches(self) -> None:
-        assert self.cache.choose_victim(self.score) == self.model_victim()
+        assert self.cache.choose_victim(self.scores) == self.model_victim()
 
     # -- invariants -------------------------------------------------------------------
     @invariant()

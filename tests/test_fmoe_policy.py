@@ -192,15 +192,15 @@ def test_eviction_weighs_prediction_by_frequency_and_protection_wins():
     for key, uses in ((likely, 1), (unlikely, 20)):
         for _ in range(uses):
             cache.use(key, now=1.0)
-    assert cache.choose_victim(pol.eviction_score) == unlikely  # .033 x 20 < .9 x 1
+    assert cache.choose_victim(pol.eviction_scores) == unlikely  # .033 x 20 < .9 x 1
     for _ in range(20):
         cache.use(unlikely, now=1.0)
-    assert cache.choose_victim(pol.eviction_score) == likely  # .033 x 40 > .9 x 1
+    assert cache.choose_victim(pol.eviction_scores) == likely  # .033 x 40 > .9 x 1
     cache.entries[likely].protected = True  # predicted, not yet used
     cache.entries[unlikely].protected = False
-    assert cache.choose_victim(pol.eviction_score) == unlikely
+    assert cache.choose_victim(pol.eviction_scores) == unlikely
     cache.entries[unlikely].pins = 1  # in use: only the protected one can go
-    assert cache.choose_victim(pol.eviction_score) == likely
+    assert cache.choose_victim(pol.eviction_scores) == likely
 
 
 def test_ties_break_by_recency():
@@ -209,7 +209,7 @@ def test_ties_break_by_recency():
     cache.use((3, 2), now=5.0)
     cache.use((3, 3), now=2.0)
     pol.on_expert_used((3, 2), 1, 5.0)
-    assert cache.choose_victim(pol.eviction_score) == (3, 3)  # no prediction: p = 0 for both
+    assert cache.choose_victim(pol.eviction_scores) == (3, 3)  # no prediction: p = 0 for both
 
 
 @pytest.mark.parametrize("mode", ["lru", "lfu", "lfu-global"])
@@ -221,7 +221,7 @@ def test_lru_and_lfu_eviction_switches(mode):
         pol.on_expert_used((0, 0), 1, 1.0)
     cache.use((0, 1), now=2.0)
     pol.on_expert_used((0, 1), 1, 2.0)
-    assert cache.choose_victim(pol.eviction_score) == ((0, 0) if mode == "lru" else (0, 1))
+    assert cache.choose_victim(pol.eviction_scores) == ((0, 0) if mode == "lru" else (0, 1))
 
 
 @pytest.mark.parametrize(
@@ -292,7 +292,7 @@ def _drive(
             if o.key in cache.entries or o.layer <= now_layer:
                 continue
             try:
-                cache.begin_load(o.key, 0.0, prefetch=True, score=pol.eviction_score)
+                cache.begin_load(o.key, 0.0, prefetch=True, scores=pol.eviction_scores)
                 cache.finish_load(o.key, 0.0)
             except CacheFullError:
                 pass
@@ -330,7 +330,7 @@ def _drive(
                 for j in np.unique(r.topk_ids[rows, layer]):
                     key = (layer, int(j))
                     if not cache.demand(key) and key not in cache.entries:
-                        cache.begin_load(key, it, prefetch=False, score=pol.eviction_score)
+                        cache.begin_load(key, it, prefetch=False, scores=pol.eviction_scores)
                         cache.finish_load(key, it)
                     cache.use(key, float(it))
                     pol.on_expert_used(key, B, float(it))
@@ -423,4 +423,4 @@ def test_lfu_counts_uses_while_cached_and_lfu_global_remembers_across_evictions(
         cache.preload([(0, 1)])
         cache.use((0, 1), now=2.0)  # ... but only (0, 1) was used since it is cached
         pol.on_expert_used((0, 1), 1, 2.0)
-        assert cache.choose_victim(pol.eviction_score) == expected, mode
+        assert cache.choose_victim(pol.eviction_scores) == expected, mode

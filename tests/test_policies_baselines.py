@@ -71,8 +71,8 @@ def test_lfu_ties_go_to_the_least_recent_and_scope_run_remembers() -> None:
     ]:  # uses before earlier evictions: only the run scope sees them
         for _ in range(n):
             run_long.on_expert_used(key, 1, 5.0)
-    assert cache.choose_victim(in_cache.eviction_score) == (0, 1)  # ties with 2 at 0 uses, older
-    assert cache.choose_victim(run_long.eviction_score) == (0, 0)  # run counts 0, 2, 3
+    assert cache.choose_victim(in_cache.eviction_scores) == (0, 1)  # ties with 2 at 0 uses, older
+    assert cache.choose_victim(run_long.eviction_scores) == (0, 0)  # run counts 0, 2, 3
 
 
 # -- no-offload -------------------------------------------------------------------------------
@@ -163,12 +163,12 @@ def test_mixtral_evicts_from_layers_over_their_share_first() -> None:
     pol.bind(ctx)
     cache = ctx.caches[0]
     for t, key in enumerate([(1, 0), (0, 0), (0, 1), (0, 2)]):  # layer 1's expert is the oldest
-        cache.begin_load(key, float(t), prefetch=False, score=pol.eviction_score)
+        cache.begin_load(key, float(t), prefetch=False, scores=pol.eviction_scores)
         cache.finish_load(key, float(t))
-    assert cache.choose_victim(pol.eviction_score) == (0, 0)  # layer 0 holds 3 > 2
+    assert cache.choose_victim(pol.eviction_scores) == (0, 0)  # layer 0 holds 3 > 2
     plain = make_policy("mixtral-offloading", per_layer_share=False)
     plain.bind(ctx)
-    assert cache.choose_victim(plain.eviction_score) == (1, 0)
+    assert cache.choose_victim(plain.eviction_scores) == (1, 0)
 
 
 # -- moe-infinity ------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_moe_infinity_learns_online_and_evicts_least_visits() -> None:
     cache.use((0, 0), 3.0)
     cache.use((0, 0), 4.0)
     cache.use((0, 1), 5.0)
-    assert cache.choose_victim(pol.eviction_score) == (
+    assert cache.choose_victim(pol.eviction_scores) == (
         0,
         1,
     )  # fewer in-cache visits, though more recent
@@ -284,9 +284,9 @@ def test_oracle_evicts_the_expert_used_farthest_in_future() -> None:
         cache.finish_load(key, float(t))
     pol.on_iteration_start(IterationStart(0, ("r0",), np.array([0]), np.array([True])))
     # next uses: expert 0 now, 1 in one iteration, 3 never -> 3 first, then 1, then 0
-    assert cache.choose_victim(pol.eviction_score) == (0, 3)
+    assert cache.choose_victim(pol.eviction_scores) == (0, 3)
     cache.evict((0, 3))
-    assert cache.choose_victim(pol.eviction_score) == (0, 1)
+    assert cache.choose_victim(pol.eviction_scores) == (0, 1)
     # three steps ahead: expert 0 (cached), 1 (cached), 2 -> the free slot
     assert [(o.layer, o.expert) for o in pol.decide_prefetch().enqueue] == [(0, 2)]
 

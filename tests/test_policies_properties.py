@@ -2,6 +2,7 @@
 
 - every order names a valid (layer, expert) with a finite priority;
 - the cache invariants hold after every hook (capacity, counters, pins);
+- a policy's batch eviction scores equal its per-entry ones;
 - the same seed and inputs give the same decisions;
 - the oracle's hit rate is >= every other policy's.
 """
@@ -99,10 +100,11 @@ class Checked(Policy):
         self.orders += len(dec.enqueue)
         return dec
 
-    def eviction_score(self, entry: CacheEntry) -> float:
-        s = self.inner.eviction_score(entry)
-        assert not math.isnan(s)
-        return s
+    def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
+        many = self.inner.eviction_scores(entries)
+        assert many == [self.inner.eviction_score(e) for e in entries]  # the batch form agrees
+        assert not any(math.isnan(s) for s in many)
+        return many
 
 
 @st.composite
