@@ -119,6 +119,10 @@ class _SearchPlan:
     n: int  # store size (and version below) the plan is exact for
     version: int
     next_layer: int = 0  # layers consumed in order so far
+    # one decode row: the map row predicted at gate g for layer g + d, and its experts by
+    # descending probability (ties to the lower id)
+    target_rows: list[list[float]] | None = None
+    target_order: list[list[int]] | None = None
 
 
 @dataclass
@@ -528,18 +532,23 @@ class FmoePolicy(Policy):
         if rows.shape != (B, L, J):
             return None  # not this iteration's rows: search layer by layer
         cum_dots = np.matmul(rows.transpose(1, 0, 2), store.maps[:, :n].transpose(0, 2, 1))
-        cum_norm2 = np.einsum("blj,blj->lb", rows, rows)
-        for layer in range(1, L):  # running float32 sums in layer order ([L, B, n], [L, B]);
-            # np.cumsum over axis 0 walks the array column by column, many times slower
+        for layer in range(1, L):  # running float32 sums in layer order, [L, B, n]:
+            # np.cumsum over axis 0 walks the array column by column, several times slower
             cum_dots[layer] += cum_dots[layer - 1]
-            cum_norm2[layer] += cum_norm2[layer - 1]
+        cum_norm2 = np.cumsum(np.einsum("blj,blj->lb", rows, rows), axis=0)  # [L, B]
         sims = cum_dots * store.inv_prefix[:, None, :n]
         best = sims.argmax(axis=2)  # [L, B]
         top = np.take_along_axis(sims, best[:, :, None], axis=2)[:, :, 0]
         score = top * _inv_sqrt(cum_norm2)
-        return _SearchPlan(
+        plan = _SearchPlan(
             rows, cum_dots, cum_norm2, best.tolist(), score.tolist(), n, store.version
         )
+        d = self.distance
+        if B == 1 and L > d:  # decode: the predicted rows and their expert order, at once
+            targets = store.maps[np.arange(d, L), best[: L - d, 0]]  # [L - d, J]
+            plan.target_rows = targets.tolist()
+            plan.target_order = np.argsort(-targets, axis=1, kind="stable").tolist()
+        return plan
 
     def _planned_gate(
         self,
@@ -559,10 +568,10 @@ class FmoePolicy(Policy):
             return
         self._stats["trajectory_searches"] += B
         best = plan.best[g]
-        if B == 1:
-            row = store.maps[target, best[0]].tolist()
+        if B == 1 and plan.target_rows is not None and plan.target_order is not None:
+            row = plan.target_rows[g]
             self._pred[target] = row  # one reference swap: thread-safe
-            self._issue_row(it, target, row, plan.score[g][0], now_layer=g)
+            self._issue_row(it, target, row, plan.score[g][0], g, plan.target_order[g])
             return
         rows = store.maps[target, best, :]
         self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
@@ -605,16 +614,23 @@ class FmoePolicy(Policy):
         self._order(it, layer, sorted(merged.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def _issue_row(
-        self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
+        self,
+        it: _IterState,
+        layer: int,
+        row: list[float],
+        score: float,
+        now_layer: int,
+        order: list[int] | None = None,
     ) -> None:
-        """_issue for one row (decode) of J probabilities: the merge over rows is the row."""
+        """_issue for one row (decode) of J probabilities: the merge over rows is the row.
+        ``order``: the row's experts by descending probability, when already known."""
         assert self.spec is not None
         dist = float(layer - now_layer)
         if dist <= 0:
             raise ValueError(
                 f"priority for layer {layer} at executing layer {now_layer}: not ahead"
             )
-        chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta)
+        chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta, order=order)
         pri = [(j, row[j] / dist) for j in chosen]
         pri.sort(key=lambda kv: (-kv[1], kv[0]))
         self._order(it, layer, pri)

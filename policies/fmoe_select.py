@@ -95,10 +95,15 @@ _FAST_MARGIN = 1e-5  # far above float32 rounding of a K-term sum, far below any
 
 
 def select_row(
-    probs: np.ndarray | list[float], score: float, top_k: int, use_delta: bool = True
+    probs: np.ndarray | list[float],
+    score: float,
+    top_k: int,
+    use_delta: bool = True,
+    order: list[int] | None = None,
 ) -> list[int]:
     """:func:`select_experts` for one row [J] (float32 values, as an array or a list of
-    them), as ascending expert ids (same result).
+    them), as ascending expert ids (same result). ``order``: the experts by descending
+    probability, ties to the lower id, when the caller already has it.
 
     The decode-time hot path: with a confident match the threshold 1 - score is already
     covered by the top-K mass, so the answer is the top-K, found with Python on the row's
@@ -108,8 +113,8 @@ def select_row(
     p = probs.tolist() if isinstance(probs, np.ndarray) else probs
     J = len(p)
     k = min(max(int(top_k), 1), J)
-    # descending; reverse keeps the sort stable, so ties go to the lower id, as argsort
-    order = sorted(range(J), key=p.__getitem__, reverse=True)
+    if order is None:  # descending; reverse keeps the sort stable: ties to the lower id
+        order = sorted(range(J), key=p.__getitem__, reverse=True)
     if use_delta:
         thr = min(1.0 - float(score), 1.0) - _CUM_TOL
         if thr > 0 and sum(p[j] for j in order[:k]) < thr + _FAST_MARGIN:

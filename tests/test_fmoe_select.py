@@ -112,6 +112,9 @@ def test_select_row_fast_path_equals_select_experts(logits, score, k, use_delta)
     mask = select_experts(p[None, :], np.array([score], np.float32), top_k=k, use_delta=use_delta)
     got = select_row(p, float(np.float32(score)), k, use_delta=use_delta)
     assert got == np.flatnonzero(mask[0]).tolist()
+    # as the precomputed plan calls it: a list and its descending order (ties: lower id)
+    order = np.argsort(-p, kind="stable").tolist()
+    assert select_row(p.tolist(), float(np.float32(score)), k, use_delta, order=order) == got
 
 
 @pytest.mark.parametrize("score, k", [(1.0, 1), (0.5, 1), (0.3, 1), (0.15, 1), (0.0, 1), (1.0, 2)])
