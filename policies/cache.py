@@ -188,10 +188,11 @@ class ExpertCache:
         Returns the evicted keys. Raises CacheFullError when no slot can be freed, and
         CacheError when ``key`` is already cached.
         """
-        if key in self.entries:
-            raise CacheError(f"begin_load of {key}: already {self.entries[key].state.value}")
+        entries = self.entries
+        if key in entries:
+            raise CacheError(f"begin_load of {key}: already {entries[key].state.value}")
         evicted: list[ExpertKey] = []
-        while self.free <= 0:
+        while len(entries) >= self.capacity:
             victim = self.choose_victim(scores)
             if victim is None:
                 raise CacheFullError(
@@ -199,20 +200,15 @@ class ExpertCache:
                 )
             self.evict(victim)
             evicted.append(victim)
-        self.entries[key] = CacheEntry(
-            key,
-            ExpertState.LOADING,
-            loaded_at=now,
-            last_used=now,
-            by_prefetch=prefetch,
-            protected=prefetch,
-        )
-        self.counters.loads += 1
-        self.counters.bytes_loaded += self.expert_bytes
+        # positional: key, state, loaded_at, last_used, uses, pins, protected, by_prefetch
+        entries[key] = CacheEntry(key, ExpertState.LOADING, now, now, 0, 0, prefetch, prefetch)
+        c = self.counters
+        c.loads += 1
+        c.bytes_loaded += self.expert_bytes
         if prefetch:
-            self.counters.prefetches_issued += 1
+            c.prefetches_issued += 1
         else:
-            self.counters.demand_loads += 1
+            c.demand_loads += 1
         return evicted
 
     def finish_load(self, key: ExpertKey, now: float) -> None:
@@ -260,17 +256,21 @@ class ExpertCache:
     # -- compute ----------------------------------------------------------------------
     def demand(self, key: ExpertKey) -> bool:
         """Record that compute needs ``key`` now; True (a hit) iff it is RESIDENT."""
-        self.counters.demands += 1
-        hit = self.is_resident(key)
-        if hit:
-            self.counters.hits += 1
-        else:
-            self.counters.misses += 1
+        c = self.counters
+        c.demands += 1
         e = self.entries.get(key)
-        if e is not None and e.by_prefetch and not e.prefetch_used:
+        if e is None:
+            c.misses += 1
+            return False
+        hit = e.state is ExpertState.RESIDENT
+        if hit:
+            c.hits += 1
+        else:
+            c.misses += 1
+        if e.by_prefetch and not e.prefetch_used:
             # a prefetch that was in flight when demanded still saved part of the copy
             e.prefetch_used = True
-            self.counters.prefetches_used += 1
+            c.prefetches_used += 1
         return hit
 
     def pin(self, key: ExpertKey) -> None:
