@@ -37,7 +37,7 @@ clean:
 	rm -rf .venv $(OUT) .pytest_cache .hypothesis
 
 # The paper's other studies in simulation (CSV + PNG each into experiments_out/).
-STUDIES := cache_limit prefetch_distance store_capacity batch_size ablation online
+STUDIES := cache_limit prefetch_distance store_capacity batch_size ablation delta_regimes online
 .PHONY: experiments
 experiments: setup
 	@for s in $(STUDIES); do echo "== $$s"; $(PY) -m experiments.$$s --out experiments_out || exit 1; done

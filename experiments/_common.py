@@ -51,7 +51,7 @@ def report(df: pd.DataFrame, columns: list[str], csv: Path, pngs: list[Path], t0
         "display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format
     ):
         print(df[columns].to_string(index=False))
-    print(f"wrote {csv} and {', '.join(str(p) for p in pngs)} in {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {', '.join(str(p) for p in [csv, *pngs])} in {time.perf_counter() - t0:.0f} s")
 
 
 def line_study(

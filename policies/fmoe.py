@@ -319,6 +319,7 @@ class FmoePolicy(Policy):
             semantic_searches=s["semantic_searches"],
             trajectory_searches=s["trajectory_searches"],
             orders_issued=s["orders_issued"],
+            predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,
             store_writes=0 if self.store is None else self.store.version,
             store_bytes=0 if self.store is None else self.store.nbytes,
@@ -610,6 +611,10 @@ class FmoePolicy(Policy):
             self._issue_row(it, layer, probs[0].tolist(), float(score[0]), now_layer)
             return
         mask = select_experts(probs, score, self.spec.top_k, use_delta=self.use_delta)
+        if self.use_delta:  # rows whose weak match took more than the top-K (step 3)
+            self._stats["delta_widened"] += int(
+                np.count_nonzero(mask.sum(axis=1) > self.spec.top_k)
+            )
         merged = merge_priorities(probs, mask, layer, now_layer)
         self._order(it, layer, sorted(merged.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -631,6 +636,8 @@ class FmoePolicy(Policy):
                 f"priority for layer {layer} at executing layer {now_layer}: not ahead"
             )
         chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta, order=order)
+        if len(chosen) > self.spec.top_k:  # the weak match took more than the top-K (step 3)
+            self._stats["delta_widened"] += 1
         pri = [(j, row[j] / dist) for j in chosen]
         pri.sort(key=lambda kv: (-kv[1], kv[0]))
         self._order(it, layer, pri)

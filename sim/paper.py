@@ -436,6 +436,14 @@ def run_quality(
         for trace in workloads:
             m = results[(i, trace)]
             flat = {k: v for k, v in m.items() if not isinstance(v, list | dict)}
+            meta = m.get("policy_metadata", {})  # the policy's own counters, one column each
+            flat.update(
+                {
+                    f"policy_metadata.{k}": v
+                    for k, v in meta.items()
+                    if not isinstance(v, list | dict)
+                }
+            )
             rows.append(
                 {**flat, "variant": label, "group": group, "policy": policy, "workload": trace}
             )

@@ -56,3 +56,15 @@ def test_run_quality_shares_runs_of_equal_variants() -> None:
     assert by.loc["fmoe", "wall_s"] == by.loc["fmoe prediction=traj+sem+delta", "wall_s"]  # one run
     assert by.loc["fmoe", "wall_s"] != by.loc["fmoe prediction=traj", "wall_s"]
     assert (df["hit_rate"].between(0, 1)).all() and (df["tpot_mean_s"] > 0).all()
+
+
+def test_delta_regimes_count_widened_predictions_only_where_delta_is_on() -> None:
+    from experiments.delta_regimes import REGIMES, study_delta_regimes
+
+    setup = PaperSetup(model="tiny-mixtral", num_requests=6, workers=1, workloads=["lmsys"])
+    df = study_delta_regimes(setup)
+    assert len(df) == 3 * len(REGIMES)
+    assert (df["searches"] > 0).all()
+    assert (df.loc[df["prediction"] != "traj+sem+delta", "widened"] == 0).all()
+    weakest = df[(df["regime"] == list(REGIMES)[-1]) & (df["prediction"] == "traj+sem+delta")]
+    assert int(weakest["widened"].iloc[0]) > 0  # a 5-row store of noisy, flat maps: weak matches
