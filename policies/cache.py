@@ -82,6 +82,10 @@ EvictionScore = Callable[[CacheEntry], float]
 EvictionScores = Callable[[list[CacheEntry]], list[float]]
 
 
+def _entry_key(entry: CacheEntry) -> ExpertKey:
+    return entry.key
+
+
 def lru_score(entry: CacheEntry) -> float:
     """Default eviction score: least recently used goes first."""
     return entry.last_used
@@ -164,45 +168,65 @@ class ExpertCache:
         ``scores`` maps a list of candidate entries to their scores (lower goes first).
         Never a pinned or loading key. Ties break by key, so choices are deterministic.
         """
+        victim = self._victim(scores)
+        return None if victim is None else victim.key
+
+    def _victim(self, scores: EvictionScores) -> CacheEntry | None:
+        """The entry :meth:`choose_victim` names (None when nothing can be evicted)."""
         # the lexicographic minimum of (protected, score, key): this runs for every load
-        # once the cache is full, so filter with comprehensions, score only the group that
-        # can win, and in one call
+        # once the cache is full, so filter with one comprehension (the unprotected group
+        # first: it wins whenever it is not empty), score only that group, in one call
         resident = ExpertState.RESIDENT
-        free = [e for e in self.entries.values() if e.state is resident and not e.pins]
-        if not free:
-            return None
-        group = [e for e in free if not e.protected] or free
+        values = self.entries.values()
+        group = [e for e in values if e.state is resident and not e.pins and not e.protected]
+        if not group:
+            group = [e for e in values if e.state is resident and not e.pins]
+            if not group:
+                return None
         if len(group) == 1:
-            return group[0].key
+            return group[0]
         sc = scores(group)
         best = min(sc)
         if sc.count(best) == 1:
-            return group[sc.index(best)].key
-        return min(e.key for e, s in zip(group, sc, strict=True) if s == best)
+            return group[sc.index(best)]
+        return min((e for e, s in zip(group, sc, strict=True) if s == best), key=_entry_key)
 
     def begin_load(
-        self, key: ExpertKey, now: float, *, prefetch: bool, scores: EvictionScores = lru_scores
+        self,
+        key: ExpertKey,
+        now: float,
+        *,
+        prefetch: bool,
+        scores: EvictionScores = lru_scores,
+        pin: bool = False,
     ) -> list[ExpertKey]:
         """Reserve a slot for ``key`` (ABSENT -> LOADING), evicting as needed.
 
         Returns the evicted keys. Raises CacheFullError when no slot can be freed, and
-        CacheError when ``key`` is already cached.
+        CacheError when ``key`` is already cached. ``pin``: the new entry starts pinned
+        once (as :meth:`pin` right after, for a demand load the executor computes next).
         """
         entries = self.entries
         if key in entries:
             raise CacheError(f"begin_load of {key}: already {entries[key].state.value}")
+        c = self.counters
         evicted: list[ExpertKey] = []
         while len(entries) >= self.capacity:
-            victim = self.choose_victim(scores)
+            victim = self._victim(scores)
             if victim is None:
                 raise CacheFullError(
                     f"device {self.device}: all {self.capacity} slots pinned or loading"
                 )
-            self.evict(victim)
-            evicted.append(victim)
+            # evict() without its checks: the victim is resident and unpinned by choice
+            del entries[victim.key]
+            c.evictions += 1
+            if victim.by_prefetch and not victim.prefetch_used:
+                c.prefetches_wasted += 1
+            evicted.append(victim.key)
         # positional: key, state, loaded_at, last_used, uses, pins, protected, by_prefetch
-        entries[key] = CacheEntry(key, ExpertState.LOADING, now, now, 0, 0, prefetch, prefetch)
-        c = self.counters
+        entries[key] = CacheEntry(
+            key, ExpertState.LOADING, now, now, 0, 1 if pin else 0, prefetch, prefetch
+        )
         c.loads += 1
         c.bytes_loaded += self.expert_bytes
         if prefetch:
@@ -273,6 +297,26 @@ class ExpertCache:
             c.prefetches_used += 1
         return hit
 
+    def demand_and_pin(self, key: ExpertKey) -> ExpertState:
+        """:meth:`demand` ``key`` and :meth:`pin` it when cached, in one call; returns its
+        state (RESIDENT: a hit; LOADING: a miss, now pinned; ABSENT: a miss, not pinned)."""
+        c = self.counters
+        c.demands += 1
+        e = self.entries.get(key)
+        if e is None:
+            c.misses += 1
+            return ExpertState.ABSENT
+        state = e.state
+        if state is ExpertState.RESIDENT:
+            c.hits += 1
+        else:
+            c.misses += 1
+        if e.by_prefetch and not e.prefetch_used:
+            e.prefetch_used = True
+            c.prefetches_used += 1
+        e.pins += 1
+        return state
+
     def pin(self, key: ExpertKey) -> None:
         e = self.entries.get(key)
         if e is None:
@@ -293,6 +337,18 @@ class ExpertCache:
         e.uses += 1
         e.last_used = now
         e.protected = False
+
+    def use_and_unpin(self, key: ExpertKey, now: float) -> None:
+        """:meth:`use` then :meth:`unpin` ``key`` (RESIDENT and pinned), in one call."""
+        e = self.entries.get(key)
+        if e is None or e.state is not ExpertState.RESIDENT:
+            raise CacheError(f"use of {key}: not resident")
+        if e.pins == 0:
+            raise CacheError(f"unpin of {key}: not pinned")
+        e.uses += 1
+        e.last_used = now
+        e.protected = False
+        e.pins -= 1
 
     def unprotect_layer(self, layer: int) -> None:
         """A layer has passed: its predicted-but-unused prefetches lose their protection."""

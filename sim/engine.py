@@ -58,7 +58,7 @@ from policies.base import (
     RequestArrival,
     validate_order,
 )
-from policies.cache import CacheFullError, ExpertCache, ExpertKey, ExpertState
+from policies.cache import ExpertCache, ExpertKey, ExpertState
 from policies.placement import Placement
 from sim.batching import make_batcher
 from sim.config import SimConfig
@@ -159,21 +159,23 @@ class Engine:
         ]
 
     # -- policy plumbing ------------------------------------------------------------------
-    def _drain(self, now: float, delayed: bool = False) -> None:
-        """Apply the policy's decisions (after ``policy_search_s`` when ``delayed``)."""
+    def _drain(self, now: float, delayed: bool = False) -> bool:
+        """Apply the policy's decisions (after ``policy_search_s`` when ``delayed``);
+        True when that scheduled a simpy event (the delayed orders)."""
         p = self.policy
         if self._plain_decide and not p._enqueue and not p._cancel:  # nothing to drain
-            return
+            return False
         dec = p.decide_prefetch()
         if not dec:
-            return
+            return False
         stamp = self.links.stamp
         if delayed and self.search_s > 0:
             self.delayed_orders += len(dec.enqueue)
             ev = self.env.timeout(now + self.search_s - self.env.now)
             ev.callbacks.append(partial(self._apply_later, dec, stamp))
-        else:
-            self._apply(dec, stamp, now)
+            return True
+        self._apply(dec, stamp, now)
+        return False
 
     def _apply_later(self, dec: PrefetchDecision, stamp: int, _ev: simpy.Event) -> None:
         now = self.env.now
@@ -268,7 +270,7 @@ class Engine:
     # -- one iteration ----------------------------------------------------------------------
     def _iteration_start(
         self, it: Iteration, batch: list[RequestState], t: float, gates: IterationGates | None
-    ) -> None:
+    ) -> bool:
         ids: list[str] = []
         pos, pre = [], []
         for s, sl in zip(batch, it.slices, strict=True):
@@ -281,11 +283,16 @@ class Engine:
             self.iterations, tuple(ids), np.concatenate(pos), np.concatenate(pre), emb, t, gates
         )
         self.policy.on_iteration_start(ev)
-        self._drain(t, delayed=True)
+        return self._drain(t, delayed=True)
 
     def _iteration(self, t: float) -> Proc:
         env, policy, timing, log = self.env, self.policy, self.timing, self.log
         links = self.links
+        # simpy's next event time: it changes only while the engine yields or when it
+        # schedules one itself (a delayed drain), so peek then (peek costs a raised
+        # IndexError when simpy's queue is empty, as it mostly is)
+        peek = env.peek
+        nxt = peek()
         batch = self.running
         it = build_iteration(batch, self.spec.num_experts)
         self.iterations += 1
@@ -301,15 +308,17 @@ class Engine:
             probs = stack_field(batch, it.slices, "gate_probs") if self.has_probs else None
             look = stack_field(batch, it.slices, "lookahead") if self.has_look else None
         if self._h_start:
-            if env.peek() <= t:
+            if nxt <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
+                nxt = peek()
             if links.due <= t:
                 links.advance(t)
             gates = None
             if self._pass_gates:  # replaying a trace: the policy may do its searches at once
                 gates = IterationGates(it.ids, weights, probs)
-            self._iteration_start(it, batch, t, gates)
+            if self._iteration_start(it, batch, t, gates):
+                nxt = peek()
         if log is not None:
             log.span("compute", 0, "head", t, t + head_t)
         t += head_t
@@ -325,9 +334,10 @@ class Engine:
             layer = moe
             self.gate_seq += 1
             links.stamp = links.last_gate[layer] = self.gate_seq
-            if env.peek() <= t:
+            if nxt <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
+                nxt = peek()
             if links.due <= t:
                 links.advance(t)
             if self._h_gate:
@@ -344,8 +354,8 @@ class Engine:
                     )
                 )
             slow, used, comp, hitmap = self._demand(layer, it.items[layer], t)
-            if self._h_gate:  # after the demand loads: they go first
-                self._drain(t, delayed=True)
+            if self._h_gate and self._drain(t, delayed=True):  # after the demand loads
+                nxt = peek()
             if links.n_suspended:
                 for link in links.links:
                     if link.suspended:
@@ -359,7 +369,7 @@ class Engine:
                 for p in slow:
                     p.comp = comp[p.g]
                     ideal = max(ideal, p.comp + p.load)
-                if log is None and self._land_ahead(slow):  # the common case, no simpy
+                if log is None and self._land_ahead(slow, nxt):  # the common case, no simpy
                     t_layer = t + max(comp)
                     for p in slow:
                         tg = self._timeline(p, t)
@@ -369,24 +379,26 @@ class Engine:
                     t_layer, t = yield from self._wait_compute(
                         slow, comp, used, layer, it.items[layer], t
                     )
+                    nxt = peek()
                 self.stall_s += t_layer - t - ideal
             t = t_layer + exch_t
-            if env.peek() <= t:
+            if nxt <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
+                nxt = peek()
             if links.due <= t:
                 links.advance(t)
             for cache, key in used:
-                cache.use(key, t)
-                cache.unpin(key)
-            self._unprotect(layer)
+                cache.use_and_unpin(key, t)
+            if links.protected[layer]:
+                self._unprotect(layer)
             self._attribute(batch, it, layer, hitmap)
             if self._h_used:
                 for e, tok in it.items[layer]:
                     policy.on_expert_used((layer, e), tok, t)
                     self._drain(t)
             self.layer_steps += 1
-        if env.peek() <= t:
+        if nxt <= t:
             yield env.timeout(t - env.now)
             t = max(t, env.now)
         if links.due <= t:
@@ -424,6 +436,7 @@ class Engine:
         hitmap: dict[int, bool] = {}
         slow: dict[int, _GpuPlan] | None = None
         absent: list[tuple[_GpuPlan, ExpertKey, float]] = []
+        resident, loading = ExpertState.RESIDENT, ExpertState.LOADING
         for e, tok in items:
             g = dev[e]
             cache = caches[g]
@@ -431,9 +444,9 @@ class Engine:
             ct = et.get(tok)
             if ct is None:
                 ct = self.timing.expert(tok)
-            if cache.demand(key):
+            state = cache.demand_and_pin(key)  # pinned unless absent
+            if state is resident:
                 hitmap[e] = True
-                cache.pin(key)
                 comp[g] += ct
                 used.append((cache, key))
                 continue
@@ -444,8 +457,7 @@ class Engine:
             if p is None:
                 p = slow[g] = _GpuPlan(g, cache, self.links.links[g])
             p.load += ct
-            if key in cache.entries:  # loading: make it a demand load
-                cache.pin(key)
+            if state is loading:  # make it a demand load
                 p.link.promote(key, t)
                 p.pend.append((key, ct))
                 used.append((cache, key))
@@ -454,28 +466,12 @@ class Engine:
         # misses load only once every cached key of the layer is pinned, so a miss never
         # evicts an expert the same layer is about to use (as the real executor does)
         for p, key, ct in absent:
-            if self._start_demand(p.cache, p.link, key, t):
+            if p.link.start_demand(key, t):
                 p.pend.append((key, ct))
                 used.append((p.cache, key))
             else:
                 p.defer.append((key, ct))
         return (None if slow is None else list(slow.values())), used, comp, hitmap
-
-    def _start_demand(self, cache: ExpertCache, link: Link, key: ExpertKey, t: float) -> bool:
-        """Reserve a slot for a missed ``key``, pin it and queue its demand load."""
-        link.take_queued(key)
-        try:
-            cache.begin_load(key, t, prefetch=False, scores=self.scores)
-        except CacheFullError:
-            if not link.free_suspended():
-                return False
-            try:
-                cache.begin_load(key, t, prefetch=False, scores=self.scores)
-            except CacheFullError:
-                return False
-        cache.pin(key)
-        link.push_demand(key, t)
-        return True
 
     def _timeline(self, p: _GpuPlan, t: float) -> float:
         """When GPU p finishes: ``p.comp`` of resident experts first, then the loaded ones
@@ -578,15 +574,14 @@ class Engine:
             now = env.now
             links.advance(now)
             for key in mine:
-                cache.use(key, now)
-                cache.unpin(key)
+                cache.use_and_unpin(key, now)
             p.pend, mine = [], []
             while p.defer:
                 key, ct = p.defer[0]
                 if key in cache.entries:  # a prefetch got there meanwhile
                     cache.pin(key)
                     p.link.promote(key, now)
-                elif not self._start_demand(cache, p.link, key, now):
+                elif not p.link.start_demand(key, now):
                     break
                 p.defer.pop(0)
                 p.pend.append((key, ct))
@@ -600,27 +595,21 @@ class Engine:
             tg = max(tg, env.now)
         out[p.g] = tg
 
-    def _land_ahead(self, slow: list[_GpuPlan]) -> bool:
+    def _land_ahead(self, slow: list[_GpuPlan], nxt: float) -> bool:
         """Run the link events forward until every loading key of ``slow`` has landed, as
         :meth:`_wait_ahead` does, without a generator: True when done; False (nothing
         lost, the caller then waits with :meth:`_wait_compute`) when a GPU runs waves or
-        a simpy event comes before the next link event."""
-        links, peek = self.links, self.env.peek
-        resident = ExpertState.RESIDENT
+        a simpy event (the next at ``nxt``) comes before the next link event."""
+        links = self.links
         for p in slow:
             if p.defer:
                 return False
+        # link events schedule no simpy event (on_load drains undelayed): nxt stays
         for p in slow:
             entries = p.cache.entries
             for key, _ in p.pend:
-                entry = entries[key]
-                while entry.state is not resident:
-                    when = links.next_time()
-                    if when == math.inf:
-                        raise RuntimeError("waiting for loads that no link carries")
-                    if peek() <= when:
-                        return False
-                    links.advance(when)
+                if not links.run_until_resident(entries[key], nxt):
+                    return False
         return True
 
     def _wait_ahead(self, pending: list[tuple[dict, ExpertKey]]) -> Proc:
@@ -653,10 +642,11 @@ class Engine:
             links.advance(env.now)
 
     def _unprotect(self, layer: int) -> None:
-        for g, layers in enumerate(self.links.protected):
-            if layer in layers:
-                layers.discard(layer)
-                self.caches[g].unprotect_layer(layer)
+        """The layer has passed: its prefetched entries lose their protection."""
+        devices = self.links.protected[layer]
+        for g in sorted(devices):
+            self.caches[g].unprotect_layer(layer)
+        devices.clear()
 
     def _attribute(
         self, batch: list[RequestState], it: Iteration, layer: int, hitmap: dict[int, bool]

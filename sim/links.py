@@ -15,7 +15,8 @@ Model (one :class:`Link` per GPU):
   phase stops at once). The preempted copy keeps its cache slot (LOADING) and resumes
   later from where it stopped, paying the latency again.
 - A prefetch's cache slot is reserved (``ExpertCache.begin_load``) when its copy starts,
-  not when it is queued; a demand load's slot is reserved by the engine at demand time.
+  not when it is queued; a demand load's slot is reserved at demand time
+  (:meth:`Link.start_demand`).
 - Stale prefetches: a queued order whose layer's gate has run since it was issued is
   dropped when it reaches the head of the queue; a preempted (partial) one is cancelled
   at that gate unless demanded. A policy's cancel removes a queued order, cancels a
@@ -41,7 +42,14 @@ from collections.abc import Callable
 
 import simpy
 
-from policies.cache import CacheFullError, EvictionScores, ExpertCache, ExpertKey
+from policies.cache import (
+    CacheEntry,
+    CacheFullError,
+    EvictionScores,
+    ExpertCache,
+    ExpertKey,
+    ExpertState,
+)
 from sim.events import EventLog
 
 _SUSPEND, _CANCEL = 1, 2
@@ -131,12 +139,34 @@ class Link:
         }
 
     # -- engine / policy entry points -----------------------------------------------------
-    def push_demand(self, key: ExpertKey, now: float) -> None:
-        """Queue a demand load for ``key`` (its slot already reserved by the engine)."""
-        self.demand_q.append(
-            _Job(key, True, self.ebytes, math.inf, self.owner.next_seq(), self.owner.stamp)
-        )
+    def start_demand(self, key: ExpertKey, now: float) -> bool:
+        """A compute demand missed ``key`` (ABSENT): reserve its cache slot, pinned, and
+        start or queue its demand load. When no slot can be freed otherwise, preempted
+        prefetches are cancelled (:meth:`free_suspended`) to make one; False, with nothing
+        reserved, when even that fails. A queued (not started) prefetch of ``key`` is
+        forgotten either way (:meth:`take_queued`)."""
+        if self.queued:
+            self.take_queued(key)
+        cache, scores = self.cache, self.owner.scores
+        try:
+            cache.begin_load(key, now, prefetch=False, scores=scores, pin=True)
+        except CacheFullError:
+            if not self.free_suspended():
+                return False
+            try:
+                cache.begin_load(key, now, prefetch=False, scores=scores, pin=True)
+            except CacheFullError:
+                return False
+        job = _Job(key, True, self.ebytes, math.inf, self.owner.next_seq(), self.owner.stamp)
+        if not self.demand_q and not self.heap:
+            # nothing queued could go first: start on an idle channel as _kick would
+            for ch in self.channels:
+                if ch.job is None:
+                    self._begin(ch, job, now, new_run=True)
+                    return True
+        self.demand_q.append(job)
         self._kick(now)
+        return True
 
     def promote(self, key: ExpertKey, now: float) -> None:
         """A LOADING ``key`` is demanded: make its copy a demand load (no more preemption)."""
@@ -269,7 +299,7 @@ class Link:
             except CacheFullError:
                 self.stats["dropped_full"] += 1
                 continue
-            self.owner.protected[self.device].add(key[0])
+            self.owner.protected[key[0]].add(self.device)
             return job
         return None
 
@@ -293,8 +323,9 @@ class Link:
         rate = self._rate() if self.shared else self.bw
         seg = job.remaining
         ch.start, ch.t0, ch.seg, ch.rate = now, now + lat, seg, rate
-        ch.end = ch.t0 + seg / rate
-        self._schedule(ch, now)
+        end = ch.end = ch.t0 + seg / rate
+        ch.gen += 1  # as _schedule(ch, now), one call less per copy
+        self.owner.push(end if end > now else now, self, ch)
         if new_run and self.shared:
             self._rerate(now, ch)
 
@@ -362,8 +393,17 @@ class Link:
             job.stop = 0
             self._begin(ch, job, now, new_run=False)
             return
-        self._release(ch, now)
+        # the channel is free: release it (rates of the others change when shared)
         key = job.key
+        del self.inflight[key]
+        ch.job = None
+        ch.gen += 1
+        self.active -= 1
+        self.bus.active -= 1
+        if self.active == 0:
+            self.busy_s += now - self._busy_t0
+        if self.shared:
+            self._rerate(now, None)
         if job.remaining <= 0:
             self.cache.finish_load(key, now)
             self.owner.loaded(self, key, now)
@@ -378,19 +418,6 @@ class Link:
             self._cancel_slot(key)
         if self.demand_q or self.heap:
             self._kick(now)
-
-    def _release(self, ch: _Channel, now: float) -> None:
-        job = ch.job
-        assert job is not None
-        del self.inflight[job.key]
-        ch.job = None
-        ch.gen += 1
-        self.active -= 1
-        self.bus.active -= 1
-        if self.active == 0:
-            self.busy_s += now - self._busy_t0
-        if self.shared:
-            self._rerate(now, None)
 
     def _unsuspend(self, key: ExpertKey) -> None:
         self.suspended.discard(key)
@@ -428,7 +455,8 @@ class Links:
         self.stamp = 0  # the current gate sequence number
         self.n_suspended = 0  # preempted copies on all links
         self._seq = 0
-        self.protected: list[set[int]] = [set() for _ in caches]  # layers with prefetched entries
+        # per layer: devices whose cache holds prefetched (protected) entries of it
+        self.protected: list[set[int]] = [set() for _ in range(num_layers)]
         self.on_load: Callable[[ExpertKey, bool, float], None] | None = None
         # link events: (time, seq, channel generation, link, channel), earliest first
         self._events: list[tuple[float, int, int, Link, _Channel]] = []
@@ -476,6 +504,32 @@ class Links:
             heapq.heappop(ev)  # a rescheduled or released segment's old event
         self.due = math.inf
         return math.inf
+
+    def run_until_resident(self, entry: CacheEntry, limit: float) -> bool:
+        """Run the link events in time order, as :meth:`advance` (``next_time()``) does at
+        each step, until ``entry`` is resident: True; False, leaving the queue as it is,
+        when the next live event lies at or after ``limit``. RuntimeError when ``entry``
+        is not resident and no event is queued (no link carries it)."""
+        ev = self._events
+        pop = heapq.heappop
+        resident = ExpertState.RESIDENT
+        while entry.state is not resident:
+            while ev:  # drop stale events at the head, as next_time() does
+                when, _, gen, _, ch = ev[0]
+                if gen == ch.gen and ch.job is not None:
+                    break
+                pop(ev)
+            else:
+                self.due = math.inf
+                raise RuntimeError("waiting for loads that no link carries")
+            if limit <= when:
+                return False
+            while ev and ev[0][0] <= when:  # advance(when)
+                end, _, gen, link, ch = pop(ev)
+                if gen == ch.gen and ch.job is not None:
+                    link._segment_done(ch, end)
+            self.due = ev[0][0] if ev else math.inf
+        return True
 
     def advance(self, t: float) -> None:
         """Run every link event at or before ``t``, in time order (ties: scheduling order)."""

@@ -72,24 +72,24 @@ class CacheMachine(RuleBasedStateMachine):
             self.n.prefetches_wasted += 1
 
     # -- rules ------------------------------------------------------------------------
-    @rule(key=st.sampled_from(KEYS), prefetch=st.booleans())
-    def begin_load(self, key: tuple[int, int], prefetch: bool) -> None:
+    @rule(key=st.sampled_from(KEYS), prefetch=st.booleans(), pin=st.booleans())
+    def begin_load(self, key: tuple[int, int], prefetch: bool, pin: bool) -> None:
         now = self.tick()
         if key in self.model:
             with pytest.raises(CacheError):
-                self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores)
+                self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores, pin=pin)
             return
         expected: list[tuple[int, int]] = []
         if len(self.model) >= self.capacity:
             victim = self.model_victim()
             if victim is None:
                 with pytest.raises(CacheFullError):
-                    self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores)
+                    self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores, pin=pin)
                 return
             expected.append(victim)
         for v in expected:
             assert self.model[v].pins == 0
-        evicted = self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores)
+        evicted = self.cache.begin_load(key, now, prefetch=prefetch, scores=self.scores, pin=pin)
         assert evicted == expected
         for v in expected:
             self.model_evict(v)
@@ -100,6 +100,7 @@ class CacheMachine(RuleBasedStateMachine):
             last_used=now,
             by_prefetch=prefetch,
             protected=prefetch,
+            pins=1 if pin else 0,
         )
         self.n.loads += 1
         self.n.bytes_loaded += self.eb
@@ -150,6 +151,23 @@ class CacheMachine(RuleBasedStateMachine):
             self.n.prefetches_used += 1
 
     @rule(key=st.sampled_from(KEYS))
+    def demand_and_pin(self, key: tuple[int, int]) -> None:
+        """demand, then pin when cached; the answer is the state at demand."""
+        e = self.model.get(key)
+        expect = ExpertState.ABSENT if e is None else e.state
+        assert self.cache.demand_and_pin(key) is expect
+        self.n.demands += 1
+        if expect is ExpertState.RESIDENT:
+            self.n.hits += 1
+        else:
+            self.n.misses += 1
+        if e is not None:
+            if e.by_prefetch and not e.prefetch_used:
+                e.prefetch_used = True
+                self.n.prefetches_used += 1
+            e.pins += 1
+
+    @rule(key=st.sampled_from(KEYS))
     def pin(self, key: tuple[int, int]) -> None:
         if key not in self.model:
             with pytest.raises(CacheError):
@@ -181,6 +199,21 @@ class CacheMachine(RuleBasedStateMachine):
         e.uses += 1
         e.last_used = now
         e.protected = False
+
+    @rule(key=st.sampled_from(KEYS))
+    def use_and_unpin(self, key: tuple[int, int]) -> None:
+        """use then unpin; refused (and nothing changes) unless resident and pinned."""
+        now = self.tick()
+        e = self.model.get(key)
+        if e is None or e.state is not ExpertState.RESIDENT or e.pins == 0:
+            with pytest.raises(CacheError):
+                self.cache.use_and_unpin(key, now)
+            return
+        self.cache.use_and_unpin(key, now)
+        e.uses += 1
+        e.last_used = now
+        e.protected = False
+        e.pins -= 1
 
     @rule(key=st.sampled_from(KEYS))
     def evict(self, key: tuple[int, int]) -> None:
