@@ -322,6 +322,9 @@ class Engine:
         if log is not None:
             log.span("compute", 0, "head", t, t + head_t)
         t += head_t
+        h_gate, h_used, all_items = self._h_gate, self._h_used, it.items
+        demand, land_ahead, protected = self._demand, self._land_ahead, links.protected
+        alone = batch[0] if it.per_request is None else None  # one request: its counts
         for moe, hand, stage in self.plan:
             if hand:
                 t += hand_t
@@ -340,7 +343,7 @@ class Engine:
                 nxt = peek()
             if links.due <= t:
                 links.advance(t)
-            if self._h_gate:
+            if h_gate:
                 assert weights is not None
                 policy.on_gate(
                     GateOutput(
@@ -353,8 +356,9 @@ class Engine:
                         t,
                     )
                 )
-            slow, used, comp, hitmap = self._demand(layer, it.items[layer], t)
-            if self._h_gate and self._drain(t, delayed=True):  # after the demand loads
+            items = all_items[layer]
+            slow, used, comp, hitmap = demand(layer, items, t)
+            if h_gate and self._drain(t, delayed=True):  # after the demand loads
                 nxt = peek()
             if links.n_suspended:
                 for link in links.links:
@@ -363,22 +367,18 @@ class Engine:
             if slow is None:  # every expert resident: the GPUs just compute
                 t_layer = t + max(comp)
                 if log is not None:
-                    self._log_compute(used, layer, it.items[layer], t)
+                    self._log_compute(used, layer, items, t)
             else:
-                ideal = max(comp)
+                ideal = top = max(comp)
                 for p in slow:
-                    p.comp = comp[p.g]
-                    ideal = max(ideal, p.comp + p.load)
-                if log is None and self._land_ahead(slow, nxt):  # the common case, no simpy
-                    t_layer = t + max(comp)
-                    for p in slow:
-                        tg = self._timeline(p, t)
-                        if tg > t_layer:
-                            t_layer = tg
-                else:
-                    t_layer, t = yield from self._wait_compute(
-                        slow, comp, used, layer, it.items[layer], t
-                    )
+                    c = p.comp = comp[p.g]
+                    c += p.load
+                    if c > ideal:  # max(ideal, c)
+                        ideal = c
+                # the common case, no simpy
+                t_layer = land_ahead(slow, t, t + top, nxt) if log is None else None
+                if t_layer is None:
+                    t_layer, t = yield from self._wait_compute(slow, comp, used, layer, items, t)
                     nxt = peek()
                 self.stall_s += t_layer - t - ideal
             t = t_layer + exch_t
@@ -390,11 +390,15 @@ class Engine:
                 links.advance(t)
             for cache, key in used:
                 cache.use_and_unpin(key, t)
-            if links.protected[layer]:
+            if protected[layer]:
                 self._unprotect(layer)
-            self._attribute(batch, it, layer, hitmap)
-            if self._h_used:
-                for e, tok in it.items[layer]:
+            if alone is not None:
+                alone.demands += len(hitmap)
+                alone.hits += sum(hitmap.values())
+            else:
+                self._attribute(batch, it, layer, hitmap)
+            if h_used:
+                for e, tok in items:
                     policy.on_expert_used((layer, e), tok, t)
                     self._drain(t)
             self.layer_steps += 1
@@ -595,22 +599,27 @@ class Engine:
             tg = max(tg, env.now)
         out[p.g] = tg
 
-    def _land_ahead(self, slow: list[_GpuPlan], nxt: float) -> bool:
+    def _land_ahead(self, slow: list[_GpuPlan], t: float, end: float, nxt: float) -> float | None:
         """Run the link events forward until every loading key of ``slow`` has landed, as
-        :meth:`_wait_ahead` does, without a generator: True when done; False (nothing
-        lost, the caller then waits with :meth:`_wait_compute`) when a GPU runs waves or
-        a simpy event (the next at ``nxt``) comes before the next link event."""
+        :meth:`_wait_ahead` does, without a generator, and return when the layer's compute
+        ends (``end``: when the GPUs' resident experts are done); None (nothing lost, the
+        caller then waits with :meth:`_wait_compute`) when a GPU runs waves or a simpy
+        event (the next at ``nxt``) comes before the next link event."""
         links = self.links
         for p in slow:
             if p.defer:
-                return False
+                return None
         # link events schedule no simpy event (on_load drains undelayed): nxt stays
         for p in slow:
             entries = p.cache.entries
             for key, _ in p.pend:
                 if not links.run_until_resident(entries[key], nxt):
-                    return False
-        return True
+                    return None
+        for p in slow:
+            tg = self._timeline(p, t)
+            if tg > end:
+                end = tg
+        return end
 
     def _wait_ahead(self, pending: list[tuple[dict, ExpertKey]]) -> Proc:
         """Run the link events forward until every pending key is resident, without simpy
