@@ -9,7 +9,9 @@ Rules the executor follows (checked here, raising CacheError when broken):
 - ``begin_load`` reserves a slot, evicting resident keys if needed; pinned keys are never
   evicted, protected keys only when nothing unprotected can go. Victims are scored by a
   caller-supplied *batch* scorer (one call per choice, scoring the candidates at once:
-  a policy's ``eviction_scores``), lowest first.
+  a policy's ``eviction_scores``), lowest first. The scorer must be pure (an entry's
+  score does not depend on the other entries passed): it may also be given entries that
+  cannot be evicted, which are then skipped.
 - ``finish_load`` makes a loading key resident; ``cancel_load`` frees its slot.
 - ``demand`` records a compute demand (hit iff RESIDENT at that moment) and the executor
   must have made the key resident and pinned it before computing (``use``).
@@ -109,6 +111,10 @@ class ExpertCache:
     device: int = 0
     entries: dict[ExpertKey, CacheEntry] = field(default_factory=dict)
     counters: CacheCounters = field(default_factory=CacheCounters)
+    # LOADING entries and protected entries, kept by the methods below; they only pick
+    # how the victim is searched (see _victim), never which one is chosen
+    _n_loading: int = field(default=0, init=False, repr=False, compare=False)
+    _n_protected: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -117,6 +123,9 @@ class ExpertCache:
             )
         if self.expert_bytes <= 0:
             raise InputError(f"expert_bytes must be positive, got {self.expert_bytes}")
+        values = self.entries.values()
+        self._n_loading = sum(e.state is ExpertState.LOADING for e in values)
+        self._n_protected = sum(e.protected for e in values)
 
     @classmethod
     def from_bytes(cls, budget_bytes: int, expert_bytes: int, device: int = 0) -> ExpertCache:
@@ -174,10 +183,25 @@ class ExpertCache:
     def _victim(self, scores: EvictionScores) -> CacheEntry | None:
         """The entry :meth:`choose_victim` names (None when nothing can be evicted)."""
         # the lexicographic minimum of (protected, score, key): this runs for every load
-        # once the cache is full, so filter with one comprehension (the unprotected group
-        # first: it wins whenever it is not empty), score only that group, in one call
+        # once the cache is full
         resident = ExpertState.RESIDENT
         values = self.entries.values()
+        if values and not self._n_loading and self._n_protected <= 0:
+            # nothing loading or protected: nearly every entry is a candidate (only pinned
+            # ones are not), so score them all without filtering; the minimum over all is
+            # the minimum over the candidates whenever it is a candidate itself (else the
+            # filtered search below decides)
+            group = list(values)
+            sc = scores(group)
+            best = min(sc)
+            if sc.count(best) == 1:
+                e = group[sc.index(best)]
+            else:
+                e = min((e for e, s in zip(group, sc, strict=True) if s == best), key=_entry_key)
+            if e.state is resident and not e.pins and not e.protected:
+                return e
+        # filter with one comprehension (the unprotected group first: it wins whenever it
+        # is not empty), score only that group, in one call
         group = [e for e in values if e.state is resident and not e.pins and not e.protected]
         if not group:
             group = [e for e in values if e.state is resident and not e.pins]
@@ -219,6 +243,8 @@ class ExpertCache:
                 )
             # evict() without its checks: the victim is resident and unpinned by choice
             del entries[victim.key]
+            if victim.protected:
+                self._n_protected -= 1
             c.evictions += 1
             if victim.by_prefetch and not victim.prefetch_used:
                 c.prefetches_wasted += 1
@@ -227,9 +253,11 @@ class ExpertCache:
         entries[key] = CacheEntry(
             key, ExpertState.LOADING, now, now, 0, 1 if pin else 0, prefetch, prefetch
         )
+        self._n_loading += 1
         c.loads += 1
         c.bytes_loaded += self.expert_bytes
         if prefetch:
+            self._n_protected += 1
             c.prefetches_issued += 1
         else:
             c.demand_loads += 1
@@ -242,6 +270,7 @@ class ExpertCache:
             raise CacheError(f"finish_load of {key}: not loading")
         e.state = ExpertState.RESIDENT
         e.loaded_at = now
+        self._n_loading -= 1
 
     def cancel_load(self, key: ExpertKey) -> None:
         """Abort an in-flight load: LOADING -> ABSENT; the bytes already counted stay counted."""
@@ -251,6 +280,9 @@ class ExpertCache:
         if e.pins:
             raise CacheError(f"cancel_load of {key}: pinned")
         del self.entries[key]
+        self._n_loading -= 1
+        if e.protected:
+            self._n_protected -= 1
         if e.by_prefetch:
             self.counters.prefetches_cancelled += 1
 
@@ -262,6 +294,8 @@ class ExpertCache:
         if e.pins:
             raise CacheError(f"evict of {key}: pinned")
         del self.entries[key]
+        if e.protected:
+            self._n_protected -= 1
         self.counters.evictions += 1
         if e.by_prefetch and not e.prefetch_used:
             self.counters.prefetches_wasted += 1
@@ -336,7 +370,9 @@ class ExpertCache:
             raise CacheError(f"use of {key}: not resident")
         e.uses += 1
         e.last_used = now
-        e.protected = False
+        if e.protected:
+            e.protected = False
+            self._n_protected -= 1
 
     def use_and_unpin(self, key: ExpertKey, now: float) -> None:
         """:meth:`use` then :meth:`unpin` ``key`` (RESIDENT and pinned), in one call."""
@@ -347,11 +383,14 @@ class ExpertCache:
             raise CacheError(f"unpin of {key}: not pinned")
         e.uses += 1
         e.last_used = now
-        e.protected = False
+        if e.protected:
+            e.protected = False
+            self._n_protected -= 1
         e.pins -= 1
 
     def unprotect_layer(self, layer: int) -> None:
         """A layer has passed: its predicted-but-unused prefetches lose their protection."""
         for (lyr, _), e in self.entries.items():
-            if lyr == layer:
+            if lyr == layer and e.protected:
                 e.protected = False
+                self._n_protected -= 1
