@@ -57,7 +57,7 @@ class CacheEntry:
     prefetch_used: bool = False
 
 
-@dataclass
+@dataclass(slots=True)  # slots: updated on every demand and load
 class CacheCounters:
     """Counters of one cache; all are monotone and never negative."""
 

@@ -6,6 +6,7 @@ work of the engine is list lookups, not numpy calls.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,11 +47,18 @@ class Iteration:
     slices: list[slice]
 
 
+@functools.cache
+def _one_token(num_experts: int) -> list[tuple[int, int]]:
+    """(expert, 1) of every expert, built once: the items of a one-row iteration."""
+    return [(e, 1) for e in range(num_experts)]
+
+
 def layer_items(ids: np.ndarray, num_experts: int) -> LayerItems:
     """Distinct experts per layer with the number of rows routed to each, sorted by expert."""
     R, L, _ = ids.shape
-    if R == 1:
-        return [[(e, 1) for e in sorted(row)] for row in ids[0].tolist()]
+    if R == 1:  # one row (a decode step): its experts sorted, one token each
+        one = _one_token(num_experts)
+        return [[one[e] for e in row] for row in np.sort(ids[0], axis=1).tolist()]
     J = num_experts
     flat = (ids.astype(np.int64) + (np.arange(L, dtype=np.int64) * J)[None, :, None]).ravel()
     cnt = np.bincount(flat, minlength=L * J)

@@ -36,6 +36,7 @@ engine may run ahead of ``env.now`` when no simpy event lies in between (see
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -162,7 +163,7 @@ class Link:
             # nothing queued could go first: start on an idle channel as _kick would
             for ch in self.channels:
                 if ch.job is None:
-                    self._begin(ch, job, now, new_run=True)
+                    self._begin(ch, job, now, True)
                     return True
         self.demand_q.append(job)
         self._kick(now)
@@ -454,7 +455,8 @@ class Links:
         self.last_gate = [0] * num_layers  # gate sequence number of each layer's last gate
         self.stamp = 0  # the current gate sequence number
         self.n_suspended = 0  # preempted copies on all links
-        self._seq = 0
+        # one sequence for job order and event ties; a C-level counter (called per copy)
+        self.next_seq: Callable[[], int] = itertools.count(1).__next__
         # per layer: devices whose cache holds prefetched (protected) entries of it
         self.protected: list[set[int]] = [set() for _ in range(num_layers)]
         self.on_load: Callable[[ExpertKey, bool, float], None] | None = None
@@ -477,10 +479,6 @@ class Links:
             for d, c in enumerate(caches)
         ]
 
-    def next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
-
     def enqueue(self, key: ExpertKey, priority: float, stamp: int, now: float) -> None:
         self.links[self.device_of(key)].enqueue(key, priority, stamp, now)
 
@@ -489,8 +487,7 @@ class Links:
 
     def push(self, end: float, link: Link, ch: _Channel) -> None:
         """Queue the end of ``ch``'s current segment (generation ``ch.gen``) at ``end``."""
-        self._seq += 1
-        heapq.heappush(self._events, (end, self._seq, ch.gen, link, ch))
+        heapq.heappush(self._events, (end, self.next_seq(), ch.gen, link, ch))
         if end < self.due:
             self.due = end
 
