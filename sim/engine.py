@@ -27,10 +27,11 @@ result would be empty); orders issued in ``on_gate`` are applied after that laye
 demand loads are queued, so demand loads go first.
 
 Clock: the engine keeps its own time ``t`` >= ``env.now`` and only yields to simpy when a
-simpy event (an arrival, a delayed order) lies at or before its next action. Link events
-(copies landing) are not simpy events: before each action the engine runs the links'
-own event queue up to ``t`` (:meth:`sim.links.Links.advance`), and while it waits for a
-load it runs that queue forward itself. Between two such points nothing else can happen,
+simpy event (an arrival) lies at or before its next action. Link events (copies
+landing) and delayed orders (:meth:`sim.links.Links.call_at`) are not simpy events:
+before each action the engine runs the links' own time-ordered queue up to ``t``
+(:meth:`sim.links.Links.advance`), and while it waits for a load it runs that queue
+forward itself. Between two such points nothing else can happen,
 so acting at ``t`` directly is the same as scheduling a timeout to it, without the cost.
 Wave processes (a cache smaller than a layer needs) wait on simpy's clock instead, since
 several may run side by side.
@@ -159,27 +160,20 @@ class Engine:
         ]
 
     # -- policy plumbing ------------------------------------------------------------------
-    def _drain(self, now: float, delayed: bool = False) -> bool:
-        """Apply the policy's decisions (after ``policy_search_s`` when ``delayed``);
-        True when that scheduled a simpy event (the delayed orders)."""
+    def _drain(self, now: float, delayed: bool = False) -> None:
+        """Apply the policy's decisions (after ``policy_search_s`` when ``delayed``: a
+        timed call on the links' clock, after their events up to then)."""
         p = self.policy
         if self._plain_decide and not p._enqueue and not p._cancel:  # nothing to drain
-            return False
+            return
         dec = p.decide_prefetch()
         if not dec:
-            return False
+            return
         stamp = self.links.stamp
         if delayed and self.search_s > 0:
             self.delayed_orders += len(dec.enqueue)
-            ev = self.env.timeout(now + self.search_s - self.env.now)
-            ev.callbacks.append(partial(self._apply_later, dec, stamp))
-            return True
-        self._apply(dec, stamp, now)
-        return False
-
-    def _apply_later(self, dec: PrefetchDecision, stamp: int, _ev: simpy.Event) -> None:
-        now = self.env.now
-        self.links.advance(now)  # the links' events up to now come first
+            self.links.call_at(now + self.search_s, partial(self._apply, dec, stamp))
+            return
         self._apply(dec, stamp, now)
 
     def _apply(self, dec: PrefetchDecision, stamp: int, now: float) -> None:
@@ -266,11 +260,12 @@ class Engine:
                 continue
             t = yield from self._iteration(t)
         self.end_s = t
+        links.run_calls()  # orders of the last searches still start their copies
 
     # -- one iteration ----------------------------------------------------------------------
     def _iteration_start(
         self, it: Iteration, batch: list[RequestState], t: float, gates: IterationGates | None
-    ) -> bool:
+    ) -> None:
         ids: list[str] = []
         pos, pre = [], []
         for s, sl in zip(batch, it.slices, strict=True):
@@ -283,14 +278,14 @@ class Engine:
             self.iterations, tuple(ids), np.concatenate(pos), np.concatenate(pre), emb, t, gates
         )
         self.policy.on_iteration_start(ev)
-        return self._drain(t, delayed=True)
+        self._drain(t, delayed=True)
 
     def _iteration(self, t: float) -> Proc:
         env, policy, timing, log = self.env, self.policy, self.timing, self.log
         links = self.links
-        # simpy's next event time: it changes only while the engine yields or when it
-        # schedules one itself (a delayed drain), so peek then (peek costs a raised
-        # IndexError when simpy's queue is empty, as it mostly is)
+        # simpy's next event time (arrivals): it changes only while the engine yields, so
+        # peek then (peek costs a raised IndexError when simpy's queue is empty, as it
+        # mostly is)
         peek = env.peek
         nxt = peek()
         batch = self.running
@@ -317,8 +312,7 @@ class Engine:
             gates = None
             if self._pass_gates:  # replaying a trace: the policy may do its searches at once
                 gates = IterationGates(it.ids, weights, probs)
-            if self._iteration_start(it, batch, t, gates):
-                nxt = peek()
+            self._iteration_start(it, batch, t, gates)
         if log is not None:
             log.span("compute", 0, "head", t, t + head_t)
         t += head_t
@@ -358,8 +352,8 @@ class Engine:
                 )
             items = all_items[layer]
             slow, used, comp, hitmap = demand(layer, items, t)
-            if h_gate and self._drain(t, delayed=True):  # after the demand loads
-                nxt = peek()
+            if h_gate:  # after the demand loads: they go first
+                self._drain(t, delayed=True)
             if links.n_suspended:
                 for link in links.links:
                     if link.suspended:
@@ -623,7 +617,7 @@ class Engine:
 
     def _wait_ahead(self, pending: list[tuple[dict, ExpertKey]]) -> Proc:
         """Run the link events forward until every pending key is resident, without simpy
-        events unless one (an arrival, a delayed order) comes first: then yield to it.
+        events unless one (an arrival) comes first: then yield to it.
 
         Only for the engine itself, while no wave process runs (nothing else waits on
         the links), so running the links ahead of ``env.now`` is safe."""

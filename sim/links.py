@@ -23,12 +23,14 @@ Model (one :class:`Link` per GPU):
   preempted copy, and stops an in-flight prefetch at its next chunk boundary.
 
 Link events (a segment of a copy ending) are kept in one time-ordered queue shared by
-all links (:class:`Links`), not as simpy events: whoever acts at time t first calls
-:meth:`Links.advance` (t), which runs every link event up to t in time order (ties in
-the order they were scheduled). The engine does so before each of its actions and runs
-the queue forward itself while it waits for a load; simpy callbacks that touch the links
-(delayed policy orders, arrivals) advance them to their own time first. So a copy costs
-no simpy event, and an idle link costs nothing. Calls pass ``now`` explicitly: the
+all links (:class:`Links`), not as simpy events, beside timed calls (the engine's
+delayed policy orders, :meth:`Links.call_at`): whoever acts at time t first calls
+:meth:`Links.advance` (t), which runs every link event and call up to t in time order
+(ties: link events, then calls, each in the order they were scheduled). The engine does
+so before each of its actions and runs the queue forward itself while it waits for a
+load; simpy callbacks that touch the links (arrivals) advance them to their own time
+first. So a copy or a delayed order costs no simpy event, and an idle link costs
+nothing. Calls pass ``now`` explicitly: the
 engine may run ahead of ``env.now`` when no simpy event lies in between (see
 :mod:`sim.engine`).
 """
@@ -462,6 +464,9 @@ class Links:
         self.on_load: Callable[[ExpertKey, bool, float], None] | None = None
         # link events: (time, seq, channel generation, link, channel), earliest first
         self._events: list[tuple[float, int, int, Link, _Channel]] = []
+        # timed calls (delayed policy orders): (time, seq, fn), earliest first
+        self._calls: list[tuple[float, int, Callable[[float], None]]] = []
+        self._call_seq: Callable[[], int] = itertools.count(1).__next__
         self.due = math.inf  # time of the earliest queued event (possibly a stale one)
         self.slot_frees = [0] * len(caches)  # per device: loads finished or cancelled so far
         self.links = [
@@ -491,52 +496,71 @@ class Links:
         if end < self.due:
             self.due = end
 
+    def call_at(self, when: float, fn: Callable[[float], None]) -> None:
+        """Run ``fn(when)`` at ``when`` in time order with the link events, after those at
+        the same time (as a simpy event that first advanced the links would), calls of the
+        same time in the order they were made. For the engine's delayed policy orders:
+        they then cost no simpy event, and waiting for a load runs through them."""
+        heapq.heappush(self._calls, (when, self._call_seq(), fn))
+        if when < self.due:
+            self.due = when
+
+    def run_calls(self) -> None:
+        """Run every pending call (and the link events before each): at the end of a run."""
+        while self._calls:
+            self.advance(self._calls[0][0])
+
     def next_time(self) -> float:
-        """Time of the earliest live link event (inf when none is queued)."""
+        """Time of the earliest live link event or call (inf when none is queued)."""
         ev = self._events
+        when = math.inf
         while ev:
             _, _, gen, _, ch = ev[0]
             if gen == ch.gen and ch.job is not None:
-                return ev[0][0]
+                when = ev[0][0]
+                break
             heapq.heappop(ev)  # a rescheduled or released segment's old event
-        self.due = math.inf
-        return math.inf
+        calls = self._calls
+        if calls and calls[0][0] < when:
+            when = calls[0][0]
+        if when == math.inf:
+            self.due = math.inf
+        return when
 
     def run_until_resident(self, entry: CacheEntry, limit: float) -> bool:
-        """Run the link events in time order, as :meth:`advance` (``next_time()``) does at
-        each step, until ``entry`` is resident: True; False, leaving the queue as it is,
-        when the next live event lies at or after ``limit``. RuntimeError when ``entry``
-        is not resident and no event is queued (no link carries it)."""
-        ev = self._events
-        pop = heapq.heappop
+        """Run the queue in time order, as :meth:`advance` (``next_time()``) does at each
+        step, until ``entry`` is resident: True; False, leaving the queue as it is, when
+        the next live event lies at or after ``limit``. RuntimeError when ``entry`` is not
+        resident and nothing is queued (no link carries it)."""
         resident = ExpertState.RESIDENT
         while entry.state is not resident:
-            while ev:  # drop stale events at the head, as next_time() does
-                when, _, gen, _, ch = ev[0]
-                if gen == ch.gen and ch.job is not None:
-                    break
-                pop(ev)
-            else:
-                self.due = math.inf
+            when = self.next_time()
+            if when == math.inf:
                 raise RuntimeError("waiting for loads that no link carries")
             if limit <= when:
                 return False
-            while ev and ev[0][0] <= when:  # advance(when)
-                end, _, gen, link, ch = pop(ev)
-                if gen == ch.gen and ch.job is not None:
-                    link._segment_done(ch, end)
-            self.due = ev[0][0] if ev else math.inf
+            self.advance(when)
         return True
 
     def advance(self, t: float) -> None:
-        """Run every link event at or before ``t``, in time order (ties: scheduling order)."""
-        ev = self._events
+        """Run every link event and call at or before ``t``, in time order (ties: link
+        events first, then calls; each kind in scheduling order)."""
+        ev, calls = self._events, self._calls
         pop = heapq.heappop
-        while ev and ev[0][0] <= t:
-            end, _, gen, link, ch = pop(ev)
-            if gen == ch.gen and ch.job is not None:
-                link._segment_done(ch, end)
-        self.due = ev[0][0] if ev else math.inf
+        while True:
+            if ev and ev[0][0] <= t and (not calls or ev[0][0] <= calls[0][0]):
+                end, _, gen, link, ch = pop(ev)
+                if gen == ch.gen and ch.job is not None:
+                    link._segment_done(ch, end)
+            elif calls and calls[0][0] <= t:
+                when, _, fn = pop(calls)
+                fn(when)
+            else:
+                break
+        due = ev[0][0] if ev else math.inf
+        if calls and calls[0][0] < due:
+            due = calls[0][0]
+        self.due = due
 
     def slot_freed(self, device: int) -> None:
         self.slot_frees[device] += 1
