@@ -314,14 +314,27 @@ class ExpertCache:
     # -- compute ----------------------------------------------------------------------
     def demand(self, key: ExpertKey) -> bool:
         """Record that compute needs ``key`` now; True (a hit) iff it is RESIDENT."""
+        e = self._count_demand(key)
+        return e is not None and e.state is ExpertState.RESIDENT
+
+    def demand_and_pin(self, key: ExpertKey) -> ExpertState:
+        """:meth:`demand` ``key`` and :meth:`pin` it when cached, in one call; returns its
+        state (RESIDENT: a hit; LOADING: a miss, now pinned; ABSENT: a miss, not pinned)."""
+        e = self._count_demand(key)
+        if e is None:
+            return ExpertState.ABSENT
+        e.pins += 1
+        return e.state
+
+    def _count_demand(self, key: ExpertKey) -> CacheEntry | None:
+        """Count a demand of ``key`` (a hit iff RESIDENT); returns its entry, if cached."""
         c = self.counters
         c.demands += 1
         e = self.entries.get(key)
         if e is None:
             c.misses += 1
-            return False
-        hit = e.state is ExpertState.RESIDENT
-        if hit:
+            return None
+        if e.state is ExpertState.RESIDENT:
             c.hits += 1
         else:
             c.misses += 1
@@ -329,27 +342,7 @@ class ExpertCache:
             # a prefetch that was in flight when demanded still saved part of the copy
             e.prefetch_used = True
             c.prefetches_used += 1
-        return hit
-
-    def demand_and_pin(self, key: ExpertKey) -> ExpertState:
-        """:meth:`demand` ``key`` and :meth:`pin` it when cached, in one call; returns its
-        state (RESIDENT: a hit; LOADING: a miss, now pinned; ABSENT: a miss, not pinned)."""
-        c = self.counters
-        c.demands += 1
-        e = self.entries.get(key)
-        if e is None:
-            c.misses += 1
-            return ExpertState.ABSENT
-        state = e.state
-        if state is ExpertState.RESIDENT:
-            c.hits += 1
-        else:
-            c.misses += 1
-        if e.by_prefetch and not e.prefetch_used:
-            e.prefetch_used = True
-            c.prefetches_used += 1
-        e.pins += 1
-        return state
+        return e
 
     def pin(self, key: ExpertKey) -> None:
         e = self.entries.get(key)
@@ -363,30 +356,22 @@ class ExpertCache:
             raise CacheError(f"unpin of {key}: not pinned")
         e.pins -= 1
 
-    def use(self, key: ExpertKey, now: float) -> None:
-        """Compute used ``key`` (must be RESIDENT): update recency and frequency, lift protection."""
+    def use(self, key: ExpertKey, now: float, *, unpin: bool = False) -> None:
+        """Compute used ``key`` (must be RESIDENT): update recency and frequency, lift
+        protection; with ``unpin``, also :meth:`unpin` it (must be pinned) in the same
+        call. A refused call (CacheError) changes nothing."""
         e = self.entries.get(key)
         if e is None or e.state is not ExpertState.RESIDENT:
             raise CacheError(f"use of {key}: not resident")
+        if unpin:
+            if e.pins == 0:
+                raise CacheError(f"unpin of {key}: not pinned")
+            e.pins -= 1
         e.uses += 1
         e.last_used = now
         if e.protected:
             e.protected = False
             self._n_protected -= 1
-
-    def use_and_unpin(self, key: ExpertKey, now: float) -> None:
-        """:meth:`use` then :meth:`unpin` ``key`` (RESIDENT and pinned), in one call."""
-        e = self.entries.get(key)
-        if e is None or e.state is not ExpertState.RESIDENT:
-            raise CacheError(f"use of {key}: not resident")
-        if e.pins == 0:
-            raise CacheError(f"unpin of {key}: not pinned")
-        e.uses += 1
-        e.last_used = now
-        if e.protected:
-            e.protected = False
-            self._n_protected -= 1
-        e.pins -= 1
 
     def unprotect_layer(self, layer: int) -> None:
         """A layer has passed: its predicted-but-unused prefetches lose their protection."""

@@ -383,7 +383,7 @@ class Engine:
             if links.due <= t:
                 links.advance(t)
             for cache, key in used:
-                cache.use_and_unpin(key, t)
+                cache.use(key, t, unpin=True)
             if protected[layer]:
                 self._unprotect(layer)
             if alone is not None:
@@ -572,7 +572,7 @@ class Engine:
             now = env.now
             links.advance(now)
             for key in mine:
-                cache.use_and_unpin(key, now)
+                cache.use(key, now, unpin=True)
             p.pend, mine = [], []
             while p.defer:
                 key, ct = p.defer[0]

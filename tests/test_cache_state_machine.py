@@ -186,34 +186,21 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.unpin(key)
         e.pins -= 1
 
-    @rule(key=st.sampled_from(KEYS))
-    def use(self, key: tuple[int, int]) -> None:
-        """Compute may only use a resident key: anything else is refused."""
+    @rule(key=st.sampled_from(KEYS), unpin=st.booleans())
+    def use(self, key: tuple[int, int], unpin: bool) -> None:
+        """Compute may only use a resident key (and, with unpin, a pinned one): anything
+        else is refused and changes nothing."""
         now = self.tick()
         e = self.model.get(key)
-        if e is None or e.state is not ExpertState.RESIDENT:
+        if e is None or e.state is not ExpertState.RESIDENT or (unpin and e.pins == 0):
             with pytest.raises(CacheError):
-                self.cache.use(key, now)
+                self.cache.use(key, now, unpin=unpin)
             return
-        self.cache.use(key, now)
+        self.cache.use(key, now, unpin=unpin)
         e.uses += 1
         e.last_used = now
         e.protected = False
-
-    @rule(key=st.sampled_from(KEYS))
-    def use_and_unpin(self, key: tuple[int, int]) -> None:
-        """use then unpin; refused (and nothing changes) unless resident and pinned."""
-        now = self.tick()
-        e = self.model.get(key)
-        if e is None or e.state is not ExpertState.RESIDENT or e.pins == 0:
-            with pytest.raises(CacheError):
-                self.cache.use_and_unpin(key, now)
-            return
-        self.cache.use_and_unpin(key, now)
-        e.uses += 1
-        e.last_used = now
-        e.protected = False
-        e.pins -= 1
+        e.pins -= unpin
 
     @rule(key=st.sampled_from(KEYS))
     def evict(self, key: tuple[int, int]) -> None:
