@@ -107,10 +107,16 @@ def sim_run(workload, policy: str, cache_gb: float | None, batch: int, timed: bo
     return m
 
 
-def speed(args: argparse.Namespace) -> list[dict]:
+def skeleton_costs() -> tuple[float, float]:
+    """(transfer, compute) seconds of the skeleton's layer step: one expert copy, one
+    expert's compute for one token, on the benchmark's model and hardware."""
     spec, hw = load_model(MODEL), load_hardware(HARDWARE)
-    transfer = costs.transfer_time_s(hw, spec.expert_bytes)
-    compute = costs.expert_time_s(hw, spec, 1)
+    return costs.transfer_time_s(hw, spec.expert_bytes), costs.expert_time_s(hw, spec, 1)
+
+
+def speed(args: argparse.Namespace) -> list[dict]:
+    spec = load_model(MODEL)
+    transfer, compute = skeleton_costs()
     w = generate(
         spec, SynthConfig(num_requests=args.speed_requests, arrival_rate=RATE, seed=args.seed)
     )
@@ -143,9 +149,8 @@ def speed(args: argparse.Namespace) -> list[dict]:
 
 
 def online(args: argparse.Namespace) -> list[dict]:
-    spec, hw = load_model(MODEL), load_hardware(HARDWARE)
-    transfer = costs.transfer_time_s(hw, spec.expert_bytes)
-    compute = costs.expert_time_s(hw, spec, 1)
+    spec = load_model(MODEL)
+    transfer, compute = skeleton_costs()
     w = generate(spec, SynthConfig(num_requests=args.requests, arrival_rate=RATE, seed=args.seed))
     rows = []
     for policy in ("lru", "fmoe"):

@@ -241,13 +241,7 @@ class ExpertCache:
                 raise CacheFullError(
                     f"device {self.device}: all {self.capacity} slots pinned or loading"
                 )
-            # evict() without its checks: the victim is resident and unpinned by choice
-            del entries[victim.key]
-            if victim.protected:
-                self._n_protected -= 1
-            c.evictions += 1
-            if victim.by_prefetch and not victim.prefetch_used:
-                c.prefetches_wasted += 1
+            self._drop_evicted(victim)  # resident and unpinned by choice: no checks
             evicted.append(victim.key)
         # positional: key, state, loaded_at, last_used, uses, pins, protected, by_prefetch
         entries[key] = CacheEntry(
@@ -293,12 +287,17 @@ class ExpertCache:
             raise CacheError(f"evict of {key}: not resident")
         if e.pins:
             raise CacheError(f"evict of {key}: pinned")
-        del self.entries[key]
+        self._drop_evicted(e)
+
+    def _drop_evicted(self, e: CacheEntry) -> None:
+        """Remove a resident, unpinned entry and count the eviction."""
+        del self.entries[e.key]
         if e.protected:
             self._n_protected -= 1
-        self.counters.evictions += 1
+        c = self.counters
+        c.evictions += 1
         if e.by_prefetch and not e.prefetch_used:
-            self.counters.prefetches_wasted += 1
+            c.prefetches_wasted += 1
 
     def preload(self, keys: Iterable[ExpertKey], now: float = 0.0) -> None:
         """Make keys resident before a run starts (no-offload, warm starts); not counted as loads."""

@@ -175,11 +175,11 @@ class FmoePolicy(Policy):
         self._it: _IterState | None = None
         self._now = 0.0
         self._stats: Counter[str] = Counter()
-        self._score = {
-            "lru": self._score_lru,
-            "lfu": self._score_lfu,
-            "lfu-global": self._score_lfu_global,
-            "fmoe": self._score_fmoe,
+        self._scores = {
+            "lru": self._scores_lru,
+            "lfu": self._scores_lfu,
+            "lfu-global": self._scores_lfu_global,
+            "fmoe": self._scores_fmoe,
         }[self.options.eviction]
 
     @property
@@ -447,33 +447,30 @@ class FmoePolicy(Policy):
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower goes first: ``fmoe`` p x uses while cached, ``lfu`` uses while cached,
         ``lfu-global`` uses over the run, ``lru`` last use (ties: least recent first)."""
-        return self._score(entry)
+        return self._scores([entry])[0]
 
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
-        if self.options.eviction != "fmoe" or not self._pred:
-            return [self._score(e) for e in entries]
-        # _score_fmoe of each entry, inlined: this runs for every load once a cache is full
-        pred, tie = self._pred, _TIE_EPS / (abs(self._now) + 1.0)
-        return [pred[k[0]][k[1]] * e.uses + tie * e.last_used for e in entries for k in (e.key,)]
+        return self._scores(entries)
 
     def _tie(self, entry: CacheEntry) -> float:
         return _TIE_EPS * entry.last_used / (abs(self._now) + 1.0)
 
-    def _score_lru(self, entry: CacheEntry) -> float:
-        return float(entry.last_used)
+    def _scores_lru(self, entries: list[CacheEntry]) -> list[float]:
+        return [float(e.last_used) for e in entries]
 
-    def _score_lfu(self, entry: CacheEntry) -> float:
-        return entry.uses + self._tie(entry)
+    def _scores_lfu(self, entries: list[CacheEntry]) -> list[float]:
+        return [e.uses + self._tie(e) for e in entries]
 
-    def _score_lfu_global(self, entry: CacheEntry) -> float:
-        layer, expert = entry.key
-        freq = self._freq[layer][expert] if self._freq else entry.uses
-        return float(freq) + self._tie(entry)
+    def _scores_lfu_global(self, entries: list[CacheEntry]) -> list[float]:
+        freq = self._freq
+        return [float(freq[e.key[0]][e.key[1]] if freq else e.uses) + self._tie(e) for e in entries]
 
-    def _score_fmoe(self, entry: CacheEntry) -> float:
-        layer, expert = entry.key
-        p = self._pred[layer][expert] if self._pred else 0.0
-        return p * entry.uses + _TIE_EPS / (abs(self._now) + 1.0) * entry.last_used
+    def _scores_fmoe(self, entries: list[CacheEntry]) -> list[float]:
+        # one comprehension, no call per entry: this runs for every load once a cache is full
+        pred, tie = self._pred, _TIE_EPS / (abs(self._now) + 1.0)
+        if not pred:  # unbound: no forecast, p = 0
+            return [tie * e.last_used for e in entries]
+        return [pred[k[0]][k[1]] * e.uses + tie * e.last_used for e in entries for k in (e.key,)]
 
     # -- helpers ------------------------------------------------------------------------
     def _need_store(self) -> ExpertMapStore:

@@ -131,7 +131,6 @@ class Engine:
         # executor time per MoE layer step besides compute (0 unless calibrated)
         self.compute_model = cfg.hardware.compute
         self.after_loads = cfg.hardware.compute.experts_wait_for_loads
-        self.scores = policy.eviction_scores
         self._plain_decide = not _overrides(policy, "decide_prefetch")
         self._h_arrival = _overrides(policy, "on_request_arrival")
         self._h_start = _overrides(policy, "on_iteration_start")

@@ -532,21 +532,10 @@ class Links:
         step, until ``entry`` is resident: True; False, leaving the queue as it is, when
         the next live event lies at or after ``limit``. RuntimeError when ``entry`` is not
         resident and nothing is queued (no link carries it)."""
-        ev, calls = self._events, self._calls
-        pop = heapq.heappop
         resident = ExpertState.RESIDENT
         while entry.state is not resident:
-            when = math.inf  # next_time(), inlined: this runs for every load waited on
-            while ev:
-                t, _, gen, _, ch = ev[0]
-                if gen == ch.gen and ch.job is not None:
-                    when = t
-                    break
-                pop(ev)  # a rescheduled or released segment's old event
-            if calls and calls[0][0] < when:
-                when = calls[0][0]
+            when = self.next_time()
             if when == math.inf:
-                self.due = math.inf
                 raise RuntimeError("waiting for loads that no link carries")
             if limit <= when:
                 return False
