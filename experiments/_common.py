@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from sim.paper import PaperSetup, save_csv
+from calibration.errors import InputError
+from sim.paper import PaperSetup, save_csv, scaled_cache_gb
 from sim.paper_plots import lines
 
 METRICS = ["ttft_mean_s", "tpot_mean_s", "hit_rate"]
@@ -23,14 +24,30 @@ def parse(description: str, default_requests: int = 40) -> tuple[PaperSetup, Pat
     p.add_argument(
         "--num-requests", type=int, default=default_requests, help="requests per workload"
     )
-    p.add_argument("--cache-gb", type=float, default=24.0, help="total expert cache (GiB)")
+    p.add_argument(
+        "--model",
+        default="mixtral-8x7b",
+        help="model preset (the paper's: mixtral-8x7b, qwen1.5-moe-a2.7b, phi-3.5-moe)",
+    )
+    p.add_argument(
+        "--cache-gb",
+        type=float,
+        default=None,
+        help="total expert cache (GiB); default 24 on Mixtral-8x7B and the same share of "
+        "the experts' bytes on another model",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", default="lmsys,sharegpt", help="comma-separated: lmsys, sharegpt")
     a = p.parse_args()
+    try:
+        cache_gb = a.cache_gb if a.cache_gb is not None else scaled_cache_gb(a.model)
+    except InputError as e:  # an unknown preset: one line, exit status 2
+        p.error(str(e))
     setup = PaperSetup(
+        model=a.model,
         num_requests=a.num_requests,
-        cache_gb=a.cache_gb,
+        cache_gb=cache_gb,
         workers=a.workers,
         seed=a.seed,
         workloads=a.workloads.split(","),

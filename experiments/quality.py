@@ -1,9 +1,10 @@
 """The issue's quality table: hit rate and mean TPOT of fMoE, every baseline, the bounds and
 fMoE's ablation variants (prediction traj / traj+sem / traj+sem+delta; eviction lru / lfu /
-fmoe), simulated on Mixtral-8x7B / paper-6x3090 with the synthetic LMSYS-like and
+fmoe), simulated on Mixtral-8x7B (or --model) / paper-6x3090 with the synthetic LMSYS-like and
 ShareGPT-like workloads (offline: 70% of requests fill the stores, 30% are measured).
 
-    python experiments/quality.py [--num-requests 20] [--cache-gb 24] [--workers 2] [--out DIR]
+    python -m experiments.quality [--model mixtral-8x7b] [--num-requests 20] [--cache-gb GiB]
+                                  [--workers 2] [--out DIR]
 
 Prints the table as Markdown (the README copies it) and whether each of the issue's claims
 holds; writes quality.csv (every run's metrics) into --out.
@@ -30,7 +31,8 @@ def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         cells = [str(r["variant"]), str(r["group"])]
-        cells += [f"{r[c]:.3f}" for c in cols]
+        # 4 significant digits: a small model's TPOT is ~0.02 s
+        cells += [f"{r[c]:.4g}" for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -46,6 +46,10 @@ PAPER_TPOT_REDUCTION = {
 }
 PAPER_HIT_RATE_GAIN = {"mixtral-offloading": 0.14, "promoe": 0.37, "moe-infinity": 0.68}
 
+PAPER_CACHE_GB = 24.0
+"""The studies' default expert cache on Mixtral-8x7B (GiB, total over the GPUs)."""
+
+
 WORKLOADS = {"lmsys": "LMSYS-Chat-like", "sharegpt": "ShareGPT-like"}
 
 
@@ -60,7 +64,9 @@ class PaperSetup(BaseModel):
     num_requests: int = Field(
         30, ge=4, description="requests per workload (70% train, 30% measured)"
     )
-    cache_gb: float = Field(24.0, gt=0, description="total expert cache over all GPUs (GiB)")
+    cache_gb: float = Field(
+        PAPER_CACHE_GB, gt=0, description="total expert cache over all GPUs (GiB)"
+    )
     batch_size: int = Field(1, ge=1)
     train_fraction: float = Field(0.7, ge=0, le=1)
     seed: int = 0
@@ -86,6 +92,14 @@ def paper_workload(
     workload = generate(spec, cfg)
     workload.provenance["workload"] = WORKLOADS[kind]
     return workload
+
+
+def scaled_cache_gb(model: str) -> float:
+    """The cache that holds the same share of ``model``'s expert bytes as
+    :data:`PAPER_CACHE_GB` holds of Mixtral-8x7B's (about 29%), in GiB to 0.1: the
+    default when a study runs another model, so models compare at equal cache pressure."""
+    share = PAPER_CACHE_GB / load_model("mixtral-8x7b").experts_total_bytes
+    return round(share * load_model(model).experts_total_bytes, 1)
 
 
 def base_config(setup: PaperSetup, **overrides: Any) -> SimConfig:

@@ -68,3 +68,36 @@ def test_delta_regimes_count_widened_predictions_only_where_delta_is_on() -> Non
     assert (df.loc[df["prediction"] != "traj+sem+delta", "widened"] == 0).all()
     weakest = df[(df["regime"] == list(REGIMES)[-1]) & (df["prediction"] == "traj+sem+delta")]
     assert int(weakest["widened"].iloc[0]) > 0  # a 5-row store of noisy, flat maps: weak matches
+
+
+def test_scaled_cache_holds_the_same_share_of_every_models_experts() -> None:
+    from calibration.presets import load_model
+    from sim.paper import PAPER_CACHE_GB, scaled_cache_gb
+
+    assert scaled_cache_gb("mixtral-8x7b") == PAPER_CACHE_GB
+    share = PAPER_CACHE_GB / load_model("mixtral-8x7b").experts_total_bytes
+    for name in ("qwen1.5-moe-a2.7b", "phi-3.5-moe", "tiny-mixtral"):
+        expected = share * load_model(name).experts_total_bytes
+        assert abs(scaled_cache_gb(name) - expected) <= 0.05 + 1e-9
+
+
+def test_study_scripts_take_a_model_and_refuse_an_unknown_one(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    import sys
+
+    import pytest
+
+    from experiments._common import parse
+    from sim.paper import scaled_cache_gb
+
+    argv = ["quality", "--model", "phi-3.5-moe", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    setup, _ = parse("study")
+    assert setup.model == "phi-3.5-moe"
+    assert setup.cache_gb == scaled_cache_gb("phi-3.5-moe")
+    monkeypatch.setattr(sys, "argv", ["quality", "--model", "no-such-model"])
+    with pytest.raises(SystemExit) as exc:
+        parse("study")
+    assert exc.value.code == 2
+    assert "no-such-model" in capsys.readouterr().err
