@@ -15,13 +15,18 @@ Rules the executor follows (checked here, raising CacheError when broken):
 - ``finish_load`` makes a loading key resident; ``cancel_load`` frees its slot.
 - ``demand`` records a compute demand (hit iff RESIDENT at that moment) and the executor
   must have made the key resident and pinned it before computing (``use``).
+- An entry's ``last_used`` is written by the cache only (policies read entries, never
+  write them): a scorer marked :func:`by_recency` is answered from the cache's own
+  recency order.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import TypeVar
 
 from calibration.errors import InputError
 
@@ -88,11 +93,27 @@ def _entry_key(entry: CacheEntry) -> ExpertKey:
     return entry.key
 
 
+def _last_used(entry: CacheEntry) -> float:
+    return entry.last_used
+
+
 def lru_score(entry: CacheEntry) -> float:
     """Default eviction score: least recently used goes first."""
     return entry.last_used
 
 
+_Scores = TypeVar("_Scores", bound=EvictionScores)
+
+
+def by_recency(scores: _Scores) -> _Scores:
+    """Mark the batch scorer ``scores`` as returning each entry's ``last_used`` (exactly, as
+    :func:`lru_scores` does): the cache then picks its victim by walking its recency order
+    instead of scoring every entry. The choice is the same. Usable on a method."""
+    scores.by_recency = True  # type: ignore[attr-defined]
+    return scores
+
+
+@by_recency
 def lru_scores(entries: list[CacheEntry]) -> list[float]:
     """:func:`lru_score` of each entry."""
     return [e.last_used for e in entries]
@@ -115,6 +136,18 @@ class ExpertCache:
     # how the victim is searched (see _victim), never which one is chosen
     _n_loading: int = field(default=0, init=False, repr=False, compare=False)
     _n_protected: int = field(default=0, init=False, repr=False, compare=False)
+    # the entries by ascending last_used (ties in any order) while _in_order holds, i.e.
+    # while every new last_used was >= _latest, the largest so far; with a by_recency
+    # scorer the least recently used entry is then near the front (see _least_recent)
+    _recency: dict[ExpertKey, CacheEntry] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _in_order: bool = field(default=True, init=False, repr=False, compare=False)
+    _latest: float = field(default=-math.inf, init=False, repr=False, compare=False)
+    # the last scorer seen and whether it is marked by_recency (a missing attribute costs
+    # a caught exception: look it up once per scorer, not per load)
+    _scorer: EvictionScores | None = field(default=None, init=False, repr=False, compare=False)
+    _scorer_recent: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -126,6 +159,9 @@ class ExpertCache:
         values = self.entries.values()
         self._n_loading = sum(e.state is ExpertState.LOADING for e in values)
         self._n_protected = sum(e.protected for e in values)
+        for e in sorted(values, key=_last_used):
+            self._recency[e.key] = e
+            self._touched(e.last_used)
 
     @classmethod
     def from_bytes(cls, budget_bytes: int, expert_bytes: int, device: int = 0) -> ExpertCache:
@@ -184,6 +220,11 @@ class ExpertCache:
         """The entry :meth:`choose_victim` names (None when nothing can be evicted)."""
         # the lexicographic minimum of (protected, score, key): this runs for every load
         # once the cache is full
+        if scores is not self._scorer:
+            self._scorer = scores
+            self._scorer_recent = getattr(scores, "by_recency", False)
+        if self._scorer_recent and self._in_order:
+            return self._least_recent()
         resident = ExpertState.RESIDENT
         values = self.entries.values()
         if values and not self._n_loading and self._n_protected <= 0:
@@ -215,6 +256,39 @@ class ExpertCache:
             return group[sc.index(best)]
         return min((e for e, s in zip(group, sc, strict=True) if s == best), key=_entry_key)
 
+    def _least_recent(self) -> CacheEntry | None:
+        """:meth:`_victim` for a by_recency scorer, entries in recency order: the first
+        evictable entry (unprotected ones first) has the lowest last_used; entries of
+        equal last_used follow it, and the lowest key among them wins."""
+        resident = ExpertState.RESIDENT
+        order = self._recency.values()
+        for protected_ok in (False, True):
+            best = None
+            for e in order:
+                if best is None:
+                    if e.state is resident and not e.pins and (protected_ok or not e.protected):
+                        best = e
+                elif e.last_used != best.last_used:
+                    break
+                elif (
+                    e.state is resident
+                    and not e.pins
+                    and (protected_ok or not e.protected)
+                    and e.key < best.key
+                ):
+                    best = e
+            if best is not None:
+                return best
+        return None
+
+    def _touched(self, now: float) -> None:
+        """An entry just got ``last_used = now`` and moved to the end of the recency order:
+        the order stays ascending only if ``now`` is not below any earlier value."""
+        if now >= self._latest:
+            self._latest = now
+        else:  # also for NaN
+            self._in_order = False
+
     def begin_load(
         self,
         key: ExpertKey,
@@ -244,9 +318,10 @@ class ExpertCache:
             self._drop_evicted(victim)  # resident and unpinned by choice: no checks
             evicted.append(victim.key)
         # positional: key, state, loaded_at, last_used, uses, pins, protected, by_prefetch
-        entries[key] = CacheEntry(
+        entries[key] = self._recency[key] = CacheEntry(
             key, ExpertState.LOADING, now, now, 0, 1 if pin else 0, prefetch, prefetch
         )
+        self._touched(now)
         self._n_loading += 1
         c.loads += 1
         c.bytes_loaded += self.expert_bytes
@@ -274,6 +349,7 @@ class ExpertCache:
         if e.pins:
             raise CacheError(f"cancel_load of {key}: pinned")
         del self.entries[key]
+        del self._recency[key]
         self._n_loading -= 1
         if e.protected:
             self._n_protected -= 1
@@ -292,6 +368,7 @@ class ExpertCache:
     def _drop_evicted(self, e: CacheEntry) -> None:
         """Remove a resident, unpinned entry and count the eviction."""
         del self.entries[e.key]
+        del self._recency[e.key]
         if e.protected:
             self._n_protected -= 1
         c = self.counters
@@ -308,7 +385,9 @@ class ExpertCache:
                 raise CacheFullError(
                     f"device {self.device}: preload exceeds capacity {self.capacity}"
                 )
-            self.entries[key] = CacheEntry(key, ExpertState.RESIDENT, loaded_at=now, last_used=now)
+            e = CacheEntry(key, ExpertState.RESIDENT, loaded_at=now, last_used=now)
+            self.entries[key] = self._recency[key] = e
+            self._touched(now)
 
     # -- compute ----------------------------------------------------------------------
     def demand(self, key: ExpertKey) -> bool:
@@ -368,6 +447,13 @@ class ExpertCache:
             e.pins -= 1
         e.uses += 1
         e.last_used = now
+        recency = self._recency
+        del recency[key]  # to the end of the recency order
+        recency[key] = e
+        if now >= self._latest:  # self._touched(now), inlined: once per expert per layer step
+            self._latest = now
+        else:
+            self._in_order = False
         if e.protected:
             e.protected = False
             self._n_protected -= 1

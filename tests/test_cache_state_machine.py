@@ -24,6 +24,7 @@ from policies.cache import (
     ExpertCache,
     ExpertState,
     lru_score,
+    lru_scores,
 )
 
 KEYS = [(layer, e) for layer in range(3) for e in range(4)]
@@ -45,15 +46,24 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache = ExpertCache(capacity, expert_bytes)
         self.capacity, self.eb = capacity, expert_bytes
         self.score = SCORES[score]
-        self.scores = lambda entries: [self.score(e) for e in entries]
+        # lru: the cache's own by_recency scorer (answered from its recency order)
+        self.scores = (
+            lru_scores if score == "lru" else lambda entries: [self.score(e) for e in entries]
+        )
         self.model: dict[tuple[int, int], CacheEntry] = {}
         self.n = CacheCounters()
         self.prev = CacheCounters()
         self.t = 0.0
+        self.dt = 1.0
 
     def tick(self) -> float:
-        self.t += 1.0
+        self.t += self.dt
         return self.t
+
+    @rule(dt=st.sampled_from([1.0, 0.0, -1.0]))
+    def clock_step(self, dt: float) -> None:
+        """Later calls tick by ``dt``: equal times tie on last_used, earlier ones go back."""
+        self.dt = dt
 
     # -- model helpers ----------------------------------------------------------------
     def model_victim(self) -> tuple[int, int] | None:
@@ -262,3 +272,34 @@ TestExpertCacheStateMachine = CacheMachine.TestCase
 TestExpertCacheStateMachine.settings = settings(
     max_examples=40, stateful_step_count=40, deadline=None
 )
+
+
+def _general(scores):  # noqa: ANN001, ANN202
+    """The same scorer without the by_recency mark: the cache scores every entry."""
+    return lambda entries: scores(entries)
+
+
+@pytest.mark.parametrize("back_in_time", [False, True])
+def test_by_recency_matches_scoring(back_in_time: bool) -> None:
+    """A by_recency scorer picks what scoring every entry picks: ties on last_used go to
+    the lowest key, pinned and protected keys wait, and after a use back in time (the
+    recency order no longer ascends) the cache scores entries again."""
+    cache = ExpertCache(5, 1)
+    cache.preload([(0, 3), (0, 1), (0, 2)], now=1.0)  # equal last_used, keys out of order
+    cache.begin_load((1, 0), 1.0, prefetch=True)  # protected
+    cache.finish_load((1, 0), 1.0)
+    cache.preload([(1, 1)], now=2.0)
+    if back_in_time:
+        cache.use((1, 1), 0.5)
+    expected = []
+    for _ in range(5):
+        victim = cache.choose_victim(lru_scores)
+        assert victim == cache.choose_victim(_general(lru_scores))
+        expected.append(victim)
+        if victim is not None:
+            cache.pin(victim)
+    if back_in_time:
+        assert expected == [(1, 1), (0, 1), (0, 2), (0, 3), (1, 0)]
+    else:
+        assert expected == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 0)]
+    assert cache.choose_victim(lru_scores) is None
