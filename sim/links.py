@@ -56,6 +56,7 @@ from policies.cache import (
 from sim.events import EventLog
 
 _SUSPEND, _CANCEL = 1, 2
+_RESIDENT = ExpertState.RESIDENT  # a global: ExpertState.X costs an enum lookup (~80 ns)
 
 
 class _Job:
@@ -532,8 +533,7 @@ class Links:
         step, until ``entry`` is resident: True; False, leaving the queue as it is, when
         the next live event lies at or after ``limit``. RuntimeError when ``entry`` is not
         resident and nothing is queued (no link carries it)."""
-        resident = ExpertState.RESIDENT
-        while entry.state is not resident:
+        while entry.state is not _RESIDENT:
             when = self.next_time()
             if when == math.inf:
                 raise RuntimeError("waiting for loads that no link carries")
