@@ -147,6 +147,8 @@ class Engine:
         self.has_emb = workload.has_embeddings
         spec, n = self.spec, cfg.hardware.num_gpus
         self.num_gpus = n
+        # (MoE layers, experts): read per order; num_moe_layers is a property that counts
+        self.experts_shape = (spec.num_moe_layers, spec.num_experts)
         self.dev_table = [
             [placement.device_of((lay, e)) for e in range(spec.num_experts)]
             for lay in range(spec.num_moe_layers)
@@ -181,7 +183,7 @@ class Engine:
         links = self.links
         for key in dec.cancel:
             links.cancel(key, now)
-        L, J, dev = self.spec.num_moe_layers, self.spec.num_experts, self.dev_table
+        (L, J), dev = self.experts_shape, self.dev_table
         finite = math.isfinite
         for order in dec.enqueue:
             lay, e, pri = order.layer, order.expert, order.priority
