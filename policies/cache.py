@@ -137,10 +137,11 @@ class ExpertCache:
     device: int = 0
     entries: dict[ExpertKey, CacheEntry] = field(default_factory=dict)
     counters: CacheCounters = field(default_factory=CacheCounters)
-    # LOADING entries and protected entries, kept by the methods below; they only pick
-    # how the victim is searched (see _victim), never which one is chosen
+    # LOADING entries and protected keys, kept by the methods below; they pick how the
+    # victim is searched (see _victim), never which one is chosen, and which entries
+    # unprotect_layer visits (so an entry's protection changes through these methods only)
     _n_loading: int = field(default=0, init=False, repr=False, compare=False)
-    _n_protected: int = field(default=0, init=False, repr=False, compare=False)
+    _protected: set[ExpertKey] = field(default_factory=set, init=False, repr=False, compare=False)
     # the entries by ascending last_used (ties in any order) while _in_order holds, i.e.
     # while every new last_used was >= _latest, the largest so far; with a by_recency
     # scorer the least recently used entry is then near the front (see _least_recent)
@@ -163,7 +164,7 @@ class ExpertCache:
             raise InputError(f"expert_bytes must be positive, got {self.expert_bytes}")
         values = self.entries.values()
         self._n_loading = sum(e.state is _LOADING for e in values)
-        self._n_protected = sum(e.protected for e in values)
+        self._protected = {e.key for e in values if e.protected}
         for e in sorted(values, key=_last_used):
             self._recency[e.key] = e
             self._touched(e.last_used)
@@ -232,7 +233,7 @@ class ExpertCache:
             return self._least_recent()
         resident = _RESIDENT
         values = self.entries.values()
-        if values and not self._n_loading and self._n_protected <= 0:
+        if values and not self._n_loading and not self._protected:
             # nothing loading or protected: nearly every entry is a candidate (only pinned
             # ones are not), so score them all without filtering; the minimum over all is
             # the minimum over the candidates whenever it is a candidate itself (else the
@@ -334,7 +335,7 @@ class ExpertCache:
         c.loads += 1
         c.bytes_loaded += self.expert_bytes
         if prefetch:
-            self._n_protected += 1
+            self._protected.add(key)
             c.prefetches_issued += 1
         else:
             c.demand_loads += 1
@@ -360,7 +361,7 @@ class ExpertCache:
         del self._recency[key]
         self._n_loading -= 1
         if e.protected:
-            self._n_protected -= 1
+            self._protected.discard(e.key)
         if e.by_prefetch:
             self.counters.prefetches_cancelled += 1
 
@@ -378,7 +379,7 @@ class ExpertCache:
         del self.entries[e.key]
         del self._recency[e.key]
         if e.protected:
-            self._n_protected -= 1
+            self._protected.discard(e.key)
         c = self.counters
         c.evictions += 1
         if e.by_prefetch and not e.prefetch_used:
@@ -464,11 +465,11 @@ class ExpertCache:
             self._in_order = False
         if e.protected:
             e.protected = False
-            self._n_protected -= 1
+            self._protected.discard(key)
 
     def unprotect_layer(self, layer: int) -> None:
         """A layer has passed: its predicted-but-unused prefetches lose their protection."""
-        for (lyr, _), e in self.entries.items():
-            if lyr == layer and e.protected:
-                e.protected = False
-                self._n_protected -= 1
+        protected, entries = self._protected, self.entries
+        for key in [k for k in protected if k[0] == layer]:
+            entries[key].protected = False
+            protected.discard(key)
