@@ -25,7 +25,9 @@ from top-K ids and weights. :meth:`FmoePolicy.metadata` reports which were used.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,9 +46,15 @@ from policies.base import (
     PolicyOptions,
     RequestArrival,
 )
-from policies.cache import CacheEntry, ExpertKey
+from policies.cache import CacheEntry, ExpertCache, ExpertKey
 from policies.expert_map_store import ExpertMapStore
-from policies.fmoe_select import merge_priorities, select_experts, select_row, topk_rows
+from policies.fmoe_select import (
+    merge_priorities,
+    select_experts,
+    select_row,
+    select_rows,
+    topk_rows,
+)
 from policies.registry import register_policy
 
 # The paper's prefetch distances per model family (transformers model_type).
@@ -119,10 +127,9 @@ class _SearchPlan:
     n: int  # store size (and version below) the plan is exact for
     version: int
     next_layer: int = 0  # layers consumed in order so far
-    # one decode row: the map row predicted at gate g for layer g + d, and its experts by
-    # descending probability (ties to the lower id)
-    target_rows: list[list[float]] | None = None
-    target_order: list[list[int]] | None = None
+    # one decode row, per gate g: the map row predicted for layer g + d, the experts
+    # selected from it (best first) and every expert's priority p / d
+    targets: list[tuple[list[float], list[int], list[float]]] | None = None
 
 
 @dataclass
@@ -130,19 +137,16 @@ class _IterState:
     """Search state of one iteration's B token rows."""
 
     iteration: int
+    rows: int  # B
     query: np.ndarray | None  # [B, E] prepared embeddings (zero rows where unknown)
     observed: np.ndarray  # [B, L, J] gate rows seen so far
-    seen: np.ndarray  # [L] bool
+    seen: list[bool]  # [L]: a list, read and set per gate (cheaper than numpy scalars)
     sem: np.ndarray  # [B, C] cosine with stored embeddings (valid [:, :size])
     dots: np.ndarray  # [B, C] running trajectory dot products
     norm2: np.ndarray  # [B] squared norm of the observed prefix
     version: int  # store version the vectors are exact for
     issued: set[ExpertKey] = field(default_factory=set)
     plan: _SearchPlan | None = None  # the precomputed searches, when the gates were known
-
-    @property
-    def rows(self) -> int:
-        return self.observed.shape[0]
 
 
 @register_policy
@@ -171,6 +175,9 @@ class FmoePolicy(Policy):
         # uses over the run per [layer][expert], counted only for eviction=lfu-global
         self._count_uses = self.options.eviction == "lfu-global"
         self._freq: list[list[int]] = []
+        # each expert's device cache per [layer][expert] (bound only): ctx.is_cached per
+        # order without its two calls
+        self._cache_of: list[list[ExpertCache]] = []
         self._prompt_emb: dict[str, np.ndarray] = {}
         self._it: _IterState | None = None
         self._now = 0.0
@@ -195,6 +202,8 @@ class FmoePolicy(Policy):
         """Size the state for ``ctx.spec``; load the store when ``store_path`` is set."""
         super().bind(ctx)
         self._setup(ctx.spec, ctx.prefetch_distance)
+        L, J = ctx.spec.num_moe_layers, ctx.spec.num_experts
+        self._cache_of = [[ctx.cache_of((lay, j)) for j in range(J)] for lay in range(L)]
 
     def _setup(self, spec: ModelSpec, ctx_distance: int | None) -> None:
         L, J = spec.num_moe_layers, spec.num_experts
@@ -350,12 +359,12 @@ class FmoePolicy(Policy):
         rows = np.flatnonzero(has)
         best = np.argmax(it.sem[rows, :n], axis=1)
         score = it.sem[rows, best]
-        pred = store.maps[:, best, :]  # [L, R, J]
+        pred = store.maps[: self.distance, best, :]  # [d, R, J]
         self._stats["semantic_searches"] += len(rows)
         # a layer's p changes only when that layer is forecast (as the official code's cache
         # does): the semantic search forecasts layers 0..d-1, each trajectory search one
         fresh = list(self._pred)  # swapped whole: eviction_score may read it from another thread
-        fresh[: self.distance] = pred[: self.distance].max(axis=1).tolist()
+        fresh[: self.distance] = pred.max(axis=1).tolist()
         self._pred = fresh
         for layer in range(self.distance):
             self._issue(it, layer, pred[layer], score, now_layer=-1)
@@ -364,12 +373,11 @@ class FmoePolicy(Policy):
         """Step 2: add layer g to every row's running dots; predict layer g + d."""
         self._now = max(self._now, ev.now)
         store = self._need_store()
-        assert self.spec is not None
-        L, J = self.spec.num_moe_layers, self.spec.num_experts
+        L, J = store.num_layers, store.num_experts  # the spec's (checked at bind)
         g = int(ev.layer)
         if not 0 <= g < L:
             raise InputError(f"policy 'fmoe': gate output for layer {g}, model has {L} MoE layers")
-        B = int(np.shape(ev.topk_ids)[0])
+        B = len(ev.topk_ids)
         it = self._it
         if it is None or it.iteration != ev.iteration or it.rows != B:
             it = self._new_state(ev.iteration, B, None)  # no iteration start seen: no embeddings
@@ -430,7 +438,7 @@ class FmoePolicy(Policy):
         it, self._it = self._it, None
         for rid in ev.finished:
             self._prompt_emb.pop(rid, None)
-        if it is None or it.iteration != ev.iteration or not it.seen.all():
+        if it is None or it.iteration != ev.iteration or not all(it.seen):
             return
         store = self._need_store()
         if it.plan is not None:
@@ -503,8 +511,9 @@ class FmoePolicy(Policy):
         self._it = _IterState(
             iteration=iteration,
             query=query,
+            rows=B,
             observed=np.zeros((B, L, J), np.float32),
-            seen=np.zeros(L, bool),
+            seen=[False] * L,
             sem=np.zeros((B, C), np.float32),
             dots=np.zeros((B, C), np.float32),
             norm2=np.zeros(B, np.float32),
@@ -530,9 +539,10 @@ class FmoePolicy(Policy):
         if rows.shape != (B, L, J):
             return None  # not this iteration's rows: search layer by layer
         cum_dots = np.matmul(rows.transpose(1, 0, 2), store.maps[:, :n].transpose(0, 2, 1))
-        for layer in range(1, L):  # running float32 sums in layer order, [L, B, n]:
-            # np.cumsum over axis 0 walks the array column by column, several times slower
-            cum_dots[layer] += cum_dots[layer - 1]
+        # running float32 sums in layer order, [L, B, n], one add per layer on views made at
+        # once (np.cumsum over axis 0 walks the array column by column, several times slower)
+        for prev, cur in pairwise(list(cum_dots)):
+            np.add(cur, prev, out=cur)
         cum_norm2 = np.cumsum(np.einsum("blj,blj->lb", rows, rows), axis=0)  # [L, B]
         sims = cum_dots * store.inv_prefix[:, None, :n]
         best = sims.argmax(axis=2)  # [L, B]
@@ -542,10 +552,13 @@ class FmoePolicy(Policy):
             rows, cum_dots, cum_norm2, best.tolist(), score.tolist(), n, store.version
         )
         d = self.distance
-        if B == 1 and L > d:  # decode: the predicted rows and their expert order, at once
+        if B == 1 and L > d:  # decode: every gate's prediction and orders, at once
             targets = store.maps[np.arange(d, L), best[: L - d, 0]]  # [L - d, J]
-            plan.target_rows = targets.tolist()
-            plan.target_order = np.argsort(-targets, axis=1, kind="stable").tolist()
+            order = np.argsort(-targets, axis=1, kind="stable")
+            picks = select_rows(targets, score[: L - d, 0], self.spec.top_k, self.use_delta, order)
+            # p / d in float64: what _issue_row divides, with Python floats
+            prio = (targets.astype(np.float64) / float(d)).tolist()
+            plan.targets = list(zip(targets.tolist(), picks, prio, strict=True))
         return plan
 
     def _planned_gate(
@@ -565,13 +578,12 @@ class FmoePolicy(Policy):
         if target >= len(self._pred):
             return
         self._stats["trajectory_searches"] += B
-        best = plan.best[g]
-        if B == 1 and plan.target_rows is not None and plan.target_order is not None:
-            row = plan.target_rows[g]
+        if plan.targets is not None:
+            row, picks, prio = plan.targets[g]
             self._pred[target] = row  # one reference swap: thread-safe
-            self._issue_row(it, target, row, plan.score[g][0], g, plan.target_order[g])
+            self._issue_picks(it, target, picks, prio)
             return
-        rows = store.maps[target, best, :]
+        rows = store.maps[target, plan.best[g], :]
         self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
         self._issue(it, target, rows, np.asarray(plan.score[g], np.float32), now_layer=g)
 
@@ -595,7 +607,7 @@ class FmoePolicy(Policy):
         rows = store.changed_since(it.version)
         if it.query is not None and store.embed_width == it.query.shape[1]:
             it.sem[:, rows] = it.query @ store.emb[rows].T
-        upto = int(np.flatnonzero(it.seen).max()) + 1 if it.seen.any() else 0
+        upto = max((layer + 1 for layer, seen in enumerate(it.seen) if seen), default=0)
         it.dots[:, rows] = store.prefix_dots(rows, it.observed, upto)
         it.version = store.version
 
@@ -613,39 +625,49 @@ class FmoePolicy(Policy):
                 np.count_nonzero(mask.sum(axis=1) > self.spec.top_k)
             )
         merged = merge_priorities(probs, mask, layer, now_layer)
-        self._order(it, layer, sorted(merged.items(), key=lambda kv: (-kv[1], kv[0])))
+        self._order(it, layer, sorted(merged, key=lambda j: (-merged[j], j)), merged)
 
     def _issue_row(
-        self,
-        it: _IterState,
-        layer: int,
-        row: list[float],
-        score: float,
-        now_layer: int,
-        order: list[int] | None = None,
+        self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
     ) -> None:
-        """_issue for one row (decode) of J probabilities: the merge over rows is the row.
-        ``order``: the row's experts by descending probability, when already known."""
+        """_issue for one row (decode) of J probabilities: the merge over rows is the row."""
         assert self.spec is not None
         dist = float(layer - now_layer)
         if dist <= 0:
             raise ValueError(
                 f"priority for layer {layer} at executing layer {now_layer}: not ahead"
             )
-        chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta, order=order)
-        if len(chosen) > self.spec.top_k:  # the weak match took more than the top-K (step 3)
-            self._stats["delta_widened"] += 1
-        pri = [(j, row[j] / dist) for j in chosen]
-        pri.sort(key=lambda kv: (-kv[1], kv[0]))
-        self._order(it, layer, pri)
+        chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta)
+        prio = [p / dist for p in row]
+        chosen.sort(key=lambda j: (-prio[j], j))
+        self._issue_picks(it, layer, chosen, prio)
 
-    def _order(self, it: _IterState, layer: int, pri: list[tuple[int, float]]) -> None:
-        """Queue orders for the (expert, priority) pairs, best first, skipping cached ones."""
-        issued, ctx = it.issued, self.ctx
-        for j, p in pri:
+    def _issue_picks(
+        self, it: _IterState, layer: int, picks: list[int], prio: Sequence[float]
+    ) -> None:
+        """Order one row's selected experts ``picks`` (best first) at priorities ``prio[j]``."""
+        assert self.spec is not None
+        if len(picks) > self.spec.top_k:  # the weak match took more than the top-K (step 3)
+            self._stats["delta_widened"] += 1
+        self._order(it, layer, picks, prio)
+
+    def _order(
+        self,
+        it: _IterState,
+        layer: int,
+        experts: list[int],
+        prio: Sequence[float] | dict[int, float],
+    ) -> None:
+        """Queue orders for ``experts`` (best first) at priorities ``prio[j]``, skipping
+        those already ordered this iteration or cached (resident or loading)."""
+        issued, cache_of = it.issued, self._cache_of
+        orders = 0
+        for j in experts:
             key = (layer, j)
-            if key in issued or (ctx is not None and ctx.is_cached(key)):
+            # ctx.is_cached(key), inlined: this runs for every candidate order
+            if key in issued or (cache_of and key in cache_of[layer][j].entries):
                 continue
             issued.add(key)
-            self.prefetch(layer, j, p)
-            self._stats["orders_issued"] += 1
+            self.prefetch(layer, j, prio[j])
+            orders += 1
+        self._stats["orders_issued"] += orders

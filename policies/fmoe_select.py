@@ -121,3 +121,25 @@ def select_row(
             mask = _select_one(np.asarray(probs, np.float32), float(score), k, use_delta)
             return np.flatnonzero(mask).tolist()
     return sorted(order[:k])
+
+
+def select_rows(
+    probs: np.ndarray, scores: np.ndarray, top_k: int, use_delta: bool, order: np.ndarray
+) -> list[list[int]]:
+    """:func:`select_row` of each row of ``probs`` [R, J] with its score of ``scores`` [R]
+    (same experts), each selection listed by descending probability, ties to the lower
+    id; ``order`` [R, J] is each row's experts in that order.
+
+    The fast path's test (top-K mass clear of the threshold) runs on all rows at once;
+    only rows near or under the threshold take the exact single-row computation.
+    """
+    k = min(max(int(top_k), 1), probs.shape[1])
+    picks: list[list[int]] = order[:, :k].tolist()
+    if not use_delta:
+        return picks
+    thr = np.minimum(1.0 - scores.astype(np.float64), 1.0) - _CUM_TOL
+    mass = np.take_along_axis(probs, order[:, :k], axis=1).astype(np.float64).sum(axis=1)
+    for r in np.flatnonzero((thr > 0) & (mass < thr + _FAST_MARGIN)).tolist():
+        mask = _select_one(probs[r], float(scores[r]), k, use_delta)
+        picks[r] = [j for j in order[r].tolist() if mask[j]]
+    return picks
