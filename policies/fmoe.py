@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -539,14 +538,17 @@ class FmoePolicy(Policy):
         if rows.shape != (B, L, J):
             return None  # not this iteration's rows: search layer by layer
         cum_dots = np.matmul(rows.transpose(1, 0, 2), store.maps[:, :n].transpose(0, 2, 1))
-        # running float32 sums in layer order, [L, B, n], one add per layer on views made at
-        # once (np.cumsum over axis 0 walks the array column by column, several times slower)
-        for prev, cur in pairwise(list(cum_dots)):
-            np.add(cur, prev, out=cur)
+        # running float32 sums in layer order, [L, B, n], one in-place add per layer view
+        # (np.cumsum over axis 0 walks the array column by column, several times slower)
+        layers = iter(cum_dots)
+        prev = next(layers)
+        for cur in layers:
+            cur += prev
+            prev = cur
         cum_norm2 = np.cumsum(np.einsum("blj,blj->lb", rows, rows), axis=0)  # [L, B]
         sims = cum_dots * store.inv_prefix[:, None, :n]
         best = sims.argmax(axis=2)  # [L, B]
-        top = np.take_along_axis(sims, best[:, :, None], axis=2)[:, :, 0]
+        top = sims[np.arange(L)[:, None], np.arange(B), best]  # [L, B]
         score = top * _inv_sqrt(cum_norm2)
         plan = _SearchPlan(
             rows, cum_dots, cum_norm2, best.tolist(), score.tolist(), n, store.version
@@ -554,10 +556,7 @@ class FmoePolicy(Policy):
         d = self.distance
         if B == 1 and L > d:  # decode: every gate's prediction and orders, at once
             targets = store.maps[np.arange(d, L), best[: L - d, 0]]  # [L - d, J]
-            order = np.argsort(-targets, axis=1, kind="stable")
-            picks = select_rows(targets, score[: L - d, 0], self.spec.top_k, self.use_delta, order)
-            # p / d in float64: what _issue_row divides, with Python floats
-            prio = (targets.astype(np.float64) / float(d)).tolist()
+            picks, prio = self._row_orders(targets, score[: L - d, 0], np.float64(d))
             plan.targets = list(zip(targets.tolist(), picks, prio, strict=True))
         return plan
 
@@ -626,6 +625,18 @@ class FmoePolicy(Policy):
             )
         merged = merge_priorities(probs, mask, layer, now_layer)
         self._order(it, layer, sorted(merged, key=lambda j: (-merged[j], j)), merged)
+
+    def _row_orders(
+        self, rows: np.ndarray, scores: np.ndarray, dist: np.floating
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """:meth:`_issue_row`'s selection and priorities for R one-row predictions at once
+        (its per-row Python costs more from a few rows on): rows [R, J] with their scores
+        [R], ``dist`` the float64 layer distance (so p / dist is Python's float division).
+        Returns each row's selected experts, best first, and every expert's priority."""
+        assert self.spec is not None
+        order = np.argsort(-rows, axis=1, kind="stable")
+        picks = select_rows(rows, scores, self.spec.top_k, self.use_delta, order)
+        return picks, (rows / dist).tolist()
 
     def _issue_row(
         self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int

@@ -62,17 +62,24 @@ def select_experts(
 def _select_one(p: np.ndarray, score: float, k: int, use_delta: bool) -> np.ndarray:
     """select_experts for one row with fewer numpy calls (the decode-time common case)."""
     order = np.argsort(-p, kind="stable")
-    n = k
-    if use_delta:
-        thr = min(1.0 - score, 1.0) - _CUM_TOL
-        cum = np.cumsum(p[order])
-        n = max(int(np.searchsorted(cum, thr, side="left")) + 1, k)  # first index with cum >= thr
-    chosen = order[:n]
-    if n > k:
-        chosen = np.concatenate([chosen[:k], chosen[k:][p[chosen[k:]] > 0.0]])
+    chosen = (
+        _delta_picks(order.tolist(), p, np.cumsum(p[order]), score, k) if use_delta else order[:k]
+    )
     mask = np.zeros(p.shape[0], bool)
     mask[chosen] = True
     return mask
+
+
+def _delta_picks(
+    order: list[int], p: np.ndarray, cum: np.ndarray, score: float, k: int
+) -> list[int]:
+    """The similarity-aware selection of one row, best first: ``order`` its experts by
+    descending probability ``p``, ``cum`` the float32 running sums of ``p`` in that order.
+    The fewest experts whose mass reaches delta = 1 - score (less _CUM_TOL), never fewer
+    than k; beyond the first k, experts of probability exactly 0 are skipped."""
+    thr = min(1.0 - score, 1.0) - _CUM_TOL
+    n = max(int(np.searchsorted(cum, thr, side="left")) + 1, k)  # first index with cum >= thr
+    return order[:k] + [j for j in order[k:n] if p[j] > 0.0]
 
 
 def merge_priorities(
@@ -99,11 +106,9 @@ def select_row(
     score: float,
     top_k: int,
     use_delta: bool = True,
-    order: list[int] | None = None,
 ) -> list[int]:
     """:func:`select_experts` for one row [J] (float32 values, as an array or a list of
-    them), as ascending expert ids (same result). ``order``: the experts by descending
-    probability, ties to the lower id, when the caller already has it.
+    them), as ascending expert ids (same result).
 
     The decode-time hot path: with a confident match the threshold 1 - score is already
     covered by the top-K mass, so the answer is the top-K, found with Python on the row's
@@ -113,8 +118,8 @@ def select_row(
     p = probs.tolist() if isinstance(probs, np.ndarray) else probs
     J = len(p)
     k = min(max(int(top_k), 1), J)
-    if order is None:  # descending; reverse keeps the sort stable: ties to the lower id
-        order = sorted(range(J), key=p.__getitem__, reverse=True)
+    # descending; reverse keeps the sort stable: ties to the lower id
+    order = sorted(range(J), key=p.__getitem__, reverse=True)
     if use_delta:
         thr = min(1.0 - float(score), 1.0) - _CUM_TOL
         if thr > 0 and sum(p[j] for j in order[:k]) < thr + _FAST_MARGIN:
@@ -134,12 +139,15 @@ def select_rows(
     only rows near or under the threshold take the exact single-row computation.
     """
     k = min(max(int(top_k), 1), probs.shape[1])
-    picks: list[list[int]] = order[:, :k].tolist()
+    top = order[:, :k]
+    picks: list[list[int]] = top.tolist()
     if not use_delta:
         return picks
     thr = np.minimum(1.0 - scores.astype(np.float64), 1.0) - _CUM_TOL
-    mass = np.take_along_axis(probs, order[:, :k], axis=1).astype(np.float64).sum(axis=1)
-    for r in np.flatnonzero((thr > 0) & (mass < thr + _FAST_MARGIN)).tolist():
-        mask = _select_one(probs[r], float(scores[r]), k, use_delta)
-        picks[r] = [j for j in order[r].tolist() if mask[j]]
+    mass = probs[np.arange(len(probs))[:, None], top].sum(axis=1, dtype=np.float64)
+    slow = np.flatnonzero((thr > 0) & (mass < thr + _FAST_MARGIN))
+    if len(slow):  # the exact rule; running sums along rows are the same sequential adds
+        cums = np.cumsum(np.take_along_axis(probs[slow], order[slow], axis=1), axis=1)
+        for r, cum in zip(slow.tolist(), cums, strict=True):
+            picks[r] = _delta_picks(order[r].tolist(), probs[r], cum, float(scores[r]), k)
     return picks

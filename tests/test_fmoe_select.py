@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.fmoe_select import merge_priorities, select_experts, select_row, topk_rows
+from policies.fmoe_select import (
+    merge_priorities,
+    select_experts,
+    select_row,
+    select_rows,
+    topk_rows,
+)
 
 ROW = np.array([[0.1, 0.5, 0.1, 0.3]], np.float32)  # sorted: e1 .5, e3 .3, e0 .1, e2 .1
 
@@ -112,9 +118,35 @@ def test_select_row_fast_path_equals_select_experts(logits, score, k, use_delta)
     mask = select_experts(p[None, :], np.array([score], np.float32), top_k=k, use_delta=use_delta)
     got = select_row(p, float(np.float32(score)), k, use_delta=use_delta)
     assert got == np.flatnonzero(mask[0]).tolist()
-    # as the precomputed plan calls it: a list and its descending order (ties: lower id)
-    order = np.argsort(-p, kind="stable").tolist()
-    assert select_row(p.tolist(), float(np.float32(score)), k, use_delta, order=order) == got
+    assert select_row(p.tolist(), float(np.float32(score)), k, use_delta) == got  # as a list
+
+
+@given(
+    logits=st.lists(
+        st.lists(
+            st.sampled_from([-2.0, 0.0, 0.5, 3.0]) | st.floats(-6, 6, width=32),
+            min_size=5,
+            max_size=5,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    scores=st.lists(st.floats(-1, 1, width=32) | st.just(1.0), min_size=6, max_size=6),
+    k=st.integers(1, 4),
+    use_delta=st.booleans(),
+    zero_last=st.booleans(),
+)
+def test_select_rows_equals_select_row_per_row_best_first(logits, scores, k, use_delta, zero_last):
+    z = np.array(logits, np.float32)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    p = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    if zero_last:  # a probability of exactly 0: skipped beyond the top-K
+        p[:, -1] = 0.0
+    s = np.array(scores[: len(p)], np.float32)
+    got = select_rows(p, s, k, use_delta, np.argsort(-p, axis=1, kind="stable"))
+    for r in range(len(p)):
+        want = select_row(p[r], float(s[r]), k, use_delta)
+        assert got[r] == sorted(want, key=lambda j: (-p[r, j], j))
 
 
 @pytest.mark.parametrize("score, k", [(1.0, 1), (0.5, 1), (0.3, 1), (0.15, 1), (0.0, 1), (1.0, 2)])
