@@ -193,14 +193,14 @@ class ExpertMapStore:
             raise InputError(
                 f"prepared embedding width {q.shape[1]} differs from the store's {self.embed_width}"
             )
-        flat = maps.reshape(N, L * J)
-        norms = np.linalg.norm(flat, axis=1)
         slots = np.empty(N, np.int64)
         if N <= self.capacity - self.size:  # room for all: plain appends, no similarity needed
             for i in range(N):
                 slots[i] = self._write(self.size, maps[i], None if q is None else q[i])
                 self.size += 1
             return slots
+        flat = maps.reshape(N, L * J)
+        norms = np.linalg.norm(flat, axis=1)
         n0, C = self.size, self.capacity
         s_sem = np.zeros((N, C), np.float32)
         s_traj = np.zeros((N, C), np.float32)
@@ -215,9 +215,9 @@ class ExpertMapStore:
             for layer in range(L):
                 dots += maps[:, layer] @ self.maps[layer, :n0].T
             s_traj[:, :n0] = safe_cosine(dots, norms, np.sqrt(self.cumsq[L - 1, :n0]))
-        # similarities among the new rows, for rows written earlier in this batch
-        g_sem = q @ q.T if q is not None else np.zeros((N, N), np.float32)
-        g_traj = safe_cosine(flat @ flat.T, norms, norms)
+        if N > 1:  # similarities among the new rows, for rows written after them in this batch
+            g_sem = q @ q.T if q is not None else np.zeros((N, N), np.float32)
+            g_traj = safe_cosine(flat @ flat.T, norms, norms)
         for i in range(N):
             if self.size < C:
                 slot = self.size
@@ -225,8 +225,9 @@ class ExpertMapStore:
             else:
                 slot = int(np.argmax(self.redundancy(s_sem[i], s_traj[i])))
             slots[i] = self._write(slot, maps[i], None if q is None else q[i])
-            s_sem[i + 1 :, slot] = g_sem[i + 1 :, i]
-            s_traj[i + 1 :, slot] = g_traj[i + 1 :, i]
+            if i + 1 < N:
+                s_sem[i + 1 :, slot] = g_sem[i + 1 :, i]
+                s_traj[i + 1 :, slot] = g_traj[i + 1 :, i]
         return slots
 
     def _write(self, slot: int, m: np.ndarray, e: np.ndarray | None) -> int:
