@@ -121,8 +121,8 @@ class _SearchPlan:
     rows: np.ndarray  # [B, L, J] gate rows
     cum_dots: np.ndarray  # [L, B, n] running dot products after layer l
     cum_norm2: np.ndarray  # [L, B] squared norm of the prefix 0..l
-    best: list[list[int]]  # [L][B] best stored row after layer l
-    score: list[list[float]]  # [L][B] its match score
+    best: np.ndarray  # [L - d, B] best stored row after layer l (layers predicting one)
+    score: np.ndarray  # [L - d, B] its match score (float32)
     n: int  # store size (and version below) the plan is exact for
     version: int
     next_layer: int = 0  # layers consumed in order so far
@@ -427,7 +427,8 @@ class FmoePolicy(Policy):
         self._issue(it, target, rows, score_rows, now_layer=g)
 
     def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
-        self._now = max(self._now, now)
+        if now > self._now:  # max(), without its call: this runs for every expert used
+            self._now = now
         if self._count_uses and self._freq:
             self._freq[key[0]][key[1]] += 1
 
@@ -477,7 +478,7 @@ class FmoePolicy(Policy):
         pred, tie = self._pred, _TIE_EPS / (abs(self._now) + 1.0)
         if not pred:  # unbound: no forecast, p = 0
             return [tie * e.last_used for e in entries]
-        return [pred[k[0]][k[1]] * e.uses + tie * e.last_used for e in entries for k in (e.key,)]
+        return [pred[lay][j] * e.uses + tie * e.last_used for e in entries for lay, j in (e.key,)]
 
     # -- helpers ------------------------------------------------------------------------
     def _need_store(self) -> ExpertMapStore:
@@ -546,17 +547,16 @@ class FmoePolicy(Policy):
             cur += prev
             prev = cur
         cum_norm2 = np.cumsum(np.einsum("blj,blj->lb", rows, rows), axis=0)  # [L, B]
-        sims = cum_dots * store.inv_prefix[:, None, :n]
-        best = sims.argmax(axis=2)  # [L, B]
-        top = sims[np.arange(L)[:, None], np.arange(B), best]  # [L, B]
-        score = top * _inv_sqrt(cum_norm2)
-        plan = _SearchPlan(
-            rows, cum_dots, cum_norm2, best.tolist(), score.tolist(), n, store.version
-        )
         d = self.distance
-        if B == 1 and L > d:  # decode: every gate's prediction and orders, at once
-            targets = store.maps[np.arange(d, L), best[: L - d, 0]]  # [L - d, J]
-            picks, prio = self._row_orders(targets, score[: L - d, 0], np.float64(d))
+        T = L - d  # the layers g whose search predicts layer g + d
+        sims = cum_dots[:T] * store.inv_prefix[:T, None, :n]
+        best = sims.argmax(axis=2)  # [T, B]
+        top = sims[np.arange(T)[:, None], np.arange(B), best]
+        score = top * _inv_sqrt(cum_norm2[:T])
+        plan = _SearchPlan(rows, cum_dots, cum_norm2, best, score, n, store.version)
+        if B == 1 and T > 0:  # decode: every gate's prediction and orders, at once
+            targets = store.maps[np.arange(d, L), best[:, 0]]  # [T, J]
+            picks, prio = self._row_orders(targets, score[:, 0], np.float64(d))
             plan.targets = list(zip(targets.tolist(), picks, prio, strict=True))
         return plan
 
@@ -584,7 +584,7 @@ class FmoePolicy(Policy):
             return
         rows = store.maps[target, plan.best[g], :]
         self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
-        self._issue(it, target, rows, np.asarray(plan.score[g], np.float32), now_layer=g)
+        self._issue(it, target, rows, plan.score[g], now_layer=g)
 
     def _drop_plan(self, it: _IterState) -> None:
         """Leave the plan: the running state becomes what on_gate would have built over
