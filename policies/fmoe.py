@@ -350,11 +350,26 @@ class FmoePolicy(Policy):
         n = store.size
         if ev.gates is not None and n > 0 and B * store.num_layers * n <= PLAN_MAX_ELEMENTS:
             it.plan = self._plan(ev.gates, B, store)
+        lead = self._semantic_search(it, has, store)
+        if it.plan is not None and B == 1:
+            self._plan_decode(it, it.plan, lead, store)
+        elif lead is not None:
+            pred, score = lead
+            for layer in range(self.distance):
+                self._issue(it, layer, pred[layer], score, now_layer=-1)
+
+    def _semantic_search(
+        self, it: _IterState, has: np.ndarray, store: ExpertMapStore
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Step 1 for the rows with an embedding (``has``): fill ``it.sem``; with the
+        semantic prediction on, forecast layers 0..d-1 (``_pred``) and return the searched
+        maps' first d layers [d, R, J] and match scores [R] (None when nothing was searched)."""
+        n = store.size
         if it.query is None or n == 0:
-            return
+            return None
         it.sem[:, :n] = store.semantic_scores(it.query)
         if not self.use_semantic:
-            return  # still computed: the store's RDY needs s_sem at iteration end
+            return None  # still computed: the store's RDY needs s_sem at iteration end
         rows = np.flatnonzero(has)
         best = np.argmax(it.sem[rows, :n], axis=1)
         score = it.sem[rows, best]
@@ -365,8 +380,7 @@ class FmoePolicy(Policy):
         fresh = list(self._pred)  # swapped whole: eviction_score may read it from another thread
         fresh[: self.distance] = pred.max(axis=1).tolist()
         self._pred = fresh
-        for layer in range(self.distance):
-            self._issue(it, layer, pred[layer], score, now_layer=-1)
+        return pred, score
 
     def on_gate(self, ev: GateOutput) -> None:
         """Step 2: add layer g to every row's running dots; predict layer g + d."""
@@ -553,12 +567,32 @@ class FmoePolicy(Policy):
         best = sims.argmax(axis=2)  # [T, B]
         top = sims[np.arange(T)[:, None], np.arange(B), best]
         score = top * _inv_sqrt(cum_norm2[:T])
-        plan = _SearchPlan(rows, cum_dots, cum_norm2, best, score, n, store.version)
-        if B == 1 and T > 0:  # decode: every gate's prediction and orders, at once
-            targets = store.maps[np.arange(d, L), best[:, 0]]  # [T, J]
-            picks, prio = self._row_orders(targets, score[:, 0], np.float64(d))
-            plan.targets = list(zip(targets.tolist(), picks, prio, strict=True))
-        return plan
+        return _SearchPlan(rows, cum_dots, cum_norm2, best, score, n, store.version)
+
+    def _plan_decode(
+        self,
+        it: _IterState,
+        plan: _SearchPlan,
+        lead: tuple[np.ndarray, np.ndarray] | None,
+        store: ExpertMapStore,
+    ) -> None:
+        """One decode row: select the experts of every prediction of the iteration at once,
+        the semantic search's ``lead`` (layers 0..d-1, ordered now) and each gate's
+        trajectory search (kept in ``plan.targets`` for its gate)."""
+        d, L = self.distance, store.num_layers
+        targets = store.maps[np.arange(d, L), plan.best[:, 0]]  # [L - d, J]
+        rows, scores, dist = [targets], [plan.score[:, 0]], [np.full(L - d, float(d))]
+        if lead is not None:  # layer l at now_layer -1: distance l + 1
+            rows.insert(0, lead[0][:, 0])
+            scores.insert(0, np.repeat(lead[1], d))
+            dist.insert(0, np.arange(1.0, d + 1))
+        picks, prio = self._row_orders(
+            np.concatenate(rows), np.concatenate(scores), np.concatenate(dist)[:, None]
+        )
+        first = 0 if lead is None else d
+        for layer in range(first):
+            self._issue_picks(it, layer, picks[layer], prio[layer])
+        plan.targets = list(zip(targets.tolist(), picks[first:], prio[first:], strict=True))
 
     def _planned_gate(
         self,
@@ -627,12 +661,13 @@ class FmoePolicy(Policy):
         self._order(it, layer, sorted(merged, key=lambda j: (-merged[j], j)), merged)
 
     def _row_orders(
-        self, rows: np.ndarray, scores: np.ndarray, dist: np.floating
+        self, rows: np.ndarray, scores: np.ndarray, dist: np.ndarray
     ) -> tuple[list[list[int]], list[list[float]]]:
         """:meth:`_issue_row`'s selection and priorities for R one-row predictions at once
         (its per-row Python costs more from a few rows on): rows [R, J] with their scores
-        [R], ``dist`` the float64 layer distance (so p / dist is Python's float division).
-        Returns each row's selected experts, best first, and every expert's priority."""
+        [R], ``dist`` [R, 1] the float64 layer distances (so p / dist is Python's float
+        division). Returns each row's selected experts, best first, and every expert's
+        priority."""
         assert self.spec is not None
         order = np.argsort(-rows, axis=1, kind="stable")
         picks = select_rows(rows, scores, self.spec.top_k, self.use_delta, order)
