@@ -168,6 +168,7 @@ class FmoePolicy(Policy):
         self.store: ExpertMapStore | None = None
         self.spec: ModelSpec | None = None
         self.distance = 0
+        self._decode_dist = np.zeros((0, 1))
         # searched map's p per [layer][expert]: Python floats, read per cached entry by
         # eviction_score (a list lookup is ~10x cheaper than a numpy scalar read)
         self._pred: list[list[float]] = []
@@ -215,6 +216,9 @@ class FmoePolicy(Policy):
         if d < 1:
             raise InputError(f"policy 'fmoe': prefetch distance must be >= 1, got {d}")
         self.distance = min(int(d), L)
+        # how far ahead each layer is predicted in a decode iteration, as float64 [L, 1]:
+        # layers 0..d-1 by the semantic search (executing layer -1), the rest d ahead
+        self._decode_dist = np.minimum(np.arange(1.0, L + 1), self.distance)[:, None]
         if self.store is None:
             if self.options.store_path:
                 # the file's capacity unless store_capacity was given explicitly
@@ -581,18 +585,15 @@ class FmoePolicy(Policy):
         trajectory search (kept in ``plan.targets`` for its gate)."""
         d, L = self.distance, store.num_layers
         targets = store.maps[np.arange(d, L), plan.best[:, 0]]  # [L - d, J]
-        rows, scores, dist = [targets], [plan.score[:, 0]], [np.full(L - d, float(d))]
-        if lead is not None:  # layer l at now_layer -1: distance l + 1
-            rows.insert(0, lead[0][:, 0])
-            scores.insert(0, np.repeat(lead[1], d))
-            dist.insert(0, np.arange(1.0, d + 1))
-        picks, prio = self._row_orders(
-            np.concatenate(rows), np.concatenate(scores), np.concatenate(dist)[:, None]
-        )
-        first = 0 if lead is None else d
-        for layer in range(first):
+        rows, scores, lo = targets, plan.score[:, 0], d  # predictions of layers lo..L-1
+        if lead is not None:
+            rows = np.concatenate((lead[0][:, 0], targets))
+            scores = np.concatenate((np.repeat(lead[1], d), scores))
+            lo = 0
+        picks, prio = self._row_orders(rows, scores, self._decode_dist[lo:])
+        for layer in range(lo, d):
             self._issue_picks(it, layer, picks[layer], prio[layer])
-        plan.targets = list(zip(targets.tolist(), picks[first:], prio[first:], strict=True))
+        plan.targets = list(zip(targets.tolist(), picks[d - lo :], prio[d - lo :], strict=True))
 
     def _planned_gate(
         self,
