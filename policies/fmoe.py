@@ -459,14 +459,20 @@ class FmoePolicy(Policy):
         if it is None or it.iteration != ev.iteration or not all(it.seen):
             return
         store = self._need_store()
-        if it.plan is not None:
-            self._drop_plan(it)
-        self._refresh(it)
+        plan = it.plan
+        if plan is not None and plan.version == store.version:
+            # every gate came from the plan (in order, as all were seen): its last running
+            # sums are the iteration's, without copying them into the state first
+            observed, dots, norm2 = plan.rows, plan.cum_dots[-1], plan.cum_norm2[-1]
+        else:
+            if plan is not None:
+                self._drop_plan(it)
+            self._refresh(it)
+            observed, dots, norm2 = it.observed, it.dots[:, : store.size], it.norm2
         n = store.size
-        assert self.spec is not None
-        traj = it.dots[:, :n] * store.inv_prefix[-1, :n] * _inv_sqrt(it.norm2)[:, None]
+        traj = dots * store.inv_prefix[-1, :n] * _inv_sqrt(norm2)[:, None]
         store.add_batch(
-            it.observed, it.query, sem=it.sem[:, :n], traj=traj, prepared=it.query is not None
+            observed, it.query, sem=it.sem[:, :n], traj=traj, prepared=it.query is not None
         )
 
     # -- decide -------------------------------------------------------------------------
@@ -717,4 +723,5 @@ class FmoePolicy(Policy):
             issued.add(key)
             self.prefetch(layer, j, prio[j])
             orders += 1
-        self._stats["orders_issued"] += orders
+        if orders:
+            self._stats["orders_issued"] += orders
