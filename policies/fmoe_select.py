@@ -135,8 +135,9 @@ def select_rows(
     (same experts), each selection listed by descending probability, ties to the lower
     id; ``order`` [R, J] is each row's experts in that order.
 
-    The fast path's test (top-K mass clear of the threshold) runs on all rows at once;
-    only rows near or under the threshold take the exact single-row computation.
+    select_row's fast-path test (top-K mass clear of the threshold) runs on all rows at
+    once, the mass summed in float64 (any last-bit difference from Python's sum lies far
+    inside _FAST_MARGIN); only rows near or under the threshold take the exact rule.
     """
     k = min(max(int(top_k), 1), probs.shape[1])
     top = order[:, :k]
