@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from calibration.errors import InputError
 from calibration.model_spec import ModelSpec
-from policies.cache import CacheEntry, ExpertCache, ExpertKey, lru_score
+from policies.cache import CacheEntry, ExpertCache, ExpertKey, by_recency, lru_score
 from policies.placement import Placement
 
 
@@ -253,6 +253,20 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
         same values (a batch form only saves a Python call per entry)."""
         score = self.eviction_score
         return [score(e) for e in entries]
+
+
+class RecencyEviction:
+    """Mixin for a policy that evicts the least recently used expert (put it before
+    :class:`Policy` in the bases): its batch scorer is marked :func:`by_recency`, so the
+    cache answers from its recency order instead of scoring every entry (same choice)."""
+
+    def eviction_score(self, entry: CacheEntry) -> float:
+        """Lower goes first: the oldest last use."""
+        return entry.last_used
+
+    @by_recency
+    def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
+        return [e.last_used for e in entries]
 
 
 def _first_line(exc: Exception) -> str:

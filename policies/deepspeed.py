@@ -23,9 +23,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from policies.base import GateOutput, Policy, PolicyContext, PolicyOptions
+from policies.base import GateOutput, Policy, PolicyContext, PolicyOptions, RecencyEviction
 from policies.baseline_common import layer_reserve, select_orders
-from policies.cache import CacheEntry
 from policies.registry import register_policy
 
 
@@ -36,7 +35,7 @@ class DeepSpeedOptions(PolicyOptions):
 
 
 @register_policy
-class DeepSpeed(Policy):
+class DeepSpeed(RecencyEviction, Policy):
     name = "deepspeed"
     description = (
         "DeepSpeed-Inference: layer-wise, expert-agnostic on-demand fetch of the running layer, "
@@ -63,7 +62,3 @@ class DeepSpeed(Policy):
             ctx, self._ones[: rest.size], layers, rest, layer_reserve(ctx, ev.layer, chosen)
         ):
             self.prefetch(o.layer, o.expert, o.priority)
-
-    def eviction_score(self, entry: CacheEntry) -> float:
-        """Least recently used goes first."""
-        return entry.last_used

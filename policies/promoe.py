@@ -38,9 +38,9 @@ from policies.base import (
     Policy,
     PolicyContext,
     PolicyOptions,
+    RecencyEviction,
 )
 from policies.baseline_common import check_training, layer_reserve, select_orders, union_top
-from policies.cache import CacheEntry
 from policies.registry import register_policy
 
 DEFAULT_STRIDE = 2
@@ -67,7 +67,7 @@ class ProMoEOptions(PolicyOptions):
 
 
 @register_policy
-class ProMoE(Policy):
+class ProMoE(RecencyEviction, Policy):
     name = "promoe"
     description = (
         "ProMoE: predictor of layer l+d's experts from layer l's choice (trained on a "
@@ -197,10 +197,6 @@ class ProMoE(Policy):
             return
         self._online_tokens += self._learn(np.stack(self._iter_ids, axis=1))
         self._iter_ids = [None] * self._L
-
-    def eviction_score(self, entry: CacheEntry) -> float:
-        """Least recently used goes first."""
-        return entry.last_used
 
     def metadata(self) -> dict[str, Any]:
         return {
