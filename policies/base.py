@@ -29,7 +29,7 @@ import math
 from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -114,9 +114,11 @@ class IterationEnd:
 
 
 # -- decisions ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PrefetchOrder:
-    """Load (layer, expert) ahead of use; higher priority goes first."""
+class PrefetchOrder(NamedTuple):
+    """Load (layer, expert) ahead of use; higher priority goes first.
+
+    Immutable and hashable; a NamedTuple rather than a frozen dataclass because policies
+    build one per order (about half the cost)."""
 
     layer: int
     expert: int
