@@ -320,6 +320,7 @@ class Engine:
             log.span("compute", 0, "head", t, t + head_t)
         t += head_t
         h_gate, h_used, all_items = self._h_gate, self._h_used, it.items
+        plain = self._plain_decide
         demand, land_ahead, protected = self._demand, self._land_ahead, links.protected
         alone = batch[0] if it.per_request is None else None  # one request: its counts
         for moe, hand, stage in self.plan:
@@ -397,7 +398,9 @@ class Engine:
             if h_used:
                 for e, tok in items:
                     policy.on_expert_used((layer, e), tok, t)
-                    self._drain(t)
+                    # _drain's early return, tested here: this runs per expert used
+                    if not plain or policy._enqueue or policy._cancel:
+                        self._drain(t)
             self.layer_steps += 1
         if nxt <= t:
             yield env.timeout(t - env.now)
@@ -650,7 +653,7 @@ class Engine:
     def _unprotect(self, layer: int) -> None:
         """The layer has passed: its prefetched entries lose their protection."""
         devices = self.links.protected[layer]
-        for g in sorted(devices):
+        for g in devices:  # any order: each call changes only its own device's cache
             self.caches[g].unprotect_layer(layer)
         devices.clear()
 
