@@ -57,6 +57,7 @@ from sim.events import EventLog
 
 _SUSPEND, _CANCEL = 1, 2
 _RESIDENT = ExpertState.RESIDENT  # a global: ExpertState.X costs an enum lookup (~80 ns)
+_INF = math.inf  # a global: read per demand load
 
 
 class _Job:
@@ -151,7 +152,8 @@ class Link:
         forgotten either way (:meth:`take_queued`)."""
         if self.queued:
             self.take_queued(key)
-        cache, scores = self.cache, self.owner.scores
+        owner = self.owner
+        cache, scores = self.cache, owner.scores
         try:
             cache.begin_load(key, now, prefetch=False, scores=scores, pin=True)
         except CacheFullError:
@@ -161,7 +163,7 @@ class Link:
                 cache.begin_load(key, now, prefetch=False, scores=scores, pin=True)
             except CacheFullError:
                 return False
-        job = _Job(key, True, self.ebytes, math.inf, self.owner.next_seq(), self.owner.stamp)
+        job = _Job(key, True, self.ebytes, _INF, owner.next_seq(), owner.stamp)
         if not self.demand_q and not self.heap:
             # nothing queued could go first: start on an idle channel as _kick would
             for ch in self.channels:
@@ -328,8 +330,13 @@ class Link:
         seg = job.remaining
         ch.start, ch.t0, ch.seg, ch.rate = now, now + lat, seg, rate
         end = ch.end = ch.t0 + seg / rate
-        ch.gen += 1  # as _schedule(ch, now), one call less per copy
-        self.owner.push(end if end > now else now, self, ch)
+        # as _schedule(ch, now) and Links.push, inlined: this runs per copy and segment
+        ch.gen += 1
+        when = end if end > now else now
+        owner = self.owner
+        heapq.heappush(owner._events, (when, owner.next_seq(), ch.gen, self, ch))
+        if when < owner.due:
+            owner.due = when
         if new_run and self.shared:
             self._rerate(now, ch)
 
