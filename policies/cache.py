@@ -316,7 +316,11 @@ class ExpertCache:
         c = self.counters
         evicted: list[ExpertKey] = []
         while len(entries) >= self.capacity:
-            victim = self._victim(scores)
+            # _victim's by_recency branch, tested here: this runs for every load once full
+            if scores is self._scorer and self._scorer_recent and self._in_order:
+                victim = self._least_recent()
+            else:
+                victim = self._victim(scores)
             if victim is None:
                 raise CacheFullError(
                     f"device {self.device}: all {self.capacity} slots pinned or loading"
