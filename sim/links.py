@@ -416,8 +416,12 @@ class Link:
         if self.shared:
             self._rerate(now, None)
         if job.remaining <= 0:
-            self.cache.finish_load(key, now)
-            self.owner.loaded(self, key, now)
+            cache, owner = self.cache, self.owner
+            cache.finish_load(key, now)
+            # count the freed slot, then tell the policy (inline: this runs per copy)
+            owner.slot_frees[self.device] += 1
+            if owner.on_load is not None:
+                owner.on_load(key, cache.entries[key].by_prefetch, now)
         elif job.stop == _SUSPEND:
             self.stats["preemptions"] += 1
             job.stop = 0
@@ -571,10 +575,3 @@ class Links:
 
     def slot_freed(self, device: int) -> None:
         self.slot_frees[device] += 1
-
-    def loaded(self, link: Link, key: ExpertKey, now: float) -> None:
-        """A copy landed: count the freed slot, then tell the policy."""
-        self.slot_frees[link.device] += 1
-        if self.on_load is not None:
-            entry = link.cache.entries[key]
-            self.on_load(key, entry.by_prefetch, now)
