@@ -186,7 +186,7 @@ class Engine:
         (L, J), dev = self.experts_shape, self.dev_table
         finite = math.isfinite
         for order in dec.enqueue:
-            lay, e, pri = order.layer, order.expert, order.priority
+            lay, e, pri = order  # a NamedTuple: one unpacking, not three attribute reads
             if not (0 <= lay < L and 0 <= e < J and finite(pri)):
                 validate_order(order, self.spec)  # raises the one-line InputError
             links.links[dev[lay][e]].enqueue((lay, e), pri, stamp, now)
