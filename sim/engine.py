@@ -321,6 +321,9 @@ class Engine:
         t += head_t
         h_gate, h_used, all_items = self._h_gate, self._h_used, it.items
         plain = self._plain_decide
+        # per-step counters as locals, written back after the last layer (nothing reads
+        # them meanwhile; the run always finishes its iterations): ~40 ns less per update
+        gate_seq, stall, steps = self.gate_seq, self.stall_s, self.layer_steps
         demand, land_ahead, protected = self._demand, self._land_ahead, links.protected
         alone = batch[0] if it.per_request is None else None  # one request: its counts
         for moe, hand, stage in self.plan:
@@ -333,8 +336,8 @@ class Engine:
                 continue
             t += over_t
             layer = moe
-            self.gate_seq += 1
-            links.stamp = links.last_gate[layer] = self.gate_seq
+            gate_seq += 1
+            links.stamp = links.last_gate[layer] = gate_seq
             if nxt <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
@@ -378,7 +381,7 @@ class Engine:
                 if t_layer is None:
                     t_layer, t = yield from self._wait_compute(slow, comp, used, layer, items, t)
                     nxt = peek()
-                self.stall_s += t_layer - t - ideal
+                stall += t_layer - t - ideal
             t = t_layer + exch_t
             if nxt <= t:
                 yield env.timeout(t - env.now)
@@ -401,7 +404,8 @@ class Engine:
                     # _drain's early return, tested here: this runs per expert used
                     if not plain or policy._enqueue or policy._cancel:
                         self._drain(t)
-            self.layer_steps += 1
+            steps += 1
+        self.gate_seq, self.stall_s, self.layer_steps = gate_seq, stall, steps
         if nxt <= t:
             yield env.timeout(t - env.now)
             t = max(t, env.now)
