@@ -325,8 +325,17 @@ class ExpertCache:
                 raise CacheFullError(
                     f"device {self.device}: all {self.capacity} slots pinned or loading"
                 )
-            self._drop_evicted(victim)  # resident and unpinned by choice: no checks
-            evicted.append(victim.key)
+            # _drop_evicted(victim), inlined (runs per load once full); resident and
+            # unpinned by choice: no checks
+            vkey = victim.key
+            del entries[vkey]
+            del self._recency[vkey]
+            if victim.protected:
+                self._protected.discard(vkey)
+            c.evictions += 1
+            if victim.by_prefetch and not victim.prefetch_used:
+                c.prefetches_wasted += 1
+            evicted.append(vkey)
         # positional: key, state, loaded_at, last_used, uses, pins, protected, by_prefetch
         entries[key] = self._recency[key] = CacheEntry(
             key, _LOADING, now, now, 0, 1 if pin else 0, prefetch, prefetch
