@@ -93,6 +93,11 @@ def _landed(pending: list[tuple[dict, ExpertKey]]) -> bool:
     return all(entries[k].state is resident for entries, k in pending)
 
 
+def _layer_views(a: np.ndarray | None) -> list[np.ndarray] | None:
+    """``a[:, layer]`` of every layer of a [B, L, ...] array (views), None for None."""
+    return None if a is None else list(a.swapaxes(0, 1))
+
+
 def _overrides(policy: Policy, hook: str) -> bool:
     return getattr(type(policy), hook) is not getattr(Policy, hook)
 
@@ -301,10 +306,13 @@ class Engine:
         exch_t = timing.exchange(rows)
         over_t = self.compute_model.layer_overhead(policy.name, rows)
         weights = probs = look = None
+        ids_l = w_l = probs_l = look_l = None
         if self._h_gate:
             weights = stack_field(batch, it.slices, "topk_weights")
             probs = stack_field(batch, it.slices, "gate_probs") if self.has_probs else None
             look = stack_field(batch, it.slices, "lookahead") if self.has_look else None
+            # each layer's rows, a[:, layer], made at once (in C) for the gate outputs
+            ids_l, w_l, probs_l, look_l = map(_layer_views, (it.ids, weights, probs, look))
         if self._h_start:
             if nxt <= t:
                 yield env.timeout(t - env.now)
@@ -345,15 +353,15 @@ class Engine:
             if links.due <= t:
                 links.advance(t)
             if h_gate:
-                assert weights is not None
+                assert ids_l is not None and w_l is not None
                 policy.on_gate(
                     GateOutput(
                         self.iterations,
                         layer,
-                        it.ids[:, layer],
-                        weights[:, layer],
-                        None if probs is None else probs[:, layer],
-                        None if look is None else look[:, layer],
+                        ids_l[layer],
+                        w_l[layer],
+                        None if probs_l is None else probs_l[layer],
+                        None if look_l is None else look_l[layer],
                         t,
                     )
                 )
