@@ -325,17 +325,8 @@ class ExpertCache:
                 raise CacheFullError(
                     f"device {self.device}: all {self.capacity} slots pinned or loading"
                 )
-            # _drop_evicted(victim), inlined (runs per load once full); resident and
-            # unpinned by choice: no checks
-            vkey = victim.key
-            del entries[vkey]
-            del self._recency[vkey]
-            if victim.protected:
-                self._protected.discard(vkey)
-            c.evictions += 1
-            if victim.by_prefetch and not victim.prefetch_used:
-                c.prefetches_wasted += 1
-            evicted.append(vkey)
+            self._drop_evicted(victim)  # resident and unpinned by choice: no checks
+            evicted.append(victim.key)
         # positional: key, state, loaded_at, last_used, uses, pins, protected, by_prefetch
         entries[key] = self._recency[key] = CacheEntry(
             key, _LOADING, now, now, 0, 1 if pin else 0, prefetch, prefetch
@@ -420,23 +411,11 @@ class ExpertCache:
     def demand_and_pin(self, key: ExpertKey) -> ExpertState:
         """:meth:`demand` ``key`` and :meth:`pin` it when cached, in one call; returns its
         state (RESIDENT: a hit; LOADING: a miss, now pinned; ABSENT: a miss, not pinned)."""
-        # _count_demand, inlined: this runs for every expert of every layer step
-        c = self.counters
-        c.demands += 1
-        e = self.entries.get(key)
+        e = self._count_demand(key)
         if e is None:
-            c.misses += 1
             return _ABSENT
-        state = e.state
-        if state is _RESIDENT:
-            c.hits += 1
-        else:
-            c.misses += 1
-        if e.by_prefetch and not e.prefetch_used:
-            e.prefetch_used = True
-            c.prefetches_used += 1
         e.pins += 1
-        return state
+        return e.state
 
     def _count_demand(self, key: ExpertKey) -> CacheEntry | None:
         """Count a demand of ``key`` (a hit iff RESIDENT); returns its entry, if cached."""
