@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from calibration.errors import InputError
 from calibration.model_spec import ModelSpec
-from policies.cache import CacheEntry, ExpertCache, ExpertKey, by_recency, lru_score
+from policies.cache import CacheEntry, ExpertCache, ExpertKey, by_recency, lru_score, lru_scores
 from policies.placement import Placement
 
 
@@ -259,17 +259,14 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
 
 
 class RecencyEviction:
-    """Mixin for a policy that evicts the least recently used expert (put it before
-    :class:`Policy` in the bases): its batch scorer is marked :func:`by_recency`, so the
-    cache answers from its recency order instead of scoring every entry (same choice)."""
-
-    def eviction_score(self, entry: CacheEntry) -> float:
-        """Lower goes first: the oldest last use."""
-        return entry.last_used
+    """Mixin for a policy that evicts the least recently used expert, Policy's default
+    ``eviction_score`` (put it before :class:`Policy` in the bases): its batch scorer is
+    :func:`~policies.cache.lru_scores`, marked :func:`by_recency`, so the cache answers
+    from its recency order instead of scoring every entry (same choice)."""
 
     @by_recency
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
-        return [e.last_used for e in entries]
+        return lru_scores(entries)
 
 
 def _first_line(exc: Exception) -> str:

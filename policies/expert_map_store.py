@@ -200,6 +200,9 @@ class ExpertMapStore:
                 self.size += 1
             return slots
         flat = maps.reshape(N, L * J)
+        # the new rows' norms: for their similarities to the stored rows (unless given) and
+        # to each other (a batch of several)
+        norms = np.linalg.norm(flat, axis=1) if traj is None or N > 1 else None
         n0, C = self.size, self.capacity
         s_sem = np.zeros((N, C), np.float32)
         s_traj = np.zeros((N, C), np.float32)
@@ -213,11 +216,9 @@ class ExpertMapStore:
             dots = np.zeros((N, n0), np.float32)
             for layer in range(L):
                 dots += maps[:, layer] @ self.maps[layer, :n0].T
-            norms = np.linalg.norm(flat, axis=1)
             s_traj[:, :n0] = safe_cosine(dots, norms, np.sqrt(self.cumsq[L - 1, :n0]))
         if N > 1:  # similarities among the new rows, for rows written after them in this batch
             g_sem = q @ q.T if q is not None else np.zeros((N, N), np.float32)
-            norms = np.linalg.norm(flat, axis=1)
             g_traj = safe_cosine(flat @ flat.T, norms, norms)
         for i in range(N):
             if self.size < C:

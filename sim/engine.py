@@ -333,7 +333,6 @@ class Engine:
         # them meanwhile; the run always finishes its iterations): ~40 ns less per update
         gate_seq, stall, steps = self.gate_seq, self.stall_s, self.layer_steps
         demand, land_ahead, protected = self._demand, self._land_ahead, links.protected
-        alone = batch[0] if it.per_request is None else None  # one request: its counts
         for moe, hand, stage in self.plan:
             if hand:
                 t += hand_t
@@ -401,11 +400,7 @@ class Engine:
                 cache.use(key, t, unpin=True)
             if protected[layer]:
                 self._unprotect(layer)
-            if alone is not None:
-                alone.demands += len(hitmap)
-                alone.hits += sum(hitmap.values())
-            else:
-                self._attribute(batch, it, layer, hitmap)
+            self._attribute(batch, it, layer, hitmap)
             if h_used:
                 for e, tok in items:
                     policy.on_expert_used((layer, e), tok, t)

@@ -330,13 +330,8 @@ class Link:
         seg = job.remaining
         ch.start, ch.t0, ch.seg, ch.rate = now, now + lat, seg, rate
         end = ch.end = ch.t0 + seg / rate
-        # as _schedule(ch, now) and Links.push, inlined: this runs per copy and segment
-        ch.gen += 1
-        when = end if end > now else now
-        owner = self.owner
-        heapq.heappush(owner._events, (when, owner.next_seq(), ch.gen, self, ch))
-        if when < owner.due:
-            owner.due = when
+        ch.gen += 1  # as _schedule(ch, now), one call less per copy and segment
+        self.owner.push(end if end > now else now, self, ch)
         if new_run and self.shared:
             self._rerate(now, ch)
 
