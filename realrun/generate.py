@@ -109,12 +109,10 @@ def pad_rows_route_nowhere(experts: Sequence[nn.Module], state: dict[str, torch.
         if real is None:
             return None
         args, kwargs = list(args), dict(kwargs)
-        if len(args) >= 2:
-            idx = args[1]
-        else:
-            idx = kwargs["top_k_index"]
+        positional = len(args) >= 2  # (hidden_states, top_k_index, top_k_weights)
+        idx = args[1] if positional else kwargs["top_k_index"]
         masked = idx.masked_fill(~real.to(idx.device)[:, None], int(mod.num_experts))
-        if len(args) >= 2:
+        if positional:
             args[1] = masked
         else:
             kwargs["top_k_index"] = masked
@@ -203,8 +201,8 @@ def generate_batch(
             real = mask[:, -q:].reshape(-1).bool() if padded else None  # this forward's rows
             state["real"] = None if real is None or bool(real.all()) else real
             rows = _rows(prompts, live, lens, i, state["real"])
-            kwargs = {}
-            if padded:
+            kwargs: dict[str, torch.Tensor] = {}
+            if padded:  # unpadded batches run exactly as an unpadded call (no mask, no ids)
                 pos = mask.cumsum(-1) - 1
                 kwargs = {
                     "attention_mask": mask,

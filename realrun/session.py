@@ -18,6 +18,12 @@ experts modules):
 Event order to the policy follows policies/base.py: on_request_arrival, then per
 iteration on_iteration_start (with the embedding layer's output), on_gate /
 on_expert_used per layer in order, on_iteration_end; on_load_finished as copies land.
+
+Batches (:meth:`RunSession.generate_batch`, static, see realrun.generate): every request
+of a batch arrives when the batch starts (the simulator's closed loop); iteration and
+gate events carry one row per real token of the batch (request ids, positions and
+prefill flags per row, as the simulator's iterations), pad rows never reach the policy,
+the caches (they route to no expert) or the recorder.
 """
 
 from __future__ import annotations
