@@ -121,10 +121,6 @@ def test_a_local_checkpoint_runs_like_its_preset(capsys, tmp_path):
             "needs --link-gbps",
         ),
         (["--model", "tiny-mixtral", "--policy", "lru", "--prompts", "nope"], "unknown prompt set"),
-        (
-            ["--model", "tiny-mixtral", "--policy", "lru", "--batch-size", "0"],
-            "argument --batch-size: expected a positive integer, got 0",
-        ),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(capsys, monkeypatch, argv, message):
@@ -141,6 +137,31 @@ def test_bad_input_is_one_line_and_status_2(capsys, monkeypatch, argv, message):
     out = capsys.readouterr()
     assert rc == 2 and out.out == ""
     assert message in out.err and out.err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--model", "tiny-mixtral", "--policy", "lru"],
+        ["trace", "capture", "--model", "tiny-mixtral", "--out", "x.fmoe"],
+        ["calibrate", "validate", "--profile", "cpu-local"],
+    ],
+)
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_a_bad_batch_size_is_one_line_and_status_2(capsys, argv, bad):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--batch-size", bad])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "argument --batch-size: expected a positive integer" in err
+
+
+def test_a_bad_batch_size_in_a_run_config_is_refused_before_any_work():
+    from calibration.errors import InputError
+    from realrun.runner import RunConfig, prepare
+
+    with pytest.raises(InputError, match="--batch-size must be >= 1, got 0"):
+        prepare(RunConfig(model="tiny-mixtral", prompt_texts=["x"], batch_size=0))
 
 
 def test_a_checkpoint_that_is_not_moe_is_refused_from_its_config(capsys, tmp_path):
