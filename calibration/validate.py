@@ -3,10 +3,14 @@
 1. The real model (built once, experts offloaded) runs the prompts greedily with every
    expert resident and its routing recorded: that trace is the workload of every run
    (outputs are bitwise those of the unmodified model, so every real run routes alike).
-2. For each policy x cache size, the real executor serves the prompts one after another
-   (closed loop, batch size 1, cold cache, the profile's link emulation on the CPU), and
-   the simulator runs the captured trace with the profile, the same policy, cache size,
-   batching, closed-loop arrivals and copy chunk size.
+   The capture runs at the validation's batch size, so its routing is that of the runs.
+2. For each policy x cache size, the real executor serves the prompts in static batches of
+   ``batch_size`` (closed loop: a batch starts when the previous one has finished; cold
+   cache; the profile's link emulation on the CPU), and the simulator runs the captured
+   trace with the profile, the same policy, cache size, batch size, static batching,
+   closed-loop arrivals and copy chunk size. (At batch size 1 static and continuous
+   batching admit alike.) The real executor pads a batch's prompts to one length; the
+   simulator has no padding, so a padded prefill's extra dense work is error it shows.
 3. Errors per metric (:mod:`calibration.sim_error`): per-request TTFT/TPOT/e2e MAPE,
    hit-rate absolute error, stall time; a table, CSV files and a PNG
    (:mod:`calibration.validate_plot`).
@@ -50,6 +54,7 @@ class ValidateConfig:
     num_prompts: int = 4
     max_new_tokens: int = 16
     max_prompt_tokens: int = 64
+    batch_size: int = 1
     chunk_bytes: int = 1 << 20
     store: str = "auto"
     seed: int = 0
@@ -162,6 +167,8 @@ def prepare_validation(cfg: ValidateConfig) -> PreparedValidation:
         )
     if cfg.store not in ("auto", "ram", "file"):
         raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompts = prompt_texts(cfg.prompts, None, cfg.num_prompts)
     threads = profile.compute.torch_threads or torch_threads(RunConfig(model=model, device=device))
@@ -233,6 +240,7 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         policies=cfg.policies,
         cache_experts=prep.caches,
         num_prompts=len(prompts),
+        batch_size=cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
         torch_threads=prep.threads,
         mape_over="requests (every request of every run); *_run_means: over run means",
@@ -287,9 +295,7 @@ def _capture(prep: PreparedValidation, om: Any, prompts: list[Any], bar: Progres
 
     opts = SessionOptions(None, prep.devices, None, prep.cfg.chunk_bytes, record=True)
     with RunSession(om, make_policy(CAPTURE_POLICY), opts) as s:
-        for p in prompts:
-            s.generate(p.request_id, p.ids, prep.cfg.max_new_tokens, prompt_text=p.text)
-            bar.update(1)
+        _serve(s, prompts, prep.cfg.batch_size, prep.cfg.max_new_tokens, bar)
         assert s.recorder is not None
         requests, gens = s.recorder.requests, s.generations
     w = make_workload(prep.spec, requests, prep.cfg.seed, source="calibration.validate capture")
@@ -305,15 +311,23 @@ def _real_run(
     opts = SessionOptions(cache, prep.devices, prep.link, prep.cfg.chunk_bytes, seed=prep.cfg.seed)
     with RunSession(om, make_policy(policy), opts) as s:
         _prefault_slots(s)
-        for p in prompts:
-            s.generate(p.request_id, p.ids, prep.cfg.max_new_tokens, prompt_text=p.text)
-            bar.update(1)
+        _serve(s, prompts, prep.cfg.batch_size, prep.cfg.max_new_tokens, bar)
         metrics = s.metrics()
         reqs = [
             {"id": g.request_id, "ttft": g.ttft_s, "tpot": g.tpot_s, "e2e": g.e2e_s}
             for g in s.generations
         ]
     return metrics, reqs
+
+
+def _serve(session: Any, prompts: list[Any], batch_size: int, new: int, bar: Progress) -> None:
+    """The prompts in static batches of ``batch_size``, in order (as `fmoe run`)."""
+    from realrun.prompting import batches
+    from realrun.session import BatchRequest
+
+    for batch in batches(prompts, batch_size):
+        session.generate_batch([BatchRequest(p.request_id, p.ids, p.text) for p in batch], new)
+        bar.update(len(batch))
 
 
 PROBE_PROMPT, PROBE_TOKENS = 16, 8
@@ -361,8 +375,8 @@ def _sim_run(
         hardware=prep.profile,
         policy=policy,
         cache_experts=cache,
-        batch_size=1,
-        batching="continuous",
+        batch_size=prep.cfg.batch_size,
+        batching="static",
         arrivals="closed",
         chunk_bytes=prep.cfg.chunk_bytes,
         seed=prep.cfg.seed,

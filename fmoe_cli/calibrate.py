@@ -4,8 +4,9 @@
   times the link, expert FFN, dense/attention, head, the executor's per-layer overhead
   and an async policy's search time on this machine, fits the profile's cost model
   and writes a calibrated HardwareProfile (atomically). A progress bar goes to stderr.
-- ``fmoe calibrate validate --profile PROFILE.json [--model M] [--out DIR] [--json]``
-  runs the real executor and the simulator on the same captured workload over policies
+- ``fmoe calibrate validate --profile PROFILE.json [--model M] [--batch-size B] [--out DIR]
+  [--json]`` runs the real executor and the simulator (static batches of B, closed loop)
+  on the same captured workload over policies
   x cache sizes and reports the simulator's error per metric (table or one JSON
   document; CSV files and a PNG under --out).
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 from calibration.errors import InputError
 from fmoe_cli.common import (
+    add_batch_size_flag,
     add_json_flag,
     add_prompt_flags,
     positive_float,
@@ -100,6 +102,7 @@ def _register_validate(cs: argparse._SubParsersAction) -> None:
         help="comma-separated cache sizes in experts (default: 1/4, 1/2, 3/4 of all experts)",
     )
     add_prompt_flags(v, max_prompt_tokens=64, explicit=False)
+    add_batch_size_flag(v)
     v.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="directory for runs.csv, requests.csv, summary.json, PNG")
@@ -218,6 +221,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts,
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
+        batch_size=args.batch_size,
         store=args.store,
         seed=args.seed,
         out=args.out,

@@ -79,6 +79,16 @@ def parse_policy_opts(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def add_batch_size_flag(p: argparse.ArgumentParser) -> None:
+    """``--batch-size B`` of commands that run a real model (static batches, closed loop)."""
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="prompts per static batch (left-padded; a batch runs until all its rows finish)",
+    )
+
+
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print exactly one JSON document on stdout")
 

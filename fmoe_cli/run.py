@@ -2,7 +2,9 @@
 
 Metrics use the simulator's names (hit_rate, ttft_mean_s, tpot_mean_s, ...) plus
 ``tokens_sha256`` and the link figures; ``emulated_link`` is true whenever
-``--link-gbps`` emulates a host link. Progress goes to stderr.
+``--link-gbps`` emulates a host link. ``--batch-size B`` runs the prompts B at a time as
+static batches (closed loop: a batch starts when the previous one has finished). Progress
+goes to stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 from typing import Any
 
 from fmoe_cli.common import (
+    add_batch_size_flag,
     add_json_flag,
     add_prompt_flags,
     parse_policy_opts,
@@ -42,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="expert cache in GB (2^30 bytes, as fmoe sim), total over devices",
     )
     add_prompt_flags(p, num_prompts=4)
+    add_batch_size_flag(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--num-devices",
@@ -83,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 _TABLE_KEYS = [
     "model",
     "policy",
+    "batch_size",
     "cache_experts_total",
     "hit_rate",
     "ttft_mean_s",
@@ -111,6 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts,
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
+        batch_size=args.batch_size,
         device=args.device,
         num_devices=args.num_devices,
         link_gbps=args.link_gbps,

@@ -1,6 +1,7 @@
 """`fmoe trace capture`: run a real model and write what it routed in the traces/ format.
 
-The unmodified model runs greedily on each prompt with routing taps installed: the
+The unmodified model runs greedily on the prompts (``--batch-size`` at a time, as static
+batches: see realrun.generate; pad rows are never recorded) with routing taps installed: the
 experts the model actually chose (a forward pre-hook on each ``experts`` module, so
 group-limited sigmoid routers are recorded as chosen), their weights, the full
 probability rows, lookahead rows and the per-token embeddings. The resulting workload
@@ -16,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from calibration.errors import InputError
 from calibration.model_spec import ModelSpec
-from realrun.generate import greedy_generate
+from realrun.generate import IterationRows, Prompt, generate_batch
+from realrun.prompting import batches
 from realrun.recorder import RoutingRecorder
 from realrun.taps import ModelTaps
 
@@ -61,6 +62,7 @@ class CaptureConfig:
     max_new_tokens: int = 16
     max_prompt_tokens: int = 128
     seed: int = 0
+    batch_size: int = 1
 
 
 class _CaptureObserver:
@@ -69,34 +71,48 @@ class _CaptureObserver:
     def __init__(self, taps: ModelTaps, recorder: RoutingRecorder) -> None:
         self.taps = taps
         self.rec = recorder
-        taps.on_embeddings = lambda out: recorder.embeddings(
-            out.detach().reshape(-1, out.shape[-1]).float().cpu().numpy()
-        )
+        self._rows: IterationRows | None = None
+        taps.on_embeddings = self._embeddings
         taps.on_gate = self._gate
 
     def _gate(
         self, layer: int, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
     ) -> None:
+        rows = self._rows
+        assert rows is not None
+        probs = self.taps.probs(layer)
+        if rows.real is not None:  # real rows only: the trace has no pad rows
+            real = rows.real.cpu().numpy()
+            probs = probs[real] if probs is not None else None
         self.rec.gate(
             layer,
-            idx.detach().cpu().numpy(),
-            weights.detach().float().cpu().numpy(),
-            self.taps.probs(layer),
-            self.taps.lookahead(layer, hidden),
+            rows.select(idx.detach()).cpu().numpy(),
+            rows.select(weights.detach()).float().cpu().numpy(),
+            probs,
+            self.taps.lookahead(layer, rows.select(hidden)),
         )
 
-    def begin_iteration(self, positions: np.ndarray, prefill: bool) -> None:
-        self.rec.start_iteration()
+    def _embeddings(self, out: torch.Tensor) -> None:
+        assert self._rows is not None
+        flat = self._rows.select(out.detach().reshape(-1, out.shape[-1]))
+        self.rec.embeddings(flat.float().cpu().numpy())
 
-    def end_iteration(self, last: bool) -> None:
+    def begin_iteration(self, rows: IterationRows) -> None:
+        self._rows = rows
+        self.rec.start_iteration(rows.request_ids)
+
+    def end_iteration(self, finished: tuple[str, ...]) -> None:
         """Nothing to do: rows were recorded during the forward."""
 
 
 def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n")) -> Any:
-    """Run the prompts on the unmodified model and write the workload to ``cfg.out``."""
+    """Run the prompts on the unmodified model, ``cfg.batch_size`` at a time as static
+    batches (realrun.generate), and write the workload to ``cfg.out``."""
     from realrun.models import load, resolve_model
     from realrun.prompting import check_lengths, encode, prompt_texts
 
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     _, hf_config, _ = resolve_model(cfg.model)
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     texts = prompt_texts(cfg.prompts, cfg.prompt_texts, cfg.num_prompts)
@@ -108,13 +124,25 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
     taps = ModelTaps(loaded).install(experts_prehook=True)
     try:
         obs = _CaptureObserver(taps, recorder)
-        for i, p in enumerate(encode(loaded.tokenizer, texts, max_prompt)):
-            recorder.start_request(p.request_id, len(p.ids), p.text)
-            g = greedy_generate(loaded.model, p.request_id, p.ids, cfg.max_new_tokens, observer=obs)
-            recorder.finish_request(len(g.output_ids))
-            progress(
-                f"[{i + 1}/{len(texts)}] {p.request_id}: {len(p.ids)} + {len(g.output_ids)} tokens"
+        experts = [b.experts for b in loaded.blocks]
+        encoded = encode(loaded.tokenizer, texts, max_prompt)
+        done = 0
+        for batch in batches(encoded, cfg.batch_size):
+            for p in batch:
+                recorder.start_request(p.request_id, len(p.ids), p.text)
+            gens = generate_batch(
+                loaded.model,
+                [Prompt(p.request_id, p.ids) for p in batch],
+                cfg.max_new_tokens,
+                experts=experts,
+                observer=obs,
             )
+            for p, g in zip(batch, gens, strict=True):
+                recorder.finish_request(g.request_id, len(g.output_ids))
+                done += 1
+                progress(
+                    f"[{done}/{len(texts)}] {p.request_id}: {len(p.ids)} + {len(g.output_ids)} tokens"
+                )
     finally:
         taps.remove()
     workload = make_workload(
@@ -126,6 +154,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
             "prompts": cfg.prompts if not cfg.prompt_texts else "explicit",
             "tokenizer": getattr(loaded.tokenizer, "name", "unknown"),
             "max_new_tokens": cfg.max_new_tokens,
+            "batch_size": cfg.batch_size,
             "executor": "unmodified model, eager experts",
         },
     )
@@ -135,7 +164,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
 
 def register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
     """Add `fmoe trace capture` to the `fmoe trace` group."""
-    from fmoe_cli.common import add_json_flag, add_prompt_flags
+    from fmoe_cli.common import add_batch_size_flag, add_json_flag, add_prompt_flags
 
     p = trace_subparsers.add_parser(
         "capture", help="run a real MoE model and write its routing trace"
@@ -146,6 +175,7 @@ def register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="torch seed of a tiny preset's random weights"
     )
+    add_batch_size_flag(p)
     add_json_flag(p)
     p.set_defaults(func=_cmd_capture)
 
@@ -162,6 +192,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
         seed=args.seed,
+        batch_size=args.batch_size,
     )
     w = capture(cfg)
     info = {"path": args.out, **w.info()}

@@ -1,7 +1,9 @@
 """Metrics of a real run, under the simulator's names (so one table holds both).
 
-Latency: TTFT is the prefill forward (waits for expert loads included), TPOT a request's
-mean decode step, e2e their sum; ``*_mean_s`` average over requests and ``*_p99_s`` is the
+Latency: TTFT is the prefill forward of the request's batch (waits for expert loads
+included; measured from the batch's start, as the simulator's closed loop measures it),
+TPOT a request's mean decode step (the batch's steps while the request was in it), e2e
+their sum; ``*_mean_s`` average over requests and ``*_p99_s`` is the
 99th percentile over requests. Cache figures sum over devices. ``tokens_sha256`` hashes
 the generated token ids so runs can be compared for exactness at a glance. Per-device
 figures (``cache_experts``, ``link_busy_s``) are lists, as in the simulator; ``emulated``
@@ -46,8 +48,13 @@ def summarise(
     wall_s: float,
     link_busy_s: list[float],
     link: dict[str, Any],
+    batch_size: int = 1,
+    iterations: int | None = None,
 ) -> dict[str, Any]:
-    """The run's metrics dict (times in seconds, sizes in bytes, rates 0..1)."""
+    """The run's metrics dict (times in seconds, sizes in bytes, rates 0..1).
+
+    ``batch_size`` is the largest static batch run; ``iterations`` the forward passes
+    (default: one per generated token, which is exact at batch size 1)."""
     c = counters
     ttft = [g.ttft_s for g in gens]
     tpot = [g.tpot_s for g in gens]
@@ -70,7 +77,11 @@ def summarise(
         "wall_s": wall_s,
         "link_busy_s": link_busy_s,
         "requests": len(gens),
-        "iterations": sum(len(g.output_ids) for g in gens),
+        "batch_size": batch_size,
+        # forward passes: a batch's rows share them (None: one request at a time)
+        "iterations": iterations
+        if iterations is not None
+        else sum(len(g.output_ids) for g in gens),
         "tokens_generated": sum(len(g.output_ids) for g in gens),
         "tokens_sha256": tokens_sha256(gens),
         **{k: v for k, v in c.as_dict().items() if k != "bytes_loaded"},

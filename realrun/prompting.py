@@ -7,9 +7,9 @@ needs the model's tokenizer and happens after. Prompts longer than
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from calibration.errors import InputError
 
@@ -63,3 +63,15 @@ def encode(
         PromptIds(p.request_id, p.text, tokenizer.encode(p.text)[:max_prompt_tokens])
         for p in prompts
     ]
+
+
+T = TypeVar("T")
+
+
+def batches(items: Sequence[T], batch_size: int) -> Iterator[list[T]]:
+    """Consecutive batches of ``batch_size`` (the last may be smaller): FCFS static batching,
+    as the simulator's StaticBatcher admits a closed loop's requests."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    for i in range(0, len(items), batch_size):
+        yield list(items[i : i + batch_size])

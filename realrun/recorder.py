@@ -5,9 +5,14 @@ then one per decode iteration), so a request with ``output_len`` generated token
 ``prompt_len + output_len - 1`` rows. Per row and MoE layer: the experts actually
 chosen and their weights, the full probability row, the lookahead row (layer l+1's
 router on layer l's input; zeros for the last layer), and the token's embedding.
+In a batch a request's rows are its own real tokens only (no pad rows), in order, so a
+trace recorded at any batch size has the same structure as one recorded one at a time.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -16,28 +21,52 @@ from traces.types import Request, Routing
 
 
 class RoutingRecorder:
-    """Feed one request at a time: start_request, then per iteration embeddings/gate, finish."""
+    """Feed a batch at a time: start_request per request, then per iteration
+    start_iteration (which request each real row belongs to), embeddings and gate (real
+    rows only, in that order), then finish_request per request. Rows of a request are
+    contiguous within an iteration (batch row order)."""
 
     def __init__(self, spec: ModelSpec, lookahead: bool = True) -> None:
         self.spec = spec
         self.lookahead = lookahead
         self.requests: list[Request] = []
-        self._cur: dict | None = None
+        self._open: dict[str, dict] = {}
+        self._slices: list[tuple[str, slice]] = []  # the current iteration's rows per request
 
     def start_request(
         self, request_id: str, prompt_len: int, prompt_text: str | None = None
     ) -> None:
-        self._cur = {"id": request_id, "prompt_len": prompt_len, "text": prompt_text, "iters": []}
+        if request_id in self._open:
+            raise RuntimeError(f"request {request_id} is already being recorded")
+        self._open[request_id] = {
+            "id": request_id,
+            "prompt_len": prompt_len,
+            "text": prompt_text,
+            "iters": [],
+        }
 
-    def start_iteration(self) -> None:
-        assert self._cur is not None, "start_request first"
+    def start_iteration(self, row_requests: Sequence[str]) -> None:
+        """A forward starts; ``row_requests[r]`` is real row r's request."""
         L = self.spec.num_moe_layers
-        self._cur["iters"].append(
-            {"emb": None, "ids": [None] * L, "w": [None] * L, "p": [None] * L, "la": [None] * L}
-        )
+        self._slices = []
+        start = 0
+        for rid, grp in itertools.groupby(row_requests):
+            n = len(list(grp))
+            if rid not in self._open:
+                raise RuntimeError(f"request {rid}: start_request first")
+            self._slices.append((rid, slice(start, start + n)))
+            self._open[rid]["iters"].append(
+                {"emb": None, "ids": [None] * L, "w": [None] * L, "p": [None] * L, "la": [None] * L}
+            )
+            start += n
+
+    def _split(self, rows: np.ndarray | None):
+        for rid, sl in self._slices:
+            yield self._open[rid]["iters"][-1], (rows[sl] if rows is not None else None)
 
     def embeddings(self, rows: np.ndarray) -> None:
-        self._cur["iters"][-1]["emb"] = rows
+        for it, part in self._split(rows):
+            it["emb"] = part
 
     def gate(
         self,
@@ -47,18 +76,13 @@ class RoutingRecorder:
         probs: np.ndarray | None,
         lookahead: np.ndarray | None,
     ) -> None:
-        it = self._cur["iters"][-1]
-        it["ids"][layer], it["w"][layer], it["p"][layer], it["la"][layer] = (
-            ids,
-            weights,
-            probs,
-            lookahead,
-        )
+        for field, rows in (("ids", ids), ("w", weights), ("p", probs), ("la", lookahead)):
+            for it, part in self._split(rows):
+                it[field][layer] = part
 
-    def finish_request(self, output_len: int, arrival_s: float = 0.0) -> Request:
-        """Assemble the current request (``output_len`` tokens generated) and keep it."""
-        cur, self._cur = self._cur, None
-        assert cur is not None
+    def finish_request(self, request_id: str, output_len: int, arrival_s: float = 0.0) -> Request:
+        """Assemble request ``request_id`` (``output_len`` tokens generated) and keep it."""
+        cur = self._open.pop(request_id)
         iters = cur["iters"]
         if len(iters) != output_len:
             raise RuntimeError(

@@ -1,5 +1,8 @@
 """`fmoe run` as a function: validate everything, build, offload, run prompts, report.
 
+Prompts run ``RunConfig.batch_size`` at a time as static batches in prompt order (the
+simulator's ``batching="static"`` with closed-loop arrivals).
+
 :func:`prepare` checks every input that can be checked without weights (model, policy
 and its options, budget, devices, link, prompts) so bad input fails at once;
 :func:`execute` does the work. :func:`run` is both.
@@ -22,8 +25,8 @@ from calibration.model_spec import ModelSpec
 from policies.base import Policy
 from realrun.copy_engine import LinkEmulation
 from realrun.placement import budget_experts, resolve_devices
-from realrun.prompting import PromptText, check_lengths, encode, prompt_texts
-from realrun.session import RunSession, SessionOptions, refuse_future_readers
+from realrun.prompting import PromptText, batches, check_lengths, encode, prompt_texts
+from realrun.session import BatchRequest, RunSession, SessionOptions, refuse_future_readers
 
 Progress = Callable[[str], None]
 
@@ -46,6 +49,7 @@ class RunConfig:
     num_prompts: int = 4
     max_new_tokens: int = 16
     max_prompt_tokens: int = 128
+    batch_size: int = 1  # prompts per static batch (closed loop, see realrun.generate)
     device: str = "cpu"
     num_devices: int | None = None
     link_gbps: float | None = None
@@ -103,6 +107,8 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     if cfg.store not in ("auto", "ram", "file"):
         raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
     link = make_link(cfg.link_gbps, cfg.link_latency_us)
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError(f"--threads must be >= 1, got {cfg.threads}")
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
@@ -184,11 +190,16 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
     )
     try:
         with RunSession(om, prep.policy, opts) as session:
-            for i, p in enumerate(prompts):
-                g = session.generate(p.request_id, p.ids, cfg.max_new_tokens, prompt_text=p.text)
-                progress(
-                    f"[{i + 1}/{len(prompts)}] {p.request_id}: {len(p.ids)} prompt tokens, ttft {g.ttft_s:.3f} s, tpot {g.tpot_s:.4f} s"
-                )
+            done = 0
+            for batch in batches(prompts, cfg.batch_size):
+                reqs = [BatchRequest(p.request_id, p.ids, p.text) for p in batch]
+                for p, g in zip(
+                    batch, session.generate_batch(reqs, cfg.max_new_tokens), strict=True
+                ):
+                    done += 1
+                    progress(
+                        f"[{done}/{len(prompts)}] {p.request_id}: {len(p.ids)} prompt tokens, ttft {g.ttft_s:.3f} s, tpot {g.tpot_s:.4f} s"
+                    )
             metrics = session.metrics()
             requests = session.recorder.requests if session.recorder else None
     finally:
@@ -203,6 +214,7 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
         tokenizer=getattr(loaded.tokenizer, "name", "unknown"),
         prompts=cfg.prompts if not cfg.prompt_texts else "explicit",
         num_prompts=len(prompts),
+        batch_size=cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
         torch_threads=torch.get_num_threads(),

@@ -18,6 +18,12 @@ experts modules):
 Event order to the policy follows policies/base.py: on_request_arrival, then per
 iteration on_iteration_start (with the embedding layer's output), on_gate /
 on_expert_used per layer in order, on_iteration_end; on_load_finished as copies land.
+
+Batches (:meth:`RunSession.generate_batch`, static, see realrun.generate): every request
+of a batch arrives when the batch starts (the simulator's closed loop); iteration and
+gate events carry one row per real token of the batch (request ids, positions and
+prefill flags per row, as the simulator's iterations), pad rows never reach the policy,
+the caches (they route to no expert) or the recorder.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from policies.base import (
 from policies.cache import CacheCounters, ExpertKey
 from realrun.copy_engine import LinkEmulation
 from realrun.drivers import make_driver
-from realrun.generate import Generation, greedy_generate
+from realrun.generate import Generation, IterationRows, Prompt, generate_batch
 from realrun.metrics import summarise
 from realrun.offload import (
     OffloadedExperts,
@@ -68,6 +74,15 @@ def refuse_future_readers(policy_cls: type[Policy]) -> None:
         raise InputError(
             f"policy {policy_cls.name!r} reads the trace's future; it runs only in the simulator"
         )
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One request of a batch: its id, prompt token ids and (optional) prompt text."""
+
+    request_id: str
+    ids: list[int]
+    text: str | None = None
 
 
 @dataclass
@@ -147,9 +162,9 @@ class RunSession:
         self.layer_paths = {"single_call": 0, "per_expert": 0, "multi_wave": 0}
         self.iteration = -1
         self.generations: list[Generation] = []
-        self._req: str | None = None
-        self._positions = np.zeros(0, dtype=np.int64)
-        self._prefill = False
+        self.batch_size = 0  # the largest batch run so far
+        self._rows: IterationRows | None = None
+        self._real_np: np.ndarray | None = None  # the forward's real rows (None: all)
         self._wall_s = 0.0
 
     def now(self) -> float:
@@ -165,52 +180,80 @@ class RunSession:
         prompt_text: str | None = None,
         keep_logits: bool = False,
     ) -> Generation:
-        """Run one request to completion (greedy); its timings join the session's metrics."""
+        """Run one request to completion (greedy): a batch of one."""
+        return self.generate_batch(
+            [BatchRequest(request_id, list(prompt_ids), prompt_text)],
+            max_new_tokens,
+            keep_logits=keep_logits,
+        )[0]
+
+    def generate_batch(
+        self, requests: Sequence[BatchRequest], max_new_tokens: int, keep_logits: bool = False
+    ) -> list[Generation]:
+        """Run ``requests`` as one static batch to completion (greedy, see
+        realrun.generate); their timings join the session's metrics. As in the simulator's
+        closed loop, every request arrives (``on_request_arrival``) when its batch starts."""
+        if not requests:
+            raise ValueError("generate_batch needs at least one request")
         t0 = time.perf_counter()
-        self._req = request_id
+        model = self.om.loaded.model
+        for r in requests:
+            self.driver.observe(
+                RequestArrival(r.request_id, len(r.ids), r.text, self._prompt_embedding(r.ids))
+            )
+            if self.recorder is not None:
+                self.recorder.start_request(r.request_id, len(r.ids), r.text)
+        gens = generate_batch(
+            model,
+            [Prompt(r.request_id, r.ids) for r in requests],
+            max_new_tokens,
+            experts=self.om.modules,
+            observer=self,
+            keep_logits=keep_logits,
+        )
+        if self.recorder is not None:
+            for g in gens:
+                self.recorder.finish_request(g.request_id, len(g.output_ids))
+        self.generations.extend(gens)
+        self.batch_size = max(self.batch_size, len(requests))
+        self._wall_s += time.perf_counter() - t0
+        return gens
+
+    def _prompt_embedding(self, ids: list[int]) -> np.ndarray:
+        """The mean embedding of a prompt's tokens (the embedding tap stays quiet)."""
         model = self.om.loaded.model
         with torch.no_grad():
             cb, self.taps.on_embeddings = self.taps.on_embeddings, None
-            ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.om.dense_device)
-            emb = model.get_input_embeddings()(ids)[0].float().mean(dim=0).cpu().numpy()
+            t = torch.tensor([ids], dtype=torch.long, device=self.om.dense_device)
+            emb = model.get_input_embeddings()(t)[0].float().mean(dim=0).cpu().numpy()
             self.taps.on_embeddings = cb
-        self.driver.observe(RequestArrival(request_id, len(prompt_ids), prompt_text, emb))
-        if self.recorder is not None:
-            self.recorder.start_request(request_id, len(prompt_ids), prompt_text)
-        gen = greedy_generate(
-            model, request_id, prompt_ids, max_new_tokens, observer=self, keep_logits=keep_logits
-        )
-        if self.recorder is not None:
-            self.recorder.finish_request(len(gen.output_ids))
-        self.generations.append(gen)
-        self._wall_s += time.perf_counter() - t0
-        return gen
+        return emb
 
     # IterationObserver
-    def begin_iteration(self, positions: np.ndarray, prefill: bool) -> None:
+    def begin_iteration(self, rows: IterationRows) -> None:
         self.iteration += 1
-        self._positions, self._prefill = positions, prefill
+        self._rows = rows
+        self._real_np = None if rows.real is None else rows.real.cpu().numpy()
         if self.recorder is not None:
-            self.recorder.start_iteration()
+            self.recorder.start_iteration(rows.request_ids)
 
-    def end_iteration(self, last: bool) -> None:
-        assert self._req is not None
+    def end_iteration(self, finished: tuple[str, ...]) -> None:
+        assert self._rows is not None
         self._pump()
-        self.driver.observe(
-            IterationEnd(self.iteration, (self._req,), (self._req,) if last else (), self.now())
-        )
+        self.driver.observe(IterationEnd(self.iteration, self._rows.batch, finished, self.now()))
 
     def _on_embeddings(self, out: torch.Tensor) -> None:
-        rows = out.detach().reshape(-1, out.shape[-1]).float().cpu().numpy()
+        assert self._rows is not None
+        flat = self._rows.select(out.detach().reshape(-1, out.shape[-1]))
+        rows = flat.float().cpu().numpy()
         if self.recorder is not None:
             self.recorder.embeddings(rows)
-        n = rows.shape[0]
         self.driver.observe(
             IterationStart(
                 self.iteration,
-                (self._req,) * n,
-                self._positions,
-                np.full(n, self._prefill),
+                self._rows.request_ids,
+                self._rows.positions,
+                self._rows.prefill,
                 rows,
                 self.now(),
             )
@@ -225,6 +268,7 @@ class RunSession:
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         layer = mod.moe_layer
+        # pad rows arrive routed to index E (realrun.generate): counted by no one below
         ids = top_k_index.detach().cpu().numpy()
         self.res.gate(layer)
         self._held = []  # the gate's orders go after its demand loads, as in the simulator
@@ -273,8 +317,14 @@ class RunSession:
     def _gate(
         self, layer: int, hidden: torch.Tensor, ids: np.ndarray, weights: torch.Tensor
     ) -> None:
+        """The gate event (and the recorder's rows): real rows only."""
         wts = weights.detach().float().cpu().numpy()
         probs = self.taps.probs(layer)
+        real = self._real_np
+        if real is not None:
+            ids, wts = ids[real], wts[real]
+            probs = probs[real] if probs is not None else None
+            hidden = self._rows.select(hidden) if self._rows is not None else hidden
         look = self.taps.lookahead(layer, hidden) if self._lookahead else None
         if self.recorder is not None:
             self.recorder.gate(layer, ids, wts, probs, look)
@@ -342,6 +392,8 @@ class RunSession:
             stall_s=self.res.stall_s,
             layer_steps=self.layer_steps,
             wall_s=self._wall_s,
+            batch_size=self.batch_size,
+            iterations=self.iteration + 1,
             link_busy_s=[d.engine.stats.busy_s for d in self.res.devs],
             link=link,
         )

@@ -70,3 +70,21 @@ def test_validate_runs_every_pair_and_reports_errors(
     for name in ("runs.csv", "requests.csv", "summary.json", "sim_vs_real.png", "captured.fmoe"):
         assert (out / name).stat().st_size > 0
     assert (out / "sim_vs_real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validate_at_batch_size_2_runs_static_batches_on_both_sides(
+    profile_path: Path, capsys
+) -> None:
+    """--batch-size 2 with 3 prompts (batches of 2 and 1): the real runs route as the
+    batched capture, and LRU's demands and hits (no prefetch) match the simulator's static
+    batches exactly: one row per real token on both sides, no pad rows."""
+    argv = ["calibrate", "validate", "--profile", str(profile_path), "--num-prompts", "3"]
+    argv += ["--max-new-tokens", "3", "--max-prompt-tokens", "16", "--cache-experts", "8"]
+    argv += ["--policies", "lru", "--batch-size", "2", "--json", "--no-progress"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    s, (run,) = doc["summary"], doc["runs"]
+    assert s["batch_size"] == 2 and s["requests"] == 3 and s["routing_matches_capture"] is True
+    assert run["real_hit_rate"] == run["sim_hit_rate"]
+    assert run["real_bytes_h2d"] == run["sim_bytes_h2d"]
+    assert run["real_demand_loads"] == run["sim_demand_loads"]

@@ -51,6 +51,18 @@ def test_run_prints_simulator_metrics_and_a_token_hash(capsys):
     assert m["bytes_h2d"] == m["loads"] * 98304
 
 
+def test_a_static_batch_shares_its_forwards(capsys):
+    """--batch-size 2: both prompts in one padded batch, so 3 forwards instead of 6, one
+    TTFT (the batch's prefill) for both; batch size 1 is the default and reported."""
+    one = _run_json(capsys, *BASE, "--policy", "lru", "--cache-experts", "4")
+    two = _run_json(capsys, *BASE, "--policy", "lru", "--cache-experts", "4", "--batch-size", "2")
+    assert one["batch_size"] == 1 and one["iterations"] == 6
+    assert two["batch_size"] == 2 and two["iterations"] == 3 and two["layer_steps"] == 3 * 4
+    assert two["requests"] == 2 and two["tokens_generated"] == 6
+    assert two["ttft_p99_s"] == pytest.approx(two["ttft_mean_s"], rel=1e-9)
+    assert 0 <= two["hit_rate"] <= 1 and two["hits"] + two["misses"] == two["demands"]
+
+
 def test_tokens_do_not_depend_on_policy_budget_or_link(capsys):
     a = _run_json(capsys, *BASE, "--policy", "lru", "--cache-experts", "2")
     b = _run_json(
@@ -125,6 +137,31 @@ def test_bad_input_is_one_line_and_status_2(capsys, monkeypatch, argv, message):
     out = capsys.readouterr()
     assert rc == 2 and out.out == ""
     assert message in out.err and out.err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--model", "tiny-mixtral", "--policy", "lru"],
+        ["trace", "capture", "--model", "tiny-mixtral", "--out", "x.fmoe"],
+        ["calibrate", "validate", "--profile", "cpu-local"],
+    ],
+)
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_a_bad_batch_size_is_one_line_and_status_2(capsys, argv, bad):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--batch-size", bad])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "argument --batch-size: expected a positive integer" in err
+
+
+def test_a_bad_batch_size_in_a_run_config_is_refused_before_any_work():
+    from calibration.errors import InputError
+    from realrun.runner import RunConfig, prepare
+
+    with pytest.raises(InputError, match="--batch-size must be >= 1, got 0"):
+        prepare(RunConfig(model="tiny-mixtral", prompt_texts=["x"], batch_size=0))
 
 
 def test_a_checkpoint_that_is_not_moe_is_refused_from_its_config(capsys, tmp_path):
@@ -216,3 +253,39 @@ def test_a_captured_trace_drives_the_simulator(capsys, tmp_path):
         assert rc == 0, out.err
         m = json.loads(out.out)
         assert m["model"] == "tiny-qwen2-moe" and m["requests"] == 1 and m["demands"] > 0
+
+
+def test_a_batched_capture_matches_a_batched_run_and_drives_the_simulator(capsys, tmp_path):
+    """Capture and run at --batch-size 2 (prompts of 5 and 4 tokens: one padded row): the
+    run records exactly the capture's routing, one row per real token, and the trace
+    drives the simulator's static batches."""
+    prompts = ["--prompt", "hello", "--prompt", "moe!", "--max-new-tokens", "3"]
+    cap, run_path = tmp_path / "cap.fmoe", tmp_path / "run.fmoe"
+    argv = ["trace", "capture", "--model", "tiny-phimoe", *prompts, "--batch-size", "2"]
+    assert main([*argv, "--out", str(cap)]) == 0
+    capsys.readouterr()
+    m = _run_json(
+        capsys,
+        "--model",
+        "tiny-phimoe",
+        *prompts,
+        "--policy",
+        "lru",
+        "--cache-experts",
+        "2",
+        "--batch-size",
+        "2",
+        "--trace-out",
+        str(run_path),
+    )
+    w, w2 = load_workload(cap), load_workload(run_path)
+    assert w.provenance["batch_size"] == 2 and m["batch_size"] == 2
+    assert [r.routing.num_tokens for r in w.requests] == [5 + 3 - 1, 4 + 3 - 1]
+    for a, b in zip(w.requests, w2.requests, strict=True):
+        np.testing.assert_array_equal(a.routing.topk_ids, b.routing.topk_ids)
+        np.testing.assert_array_equal(a.routing.gate_probs, b.routing.gate_probs)
+    sim = ["sim", "--trace", str(cap), "--hardware", "cpu-local", "--cache-experts", "8"]
+    rc = main([*sim, "--policy", "lru", "--batch-size", "2", "--batching", "static", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert json.loads(out.out)["requests"] == 2

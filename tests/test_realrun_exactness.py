@@ -1,6 +1,8 @@
 """Exactness: with eager experts, an offloaded model generates the same tokens and the same
 logits (bit for bit, torch.equal) as the unmodified model, for every architecture, policy,
-cache size from top-K up to all experts, device count and prompt."""
+cache size from top-K up to all experts, device count, prompt and static batch (the
+unmodified model runs the same padded batch through realrun.generate, whose pad rows
+route to no expert in both runs)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ from policies.base import GateOutput, Policy
 from policies.cache import CacheEntry
 from policies.registry import make_policy, policy_class, policy_names
 from realrun.copy_engine import LinkEmulation
-from realrun.generate import greedy_generate
+from realrun.generate import Prompt, generate_batch, greedy_generate
 from realrun.models import load
 from realrun.offload import offload_model
-from realrun.session import RunSession, SessionOptions
+from realrun.session import BatchRequest, RunSession, SessionOptions
 
 ARCH_PRESETS = [
     "tiny-mixtral",
@@ -138,6 +140,37 @@ def assert_exact(
     return m
 
 
+def _reference_batch(arch: str, prompts: list[list[int]], new: int):
+    key = (arch, tuple(tuple(p) for p in prompts), new, "batch")
+    if key not in _OUT:
+        ref = _ref(arch)
+        _OUT[key] = generate_batch(
+            ref.model,
+            [Prompt(f"r{i}", p) for i, p in enumerate(prompts)],
+            new,
+            experts=[b.experts for b in ref.blocks],
+            keep_logits=True,
+        )
+    return _OUT[key]
+
+
+def assert_batch_exact(arch, policy_name, cache, prompts, new, num_devices=1, link=None):
+    """Every row of a static batch: tokens and every forward's last-position logits equal."""
+    refs = _reference_batch(arch, prompts, new)
+    opts = SessionOptions(cache, [torch.device("cpu")] * num_devices, link)
+    reqs = [BatchRequest(f"r{i}", p) for i, p in enumerate(prompts)]
+    with RunSession(_off(arch), _make(policy_name), opts) as s:
+        got = s.generate_batch(reqs, new, keep_logits=True)
+        m = s.metrics()
+    for g, ref in zip(got, refs, strict=True):
+        assert g.output_ids == ref.output_ids, (arch, policy_name, cache)
+        assert len(g.logits) == len(ref.logits) == new
+        for a, b in zip(g.logits, ref.logits, strict=True):
+            assert torch.equal(a, b), (arch, policy_name, cache, (a - b).abs().max())
+    assert m["batch_size"] == len(prompts) and m["iterations"] == new
+    return m
+
+
 @st.composite
 def cases(draw):
     arch = draw(st.sampled_from(ARCH_PRESETS))
@@ -160,6 +193,44 @@ def cases(draw):
 def test_offloaded_logits_equal_the_unmodified_model(case):
     arch, policy, cache, prompt, new, ndev, chunk, link = case
     assert_exact(arch, policy, cache, prompt, new, ndev, chunk, link)
+
+
+@st.composite
+def batch_cases(draw):
+    arch = draw(st.sampled_from(ARCH_PRESETS))
+    spec = _ref(arch).spec
+    ndev = draw(st.sampled_from([1, 1, 2]))
+    cache = draw(st.integers(max(spec.top_k, ndev), spec.total_experts))
+    policy = draw(st.sampled_from(sorted(TEST_POLICIES) + registered_policies()))
+    if policy not in TEST_POLICIES and policy_class(policy).preload_all:
+        cache = spec.total_experts
+    B = draw(st.integers(1, 3))
+    texts = draw(
+        st.lists(
+            st.text(st.characters(codec="utf-8"), min_size=1, max_size=10), min_size=B, max_size=B
+        )
+    )
+    prompts = [_ref(arch).tokenizer.encode(t) for t in texts]
+    new = draw(st.integers(1, 3))
+    link = draw(st.sampled_from([None, LinkEmulation(2.0, 20.0)]))
+    return arch, policy, cache, prompts, new, ndev, link
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch_cases())
+def test_offloaded_batches_equal_the_unmodified_model_row_by_row(case):
+    arch, policy, cache, prompts, new, ndev, link = case
+    assert_batch_exact(arch, policy, cache, prompts, new, ndev, link)
+
+
+def test_a_padded_batch_of_every_architecture_is_exact():
+    """Lengths 1, 9 and 4: two rows padded, every arch, a small cache and the fmoe policy."""
+    for arch in ARCH_PRESETS:
+        tok = _ref(arch).tokenizer
+        prompts = [tok.encode("a"), tok.encode("the river"), tok.encode("2+2?")]
+        spec = _ref(arch).spec
+        assert_batch_exact(arch, "test-next-layer", spec.top_k, prompts, 3)
+        assert_batch_exact(arch, "fmoe", spec.total_experts // 2, prompts, 2)
 
 
 @pytest.mark.parametrize("arch", ARCH_PRESETS)
