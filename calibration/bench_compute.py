@@ -107,12 +107,10 @@ def _forward_timer(
         with torch.no_grad():
             if past:
                 ids = _vocab_ids(model, batch, past, gen).to(device)
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             ids = _vocab_ids(model, batch, tokens, gen).to(device)
             return time_call(
-                lambda: model(
-                    input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
-                ),
+                lambda: model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1),
                 sync,
             )
 
