@@ -22,6 +22,7 @@ views, the model's own attention and router code):
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -218,27 +219,47 @@ class Overhead:
 
     ``base_s``: the reference policy's decode step minus the compute of the same step
     (the model's forward with zero experts plus K expert calls per layer, timed in the
-    same round), per MoE layer. ``decode_extra_s`` / ``prefill_extra_s``: each other
-    policy's decode step / prefill minus the reference policy's on the same prompt
-    (paired, so slow phases of a shared machine cancel), per MoE layer; a prefill has
-    ``prefill_rows`` token rows.
+    same round), per MoE layer. ``decode_extra_s``: each other policy's decode step minus
+    the reference policy's on the same prompt (paired, so slow phases of a shared machine
+    cancel), per MoE layer, the median over rounds. ``prefill_extra_s``: the same for the
+    prefill, one value per round (a prefill has ``prefill_rows`` token rows).
     """
 
     base_policy: str
     base_s: float
     decode_extra_s: dict[str, float]
-    prefill_extra_s: dict[str, float]
+    prefill_extra_s: dict[str, list[float]]
     prefill_rows: int
 
     def per_policy(self) -> tuple[dict[str, float], dict[str, float]]:
         """(per layer step, per layer step and row) extra seconds per policy, >= 0, from a
-        line through the decode (1 row) and prefill (``prefill_rows``) points."""
+        line through the decode (1 row) and the median prefill (``prefill_rows``) points.
+
+        A per-row cost is kept only when the prefill's extra stands out of its rounds'
+        spread (above the decode extra by more than two standard errors of the median):
+        otherwise the slope is the noise of a whole prefill's time, which a long prompt
+        would multiply (measured once: 0.48 ms per row for mixtral-offloading from four
+        32-token prefills, whose real per-row cost is ~0), and it is 0."""
         fixed, per_row = {}, {}
         for p, d1 in self.decode_extra_s.items():
-            b = (self.prefill_extra_s[p] - d1) / max(self.prefill_rows - 1, 1)
-            per_row[p] = max(0.0, b)
+            samples = self.prefill_extra_s[p]
+            rise = statistics.median(samples) - d1
+            b = rise / max(self.prefill_rows - 1, 1)
+            significant = rise > 2 * median_standard_error(samples)
+            per_row[p] = max(0.0, b) if significant else 0.0
             fixed[p] = max(0.0, d1 - per_row[p])
         return fixed, per_row
+
+
+def median_standard_error(samples: Sequence[float]) -> float:
+    """Standard error of the median of ``samples``: 1.4826 x MAD (a robust sigma) x
+    sqrt(pi / 2) / sqrt(n); infinite for fewer than 3 samples (no spread to judge by)."""
+    n = len(samples)
+    if n < 3:
+        return math.inf
+    med = statistics.median(samples)
+    mad = statistics.median(abs(x - med) for x in samples)
+    return 1.4826 * mad * math.sqrt(math.pi / 2 / n)
 
 
 def measure_overhead(
@@ -300,7 +321,7 @@ def measure_overhead(
         base,
         float(statistics.median(resid)),
         {p: float(statistics.median(v)) for p, v in dec.items()},
-        {p: float(statistics.median(v)) for p, v in pre.items()},
+        {p: [float(x) for x in v] for p, v in pre.items()},
         prompt_tokens,
     )
 

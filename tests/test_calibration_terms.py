@@ -4,6 +4,7 @@ small pure pieces of bench and validate: medians, overhead split, host cap, erro
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 
 import pandas as pd
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pytest import approx
 
-from calibration.bench_compute import Overhead
+from calibration.bench_compute import Overhead, median_standard_error
 from calibration.bench_link import copy_sizes, host_cap
 from calibration.hardware import HardwareProfile
 from calibration.sim_error import add_errors, summarise
@@ -95,10 +96,38 @@ def test_interleaved_times_visit_points_round_robin_and_skip_each_first_call() -
 
 
 def test_overhead_split_into_fixed_and_per_row() -> None:
-    o = Overhead("lru", 3e-4, {"fmoe": 2e-4, "lfu": -1e-5}, {"fmoe": 2e-4 + 31e-4, "lfu": 0.0}, 32)
+    steady = [2e-4 + 31e-4 + d for d in (-1e-6, 0.0, 1e-6, 2e-6)]  # a clear rise per row
+    lfu = [1e-6, 0.0, -1e-6, 2e-6]
+    o = Overhead("lru", 3e-4, {"fmoe": 2e-4, "lfu": -1e-5}, {"fmoe": steady, "lfu": lfu}, 32)
     fixed, per_row = o.per_policy()
-    assert per_row["fmoe"] == approx(1e-4) and fixed["fmoe"] == approx(1e-4)
-    assert fixed["lfu"] == 0.0 and per_row["lfu"] == approx(1e-5 / 31)
+    rise = statistics.median(steady) - 2e-4
+    assert per_row["fmoe"] == approx(rise / 31) and fixed["fmoe"] == approx(2e-4 - rise / 31)
+    assert fixed["lfu"] == 0.0 and per_row["lfu"] == approx((5e-7 + 1e-5) / 31)
+
+
+def test_a_prefill_rise_within_its_rounds_noise_is_no_per_row_cost() -> None:
+    # the medians rise by 4 ms per layer, but the rounds spread over +-15 ms: noise
+    noisy = [-0.011, 0.019, 0.004, -0.015, 0.017]
+    o = Overhead("lru", 3e-4, {"mixtral-offloading": 2e-4}, {"mixtral-offloading": noisy}, 32)
+    fixed, per_row = o.per_policy()
+    assert per_row["mixtral-offloading"] == 0.0 and fixed["mixtral-offloading"] == 2e-4
+    # the same median rise over a tight spread is a per-row cost
+    tight = [0.0039, 0.0041, 0.004, 0.0040, 0.0042]
+    o = Overhead("lru", 3e-4, {"mixtral-offloading": 2e-4}, {"mixtral-offloading": tight}, 32)
+    assert o.per_policy()[1]["mixtral-offloading"] == approx((0.0040 - 2e-4) / 31)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-1.0, 1.0), min_size=0, max_size=9))
+def test_median_standard_error_is_a_spread_or_unknown(samples: list[float]) -> None:
+    se = median_standard_error(samples)
+    if len(samples) < 3:
+        assert se == math.inf
+    else:
+        assert se >= 0.0
+        assert (se == 0.0) == (
+            sum(x == statistics.median(samples) for x in samples) * 2 > len(samples)
+        )
 
 
 @settings(max_examples=20, deadline=None)
