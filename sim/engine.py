@@ -157,6 +157,11 @@ class Engine:
         self.has_emb = workload.has_embeddings
         spec, n = self.spec, cfg.hardware.num_gpus
         self.num_gpus = n
+        # every key (layer, expert) made once: the demand path reads them instead of building
+        # a tuple per expert, and the caches' dict lookups then find the very same object
+        self.key_table = [
+            [(lay, e) for e in range(spec.num_experts)] for lay in range(spec.num_moe_layers)
+        ]
         self.plans = [_GpuPlan(g, caches[g], links.links[g]) for g in range(n)]
         # (MoE layers, experts): read per order; num_moe_layers is a property that counts
         self.experts_shape = (spec.num_moe_layers, spec.num_experts)
@@ -403,7 +408,7 @@ class Engine:
             if links.due <= t:
                 links.advance(t)
             for cache, key in used:
-                cache.use(key, t, unpin=True)
+                cache.use(key, t, True)  # unpin
             if protected[layer]:
                 self._unprotect(layer)
             self._attribute(batch, it, layer, missed)
@@ -444,7 +449,8 @@ class Engine:
         the pinned (cache, key) pairs to release at the layer end, the compute time of the
         resident experts per GPU, and the experts that missed.
         """
-        caches, dev, plans = self.caches, self.dev_table[layer], self.plans
+        caches, plans = self.caches, self.plans  # pairs: a 4-tuple assignment builds a tuple
+        dev, keys = self.dev_table[layer], self.key_table[layer]
         stamp = self.links.stamp  # this layer step's
         et = self.timing._expert
         comp = [0.0] * self.num_gpus
@@ -456,7 +462,7 @@ class Engine:
         for e, tok in items:
             g = dev[e]
             cache = caches[g]
-            key = (layer, e)
+            key = keys[e]
             ct = et.get(tok)
             if ct is None:
                 ct = self.timing.expert(tok)

@@ -328,7 +328,9 @@ class Link:
             lat = self.lat
         rate = self._rate() if self.shared else self.bw
         seg = job.remaining
-        ch.start, ch.t0, ch.seg, ch.rate = now, now + lat, seg, rate
+        # pairs, not one 4-tuple assignment (which builds and unpacks a tuple)
+        ch.start, ch.t0 = now, now + lat
+        ch.seg, ch.rate = seg, rate
         end = ch.end = ch.t0 + seg / rate
         ch.gen += 1  # as _schedule(ch, now), one call less per copy and segment
         self.owner.push(end if end > now else now, self, ch)
