@@ -540,10 +540,15 @@ class Links:
         """Run the queue in time order, as :meth:`advance` (``next_time()``) does at each
         step, until ``entry`` is resident: True; False, leaving the queue as it is, when
         the next live event lies at or after ``limit``. RuntimeError when ``entry`` is not
-        resident and nothing is queued (no link carries it)."""
+        resident and nothing is queued (no link carries it).
+
+        Steps to ``due``, not to :meth:`next_time`: ``due`` is never after the earliest
+        queued event, and when it is a stale event's time, advancing to it runs nothing
+        but drops that event (as ``next_time`` would) and sets ``due`` to the next one;
+        so the steps run the same events and calls in the same order, one call less each."""
         while entry.state is not _RESIDENT:
-            when = self.next_time()
-            if when == math.inf:
+            when = self.due
+            if when == _INF:
                 raise RuntimeError("waiting for loads that no link carries")
             if limit <= when:
                 return False
