@@ -447,7 +447,7 @@ class ExpertCache:
             raise CacheError(f"unpin of {key}: not pinned")
         e.pins -= 1
 
-    def use(self, key: ExpertKey, now: float, *, unpin: bool = False) -> None:
+    def use(self, key: ExpertKey, now: float, unpin: bool = False) -> None:
         """Compute used ``key`` (must be RESIDENT): update recency and frequency, lift
         protection; with ``unpin``, also :meth:`unpin` it (must be pinned) in the same
         call. A refused call (CacheError) changes nothing."""

@@ -328,7 +328,9 @@ class Link:
             lat = self.lat
         rate = self._rate() if self.shared else self.bw
         seg = job.remaining
-        ch.start, ch.t0, ch.seg, ch.rate = now, now + lat, seg, rate
+        # pairs, not one 4-tuple assignment (which builds and unpacks a tuple)
+        ch.start, ch.t0 = now, now + lat
+        ch.seg, ch.rate = seg, rate
         end = ch.end = ch.t0 + seg / rate
         ch.gen += 1  # as _schedule(ch, now), one call less per copy and segment
         self.owner.push(end if end > now else now, self, ch)
@@ -538,10 +540,15 @@ class Links:
         """Run the queue in time order, as :meth:`advance` (``next_time()``) does at each
         step, until ``entry`` is resident: True; False, leaving the queue as it is, when
         the next live event lies at or after ``limit``. RuntimeError when ``entry`` is not
-        resident and nothing is queued (no link carries it)."""
+        resident and nothing is queued (no link carries it).
+
+        Steps to ``due``, not to :meth:`next_time`: ``due`` is never after the earliest
+        queued event, and when it is a stale event's time, advancing to it runs nothing
+        but drops that event (as ``next_time`` would) and sets ``due`` to the next one;
+        so the steps run the same events and calls in the same order, one call less each."""
         while entry.state is not _RESIDENT:
-            when = self.next_time()
-            if when == math.inf:
+            when = self.due
+            if when == _INF:
                 raise RuntimeError("waiting for loads that no link carries")
             if limit <= when:
                 return False
