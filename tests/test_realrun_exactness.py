@@ -172,7 +172,9 @@ def assert_batch_exact(arch, policy_name, cache, prompts, new, num_devices=1, li
 
 
 @st.composite
-def cases(draw):
+def setups(draw):
+    """(architecture, devices, cache size in experts, policy): every policy, every size
+    from one that fits top-K on each device up to all experts."""
     arch = draw(st.sampled_from(ARCH_PRESETS))
     spec = _ref(arch).spec
     ndev = draw(st.sampled_from([1, 1, 2]))
@@ -180,6 +182,12 @@ def cases(draw):
     policy = draw(st.sampled_from(sorted(TEST_POLICIES) + registered_policies()))
     if policy not in TEST_POLICIES and policy_class(policy).preload_all:
         cache = spec.total_experts
+    return arch, ndev, cache, policy
+
+
+@st.composite
+def cases(draw):
+    arch, ndev, cache, policy = draw(setups())
     text = draw(st.text(st.characters(codec="utf-8"), min_size=1, max_size=8))
     prompt = _ref(arch).tokenizer.encode(text)
     new = draw(st.integers(1, 3))
@@ -197,13 +205,7 @@ def test_offloaded_logits_equal_the_unmodified_model(case):
 
 @st.composite
 def batch_cases(draw):
-    arch = draw(st.sampled_from(ARCH_PRESETS))
-    spec = _ref(arch).spec
-    ndev = draw(st.sampled_from([1, 1, 2]))
-    cache = draw(st.integers(max(spec.top_k, ndev), spec.total_experts))
-    policy = draw(st.sampled_from(sorted(TEST_POLICIES) + registered_policies()))
-    if policy not in TEST_POLICIES and policy_class(policy).preload_all:
-        cache = spec.total_experts
+    arch, ndev, cache, policy = draw(setups())
     B = draw(st.integers(1, 3))
     texts = draw(
         st.lists(
