@@ -329,12 +329,15 @@ class Residency:
                 d.cache.unprotect_layer(layer)
 
     # -- policy orders ----------------------------------------------------------------------------
-    def order(self, key: ExpertKey, priority: float) -> None:
-        """Queue (or re-prioritise) a prefetch order for ``key``; cached keys are skipped."""
+    def order(self, key: ExpertKey, priority: float, stamp: int | None = None) -> None:
+        """Queue (or re-prioritise) a prefetch order for ``key``; cached keys are skipped.
+        ``stamp``: the gate sequence number when the policy made the order (default: now);
+        the order is stale once its layer's gate has run after that."""
         d = self.dev(key)
         with self.lock:
             self.stats.orders += 1
-            stamp = self.gate_seq
+            if stamp is None:
+                stamp = self.gate_seq
             if d.engine.order(key, priority, stamp):
                 return
             if key in d.cache.entries:
