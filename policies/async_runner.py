@@ -1,8 +1,11 @@
 """Run a policy's observe/decide calls on a searcher thread (fMoE step 7).
 
 The inference loop publishes events with :meth:`AsyncPolicyRunner.submit` and collects
-the orders the searcher produced with :meth:`AsyncPolicyRunner.drain_orders`; the policy's
-search never runs on the inference path. Generic over any :class:`Policy`.
+the orders the searcher produced with :meth:`AsyncPolicyRunner.drain_orders` (merged) or
+:meth:`AsyncPolicyRunner.drain_tagged` (grouped by the ``tag`` the event that produced
+them was submitted with: an executor tags events with its clock, so orders keep the time
+the policy was asked, not the time they were collected); the policy's search never runs
+on the inference path. Generic over any :class:`Policy`.
 
 Queue bound (``maxsize`` events) and what happens when it is full:
 - ``on_full="block"`` (default): ``submit`` waits for room (back-pressure; the searcher
@@ -97,7 +100,7 @@ class AsyncPolicyRunner:
         self.dropped = 0
         self._q: queue.Queue[object] = queue.Queue(maxsize)
         self._lock = threading.Lock()
-        self._out = PrefetchDecision()
+        self._out: list[tuple[object, PrefetchDecision]] = []
         self._error: BaseException | None = None
         self._failed = False  # once the policy raised, the searcher only drains the queue
         self._dropping_iteration: int | None = None
@@ -128,8 +131,9 @@ class AsyncPolicyRunner:
         self.close()
 
     # -- producer side ----------------------------------------------------------------
-    def submit(self, ev: Event) -> bool:
-        """Publish an event; False when it was dropped (``on_full="drop"`` only)."""
+    def submit(self, ev: Event, tag: object = None) -> bool:
+        """Publish an event; False when it was dropped (``on_full="drop"`` only). The orders
+        the policy makes after this event come back from :meth:`drain_tagged` with ``tag``."""
         self._raise_pending()
         if self._thread is None:
             raise RuntimeError("AsyncPolicyRunner.submit before start()")
@@ -138,14 +142,14 @@ class AsyncPolicyRunner:
                 self.dropped += 1
                 return False
             try:
-                self._q.put_nowait(ev)
+                self._q.put_nowait((ev, tag))
                 return True
             except queue.Full:
                 self.dropped += 1
                 if isinstance(ev, GateOutput):
                     self._dropping_iteration = ev.iteration
                 return False
-        self._put_blocking(ev)
+        self._put_blocking((ev, tag))
         return True
 
     def _put_blocking(self, ev: object) -> None:
@@ -166,26 +170,43 @@ class AsyncPolicyRunner:
         self._raise_pending()
 
     def drain_orders(self) -> PrefetchDecision:
-        """Orders and cancellations the searcher produced since the last drain."""
+        """Orders and cancellations the searcher produced since the last drain (merged)."""
+        out = PrefetchDecision()
+        for _, dec in self.drain_tagged():
+            out.enqueue.extend(dec.enqueue)
+            out.cancel.extend(dec.cancel)
+        return out
+
+    def drain_tagged(self) -> list[tuple[object, PrefetchDecision]]:
+        """As :meth:`drain_orders`, in the order produced, as (tag, decision) pairs: the
+        tag given to :meth:`submit` with the event after which the policy decided them
+        (consecutive events of one tag share one pair)."""
         self._raise_pending()
         with self._lock:
-            out, self._out = self._out, PrefetchDecision()
+            out, self._out = self._out, []
         return out
 
     # -- searcher side ------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            ev = self._q.get()
+            item = self._q.get()
             try:
-                if ev is _STOP:
+                if item is _STOP:
                     return
                 if not self._failed:
-                    dispatch(self.policy, ev)  # type: ignore[arg-type]
+                    ev, tag = item  # type: ignore[misc]
+                    dispatch(self.policy, ev)
                     dec = self.policy.decide_prefetch()
                     if dec:
                         with self._lock:
-                            self._out.enqueue.extend(dec.enqueue)
-                            self._out.cancel.extend(dec.cancel)
+                            out = self._out
+                            if out and out[-1][0] == tag:
+                                out[-1][1].enqueue.extend(dec.enqueue)
+                                out[-1][1].cancel.extend(dec.cancel)
+                            else:
+                                out.append(
+                                    (tag, PrefetchDecision(list(dec.enqueue), list(dec.cancel)))
+                                )
             except BaseException as exc:  # surfaced on the producer thread
                 self._error = exc
                 self._failed = True

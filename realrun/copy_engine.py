@@ -81,7 +81,8 @@ class CopyJob:
     A prefetch order is queued without a slot (``dst`` None): the engine asks its
     ``starter`` for one when the copy is about to start, as the simulator reserves a
     prefetch's slot when its copy starts, not when it is ordered. ``stamp`` is the gate
-    sequence number when the order was made (staleness is the starter's call).
+    sequence number when the order was made (staleness is the starter's call, and the
+    resumer's for a preempted copy about to resume; ``stale`` marks one it stopped).
     """
 
     key: ExpertKey
@@ -96,6 +97,7 @@ class CopyJob:
     finished_at: float = 0.0
     preemptions: int = 0
     abort: bool = False
+    stale: bool = False
     after: Any = None
     """CUDA: an event on the compute stream; the copy must not write before it (the slot's
     previous expert may still be read by kernels queued before the slot was reused)."""
@@ -178,7 +180,10 @@ class CopyEngine:
 
     Contract: a key has at most one live job. The caller owns a job's slot until the job
     is reported by :meth:`poll` (DONE or ABORTED) or :meth:`cancel` says it was dropped.
-    The starter is called without the engine's lock held, so it may take the caller's.
+    The starter is called without the engine's lock held, so it may take the caller's;
+    so is the ``resumer``, asked before a preempted prefetch resumes: False stops it (an
+    ABORTED job marked ``stale``, its slot the caller's to free at :meth:`poll`, as for
+    a cancel; a demand that promotes it first keeps it).
     """
 
     def __init__(
@@ -189,6 +194,7 @@ class CopyEngine:
         chunk_bytes: int = 1 << 20,
         name: str = "copy",
         starter: Starter | None = None,
+        resumer: Starter | None = None,
     ) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
@@ -197,6 +203,7 @@ class CopyEngine:
         self.link = link
         self.chunk_bytes = chunk_bytes
         self.starter = starter
+        self.resumer = resumer
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._heap: list[tuple[int, float, int, int, CopyJob]] = []
@@ -379,7 +386,10 @@ class CopyEngine:
                     if self._closed:
                         return
                     job.state = JobState.STARTING if job.dst is None else JobState.RUNNING
-                if job.dst is None and not self._start(job):
+                if job.dst is None:
+                    if not self._start(job):
+                        continue
+                elif job.preemptions and not self._resume(job):
                     continue
                 self._run(job)
         except BaseException as exc:  # surfaced to the caller on its next call
@@ -401,6 +411,19 @@ class CopyEngine:
                 return False
             job.state = JobState.RUNNING
             return True
+
+    def _resume(self, job: CopyJob) -> bool:
+        """Ask the resumer whether a preempted copy goes on; False when it stopped it."""
+        if job.demand or self.resumer is None or self.resumer(job):
+            return True
+        with self._cond:
+            if job.demand:  # promoted meanwhile: it is a demand load now
+                return True
+            if job.state is not JobState.RUNNING:  # dropped meanwhile (drop_queued, cancel)
+                return False
+            job.stale = True
+            self._finish(job, JobState.ABORTED)
+            return False
 
     def _finish(self, job: CopyJob, state: JobState) -> None:
         job.state = state

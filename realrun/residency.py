@@ -12,7 +12,7 @@ run a policy the same way:
   then is skipped, and one that finds every slot pinned or loading is dropped;
 - an order is stale, and dropped when it reaches the head of the queue, once its layer's
   gate has run after the order was made; a preempted copy of that layer is cancelled at
-  that gate unless the layer demands it;
+  that gate unless the layer demands it, or, preempted later, when it would resume;
 - a demand load that finds no slot first cancels preempted copies, then waits for a copy
   in flight to land.
 
@@ -144,7 +144,13 @@ class Residency:
         for i, (dev, cap) in enumerate(zip(devices, capacities, strict=True)):
             mover: Mover = CudaMover(dev, chunk_bytes) if dev.type == "cuda" else CpuMover()
             engine = CopyEngine(
-                store, mover, link, chunk_bytes, name=f"copy{i}", starter=self._start
+                store,
+                mover,
+                link,
+                chunk_bytes,
+                name=f"copy{i}",
+                starter=self._start,
+                resumer=self._resume,
             )
             cache = ExpertCache(capacity=cap, expert_bytes=expert_bytes, device=i)
             self.devs.append(
@@ -186,6 +192,12 @@ class Residency:
             self._give_slot(d, job, evicted)
             return True
 
+    def _resume(self, job: CopyJob) -> bool:
+        """A preempted prefetch is about to resume: not once its layer's gate has run since
+        the order (the simulator's links drop it then too; its slot is freed at poll)."""
+        with self.lock:
+            return self.last_gate[job.key[0]] <= job.stamp
+
     def _give_slot(self, d: DeviceSlots, job: CopyJob, evicted: list[ExpertKey]) -> None:
         for v in evicted:
             d.pool.release(v)
@@ -205,7 +217,9 @@ class Residency:
             if job.state is JobState.DONE:
                 d.cache.finish_load(job.key, now)
                 self._landed.append((job.key, d.cache.entries[job.key].by_prefetch))
-            else:  # ABORTED by a cancel: its slot comes back
+            else:  # ABORTED by a cancel or gone stale before resuming: its slot comes back
+                if job.stale:
+                    self.stats.stale += 1
                 self._free_loading(d, job.key)
 
     def _free_loading(self, d: DeviceSlots, key: ExpertKey) -> None:
@@ -329,12 +343,15 @@ class Residency:
                 d.cache.unprotect_layer(layer)
 
     # -- policy orders ----------------------------------------------------------------------------
-    def order(self, key: ExpertKey, priority: float) -> None:
-        """Queue (or re-prioritise) a prefetch order for ``key``; cached keys are skipped."""
+    def order(self, key: ExpertKey, priority: float, stamp: int | None = None) -> None:
+        """Queue (or re-prioritise) a prefetch order for ``key``; cached keys are skipped.
+        ``stamp``: the gate sequence number when the policy made the order (default: now);
+        the order is stale once its layer's gate has run after that."""
         d = self.dev(key)
         with self.lock:
             self.stats.orders += 1
-            stamp = self.gate_seq
+            if stamp is None:
+                stamp = self.gate_seq
             if d.engine.order(key, priority, stamp):
                 return
             if key in d.cache.entries:

@@ -134,7 +134,7 @@ class RunSession:
         self.taps = ModelTaps(om.loaded)
         try:
             policy.bind(PolicyContext(spec, self.placement, self.res.caches, seed=opts.seed))
-            self.driver = make_driver(policy, self._apply)
+            self.driver = make_driver(policy, self._apply, lambda: self.res.gate_seq)
             self.taps.install()
             self.taps.on_embeddings = self._on_embeddings
             self.recorder = RoutingRecorder(spec) if opts.record else None
@@ -157,7 +157,7 @@ class RunSession:
             for m in om.modules:
                 m.runner = None
             raise
-        self._held: list[PrefetchDecision] | None = None
+        self._held: list[tuple[PrefetchDecision, int]] | None = None
         self.layer_steps = 0
         self.layer_paths = {"single_call": 0, "per_expert": 0, "multi_wave": 0}
         self.iteration = -1
@@ -357,20 +357,21 @@ class RunSession:
             self.driver.observe(LoadFinished(key, by_prefetch, now))
         self.driver.pump()
 
-    def _apply(self, dec: PrefetchDecision) -> None:
+    def _apply(self, dec: PrefetchDecision, stamp: int) -> None:
+        """Apply a decision made for an event seen at gate sequence number ``stamp``."""
         if self._held is not None:
-            self._held.append(dec)
+            self._held.append((dec, stamp))
             return
         for key in dec.cancel:
             self.res.cancel(key)
         for order in dec.enqueue:
             validate_order(order, self.spec)
-            self.res.order(order.key, order.priority)
+            self.res.order(order.key, order.priority, stamp)
 
     def _release_held(self) -> None:
         held, self._held = self._held, None
-        for dec in held or []:
-            self._apply(dec)
+        for dec, stamp in held or []:
+            self._apply(dec, stamp)
 
     # -- results ---------------------------------------------------------------------------------
     def counters(self) -> CacheCounters:

@@ -180,3 +180,22 @@ def test_misuse_is_reported():
         AsyncPolicyRunner(_Slow()).submit(_gate(0, 0))
     with pytest.raises(TypeError):
         dispatch(_Slow(), object())  # type: ignore[arg-type]
+
+
+def test_orders_come_back_with_the_tag_of_the_event_they_answer():
+    """An executor tags each event with its clock (the gate sequence number): orders keep
+    the tag of the event after which the policy made them, however late they are drained."""
+    pol = _Slow()
+    pol.release.set()
+    with AsyncPolicyRunner(pol) as runner:
+        runner.submit(_start(0), tag=4)  # no order
+        runner.submit(_gate(0, 0), tag=5)
+        runner.submit(_gate(0, 1), tag=6)
+        runner.submit(_gate(0, 2), tag=6)  # same tag: one group
+        runner.flush()
+        got = [(tag, [o.layer for o in dec.enqueue]) for tag, dec in runner.drain_tagged()]
+        assert got == [(5, [1]), (6, [2, 3])]
+        assert not runner.drain_orders()
+        runner.submit(_gate(1, 0), tag=9)
+        runner.flush()
+        assert [o.layer for o in runner.drain_orders().enqueue] == [1]  # merged form

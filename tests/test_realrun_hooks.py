@@ -5,6 +5,7 @@ that want them, prefetches that land, and a searcher thread for async policies."
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -234,3 +235,53 @@ def test_a_recorded_run_matches_the_trace_contract():
     np.testing.assert_array_equal(
         np.sort(r.topk_ids, -1), np.sort(np.argsort(-r.gate_probs, -1, kind="stable")[..., :4], -1)
     )
+
+
+class LateSearcher(AsyncRecorder):
+    """An async policy whose search of each decode iteration's start returns only after the
+    compute thread has run that iteration's layer-0 gate, and then orders layer 0's
+    uncached experts: orders made for the iteration start, arriving late."""
+
+    name = "test-late-searcher"
+
+    def bind(self, ctx):
+        super().bind(ctx)
+        self.session: RunSession | None = None
+        self.late_orders = 0
+
+    def on_iteration_start(self, ev: IterationStart) -> None:
+        super().on_iteration_start(ev)
+        if ev.iteration == 0 or self.session is None:
+            return
+        res = self.session.res
+        seen = res.last_gate[0]
+        deadline = time.monotonic() + 10.0
+        while res.last_gate[0] == seen:  # wait for this iteration's layer-0 gate
+            assert time.monotonic() < deadline, "the compute thread never reached layer 0"
+            time.sleep(0.001)
+        for e in range(self.ctx.spec.num_experts):
+            if not self.ctx.is_cached((0, e)):
+                self.prefetch(0, e, priority=1.0)
+                self.late_orders += 1
+
+
+def test_a_late_async_order_keeps_the_stamp_of_the_event_it_answers():
+    """The simulator stamps an async policy's orders when the policy is asked (and applies
+    them ``policy_search_s`` later): orders answering an iteration start are stale once
+    that iteration's layer-0 gate has run, however late the searcher delivers them. The
+    real executor must not stamp them when they are collected (then they would look newer
+    than that gate and start copies of a layer that has already run)."""
+    pol = LateSearcher()
+    loaded = load("tiny-mixtral")
+    om = offload_model(loaded, store="ram")
+    ids = loaded.tokenizer.encode("What is MoE?")
+    with RunSession(om, pol, SessionOptions(12)) as s:
+        pol.session = s
+        s.generate("req", ids, 4)
+        m = s.metrics()
+    assert pol.late_orders > 0
+    assert m["prefetch_orders"] == pol.late_orders
+    # every late order is stale or found its key cached; none started a copy
+    assert m["prefetches_issued"] == 0
+    assert m["prefetch_orders_stale"] + m["prefetch_orders_skipped_cached"] == pol.late_orders
+    assert m["prefetch_orders_stale"] > 0

@@ -118,3 +118,31 @@ def test_a_policy_cancel_stops_a_copy_in_flight_and_frees_its_slot():
         assert d.cache.counters.prefetches_cancelled == 1 and d.engine.stats.jobs_done == 0
     finally:
         res.close()
+
+
+def test_a_copy_preempted_after_its_layers_gate_does_not_resume():
+    """A prefetch of layer 1 is in flight when layer 1's gate runs (nothing to cancel yet);
+    layer 1's demand of another expert then preempts it. When the demand load has landed,
+    the preempted copy would resume for a layer that has run: it is stopped as stale and
+    its slot freed (the simulator's links drop it when it would resume, too)."""
+    res, _, _ = _residency(3, gated=False, link=LinkEmulation(gbps=0.01), big=True)
+    try:
+        d = res.devs[0]
+        res.order((1, 0), priority=1.0)
+        t0 = time.perf_counter()
+        while (1, 0) not in d.cache.entries and time.perf_counter() - t0 < 5:
+            time.sleep(0.0005)
+        res.gate(1)
+        res.demand([(1, 1)])  # preempts (1, 0) at its next chunk boundary
+        res.wait((1, 1))
+        t0 = time.perf_counter()
+        while (1, 0) in d.cache.entries and time.perf_counter() - t0 < 5:
+            res.take_landed()
+            time.sleep(0.001)
+        assert d.engine.stats.preemptions == 1
+        assert (1, 0) not in d.cache.entries and (1, 0) not in d.pool.slot_of
+        assert d.cache.counters.prefetches_cancelled == 1 and res.stats.stale == 1
+        assert d.engine.stats.jobs_done == 1  # the demand load only
+        _consistent(res)
+    finally:
+        res.close()
