@@ -254,9 +254,13 @@ class LateSearcher(AsyncRecorder):
         if ev.iteration == 0 or self.session is None:
             return
         res = self.session.res
-        seen = res.last_gate[0]
-        deadline = time.monotonic() + 10.0
-        while res.last_gate[0] == seen:  # wait for this iteration's layer-0 gate
+        # one request: iteration i's gates are numbered i * L + 1 .. (i + 1) * L. Wait for
+        # this iteration's layer-0 gate by its number (a searcher running behind may see
+        # it has run already; reading last_gate here and waiting for a change would then
+        # wait for a gate that never comes after the last iteration)
+        layer0 = ev.iteration * self.ctx.spec.num_moe_layers + 1
+        deadline = time.monotonic() + 30.0
+        while res.last_gate[0] < layer0:
             assert time.monotonic() < deadline, "the compute thread never reached layer 0"
             time.sleep(0.001)
         for e in range(self.ctx.spec.num_experts):
@@ -278,6 +282,7 @@ def test_a_late_async_order_keeps_the_stamp_of_the_event_it_answers():
     with RunSession(om, pol, SessionOptions(12)) as s:
         pol.session = s
         s.generate("req", ids, 4)
+        s.driver.flush()  # the last iteration's late orders, however late the searcher is
         m = s.metrics()
     assert pol.late_orders > 0
     assert m["prefetch_orders"] == pol.late_orders
