@@ -116,15 +116,14 @@ def measure_batched_decode(
     resident serves one random prompt alone, then ``batch`` of them as a static batch
     (``prompt_tokens`` each, so no padding), ``new_tokens`` tokens; their decode steps with
     the routing each saw. ``batch >= 2``, ``new_tokens >= 2``."""
-    from policies.registry import make_policy
-    from realrun.session import BatchRequest, RunSession, SessionOptions
+    from calibration.bench_compute import resident_session
+    from realrun.prompting import Prompt
 
     if batch < 2 or new_tokens < 2:
         raise ValueError("measure_batched_decode needs batch >= 2 and new_tokens >= 2")
     spec = om.loaded.spec
     gen = torch.Generator().manual_seed(seed + 1)
     vocab = om.loaded.model.get_input_embeddings().num_embeddings
-    every = [(lay, e) for lay in range(spec.num_moe_layers) for e in range(spec.num_experts)]
     log = _RoutingLog(spec.num_experts)
     handles = [m.register_forward_hook(log.hook, with_kwargs=True) for m in om.modules]
     prompt: Callable[[], list[int]] = lambda: torch.randint(  # noqa: E731
@@ -133,15 +132,11 @@ def measure_batched_decode(
     out: list[BatchRound] = []
     try:
         for r in range(rounds + 1):  # round 0 warms up
-            policy = make_policy(policy_name)
-            opts = SessionOptions(None, list(devices), None, seed=seed)
             sides = []
-            with RunSession(om, policy, opts) as s:
-                if not policy.preload_all:  # every expert resident: no copy in the timings
-                    s.res.preload(every)
+            with resident_session(om, devices, policy_name, seed) as s:
                 s.generate(f"bwarm{r}", prompt(), 2)
                 for rows in (1, batch):
-                    reqs = [BatchRequest(f"b{r}_{rows}_{i}", prompt()) for i in range(rows)]
+                    reqs = [Prompt(f"b{r}_{rows}_{i}", prompt()) for i in range(rows)]
                     log.calls.clear()
                     g = s.generate_batch(reqs, new_tokens)[0]
                     sides.append(_steps(g.decode_s, log.calls, rows, prompt_tokens, spec))

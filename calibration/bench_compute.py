@@ -27,6 +27,7 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -262,6 +263,25 @@ def median_standard_error(samples: Sequence[float]) -> float:
     return 1.4826 * mad * math.sqrt(math.pi / 2 / n)
 
 
+@contextmanager
+def resident_session(
+    om: OffloadedModel, devices: Sequence[torch.device], policy_name: str, seed: int = 0
+) -> Iterator[Any]:
+    """A RunSession of a fresh ``policy_name`` with every expert resident (no copy in the
+    timings taken inside), closed on exit."""
+    from policies.registry import make_policy
+    from realrun.session import RunSession, SessionOptions
+
+    policy = make_policy(policy_name)
+    with RunSession(om, policy, SessionOptions(None, list(devices), None, seed=seed)) as s:
+        if not policy.preload_all:
+            spec = om.loaded.spec
+            s.res.preload(
+                [(lay, e) for lay in range(spec.num_moe_layers) for e in range(spec.num_experts)]
+            )
+        yield s
+
+
 def measure_overhead(
     om: OffloadedModel,
     devices: Sequence[torch.device],
@@ -278,15 +298,12 @@ def measure_overhead(
     one: a policy's first request pays its one-time setup, which a run amortises), then
     the zero-experts model decodes it and the expert call is timed, so all figures of a
     round share its machine state."""
-    from policies.registry import make_policy
     from realrun.generate import greedy_generate
-    from realrun.session import RunSession, SessionOptions
 
     spec = om.loaded.spec
     L, K = spec.num_moe_layers, spec.top_k
     gen = torch.Generator().manual_seed(seed)
     vocab = om.loaded.model.get_input_embeddings().num_embeddings
-    every = [(lay, e) for lay in range(L) for e in range(spec.num_experts)]
     base = policies[0]
     one_token = experts.point(1)
     resid: list[float] = []
@@ -296,11 +313,7 @@ def measure_overhead(
         ids = torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist()
         runs = {}
         for p in policies:
-            policy = make_policy(p)
-            opts = SessionOptions(None, list(devices), None, seed=seed)
-            with RunSession(om, policy, opts) as s:
-                if not policy.preload_all:  # every expert resident: no copy in the timings
-                    s.res.preload(every)
+            with resident_session(om, devices, p, seed) as s:
                 s.generate(f"warm{r}", ids[::-1], 2)  # the policy's one-time setup
                 runs[p] = s.generate(f"bench{r}", ids, new_tokens)
         with zero_experts(om):

@@ -323,10 +323,9 @@ def _real_run(
 def _serve(session: Any, prompts: list[Any], batch_size: int, new: int, bar: Progress) -> None:
     """The prompts in static batches of ``batch_size``, in order (as `fmoe run`)."""
     from realrun.prompting import batches
-    from realrun.session import BatchRequest
 
     for batch in batches(prompts, batch_size):
-        session.generate_batch([BatchRequest(p.request_id, p.ids, p.text) for p in batch], new)
+        session.generate_batch(batch, new)
         bar.update(len(batch))
 
 

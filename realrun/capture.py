@@ -21,7 +21,7 @@ import torch
 
 from calibration.errors import InputError
 from calibration.model_spec import ModelSpec
-from realrun.generate import IterationRows, Prompt, generate_batch
+from realrun.generate import IterationRows, generate_batch
 from realrun.prompting import batches
 from realrun.recorder import RoutingRecorder
 from realrun.taps import ModelTaps
@@ -132,7 +132,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
                 recorder.start_request(p.request_id, len(p.ids), p.text)
             gens = generate_batch(
                 loaded.model,
-                [Prompt(p.request_id, p.ids) for p in batch],
+                batch,
                 cfg.max_new_tokens,
                 experts=experts,
                 observer=obs,

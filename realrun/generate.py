@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from realrun.prompting import Prompt
+
 
 @dataclass(frozen=True)
 class IterationRows:
@@ -88,14 +90,6 @@ class Generation:
     @property
     def e2e_s(self) -> float:
         return self.ttft_s + float(np.sum(self.decode_s))
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One request of a batch."""
-
-    request_id: str
-    ids: list[int]
 
 
 @contextmanager

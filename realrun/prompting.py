@@ -21,10 +21,13 @@ class PromptText:
 
 
 @dataclass(frozen=True)
-class PromptIds:
+class Prompt:
+    """One request's prompt token ids (and its text, when it has one): what a run, a
+    capture or a batch of :func:`realrun.generate.generate_batch` takes."""
+
     request_id: str
-    text: str
     ids: list[int]
+    text: str | None = None
 
 
 def prompt_texts(name: str | None, texts: Sequence[str] | None, n: int) -> list[PromptText]:
@@ -56,12 +59,9 @@ def check_lengths(config: Any, max_prompt_tokens: int, max_new_tokens: int) -> i
     )
 
 
-def encode(
-    tokenizer: Any, prompts: Sequence[PromptText], max_prompt_tokens: int
-) -> list[PromptIds]:
+def encode(tokenizer: Any, prompts: Sequence[PromptText], max_prompt_tokens: int) -> list[Prompt]:
     return [
-        PromptIds(p.request_id, p.text, tokenizer.encode(p.text)[:max_prompt_tokens])
-        for p in prompts
+        Prompt(p.request_id, tokenizer.encode(p.text)[:max_prompt_tokens], p.text) for p in prompts
     ]
 
 

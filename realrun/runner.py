@@ -26,7 +26,7 @@ from policies.base import Policy
 from realrun.copy_engine import LinkEmulation
 from realrun.placement import budget_experts, resolve_devices
 from realrun.prompting import PromptText, batches, check_lengths, encode, prompt_texts
-from realrun.session import BatchRequest, RunSession, SessionOptions, refuse_future_readers
+from realrun.session import RunSession, SessionOptions, refuse_future_readers
 
 Progress = Callable[[str], None]
 
@@ -192,9 +192,8 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
         with RunSession(om, prep.policy, opts) as session:
             done = 0
             for batch in batches(prompts, cfg.batch_size):
-                reqs = [BatchRequest(p.request_id, p.ids, p.text) for p in batch]
                 for p, g in zip(
-                    batch, session.generate_batch(reqs, cfg.max_new_tokens), strict=True
+                    batch, session.generate_batch(batch, cfg.max_new_tokens), strict=True
                 ):
                     done += 1
                     progress(

@@ -52,7 +52,7 @@ from policies.base import (
 from policies.cache import CacheCounters, ExpertKey
 from realrun.copy_engine import LinkEmulation
 from realrun.drivers import make_driver
-from realrun.generate import Generation, IterationRows, Prompt, generate_batch
+from realrun.generate import Generation, IterationRows, generate_batch
 from realrun.metrics import summarise
 from realrun.offload import (
     OffloadedExperts,
@@ -63,6 +63,7 @@ from realrun.offload import (
     single_call_is_exact,
 )
 from realrun.placement import plan_waves, split_over_devices
+from realrun.prompting import Prompt
 from realrun.recorder import RoutingRecorder
 from realrun.residency import Residency
 from realrun.taps import ModelTaps
@@ -74,15 +75,6 @@ def refuse_future_readers(policy_cls: type[Policy]) -> None:
         raise InputError(
             f"policy {policy_cls.name!r} reads the trace's future; it runs only in the simulator"
         )
-
-
-@dataclass(frozen=True)
-class BatchRequest:
-    """One request of a batch: its id, prompt token ids and (optional) prompt text."""
-
-    request_id: str
-    ids: list[int]
-    text: str | None = None
 
 
 @dataclass
@@ -182,13 +174,13 @@ class RunSession:
     ) -> Generation:
         """Run one request to completion (greedy): a batch of one."""
         return self.generate_batch(
-            [BatchRequest(request_id, list(prompt_ids), prompt_text)],
+            [Prompt(request_id, list(prompt_ids), prompt_text)],
             max_new_tokens,
             keep_logits=keep_logits,
         )[0]
 
     def generate_batch(
-        self, requests: Sequence[BatchRequest], max_new_tokens: int, keep_logits: bool = False
+        self, requests: Sequence[Prompt], max_new_tokens: int, keep_logits: bool = False
     ) -> list[Generation]:
         """Run ``requests`` as one static batch to completion (greedy, see
         realrun.generate); their timings join the session's metrics. As in the simulator's
@@ -205,7 +197,7 @@ class RunSession:
                 self.recorder.start_request(r.request_id, len(r.ids), r.text)
         gens = generate_batch(
             model,
-            [Prompt(r.request_id, r.ids) for r in requests],
+            requests,
             max_new_tokens,
             experts=self.om.modules,
             observer=self,

@@ -10,10 +10,11 @@ import torch
 
 from policies.base import GateOutput, IterationEnd, IterationStart, Policy, RequestArrival
 from realrun.capture import CaptureConfig, capture
-from realrun.generate import IterationRows, Prompt, generate_batch, greedy_generate
+from realrun.generate import IterationRows, generate_batch, greedy_generate
 from realrun.models import load
 from realrun.offload import OffloadedExperts, offload_model
-from realrun.session import BatchRequest, RunSession, SessionOptions
+from realrun.prompting import Prompt
+from realrun.session import RunSession, SessionOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -167,7 +168,7 @@ def test_pad_rows_demand_no_experts(arch, monkeypatch):
     policy = Recorder()
     opts = SessionOptions(spec.total_experts // 2, record=True)
     with RunSession(om, policy, opts) as s:
-        gens = s.generate_batch([BatchRequest(p.request_id, p.ids) for p in prompts], new)
+        gens = s.generate_batch(prompts, new)
         m = s.metrics()
         trace = s.recorder.requests
     real_tokens = sum(lens) + len(prompts) * (new - 1)  # prefill rows, then one per decode row
@@ -229,10 +230,7 @@ def test_batched_capture_has_the_structure_of_one_at_a_time(tmp_path):
         for f in ("topk_ids", "topk_weights", "gate_probs", "embeddings", "lookahead"):
             assert getattr(a.routing, f).shape == getattr(b.routing, f).shape, f
     tok = _ref("tiny-mixtral").tokenizer
-    reqs = [
-        BatchRequest(r.request_id, tok.encode(t), t)
-        for r, t in zip(w2.requests, texts, strict=True)
-    ]
+    reqs = [Prompt(r.request_id, tok.encode(t), t) for r, t in zip(w2.requests, texts, strict=True)]
     with RunSession(_off("tiny-mixtral"), Recorder(), SessionOptions(4, record=True)) as s:
         for batch in (reqs[:2], reqs[2:]):
             s.generate_batch(batch, 3)

@@ -17,10 +17,11 @@ from policies.base import GateOutput, Policy
 from policies.cache import CacheEntry
 from policies.registry import make_policy, policy_class, policy_names
 from realrun.copy_engine import LinkEmulation
-from realrun.generate import Prompt, generate_batch, greedy_generate
+from realrun.generate import generate_batch, greedy_generate
 from realrun.models import load
 from realrun.offload import offload_model
-from realrun.session import BatchRequest, RunSession, SessionOptions
+from realrun.prompting import Prompt
+from realrun.session import RunSession, SessionOptions
 
 ARCH_PRESETS = [
     "tiny-mixtral",
@@ -158,7 +159,7 @@ def assert_batch_exact(arch, policy_name, cache, prompts, new, num_devices=1, li
     """Every row of a static batch: tokens and every forward's last-position logits equal."""
     refs = _reference_batch(arch, prompts, new)
     opts = SessionOptions(cache, [torch.device("cpu")] * num_devices, link)
-    reqs = [BatchRequest(f"r{i}", p) for i, p in enumerate(prompts)]
+    reqs = [Prompt(f"r{i}", p) for i, p in enumerate(prompts)]
     with RunSession(_off(arch), _make(policy_name), opts) as s:
         got = s.generate_batch(reqs, new, keep_logits=True)
         m = s.metrics()
