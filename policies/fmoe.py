@@ -179,6 +179,9 @@ class FmoePolicy(Policy):
         # order without its two calls
         self._cache_of: list[list[ExpertCache]] = []
         self._prompt_emb: dict[str, np.ndarray] = {}
+        # (request ids, prepared query, has, rows with one) of the last batch embedded from
+        # prompt embeddings: the decode steps of one batch prepare them once
+        self._batch_query: tuple[tuple[str, ...], np.ndarray | None, np.ndarray, int] | None = None
         self._it: _IterState | None = None
         self._now = 0.0
         self._stats: Counter[str] = Counter()
@@ -343,13 +346,14 @@ class FmoePolicy(Policy):
     def on_request_arrival(self, ev: RequestArrival) -> None:
         if ev.prompt_embedding is not None:
             self._prompt_emb[ev.request_id] = np.asarray(ev.prompt_embedding, np.float32)
+            self._batch_query = None  # a batch of this request must see its embedding
 
     def on_iteration_start(self, ev: IterationStart) -> None:
         """Step 1: semantic search per row; predict layers 0..d-1."""
         self._now = max(self._now, ev.now)
         B = len(ev.request_ids)
-        raw, has = self._embeddings(ev, B)
-        it = self._new_state(ev.iteration, B, raw)
+        query, has = self._row_queries(ev, B)
+        it = self._new_state(ev.iteration, B, query)
         store = self._need_store()
         n = store.size
         if ev.gates is not None and n > 0 and B * store.num_layers * n <= PLAN_MAX_ELEMENTS:
@@ -510,6 +514,26 @@ class FmoePolicy(Policy):
             raise InputError("policy 'fmoe' used before bind()")
         return self.store
 
+    def _row_queries(self, ev: IterationStart, B: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """Prepared row embeddings [B, E] (``store.prepare`` of :meth:`_embeddings`) and
+        which rows have one. A request's prompt embedding stays fixed, so a batch of the
+        same requests as the last one prompt-embedded reuses its prepared rows (the very
+        same values: the same rows prepared the same way)."""
+        last = self._batch_query
+        if ev.embeddings is None and last is not None and last[0] == ev.request_ids:
+            _, query, has, n_has = last
+            self._stats["rows_emb_prompt"] += n_has
+            self._stats["rows_emb_none"] += B - n_has
+            return query, has
+        raw, has = self._embeddings(ev, B)
+        query = None if raw is None else self._need_store().prepare(raw)
+        if ev.embeddings is None:
+            if query is not None:
+                query.flags.writeable = False  # shared by the batch's iterations
+            has.flags.writeable = False
+            self._batch_query = (tuple(ev.request_ids), query, has, int(has.sum()))
+        return query, has
+
     def _embeddings(self, ev: IterationStart, B: int) -> tuple[np.ndarray | None, np.ndarray]:
         """Row embeddings [B, H] (token, else prompt) and which rows have one."""
         if ev.embeddings is not None:
@@ -528,10 +552,10 @@ class FmoePolicy(Policy):
                 raw[b] = e
         return raw, has
 
-    def _new_state(self, iteration: int, B: int, raw: np.ndarray | None) -> _IterState:
+    def _new_state(self, iteration: int, B: int, query: np.ndarray | None) -> _IterState:
+        """A fresh search state for B rows with prepared embeddings ``query`` [B, E]."""
         store = self._need_store()
         L, C, J = store.num_layers, store.capacity, store.num_experts
-        query = None if raw is None else store.prepare(raw)
         self._it = _IterState(
             iteration=iteration,
             query=query,

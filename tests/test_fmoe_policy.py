@@ -154,6 +154,22 @@ def test_prompt_embedding_fallback_and_topk_rows_are_reported():
     assert md["prefetch_distance_used"] == 2 and md["store_rows"] == 2
 
 
+def test_prompt_embeddings_follow_the_batch_and_a_new_arrival():
+    """A batch's prepared prompt rows are reused only for the same requests, and a
+    request's embedding given again at arrival replaces what its batches search with."""
+    pol, _ = _policy()
+    first = lambda: _orders(pol)[0][:2]  # noqa: E731
+    pol.on_request_arrival(RequestArrival("a", 3, prompt_embedding=np.array([0.0, 1.0, 0.0])))
+    pol.on_request_arrival(RequestArrival("b", 3, prompt_embedding=np.array([1.0, 0.0, 0.0])))
+    for it, rid, expert in [(0, "a", 1), (1, "a", 1), (2, "b", 0), (3, "a", 1)]:
+        _start(pol, None, it=it, rids=(rid,))
+        assert first() == (0, expert)  # row 1 leads with expert 1, row 0 with expert 0
+    pol.on_request_arrival(RequestArrival("a", 3, prompt_embedding=np.array([1.0, 0.0, 0.0])))
+    _start(pol, None, it=4, rids=("a",))
+    assert first() == (0, 0)
+    assert pol.metadata()["embedding_rows"] == {"token": 0, "prompt": 5, "none": 0}
+
+
 def test_iteration_end_stores_rows_that_saw_every_layer():
     pol, _ = _policy()
     _start(pol, np.array([[0.0, 0.0, 1.0]]))
