@@ -1,11 +1,14 @@
 """Run a policy's observe/decide calls on a searcher thread (fMoE step 7).
 
-The inference loop publishes events with :meth:`AsyncPolicyRunner.submit` and collects
-the orders the searcher produced with :meth:`AsyncPolicyRunner.drain_orders` (merged) or
-:meth:`AsyncPolicyRunner.drain_tagged` (grouped by the ``tag`` the event that produced
-them was submitted with: an executor tags events with its clock, so orders keep the time
-the policy was asked, not the time they were collected); the policy's search never runs
-on the inference path. Generic over any :class:`Policy`.
+The inference loop publishes events with :meth:`AsyncPolicyRunner.submit`. The orders
+the searcher produces either go straight to a ``deliver(tag, decision)`` callback, called
+on the searcher thread as soon as each search is done (fMoE's searcher issues its
+prefetches itself; the callback must be thread-safe), or, without one, wait to be
+collected with :meth:`AsyncPolicyRunner.drain_orders` (merged) or
+:meth:`AsyncPolicyRunner.drain_tagged`. Either way they come grouped by the ``tag`` the
+event that produced them was submitted with: an executor tags events with its clock, so
+orders keep the time the policy was asked, not the time they were applied. The policy's
+search never runs on the inference path. Generic over any :class:`Policy`.
 
 Queue bound (``maxsize`` events) and what happens when it is full:
 - ``on_full="block"`` (default): ``submit`` waits for room (back-pressure; the searcher
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,12 +88,16 @@ class AsyncPolicyRunner:
 
     Contract: one producer thread calls submit/drain_orders/flush/close; the policy is
     touched only by the searcher thread after :meth:`start` (plus ``eviction_score``,
-    see the module doc). An exception raised by the policy stops the searcher and is
-    re-raised by the next submit, drain_orders, flush or close.
+    see the module doc). An exception raised by the policy (or by ``deliver``) stops the
+    searcher and is re-raised by the next submit, drain_orders, flush or close.
     """
 
     def __init__(
-        self, policy: Policy, maxsize: int = 256, on_full: Literal["block", "drop"] = "block"
+        self,
+        policy: Policy,
+        maxsize: int = 256,
+        on_full: Literal["block", "drop"] = "block",
+        deliver: Callable[[object, PrefetchDecision], None] | None = None,
     ) -> None:
         if maxsize < 1:
             raise ValueError(f"maxsize must be >= 1, got {maxsize}")
@@ -97,6 +105,7 @@ class AsyncPolicyRunner:
             raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
         self.policy = policy
         self.on_full = on_full
+        self.deliver = deliver
         self.dropped = 0
         self._q: queue.Queue[object] = queue.Queue(maxsize)
         self._lock = threading.Lock()
@@ -197,7 +206,9 @@ class AsyncPolicyRunner:
                     ev, tag = item  # type: ignore[misc]
                     dispatch(self.policy, ev)
                     dec = self.policy.decide_prefetch()
-                    if dec:
+                    if dec and self.deliver is not None:
+                        self.deliver(tag, PrefetchDecision(list(dec.enqueue), list(dec.cancel)))
+                    elif dec:
                         with self._lock:
                             out = self._out
                             if out and out[-1][0] == tag:

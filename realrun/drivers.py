@@ -3,9 +3,13 @@
 :class:`SyncDriver` calls the policy on the compute thread and ``decide_prefetch()`` after
 every observe call (the contract in policies/base.py). :class:`AsyncDriver` is for
 policies with ``async_search`` (fMoE): events go through the shared bounded-queue
-:class:`policies.async_runner.AsyncPolicyRunner` to a searcher thread, and the compute
-thread applies the orders it produced at its next hook (``pump``). A full queue blocks the
-compute thread (back-pressure; nothing is dropped).
+:class:`policies.async_runner.AsyncPolicyRunner` to a searcher thread, which applies the
+orders of each search itself as soon as it is done (as fMoE's searcher issues its
+prefetches, and as the simulator applies them ``policy_search_s`` after the event): the
+copies of an iteration start's orders can then run during the first layer's dense
+compute instead of waiting for the compute thread's next hook, which is that layer's gate
+(their layer's gate: stale by then). So an async driver's ``apply`` must be thread-safe. A
+full queue blocks the compute thread (back-pressure; nothing is dropped).
 
 Each decision reaches the executor with the stamp (``stamp()``, the executor's gate
 sequence number) read when the event it answers was observed, not when the decision is
@@ -50,26 +54,29 @@ class SyncDriver:
 
 
 class AsyncDriver:
-    """Observe on a searcher thread; apply its decisions on the compute thread."""
+    """Observe on a searcher thread, which applies its decisions (``apply`` is called on
+    that thread: it must be thread-safe)."""
 
     def __init__(self, policy: Policy, apply: Apply, stamp: Stamp, maxsize: int = 256) -> None:
         self.policy = policy
-        self._apply = apply
         self._stamp = stamp
-        self.runner = AsyncPolicyRunner(policy, maxsize=maxsize, on_full="block").start()
+        self.runner = AsyncPolicyRunner(
+            policy,
+            maxsize=maxsize,
+            on_full="block",
+            deliver=lambda stamp, dec: apply(dec, stamp),  # type: ignore[arg-type]
+        ).start()
 
     def observe(self, ev: Event) -> None:
         self.runner.submit(ev, self._stamp())
-        self.pump()
 
     def pump(self) -> None:
-        for stamp, dec in self.runner.drain_tagged():
-            self._apply(dec, stamp)  # type: ignore[arg-type]
+        """Nothing to collect (the searcher applies its orders); surfaces a searcher error."""
+        self.runner.drain_tagged()
 
     def flush(self) -> None:
-        """Wait until the searcher handled every event, then apply what it decided."""
+        """Wait until the searcher handled (and applied) every event."""
         self.runner.flush()
-        self.pump()
 
     def close(self) -> None:
         self.runner.close()

@@ -29,6 +29,7 @@ the caches (they route to no expert) or the recorder.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ class RunSession:
             scores=policy.eviction_scores,
         )
         self.taps = ModelTaps(om.loaded)
+        self._held: list[tuple[PrefetchDecision, int]] | None = None
+        self._apply_lock = threading.Lock()  # _held and applying (compute + searcher threads)
         try:
             policy.bind(PolicyContext(spec, self.placement, self.res.caches, seed=opts.seed))
             self.driver = make_driver(policy, self._apply, lambda: self.res.gate_seq)
@@ -149,7 +152,6 @@ class RunSession:
             for m in om.modules:
                 m.runner = None
             raise
-        self._held: list[tuple[PrefetchDecision, int]] | None = None
         self.layer_steps = 0
         self.layer_paths = {"single_call": 0, "per_expert": 0, "multi_wave": 0}
         self.iteration = -1
@@ -262,8 +264,9 @@ class RunSession:
         layer = mod.moe_layer
         # pad rows arrive routed to index E (realrun.generate): counted by no one below
         ids = top_k_index.detach().cpu().numpy()
+        with self._apply_lock:  # orders arriving from now on go after the demand loads
+            self._held = []
         self.res.gate(layer)
-        self._held = []  # the gate's orders go after its demand loads, as in the simulator
         self._gate(layer, hidden, ids, top_k_weights)
         E = self.spec.num_experts
         flat = ids.reshape(-1)
@@ -350,10 +353,18 @@ class RunSession:
         self.driver.pump()
 
     def _apply(self, dec: PrefetchDecision, stamp: int) -> None:
-        """Apply a decision made for an event seen at gate sequence number ``stamp``."""
-        if self._held is not None:
-            self._held.append((dec, stamp))
-            return
+        """Apply a decision made for an event seen at gate sequence number ``stamp``.
+
+        Thread-safe: an async policy's searcher calls it from its own thread. Between a
+        gate and that gate's demand loads, decisions are held and applied right after the
+        demand loads (the simulator's order: the gate's orders go after its demand loads)."""
+        with self._apply_lock:
+            if self._held is not None:
+                self._held.append((dec, stamp))
+                return
+            self._apply_now(dec, stamp)
+
+    def _apply_now(self, dec: PrefetchDecision, stamp: int) -> None:
         for key in dec.cancel:
             self.res.cancel(key)
         for order in dec.enqueue:
@@ -361,9 +372,11 @@ class RunSession:
             self.res.order(order.key, order.priority, stamp)
 
     def _release_held(self) -> None:
-        held, self._held = self._held, None
-        for dec, stamp in held or []:
-            self._apply(dec, stamp)
+        # under the lock: held decisions go before any the searcher makes meanwhile
+        with self._apply_lock:
+            held, self._held = self._held, None
+            for dec, stamp in held or []:
+                self._apply_now(dec, stamp)
 
     # -- results ---------------------------------------------------------------------------------
     def counters(self) -> CacheCounters:

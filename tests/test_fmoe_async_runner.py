@@ -199,3 +199,32 @@ def test_orders_come_back_with_the_tag_of_the_event_they_answer():
         runner.submit(_gate(1, 0), tag=9)
         runner.flush()
         assert [o.layer for o in runner.drain_orders().enqueue] == [1]  # merged form
+
+
+def test_deliver_hands_each_decision_over_on_the_searcher_thread():
+    """With ``deliver``, each search's orders go to it at once, with their event's tag, on
+    the searcher thread; nothing is left to drain; an error it raises surfaces."""
+    pol = _Slow()
+    pol.release.set()
+    got: list[tuple[object, list[int], str]] = []
+
+    def deliver(tag: object, dec) -> None:  # noqa: ANN001
+        got.append((tag, [o.layer for o in dec.enqueue], threading.current_thread().name))
+
+    with AsyncPolicyRunner(pol, deliver=deliver) as runner:
+        runner.submit(_start(0), tag=4)  # no order: nothing delivered
+        runner.submit(_gate(0, 0), tag=5)
+        runner.submit(_gate(0, 1), tag=6)
+        runner.flush()
+        assert not runner.drain_tagged()
+    assert [(t, layers) for t, layers, _ in got] == [(5, [1]), (6, [2])]
+    assert {name for *_, name in got} == {f"policy-{pol.name}"}
+
+    def fail(tag: object, dec) -> None:  # noqa: ANN001
+        raise RuntimeError("apply failed")
+
+    runner = AsyncPolicyRunner(pol, deliver=fail).start()
+    runner.submit(_gate(1, 0), tag=1)
+    with pytest.raises(RuntimeError, match="apply failed"):
+        runner.flush()
+    runner.close()

@@ -290,3 +290,54 @@ def test_a_late_async_order_keeps_the_stamp_of_the_event_it_answers():
     assert m["prefetches_issued"] == 0
     assert m["prefetch_orders_stale"] + m["prefetch_orders_skipped_cached"] == pol.late_orders
     assert m["prefetch_orders_stale"] > 0
+
+
+class EarlySearcher(AsyncRecorder):
+    """An async policy that orders layer 0's uncached experts at each decode iteration's
+    start."""
+
+    name = "test-early-searcher"
+
+    def bind(self, ctx):
+        super().bind(ctx)
+        self.ordered = 0
+
+    def on_iteration_start(self, ev: IterationStart) -> None:
+        super().on_iteration_start(ev)
+        if ev.iteration == 0:
+            return
+        for e in range(self.ctx.spec.num_experts):
+            if not self.ctx.is_cached((0, e)):
+                self.prefetch(0, e, priority=1.0)
+                self.ordered += 1
+
+
+def test_the_searcher_applies_its_orders_without_waiting_for_a_compute_hook():
+    """Between an iteration's start and its layer-0 gate the compute thread runs no hook
+    (embedding and layer 0's attention), so orders collected there would reach the copy
+    engine only at that gate, when they are stale. The searcher applies them itself, as the
+    simulator does ``policy_search_s`` after the event: every decode iteration's orders are
+    in before its layer-0 gate runs (the gate waits for them here, up to 30 s)."""
+    pol = EarlySearcher()
+    loaded = load("tiny-mixtral")
+    om = offload_model(loaded, store="ram")
+    ids = loaded.tokenizer.encode("What is MoE?")
+    seen_at_gate0: list[tuple[int, int]] = []
+    with RunSession(om, pol, SessionOptions(12)) as s:
+        res, gate = s.res, s.res.gate
+
+        def gate_after_orders(layer: int) -> int:
+            if layer == 0 and s.iteration > 0:
+                deadline = time.monotonic() + 30.0
+                while res.stats.orders < pol.ordered or pol.ordered == 0:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.001)
+                seen_at_gate0.append((res.stats.orders, pol.ordered))
+            return gate(layer)
+
+        res.gate = gate_after_orders  # type: ignore[method-assign]
+        s.generate("req", ids, 4)
+        s.driver.flush()
+    assert len(seen_at_gate0) == 3 and pol.ordered > 0
+    assert all(applied == ordered for applied, ordered in seen_at_gate0)
