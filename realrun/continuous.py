@@ -38,9 +38,10 @@ from realrun.generate import (
     Generation,
     IterationObserver,
     IterationRows,
-    check_generation_args,
+    NewTokens,
     new_generations,
     run_iteration,
+    token_limits,
 )
 from realrun.prompting import Prompt
 
@@ -120,7 +121,7 @@ def _windows(config) -> dict[str, int | None]:
 def generate_continuous(
     model: nn.Module,
     prompts: Sequence[Prompt],
-    max_new_tokens: int | Sequence[int],
+    max_new_tokens: NewTokens,
     batch_size: int,
     *,
     observer: IterationObserver | None = None,
@@ -132,7 +133,7 @@ def generate_continuous(
     """Generate greedily for every prompt with continuous batching up to ``batch_size``
     running requests; results in prompt order.
 
-    ``max_new_tokens >= 1``, one for all or one per prompt (a trace's output lengths);
+    ``max_new_tokens >= 1``, one for all or one per prompt (:func:`token_limits`);
     ``batch_size >= 1``; prompts non-empty. A request's
     ``ttft_s`` is its joining forward's time (measured from that iteration's start: a
     closed loop where every request waits from t = 0 and counts from its admission), its
@@ -141,12 +142,7 @@ def generate_continuous(
     joining prompts before the iteration starts (outside its timing). ``kv``, when given a
     list, receives the run's :class:`PackedKV` (tests inspect the cache through it).
     """
-    limits = (
-        [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    )
-    if len(limits) != len(prompts):
-        raise ValueError("max_new_tokens needs one entry per prompt")
-    check_generation_args(prompts, min(limits))
+    limits = token_limits(prompts, max_new_tokens)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     device = next(model.parameters()).device

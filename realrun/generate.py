@@ -123,12 +123,24 @@ def pad_rows_route_nowhere(experts: Sequence[nn.Module], state: dict[str, torch.
             h.remove()
 
 
-def check_generation_args(prompts: Sequence[Prompt], max_new_tokens: int) -> None:
-    """ValueError unless ``max_new_tokens >= 1`` and there are prompts, none empty."""
-    if max_new_tokens < 1:
+NewTokens = int | Sequence[int]
+"""Tokens to generate: one limit for every prompt, or one per prompt (a trace's output lengths)."""
+
+
+def token_limits(prompts: Sequence[Prompt], max_new_tokens: NewTokens) -> list[int]:
+    """Per-prompt limits; ValueError unless every limit is >= 1 (one per prompt when a
+    sequence) and there are prompts, none empty."""
+    if isinstance(max_new_tokens, int):
+        limits = [max_new_tokens] * len(prompts)
+    else:
+        limits = [int(n) for n in max_new_tokens]
+        if len(limits) != len(prompts):
+            raise ValueError("max_new_tokens needs one entry per prompt")
+    if any(n < 1 for n in limits):
         raise ValueError("max_new_tokens must be >= 1")
     if not prompts or any(len(p.ids) == 0 for p in prompts):
         raise ValueError("generation needs at least one prompt, none of them empty")
+    return limits
 
 
 def new_generations(prompts: Sequence[Prompt], keep_logits: bool) -> list[Generation]:
@@ -201,7 +213,7 @@ def greedy_generate(
 def generate_batch(
     model: nn.Module,
     prompts: Sequence[Prompt],
-    max_new_tokens: int,
+    max_new_tokens: NewTokens,
     *,
     experts: Sequence[nn.Module] = (),
     observer: IterationObserver | None = None,
@@ -211,7 +223,8 @@ def generate_batch(
 ) -> list[Generation]:
     """Generate greedily for every prompt as one static batch; results in prompt order.
 
-    ``max_new_tokens >= 1``; prompts must be non-empty; the model runs on its first
+    ``max_new_tokens >= 1`` (one for all or one per prompt, :func:`token_limits`);
+    prompts must be non-empty; the model runs on its first
     parameter's device. ``experts`` are the model's experts modules (in any order): a
     batch whose prompts differ in length needs them, to route pad rows to no expert
     (ValueError without them). ``pad_token_id`` fills pad positions (masked out; its
@@ -219,7 +232,7 @@ def generate_batch(
     """
     from transformers import DynamicCache
 
-    check_generation_args(prompts, max_new_tokens)
+    limits = token_limits(prompts, max_new_tokens)
     lens = [len(p.ids) for p in prompts]
     S = max(lens)
     padded = any(n < S for n in lens)
@@ -238,7 +251,7 @@ def generate_batch(
     cache = DynamicCache(config=model.config)
     state: dict[str, torch.Tensor | None] = {"real": None}
     with torch.no_grad(), pad_rows_route_nowhere(experts, state):
-        for i in range(max_new_tokens):
+        for i in range(max(limits)):
             q = tokens.shape[1]
             real = mask[:, -q:].reshape(-1).bool() if padded else None  # this forward's rows
             state["real"] = None if real is None or bool(real.all()) else real
@@ -259,7 +272,7 @@ def generate_batch(
                 rows,
                 forward,
                 [gens[j] for j in live],
-                [max_new_tokens] * len(live),
+                [limits[j] for j in live],
                 eos_token_id,
             )
             nxt = [gens[j].output_ids[-1] for j in live]

@@ -15,7 +15,13 @@ from torch import nn
 
 from calibration.errors import InputError
 from realrun.continuous import Admit, generate_continuous
-from realrun.generate import Generation, IterationObserver, generate_batch
+from realrun.generate import (
+    Generation,
+    IterationObserver,
+    NewTokens,
+    generate_batch,
+    token_limits,
+)
 from realrun.prompting import Prompt, batches
 
 BATCHING = ("static", "continuous")
@@ -31,7 +37,7 @@ def check_batching(name: str) -> str:
 def generate_all(
     model: nn.Module,
     prompts: Sequence[Prompt],
-    max_new_tokens: int,
+    max_new_tokens: NewTokens,
     batch_size: int,
     batching: str = "static",
     *,
@@ -45,17 +51,20 @@ def generate_all(
     as :func:`generate_batch` wants them (static batches of unequal prompts); ``on_done``
     hears each request after its static batch, or after the continuous run."""
     check_batching(batching)
+    limits = token_limits(prompts, max_new_tokens)
     out: list[Generation] = []
     if batching == "continuous":
-        groups = [list(prompts)]
+        groups = [list(range(len(prompts)))]
     else:
-        groups = list(batches(prompts, batch_size))
-    for group in groups:
+        groups = list(batches(range(len(prompts)), batch_size))
+    for idx in groups:
+        group = [prompts[i] for i in idx]
+        new = [limits[i] for i in idx]
         if batching == "continuous":
             gens = generate_continuous(
                 model,
                 group,
-                max_new_tokens,
+                new,
                 batch_size,
                 observer=observer,
                 on_admit=on_admit,
@@ -67,7 +76,7 @@ def generate_all(
             gens = generate_batch(
                 model,
                 group,
-                max_new_tokens,
+                new,
                 experts=experts,
                 observer=observer,
                 keep_logits=keep_logits,

@@ -53,7 +53,7 @@ from policies.base import (
 from policies.cache import CacheCounters, ExpertKey
 from realrun.copy_engine import LinkEmulation
 from realrun.drivers import make_driver
-from realrun.generate import Generation, IterationRows
+from realrun.generate import Generation, IterationRows, NewTokens
 from realrun.metrics import summarise
 from realrun.offload import (
     OffloadedExperts,
@@ -194,7 +194,7 @@ class RunSession:
     def serve(
         self,
         requests: Sequence[Prompt],
-        max_new_tokens: int,
+        max_new_tokens: NewTokens,
         batch_size: int,
         batching: str = "static",
         keep_logits: bool = False,
