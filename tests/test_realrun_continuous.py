@@ -18,12 +18,11 @@ from realrun.capture import CaptureConfig, capture
 from realrun.continuous import PackedKV, generate_continuous
 from realrun.generate import IterationRows, greedy_generate
 from realrun.models import load
-from realrun.offload import OffloadedExperts
 from realrun.prompting import Prompt
 from realrun.serving import BATCHING, generate_all
 from realrun.session import RunSession, SessionOptions
-from tests.test_realrun_batch import Recorder
-from tests.test_realrun_exactness import ARCH_PRESETS, _make, _off, _ref, setups
+from tests.test_realrun_batch import Recorder, count_expert_rows
+from tests.test_realrun_exactness import ARCH_PRESETS, _make, _off, _ref, prompt_ids, setups
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -168,14 +167,7 @@ def test_expert_work_is_real_tokens_times_top_k_times_layers(arch, monkeypatch):
     the real tokens: (sum of prompts + decode rows) x top-K per MoE layer; each request
     arrives when admitted (after the forward that freed its slot)."""
     spec = _ref(arch).spec
-    computed = [0]
-    orig = OffloadedExperts.call_on_view
-
-    def counting(self, views, num_slots, hidden, index, weights):
-        computed[0] += int((index < num_slots).sum())
-        return orig(self, views, num_slots, hidden, index, weights)
-
-    monkeypatch.setattr(OffloadedExperts, "call_on_view", counting)
+    computed = count_expert_rows(monkeypatch)
     prompts = _prompts(arch)
     policy = Recorder()
     opts = SessionOptions(spec.total_experts // 2, record=True)
@@ -210,12 +202,7 @@ def test_expert_work_is_real_tokens_times_top_k_times_layers(arch, monkeypatch):
 def continuous_cases(draw):
     arch, ndev, cache, policy = draw(setups())
     n = draw(st.integers(1, 4))
-    texts = draw(
-        st.lists(
-            st.text(st.characters(codec="utf-8"), min_size=1, max_size=10), min_size=n, max_size=n
-        )
-    )
-    prompts = [Prompt(f"r{i}", _ref(arch).tokenizer.encode(t)) for i, t in enumerate(texts)]
+    prompts = [Prompt(f"r{i}", ids) for i, ids in enumerate(draw(prompt_ids(arch, n)))]
     limits = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
     B = draw(st.integers(1, 3))
     return arch, ndev, cache, policy, prompts, limits, B
