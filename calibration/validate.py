@@ -4,13 +4,15 @@
    expert resident and its routing recorded: that trace is the workload of every run
    (outputs are bitwise those of the unmodified model, so every real run routes alike).
    The capture runs at the validation's batch size, so its routing is that of the runs.
-2. For each policy x cache size, the real executor serves the prompts in static batches of
-   ``batch_size`` (closed loop: a batch starts when the previous one has finished; cold
-   cache; the profile's link emulation on the CPU), and the simulator runs the captured
-   trace with the profile, the same policy, cache size, batch size, static batching,
-   closed-loop arrivals and copy chunk size. (At batch size 1 static and continuous
-   batching admit alike.) The real executor pads a batch's prompts to one length; the
-   simulator has no padding, so a padded prefill's extra dense work is error it shows.
+2. For each policy x cache size, the real executor serves the prompts under ``batching``
+   with ``batch_size`` (closed loop; ``static``: a batch starts when the previous one has
+   finished; ``continuous``: a waiting prompt joins at the next iteration after a request
+   finishes; cold cache; the profile's link emulation on the CPU), and the simulator runs
+   the captured trace with the profile, the same policy, cache size, batch size,
+   batching, closed-loop arrivals and copy chunk size. (At batch size 1 static and
+   continuous batching admit alike.) The real executor pads a static batch's prompts to
+   one length; the simulator has no padding, so a padded prefill's extra dense work is
+   error it shows. Continuous batching packs rows without padding (realrun.continuous).
 3. Errors per metric (:mod:`calibration.sim_error`): per-request TTFT/TPOT/e2e MAPE,
    hit-rate absolute error, stall time; a table, CSV files and a PNG
    (:mod:`calibration.validate_plot`).
@@ -55,6 +57,7 @@ class ValidateConfig:
     max_new_tokens: int = 16
     max_prompt_tokens: int = 64
     batch_size: int = 1
+    batching: str = "static"  # or "continuous", on both sides
     chunk_bytes: int = 1 << 20
     store: str = "auto"
     seed: int = 0
@@ -135,6 +138,7 @@ def prepare_validation(cfg: ValidateConfig) -> PreparedValidation:
     from realrun.placement import budget_experts, resolve_devices
     from realrun.prompting import check_lengths, prompt_texts
     from realrun.runner import RunConfig, torch_threads
+    from realrun.serving import check_batching
     from realrun.session import refuse_future_readers
 
     profile = load_profile(cfg.profile)
@@ -169,6 +173,7 @@ def prepare_validation(cfg: ValidateConfig) -> PreparedValidation:
         raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    check_batching(cfg.batching)
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompts = prompt_texts(cfg.prompts, None, cfg.num_prompts)
     threads = profile.compute.torch_threads or torch_threads(RunConfig(model=model, device=device))
@@ -241,6 +246,7 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         cache_experts=prep.caches,
         num_prompts=len(prompts),
         batch_size=cfg.batch_size,
+        batching=cfg.batching,
         max_new_tokens=cfg.max_new_tokens,
         torch_threads=prep.threads,
         mape_over="requests (every request of every run); *_run_means: over run means",
@@ -295,7 +301,7 @@ def _capture(prep: PreparedValidation, om: Any, prompts: list[Any], bar: Progres
 
     opts = SessionOptions(None, prep.devices, None, prep.cfg.chunk_bytes, record=True)
     with RunSession(om, make_policy(CAPTURE_POLICY), opts) as s:
-        _serve(s, prompts, prep.cfg.batch_size, prep.cfg.max_new_tokens, bar)
+        _serve(s, prompts, prep.cfg, bar)
         assert s.recorder is not None
         requests, gens = s.recorder.requests, s.generations
     w = make_workload(prep.spec, requests, prep.cfg.seed, source="calibration.validate capture")
@@ -311,7 +317,7 @@ def _real_run(
     opts = SessionOptions(cache, prep.devices, prep.link, prep.cfg.chunk_bytes, seed=prep.cfg.seed)
     with RunSession(om, make_policy(policy), opts) as s:
         _prefault_slots(s)
-        _serve(s, prompts, prep.cfg.batch_size, prep.cfg.max_new_tokens, bar)
+        _serve(s, prompts, prep.cfg, bar)
         metrics = s.metrics()
         reqs = [
             {"id": g.request_id, "ttft": g.ttft_s, "tpot": g.tpot_s, "e2e": g.e2e_s}
@@ -320,13 +326,15 @@ def _real_run(
     return metrics, reqs
 
 
-def _serve(session: Any, prompts: list[Any], batch_size: int, new: int, bar: Progress) -> None:
-    """The prompts in static batches of ``batch_size``, in order (as `fmoe run`)."""
-    from realrun.prompting import batches
-
-    for batch in batches(prompts, batch_size):
-        session.generate_batch(batch, new)
-        bar.update(len(batch))
+def _serve(session: Any, prompts: list[Any], cfg: ValidateConfig, bar: Progress) -> None:
+    """The prompts under the validation's batching, in order (as `fmoe run`)."""
+    session.serve(
+        prompts,
+        cfg.max_new_tokens,
+        cfg.batch_size,
+        cfg.batching,
+        on_done=lambda _p, _g: bar.update(1),
+    )
 
 
 PROBE_PROMPT, PROBE_TOKENS = 16, 8
@@ -375,7 +383,7 @@ def _sim_run(
         policy=policy,
         cache_experts=cache,
         batch_size=prep.cfg.batch_size,
-        batching="static",
+        batching=prep.cfg.batching,
         arrivals="closed",
         chunk_bytes=prep.cfg.chunk_bytes,
         seed=prep.cfg.seed,

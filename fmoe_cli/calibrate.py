@@ -4,8 +4,9 @@
   times the link, expert FFN, dense/attention, head, the executor's per-layer overhead
   and an async policy's search time on this machine, fits the profile's cost model
   and writes a calibrated HardwareProfile (atomically). A progress bar goes to stderr.
-- ``fmoe calibrate validate --profile PROFILE.json [--model M] [--batch-size B] [--out DIR]
-  [--json]`` runs the real executor and the simulator (static batches of B, closed loop)
+- ``fmoe calibrate validate --profile PROFILE.json [--model M] [--batch-size B]
+  [--batching static|continuous] [--out DIR] [--json]`` runs the real executor and the
+  simulator (static batches of B, or continuous batching up to B; closed loop)
   on the same captured workload over policies
   x cache sizes and reports the simulator's error per metric (table or one JSON
   document; CSV files and a PNG under --out).
@@ -222,6 +223,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
         batch_size=args.batch_size,
+        batching=args.batching,
         store=args.store,
         seed=args.seed,
         out=args.out,

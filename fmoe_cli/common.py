@@ -80,12 +80,21 @@ def parse_policy_opts(items: list[str] | None) -> dict[str, Any]:
 
 
 def add_batch_size_flag(p: argparse.ArgumentParser) -> None:
-    """``--batch-size B`` of commands that run a real model (static batches, closed loop)."""
+    """``--batch-size B`` and ``--batching`` of commands that run a real model (closed loop)."""
+    from sim.batching import BATCHERS  # the simulator's batchers: one list of names
+
     p.add_argument(
         "--batch-size",
         type=positive_int,
         default=1,
-        help="prompts per static batch (left-padded; a batch runs until all its rows finish)",
+        help="static: prompts per batch (left-padded; a batch runs until all its rows "
+        "finish); continuous: requests running at once",
+    )
+    p.add_argument(
+        "--batching",
+        choices=list(BATCHERS),
+        default="static",
+        help="static batches, or continuous (iteration-level) batching up to --batch-size",
     )
 
 

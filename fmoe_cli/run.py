@@ -3,8 +3,9 @@
 Metrics use the simulator's names (hit_rate, ttft_mean_s, tpot_mean_s, ...) plus
 ``tokens_sha256`` and the link figures; ``emulated_link`` is true whenever
 ``--link-gbps`` emulates a host link. ``--batch-size B`` runs the prompts B at a time as
-static batches (closed loop: a batch starts when the previous one has finished). Progress
-goes to stderr.
+static batches (closed loop: a batch starts when the previous one has finished), or with
+``--batching continuous`` up to B at once, a waiting prompt joining at the next iteration
+after one finishes. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ _TABLE_KEYS = [
     "model",
     "policy",
     "batch_size",
+    "batching",
     "cache_experts_total",
     "hit_rate",
     "ttft_mean_s",
@@ -117,6 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
         batch_size=args.batch_size,
+        batching=args.batching,
         device=args.device,
         num_devices=args.num_devices,
         link_gbps=args.link_gbps,

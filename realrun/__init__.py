@@ -6,6 +6,7 @@ Modules, bottom up: ``models`` (load a tiny preset or a checkpoint; find MoE blo
 ``residency`` (ExpertCache + slot pools + engines, the simulator's prefetch semantics),
 ``offload`` (the experts stand-in and the exact slot-view compute), ``taps`` (routing
 hooks), ``drivers`` (sync / searcher-thread policy calls), ``session`` (one policy run),
-``generate`` (static batches, padding, timing)/``metrics``/``recorder``, ``runner`` (`fmoe run`) and ``capture``
-(`fmoe trace capture`).
+``generate`` (static batches, padding, the shared timed iteration step), ``continuous``
+(continuous batching of packed rows), ``serving`` (either batching over a prompt list),
+``metrics``/``recorder``, ``runner`` (`fmoe run`) and ``capture`` (`fmoe trace capture`).
 """

@@ -1,7 +1,8 @@
 """`fmoe trace capture`: run a real model and write what it routed in the traces/ format.
 
 The unmodified model runs greedily on the prompts (``--batch-size`` at a time, as static
-batches: see realrun.generate; pad rows are never recorded) with routing taps installed: the
+batches, see realrun.generate, whose pad rows are never recorded; or with ``--batching
+continuous``, see realrun.continuous) with routing taps installed: the
 experts the model actually chose (a forward pre-hook on each ``experts`` module, so
 group-limited sigmoid routers are recorded as chosen), their weights, the full
 probability rows, lookahead rows and the per-token embeddings. The resulting workload
@@ -21,9 +22,10 @@ import torch
 
 from calibration.errors import InputError
 from calibration.model_spec import ModelSpec
-from realrun.generate import IterationRows, generate_batch
-from realrun.prompting import batches
+from realrun.generate import Generation, IterationRows
+from realrun.prompting import Prompt
 from realrun.recorder import RoutingRecorder
+from realrun.serving import check_batching, generate_all
 from realrun.taps import ModelTaps
 
 
@@ -63,6 +65,7 @@ class CaptureConfig:
     max_prompt_tokens: int = 128
     seed: int = 0
     batch_size: int = 1
+    batching: str = "static"  # or "continuous" (realrun.serving)
 
 
 class _CaptureObserver:
@@ -106,13 +109,14 @@ class _CaptureObserver:
 
 
 def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n")) -> Any:
-    """Run the prompts on the unmodified model, ``cfg.batch_size`` at a time as static
-    batches (realrun.generate), and write the workload to ``cfg.out``."""
+    """Run the prompts on the unmodified model under ``cfg.batching`` with
+    ``cfg.batch_size`` (realrun.serving), and write the workload to ``cfg.out``."""
     from realrun.models import load, resolve_model
     from realrun.prompting import check_lengths, encode, prompt_texts
 
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    check_batching(cfg.batching)
     _, hf_config, _ = resolve_model(cfg.model)
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     texts = prompt_texts(cfg.prompts, cfg.prompt_texts, cfg.num_prompts)
@@ -126,23 +130,30 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
         obs = _CaptureObserver(taps, recorder)
         experts = [b.experts for b in loaded.blocks]
         encoded = encode(loaded.tokenizer, texts, max_prompt)
-        done = 0
-        for batch in batches(encoded, cfg.batch_size):
-            for p in batch:
+        done = [0]
+
+        def admit(group: list[Prompt]) -> None:
+            for p in group:
                 recorder.start_request(p.request_id, len(p.ids), p.text)
-            gens = generate_batch(
-                loaded.model,
-                batch,
-                cfg.max_new_tokens,
-                experts=experts,
-                observer=obs,
+
+        def finish(p: Prompt, g: Generation) -> None:
+            recorder.finish_request(g.request_id, len(g.output_ids))
+            done[0] += 1
+            progress(
+                f"[{done[0]}/{len(texts)}] {p.request_id}: {len(p.ids)} + {len(g.output_ids)} tokens"
             )
-            for p, g in zip(batch, gens, strict=True):
-                recorder.finish_request(g.request_id, len(g.output_ids))
-                done += 1
-                progress(
-                    f"[{done}/{len(texts)}] {p.request_id}: {len(p.ids)} + {len(g.output_ids)} tokens"
-                )
+
+        generate_all(
+            loaded.model,
+            encoded,
+            cfg.max_new_tokens,
+            cfg.batch_size,
+            cfg.batching,
+            experts=experts,
+            observer=obs,
+            on_admit=admit,
+            on_done=finish,
+        )
     finally:
         taps.remove()
     workload = make_workload(
@@ -155,6 +166,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
             "tokenizer": getattr(loaded.tokenizer, "name", "unknown"),
             "max_new_tokens": cfg.max_new_tokens,
             "batch_size": cfg.batch_size,
+            "batching": cfg.batching,
             "executor": "unmodified model, eager experts",
         },
     )
@@ -193,6 +205,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         seed=args.seed,
         batch_size=args.batch_size,
+        batching=args.batching,
     )
     w = capture(cfg)
     info = {"path": args.out, **w.info()}

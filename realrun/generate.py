@@ -26,9 +26,10 @@ call, so an expert must see the same token rows in both runs.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -80,7 +81,7 @@ class Generation:
     ttft_s: float
     decode_s: list[float] = field(default_factory=list)
     logits: list[torch.Tensor] | None = None  # last-position logits of every forward, when kept
-    batch_size: int = 1  # rows in the batch it ran in (at its prefill)
+    batch_size: int = 1  # requests in the forward it joined (its prefill)
 
     @property
     def tpot_s(self) -> float:
@@ -122,6 +123,72 @@ def pad_rows_route_nowhere(experts: Sequence[nn.Module], state: dict[str, torch.
             h.remove()
 
 
+NewTokens = int | Sequence[int]
+"""Tokens to generate: one limit for every prompt, or one per prompt (a trace's output lengths)."""
+
+
+def token_limits(prompts: Sequence[Prompt], max_new_tokens: NewTokens) -> list[int]:
+    """Per-prompt limits; ValueError unless every limit is >= 1 (one per prompt when a
+    sequence) and there are prompts, none empty."""
+    if isinstance(max_new_tokens, int):
+        limits = [max_new_tokens] * len(prompts)
+    else:
+        limits = [int(n) for n in max_new_tokens]
+        if len(limits) != len(prompts):
+            raise ValueError("max_new_tokens needs one entry per prompt")
+    if any(n < 1 for n in limits):
+        raise ValueError("max_new_tokens must be >= 1")
+    if not prompts or any(len(p.ids) == 0 for p in prompts):
+        raise ValueError("generation needs at least one prompt, none of them empty")
+    return limits
+
+
+def new_generations(prompts: Sequence[Prompt], keep_logits: bool) -> list[Generation]:
+    """Empty results, one per prompt (``batch_size`` is set when each joins a batch)."""
+    return [
+        Generation(
+            p.request_id, list(p.ids), [], 0.0, [], [] if keep_logits else None, len(prompts)
+        )
+        for p in prompts
+    ]
+
+
+def run_iteration(
+    observer: IterationObserver | None,
+    rows: IterationRows,
+    forward: Callable[[], torch.Tensor],
+    gens: Sequence[Generation],
+    limits: Sequence[int],
+    eos_token_id: int | None,
+) -> list[bool]:
+    """One timed forward: ``forward()`` returns next-token logits [len(gens), V], row r
+    for request ``gens[r]``. Each request gets its greedy token (and logits, when kept)
+    and the forward's time (its TTFT if it had no token yet, else a decode step); the
+    observer hears ``begin_iteration`` before and ``end_iteration`` after the forward.
+    Returns per request whether it is done (its ``limits[r]`` tokens reached, or EOS)."""
+    t0 = time.perf_counter()
+    if observer is not None:
+        observer.begin_iteration(rows)
+    logits = forward()
+    nxt = logits.argmax(dim=-1).tolist()
+    done = [
+        len(g.output_ids) + 1 >= n or (eos_token_id is not None and t == eos_token_id)
+        for g, t, n in zip(gens, nxt, limits, strict=True)
+    ]
+    if observer is not None:
+        observer.end_iteration(tuple(g.request_id for g, d in zip(gens, done, strict=True) if d))
+    dt = time.perf_counter() - t0
+    for r, (g, t) in enumerate(zip(gens, nxt, strict=True)):
+        if g.output_ids:
+            g.decode_s.append(dt)
+        else:
+            g.ttft_s = dt
+        g.output_ids.append(t)
+        if g.logits is not None:
+            g.logits.append(logits[r].detach().cpu().clone())
+    return done
+
+
 def greedy_generate(
     model: nn.Module,
     request_id: str,
@@ -146,7 +213,7 @@ def greedy_generate(
 def generate_batch(
     model: nn.Module,
     prompts: Sequence[Prompt],
-    max_new_tokens: int,
+    max_new_tokens: NewTokens,
     *,
     experts: Sequence[nn.Module] = (),
     observer: IterationObserver | None = None,
@@ -156,7 +223,8 @@ def generate_batch(
 ) -> list[Generation]:
     """Generate greedily for every prompt as one static batch; results in prompt order.
 
-    ``max_new_tokens >= 1``; prompts must be non-empty; the model runs on its first
+    ``max_new_tokens >= 1`` (one for all or one per prompt, :func:`token_limits`);
+    prompts must be non-empty; the model runs on its first
     parameter's device. ``experts`` are the model's experts modules (in any order): a
     batch whose prompts differ in length needs them, to route pad rows to no expert
     (ValueError without them). ``pad_token_id`` fills pad positions (masked out; its
@@ -164,10 +232,7 @@ def generate_batch(
     """
     from transformers import DynamicCache
 
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    if not prompts or any(len(p.ids) == 0 for p in prompts):
-        raise ValueError("generate_batch needs at least one prompt, none of them empty")
+    limits = token_limits(prompts, max_new_tokens)
     lens = [len(p.ids) for p in prompts]
     S = max(lens)
     padded = any(n < S for n in lens)
@@ -181,16 +246,12 @@ def generate_batch(
         device=device,
     )
     mask = torch.tensor([[0] * (S - n) + [1] * n for n in lens], dtype=torch.long, device=device)
-    gens = [
-        Generation(p.request_id, list(p.ids), [], 0.0, [], [] if keep_logits else None, B)
-        for p in prompts
-    ]
+    gens = new_generations(prompts, keep_logits)
     live = list(range(B))  # batch row -> prompt index
     cache = DynamicCache(config=model.config)
     state: dict[str, torch.Tensor | None] = {"real": None}
     with torch.no_grad(), pad_rows_route_nowhere(experts, state):
-        for i in range(max_new_tokens):
-            prefill = i == 0
+        for i in range(max(limits)):
             q = tokens.shape[1]
             real = mask[:, -q:].reshape(-1).bool() if padded else None  # this forward's rows
             state["real"] = None if real is None or bool(real.all()) else real
@@ -202,30 +263,19 @@ def generate_batch(
                     "attention_mask": mask,
                     "position_ids": pos.masked_fill(mask == 0, 0)[:, -q:],
                 }
-            t0 = time.perf_counter()
-            if observer is not None:
-                observer.begin_iteration(rows)
-            logits = model(
-                input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1, **kwargs
-            ).logits[:, -1]
-            nxt = logits.argmax(dim=-1).tolist()
-            done = [
-                i == max_new_tokens - 1 or (eos_token_id is not None and t == eos_token_id)
-                for t in nxt
-            ]
-            finished = tuple(prompts[j].request_id for j, d in zip(live, done, strict=True) if d)
-            if observer is not None:
-                observer.end_iteration(finished)
-            dt = time.perf_counter() - t0
-            for r, j in enumerate(live):
-                g = gens[j]
-                if prefill:
-                    g.ttft_s = dt
-                else:
-                    g.decode_s.append(dt)
-                g.output_ids.append(nxt[r])
-                if g.logits is not None:
-                    g.logits.append(logits[r].detach().cpu().clone())
+
+            forward = functools.partial(
+                _last_logits, model, input_ids=tokens, cache=cache, **kwargs
+            )
+            done = run_iteration(
+                observer,
+                rows,
+                forward,
+                [gens[j] for j in live],
+                [limits[j] for j in live],
+                eos_token_id,
+            )
+            nxt = [gens[j].output_ids[-1] for j in live]
             keep = [r for r, d in enumerate(done) if not d]
             if not keep:
                 break
@@ -239,6 +289,11 @@ def generate_batch(
             tokens = torch.tensor([[t] for t in nxt], dtype=torch.long, device=device)
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], 1)
     return gens
+
+
+def _last_logits(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, V] of a static batch's forward."""
+    return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 def _rows(

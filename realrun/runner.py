@@ -1,7 +1,8 @@
 """`fmoe run` as a function: validate everything, build, offload, run prompts, report.
 
-Prompts run ``RunConfig.batch_size`` at a time as static batches in prompt order (the
-simulator's ``batching="static"`` with closed-loop arrivals).
+Prompts run in a closed loop under ``RunConfig.batching`` (realrun.serving): ``static``
+batches of ``batch_size`` in prompt order, or ``continuous`` batching up to
+``batch_size`` running requests (the simulator's batchers of the same names).
 
 :func:`prepare` checks every input that can be checked without weights (model, policy
 and its options, budget, devices, link, prompts) so bad input fails at once;
@@ -24,8 +25,10 @@ from calibration.errors import InputError
 from calibration.model_spec import ModelSpec
 from policies.base import Policy
 from realrun.copy_engine import LinkEmulation
+from realrun.generate import Generation
 from realrun.placement import budget_experts, resolve_devices
-from realrun.prompting import PromptText, batches, check_lengths, encode, prompt_texts
+from realrun.prompting import Prompt, PromptText, check_lengths, encode, prompt_texts
+from realrun.serving import check_batching
 from realrun.session import RunSession, SessionOptions, refuse_future_readers
 
 Progress = Callable[[str], None]
@@ -49,7 +52,8 @@ class RunConfig:
     num_prompts: int = 4
     max_new_tokens: int = 16
     max_prompt_tokens: int = 128
-    batch_size: int = 1  # prompts per static batch (closed loop, see realrun.generate)
+    batch_size: int = 1  # prompts per static batch, or running at once (continuous)
+    batching: str = "static"  # or "continuous" (realrun.serving)
     device: str = "cpu"
     num_devices: int | None = None
     link_gbps: float | None = None
@@ -109,6 +113,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     link = make_link(cfg.link_gbps, cfg.link_latency_us)
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    check_batching(cfg.batching)
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError(f"--threads must be >= 1, got {cfg.threads}")
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
@@ -190,15 +195,15 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
     )
     try:
         with RunSession(om, prep.policy, opts) as session:
-            done = 0
-            for batch in batches(prompts, cfg.batch_size):
-                for p, g in zip(
-                    batch, session.generate_batch(batch, cfg.max_new_tokens), strict=True
-                ):
-                    done += 1
-                    progress(
-                        f"[{done}/{len(prompts)}] {p.request_id}: {len(p.ids)} prompt tokens, ttft {g.ttft_s:.3f} s, tpot {g.tpot_s:.4f} s"
-                    )
+            done = [0]
+
+            def report(p: Prompt, g: Generation) -> None:
+                done[0] += 1
+                progress(
+                    f"[{done[0]}/{len(prompts)}] {p.request_id}: {len(p.ids)} prompt tokens, ttft {g.ttft_s:.3f} s, tpot {g.tpot_s:.4f} s"
+                )
+
+            session.serve(prompts, cfg.max_new_tokens, cfg.batch_size, cfg.batching, on_done=report)
             metrics = session.metrics()
             requests = session.recorder.requests if session.recorder else None
     finally:
@@ -214,6 +219,7 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
         prompts=cfg.prompts if not cfg.prompt_texts else "explicit",
         num_prompts=len(prompts),
         batch_size=cfg.batch_size,
+        batching=cfg.batching,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
         torch_threads=torch.get_num_threads(),

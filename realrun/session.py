@@ -19,11 +19,12 @@ Event order to the policy follows policies/base.py: on_request_arrival, then per
 iteration on_iteration_start (with the embedding layer's output), on_gate /
 on_expert_used per layer in order, on_iteration_end; on_load_finished as copies land.
 
-Batches (:meth:`RunSession.generate_batch`, static, see realrun.generate): every request
-of a batch arrives when the batch starts (the simulator's closed loop); iteration and
-gate events carry one row per real token of the batch (request ids, positions and
-prefill flags per row, as the simulator's iterations), pad rows never reach the policy,
-the caches (they route to no expert) or the recorder.
+Batches (:meth:`RunSession.serve`: static batches, see realrun.generate, or continuous
+batching, see realrun.continuous): every request arrives when it is admitted (the
+simulator's closed loop); iteration and gate events carry one row per real token of the
+forward (request ids, positions and prefill flags per row, as the simulator's
+iterations); pad rows of a static batch never reach the policy, the caches (they route to
+no expert) or the recorder, and continuous batching has none.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ from policies.base import (
 from policies.cache import CacheCounters, ExpertKey
 from realrun.copy_engine import LinkEmulation
 from realrun.drivers import make_driver
-from realrun.generate import Generation, IterationRows, generate_batch
+from realrun.generate import Generation, IterationRows, NewTokens
 from realrun.metrics import summarise
 from realrun.offload import (
     OffloadedExperts,
@@ -67,6 +68,7 @@ from realrun.placement import plan_waves, split_over_devices
 from realrun.prompting import Prompt
 from realrun.recorder import RoutingRecorder
 from realrun.residency import Residency
+from realrun.serving import generate_all
 from realrun.taps import ModelTaps
 
 
@@ -189,29 +191,50 @@ class RunSession:
         closed loop, every request arrives (``on_request_arrival``) when its batch starts."""
         if not requests:
             raise ValueError("generate_batch needs at least one request")
+        return self.serve(requests, max_new_tokens, len(requests), "static", keep_logits)
+
+    def serve(
+        self,
+        requests: Sequence[Prompt],
+        max_new_tokens: NewTokens,
+        batch_size: int,
+        batching: str = "static",
+        keep_logits: bool = False,
+        on_done: Callable[[Prompt, Generation], None] | None = None,
+    ) -> list[Generation]:
+        """Run ``requests`` to completion under ``batching`` (realrun.serving: static
+        batches of ``batch_size`` in order, or continuous batching up to ``batch_size``
+        running); their timings join the session's metrics. Closed loop, as the
+        simulator's: each request arrives (``on_request_arrival``, and starts being
+        recorded) when it is admitted, just before the iteration it joins."""
         t0 = time.perf_counter()
-        model = self.om.loaded.model
-        for r in requests:
-            self.driver.observe(
-                RequestArrival(r.request_id, len(r.ids), r.text, self._prompt_embedding(r.ids))
-            )
-            if self.recorder is not None:
-                self.recorder.start_request(r.request_id, len(r.ids), r.text)
-        gens = generate_batch(
-            model,
+        gens = generate_all(
+            self.om.loaded.model,
             requests,
             max_new_tokens,
+            batch_size,
+            batching,
             experts=self.om.modules,
             observer=self,
+            on_admit=self._admit,
+            on_done=on_done,
             keep_logits=keep_logits,
         )
         if self.recorder is not None:
             for g in gens:
                 self.recorder.finish_request(g.request_id, len(g.output_ids))
         self.generations.extend(gens)
-        self.batch_size = max(self.batch_size, len(requests))
+        self.batch_size = max([self.batch_size] + [g.batch_size for g in gens])
         self._wall_s += time.perf_counter() - t0
         return gens
+
+    def _admit(self, requests: Sequence[Prompt]) -> None:
+        for r in requests:
+            self.driver.observe(
+                RequestArrival(r.request_id, len(r.ids), r.text, self._prompt_embedding(r.ids))
+            )
+            if self.recorder is not None:
+                self.recorder.start_request(r.request_id, len(r.ids), r.text)
 
     def _prompt_embedding(self, ids: list[int]) -> np.ndarray:
         """The mean embedding of a prompt's tokens (the embedding tap stays quiet)."""

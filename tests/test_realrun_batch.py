@@ -147,13 +147,8 @@ def test_a_padded_batch_needs_the_experts_modules():
     assert len(generate_batch(loaded.model, same, 2)) == 2
 
 
-@pytest.mark.parametrize("arch", ["tiny-mixtral", "tiny-olmoe"])
-def test_pad_rows_demand_no_experts(arch, monkeypatch):
-    """Policy events, cache demands and expert compute cover the real tokens only: every
-    gate event has one row per real token, the library computes exactly real tokens x
-    top-K (token, expert) pairs per MoE layer, and demands are the real rows' experts."""
-    spec = _ref(arch).spec
-    om = _off(arch)
+def count_expert_rows(monkeypatch) -> list[int]:
+    """A counter (its one entry) of the (token, expert) pairs the offloaded experts compute."""
     computed = [0]
     orig = OffloadedExperts.call_on_view
 
@@ -162,6 +157,17 @@ def test_pad_rows_demand_no_experts(arch, monkeypatch):
         return orig(self, views, num_slots, hidden, index, weights)
 
     monkeypatch.setattr(OffloadedExperts, "call_on_view", counting)
+    return computed
+
+
+@pytest.mark.parametrize("arch", ["tiny-mixtral", "tiny-olmoe"])
+def test_pad_rows_demand_no_experts(arch, monkeypatch):
+    """Policy events, cache demands and expert compute cover the real tokens only: every
+    gate event has one row per real token, the library computes exactly real tokens x
+    top-K (token, expert) pairs per MoE layer, and demands are the real rows' experts."""
+    spec = _ref(arch).spec
+    om = _off(arch)
+    computed = count_expert_rows(monkeypatch)
     prompts = _prompts(arch, TEXTS)
     lens = [len(p.ids) for p in prompts]
     new = 3

@@ -205,15 +205,18 @@ def test_offloaded_logits_equal_the_unmodified_model(case):
 
 
 @st.composite
+def prompt_ids(draw, arch: str, n: int) -> list[list[int]]:
+    """``n`` short random texts, encoded by ``arch``'s tokenizer."""
+    text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=10)
+    texts = draw(st.lists(text, min_size=n, max_size=n))
+    return [_ref(arch).tokenizer.encode(t) for t in texts]
+
+
+@st.composite
 def batch_cases(draw):
     arch, ndev, cache, policy = draw(setups())
     B = draw(st.integers(1, 3))
-    texts = draw(
-        st.lists(
-            st.text(st.characters(codec="utf-8"), min_size=1, max_size=10), min_size=B, max_size=B
-        )
-    )
-    prompts = [_ref(arch).tokenizer.encode(t) for t in texts]
+    prompts = draw(prompt_ids(arch, B))
     new = draw(st.integers(1, 3))
     link = draw(st.sampled_from([None, LinkEmulation(2.0, 20.0)]))
     return arch, policy, cache, prompts, new, ndev, link

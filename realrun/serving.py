@@ -1,0 +1,88 @@
+"""Serving a list of prompts in a closed loop, by either batching (the simulator's names).
+
+``static``: consecutive batches of ``batch_size`` in prompt order, each run to completion
+(:func:`realrun.generate.generate_batch`); ``continuous``: iteration-level admission up to
+``batch_size`` running requests (:func:`realrun.continuous.generate_continuous`). Both
+tell ``on_admit`` which prompts join, just before the iteration they join (static: the
+batch's first), which is when the simulator's closed loop has them arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from calibration.errors import InputError
+from realrun.continuous import Admit, generate_continuous
+from realrun.generate import (
+    Generation,
+    IterationObserver,
+    NewTokens,
+    generate_batch,
+    token_limits,
+)
+from realrun.prompting import Prompt, batches
+
+BATCHING = ("static", "continuous")
+
+
+def check_batching(name: str) -> str:
+    """``name`` if it is a known batching, else InputError naming the known ones."""
+    if name not in BATCHING:
+        raise InputError(f"unknown --batching {name!r} (known: {', '.join(BATCHING)})")
+    return name
+
+
+def generate_all(
+    model: nn.Module,
+    prompts: Sequence[Prompt],
+    max_new_tokens: NewTokens,
+    batch_size: int,
+    batching: str = "static",
+    *,
+    experts: Sequence[nn.Module] = (),
+    observer: IterationObserver | None = None,
+    on_admit: Admit | None = None,
+    on_done: Callable[[Prompt, Generation], None] | None = None,
+    keep_logits: bool = False,
+) -> list[Generation]:
+    """Every prompt, greedily, under ``batching``; results in prompt order. ``experts``
+    as :func:`generate_batch` wants them (static batches of unequal prompts); ``on_done``
+    hears each request after its static batch, or after the continuous run."""
+    check_batching(batching)
+    limits = token_limits(prompts, max_new_tokens)
+    out: list[Generation] = []
+    if batching == "continuous":
+        groups = [list(range(len(prompts)))]
+    else:
+        groups = list(batches(range(len(prompts)), batch_size))
+    for idx in groups:
+        group = [prompts[i] for i in idx]
+        new = [limits[i] for i in idx]
+        if batching == "continuous":
+            gens = generate_continuous(
+                model,
+                group,
+                new,
+                batch_size,
+                observer=observer,
+                on_admit=on_admit,
+                keep_logits=keep_logits,
+            )
+        else:
+            if on_admit is not None:
+                on_admit(group)
+            gens = generate_batch(
+                model,
+                group,
+                new,
+                experts=experts,
+                observer=observer,
+                keep_logits=keep_logits,
+            )
+        for p, g in zip(group, gens, strict=True):
+            if on_done is not None:
+                on_done(p, g)
+        out.extend(gens)
+    return out
