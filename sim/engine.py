@@ -355,14 +355,14 @@ class Engine:
                 continue
             t += over_t
             layer = moe
-            gate_seq += 1
-            links.stamp = links.last_gate[layer] = gate_seq
             if nxt <= t:
                 yield env.timeout(t - env.now)
                 t = max(t, env.now)
                 nxt = peek()
             if links.due <= t:
-                links.advance(t)
+                links.advance(t)  # copies up to the gate, before its orders go stale
+            gate_seq += 1
+            links.stamp = links.last_gate[layer] = gate_seq
             if h_gate:
                 assert ids_l is not None and w_l is not None
                 policy.on_gate(

@@ -163,6 +163,26 @@ def test_stale_prefetch_is_dropped_when_its_layer_has_passed() -> None:
     assert [k for k, _, _ in pol.loads] == [(1, 1)]
 
 
+def test_an_order_is_not_stale_before_its_layers_gate_has_run() -> None:
+    """Layer 0's gate orders (1, 1) then (1, 2). (1, 1) lands during layer 1's dense part,
+    before layer 1's gate: the link starts (1, 2) then, as a real copy engine does (the
+    gate has not run yet), and layer 1 finds it loading instead of demand-loading it."""
+    spec = small_spec(layers=2, experts=4, top_k=1)
+    dense = 5e-3
+    pol = ScriptPolicy(preload=[(0, 0), (1, 0)], at_gate={0: [(1, 1, 2.0), (1, 2, 1.0)]})
+    w = one_request(spec, [[0, 2]])
+    hw = exact_profile(dense_s=dense)
+    r = simulate(w, config(spec, hw, cache_experts=8), policy=pol)
+    gate0 = H + dense
+    gate1 = gate0 + E + dense
+    assert gate0 + E < gate0 + X < gate1  # (1, 1) lands between layer 0's end and gate 1
+    assert [(k, p) for k, p, _ in pol.loads] == [((1, 1), True), ((1, 2), True)]
+    assert [t for _, _, t in pol.loads] == [approx(gate0 + X), approx(gate0 + 2 * X)]
+    assert r.requests.e2e_s[0] == approx(gate0 + 2 * X + E)
+    assert r.metrics["prefetches_issued"] == 2 and r.metrics["prefetches_used"] == 1
+    assert r.metrics["prefetch_orders_stale"] == 0
+
+
 def test_prefetches_go_by_descending_priority() -> None:
     """Three orders queued behind a demand load run by descending priority."""
     spec = small_spec(layers=3, experts=4, top_k=1)
