@@ -241,10 +241,12 @@ def study_cache_limit(
 def study_prefetch_distance(
     setup: PaperSetup, distances: Sequence[int] = (1, 2, 3, 4, 6, 8)
 ) -> pd.DataFrame:
-    """fMoE's hit rate and latency as the prefetch distance d grows."""
+    """fMoE's hit rate and latency as the prefetch distance d grows, beside the oracle
+    restricted to the same d (it prefetches the true experts up to d layers ahead: what
+    any predictor at that distance could reach)."""
     workloads = workloads_for(setup)
     frames = [
-        run_policies(setup, ["fmoe"], workloads=workloads, prefetch_distance=d).assign(
+        run_policies(setup, ["fmoe", "oracle"], workloads=workloads, prefetch_distance=d).assign(
             prefetch_distance=d
         )
         for d in distances
