@@ -5,7 +5,7 @@
   and an async policy's search time on this machine, fits the profile's cost model
   and writes a calibrated HardwareProfile (atomically). A progress bar goes to stderr.
 - ``fmoe calibrate validate --profile PROFILE.json [--model M] [--batch-size B]
-  [--batching static|continuous] [--out DIR] [--json]`` runs the real executor and the
+  [--batching static|continuous] [--output-lens fixed|reference] [--out DIR] [--json]`` runs the real executor and the
   simulator (static batches of B, or continuous batching up to B; closed loop)
   on the same captured workload over policies
   x cache sizes and reports the simulator's error per metric (table or one JSON
