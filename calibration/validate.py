@@ -10,7 +10,9 @@
    finishes; cold cache; the profile's link emulation on the CPU), and the simulator runs
    the captured trace with the profile, the same policy, cache size, batch size,
    batching, closed-loop arrivals and copy chunk size. (At batch size 1 static and
-   continuous batching admit alike.) The real executor pads a static batch's prompts to
+   continuous batching admit alike.) ``output_lens`` (realrun.output_lens) sets each
+   request's token limit on the real side; the captured trace records each request's
+   output length, so the simulator replays the same lengths. The real executor pads a static batch's prompts to
    one length; the simulator has no padding, so a padded prefill's extra dense work is
    error it shows. Continuous batching packs rows without padding (realrun.continuous).
 3. Errors per metric (:mod:`calibration.sim_error`): per-request TTFT/TPOT/e2e MAPE,
@@ -58,6 +60,7 @@ class ValidateConfig:
     max_prompt_tokens: int = 64
     batch_size: int = 1
     batching: str = "static"  # or "continuous", on both sides
+    output_lens: str = "fixed"  # or "reference" (realrun.output_lens)
     chunk_bytes: int = 1 << 20
     store: str = "auto"
     seed: int = 0
@@ -76,6 +79,7 @@ class PreparedValidation:
     prompts: list[Any]  # realrun.prompting.PromptText
     max_prompt_tokens: int
     threads: int
+    limits: list[int] = field(default_factory=list)  # per request; set once tokenized
 
 
 @dataclass
@@ -135,6 +139,7 @@ def prepare_validation(cfg: ValidateConfig) -> PreparedValidation:
     """Check every input before any work; InputError names the first problem."""
     from policies.registry import policy_class
     from realrun.models import resolve_model
+    from realrun.output_lens import check_output_lens
     from realrun.placement import budget_experts, resolve_devices
     from realrun.prompting import check_lengths, prompt_texts
     from realrun.runner import RunConfig, torch_threads
@@ -176,6 +181,7 @@ def prepare_validation(cfg: ValidateConfig) -> PreparedValidation:
     check_batching(cfg.batching)
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompts = prompt_texts(cfg.prompts, None, cfg.num_prompts)
+    check_output_lens(cfg.output_lens, prompts, explicit=False)
     threads = profile.compute.torch_threads or torch_threads(RunConfig(model=model, device=device))
     if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise InputError(f"--out {cfg.out}: exists and is not a directory")
@@ -206,6 +212,7 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
     from calibration import sim_error
     from realrun.models import load
     from realrun.offload import offload_model
+    from realrun.output_lens import new_token_limits
     from realrun.prompting import encode
 
     cfg, spec = prep.cfg, prep.spec
@@ -219,6 +226,9 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         loaded.model(input_ids=torch.tensor([[0, 1]]), logits_to_keep=1)
     om = offload_model(loaded, store=cfg.store, dense_device=prep.devices[0])
     prompts = encode(loaded.tokenizer, prep.prompts, prep.max_prompt_tokens)
+    prep.limits = new_token_limits(
+        loaded.tokenizer, prep.prompts, cfg.output_lens, cfg.max_new_tokens
+    )
     run_rows, req_rows = [], []
     try:
         workload, ref_sha = _capture(prep, om, prompts, bar)
@@ -248,6 +258,10 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         batch_size=cfg.batch_size,
         batching=cfg.batching,
         max_new_tokens=cfg.max_new_tokens,
+        output_lens=cfg.output_lens,
+        new_token_limits=prep.limits,
+        # the simulator replays the capture's output lengths: true when they are the limits
+        output_lens_match=bool((requests["output_len"] == requests["real_output_len"]).all()),
         torch_threads=prep.threads,
         mape_over="requests (every request of every run); *_run_means: over run means",
         routing_matches_capture=bool(runs["routing_matches_capture"].all()),
@@ -277,6 +291,7 @@ def _request_rows(
                 "request_id": r["id"],
                 "prompt_len": int(s["prompt_len"]),
                 "output_len": int(s["output_len"]),
+                "real_output_len": r["output_len"],
                 **{f"real_{m}_s": r[m] for m in LATENCIES},
                 **{f"sim_{m}_s": float(s[f"{m}_s"]) for m in LATENCIES},
             }
@@ -301,7 +316,7 @@ def _capture(prep: PreparedValidation, om: Any, prompts: list[Any], bar: Progres
 
     opts = SessionOptions(None, prep.devices, None, prep.cfg.chunk_bytes, record=True)
     with RunSession(om, make_policy(CAPTURE_POLICY), opts) as s:
-        _serve(s, prompts, prep.cfg, bar)
+        _serve(s, prompts, prep, bar)
         assert s.recorder is not None
         requests, gens = s.recorder.requests, s.generations
     w = make_workload(prep.spec, requests, prep.cfg.seed, source="calibration.validate capture")
@@ -317,22 +332,28 @@ def _real_run(
     opts = SessionOptions(cache, prep.devices, prep.link, prep.cfg.chunk_bytes, seed=prep.cfg.seed)
     with RunSession(om, make_policy(policy), opts) as s:
         _prefault_slots(s)
-        _serve(s, prompts, prep.cfg, bar)
+        _serve(s, prompts, prep, bar)
         metrics = s.metrics()
         reqs = [
-            {"id": g.request_id, "ttft": g.ttft_s, "tpot": g.tpot_s, "e2e": g.e2e_s}
+            {
+                "id": g.request_id,
+                "ttft": g.ttft_s,
+                "tpot": g.tpot_s,
+                "e2e": g.e2e_s,
+                "output_len": len(g.output_ids),
+            }
             for g in s.generations
         ]
     return metrics, reqs
 
 
-def _serve(session: Any, prompts: list[Any], cfg: ValidateConfig, bar: Progress) -> None:
-    """The prompts under the validation's batching, in order (as `fmoe run`)."""
+def _serve(session: Any, prompts: list[Any], prep: PreparedValidation, bar: Progress) -> None:
+    """The prompts under the validation's batching and token limits, in order (as `fmoe run`)."""
     session.serve(
         prompts,
-        cfg.max_new_tokens,
-        cfg.batch_size,
-        cfg.batching,
+        prep.limits,
+        prep.cfg.batch_size,
+        prep.cfg.batching,
         on_done=lambda _p, _g: bar.update(1),
     )
 

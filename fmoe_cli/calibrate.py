@@ -5,7 +5,7 @@
   and an async policy's search time on this machine, fits the profile's cost model
   and writes a calibrated HardwareProfile (atomically). A progress bar goes to stderr.
 - ``fmoe calibrate validate --profile PROFILE.json [--model M] [--batch-size B]
-  [--batching static|continuous] [--out DIR] [--json]`` runs the real executor and the
+  [--batching static|continuous] [--output-lens fixed|reference] [--out DIR] [--json]`` runs the real executor and the
   simulator (static batches of B, or continuous batching up to B; closed loop)
   on the same captured workload over policies
   x cache sizes and reports the simulator's error per metric (table or one JSON
@@ -22,6 +22,7 @@ from calibration.errors import InputError
 from fmoe_cli.common import (
     add_batch_size_flag,
     add_json_flag,
+    add_output_lens_flag,
     add_prompt_flags,
     positive_float,
     positive_int,
@@ -104,6 +105,7 @@ def _register_validate(cs: argparse._SubParsersAction) -> None:
     )
     add_prompt_flags(v, max_prompt_tokens=64, explicit=False)
     add_batch_size_flag(v)
+    add_output_lens_flag(v)
     v.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="directory for runs.csv, requests.csv, summary.json, PNG")
@@ -224,6 +226,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         batch_size=args.batch_size,
         batching=args.batching,
+        output_lens=args.output_lens,
         store=args.store,
         seed=args.seed,
         out=args.out,

@@ -98,6 +98,19 @@ def add_batch_size_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_output_lens_flag(p: argparse.ArgumentParser) -> None:
+    """``--output-lens`` of commands that run a real model (realrun.output_lens)."""
+    from realrun.output_lens import OUTPUT_LENS
+
+    p.add_argument(
+        "--output-lens",
+        choices=list(OUTPUT_LENS),
+        default="fixed",
+        help="fixed: every request generates --max-new-tokens; reference: as many tokens as "
+        "its prompt's reference answer (capped by --max-new-tokens), so requests finish apart",
+    )
+
+
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print exactly one JSON document on stdout")
 

@@ -16,6 +16,7 @@ from typing import Any
 from fmoe_cli.common import (
     add_batch_size_flag,
     add_json_flag,
+    add_output_lens_flag,
     add_prompt_flags,
     parse_policy_opts,
     positive_float,
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_prompt_flags(p, num_prompts=4)
     add_batch_size_flag(p)
+    add_output_lens_flag(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--num-devices",
@@ -90,6 +92,7 @@ _TABLE_KEYS = [
     "policy",
     "batch_size",
     "batching",
+    "output_lens",
     "cache_experts_total",
     "hit_rate",
     "ttft_mean_s",
@@ -120,6 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         batch_size=args.batch_size,
         batching=args.batching,
+        output_lens=args.output_lens,
         device=args.device,
         num_devices=args.num_devices,
         link_gbps=args.link_gbps,

@@ -66,6 +66,7 @@ class CaptureConfig:
     seed: int = 0
     batch_size: int = 1
     batching: str = "static"  # or "continuous" (realrun.serving)
+    output_lens: str = "fixed"  # or "reference" (realrun.output_lens)
 
 
 class _CaptureObserver:
@@ -112,6 +113,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
     """Run the prompts on the unmodified model under ``cfg.batching`` with
     ``cfg.batch_size`` (realrun.serving), and write the workload to ``cfg.out``."""
     from realrun.models import load, resolve_model
+    from realrun.output_lens import check_output_lens, new_token_limits
     from realrun.prompting import check_lengths, encode, prompt_texts
 
     if cfg.batch_size < 1:
@@ -120,6 +122,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
     _, hf_config, _ = resolve_model(cfg.model)
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     texts = prompt_texts(cfg.prompts, cfg.prompt_texts, cfg.num_prompts)
+    check_output_lens(cfg.output_lens, texts, explicit=bool(cfg.prompt_texts))
     out = Path(cfg.out)
     if not out.parent.is_dir():
         raise InputError(f"--out {cfg.out}: directory {out.parent} does not exist")
@@ -130,6 +133,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
         obs = _CaptureObserver(taps, recorder)
         experts = [b.experts for b in loaded.blocks]
         encoded = encode(loaded.tokenizer, texts, max_prompt)
+        limits = new_token_limits(loaded.tokenizer, texts, cfg.output_lens, cfg.max_new_tokens)
         done = [0]
 
         def admit(group: list[Prompt]) -> None:
@@ -146,7 +150,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
         generate_all(
             loaded.model,
             encoded,
-            cfg.max_new_tokens,
+            limits,
             cfg.batch_size,
             cfg.batching,
             experts=experts,
@@ -165,6 +169,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
             "prompts": cfg.prompts if not cfg.prompt_texts else "explicit",
             "tokenizer": getattr(loaded.tokenizer, "name", "unknown"),
             "max_new_tokens": cfg.max_new_tokens,
+            "output_lens": cfg.output_lens,
             "batch_size": cfg.batch_size,
             "batching": cfg.batching,
             "executor": "unmodified model, eager experts",
@@ -176,7 +181,12 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
 
 def register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
     """Add `fmoe trace capture` to the `fmoe trace` group."""
-    from fmoe_cli.common import add_batch_size_flag, add_json_flag, add_prompt_flags
+    from fmoe_cli.common import (
+        add_batch_size_flag,
+        add_json_flag,
+        add_output_lens_flag,
+        add_prompt_flags,
+    )
 
     p = trace_subparsers.add_parser(
         "capture", help="run a real MoE model and write its routing trace"
@@ -188,6 +198,7 @@ def register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="torch seed of a tiny preset's random weights"
     )
     add_batch_size_flag(p)
+    add_output_lens_flag(p)
     add_json_flag(p)
     p.set_defaults(func=_cmd_capture)
 
@@ -206,6 +217,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         batching=args.batching,
+        output_lens=args.output_lens,
     )
     w = capture(cfg)
     info = {"path": args.out, **w.info()}

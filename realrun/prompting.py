@@ -16,8 +16,12 @@ from calibration.errors import InputError
 
 @dataclass(frozen=True)
 class PromptText:
+    """A request's prompt text and, when its set has one, the reference answer's text
+    (what ``--output-lens reference`` takes the request's output length from)."""
+
     request_id: str
     text: str
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ def prompt_texts(name: str | None, texts: Sequence[str] | None, n: int) -> list[
         raise InputError("give --prompts NAME or --prompt TEXT")
     from traces.prompts import load_prompts
 
-    return [PromptText(str(p.prompt_id), p.text) for p in load_prompts(name, n)]
+    return [PromptText(str(p.prompt_id), p.text, p.reference) for p in load_prompts(name, n)]
 
 
 def check_lengths(config: Any, max_prompt_tokens: int, max_new_tokens: int) -> int:

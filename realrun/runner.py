@@ -26,6 +26,7 @@ from calibration.model_spec import ModelSpec
 from policies.base import Policy
 from realrun.copy_engine import LinkEmulation
 from realrun.generate import Generation
+from realrun.output_lens import check_output_lens, new_token_limits
 from realrun.placement import budget_experts, resolve_devices
 from realrun.prompting import Prompt, PromptText, check_lengths, encode, prompt_texts
 from realrun.serving import check_batching
@@ -54,6 +55,7 @@ class RunConfig:
     max_prompt_tokens: int = 128
     batch_size: int = 1  # prompts per static batch, or running at once (continuous)
     batching: str = "static"  # or "continuous" (realrun.serving)
+    output_lens: str = "fixed"  # or "reference" (realrun.output_lens)
     device: str = "cpu"
     num_devices: int | None = None
     link_gbps: float | None = None
@@ -118,6 +120,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         raise InputError(f"--threads must be >= 1, got {cfg.threads}")
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompts = prompt_texts(cfg.prompts, cfg.prompt_texts, cfg.num_prompts)
+    check_output_lens(cfg.output_lens, prompts, explicit=bool(cfg.prompt_texts))
     return PreparedRun(cfg, spec, policy, budget, devices, link, prompts, max_prompt)
 
 
@@ -185,6 +188,7 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
         loaded, store=cfg.store, store_dir=cfg.store_dir, dense_device=prep.devices[0]
     )
     prompts = encode(loaded.tokenizer, prep.prompts, prep.max_prompt_tokens)
+    limits = new_token_limits(loaded.tokenizer, prep.prompts, cfg.output_lens, cfg.max_new_tokens)
     opts = SessionOptions(
         prep.budget,
         prep.devices,
@@ -203,7 +207,7 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
                     f"[{done[0]}/{len(prompts)}] {p.request_id}: {len(p.ids)} prompt tokens, ttft {g.ttft_s:.3f} s, tpot {g.tpot_s:.4f} s"
                 )
 
-            session.serve(prompts, cfg.max_new_tokens, cfg.batch_size, cfg.batching, on_done=report)
+            session.serve(prompts, limits, cfg.batch_size, cfg.batching, on_done=report)
             metrics = session.metrics()
             requests = session.recorder.requests if session.recorder else None
     finally:
@@ -221,6 +225,8 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
         batch_size=cfg.batch_size,
         batching=cfg.batching,
         max_new_tokens=cfg.max_new_tokens,
+        output_lens=cfg.output_lens,
+        new_token_limits=limits,  # per request, in prompt order
         seed=cfg.seed,
         torch_threads=torch.get_num_threads(),
         model_bytes=prep.spec.model_bytes,
@@ -235,7 +241,7 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
             requests,
             cfg.seed,
             source="realrun.run",
-            extra={"policy": cfg.policy, **metrics_link(metrics)},
+            extra={"policy": cfg.policy, "output_lens": cfg.output_lens, **metrics_link(metrics)},
         )
         write_workload(workload, cfg.trace_out)
         progress(f"wrote trace {cfg.trace_out}")

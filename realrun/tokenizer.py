@@ -21,6 +21,10 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def count(self, text: str) -> int:
+        """Tokens of ``text`` without special tokens (an answer's length, not a prompt's)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ByteTokenizer:
@@ -32,6 +36,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b % self.vocab_size for b in text.encode("utf-8")] or [0]
 
+    def count(self, text: str) -> int:
+        """One token per UTF-8 byte (0 for empty text: no placeholder token)."""
+        return len(text.encode("utf-8"))
+
 
 @dataclass
 class HFTokenizer:
@@ -42,6 +50,10 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.inner.encode(text)) or [0]
+
+    def count(self, text: str) -> int:
+        """The checkpoint's tokens of ``text`` without BOS/EOS or other special tokens."""
+        return len(self.inner.encode(text, add_special_tokens=False))
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

