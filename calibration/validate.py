@@ -15,6 +15,9 @@
    output length, so the simulator replays the same lengths. The real executor pads a static batch's prompts to
    one length; the simulator has no padding, so a padded prefill's extra dense work is
    error it shows. Continuous batching packs rows without padding (realrun.continuous).
+   With ``repeats`` > 1 every cell's real side runs that many times (repeats outermost,
+   so a cell's runs fall in different phases of a shared machine) and its figures are
+   the medians (:mod:`calibration.repeats`), with the runs' spread beside the errors.
 3. Errors per metric (:mod:`calibration.sim_error`): per-request TTFT/TPOT/e2e MAPE,
    hit-rate absolute error, stall time; a table, CSV files and a PNG
    (:mod:`calibration.validate_plot`).
@@ -39,6 +42,7 @@ from calibration.errors import InputError
 from calibration.hardware import HardwareProfile
 from calibration.jsonio import write_json_atomic
 from calibration.model_spec import ModelSpec
+from calibration.repeats import SPREAD_METRICS, RealRun, median_run, spread
 from calibration.stopwatch import load_average
 
 DEFAULT_POLICIES = ["lru", "mixtral-offloading", "fmoe"]
@@ -61,6 +65,7 @@ class ValidateConfig:
     batch_size: int = 1
     batching: str = "static"  # or "continuous", on both sides
     output_lens: str = "fixed"  # or "reference" (realrun.output_lens)
+    repeats: int = 1  # real runs per policy x cache cell (calibration.repeats)
     chunk_bytes: int = 1 << 20
     store: str = "auto"
     seed: int = 0
@@ -178,6 +183,8 @@ def prepare_validation(cfg: ValidateConfig) -> PreparedValidation:
         raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.repeats < 1:
+        raise InputError(f"--repeats must be >= 1, got {cfg.repeats}")
     check_batching(cfg.batching)
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompts = prompt_texts(cfg.prompts, None, cfg.num_prompts)
@@ -219,7 +226,7 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
     load_start = load_average()
     # cache-major, so a slow phase of a shared machine does not land on one policy alone
     pairs = [(p, c) for c in prep.caches for p in cfg.policies]
-    bar.reset(total=len(prep.prompts) * (1 + len(pairs)))
+    bar.reset(total=len(prep.prompts) * (1 + len(pairs) * cfg.repeats))
     bar.write(f"building {spec.name} and offloading its experts")
     loaded = load(prep.model_ref, seed=cfg.seed)
     with torch.no_grad():  # one-time kernel setup, as the real run does before offloading
@@ -230,16 +237,30 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         loaded.tokenizer, prep.prompts, cfg.output_lens, cfg.max_new_tokens
     )
     run_rows, req_rows = [], []
+    reals: dict[tuple[str, int], list[RealRun]] = {pair: [] for pair in pairs}
+    slowdowns: dict[tuple[str, int], list[float]] = {pair: [] for pair in pairs}
     try:
         workload, ref_sha = _capture(prep, om, prompts, bar)
+        # repeats outermost: a cell's runs fall in different phases of a shared machine
+        for _ in range(cfg.repeats):
+            for pair in pairs:
+                slowdown = _compute_slowdown(prep, om)
+                if slowdown is not None:
+                    slowdowns[pair].append(slowdown)
+                reals[pair].append(_real_run(prep, om, prompts, *pair, bar))
         for policy, cache in pairs:
-            slowdown = _compute_slowdown(prep, om)
-            real, real_reqs = _real_run(prep, om, prompts, policy, cache, bar)
+            runs_of = reals[(policy, cache)]
+            real = median_run(runs_of)
             sim, sim_reqs = _sim_run(prep, workload, policy, cache)
-            run_rows.append(_run_row(policy, cache, real, sim, real["tokens_sha256"] == ref_sha))
-            run_rows[-1]["compute_slowdown"] = slowdown
-            req_rows += _request_rows(policy, cache, real_reqs, sim_reqs)
-            bar.write(_pair_line(run_rows[-1]))
+            same = all(r.metrics["tokens_sha256"] == ref_sha for r in runs_of)
+            row = _run_row(policy, cache, real.metrics, sim, same)
+            sd = slowdowns[(policy, cache)]
+            row["compute_slowdown"] = float(statistics.median(sd)) if sd else None
+            for m in SPREAD_METRICS:
+                row[f"real_{m.removesuffix('_s')}_spread"] = spread(runs_of, m)
+            run_rows.append(row)
+            req_rows += _request_rows(policy, cache, real.requests, sim_reqs)
+            bar.write(_pair_line(row))
     finally:
         om.close()
     runs = _in_table_order(pd.DataFrame(run_rows), cfg.policies)
@@ -260,6 +281,11 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         max_new_tokens=cfg.max_new_tokens,
         output_lens=cfg.output_lens,
         new_token_limits=prep.limits,
+        repeats=cfg.repeats,
+        # run-to-run spread of the real side, (max - min) / median over a cell's repeats,
+        # the median over cells (None with one run): errors within it are noise
+        real_tpot_spread_median=_median_or_none(runs["real_tpot_mean_spread"]),
+        real_ttft_spread_median=_median_or_none(runs["real_ttft_mean_spread"]),
         # the simulator replays the capture's output lengths: true when they are the limits
         output_lens_match=bool((requests["output_len"] == requests["real_output_len"]).all()),
         torch_threads=prep.threads,
@@ -272,6 +298,11 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
     if cfg.out:
         result.files = write_outputs(result, cfg.out, workload)
     return result
+
+
+def _median_or_none(col: pd.Series) -> float | None:
+    vals = col.dropna()
+    return float(vals.median()) if len(vals) else None
 
 
 def _request_rows(
@@ -325,7 +356,7 @@ def _capture(prep: PreparedValidation, om: Any, prompts: list[Any], bar: Progres
 
 def _real_run(
     prep: PreparedValidation, om: Any, prompts: list[Any], policy: str, cache: int, bar: Progress
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> RealRun:
     from policies.registry import make_policy
     from realrun.session import RunSession, SessionOptions
 
@@ -344,7 +375,7 @@ def _real_run(
             }
             for g in s.generations
         ]
-    return metrics, reqs
+    return RealRun(metrics, reqs)
 
 
 def _serve(session: Any, prompts: list[Any], prep: PreparedValidation, bar: Progress) -> None:

@@ -5,7 +5,8 @@
   and an async policy's search time on this machine, fits the profile's cost model
   and writes a calibrated HardwareProfile (atomically). A progress bar goes to stderr.
 - ``fmoe calibrate validate --profile PROFILE.json [--model M] [--batch-size B]
-  [--batching static|continuous] [--output-lens fixed|reference] [--out DIR] [--json]`` runs the real executor and the
+  [--batching static|continuous] [--output-lens fixed|reference] [--repeats N] [--out DIR]
+  [--json]`` runs the real executor and the
   simulator (static batches of B, or continuous batching up to B; closed loop)
   on the same captured workload over policies
   x cache sizes and reports the simulator's error per metric (table or one JSON
@@ -106,6 +107,13 @@ def _register_validate(cs: argparse._SubParsersAction) -> None:
     add_prompt_flags(v, max_prompt_tokens=64, explicit=False)
     add_batch_size_flag(v)
     add_output_lens_flag(v)
+    v.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="real runs per policy x cache (interleaved); real figures are their medians "
+        "and their spread is reported beside the error (default 1)",
+    )
     v.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="directory for runs.csv, requests.csv, summary.json, PNG")
@@ -227,6 +235,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         batching=args.batching,
         output_lens=args.output_lens,
+        repeats=args.repeats,
         store=args.store,
         seed=args.seed,
         out=args.out,
@@ -237,7 +246,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.to_json())
         return 0
-    print_table(result.runs[_RUN_COLUMNS].to_dict(orient="records"))
+    columns = _RUN_COLUMNS + (["real_tpot_mean_spread"] if cfg.repeats > 1 else [])
+    print_table(result.runs[columns].to_dict(orient="records"))
     print()
     s = result.summary
     rows = [

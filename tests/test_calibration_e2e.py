@@ -104,3 +104,28 @@ def test_validate_with_reference_lengths_simulates_the_same_output_lengths(
     s = json.loads(capsys.readouterr().out)["summary"]
     assert s["output_lens"] == "reference" and s["new_token_limits"] == [120, 114, 120]
     assert s["output_lens_match"] is True and s["routing_matches_capture"] is True
+
+
+def test_validate_with_repeats_reports_medians_and_the_real_runs_spread(
+    profile_path: Path, tmp_path: Path, capsys
+) -> None:
+    """--repeats 2: every cell's real side runs twice; the real figures are per-request
+    medians (for lru, whose residency does not depend on timing, hits and bytes still
+    equal the simulator's) and each cell reports the runs' TPOT and TTFT spread."""
+    argv = ["calibrate", "validate", "--profile", str(profile_path), "--num-prompts", "2"]
+    argv += ["--max-new-tokens", "3", "--max-prompt-tokens", "16", "--cache-experts", "8,16"]
+    argv += ["--policies", "lru", "--repeats", "2", "--json", "--no-progress"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    s, runs = doc["summary"], doc["runs"]
+    assert s["repeats"] == 2 and len(runs) == 2 and s["requests"] == 4
+    assert s["routing_matches_capture"] is True
+    for r in runs:
+        assert r["real_hit_rate"] == r["sim_hit_rate"]
+        assert r["real_bytes_h2d"] == r["sim_bytes_h2d"]
+        for k in ("real_tpot_mean_spread", "real_ttft_mean_spread"):
+            assert r[k] is not None and math.isfinite(r[k]) and r[k] >= 0
+    assert s["real_tpot_spread_median"] is not None and s["real_tpot_spread_median"] >= 0
+    assert main([*argv[:-2], "--repeats", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--repeats must be >= 1, got 0" in err[0]
