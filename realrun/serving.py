@@ -24,12 +24,73 @@ from realrun.generate import (
 )
 from realrun.prompting import Prompt, batches
 
-BATCHING = ("static", "continuous")
+Done = Callable[[Prompt, Generation], None]
+
+
+def _serve_static(
+    model: nn.Module,
+    prompts: Sequence[Prompt],
+    limits: list[int],
+    batch_size: int,
+    experts: Sequence[nn.Module],
+    observer: IterationObserver | None,
+    on_admit: Admit,
+    on_done: Done,
+    keep_logits: bool,
+) -> list[Generation]:
+    """Consecutive static batches of ``batch_size``; each request is done with its batch."""
+    out: list[Generation] = []
+    for idx in batches(range(len(prompts)), batch_size):
+        group = [prompts[i] for i in idx]
+        on_admit(group)
+        gens = generate_batch(
+            model,
+            group,
+            [limits[i] for i in idx],
+            experts=experts,
+            observer=observer,
+            keep_logits=keep_logits,
+        )
+        for p, g in zip(group, gens, strict=True):
+            on_done(p, g)
+        out.extend(gens)
+    return out
+
+
+def _serve_continuous(
+    model: nn.Module,
+    prompts: Sequence[Prompt],
+    limits: list[int],
+    batch_size: int,
+    experts: Sequence[nn.Module],
+    observer: IterationObserver | None,
+    on_admit: Admit,
+    on_done: Done,
+    keep_logits: bool,
+) -> list[Generation]:
+    """One continuous run (no padding, so no experts modules needed); requests are
+    reported done after it."""
+    gens = generate_continuous(
+        model,
+        prompts,
+        limits,
+        batch_size,
+        observer=observer,
+        on_admit=on_admit,
+        keep_logits=keep_logits,
+    )
+    for p, g in zip(prompts, gens, strict=True):
+        on_done(p, g)
+    return gens
+
+
+SERVERS = {"static": _serve_static, "continuous": _serve_continuous}
+BATCHING = tuple(SERVERS)
 
 
 def check_batching(name: str) -> str:
     """``name`` if it is a known batching, else InputError naming the known ones."""
-    if name not in BATCHING:
+    if name not in SERVERS:
         raise InputError(f"unknown --batching {name!r} (known: {', '.join(BATCHING)})")
     return name
 
@@ -44,45 +105,26 @@ def generate_all(
     experts: Sequence[nn.Module] = (),
     observer: IterationObserver | None = None,
     on_admit: Admit | None = None,
-    on_done: Callable[[Prompt, Generation], None] | None = None,
+    on_done: Done | None = None,
     keep_logits: bool = False,
 ) -> list[Generation]:
     """Every prompt, greedily, under ``batching``; results in prompt order. ``experts``
     as :func:`generate_batch` wants them (static batches of unequal prompts); ``on_done``
     hears each request after its static batch, or after the continuous run."""
-    check_batching(batching)
+    serve = SERVERS[check_batching(batching)]
     limits = token_limits(prompts, max_new_tokens)
-    out: list[Generation] = []
-    if batching == "continuous":
-        groups = [list(range(len(prompts)))]
-    else:
-        groups = list(batches(range(len(prompts)), batch_size))
-    for idx in groups:
-        group = [prompts[i] for i in idx]
-        new = [limits[i] for i in idx]
-        if batching == "continuous":
-            gens = generate_continuous(
-                model,
-                group,
-                new,
-                batch_size,
-                observer=observer,
-                on_admit=on_admit,
-                keep_logits=keep_logits,
-            )
-        else:
-            if on_admit is not None:
-                on_admit(group)
-            gens = generate_batch(
-                model,
-                group,
-                new,
-                experts=experts,
-                observer=observer,
-                keep_logits=keep_logits,
-            )
-        for p, g in zip(group, gens, strict=True):
-            if on_done is not None:
-                on_done(p, g)
-        out.extend(gens)
-    return out
+    return serve(
+        model,
+        prompts,
+        limits,
+        batch_size,
+        experts,
+        observer,
+        on_admit or _ignore,
+        on_done or _ignore,
+        keep_logits,
+    )
+
+
+def _ignore(*_: object) -> None:
+    """No listener."""
