@@ -8,5 +8,6 @@ Modules, bottom up: ``models`` (load a tiny preset or a checkpoint; find MoE blo
 hooks), ``drivers`` (sync / searcher-thread policy calls), ``session`` (one policy run),
 ``generate`` (static batches, padding, the shared timed iteration step), ``continuous``
 (continuous batching of packed rows), ``serving`` (either batching over a prompt list),
-``metrics``/``recorder``, ``runner`` (`fmoe run`) and ``capture`` (`fmoe trace capture`).
+``metrics``/``recorder``, ``runner`` (`fmoe run`), ``capture`` (`fmoe trace capture`) and
+``api`` (:func:`realrun.api.offload`: offloaded experts under the library's own ``generate``).
 """

@@ -81,8 +81,8 @@ class LoadedModel:
     model: nn.Module
     spec: ModelSpec
     blocks: list[MoEBlock]
-    tokenizer: Any
-    source: str  # 'preset' or 'checkpoint'
+    tokenizer: Any  # None for a model passed in (from_module)
+    source: str  # 'preset', 'checkpoint' or 'module' (built by the caller)
     adapter: ArchAdapter
 
 
@@ -194,3 +194,34 @@ def load(ref: str, seed: int = 0, experts_implementation: str = "eager") -> Load
     from realrun.tokenizer import tokenizer_for
 
     return LoadedModel(model, spec, blocks, tokenizer_for(ref, spec, source), source, adapter)
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def spec_of_module(model: nn.Module, name: str | None = None) -> ModelSpec:
+    """The spec of a transformers MoE model already built (from its config and dtype).
+
+    Raises InputError when it is not a transformers model or not an MoE model."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise InputError(f"{type(model).__name__}: not a transformers model (no config)")
+    param = next(model.parameters(), None)
+    dtype = _DTYPE_NAMES.get(param.dtype, "fp32") if param is not None else "fp32"
+    try:
+        return ModelSpec.from_transformers_config(config, name=name, dtype=dtype)
+    except KeyError as exc:
+        raise InputError(
+            f"{type(model).__name__}: config misses field {exc} needed for an MoE model"
+        ) from None
+
+
+def from_module(model: nn.Module, name: str | None = None) -> LoadedModel:
+    """A model already built, ready to offload: eval mode, eager experts (what makes
+    offloaded outputs exact), its MoE blocks found; no tokenizer."""
+    spec = spec_of_module(model, name)
+    model.eval()
+    model.set_experts_implementation("eager")
+    adapter = adapter_for(spec.family)
+    blocks = find_moe_blocks(model, spec, adapter)
+    return LoadedModel(model, spec, blocks, None, "module", adapter)

@@ -216,7 +216,7 @@ class RunSession:
             batching,
             experts=self.om.modules,
             observer=self,
-            on_admit=self._admit,
+            on_admit=self.admit,
             on_done=on_done,
             keep_logits=keep_logits,
         )
@@ -228,13 +228,18 @@ class RunSession:
         self._wall_s += time.perf_counter() - t0
         return gens
 
-    def _admit(self, requests: Sequence[Prompt]) -> None:
+    def admit(self, requests: Sequence[Prompt]) -> None:
+        """``requests`` arrive (the policy hears of each; the recorder starts them)."""
         for r in requests:
             self.driver.observe(
                 RequestArrival(r.request_id, len(r.ids), r.text, self._prompt_embedding(r.ids))
             )
             if self.recorder is not None:
                 self.recorder.start_request(r.request_id, len(r.ids), r.text)
+
+    def add_wall_time(self, seconds: float) -> None:
+        """Count ``seconds`` of serving outside :meth:`serve` in the metrics' ``wall_s``."""
+        self._wall_s += seconds
 
     def _prompt_embedding(self, ids: list[int]) -> np.ndarray:
         """The mean embedding of a prompt's tokens (the embedding tap stays quiet)."""
