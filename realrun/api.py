@@ -57,6 +57,7 @@ class _Running:
     seen: list[int]  # tokens of each request the model has run (prompt, then one per step)
     recorded: bool  # started inside generate: kept as Generations
     t_last: float  # end of the last forward (wall clock)
+    arrival_s: float  # the session's clock when they arrived
     eos: set[int] = field(default_factory=set)
 
 
@@ -133,7 +134,8 @@ class _ForwardRequests:
         if recorded:
             self.generations.extend(gens)
         t0 = self.call_t0 if self.call_t0 is not None else time.perf_counter()
-        self.running = _Running(gens, [0] * B, recorded, t0, set(self.call_eos))
+        arrival = self.session.now()
+        self.running = _Running(gens, [0] * B, recorded, t0, arrival, set(self.call_eos))
         return self.running
 
     def _rows(
@@ -169,6 +171,20 @@ class _ForwardRequests:
         self.session.end_iteration(done)
         if finish:
             self.running = None
+            if run is not None:
+                self._record(run)
+
+    def _record(self, run: _Running) -> None:
+        """Hand finished requests to the session's recorder (when recording): those of a
+        generate call as trace requests, cut after their last token; others dropped."""
+        rec = self.session.recorder
+        if rec is None:
+            return
+        for g in run.gens:
+            if run.recorded:
+                rec.finish_request(g.request_id, len(g.output_ids), run.arrival_s, trim=True)
+            else:
+                rec.drop_request(g.request_id)
 
     # -- generate ---------------------------------------------------------------------------
     def generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
@@ -177,18 +193,21 @@ class _ForwardRequests:
         cfg = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         eos = kwargs.get("eos_token_id", getattr(cfg, "eos_token_id", None))
         self.call_eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        self.call_t0 = time.perf_counter()
-        t0 = self.call_t0
+        self.call_t0 = t0 = time.perf_counter()
         try:
             out = inner(*args, **kwargs)
-        finally:
-            run = self.running
-            self.end(finish=True)
+        except BaseException:
             self.call_t0 = None
-        self.session.add_wall_time(time.perf_counter() - t0)
+            self.end(finish=True)
+            raise
+        run = self.running
         if run is not None and run.recorded:
-            seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-            _fill_tokens(run, seqs)
+            _fill_tokens(
+                run, out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+            )
+        self.end(finish=True)
+        self.call_t0 = None
+        self.session.add_wall_time(time.perf_counter() - t0)
         return out
 
 
@@ -254,6 +273,28 @@ class OffloadedLM:
         )
         return out
 
+    def workload(self) -> Any:
+        """The routing of every ``generate`` request so far, as a trace (traces.types
+        Workload: rows of real tokens, cut after each request's last token; arrivals on
+        the session's clock). ``offload(record=True)`` only."""
+        rec = self.session.recorder
+        if rec is None:
+            raise InputError("no routing was recorded: offload(..., record=True)")
+        from realrun.capture import make_workload
+
+        link = self.session.opts.link
+        described = link.describe() if link is not None else {"emulated_link": False}
+        extra = {"policy": self.session.policy.name, **described}
+        return make_workload(
+            self.spec, list(rec.requests), self.session.opts.seed, "realrun.api", extra
+        )
+
+    def save_trace(self, path: str) -> None:
+        """Write :meth:`workload` to ``path`` (the traces format, atomic)."""
+        from realrun.capture import write_workload
+
+        write_workload(self.workload(), path)
+
     def close(self) -> None:
         """End the last iteration, detach the policy, restore ``model.generate``, free the store."""
         if self._closed:
@@ -290,6 +331,7 @@ def offload(
     store: str = "auto",
     store_dir: str | None = None,
     chunk_bytes: int = 1 << 20,
+    record: bool = False,
     seed: int = 0,
 ) -> OffloadedLM:
     """Offload ``model``'s experts under a cache budget and attach ``policy``.
@@ -299,7 +341,9 @@ def offload(
     module is switched to the eager implementation, which makes outputs exact). The budget
     is ``cache_experts`` or ``cache_gb`` in total over the devices (default: every
     expert), at least top-K. ``link_gbps`` emulates a host->GPU link on the CPU. A policy
-    instance must be unbound. Raises InputError for bad input, before offloading.
+    instance must be unbound. ``record`` keeps the routing of every ``generate`` request
+    (:meth:`OffloadedLM.workload`, :meth:`OffloadedLM.save_trace`). Raises InputError for
+    bad input, before offloading.
     """
     from policies.registry import make_policy, policy_class
 
@@ -324,7 +368,9 @@ def offload(
     loaded: LoadedModel = load(model, seed=seed) if isinstance(model, str) else from_module(model)
     om = offload_model(loaded, store=store, store_dir=store_dir, dense_device=devices[0])
     try:
-        session = RunSession(om, pol, SessionOptions(budget, devices, link, chunk_bytes, seed=seed))
+        session = RunSession(
+            om, pol, SessionOptions(budget, devices, link, chunk_bytes, record=record, seed=seed)
+        )
     except BaseException:
         om.close()
         raise

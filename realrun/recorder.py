@@ -80,10 +80,20 @@ class RoutingRecorder:
             for it, part in self._split(rows):
                 it[field][layer] = part
 
-    def finish_request(self, request_id: str, output_len: int, arrival_s: float = 0.0) -> Request:
-        """Assemble request ``request_id`` (``output_len`` tokens generated) and keep it."""
+    def drop_request(self, request_id: str) -> None:
+        """Forget request ``request_id`` without keeping it."""
+        self._open.pop(request_id, None)
+
+    def finish_request(
+        self, request_id: str, output_len: int, arrival_s: float = 0.0, trim: bool = False
+    ) -> Request:
+        """Assemble request ``request_id`` (``output_len`` tokens generated) and keep it.
+        With ``trim``, forwards after its last token (a finished row the batch still
+        ran) are left out."""
         cur = self._open.pop(request_id)
         iters = cur["iters"]
+        if trim:
+            iters = iters[:output_len]
         if len(iters) != output_len:
             raise RuntimeError(
                 f"request {cur['id']}: {len(iters)} forward passes for {output_len} tokens"
