@@ -15,11 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calibration.errors import InputError
-from policies.base import GateOutput, IterationEnd, IterationStart, Policy, RequestArrival
+from policies.base import GateOutput, IterationEnd, IterationStart, RequestArrival
 from policies.registry import policy_class, policy_names
 from realrun.api import offload
 from realrun.models import load
 from realrun.offload import OffloadedExperts
+from tests.recording_policy import EventRecorder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,28 +32,6 @@ def _ref(arch: str):
     if arch not in _REF:
         _REF[arch] = load(arch)
     return _REF[arch]
-
-
-class Recorder(Policy):
-    """Keeps every event it hears (no prefetch; LRU eviction)."""
-
-    name = "test-recorder"
-
-    def bind(self, ctx):
-        super().bind(ctx)
-        self.events: list[object] = []
-
-    def on_request_arrival(self, ev: RequestArrival) -> None:
-        self.events.append(ev)
-
-    def on_iteration_start(self, ev: IterationStart) -> None:
-        self.events.append(ev)
-
-    def on_gate(self, ev: GateOutput) -> None:
-        self.events.append(ev)
-
-    def on_iteration_end(self, ev: IterationEnd) -> None:
-        self.events.append(ev)
 
 
 def _batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +111,7 @@ def test_generate_equals_the_unmodified_model(case) -> None:
 def test_the_policy_sees_real_rows_and_one_request_per_row() -> None:
     prompts = [[5, 6, 7, 8], [9, 10]]
     ids, mask = _batch(prompts)
-    pol = Recorder()
+    pol = EventRecorder()
     with offload("tiny-mixtral", policy=pol, cache_experts=6) as lm:
         _generate(lm.model, ids, mask, 3)
         spec = lm.spec
@@ -193,7 +172,7 @@ def test_a_model_passed_in_and_plain_forwards() -> None:
     with torch.no_grad():
         want = ref(input_ids=ids).logits
     mine = load("tiny-qwen2-moe").model  # built by the caller, then offloaded in place
-    pol = Recorder()
+    pol = EventRecorder()
     with offload(mine, policy=pol, cache_experts=4) as lm:
         assert lm.tokenizer is None
         with torch.no_grad():

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from policies.base import GateOutput, IterationEnd, IterationStart, Policy, RequestArrival
+from policies.base import GateOutput, IterationEnd, IterationStart, RequestArrival
 from realrun.capture import CaptureConfig, capture
 from realrun.generate import IterationRows, generate_batch, greedy_generate
 from realrun.models import load
 from realrun.offload import OffloadedExperts, offload_model
 from realrun.prompting import Prompt
 from realrun.session import RunSession, SessionOptions
+from tests.recording_policy import EventRecorder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,28 +47,6 @@ def _prompts(arch: str, texts: list[str]) -> list[Prompt]:
 TEXTS = ["Why is the sky blue?", "Hi", "Name three rivers"]  # 20, 2 and 17 tokens
 
 
-class Recorder(Policy):
-    """Keeps every event it observes (no prefetch)."""
-
-    name = "test-recorder"
-
-    def bind(self, ctx):
-        super().bind(ctx)
-        self.events: list = []
-
-    def on_request_arrival(self, ev: RequestArrival) -> None:
-        self.events.append(ev)
-
-    def on_iteration_start(self, ev: IterationStart) -> None:
-        self.events.append(ev)
-
-    def on_gate(self, ev: GateOutput) -> None:
-        self.events.append(ev)
-
-    def on_iteration_end(self, ev: IterationEnd) -> None:
-        self.events.append(ev)
-
-
 @pytest.mark.parametrize("arch", ["tiny-mixtral", "tiny-olmoe"])
 def test_a_batch_of_one_runs_exactly_the_plain_loop(arch):
     """B = 1: the logits of the loop before batching (no mask, no position ids), bit for bit,
@@ -84,7 +63,7 @@ def test_a_batch_of_one_runs_exactly_the_plain_loop(arch):
             want.append(logits[0, -1])
             tokens = logits[:, -1].argmax(dim=-1, keepdim=True)
     got = greedy_generate(model, "r", prompt, 4, keep_logits=True)
-    with RunSession(_off(arch), Recorder(), SessionOptions(_ref(arch).spec.top_k)) as s:
+    with RunSession(_off(arch), EventRecorder(), SessionOptions(_ref(arch).spec.top_k)) as s:
         off = s.generate("r", prompt, 4, keep_logits=True)
         m = s.metrics()
     for g in (got, off):
@@ -171,7 +150,7 @@ def test_pad_rows_demand_no_experts(arch, monkeypatch):
     prompts = _prompts(arch, TEXTS)
     lens = [len(p.ids) for p in prompts]
     new = 3
-    policy = Recorder()
+    policy = EventRecorder()
     opts = SessionOptions(spec.total_experts // 2, record=True)
     with RunSession(om, policy, opts) as s:
         gens = s.generate_batch(prompts, new)
@@ -237,7 +216,7 @@ def test_batched_capture_has_the_structure_of_one_at_a_time(tmp_path):
             assert getattr(a.routing, f).shape == getattr(b.routing, f).shape, f
     tok = _ref("tiny-mixtral").tokenizer
     reqs = [Prompt(r.request_id, tok.encode(t), t) for r, t in zip(w2.requests, texts, strict=True)]
-    with RunSession(_off("tiny-mixtral"), Recorder(), SessionOptions(4, record=True)) as s:
+    with RunSession(_off("tiny-mixtral"), EventRecorder(), SessionOptions(4, record=True)) as s:
         for batch in (reqs[:2], reqs[2:]):
             s.generate_batch(batch, 3)
         rec = s.recorder.requests
