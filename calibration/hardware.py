@@ -93,6 +93,15 @@ class LinearCost(_Strict):
     def __call__(self, tokens: int, context: int = 0) -> float:
         return self._token_term(tokens) + self.per_token_context_s * tokens * context
 
+    def scaled(self, factor: float) -> LinearCost:
+        """This cost with every time ``factor`` times as long (``factor`` > 0)."""
+        return LinearCost(
+            fixed_s=self.fixed_s * factor,
+            per_token_s=self.per_token_s * factor,
+            per_token_context_s=self.per_token_context_s * factor,
+            knots=[(x, y * factor) for x, y in self.knots],
+        )
+
 
 class ComputeModel(_Strict):
     """Compute costs: fitted linear models when calibrated, a roofline otherwise.
@@ -139,6 +148,32 @@ class ComputeModel(_Strict):
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads the fits were measured with"
     )
+
+    def scaled(self, factor: float) -> ComputeModel:
+        """This model on a machine ``factor`` times slower (``factor`` > 0): the fitted
+        costs, kernel launch, executor overheads and search latency all scaled. Roofline
+        costs (where a fit is absent) are left as they are; validate scales calibrated
+        profiles, which have every fit."""
+        if not factor > 0:
+            raise ValueError(f"a compute scale factor must be positive, got {factor}")
+
+        def fit(c: LinearCost | None) -> LinearCost | None:
+            return None if c is None else c.scaled(factor)
+
+        return self.model_copy(
+            update={
+                "expert": fit(self.expert),
+                "dense": fit(self.dense),
+                "head": fit(self.head),
+                "kernel_launch_s": self.kernel_launch_s * factor,
+                "policy_search_s": self.policy_search_s * factor,
+                "layer_overhead_s": self.layer_overhead_s * factor,
+                "policy_overhead_s": {k: v * factor for k, v in self.policy_overhead_s.items()},
+                "policy_overhead_per_row_s": {
+                    k: v * factor for k, v in self.policy_overhead_per_row_s.items()
+                },
+            }
+        )
 
     def layer_overhead(self, policy: str | None = None, rows: int = 1) -> float:
         """Executor overhead of one MoE layer step of ``rows`` token rows under ``policy``."""

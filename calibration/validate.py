@@ -21,6 +21,11 @@
 3. Errors per metric (:mod:`calibration.sim_error`): per-request TTFT/TPOT/e2e MAPE,
    hit-rate absolute error, stall time; a table, CSV files and a PNG
    (:mod:`calibration.validate_plot`).
+4. Drift. Before each real run a probe times the model's decode steps without experts
+   against the profile (``compute_slowdown``: 1 = as fast as when benched). Beside the
+   errors above (the profile as benched), every cell is simulated once more on the
+   profile's compute scaled by its median slowdown (``sim_<k>_drift`` columns; summary
+   ``drift_corrected``): errors left there are not the machine's drift since the bench.
 
 Sits on top of realrun and sim; they never import it. :func:`prepare_validation` checks
 the profile (device, model, schema) and every other input before any weight is built.
@@ -237,6 +242,7 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         loaded.tokenizer, prep.prompts, cfg.output_lens, cfg.max_new_tokens
     )
     run_rows, req_rows = [], []
+    drift_runs, drift_reqs = [], []  # the simulator on compute scaled by the cell's slowdown
     reals: dict[tuple[str, int], list[RealRun]] = {pair: [] for pair in pairs}
     slowdowns: dict[tuple[str, int], list[float]] = {pair: [] for pair in pairs}
     try:
@@ -258,6 +264,12 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
             row["compute_slowdown"] = float(statistics.median(sd)) if sd else None
             for m in SPREAD_METRICS:
                 row[f"real_{m.removesuffix('_s')}_spread"] = spread(runs_of, m)
+            if sd:
+                dsim, dreqs = _sim_run(prep, workload, policy, cache, row["compute_slowdown"])
+                drift_runs.append(_run_row(policy, cache, real.metrics, dsim, same))
+                drift_reqs += _request_rows(policy, cache, real.requests, dreqs)
+                for k in DRIFT_COLUMNS:
+                    row[f"sim_{k}_drift"] = dsim.get(k)
             run_rows.append(row)
             req_rows += _request_rows(policy, cache, real.requests, sim_reqs)
             bar.write(_pair_line(row))
@@ -292,6 +304,9 @@ def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:
         mape_over="requests (every request of every run); *_run_means: over run means",
         routing_matches_capture=bool(runs["routing_matches_capture"].all()),
         compute_slowdown_median=float(runs["compute_slowdown"].median()),
+        # the same errors with each cell's simulation on compute scaled by that cell's
+        # measured slowdown: what remains once the machine's drift is taken out
+        drift_corrected=_drift_corrected(drift_reqs, drift_runs, len(run_rows)),
         load_average=[load_start, load_average()],
     )
     result = ValidationResult(runs, requests, summary)
@@ -424,14 +439,19 @@ def _prefault_slots(session: Any) -> None:
 
 
 def _sim_run(
-    prep: PreparedValidation, workload: Any, policy: str, cache: int
+    prep: PreparedValidation, workload: Any, policy: str, cache: int, slowdown: float = 1.0
 ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The simulator on the captured trace; with ``slowdown`` != 1 on the profile's
+    compute scaled by it (:meth:`ComputeModel.scaled`)."""
     from sim.config import SimConfig
     from sim.run import simulate
 
+    profile = prep.profile
+    if slowdown != 1.0:
+        profile = profile.model_copy(update={"compute": profile.compute.scaled(slowdown)})
     cfg = SimConfig(
         model=prep.spec,
-        hardware=prep.profile,
+        hardware=profile,
         policy=policy,
         cache_experts=cache,
         batch_size=prep.cfg.batch_size,
@@ -442,6 +462,27 @@ def _sim_run(
     )
     res = simulate(workload, cfg)
     return res.metrics, res.requests
+
+
+DRIFT_COLUMNS = ["ttft_mean_s", "tpot_mean_s", "hit_rate"]
+"""Simulated figures of each cell also reported on drift-corrected compute (``sim_<k>_drift``)."""
+DRIFT_SUMMARY = ["ttft_mape", "tpot_mape", "e2e_mape", "hit_rate_abs_error_max",
+                 "hit_rate_abs_error_mean"]  # fmt: skip
+
+
+def _drift_corrected(
+    req_rows: list[dict[str, Any]], run_rows: list[dict[str, Any]], cells: int
+) -> dict[str, Any] | None:
+    """The headline errors of the drift-corrected simulations; None unless every cell had
+    a slowdown measured (a profile without dense and head fits has none)."""
+    from calibration import sim_error
+
+    if not run_rows or len(run_rows) != cells:
+        return None
+    requests, runs = pd.DataFrame(req_rows), pd.DataFrame(run_rows)
+    sim_error.add_errors(requests, runs)
+    errors = sim_error.summarise(requests, runs)
+    return {k: errors[k] for k in DRIFT_SUMMARY}
 
 
 RUN_METRICS = ["ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "hit_rate", "stall_s", "bytes_h2d"]

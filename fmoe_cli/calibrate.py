@@ -211,6 +211,7 @@ _RUN_COLUMNS = [
     "tpot_mean_ape",
     "hit_rate_abs_error",
     "compute_slowdown",
+    "sim_tpot_mean_s_drift",
 ]
 
 
@@ -247,6 +248,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print_json(result.to_json())
         return 0
     columns = _RUN_COLUMNS + (["real_tpot_mean_spread"] if cfg.repeats > 1 else [])
+    columns = [c for c in columns if c in result.runs.columns]  # no drift without a probe
     print_table(result.runs[columns].to_dict(orient="records"))
     print()
     s = result.summary
@@ -270,6 +272,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         f"compute slowdown vs the profile (median over runs): {s['compute_slowdown_median']:.3g}"
         " (machine load while validating; 1 = as when benched)"
     )
+    drift = s.get("drift_corrected")
+    if drift:
+        print(
+            "with each cell simulated on compute scaled by its slowdown: "
+            + ", ".join(f"{k} {v:.3g}" for k, v in drift.items() if v is not None)
+        )
     if result.files:
         print(f"wrote {', '.join(result.files.values())}")
     if s.get("emulated_link"):

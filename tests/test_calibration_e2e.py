@@ -67,6 +67,17 @@ def test_validate_runs_every_pair_and_reports_errors(
     lru = [r for r in runs if r["policy"] == "lru"]
     assert all(r["real_hit_rate"] == r["sim_hit_rate"] for r in lru)
     assert all(r["real_bytes_h2d"] == r["sim_bytes_h2d"] for r in lru)
+    # drift: every cell simulated again on compute scaled by its measured slowdown
+    assert all(r["compute_slowdown"] > 0 for r in runs)
+    assert all(r["sim_hit_rate_drift"] == r["real_hit_rate"] for r in lru)
+    for r in lru:  # demand loads only: more (less) compute per step, longer (shorter) steps
+        if r["compute_slowdown"] != 1.0:
+            slower = r["compute_slowdown"] > 1.0
+            assert (r["sim_tpot_mean_s_drift"] > r["sim_tpot_mean_s"]) == slower
+    drift = s["drift_corrected"]
+    assert set(drift) == {"ttft_mape", "tpot_mape", "e2e_mape", "hit_rate_abs_error_max",
+                          "hit_rate_abs_error_mean"}  # fmt: skip
+    assert all(v is not None and v >= 0 for v in drift.values())
     for name in ("runs.csv", "requests.csv", "summary.json", "sim_vs_real.png", "captured.fmoe"):
         assert (out / name).stat().st_size > 0
     assert (out / "sim_vs_real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
