@@ -3,7 +3,8 @@
 Steps (each a module of its own): the host->device link (:mod:`calibration.bench_link`),
 expert FFN, dense/attention and head time and the real executor's per-layer overhead
 per policy (:mod:`calibration.bench_compute`), an async policy's search time
-(:mod:`calibration.bench_policy`). The fits (:mod:`calibration.fit`,
+(:mod:`calibration.bench_policy`), how much longer compute takes while the link copies
+(:mod:`calibration.bench_interference`). The fits (:mod:`calibration.fit`,
 :mod:`calibration.piecewise`) become a :class:`HardwareProfile` of kind ``calibrated``
 whose ``compute.fit_errors`` holds each fit's mean absolute percentage error.
 
@@ -72,6 +73,7 @@ class BenchConfig:
     max_context: int = 256
     policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
     overhead_rounds: int = 4
+    interference_rounds: int = 7
     overhead_prompt_tokens: int = 32
     overhead_new_tokens: int = 16
     search_store_rows: int = 256
@@ -115,6 +117,7 @@ class BenchResult:
             "policy_overhead_s": c.policy_overhead_s,
             "policy_overhead_per_row_s": c.policy_overhead_per_row_s,
             "policy_search_s": c.policy_search_s,
+            "copy_interference": c.copy_interference,
             "torch_threads": c.torch_threads,
             "fit_errors": c.fit_errors,
             "measurements": self.measurements,
@@ -143,6 +146,7 @@ def prepare_bench(cfg: BenchConfig) -> PreparedBench:
         ("--max-tokens", cfg.max_tokens, 2),
         ("--max-context", cfg.max_context, 2),
         ("--overhead-rounds", cfg.overhead_rounds, 1),
+        ("--interference-rounds", cfg.interference_rounds, 1),
     ):
         if v < lo:
             raise InputError(f"{what} must be >= {lo}, got {v}")
@@ -183,6 +187,7 @@ class _Raw:
     overhead: Any  # bench_compute.Overhead
     search_policy: str
     search_s: float
+    interference: Any  # bench_interference.Interference
     load_average: list[float | None]
 
 
@@ -194,6 +199,7 @@ def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
 def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
     from calibration import bench_compute as bc
     from calibration import bench_link as bl
+    from calibration.bench_interference import measure_interference
     from calibration.bench_policy import measure_search_s
     from realrun.models import load
     from realrun.offload import offload_model
@@ -216,7 +222,8 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
         n_link += n_dev * cfg.repeats if dev0.type == "cuda" and n_dev > 1 else 0
         n_dense = (2 * (len(tokens) + len(contexts)) + len(head_batches)) * cfg.repeats
         n_expert = len(tokens) * cfg.repeats
-        bar.reset(total=n_link + n_dense + n_expert + cfg.overhead_rounds + 1 + SEARCH_STEPS)
+        n_rounds = cfg.overhead_rounds + 1 + cfg.interference_rounds
+        bar.reset(total=n_link + n_dense + n_expert + n_rounds + SEARCH_STEPS)
 
         link_samples, cap = _measure_link(prep, om, sizes, tick)
         experts = bc.ExpertTimer(om, dev0, sync, cfg.seed)
@@ -237,6 +244,9 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
             cfg.seed,
         )
         del experts  # its slot pool
+        interference = measure_interference(
+            om, dev0, prep.link, cfg.chunk_bytes, cfg.interference_rounds, tick=tick
+        )
         search_policy = _search_policy(cfg.policies)
         search_s = measure_search_s(
             spec, search_policy, cfg.search_store_rows, SEARCH_STEPS, tick, cfg.seed
@@ -252,6 +262,7 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
         overhead,
         search_policy,
         search_s,
+        interference,
         [load_start, load_average()],
     )
 
@@ -284,6 +295,7 @@ def _build_profile(prep: PreparedBench, raw: _Raw) -> HardwareProfile:
         policy_overhead_s=policy_fixed,
         policy_overhead_per_row_s=policy_per_row,
         experts_wait_for_loads=True,  # the real executor runs a layer in one fused call
+        copy_interference=min(max(raw.interference.factor(), 0.5), 5.0),
         torch_threads=prep.threads,
     )
     link = prep.link
@@ -318,6 +330,7 @@ def _measurements(raw: _Raw) -> dict[str, Any]:
         "overhead": asdict(raw.overhead),
         "search_policy": raw.search_policy,
         "search_s": raw.search_s,
+        "interference": {**asdict(raw.interference), "factor": raw.interference.factor()},
         "load_average": raw.load_average,
     }
 

@@ -148,6 +148,14 @@ class ComputeModel(_Strict):
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads the fits were measured with"
     )
+    copy_interference: float = Field(
+        default=1.0,
+        ge=0.5,
+        le=5.0,
+        description="compute takes this many times as long while the GPU's host link carries "
+        "a copy (1: no interference; measured by calibrate bench: on the CPU an emulated "
+        "link's copies share the cores and memory bandwidth with compute)",
+    )
 
     def scaled(self, factor: float) -> ComputeModel:
         """This model on a machine ``factor`` times slower (``factor`` > 0): the fitted

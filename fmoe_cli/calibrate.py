@@ -82,6 +82,12 @@ def _register_bench(cs: argparse._SubParsersAction) -> None:
         help="policies whose executor overhead is measured (default: lru,lfu,mixtral-offloading,fmoe)",
     )
     b.add_argument("--overhead-rounds", type=positive_int, default=4)
+    b.add_argument(
+        "--interference-rounds",
+        type=positive_int,
+        default=7,
+        help="rounds of (idle, copying, idle) decode steps for the copy interference (default 7)",
+    )
     b.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
     b.add_argument("--name", help="profile name (default: calibrated-DEVICE-MODEL)")
     b.add_argument("--seed", type=int, default=0)
@@ -168,6 +174,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         policies=args.policies or list(DEFAULT_POLICIES),
         overhead_rounds=args.overhead_rounds,
+        interference_rounds=args.interference_rounds,
         store=args.store,
         seed=args.seed,
         name=args.name,

@@ -82,7 +82,7 @@ class _GpuPlan:
     dict cost ~6% of an lru layer step). ``comp`` is set by the engine before each use;
     ``defer`` needs no reset: a layer step ends only once its waves took all of it."""
 
-    __slots__ = ("g", "cache", "link", "stamp", "comp", "load", "pend", "defer")
+    __slots__ = ("g", "cache", "link", "stamp", "comp", "load", "pend", "defer", "work")
 
     def __init__(self, g: int, cache: ExpertCache, link: Link):
         self.g, self.cache, self.link = g, cache, link
@@ -91,6 +91,7 @@ class _GpuPlan:
         self.load = 0.0  # compute time of the others
         self.pend: list[tuple[ExpertKey, float]] = []  # loading (pinned): (key, compute time)
         self.defer: list[tuple[ExpertKey, float]] = []  # no slot yet: later waves
+        self.work = 0.0  # its compute time in the last timeline (with copy interference)
 
 
 def _landed(pending: list[tuple[dict, ExpertKey]]) -> bool:
@@ -144,6 +145,10 @@ class Engine:
         # executor time per MoE layer step besides compute (0 unless calibrated)
         self.compute_model = cfg.hardware.compute
         self.after_loads = cfg.hardware.compute.experts_wait_for_loads
+        # compute on a GPU runs this many times as long while its host link carries a copy
+        # (measured by calibrate bench; an emulated link shares the CPU's cores and memory)
+        self.interference = cfg.hardware.compute.copy_interference
+        self.interferes = self.interference != 1.0
         self._plain_decide = not _overrides(policy, "decide_prefetch")
         self._h_arrival = _overrides(policy, "on_request_arrival")
         self._h_start = _overrides(policy, "on_iteration_start")
@@ -336,6 +341,9 @@ class Engine:
             if self._pass_gates:  # replaying a trace: the policy may do its searches at once
                 gates = IterationGates(it.ids, weights, probs)
             self._iteration_start(it, batch, t, gates)
+        if self.interferes:
+            t, nxt = yield from self._links_at(t, nxt)
+            head_t = self._interfered(0, head_t)
         if log is not None:
             log.span("compute", 0, "head", t, t + head_t)
         t += head_t
@@ -345,12 +353,17 @@ class Engine:
         # them meanwhile; the run always finishes its iterations): ~40 ns less per update
         gate_seq, stall, steps = self.gate_seq, self.stall_s, self.layer_steps
         demand, land_ahead, protected = self._demand, self._land_ahead, links.protected
+        interferes = self.interferes
         for moe, hand, stage in self.plan:
             if hand:
                 t += hand_t
+            layer_t = dense_t
+            if interferes:
+                t, nxt = yield from self._links_at(t, nxt)
+                layer_t = self._interfered(stage, dense_t)
             if log is not None:
-                log.span("compute", stage, "dense", t, t + dense_t)
-            t += dense_t
+                log.span("compute", stage, "dense", t, t + layer_t)
+            t += layer_t
             if moe < 0:
                 continue
             t += over_t
@@ -378,6 +391,9 @@ class Engine:
                 )
             items = all_items[layer]
             slow, used, comp, missed = demand(layer, items, t)
+            if interferes:  # GPUs without misses compute now; the others once loads land
+                waiting = () if slow is None else {p.g for p in slow}
+                comp = [c if g in waiting else self._interfered(g, c) for g, c in enumerate(comp)]
             if h_gate:  # after the demand loads: they go first
                 self._drain(t, delayed=True)
             if links.n_suspended:
@@ -400,6 +416,8 @@ class Engine:
                 if t_layer is None:
                     t_layer, t = yield from self._wait_compute(slow, comp, used, layer, items, t)
                     nxt = peek()
+                if interferes:  # compute as the timelines ran it, interference included
+                    ideal = max([top] + [p.work for p in slow])
                 stall += t_layer - t - ideal
             t = t_layer + exch_t
             if nxt <= t:
@@ -497,11 +515,16 @@ class Engine:
     def _timeline(self, p: _GpuPlan, t: float) -> float:
         """When GPU p finishes: ``p.comp`` of resident experts first, then the loaded ones
         as they land (or, with ``experts_wait_for_loads``, everything once the last lands)."""
-        tg = t + p.comp
+        # interference: as the link stands once the layer's loads have landed
+        scale = self.interference if self.interferes and p.link.active else 1.0
+        tg = t + p.comp * scale
         entries = p.cache.entries
+        loading = sum(ct for _, ct in p.pend)
+        p.work = (p.comp + loading) * scale
         if self.after_loads and p.pend:  # one fused call over the layer's experts
             start = max(t, max(entries[k].loaded_at for k, _ in p.pend))
-            end = start + p.comp + sum(ct for _, ct in p.pend)
+            # (start + comp) + loading without interference: the sum's rounding as before
+            end = start + p.comp + loading if scale == 1.0 else start + p.work
             if self.log is not None:
                 self.log.span("compute", p.g, f"L{p.pend[0][0][0]}", start, end, wait=start - t)
             return end
@@ -511,6 +534,7 @@ class Engine:
             else sorted(p.pend, key=lambda kc: (entries[kc[0]].loaded_at, kc[0]))
         )
         for key, ct in pend:
+            ct *= scale
             ready = entries[key].loaded_at
             start = ready if ready > tg else tg
             if self.log is not None:
@@ -519,6 +543,21 @@ class Engine:
                 )
             tg = start + ct
         return tg
+
+    def _interfered(self, g: int, seconds: float) -> float:
+        """``seconds`` of compute on GPU g, longer while its link carries a copy."""
+        return seconds * self.interference if self.links.links[g].active else seconds
+
+    def _links_at(self, t: float, nxt: float) -> Generator[Any, Any, tuple[float, float]]:
+        """Bring the links up to ``t`` (yielding first to a simpy event at or before it,
+        as before every action); returns (t, the next simpy event time)."""
+        if nxt <= t:
+            yield self.env.timeout(t - self.env.now)
+            t = max(t, self.env.now)
+            nxt = self.env.peek()
+        if self.links.due <= t:
+            self.links.advance(t)
+        return t, nxt
 
     def _log_compute(
         self,

@@ -47,6 +47,7 @@ def test_bench_writes_a_calibrated_profile(profile_path: Path) -> None:
     assert set(c.fit_errors) >= {"expert", "dense", "head", "link"}
     assert all(math.isfinite(v) and v >= 0 for v in c.fit_errors.values())
     assert c.experts_wait_for_loads and set(c.policy_overhead_s) == {"fmoe"}
+    assert 0.5 <= c.copy_interference <= 5.0  # 1 unless it stood out of the rounds' noise
 
 
 def test_validate_runs_every_pair_and_reports_errors(

@@ -220,3 +220,40 @@ def test_waves_when_the_cache_is_smaller_than_a_layer_needs() -> None:
     r = simulate(w, config(spec, exact_profile(), cache_experts=1))
     assert r.requests.e2e_s[0] == approx(H + D + 3 * (X + E))
     assert r.metrics["demand_loads"] == 3 and r.metrics["evictions"] == 2
+
+
+def _interfering(f: float, after_loads: bool = False):
+    hw = exact_profile()
+    update = {"copy_interference": f, "experts_wait_for_loads": after_loads}
+    return hw.model_copy(update={"compute": hw.compute.model_copy(update=update)})
+
+
+def test_compute_takes_longer_while_the_link_carries_a_copy() -> None:
+    """A prefetch ordered at the iteration start copies during the head, layer 0's dense
+    part and its expert (each f times as long); layer 1 runs after it landed."""
+    spec = small_spec(layers=2, experts=2, top_k=1)
+    w = one_request(spec, [[0, 0]])
+    f = 1.5
+    assert H * f + D * f < X < H * f + D * f + E * f  # the copy ends during layer 0's expert
+    for factor, want in ((1.0, H + 2 * (D + E)), (f, (H + D + E) * f + D + E)):
+        pol = ScriptPolicy(preload=[(0, 0), (1, 0)], at_start=[(1, 1, 1.0)])
+        cfg = config(spec, _interfering(factor), cache_experts=3, policy=pol.name)
+        r = simulate(w, cfg, policy=pol)
+        assert r.requests.e2e_s[0] == approx(want)
+        assert r.metrics["stall_s"] == approx(0.0)
+
+
+def test_a_fused_call_after_a_miss_is_slowed_by_the_prefetch_behind_it() -> None:
+    """Layer 0 misses expert 1; the prefetch ordered at its gate starts when the demand
+    load lands, so the layer's fused expert call and layer 1's dense part run beside it;
+    layer 1's expert, prefetched by then, runs on an idle link. The wait is the copy."""
+    spec = small_spec(layers=2, experts=2, top_k=1)
+    w = one_request(spec, [[1, 1]])
+    f = 1.5
+    assert E * f + D * f > X  # the prefetch has landed when layer 1's expert runs
+    pol = ScriptPolicy(preload=[(1, 0)], at_gate={0: [(1, 1, 1.0)]})
+    cfg = config(spec, _interfering(f, after_loads=True), cache_experts=3, policy=pol.name)
+    r = simulate(w, cfg, policy=pol)
+    assert r.requests.e2e_s[0] == approx(H + D + X + E * f + D * f + E)
+    assert r.metrics["stall_s"] == approx(X)
+    assert r.metrics["hit_rate"] == 0.5
