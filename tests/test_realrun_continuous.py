@@ -21,7 +21,8 @@ from realrun.models import load
 from realrun.prompting import Prompt
 from realrun.serving import BATCHING, generate_all
 from realrun.session import RunSession, SessionOptions
-from tests.test_realrun_batch import Recorder, count_expert_rows
+from tests.recording_policy import EventRecorder
+from tests.test_realrun_batch import count_expert_rows
 from tests.test_realrun_exactness import ARCH_PRESETS, _make, _off, _ref, prompt_ids, setups
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -169,7 +170,7 @@ def test_expert_work_is_real_tokens_times_top_k_times_layers(arch, monkeypatch):
     spec = _ref(arch).spec
     computed = count_expert_rows(monkeypatch)
     prompts = _prompts(arch)
-    policy = Recorder()
+    policy = EventRecorder()
     opts = SessionOptions(spec.total_experts // 2, record=True)
     with RunSession(_off(arch), policy, opts) as s:
         gens = s.serve(prompts, LIMITS, 2, "continuous")

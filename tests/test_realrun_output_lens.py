@@ -21,7 +21,8 @@ from realrun.output_lens import check_output_lens, new_token_limits
 from realrun.prompting import PromptText, encode, prompt_texts
 from realrun.session import RunSession, SessionOptions
 from realrun.tokenizer import ByteTokenizer, HFTokenizer
-from tests.test_realrun_batch import Recorder, _off, _ref
+from tests.recording_policy import EventRecorder
+from tests.test_realrun_batch import _off, _ref
 from tests.test_realrun_continuous import replay_continuous
 from traces.prompts import load_prompts
 
@@ -131,7 +132,7 @@ def test_reference_lengths_join_mid_run_and_generate_what_one_at_a_time_does():
     arch = "tiny-mixtral"
     prompts = encode(_ref(arch).tokenizer, texts, 16)
     limits = new_token_limits(_ref(arch).tokenizer, texts, "reference", CAP)
-    policy = Recorder()
+    policy = EventRecorder()
     with RunSession(_off(arch), policy, SessionOptions(4)) as s:
         got = s.serve(prompts, limits, 2, "continuous")
     assert [len(g.output_ids) for g in got] == EXPECTED
