@@ -26,7 +26,7 @@ import torch
 
 from calibration.errors import InputError
 from calibration.fit import Fit, _mape, fit_linear, fit_link
-from calibration.hardware import ComputeModel, GPUSpec, HardwareProfile, LinkSpec
+from calibration.hardware import ComputeModel, GPUSpec, HardwareProfile, LinearCost, LinkSpec
 from calibration.model_spec import ModelSpec
 from calibration.piecewise import choose_knots, fit_piecewise, fit_piecewise_dense, isotonic
 from calibration.stopwatch import device_sync, load_average
@@ -117,6 +117,7 @@ class BenchResult:
             "policy_overhead_s": c.policy_overhead_s,
             "policy_overhead_per_row_s": c.policy_overhead_per_row_s,
             "policy_search_s": c.policy_search_s,
+            "policy_start_search_1_row_s": c.start_search_s(1),
             "copy_interference": c.copy_interference,
             "torch_threads": c.torch_threads,
             "fit_errors": c.fit_errors,
@@ -186,7 +187,7 @@ class _Raw:
     head: list[Any]
     overhead: Any  # bench_compute.Overhead
     search_policy: str
-    search_s: float
+    search: Any  # bench_policy.SearchTimes
     interference: Any  # bench_interference.Interference
     load_average: list[float | None]
 
@@ -200,7 +201,7 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
     from calibration import bench_compute as bc
     from calibration import bench_link as bl
     from calibration.bench_interference import measure_interference
-    from calibration.bench_policy import measure_search_s
+    from calibration.bench_policy import SEARCH_ROWS, measure_search_s
     from realrun.models import load
     from realrun.offload import offload_model
 
@@ -223,7 +224,8 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
         n_dense = (2 * (len(tokens) + len(contexts)) + len(head_batches)) * cfg.repeats
         n_expert = len(tokens) * cfg.repeats
         n_rounds = cfg.overhead_rounds + 1 + cfg.interference_rounds
-        bar.reset(total=n_link + n_dense + n_expert + n_rounds + SEARCH_STEPS)
+        n_search = SEARCH_STEPS * len(SEARCH_ROWS)
+        bar.reset(total=n_link + n_dense + n_expert + n_rounds + n_search)
 
         link_samples, cap = _measure_link(prep, om, sizes, tick)
         experts = bc.ExpertTimer(om, dev0, sync, cfg.seed)
@@ -248,7 +250,7 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
             om, dev0, prep.link, cfg.chunk_bytes, cfg.interference_rounds, tick=tick
         )
         search_policy = _search_policy(cfg.policies)
-        search_s = measure_search_s(
+        search = measure_search_s(
             spec, search_policy, cfg.search_store_rows, SEARCH_STEPS, tick, cfg.seed
         )
     finally:
@@ -261,7 +263,7 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
         head_samples,
         overhead,
         search_policy,
-        search_s,
+        search,
         interference,
         [load_start, load_average()],
     )
@@ -282,7 +284,9 @@ def _build_profile(prep: PreparedBench, raw: _Raw) -> HardwareProfile:
         expert=expert_fit.cost,
         dense=dense_fit.cost,
         head=head_fit.cost,
-        policy_search_s=raw.search_s,
+        policy_search_s=raw.search.gate_s[1],
+        policy_gate_search=_by_rows(raw.search.gate_s),
+        policy_start_search=_by_rows(raw.search.start_s),
         fit_errors={
             "expert": expert_fit.mape,
             "dense": dense_fit.mape,
@@ -329,10 +333,16 @@ def _measurements(raw: _Raw) -> dict[str, Any]:
         "head": [asdict(s) for s in raw.head],
         "overhead": asdict(raw.overhead),
         "search_policy": raw.search_policy,
-        "search_s": raw.search_s,
+        "gate_search_s": {str(k): v for k, v in raw.search.gate_s.items()},
+        "start_search_s": {str(k): v for k, v in raw.search.start_s.items()},
         "interference": {**asdict(raw.interference), "factor": raw.interference.factor()},
         "load_average": raw.load_average,
     }
+
+
+def _by_rows(seconds: dict[int, float]) -> LinearCost:
+    """A search's time vs token rows, piecewise linear through the measured counts."""
+    return fit_piecewise(list(seconds), list(seconds.values()), knots=list(seconds)).cost
 
 
 def fit_compute(expert: list[Any], dense: list[Any]) -> tuple[Fit, Fit]:

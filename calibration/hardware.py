@@ -122,6 +122,16 @@ class ComputeModel(_Strict):
     policy_search_s: float = Field(
         default=2e-4, ge=0, description="latency until an async policy's search result is usable"
     )
+    policy_gate_search: LinearCost | None = Field(
+        default=None,
+        description="latency of an async policy's search at a gate vs the iteration's "
+        "token rows (None: policy_search_s)",
+    )
+    policy_start_search: LinearCost | None = Field(
+        default=None,
+        description="latency of an async policy's search at an iteration start vs the "
+        "iteration's token rows (fMoE's semantic search; None: policy_search_s)",
+    )
     fit_errors: dict[str, float] = Field(default_factory=dict, description="relative error per fit")
     layer_overhead_s: float = Field(
         default=0.0,
@@ -175,6 +185,8 @@ class ComputeModel(_Strict):
                 "head": fit(self.head),
                 "kernel_launch_s": self.kernel_launch_s * factor,
                 "policy_search_s": self.policy_search_s * factor,
+                "policy_gate_search": fit(self.policy_gate_search),
+                "policy_start_search": fit(self.policy_start_search),
                 "layer_overhead_s": self.layer_overhead_s * factor,
                 "policy_overhead_s": {k: v * factor for k, v in self.policy_overhead_s.items()},
                 "policy_overhead_per_row_s": {
@@ -182,6 +194,18 @@ class ComputeModel(_Strict):
                 },
             }
         )
+
+    def start_search_s(self, rows: int) -> float:
+        """Latency of an async policy's iteration-start search over ``rows`` token rows."""
+        if self.policy_start_search is None:
+            return self.policy_search_s
+        return self.policy_start_search(rows)
+
+    def gate_search_s(self, rows: int) -> float:
+        """Latency of an async policy's gate search over ``rows`` token rows."""
+        if self.policy_gate_search is None:
+            return self.policy_search_s
+        return self.policy_gate_search(rows)
 
     def layer_overhead(self, policy: str | None = None, rows: int = 1) -> float:
         """Executor overhead of one MoE layer step of ``rows`` token rows under ``policy``."""

@@ -6,8 +6,9 @@ experts; a dense decoder layer costs only this), a pipeline hand-off when the la
 the next GPU, and for an MoE layer the executor's overhead (``compute.layer_overhead``,
 calibrated; 0 in published profiles) and then, for MoE layer l:
 
-1. the gate: ``on_gate(l)`` (orders of an ``async_search`` policy from this hook and from
-   ``on_iteration_start`` are enqueued ``policy_search_s`` later);
+1. the gate: ``on_gate(l)`` (orders of an ``async_search`` policy from this hook are
+   enqueued ``gate_search_s`` of the iteration's rows later, from ``on_iteration_start``
+   ``start_search_s`` of its rows later; both ``policy_search_s`` unless calibrated);
 2. demands: per GPU, each distinct expert routed there is demanded (a hit iff resident)
    and pinned; a miss is a demand load (a LOADING key is promoted to one), which goes
    before every prefetch and preempts one at its next chunk boundary;
@@ -185,9 +186,9 @@ class Engine:
         ]
 
     # -- policy plumbing ------------------------------------------------------------------
-    def _drain(self, now: float, delayed: bool = False) -> None:
-        """Apply the policy's decisions (after ``policy_search_s`` when ``delayed``: a
-        timed call on the links' clock, after their events up to then)."""
+    def _drain(self, now: float, delayed: bool = False, latency: float | None = None) -> None:
+        """Apply the policy's decisions (when ``delayed``, after ``latency``, by default
+        ``policy_search_s``: a timed call on the links' clock, after their events up to then)."""
         p = self.policy
         if self._plain_decide and not p._enqueue and not p._cancel:  # nothing to drain
             return
@@ -195,9 +196,10 @@ class Engine:
         if not dec:
             return
         stamp = self.links.stamp
-        if delayed and self.search_s > 0:
+        wait = self.search_s if latency is None else latency
+        if delayed and wait > 0:
             self.delayed_orders += len(dec.enqueue)
-            self.links.call_at(now + self.search_s, partial(self._apply, dec, stamp))
+            self.links.call_at(now + wait, partial(self._apply, dec, stamp))
             return
         self._apply(dec, stamp, now)
 
@@ -303,7 +305,9 @@ class Engine:
             self.iterations, tuple(ids), np.concatenate(pos), np.concatenate(pre), emb, t, gates
         )
         self.policy.on_iteration_start(ev)
-        self._drain(t, delayed=True)
+        # an iteration start's search (fMoE's semantic search) grows with the rows
+        latency = self.compute_model.start_search_s(len(ids)) if self.search_s > 0 else 0.0
+        self._drain(t, delayed=True, latency=latency)
 
     def _iteration(self, t: float) -> Proc:
         env, policy, timing, log = self.env, self.policy, self.timing, self.log
@@ -322,6 +326,8 @@ class Engine:
         hand_t = timing.handoff(rows) if self.num_gpus > 1 else 0.0
         exch_t = timing.exchange(rows)
         over_t = self.compute_model.layer_overhead(policy.name, rows)
+        # an async policy's gate search over this iteration's rows
+        search_t = self.compute_model.gate_search_s(rows) if self.search_s > 0 else 0.0
         weights = probs = look = None
         ids_l = w_l = probs_l = look_l = None
         if self._h_gate:
@@ -395,7 +401,7 @@ class Engine:
                 waiting = () if slow is None else {p.g for p in slow}
                 comp = [c if g in waiting else self._interfered(g, c) for g, c in enumerate(comp)]
             if h_gate:  # after the demand loads: they go first
-                self._drain(t, delayed=True)
+                self._drain(t, delayed=True, latency=search_t)
             if links.n_suspended:
                 for link in links.links:
                     if link.suspended:

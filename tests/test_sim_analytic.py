@@ -123,6 +123,46 @@ def test_async_search_delays_orders_by_the_search_latency() -> None:
     assert landed == approx(H + 5e-4 + S + X)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_an_iteration_starts_orders_wait_for_its_row_dependent_search(rows) -> None:
+    """Orders from an iteration start go policy_start_search(rows) later, gate orders
+    policy_search_s later: the prompt's rows decide when the start's prefetch lands."""
+    from calibration.hardware import LinearCost
+
+    spec = small_spec(layers=2, experts=2, top_k=1)
+    S, A, B = 3e-4, 2e-4, 1e-4  # gate search; start search = A + B x rows
+    hw = exact_profile(search_s=S)
+    start = LinearCost(fixed_s=A, per_token_s=B)
+    hw = hw.model_copy(
+        update={"compute": hw.compute.model_copy(update={"policy_start_search": start})}
+    )
+    pol = ScriptPolicy(preload=[(0, 0), (1, 0)], at_start=[(1, 1, 1.0)], async_search=True)
+    w = one_request(spec, [[0, 0]] * rows + [[0, 1]], prompt_len=rows)
+    simulate(w, config(spec, hw, cache_experts=3), policy=pol)
+    ((key, by_prefetch, landed),) = pol.loads
+    assert key == (1, 1) and by_prefetch
+    assert landed == approx(A + B * rows + X)
+
+
+def test_a_gates_orders_wait_for_the_gate_search_over_the_iterations_rows() -> None:
+    """policy_gate_search(rows) replaces policy_search_s for gate orders: a prefill of 3
+    rows orders (1, 1) at layer 0's gate, which lands that search and a copy later."""
+    from calibration.hardware import LinearCost
+
+    spec = small_spec(layers=2, experts=2, top_k=1)
+    hw = exact_profile(search_s=1.0)  # never used: the calibrated cost below is
+    gate = LinearCost(fixed_s=1e-4, per_token_s=2e-4)
+    hw = hw.model_copy(
+        update={"compute": hw.compute.model_copy(update={"policy_gate_search": gate})}
+    )
+    pol = ScriptPolicy(preload=[(0, 0), (1, 0)], at_gate={0: [(1, 1, 1.0)]}, async_search=True)
+    w = one_request(spec, [[0, 0]] * 3 + [[0, 1]], prompt_len=3)
+    simulate(w, config(spec, hw, cache_experts=3), policy=pol)
+    ((key, _, landed),) = pol.loads
+    gate0 = H + D  # the prefill's layer 0 gate (costs are per call here, not per row)
+    assert key == (1, 1) and landed == approx(gate0 + 1e-4 + 3 * 2e-4 + X)
+
+
 def test_demand_preempts_a_prefetch_at_the_next_chunk_boundary() -> None:
     """A prefetch of (1, 1) starts at t=0; layer 0's miss of (0, 1) at its gate stops the
     prefetch at its next chunk boundary; the demand load goes next; the prefetch resumes
