@@ -23,11 +23,14 @@ callers see real rows only. Requests are recorded (TTFT, per-token times, tokens
 ``generate`` calls: TTFT from the call to its first forward's end, each later token from
 one forward's end to the next; a row's tokens stop at its first EOS (the library pads a
 finished row until the batch ends). Forwards outside ``generate`` drive the policy and
-the cache but record no request.
+the cache but record no request. ``generate`` calls from several threads run one at a
+time (the session serves one batch at a time); plain forwards must come from one thread
+at a time.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,6 +76,7 @@ class _ForwardRequests:
         self.call_eos: set[int] = set()
         self.generations: list[Generation] = []
         self.count = 0
+        self._one_call = threading.Lock()  # generate calls from several threads: one at a time
         self._handles = [
             model.register_forward_pre_hook(self._before, with_kwargs=True),
             model.register_forward_hook(self._after),
@@ -188,7 +192,12 @@ class _ForwardRequests:
 
     # -- generate ---------------------------------------------------------------------------
     def generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        """``inner(*args, **kwargs)`` (the library's generate) with its requests recorded."""
+        """``inner(*args, **kwargs)`` (the library's generate) with its requests recorded;
+        calls from several threads run one after another."""
+        with self._one_call:
+            return self._generate(inner, *args, **kwargs)
+
+    def _generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
         self.end(finish=True)
         cfg = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         eos = kwargs.get("eos_token_id", getattr(cfg, "eos_token_id", None))

@@ -287,3 +287,26 @@ def test_workload_needs_record() -> None:
     with offload("tiny-mixtral", cache_experts=8) as lm:
         with pytest.raises(InputError, match="record=True"):
             lm.workload()
+
+
+def test_generate_calls_from_two_threads_run_one_at_a_time() -> None:
+    import threading
+
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    want = [
+        _generate(_ref("tiny-mixtral").model, torch.tensor([p]), None, 3).sequences for p in prompts
+    ]
+    got: dict[int, torch.Tensor] = {}
+    with offload("tiny-mixtral", policy="fmoe", cache_experts=5) as lm:
+
+        def call(i: int) -> None:
+            got[i] = _generate(lm.model, torch.tensor([prompts[i]]), None, 3).sequences
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        m = lm.metrics()
+    assert all(torch.equal(got[i], want[i]) for i in range(2))
+    assert m["requests"] == 2 and m["tokens_generated"] == 6 and m["iterations"] == 6
