@@ -100,10 +100,14 @@ def test_bad_validate_options(tmp_path: Path, capsys, args: list[str], message: 
         (["--policies", "oracle"], "runs only in the simulator"),
         (["--model", "mixtral-8x7b"], "no local weights"),
         (["--out", "/nonexistent-dir/p.json"], "does not exist"),
+        (["--interference-rounds", "0"], "--interference-rounds"),
     ],
 )
 def test_bad_bench_options_fail_before_measuring(capsys, args: list[str], message: str) -> None:
     argv = ["calibrate", "bench", "--model", "tiny-mixtral", "--no-progress", "--out", "x.json"]
-    rc = main(argv + args)
+    try:
+        rc = main(argv + args)
+    except SystemExit as exc:  # argparse's own checks exit from inside main
+        rc = exc.code
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err
