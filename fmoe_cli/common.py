@@ -123,7 +123,12 @@ def add_prompt_flags(
     explicit: bool = True,
 ) -> None:
     """The prompt flags of commands that run a real model (run, trace capture, calibrate)."""
-    p.add_argument("--prompts", default="mt-bench", help="prompt set (mt-bench, gsm8k, sharegpt)")
+    p.add_argument(
+        "--prompts",
+        default="mt-bench",
+        help="prompt set (mt-bench, gsm8k, sharegpt) or a prompt file (.jsonl with a 'prompt' "
+        "field per line, or .txt with one prompt per line)",
+    )
     if explicit:
         p.add_argument(
             "--prompt",

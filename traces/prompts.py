@@ -1,7 +1,12 @@
-"""Prompt sets: MT-Bench and GSM8K shipped in traces/data/, ShareGPT from an optional package.
+"""Prompt sets: MT-Bench and GSM8K shipped in traces/data/, ShareGPT from an optional
+package, and your own prompts from a file.
 
 ``load_prompts(name, n)`` returns the first ``n`` prompts (all when ``n`` is None) of a
-set in ``PROMPT_SETS``. Attribution and licences: traces/data/README.md.
+set in ``PROMPT_SETS``, or of a prompt file when ``name`` is the path of one: ``.jsonl``
+(one JSON object per line with a ``prompt`` string and optionally ``id`` and
+``reference``, the answer whose length ``--output-lens reference`` uses) or ``.txt`` (one
+prompt per non-empty line). Attribution and licences of the shipped sets:
+traces/data/README.md.
 """
 
 from __future__ import annotations
@@ -210,10 +215,58 @@ PROMPT_SETS: dict[str, Callable[[int | None], list[Prompt]]] = {
 }
 
 
+PROMPT_FILE_SUFFIXES = (".jsonl", ".txt")
+
+
 def load_prompts(name: str, n: int | None = None) -> list[Prompt]:
-    """The first ``n`` prompts of set ``name`` (a key of PROMPT_SETS), in the set's order."""
-    if name not in PROMPT_SETS:
-        raise InputError(f"unknown prompt set {name!r} (known: {', '.join(PROMPT_SETS)})")
+    """The first ``n`` prompts of set ``name`` (a key of PROMPT_SETS, or a prompt file's
+    path: module docstring), in order. InputError for an unknown set or a bad file."""
     if n is not None and n < 1:
         raise InputError(f"n must be >= 1, got {n}")
+    if name not in PROMPT_SETS:
+        if Path(name).suffix in PROMPT_FILE_SUFFIXES:
+            return prompt_file(Path(name), n)
+        raise InputError(
+            f"unknown prompt set {name!r} (known: {', '.join(PROMPT_SETS)}, "
+            f"or a prompt file ending in {' or '.join(PROMPT_FILE_SUFFIXES)})"
+        )
     return PROMPT_SETS[name](n)
+
+
+def prompt_file(path: Path, n: int | None = None) -> list[Prompt]:
+    """The first ``n`` prompts of a ``.jsonl`` or ``.txt`` prompt file (module docstring)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such prompt file")
+    out: list[Prompt] = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                if path.suffix == ".txt":
+                    out.append(Prompt(f"{path.stem}-{len(out)}", line.rstrip("\n"), str(path)))
+                else:
+                    out.append(_jsonl_prompt(path, lineno, line, len(out)))
+                if n is not None and len(out) >= n:
+                    break
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    if not out:
+        raise InputError(f"{path}: no prompts in the file")
+    return out
+
+
+def _jsonl_prompt(path: Path, lineno: int, line: str, index: int) -> Prompt:
+    where = f"{path}: line {lineno}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+        raise InputError(f"{where}: needs a non-empty string field 'prompt'")
+    ref = row.get("reference")
+    if ref is not None and not isinstance(ref, str):
+        raise InputError(f"{where}: 'reference' must be a string")
+    return Prompt(
+        str(row.get("id", f"{path.stem}-{index}")), row["prompt"], str(path), reference=ref
+    )
