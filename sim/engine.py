@@ -581,7 +581,7 @@ class Engine:
             if skip and key in skip:
                 continue
             g = cache.device
-            ct = self.timing.expert(tokens[key[1]])
+            ct = self._interfered(g, self.timing.expert(tokens[key[1]]))
             self.log.span("compute", g, f"L{layer}E{key[1]}", cursor[g], cursor[g] + ct)
             cursor[g] += ct
 

@@ -281,6 +281,11 @@ def test_compute_takes_longer_while_the_link_carries_a_copy() -> None:
         r = simulate(w, cfg, policy=pol)
         assert r.requests.e2e_s[0] == approx(want)
         assert r.metrics["stall_s"] == approx(0.0)
+        # the event log (chrome trace) shows the stretched compute too
+        spans = [sp for sp in r.events.spans if sp.cat == "compute"]
+        assert max(sp.end for sp in spans) == approx(want)
+        layer0 = [sp for sp in spans if sp.name == "L0E0"]
+        assert layer0[0].end - layer0[0].start == approx(E * factor)
 
 
 def test_a_fused_call_after_a_miss_is_slowed_by_the_prefetch_behind_it() -> None:
