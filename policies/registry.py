@@ -1,12 +1,22 @@
 """Policy registry: names to classes. Each policy module registers itself on import.
 
 Modules listed in ``BUILTIN_MODULES`` are imported on first lookup, so listing policies
-does not import torch or any executor.
+does not import torch or any executor. So are your own policies' modules:
+
+- those named in the environment variable ``FMOE_POLICY_MODULES`` (comma-separated
+  module names, importable from ``sys.path``, e.g. with ``PYTHONPATH=.``): for a policy
+  you are writing; the variable reaches a sweep's local worker processes too;
+- the entry points of group ``fmoe.policies`` of installed packages (each names a module
+  or an object in one; loading it registers its policies): for a policy you ship.
+
+A module that cannot be imported is one InputError naming it.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from importlib.metadata import entry_points
 from typing import Any
 
 from calibration.errors import InputError
@@ -23,6 +33,9 @@ BUILTIN_MODULES: list[str] = [
     "policies.promoe",
     "policies.oracle",
 ]
+
+ENV_MODULES = "FMOE_POLICY_MODULES"
+ENTRY_POINT_GROUP = "fmoe.policies"
 
 _REGISTRY: dict[str, type[Policy]] = {}
 _loaded = False
@@ -41,9 +54,34 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 def _load_builtins() -> None:
     global _loaded
     if not _loaded:
+        _loaded = True  # first: a plugin that looks policies up while loading must not recurse
         for mod in BUILTIN_MODULES:
             importlib.import_module(mod)
-        _loaded = True
+        for mod in user_policy_modules():
+            _import_plugin(mod, f"{ENV_MODULES}={os.environ.get(ENV_MODULES, '')}")
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken plugin is the user's input: one line
+                raise InputError(
+                    f"policy plugin {ep.name!r} ({ep.value}, entry point group "
+                    f"{ENTRY_POINT_GROUP!r}) failed to load: {type(exc).__name__}: {exc}"
+                ) from None
+
+
+def user_policy_modules() -> list[str]:
+    """The module names in ``FMOE_POLICY_MODULES`` (empty when unset)."""
+    return [m.strip() for m in os.environ.get(ENV_MODULES, "").split(",") if m.strip()]
+
+
+def _import_plugin(module: str, where: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or the module's own error while registering
+        raise InputError(
+            f"policy module {module!r} (from {where}) cannot be imported: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
 
 
 def policy_names() -> list[str]:
