@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import MethodType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,7 +46,13 @@ from policies.base import Policy
 from realrun.generate import Generation, IterationRows
 from realrun.models import LoadedModel, from_module, load, resolve_model, spec_of_module
 from realrun.offload import OffloadedModel, offload_model
-from realrun.placement import budget_experts, resolve_devices
+from realrun.placement import (
+    GB,
+    auto_budget_experts,
+    budget_experts,
+    cuda_free_bytes,
+    resolve_devices,
+)
 from realrun.prompting import Prompt
 from realrun.runner import make_link
 from realrun.session import RunSession, SessionOptions, refuse_future_readers
@@ -332,7 +338,8 @@ def offload(
     policy: str | Policy = "lru",
     policy_options: dict[str, Any] | None = None,
     cache_experts: int | None = None,
-    cache_gb: float | None = None,
+    cache_gb: float | Literal["auto"] | None = None,
+    reserve_gb: float = 2.0,
     device: str = "cpu",
     num_devices: int | None = None,
     link_gbps: float | None = None,
@@ -349,7 +356,9 @@ def offload(
     does), or a transformers MoE model already built (moved to ``device``; its experts
     module is switched to the eager implementation, which makes outputs exact). The budget
     is ``cache_experts`` or ``cache_gb`` in total over the devices (default: every
-    expert), at least top-K. ``link_gbps`` emulates a host->GPU link on the CPU. A policy
+    expert), at least top-K; ``cache_gb="auto"`` (CUDA) takes as many experts as the
+    devices' free memory holds once the dense weights are on, less ``reserve_gb`` per
+    device for the KV cache and activations. ``link_gbps`` emulates a host->GPU link on the CPU. A policy
     instance must be unbound. ``record`` keeps the routing of every ``generate`` request
     (:meth:`OffloadedLM.workload`, :meth:`OffloadedLM.save_trace`). Raises InputError for
     bad input, before offloading.
@@ -365,7 +374,14 @@ def offload(
         refuse_future_readers(type(policy))
         pol = policy
     spec = resolve_model(model)[0] if isinstance(model, str) else spec_of_module(model)
-    budget = budget_experts(spec, cache_experts, cache_gb)
+    auto = cache_gb == "auto"
+    if auto and (device != "cuda" or cache_experts is not None):
+        raise InputError(
+            "cache_gb='auto' sizes the cache from free CUDA memory: device='cuda' only"
+        )
+    if auto and not reserve_gb >= 0:
+        raise InputError(f"reserve_gb must be >= 0, got {reserve_gb}")
+    budget = spec.total_experts if auto else budget_experts(spec, cache_experts, cache_gb)
     devices: Sequence[torch.device] = resolve_devices(device, num_devices)
     if budget < len(devices):
         raise InputError(
@@ -377,6 +393,8 @@ def offload(
     loaded: LoadedModel = load(model, seed=seed) if isinstance(model, str) else from_module(model)
     om = offload_model(loaded, store=store, store_dir=store_dir, dense_device=devices[0])
     try:
+        if auto:  # the dense weights are on their device now: size the slots from what is free
+            budget = auto_budget_experts(spec, devices, int(reserve_gb * GB), cuda_free_bytes)
         session = RunSession(
             om, pol, SessionOptions(budget, devices, link, chunk_bytes, record=record, seed=seed)
         )

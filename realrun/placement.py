@@ -77,6 +77,35 @@ def split_over_devices(
     return placement, placement.split_budget(total, spec.top_k)
 
 
+def auto_budget_experts(
+    spec: ModelSpec,
+    devices: Sequence[torch.device],
+    reserve_bytes: int,
+    free_bytes: Callable[[torch.device], int],
+) -> int:
+    """The largest total budget (in experts) whose split over ``devices`` fits each
+    device's ``free_bytes`` less ``reserve_bytes`` (KV cache and activations), for
+    ``cache_gb="auto"``: called once the dense weights are on their device. InputError
+    when even top-K experts (and a slot per device) do not fit."""
+    caps = [max(0, free_bytes(d) - reserve_bytes) // spec.expert_bytes for d in devices]
+    placement = Placement(spec.num_moe_layers, spec.num_experts, len(devices))
+    least = max(spec.top_k, len(devices))
+    for total in range(spec.total_experts, least - 1, -1):
+        shares = placement.split_budget(total, spec.top_k)
+        if all(s <= c for s, c in zip(shares, caps, strict=True)):
+            return total
+    raise InputError(
+        f"cache_gb='auto': the devices' free memory less the {reserve_bytes / GB:.2f} GiB "
+        f"reserve holds {caps} experts of {spec.expert_bytes} bytes; {spec.name} needs at "
+        f"least {least} (top-K, and one slot per device)"
+    )
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device (``torch.cuda.mem_get_info``)."""
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
 def plan_waves(
     experts: Sequence[int], device_of: Callable[[int], int], capacity: Sequence[int]
 ) -> list[list[int]]:

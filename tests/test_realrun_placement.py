@@ -13,7 +13,13 @@ from calibration.presets import load_model
 from policies.base import Policy
 from realrun.models import load
 from realrun.offload import offload_model
-from realrun.placement import budget_experts, plan_waves, resolve_devices, split_over_devices
+from realrun.placement import (
+    auto_budget_experts,
+    budget_experts,
+    plan_waves,
+    resolve_devices,
+    split_over_devices,
+)
 from realrun.session import RunSession, SessionOptions
 
 
@@ -93,3 +99,49 @@ def test_a_multi_device_run_keeps_each_expert_on_its_round_robin_device(num_devi
         c = s.counters()
         assert c.hits + c.misses == c.demands > 0
         assert c.bytes_loaded == c.loads * om.loaded.spec.expert_bytes
+
+
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    st.integers(0, 3),
+)
+def test_an_auto_budget_is_the_largest_whose_split_fits_every_devices_free_memory(
+    free_experts, reserve_experts
+):
+    """cache_gb='auto': free memory (in experts) less the reserve bounds each device's
+    share; the budget is the largest total whose split fits, or one InputError line."""
+    spec = load_model("tiny-mixtral")  # 4 layers x 8 experts, top-2
+    eb = spec.expert_bytes
+    devices = [torch.device("cuda", i) for i in range(len(free_experts))]
+    free = {
+        d: (n + reserve_experts) * eb + eb // 2 for d, n in zip(devices, free_experts, strict=True)
+    }
+    try:
+        total = auto_budget_experts(spec, devices, reserve_experts * eb, free.__getitem__)
+    except InputError as exc:
+        assert "cache_gb='auto'" in str(exc) and "\n" not in str(exc)
+        least = max(spec.top_k, len(devices))
+        fits = [
+            t
+            for t in range(least, spec.total_experts + 1)
+            if all(
+                s <= n
+                for s, n in zip(
+                    split_over_devices(spec, t, len(devices))[1], free_experts, strict=True
+                )
+            )
+        ]
+        assert not fits
+        return
+    _, shares = split_over_devices(spec, total, len(devices))
+    assert all(s <= n for s, n in zip(shares, free_experts, strict=True))
+    if total < spec.total_experts:  # one more would not fit somewhere
+        _, more = split_over_devices(spec, total + 1, len(devices))
+        assert any(s > n for s, n in zip(more, free_experts, strict=True))
+
+
+def test_an_auto_budget_needs_cuda():
+    from realrun.api import offload
+
+    with pytest.raises(InputError, match="device='cuda' only"):
+        offload("tiny-mixtral", cache_gb="auto")
