@@ -65,6 +65,21 @@ def positive_float(text: str) -> float:
     return v
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not v >= 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def gb_or_auto(text: str) -> float | str:
+    """A positive number of GB, or ``auto`` (the real executor's cache from free memory)."""
+    return "auto" if text == "auto" else positive_float(text)
+
+
 def parse_policy_opts(items: list[str] | None) -> dict[str, Any]:
     """`--policy-opt key=value` pairs; values parsed as JSON when they can be."""
     out: dict[str, Any] = {}

@@ -18,6 +18,8 @@ from fmoe_cli.common import (
     add_json_flag,
     add_output_lens_flag,
     add_prompt_flags,
+    gb_or_auto,
+    non_negative_float,
     parse_policy_opts,
     positive_float,
     positive_int,
@@ -43,8 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     budget.add_argument(
         "--cache-gb",
-        type=positive_float,
-        help="expert cache in GB (2^30 bytes, as fmoe sim), total over devices",
+        type=gb_or_auto,
+        help="expert cache in GB (2^30 bytes, as fmoe sim), total over devices; 'auto' "
+        "(cuda): what the GPUs' free memory holds once the dense weights are on, less --reserve-gb",
+    )
+    p.add_argument(
+        "--reserve-gb",
+        type=non_negative_float,
+        default=2.0,
+        help="with --cache-gb auto: GB per GPU kept for the KV cache and activations (default 2)",
     )
     add_prompt_flags(p, num_prompts=4)
     add_batch_size_flag(p)
@@ -116,6 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policy_options=parse_policy_opts(args.policy_opt),
         cache_experts=args.cache_experts,
         cache_gb=args.cache_gb,
+        reserve_gb=args.reserve_gb,
         prompts=args.prompts,
         prompt_texts=args.prompt_texts,
         num_prompts=args.num_prompts,

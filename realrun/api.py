@@ -47,9 +47,11 @@ from realrun.generate import Generation, IterationRows
 from realrun.models import LoadedModel, from_module, load, resolve_model, spec_of_module
 from realrun.offload import OffloadedModel, offload_model
 from realrun.placement import (
+    AUTO,
     GB,
     auto_budget_experts,
     budget_experts,
+    check_auto_budget,
     cuda_free_bytes,
     resolve_devices,
 )
@@ -374,13 +376,9 @@ def offload(
         refuse_future_readers(type(policy))
         pol = policy
     spec = resolve_model(model)[0] if isinstance(model, str) else spec_of_module(model)
-    auto = cache_gb == "auto"
-    if auto and (device != "cuda" or cache_experts is not None):
-        raise InputError(
-            "cache_gb='auto' sizes the cache from free CUDA memory: device='cuda' only"
-        )
-    if auto and not reserve_gb >= 0:
-        raise InputError(f"reserve_gb must be >= 0, got {reserve_gb}")
+    auto = cache_gb == AUTO
+    if auto:
+        check_auto_budget(device, cache_experts, reserve_gb)
     budget = spec.total_experts if auto else budget_experts(spec, cache_experts, cache_gb)
     devices: Sequence[torch.device] = resolve_devices(device, num_devices)
     if budget < len(devices):

@@ -77,6 +77,19 @@ def split_over_devices(
     return placement, placement.split_budget(total, spec.top_k)
 
 
+AUTO = "auto"  # cache_gb that sizes the cache from free CUDA memory (auto_budget_experts)
+
+
+def check_auto_budget(device: str, cache_experts: int | None, reserve_gb: float) -> None:
+    """InputError unless ``cache_gb='auto'`` can apply: CUDA, no expert count, reserve >= 0."""
+    if device != "cuda" or cache_experts is not None:
+        raise InputError(
+            "cache_gb='auto' sizes the cache from free CUDA memory: device='cuda' only"
+        )
+    if not reserve_gb >= 0:
+        raise InputError(f"reserve_gb must be >= 0, got {reserve_gb}")
+
+
 def auto_budget_experts(
     spec: ModelSpec,
     devices: Sequence[torch.device],

@@ -27,7 +27,15 @@ from policies.base import Policy
 from realrun.copy_engine import LinkEmulation
 from realrun.generate import Generation
 from realrun.output_lens import check_output_lens, new_token_limits
-from realrun.placement import budget_experts, resolve_devices
+from realrun.placement import (
+    AUTO,
+    GB,
+    auto_budget_experts,
+    budget_experts,
+    check_auto_budget,
+    cuda_free_bytes,
+    resolve_devices,
+)
 from realrun.prompting import Prompt, PromptText, check_lengths, encode, prompt_texts
 from realrun.serving import check_batching
 from realrun.session import RunSession, SessionOptions, refuse_future_readers
@@ -47,7 +55,8 @@ class RunConfig:
     policy: str = "lru"
     policy_options: dict[str, Any] = field(default_factory=dict)
     cache_experts: int | None = None
-    cache_gb: float | None = None
+    cache_gb: float | str | None = None  # or "auto" (CUDA: from free memory, less reserve_gb)
+    reserve_gb: float = 2.0
     prompts: str | None = "mt-bench"
     prompt_texts: list[str] | None = None
     num_prompts: int = 4
@@ -99,7 +108,11 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     spec, hf_config, _ = resolve_model(cfg.model)
     refuse_future_readers(policy_class(cfg.policy))
     policy = make_policy(cfg.policy, **cfg.policy_options)
-    budget = budget_experts(spec, cfg.cache_experts, cfg.cache_gb)
+    if cfg.cache_gb == AUTO:  # sized in execute, once the dense weights are on the device
+        check_auto_budget(cfg.device, cfg.cache_experts, cfg.reserve_gb)
+        budget = spec.total_experts
+    else:
+        budget = budget_experts(spec, cfg.cache_experts, cfg.cache_gb)  # type: ignore[arg-type]
     if policy.preload_all and budget < spec.total_experts:
         raise InputError(
             f"policy {cfg.policy!r} keeps every expert resident: it needs {spec.total_experts} experts "
@@ -189,8 +202,13 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
     )
     prompts = encode(loaded.tokenizer, prep.prompts, prep.max_prompt_tokens)
     limits = new_token_limits(loaded.tokenizer, prep.prompts, cfg.output_lens, cfg.max_new_tokens)
+    budget = prep.budget
+    if cfg.cache_gb == AUTO:  # the dense weights are on their device: size from what is free
+        budget = auto_budget_experts(
+            prep.spec, prep.devices, int(cfg.reserve_gb * GB), cuda_free_bytes
+        )
     opts = SessionOptions(
-        prep.budget,
+        budget,
         prep.devices,
         prep.link,
         cfg.chunk_bytes,

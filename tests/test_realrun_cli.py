@@ -114,6 +114,10 @@ def test_a_local_checkpoint_runs_like_its_preset(capsys, tmp_path):
             ["--model", "tiny-mixtral", "--policy", "no-offload", "--cache-experts", "8"],
             "keeps every expert resident",
         ),
+        (
+            ["--model", "tiny-mixtral", "--policy", "lru", "--cache-gb", "auto"],
+            "cache_gb='auto' sizes the cache from free CUDA memory: device='cuda' only",
+        ),
         (["--model", "tiny-mixtral", "--policy", "nope"], "unknown policy 'nope'"),
         (["--model", "tiny-mixtral", "--policy", "lru", "--device", "cuda"], "no CUDA device"),
         (
