@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import MethodType
 from typing import Any, Literal
@@ -46,17 +45,8 @@ from policies.base import Policy
 from realrun.generate import Generation, IterationRows
 from realrun.models import LoadedModel, from_module, load, resolve_model, spec_of_module
 from realrun.offload import OffloadedModel, offload_model
-from realrun.placement import (
-    AUTO,
-    GB,
-    auto_budget_experts,
-    budget_experts,
-    check_auto_budget,
-    cuda_free_bytes,
-    resolve_devices,
-)
 from realrun.prompting import Prompt
-from realrun.runner import make_link
+from realrun.runner import plan_serving
 from realrun.session import RunSession, SessionOptions, refuse_future_readers
 
 
@@ -376,26 +366,26 @@ def offload(
         refuse_future_readers(type(policy))
         pol = policy
     spec = resolve_model(model)[0] if isinstance(model, str) else spec_of_module(model)
-    auto = cache_gb == AUTO
-    if auto:
-        check_auto_budget(device, cache_experts, reserve_gb)
-    budget = spec.total_experts if auto else budget_experts(spec, cache_experts, cache_gb)
-    devices: Sequence[torch.device] = resolve_devices(device, num_devices)
-    if budget < len(devices):
-        raise InputError(
-            f"a cache of {budget} experts leaves some of {len(devices)} devices with no slot"
-        )
-    if store not in ("auto", "ram", "file"):
-        raise InputError(f"unknown store {store!r} (known: auto, ram, file)")
-    link = make_link(link_gbps, link_latency_us)
+    plan = plan_serving(
+        spec,
+        pol,
+        cache_experts=cache_experts,
+        cache_gb=cache_gb,
+        reserve_gb=reserve_gb,
+        device=device,
+        num_devices=num_devices,
+        store=store,
+        link_gbps=link_gbps,
+        link_latency_us=link_latency_us,
+    )
     loaded: LoadedModel = load(model, seed=seed) if isinstance(model, str) else from_module(model)
-    om = offload_model(loaded, store=store, store_dir=store_dir, dense_device=devices[0])
+    om = offload_model(loaded, store=store, store_dir=store_dir, dense_device=plan.devices[0])
     try:
-        if auto:  # the dense weights are on their device now: size the slots from what is free
-            budget = auto_budget_experts(spec, devices, int(reserve_gb * GB), cuda_free_bytes)
-        session = RunSession(
-            om, pol, SessionOptions(budget, devices, link, chunk_bytes, record=record, seed=seed)
+        budget = plan.sized(spec)  # 'auto': the dense weights are on their device now
+        opts = SessionOptions(
+            budget, plan.devices, plan.link, chunk_bytes, record=record, seed=seed
         )
+        session = RunSession(om, pol, opts)
     except BaseException:
         om.close()
         raise

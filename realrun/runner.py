@@ -84,11 +84,13 @@ class PreparedRun:
     cfg: RunConfig
     spec: ModelSpec
     policy: Policy
-    budget: int
-    devices: list[torch.device]
-    link: LinkEmulation | None
+    plan: ServingPlan
     prompts: list[PromptText]
     max_prompt_tokens: int
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return self.plan.devices
 
 
 def make_link(gbps: float | None, latency_us: float | None) -> LinkEmulation | None:
@@ -100,6 +102,60 @@ def make_link(gbps: float | None, latency_us: float | None) -> LinkEmulation | N
     return LinkEmulation(gbps, latency_us or 0.0)
 
 
+@dataclass
+class ServingPlan:
+    """Checked cache budget, devices and link of a real run (``fmoe run`` and the API)."""
+
+    budget: int  # experts in total (every expert until sized, with cache_gb='auto')
+    auto: bool  # cache_gb='auto': size with :meth:`sized` once the dense weights are on
+    reserve_gb: float
+    devices: list[torch.device]
+    link: LinkEmulation | None
+
+    def sized(self, spec: ModelSpec) -> int:
+        """The budget in experts; for 'auto', from the devices' free memory now."""
+        if not self.auto:
+            return self.budget
+        return auto_budget_experts(spec, self.devices, int(self.reserve_gb * GB), cuda_free_bytes)
+
+
+def plan_serving(
+    spec: ModelSpec,
+    policy: Policy,
+    *,
+    cache_experts: int | None,
+    cache_gb: float | str | None,
+    reserve_gb: float,
+    device: str,
+    num_devices: int | None,
+    store: str,
+    link_gbps: float | None,
+    link_latency_us: float | None,
+) -> ServingPlan:
+    """Check the budget against the model and policy, the devices, store and link;
+    InputError names the first problem."""
+    auto = cache_gb == AUTO
+    if auto:  # sized later, once the dense weights are on the device
+        check_auto_budget(device, cache_experts, reserve_gb)
+        budget = spec.total_experts
+    else:
+        budget = budget_experts(spec, cache_experts, cache_gb)  # type: ignore[arg-type]
+    if policy.preload_all and budget < spec.total_experts:
+        raise InputError(
+            f"policy {policy.name!r} keeps every expert resident: it needs {spec.total_experts} "
+            f"experts ({spec.experts_total_bytes} bytes), the budget is {budget}"
+        )
+    devices = resolve_devices(device, num_devices)
+    if budget < len(devices):
+        raise InputError(
+            f"a cache of {budget} experts leaves some of {len(devices)} devices with no slot"
+        )
+    if store not in ("auto", "ram", "file"):
+        raise InputError(f"unknown store {store!r} (--store; known: auto, ram, file)")
+    link = make_link(link_gbps, link_latency_us)
+    return ServingPlan(budget, auto, reserve_gb, devices, link)
+
+
 def prepare(cfg: RunConfig) -> PreparedRun:
     """Check every input before any work; InputError names the first problem."""
     from policies.registry import make_policy, policy_class
@@ -108,24 +164,18 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     spec, hf_config, _ = resolve_model(cfg.model)
     refuse_future_readers(policy_class(cfg.policy))
     policy = make_policy(cfg.policy, **cfg.policy_options)
-    if cfg.cache_gb == AUTO:  # sized in execute, once the dense weights are on the device
-        check_auto_budget(cfg.device, cfg.cache_experts, cfg.reserve_gb)
-        budget = spec.total_experts
-    else:
-        budget = budget_experts(spec, cfg.cache_experts, cfg.cache_gb)  # type: ignore[arg-type]
-    if policy.preload_all and budget < spec.total_experts:
-        raise InputError(
-            f"policy {cfg.policy!r} keeps every expert resident: it needs {spec.total_experts} experts "
-            f"({spec.experts_total_bytes} bytes), the budget is {budget}"
-        )
-    devices = resolve_devices(cfg.device, cfg.num_devices)
-    if budget < len(devices):
-        raise InputError(
-            f"a cache of {budget} experts leaves some of {len(devices)} devices with no slot"
-        )
-    if cfg.store not in ("auto", "ram", "file"):
-        raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
-    link = make_link(cfg.link_gbps, cfg.link_latency_us)
+    plan = plan_serving(
+        spec,
+        policy,
+        cache_experts=cfg.cache_experts,
+        cache_gb=cfg.cache_gb,
+        reserve_gb=cfg.reserve_gb,
+        device=cfg.device,
+        num_devices=cfg.num_devices,
+        store=cfg.store,
+        link_gbps=cfg.link_gbps,
+        link_latency_us=cfg.link_latency_us,
+    )
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     check_batching(cfg.batching)
@@ -134,7 +184,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     max_prompt = check_lengths(hf_config, cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompts = prompt_texts(cfg.prompts, cfg.prompt_texts, cfg.num_prompts)
     check_output_lens(cfg.output_lens, prompts, explicit=bool(cfg.prompt_texts))
-    return PreparedRun(cfg, spec, policy, budget, devices, link, prompts, max_prompt)
+    return PreparedRun(cfg, spec, policy, plan, prompts, max_prompt)
 
 
 @dataclass
@@ -202,15 +252,10 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
     )
     prompts = encode(loaded.tokenizer, prep.prompts, prep.max_prompt_tokens)
     limits = new_token_limits(loaded.tokenizer, prep.prompts, cfg.output_lens, cfg.max_new_tokens)
-    budget = prep.budget
-    if cfg.cache_gb == AUTO:  # the dense weights are on their device: size from what is free
-        budget = auto_budget_experts(
-            prep.spec, prep.devices, int(cfg.reserve_gb * GB), cuda_free_bytes
-        )
     opts = SessionOptions(
-        budget,
+        prep.plan.sized(prep.spec),  # 'auto': the dense weights are on their device now
         prep.devices,
-        prep.link,
+        prep.plan.link,
         cfg.chunk_bytes,
         record=bool(cfg.trace_out),
         seed=cfg.seed,
