@@ -151,6 +151,11 @@ def speed(args: argparse.Namespace) -> list[dict]:
                     "meets_goal": ratio >= goal,
                     # share of the event loop's time spent inside the policy's own code
                     "policy_share": round(t["policy_s"] / t["run_wall_s"], 3),
+                    # per layer step: what the run took, the policy's part of it, and what
+                    # the goal allows at this skeleton speed (the rest is links and caches)
+                    "us_per_step": round(1e6 / rate, 2),
+                    "policy_us_per_step": round(1e6 * t["policy_s"] / t["layer_steps"], 2),
+                    "goal_us_per_step": round(1e6 / (goal * sk), 2),
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr)
@@ -213,13 +218,17 @@ def main() -> int:
         return 0
     print(f"{MODEL} on {HARDWARE}, synthetic LMSYS-like workload, batch {args.batch_size}")
     print(f"median of {args.rounds} rounds (simulator run, then the skeleton), range in brackets")
-    print("policy cache_gb hit_rate loads/step steps/s skeleton/s ratio (range) goal policy-share")
+    print(
+        "policy cache_gb hit_rate loads/step steps/s skeleton/s ratio (range) goal "
+        "policy-share us/step (policy) goal-us/step"
+    )
     for r in result["speed"]:
         print(
             f"{r['policy']:6s} {r['cache_gb']:8.0f} {r['hit_rate']:8.3f} {r['loads_per_step']:10.3f} "
             f"{r['steps_per_s']:7d} {r['skeleton_steps_per_s']:10d} {r['ratio']:5.2f} "
             f"({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) "
-            f">={r['goal']} {'ok' if r['meets_goal'] else 'MISSED'} {r['policy_share']:.0%}"
+            f">={r['goal']} {'ok' if r['meets_goal'] else 'MISSED'} {r['policy_share']:.0%} "
+            f"{r['us_per_step']:.1f} ({r['policy_us_per_step']:.1f}) {r['goal_us_per_step']:.1f}"
         )
     for r in result["online"]:
         print(
