@@ -521,16 +521,19 @@ class Engine:
     def _timeline(self, p: _GpuPlan, t: float) -> float:
         """When GPU p finishes: ``p.comp`` of resident experts first, then the loaded ones
         as they land (or, with ``experts_wait_for_loads``, everything once the last lands)."""
-        # interference: as the link stands once the layer's loads have landed
-        scale = self.interference if self.interferes and p.link.active else 1.0
-        tg = t + p.comp * scale
+        scale = 1.0
+        if self.interferes:  # as the link stands once the layer's loads have landed
+            if p.link.active:
+                scale = self.interference
+            p.work = (p.comp + sum(ct for _, ct in p.pend)) * scale
+        tg = t + p.comp * scale if scale != 1.0 else t + p.comp
         entries = p.cache.entries
-        loading = sum(ct for _, ct in p.pend)
-        p.work = (p.comp + loading) * scale
         if self.after_loads and p.pend:  # one fused call over the layer's experts
             start = max(t, max(entries[k].loaded_at for k, _ in p.pend))
-            # (start + comp) + loading without interference: the sum's rounding as before
-            end = start + p.comp + loading if scale == 1.0 else start + p.work
+            if scale == 1.0:  # (start + comp) + loading: the sum's rounding as without
+                end = start + p.comp + sum(ct for _, ct in p.pend)
+            else:
+                end = start + p.work
             if self.log is not None:
                 self.log.span("compute", p.g, f"L{p.pend[0][0][0]}", start, end, wait=start - t)
             return end
@@ -540,7 +543,8 @@ class Engine:
             else sorted(p.pend, key=lambda kc: (entries[kc[0]].loaded_at, kc[0]))
         )
         for key, ct in pend:
-            ct *= scale
+            if scale != 1.0:
+                ct *= scale
             ready = entries[key].loaded_at
             start = ready if ready > tg else tg
             if self.log is not None:
