@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MethodType
 from typing import Any, Literal
 
@@ -59,7 +59,6 @@ class _Running:
     recorded: bool  # started inside generate: kept as Generations
     t_last: float  # end of the last forward (wall clock)
     arrival_s: float  # the session's clock when they arrived
-    eos: set[int] = field(default_factory=set)
 
 
 class _ForwardRequests:
@@ -71,7 +70,6 @@ class _ForwardRequests:
         self.running: _Running | None = None
         self.open = False  # an iteration began and has not been ended yet
         self.call_t0: float | None = None  # the current generate call's start
-        self.call_eos: set[int] = set()
         self.generations: list[Generation] = []
         self.count = 0
         self._one_call = threading.Lock()  # generate calls from several threads: one at a time
@@ -137,7 +135,7 @@ class _ForwardRequests:
             self.generations.extend(gens)
         t0 = self.call_t0 if self.call_t0 is not None else time.perf_counter()
         arrival = self.session.now()
-        self.running = _Running(gens, [0] * B, recorded, t0, arrival, set(self.call_eos))
+        self.running = _Running(gens, [0] * B, recorded, t0, arrival)
         return self.running
 
     def _rows(
@@ -199,7 +197,7 @@ class _ForwardRequests:
         self.end(finish=True)
         cfg = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         eos = kwargs.get("eos_token_id", getattr(cfg, "eos_token_id", None))
-        self.call_eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.call_t0 = t0 = time.perf_counter()
         try:
             out = inner(*args, **kwargs)
@@ -209,16 +207,15 @@ class _ForwardRequests:
             raise
         run = self.running
         if run is not None and run.recorded:
-            _fill_tokens(
-                run, out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-            )
+            seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+            _fill_tokens(run, seqs, eos_ids)
         self.end(finish=True)
         self.call_t0 = None
         self.session.add_wall_time(time.perf_counter() - t0)
         return out
 
 
-def _fill_tokens(run: _Running, seqs: torch.Tensor | None) -> None:
+def _fill_tokens(run: _Running, seqs: torch.Tensor | None, eos: set[int]) -> None:
     """Put the returned tokens into the requests: the last ``len(output_ids)`` columns of
     each row, cut after the row's first EOS (with its per-token times)."""
     if seqs is None or seqs.shape[0] != len(run.gens):
@@ -227,7 +224,7 @@ def _fill_tokens(run: _Running, seqs: torch.Tensor | None) -> None:
         n = len(g.output_ids)
         toks = row[len(row) - n :] if n else []
         for i, t in enumerate(toks):
-            if t in run.eos:
+            if t in eos:
                 toks = toks[: i + 1]
                 break
         g.output_ids[:] = toks

@@ -526,7 +526,7 @@ class Engine:
             if p.link.active:
                 scale = self.interference
             p.work = (p.comp + sum(ct for _, ct in p.pend)) * scale
-        tg = t + p.comp * scale if scale != 1.0 else t + p.comp
+        tg = t + p.comp * scale  # x 1.0 is exact
         entries = p.cache.entries
         if self.after_loads and p.pend:  # one fused call over the layer's experts
             start = max(t, max(entries[k].loaded_at for k, _ in p.pend))
@@ -543,8 +543,7 @@ class Engine:
             else sorted(p.pend, key=lambda kc: (entries[kc[0]].loaded_at, kc[0]))
         )
         for key, ct in pend:
-            if scale != 1.0:
-                ct *= scale
+            ct *= scale
             ready = entries[key].loaded_at
             start = ready if ready > tg else tg
             if self.log is not None:
