@@ -36,11 +36,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.presets import load_model  # noqa: E402
 from policies.base import GateOutput, IterationEnd, IterationStart, PolicyContext  # noqa: E402
 from policies.cache import ExpertCache  # noqa: E402
 from policies.fmoe import FmoePolicy  # noqa: E402
 from policies.placement import Placement  # noqa: E402
+from specs.presets import load_model  # noqa: E402
 
 MODELS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b"]
 

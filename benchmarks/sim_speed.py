@@ -33,12 +33,12 @@ import simpy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration import costs  # noqa: E402
-from calibration.presets import load_hardware, load_model  # noqa: E402
 from policies.base import Policy  # noqa: E402
 from policies.registry import policy_class  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
 from sim.run import simulate  # noqa: E402
+from specs import costs  # noqa: E402
+from specs.presets import load_hardware, load_model  # noqa: E402
 from traces.synth import SynthConfig, generate  # noqa: E402
 
 MODEL, HARDWARE, RATE = "mixtral-8x7b", "paper-6x3090", 2.91

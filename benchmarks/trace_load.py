@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.presets import load_model  # noqa: E402
+from specs.presets import load_model  # noqa: E402
 from traces.io import load_workload, save_workload  # noqa: E402
 from traces.types import Request, Routing, Workload  # noqa: E402
 

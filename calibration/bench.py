@@ -24,12 +24,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from calibration.errors import InputError
 from calibration.fit import Fit, _mape, fit_linear, fit_link
-from calibration.hardware import ComputeModel, GPUSpec, HardwareProfile, LinearCost, LinkSpec
-from calibration.model_spec import ModelSpec
 from calibration.piecewise import choose_knots, fit_piecewise, fit_piecewise_dense, isotonic
 from calibration.stopwatch import device_sync, load_average
+from specs.errors import InputError
+from specs.hardware import ComputeModel, GPUSpec, HardwareProfile, LinearCost, LinkSpec
+from specs.model_spec import ModelSpec
 
 DEFAULT_POLICIES = ["lru", "lfu", "mixtral-offloading", "fmoe"]
 SEARCH_STEPS = 20  # timed iterations of the async policy's search

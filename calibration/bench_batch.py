@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from calibration.hardware import HardwareProfile
-from calibration.model_spec import ModelSpec
 from calibration.stopwatch import Tick, _no_tick
+from specs.hardware import HardwareProfile
+from specs.model_spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def predicted_step_s(hw: HardwareProfile, spec: ModelSpec, policy: str, step: De
     """The simulator's compute time of ``step`` with every expert resident (what
     sim.engine adds up for a decode iteration): head, every decoder layer's dense part,
     the MoE layers' executor overhead and the expert calls of the routing it saw."""
-    from calibration import costs
+    from specs import costs
 
     c = hw.compute
     t = costs.head_time_s(hw, spec, step.rows)

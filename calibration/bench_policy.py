@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.model_spec import ModelSpec
 from calibration.stopwatch import Tick, _no_tick, robust_time
+from specs.model_spec import ModelSpec
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.errors import InputError
-from calibration.hardware import LinearCost
+from specs.errors import InputError
+from specs.hardware import LinearCost
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from calibration.errors import InputError
 from calibration.fit import Fit, _mape, _nonneg_lstsq
-from calibration.hardware import LinearCost
+from specs.errors import InputError
+from specs.hardware import LinearCost
 
 
 def hat_basis(x: np.ndarray, knots: Sequence[float]) -> np.ndarray:

@@ -43,12 +43,12 @@ import pandas as pd
 import torch
 
 from calibration.bench import NullProgress, Progress
-from calibration.errors import InputError
-from calibration.hardware import HardwareProfile
-from calibration.jsonio import write_json_atomic
-from calibration.model_spec import ModelSpec
 from calibration.repeats import SPREAD_METRICS, RealRun, median_run, spread
 from calibration.stopwatch import load_average
+from specs.errors import InputError
+from specs.hardware import HardwareProfile
+from specs.jsonio import write_json_atomic
+from specs.model_spec import ModelSpec
 
 DEFAULT_POLICIES = ["lru", "mixtral-offloading", "fmoe"]
 CAPTURE_POLICY = "lru"
@@ -113,7 +113,7 @@ class ValidationResult:
 def load_profile(ref: str) -> HardwareProfile:
     """A profile from a JSON path or a preset name (missing field, bad JSON, unknown
     schema version: InputError naming the file)."""
-    from calibration.presets import load_hardware
+    from specs.presets import load_hardware
 
     return load_hardware(ref)
 

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from calibration.jsonio import atomic_output  # noqa: E402
+from specs.jsonio import atomic_output  # noqa: E402
 
 PANELS = [
     ("requests", "ttft_s", "TTFT (s), per request"),

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from calibration.errors import InputError
 from sim.paper import PaperSetup, save_csv, scaled_cache_gb
 from sim.paper_plots import lines
+from specs.errors import InputError
 
 METRICS = ["ttft_mean_s", "tpot_mean_s", "hit_rate"]
 

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from calibration.presets import load_model  # noqa: E402
 from policies.expert_map_store import ExpertMapStore, unit_rows  # noqa: E402
 from sim.paper import paper_workload  # noqa: E402
+from specs.presets import load_model  # noqa: E402
 from traces.types import Workload  # noqa: E402
 
 GROUPS = {"layers 0-2": range(0, 3), "layers 3-15": range(3, 16), "layers 16-31": range(16, 32)}

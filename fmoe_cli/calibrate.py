@@ -19,7 +19,6 @@ import argparse
 import sys
 from typing import Any
 
-from calibration.errors import InputError
 from fmoe_cli.common import (
     add_batch_size_flag,
     add_json_flag,
@@ -30,6 +29,7 @@ from fmoe_cli.common import (
     print_json,
     print_table,
 )
+from specs.errors import InputError
 
 
 def _names(text: str) -> list[str]:

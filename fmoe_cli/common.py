@@ -8,7 +8,7 @@ import math
 import sys
 from typing import Any
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 
 def _jsonable(obj: Any) -> Any:

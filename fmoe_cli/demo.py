@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _figures(hardware: str) -> str:
-    from calibration.presets import load_hardware
+    from specs.presets import load_hardware
 
     kind = load_hardware(hardware).kind
     return {

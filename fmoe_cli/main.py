@@ -1,6 +1,7 @@
-"""`fmoe`: entry point. Command groups are modules listed in GROUPS; each exposes
-``register(subparsers)`` which adds its subcommands with ``func`` set to a handler
-``handler(args) -> int | None``.
+"""`fmoe`: entry point. Commands are listed in COMMANDS with the module that registers
+them; each module exposes ``register(subparsers)``, which adds its subcommands with
+``func`` set to a handler ``handler(args) -> int | None``. Modules import their heavy
+dependencies (torch, simpy, pandas, ...) inside handlers, never at import time.
 
 Errors: an InputError, a missing file or an argparse problem prints one line on stderr
 and exits with status 2; no traceback reaches the user for bad input.
@@ -12,17 +13,79 @@ import argparse
 import importlib
 import sys
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
-GROUPS = [
-    "fmoe_cli.profiles",
-    "fmoe_cli.policies",
-    "fmoe_cli.trace",
-    "fmoe_cli.sim",
-    "fmoe_cli.run",
-    "fmoe_cli.calibrate",
-    "fmoe_cli.demo",
-]
+# command -> (module that registers it, one-line help). A command's module is imported
+# only when that command runs (or shows its help), so `fmoe --help` stays light.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("fmoe_cli.profiles", "list model presets (or show one) with their figures"),
+    "hardware": ("fmoe_cli.profiles", "list hardware presets (or show one) with their figures"),
+    "policies": ("fmoe_cli.policies", "list prefetch/caching policies and their options"),
+    "trace": ("fmoe_cli.trace", "workload traces: synthesize, import, inspect, capture"),
+    "sim": ("fmoe_cli.sim", "simulate one policy on a workload and print its metrics"),
+    "sweep": ("fmoe_cli.sim", "simulate policies x cache sizes x traces; results table and plots"),
+    "run": ("fmoe_cli.run", "run a real MoE model with offloaded experts under a policy"),
+    "calibrate": ("fmoe_cli.calibrate", "measure this machine; validate the simulator against it"),
+    "demo": (
+        "fmoe_cli.demo",
+        "fMoE vs the baselines on Mixtral-8x7B / paper-6x3090 in simulation (the paper's Fig. 10)",
+    ),
+}
+
+
+# A flag's value placeholder in help: by the flag's unit suffix, then its name, then the
+# type of its value; VALUE when nothing says more.
+_SUFFIX_METAVARS = {"-gb": "GB", "-mb": "MiB", "-s": "SECONDS", "-ms": "MS"}
+_NAME_METAVARS = {
+    "model": "NAME",
+    "hardware": "NAME",
+    "policy": "NAME",
+    "preset": "NAME",
+    "path": "PATH",
+    "out": "PATH",
+    "file": "PATH",
+    "dir": "PATH",
+    "trace": "PATH",
+    "config": "PATH",
+    "profile": "PATH",
+    "experts": "N",
+    "prompts": "PATH",
+    "metadata": "PATH",
+    "manifest": "PATH",
+    "policies": "NAMES",
+    "name": "NAME",
+    "layers": "LIST",
+}
+_TYPE_METAVARS = {"positive_int": "N", "int": "N", "positive_float": "X", "float": "X"}
+
+
+def _readable_metavar(action: argparse.Action) -> str:
+    """A short placeholder (N, X, GB, NAME, PATH, VALUE) for an option that takes a value,
+    instead of its dest in capitals (CFG_NUM_REQUESTS)."""
+    flag = max(action.option_strings, key=len)
+    for suffix, metavar in _SUFFIX_METAVARS.items():
+        if flag.endswith(suffix):
+            return metavar
+    type_metavar = _TYPE_METAVARS.get(getattr(action.type, "__name__", ""))
+    if type_metavar == "N":
+        return type_metavar
+    words = flag.lstrip("-").split("-")
+    for word, metavar in _NAME_METAVARS.items():
+        if word in words:
+            return metavar
+    return type_metavar or "VALUE"
+
+
+def _name_placeholders(parser: argparse.ArgumentParser) -> None:
+    """Give every value-taking option of ``parser`` and its subcommands a readable
+    metavar where it has none (choices keep their {a,b} list)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _name_placeholders(child)
+        elif action.option_strings and action.nargs != 0 and action.metavar is None:
+            if action.choices is None:
+                action.metavar = _readable_metavar(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,24 +94,40 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `fmoe` parser. With ``command`` (a key of COMMANDS) only that command's module
+    is imported and registered in full; the others appear as one-line entries. With
+    None, every command is registered in full (tests and the CLI reference use this)."""
     parser = _Parser(
         prog="fmoe", description="Fine-grained MoE expert offloading: simulate, run, calibrate."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod in GROUPS:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name == mod:  # group not written yet
-                continue
-            raise
-        module.register(sub)
+    wanted = {module for module, _ in COMMANDS.values()}
+    if command is not None:
+        wanted = {COMMANDS[command][0]} if command in COMMANDS else set()
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name in sub.choices:  # registered with another command of its module
+            continue
+        if module_name in wanted:
+            importlib.import_module(module_name).register(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    _name_placeholders(parser)
     return parser
 
 
+def _command_of(argv: list[str]) -> str:
+    """The command named in argv ('' when none or an unknown one: the light parser then
+    prints help or names the bad choice)."""
+    for token in argv:
+        if not token.startswith("-"):
+            return token if token in COMMANDS else ""
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

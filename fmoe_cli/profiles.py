@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from calibration.presets import hardware_preset_names, load_hardware, load_model, model_preset_names
 from fmoe_cli.common import add_json_flag, print_json, print_table
+from specs.presets import hardware_preset_names, load_hardware, load_model, model_preset_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -17,8 +17,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from calibration.errors import InputError
-from calibration.presets import load_hardware, load_model
 from fmoe_cli.common import (
     add_json_flag,
     parse_policy_opts,
@@ -27,6 +25,8 @@ from fmoe_cli.common import (
     print_json,
     print_table,
 )
+from specs.errors import InputError
+from specs.presets import load_hardware, load_model
 
 SUMMARY_KEYS = [
     "policy",

@@ -1,23 +1,28 @@
-"""`fmoe trace`: synth, import, info, stats, prompts.
+"""`fmoe trace`: synth, import, info, stats, prompts, capture.
 
-Other packages add subcommands to the group: after the group is created, ``register``
-calls ``realrun.capture.register_capture(trace_subparsers)`` when that module exists
-(``fmoe trace capture``). ``trace_subparsers`` is also kept at module level.
+``trace_subparsers`` is kept at module level so plugins can add subcommands.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import types
 import typing
 from typing import Any
 
-from calibration.errors import InputError
-from calibration.presets import load_model
-from fmoe_cli.common import add_json_flag, positive_int, print_json, print_table
+from fmoe_cli.common import (
+    add_batch_size_flag,
+    add_json_flag,
+    add_output_lens_flag,
+    add_prompt_flags,
+    positive_int,
+    print_json,
+    print_table,
+)
+from specs.errors import InputError
+from specs.presets import load_model
 
 trace_subparsers: argparse._SubParsersAction | None = None
 
@@ -35,14 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_info(trace_sub)
     _register_stats(trace_sub)
     _register_prompts(trace_sub)
-    try:
-        has_capture = importlib.util.find_spec("realrun.capture") is not None
-    except (ModuleNotFoundError, ValueError):  # no realrun package, or a module without a spec
-        has_capture = False
-    if has_capture:
-        from realrun.capture import register_capture
-
-        register_capture(trace_sub)
+    _register_capture(trace_sub)
 
 
 def _group_help(group: argparse.ArgumentParser) -> int:
@@ -124,7 +122,7 @@ def _register_synth(sub: argparse._SubParsersAction) -> None:
 def _synth_config(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from calibration.jsonio import load_model_json, validation_message
+    from specs.jsonio import load_model_json, validation_message
     from traces.synth import SynthConfig
 
     base = load_model_json(SynthConfig, args.config).model_dump() if args.config else {}
@@ -338,3 +336,48 @@ def _prompts(args: argparse.Namespace) -> None:
             for p in prompts
         ]
     )
+
+
+# -- capture: a real model's routing, written as a trace ------------------------------------
+def _register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
+    """Add `fmoe trace capture` to the `fmoe trace` group."""
+    p = trace_subparsers.add_parser(
+        "capture", help="run a real MoE model and write its routing trace"
+    )
+    p.add_argument("--model", required=True, help="tiny preset name or local checkpoint directory")
+    p.add_argument("--out", required=True, help="trace file to write (traces/ format)")
+    add_prompt_flags(p, num_prompts=8)
+    p.add_argument(
+        "--seed", type=int, default=0, help="torch seed of a tiny preset's random weights"
+    )
+    add_batch_size_flag(p)
+    add_output_lens_flag(p)
+    add_json_flag(p)
+    p.set_defaults(func=_cmd_capture)
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from realrun.capture import CaptureConfig, capture
+
+    cfg = CaptureConfig(
+        model=args.model,
+        out=args.out,
+        prompts=args.prompts,
+        prompt_texts=args.prompt_texts,
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        batching=args.batching,
+        output_lens=args.output_lens,
+    )
+    w = capture(cfg)
+    info = {"path": args.out, **w.info()}
+    if args.json:
+        print_json(info)
+    else:
+        print(
+            f"wrote {args.out}: {info['requests']} requests, {info['tokens']} tokens, {info['layers']} MoE layers"
+        )
+    return 0

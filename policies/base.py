@@ -29,15 +29,16 @@ import math
 from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from enum import StrEnum
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.cache import CacheEntry, ExpertCache, ExpertKey, by_recency, lru_score, lru_scores
 from policies.placement import Placement
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 
 # -- events (observe) ---------------------------------------------------------------------
@@ -139,15 +140,76 @@ class PrefetchDecision:
         return bool(self.enqueue or self.cancel)
 
 
+class MissAction(StrEnum):
+    """How a demanded expert that is not resident is served (one action per demand).
+
+    ``FETCH`` copies it to its GPU (exact; the default); ``CPU`` computes it on the host
+    CPU from its host copy, moving only the rows' activations (exact); ``LOWBIT`` fetches
+    a low-bit copy (lossy); ``SKIP`` drops it and renormalises the other weights (lossy).
+    Lossy actions run only where the user opted in; every result counts each action.
+    """
+
+    FETCH = "fetch"
+    CPU = "cpu"
+    LOWBIT = "lowbit"
+    SKIP = "skip"
+
+    @property
+    def lossy(self) -> bool:
+        return self in (MissAction.LOWBIT, MissAction.SKIP)
+
+
+class LinkState(NamedTuple):
+    """A host->GPU link as the executor sees it now: ``queued_s`` seconds of copies ahead
+    of a new one, ``bandwidth_Bps`` its bandwidth, ``copy_s`` one expert copy's time."""
+
+    queued_s: float
+    bandwidth_Bps: float
+    copy_s: float
+
+
+class CpuState(NamedTuple):
+    """The host CPU's expert work as the executor sees it now: ``queued_s`` seconds of
+    expert work ahead of a new one; one expert FFN on n rows takes about
+    ``expert_s_fixed + n * expert_s_per_token`` (activations' transfer included)."""
+
+    queued_s: float
+    expert_s_per_token: float
+    expert_s_fixed: float
+
+
+class ExecutorView(Protocol):
+    """What an executor tells a policy so it can decide well (deadline-aware prefetch,
+    hybrid miss actions). Times are seconds on the executor's clock; estimates, not
+    promises. An executor that cannot answer leaves ``PolicyContext.executor`` None."""
+
+    def link_state(self, device: int) -> LinkState:
+        """The link into GPU ``device`` now."""
+        ...
+
+    def layer_time_s(self, tokens: int) -> float:
+        """Expected time of one MoE layer step (dense part plus resident experts) at
+        ``tokens`` rows; a policy's clock for "how many layers until this lands"."""
+        ...
+
+    def cpu_state(self) -> CpuState | None:
+        """The host CPU's expert queue, or None when this executor cannot compute
+        experts on the CPU (no host figures in the profile)."""
+        ...
+
+
 @dataclass
 class PolicyContext:
-    """What an executor tells a policy when binding it."""
+    """What an executor tells a policy when binding it. ``executor`` is a live view of
+    links, CPU and layer time (None when the executor offers none)."""
 
     spec: ModelSpec
     placement: Placement
     caches: Sequence[ExpertCache]
     prefetch_distance: int | None = None
     seed: int = 0
+    executor: ExecutorView | None = None
+    allow_lossy: bool = False
 
     def cache_of(self, key: ExpertKey) -> ExpertCache:
         return self.caches[self.placement.device_of(key)]
@@ -246,6 +308,12 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
         out = PrefetchDecision(self._enqueue, self._cancel)
         self._enqueue, self._cancel = [], []
         return out
+
+    def miss_action(self, key: ExpertKey, tokens: int, now: float) -> MissAction:
+        """How to serve ``key``, demanded for ``tokens`` rows and not resident. Default:
+        fetch it (the only action before hybrid execution). An executor refuses a lossy
+        answer unless ``ctx.allow_lossy`` and CPU when it has no host figures."""
+        return MissAction.FETCH
 
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower is evicted first. Default: least recently used."""

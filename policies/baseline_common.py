@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import PolicyContext, PrefetchOrder
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 SCORE_SCALE = 1e9
 """Count weight in lexicographic scores ``count * SCORE_SCALE + last_used``: exact while

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import TypeVar
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 FORMAT = "fmoe-expert-map-store"
 FORMAT_VERSION = 1

@@ -33,8 +33,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import (
     GateOutput,
     IterationEnd,
@@ -55,6 +53,8 @@ from policies.fmoe_select import (
     topk_rows,
 )
 from policies.registry import register_policy
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 # The paper's prefetch distances per model family (transformers model_type).
 FAMILY_DISTANCE: dict[str, int] = {"mixtral": 3, "qwen2_moe": 6, "phimoe": 4}

@@ -36,8 +36,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import (
     GateOutput,
     IterationEnd,
@@ -50,6 +48,8 @@ from policies.base import (
 from policies.baseline_common import SCORE_SCALE, check_training, layer_reserve, select_orders
 from policies.cache import CacheEntry
 from policies.registry import register_policy
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 # The fMoE authors' MoE-Infinity baseline predicts a window of 6 layers (their artifact's
 # expert_predictor.py: layer_end = layer_start + 6).

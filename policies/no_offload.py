@@ -6,9 +6,9 @@ binding it to caches that cannot hold them is an InputError naming the shortfall
 
 from __future__ import annotations
 
-from calibration.errors import InputError
 from policies.base import Policy, PolicyContext
 from policies.registry import register_policy
+from specs.errors import InputError
 
 
 @register_policy

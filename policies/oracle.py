@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from calibration.errors import InputError
 from policies.base import (
     GateOutput,
     IterationEnd,
@@ -50,6 +49,7 @@ from policies.base import (
 )
 from policies.cache import CacheEntry, ExpertCache, ExpertKey, ExpertState
 from policies.registry import register_policy
+from specs.errors import InputError
 
 
 class OracleOptions(PolicyOptions):

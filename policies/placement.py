@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from calibration.errors import InputError
 from policies.cache import ExpertKey
+from specs.errors import InputError
 
 
 @dataclass(frozen=True)

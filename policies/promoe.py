@@ -29,8 +29,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import (
     GateOutput,
     IterationEnd,
@@ -42,6 +40,8 @@ from policies.base import (
 )
 from policies.baseline_common import check_training, layer_reserve, select_orders, union_top
 from policies.registry import register_policy
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 DEFAULT_STRIDE = 2
 

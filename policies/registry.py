@@ -19,8 +19,8 @@ import os
 from importlib.metadata import entry_points
 from typing import Any
 
-from calibration.errors import InputError
 from policies.base import Policy
+from specs.errors import InputError
 
 BUILTIN_MODULES: list[str] = [
     "policies.fmoe",

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from calibration.errors import InputError
 from policies.base import (
     GateOutput,
     IterationEnd,
@@ -50,6 +49,7 @@ from policies.base import (
 )
 from policies.cache import CacheCounters, CacheFullError, ExpertCache, ExpertKey
 from policies.placement import Placement
+from specs.errors import InputError
 from traces.types import Request, Workload
 
 

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibration.errors import InputError
 from policies.base import Policy
 from realrun.generate import Generation, IterationRows
 from realrun.models import LoadedModel, from_module, load, resolve_model, spec_of_module
@@ -48,6 +47,7 @@ from realrun.offload import OffloadedModel, offload_model
 from realrun.prompting import Prompt
 from realrun.runner import plan_serving
 from realrun.session import RunSession, SessionOptions, refuse_future_readers
+from specs.errors import InputError
 
 
 @dataclass

@@ -12,7 +12,6 @@ format from an offloaded run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,13 @@ from typing import Any
 
 import torch
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from realrun.generate import Generation, IterationRows
 from realrun.prompting import Prompt
 from realrun.recorder import RoutingRecorder
 from realrun.serving import check_batching, generate_all
 from realrun.taps import ModelTaps
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 
 def make_workload(
@@ -177,54 +176,3 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
     )
     write_workload(workload, out)
     return workload
-
-
-def register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
-    """Add `fmoe trace capture` to the `fmoe trace` group."""
-    from fmoe_cli.common import (
-        add_batch_size_flag,
-        add_json_flag,
-        add_output_lens_flag,
-        add_prompt_flags,
-    )
-
-    p = trace_subparsers.add_parser(
-        "capture", help="run a real MoE model and write its routing trace"
-    )
-    p.add_argument("--model", required=True, help="tiny preset name or local checkpoint directory")
-    p.add_argument("--out", required=True, help="trace file to write (traces/ format)")
-    add_prompt_flags(p, num_prompts=8)
-    p.add_argument(
-        "--seed", type=int, default=0, help="torch seed of a tiny preset's random weights"
-    )
-    add_batch_size_flag(p)
-    add_output_lens_flag(p)
-    add_json_flag(p)
-    p.set_defaults(func=_cmd_capture)
-
-
-def _cmd_capture(args: argparse.Namespace) -> int:
-    from fmoe_cli.common import print_json
-
-    cfg = CaptureConfig(
-        model=args.model,
-        out=args.out,
-        prompts=args.prompts,
-        prompt_texts=args.prompt_texts,
-        num_prompts=args.num_prompts,
-        max_new_tokens=args.max_new_tokens,
-        max_prompt_tokens=args.max_prompt_tokens,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        batching=args.batching,
-        output_lens=args.output_lens,
-    )
-    w = capture(cfg)
-    info = {"path": args.out, **w.info()}
-    if args.json:
-        print_json(info)
-    else:
-        print(
-            f"wrote {args.out}: {info['requests']} requests, {info['tokens']} tokens, {info['layers']} MoE layers"
-        )
-    return 0

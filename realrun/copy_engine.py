@@ -34,8 +34,8 @@ from typing import Any, Protocol
 
 import torch
 
-from calibration.errors import InputError
 from realrun.store import ExpertStore
+from specs.errors import InputError
 
 ExpertKey = tuple[int, int]
 

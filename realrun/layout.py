@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 ALIGN = 64  # bytes; keeps every slice as aligned as the library's own fused tensors
 

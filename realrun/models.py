@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
-from calibration.presets import load_model, model_preset_names
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
+from specs.presets import load_model, model_preset_names
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from calibration.errors import InputError
 from realrun.prompting import PromptText
 from realrun.tokenizer import Tokenizer
+from specs.errors import InputError
 
 OUTPUT_LENS = ("fixed", "reference")
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.placement import Placement
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 GB = 2**30  # --cache-gb is binary gigabytes, as in the simulator (sim.config.GB)
 

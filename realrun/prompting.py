@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from calibration.model_spec import ModelSpec
+from specs.model_spec import ModelSpec
 from traces.types import Request, Routing
 
 

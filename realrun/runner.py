@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import Policy
 from realrun.copy_engine import LinkEmulation
 from realrun.generate import Generation
@@ -39,6 +37,8 @@ from realrun.placement import (
 from realrun.prompting import Prompt, PromptText, check_lengths, encode, prompt_texts
 from realrun.serving import check_batching
 from realrun.session import RunSession, SessionOptions, refuse_future_readers
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 Progress = Callable[[str], None]
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from calibration.errors import InputError
 from realrun.continuous import Admit, generate_continuous
 from realrun.generate import (
     Generation,
@@ -23,6 +22,7 @@ from realrun.generate import (
     token_limits,
 )
 from realrun.prompting import Prompt, batches
+from specs.errors import InputError
 
 Done = Callable[[Prompt, Generation], None]
 

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibration.errors import InputError
 from policies.async_runner import ExpertUsed, LoadFinished
 from policies.base import (
     GateOutput,
@@ -70,6 +69,7 @@ from realrun.recorder import RoutingRecorder
 from realrun.residency import Residency
 from realrun.serving import generate_all
 from realrun.taps import ModelTaps
+from specs.errors import InputError
 
 
 def refuse_future_readers(policy_cls: type[Policy]) -> None:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calibration.errors import InputError
 from realrun.layout import ExpertLayout
+from specs.errors import InputError
 
 
 def strip_expert_params(experts: nn.Module, layout: ExpertLayout) -> None:

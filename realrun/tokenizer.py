@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from calibration.model_spec import ModelSpec
+from specs.model_spec import ModelSpec
 
 
 class Tokenizer(Protocol):

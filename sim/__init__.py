@@ -11,7 +11,7 @@ Python API::
     from sim.sweep import SweepGrid, run_sweep   # policies x budgets x traces (pool or Ray)
     from sim.plots import plot_all               # Pareto, hit rate, TTFT/TPOT bars
 
-What is modelled (all costs from ``calibration.costs`` and the HardwareProfile):
+What is modelled (all costs from ``specs.costs`` and the HardwareProfile):
 
 - Requests arrive at their trace times (or closed loop in offline mode: each request
   arrives when a batch slot frees). A batcher admits them FCFS: ``static`` batches of B
@@ -51,7 +51,23 @@ copies; link_busy_s per GPU; layer_steps = iterations x MoE layers; wall_s the w
 time of ``simulate``. Times are seconds, sizes bytes, rates 0..1.
 """
 
-from sim.config import SimConfig
-from sim.run import SimResult, simulate
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sim.config import SimConfig
+    from sim.run import SimResult, simulate
+
+# Resolved on first use (PEP 562), so `import sim.batching` (the CLI's flag choices) does
+# not pull simpy and pandas.
+_LAZY = {"SimConfig": "sim.config", "SimResult": "sim.run", "simulate": "sim.run"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sim' has no attribute {name!r}")
+
 
 __all__ = ["SimConfig", "SimResult", "simulate"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 
 class Batcher(ABC):

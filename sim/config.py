@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from calibration.hardware import HardwareProfile
-from calibration.model_spec import ModelSpec
+from specs.hardware import HardwareProfile
+from specs.model_spec import ModelSpec
 
 GB = 2**30
 DEFAULT_CHUNK_BYTES = 16 * 2**20

@@ -49,7 +49,6 @@ from typing import Any
 import numpy as np
 import simpy
 
-from calibration.model_spec import ModelSpec
 from policies.base import (
     GateOutput,
     IterationEnd,
@@ -68,6 +67,7 @@ from sim.events import EventLog
 from sim.iteration import Iteration, RequestState, build_iteration, stack_field
 from sim.links import Link, Links
 from sim.timing import Timing
+from specs.model_spec import ModelSpec
 from traces.types import Workload
 
 Proc = Generator[simpy.Event, Any, Any]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 
-from calibration.errors import InputError
-from calibration.hardware import HardwareProfile
-from calibration.model_spec import ModelSpec
 from policies.placement import Placement
 from sim.config import GB, SimConfig
+from specs.errors import InputError
+from specs.hardware import HardwareProfile
+from specs.model_spec import ModelSpec
 
 
 def free_bytes_per_gpu(spec: ModelSpec, hw: HardwareProfile, kv_reserve_gb: float) -> int:

@@ -18,11 +18,11 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
-from calibration.presets import load_hardware, load_model
 from sim.config import SimConfig
 from sim.sweep import SweepGrid, run_sweep, save_results, single_thread_blas
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
+from specs.presets import load_hardware, load_model
 from traces.synth import SynthConfig, generate
 from traces.types import Workload
 

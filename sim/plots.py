@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from calibration.jsonio import atomic_output  # noqa: E402
 from sim.config import GB  # noqa: E402
+from specs.jsonio import atomic_output  # noqa: E402
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:

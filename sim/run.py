@@ -9,8 +9,6 @@ from typing import Any
 import pandas as pd
 import simpy
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import Policy, PolicyContext
 from policies.cache import ExpertCache
 from policies.placement import Placement
@@ -22,6 +20,8 @@ from sim.links import Links
 from sim.memory import cache_capacities
 from sim.metrics import cache_metrics, latency_metrics, request_frame
 from sim.timing import Timing
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 from traces.types import Workload
 
 

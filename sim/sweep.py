@@ -22,10 +22,10 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from calibration.errors import InputError
-from calibration.jsonio import atomic_output
 from policies.registry import policy_class
 from sim.config import SimConfig
+from specs.errors import InputError
+from specs.jsonio import atomic_output
 from traces.types import Workload
 
 

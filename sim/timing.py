@@ -1,11 +1,11 @@
-"""Memoised costs for one run, all from calibration.costs (so calibrated and published
+"""Memoised costs for one run, all from specs.costs (so calibrated and published
 profiles behave the same) plus the interconnect figures of the profile."""
 
 from __future__ import annotations
 
-from calibration import costs
-from calibration.hardware import HardwareProfile
-from calibration.model_spec import DTYPE_BYTES, ModelSpec
+from specs import costs
+from specs.hardware import HardwareProfile
+from specs.model_spec import DTYPE_BYTES, ModelSpec
 
 
 class Timing:

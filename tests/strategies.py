@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from calibration.model_spec import ModelSpec
+from specs.model_spec import ModelSpec
 from traces.types import Request, Routing, Workload
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pytest import approx
 
 from calibration.bench_batch import BatchRound, DecodeStep, batch_residuals, predicted_step_s
-from calibration.hardware import HardwareProfile
+from specs.hardware import HardwareProfile
 from tests.strategies import small_spec
 from tests.test_sim_kit import exact_profile
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from calibration.costs import transfer_time_s
-from calibration.hardware import HardwareProfile
-from calibration.presets import load_model
 from fmoe_cli.main import main
+from specs.costs import transfer_time_s
+from specs.hardware import HardwareProfile
+from specs.presets import load_model
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from calibration.errors import InputError
 from calibration.fit import fit_dense, fit_linear, fit_link
+from specs.errors import InputError
 
 
 @given(

@@ -8,8 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from calibration.errors import InputError
-from calibration.hardware import LinearCost
 from calibration.piecewise import (
     choose_knots,
     fit_piecewise,
@@ -17,6 +15,8 @@ from calibration.piecewise import (
     hat_basis,
     isotonic,
 )
+from specs.errors import InputError
+from specs.hardware import LinearCost
 
 TOKENS = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128], float)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from calibration.hardware import HardwareProfile, LinearCost
 from fmoe_cli.main import main
+from specs.hardware import HardwareProfile, LinearCost
 from tests.test_sim_kit import exact_profile
 
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.hardware import ComputeModel, LinearCost
 from sim.run import simulate
+from specs.hardware import ComputeModel, LinearCost
 from tests.strategies import small_spec, workloads
 from tests.test_sim_kit import config, exact_profile
 

@@ -15,10 +15,10 @@ from pytest import approx
 
 from calibration.bench_compute import Overhead, median_standard_error
 from calibration.bench_link import copy_sizes, host_cap
-from calibration.hardware import HardwareProfile
 from calibration.sim_error import add_errors, summarise
 from calibration.stopwatch import interleaved_times, robust_time
 from sim.run import simulate
+from specs.hardware import HardwareProfile
 from tests.strategies import small_spec
 from tests.test_sim_kit import EXPERT_BYTES, ScriptPolicy, config, exact_profile, routed_workload
 

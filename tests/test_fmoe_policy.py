@@ -7,8 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import (
     GateOutput,
     IterationEnd,
@@ -23,6 +21,8 @@ from policies.cache import CacheFullError, ExpertCache
 from policies.fmoe import FmoePolicy, default_prefetch_distance
 from policies.placement import Placement
 from policies.registry import make_policy, policy_class
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 from tests.strategies import random_workload, small_spec
 from traces.types import Request, Routing, Workload
 

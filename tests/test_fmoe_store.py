@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.errors import InputError
 from policies.expert_map_store import ExpertMapStore, safe_cosine, unit_rows
+from specs.errors import InputError
 
 
 def _onehot_map(L: int, J: int, experts: list[int]) -> np.ndarray:

@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from calibration.errors import InputError
-from calibration.presets import load_model
 from fmoe_cli.main import main
 from sim.paper import PAPER_TPOT_REDUCTION, paper_workload, reductions
+from specs.errors import InputError
+from specs.presets import load_model
 
 
 def test_bundled_workloads_have_the_papers_mean_lengths_and_semantic_tags() -> None:

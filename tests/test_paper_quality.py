@@ -71,8 +71,8 @@ def test_delta_regimes_count_widened_predictions_only_where_delta_is_on() -> Non
 
 
 def test_scaled_cache_holds_the_same_share_of_every_models_experts() -> None:
-    from calibration.presets import load_model
     from sim.paper import PAPER_CACHE_GB, scaled_cache_gb
+    from specs.presets import load_model
 
     assert scaled_cache_gb("mixtral-8x7b") == PAPER_CACHE_GB
     share = PAPER_CACHE_GB / load_model("mixtral-8x7b").experts_total_bytes

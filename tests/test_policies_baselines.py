@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import GateOutput, IterationStart, PolicyContext
 from policies.cache import ExpertCache
 from policies.placement import Placement
 from policies.registry import make_policy
 from policies.replay import ReplayResult, replay
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 from tests.strategies import random_workload, small_spec
 from tests.test_policies_replay import hand_request, hand_workload
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from calibration.errors import InputError
 from fmoe_cli.main import main
 from policies.registry import make_policy, policy_class, policy_names
+from specs.errors import InputError
 
 BASELINES = {
     "no-offload",

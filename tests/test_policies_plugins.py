@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibration.errors import InputError
 from fmoe_cli.main import main
 from policies import registry
+from specs.errors import InputError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

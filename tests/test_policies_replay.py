@@ -7,12 +7,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
 from policies.base import GateOutput, IterationEnd, IterationStart, Policy, RequestArrival
 from policies.cache import ExpertKey
 from policies.lru import LRU
 from policies.replay import replay
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 from tests.strategies import random_workload, small_spec
 from traces.types import Request, Routing, Workload
 

@@ -9,11 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from calibration.costs import expert_time_s, transfer_time_s
-from calibration.errors import InputError
-from calibration.hardware import HardwareProfile
-from calibration.model_spec import ModelSpec
-from calibration.presets import hardware_preset_names, load_hardware, load_model, model_preset_names
+from specs.costs import expert_time_s, transfer_time_s
+from specs.errors import InputError
+from specs.hardware import HardwareProfile
+from specs.model_spec import ModelSpec
+from specs.presets import hardware_preset_names, load_hardware, load_model, model_preset_names
 
 BASE = dict(
     name="m",

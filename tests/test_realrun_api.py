@@ -14,12 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.errors import InputError
 from policies.base import GateOutput, IterationEnd, IterationStart, RequestArrival
 from policies.registry import policy_class, policy_names
 from realrun.api import offload
 from realrun.models import load
 from realrun.offload import OffloadedExperts
+from specs.errors import InputError
 from tests.recording_policy import EventRecorder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -233,9 +233,9 @@ def test_a_model_without_experts_is_refused() -> None:
 
 
 def test_recorded_generate_calls_are_a_trace_the_simulator_replays(tmp_path) -> None:
-    from calibration.presets import load_hardware
     from sim.config import SimConfig
     from sim.run import simulate
+    from specs.presets import load_hardware
     from traces.io import load_workload
 
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]

@@ -161,8 +161,8 @@ def test_a_bad_batch_size_is_one_line_and_status_2(capsys, argv, bad):
 
 
 def test_a_bad_batch_size_in_a_run_config_is_refused_before_any_work():
-    from calibration.errors import InputError
     from realrun.runner import RunConfig, prepare
+    from specs.errors import InputError
 
     with pytest.raises(InputError, match="--batch-size must be >= 1, got 0"):
         prepare(RunConfig(model="tiny-mixtral", prompt_texts=["x"], batch_size=0))

@@ -242,9 +242,9 @@ def test_static_serving_with_per_request_limits_matches_one_at_a_time():
 
 def replay_continuous(workload, policy: str, cache_experts: int, batch_size: int):
     """The simulator's closed-loop continuous batcher on ``workload`` (cpu-local hardware)."""
-    from calibration.presets import load_hardware
     from sim.config import SimConfig
     from sim.run import simulate
+    from specs.presets import load_hardware
 
     cfg = SimConfig(
         model=workload.spec,
@@ -301,8 +301,8 @@ def test_a_bad_batching_is_one_line_and_status_2(capsys, argv):
 
 
 def test_a_bad_batching_in_a_config_is_refused_before_any_work():
-    from calibration.errors import InputError
     from realrun.runner import RunConfig, prepare
+    from specs.errors import InputError
 
     with pytest.raises(InputError, match="unknown --batching 'dynamic'"):
         prepare(RunConfig(model="tiny-mixtral", prompt_texts=["x"], batching="dynamic"))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from calibration.errors import InputError
 from realrun.copy_engine import CopyEngine, CopyJob, JobState, LinkEmulation
 from realrun.store import ExpertStore, RamStore
+from specs.errors import InputError
 
 
 class FakeExperts(nn.Module):

@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.errors import InputError
 from policies.base import GateOutput, Policy
 from policies.cache import CacheEntry
 from policies.registry import make_policy, policy_class, policy_names
@@ -22,6 +21,7 @@ from realrun.models import load
 from realrun.offload import offload_model
 from realrun.prompting import Prompt
 from realrun.session import RunSession, SessionOptions
+from specs.errors import InputError
 
 ARCH_PRESETS = [
     "tiny-mixtral",

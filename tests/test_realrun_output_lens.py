@@ -12,7 +12,6 @@ import types
 
 import pytest
 
-from calibration.errors import InputError
 from fmoe_cli.main import main
 from policies.base import IterationStart, RequestArrival
 from realrun.capture import CaptureConfig, capture
@@ -21,6 +20,7 @@ from realrun.output_lens import check_output_lens, new_token_limits
 from realrun.prompting import PromptText, encode, prompt_texts
 from realrun.session import RunSession, SessionOptions
 from realrun.tokenizer import ByteTokenizer, HFTokenizer
+from specs.errors import InputError
 from tests.recording_policy import EventRecorder
 from tests.test_realrun_batch import _off, _ref
 from tests.test_realrun_continuous import replay_continuous

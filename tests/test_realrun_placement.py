@@ -8,8 +8,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from calibration.errors import InputError
-from calibration.presets import load_model
 from policies.base import Policy
 from realrun.models import load
 from realrun.offload import offload_model
@@ -21,6 +19,8 @@ from realrun.placement import (
     split_over_devices,
 )
 from realrun.session import RunSession, SessionOptions
+from specs.errors import InputError
+from specs.presets import load_model
 
 
 @given(

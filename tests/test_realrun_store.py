@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from calibration.errors import InputError
 from realrun.layout import ALIGN, ExpertLayout
 from realrun.models import ARCHS, load
 from realrun.store import FileStore, RamStore, build_store
+from specs.errors import InputError
 
 TINY = {
     "mixtral": "tiny-mixtral",

@@ -127,7 +127,7 @@ def test_async_search_delays_orders_by_the_search_latency() -> None:
 def test_an_iteration_starts_orders_wait_for_its_row_dependent_search(rows) -> None:
     """Orders from an iteration start go policy_start_search(rows) later, gate orders
     policy_search_s later: the prompt's rows decide when the start's prefetch lands."""
-    from calibration.hardware import LinearCost
+    from specs.hardware import LinearCost
 
     spec = small_spec(layers=2, experts=2, top_k=1)
     S, A, B = 3e-4, 2e-4, 1e-4  # gate search; start search = A + B x rows
@@ -147,7 +147,7 @@ def test_an_iteration_starts_orders_wait_for_its_row_dependent_search(rows) -> N
 def test_a_gates_orders_wait_for_the_gate_search_over_the_iterations_rows() -> None:
     """policy_gate_search(rows) replaces policy_search_s for gate orders: a prefill of 3
     rows orders (1, 1) at layer 0's gate, which lands that search and a copy later."""
-    from calibration.hardware import LinearCost
+    from specs.hardware import LinearCost
 
     spec = small_spec(layers=2, experts=2, top_k=1)
     hw = exact_profile(search_s=1.0)  # never used: the calibrated cost below is

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from calibration.presets import load_model
 from fmoe_cli.main import main
 from sim.metrics import WALL_CLOCK_KEYS
+from specs.presets import load_model
 from tests.strategies import random_workload
 from traces.io import save_workload
 

@@ -7,7 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from calibration.hardware import (
+from policies.base import GateOutput, IterationStart, Policy, PolicyContext
+from policies.cache import ExpertKey
+from sim.config import SimConfig
+from specs.hardware import (
     ComputeModel,
     GPUSpec,
     HardwareProfile,
@@ -15,10 +18,7 @@ from calibration.hardware import (
     LinearCost,
     LinkSpec,
 )
-from calibration.model_spec import ModelSpec
-from policies.base import GateOutput, IterationStart, Policy, PolicyContext
-from policies.cache import ExpertKey
-from sim.config import SimConfig
+from specs.model_spec import ModelSpec
 from tests.strategies import small_spec
 from traces.types import Request, Routing, Workload
 
@@ -145,7 +145,7 @@ def test_builders_match_the_spec() -> None:
     w.validate()
     assert w.requests[0].output_len == 2
     hw = exact_profile(expert_s=1e-3)
-    from calibration import costs
+    from specs import costs
 
     assert costs.expert_time_s(hw, spec, 5) == 1e-3
     assert costs.transfer_time_s(hw, EXPERT_BYTES) == 1e-4 + 4e-3

@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from calibration.errors import InputError
-from calibration.presets import load_hardware, load_model
 from policies.base import IterationStart, Policy
 from policies.placement import Placement
 from sim.config import GB, SimConfig
 from sim.memory import cache_capacities, free_bytes_per_gpu
 from sim.run import simulate
+from specs.errors import InputError
+from specs.presets import load_hardware, load_model
 from tests.strategies import small_spec
 from tests.test_sim_kit import EXPERT_BYTES, ScriptPolicy, config, exact_profile, routed_workload
 

@@ -15,15 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration import costs
-from calibration.hardware import HardwareProfile
-from calibration.model_spec import ModelSpec
 from policies.base import GateOutput, IterationEnd, IterationStart, Policy
 from policies.cache import ExpertKey
 from policies.registry import policy_class, policy_names
 from sim.config import SimConfig
 from sim.metrics import WALL_CLOCK_KEYS
 from sim.run import SimResult, simulate
+from specs import costs
+from specs.hardware import HardwareProfile
+from specs.model_spec import ModelSpec
 from tests.strategies import random_workload, specs
 from tests.test_sim_kit import exact_profile
 from traces.types import Request, Workload

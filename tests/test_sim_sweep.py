@@ -5,12 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from calibration.errors import InputError
-from calibration.presets import load_hardware, load_model
 from sim.config import SimConfig
 from sim.metrics import WALL_CLOCK_KEYS
 from sim.plots import pareto_front, plot_all
 from sim.sweep import SweepGrid, expand, run_sweep
+from specs.errors import InputError
+from specs.presets import load_hardware, load_model
 from tests.strategies import random_workload
 
 SPEC = load_model("tiny-mixtral")

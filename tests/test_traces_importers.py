@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.errors import InputError
+from specs.errors import InputError
 from traces.importers import IMPORTERS, import_trace
 from traces.io import load_workload, save_workload
 

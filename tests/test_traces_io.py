@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import traces.io as tio
-from calibration.errors import InputError
+from specs.errors import InputError
 from tests.strategies import random_workload, small_spec, workloads
 from traces.io import load_workload, save_workload
 from traces.types import Workload

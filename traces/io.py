@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from calibration.errors import InputError
-from calibration.jsonio import validation_message
-from calibration.model_spec import ModelSpec
+from specs.errors import InputError
+from specs.jsonio import validation_message
+from specs.model_spec import ModelSpec
 from traces.types import Request, Routing, Workload
 
 SCHEMA_VERSION = 1

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 from traces.types import Request, Routing, Workload
 
 LENGTH_PRESETS: dict[str, tuple[float, float]] = {

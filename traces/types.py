@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.errors import InputError
-from calibration.model_spec import ModelSpec
+from specs.errors import InputError
+from specs.model_spec import ModelSpec
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 M = TypeVar("M", bound=BaseModel)
 

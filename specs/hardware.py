@@ -253,12 +253,12 @@ class HardwareProfile(_Strict):
         return self.model_dump(mode="json")
 
     def to_json(self, path: str | Path) -> None:
-        from calibration.jsonio import write_json_atomic
+        from specs.jsonio import write_json_atomic
 
         write_json_atomic(path, self.model_dump(mode="json"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> HardwareProfile:
-        from calibration.jsonio import load_model_json
+        from specs.jsonio import load_model_json
 
         return load_model_json(cls, path)

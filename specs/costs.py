@@ -6,8 +6,8 @@ are used the same way.
 
 from __future__ import annotations
 
-from calibration.hardware import HardwareProfile
-from calibration.model_spec import DTYPE_BYTES, ModelSpec
+from specs.hardware import HardwareProfile
+from specs.model_spec import DTYPE_BYTES, ModelSpec
 
 
 def _roofline_s(hw: HardwareProfile, bytes_read: float, flops: float) -> float:

@@ -1,4 +1,4 @@
-"""Preset registry: the JSON files under calibration/presets/, looked up by name.
+"""Preset registry: the JSON files under specs/presets/, looked up by name.
 
 ``load_model`` and ``load_hardware`` accept a preset name or a path to a JSON file.
 """
@@ -9,14 +9,14 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from calibration.errors import InputError
-from calibration.hardware import HardwareProfile
-from calibration.jsonio import load_model_json
-from calibration.model_spec import ModelSpec
+from specs.errors import InputError
+from specs.hardware import HardwareProfile
+from specs.jsonio import load_model_json
+from specs.model_spec import ModelSpec
 
 
 def _preset_dir(kind: str) -> Path:
-    return Path(str(resources.files("calibration") / "presets" / kind))
+    return Path(str(resources.files("specs") / "presets" / kind))
 
 
 def model_preset_names() -> list[str]:

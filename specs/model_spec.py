@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from calibration.errors import InputError
+from specs.errors import InputError
 
 DType = Literal["fp32", "bf16", "fp16", "fp8"]
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -129,13 +129,13 @@ class ModelSpec(BaseModel):
 
     # -- IO ----------------------------------------------------------------------------
     def to_json(self, path: str | Path) -> None:
-        from calibration.jsonio import write_json_atomic
+        from specs.jsonio import write_json_atomic
 
         write_json_atomic(path, self.model_dump(mode="json"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelSpec:
-        from calibration.jsonio import load_model_json
+        from specs.jsonio import load_model_json
 
         return load_model_json(cls, path)
 
