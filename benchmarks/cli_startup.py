@@ -30,7 +30,7 @@ _PROBE = (
     "with contextlib.redirect_stdout(io.StringIO()):\n"
     "    try: main(sys.argv[1:])\n"
     "    except SystemExit: pass\n"
-    "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & set(%r))))\n" % (HEAVY,)
+    f"print(','.join(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))\n"
 )
 
 
@@ -81,7 +81,9 @@ def main() -> None:
             f"{row['x_python']:>9.2f}  {row['heavy_imports'] or '-'}"
         )
     help_s = rows[1]["median_s"]
-    print(f"goal: fmoe --help median < 0.5 s: {'met' if help_s < 0.5 else 'missed'} ({help_s:.3f} s)")
+    print(
+        f"goal: fmoe --help median < 0.5 s: {'met' if help_s < 0.5 else 'missed'} ({help_s:.3f} s)"
+    )
 
 
 if __name__ == "__main__":
