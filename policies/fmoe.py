@@ -25,8 +25,6 @@ from top-K ids and weights. :meth:`FmoePolicy.metadata` reports which were used.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,22 +34,19 @@ from pydantic import Field
 from policies.base import (
     GateOutput,
     IterationEnd,
-    IterationGates,
     IterationStart,
     Policy,
     PolicyContext,
     PolicyOptions,
     RequestArrival,
 )
-from policies.cache import CacheEntry, ExpertCache, ExpertKey
+from policies.cache import ExpertCache, ExpertKey
 from policies.expert_map_store import ExpertMapStore
-from policies.fmoe_select import (
-    merge_priorities,
-    select_experts,
-    select_row,
-    select_rows,
-    topk_rows,
-)
+from policies.fmoe_eviction import FmoeEviction
+from policies.fmoe_orders import FmoeOrders
+from policies.fmoe_search import FmoeSearch
+from policies.fmoe_select import topk_rows
+from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState
 from policies.registry import register_policy
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
@@ -60,15 +55,9 @@ from specs.model_spec import ModelSpec
 FAMILY_DISTANCE: dict[str, int] = {"mixtral": 3, "qwen2_moe": 6, "phimoe": 4}
 DEFAULT_DISTANCE = 3
 FIT_CHUNK_ROWS = 256
-_TIE_EPS = 1e-9  # recency tie-break weight, far below any meaningful p * freq gap
 
 Prediction = Literal["traj", "traj+sem", "traj+sem+delta"]
 Eviction = Literal["lru", "lfu", "lfu-global", "fmoe"]
-
-
-def _inv_sqrt(x: np.ndarray) -> np.ndarray:
-    """1 / sqrt(x) for x >= 0; a huge finite value at 0, which only ever multiplies zeros."""
-    return 1.0 / np.sqrt(np.maximum(x, 1e-30))
 
 
 def default_prefetch_distance(spec: ModelSpec) -> int:
@@ -106,50 +95,8 @@ class FmoeOptions(PolicyOptions):
     )
 
 
-# a plan holds three [L, B, size] float32 arrays: past this many elements (e.g. a long
-# prompt's prefill) the search runs layer by layer instead
-PLAN_MAX_ELEMENTS = 4_000_000
-
-
-@dataclass
-class _SearchPlan:
-    """Every layer's trajectory search of one iteration, done at its start from the gates
-    the executor knew in advance (``IterationStart.gates``). Each value is bitwise what the
-    layer-by-layer search in :meth:`FmoePolicy.on_gate` computes; it is used while the
-    gates arrive in layer order and the store is unchanged, else dropped for that path."""
-
-    rows: np.ndarray  # [B, L, J] gate rows
-    cum_dots: np.ndarray  # [L, B, n] running dot products after layer l
-    cum_norm2: np.ndarray  # [L, B] squared norm of the prefix 0..l
-    best: np.ndarray  # [L - d, B] best stored row after layer l (layers predicting one)
-    score: np.ndarray  # [L - d, B] its match score (float32)
-    n: int  # store size (and version below) the plan is exact for
-    version: int
-    next_layer: int = 0  # layers consumed in order so far
-    # one decode row, per gate g: the map row predicted for layer g + d, the experts
-    # selected from it (best first) and every expert's priority p / d
-    targets: list[tuple[list[float], list[int], list[float]]] | None = None
-
-
-@dataclass
-class _IterState:
-    """Search state of one iteration's B token rows."""
-
-    iteration: int
-    rows: int  # B
-    query: np.ndarray | None  # [B, E] prepared embeddings (zero rows where unknown)
-    observed: np.ndarray  # [B, L, J] gate rows seen so far
-    seen: list[bool]  # [L]: a list, read and set per gate (cheaper than numpy scalars)
-    sem: np.ndarray  # [B, C] cosine with stored embeddings (valid [:, :size])
-    dots: np.ndarray  # [B, C] running trajectory dot products
-    norm2: np.ndarray  # [B] squared norm of the observed prefix
-    version: int  # store version the vectors are exact for
-    issued: set[ExpertKey] = field(default_factory=set)
-    plan: _SearchPlan | None = None  # the precomputed searches, when the gates were known
-
-
 @register_policy
-class FmoePolicy(Policy):
+class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
     """fMoE: expert map store, semantic + trajectory search, similarity-aware prefetch,
     prediction-weighted eviction."""
 
@@ -366,30 +313,6 @@ class FmoePolicy(Policy):
             for layer in range(self.distance):
                 self._issue(it, layer, pred[layer], score, now_layer=-1)
 
-    def _semantic_search(
-        self, it: _IterState, has: np.ndarray, store: ExpertMapStore
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Step 1 for the rows with an embedding (``has``): fill ``it.sem``; with the
-        semantic prediction on, forecast layers 0..d-1 (``_pred``) and return the searched
-        maps' first d layers [d, R, J] and match scores [R] (None when nothing was searched)."""
-        n = store.size
-        if it.query is None or n == 0:
-            return None
-        it.sem[:, :n] = store.semantic_scores(it.query)
-        if not self.use_semantic:
-            return None  # still computed: the store's RDY needs s_sem at iteration end
-        rows = np.flatnonzero(has)
-        best = np.argmax(it.sem[rows, :n], axis=1)
-        score = it.sem[rows, best]
-        pred = store.maps[: self.distance, best, :]  # [d, R, J]
-        self._stats["semantic_searches"] += len(rows)
-        # a layer's p changes only when that layer is forecast (as the official code's cache
-        # does): the semantic search forecasts layers 0..d-1, each trajectory search one
-        fresh = list(self._pred)  # swapped whole: eviction_score may read it from another thread
-        fresh[: self.distance] = pred.max(axis=1).tolist()
-        self._pred = fresh
-        return pred, score
-
     def on_gate(self, ev: GateOutput) -> None:
         """Step 2: add layer g to every row's running dots; predict layer g + d."""
         self._now = max(self._now, ev.now)
@@ -480,272 +403,3 @@ class FmoePolicy(Policy):
         )
 
     # -- decide -------------------------------------------------------------------------
-    def eviction_score(self, entry: CacheEntry) -> float:
-        """Lower goes first: ``fmoe`` p x uses while cached, ``lfu`` uses while cached,
-        ``lfu-global`` uses over the run, ``lru`` last use (ties: least recent first)."""
-        return self._scores([entry])[0]
-
-    def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
-        return self._scores(entries)
-
-    def _tie(self, entry: CacheEntry) -> float:
-        return _TIE_EPS * entry.last_used / (abs(self._now) + 1.0)
-
-    def _scores_lru(self, entries: list[CacheEntry]) -> list[float]:
-        return [float(e.last_used) for e in entries]
-
-    def _scores_lfu(self, entries: list[CacheEntry]) -> list[float]:
-        return [e.uses + self._tie(e) for e in entries]
-
-    def _scores_lfu_global(self, entries: list[CacheEntry]) -> list[float]:
-        freq = self._freq
-        return [float(freq[e.key[0]][e.key[1]] if freq else e.uses) + self._tie(e) for e in entries]
-
-    def _scores_fmoe(self, entries: list[CacheEntry]) -> list[float]:
-        # one comprehension, no call per entry: this runs for every load once a cache is full
-        pred, tie = self._pred, _TIE_EPS / (abs(self._now) + 1.0)
-        if not pred:  # unbound: no forecast, p = 0
-            return [tie * e.last_used for e in entries]
-        return [pred[lay][j] * e.uses + tie * e.last_used for e in entries for lay, j in (e.key,)]
-
-    # -- helpers ------------------------------------------------------------------------
-    def _need_store(self) -> ExpertMapStore:
-        if self.store is None or self.spec is None:
-            raise InputError("policy 'fmoe' used before bind()")
-        return self.store
-
-    def _row_queries(self, ev: IterationStart, B: int) -> tuple[np.ndarray | None, np.ndarray]:
-        """Prepared row embeddings [B, E] (``store.prepare`` of :meth:`_embeddings`) and
-        which rows have one. A request's prompt embedding stays fixed, so a batch of the
-        same requests as the last one prompt-embedded reuses its prepared rows (the very
-        same values: the same rows prepared the same way)."""
-        last = self._batch_query
-        if ev.embeddings is None and last is not None and last[0] == ev.request_ids:
-            _, query, has, n_has = last
-            self._stats["rows_emb_prompt"] += n_has
-            self._stats["rows_emb_none"] += B - n_has
-            return query, has
-        raw, has = self._embeddings(ev, B)
-        query = None if raw is None else self._need_store().prepare(raw)
-        if ev.embeddings is None:
-            if query is not None:
-                query.flags.writeable = False  # shared by the batch's iterations
-            has.flags.writeable = False
-            self._batch_query = (tuple(ev.request_ids), query, has, int(has.sum()))
-        return query, has
-
-    def _embeddings(self, ev: IterationStart, B: int) -> tuple[np.ndarray | None, np.ndarray]:
-        """Row embeddings [B, H] (token, else prompt) and which rows have one."""
-        if ev.embeddings is not None:
-            self._stats["rows_emb_token"] += B
-            return np.asarray(ev.embeddings, np.float32), np.ones(B, bool)
-        got = [self._prompt_emb.get(rid) for rid in ev.request_ids]
-        has = np.array([e is not None for e in got], bool)
-        self._stats["rows_emb_prompt"] += int(has.sum())
-        self._stats["rows_emb_none"] += int(B - has.sum())
-        if not has.any():
-            return None, has
-        width = next(e.shape[0] for e in got if e is not None)
-        raw = np.zeros((B, width), np.float32)
-        for b, e in enumerate(got):
-            if e is not None:
-                raw[b] = e
-        return raw, has
-
-    def _new_state(self, iteration: int, B: int, query: np.ndarray | None) -> _IterState:
-        """A fresh search state for B rows with prepared embeddings ``query`` [B, E]."""
-        store = self._need_store()
-        L, C, J = store.num_layers, store.capacity, store.num_experts
-        self._it = _IterState(
-            iteration=iteration,
-            query=query,
-            rows=B,
-            observed=np.zeros((B, L, J), np.float32),
-            seen=[False] * L,
-            sem=np.zeros((B, C), np.float32),
-            dots=np.zeros((B, C), np.float32),
-            norm2=np.zeros(B, np.float32),
-            version=store.version,
-        )
-        return self._it
-
-    def _plan(self, gates: IterationGates, B: int, store: ExpertMapStore) -> _SearchPlan | None:
-        """Every layer's trajectory search at once: the same float32 operations as
-        :meth:`on_gate` (per-layer products stacked, running sums accumulated in layer
-        order), so every value is bitwise the same. None when the gates do not fit B rows."""
-        assert self.spec is not None
-        L, J, n = self.spec.num_moe_layers, self.spec.num_experts, store.size
-        if gates.probs is not None:
-            rows = np.asarray(gates.probs, np.float32)
-        else:
-            ids = np.asarray(gates.topk_ids)
-            w = np.asarray(gates.topk_weights)
-            if ids.ndim != 3:
-                return None
-            K = ids.shape[2]
-            rows = topk_rows(ids.reshape(-1, K), w.reshape(-1, K), J).reshape(ids.shape[0], -1, J)
-        if rows.shape != (B, L, J):
-            return None  # not this iteration's rows: search layer by layer
-        cum_dots = np.matmul(rows.transpose(1, 0, 2), store.maps[:, :n].transpose(0, 2, 1))
-        # running float32 sums in layer order, [L, B, n], one in-place add per layer view
-        # (np.cumsum over axis 0 walks the array column by column, several times slower)
-        layers = iter(cum_dots)
-        prev = next(layers)
-        for cur in layers:
-            cur += prev
-            prev = cur
-        cum_norm2 = np.cumsum(np.einsum("blj,blj->lb", rows, rows), axis=0)  # [L, B]
-        d = self.distance
-        T = L - d  # the layers g whose search predicts layer g + d
-        sims = cum_dots[:T] * store.inv_prefix[:T, None, :n]
-        best = sims.argmax(axis=2)  # [T, B]
-        top = sims[np.arange(T)[:, None], np.arange(B), best]
-        score = top * _inv_sqrt(cum_norm2[:T])
-        return _SearchPlan(rows, cum_dots, cum_norm2, best, score, n, store.version)
-
-    def _plan_decode(
-        self,
-        it: _IterState,
-        plan: _SearchPlan,
-        lead: tuple[np.ndarray, np.ndarray] | None,
-        store: ExpertMapStore,
-    ) -> None:
-        """One decode row: select the experts of every prediction of the iteration at once,
-        the semantic search's ``lead`` (layers 0..d-1, ordered now) and each gate's
-        trajectory search (kept in ``plan.targets`` for its gate)."""
-        d, L = self.distance, store.num_layers
-        targets = store.maps[np.arange(d, L), plan.best[:, 0]]  # [L - d, J]
-        rows, scores, lo = targets, plan.score[:, 0], d  # predictions of layers lo..L-1
-        if lead is not None:
-            rows = np.concatenate((lead[0][:, 0], targets))
-            scores = np.concatenate((np.repeat(lead[1], d), scores))
-            lo = 0
-        picks, prio = self._row_orders(rows, scores, self._decode_dist[lo:])
-        for layer in range(lo, d):
-            self._issue_picks(it, layer, picks[layer], prio[layer])
-        plan.targets = list(zip(targets.tolist(), picks[d - lo :], prio[d - lo :], strict=True))
-
-    def _planned_gate(
-        self,
-        it: _IterState,
-        plan: _SearchPlan,
-        g: int,
-        has_probs: bool,
-        B: int,
-        store: ExpertMapStore,
-    ) -> None:
-        """on_gate(g) from the plan: the same predictions and orders, no per-layer search."""
-        plan.next_layer = g + 1
-        it.seen[g] = True
-        self._stats["gate_rows_gate_probs" if has_probs else "gate_rows_topk_weights"] += B
-        target = g + self.distance
-        if target >= len(self._pred):
-            return
-        self._stats["trajectory_searches"] += B
-        if plan.targets is not None:
-            row, picks, prio = plan.targets[g]
-            self._pred[target] = row  # one reference swap: thread-safe
-            self._issue_picks(it, target, picks, prio)
-            return
-        rows = store.maps[target, plan.best[g], :]
-        self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
-        self._issue(it, target, rows, plan.score[g], now_layer=g)
-
-    def _drop_plan(self, it: _IterState) -> None:
-        """Leave the plan: the running state becomes what on_gate would have built over
-        the layers consumed so far (they came in order from layer 0)."""
-        plan, it.plan = it.plan, None
-        assert plan is not None
-        k = plan.next_layer
-        if k == 0:
-            return
-        it.observed[:, :k] = plan.rows[:, :k]
-        it.dots[:, : plan.n] = plan.cum_dots[k - 1]
-        it.norm2[:] = plan.cum_norm2[k - 1]
-
-    def _refresh(self, it: _IterState) -> None:
-        """Recompute the vectors of store rows written since the state was last exact."""
-        store = self._need_store()
-        if store.version == it.version:
-            return
-        rows = store.changed_since(it.version)
-        if it.query is not None and store.embed_width == it.query.shape[1]:
-            it.sem[:, rows] = it.query @ store.emb[rows].T
-        upto = max((layer + 1 for layer, seen in enumerate(it.seen) if seen), default=0)
-        it.dots[:, rows] = store.prefix_dots(rows, it.observed, upto)
-        it.version = store.version
-
-    def _issue(
-        self, it: _IterState, layer: int, probs: np.ndarray, score: np.ndarray, now_layer: int
-    ) -> None:
-        """Steps 3-4: select per row, merge over rows, order by priority p / (l - l_now)."""
-        assert self.spec is not None
-        if probs.shape[0] == 1:
-            self._issue_row(it, layer, probs[0].tolist(), float(score[0]), now_layer)
-            return
-        mask = select_experts(probs, score, self.spec.top_k, use_delta=self.use_delta)
-        if self.use_delta:  # rows whose weak match took more than the top-K (step 3)
-            self._stats["delta_widened"] += int(
-                np.count_nonzero(mask.sum(axis=1) > self.spec.top_k)
-            )
-        merged = merge_priorities(probs, mask, layer, now_layer)
-        self._order(it, layer, sorted(merged, key=lambda j: (-merged[j], j)), merged)
-
-    def _row_orders(
-        self, rows: np.ndarray, scores: np.ndarray, dist: np.ndarray
-    ) -> tuple[list[list[int]], list[list[float]]]:
-        """:meth:`_issue_row`'s selection and priorities for R one-row predictions at once
-        (its per-row Python costs more from a few rows on): rows [R, J] with their scores
-        [R], ``dist`` [R, 1] the float64 layer distances (so p / dist is Python's float
-        division). Returns each row's selected experts, best first, and every expert's
-        priority."""
-        assert self.spec is not None
-        order = np.argsort(-rows, axis=1, kind="stable")
-        picks = select_rows(rows, scores, self.spec.top_k, self.use_delta, order)
-        return picks, (rows / dist).tolist()
-
-    def _issue_row(
-        self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
-    ) -> None:
-        """_issue for one row (decode) of J probabilities: the merge over rows is the row."""
-        assert self.spec is not None
-        dist = float(layer - now_layer)
-        if dist <= 0:
-            raise ValueError(
-                f"priority for layer {layer} at executing layer {now_layer}: not ahead"
-            )
-        chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta)
-        prio = [p / dist for p in row]
-        chosen.sort(key=lambda j: (-prio[j], j))
-        self._issue_picks(it, layer, chosen, prio)
-
-    def _issue_picks(
-        self, it: _IterState, layer: int, picks: list[int], prio: Sequence[float]
-    ) -> None:
-        """Order one row's selected experts ``picks`` (best first) at priorities ``prio[j]``."""
-        assert self.spec is not None
-        if len(picks) > self.spec.top_k:  # the weak match took more than the top-K (step 3)
-            self._stats["delta_widened"] += 1
-        self._order(it, layer, picks, prio)
-
-    def _order(
-        self,
-        it: _IterState,
-        layer: int,
-        experts: list[int],
-        prio: Sequence[float] | dict[int, float],
-    ) -> None:
-        """Queue orders for ``experts`` (best first) at priorities ``prio[j]``, skipping
-        those already ordered this iteration or cached (resident or loading)."""
-        issued, cache_of = it.issued, self._cache_of
-        orders = 0
-        for j in experts:
-            key = (layer, j)
-            # ctx.is_cached(key), inlined: this runs for every candidate order
-            if key in issued or (cache_of and key in cache_of[layer][j].entries):
-                continue
-            issued.add(key)
-            self.prefetch(layer, j, prio[j])
-            orders += 1
-        if orders:
-            self._stats["orders_issued"] += orders

@@ -1,0 +1,91 @@
+"""fMoE's prefetch orders (FMOE_ALGORITHM.md steps 3-4): select experts from a searched
+map with the similarity-aware threshold and order them by p / (l - l_now), as a mixin
+of :class:`policies.fmoe.FmoePolicy`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from policies.fmoe_select import merge_priorities, select_experts, select_row, select_rows
+from policies.fmoe_state import _IterState
+
+
+class FmoeOrders:
+    """Steps 3-4 of fMoE: expert selection and prefetch orders."""
+
+    def _issue(
+        self, it: _IterState, layer: int, probs: np.ndarray, score: np.ndarray, now_layer: int
+    ) -> None:
+        """Steps 3-4: select per row, merge over rows, order by priority p / (l - l_now)."""
+        assert self.spec is not None
+        if probs.shape[0] == 1:
+            self._issue_row(it, layer, probs[0].tolist(), float(score[0]), now_layer)
+            return
+        mask = select_experts(probs, score, self.spec.top_k, use_delta=self.use_delta)
+        if self.use_delta:  # rows whose weak match took more than the top-K (step 3)
+            self._stats["delta_widened"] += int(
+                np.count_nonzero(mask.sum(axis=1) > self.spec.top_k)
+            )
+        merged = merge_priorities(probs, mask, layer, now_layer)
+        self._order(it, layer, sorted(merged, key=lambda j: (-merged[j], j)), merged)
+
+    def _row_orders(
+        self, rows: np.ndarray, scores: np.ndarray, dist: np.ndarray
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """:meth:`_issue_row`'s selection and priorities for R one-row predictions at once
+        (its per-row Python costs more from a few rows on): rows [R, J] with their scores
+        [R], ``dist`` [R, 1] the float64 layer distances (so p / dist is Python's float
+        division). Returns each row's selected experts, best first, and every expert's
+        priority."""
+        assert self.spec is not None
+        order = np.argsort(-rows, axis=1, kind="stable")
+        picks = select_rows(rows, scores, self.spec.top_k, self.use_delta, order)
+        return picks, (rows / dist).tolist()
+
+    def _issue_row(
+        self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
+    ) -> None:
+        """_issue for one row (decode) of J probabilities: the merge over rows is the row."""
+        assert self.spec is not None
+        dist = float(layer - now_layer)
+        if dist <= 0:
+            raise ValueError(
+                f"priority for layer {layer} at executing layer {now_layer}: not ahead"
+            )
+        chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta)
+        prio = [p / dist for p in row]
+        chosen.sort(key=lambda j: (-prio[j], j))
+        self._issue_picks(it, layer, chosen, prio)
+
+    def _issue_picks(
+        self, it: _IterState, layer: int, picks: list[int], prio: Sequence[float]
+    ) -> None:
+        """Order one row's selected experts ``picks`` (best first) at priorities ``prio[j]``."""
+        assert self.spec is not None
+        if len(picks) > self.spec.top_k:  # the weak match took more than the top-K (step 3)
+            self._stats["delta_widened"] += 1
+        self._order(it, layer, picks, prio)
+
+    def _order(
+        self,
+        it: _IterState,
+        layer: int,
+        experts: list[int],
+        prio: Sequence[float] | dict[int, float],
+    ) -> None:
+        """Queue orders for ``experts`` (best first) at priorities ``prio[j]``, skipping
+        those already ordered this iteration or cached (resident or loading)."""
+        issued, cache_of = it.issued, self._cache_of
+        orders = 0
+        for j in experts:
+            key = (layer, j)
+            # ctx.is_cached(key), inlined: this runs for every candidate order
+            if key in issued or (cache_of and key in cache_of[layer][j].entries):
+                continue
+            issued.add(key)
+            self.prefetch(layer, j, prio[j])
+            orders += 1
+        if orders:
+            self._stats["orders_issued"] += orders
