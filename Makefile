@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 TORCH   := torch==2.13.0
 OUT     ?= demo_out
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint docs bench clean
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -30,12 +30,21 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/lint-imports
+	# the docs site, strictly: a broken link or anchor fails (about a second)
+	.venv/bin/mkdocs build --strict --site-dir site
+
+# Regenerate the reference pages (CLI from the parser, presets from their JSON), then
+# build the site into site/. tests/test_docs.py fails when a generated page is stale.
+docs: setup
+	$(PY) scripts/cli_reference.py
+	$(PY) scripts/presets_reference.py
+	.venv/bin/mkdocs build --strict --site-dir site
 
 bench: setup
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf .venv $(OUT) .pytest_cache .hypothesis
+	rm -rf .venv $(OUT) .pytest_cache .hypothesis site
 
 # The paper's other studies in simulation (CSV + PNG each into experiments_out/).
 STUDIES := cache_limit prefetch_distance store_capacity batch_size ablation delta_regimes online

@@ -181,8 +181,8 @@ def run_probe(store: str, cache: int) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     res = json.loads(out.stdout)
     log(
-        f"memory ({store} store, cache {cache}): peak RSS {res['peak_rss'] / 1e9:.2f} GB = {res['peak_over_model']:.2f} x model "
-        f"({res['model_bytes'] / 1e9:.2f} GB); above the interpreter baseline {res['peak_above_baseline_over_model']:.2f} x, "
+        f"memory ({store} store, cache {cache}): peak RSS {res['peak_rss'] / 2**30:.2f} GiB = {res['peak_over_model']:.2f} x model "
+        f"({res['model_bytes'] / 2**30:.2f} GiB); above the interpreter baseline {res['peak_above_baseline_over_model']:.2f} x, "
         f"of which the slot pool (device memory on a GPU) is {res['slot_pool_bytes'] / res['model_bytes']:.2f} x"
     )
     return res

@@ -201,12 +201,17 @@ def main() -> int:
         "--speed-requests", type=int, default=12, help="requests of the speed comparison"
     )
     p.add_argument(
-        "--cache-gb", type=lambda s: [float(x) for x in s.split(",")], default=[24.0, 48.0, 96.0]
+        "--cache-gb",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[24.0, 48.0, 96.0],
+        help="comma-separated expert cache totals in GiB (2^30 bytes)",
     )
     p.add_argument(
         "--rounds", type=int, default=3, help="speed rounds per row (the median ratio is shown)"
     )
-    p.add_argument("--online-cache-gb", type=float, default=48.0)
+    p.add_argument(
+        "--online-cache-gb", type=float, default=48.0, help="expert cache of the online run, GiB"
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-online", action="store_true")
@@ -219,7 +224,7 @@ def main() -> int:
     print(f"{MODEL} on {HARDWARE}, synthetic LMSYS-like workload, batch {args.batch_size}")
     print(f"median of {args.rounds} rounds (simulator run, then the skeleton), range in brackets")
     print(
-        "policy cache_gb hit_rate loads/step steps/s skeleton/s ratio (range) goal "
+        "policy cache_GiB hit_rate loads/step steps/s skeleton/s ratio (range) goal "
         "policy-share us/step (policy) goal-us/step"
     )
     for r in result["speed"]:
@@ -232,7 +237,7 @@ def main() -> int:
         )
     for r in result["online"]:
         print(
-            f"online {r['requests']} requests, {r['policy']}, batch {r['batch_size']}, {r['cache_gb']:.0f} GB: "
+            f"online {r['requests']} requests, {r['policy']}, batch {r['batch_size']}, {r['cache_gb']:.0f} GiB: "
             f"{r['wall_s']} s for {r['layer_steps']} layer-steps ({'ok' if r['under_60_s'] else 'over 60 s'}; "
             f"skeleton {r['skeleton_steps_per_s']} steps/s just before)"
         )

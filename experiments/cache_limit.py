@@ -1,4 +1,4 @@
-"""The paper's expert cache limit study: 6..96 GB total, fMoE vs the baselines."""
+"""The paper's expert cache limit study: 6..96 GiB total, fMoE vs the baselines."""
 
 from experiments._common import line_study
 from sim.paper import study_cache_limit

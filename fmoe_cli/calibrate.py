@@ -69,7 +69,9 @@ def _register_bench(cs: argparse._SubParsersAction) -> None:
         "--model", default="tiny-mixtral-wide", help="tiny preset or local checkpoint directory"
     )
     b.add_argument(
-        "--link-gbps", type=positive_float, help="CPU: emulate a host link of this many GB/s"
+        "--link-gbps",
+        type=positive_float,
+        help="CPU: emulate a host link of this many GB/s (10^9 bytes/s)",
     )
     b.add_argument("--link-latency-us", type=float, help="CPU: the emulated link's latency")
     b.add_argument("--threads", type=positive_int, help="torch threads (as `fmoe run`)")

@@ -76,7 +76,7 @@ def non_negative_float(text: str) -> float:
 
 
 def gb_or_auto(text: str) -> float | str:
-    """A positive number of GB, or ``auto`` (the real executor's cache from free memory)."""
+    """A positive number of GiB, or ``auto`` (the real executor's cache from free memory)."""
     return "auto" if text == "auto" else positive_float(text)
 
 

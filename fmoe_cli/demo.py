@@ -19,7 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="mixtral-8x7b", help="model preset or ModelSpec JSON")
     p.add_argument("--hardware", default="paper-6x3090", help="hardware preset or profile JSON")
     p.add_argument("--num-requests", type=positive_int, default=30, help="requests per workload")
-    p.add_argument("--cache-gb", type=positive_float, default=24.0, help="total expert cache (GiB)")
+    p.add_argument(
+        "--cache-gb",
+        type=positive_float,
+        default=24.0,
+        help="total expert cache in GiB (2^30 bytes)",
+    )
     p.add_argument("--workers", type=positive_int, default=2, help="simulation processes")
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)

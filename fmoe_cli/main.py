@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # A flag's value placeholder in help: by the flag's unit suffix, then its name, then the
 # type of its value; VALUE when nothing says more.
-_SUFFIX_METAVARS = {"-gb": "GB", "-mb": "MiB", "-s": "SECONDS", "-ms": "MS"}
+_SUFFIX_METAVARS = {"-gb": "GiB", "-mb": "MiB", "-s": "SECONDS", "-ms": "MS"}
 _NAME_METAVARS = {
     "model": "NAME",
     "hardware": "NAME",
@@ -60,7 +60,7 @@ _TYPE_METAVARS = {"positive_int": "N", "int": "N", "positive_float": "X", "float
 
 
 def _readable_metavar(action: argparse.Action) -> str:
-    """A short placeholder (N, X, GB, NAME, PATH, VALUE) for an option that takes a value,
+    """A short placeholder (N, X, GiB, NAME, PATH, VALUE) for an option that takes a value,
     instead of its dest in capitals (CFG_NUM_REQUESTS)."""
     flag = max(action.option_strings, key=len)
     for suffix, metavar in _SUFFIX_METAVARS.items():

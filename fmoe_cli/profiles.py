@@ -7,6 +7,8 @@ import argparse
 from fmoe_cli.common import add_json_flag, print_json, print_table
 from specs.presets import hardware_preset_names, load_hardware, load_model, model_preset_names
 
+GIB = 2**30  # tables print memory sizes in GiB, the unit of every *-gb flag; JSON keeps bytes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list model presets (or show one) with their figures")
@@ -25,6 +27,9 @@ def _models(args: argparse.Namespace) -> None:
     if args.json:
         print_json(rows[0] if args.name else rows)
         return
+    for row in rows:
+        row["expert_GiB"] = row["expert_bytes"] / GIB
+        row["model_GiB"] = row["model_bytes"] / GIB
     cols = [
         "name",
         "num_moe_layers",
@@ -32,8 +37,8 @@ def _models(args: argparse.Namespace) -> None:
         "top_k",
         "hidden_size",
         "dtype",
-        "expert_bytes",
-        "model_bytes",
+        "expert_GiB",
+        "model_GiB",
         "runnable_on_cpu",
     ]
     print_table(rows, cols)
@@ -59,8 +64,8 @@ def _hardware(args: argparse.Namespace) -> None:
             "kind": p.kind,
             "gpus": p.num_gpus,
             "gpu": p.gpu.name,
-            "gpu_mem_GB": p.gpu.memory_bytes / 1e9,
-            "h2d_pinned_GB/s": p.link.pinned_bandwidth_Bps / 1e9,
+            "gpu_mem_GiB": p.gpu.memory_bytes / GIB,
+            "h2d_pinned_GB/s": p.link.pinned_bandwidth_Bps / 1e9,  # rates: 10^9 B/s
             "link_latency_us": p.link.latency_s * 1e6,
             "emulated_link": p.link.emulated,
         }

@@ -46,14 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument(
         "--cache-gb",
         type=gb_or_auto,
-        help="expert cache in GB (2^30 bytes, as fmoe sim), total over devices; 'auto' "
+        help="expert cache in GiB (2^30 bytes, as fmoe sim), total over devices; 'auto' "
         "(cuda): what the GPUs' free memory holds once the dense weights are on, less --reserve-gb",
     )
     p.add_argument(
         "--reserve-gb",
         type=non_negative_float,
         default=2.0,
-        help="with --cache-gb auto: GB per GPU kept for the KV cache and activations (default 2)",
+        help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
     )
     add_prompt_flags(p, num_prompts=4)
     add_batch_size_flag(p)
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--link-gbps",
         type=positive_float,
-        help="emulate a host link of this many GB/s (labelled emulated)",
+        help="emulate a host link of this many GB/s (10^9 bytes/s; labelled emulated)",
     )
     p.add_argument(
         "--link-latency-us", type=float, help="per-transfer latency of the emulated link"

@@ -5,7 +5,7 @@ defaults, for quick use). Offline mode (the paper's): ``--train PATH`` fits the 
 another trace, ``--train-fraction F`` splits the trace into F train / 1-F test (``--offline``
 is ``--train-fraction 0.7``); requests are then served closed loop unless ``--arrivals``
 says otherwise. Cache budgets as in DESIGN.md: ``--cache-experts N`` / ``--cache-gb X`` in
-total over all GPUs, ``--per-gpu-cache-gb X`` per GPU; GB = 2**30 bytes.
+total over all GPUs, ``--per-gpu-cache-gb X`` per GPU; sizes in GiB (2**30 bytes).
 """
 
 from __future__ import annotations
@@ -57,10 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cache-experts", type=positive_int, help="expert cache in experts, total over GPUs"
     )
     cache.add_argument(
-        "--cache-gb", type=positive_float, help="expert cache in GB, total over GPUs"
+        "--cache-gb", type=positive_float, help="expert cache in GiB (2^30 bytes), total over GPUs"
     )
     cache.add_argument(
-        "--per-gpu-cache-gb", type=positive_float, help="expert cache in GB on each GPU"
+        "--per-gpu-cache-gb",
+        type=positive_float,
+        help="expert cache in GiB (2^30 bytes) on each GPU",
     )
     _run_flags(p)
     p.add_argument(
@@ -78,7 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _workload_flags(p, many=True)
     p.add_argument("--policies", required=True, help="comma-separated policy names")
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--cache-gb", type=_float_list, help="comma-separated totals in GB")
+    cache.add_argument(
+        "--cache-gb", type=_float_list, help="comma-separated totals in GiB (2^30 bytes)"
+    )
     cache.add_argument("--cache-experts", type=_int_list, help="comma-separated totals in experts")
     p.add_argument("--per-gpu", action="store_true", help="the cache sizes are per GPU")
     _run_flags(p)
@@ -151,7 +155,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         "--chunk-mb", type=positive_float, default=16.0, help="preemption chunk of a copy, MiB"
     )
     p.add_argument(
-        "--kv-reserve-gb", type=float, default=0.0, help="GPU memory kept for the KV cache, total"
+        "--kv-reserve-gb",
+        type=float,
+        default=0.0,
+        help="GPU memory kept for the KV cache, GiB in total",
     )
     p.add_argument(
         "--pageable", action="store_true", help="copies from pageable (not pinned) host memory"

@@ -1,8 +1,8 @@
 """SimConfig: everything one simulation run needs besides the workload.
 
 A pydantic model, so the CLI, the sweep and the calibration validator build it the same
-way and a sweep row can record it. Sizes: ``cache_gb`` and ``kv_reserve_gb`` are in GB
-of 2**30 bytes (the unit of the hardware presets' memory sizes).
+way and a sweep row can record it. Sizes: ``cache_gb`` and ``kv_reserve_gb`` are in GiB
+(2**30 bytes; the unit of every ``*-gb`` flag and of the size columns of tables).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from specs.hardware import HardwareProfile
 from specs.model_spec import ModelSpec
 
-GB = 2**30
+GB = 2**30  # one GiB: every *_gb size in this project is binary gigabytes
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 OFFLINE_TRAIN_FRACTION = 0.7  # the paper: 70% of the prompts fill the store, 30% are tested
 

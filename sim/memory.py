@@ -26,9 +26,9 @@ def free_bytes_per_gpu(spec: ModelSpec, hw: HardwareProfile, kv_reserve_gb: floa
     free = hw.gpu.memory_bytes - dense - kv
     if free < spec.expert_bytes:
         raise InputError(
-            f"{spec.name} on {hw.name}: dense weights ({dense / GB:.2f} GB per GPU) and KV reserve "
-            f"({kv / GB:.2f} GB per GPU) leave no room for one expert ({spec.expert_bytes / GB:.3f} GB) "
-            f"in {hw.gpu.memory_bytes / GB:.2f} GB"
+            f"{spec.name} on {hw.name}: dense weights ({dense / GB:.2f} GiB per GPU) and KV reserve "
+            f"({kv / GB:.2f} GiB per GPU) leave no room for one expert ({spec.expert_bytes / GB:.3f} GiB) "
+            f"in {hw.gpu.memory_bytes / GB:.2f} GiB"
         )
     return free
 
@@ -67,7 +67,7 @@ def cache_capacities(cfg: SimConfig, placement: Placement, preload_all: bool = F
         caps = split(cfg.cache_experts, placement, k, what)
     elif cfg.cache_gb is not None:
         count = int(cfg.cache_gb * GB // eb)
-        what = f"of {cfg.cache_gb:g} GB ({count} experts of {eb / 2**20:.3g} MiB)"
+        what = f"of {cfg.cache_gb:g} GiB ({count} experts of {eb / 2**20:.3g} MiB)"
         split = _per_gpu if cfg.cache_per_gpu else _total
         caps = split(count, placement, k, what)
     else:
@@ -79,14 +79,14 @@ def cache_capacities(cfg: SimConfig, placement: Placement, preload_all: bool = F
     for d, c in enumerate(caps):
         if c > fit:
             raise InputError(
-                f"expert cache of {c} experts ({c * eb / GB:.2f} GB) on GPU {d} exceeds the "
-                f"{free / GB:.2f} GB left on {hw.name} after dense weights and KV reserve"
+                f"expert cache of {c} experts ({c * eb / GB:.2f} GiB) on GPU {d} exceeds the "
+                f"{free / GB:.2f} GiB left on {hw.name} after dense weights and KV reserve"
             )
     if preload_all:
         need = [placement.experts_on(d) for d in range(placement.num_devices)]
         if any(c < n for c, n in zip(caps, need, strict=True)):
             raise InputError(
                 f"policy {cfg.policy!r} keeps all {spec.total_experts} experts resident "
-                f"({spec.experts_total_bytes / GB:.2f} GB) but the cache holds {sum(caps)}"
+                f"({spec.experts_total_bytes / GB:.2f} GiB) but the cache holds {sum(caps)}"
             )
     return caps

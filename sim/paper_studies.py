@@ -46,7 +46,7 @@ def study_cache_limit(
     sizes_gb: Sequence[float] = (6, 12, 24, 48, 96),
     policies: Sequence[str] = STUDY_POLICIES,
 ) -> pd.DataFrame:
-    """The paper's expert cache limit study (6..96 GB total)."""
+    """The paper's expert cache limit study (6..96 GiB total)."""
     return run_policies(setup, policies, cache_gb=sizes_gb)
 
 

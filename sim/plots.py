@@ -62,7 +62,7 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, latency: str = "e2e_mean_s")
             lw=1,
             label="Pareto front",
         )
-    ax.set_xlabel("expert memory on GPUs (GB)")
+    ax.set_xlabel("expert memory on GPUs (GiB)")
     ax.set_ylabel(latency.replace("_s", " (s)"))
     ax.set_title("latency vs memory")
     ax.grid(alpha=0.3)
@@ -77,7 +77,7 @@ def plot_hit_rate(df: pd.DataFrame, path: str | Path) -> Path:
     for name, g in d.groupby("policy"):
         g = g.groupby("expert_memory_gb", as_index=False)["hit_rate"].mean()
         ax.plot(g["expert_memory_gb"], g["hit_rate"], marker="o", label=name)
-    ax.set_xlabel("expert cache (GB)")
+    ax.set_xlabel("expert cache (GiB)")
     ax.set_ylabel("hit rate")
     ax.set_ylim(0, 1.02)
     ax.set_title("hit rate vs cache size")
@@ -98,7 +98,7 @@ def plot_latency_bars(df: pd.DataFrame, path: str | Path) -> Path:
         for j, size in enumerate(sizes):
             vals = [means.get((p, size), float("nan")) for p in policies]
             xs = [i + (j - (len(sizes) - 1) / 2) * width for i in range(len(policies))]
-            ax.bar(xs, vals, width=width, label=f"{size:.1f} GB")
+            ax.bar(xs, vals, width=width, label=f"{size:.1f} GiB")
         ax.set_xticks(range(len(policies)), policies, rotation=30, ha="right")
         ax.set_ylabel(f"{title} mean (s)")
         ax.set_title(f"{title} per policy")

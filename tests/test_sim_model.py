@@ -167,7 +167,7 @@ def test_budgets_split_per_gpu_and_check_memory() -> None:
         == [43] * 4 + [42] * 2
     )
     one = SimConfig(model=spec, hardware=load_hardware("rtx3090-pcie4"), cache_gb=30)
-    with pytest.raises(InputError, match="exceeds the 21.01 GB left on rtx3090-pcie4"):
+    with pytest.raises(InputError, match="exceeds the 21.01 GiB left on rtx3090-pcie4"):
         cache_capacities(one, Placement(32, 8, 1))
     with pytest.raises(InputError, match="no room for one expert"):
         cache_capacities(cfg.model_copy(update={"kv_reserve_gb": 6 * 24}), place)
