@@ -378,7 +378,8 @@ def offload(
     loaded: LoadedModel = load(model, seed=seed) if isinstance(model, str) else from_module(model)
     om = offload_model(loaded, store=store, store_dir=store_dir, dense_device=plan.devices[0])
     try:
-        budget = plan.sized(spec)  # 'auto': the dense weights are on their device now
+        # 'auto': the dense weights are on their device now; a slot is a store row
+        budget = plan.sized(spec, om.store.row_bytes)
         opts = SessionOptions(
             budget, plan.devices, plan.link, chunk_bytes, record=record, seed=seed
         )

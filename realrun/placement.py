@@ -95,12 +95,17 @@ def auto_budget_experts(
     devices: Sequence[torch.device],
     reserve_bytes: int,
     free_bytes: Callable[[torch.device], int],
+    slot_bytes: int | None = None,
 ) -> int:
     """The largest total budget (in experts) whose split over ``devices`` fits each
     device's ``free_bytes`` less ``reserve_bytes`` (KV cache and activations), for
-    ``cache_gb="auto"``: called once the dense weights are on their device. InputError
-    when even top-K experts (and a slot per device) do not fit."""
-    caps = [max(0, free_bytes(d) - reserve_bytes) // spec.expert_bytes for d in devices]
+    ``cache_gb="auto"``: called once the dense weights are on their device. A slot takes
+    ``slot_bytes`` (the store's packed row: what a slot pool allocates per expert, which
+    alignment, biases or a dtype other than the spec's make differ from
+    ``spec.expert_bytes``, the default). InputError when even top-K experts (and a slot
+    per device) do not fit."""
+    per_slot = slot_bytes or spec.expert_bytes
+    caps = [max(0, free_bytes(d) - reserve_bytes) // per_slot for d in devices]
     placement = Placement(spec.num_moe_layers, spec.num_experts, len(devices))
     least = max(spec.top_k, len(devices))
     for total in range(spec.total_experts, least - 1, -1):
@@ -109,13 +114,18 @@ def auto_budget_experts(
             return total
     raise InputError(
         f"cache_gb='auto': the devices' free memory less the {reserve_bytes / GB:.2f} GiB "
-        f"reserve holds {caps} experts of {spec.expert_bytes} bytes; {spec.name} needs at "
+        f"reserve holds {caps} experts of {per_slot} bytes; {spec.name} needs at "
         f"least {least} (top-K, and one slot per device)"
     )
 
 
 def cuda_free_bytes(device: torch.device) -> int:
-    """Free memory of a CUDA device (``torch.cuda.mem_get_info``)."""
+    """Free memory of a CUDA device (``torch.cuda.mem_get_info``), after handing the
+    allocator's unused cached blocks back (temporaries of loading and moving the dense
+    weights would otherwise count as used for good)."""
+    torch.cuda.synchronize(device)
+    with torch.cuda.device(device):
+        torch.cuda.empty_cache()
     return int(torch.cuda.mem_get_info(device)[0])
 
 

@@ -41,6 +41,7 @@ from realrun.copy_engine import (
     LinkEmulation,
     Mover,
 )
+from realrun.fences import SlotFence, fence_for
 from realrun.layout import ExpertLayout
 from realrun.store import ExpertStore
 
@@ -88,6 +89,8 @@ class DeviceSlots:
     cache: ExpertCache
     pool: SlotPool
     engine: CopyEngine
+    fence: SlotFence
+    """Where a reused slot's copy waits (realrun.fences): the compute thread's stream."""
 
 
 @dataclass
@@ -127,6 +130,7 @@ class Residency:
         chunk_bytes: int = 1 << 20,
         clock: Callable[[], float] = time.perf_counter,
         scores: EvictionScores = lru_scores,
+        fences: Callable[[torch.device], SlotFence] = fence_for,
     ) -> None:
         self.store = store
         self.placement = placement
@@ -153,9 +157,10 @@ class Residency:
                 resumer=self._resume,
             )
             cache = ExpertCache(capacity=cap, expert_bytes=expert_bytes, device=i)
-            self.devs.append(
-                DeviceSlots(i, dev, cache, SlotPool(cap, store.row_bytes, dev), engine)
-            )
+            fence = fences(dev)
+            fence.observe()  # built on the compute thread; each gate observes again
+            pool = SlotPool(cap, store.row_bytes, dev)
+            self.devs.append(DeviceSlots(i, dev, cache, pool, engine, fence))
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -203,9 +208,9 @@ class Residency:
             d.pool.release(v)
         slot = d.pool.assign(job.key)
         job.dst = d.pool.rows[slot, : job.nbytes]
-        if d.device.type == "cuda":  # kernels queued on the slot's previous expert finish first
-            job.after = torch.cuda.Event()
-            job.after.record(torch.cuda.current_stream(d.device))
+        # kernels queued on the slot's previous expert finish first; on the compute
+        # thread's stream, also when a prefetch starts on the copy thread (realrun.fences)
+        job.after = d.fence.take()
 
     # -- completions (lock held) -----------------------------------------------------------
     def _drain_device(self, d: DeviceSlots) -> None:
@@ -240,6 +245,8 @@ class Residency:
     # -- the compute thread's side ------------------------------------------------------------
     def gate(self, layer: int) -> int:
         """Layer ``layer``'s gate runs now: orders made before for this layer become stale."""
+        for d in self.devs:  # the compute thread's stream, for fences taken on copy threads
+            d.fence.observe()
         with self.lock:
             self.gate_seq += 1
             self.last_gate[layer] = self.gate_seq

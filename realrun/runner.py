@@ -112,11 +112,13 @@ class ServingPlan:
     devices: list[torch.device]
     link: LinkEmulation | None
 
-    def sized(self, spec: ModelSpec) -> int:
-        """The budget in experts; for 'auto', from the devices' free memory now."""
+    def sized(self, spec: ModelSpec, slot_bytes: int | None = None) -> int:
+        """The budget in experts; for 'auto', from the devices' free memory now, a slot
+        taking ``slot_bytes`` (the store's row; default the spec's expert bytes)."""
         if not self.auto:
             return self.budget
-        return auto_budget_experts(spec, self.devices, int(self.reserve_gb * GB), cuda_free_bytes)
+        reserve = int(self.reserve_gb * GB)
+        return auto_budget_experts(spec, self.devices, reserve, cuda_free_bytes, slot_bytes)
 
 
 def plan_serving(
@@ -253,7 +255,7 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
     prompts = encode(loaded.tokenizer, prep.prompts, prep.max_prompt_tokens)
     limits = new_token_limits(loaded.tokenizer, prep.prompts, cfg.output_lens, cfg.max_new_tokens)
     opts = SessionOptions(
-        prep.plan.sized(prep.spec),  # 'auto': the dense weights are on their device now
+        prep.plan.sized(prep.spec, om.store.row_bytes),  # 'auto': dense weights are on now
         prep.devices,
         prep.plan.link,
         cfg.chunk_bytes,

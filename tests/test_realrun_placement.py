@@ -145,3 +145,16 @@ def test_an_auto_budget_needs_cuda():
 
     with pytest.raises(InputError, match="device='cuda' only"):
         offload("tiny-mixtral", cache_gb="auto")
+
+
+def test_an_auto_budget_counts_slots_of_the_stores_row_bytes():
+    """A slot pool allocates the store's packed row per expert; when that exceeds the
+    spec's expert bytes (alignment, biases, another dtype) the budget shrinks with it."""
+    spec = load_model("tiny-mixtral")
+    eb = spec.expert_bytes
+    dev = [torch.device("cuda", 0)]
+    free = lambda _d: 10 * eb  # noqa: E731
+    assert auto_budget_experts(spec, dev, 0, free) == 10
+    assert auto_budget_experts(spec, dev, 0, free, slot_bytes=2 * eb) == 5
+    with pytest.raises(InputError, match=f"experts of {10 * eb} bytes"):
+        auto_budget_experts(spec, dev, 0, free, slot_bytes=10 * eb)
