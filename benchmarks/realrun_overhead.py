@@ -13,6 +13,11 @@
 
 torch runs on one thread: the copy thread needs the other core of a 2-core machine, and
 the shared machine makes two-thread timings noisy. Run: .venv/bin/python benchmarks/realrun_overhead.py
+
+On a GPU (scripts/gpu_check.sh): ``--device cuda --model DIR --only overhead`` runs the
+overhead part alone, both models' dense weights and every expert on the GPU, in the
+checkpoint's dtype (bf16 for the random checkpoints the GPU check builds); ``--threads``
+then leaves torch's CPU threads alone unless given.
 """
 
 from __future__ import annotations
@@ -59,11 +64,16 @@ def prompts(tokenizer, first: int, n: int, max_tokens: int):
 
 def overhead(args) -> tuple[dict, object]:
     """Two copies of the model in one process, measured alternately (A B A B ...)."""
-    ref_model = load(MODEL)
-    om = offload_model(load(MODEL), store="file")
+    dev = torch.device(args.device)
+    ref_model = load(args.model)
+    ref_model.model.to(dev)
+    om = offload_model(
+        load(args.model), store="file" if dev.type == "cpu" else "auto", dense_device=dev
+    )
     ps = prompts(ref_model.tokenizer, 0, args.prompts, args.prompt_tokens)
     t_ref, t_off, exact = [], [], True
-    with RunSession(om, make_policy("no-offload"), SessionOptions(None)) as s:
+    step_ratios = []  # per rep: median offloaded decode step / median unmodified one
+    with RunSession(om, make_policy("no-offload"), SessionOptions(None, [dev])) as s:
         for rep in range(args.reps + 1):  # rep 0 warms both up
             t0 = time.perf_counter()
             ref = [
@@ -78,6 +88,10 @@ def overhead(args) -> tuple[dict, object]:
             if rep:
                 t_ref.append(t1 - t0)
                 t_off.append(t2 - t1)
+                ref_steps = [d for g in ref for d in g.decode_s]
+                off_steps = [d for g in got for d in g.decode_s]
+                if ref_steps and off_steps:
+                    step_ratios.append(statistics.median(off_steps) / statistics.median(ref_steps))
             exact &= all(
                 a.output_ids == b.output_ids
                 and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
@@ -87,9 +101,14 @@ def overhead(args) -> tuple[dict, object]:
     del ref_model
     ratios = [b / a for a, b in zip(t_ref, t_off, strict=True)]
     out = {
+        "device": str(dev),
+        "model": args.model,
+        "dtype": str(next(om.loaded.model.parameters()).dtype),
         "unmodified_s": statistics.median(t_ref),
         "offloaded_all_resident_s": statistics.median(t_off),
         "ratio": statistics.median(ratios),
+        "decode_step_ratio": statistics.median(step_ratios) if step_ratios else None,
+        "decode_step_ratios": step_ratios,
         "ratios": ratios,
         "unmodified_runs_s": t_ref,
         "offloaded_runs_s": t_off,
@@ -200,13 +219,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--link-latency-us", type=float, default=10.0)
     ap.add_argument("--memory-probe", nargs=2, metavar=("STORE", "CACHE"), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", default=MODEL, help="tiny preset or checkpoint directory")
+    ap.add_argument(
+        "--only", choices=["all", "overhead"], default="all", help="overhead: part 1 alone"
+    )
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default 1 on the CPU)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe[0], int(args.memory_probe[1]))))
         return 0
     t0 = time.perf_counter()
     over, om = overhead(args)
+    if args.only == "overhead":
+        om.close()
+        result = {"model": args.model, "overhead": over, "bench_wall_s": time.perf_counter() - t0}
+        print(json.dumps(result, indent=2) if args.json else f"overhead ratio {over['ratio']:.3f}")
+        return 0
     link_rows = emulated_link(args, om)
     om.close()
     del om

@@ -81,6 +81,10 @@ class BenchConfig:
     store: str = "auto"
     seed: int = 0
     name: str | None = None
+    link_sizes: list[int] | None = None  # bytes; default: one expert row down by halves
+    expert_shapes: list[str] = field(default_factory=list)  # model presets (bench_shapes)
+    shape_tokens: list[int] | None = None  # default bench_shapes.SHAPE_TOKENS
+    shape_dtype: str = "bf16"
 
 
 @dataclass
@@ -120,6 +124,12 @@ class BenchResult:
             "policy_start_search_1_row_s": c.start_search_s(1),
             "copy_interference": c.copy_interference,
             "torch_threads": c.torch_threads,
+            "link_spread_median": _median_spread(self.measurements.get("link", [])),
+            "expert_shapes_1_token_s": {
+                s["model"]: s["seconds"]
+                for s in self.measurements.get("expert_shapes", [])
+                if s["tokens"] == 1
+            },
             "fit_errors": c.fit_errors,
             "measurements": self.measurements,
         }
@@ -155,6 +165,12 @@ def prepare_bench(cfg: BenchConfig) -> PreparedBench:
         raise InputError(f"unknown --store {cfg.store!r} (known: auto, ram, file)")
     if not cfg.policies:
         raise InputError("--policies needs at least one policy")
+    if cfg.link_sizes is not None and (not cfg.link_sizes or min(cfg.link_sizes) < 1):
+        raise InputError(f"--link-sizes must be positive byte counts, got {cfg.link_sizes}")
+    if cfg.expert_shapes:
+        from calibration.bench_shapes import SHAPE_TOKENS, check_shapes
+
+        check_shapes(cfg.expert_shapes, cfg.shape_dtype, cfg.shape_tokens or SHAPE_TOKENS)
     for p in cfg.policies:
         refuse_future_readers(policy_class(p))
     threads = torch_threads(RunConfig(model=cfg.model, device=cfg.device, threads=cfg.threads))
@@ -190,6 +206,7 @@ class _Raw:
     search: Any  # bench_policy.SearchTimes
     interference: Any  # bench_interference.Interference
     load_average: list[float | None]
+    shapes: list[Any] = field(default_factory=list)  # bench_shapes.ShapeSample
 
 
 def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
@@ -199,9 +216,9 @@ def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
 
 def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
     from calibration import bench_compute as bc
-    from calibration import bench_link as bl
     from calibration.bench_interference import measure_interference
     from calibration.bench_policy import SEARCH_ROWS, measure_search_s
+    from calibration.bench_shapes import SHAPE_TOKENS, measure_shapes
     from realrun.models import load
     from realrun.offload import offload_model
 
@@ -215,7 +232,8 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
     om = offload_model(loaded, store=cfg.store, dense_device=dev0)
     sync = device_sync(dev0)
     try:
-        sizes = bl.copy_sizes(om.store.row_bytes)
+        sizes = _link_sizes(cfg.link_sizes, om.store.row_bytes, dev0.type == "cuda")
+        shape_tokens = list(cfg.shape_tokens or SHAPE_TOKENS)
         tokens, contexts = bc.dense_points(cfg.max_tokens, cfg.max_context)
         head_batches = [1, 2, 4, 8]
         n_dev = len(prep.devices)
@@ -225,7 +243,8 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
         n_expert = len(tokens) * cfg.repeats
         n_rounds = cfg.overhead_rounds + 1 + cfg.interference_rounds
         n_search = SEARCH_STEPS * len(SEARCH_ROWS)
-        bar.reset(total=n_link + n_dense + n_expert + n_rounds + n_search)
+        n_shapes = len(cfg.expert_shapes) * len(shape_tokens)
+        bar.reset(total=n_link + n_dense + n_expert + n_rounds + n_search + n_shapes)
 
         link_samples, cap = _measure_link(prep, om, sizes, tick)
         experts = bc.ExpertTimer(om, dev0, sync, cfg.seed)
@@ -253,6 +272,9 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
         search = measure_search_s(
             spec, search_policy, cfg.search_store_rows, SEARCH_STEPS, tick, cfg.seed
         )
+        shapes = measure_shapes(
+            cfg.expert_shapes, dev0, cfg.shape_dtype, shape_tokens, cfg.repeats, tick, cfg.seed
+        )
     finally:
         om.close()
     return _Raw(
@@ -266,6 +288,7 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
         search,
         interference,
         [load_start, load_average()],
+        shapes,
     )
 
 
@@ -337,7 +360,25 @@ def _measurements(raw: _Raw) -> dict[str, Any]:
         "start_search_s": {str(k): v for k, v in raw.search.start_s.items()},
         "interference": {**asdict(raw.interference), "factor": raw.interference.factor()},
         "load_average": raw.load_average,
+        "expert_shapes": [asdict(s) for s in raw.shapes],
     }
+
+
+def _link_sizes(given: list[int] | None, row_bytes: int, cuda: bool) -> list[int]:
+    """The copy sizes timed: ``given`` (``--link-sizes``) or one expert row down by halves.
+    On the CPU a copy moves at most one expert row (the copy engine's unit), so larger
+    sizes are cut to the row."""
+    from calibration import bench_link as bl
+
+    if not given:
+        return bl.copy_sizes(row_bytes)
+    return sorted(set(given) if cuda else {min(n, row_bytes) for n in given})
+
+
+def _median_spread(link: list[dict[str, Any]]) -> float | None:
+    """The median over copy sizes of the repeats' spread (None when none was recorded)."""
+    vals = [s["spread"] for s in link if s.get("spread") is not None]
+    return float(np.median(vals)) if vals else None
 
 
 def _by_rows(seconds: dict[int, float]) -> LinearCost:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calibration.stopwatch import Tick, _no_tick, robust_time
+from calibration.stopwatch import Tick, _no_tick, robust_time, spread_of
 from realrun.copy_engine import CopyEngine, CopyJob, CpuMover, LinkEmulation
 from realrun.store import ExpertStore
 
@@ -36,6 +36,7 @@ class CopySample:
     seconds: float
     pinned: bool = True
     device: int = 0
+    spread: float | None = None  # (q75 - q25) / median of the repeats
 
 
 def copy_sizes(row_bytes: int, points: int = 6, smallest: int = 4096) -> list[int]:
@@ -80,7 +81,7 @@ def measure_cpu_link(
                     tick(1)
     finally:
         engine.close()
-    return [CopySample(n, robust_time(v)) for n, v in times.items()]
+    return [CopySample(n, robust_time(v), spread=spread_of(v)) for n, v in times.items()]
 
 
 def _cuda_copy_s(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> float:
@@ -108,7 +109,7 @@ def measure_cuda_links(
             for n in sizes:
                 _cuda_copy_s(dst[:n], src[:n], stream)  # warm-up
                 ts = [_cuda_copy_s(dst[:n], src[:n], stream) for _ in range(repeats)]
-                out.append(CopySample(n, robust_time(ts), is_pinned, d))
+                out.append(CopySample(n, robust_time(ts), is_pinned, d, spread_of(ts)))
                 tick(repeats)
     return out
 

@@ -65,6 +65,16 @@ def robust_time(samples: Iterable[float]) -> float:
     return float(np.quantile(xs, QUANTILE))
 
 
+def spread_of(samples: Iterable[float]) -> float | None:
+    """(q75 - q25) / median of ``samples``: the repeats' relative spread (None for fewer
+    than two samples or a zero median)."""
+    xs = sorted(samples)
+    if len(xs) < 2:
+        return None
+    q25, med, q75 = np.quantile(xs, [0.25, 0.5, 0.75])
+    return float((q75 - q25) / med) if med > 0 else None
+
+
 def interleaved_times(
     points: Mapping[K, Callable[[], float]],
     repeats: int,

@@ -48,6 +48,24 @@ def _ints(text: str) -> list[int]:
         ) from None
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _sizes(text: str) -> list[int]:
+    """Comma-separated byte counts with an optional binary suffix K, M or G."""
+    out = []
+    for t in _names(text):
+        num, unit = (t[:-1], t[-1].upper()) if t[-1].upper() in "KMG" else (t, "")
+        try:
+            n = int(float(num) * _UNITS[unit])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"expected byte counts like 4K,1M,256M, got {text!r}")
+        out.append(n)
+    return out
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="measure this machine; validate the simulator against it")
     cs = p.add_subparsers(dest="calibrate_command", metavar="SUBCOMMAND")
@@ -85,12 +103,34 @@ def _register_bench(cs: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--overhead-rounds", type=positive_int, default=4)
     b.add_argument(
+        "--search-store-rows",
+        type=positive_int,
+        default=256,
+        help="iterations in the expert map store while an async policy's search is timed",
+    )
+    b.add_argument(
         "--interference-rounds",
         type=positive_int,
         default=7,
         help="rounds of (idle, copying, idle) decode steps for the copy interference (default 7)",
     )
     b.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
+    b.add_argument(
+        "--link-sizes",
+        type=_sizes,
+        help="copy sizes to time, e.g. 4K,1M,256M (default: one expert row down by halves)",
+    )
+    b.add_argument(
+        "--expert-shapes",
+        type=_names,
+        default=[],
+        help="also time the expert FFN of these model presets' real shapes, "
+        "e.g. mixtral-8x7b,qwen3-30b-a3b,deepseek-v3 (random weights)",
+    )
+    b.add_argument("--shape-tokens", type=_ints, help="token counts for --expert-shapes")
+    b.add_argument(
+        "--shape-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="default bf16"
+    )
     b.add_argument("--name", help="profile name (default: calibrated-DEVICE-MODEL)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True, help="profile JSON to write")
@@ -180,6 +220,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         store=args.store,
         seed=args.seed,
         name=args.name,
+        search_store_rows=args.search_store_rows,
+        link_sizes=args.link_sizes,
+        expert_shapes=args.expert_shapes,
+        shape_tokens=args.shape_tokens,
+        shape_dtype=args.shape_dtype,
     )
     prep = prepare_bench(cfg)
     _check_out_dir(args.out)
