@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 TORCH   := torch==2.13.0
 OUT     ?= demo_out
 
-.PHONY: setup demo test lint docs bench clean
+.PHONY: setup demo test lint docs bench clean gpu-check gpu-check-dry gpu-wheels
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -51,3 +51,17 @@ STUDIES := cache_limit prefetch_distance store_capacity batch_size ablation delt
 .PHONY: experiments
 experiments: setup
 	@for s in $(STUDIES); do echo "== $$s"; $(PY) -m experiments.$$s --out experiments_out || exit 1; done
+
+# The GPU check (docs/gpu.md). On a CUDA machine without network, from the repo root:
+# `make gpu-check` (or `bash scripts/gpu_check.sh`), results under $OUT or gpu_check_out.
+# `make gpu-check-dry` is the same script on this machine's CPU at the smallest sizes.
+# `make gpu-wheels` downloads the wheels the GPU machine lacks into wheels/ (ignored).
+GPU_PY ?= python3
+gpu-check:
+	PYTHON=$(GPU_PY) bash scripts/gpu_check.sh $(GPU_ARGS)
+
+gpu-check-dry: setup
+	PYTHON=$(PY) bash scripts/gpu_check.sh --device cpu gpu_check_dry
+
+gpu-wheels: setup
+	$(PY) scripts/gpu_wheels.py download wheels

@@ -201,12 +201,13 @@ def render_summary(results: dict[str, Any]) -> str:
                 link_table(bench), "", shapes_table(bench), "",
                 table(["fit", "MAPE %"], [[k, _fmt(v, "%")] for k, v in bench["fit_errors"].items()])]  # fmt: skip
     if results.get("validate"):
-        s = results["validate"]["summary"]
+        s = results["validate"].get("summary") or {}
         out += ["", "## Simulator against the real executor", "",
-                f"{s['runs']} cells, {s['requests']} requests; per-request MAPE: TTFT "
-                f"{_fmt(s['ttft_mape'], '%')} %, TPOT {_fmt(s['tpot_mape'], '%')} %; hit rate "
-                f"abs error max {_fmt(s['hit_rate_abs_error_max'])}; compute slowdown vs the "
-                f"profile {_fmt(s.get('compute_slowdown_median'))}.", "", cells_table(results)]  # fmt: skip
+                f"{s.get('runs')} cells, {s.get('requests')} requests; per-request MAPE: TTFT "
+                f"{_fmt(s.get('ttft_mape'), '%')} %, TPOT {_fmt(s.get('tpot_mape'), '%')} %; hit "
+                f"rate abs error max {_fmt(s.get('hit_rate_abs_error_max'))}; compute slowdown "
+                f"vs the profile {_fmt(s.get('compute_slowdown_median'))}.", "",
+                cells_table(results)]  # fmt: skip
     over = results.get("overhead")
     if over:
         out += ["", "## Executor overhead, every expert resident", "",
