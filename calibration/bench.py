@@ -237,7 +237,7 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
         tokens, contexts = bc.dense_points(cfg.max_tokens, cfg.max_context)
         head_batches = [1, 2, 4, 8]
         n_dev = len(prep.devices)
-        n_link = len(sizes) * cfg.repeats * (2 * n_dev if dev0.type == "cuda" else 1)
+        n_link = len(sizes) * cfg.repeats * (2 * n_dev + 1 if dev0.type == "cuda" else 1)
         n_link += n_dev * cfg.repeats if dev0.type == "cuda" and n_dev > 1 else 0
         n_dense = (2 * (len(tokens) + len(contexts)) + len(head_batches)) * cfg.repeats
         n_expert = len(tokens) * cfg.repeats
@@ -297,8 +297,10 @@ def _build_profile(prep: PreparedBench, raw: _Raw) -> HardwareProfile:
     cfg, spec = prep.cfg, prep.spec
     expert_fit, dense_fit = fit_compute(raw.expert, raw.dense)
     head_fit = fit_linear([s.tokens for s in raw.head], [s.seconds for s in raw.head])
-    pinned = [s for s in raw.link if s.pinned and s.device == 0]
-    pageable = [s for s in raw.link if not s.pinned and s.device == 0] or pinned
+    dev0 = [s for s in raw.link if s.device == 0]
+    engine = [s for s in dev0 if s.path == "engine"]  # the executor's path, when measured
+    pinned = engine or [s for s in dev0 if s.pinned]
+    pageable = [s for s in dev0 if not s.pinned and s.path == "raw"] or pinned
     link_fit = fit_link([s.nbytes for s in pinned], [s.seconds for s in pinned])
     page_fit = fit_link([s.nbytes for s in pageable], [s.seconds for s in pageable])
     policy_fixed, policy_per_row = raw.overhead.per_policy()
@@ -426,6 +428,10 @@ def _measure_link(prep: PreparedBench, om: Any, sizes: list[int], tick: Callable
             om.store, prep.link, sizes, cfg.repeats, cfg.chunk_bytes, tick
         ), None
     samples = bl.measure_cuda_links(prep.devices, sizes, cfg.repeats, tick)
+    rows = sorted({min(n, om.store.row_bytes) for n in sizes})  # the engine copies expert rows
+    samples += bl.measure_cpu_link(
+        om.store, None, rows, cfg.repeats, cfg.chunk_bytes, tick, device=prep.devices[0]
+    )
     if len(prep.devices) < 2:
         return samples, None
     single = []
@@ -492,4 +498,8 @@ def _notes(prep: PreparedBench) -> str:
             f"Calibrated on the CPU: the 'device' is the host CPU and the link is {what}. "
             "Figures hold for this machine, this model and this executor only."
         )
-    return "Calibrated on CUDA GPUs: pinned/pageable H2D copies timed with CUDA events."
+    return (
+        "Calibrated on CUDA GPUs: pinned/pageable H2D copies timed with CUDA events (raw); "
+        "the link's pinned figures are fitted to expert rows copied through the executor's "
+        f"copy engine ({prep.cfg.chunk_bytes} B chunks, one event wait per chunk)."
+    )

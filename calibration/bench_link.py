@@ -5,9 +5,13 @@
   (``--link-gbps``); the time is from submit to the waiter waking up, as the executor
   sees it. Pinned and pageable are the same memory on the CPU.
 - CUDA (written to CUDA semantics, never run on a GPU here): copies from a pinned and a
-  pageable host buffer to each GPU, timed with CUDA events on a side stream; then every
-  GPU copies at once (one thread per GPU) and the aggregate rate is compared with the
-  sum of the single-link rates to find a shared host-side cap.
+  pageable host buffer to each GPU, timed with CUDA events on a side stream (the raw
+  H2D figures); then every GPU copies at once (one thread per GPU) and the aggregate
+  rate is compared with the sum of the single-link rates to find a shared host-side cap.
+  Also, as on the CPU, the executor's own path: expert rows through the copy engine and
+  :class:`CudaMover` (``chunk_bytes`` chunks, an event waited on per chunk), submit to
+  wake-up (``path='engine'``). The profile's link is fitted to these when present: the
+  simulator predicts the executor, whose copies pay the per-chunk waits too.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from calibration.stopwatch import Tick, _no_tick, robust_time, spread_of
-from realrun.copy_engine import CopyEngine, CopyJob, CpuMover, LinkEmulation
+from realrun.copy_engine import CopyEngine, CopyJob, CpuMover, CudaMover, LinkEmulation
 from realrun.store import ExpertStore
 
 # A shared cap is reported when all links at once reach less than this share of the sum
@@ -37,6 +41,7 @@ class CopySample:
     pinned: bool = True
     device: int = 0
     spread: float | None = None  # (q75 - q25) / median of the repeats
+    path: str = "raw"  # 'raw': one copy timed by events; 'engine': through the copy engine
 
 
 def copy_sizes(row_bytes: int, points: int = 6, smallest: int = 4096) -> list[int]:
@@ -58,10 +63,15 @@ def measure_cpu_link(
     repeats: int,
     chunk_bytes: int = 1 << 20,
     tick: Tick = _no_tick,
+    device: torch.device | None = None,
 ) -> list[CopySample]:
-    """Submit-to-wake time (lower quartile) of a demand copy per size, rotating over the store's experts."""
-    engine = CopyEngine(store, CpuMover(), link, chunk_bytes, name="bench")
-    dst = torch.empty(max(sizes), dtype=torch.uint8)
+    """Submit-to-wake time (lower quartile) of a demand copy per size, rotating over the
+    store's experts, through the copy engine; into a CUDA ``device`` with the executor's
+    :class:`CudaMover` (samples marked ``path='engine'``), else into host memory."""
+    cuda = device is not None and device.type == "cuda"
+    mover = CudaMover(device, chunk_bytes) if cuda else CpuMover()
+    engine = CopyEngine(store, mover, link, chunk_bytes, name="bench")
+    dst = torch.empty(max(sizes), dtype=torch.uint8, device=device if cuda else "cpu")
     experts = [(lay, e) for lay, L in enumerate(store.layouts) for e in range(L.num_experts)]
     times: dict[int, list[float]] = {n: [] for n in sizes}
     i = 0
@@ -81,7 +91,8 @@ def measure_cpu_link(
                     tick(1)
     finally:
         engine.close()
-    return [CopySample(n, robust_time(v), spread=spread_of(v)) for n, v in times.items()]
+    path = "engine" if cuda else "raw"
+    return [CopySample(n, robust_time(v), spread=spread_of(v), path=path) for n, v in times.items()]
 
 
 def _cuda_copy_s(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> float:

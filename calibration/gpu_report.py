@@ -92,27 +92,32 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def link_table(bench: dict[str, Any]) -> str:
-    """Copy time and bandwidth per size, pinned and pageable (device 0)."""
+    """Copy time and bandwidth per size on device 0: raw pinned and pageable copies, and
+    expert rows through the executor's copy engine (``path='engine'``, CUDA only)."""
     link = [s for s in (bench.get("measurements") or {}).get("link", []) if s.get("device", 0) == 0]
-    by_size: dict[int, dict[bool, dict[str, Any]]] = {}
+    kinds = {"pinned": lambda s: s.get("path", "raw") == "raw" and s.get("pinned", True),
+             "pageable": lambda s: s.get("path", "raw") == "raw" and not s.get("pinned", True),
+             "engine": lambda s: s.get("path") == "engine"}  # fmt: skip
+    by_size: dict[int, dict[str, dict[str, Any]]] = {}
     for s in link:
-        by_size.setdefault(s["nbytes"], {})[s.get("pinned", True)] = s
+        for kind, test in kinds.items():
+            if test(s):
+                by_size.setdefault(s["nbytes"], {})[kind] = s
     rows = []
     for n in sorted(by_size):
         cols = [f"{n:,}"]
-        for pinned in (True, False):
-            s = by_size[n].get(pinned)
+        for kind in kinds:
+            s = by_size[n].get(kind)
             if s is None:
                 cols += ["-", "-", "-"]
                 continue
             cols += [f"{s['seconds'] * 1e6:.1f}", f"{n / s['seconds'] / 1e9:.2f}",
                      _fmt(s.get("spread"), "%")]  # fmt: skip
         rows.append(cols)
-    return table(
-        ["bytes", "pinned us", "pinned GB/s", "spread %", "pageable us", "pageable GB/s",
-         "spread %"],
-        rows,
-    )  # fmt: skip
+    head = ["bytes"]
+    for kind in kinds:
+        head += [f"{kind} us", f"{kind} GB/s", "spread %"]
+    return table(head, rows)
 
 
 def shapes_table(bench: dict[str, Any]) -> str:

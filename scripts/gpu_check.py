@@ -69,26 +69,30 @@ LINK_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
 SIZES: dict[str, Sizes] = {
     # Qwen3-30B-A3B's experts (2048 x 768, 128 per layer, top-8; 9.4 MB each in bf16),
     # two MoE layers, a 32K vocabulary (the real one is 152K: embedding and head are not
-    # what this measures)
+    # what this measures). --search-store-rows 16: the async policy's search timing fills
+    # its expert map store with iterations of up to 256 token rows; at these dimensions
+    # 256 stored iterations took minutes of CPU on the development VM
     "cuda": Sizes(
         checkpoint={"like": "qwen3-30b-a3b", "layers": 2, "vocab": 32768, "dtype": "bf16"},
         bench=["--repeats", "7", "--max-tokens", "128", "--max-context", "512",
-               "--link-sizes", LINK_SIZES, "--expert-shapes", SHAPES],
+               "--link-sizes", LINK_SIZES, "--expert-shapes", SHAPES,
+               "--search-store-rows", "16"],
         validate=["--num-prompts", "8", "--max-new-tokens", "32", "--max-prompt-tokens", "64",
                   "--repeats", "2"],
         overhead=["--reps", "5", "--prompts", "3", "--prompt-tokens", "32", "--new-tokens", "16"],
         planned_s={"cuda_tests": 100, "checkpoint": 45, "bench": 120, "validate": 130,
                    "overhead": 60},
     ),
-    # the dry run: the same stages on a tiny model of the same family, an emulated link
+    # the dry run: the same stages on a tiny model of the same family, and an emulated
+    # link slow enough (20 MB/s) that its 4-16 KB copies stand out of a busy machine's noise
     "cpu": Sizes(
         checkpoint={"like": "qwen3-30b-a3b", "layers": 2, "vocab": 256, "dtype": "bf16",
                     "hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 64,
                     "num_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "head_dim": 16},
-        bench=["--repeats", "2", "--max-tokens", "4", "--max-context", "4", "--policies", "lru",
+        bench=["--repeats", "3", "--max-tokens", "4", "--max-context", "4", "--policies", "lru",
                "--overhead-rounds", "1", "--interference-rounds", "1", "--search-store-rows", "4",
-               "--link-gbps", "4", "--link-latency-us", "10", "--link-sizes", "4K,16K,64K",
+               "--link-gbps", "0.02", "--link-latency-us", "10", "--link-sizes", "4K,8K,16K",
                "--expert-shapes", "qwen3-30b-a3b", "--shape-tokens", "1"],
         validate=["--num-prompts", "1", "--max-new-tokens", "2", "--max-prompt-tokens", "8",
                   "--cache-experts", "4,8,12"],
