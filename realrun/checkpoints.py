@@ -71,9 +71,7 @@ FAMILIES: dict[str, Family] = {
 """Families with a builder (their presets: mixtral-8x7b, qwen3-30b-a3b)."""
 
 
-def config_like(
-    spec: ModelSpec, layers: int, vocab: int | None = None, **overrides: Any
-) -> Any:
+def config_like(spec: ModelSpec, layers: int, vocab: int | None = None, **overrides: Any) -> Any:
     """The transformers config of ``spec``'s family with its dimensions, ``layers`` MoE
     decoder layers and ``vocab`` tokens (default the spec's); ``overrides`` replace any
     config field (a tiny stand-in for a dry run). InputError for a family without a
