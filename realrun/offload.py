@@ -28,6 +28,7 @@ from torch import nn
 from realrun.layout import ExpertLayout
 from realrun.models import LoadedModel
 from realrun.store import ExpertStore, build_store
+from specs.errors import InputError
 
 
 class LayerRunner(Protocol):
@@ -166,6 +167,32 @@ class OffloadedModel:
         self.store.close()
 
 
+MIN_TRANSFORMERS = (5, 18)
+"""The first transformers whose eager experts forward skips index ``num_experts`` (its
+``one_hot`` has ``num_experts + 1`` classes): the executor marks "no expert in this call"
+with that index (pad rows, experts of another device or wave). 5.17's forward raises
+"Class values must be smaller than num_classes" on it."""
+
+
+def check_transformers(version: str | None = None) -> None:
+    """InputError unless transformers (``version``, default the installed one) is at
+    least :data:`MIN_TRANSFORMERS`."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    parts = []
+    for p in version.split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise InputError(
+            f"transformers {version}: offloaded experts need >= {need} (its experts "
+            "forward must skip index num_experts)"
+        )
+
+
 def offload_model(
     loaded: LoadedModel,
     store: str = "auto",
@@ -173,11 +200,13 @@ def offload_model(
     dense_device: torch.device | str = "cpu",
 ) -> OffloadedModel:
     """Replace every MoE block's experts with OffloadedExperts over a new store.
+    InputError on a transformers older than :data:`MIN_TRANSFORMERS`.
 
     ``store='auto'`` picks a pinned RAM store for CUDA and the safetensors file store on the
     CPU (where a RAM store would hold every expert twice next to the slots). The model's
     remaining (dense) weights move to ``dense_device``.
     """
+    check_transformers()
     dense_device = torch.device(dense_device)
     kind = store if store != "auto" else ("ram" if dense_device.type == "cuda" else "file")
     experts = [b.experts for b in loaded.blocks]

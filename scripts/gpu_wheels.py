@@ -27,10 +27,15 @@ WHEELS = {
     "annotated-types": "0.8.0",
     "typing-inspection": "0.4.5",
     "typing-extensions": "4.16.0",  # pydantic needs a recent one; installed only if older
+    # the image's 5.17 predates what the executor needs (>= 5.18, realrun.offload); 5.24 is
+    # the newest whose requirements the image meets (huggingface-hub >= 1.31, tokenizers 0.23)
+    "transformers": "5.24.0",
 }
-"""Distributions the project imports at run time that the GPU image may lack (KINDS.md's
+"""Distributions the project imports at run time that the GPU image lacks (KINDS.md's
 package list has none of simpy, pydantic, pydantic-core, annotated-types,
-typing-inspection), at the versions of this project's development environment."""
+typing-inspection) or has too old (transformers 5.17), at the versions of this project's
+development environment where the image's other packages allow (transformers: 5.24, not
+the 5.25 here, which needs huggingface-hub 2)."""
 
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]  # fmt: skip

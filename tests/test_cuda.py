@@ -16,10 +16,13 @@ unmodified model, bit for bit:
 - ``cache_gb='auto'`` sizes the cache from free device memory less the reserve.
 
 scripts/gpu_check.sh runs this module on a GPU machine; the CPU suite covers the logic.
+``FMOE_CUDA_TESTS_DEVICE=cpu`` runs the tests that need no CUDA feature on the CPU, to
+check this module's own code before device time is spent on it.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -35,10 +38,14 @@ from realrun.session import RunSession, SessionOptions
 from realrun.store import RamStore
 from tests.test_realrun_copy_engine import FakeExperts
 
+ON = os.environ.get("FMOE_CUDA_TESTS_DEVICE", "cuda")  # 'cpu': a check of this module's code
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        ON == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
+    ),
 ]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA streams")
 
 ARCHS = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3"]
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
@@ -50,7 +57,7 @@ def exact_policies() -> list[str]:
 
 
 def _dev() -> torch.device:
-    return torch.device("cuda", 0)
+    return torch.device("cuda", 0) if ON == "cuda" else torch.device(ON)
 
 
 _REF: dict[tuple, object] = {}
@@ -63,7 +70,8 @@ def reference(arch: str, dtype: torch.dtype = torch.float32):
         m = load(arch).model.to(_dev(), dtype)
         _REF[key] = greedy_generate(m, "ref", PROMPT, NEW, keep_logits=True)
         del m
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return _REF[key]
 
 
@@ -150,6 +158,7 @@ class _Busy:
         self.thread.join()
 
 
+@needs_cuda
 @pytest.mark.parametrize("policy", ["fmoe", "mixtral-offloading", "lru"])
 def test_prefetch_and_eviction_under_load_never_change_outputs(policy):
     """4 KB chunks (prefetches preempted and resumed), the smallest cache, the model on a
@@ -174,6 +183,7 @@ def test_prefetch_and_eviction_under_load_never_change_outputs(policy):
         om.close()
 
 
+@needs_cuda
 def test_a_slot_fence_holds_the_copy_until_kernels_reading_the_slot_are_done():
     """A kernel still queued on the compute stream reads the slot's old bytes; the copy of
     a new expert into the slot, started on the copy thread, waits for it."""
@@ -200,6 +210,7 @@ def test_a_slot_fence_holds_the_copy_until_kernels_reading_the_slot_are_done():
         engine.close()
 
 
+@needs_cuda
 def test_cache_gb_auto_sizes_the_cache_from_free_memory():
     from realrun.api import offload
     from realrun.placement import GB, cuda_free_bytes

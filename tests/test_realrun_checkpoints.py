@@ -36,3 +36,12 @@ def test_families_without_a_builder_and_bad_layers_are_refused():
         config_like(load_model("deepseek-v3"), layers=2)
     with pytest.raises(InputError, match="--layers"):
         config_like(load_model("mixtral-8x7b"), layers=0)
+
+
+def test_transformers_older_than_5_18_is_refused_in_one_line():
+    from realrun.offload import check_transformers
+
+    for ok in ("5.18.0", "5.25.0", "5.18.0.dev0", "6.0"):
+        check_transformers(ok)
+    with pytest.raises(InputError, match=r"transformers 5\.17\.0: .* >= 5\.18"):
+        check_transformers("5.17.0")
