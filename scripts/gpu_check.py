@@ -83,16 +83,17 @@ SIZES: dict[str, Sizes] = {
         planned_s={"cuda_tests": 100, "checkpoint": 45, "bench": 120, "validate": 130,
                    "overhead": 60},
     ),
-    # the dry run: the same stages on a tiny model of the same family, and an emulated
-    # link slow enough (20 MB/s) that its 4-16 KB copies stand out of a busy machine's noise
+    # the dry run: the same stages on a tiny model of the same family (96 KB experts), and
+    # an emulated link slow enough (10 MB/s: 0.4 to 10 ms a copy) that copy time grows with
+    # size well above a busy 2-core machine's scheduling noise
     "cpu": Sizes(
         checkpoint={"like": "qwen3-30b-a3b", "layers": 2, "vocab": 256, "dtype": "bf16",
-                    "hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 64,
+                    "hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 128,
                     "num_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 4,
-                    "num_key_value_heads": 2, "head_dim": 16},
+                    "num_key_value_heads": 2, "head_dim": 32},
         bench=["--repeats", "3", "--max-tokens", "4", "--max-context", "4", "--policies", "lru",
                "--overhead-rounds", "1", "--interference-rounds", "1", "--search-store-rows", "4",
-               "--link-gbps", "0.02", "--link-latency-us", "10", "--link-sizes", "4K,8K,16K",
+               "--link-gbps", "0.01", "--link-latency-us", "10", "--link-sizes", "4K,32K,128K",
                "--expert-shapes", "qwen3-30b-a3b", "--shape-tokens", "1"],
         validate=["--num-prompts", "1", "--max-new-tokens", "2", "--max-prompt-tokens", "8",
                   "--cache-experts", "4,8,12"],
@@ -167,9 +168,11 @@ class Check:
         os.replace(tmp, self.out / "summary.md")
 
     def run(
-        self, name: str, argv: list[str], later: list[str]
+        self, name: str, argv: list[str], later: list[str], json_out: bool = True
     ) -> subprocess.CompletedProcess | None:
-        """Run one stage's command under its time limit; None when it did not finish."""
+        """Run one stage's command under its time limit; None when it did not finish.
+        Its stderr goes to the log, and its stdout too unless ``json_out`` (then it is
+        returned: the stage's JSON document)."""
         planned = self.sizes.planned_s[name]
         reserve = sum(self.sizes.planned_s[n] for n in later)
         left = self.remaining()
@@ -185,8 +188,8 @@ class Check:
         t0 = time.monotonic()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True,
-            env=env, start_new_session=True,
+            argv, cwd=ROOT, stdout=subprocess.PIPE if json_out else self.log, stderr=self.log,
+            text=True, env=env, start_new_session=True,
         )  # fmt: skip
         try:
             stdout, _ = proc.communicate(timeout=timeout)
@@ -222,9 +225,10 @@ class Check:
 
     def cuda_tests(self, later: list[str]) -> None:
         junit = self.work / "junit.xml"
-        argv = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+        # -v: each test's outcome reaches the log as it ends, also when the stage is cut off
+        argv = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider",
                 f"--junitxml={junit}", *cuda_test_files()]  # fmt: skip
-        cp = self.run("cuda_tests", argv, later)
+        cp = self.run("cuda_tests", argv, later, json_out=False)
         if junit.exists():
             shutil.copy(junit, self.out / "junit.xml")
             self.results["cuda_tests"] = junit_counts(junit)
@@ -242,7 +246,8 @@ class Check:
             "import json, sys; from realrun.checkpoints import write_random_checkpoint as w; "
             "w(**json.loads(sys.argv[1]))"
         )
-        cp = self.run("checkpoint", [sys.executable, "-c", code, json.dumps(kwargs)], later)
+        argv = [sys.executable, "-c", code, json.dumps(kwargs)]
+        cp = self.run("checkpoint", argv, later, json_out=False)
         self.results["checkpoint"] = {"name": name, **kwargs}
         self.save()
         return path if cp is not None and cp.returncode == 0 else None
