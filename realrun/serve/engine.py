@@ -183,6 +183,13 @@ class ServingEngine:
         with self._cv:
             self._accepting = False
 
+    def cancel_all(self) -> None:
+        """Cancel every request in the engine (each ends as :meth:`cancel` says)."""
+        with self._cv:
+            for job in [*self._waiting, *self._jobs.values()]:
+                job.cancelled = True
+            self._cv.notify()
+
     def stop(self, timeout_s: float | None = None) -> None:
         """Accept nothing more, cancel what waits or runs, and end the thread (after the
         forward that runs now)."""

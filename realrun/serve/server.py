@@ -5,15 +5,17 @@ budget, devices, link, batch and queue sizes, the capture file's folder, the add
 the listening socket is opened here, so a port in use fails before any model work).
 :func:`build` loads and offloads the model and starts the engine thread; :func:`serve`
 runs the app under uvicorn until SIGINT or SIGTERM, then stops accepting (the socket is
-closed and new requests get 503), lets running requests finish for ``grace_s`` seconds
-(uvicorn then cancels the rest, which the engine drops after the forward that runs),
-stops the engine, writes the capture file atomically and returns 0.
+closed and new requests get 503), lets what waits or runs go on for ``grace_s`` seconds,
+then cancels the rest (:class:`GracefulStop`: each ends after the forward that runs and
+its client gets a 503 or a stream's error event), stops the engine, writes the capture
+file atomically and returns 0.
 :class:`BackgroundServer` runs a built server in a thread (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -161,6 +163,24 @@ class Built:
             finally:
                 self.om.close()
 
+    def summary(self) -> dict[str, Any]:
+        """The served totals under the simulator's names (after :meth:`ServingEngine.stop`:
+        every request ended): iterations, cache counters, bytes_h2d, stall_s."""
+        snap = self.metrics.snapshot()
+        c = snap["counters"]
+        return {
+            "requests_recorded": len(self.engine.recorded),
+            "iterations": snap["iterations"],
+            "layer_steps": snap["layer_steps"],
+            "demands": c["demands"],
+            "hits": c["hits"],
+            "misses": c["misses"],
+            "hit_rate": c["hits"] / c["demands"] if c["demands"] else None,
+            "bytes_h2d": c["bytes_loaded"],
+            "link_bytes": snap["link_bytes"],
+            "stall_s": snap["stall_s"],
+        }
+
     def write_capture(self, path: str) -> int:
         """Write the served requests' routing to ``path`` (traces format, atomic); returns
         the number of requests written."""
@@ -265,6 +285,11 @@ def _eos_ids(model: Any) -> list[int]:
     ]
 
 
+# uvicorn's own limit on the wait for connections after a signal, past the grace period:
+# only reached if a handler hangs (the engine's cancellation answers every request)
+BACKSTOP_S = 5.0
+
+
 def _uvicorn_config(app: Any, grace_s: float) -> Any:
     import uvicorn
 
@@ -274,9 +299,28 @@ def _uvicorn_config(app: Any, grace_s: float) -> Any:
         log_config=None,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=max(grace_s, 0.001),
+        timeout_graceful_shutdown=grace_s + BACKSTOP_S,
         timeout_keep_alive=5,
     )
+
+
+class GracefulStop:
+    """On the first call: the engine accepts nothing more, and ``grace_s`` later cancels
+    what still waits or runs (those clients get a 503, or a stream's error event and
+    ``[DONE]``), so uvicorn's wait for open connections ends by itself."""
+
+    def __init__(self, engine: ServingEngine, grace_s: float) -> None:
+        self.engine = engine
+        self.grace_s = grace_s
+        self.timer: threading.Timer | None = None
+
+    def __call__(self) -> None:
+        if self.timer is not None:
+            return
+        self.engine.drain()
+        self.timer = threading.Timer(self.grace_s, self.engine.cancel_all)
+        self.timer.daemon = True
+        self.timer.start()
 
 
 def _server_class() -> type:
@@ -319,7 +363,8 @@ def serve(cfg: ServeConfig, progress: Progress = _stderr) -> int:
         raise
     host, port = sock.getsockname()[:2]
     server = _server_class()(_uvicorn_config(built.app, cfg.grace_s))
-    server.on_signal = built.engine.drain
+    stopper = GracefulStop(built.engine, cfg.grace_s)
+    server.on_signal = stopper
     progress(
         f"serving {prep.spec.name} on http://{_netloc(host, port)}/v1 (SIGINT/SIGTERM to stop)"
     )
@@ -327,10 +372,13 @@ def serve(cfg: ServeConfig, progress: Progress = _stderr) -> int:
         server.run(sockets=[sock])
     finally:
         t0 = time.perf_counter()
+        if stopper.timer is not None:
+            stopper.timer.cancel()
         built.engine.stop()
         if cfg.capture is not None:
             n = built.write_capture(cfg.capture)
             progress(f"wrote {n} requests' routing to {cfg.capture}")
+        progress("final " + json.dumps(built.summary()))
         built.close()
         sock.close()
         progress(f"stopped ({time.perf_counter() - t0:.2f} s after the HTTP server)")
@@ -376,6 +424,7 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.built.engine.drain()
+        self.built.engine.cancel_all()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
