@@ -393,53 +393,50 @@ _values = st.recursive(
     lambda v: st.lists(v, max_size=3) | st.dictionaries(st.text(max_size=8), v, max_size=3),
     max_leaves=8,
 )
-_message = st.fixed_dictionaries(
-    {
-        "role": st.sampled_from(["user", "system", "assistant", "tool", "bogus"]),
-        "content": st.one_of(st.text(max_size=40), _values),
-    }
-)
+_VALID = {
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0, 1),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+    "stop": st.one_of(
+        st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=4)
+    ),
+    "n": st.just(1),
+    "stream": st.booleans(),
+    "echo": st.just(False),
+    "logprobs": st.none(),
+    "user": st.text(max_size=10),
+}
 
 
 @st.composite
-def bodies(draw) -> tuple[str, bytes]:
-    """A request body for either endpoint: mostly well-formed with some fields wrong,
-    missing, huge or unicode; sometimes no JSON object at all. ``max_tokens`` is always
-    present (a missing one would default to the whole context: slow, not different)."""
+def bodies(draw) -> tuple[bool, bytes]:
+    """A request body for either endpoint: a valid one (unicode text, token ids, any
+    supported field) with at most one field wrong (a random JSON value: wrong type, huge,
+    unicode) or missing; sometimes no JSON object at all. A valid body always sets
+    ``max_tokens`` (missing, chat would default to the whole context: slow, no different)."""
     chat = draw(st.booleans())
-    kind = draw(st.sampled_from(["mostly-valid", "random-object", "not-an-object", "bytes"]))
+    kind = draw(st.sampled_from(["valid", "one-wrong", "one-wrong", "not-an-object", "bytes"]))
     if kind == "bytes":
         return chat, draw(st.binary(max_size=64))
     if kind == "not-an-object":
         return chat, json.dumps(draw(_values)).encode()
-    body: dict = {}
-    if kind == "random-object":
-        body = draw(st.dictionaries(st.text(max_size=12), _values, max_size=4))
-    body["max_tokens"] = draw(st.one_of(st.integers(1, 4), _values))
-    if kind == "mostly-valid":
-        body["model"] = draw(st.sampled_from([MODEL, MODEL, "other", 3]))
-        if chat:
-            body["messages"] = draw(st.lists(_message, min_size=0, max_size=3))
+    body: dict = {"model": MODEL, "max_tokens": draw(st.integers(1, 4))}
+    if chat:
+        roles = st.sampled_from(["user", "system", "assistant"])
+        msg = st.fixed_dictionaries({"role": roles, "content": st.text(max_size=40)})
+        body["messages"] = draw(st.lists(msg, min_size=1, max_size=3))
+    else:
+        body["prompt"] = draw(
+            st.one_of(st.text(max_size=60), st.lists(st.integers(0, 255), min_size=1, max_size=8))
+        )
+    for key in draw(st.lists(st.sampled_from(sorted(_VALID)), unique=True, max_size=4)):
+        body[key] = draw(_VALID[key])
+    if kind == "one-wrong":
+        key = draw(st.sampled_from(sorted({*body, *_VALID, "bogus"})))
+        if draw(st.booleans()) and key in body:
+            del body[key]
         else:
-            body["prompt"] = draw(
-                st.one_of(st.text(max_size=60), st.lists(st.integers(-3, 300), max_size=5), _values)
-            )
-        for key, strat in [
-            ("temperature", st.one_of(st.floats(-1, 3), _values)),
-            ("top_p", st.one_of(st.floats(-0.5, 1.5), _values)),
-            ("seed", st.one_of(st.integers(-(2**65), 2**65), _values)),
-            (
-                "stop",
-                st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=5), _values),
-            ),
-            ("n", st.one_of(st.integers(0, 3), _values)),
-            ("stream", st.one_of(st.booleans(), _values)),
-            ("echo", _values),
-            ("logprobs", _values),
-            ("user", _values),
-        ]:
-            if draw(st.booleans()):
-                body[key] = draw(strat)
+            body[key] = draw(_values)
     return chat, json.dumps(body).encode()
 
 

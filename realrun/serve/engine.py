@@ -108,11 +108,11 @@ class EngineListener:
     def queue_changed(self, waiting: int, running: int) -> None:
         """Requests waiting and running now."""
 
-    def first_token(self, seconds: float) -> None:
-        """A request's first token, ``seconds`` after it arrived."""
+    def first_token(self, job: Job, seconds: float) -> None:
+        """``job``'s first token, ``seconds`` after it arrived."""
 
-    def next_token(self, seconds: float) -> None:
-        """A request's later token, ``seconds`` after its previous one."""
+    def next_token(self, job: Job, seconds: float) -> None:
+        """``job``'s later token, ``seconds`` after its previous one."""
 
     def finished(self, job: Job, reason: str, e2e_s: float) -> None:
         """A request finished (``reason`` as :class:`Finished`)."""
@@ -289,9 +289,9 @@ class ServingEngine:
         first = not job.output_ids
         job.output_ids.append(tok)
         if first:
-            self.listener.first_token(t - job.arrival)
+            self.listener.first_token(job, t - job.arrival)
         else:
-            self.listener.next_token(t - job.t_last)
+            self.listener.next_token(job, t - job.t_last)
         job.t_last = t
         assert job.text is not None
         if tok in self.eos:

@@ -102,11 +102,11 @@ class ServeMetrics(EngineListener):
         self.queue_depth.set(waiting)
         self.running.set(running)
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, job: Job, seconds: float) -> None:
         self.ttft.observe(seconds)
         self.generation_tokens.inc()
 
-    def next_token(self, seconds: float) -> None:
+    def next_token(self, job: Job, seconds: float) -> None:
         self.tpot.observe(seconds)
         self.generation_tokens.inc()
 
