@@ -15,6 +15,7 @@ from realrun.serve.text import TextAssembler
 from realrun.tokenizer import ByteTokenizer
 from sim.batching import ScheduleBatcher, schedule_batcher
 from specs.errors import InputError
+from tests.test_realrun_exactness import _make, _off, _ref, prompt_ids, setups
 
 BYTES = ByteTokenizer(256)
 
@@ -200,3 +201,59 @@ def test_a_trace_without_a_schedule_is_refused_by_name():
     )
     with pytest.raises(InputError, match="'r1'.*before"):
         schedule_batcher(Workload(spec, [req, later]), lambda: 0)
+
+
+# -- the engine, without HTTP ----------------------------------------------------------------
+@st.composite
+def engine_cases(draw):
+    arch, ndev, cache, policy = draw(setups())
+    n = draw(st.integers(1, 5))
+    prompts = draw(prompt_ids(arch, n))
+    limits = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    return arch, ndev, cache, policy, prompts, limits, draw(st.integers(1, 3))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@settings(max_examples=12, deadline=None)
+@given(engine_cases())
+def test_the_engine_serves_every_policy_exactly_and_records_every_request(case):
+    """Every architecture, policy, cache size and device count: requests queued before the
+    engine starts join as generate_continuous admits them (FCFS up to max_batch), so each
+    greedy answer equals the unmodified model's run through it, token for token; every
+    request is recorded with its tokens and the iteration it joined."""
+    import queue
+
+    from realrun.continuous import generate_continuous
+    from realrun.prompting import Prompt
+    from realrun.serve.engine import Finished, Job, ServingEngine
+    from realrun.session import RunSession, SessionOptions
+
+    arch, ndev, cache, policy, prompts, limits, batch = case
+    want = generate_continuous(
+        _ref(arch).model, [Prompt(f"r{i}", p) for i, p in enumerate(prompts)], limits, batch
+    )
+    opts = SessionOptions(cache, [torch.device("cpu")] * ndev, record=True)
+    events: queue.Queue = queue.Queue()
+    with RunSession(_off(arch), _make(policy), opts) as session:
+        engine = ServingEngine(session, BYTES.decode, max_batch=batch, max_queue=len(prompts))
+        jobs = [
+            Job(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0), events.put)
+            for i, (p, n) in enumerate(zip(prompts, limits, strict=True))
+        ]
+        for job in jobs:
+            engine.submit(job)
+        engine.start()
+        ends: list[Finished] = []
+        while len(ends) < len(jobs):
+            ev = events.get(timeout=120)
+            if isinstance(ev, Finished):
+                ends.append(ev)
+        engine.stop()
+        counters = session.counters()
+    assert [j.output_ids for j in jobs] == [g.output_ids for g in want], (arch, policy, cache)
+    assert all(e.reason == "length" for e in ends)
+    recorded = engine.trace_requests()
+    assert [r.request_id for r in recorded] == [j.request_id for j in jobs]
+    assert [r.output_len for r in recorded] == limits
+    assert [r.tags["served_iteration"] for r in recorded] == [j.served_iteration for j in jobs]
+    assert counters.hits + counters.misses == counters.demands > 0
