@@ -61,18 +61,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument(
         "--cache-gb",
         type=gb_or_auto,
-        help="expert cache in GB (2^30 bytes), total over devices; 'auto' (cuda): what the "
+        help="expert cache in GiB (2^30 bytes, as fmoe sim), total over devices; 'auto' (cuda): what the "
         "GPUs' free memory holds once the dense weights are on, less --reserve-gb",
     )
     p.add_argument(
         "--reserve-gb",
         type=non_negative_float,
         default=2.0,
-        help="with --cache-gb auto: GB per GPU kept for the KV cache and activations (default 2)",
+        help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument(
-        "--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free one)"
+        "--host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address to listen on (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        metavar="PORT",
+        help="TCP port (default 8000; 0: any free one)",
     )
     p.add_argument(
         "--max-batch", type=positive_int, default=8, help="requests running at once (default 8)"
@@ -81,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-queue",
         type=_non_negative_int,
         default=64,
+        metavar="N",
         help="requests waiting beyond the batch before 429 (default 64)",
     )
     p.add_argument(
