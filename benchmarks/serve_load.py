@@ -1,7 +1,9 @@
 """`fmoe serve` under load: throughput with continuous batching, latency, and overload.
 
-One server (tiny-mixtral, lru, half the experts cached, up to 32 running; CPU; routing
-not recorded) runs in this process on 127.0.0.1 at a free port. The same greedy requests
+A server (tiny-mixtral, lru, up to 32 running; CPU; routing not recorded) runs in this
+process on 127.0.0.1 at a free port, once per ``--cache-experts`` size: every expert
+cached (32: batching alone) and half of them (16: the batch's experts no longer fit, so
+every iteration also loads experts). The same greedy requests
 (mt-bench prompts, ``--max-tokens`` each) are served
 
 1. one at a time (each sent when the previous answer arrived): the baseline;
@@ -138,38 +140,21 @@ def _closed_loop_sync(url: str, bodies: list[dict], concurrency: int, retry_for_
     return asyncio.run(run_closed_loop(url, bodies, concurrency, retry_for_s))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--cache-experts", type=int, default=16, help="of tiny-mixtral's 32")
-    ap.add_argument("--overload", type=int, default=64, help="requests sent at once in step 3")
-    ap.add_argument(
-        "--retry-for-s", type=float, default=600, help="step 3: how long a client retries a 429"
-    )
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each concurrency, alternated")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    clients = multiprocessing.get_context("spawn").Pool(1)  # the load generator's process
-    texts = [p.text for p in load_prompts("mt-bench", args.requests)]
-    bodies = [
-        {"model": MODEL, "prompt": t[:200], "max_tokens": args.max_tokens, "temperature": 0}
-        for t in texts
-    ]
-    out: dict = {"model": MODEL, "requests": len(bodies), "max_tokens": args.max_tokens}
-
+def levels(clients, bodies: list[dict], cache_experts: int, repeats: int) -> dict:
+    """Steps 1-2 on a server caching ``cache_experts`` experts: per concurrency level,
+    the median tokens/s over ``repeats`` alternated runs, TTFT/TPOT percentiles, and
+    whether every answer equals its one-at-a-time answer."""
     cfg = ServeConfig(
-        model=MODEL, policy="lru", cache_experts=args.cache_experts, max_batch=32,
-        max_queue=64, threads=1,
+        model=MODEL, policy="lru", cache_experts=cache_experts, max_batch=32, max_queue=64,
+        threads=1,
     )  # fmt: skip
     built = build(prepare(cfg), log)
     timings = Timings(built.engine.listener)
     built.engine.listener = timings
     samples: dict[int, list[dict]] = {c: [] for c in CONCURRENCY}
+    solo = None
     with BackgroundServer(built) as srv:
-        solo = None
-        for rep in range(args.repeats):  # alternated, so a busy spell hits every level
+        for rep in range(repeats):  # alternated, so a busy spell hits every level
             for conc in CONCURRENCY:
                 answers, codes, wall = load_in_child(clients, srv.url, bodies, conc)
                 assert codes == [200] * len(bodies), codes
@@ -177,15 +162,18 @@ def main() -> None:
                 texts_out = [a["choices"][0]["text"] for a in answers]
                 solo = texts_out if solo is None else solo
                 ttft, tpot = timings.take()
-                sample = {
-                    "tokens_per_s": tokens / wall,
-                    "ttft": ttft,
-                    "tpot": tpot,
-                    "same": texts_out == solo,
-                }
-                samples[conc].append(sample)
-                log(f"repeat {rep} concurrency {conc}: {tokens / wall:.1f} tokens/s")
-        out["hit_rate"] = built.summary()["hit_rate"]
+                samples[conc].append(
+                    {
+                        "tokens_per_s": tokens / wall,
+                        "ttft": ttft,
+                        "tpot": tpot,
+                        "same": texts_out == solo,
+                    }
+                )
+                log(
+                    f"cache {cache_experts}, repeat {rep}, concurrency {conc}: {tokens / wall:.1f} tokens/s"
+                )
+        hit_rate = built.summary()["hit_rate"]
     base = statistics.median(s["tokens_per_s"] for s in samples[1])
     runs = []
     for conc, ss in samples.items():
@@ -205,12 +193,14 @@ def main() -> None:
                 "answers_equal_one_at_a_time": all(s["same"] for s in ss),
             }
         )
-    out["runs"] = runs
+    return {"cache_experts": cache_experts, "hit_rate": hit_rate, "runs": runs, "solo": solo}
 
-    # 3. overload: a small queue, everything at once, retries after Retry-After
+
+def overload(clients, bodies: list[dict], solo: list[str], args) -> dict:
+    """Step 3: ``args.overload`` requests at once on 8 running + 8 waiting."""
     cfg = ServeConfig(
-        model=MODEL, policy="lru", cache_experts=args.cache_experts, max_batch=8, max_queue=8,
-        threads=1,
+        model=MODEL, policy="lru", cache_experts=min(args.cache_experts), max_batch=8,
+        max_queue=8, threads=1,
     )  # fmt: skip
     built = build(prepare(cfg), log)
     n = args.overload
@@ -220,10 +210,11 @@ def main() -> None:
         answers, first, wall = load_in_child(clients, srv.url, load, n, args.retry_for_s)
         rejected = built.metrics.rejected_total.labels(reason="queue_full")._value.get()
     pairs = [(a["choices"][0]["text"], w) for a, w in zip(answers, want, strict=True) if a]
-    out["overload"] = {
+    return {
         "sent_at_once": n,
         "max_batch": 8,
         "max_queue": 8,
+        "cache_experts": min(args.cache_experts),
         "first_attempt_200": first.count(200),
         "first_attempt_429": first.count(429),
         "first_attempt_other": n - first.count(200) - first.count(429),
@@ -232,24 +223,56 @@ def main() -> None:
         "answers_equal_one_at_a_time": all(a == w for a, w in pairs),
         "wall_s": round(wall, 3),
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--cache-experts",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[32, 16],
+        help="comma-separated cache sizes, each a server of its own (tiny-mixtral has 32)",
+    )
+    ap.add_argument("--overload", type=int, default=64, help="requests sent at once in step 3")
+    ap.add_argument(
+        "--retry-for-s", type=float, default=600, help="step 3: how long a client retries a 429"
+    )
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each concurrency, alternated")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    clients = multiprocessing.get_context("spawn").Pool(1)  # the load generator's process
+    texts = [p.text for p in load_prompts("mt-bench", args.requests)]
+    bodies = [
+        {"model": MODEL, "prompt": t[:200], "max_tokens": args.max_tokens, "temperature": 0}
+        for t in texts
+    ]
+    out: dict = {"model": MODEL, "requests": len(bodies), "max_tokens": args.max_tokens}
+    out["levels"] = [levels(clients, bodies, c, args.repeats) for c in args.cache_experts]
+    solo = out["levels"][0].pop("solo")
+    for lv in out["levels"][1:]:  # the same greedy answers whatever the cache holds
+        assert lv.pop("solo") == solo
+    out["overload"] = overload(clients, bodies, solo, args)
     log(json.dumps(out["overload"]))
     clients.close()
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(
-        f"{MODEL}, lru, {args.cache_experts}/32 experts cached, {len(bodies)} requests x {args.max_tokens} tokens, CPU, 1 torch thread"
-    )
-    print(
-        f"{'conc':>4} {'tok/s':>8} {'x solo':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8}  same answers"
-    )
-    for r in runs:
+    print(f"{MODEL}, lru, {len(bodies)} requests x {args.max_tokens} tokens, CPU, 1 torch thread")
+    print(f"tokens/s: median of {args.repeats} alternated runs (each run's figure in --json)")
+    for lv in out["levels"]:
+        print(f"-- {lv['cache_experts']} of 32 experts cached (hit rate {lv['hit_rate']:.3f})")
         print(
-            f"{r['concurrency']:>4} {r['tokens_per_s']:>8.1f} {r['speedup_vs_one_at_a_time']:>7.2f} "
-            f"{r['ttft_p50_s']:>9.4f} {r['ttft_p99_s']:>8.4f} {r['tpot_p50_s']:>9.4f} "
-            f"{r['tpot_p99_s']:>8.4f}  {r['answers_equal_one_at_a_time']}"
+            f"{'conc':>4} {'tok/s':>8} {'x solo':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8}  same answers"
         )
-    print(f"expert hit rate over the three runs: {out['hit_rate']:.3f}")
+        for r in lv["runs"]:
+            print(
+                f"{r['concurrency']:>4} {r['tokens_per_s_median']:>8.1f} {r['speedup_vs_one_at_a_time']:>7.2f} "
+                f"{r['ttft_p50_s']:>9.4f} {r['ttft_p99_s']:>8.4f} {r['tpot_p50_s']:>9.4f} "
+                f"{r['tpot_p99_s']:>8.4f}  {r['answers_equal_one_at_a_time']}"
+            )
     print("overload:", json.dumps(out["overload"]))
 
 

@@ -205,10 +205,17 @@ def test_errors_are_openai_error_objects_and_the_server_keeps_serving(client, se
         httpx.post(  # a lone surrogate: valid JSON, not encodable text
             server.url + "/v1/completions", content=json.dumps({"model": MODEL, "prompt": "\ud800"})
         ),
+        httpx.post(  # lone surrogates quoted back in the error: escaped, not a 500
+            server.url + "/v1/completions",
+            content=json.dumps({"model": MODEL, "prompt": "x", "\ud800": 1}),
+        ),
+        httpx.post(
+            server.url + "/v1/completions", content=json.dumps({"model": "\udfff", "prompt": "x"})
+        ),
         httpx.get(server.url + "/v1/completions"),
         httpx.get(server.url + "/v2/nothing"),
     ]
-    assert [r.status_code for r in raw] == [400, 400, 400, 400, 400, 405, 404]
+    assert [r.status_code for r in raw] == [400, 400, 400, 400, 400, 400, 404, 405, 404]
     for r in raw:
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in r.text
@@ -381,16 +388,17 @@ def test_a_client_that_disconnects_is_cancelled_and_its_slot_freed(server):
 
 
 # -- any body --------------------------------------------------------------------------------
+_text = st.text(max_size=20) | st.sampled_from(["\ud800", "a\udfffb"])  # lone surrogates too
 _scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(2**70), 2**70),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
+    _text,
 )
 _values = st.recursive(
     _scalars,
-    lambda v: st.lists(v, max_size=3) | st.dictionaries(st.text(max_size=8), v, max_size=3),
+    lambda v: st.lists(v, max_size=3) | st.dictionaries(_text, v, max_size=3),
     max_leaves=8,
 )
 _VALID = {
@@ -432,7 +440,7 @@ def bodies(draw) -> tuple[bool, bytes]:
     for key in draw(st.lists(st.sampled_from(sorted(_VALID)), unique=True, max_size=4)):
         body[key] = draw(_VALID[key])
     if kind == "one-wrong":
-        key = draw(st.sampled_from(sorted({*body, *_VALID, "bogus"})))
+        key = draw(st.sampled_from(sorted({*body, *_VALID, "bogus", "\ud800"})))
         if draw(st.booleans()) and key in body:
             del body[key]
         else:

@@ -75,7 +75,8 @@ def test_sampling_is_seeded_and_stays_in_the_nucleus(seed, temp, top_p, rows):
     b = next_tokens(logits, [p] * rows, [p.generator() for _ in range(rows)])
     assert a == b
     for r, tok in enumerate(a):
-        probs = torch.softmax(logits[r] / temp, -1)
+        x = logits[r].double()
+        probs = torch.softmax((x - x.max()) / temp, -1)
         order = probs.argsort(descending=True).tolist()
         before = float(probs[order[: order.index(tok)]].sum())
         assert before < top_p or tok == order[0]
@@ -88,6 +89,8 @@ def test_temperature_zero_is_the_argmax_and_draws_nothing():
     assert next_tokens(logits, [greedy, greedy], [None, None]) == [1, 0]  # first max on a tie
     hot = SamplingParams(max_tokens=1, temperature=1.0, seed=3)
     assert sample_row(logits[1], hot, hot.generator()) in range(4)
+    cold = SamplingParams(max_tokens=1, temperature=5e-324, top_p=0.5, seed=3)  # no NaN
+    assert sample_row(logits[1], cold, cold.generator()) == 0
 
 
 # -- request checks --------------------------------------------------------------------------

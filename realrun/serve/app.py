@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse as _StarletteJSON
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,6 +60,14 @@ from realrun.serve.schemas import (
 )
 
 RETRY_AFTER_S = 1  # a slot frees when a running request finishes; ask again soon
+
+
+class JSONResponse(_StarletteJSON):
+    """JSON with non-ASCII characters escaped: an error message may quote a client's
+    string, and a lone surrogate in it is valid escaped JSON but cannot be UTF-8 encoded."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
 @dataclass
@@ -388,7 +397,7 @@ def _usage(end: Finished) -> dict[str, int]:
 
 
 def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=True)}\n\n"
 
 
 def _short(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
 """Choosing each request's next token from its logits row: greedy or sampled.
 
 ``temperature == 0`` is greedy (argmax, the first index on a tie, as the executor's own
-greedy step); otherwise softmax(logits / temperature) restricted to the smallest set of
+greedy step); otherwise softmax(logits / temperature) (in float64, the largest logit
+shifted to 0, so any temperature > 0 gives a distribution) restricted to the smallest set of
 most likely tokens whose probability reaches ``top_p``, drawn with the request's own
 ``torch.Generator`` (seeded by the request's ``seed``, else at random), on the CPU so a
 seed draws the same on every device.
@@ -41,7 +42,11 @@ class SamplingParams:
 
 def sample_row(row: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
     """One token drawn from logits ``row`` [V] under temperature and top-p."""
-    probs = torch.softmax(row.detach().float().cpu() / params.temperature, dim=-1)
+    x = row.detach().double().cpu()
+    # shifted so the largest logit is 0: a tiny temperature gives -inf elsewhere, not NaN
+    probs = torch.softmax((x - x.max()) / params.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        return int(x.argmax())
     if params.top_p < 1.0:
         p, idx = probs.sort(descending=True)
         keep = (p.cumsum(0) - p) < params.top_p  # tokens before the cut reach < top_p
