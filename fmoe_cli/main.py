@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("fmoe_cli.sim", "simulate one policy on a workload and print its metrics"),
     "sweep": ("fmoe_cli.sim", "simulate policies x cache sizes x traces; results table and plots"),
     "run": ("fmoe_cli.run", "run a real MoE model with offloaded experts under a policy"),
+    "serve": (
+        "fmoe_cli.serve",
+        "serve a model over an OpenAI-compatible HTTP API (offloaded experts)",
+    ),
     "calibrate": ("fmoe_cli.calibrate", "measure this machine; validate the simulator against it"),
     "demo": (
         "fmoe_cli.demo",

@@ -146,9 +146,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", choices=["static", "continuous"], default="continuous")
     p.add_argument(
         "--arrivals",
-        choices=["auto", "trace", "closed"],
+        choices=["auto", "trace", "closed", "schedule"],
         default="auto",
-        help="trace arrival times, or closed loop (auto: closed in offline mode)",
+        help="trace arrival times, or closed loop (auto: closed in offline mode); schedule: "
+        "the iterations a trace of fmoe serve --capture was served in",
     )
     p.add_argument("--prefetch-distance", type=positive_int, help="d, passed to the policy")
     p.add_argument(

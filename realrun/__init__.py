@@ -9,5 +9,6 @@ hooks), ``drivers`` (sync / searcher-thread policy calls), ``session`` (one poli
 ``generate`` (static batches, padding, the shared timed iteration step), ``continuous``
 (continuous batching of packed rows), ``serving`` (either batching over a prompt list),
 ``metrics``/``recorder``, ``runner`` (`fmoe run`), ``capture`` (`fmoe trace capture`) and
-``api`` (:func:`realrun.api.offload`: offloaded experts under the library's own ``generate``).
+``api`` (:func:`realrun.api.offload`: offloaded experts under the library's own ``generate``)
+and ``serve`` (`fmoe serve`: an OpenAI-compatible HTTP server on continuous batching).
 """

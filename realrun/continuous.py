@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +51,7 @@ Admit = Callable[[Sequence[Prompt]], None]
 
 @dataclass
 class _Live:
-    index: int  # into the prompts
+    index: int  # the request's key (generate_continuous: its index in the prompts)
     seen: int  # tokens of this request already in the KV cache
     next_ids: list[int]  # this request's input tokens of the next forward
 
@@ -118,6 +118,64 @@ def _windows(config) -> dict[str, int | None]:
     return {"full_attention": sw}
 
 
+class PackedBatch:
+    """The running requests of one packed KV cache, stepped one forward at a time.
+
+    :func:`generate_continuous` and the HTTP server's engine (realrun.serve) drive it the
+    same way: :meth:`join` requests (their prompt runs in the next forward), :meth:`step`
+    to get the forward's rows and the forward itself, run it, :meth:`advance` with each
+    live request's next token, then :meth:`leave` with the finished ones. Requests are
+    named by an int ``key`` chosen by the caller (unique among live ones)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.kv = PackedKV(model.config, next(model.parameters()).dtype, self.device)
+        self.live: list[_Live] = []
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def join(self, key: int, ids: Sequence[int]) -> None:
+        """Request ``key`` (prompt ``ids``, non-empty) runs its prompt in the next forward."""
+        self.live.append(_Live(key, 0, list(ids)))
+
+    def step(self, request_ids: Sequence[str]) -> tuple[IterationRows, Callable[[], torch.Tensor]]:
+        """The next forward's rows (``request_ids[i]`` names live request i) and the forward:
+        a call returning next-token logits [live requests, V], row i for live request i."""
+        rows, q_req, q_pos, last = _packed_rows(request_ids, self.live, self.device)
+        tokens = torch.tensor(
+            [[t for lv in self.live for t in lv.next_ids]], dtype=torch.long, device=self.device
+        )
+        mask = self.kv.mask(q_req, q_pos)
+        self._pending = (q_req, q_pos)
+        forward = functools.partial(
+            _packed_logits,
+            self.model,
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=q_pos[None, :],
+            cache=self.kv.cache,
+            logits_to_keep=last,
+        )
+        return rows, forward
+
+    def advance(self, next_tokens: Sequence[int]) -> None:
+        """The forward of the last :meth:`step` ran; live request i's next input is
+        ``next_tokens[i]``."""
+        assert self._pending is not None, "advance() needs a step() whose forward ran"
+        self.kv.append(*self._pending)
+        self._pending = None
+        for lv, t in zip(self.live, next_tokens, strict=True):
+            lv.seen += len(lv.next_ids)
+            lv.next_ids = [int(t)]
+
+    def leave(self, keys: Collection[int]) -> None:
+        """Requests ``keys`` leave the batch; the KV cache keeps only the others' columns."""
+        if not keys:
+            return
+        self.live = [lv for lv in self.live if lv.index not in keys]
+        self.kv.keep([lv.index for lv in self.live])
+
+
 def generate_continuous(
     model: nn.Module,
     prompts: Sequence[Prompt],
@@ -145,41 +203,25 @@ def generate_continuous(
     limits = token_limits(prompts, max_new_tokens)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     gens = new_generations(prompts, keep_logits)
-    packed = PackedKV(model.config, dtype, device)
+    batch = PackedBatch(model)
     if kv is not None:
-        kv.append(packed)
+        kv.append(batch.kv)
     waiting = deque(range(len(prompts)))
-    live: list[_Live] = []
     with torch.no_grad():
-        while waiting or live:
+        while waiting or batch.live:
             joined = []
-            while waiting and len(live) < batch_size:
+            while waiting and len(batch.live) < batch_size:
                 j = waiting.popleft()
-                live.append(_Live(j, 0, list(prompts[j].ids)))
+                batch.join(j, prompts[j].ids)
                 joined.append(prompts[j])
             if joined and on_admit is not None:
                 on_admit(joined)
+            live = batch.live
             for lv in live:
                 if lv.seen == 0:
                     gens[lv.index].batch_size = len(live)
-            rows, q_req, q_pos, last = _packed_rows(prompts, live, device)
-            tokens = torch.tensor(
-                [[t for lv in live for t in lv.next_ids]], dtype=torch.long, device=device
-            )
-            mask = packed.mask(q_req, q_pos)
-
-            forward = functools.partial(
-                _packed_logits,
-                model,
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=q_pos[None, :],
-                cache=packed.cache,
-                logits_to_keep=last,
-            )
+            rows, forward = batch.step([prompts[lv.index].request_id for lv in live])
             done = run_iteration(
                 observer,
                 rows,
@@ -188,13 +230,8 @@ def generate_continuous(
                 [limits[lv.index] for lv in live],
                 eos_token_id,
             )
-            packed.append(q_req, q_pos)
-            for lv in live:
-                lv.seen += len(lv.next_ids)
-                lv.next_ids = [gens[lv.index].output_ids[-1]]
-            if any(done):
-                live = [lv for lv, d in zip(live, done, strict=True) if not d]
-                packed.keep([lv.index for lv in live])
+            batch.advance([gens[lv.index].output_ids[-1] for lv in live])
+            batch.leave({lv.index for lv, d in zip(live, done, strict=True) if d})
     return gens
 
 
@@ -205,15 +242,15 @@ def _packed_logits(model: nn.Module, **inputs: object) -> torch.Tensor:
 
 
 def _packed_rows(
-    prompts: Sequence[Prompt], live: list[_Live], device: torch.device
+    request_ids: Sequence[str], live: list[_Live], device: torch.device
 ) -> tuple[IterationRows, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward's rows (admission order, each request's new tokens), their request
-    indices and positions as tensors, and the index of each request's last new token."""
+    keys and positions as tensors, and the index of each request's last new token."""
     ids: list[str] = []
     pos, pre, req = [], [], []
-    for lv in live:
+    for rid, lv in zip(request_ids, live, strict=True):
         n = len(lv.next_ids)
-        ids.extend([prompts[lv.index].request_id] * n)
+        ids.extend([rid] * n)
         pos.append(np.arange(lv.seen, lv.seen + n))
         pre.append(np.full(n, lv.seen == 0))
         req.append(np.full(n, lv.index))
@@ -223,7 +260,7 @@ def _packed_rows(
         positions,
         np.concatenate(pre),
         None,
-        tuple(prompts[lv.index].request_id for lv in live),
+        tuple(request_ids),
     )
     ends = np.cumsum([len(lv.next_ids) for lv in live]) - 1
 

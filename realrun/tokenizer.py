@@ -25,6 +25,15 @@ class Tokenizer(Protocol):
         """Tokens of ``text`` without special tokens (an answer's length, not a prompt's)."""
         ...
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of generated ``ids`` (special tokens left out; invalid UTF-8 as U+FFFD)."""
+        ...
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int] | None:
+        """``messages`` ({role, content}) through the tokenizer's chat template, with the
+        assistant's turn opened; None when the tokenizer has no chat template."""
+        ...
+
 
 @dataclass(frozen=True)
 class ByteTokenizer:
@@ -40,6 +49,14 @@ class ByteTokenizer:
         """One token per UTF-8 byte (0 for empty text: no placeholder token)."""
         return len(text.encode("utf-8"))
 
+    def decode(self, ids: list[int]) -> str:
+        """Token t is byte ``t % 256`` (the inverse of :meth:`encode` when vocab >= 256)."""
+        return bytes(t % 256 for t in ids).decode("utf-8", errors="replace")
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int] | None:
+        """None: bytes have no chat template."""
+        return None
+
 
 @dataclass
 class HFTokenizer:
@@ -54,6 +71,17 @@ class HFTokenizer:
     def count(self, text: str) -> int:
         """The checkpoint's tokens of ``text`` without BOS/EOS or other special tokens."""
         return len(self.inner.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.inner.decode(ids, skip_special_tokens=True))
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int] | None:
+        if not getattr(self.inner, "chat_template", None):
+            return None
+        out = self.inner.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):  # a BatchEncoding in some versions
+            out = out["input_ids"]
+        return [int(t) for t in out]
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

@@ -19,7 +19,7 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 OFFLINE_TRAIN_FRACTION = 0.7  # the paper: 70% of the prompts fill the store, 30% are tested
 
 Batching = Literal["static", "continuous"]
-Arrivals = Literal["auto", "trace", "closed"]
+Arrivals = Literal["auto", "trace", "closed", "schedule"]
 
 
 class SimConfig(BaseModel):
@@ -35,7 +35,10 @@ class SimConfig(BaseModel):
     training and the rest for the run (``offline=True`` alone means the paper's 70/30).
     ``arrivals="auto"`` then serves requests closed loop (each request arrives when a
     batch slot frees, so TTFT has no queueing) and otherwise follows the trace's arrival
-    times; ``"trace"`` / ``"closed"`` force one or the other.
+    times; ``"trace"`` / ``"closed"`` force one or the other. ``"schedule"`` replays a
+    served trace's iterations: each request joins after the number of forward passes
+    recorded in its ``tags["served_iteration"]`` (``fmoe serve --capture``), whatever
+    ``batching`` and ``batch_size`` say (sim.batching.ScheduleBatcher).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)

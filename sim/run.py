@@ -13,6 +13,7 @@ from policies.base import Policy, PolicyContext
 from policies.cache import ExpertCache
 from policies.placement import Placement
 from policies.registry import make_policy
+from sim.batching import schedule_batcher
 from sim.config import OFFLINE_TRAIN_FRACTION, SimConfig
 from sim.engine import Engine
 from sim.events import EventLog
@@ -135,8 +136,13 @@ def simulate(
         scores=policy.eviction_scores,
         log=log,
     )
-    closed = config.arrivals == "closed" or (config.arrivals == "auto" and training is not None)
+    scheduled = config.arrivals == "schedule"
+    closed = config.arrivals in ("closed", "schedule") or (
+        config.arrivals == "auto" and training is not None
+    )
     engine = Engine(env, config, workload, policy, caches, links, placement, timing, closed, log)
+    if scheduled:  # a served trace's own admissions (sim.batching.ScheduleBatcher)
+        engine.batcher = schedule_batcher(workload, lambda: engine.iterations)
     run0 = time.perf_counter()
     env.run(until=env.process(engine.run()))
     run_s = time.perf_counter() - run0
@@ -154,7 +160,7 @@ def simulate(
         "iterations": engine.iterations,
         "layer_steps": engine.layer_steps,
         "offline": training is not None,
-        "arrivals": "closed" if closed else "trace",
+        "arrivals": "schedule" if scheduled else "closed" if closed else "trace",
         "batch_size": config.batch_size,
         "batching": config.batching,
         **latency_metrics(frame),

@@ -1,0 +1,162 @@
+"""`fmoe serve`: an OpenAI-compatible HTTP server over the real executor.
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (``stream``
+as server-sent events), GET /health, GET /metrics (Prometheus). Requests join the
+running batch at iteration boundaries (continuous batching, up to ``--max-batch``);
+past ``--max-queue`` waiting requests the server answers 429 with Retry-After. With
+``--capture FILE`` the routing of every served request is written, on SIGINT or
+SIGTERM, as a trace that `fmoe sim --arrivals schedule` replays. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fmoe_cli.common import (
+    gb_or_auto,
+    non_negative_float,
+    parse_policy_opts,
+    positive_float,
+    positive_int,
+)
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API (offloaded experts)"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="tiny preset name (random weights) or local checkpoint directory",
+    )
+    p.add_argument("--policy", required=True, help="policy name (see `fmoe policies`)")
+    p.add_argument(
+        "--policy-opt", action="append", metavar="KEY=VALUE", help="policy option (repeatable)"
+    )
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--cache-experts", type=positive_int, help="expert cache in experts, total over devices"
+    )
+    budget.add_argument(
+        "--cache-gb",
+        type=gb_or_auto,
+        help="expert cache in GiB (2^30 bytes, as fmoe sim), total over devices; 'auto' (cuda): what the "
+        "GPUs' free memory holds once the dense weights are on, less --reserve-gb",
+    )
+    p.add_argument(
+        "--reserve-gb",
+        type=non_negative_float,
+        default=2.0,
+        help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address to listen on (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        metavar="PORT",
+        help="TCP port (default 8000; 0: any free one)",
+    )
+    p.add_argument(
+        "--max-batch", type=positive_int, default=8, help="requests running at once (default 8)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=64,
+        metavar="N",
+        help="requests waiting beyond the batch before 429 (default 64)",
+    )
+    p.add_argument(
+        "--capture",
+        metavar="PATH",
+        help="record every served request's routing; written as a trace on SIGINT/SIGTERM",
+    )
+    p.add_argument(
+        "--grace-s",
+        type=non_negative_float,
+        default=5.0,
+        help="on SIGINT/SIGTERM, seconds running requests may take to finish (default 5)",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--num-devices", type=positive_int, help="devices holding expert slots (cuda: default all)"
+    )
+    p.add_argument(
+        "--link-gbps",
+        type=positive_float,
+        help="emulate a host link of this many GB/s (labelled emulated)",
+    )
+    p.add_argument(
+        "--link-latency-us", type=float, help="per-transfer latency of the emulated link"
+    )
+    p.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
+    p.add_argument(
+        "--store-dir", help="directory of the file store's spill file (default: temp dir)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="torch seed of a tiny preset's random weights; policy seed",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, help="torch threads (leave a core to the copy thread)"
+    )
+    p.add_argument("--train-trace", help="training trace for policies that learn offline")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from realrun.serve.server import ServeConfig, serve
+
+    cfg = ServeConfig(
+        model=args.model,
+        policy=args.policy,
+        policy_options=parse_policy_opts(args.policy_opt),
+        cache_experts=args.cache_experts,
+        cache_gb=args.cache_gb,
+        reserve_gb=args.reserve_gb,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        capture=args.capture,
+        grace_s=args.grace_s,
+        device=args.device,
+        num_devices=args.num_devices,
+        link_gbps=args.link_gbps,
+        link_latency_us=args.link_latency_us,
+        store=args.store,
+        store_dir=args.store_dir,
+        seed=args.seed,
+        threads=args.threads,
+        train_trace=args.train_trace,
+    )
+    return serve(cfg)
