@@ -233,13 +233,13 @@ class ServingEngine:
                 self._cv.wait()
             if self._stopping:
                 return None
+            if any(j.cancelled for j in self._waiting):  # their clients left: free the places
+                for job in [j for j in self._waiting if j.cancelled]:
+                    self._finish_unstarted(job)  # never ran: nothing to record
+                self._waiting = deque(j for j in self._waiting if not j.cancelled)
             joined = []
             while self._waiting and len(self._jobs) + len(joined) < self.max_batch:
-                job = self._waiting.popleft()
-                if job.cancelled:  # never ran: nothing to record
-                    self._finish_unstarted(job)
-                    continue
-                joined.append(job)
+                joined.append(self._waiting.popleft())
             for job in joined:
                 job.key = next(self._keys)
                 self._jobs[job.key] = job
