@@ -14,9 +14,6 @@ import it. :func:`prepare_bench` checks every input before any weight is built.
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -24,11 +21,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from calibration.bench_link import median_spread
+from calibration.bench_meta import gpu_spec, notes, provenance
 from calibration.fit import Fit, _mape, fit_linear, fit_link
 from calibration.piecewise import choose_knots, fit_piecewise, fit_piecewise_dense, isotonic
 from calibration.stopwatch import device_sync, load_average
 from specs.errors import InputError
-from specs.hardware import ComputeModel, GPUSpec, HardwareProfile, LinearCost, LinkSpec
+from specs.hardware import ComputeModel, HardwareProfile, LinearCost, LinkSpec
 from specs.model_spec import ModelSpec
 
 DEFAULT_POLICIES = ["lru", "lfu", "mixtral-offloading", "fmoe"]
@@ -124,7 +123,7 @@ class BenchResult:
             "policy_start_search_1_row_s": c.start_search_s(1),
             "copy_interference": c.copy_interference,
             "torch_threads": c.torch_threads,
-            "link_spread_median": _median_spread(self.measurements.get("link", [])),
+            "link_spread_median": median_spread(self.measurements.get("link", [])),
             "expert_shapes_1_token_s": {
                 s["model"]: s["seconds"]
                 for s in self.measurements.get("expert_shapes", [])
@@ -216,6 +215,7 @@ def _execute(prep: PreparedBench, bar: Progress) -> BenchResult:
 
 def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
     from calibration import bench_compute as bc
+    from calibration import bench_link as bl
     from calibration.bench_interference import measure_interference
     from calibration.bench_policy import SEARCH_ROWS, measure_search_s
     from calibration.bench_shapes import SHAPE_TOKENS, measure_shapes
@@ -232,7 +232,7 @@ def _measure(prep: PreparedBench, bar: Progress) -> _Raw:
     om = offload_model(loaded, store=cfg.store, dense_device=dev0)
     sync = device_sync(dev0)
     try:
-        sizes = _link_sizes(cfg.link_sizes, om.store.row_bytes, dev0.type == "cuda")
+        sizes = bl.link_sizes(cfg.link_sizes, om.store.row_bytes, dev0.type == "cuda")
         shape_tokens = list(cfg.shape_tokens or SHAPE_TOKENS)
         tokens, contexts = bc.dense_points(cfg.max_tokens, cfg.max_context)
         head_batches = [1, 2, 4, 8]
@@ -333,7 +333,7 @@ def _build_profile(prep: PreparedBench, raw: _Raw) -> HardwareProfile:
         kind="calibrated",
         device=cfg.device,  # type: ignore[arg-type]
         num_gpus=len(prep.devices),
-        gpu=_gpu_spec(prep.devices[0], spec, expert_fit.cost),
+        gpu=gpu_spec(prep.devices[0], spec, expert_fit.cost),
         link=LinkSpec(
             pinned_bandwidth_Bps=link_fit.bandwidth_Bps,
             pageable_bandwidth_Bps=page_fit.bandwidth_Bps,
@@ -345,8 +345,8 @@ def _build_profile(prep: PreparedBench, raw: _Raw) -> HardwareProfile:
         ),
         host_bandwidth_cap_Bps=raw.host_cap_Bps,
         compute=compute,
-        sources=[_provenance(prep, raw.load_average)],
-        notes=_notes(prep),
+        sources=[provenance(prep, raw.load_average)],
+        notes=notes(prep),
     )
 
 
@@ -364,23 +364,6 @@ def _measurements(raw: _Raw) -> dict[str, Any]:
         "load_average": raw.load_average,
         "expert_shapes": [asdict(s) for s in raw.shapes],
     }
-
-
-def _link_sizes(given: list[int] | None, row_bytes: int, cuda: bool) -> list[int]:
-    """The copy sizes timed: ``given`` (``--link-sizes``) or one expert row down by halves.
-    On the CPU a copy moves at most one expert row (the copy engine's unit), so larger
-    sizes are cut to the row."""
-    from calibration import bench_link as bl
-
-    if not given:
-        return bl.copy_sizes(row_bytes)
-    return sorted(set(given) if cuda else {min(n, row_bytes) for n in given})
-
-
-def _median_spread(link: list[dict[str, Any]]) -> float | None:
-    """The median over copy sizes of the repeats' spread (None when none was recorded)."""
-    vals = [s["spread"] for s in link if s.get("spread") is not None]
-    return float(np.median(vals)) if vals else None
 
 
 def _by_rows(seconds: dict[int, float]) -> LinearCost:
@@ -440,66 +423,3 @@ def _measure_link(prep: PreparedBench, om: Any, sizes: list[int], tick: Callable
         single.append(fit_link([s.nbytes for s in mine], [s.seconds for s in mine]).bandwidth_Bps)
     together = bl.measure_cuda_all_links(prep.devices, max(sizes), cfg.repeats, tick)
     return samples, bl.host_cap(single, together)
-
-
-def _gpu_spec(dev: torch.device, spec: ModelSpec, expert: Any) -> GPUSpec:
-    from calibration.bench_compute import estimate_memory_bandwidth, estimate_tflops
-
-    bw = estimate_memory_bandwidth(spec.expert_bytes, expert(1))
-    tflops = estimate_tflops(spec.hidden_size, spec.expert_intermediate_size, expert.per_token_s)
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        return GPUSpec(
-            name=props.name,
-            memory_bytes=int(props.total_memory),
-            memory_bandwidth_Bps=bw,
-            tflops=tflops,
-        )
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return GPUSpec(
-        name=f"host CPU ({_cpu_name()}) as the device",
-        memory_bytes=int(mem),
-        memory_bandwidth_Bps=bw,
-        tflops=tflops,
-    )
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _provenance(prep: PreparedBench, loads: list[float | None]) -> str:
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return (
-        f"measured by `fmoe calibrate bench` on {platform.node()} at {now}: model "
-        f"{prep.spec.name}, device {prep.cfg.device} x{len(prep.devices)}, torch "
-        f"{torch.__version__}, {prep.threads} torch threads, {prep.cfg.repeats} repeats (lower quartiles), load average "
-        f"{loads[0]} at the start and {loads[1]} at the end"
-    )
-
-
-def _notes(prep: PreparedBench) -> str:
-    link = prep.link
-    if prep.cfg.device == "cpu":
-        what = (
-            f"an emulated link of {link.gbps:g} GB/s and {link.latency_us:g} us per transfer "
-            "(CPU emulation, not PCIe)"
-            if link is not None
-            else "plain memory copies (no link emulation)"
-        )
-        return (
-            f"Calibrated on the CPU: the 'device' is the host CPU and the link is {what}. "
-            "Figures hold for this machine, this model and this executor only."
-        )
-    return (
-        "Calibrated on CUDA GPUs: pinned/pageable H2D copies timed with CUDA events (raw); "
-        "the link's pinned figures are fitted to expert rows copied through the executor's "
-        f"copy engine ({prep.cfg.chunk_bytes} B chunks, one event wait per chunk)."
-    )

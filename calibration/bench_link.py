@@ -20,7 +20,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from calibration.stopwatch import Tick, _no_tick, robust_time, spread_of
@@ -54,6 +56,21 @@ def copy_sizes(row_bytes: int, points: int = 6, smallest: int = 4096) -> list[in
             break
         sizes.add(s)
     return sorted(sizes)
+
+
+def link_sizes(given: list[int] | None, row_bytes: int, cuda: bool) -> list[int]:
+    """The copy sizes timed: ``given`` (``--link-sizes``) or one expert row down by halves.
+    On the CPU a copy moves at most one expert row (the copy engine's unit), so larger
+    sizes are cut to the row."""
+    if not given:
+        return copy_sizes(row_bytes)
+    return sorted(set(given) if cuda else {min(n, row_bytes) for n in given})
+
+
+def median_spread(link: list[dict[str, Any]]) -> float | None:
+    """The median over copy sizes of the repeats' spread (None when none was recorded)."""
+    vals = [s["spread"] for s in link if s.get("spread") is not None]
+    return float(np.median(vals)) if vals else None
 
 
 def measure_cpu_link(

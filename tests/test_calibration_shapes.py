@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from calibration.bench import _link_sizes
+from calibration.bench_link import link_sizes as _link_sizes
 from calibration.bench_shapes import expert_ffn, measure_shape
 from fmoe_cli.main import main
 
