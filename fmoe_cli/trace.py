@@ -1,4 +1,4 @@
-"""`fmoe trace`: synth, import, info, stats, prompts, capture.
+"""`fmoe trace`: synth, import, info, stats, mrc, prompts, capture.
 
 ``trace_subparsers`` is kept at module level so plugins can add subcommands.
 """
@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_import(trace_sub)
     _register_info(trace_sub)
     _register_stats(trace_sub)
+    _register_mrc(trace_sub)
     _register_prompts(trace_sub)
     _register_capture(trace_sub)
 
@@ -305,6 +306,66 @@ def _stats(args: argparse.Namespace) -> None:
     )
     if args.plot:
         print(f"heatmap: {args.plot}")
+
+
+def _register_mrc(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mrc",
+        help="miss-ratio curves: hit rate vs every cache size for LRU, LFU and MIN (one pass each)",
+        description="Hit rate against every cache size from top-K to all experts, for LRU, "
+        "LFU and MIN (Belady's bound), with one cache over all experts (global) and with an "
+        "equal share per layer (per-layer). The trace runs one request at a time in file "
+        "order. Writes mrc.csv and mrc.png into --out.",
+    )
+    p.add_argument("path", help="trace file")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for mrc.csv and mrc.png")
+    p.add_argument(
+        "--scope",
+        choices=["global", "per-layer", "both"],
+        default="both",
+        help="cache scope of the curves (default: both)",
+    )
+    add_json_flag(p)
+    p.set_defaults(func=_mrc)
+
+
+def _mrc(args: argparse.Namespace) -> None:
+    import time
+    from pathlib import Path
+
+    from traces import mrc
+    from traces.io import load_workload
+
+    if not Path(args.path).is_file():
+        raise InputError(f"trace {args.path}: no such file")
+    w = load_workload(args.path)
+    scopes = mrc.SCOPES if args.scope == "both" else (args.scope,)
+    t0 = time.perf_counter()
+    curves = mrc.miss_ratio_curves(w, scopes)
+    wall = time.perf_counter() - t0
+    out = Path(args.out)
+    csv_path = mrc.write_csv(curves, out / "mrc.csv")
+    png_path = mrc.write_png(curves, out / "mrc.png", f"{w.spec.name}: {len(w.requests)} requests")
+    summary = []
+    for c in curves:
+        row: dict[str, Any] = {"scope": c.scope, "policy": c.policy}
+        for f in (0.1, 0.25, 0.5):  # the nearest size of the curve to each share of experts
+            i = int(abs(c.cache_experts - f * w.spec.total_experts).argmin())
+            row[f"hit@{f:.0%}"] = round(float(c.hit_rate[i]), 4)
+        summary.append(row)
+    if args.json:
+        print_json(
+            {
+                "csv": str(csv_path),
+                "png": str(png_path),
+                "demands": curves[0].demands if curves else 0,
+                "curves_wall_s": wall,
+                "summary": summary,
+            }
+        )
+        return
+    print_table(summary)
+    print(f"curves in {wall:.2f} s; wrote {csv_path}, {png_path}")
 
 
 def _register_prompts(sub: argparse._SubParsersAction) -> None:

@@ -28,7 +28,7 @@ POLICIES = [
 ]
 SETUPS = [("a100-80gb-pcie4", "24"), ("paper-6x3090", "24")]
 MODELS = ["mixtral-8x7b", "qwen1.5-moe-a2.7b"]
-WALL_KEYS = {"wall_s", "run_wall_s", "layer_steps_per_s"}
+WALL_KEYS = {"wall_s", "run_wall_s", "layer_steps_per_s", "bound_wall_s"}
 
 
 def run_one(model: str, hardware: str, cache_gb: str, policy: str) -> dict:

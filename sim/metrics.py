@@ -18,7 +18,7 @@ from policies.cache import CacheCounters, ExpertCache
 from sim.iteration import RequestState
 
 # Keys that depend on the wall clock, not on the inputs (left out when comparing runs).
-WALL_CLOCK_KEYS = ("wall_s", "run_wall_s", "layer_steps_per_s")
+WALL_CLOCK_KEYS = ("wall_s", "run_wall_s", "layer_steps_per_s", "bound_wall_s")
 REQUEST_COLUMNS = [
     "id",
     "arrival_s",

@@ -14,6 +14,7 @@ from policies.cache import ExpertCache
 from policies.placement import Placement
 from policies.registry import make_policy
 from sim.batching import schedule_batcher
+from sim.bounds import run_bounds
 from sim.config import OFFLINE_TRAIN_FRACTION, SimConfig
 from sim.engine import Engine
 from sim.events import EventLog
@@ -111,9 +112,11 @@ def simulate(
     placement = Placement(spec.num_moe_layers, spec.num_experts, hw.num_gpus)
     caps = cache_capacities(config, placement, preload_all=policy.preload_all)
     caches = [ExpertCache(c, spec.expert_bytes, device=d) for d, c in enumerate(caps)]
+    initial = None
     if policy.preload_all or config.warm_start:
-        for d, cache in enumerate(caches):
-            cache.preload(_preload_keys(placement, d, cache.capacity))
+        initial = [_preload_keys(placement, d, cache.capacity) for d, cache in enumerate(caches)]
+        for cache, keys in zip(caches, initial, strict=True):
+            cache.preload(keys)
     policy.bind(PolicyContext(spec, placement, caches, config.prefetch_distance, config.seed))
     if policy.reads_future:
         policy.bind_future(workload)
@@ -176,6 +179,8 @@ def simulate(
         "policy_metadata": policy.metadata(),
         "run_wall_s": run_s,
         "layer_steps_per_s": engine.layer_steps / run_s if run_s > 0 else None,
+        # policy-independent: from the workload, the schedule and the caches' sizes
+        **run_bounds(workload, config, caps, closed, initial),
     }
     metrics["wall_s"] = time.perf_counter() - wall0
     return SimResult(metrics, frame, log)

@@ -1,0 +1,252 @@
+"""Bounds for a simulated run: Belady's MIN hit rate and a TPOT floor (docs/bounds.md).
+
+Both come from the workload and the config alone (the run's demand sequence is the
+trace's routing in the batch schedule, which no policy changes), so they sit beside every
+policy's figures in one table.
+
+- ``bound_hit_belady``: the hit rate of MIN (Belady) on the run's demand sequence with the
+  run's cache: the same slots per GPU, each GPU caching the experts the placement puts on
+  it (global scope per device), the experts of one layer step pinned together, the same
+  start (empty, or the warm-start / preload contents). MIN loads only on demand, so this
+  is the most hits any policy that loads only on demand can get; a policy that prefetches
+  may exceed it (a prefetched expert is a hit that still cost a copy). What binds every
+  policy is the loads: ``bound_loads_min`` (MIN's misses) is the fewest copies any
+  schedule can make, so ``bytes_h2d >= bound_loads_min * expert_bytes``.
+- ``bound_tpot_s``: a floor on the mean TPOT. For each request, its decode (from its first
+  token to its last) takes at least (a) the compute of those iterations on the
+  simulator's cost model with no stall, no executor overhead and no copy interference,
+  and at least (b) the time the links need for the fewest copies that must land inside
+  that window: MIN's misses over the window from the best possible cache contents at its
+  start (any ``capacity`` experts, free), each copy at the link's full bandwidth with no
+  latency, every link in parallel, and under the host-side cap when the profile has one.
+  Compute and copies may overlap perfectly, so the floor is max(a, b) per request,
+  divided by its ``output_len - 1`` and averaged as ``tpot_mean_s`` is.
+
+Schedules: the batch schedule is replayed from the config (FCFS, the run's batcher) when
+it does not depend on time: batch size 1, closed-loop arrivals, or static batching. With
+continuous batching of several requests on trace arrivals, who shares an iteration
+depends on timing and so on the policy: the bounds are then None (``bound_note`` says so).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sim.batching import make_batcher
+from sim.config import SimConfig
+from sim.timing import Timing
+from traces.cachesim import min_run
+from traces.demand import DemandSequence, Schedule, demand_sequence, next_use
+from traces.types import Workload
+
+BOUND_KEYS = ("bound_hit_belady", "bound_loads_min", "bound_tpot_s")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The iterations a run makes. ``order``: request indices by first iteration;
+    ``first_iteration[i]``: request i's first iteration; ``schedule``: the iterations
+    (request index, rows), None for a one-request-at-a-time plan (built on demand there)."""
+
+    order: list[int]
+    first_iteration: list[int]
+    schedule: Schedule | None
+
+
+def plan_iterations(workload: Workload, config: SimConfig, closed: bool) -> RunPlan | None:
+    """Replay the batcher (see the module doc); None when the schedule depends on time."""
+    reqs = workload.requests
+    B = config.batch_size
+    if not (B == 1 or closed or config.batching == "static"):
+        return None
+    order = (
+        list(range(len(reqs)))
+        if closed
+        else sorted(range(len(reqs)), key=lambda i: (reqs[i].arrival_s, i))
+    )
+    first = [0] * len(reqs)
+    if B == 1:  # one at a time, FCFS, with either batcher
+        n = 0
+        for i in order:
+            first[i] = n
+            n += reqs[i].num_iterations
+        return RunPlan(order, first, None)
+    batcher = make_batcher(config.batching, B)
+    waiting = list(reversed(order))
+    running: list[list[int]] = []  # [request index, next iteration]
+    schedule: list[list[tuple[int, slice]]] = []
+    while waiting or running:
+        for _ in range(batcher.admit(len(waiting), len(running), False)):
+            i = waiting.pop()
+            first[i] = len(schedule)
+            running.append([i, 0])
+        schedule.append([(i, reqs[i].iteration_rows(it)) for i, it in running])
+        for s in running:
+            s[1] += 1
+        running = [s for s in running if s[1] < reqs[s[0]].num_iterations]
+    return RunPlan(order, first, schedule)
+
+
+def demand_sequence_for(workload: Workload, plan: RunPlan) -> DemandSequence:
+    """The run's demand sequence under ``plan``: L steps per iteration, in iteration then
+    layer order, so iteration i's steps are ``i * L .. (i + 1) * L - 1``."""
+    if plan.schedule is None:  # the fast path: one request at a time, in the plan's order
+        return demand_sequence(Workload(workload.spec, [workload.requests[i] for i in plan.order]))
+    return demand_sequence(workload, plan.schedule)
+
+
+class _Compute:
+    """Compute time of an iteration with every expert resident: the engine's arithmetic
+    without executor overhead, copy interference or stalls (memoised by shape)."""
+
+    def __init__(self, timing: Timing, workload: Workload, num_gpus: int) -> None:
+        spec = workload.spec
+        self.timing, self.spec, self.n = timing, spec, num_gpus
+        L, J = spec.num_moe_layers, spec.num_experts
+        self.off = (np.arange(L, dtype=np.int64) * J)[None, :, None]
+        self.dev_of = np.arange(L * J) % num_gpus
+        self.lay_of = np.arange(L * J) // J
+        stages = [i * num_gpus // spec.num_layers for i in range(spec.num_layers)]
+        self.handoffs = sum(a != b for a, b in zip(stages, stages[1:], strict=False))
+        self._dense: dict[tuple[int, float], float] = {}
+        self._fixed: dict[tuple[int, int], float] = {}
+
+    def rest(self, rows: int, nreq: int, context: float) -> float:
+        """Everything but the routed experts: head, hand-offs, dense layers, exchanges."""
+        t = self.timing
+        key = (rows, context)
+        d = self._dense.get(key)
+        if d is None:
+            d = self._dense[key] = self.spec.num_layers * t.dense(rows, context)
+        f = self._fixed.get((rows, nreq))
+        if f is None:
+            hand = self.handoffs * t.handoff(rows) if self.n > 1 else 0.0
+            f = t.head(nreq) + hand + self.spec.num_moe_layers * t.exchange(rows)
+            self._fixed[(rows, nreq)] = f
+        return d + f
+
+    def experts(self, ids: np.ndarray) -> float:
+        """Routed experts of one iteration's rows [R, L, K]: per layer the slowest GPU."""
+        L, n = self.spec.num_moe_layers, self.n
+        keys = ids.astype(np.int64) + self.off
+        tok = np.bincount(keys.ravel(), minlength=self.dev_of.size)
+        nz = np.flatnonzero(tok)
+        t = np.array([self.timing.expert(int(c)) for c in tok[nz]])
+        per = np.zeros((L, n))
+        np.add.at(per, (self.lay_of[nz], self.dev_of[nz]), t)
+        return float(per.max(axis=1).sum())
+
+    def single_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Routed experts of one-row iterations, rows [M, L, K] at once: per layer, the
+        GPU with the most of the row's experts, each over one token."""
+        dev = (ids.astype(np.int64) + self.off) % self.n
+        counts = (dev[..., None] == np.arange(self.n)).sum(axis=2)  # [M, L, n]
+        return counts.max(axis=2).sum(axis=1) * self.timing.expert(1)
+
+
+def _iteration_compute(comp: _Compute, workload: Workload, plan: RunPlan) -> np.ndarray:
+    """Compute time of each iteration of ``plan``, in iteration order."""
+    reqs = workload.requests
+    if plan.schedule is None:
+        parts = []
+        for i in plan.order:
+            r = reqs[i]
+            p, ids = r.prompt_len, r.routing.topk_ids
+            pre = comp.rest(p, 1, (p + 1) / 2) + comp.experts(ids[:p])
+            dec = comp.single_rows(ids[p:]) if ids.shape[0] > p else np.zeros(0)
+            dec = dec + np.array(
+                [comp.rest(1, 1, float(c)) for c in range(p + 1, ids.shape[0] + 1)]
+            )
+            parts.append(np.concatenate([[pre], dec]))
+        return np.concatenate(parts) if parts else np.zeros(0)
+    out = np.empty(len(plan.schedule))
+    for idx, it in enumerate(plan.schedule):
+        rows, ctx = 0, 0.0
+        for _, sl in it:
+            rows += sl.stop - sl.start
+            ctx += sl.stop * (sl.stop + 1) / 2 if sl.start == 0 else sl.stop
+        parts = [reqs[i].routing.topk_ids[sl] for i, sl in it]
+        ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out[idx] = comp.rest(rows, len(it), ctx / rows) + comp.experts(ids)
+    return out
+
+
+def _tpot_floor(
+    workload: Workload,
+    config: SimConfig,
+    plan: RunPlan,
+    per_device: list[tuple[DemandSequence, np.ndarray, int]],
+) -> float | None:
+    """Mean over requests with output_len > 1 of their decode floor / (output_len - 1)."""
+    spec, hw = config.model, config.hardware
+    timing = Timing(hw, spec, config.pinned)
+    comp = _iteration_compute(_Compute(timing, workload, hw.num_gpus), workload, plan)
+    csum = np.concatenate([[0.0], np.cumsum(comp)])
+    L = spec.num_moe_layers
+    eb = spec.expert_bytes
+    cap_Bps = hw.host_bandwidth_cap_Bps
+    floors = []
+    for i, req in enumerate(workload.requests):
+        out = req.output_len
+        if out < 2:
+            continue
+        a, b = plan.first_iteration[i] + 1, plan.first_iteration[i] + out  # decode iterations
+        compute = csum[b] - csum[a]
+        loads = [
+            min_run(seq, c, nxt=nxt, steps=(a * L, b * L), free_start=True)[1]
+            for seq, nxt, c in per_device
+        ]
+        link = max(n * eb / timing.bandwidth_Bps for n in loads)
+        if cap_Bps:
+            link = max(link, sum(loads) * eb / cap_Bps)
+        floors.append(max(compute, link) / (out - 1))
+    return float(np.mean(floors)) if floors else None
+
+
+def run_bounds(
+    workload: Workload,
+    config: SimConfig,
+    capacities: list[int],
+    closed: bool,
+    initial: list[list[tuple[int, int]]] | None = None,
+) -> dict[str, Any]:
+    """The bound metrics of a run (see the module doc) and ``bound_wall_s``.
+
+    ``capacities``: expert slots per GPU, as the run's caches; ``initial``: the keys each
+    GPU's cache holds at the start (warm start or preload), else empty; ``closed``:
+    whether requests are served closed loop. Keys: ``bound_hit_belady``,
+    ``bound_loads_min``, ``bound_tpot_s`` (None when the schedule depends on time, with
+    ``bound_note`` saying why).
+    """
+    t0 = time.perf_counter()
+    plan = plan_iterations(workload, config, closed)
+    if plan is None:
+        return {
+            **dict.fromkeys(BOUND_KEYS),
+            "bound_note": "continuous batching on trace arrivals: the schedule depends on timing",
+            "bound_wall_s": time.perf_counter() - t0,
+        }
+    spec = config.model
+    J, n = spec.num_experts, len(capacities)
+    seq = demand_sequence_for(workload, plan)
+    hits = demands = loads = 0
+    per_device = []
+    for d, cap in enumerate(capacities):
+        sub = seq.for_device(d, n)
+        nxt = next_use(sub)
+        init = None
+        if initial is not None and initial[d]:
+            init = np.array([lay * J + e for lay, e in initial[d]], dtype=np.int64)
+        h, m = min_run(sub, cap, nxt=nxt, initial=init)
+        hits, demands, loads = hits + h, demands + h + m, loads + m
+        per_device.append((sub, nxt, cap))
+    return {
+        "bound_hit_belady": hits / demands if demands else None,
+        "bound_loads_min": loads,
+        "bound_tpot_s": _tpot_floor(workload, config, plan, per_device),
+        "bound_wall_s": time.perf_counter() - t0,
+    }

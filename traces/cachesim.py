@@ -1,0 +1,252 @@
+"""Fast cache simulations over a demand sequence (numba kernels).
+
+The model is the simulator's for a cache that loads only on demand. A layer step's keys
+that are resident when the step starts are hits; every other key of the step is a miss
+and is loaded, evicting a cached key when the cache is full. While the cache can hold the
+whole step, the step's keys are pinned together and never evicted for each other; a step
+larger than the cache runs in waves, and its keys may go once used.
+
+:func:`min_run` runs MIN (Belady) at one capacity in O(N log N) with a lazy max-heap: it
+evicts the key whose next use is furthest ahead (a key never used again first), the
+step's own keys excepted unless the step runs in waves; in waves the key just loaded
+may go too once used. It is the optimum over every cache schedule of this model (the
+fewest misses, so the fewest loads), checked against a brute force in the tests.
+
+:func:`stack_histogram` runs Mattson's stack algorithm for LRU, LFU or MIN, giving every
+capacity at once in one pass of O(N x distinct keys): the cache of size c always holds
+the top c keys of the stack, so a demand found at depth d hits every cache of size >= d
+(exact because the priorities do not depend on the size: the inclusion property).
+Priorities, lowest evicted first, with the keys demanded earlier in the same step above
+all others (the pinning):
+- LRU: last use (a recency stack);
+- LFU: uses over the whole run so far, then last use (the ``lfu`` policy with
+  ``scope="run"``);
+- MIN: the soonest next use ranks highest (Belady's OPT stack).
+The stack processes a step's keys in ascending order, one at a time, so for a cache
+smaller than a step (waves) a key demanded later in the step may be evicted before it is
+counted; at sizes that hold every step the stack's MIN equals :func:`min_run`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from traces.demand import NEVER, DemandSequence, next_use
+
+LRU, LFU, MIN = 0, 1, 2
+KINDS = {"lru": LRU, "lfu": LFU, "min": MIN}
+
+
+@njit(cache=True)
+def _push(hv, hk, n, v, k):  # max-heap on hv; returns the new size (arrays may grow)
+    if n == hv.size:
+        hv2 = np.empty(2 * n + 16, np.int64)
+        hk2 = np.empty(2 * n + 16, np.int64)
+        hv2[:n] = hv[:n]
+        hk2[:n] = hk[:n]
+        hv, hk = hv2, hk2
+    i = n
+    hv[i] = v
+    hk[i] = k
+    while i > 0:
+        p = (i - 1) >> 1
+        if hv[p] >= hv[i]:
+            break
+        hv[p], hv[i] = hv[i], hv[p]
+        hk[p], hk[i] = hk[i], hk[p]
+        i = p
+    return hv, hk, n + 1
+
+
+@njit(cache=True)
+def _pop(hv, hk, n):  # removes the top; returns the new size
+    n -= 1
+    hv[0] = hv[n]
+    hk[0] = hk[n]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and hv[c + 1] > hv[c]:
+            c += 1
+        if hv[i] >= hv[c]:
+            break
+        hv[c], hv[i] = hv[i], hv[c]
+        hk[c], hk[i] = hk[i], hk[c]
+        i = c
+    return n
+
+
+@njit(cache=True)
+def _min_kernel(keys, step_start, nxt, num_keys, capacity, lo_step, hi_step, initial, free_init):
+    """MIN over steps [lo_step, hi_step) (see :func:`min_run`). ``initial``: keys cached at the start; with
+    ``free_init``, instead the first ``capacity`` distinct keys of the range (the best
+    free start). Next uses at or after the range end count as never. Returns
+    (hits, misses)."""
+    lo = step_start[lo_step]
+    hi = step_start[hi_step]
+    cached = np.zeros(num_keys, np.bool_)
+    cur = np.full(num_keys, NEVER, np.int64)  # next use of each cached key
+    stamp = np.full(num_keys, -1, np.int64)  # the step a key was last demanded in
+    hv = np.empty(max(16, 2 * (hi - lo) + capacity), np.int64)
+    hk = np.empty(hv.size, np.int64)
+    n = 0
+    used = 0
+    if free_init:
+        for i in range(lo, hi):
+            if used >= capacity:
+                break
+            k = keys[i]
+            if not cached[k]:
+                cached[k] = True
+                cur[k] = i
+                hv, hk, n = _push(hv, hk, n, i, k)
+                used += 1
+    else:
+        first = np.full(num_keys, NEVER, np.int64)
+        for i in range(hi - 1, lo - 1, -1):
+            first[keys[i]] = i
+        for j in range(initial.size):
+            k = initial[j]
+            if not cached[k] and used < capacity:
+                cached[k] = True
+                cur[k] = first[k]
+                hv, hk, n = _push(hv, hk, n, first[k], k)
+                used += 1
+    hits = 0
+    misses = 0
+    stash_v = np.empty(64, np.int64)
+    stash_k = np.empty(64, np.int64)
+    for s in range(lo_step, hi_step):
+        a, b = step_start[s], step_start[s + 1]
+        waves = b - a > capacity
+        for i in range(a, b):  # hits first: what is resident when the step starts
+            k = keys[i]
+            if cached[k]:
+                hits += 1
+                v = nxt[i] if nxt[i] < hi else NEVER
+                cur[k] = v
+                stamp[k] = s
+                hv, hk, n = _push(hv, hk, n, v, k)
+        ns = 0  # this step's keys popped from the heap, kept aside until the step ends
+        for i in range(a, b):
+            k = keys[i]
+            if stamp[k] == s:
+                continue
+            misses += 1
+            v = nxt[i] if nxt[i] < hi else NEVER
+            cached[k] = True
+            cur[k] = v
+            stamp[k] = s
+            hv, hk, n = _push(hv, hk, n, v, k)
+            used += 1
+            while used > capacity:  # evict the key used furthest ahead
+                v, c = hv[0], hk[0]
+                n = _pop(hv, hk, n)
+                if not cached[c] or cur[c] != v:
+                    continue  # stale
+                if stamp[c] == s and not waves:  # pinned with the step: keep aside
+                    if ns == stash_v.size:
+                        stash_v = np.concatenate((stash_v, np.empty(ns, np.int64)))
+                        stash_k = np.concatenate((stash_k, np.empty(ns, np.int64)))
+                    stash_v[ns] = v
+                    stash_k[ns] = c
+                    ns += 1
+                    continue
+                cached[c] = False
+                used -= 1
+        for j in range(ns):
+            hv, hk, n = _push(hv, hk, n, stash_v[j], stash_k[j])
+    return hits, misses
+
+
+def min_run(
+    seq: DemandSequence,
+    capacity: int,
+    *,
+    nxt: np.ndarray | None = None,
+    initial: np.ndarray | None = None,
+    steps: tuple[int, int] | None = None,
+    free_start: bool = False,
+) -> tuple[int, int]:
+    """(hits, misses) of MIN with ``capacity`` slots over ``seq`` (or its ``steps`` range).
+
+    ``initial``: keys cached before the first step (a warm start; default empty).
+    ``free_start``: start instead from the best possible cache (the first ``capacity``
+    distinct keys of the range, Belady's choice), so ``misses`` is the fewest loads any
+    schedule must make inside the range. ``nxt``: :func:`traces.demand.next_use` of
+    ``seq`` (computed when None). Contract: ``capacity >= 1``.
+    """
+    if capacity < 1:
+        raise ValueError("capacity must be >= 1")
+    lo, hi = steps if steps is not None else (0, seq.num_steps)
+    if nxt is None:
+        nxt = next_use(seq)
+    init = np.zeros(0, np.int64) if initial is None else np.asarray(initial, np.int64)
+    h, m = _min_kernel(
+        seq.keys, seq.step_start, nxt, seq.num_keys, int(capacity), lo, hi, init, free_start
+    )
+    return int(h), int(m)
+
+
+@njit(cache=True)
+def _stack_kernel(keys, step_start, nxt, num_keys, kind):
+    stack = np.empty(num_keys, np.int64)
+    prio = np.zeros(num_keys, np.int64)
+    count = np.zeros(num_keys, np.int64)
+    stamp = np.full(num_keys, -1, np.int64)
+    hist = np.zeros(num_keys + 1, np.int64)  # hist[d]: demands found at depth d (1-based)
+    depth = 0
+    big = np.int64(keys.size + 1)
+    for s in range(step_start.size - 1):
+        for i in range(step_start[s], step_start[s + 1]):
+            x = keys[i]
+            d = depth
+            for j in range(depth):
+                if stack[j] == x:
+                    d = j
+                    break
+            if d < depth:
+                hist[d + 1] += 1
+            else:
+                depth += 1
+            if kind == LRU:
+                for j in range(d, 0, -1):
+                    stack[j] = stack[j - 1]
+            elif d > 0:
+                y = stack[0]
+                y_in = stamp[y] == s
+                for j in range(1, d):
+                    z = stack[j]
+                    z_in = stamp[z] == s
+                    # keep the higher priority at depth j, carry the lower one down
+                    if y_in > z_in or (y_in == z_in and prio[y] > prio[z]):
+                        stack[j] = y
+                        y, y_in = z, z_in
+                stack[d] = y
+            stack[0] = x
+            stamp[x] = s
+            if kind == LFU:
+                count[x] += 1
+                prio[x] = count[x] * big + i
+            elif kind == MIN:
+                prio[x] = -nxt[i]
+    return hist
+
+
+def stack_histogram(seq: DemandSequence, kind: str, nxt: np.ndarray | None = None) -> np.ndarray:
+    """int64 [num_keys + 1]: ``h[d]`` = demands found at stack depth d under ``kind``
+    (``lru``, ``lfu`` or ``min``); ``h[1:c + 1].sum()`` is the hits of a cache of c slots."""
+    code = KINDS[kind]
+    if code == MIN and nxt is None:
+        nxt = next_use(seq)
+    if nxt is None:
+        nxt = np.zeros(seq.keys.size, np.int64)
+    return _stack_kernel(seq.keys, seq.step_start, nxt, seq.num_keys, code)
+
+
+def hits_by_capacity(seq: DemandSequence, kind: str, nxt: np.ndarray | None = None) -> np.ndarray:
+    """int64 [num_keys + 1]: hits of a cache of c slots at index c (0 at c = 0)."""
+    return np.cumsum(stack_histogram(seq, kind, nxt))
