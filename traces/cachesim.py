@@ -16,15 +16,16 @@ fewest misses, so the fewest loads), checked against a brute force in the tests.
 capacity at once in one pass of O(N x distinct keys): the cache of size c always holds
 the top c keys of the stack, so a demand found at depth d hits every cache of size >= d
 (exact because the priorities do not depend on the size: the inclusion property).
-Priorities, lowest evicted first, with the keys demanded earlier in the same step above
-all others (the pinning):
-- LRU: last use (a recency stack);
+Priorities, lowest evicted first, with the keys of the current step above all others
+(the pinning; so at every size that holds a step, its resident keys are hits):
+- LRU: last use;
 - LFU: uses over the whole run so far, then last use (the ``lfu`` policy with
   ``scope="run"``);
 - MIN: the soonest next use ranks highest (Belady's OPT stack).
 The stack processes a step's keys in ascending order, one at a time, so for a cache
 smaller than a step (waves) a key demanded later in the step may be evicted before it is
-counted; at sizes that hold every step the stack's MIN equals :func:`min_run`.
+counted, and the curves there are a one-at-a-time approximation of waves; at sizes that
+hold every step the stack's MIN equals :func:`min_run`.
 """
 
 from __future__ import annotations
@@ -192,61 +193,74 @@ def min_run(
 
 
 @njit(cache=True)
-def _stack_kernel(keys, step_start, nxt, num_keys, kind):
-    stack = np.empty(num_keys, np.int64)
+def _stack_kernel(keys, step_start, nxt, num_keys, kind, group):
+    """Depth histogram; keys ``k`` with equal ``k // group`` share one stack (one cache)."""
+    ngroups = (num_keys + group - 1) // group
+    stack = np.empty((ngroups, group), np.int64)
+    depth = np.zeros(ngroups, np.int64)
     prio = np.zeros(num_keys, np.int64)
     count = np.zeros(num_keys, np.int64)
     stamp = np.full(num_keys, -1, np.int64)
-    hist = np.zeros(num_keys + 1, np.int64)  # hist[d]: demands found at depth d (1-based)
-    depth = 0
+    hist = np.zeros(group + 1, np.int64)  # hist[d]: demands found at depth d (1-based)
     big = np.int64(keys.size + 1)
     for s in range(step_start.size - 1):
-        for i in range(step_start[s], step_start[s + 1]):
+        a, b = step_start[s], step_start[s + 1]
+        for i in range(a, b):  # the whole step is pinned from its start
+            stamp[keys[i]] = s
+        for i in range(a, b):
             x = keys[i]
-            d = depth
-            for j in range(depth):
-                if stack[j] == x:
+            st = stack[x // group]
+            n = depth[x // group]
+            d = n
+            for j in range(n):
+                if st[j] == x:
                     d = j
                     break
-            if d < depth:
+            if d < n:
                 hist[d + 1] += 1
             else:
-                depth += 1
-            if kind == LRU:
-                for j in range(d, 0, -1):
-                    stack[j] = stack[j - 1]
-            elif d > 0:
-                y = stack[0]
+                depth[x // group] = n + 1
+            if d > 0:
+                y = st[0]
                 y_in = stamp[y] == s
                 for j in range(1, d):
-                    z = stack[j]
+                    z = st[j]
                     z_in = stamp[z] == s
                     # keep the higher priority at depth j, carry the lower one down
                     if y_in > z_in or (y_in == z_in and prio[y] > prio[z]):
-                        stack[j] = y
+                        st[j] = y
                         y, y_in = z, z_in
-                stack[d] = y
-            stack[0] = x
-            stamp[x] = s
-            if kind == LFU:
+                st[d] = y
+            st[0] = x
+            if kind == LRU:
+                prio[x] = i
+            elif kind == LFU:
                 count[x] += 1
                 prio[x] = count[x] * big + i
-            elif kind == MIN:
+            else:
                 prio[x] = -nxt[i]
     return hist
 
 
-def stack_histogram(seq: DemandSequence, kind: str, nxt: np.ndarray | None = None) -> np.ndarray:
-    """int64 [num_keys + 1]: ``h[d]`` = demands found at stack depth d under ``kind``
-    (``lru``, ``lfu`` or ``min``); ``h[1:c + 1].sum()`` is the hits of a cache of c slots."""
+def stack_histogram(
+    seq: DemandSequence, kind: str, nxt: np.ndarray | None = None, group: int | None = None
+) -> np.ndarray:
+    """int64 [group + 1]: ``h[d]`` = demands found at stack depth d under ``kind``
+    (``lru``, ``lfu`` or ``min``); ``h[1:c + 1].sum()`` is the hits with c slots.
+
+    ``group``: keys ``k`` with equal ``k // group`` share a cache and the others do not
+    (``group = J`` gives one cache per layer, each of c slots); default one cache."""
     code = KINDS[kind]
     if code == MIN and nxt is None:
         nxt = next_use(seq)
     if nxt is None:
         nxt = np.zeros(seq.keys.size, np.int64)
-    return _stack_kernel(seq.keys, seq.step_start, nxt, seq.num_keys, code)
+    g = seq.num_keys if group is None else group
+    return _stack_kernel(seq.keys, seq.step_start, nxt, seq.num_keys, code, g)
 
 
-def hits_by_capacity(seq: DemandSequence, kind: str, nxt: np.ndarray | None = None) -> np.ndarray:
-    """int64 [num_keys + 1]: hits of a cache of c slots at index c (0 at c = 0)."""
-    return np.cumsum(stack_histogram(seq, kind, nxt))
+def hits_by_capacity(
+    seq: DemandSequence, kind: str, nxt: np.ndarray | None = None, group: int | None = None
+) -> np.ndarray:
+    """int64: hits with c slots (per ``group``, see :func:`stack_histogram`) at index c."""
+    return np.cumsum(stack_histogram(seq, kind, nxt, group))

@@ -57,16 +57,15 @@ def global_curves(seq: DemandSequence, top_k: int) -> list[Curve]:
 
 
 def per_layer_curves(seq: DemandSequence, num_layers: int, top_k: int) -> list[Curve]:
-    """LRU, LFU and MIN with each layer caching its own experts in k slots (k = top-K .. J)."""
+    """LRU, LFU and MIN with each layer caching its own experts in k slots (k = top-K .. J):
+    one pass with a stack per layer."""
     J = seq.num_keys // num_layers
     k = np.arange(top_k, J + 1)
-    total = {p: np.zeros(k.size, np.int64) for p in POLICIES}
-    for layer in range(num_layers):
-        sub = seq.for_layer(layer, J)
-        nxt = next_use(sub)
-        for p in POLICIES:
-            total[p] += hits_by_capacity(sub, p, nxt)[k]
-    return [Curve("per-layer", p, k * num_layers, total[p], seq.num_demands) for p in POLICIES]
+    nxt = next_use(seq)
+    return [
+        Curve("per-layer", p, k * num_layers, hits_by_capacity(seq, p, nxt, J)[k], seq.num_demands)
+        for p in POLICIES
+    ]
 
 
 def miss_ratio_curves(workload: Workload, scopes: tuple[str, ...] = SCOPES) -> list[Curve]:
