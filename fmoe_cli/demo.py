@@ -93,6 +93,11 @@ def _demo(args: argparse.Namespace) -> None:
         f"Per policy (simulated; {setup.model}, {setup.hardware}, {setup.cache_gb:g} GiB expert cache)"
     )
     print_table(table.to_dict(orient="records"))
+    print(
+        "bounds (same for every policy of a workload): bound_hit_belady = Belady's MIN hit rate "
+        "loading on demand (prefetching may pass it); bound_tpot_s = TPOT floor: compute plus "
+        "MIN's fewest copies at full link bandwidth, overlapped perfectly (docs/bounds.md)"
+    )
     print()
     print(
         "fMoE's reduction vs each baseline (mean over both workloads) beside the paper's Figure 10"

@@ -31,10 +31,12 @@ from specs.presets import load_hardware, load_model
 SUMMARY_KEYS = [
     "policy",
     "hit_rate",
+    "bound_hit_belady",
     "ttft_mean_s",
     "ttft_p99_s",
     "tpot_mean_s",
     "tpot_p99_s",
+    "bound_tpot_s",
     "e2e_mean_s",
     "e2e_p99_s",
     "bytes_h2d",
@@ -270,6 +272,14 @@ def _sim(args: argparse.Namespace) -> int:
             f"requests {m['requests']}  iterations {m['iterations']}  makespan {m['makespan_s']:.4g} s  "
             f"cache {m['cache_experts']} experts per GPU  link busy {[round(x, 4) for x in m['link_busy_s']]} s"
         )
+        if m.get("bound_hit_belady") is not None:
+            print(
+                f"bounds: MIN hit rate {m['bound_hit_belady']:.4f} (loading on demand; prefetching "
+                f"may pass it), fewest loads {m['bound_loads_min']} (this run {m['loads']}), "
+                f"TPOT floor {m['bound_tpot_s']:.4g} s (docs/bounds.md)"
+            )
+        else:
+            print(f"bounds: none ({m.get('bound_note')})")
     return 0
 
 
@@ -327,8 +337,10 @@ def _sweep(args: argparse.Namespace) -> int:
             "cache_gb_budget",
             "cache_experts_budget",
             "hit_rate",
+            "bound_hit_belady",
             "ttft_mean_s",
             "tpot_mean_s",
+            "bound_tpot_s",
             "e2e_mean_s",
             "error",
         ]

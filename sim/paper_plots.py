@@ -18,7 +18,8 @@ SOURCE_NOTE = "simulated: paper-6x3090 published figures, synthetic workloads"
 
 
 def policy_bars(df: pd.DataFrame, path: str | Path, policies: Sequence[str]) -> Path:
-    """TTFT, TPOT and hit rate per policy, one bar group per workload."""
+    """TTFT, TPOT and hit rate per policy, one bar group per workload; dashed lines (in
+    each workload's colour) mark the TPOT floor and Belady's MIN hit rate where present."""
     metrics = [
         ("ttft_mean_s", "TTFT mean (s)"),
         ("tpot_mean_s", "TPOT mean (s)"),
@@ -32,7 +33,15 @@ def policy_bars(df: pd.DataFrame, path: str | Path, policies: Sequence[str]) -> 
             d = df[df["trace"] == tr].set_index("policy")
             vals = [float(d[col].get(p, np.nan)) for p in policies]
             xs = np.arange(len(policies)) + (j - (len(traces) - 1) / 2) * width
-            ax.bar(xs, vals, width=width, label=tr)
+            bars = ax.bar(xs, vals, width=width, label=tr)
+            bound = {"tpot_mean_s": "bound_tpot_s", "hit_rate": "bound_hit_belady"}.get(col)
+            if bound in d and d[bound].notna().any():
+                ax.axhline(
+                    float(d[bound].dropna().astype(float).mean()),
+                    ls="--",
+                    lw=1,
+                    color=bars.patches[0].get_facecolor(),
+                )
         ax.set_xticks(range(len(policies)), policies, rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)

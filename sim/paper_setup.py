@@ -187,6 +187,8 @@ def policy_table(df: pd.DataFrame) -> pd.DataFrame:
         "tpot_mean_s": "tpot_mean_s",
         "e2e_mean_s": "e2e_mean_s",
         "hit_rate": "hit_rate",
+        "bound_hit_belady": "bound_hit_belady",
+        "bound_tpot_s": "bound_tpot_s",
         "prefetch_accuracy": "prefetch_accuracy",
         "bytes_h2d": "bytes_h2d",
     }

@@ -1,8 +1,9 @@
 """PNG plots of sweep results (matplotlib, Agg backend).
 
 Inputs are :func:`sim.sweep.run_sweep` frames: one row per (trace, policy, budget) with
-``expert_memory_bytes``, ``hit_rate`` and the latency metrics. Rows with an ``error`` are
-left out. Every figure is written atomically.
+``expert_memory_bytes``, ``hit_rate`` and the latency metrics, and the bounds
+(``bound_hit_belady``, ``bound_tpot_s``, drawn as black dashed lines where present; see
+docs/bounds.md). Rows with an ``error`` are left out. Every figure is written atomically.
 """
 
 from __future__ import annotations
@@ -46,8 +47,25 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
+def bound_line(df: pd.DataFrame, col: str, best: str) -> pd.DataFrame:
+    """A bound per cache size: per (trace, size) the ``best`` ("max" or "min") over the
+    runs (runs that preload every expert start warmer), then the mean over traces.
+    Empty when no run carries ``col``."""
+    if col not in df or df[col].isna().all():
+        return pd.DataFrame(columns=["expert_memory_gb", col])
+    d = df.dropna(subset=[col]).assign(**{col: lambda x: x[col].astype(float)})
+    per = d.groupby(["trace", "expert_memory_gb"], as_index=False)[col].agg(best)
+    return per.groupby("expert_memory_gb", as_index=False)[col].mean()
+
+
+def _draw_bound(ax: plt.Axes, line: pd.DataFrame, col: str, label: str) -> None:
+    if len(line):
+        ax.plot(line["expert_memory_gb"], line[col], "k--", marker="x", lw=1.2, label=label)
+
+
 def plot_pareto(df: pd.DataFrame, path: str | Path, latency: str = "e2e_mean_s") -> Path:
-    """Latency vs expert memory per policy, with the Pareto front over all runs."""
+    """Latency vs expert memory per policy, with the Pareto front over all runs (and the
+    TPOT floor when ``latency`` is the mean TPOT)."""
     d = _ok(df).dropna(subset=[latency])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, g in d.groupby("policy"):
@@ -62,6 +80,8 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, latency: str = "e2e_mean_s")
             lw=1,
             label="Pareto front",
         )
+    if latency == "tpot_mean_s":
+        _draw_bound(ax, bound_line(d, "bound_tpot_s", "min"), "bound_tpot_s", "TPOT floor (bound)")
     ax.set_xlabel("expert memory on GPUs (GiB)")
     ax.set_ylabel(latency.replace("_s", " (s)"))
     ax.set_title("latency vs memory")
@@ -71,12 +91,16 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, latency: str = "e2e_mean_s")
 
 
 def plot_hit_rate(df: pd.DataFrame, path: str | Path) -> Path:
-    """Expert hit rate vs cache size, one line per policy (mean over traces)."""
+    """Expert hit rate vs cache size, one line per policy (mean over traces), and Belady's
+    MIN: the bound for demand loading (a prefetching policy may pass it)."""
     d = _ok(df).dropna(subset=["hit_rate"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, g in d.groupby("policy"):
         g = g.groupby("expert_memory_gb", as_index=False)["hit_rate"].mean()
         ax.plot(g["expert_memory_gb"], g["hit_rate"], marker="o", label=name)
+    _draw_bound(
+        ax, bound_line(d, "bound_hit_belady", "max"), "bound_hit_belady", "MIN, demand loading"
+    )
     ax.set_xlabel("expert cache (GiB)")
     ax.set_ylabel("hit rate")
     ax.set_ylim(0, 1.02)
@@ -108,10 +132,11 @@ def plot_latency_bars(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def plot_all(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """The three sweep figures into ``out_dir``."""
+    """The sweep figures into ``out_dir``."""
     out = Path(out_dir)
     return [
         plot_pareto(df, out / "pareto_latency_memory.png"),
+        plot_pareto(df, out / "pareto_tpot_memory.png", latency="tpot_mean_s"),
         plot_hit_rate(df, out / "hit_rate_vs_cache.png"),
         plot_latency_bars(df, out / "ttft_tpot_bars.png"),
     ]

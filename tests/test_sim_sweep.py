@@ -73,6 +73,7 @@ def test_pareto_front_keeps_undominated_points(tmp_path) -> None:
     paths = plot_all(df, tmp_path)
     assert [p.name for p in paths] == [
         "pareto_latency_memory.png",
+        "pareto_tpot_memory.png",
         "hit_rate_vs_cache.png",
         "ttft_tpot_bars.png",
     ]
