@@ -349,9 +349,12 @@ def _mrc(args: argparse.Namespace) -> None:
     summary = []
     for c in curves:
         row: dict[str, Any] = {"scope": c.scope, "policy": c.policy}
-        for f in (0.1, 0.25, 0.5):  # the nearest size of the curve to each share of experts
-            i = int(abs(c.cache_experts - f * w.spec.total_experts).argmin())
-            row[f"hit@{f:.0%}"] = round(float(c.hit_rate[i]), 4)
+        sizes = c.cache_experts
+        step = int(sizes[1] - sizes[0]) if sizes.size > 1 else 1
+        for f in (0.1, 0.25, 0.5):  # the curve's nearest size to each share of experts
+            i = int(abs(sizes - f * w.spec.total_experts).argmin())
+            near = abs(int(sizes[i]) - f * w.spec.total_experts) < step
+            row[f"hit@{f:.0%}"] = round(float(c.hit_rate[i]), 4) if near else None
         summary.append(row)
     if args.json:
         print_json(
