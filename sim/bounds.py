@@ -40,7 +40,13 @@ from sim.batching import make_batcher
 from sim.config import SimConfig
 from sim.timing import Timing
 from traces.cachesim import min_run
-from traces.demand import DemandSequence, Schedule, demand_sequence, next_use
+from traces.demand import (
+    JIT_MIN_DEMANDS,
+    DemandSequence,
+    Schedule,
+    demand_sequence,
+    next_use,
+)
 from traces.types import Workload
 
 BOUND_KEYS = ("bound_hit_belady", "bound_loads_min", "bound_tpot_s")
@@ -189,6 +195,8 @@ def _tpot_floor(
     L = spec.num_moe_layers
     eb = spec.expert_bytes
     cap_Bps = hw.host_bandwidth_cap_Bps
+    # numba for every window once the run is large (one import, many windows)
+    jit = sum(seq.num_demands for seq, _, _ in per_device) >= JIT_MIN_DEMANDS
     floors = []
     for i, req in enumerate(workload.requests):
         out = req.output_len
@@ -197,7 +205,7 @@ def _tpot_floor(
         a, b = plan.first_iteration[i] + 1, plan.first_iteration[i] + out  # decode iterations
         compute = csum[b] - csum[a]
         loads = [
-            min_run(seq, c, nxt=nxt, steps=(a * L, b * L), free_start=True)[1]
+            min_run(seq, c, nxt=nxt, steps=(a * L, b * L), free_start=True, jit=jit)[1]
             for seq, nxt, c in per_device
         ]
         link = max(n * eb / timing.bandwidth_Bps for n in loads)

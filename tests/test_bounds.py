@@ -110,6 +110,20 @@ def test_free_start_window_gives_the_fewest_loads_inside_it(case: tuple, data) -
 
 
 @settings(max_examples=40, deadline=None)
+@given(tiny_sequences(max_keys=9, max_steps=40, waves=True), st.data())
+def test_python_and_numba_min_agree(case: tuple, data) -> None:
+    """The two implementations of min_run (pure Python below JIT_MIN_DEMANDS demands,
+    numba above) give the same result in every mode."""
+    steps, u, cap = case
+    seq = seq_of(steps, u)
+    lo = data.draw(st.integers(0, len(steps) - 1))
+    hi = data.draw(st.integers(lo + 1, len(steps)))
+    start = np.array(sorted(data.draw(st.sets(st.integers(0, u - 1), max_size=cap))))
+    for kw in ({}, {"initial": start}, {"steps": (lo, hi), "free_start": True}):
+        assert min_run(seq, cap, jit=False, **kw) == min_run(seq, cap, jit=True, **kw)
+
+
+@settings(max_examples=40, deadline=None)
 @given(tiny_sequences(max_keys=8, max_steps=30))
 def test_min_hits_at_least_lru_and_lfu_at_every_size(case: tuple) -> None:
     steps, u, _ = case
@@ -224,3 +238,18 @@ def test_sequential_demands_are_the_distinct_experts_per_layer_step() -> None:
                 i += 1
     assert i == len(steps)
     assert math.isclose(seq.num_demands, sum(len(s) for s in steps))
+
+
+@settings(max_examples=20, deadline=None)
+@given(tiny_sequences(max_keys=9, max_steps=40))
+def test_next_use_numpy_and_numba_agree(case: tuple) -> None:
+    from traces.cachesim_jit import _next_use
+    from traces.demand import next_use
+
+    steps, u, _ = case
+    seq = seq_of(steps, u)
+    nxt = next_use(seq)  # numpy below JIT_MIN_DEMANDS
+    assert np.array_equal(nxt, _next_use(seq.keys, u))
+    for i, k in enumerate(seq.keys.tolist()):  # the next position of the same key
+        later = [j for j in range(i + 1, seq.num_demands) if seq.keys[j] == k]
+        assert nxt[i] == (later[0] if later else np.iinfo(np.int64).max)

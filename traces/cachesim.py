@@ -6,7 +6,8 @@ and is loaded, evicting a cached key when the cache is full. While the cache can
 whole step, the step's keys are pinned together and never evicted for each other; a step
 larger than the cache runs in waves, and its keys may go once used.
 
-:func:`min_run` runs MIN (Belady) at one capacity in O(N log N) with a lazy max-heap: it
+:func:`min_run` runs MIN (Belady) at one capacity in O(N log N) with a lazy max-heap
+(numba for large inputs, pure Python for small ones, :mod:`traces.cachesim_jit`): it
 evicts the key whose next use is furthest ahead (a key never used again first), the
 step's own keys excepted unless the step runs in waves; in waves the key just loaded
 may go too once used. It is the optimum over every cache schedule of this model (the
@@ -30,136 +31,75 @@ hold every step the stack's MIN equals :func:`min_run`.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
-from numba import njit
 
-from traces.demand import NEVER, DemandSequence, next_use
+from traces.demand import JIT_MIN_DEMANDS, NEVER, DemandSequence, next_use
 
-LRU, LFU, MIN = 0, 1, 2
-KINDS = {"lru": LRU, "lfu": LFU, "min": MIN}
+KINDS = {"lru": 0, "lfu": 1, "min": 2}  # as traces.cachesim_jit's LRU, LFU, MIN
 
 
-@njit(cache=True)
-def _push(hv, hk, n, v, k):  # max-heap on hv; returns the new size (arrays may grow)
-    if n == hv.size:
-        hv2 = np.empty(2 * n + 16, np.int64)
-        hk2 = np.empty(2 * n + 16, np.int64)
-        hv2[:n] = hv[:n]
-        hk2[:n] = hk[:n]
-        hv, hk = hv2, hk2
-    i = n
-    hv[i] = v
-    hk[i] = k
-    while i > 0:
-        p = (i - 1) >> 1
-        if hv[p] >= hv[i]:
-            break
-        hv[p], hv[i] = hv[i], hv[p]
-        hk[p], hk[i] = hk[i], hk[p]
-        i = p
-    return hv, hk, n + 1
-
-
-@njit(cache=True)
-def _pop(hv, hk, n):  # removes the top; returns the new size
-    n -= 1
-    hv[0] = hv[n]
-    hk[0] = hk[n]
-    i = 0
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        if c + 1 < n and hv[c + 1] > hv[c]:
-            c += 1
-        if hv[i] >= hv[c]:
-            break
-        hv[c], hv[i] = hv[i], hv[c]
-        hk[c], hk[i] = hk[i], hk[c]
-        i = c
-    return n
-
-
-@njit(cache=True)
-def _min_kernel(keys, step_start, nxt, num_keys, capacity, lo_step, hi_step, initial, free_init):
-    """MIN over steps [lo_step, hi_step) (see :func:`min_run`). ``initial``: keys cached at the start; with
-    ``free_init``, instead the first ``capacity`` distinct keys of the range (the best
-    free start). Next uses at or after the range end count as never. Returns
-    (hits, misses)."""
-    lo = step_start[lo_step]
-    hi = step_start[hi_step]
-    cached = np.zeros(num_keys, np.bool_)
-    cur = np.full(num_keys, NEVER, np.int64)  # next use of each cached key
-    stamp = np.full(num_keys, -1, np.int64)  # the step a key was last demanded in
-    hv = np.empty(max(16, 2 * (hi - lo) + capacity), np.int64)
-    hk = np.empty(hv.size, np.int64)
-    n = 0
-    used = 0
+def _min_python(keys, step_start, nxt, num_keys, capacity, lo_step, hi_step, initial, free_init):
+    """:func:`traces.cachesim_jit._min_kernel` in pure Python, the same steps (for small
+    inputs, where importing numba costs more than it saves). Returns (hits, misses)."""
+    st = step_start[lo_step : hi_step + 1].tolist()
+    lo, hi = st[0], st[-1]
+    ks = keys[lo:hi].tolist()
+    nx = [v if v < hi else NEVER for v in nxt[lo:hi].tolist()]
+    cur: dict[int, int] = {}  # cached key -> its next use
+    stamp: dict[int, int] = {}
+    heap: list[tuple[int, int]] = []  # (-next use, key): a max-heap on the next use
     if free_init:
-        for i in range(lo, hi):
-            if used >= capacity:
+        for i, k in enumerate(ks):
+            if len(cur) >= capacity:
                 break
-            k = keys[i]
-            if not cached[k]:
-                cached[k] = True
-                cur[k] = i
-                hv, hk, n = _push(hv, hk, n, i, k)
-                used += 1
+            if k not in cur:
+                cur[k] = lo + i
+                heap.append((-(lo + i), k))
     else:
-        first = np.full(num_keys, NEVER, np.int64)
-        for i in range(hi - 1, lo - 1, -1):
-            first[keys[i]] = i
-        for j in range(initial.size):
-            k = initial[j]
-            if not cached[k] and used < capacity:
-                cached[k] = True
-                cur[k] = first[k]
-                hv, hk, n = _push(hv, hk, n, first[k], k)
-                used += 1
-    hits = 0
-    misses = 0
-    stash_v = np.empty(64, np.int64)
-    stash_k = np.empty(64, np.int64)
+        first: dict[int, int] = {}
+        for i in range(len(ks) - 1, -1, -1):
+            first[ks[i]] = lo + i
+        for k in initial.tolist():
+            if k not in cur and len(cur) < capacity:
+                cur[k] = first.get(k, NEVER)
+                heap.append((-cur[k], k))
+    heapq.heapify(heap)
+    push, pop, cur_get, stamp_get = heapq.heappush, heapq.heappop, cur.get, stamp.get
+    hits = misses = 0
     for s in range(lo_step, hi_step):
-        a, b = step_start[s], step_start[s + 1]
+        a, b = st[s - lo_step] - lo, st[s - lo_step + 1] - lo
         waves = b - a > capacity
+        missing = []
         for i in range(a, b):  # hits first: what is resident when the step starts
-            k = keys[i]
-            if cached[k]:
+            k = ks[i]
+            if k in cur:
                 hits += 1
-                v = nxt[i] if nxt[i] < hi else NEVER
+                v = nx[i]
                 cur[k] = v
                 stamp[k] = s
-                hv, hk, n = _push(hv, hk, n, v, k)
-        ns = 0  # this step's keys popped from the heap, kept aside until the step ends
-        for i in range(a, b):
-            k = keys[i]
-            if stamp[k] == s:
-                continue
+                push(heap, (-v, k))
+            else:
+                missing.append(i)
+        stash = []
+        for i in missing:
+            k = ks[i]
             misses += 1
-            v = nxt[i] if nxt[i] < hi else NEVER
-            cached[k] = True
+            v = nx[i]
             cur[k] = v
             stamp[k] = s
-            hv, hk, n = _push(hv, hk, n, v, k)
-            used += 1
-            while used > capacity:  # evict the key used furthest ahead
-                v, c = hv[0], hk[0]
-                n = _pop(hv, hk, n)
-                if not cached[c] or cur[c] != v:
+            push(heap, (-v, k))
+            while len(cur) > capacity:  # evict the key used furthest ahead
+                v, c = pop(heap)
+                if cur_get(c) != -v:
                     continue  # stale
-                if stamp[c] == s and not waves:  # pinned with the step: keep aside
-                    if ns == stash_v.size:
-                        stash_v = np.concatenate((stash_v, np.empty(ns, np.int64)))
-                        stash_k = np.concatenate((stash_k, np.empty(ns, np.int64)))
-                    stash_v[ns] = v
-                    stash_k[ns] = c
-                    ns += 1
+                if not waves and stamp_get(c) == s:  # pinned with the step: keep aside
+                    stash.append((v, c))
                     continue
-                cached[c] = False
-                used -= 1
-        for j in range(ns):
-            hv, hk, n = _push(hv, hk, n, stash_v[j], stash_k[j])
+                del cur[c]
+        for e in stash:
+            push(heap, e)
     return hits, misses
 
 
@@ -171,6 +111,7 @@ def min_run(
     initial: np.ndarray | None = None,
     steps: tuple[int, int] | None = None,
     free_start: bool = False,
+    jit: bool | None = None,
 ) -> tuple[int, int]:
     """(hits, misses) of MIN with ``capacity`` slots over ``seq`` (or its ``steps`` range).
 
@@ -178,7 +119,9 @@ def min_run(
     ``free_start``: start instead from the best possible cache (the first ``capacity``
     distinct keys of the range, Belady's choice), so ``misses`` is the fewest loads any
     schedule must make inside the range. ``nxt``: :func:`traces.demand.next_use` of
-    ``seq`` (computed when None). Contract: ``capacity >= 1``.
+    ``seq`` (computed when None). ``jit``: the numba kernel (True) or pure Python
+    (False); by default numba from ``JIT_MIN_DEMANDS`` demands on. Both give the same
+    result. Contract: ``capacity >= 1``.
     """
     if capacity < 1:
         raise ValueError("capacity must be >= 1")
@@ -186,60 +129,16 @@ def min_run(
     if nxt is None:
         nxt = next_use(seq)
     init = np.zeros(0, np.int64) if initial is None else np.asarray(initial, np.int64)
-    h, m = _min_kernel(
-        seq.keys, seq.step_start, nxt, seq.num_keys, int(capacity), lo, hi, init, free_start
-    )
+    args = (seq.keys, seq.step_start, nxt, seq.num_keys, int(capacity), lo, hi, init, free_start)
+    if jit is None:
+        jit = seq.step_start[hi] - seq.step_start[lo] >= JIT_MIN_DEMANDS
+    if jit:
+        from traces.cachesim_jit import _min_kernel
+
+        h, m = _min_kernel(*args)
+    else:
+        h, m = _min_python(*args)
     return int(h), int(m)
-
-
-@njit(cache=True)
-def _stack_kernel(keys, step_start, nxt, num_keys, kind, group):
-    """Depth histogram; keys ``k`` with equal ``k // group`` share one stack (one cache)."""
-    ngroups = (num_keys + group - 1) // group
-    stack = np.empty((ngroups, group), np.int64)
-    depth = np.zeros(ngroups, np.int64)
-    prio = np.zeros(num_keys, np.int64)
-    count = np.zeros(num_keys, np.int64)
-    stamp = np.full(num_keys, -1, np.int64)
-    hist = np.zeros(group + 1, np.int64)  # hist[d]: demands found at depth d (1-based)
-    big = np.int64(keys.size + 1)
-    for s in range(step_start.size - 1):
-        a, b = step_start[s], step_start[s + 1]
-        for i in range(a, b):  # the whole step is pinned from its start
-            stamp[keys[i]] = s
-        for i in range(a, b):
-            x = keys[i]
-            st = stack[x // group]
-            n = depth[x // group]
-            d = n
-            for j in range(n):
-                if st[j] == x:
-                    d = j
-                    break
-            if d < n:
-                hist[d + 1] += 1
-            else:
-                depth[x // group] = n + 1
-            if d > 0:
-                y = st[0]
-                y_in = stamp[y] == s
-                for j in range(1, d):
-                    z = st[j]
-                    z_in = stamp[z] == s
-                    # keep the higher priority at depth j, carry the lower one down
-                    if y_in > z_in or (y_in == z_in and prio[y] > prio[z]):
-                        st[j] = y
-                        y, y_in = z, z_in
-                st[d] = y
-            st[0] = x
-            if kind == LRU:
-                prio[x] = i
-            elif kind == LFU:
-                count[x] += 1
-                prio[x] = count[x] * big + i
-            else:
-                prio[x] = -nxt[i]
-    return hist
 
 
 def stack_histogram(
@@ -251,10 +150,12 @@ def stack_histogram(
     ``group``: keys ``k`` with equal ``k // group`` share a cache and the others do not
     (``group = J`` gives one cache per layer, each of c slots); default one cache."""
     code = KINDS[kind]
-    if code == MIN and nxt is None:
+    if kind == "min" and nxt is None:
         nxt = next_use(seq)
     if nxt is None:
         nxt = np.zeros(seq.keys.size, np.int64)
+    from traces.cachesim_jit import _stack_kernel
+
     g = seq.num_keys if group is None else group
     return _stack_kernel(seq.keys, seq.step_start, nxt, seq.num_keys, code, g)
 

@@ -20,12 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from traces.types import Workload
 
 Schedule = Sequence[Sequence[tuple[int, slice]]]  # iterations of (request index, rows)
 NEVER = np.iinfo(np.int64).max  # "no next use"
+# from this many demands on, the numba kernels (traces/cachesim_jit.py) beat their import
+# and load (~0.5 s a process); below it numpy and pure Python are faster end to end
+JIT_MIN_DEMANDS = 200_000
 
 
 @dataclass(frozen=True)
@@ -144,21 +146,21 @@ def demand_sequence(workload: Workload, schedule: Schedule | None = None) -> Dem
     return DemandSequence(keys, start, L * J)
 
 
-@njit(cache=True)
-def _next_use(keys, num_keys):
-    out = np.empty(keys.size, np.int64)
-    last = np.full(num_keys, NEVER, np.int64)
-    for i in range(keys.size - 1, -1, -1):
-        k = keys[i]
-        out[i] = last[k]
-        last[k] = i
-    return out
-
-
 def next_use(seq: DemandSequence) -> np.ndarray:
     """int64 [N]: for each demand, the position of the same key's next demand, or NEVER.
 
     Positions order demands totally (steps in order, keys ascending within a step), so
     two cached keys never tie on their next use unless neither is used again.
     """
-    return _next_use(seq.keys, seq.num_keys)
+    keys = seq.keys
+    if keys.size >= JIT_MIN_DEMANDS:
+        from traces.cachesim_jit import _next_use
+
+        return _next_use(keys, seq.num_keys)
+    out = np.full(keys.size, NEVER, dtype=np.int64)
+    if keys.size < 2:
+        return out
+    order = np.argsort(keys, kind="stable")
+    same = keys[order[1:]] == keys[order[:-1]]
+    out[order[:-1][same]] = order[1:][same]
+    return out
