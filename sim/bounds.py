@@ -11,7 +11,9 @@ policy's figures in one table.
   is the most hits any policy that loads only on demand can get; a policy that prefetches
   may exceed it (a prefetched expert is a hit that still cost a copy). What binds every
   policy is the loads: ``bound_loads_min`` (MIN's misses) is the fewest copies any
-  schedule can make, so ``bytes_h2d >= bound_loads_min * expert_bytes``.
+  schedule can make, so ``loads >= bound_loads_min`` (tested wherever the cache holds a
+  whole layer step; with waves MIN's choices inside a step are checked only against the
+  brute force of the model, not against the simulator's wave order).
 - ``bound_tpot_s``: a floor on the mean TPOT. For each request, its decode (from its first
   token to its last) takes at least (a) the compute of those iterations on the
   simulator's cost model with no stall, no executor overhead and no copy interference,
@@ -186,8 +188,10 @@ def _tpot_floor(
     config: SimConfig,
     plan: RunPlan,
     per_device: list[tuple[DemandSequence, np.ndarray, int]],
+    jit: bool,
 ) -> float | None:
-    """Mean over requests with output_len > 1 of their decode floor / (output_len - 1)."""
+    """Mean over requests with output_len > 1 of their decode floor / (output_len - 1)
+    (``jit``: numba for the windows' MIN, see :func:`traces.cachesim.min_run`)."""
     spec, hw = config.model, config.hardware
     timing = Timing(hw, spec, config.pinned)
     comp = _iteration_compute(_Compute(timing, workload, hw.num_gpus), workload, plan)
@@ -195,8 +199,6 @@ def _tpot_floor(
     L = spec.num_moe_layers
     eb = spec.expert_bytes
     cap_Bps = hw.host_bandwidth_cap_Bps
-    # numba for every window once the run is large (one import, many windows)
-    jit = sum(seq.num_demands for seq, _, _ in per_device) >= JIT_MIN_DEMANDS
     floors = []
     for i, req in enumerate(workload.requests):
         out = req.output_len
@@ -241,6 +243,7 @@ def run_bounds(
     spec = config.model
     J, n = spec.num_experts, len(capacities)
     seq = demand_sequence_for(workload, plan)
+    jit = seq.num_demands >= JIT_MIN_DEMANDS  # numba for every pass once the run is large
     hits = demands = loads = 0
     per_device = []
     for d, cap in enumerate(capacities):
@@ -249,12 +252,12 @@ def run_bounds(
         init = None
         if initial is not None and initial[d]:
             init = np.array([lay * J + e for lay, e in initial[d]], dtype=np.int64)
-        h, m = min_run(sub, cap, nxt=nxt, initial=init)
+        h, m = min_run(sub, cap, nxt=nxt, initial=init, jit=jit)
         hits, demands, loads = hits + h, demands + h + m, loads + m
         per_device.append((sub, nxt, cap))
     return {
         "bound_hit_belady": hits / demands if demands else None,
         "bound_loads_min": loads,
-        "bound_tpot_s": _tpot_floor(workload, config, plan, per_device),
+        "bound_tpot_s": _tpot_floor(workload, config, plan, per_device, jit),
         "bound_wall_s": time.perf_counter() - t0,
     }
