@@ -202,25 +202,32 @@ def test_bounds_need_a_timing_free_schedule() -> None:
 def test_batch_schedule_demands_match_the_simulator() -> None:
     """The replayed schedule demands what the simulator demands, step for step."""
     spec = small_spec(layers=3, experts=6, top_k=2)
-    w = random_workload(spec, num_requests=5, seed=3)
     hw = exact_profile(expert_s=1e-4, dense_s=1e-4, head_s=1e-4, bandwidth_Bps=1e7)
-    for batching, bs in (("continuous", 1), ("continuous", 3), ("static", 2)):
+    w = random_workload(spec, num_requests=5, seed=3, arrival_gap_s=2e-4)
+    cases = [("continuous", 1, "closed"), ("continuous", 3, "closed"), ("static", 2, "closed")]
+    cases += [("continuous", 1, "trace"), ("static", 2, "trace")]  # timing-free too
+    for batching, bs, arrivals in cases:
         cfg = SimConfig(
             model=spec,
             hardware=hw,
             cache_experts=36,
             batch_size=bs,
             batching=batching,
-            arrivals="closed",
+            arrivals=arrivals,
         )
         m = simulate(w, cfg).metrics
-        plan = plan_iterations(w, cfg, closed=True)
+        plan = plan_iterations(w, cfg, closed=arrivals == "closed")
         assert plan is not None
         seq = demand_sequence_for(w, plan)
         assert seq.num_demands == m["demands"]
         assert seq.num_steps == m["layer_steps"]
         # the whole model fits: MIN misses each expert once, as LRU does
         assert m["bound_loads_min"] == m["loads"] == len(set(seq.keys.tolist()))
+        # a smaller cache: the simulator's LRU hits exactly what the LRU stack finds on
+        # the replayed sequence, so the sequence matches step for step, in order
+        small = simulate(w, cfg.model_copy(update={"cache_experts": 8})).metrics
+        assert small["hits"] == hits_by_capacity(seq, "lru")[8]
+        assert small["hits"] <= min_run(seq, 8)[0]
 
 
 def test_sequential_demands_are_the_distinct_experts_per_layer_step() -> None:
