@@ -95,8 +95,8 @@ def _demo(args: argparse.Namespace) -> None:
     print_table(table.to_dict(orient="records"))
     print(
         "bounds (same for every policy of a workload): bound_hit_belady = Belady's MIN hit rate "
-        "loading on demand (prefetching may pass it); bound_tpot_s = TPOT floor: compute plus "
-        "MIN's fewest copies at full link bandwidth, overlapped perfectly (docs/bounds.md)"
+        "loading on demand (prefetching may pass it); bound_tpot_s = TPOT floor: the larger of "
+        "the compute and MIN's fewest copies at full link bandwidth (docs/bounds.md)"
     )
     print()
     print(
