@@ -25,7 +25,8 @@ policy's figures in one table.
   divided by its ``output_len - 1`` and averaged as ``tpot_mean_s`` is.
 
 Schedules: the batch schedule is replayed from the config (FCFS, the run's batcher) when
-it does not depend on time: batch size 1, closed-loop arrivals, or static batching. With
+it does not depend on time: batch size 1, closed-loop arrivals, static batching, or a
+served trace's recorded admissions (``arrivals="schedule"``). With
 continuous batching of several requests on trace arrivals, who shares an iteration
 depends on timing and so on the policy: the bounds are then None (``bound_note`` says so).
 """
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.batching import make_batcher
+from sim.batching import make_batcher, schedule_batcher
 from sim.config import SimConfig
 from sim.timing import Timing
 from traces.cachesim import min_run
@@ -66,36 +67,47 @@ class RunPlan:
 
 
 def plan_iterations(workload: Workload, config: SimConfig, closed: bool) -> RunPlan | None:
-    """Replay the batcher (see the module doc); None when the schedule depends on time."""
+    """Replay the batcher (see the module doc); None when the schedule depends on time.
+
+    ``--arrivals schedule`` (a served trace's own admissions) replays
+    :class:`sim.batching.ScheduleBatcher`, which counts iterations, not seconds."""
     reqs = workload.requests
     B = config.batch_size
-    if not (B == 1 or closed or config.batching == "static"):
+    scheduled = config.arrivals == "schedule"
+    if not (B == 1 or closed or scheduled or config.batching == "static"):
         return None
     order = (
         list(range(len(reqs)))
-        if closed
+        if closed or scheduled
         else sorted(range(len(reqs)), key=lambda i: (reqs[i].arrival_s, i))
     )
     first = [0] * len(reqs)
-    if B == 1:  # one at a time, FCFS, with either batcher
+    if B == 1 and not scheduled:  # one at a time, FCFS, with either batcher
         n = 0
         for i in order:
             first[i] = n
             n += reqs[i].num_iterations
         return RunPlan(order, first, None)
-    batcher = make_batcher(config.batching, B)
+    schedule: list[list[tuple[int, slice]]] = []
+    batcher = (
+        schedule_batcher(workload, lambda: len(schedule))
+        if scheduled
+        else make_batcher(config.batching, B)
+    )
     waiting = list(reversed(order))
     running: list[list[int]] = []  # [request index, next iteration]
-    schedule: list[list[tuple[int, slice]]] = []
     while waiting or running:
         for _ in range(batcher.admit(len(waiting), len(running), False)):
             i = waiting.pop()
             first[i] = len(schedule)
             running.append([i, 0])
+        if not running:  # cannot happen with these batchers; guards the loop
+            raise RuntimeError("batcher admitted nothing with nothing running")
         schedule.append([(i, reqs[i].iteration_rows(it)) for i, it in running])
         for s in running:
             s[1] += 1
         running = [s for s in running if s[1] < reqs[s[0]].num_iterations]
+    order = sorted(range(len(reqs)), key=lambda i: first[i])
     return RunPlan(order, first, schedule)
 
 

@@ -206,6 +206,9 @@ def test_batch_schedule_demands_match_the_simulator() -> None:
     w = random_workload(spec, num_requests=5, seed=3, arrival_gap_s=2e-4)
     cases = [("continuous", 1, "closed"), ("continuous", 3, "closed"), ("static", 2, "closed")]
     cases += [("continuous", 1, "trace"), ("static", 2, "trace")]  # timing-free too
+    for r, it in zip(w.requests, [0, 0, 2, 3, 9], strict=True):  # a served trace's admissions
+        r.tags["served_iteration"] = it
+    cases += [("continuous", 1, "schedule")]
     for batching, bs, arrivals in cases:
         cfg = SimConfig(
             model=spec,
@@ -216,7 +219,7 @@ def test_batch_schedule_demands_match_the_simulator() -> None:
             arrivals=arrivals,
         )
         m = simulate(w, cfg).metrics
-        plan = plan_iterations(w, cfg, closed=arrivals == "closed")
+        plan = plan_iterations(w, cfg, closed=arrivals != "trace")
         assert plan is not None
         seq = demand_sequence_for(w, plan)
         assert seq.num_demands == m["demands"]
