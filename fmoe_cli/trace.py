@@ -1,4 +1,4 @@
-"""`fmoe trace`: synth, import, info, stats, mrc, prompts, capture.
+"""`fmoe trace`: synth, import, info, stats, mrc, convert, prompts, capture.
 
 ``trace_subparsers`` is kept at module level so plugins can add subcommands.
 """
@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_info(trace_sub)
     _register_stats(trace_sub)
     _register_mrc(trace_sub)
+    _register_convert(trace_sub)
     _register_prompts(trace_sub)
     _register_capture(trace_sub)
 
@@ -116,6 +117,7 @@ def _register_synth(sub: argparse._SubParsersAction) -> None:
         help="fit popularity/affinity/re-use/lengths to this trace and generate from the fit",
     )
     _add_config_flags(p)
+    _add_top_n_flag(p)
     add_json_flag(p)
     p.set_defaults(func=_synth)
 
@@ -134,9 +136,19 @@ def _synth_config(args: argparse.Namespace):
         raise InputError(f"synth config: {validation_message(exc)}") from None
 
 
+def _progress(total: int, what: str):
+    """A tqdm bar on stderr (off when stderr is not a terminal and FMOE_PROGRESS is unset)."""
+    import os
+
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() or os.environ.get("FMOE_PROGRESS") == "1"
+    return tqdm(total=total, desc=what, unit="req", file=sys.stderr, disable=not show)
+
+
 def _synth(args: argparse.Namespace) -> None:
-    from traces.io import load_workload, save_workload
-    from traces.synth import fit, generate
+    from traces.io import load_workload, write_requests
+    from traces.synth import fit, generate_stream
 
     if not args.model and not args.fit:
         raise InputError("--model is required (unless --fit names a trace)")
@@ -144,7 +156,8 @@ def _synth(args: argparse.Namespace) -> None:
     cfg = _synth_config(args)
     if args.fit:
         fitted = fit(load_workload(args.fit, spec))
-        w = fitted.generate(
+        spec = fitted.spec
+        prov, reqs = fitted.generate_stream(
             cfg.num_requests,
             cfg.seed,
             cfg.with_gate_probs,
@@ -154,14 +167,73 @@ def _synth(args: argparse.Namespace) -> None:
         )
     else:
         assert spec is not None
-        w = generate(spec, cfg)
-    save_workload(w, args.out)
-    info = {**w.info(), "path": str(args.out)}
+        stream = generate_stream(spec, cfg)
+        prov, reqs = stream.provenance, stream.requests
+    with _progress(cfg.num_requests, "synth") as bar:
+        write_requests(args.out, spec, reqs, prov, gate_top_n=args.gate_top_n, progress=bar)
+    from traces.io import load_workload as _load
+
+    info = {**_load(args.out).info(), "path": str(args.out)}
     if args.json:
         print_json(info)
     else:
         print(
             f"wrote {args.out}: {info['requests']} requests, {info['tokens']} token rows, model {info['model']}"
+        )
+
+
+def _add_top_n_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gate-top-n",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="entries kept per gate/lookahead probability row (sparse, the rest as one mass); "
+        "0 = dense float16 rows (default: 2 x top-K where that is smaller than dense)",
+    )
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+# -- convert --------------------------------------------------------------------------------
+def _register_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="rewrite a trace (format 1 or 2) as format 2")
+    p.add_argument("input", metavar="IN", help="trace file to read")
+    p.add_argument("output", metavar="OUT", help="trace file to write (format 2)")
+    _add_top_n_flag(p)
+    add_json_flag(p)
+    p.set_defaults(func=_convert)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    import os
+
+    from traces.io import convert_trace, file_version
+
+    version = file_version(args.input)
+    w = convert_trace(args.input, args.output, gate_top_n=args.gate_top_n)
+    info = {
+        "input": str(args.input),
+        "input_version": version,
+        "output": str(args.output),
+        "requests": len(w.requests),
+        "input_bytes": os.path.getsize(args.input),
+        "output_bytes": os.path.getsize(args.output),
+    }
+    if args.json:
+        print_json(info)
+    else:
+        print(
+            f"wrote {args.output} (format 2) from {args.input} (format {version}): "
+            f"{info['requests']} requests, {info['input_bytes']} -> {info['output_bytes']} bytes"
         )
 
 

@@ -148,7 +148,7 @@ def test_import_with_explicit_fields(tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["trace", "info", "{bad}"], "not a readable trace file"),
+        (["trace", "info", "{bad}"], "not an fmoe trace file"),
         (["trace", "info", "{missing}"], "no such file"),
         (
             [

@@ -1,4 +1,5 @@
-"""The trace file format: exact round trips, clear errors for bad files, atomic writes."""
+"""Trace format version 1 (still read): exact round trips, clear errors for bad files, atomic
+writes. Format version 2 has its own tests (test_traces_v2.py, test_traces_corrupt.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import traces.io as tio
 from specs.errors import InputError
 from tests.strategies import random_workload, small_spec, workloads
 from traces.io import load_workload, save_workload
+from traces.io_v1 import save_v1
 from traces.types import Workload
 
 
@@ -68,6 +70,7 @@ def rich_workloads(draw: st.DrawFn) -> Workload:
             r.routing.gate_probs = r.routing.gate_probs.astype(np.float16)
         if draw(st.booleans()):  # some requests lack a field the others have
             r.routing.lookahead = None
+    w.requests.sort(key=lambda r: r.arrival_s)  # unsorted ones are sorted on load (a note)
     w.provenance = {"source": "hypothesis", "n": len(w.requests)}
     return w
 
@@ -77,7 +80,7 @@ def rich_workloads(draw: st.DrawFn) -> Workload:
 def test_random_workloads_round_trip_exactly(w: Workload) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.trace"
-        save_workload(w, path)
+        save_v1(w, path)
         back = load_workload(path)
         assert_same(w, back)
         assert sorted(p.name for p in Path(tmp).iterdir()) == ["w.trace"]  # no temp files left
@@ -85,7 +88,7 @@ def test_random_workloads_round_trip_exactly(w: Workload) -> None:
 
 def test_empty_workload_round_trips(tmp_path: Path) -> None:
     w = Workload(small_spec(), [], {"source": "empty"})
-    save_workload(w, tmp_path / "e.trace")
+    save_v1(w, tmp_path / "e.trace")
     back = load_workload(tmp_path / "e.trace")
     assert back.requests == [] and back.spec == w.spec
 
@@ -94,7 +97,7 @@ def test_float64_is_narrowed_to_float32(tmp_path: Path) -> None:
     w = random_workload(small_spec(), num_requests=2, seed=3)
     for r in w.requests:
         r.routing.gate_probs = r.routing.gate_probs.astype(np.float64) + 1e-12
-    save_workload(w, tmp_path / "w.trace")
+    save_v1(w, tmp_path / "w.trace")
     back = load_workload(tmp_path / "w.trace")
     for x, y in zip(w.requests, back.requests, strict=True):
         assert y.routing.gate_probs.dtype == np.float32
@@ -102,7 +105,7 @@ def test_float64_is_narrowed_to_float32(tmp_path: Path) -> None:
 
 
 def test_loaded_requests_are_views_of_flat_arrays(tmp_path: Path) -> None:
-    save_workload(random_workload(small_spec(), num_requests=3, seed=1), tmp_path / "w.trace")
+    save_v1(random_workload(small_spec(), num_requests=3, seed=1), tmp_path / "w.trace")
     back = load_workload(tmp_path / "w.trace")
     base = back.requests[0].routing.topk_ids.base
     assert base is not None
@@ -110,7 +113,7 @@ def test_loaded_requests_are_views_of_flat_arrays(tmp_path: Path) -> None:
 
 
 def test_spec_mismatch_on_load_is_named(tmp_path: Path) -> None:
-    save_workload(random_workload(small_spec(top_k=2), seed=1), tmp_path / "w.trace")
+    save_v1(random_workload(small_spec(top_k=2), seed=1), tmp_path / "w.trace")
     with pytest.raises(InputError, match=r"w\.trace.*top_k is 2.*has 3"):
         load_workload(tmp_path / "w.trace", small_spec(top_k=3))
     same = small_spec(top_k=2).model_copy(update={"name": "other-name"})
@@ -136,9 +139,7 @@ def _rewrite(path: Path, tensors: dict[str, np.ndarray], meta: dict) -> None:
 @pytest.fixture
 def good(tmp_path: Path) -> Path:
     path = tmp_path / "good.trace"
-    save_workload(
-        random_workload(small_spec(layers=3, experts=6, top_k=2), num_requests=4, seed=7), path
-    )
+    save_v1(random_workload(small_spec(layers=3, experts=6, top_k=2), num_requests=4, seed=7), path)
     return path
 
 
@@ -154,7 +155,7 @@ def test_truncated_file(good: Path) -> None:
 def test_not_a_trace_file(tmp_path: Path) -> None:
     p = tmp_path / "x.json"
     p.write_text('{"selections": []}')
-    with pytest.raises(InputError, match=r"x\.json: not a readable trace file"):
+    with pytest.raises(InputError, match=r"x\.json: not an fmoe trace file"):
         load_workload(p)
     q = tmp_path / "plain.safetensors"
     save_file({"a": np.zeros(3)}, str(q))
@@ -261,7 +262,7 @@ def test_failed_write_leaves_nothing_and_keeps_old_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "w.trace"
-    save_workload(random_workload(small_spec(), num_requests=1, seed=1), path)
+    save_v1(random_workload(small_spec(), num_requests=1, seed=1), path)
     before = path.read_bytes()
 
     def half_write(tensors, filename, metadata=None):
@@ -272,11 +273,11 @@ def test_failed_write_leaves_nothing_and_keeps_old_file(
 
     monkeypatch.setattr(safetensors.numpy, "save_file", half_write)
     with pytest.raises(OSError, match="disk full"):
-        save_workload(random_workload(small_spec(), num_requests=3, seed=2), path)
+        save_v1(random_workload(small_spec(), num_requests=3, seed=2), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.trace"]
     with pytest.raises(OSError):
-        save_workload(random_workload(small_spec(), num_requests=3, seed=2), tmp_path / "new.trace")
+        save_v1(random_workload(small_spec(), num_requests=3, seed=2), tmp_path / "new.trace")
     assert not (tmp_path / "new.trace").exists()
 
 

@@ -1,0 +1,192 @@
+"""The sampling core shared by the knob-driven generator and the fitted one.
+
+Request-level draws (lengths, arrivals, the flat token index), the layer-by-layer routing
+sampler (vectorized over a range of tokens) and the assembly of Request objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from specs.model_spec import ModelSpec
+from traces.types import Request, Routing
+
+
+@dataclass
+class _Skeleton:
+    """Request-level draws: lengths, arrivals, and the flat token index."""
+
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    arrival_s: np.ndarray
+    offsets: np.ndarray
+    req_of_token: np.ndarray
+    first: np.ndarray  # token is its request's first row
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+def _skeleton(prompt_len: np.ndarray, output_len: np.ndarray, arrival_s: np.ndarray) -> _Skeleton:
+    counts = prompt_len + output_len - 1
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    req = np.repeat(np.arange(len(counts)), counts)
+    first = np.zeros(int(offsets[-1]), dtype=bool)
+    first[offsets[:-1]] = True
+    return _Skeleton(prompt_len, output_len, arrival_s, offsets, req, first)
+
+
+def _lognormal_lengths(
+    rng: np.random.Generator, n: int, mean: float, sigma: float, cap: int
+) -> np.ndarray:
+    if sigma == 0:
+        return np.full(n, int(np.clip(round(mean), 1, cap)), dtype=np.int64)
+    mu = math.log(mean) - sigma**2 / 2  # so that E[exp(N(mu, sigma))] = mean
+    return np.clip(np.rint(rng.lognormal(mu, sigma, n)), 1, cap).astype(np.int64)
+
+
+def _arrivals(rng: np.random.Generator, n: int, kind: str, rate: float) -> np.ndarray:
+    if rate == 0:
+        return np.zeros(n)
+    if kind == "fixed":
+        return np.arange(n) / rate
+    gaps = rng.exponential(1.0 / rate, n)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+def _softmax(z: np.ndarray, temperature: float) -> np.ndarray:
+    e = np.exp((z - z.max(axis=-1, keepdims=True)) / np.float32(temperature))
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def _sample_routing(
+    sk: _Skeleton,
+    spec: ModelSpec,
+    rng: np.random.Generator,
+    base_logits,  # (layer, prev_ids [N, K] | None) -> logits [N, J]
+    reuse: np.ndarray,  # [L] probability of copying the previous token's row
+    noise: float,
+    temperature: float,
+    normalize_topk: bool,
+    lookahead_noise: float,
+    with_probs: bool,
+    with_lookahead: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Sample top-K routing for every token, layer by layer (vectorized over tokens)."""
+    N, L, J, K = sk.num_tokens, spec.num_moe_layers, spec.num_experts, spec.top_k
+    ids = np.empty((N, L, K), dtype=np.int16)
+    weights = np.empty((N, L, K), dtype=np.float32)
+    probs_all = np.empty((N, L, J), dtype=np.float32) if with_probs else None
+    logits_all = np.empty((N, L, J), dtype=np.float32) if with_lookahead else None
+    arange = np.arange(N)
+    # one draw per token for all layers: copies nest across layers (a token that copies at
+    # a layer with low re-use copies at every layer with higher re-use), so a copied
+    # token keeps a consistent layer-to-layer path instead of mixing two tokens' paths
+    copy_draw = rng.random(N)
+    prev: np.ndarray | None = None
+    for layer in range(L):
+        z = np.asarray(base_logits(layer, prev), dtype=np.float32)
+        if noise > 0:
+            u = np.maximum(rng.random((N, J), dtype=np.float32), np.float32(1e-12))
+            z = z - np.float32(noise) * np.log(-np.log(u))  # Gumbel(0, noise)
+        # temporal locality: copy the row of the nearest earlier token that did not copy
+        copy = (copy_draw < reuse[layer]) & ~sk.first
+        src = np.maximum.accumulate(np.where(copy, 0, arange))
+        z = z[src].astype(np.float32)
+        p = _softmax(z, temperature).astype(np.float32)
+        # top-K read off the stored float32 gate row, so the two always agree
+        top = np.argpartition(-p, K - 1, axis=-1)[:, :K] if K < J else np.tile(np.arange(J), (N, 1))
+        order = np.argsort(-np.take_along_axis(p, top, -1), axis=-1, kind="stable")
+        top = np.take_along_axis(top, order, -1)
+        w = np.take_along_axis(p, top, axis=-1)
+        if normalize_topk:
+            w = w / w.sum(axis=-1, keepdims=True)
+        ids[:, layer], weights[:, layer] = top, w
+        if probs_all is not None:
+            probs_all[:, layer] = p
+        if logits_all is not None:
+            logits_all[:, layer] = z
+        prev = top
+    look = None
+    if logits_all is not None:
+        look = np.zeros((N, L, J), dtype=np.float32)
+        if L > 1:
+            noise_rows = rng.standard_normal((N, L - 1, J), dtype=np.float32)
+            nxt = logits_all[:, 1:] + np.float32(lookahead_noise) * noise_rows
+            look[:, :-1] = _softmax(nxt, temperature)
+    return ids, weights, probs_all, look
+
+
+def _assemble(
+    sk: _Skeleton,
+    routing: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
+    embeddings: np.ndarray | None,
+    tags: list[dict[str, Any]],
+    prefix: str,
+    first: int = 0,
+) -> list[Request]:
+    """Requests of a skeleton's rows; request i is named ``prefix + str(first + i)``."""
+    ids, weights, probs, look = routing
+    reqs = []
+    off = sk.offsets.tolist()
+    for i in range(len(sk.prompt_len)):
+        sl = slice(off[i], off[i + 1])
+        reqs.append(
+            Request(
+                request_id=f"{prefix}{first + i}",
+                arrival_s=float(sk.arrival_s[i]),
+                prompt_len=int(sk.prompt_len[i]),
+                output_len=int(sk.output_len[i]),
+                routing=Routing(
+                    topk_ids=ids[sl],
+                    topk_weights=weights[sl],
+                    gate_probs=None if probs is None else probs[sl],
+                    embeddings=None if embeddings is None else embeddings[sl],
+                    lookahead=None if look is None else look[sl],
+                ),
+                tags=tags[i],
+            )
+        )
+    return reqs
+
+
+def chunk_bounds(counts: np.ndarray, max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive request ranges [a, b) of at most ``max_tokens`` rows (at least one request)."""
+    bounds, a, acc = [], 0, 0
+    for i, c in enumerate(counts.tolist()):
+        if i > a and acc + c > max_tokens:
+            bounds.append((a, i))
+            a, acc = i, 0
+        acc += c
+    if len(counts):
+        bounds.append((a, len(counts)))
+    return bounds
+
+
+def chunk_tokens(spec: ModelSpec, with_probs: bool, with_lookahead: bool, budget: int) -> int:
+    """Token rows per generation chunk so its float32 working arrays stay near ``budget``."""
+    L, J = spec.num_moe_layers, spec.num_experts
+    per = 4 * J * 6 + 4 * L * J * (int(with_probs) + 2 * int(with_lookahead))
+    return max(1, budget // per)
+
+
+def _sub_skeleton(sk: _Skeleton, a: int, b: int) -> _Skeleton:
+    return _skeleton(sk.prompt_len[a:b], sk.output_len[a:b], sk.arrival_s[a:b])
+
+
+def chunk_rng(rng: np.random.Generator, seed: list[int], index: int) -> np.random.Generator:
+    """The first chunk continues ``rng`` (so one chunk draws exactly what the whole-workload
+    generator draws); chunk c > 0 draws from its own stream ``seed + [c]``."""
+    return rng if index == 0 else np.random.default_rng([*seed, index])
+
+
+def _unit(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    v = rng.standard_normal(shape)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
