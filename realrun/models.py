@@ -55,6 +55,8 @@ ARCHS: dict[str, ArchAdapter] = {
     "olmoe": ArchAdapter(),
     "phimoe": ArchAdapter(router_attr="router"),
     "deepseek_v3": ArchAdapter(probs=sigmoid_rows),
+    "glm4_moe": ArchAdapter(probs=sigmoid_rows),  # sigmoid scores, as DeepSeek-V3
+    "gpt_oss": ArchAdapter(router_attr="router"),
 }
 """Architectures with tests. Others are tried with the defaults (router ``gate``, softmax)."""
 

@@ -67,6 +67,29 @@ def test_required_presets_exist() -> None:
     assert load_hardware("paper-6x3090").num_gpus == 6
 
 
+@pytest.mark.parametrize(
+    ("name", "moe_layers", "experts", "top_k", "hidden", "expert_inter", "twin"),
+    [
+        ("kimi-k2", 60, 384, 8, 7168, 2048, "tiny-deepseek-v3"),
+        ("qwen3-235b-a22b", 94, 128, 8, 4096, 1536, "tiny-qwen3-moe"),
+        ("gpt-oss-120b", 36, 128, 4, 2880, 2880, "tiny-gpt-oss"),
+        ("gpt-oss-20b", 24, 32, 4, 2880, 2880, "tiny-gpt-oss"),
+        ("glm-4.5-air", 45, 128, 8, 4096, 1408, "tiny-glm4-moe"),
+    ],
+)
+def test_fine_grained_presets_have_their_published_dimensions(
+    name: str, moe_layers: int, experts: int, top_k: int, hidden: int, expert_inter: int, twin: str
+) -> None:
+    """Figures of each model's config.json (cited in the preset), and a tiny CPU twin of the
+    same transformers family with a recipe."""
+    spec = load_model(name)
+    assert (spec.num_moe_layers, spec.num_experts, spec.top_k) == (moe_layers, experts, top_k)
+    assert (spec.hidden_size, spec.expert_intermediate_size) == (hidden, expert_inter)
+    assert any("config.json" in s for s in spec.sources)
+    tiny = load_model(twin)
+    assert tiny.family == spec.family and tiny.hf_recipe is not None
+
+
 def test_tiny_variant_has_experts_of_tens_of_mb() -> None:
     sizes = [load_model(n).expert_bytes for n in model_preset_names() if n.startswith("tiny-")]
     assert any(10e6 <= s <= 100e6 for s in sizes)

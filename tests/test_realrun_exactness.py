@@ -30,6 +30,7 @@ ARCH_PRESETS = [
     "tiny-olmoe",
     "tiny-qwen3-moe",
     "tiny-deepseek-v3",
+    "tiny-glm4-moe",
 ]
 
 
