@@ -9,8 +9,9 @@ Prints, from one run, each figure next to its goal:
 3. ``fmoe sim --policy lru`` of M and 10 x M Qwen3-30B-A3B requests: the peak RSS ratio
    (goal <= 1.2). These traces carry top-K routing only (no gate, lookahead or embedding
    rows: lru reads none) and short lengths (``--qwen-prompt``/``--qwen-output`` tokens on
-   average), so 10 x M requests simulate within a session; what the ratio measures is
-   how memory grows with the number of requests, which the lengths do not change
+   average, 4 and 2 by default), so 10 x M requests simulate within a session on a shared
+   2-core machine (the engine's speed is issue 21's other part); what the ratio measures
+   is how memory grows with the number of requests, which the lengths do not change
    (token rows are streamed from the file through a bounded cache either way).
 
 Every command runs in its own process (`python -m fmoe_cli.main ...`), which reports its
@@ -71,8 +72,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (50 / 40 / 400 requests)")
     ap.add_argument("--keep", help="keep the traces in this folder (default: a temp folder)")
-    ap.add_argument("--qwen-prompt", type=float, default=16.0)
-    ap.add_argument("--qwen-output", type=float, default=8.0)
+    ap.add_argument("--qwen-prompt", type=float, default=4.0, help="mean prompt tokens (Qwen3)")
+    ap.add_argument("--qwen-output", type=float, default=2.0, help="mean output tokens (Qwen3)")
     ap.add_argument(
         "--part", choices=["all", "deepseek", "qwen"], default="all", help="run one part only"
     )
