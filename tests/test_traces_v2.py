@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-import traces.v2_reader as v2r
+import traces.v2_lazy as v2r
 from specs.errors import InputError
 from specs.presets import load_model
 from tests.strategies import random_workload, small_spec, workloads

@@ -13,7 +13,7 @@ reading further). Then it reads every chunk once (one chunk in memory at a time)
 checks its CRC-32 and its values (ids in [0, J) and not repeated, weights finite, >= 0
 and <= MAX_WEIGHT, probabilities in [0, 1], embeddings finite).
 
-The workload it returns holds the request table and a :class:`TraceSource`; each
+The workload it returns holds the request table and a :class:`traces.v2_lazy.TraceSource`; each
 request's routing arrays are read from the file when first used (the chunk's CRC is
 checked again) and kept in a bounded cache, so a simulation's memory does not grow with
 the number of requests. Arrays handed out are read-only.
@@ -24,10 +24,8 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -37,10 +35,7 @@ from specs.jsonio import validation_message
 from specs.model_spec import ModelSpec
 from traces import integrity as ig
 from traces import v2_format as fmt
-from traces.types import Request, Routing, Workload
-
-DECODED_CACHE_BYTES = 256 * 2**20
-CHUNK_CACHE_BYTES = 64 * 2**20
+from traces.v2_lazy import LazyRouting, StreamedWorkload, TraceSource, _LazyRequest, _read_at
 
 
 def _fail_in(path: Path):
@@ -48,15 +43,6 @@ def _fail_in(path: Path):
         raise InputError(f"{path}: field {field}: {msg}")
 
     return fail
-
-
-def _read_at(path: Path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(n)
-    if len(data) != n:
-        raise InputError(f"{path}: truncated (wanted {n} bytes at {offset}, got {len(data)})")
-    return data
 
 
 def read_footer(path: Path) -> tuple[fmt.Footer, int]:
@@ -254,184 +240,6 @@ def _check_chunk(path: Path, ci: int, ch: fmt.Chunk, buf: bytes, spec: ModelSpec
             _check_f16(fail, name, arr, 1 + ig.PROB_TOL, where)
         elif name in ("embeddings", "prompt_embeddings"):
             _check_f16(fail, name, arr, None, where)
-
-
-# -- lazy access ---------------------------------------------------------------------------
-class TraceSource:
-    """A checked version-2 file: request rows on demand, through two bounded caches."""
-
-    def __init__(self, path: Path, footer: fmt.Footer, spec: ModelSpec, lay: _Layout) -> None:
-        self.path, self.footer, self.spec, self.lay = path, footer, spec, lay
-        self.chunk_of = np.zeros(len(footer.requests.ids), dtype=np.int64)
-        for ci, ch in enumerate(footer.chunks):
-            self.chunk_of[ch.first_request : ch.first_request + ch.num_requests] = ci
-        self._chunks: OrderedDict[int, bytes] = OrderedDict()
-        self._chunk_bytes = 0
-        self._decoded: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
-        self._decoded_bytes = 0
-
-    def has(self, name: str, i: int) -> bool:
-        mask = self.lay.masks.get(name)
-        return mask is not None and bool(mask[i])
-
-    def tokens(self, i: int) -> int:
-        return int(self.lay.tokens[i + 1] - self.lay.tokens[i])
-
-    def _chunk(self, ci: int) -> bytes:
-        buf = self._chunks.get(ci)
-        if buf is not None:
-            self._chunks.move_to_end(ci)
-            return buf
-        ch = self.footer.chunks[ci]
-        try:
-            buf = _read_at(self.path, ch.offset, ch.nbytes)
-        except OSError as exc:
-            raise InputError(f"{self.path}: cannot read chunk {ci} ({exc})") from None
-        if zlib.crc32(buf) != ch.crc32:  # the file changed since it was opened
-            raise InputError(f"{self.path}: chunk {ci}: checksum mismatch (the data is corrupt)")
-        self._chunks[ci] = buf
-        self._chunk_bytes += len(buf)
-        while self._chunk_bytes > CHUNK_CACHE_BYTES and len(self._chunks) > 1:
-            self._chunk_bytes -= len(self._chunks.popitem(last=False)[1])
-        return buf
-
-    def get(self, i: int, name: str) -> np.ndarray | None:
-        """Request ``i``'s rows of ``name`` (read-only), None when it does not carry it."""
-        key = (i, name)
-        arr = self._decoded.get(key)
-        if arr is not None:
-            self._decoded.move_to_end(key)
-            return arr
-        if name not in ("topk_ids", "topk_weights") and not self.has(name, i):
-            return None
-        arr = self._decode(i, name)
-        arr.flags.writeable = False
-        self._decoded[key] = arr
-        self._decoded_bytes += arr.nbytes
-        while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
-            self._decoded_bytes -= self._decoded.popitem(last=False)[1].nbytes
-        return arr
-
-    def _decode(self, i: int, name: str) -> np.ndarray:
-        ci = int(self.chunk_of[i])
-        ch = self.footer.chunks[ci]
-        buf = self._chunk(ci)
-        a = ch.first_request
-        offs = self.lay.tokens if name.startswith("topk") else self.lay.fields[name]
-        lo, hi = int(offs[i] - offs[a]), int(offs[i + 1] - offs[a])
-
-        def part(key: str) -> np.ndarray:
-            ref = ch.arrays[key]
-            row = int(np.prod(ref.shape[1:], dtype=np.int64))
-            dt = np.dtype(ref.dtype)
-            start = ref.offset - ch.offset + lo * row * dt.itemsize
-            flat = np.frombuffer(buf, dt, (hi - lo) * row, start)
-            return flat.reshape((hi - lo, *ref.shape[1:]))
-
-        if name == "topk_ids":
-            return part(name).astype(np.int16)
-        if name == "topk_weights":
-            return part(name).astype(np.float32)
-        info = self.footer.fields[name]
-        if name in fmt.PROB_FIELDS and info.storage == "sparse":
-            return fmt.decode_sparse(
-                part(f"{name}.ids"), part(f"{name}.probs"), part(f"{name}.rest"),
-                self.spec.num_experts,
-            )  # fmt: skip
-        out = part(name).copy()
-        return out[0] if name == "prompt_embeddings" else out
-
-
-class LazyRouting(Routing):
-    """A request's routing, read from its trace file when an array is first used."""
-
-    def __init__(self, source: TraceSource, index: int) -> None:  # no dataclass fields set
-        self._src, self._i = source, index
-
-    topk_ids = property(lambda self: self._src.get(self._i, "topk_ids"))  # type: ignore[assignment]
-    topk_weights = property(lambda self: self._src.get(self._i, "topk_weights"))  # type: ignore[assignment]
-    gate_probs = property(lambda self: self._src.get(self._i, "gate_probs"))  # type: ignore[assignment]
-    embeddings = property(lambda self: self._src.get(self._i, "embeddings"))  # type: ignore[assignment]
-    lookahead = property(lambda self: self._src.get(self._i, "lookahead"))  # type: ignore[assignment]
-
-    @property
-    def num_tokens(self) -> int:
-        return self._src.tokens(self._i)
-
-    def __repr__(self) -> str:
-        return f"LazyRouting({self._src.path.name!r}, request {self._i})"
-
-
-class _LazyRequest(Request):
-    """A Request whose prompt embedding is read on demand too."""
-
-    @property  # type: ignore[override]
-    def prompt_embedding(self) -> np.ndarray | None:
-        return self.routing._src.get(self.routing._i, "prompt_embeddings")
-
-    @prompt_embedding.setter
-    def prompt_embedding(self, value: Any) -> None:  # the dataclass __init__ assigns None
-        if value is not None:
-            raise AttributeError("a streamed request's prompt_embedding is read-only")
-
-
-@dataclass
-class StreamedWorkload(Workload):
-    """A Workload read lazily from a version-2 file (same interface as Workload).
-
-    ``validate`` only re-checks the request table: the rows were checked when the file
-    was opened and each chunk's checksum is checked again whenever it is read.
-    """
-
-    source: TraceSource | None = None
-
-    def _src_all(self, name: str) -> bool:
-        src = self.source
-        return bool(self.requests) and all(src.has(name, r.routing._i) for r in self.requests)
-
-    @property
-    def has_gate_probs(self) -> bool:
-        return self._src_all("gate_probs")
-
-    @property
-    def has_embeddings(self) -> bool:
-        return self._src_all("embeddings")
-
-    @property
-    def has_lookahead(self) -> bool:
-        return self._src_all("lookahead")
-
-    @property
-    def has_prompt_embeddings(self) -> bool:
-        return self._src_all("prompt_embeddings")
-
-    def validate(self, where: str = "") -> None:
-        ids = [r.request_id for r in self.requests]
-        if len(set(ids)) != len(ids):
-            raise InputError(f"{where}a request id appears twice")
-
-    def info(self) -> dict[str, Any]:
-        out = super().info()
-        assert self.source is not None
-        fields = self.source.footer.fields
-        out["format"] = {
-            "schema_version": fmt.SCHEMA_VERSION,
-            "file_bytes": self.source.path.stat().st_size,
-            "chunks": len(self.source.footer.chunks),
-            "probability_rows": {
-                k: (f"sparse top-{v.top_n}" if v.storage == "sparse" else "dense")
-                for k, v in fields.items()
-                if k in fmt.PROB_FIELDS
-            },
-        }
-        return out
-
-    def split(self, train_fraction: float = 0.7, seed: int = 0):
-        train, test = super().split(train_fraction, seed)
-        return (
-            StreamedWorkload(train.spec, train.requests, train.provenance, self.source),
-            StreamedWorkload(test.spec, test.requests, test.provenance, self.source),
-        )
 
 
 def open_v2(path: Path, spec: ModelSpec | None = None, verify: bool = True) -> StreamedWorkload:
