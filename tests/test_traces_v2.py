@@ -187,3 +187,17 @@ def test_fp16_weights_change_no_lru_figure_and_fmoe_within_tolerance(tmp_path: P
         else:
             assert abs(a["hit_rate"] - b["hit_rate"]) <= 0.02
             assert abs(a["tpot_mean_s"] - b["tpot_mean_s"]) <= 0.05 * a["tpot_mean_s"]
+
+
+def test_synth_streams_to_disk_with_a_progress_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fmoe_cli.main import main as fmoe_main
+
+    monkeypatch.setenv("FMOE_PROGRESS", "1")
+    out = tmp_path / "s.trace"
+    argv = ["trace", "synth", "--model", "tiny-mixtral", "--num-requests", "3", "--out", str(out)]
+    assert fmoe_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "synth" in err and "3/3" in err  # tqdm's bar, on stderr
+    assert file_version(out) == 2 and len(load_workload(out).requests) == 3
