@@ -40,8 +40,9 @@ TRAILER_BYTES = 24
 SCHEMA_VERSION = 2
 ALIGN = 8
 # A chunk is closed once its compact rows pass this size: large enough that per-chunk
-# overheads (a read, a CRC, a few numpy calls) vanish, small enough to hold a few at once.
-CHUNK_TARGET_BYTES = 16 * 2**20
+# overheads (a read, a CRC, a few numpy calls) vanish, small enough that the reader's
+# last two chunks are a few MiB next to the simulator's own memory.
+CHUNK_TARGET_BYTES = 4 * 2**20
 # Readers refuse chunks and footers above these before reading them (a corrupt header
 # must not make the reader allocate what the file claims). A writer never makes a chunk
 # larger than one request's rows plus the target; one request's rows of a 384-expert,

@@ -26,8 +26,14 @@ from traces.types import Request, Routing, Workload
 if TYPE_CHECKING:
     from traces.v2_reader import _Layout
 
-DECODED_CACHE_BYTES = 256 * 2**20
-CHUNK_CACHE_BYTES = 64 * 2**20
+# Decoded arrays live for two generations of accesses (see TraceSource.get); this cap
+# only ends a generation early when one holds this much.
+DECODED_CACHE_BYTES = 1024 * 2**20
+# Raw chunks kept: the running requests are neighbours in the file (arrival order), and a
+# chunk is read only when a request's rows are first decoded in a generation.
+CHUNK_CACHE_COUNT = 2
+# A generation ends after this many accesses, or twice the entries it holds if more.
+MIN_GENERATION = 64
 
 
 def _read_at(path: Path, offset: int, n: int) -> bytes:
@@ -40,7 +46,14 @@ def _read_at(path: Path, offset: int, n: int) -> bytes:
 
 
 class TraceSource:
-    """A checked version-2 file: request rows on demand, through two bounded caches."""
+    """A checked version-2 file: request rows on demand, through two bounded caches.
+
+    Decoded arrays are kept by generations, not by a fixed budget: an array survives
+    while it is used at least once per generation (a generation ends after
+    max(MIN_GENERATION, 2 x its entries) accesses), so the arrays of the running
+    requests, which the executor reads every iteration, stay decoded, and a finished
+    request's are dropped within two generations. Memory follows the working set, not
+    the number of requests. Raw chunks: the last CHUNK_CACHE_COUNT read."""
 
     def __init__(self, path: Path, footer: fmt.Footer, spec: ModelSpec, lay: _Layout) -> None:
         self.path, self.footer, self.spec, self.lay = path, footer, spec, lay
@@ -48,9 +61,15 @@ class TraceSource:
         for ci, ch in enumerate(footer.chunks):
             self.chunk_of[ch.first_request : ch.first_request + ch.num_requests] = ci
         self._chunks: OrderedDict[int, bytes] = OrderedDict()
-        self._chunk_bytes = 0
-        self._decoded: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
-        self._decoded_bytes = 0
+        self._young: dict[tuple[int, str], np.ndarray] = {}
+        self._old: dict[tuple[int, str], np.ndarray] = {}
+        self._young_bytes = 0
+        self._accesses = 0
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of decoded arrays held now (both generations)."""
+        return self._young_bytes + sum(a.nbytes for a in self._old.values())
 
     def has(self, name: str, i: int) -> bool:
         mask = self.lay.masks.get(name)
@@ -72,26 +91,31 @@ class TraceSource:
         if zlib.crc32(buf) != ch.crc32:  # the file changed since it was opened
             raise InputError(f"{self.path}: chunk {ci}: checksum mismatch (the data is corrupt)")
         self._chunks[ci] = buf
-        self._chunk_bytes += len(buf)
-        while self._chunk_bytes > CHUNK_CACHE_BYTES and len(self._chunks) > 1:
-            self._chunk_bytes -= len(self._chunks.popitem(last=False)[1])
+        while len(self._chunks) > CHUNK_CACHE_COUNT:
+            self._chunks.popitem(last=False)
         return buf
 
     def get(self, i: int, name: str) -> np.ndarray | None:
         """Request ``i``'s rows of ``name`` (read-only), None when it does not carry it."""
         key = (i, name)
-        arr = self._decoded.get(key)
-        if arr is not None:
-            self._decoded.move_to_end(key)
-            return arr
-        if name not in ("topk_ids", "topk_weights") and not self.has(name, i):
-            return None
-        arr = self._decode(i, name)
-        arr.flags.writeable = False
-        self._decoded[key] = arr
-        self._decoded_bytes += arr.nbytes
-        while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
-            self._decoded_bytes -= self._decoded.popitem(last=False)[1].nbytes
+        self._accesses += 1
+        young = self._young
+        arr = young.get(key)
+        if arr is None:
+            arr = self._old.pop(key, None)
+            if arr is None:
+                if name not in ("topk_ids", "topk_weights") and not self.has(name, i):
+                    return None
+                arr = self._decode(i, name)
+                arr.flags.writeable = False
+            young[key] = arr
+            self._young_bytes += arr.nbytes
+        if (
+            self._accesses >= max(MIN_GENERATION, 2 * len(young))
+            or self._young_bytes > DECODED_CACHE_BYTES
+        ):
+            self._old, self._young = young, {}
+            self._young_bytes, self._accesses = 0, 0
         return arr
 
     def _decode(self, i: int, name: str) -> np.ndarray:
