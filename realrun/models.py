@@ -56,6 +56,9 @@ ARCHS: dict[str, ArchAdapter] = {
     "phimoe": ArchAdapter(router_attr="router"),
     "deepseek_v3": ArchAdapter(probs=sigmoid_rows),
     "glm4_moe": ArchAdapter(probs=sigmoid_rows),  # sigmoid scores, as DeepSeek-V3
+    # gpt_oss: routing capture and the expert stores are tested; offloaded execution is
+    # not yet exact-tested: GptOssExperts one-hots ids over num_experts classes, so the
+    # "not on this device" slot index (num_slots) raises; it needs a spare slot
     "gpt_oss": ArchAdapter(router_attr="router"),
 }
 """Architectures with tests. Others are tried with the defaults (router ``gate``, softmax)."""

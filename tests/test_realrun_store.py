@@ -21,6 +21,8 @@ TINY = {
     "olmoe": "tiny-olmoe",
     "qwen3_moe": "tiny-qwen3-moe",
     "deepseek_v3": "tiny-deepseek-v3",
+    "glm4_moe": "tiny-glm4-moe",
+    "gpt_oss": "tiny-gpt-oss",
 }
 
 
