@@ -76,6 +76,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from specs.errors import InputError
+from specs.limits import require_memory
 from specs.model_spec import ModelSpec
 from traces.types import Request, Routing, Workload
 
@@ -85,49 +86,78 @@ LENGTH_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
+MAX_REQUESTS = 10**7
+MAX_SEED = 2**63 - 1  # numpy and torch seeds
+MAX_LEN = 2**20  # tokens of one prompt or output
+MAX_KINDS = 10**5  # topics and token kinds
+MAX_SCALE = 1e3  # strengths, noises, skews, temperature: float32 logits stay finite
+
+
 class SynthConfig(BaseModel):
     """Knobs of the synthetic generator (see the module docstring for what each does)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Upper bounds are sanity limits (nothing a workload needs is near them) that keep
+    # the float32 routing math finite; memory is checked against the machine separately.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    num_requests: int = Field(100, ge=1, description="requests to generate")
-    seed: int = Field(0, description="seed of the tokens (lengths, kinds, noise, arrivals)")
+    num_requests: int = Field(100, ge=1, le=MAX_REQUESTS, description="requests to generate")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed of the tokens (lengths, kinds, noise, arrivals)"
+    )
     world_seed: int | None = Field(
-        None, description="seed of the structure (topics, popularity, affinity); None = seed"
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="seed of the structure (topics, popularity, affinity); None = seed",
     )
     preset: Literal["lmsys", "sharegpt"] = Field(
         "lmsys", description="length means: lmsys 37/127, sharegpt 43/122"
     )
     prompt_len_mean: float | None = Field(
-        None, gt=0, description="mean prompt tokens; None = preset"
+        None, gt=0, le=MAX_LEN, description="mean prompt tokens; None = preset"
     )
     output_len_mean: float | None = Field(
-        None, gt=0, description="mean output tokens; None = preset"
+        None, gt=0, le=MAX_LEN, description="mean output tokens; None = preset"
     )
     length_sigma: float = Field(
-        0.8, ge=0, description="lognormal shape of both lengths; 0 = every request at the mean"
+        0.8,
+        ge=0,
+        le=10,
+        description="lognormal shape of both lengths; 0 = every request at the mean",
     )
-    max_prompt_len: int = Field(2048, ge=1)
-    max_output_len: int = Field(2048, ge=1)
+    max_prompt_len: int = Field(2048, ge=1, le=MAX_LEN)
+    max_output_len: int = Field(2048, ge=1, le=MAX_LEN)
     arrival: Literal["fixed", "poisson"] = Field("poisson", description="arrival process")
-    arrival_rate: float = Field(0.0, ge=0, description="requests per second; 0 = all arrive at t=0")
-    num_topics: int = Field(8, ge=1, description="semantic clusters of requests")
-    topic_skew: float = Field(0.0, ge=0, description="Zipf exponent of topic frequencies")
+    arrival_rate: float = Field(
+        0.0, ge=0, le=1e9, description="requests per second; 0 = all arrive at t=0"
+    )
+    num_topics: int = Field(8, ge=1, le=MAX_KINDS, description="semantic clusters of requests")
+    topic_skew: float = Field(
+        0.0, ge=0, le=MAX_SCALE, description="Zipf exponent of topic frequencies"
+    )
     kinds_per_topic: int = Field(
-        16, ge=1, description="token kinds per topic (own embedding offset and routing)"
+        16,
+        ge=1,
+        le=MAX_KINDS,
+        description="token kinds per topic (own embedding offset and routing)",
     )
     num_kinds: int | None = Field(
         64,
         ge=1,
+        le=MAX_KINDS,
         description="token kinds shared by all topics (each topic uses kinds_per_topic of "
         "them); None = every topic has its own kinds",
     )
     popularity_skew: float | list[float] = Field(
         0.3, description="Zipf exponent of expert popularity, one or per layer"
     )
-    topic_strength: float = Field(0.5, ge=0, description="how differently topics route")
-    kind_strength: float = Field(3.0, ge=0, description="how differently token kinds route")
-    affinity: float = Field(3.0, ge=0, description="cross-layer transition strength")
+    topic_strength: float = Field(
+        0.5, ge=0, le=MAX_SCALE, description="how differently topics route"
+    )
+    kind_strength: float = Field(
+        3.0, ge=0, le=MAX_SCALE, description="how differently token kinds route"
+    )
+    affinity: float = Field(3.0, ge=0, le=MAX_SCALE, description="cross-layer transition strength")
     temporal_locality: float = Field(
         0.3,
         ge=0,
@@ -142,19 +172,26 @@ class SynthConfig(BaseModel):
         "temporal_locality at the last; None = temporal_locality at every layer",
     )
     routing_noise: float = Field(
-        1.0, ge=0, description="scale of per-token Gumbel noise on the logits"
+        1.0, ge=0, le=MAX_SCALE, description="scale of per-token Gumbel noise on the logits"
     )
-    gate_temperature: float = Field(1.5, gt=0, description="softmax temperature of the gate rows")
+    gate_temperature: float = Field(
+        1.5,
+        ge=1 / MAX_SCALE,
+        le=MAX_SCALE,
+        description="softmax temperature of the gate rows",
+    )
     normalize_topk: bool = Field(
         True, description="renormalize top-K weights to sum 1 (Mixtral) or not (Qwen)"
     )
-    embedding_dim: int = Field(64, ge=1, description="width of per-token embeddings")
-    embedding_noise: float = Field(0.3, ge=0, description="token-specific embedding noise")
+    embedding_dim: int = Field(64, ge=1, le=2**16, description="width of per-token embeddings")
+    embedding_noise: float = Field(
+        0.3, ge=0, le=MAX_SCALE, description="token-specific embedding noise"
+    )
     kind_embedding_scale: float = Field(
-        2.0, ge=0, description="distance of kind offsets from the topic centroid"
+        2.0, ge=0, le=MAX_SCALE, description="distance of kind offsets from the topic centroid"
     )
     lookahead_noise: float = Field(
-        1.2, ge=0, description="noise of lookahead rows vs the next layer's logits"
+        1.2, ge=0, le=MAX_SCALE, description="noise of lookahead rows vs the next layer's logits"
     )
     with_gate_probs: bool = True
     with_embeddings: bool = True
@@ -164,8 +201,10 @@ class SynthConfig(BaseModel):
     @classmethod
     def _skew_ok(cls, v: float | list[float]) -> float | list[float]:
         vals = v if isinstance(v, list) else [v]
-        if not vals or any(not math.isfinite(x) or x < 0 for x in vals):
-            raise ValueError("popularity_skew must be >= 0 (one value or one per layer)")
+        if not vals or any(not math.isfinite(x) or not 0 <= x <= MAX_SCALE for x in vals):
+            raise ValueError(
+                f"popularity_skew must be in [0, {MAX_SCALE:g}] (one value or one per layer)"
+            )
         return v
 
     def length_means(self) -> tuple[float, float]:
@@ -320,13 +359,45 @@ def _unit(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
+# -- memory, before anything is drawn --------------------------------------------------------
+def token_row_bytes(spec: ModelSpec, embedding_dim: int) -> int:
+    """Peak bytes per token row while drawing: ids (int16) and weights (float32) per
+    (layer, k); gate rows, logits, lookahead rows and their noise (float32) per (layer,
+    expert); float64 per-layer temporaries (noise, logits) per expert; the embedding
+    (float64 draw, float32 kept)."""
+    L, J, K = spec.num_moe_layers, spec.num_experts, spec.top_k
+    return L * K * 6 + 4 * 4 * L * J + 3 * 8 * J + 12 * embedding_dim + 64
+
+
+def estimate_bytes(spec: ModelSpec, cfg: SynthConfig) -> float:
+    """Estimated peak memory of :func:`generate` (mean lengths, capped as drawn)."""
+    p_mean, o_mean = cfg.length_means()
+    per_request = min(p_mean, cfg.max_prompt_len) + min(o_mean, cfg.max_output_len)
+    rows = cfg.num_requests * max(per_request - 1, 1)
+    L, J = spec.num_moe_layers, spec.num_experts
+    kinds = cfg.num_kinds if cfg.num_kinds is not None else cfg.num_topics * cfg.kinds_per_topic
+    world = 12 * (cfg.num_topics + kinds) * L * J + 12 * L * J * J
+    return float(rows) * token_row_bytes(spec, cfg.embedding_dim) + world
+
+
+def check_memory(spec: ModelSpec, cfg: SynthConfig) -> None:
+    """InputError naming the knobs when :func:`generate` would not fit in memory."""
+    require_memory(
+        f"synthetic workload of {cfg.num_requests} requests for {spec.name}",
+        estimate_bytes(spec, cfg),
+        "lower the number of requests or their lengths (max_prompt_len, max_output_len)",
+    )
+
+
 # -- knob-driven generator -------------------------------------------------------------------
 def generate(spec: ModelSpec, cfg: SynthConfig) -> Workload:
     """Draw a synthetic workload for ``spec`` with the structure ``cfg`` describes.
 
     Deterministic in (cfg.world_seed or cfg.seed, cfg.seed). Requests carry
     ``tags["topic"]`` (and ``tags["kinds"]`` is not stored: kinds are per token).
+    Raises InputError before drawing when the workload would not fit in memory.
     """
+    check_memory(spec, cfg)
     L, J = spec.num_moe_layers, spec.num_experts
     skew = (
         cfg.popularity_skew if isinstance(cfg.popularity_skew, list) else [cfg.popularity_skew] * L
@@ -440,8 +511,14 @@ class FittedModel:
         normalize_topk: bool = True,
     ) -> Workload:
         """Draw a workload whose popularity, transitions, re-use and lengths match the fit."""
-        if num_requests < 1:
-            raise InputError(f"num_requests must be >= 1, got {num_requests}")
+        if not 1 <= num_requests <= MAX_REQUESTS:
+            raise InputError(f"num_requests must be in [1, {MAX_REQUESTS}], got {num_requests}")
+        mean_len = float(np.mean(self.prompt_lens) + np.mean(self.output_lens))
+        require_memory(
+            f"fitted workload of {num_requests} requests",
+            num_requests * max(mean_len - 1, 1) * token_row_bytes(self.spec, 0),
+            "lower the number of requests",
+        )
         rng = np.random.default_rng([seed, 2])
         pick = rng.integers(0, len(self.prompt_lens), num_requests)
         sk = _skeleton(
