@@ -248,6 +248,34 @@ COMMANDS: dict[str, Command] = {
             ("--store-dir", "{out}/existing.txt"),
         ),
     ),  # fmt: skip
+    "serve": Command(
+        (
+            "serve",
+            "--model",
+            "tiny-mixtral",
+            "--policy",
+            "lru",
+            "--cache-experts",
+            "8",
+            "--port",
+            "0",
+        ),
+        numbers=(
+            "--cache-experts",
+            "--max-batch",
+            "--max-queue",
+            "--grace-s",
+            "--port",
+            "--link-gbps",
+            "--link-latency-us",
+            "--threads",
+            "--seed",
+            "--reserve-gb",
+        ),
+        outputs=("--capture",),
+        inputs=("--train-trace", "--model"),
+        extra=(("--cache-gb", "1"), ("--policy", "nope"), ("--link-gbps", "1e-9")),
+    ),  # fmt: skip
     "calibrate bench": Command(
         (
             "calibrate",

@@ -37,8 +37,9 @@ STUBBED = {
     "calibration.bench": "prepare_bench",
     "calibration.validate": "prepare_validation",
     "sim.paper": "run_policies",
+    "realrun.serve.server": "serve",
 }
-EXAMPLES = 12  # per command: 15 commands x 12 = 180 generated argv
+EXAMPLES = 12  # per command: 16 commands x 12 = 192 generated argv
 
 
 def _reached(*args: object, **kwargs: object) -> None:
