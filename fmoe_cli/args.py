@@ -120,7 +120,9 @@ def listed(item: Callable[[str], object], what: str) -> Callable[[str], list]:
         try:
             return [item(p) for p in parts]
         except argparse.ArgumentTypeError as exc:
-            raise argparse.ArgumentTypeError(f"in {text!r}: {exc}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}; in {text!r}: {exc}"
+            ) from None
 
     parse.__name__ = "list"
     return parse
