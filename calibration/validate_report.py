@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from specs.jsonio import write_json_atomic
+from specs.jsonio import atomic_output, write_json_atomic
 
 
 @dataclass
@@ -155,14 +155,5 @@ def write_outputs(
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_output(path, ".csv") as tmp:
         df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -6,7 +6,7 @@ import time
 import pandas as pd
 
 from experiments._common import parse, report
-from sim.paper import study_online
+from sim.paper import save_csv, study_online
 from sim.paper_plots import latency_cdf
 
 if __name__ == "__main__":
@@ -25,8 +25,9 @@ if __name__ == "__main__":
         "TTFT (s)",
         "Online: TTFT CDF",
     )
-    pd.concat([v.assign(policy=k) for k, v in per_request.items()]).to_csv(
-        out / "online_requests.csv", index=False
+    save_csv(
+        pd.concat([v.assign(policy=k) for k, v in per_request.items()]),
+        out / "online_requests.csv",
     )
     report(
         df,

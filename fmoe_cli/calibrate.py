@@ -19,33 +19,19 @@ import argparse
 import sys
 from typing import Any
 
+from fmoe_cli import args as argt
+from fmoe_cli.budgets import add_link_time_flag, check_bench_memory, check_link_time
 from fmoe_cli.common import (
     add_batch_size_flag,
     add_json_flag,
     add_output_lens_flag,
     add_prompt_flags,
-    positive_float,
-    positive_int,
     print_json,
     print_table,
 )
-from specs.errors import InputError
 
-
-def _names(text: str) -> list[str]:
-    out = [t.strip() for t in text.split(",") if t.strip()]
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return out
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [positive_int(t) for t in _names(text)]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers, got {text!r}"
-        ) from None
+_names = argt.names
+_ints = argt.listed(argt.count, "positive integers")
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -58,9 +44,9 @@ def _sizes(text: str) -> list[int]:
         num, unit = (t[:-1], t[-1].upper()) if t[-1].upper() in "KMG" else (t, "")
         try:
             n = int(float(num) * _UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, nan, inf
             n = 0
-        if n < 1:
+        if not 1 <= n <= argt.MAX_COPY_BYTES:
             raise argparse.ArgumentTypeError(f"expected byte counts like 4K,1M,256M, got {text!r}")
         out.append(n)
     return out
@@ -75,42 +61,48 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _usage(p: argparse.ArgumentParser) -> int:
-    p.print_help(sys.stderr)
+    """`fmoe calibrate` alone: one line naming the subcommands (exit 2)."""
+    sys.stderr.write(f"{p.prog}: error: no subcommand given (one of: bench, validate)\n")
     return 2
 
 
 def _register_bench(cs: argparse._SubParsersAction) -> None:
     b = cs.add_parser("bench", help="microbenchmarks -> a calibrated hardware profile")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    b.add_argument("--num-devices", type=positive_int, help="GPUs to measure (default: all)")
+    b.add_argument("--num-devices", type=argt.devices, help="GPUs to measure (default: all)")
     b.add_argument(
         "--model", default="tiny-mixtral-wide", help="tiny preset or local checkpoint directory"
     )
     b.add_argument(
         "--link-gbps",
-        type=positive_float,
+        type=argt.gbps,
         help="CPU: emulate a host link of this many GB/s (10^9 bytes/s)",
     )
-    b.add_argument("--link-latency-us", type=float, help="CPU: the emulated link's latency")
-    b.add_argument("--threads", type=positive_int, help="torch threads (as `fmoe run`)")
-    b.add_argument("--repeats", type=positive_int, default=7, help="rounds per point")
-    b.add_argument("--max-tokens", type=positive_int, default=128, help="largest prefill timed")
-    b.add_argument("--max-context", type=positive_int, default=256, help="longest KV timed")
+    b.add_argument(
+        "--link-latency-us", type=argt.latency_us, help="CPU: the emulated link's latency"
+    )
+    add_link_time_flag(b)
+    b.add_argument("--threads", type=argt.threads, help="torch threads (as `fmoe run`)")
+    b.add_argument("--repeats", type=argt.rounds, default=7, help="rounds per point")
+    b.add_argument(
+        "--max-tokens", type=argt.integer(1, 2**16), default=128, help="largest prefill timed"
+    )
+    b.add_argument("--max-context", type=argt.tokens, default=256, help="longest KV timed")
     b.add_argument(
         "--policies",
         type=_names,
         help="policies whose executor overhead is measured (default: lru,lfu,mixtral-offloading,fmoe)",
     )
-    b.add_argument("--overhead-rounds", type=positive_int, default=4)
+    b.add_argument("--overhead-rounds", type=argt.rounds, default=4)
     b.add_argument(
         "--search-store-rows",
-        type=positive_int,
+        type=argt.count,
         default=256,
         help="iterations in the expert map store while an async policy's search is timed",
     )
     b.add_argument(
         "--interference-rounds",
-        type=positive_int,
+        type=argt.rounds,
         default=7,
         help="rounds of (idle, copying, idle) decode steps for the copy interference (default 7)",
     )
@@ -132,8 +124,8 @@ def _register_bench(cs: argparse._SubParsersAction) -> None:
         "--shape-dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="default bf16"
     )
     b.add_argument("--name", help="profile name (default: calibrated-DEVICE-MODEL)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", required=True, help="profile JSON to write")
+    b.add_argument("--seed", type=argt.seed, default=0)
+    b.add_argument("--out", type=argt.output_file, required=True, help="profile JSON to write")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_json_flag(b)
     b.set_defaults(func=_cmd_bench)
@@ -157,14 +149,19 @@ def _register_validate(cs: argparse._SubParsersAction) -> None:
     add_output_lens_flag(v)
     v.add_argument(
         "--repeats",
-        type=int,
+        type=argt.rounds,
         default=1,
         help="real runs per policy x cache (interleaved); real figures are their medians "
         "and their spread is reported beside the error (default 1)",
     )
     v.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--out", help="directory for runs.csv, requests.csv, summary.json, PNG")
+    add_link_time_flag(v)
+    v.add_argument("--seed", type=argt.seed, default=0)
+    v.add_argument(
+        "--out",
+        type=argt.output_dir,
+        help="directory for runs.csv, requests.csv, summary.json, PNG",
+    )
     v.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_json_flag(v)
     v.set_defaults(func=_cmd_validate)
@@ -203,7 +200,12 @@ def _bar(disabled: bool) -> Any:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from calibration.bench import DEFAULT_POLICIES, BenchConfig, execute_bench, prepare_bench
+    from policies.registry import policy_class
 
+    for name in args.policies or []:
+        policy_class(name)
+    check_link_time(args.model, args.link_gbps, args.link_latency_us, args.link_time_limit_s)
+    check_bench_memory(args.model, args.max_tokens, args.max_context, args.link_sizes)
     cfg = BenchConfig(
         model=args.model,
         device=args.device,
@@ -227,7 +229,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         shape_dtype=args.shape_dtype,
     )
     prep = prepare_bench(cfg)
-    _check_out_dir(args.out)
     with _bar(args.no_progress) as bar:
         result = execute_bench(prep, bar)
     result.profile.to_json(args.out)
@@ -242,12 +243,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out_dir(path: str) -> None:
-    from pathlib import Path
+def _check_profile_link(args: argparse.Namespace) -> None:
+    """The emulated link validate rebuilds from the profile (calibration.validate) must
+    copy the model's experts within --link-time-limit-s, as `fmoe run --link-gbps`."""
+    from specs.presets import load_hardware
 
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise InputError(f"--out {path}: directory {parent} does not exist")
+    profile = load_hardware(args.profile)
+    lk = profile.link
+    model = args.model or profile.compute.fitted_for_model
+    if (args.device or profile.device) != "cpu" or not lk.emulated or model is None:
+        return
+    gbps = lk.emulated_gbps or lk.pinned_bandwidth_Bps / 1e9
+    lat = lk.emulated_latency_us if lk.emulated_gbps is not None else lk.latency_s * 1e6
+    check_link_time(model, gbps, lat, args.link_time_limit_s, source=f"{args.profile} link")
 
 
 _RUN_COLUMNS = [
@@ -276,7 +284,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         execute_validation,
         prepare_validation,
     )
+    from policies.registry import policy_class
 
+    for name in args.policies or []:
+        policy_class(name)
+    _check_profile_link(args)
     cfg = ValidateConfig(
         profile=args.profile,
         model=args.model,

@@ -8,6 +8,7 @@ import math
 import sys
 from typing import Any
 
+from fmoe_cli import args as argt
 from specs.errors import InputError
 
 
@@ -45,53 +46,38 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) ->
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
-
-
-def gb_or_auto(text: str) -> float | str:
-    """A positive number of GiB, or ``auto`` (the real executor's cache from free memory)."""
-    return "auto" if text == "auto" else positive_float(text)
+# Unbounded-above forms kept for plugins and older modules; new flags use fmoe_cli.args.
+positive_int = argt.integer(1)
+positive_float = argt.number(0, lo_open=True)
+non_negative_float = argt.number(0)
+gb_or_auto = argt.gib_or_auto
 
 
 def parse_policy_opts(items: list[str] | None) -> dict[str, Any]:
     """`--policy-opt key=value` pairs; values parsed as JSON when they can be."""
     out: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise InputError(f"--policy-opt expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         try:
-            out[key] = json.loads(value)
+            out[key] = json.loads(value, parse_constant=_no_constant, parse_float=_finite)
         except json.JSONDecodeError:
             out[key] = value
+        except ValueError as exc:
+            raise InputError(f"--policy-opt {item!r}: {exc}") from None
     return out
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text} is not a finite number")
+    return v
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")
 
 
 def add_batch_size_flag(p: argparse.ArgumentParser) -> None:
@@ -100,7 +86,7 @@ def add_batch_size_flag(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--batch-size",
-        type=positive_int,
+        type=argt.batch,
         default=1,
         help="static: prompts per batch (left-padded; a batch runs until all its rows "
         "finish); continuous: requests running at once",
@@ -152,6 +138,6 @@ def add_prompt_flags(
             metavar="TEXT",
             help="explicit prompt (repeatable)",
         )
-    p.add_argument("--num-prompts", type=positive_int, default=num_prompts)
-    p.add_argument("--max-new-tokens", type=positive_int, default=16)
-    p.add_argument("--max-prompt-tokens", type=positive_int, default=max_prompt_tokens)
+    p.add_argument("--num-prompts", type=argt.count, default=num_prompts)
+    p.add_argument("--max-new-tokens", type=argt.tokens, default=16)
+    p.add_argument("--max-prompt-tokens", type=argt.tokens, default=max_prompt_tokens)

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from fmoe_cli.common import add_json_flag, positive_float, positive_int, print_json, print_table
+from fmoe_cli import args as argt
+from fmoe_cli.common import add_json_flag, print_json, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,18 +16,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="fMoE vs the baselines on Mixtral-8x7B / paper-6x3090 in simulation (the paper's Fig. 10)",
     )
-    p.add_argument("--out", default="demo_out", help="folder for CSV and PNG results")
+    p.add_argument(
+        "--out", type=argt.output_dir, default="demo_out", help="folder for CSV and PNG results"
+    )
     p.add_argument("--model", default="mixtral-8x7b", help="model preset or ModelSpec JSON")
     p.add_argument("--hardware", default="paper-6x3090", help="hardware preset or profile JSON")
-    p.add_argument("--num-requests", type=positive_int, default=30, help="requests per workload")
     p.add_argument(
-        "--cache-gb",
-        type=positive_float,
-        default=24.0,
-        help="total expert cache in GiB (2^30 bytes)",
+        "--num-requests",
+        type=argt.integer(4, argt.MAX_COUNT),  # PaperSetup: 70% train, 30% measured, >= 4
+        default=30,
+        help="requests per workload",
     )
-    p.add_argument("--workers", type=positive_int, default=2, help="simulation processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache-gb", type=argt.gib, default=24.0, help="total expert cache in GiB (2^30 bytes)"
+    )
+    p.add_argument("--workers", type=argt.workers, default=2, help="simulation processes")
+    p.add_argument("--seed", type=argt.seed, default=0)
     add_json_flag(p)
     p.set_defaults(func=_demo)
 
@@ -60,9 +65,13 @@ def _demo(args: argparse.Namespace) -> None:
         workers=args.workers,
         seed=args.seed,
     )
+    from specs.presets import load_model
+
+    load_model(setup.model)  # a bad model or profile fails in one line, before the banner
+    figures = _figures(setup.hardware)
     out = Path(args.out)
     sys.stderr.write(
-        f"fmoe demo: {setup.model} on {setup.hardware} ({_figures(setup.hardware)}), "
+        f"fmoe demo: {setup.model} on {setup.hardware} ({figures}), "
         f"synthetic LMSYS-Chat-like and ShareGPT-like workloads of {setup.num_requests} requests "
         f"(70% fill the stores, 30% measured), expert cache {setup.cache_gb:g} GiB total\n"
     )

@@ -3,8 +3,11 @@ them; each module exposes ``register(subparsers)``, which adds its subcommands w
 ``func`` set to a handler ``handler(args) -> int | None``. Modules import their heavy
 dependencies (torch, simpy, pandas, ...) inside handlers, never at import time.
 
-Errors: an InputError, a missing file or an argparse problem prints one line on stderr
-and exits with status 2; no traceback reaches the user for bad input.
+Errors (fmoe_cli.errors): bad input of any kind (an InputError, an argparse problem, a
+path that is missing, a directory or unwritable, a file that is not text or not JSON)
+prints one line on stderr, ``fmoe CMD: error: <what>``, and exits with status 2; an
+unexpected exception (a bug) prints one line saying so and exits with status 1. No
+traceback reaches the user unless ``--debug`` is given, which re-raises.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-
-from specs.errors import InputError
 
 # command -> (module that registers it, one-line help). A command's module is imported
 # only when that command runs (or shows its help), so `fmoe --help` stays light.
@@ -105,6 +106,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fmoe", description="Fine-grained MoE expert offloading: simulate, run, calibrate."
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of any error (bug reports); may follow the command too",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     wanted = {module for module, _ in COMMANDS.values()}
     if command is not None:
@@ -130,24 +136,43 @@ def _command_of(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: sys.argv[1:]) and return its exit status:
+    0 done, 2 bad input (one line on stderr), 1 an internal error, 130 interrupted.
+    argparse's own exits (``--help``, a bad flag) raise SystemExit as usual."""
+    from fmoe_cli.errors import classify
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # accepted anywhere: `fmoe sim ... --debug` too
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
+    args.debug = debug
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        sys.stderr.write(
+            f"fmoe: error: no command given (one of: {', '.join(COMMANDS)}; "
+            "fmoe --help says more)\n"
+        )
         return 2
     try:
         rc = args.func(args)
-    except InputError as exc:
-        sys.stderr.write(f"fmoe {args.command}: error: {exc}\n")
-        return 2
-    except FileNotFoundError as exc:
-        sys.stderr.write(f"fmoe {args.command}: error: {exc.filename or exc}: no such file\n")
-        return 2
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        status, message = classify(exc)
+        sys.stderr.write(f"fmoe {_command_name(args)}: {message}\n")
+        return status
     return int(rc or 0)
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """'sim', 'trace synth', 'calibrate bench': the command as the user typed it."""
+    sub = getattr(args, "trace_command", None) or getattr(args, "calibrate_command", None)
+    return f"{args.command} {sub}" if sub else str(args.command)
 
 
 if __name__ == "__main__":

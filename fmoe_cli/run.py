@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fmoe_cli import args as argt
+from fmoe_cli.budgets import add_link_time_flag, check_link_time
 from fmoe_cli.common import (
     add_batch_size_flag,
     add_json_flag,
     add_output_lens_flag,
     add_prompt_flags,
-    gb_or_auto,
-    non_negative_float,
     parse_policy_opts,
-    positive_float,
-    positive_int,
     print_json,
     print_table,
 )
@@ -41,17 +39,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
-        "--cache-experts", type=positive_int, help="expert cache in experts, total over devices"
+        "--cache-experts", type=argt.count, help="expert cache in experts, total over devices"
     )
     budget.add_argument(
         "--cache-gb",
-        type=gb_or_auto,
+        type=argt.gib_or_auto,
         help="expert cache in GiB (2^30 bytes, as fmoe sim), total over devices; 'auto' "
         "(cuda): what the GPUs' free memory holds once the dense weights are on, less --reserve-gb",
     )
     p.add_argument(
         "--reserve-gb",
-        type=non_negative_float,
+        type=argt.gib_or_zero,
         default=2.0,
         help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
     )
@@ -61,17 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--num-devices",
-        type=positive_int,
+        type=argt.devices,
         help="devices holding expert slots (cuda: default all visible)",
     )
     p.add_argument(
         "--link-gbps",
-        type=positive_float,
+        type=argt.gbps,
         help="emulate a host link of this many GB/s (10^9 bytes/s; labelled emulated)",
     )
     p.add_argument(
-        "--link-latency-us", type=float, help="per-transfer latency of the emulated link"
+        "--link-latency-us", type=argt.latency_us, help="per-transfer latency of the emulated link"
     )
+    add_link_time_flag(p)
     p.add_argument(
         "--store",
         choices=["auto", "ram", "file"],
@@ -79,19 +78,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where offloaded experts live",
     )
     p.add_argument(
-        "--store-dir", help="directory of the file store's spill file (default: temp dir)"
+        "--store-dir",
+        type=argt.output_dir,
+        help="directory of the file store's spill file (default: temp dir)",
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=argt.seed,
         default=0,
         help="torch seed of a tiny preset's random weights; policy seed",
     )
     p.add_argument(
-        "--threads", type=positive_int, help="torch threads (leave a core to the copy thread)"
+        "--threads", type=argt.threads, help="torch threads (leave a core to the copy thread)"
     )
-    p.add_argument("--trace-out", help="also write the run's routing trace (traces/ format)")
-    p.add_argument("--train-trace", help="training trace for policies that learn offline")
+    p.add_argument(
+        "--trace-out",
+        type=argt.output_file,
+        help="also write the run's routing trace (traces/ format)",
+    )
+    p.add_argument(
+        "--train-trace",
+        type=argt.input_file,
+        help="training trace for policies that learn offline",
+    )
     add_json_flag(p)
     p.set_defaults(func=_cmd_run)
 
@@ -117,8 +126,11 @@ _TABLE_KEYS = [
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from policies.registry import policy_class
     from realrun.runner import RunConfig, run
 
+    policy_class(args.policy)  # an unknown name fails before the model loads
+    check_link_time(args.model, args.link_gbps, args.link_latency_us, args.link_time_limit_s)
     cfg = RunConfig(
         model=args.model,
         policy=args.policy,

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from fmoe_cli.common import (
-    gb_or_auto,
-    non_negative_float,
-    parse_policy_opts,
-    positive_float,
-    positive_int,
-)
+from fmoe_cli import args as argt
+from fmoe_cli.budgets import add_link_time_flag, check_link_time
+from fmoe_cli.common import parse_policy_opts
 
 
 def _port(text: str) -> int:
@@ -28,16 +24,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {v}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
     return v
 
 
@@ -56,17 +42,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument(
-        "--cache-experts", type=positive_int, help="expert cache in experts, total over devices"
+        "--cache-experts", type=argt.count, help="expert cache in experts, total over devices"
     )
     budget.add_argument(
         "--cache-gb",
-        type=gb_or_auto,
+        type=argt.gib_or_auto,
         help="expert cache in GiB (2^30 bytes, as fmoe sim), total over devices; 'auto' (cuda): what the "
         "GPUs' free memory holds once the dense weights are on, less --reserve-gb",
     )
     p.add_argument(
         "--reserve-gb",
-        type=non_negative_float,
+        type=argt.gib_or_zero,
         default=2.0,
         help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
     )
@@ -84,58 +70,69 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="TCP port (default 8000; 0: any free one)",
     )
     p.add_argument(
-        "--max-batch", type=positive_int, default=8, help="requests running at once (default 8)"
+        "--max-batch", type=argt.batch, default=8, help="requests running at once (default 8)"
     )
     p.add_argument(
         "--max-queue",
-        type=_non_negative_int,
+        type=argt.integer(0, argt.MAX_COUNT),
         default=64,
         metavar="N",
         help="requests waiting beyond the batch before 429 (default 64)",
     )
     p.add_argument(
         "--capture",
+        type=argt.output_file,
         metavar="PATH",
         help="record every served request's routing; written as a trace on SIGINT/SIGTERM",
     )
     p.add_argument(
         "--grace-s",
-        type=non_negative_float,
+        type=argt.number(0, 86400),
         default=5.0,
         help="on SIGINT/SIGTERM, seconds running requests may take to finish (default 5)",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
-        "--num-devices", type=positive_int, help="devices holding expert slots (cuda: default all)"
+        "--num-devices", type=argt.devices, help="devices holding expert slots (cuda: default all)"
     )
     p.add_argument(
         "--link-gbps",
-        type=positive_float,
+        type=argt.gbps,
         help="emulate a host link of this many GB/s (labelled emulated)",
     )
     p.add_argument(
-        "--link-latency-us", type=float, help="per-transfer latency of the emulated link"
+        "--link-latency-us", type=argt.latency_us, help="per-transfer latency of the emulated link"
     )
+    add_link_time_flag(p)
     p.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
     p.add_argument(
-        "--store-dir", help="directory of the file store's spill file (default: temp dir)"
+        "--store-dir",
+        type=argt.output_dir,
+        help="directory of the file store's spill file (default: temp dir)",
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=argt.seed,
         default=0,
         help="torch seed of a tiny preset's random weights; policy seed",
     )
     p.add_argument(
-        "--threads", type=positive_int, help="torch threads (leave a core to the copy thread)"
+        "--threads", type=argt.threads, help="torch threads (leave a core to the copy thread)"
     )
-    p.add_argument("--train-trace", help="training trace for policies that learn offline")
+    p.add_argument(
+        "--train-trace",
+        type=argt.input_file,
+        help="training trace for policies that learn offline",
+    )
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from policies.registry import policy_class
     from realrun.serve.server import ServeConfig, serve
 
+    policy_class(args.policy)  # an unknown name fails before the model loads
+    check_link_time(args.model, args.link_gbps, args.link_latency_us, args.link_time_limit_s)
     cfg = ServeConfig(
         model=args.model,
         policy=args.policy,

@@ -17,14 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fmoe_cli.common import (
-    add_json_flag,
-    parse_policy_opts,
-    positive_float,
-    positive_int,
-    print_json,
-    print_table,
-)
+from fmoe_cli import args as argt
+from fmoe_cli.common import add_json_flag, parse_policy_opts, print_json, print_table
 from specs.errors import InputError
 from specs.presets import load_hardware, load_model
 
@@ -63,22 +57,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cache = p.add_mutually_exclusive_group()
     cache.add_argument(
-        "--cache-experts", type=positive_int, help="expert cache in experts, total over GPUs"
+        "--cache-experts", type=argt.count, help="expert cache in experts, total over GPUs"
     )
     cache.add_argument(
-        "--cache-gb", type=positive_float, help="expert cache in GiB (2^30 bytes), total over GPUs"
+        "--cache-gb", type=argt.gib, help="expert cache in GiB (2^30 bytes), total over GPUs"
     )
     cache.add_argument(
         "--per-gpu-cache-gb",
-        type=positive_float,
+        type=argt.gib,
         help="expert cache in GiB (2^30 bytes) on each GPU",
     )
     _run_flags(p)
     p.add_argument(
-        "--chrome-trace", metavar="FILE", help="write transfers and compute per GPU (Perfetto)"
+        "--chrome-trace",
+        type=argt.output_file,
+        metavar="FILE",
+        help="write transfers and compute per GPU (Perfetto)",
     )
     p.add_argument(
-        "--requests-out", metavar="FILE.csv", help="write the per-request records as CSV"
+        "--requests-out",
+        type=argt.output_file,
+        metavar="FILE.csv",
+        help="write the per-request records as CSV",
     )
     add_json_flag(p)
     p.set_defaults(func=_sim)
@@ -87,7 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sweep", help="simulate policies x cache sizes x traces; results table and plots"
     )
     _workload_flags(p, many=True)
-    p.add_argument("--policies", required=True, help="comma-separated policy names")
+    p.add_argument(
+        "--policies", type=argt.names, required=True, help="comma-separated policy names"
+    )
     cache = p.add_mutually_exclusive_group()
     cache.add_argument(
         "--cache-gb", type=_float_list, help="comma-separated totals in GiB (2^30 bytes)"
@@ -96,12 +98,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-gpu", action="store_true", help="the cache sizes are per GPU")
     _run_flags(p)
     p.add_argument(
-        "--workers", type=positive_int, default=1, help="local worker processes (default 1)"
+        "--workers", type=argt.workers, default=1, help="local worker processes (default 1)"
     )
     p.add_argument(
-        "--ray", metavar="ADDRESS", help="run on a Ray cluster ('local' starts one here)"
+        "--ray",
+        type=argt.ray_address,
+        metavar="ADDRESS",
+        help="run on a Ray cluster ('local' starts one here)",
     )
-    p.add_argument("--out", required=True, help="directory for the results table and PNG plots")
+    p.add_argument(
+        "--out",
+        type=argt.output_dir,
+        required=True,
+        help="directory for the results table and PNG plots",
+    )
     p.add_argument("--format", choices=["csv", "parquet"], default="csv")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -110,12 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # -- flags --------------------------------------------------------------------------------
-def _float_list(text: str) -> list[float]:
-    return [positive_float(x) for x in text.split(",") if x]
-
-
-def _int_list(text: str) -> list[int]:
-    return [positive_int(x) for x in text.split(",") if x]
+_float_list = argt.listed(argt.gib, "positive numbers of GB")
+_int_list = argt.listed(argt.count, "positive integers")
 
 
 def _workload_flags(p: argparse.ArgumentParser, many: bool) -> None:
@@ -124,26 +130,40 @@ def _workload_flags(p: argparse.ArgumentParser, many: bool) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     if many:
         src.add_argument(
-            "--traces", nargs="+", metavar="PATH", help="trace files (traces.io format)"
+            "--traces",
+            nargs="+",
+            type=argt.input_file,
+            metavar="PATH",
+            help="trace files (traces.io format)",
         )
     else:
-        src.add_argument("--trace", metavar="PATH", help="a trace file (traces.io format)")
+        src.add_argument(
+            "--trace", type=argt.input_file, metavar="PATH", help="a trace file (traces.io format)"
+        )
     src.add_argument(
         "--synth", action="store_true", help="a synthetic workload (traces.synth defaults)"
     )
     p.add_argument(
-        "--synth-requests", type=positive_int, default=100, help="requests of --synth (default 100)"
+        "--synth-requests", type=argt.count, default=100, help="requests of --synth (default 100)"
     )
     p.add_argument(
         "--synth-rate",
-        type=float,
+        type=argt.rate,
         default=0.0,
         help="arrivals per second of --synth (0: all at t=0)",
     )
     train = p.add_mutually_exclusive_group()
-    train.add_argument("--train", metavar="PATH", help="offline mode: fit the policy on this trace")
     train.add_argument(
-        "--train-fraction", type=float, metavar="F", help="offline mode: fit on F of the trace"
+        "--train",
+        type=argt.input_file,
+        metavar="PATH",
+        help="offline mode: fit the policy on this trace",
+    )
+    train.add_argument(
+        "--train-fraction",
+        type=argt.fraction,
+        metavar="F",
+        help="offline mode: fit on F of the trace",
     )
     train.add_argument(
         "--offline", action="store_true", help="offline mode with the paper's 70/30 split"
@@ -151,7 +171,7 @@ def _workload_flags(p: argparse.ArgumentParser, many: bool) -> None:
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=argt.batch, default=1)
     p.add_argument("--batching", choices=["static", "continuous"], default="continuous")
     p.add_argument(
         "--arrivals",
@@ -160,13 +180,13 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         help="trace arrival times, or closed loop (auto: closed in offline mode); schedule: "
         "the iterations a trace of fmoe serve --capture was served in",
     )
-    p.add_argument("--prefetch-distance", type=positive_int, help="d, passed to the policy")
+    p.add_argument("--prefetch-distance", type=argt.layers, help="d, passed to the policy")
     p.add_argument(
-        "--chunk-mb", type=positive_float, default=16.0, help="preemption chunk of a copy, MiB"
+        "--chunk-mb", type=argt.chunk_mb, default=16.0, help="preemption chunk of a copy, MiB"
     )
     p.add_argument(
         "--kv-reserve-gb",
-        type=float,
+        type=argt.gib_or_zero,
         default=0.0,
         help="GPU memory kept for the KV cache, GiB in total",
     )
@@ -176,7 +196,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--warm-start", action="store_true", help="fill the caches layer by layer before the run"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argt.seed, default=0)
 
 
 # -- building inputs ----------------------------------------------------------------------------
@@ -291,8 +311,11 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from policies.registry import policy_class
     from sim.sweep import SweepGrid, run_sweep, save_results
 
+    for name in args.policies:  # an unknown name fails here, not in every grid cell
+        policy_class(name)
     spec = load_model(args.model) if args.model else None
     workloads: dict[str, Any] = {}
     if args.synth:
@@ -305,9 +328,11 @@ def _sweep(args: argparse.Namespace) -> int:
         for t in traces:
             _load_trace(t, spec)
     base = _config(args, spec, cache_per_gpu=args.per_gpu, training=_training(args, spec))
+    if args.ray:
+        argt.probe_ray(args.ray)
     grid = SweepGrid(
         base=base,
-        policies=[p for p in args.policies.split(",") if p],
+        policies=args.policies,
         traces=traces,
         cache_gb=args.cache_gb,
         cache_experts=args.cache_experts,

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import types
 import typing
 from typing import Any
 
+from fmoe_cli import args as argt
 from fmoe_cli.common import (
     add_batch_size_flag,
     add_json_flag,
     add_output_lens_flag,
     add_prompt_flags,
-    positive_int,
     print_json,
     print_table,
 )
@@ -46,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _group_help(group: argparse.ArgumentParser) -> int:
-    group.print_help(sys.stderr)
+    """`fmoe trace` alone: one line naming the subcommands (exit 2)."""
+    names = ", ".join(trace_subparsers.choices) if trace_subparsers else ""
+    sys.stderr.write(f"{group.prog}: error: no subcommand given (one of: {names})\n")
     return 2
 
 
@@ -55,13 +58,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _float_list(text: str) -> float | list[float]:
-    try:
-        vals = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number or comma-separated numbers, got {text!r}"
-        ) from None
+def _skews(text: str) -> float | list[float]:
+    """One popularity skew, or one per layer (comma-separated), each in [0, 1000]."""
+    vals = argt.listed(argt.number(0, 1e3), "numbers in [0, 1000]")(text)
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -89,7 +88,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(
                 _flag(name),
                 dest=dest,
-                type=_float_list,
+                type=_skews,
                 default=None,
                 help=help_ + "; comma-separated for one per layer",
             )
@@ -99,7 +98,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union
                 else ann
             )
-            p.add_argument(_flag(name), dest=dest, type=base, default=None, help=help_)
+            p.add_argument(
+                _flag(name), dest=dest, type=argt.for_field(field, base), default=None, help=help_
+            )
 
 
 def _register_synth(sub: argparse._SubParsersAction) -> None:
@@ -109,10 +110,13 @@ def _register_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", help="model preset name or ModelSpec JSON path (default with --fit: the trace's)"
     )
-    p.add_argument("--out", required=True, help="trace file to write")
-    p.add_argument("--config", help="SynthConfig JSON file; flags override its values")
+    p.add_argument("--out", type=argt.output_file, required=True, help="trace file to write")
+    p.add_argument(
+        "--config", type=argt.input_file, help="SynthConfig JSON file; flags override its values"
+    )
     p.add_argument(
         "--fit",
+        type=argt.input_file,
         metavar="TRACE",
         help="fit popularity/affinity/re-use/lengths to this trace and generate from the fit",
     )
@@ -133,7 +137,10 @@ def _synth_config(args: argparse.Namespace):
     try:
         return SynthConfig.model_validate({**base, **given})
     except ValidationError as exc:
-        raise InputError(f"synth config: {validation_message(exc)}") from None
+        loc = exc.errors()[0].get("loc", ())
+        field = str(loc[0]) if loc else ""
+        where = _flag(field) if field in given else f"{args.config}: field" if args.config else ""
+        raise InputError(f"synth config {where} {validation_message(exc)}".strip()) from None
 
 
 def _progress(total: int, what: str):
@@ -167,7 +174,7 @@ def _synth(args: argparse.Namespace) -> None:
         )
     else:
         assert spec is not None
-        stream = generate_stream(spec, cfg)
+        stream = generate_stream(spec, cfg, out_dir=os.path.dirname(os.path.abspath(args.out)))
         prov, reqs = stream.provenance, stream.requests
     with _progress(cfg.num_requests, "synth") as bar:
         write_requests(args.out, spec, reqs, prov, gate_top_n=args.gate_top_n, progress=bar)
@@ -245,22 +252,16 @@ def _key_value(text: str) -> tuple[str, str]:
     return k, v
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+_int_list = argt.listed(argt.integer(0, 10**4), "layer indices")
 
 
 def _register_import(sub: argparse._SubParsersAction) -> None:
     from traces.importers import FIELD_ALIASES, IMPORTERS
 
     p = sub.add_parser("import", help="convert a public trace format into a trace file")
-    p.add_argument("input", metavar="IN", help="file to import")
+    p.add_argument("input", type=argt.input_file, metavar="IN", help="file to import")
     p.add_argument("--format", required=True, choices=sorted(IMPORTERS), help="input format")
-    p.add_argument("--out", required=True, help="trace file to write")
+    p.add_argument("--out", type=argt.output_file, required=True, help="trace file to write")
     p.add_argument("--model", help="model preset or ModelSpec JSON (default: what the file names)")
     p.add_argument(
         "--field",
@@ -275,12 +276,18 @@ def _register_import(sub: argparse._SubParsersAction) -> None:
         help="routing-jsonl: MoE layers the log covers (default: meta header or rows)",
     )
     p.add_argument(
-        "--prompt-len", type=positive_int, help="routing-jsonl: prompt rows per request (default 1)"
+        "--prompt-len", type=argt.tokens, help="routing-jsonl: prompt rows per request (default 1)"
     )
     p.add_argument(
-        "--metadata", help="switch-json: capture metadata with prompt_spans (default: sibling file)"
+        "--metadata",
+        type=argt.input_file,
+        help="switch-json: capture metadata with prompt_spans (default: sibling file)",
     )
-    p.add_argument("--manifest", help="switch-json: prompt manifest (default: sibling file)")
+    p.add_argument(
+        "--manifest",
+        type=argt.input_file,
+        help="switch-json: prompt manifest (default: sibling file)",
+    )
     p.add_argument(
         "--prompt-embeddings",
         action="store_true",
@@ -325,7 +332,7 @@ def _register_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info", help="what a trace holds: requests, iterations, layers, experts, optional fields"
     )
-    p.add_argument("path", help="trace file")
+    p.add_argument("path", type=argt.input_file, help="trace file")
     add_json_flag(p)
     p.set_defaults(func=_info)
 
@@ -345,8 +352,13 @@ def _info(args: argparse.Namespace) -> None:
 
 def _register_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="expert popularity, reuse distance, cross-layer affinity")
-    p.add_argument("path", help="trace file")
-    p.add_argument("--plot", metavar="PNG", help="also write a heatmap PNG (popularity, affinity)")
+    p.add_argument("path", type=argt.input_file, help="trace file")
+    p.add_argument(
+        "--plot",
+        type=argt.output_file,
+        metavar="PNG",
+        help="also write a heatmap PNG (popularity, affinity)",
+    )
     add_json_flag(p)
     p.set_defaults(func=_stats)
 
@@ -448,7 +460,7 @@ def _register_prompts(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prompts", help="list a shipped prompt set (mt-bench, gsm8k, sharegpt)")
     p.add_argument("name", choices=sorted(PROMPT_SETS))
-    p.add_argument("--n", type=positive_int, help="first N prompts only")
+    p.add_argument("--n", type=argt.count, help="first N prompts only")
     add_json_flag(p)
     p.set_defaults(func=_prompts)
 
@@ -481,10 +493,12 @@ def _register_capture(trace_subparsers: argparse._SubParsersAction) -> None:
         "capture", help="run a real MoE model and write its routing trace"
     )
     p.add_argument("--model", required=True, help="tiny preset name or local checkpoint directory")
-    p.add_argument("--out", required=True, help="trace file to write (traces/ format)")
+    p.add_argument(
+        "--out", type=argt.output_file, required=True, help="trace file to write (traces/ format)"
+    )
     add_prompt_flags(p, num_prompts=8)
     p.add_argument(
-        "--seed", type=int, default=0, help="torch seed of a tiny preset's random weights"
+        "--seed", type=argt.seed, default=0, help="torch seed of a tiny preset's random weights"
     )
     add_batch_size_flag(p)
     add_output_lens_flag(p)

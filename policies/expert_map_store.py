@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from specs.errors import InputError
+from specs.limits import require_memory
 
 FORMAT = "fmoe-expert-map-store"
 FORMAT_VERSION = 1
@@ -85,6 +86,11 @@ class ExpertMapStore:
         self.size = 0
         self.version = 0
         L, C, J = self.num_layers, self.capacity, self.num_experts
+        require_memory(
+            f"expert map store of {C} rows x {L} layers x {J} experts",
+            4.0 * L * C * J + 8.0 * L * C + 8.0 * C,
+            "lower the policy option store_capacity",
+        )
         self.maps = np.zeros((L, C, J), np.float32)
         self.cumsq = np.zeros((L, C), np.float32)
         self.inv_prefix = np.zeros((L, C), np.float32)

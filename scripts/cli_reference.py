@@ -127,6 +127,13 @@ def render() -> str:
     lines += ["| command | what it does |", "|---|---|"]
     lines += [f"| [`fmoe {n}`](#fmoe-{n}) | {_cell(h)} |" for n, (_, h) in COMMANDS.items()]
     lines.append("")
+    top = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    if top:  # global options (e.g. --debug), given before or after the command
+        lines += ["Global options:", "", "| option | help |", "|---|---|"]
+        for a in top:
+            flags = ", ".join(f"`{f}`" for f in a.option_strings)
+            lines.append(f"| {flags} | {_cell(_help(a))} |")
+        lines.append("")
     for name in COMMANDS:
         lines += _section([name], sub.choices[name], helps.get(name) or "")
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -41,7 +41,7 @@ class SimConfig(BaseModel):
     ``batching`` and ``batch_size`` say (sim.batching.ScheduleBatcher).
     """
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
 
     model: ModelSpec
     hardware: HardwareProfile

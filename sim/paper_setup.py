@@ -47,7 +47,7 @@ WORKLOADS = {"lmsys": "LMSYS-Chat-like", "sharegpt": "ShareGPT-like"}
 class PaperSetup(BaseModel):
     """The knobs every study shares; defaults are the paper's offline setup."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = "mixtral-8x7b"
     hardware: str = "paper-6x3090"

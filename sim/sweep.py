@@ -9,12 +9,15 @@ JSON strings). A job whose inputs are invalid (say a budget below top-K) gives a
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import multiprocessing
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +160,27 @@ def _run_local(jobs: list[SweepJob], workers: int, progress: bool) -> list[dict[
     return [r for r in rows if r is not None]
 
 
+@contextmanager
+def _stderr_held() -> Iterator[io.StringIO]:
+    """Hold what is written to file descriptor 2 (Ray's C++ client logs every retry of a
+    failed connection there) in the yielded buffer; the caller replays it on success."""
+    import tempfile
+
+    held = io.StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            held.write(tmp.read().decode(errors="replace"))
+
+
 def _run_ray(
     jobs: list[SweepJob], address: str, workers: int, progress: bool
 ) -> list[dict[str, Any]]:
@@ -169,7 +193,12 @@ def _run_ray(
         if address == "local":
             ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(address=address, log_to_driver=False)
+            try:  # a wrong address is the user's input: one line, not Ray's traceback
+                with _stderr_held() as held:
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, TimeoutError, ValueError) as exc:
+                raise InputError(f"--ray {address}: cannot join the Ray cluster ({exc})") from None
+            sys.stderr.write(held.getvalue())
         started = True
     try:
         remote = ray.remote(num_cpus=1)(run_job)

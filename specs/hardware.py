@@ -10,33 +10,51 @@ from __future__ import annotations
 
 import bisect
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
 
+# Sanity bounds: far past any machine, near enough that the simulator's arithmetic
+# stays finite (a profile with 1e308 FLOP/s or a 1e-300 B/s link is a typo, not a machine).
+MAX_BYTES = 2**50  # 1 PiB
+MAX_BPS = 1e15  # 1 PB/s
+MIN_LINK_BPS = 1.0  # 1 B/s
+MAX_TFLOPS = 1e6
+MAX_SECONDS = 1e6  # any one fixed cost or latency
+MAX_COUNT = 1024  # GPUs, link concurrency
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class GPUSpec(_Strict):
     """One accelerator (all GPUs of a profile are alike)."""
 
     name: str
-    memory_bytes: int = Field(gt=0)
-    memory_bandwidth_Bps: float = Field(gt=0)
-    tflops: float = Field(gt=0, description="dense bf16/fp16 tensor TFLOP/s (fp32 accumulate)")
+    memory_bytes: int = Field(gt=0, le=MAX_BYTES)
+    memory_bandwidth_Bps: float = Field(gt=0, le=MAX_BPS)
+    tflops: float = Field(
+        gt=0, le=MAX_TFLOPS, description="dense bf16/fp16 tensor TFLOP/s (fp32 accumulate)"
+    )
 
 
 class LinkSpec(_Strict):
     """The host->GPU link of one GPU."""
 
-    pinned_bandwidth_Bps: float = Field(gt=0, description="sustained H2D from pinned memory")
-    pageable_bandwidth_Bps: float = Field(gt=0, description="sustained H2D from pageable memory")
-    latency_s: float = Field(ge=0, description="fixed cost per transfer")
-    concurrency: int = Field(default=1, ge=1, description="transfers the link carries at once")
+    pinned_bandwidth_Bps: float = Field(
+        ge=MIN_LINK_BPS, le=MAX_BPS, description="sustained H2D from pinned memory"
+    )
+    pageable_bandwidth_Bps: float = Field(
+        ge=MIN_LINK_BPS, le=MAX_BPS, description="sustained H2D from pageable memory"
+    )
+    latency_s: float = Field(ge=0, le=MAX_SECONDS, description="fixed cost per transfer")
+    concurrency: int = Field(
+        default=1, ge=1, le=MAX_COUNT, description="transfers the link carries at once"
+    )
     emulated: bool = Field(default=False, description="True when the link is a CPU emulation")
     emulated_gbps: float | None = Field(
         default=None, gt=0, description="the emulation's setting (GB/s) when emulated"
@@ -50,8 +68,8 @@ class InterconnectSpec(_Strict):
     """GPU<->GPU links (expert-parallel activations, pipeline hand-offs)."""
 
     kind: Literal["nvlink", "pcie", "none"] = "none"
-    bandwidth_Bps: float = Field(default=1e12, gt=0)
-    latency_s: float = Field(default=0.0, ge=0)
+    bandwidth_Bps: float = Field(default=1e12, gt=0, le=MAX_BPS)
+    latency_s: float = Field(default=0.0, ge=0, le=MAX_SECONDS)
 
 
 class LinearCost(_Strict):
@@ -64,9 +82,9 @@ class LinearCost(_Strict):
     (a matrix-vector product at 1 token, blocked GEMM from 2), which one line cannot fit.
     """
 
-    fixed_s: float = Field(ge=0)
-    per_token_s: float = Field(ge=0)
-    per_token_context_s: float = Field(default=0.0, ge=0)
+    fixed_s: float = Field(ge=0, le=MAX_SECONDS)
+    per_token_s: float = Field(ge=0, le=MAX_SECONDS)
+    per_token_context_s: float = Field(default=0.0, ge=0, le=MAX_SECONDS)
     knots: list[tuple[float, float]] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -132,7 +150,9 @@ class ComputeModel(_Strict):
         description="latency of an async policy's search at an iteration start vs the "
         "iteration's token rows (fMoE's semantic search; None: policy_search_s)",
     )
-    fit_errors: dict[str, float] = Field(default_factory=dict, description="relative error per fit")
+    fit_errors: dict[str, Annotated[float, Field(allow_inf_nan=True)]] = Field(
+        default_factory=dict, description="relative error per fit (NaN: not measurable)"
+    )
     layer_overhead_s: float = Field(
         default=0.0,
         ge=0,
@@ -225,7 +245,7 @@ class HardwareProfile(_Strict):
     name: str
     kind: Literal["published", "calibrated", "placeholder"] = "published"
     device: Literal["cuda", "cpu"] = "cuda"
-    num_gpus: int = Field(default=1, ge=1)
+    num_gpus: int = Field(default=1, ge=1, le=MAX_COUNT)
     gpu: GPUSpec
     link: LinkSpec
     host_bandwidth_cap_Bps: float | None = Field(
@@ -236,13 +256,12 @@ class HardwareProfile(_Strict):
     sources: list[str] = Field(default_factory=list)
     notes: str = ""
 
-    @model_validator(mode="after")
-    def _check(self) -> HardwareProfile:
-        if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(
-                f"unknown schema_version {self.schema_version} (this version reads {SCHEMA_VERSION})"
-            )
-        return self
+    @field_validator("schema_version")
+    @classmethod
+    def _check_version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"unknown schema_version {v} (this version reads {SCHEMA_VERSION})")
+        return v
 
     @property
     def total_gpu_memory_bytes(self) -> int:

@@ -17,6 +17,16 @@ from specs.errors import InputError
 M = TypeVar("M", bound=BaseModel)
 
 
+def _check_target(path: Path) -> None:
+    """InputError unless ``path`` is absent or a regular file: a rename into place would
+    replace a directory's name or a device node (/dev/full as root) with a file."""
+    if path.is_symlink() and path.resolve().is_file():
+        return
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        raise InputError(f"{path}: is {what}; cannot write a file there")
+
+
 @contextmanager
 def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it goes.
@@ -25,6 +35,7 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     half-written ``path`` behind.
     """
     path = Path(path)
+    _check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
     os.close(fd)
@@ -39,6 +50,7 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write JSON to ``path`` via a temporary file and rename: never a half-written file."""
     path = Path(path)
+    _check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -55,19 +67,32 @@ def validation_message(err: ValidationError) -> str:
     """First problem of a pydantic ValidationError as 'field: message'."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first.get("loc", ())) or "<root>"
-    return f"{loc}: {first.get('msg', 'invalid')}"
+    given = first.get("input")
+    shown = "" if isinstance(given, dict | list) else f" (got {given!r:.60})"
+    return f"{loc}: {first.get('msg', 'invalid')}{shown}"
 
 
 def load_model_json(cls: type[M], path: str | Path) -> M:
     """Load and validate ``cls`` from a JSON file; any problem becomes an InputError naming the file."""
     path = Path(path)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        # a FIFO or device: reading one can block forever
+        raise InputError(f"{path}: not a regular file (expected a JSON file)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory (expected a JSON file)") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (expected a JSON file)") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        raise InputError(f"{path}: {validation_message(exc)}") from None
+        raise InputError(f"{path}: field {validation_message(exc)}") from None

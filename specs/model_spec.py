@@ -17,6 +17,13 @@ from specs.errors import InputError
 DType = Literal["fp32", "bf16", "fp16", "fp8"]
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
+MAX_LAYERS = 10**4
+MAX_EXPERTS = 2**15 - 1  # expert ids are int16 in traces
+MAX_WIDTH = 2**20  # hidden, intermediate and head sizes
+MAX_VOCAB = 2**24
+MAX_HEADS = 2**14
+MAX_BYTES = 2**50  # 1 PiB: any one size in bytes
+
 
 class HFModelRecipe(BaseModel):
     """How to build a random-weight transformers model for this spec (tiny presets)."""
@@ -34,28 +41,36 @@ class ModelSpec(BaseModel):
     ``dtype`` (gate, up and down projections).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Upper bounds are sanity limits far past any published model (the largest have a
+    # few hundred layers and experts); MAX_EXPERTS is what a trace's int16 ids hold.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str
+    name: str = Field(min_length=1, max_length=256)
     family: str = Field(description="transformers model_type, e.g. 'mixtral'")
-    num_layers: int = Field(gt=0, description="decoder layers, dense and MoE")
+    num_layers: int = Field(gt=0, le=MAX_LAYERS, description="decoder layers, dense and MoE")
     dense_layers: list[int] = Field(
         default_factory=list, description="decoder layers without experts"
     )
-    num_experts: int = Field(gt=0, description="routed experts per MoE layer (J)")
+    num_experts: int = Field(gt=0, le=MAX_EXPERTS, description="routed experts per MoE layer (J)")
     top_k: int = Field(gt=0, description="experts per token (K)")
-    num_shared_experts: int = Field(default=0, ge=0)
-    hidden_size: int = Field(gt=0)
-    expert_intermediate_size: int = Field(gt=0)
-    shared_expert_intermediate_size: int = Field(default=0, ge=0)
-    vocab_size: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
+    num_shared_experts: int = Field(default=0, ge=0, le=MAX_EXPERTS)
+    hidden_size: int = Field(gt=0, le=MAX_WIDTH)
+    expert_intermediate_size: int = Field(gt=0, le=MAX_WIDTH)
+    shared_expert_intermediate_size: int = Field(default=0, ge=0, le=MAX_WIDTH)
+    vocab_size: int = Field(gt=0, le=MAX_VOCAB)
+    num_attention_heads: int = Field(gt=0, le=MAX_HEADS)
+    num_kv_heads: int = Field(gt=0, le=MAX_HEADS)
+    head_dim: int = Field(gt=0, le=MAX_WIDTH)
     dtype: DType = "bf16"
-    expert_bytes: int = Field(default=0, ge=0, description="0 = derive from dimensions")
-    dense_bytes_per_layer: int = Field(default=0, ge=0, description="0 = derive from dimensions")
-    embedding_bytes: int = Field(default=0, ge=0, description="0 = derive from dimensions")
+    expert_bytes: int = Field(
+        default=0, ge=0, le=MAX_BYTES, description="0 = derive from dimensions"
+    )
+    dense_bytes_per_layer: int = Field(
+        default=0, ge=0, le=MAX_BYTES, description="0 = derive from dimensions"
+    )
+    embedding_bytes: int = Field(
+        default=0, ge=0, le=MAX_BYTES, description="0 = derive from dimensions"
+    )
     sources: list[str] = Field(default_factory=list, description="where the figures come from")
     hf_recipe: HFModelRecipe | None = None
 

@@ -138,6 +138,8 @@ def test_validate_with_repeats_reports_medians_and_the_real_runs_spread(
         for k in ("real_tpot_mean_spread", "real_ttft_mean_spread"):
             assert r[k] is not None and math.isfinite(r[k]) and r[k] >= 0
     assert s["real_tpot_spread_median"] is not None and s["real_tpot_spread_median"] >= 0
-    assert main([*argv[:-2], "--repeats", "0", "--no-progress"]) == 2
+    with pytest.raises(SystemExit) as exc:  # the flag's type refuses it before any work
+        main([*argv[:-2], "--repeats", "0", "--no-progress"])
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--repeats must be >= 1, got 0" in err[0]
+    assert len(err) == 1 and "argument --repeats: expected a positive integer" in err[0]

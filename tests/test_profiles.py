@@ -155,7 +155,7 @@ def test_bad_json_file_names_file_and_field(tmp_path) -> None:
     raw = load_hardware("rtx3090-pcie4").model_dump(mode="json")
     del raw["gpu"]["memory_bytes"]
     p.write_text(json.dumps(raw))
-    with pytest.raises(InputError, match=r"hw\.json: gpu\.memory_bytes"):
+    with pytest.raises(InputError, match=r"hw\.json: field gpu\.memory_bytes"):
         load_hardware(str(p))
     p.write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):

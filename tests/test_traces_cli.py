@@ -161,7 +161,7 @@ def test_import_with_explicit_fields(tmp_path: Path, capsys: pytest.CaptureFixtu
                 "--temporal-locality",
                 "1.5",
             ],
-            "temporal_locality",
+            "argument --temporal-locality: expected a number >= 0 and <= 1",
         ),
         (["trace", "synth", "--model", "no-such-model", "--out", "{out}"], "unknown model preset"),
         (["trace", "synth", "--out", "{out}"], "--model is required"),

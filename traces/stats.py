@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from specs.jsonio import atomic_output
 from traces.types import Workload
 
 
@@ -166,12 +167,8 @@ def plot_heatmaps(w: Workload, path: str | Path) -> None:
         axes[1].set_axis_off()
     fig.suptitle(f"{w.spec.name}: {len(w.requests)} requests, {w.num_tokens} tokens")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
+        with atomic_output(path, ".png") as tmp:  # a unique temp name: runs never collide
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)

@@ -79,6 +79,7 @@ from specs.errors import InputError
 from specs.model_spec import ModelSpec
 from traces.synth_config import LENGTH_PRESETS, SynthConfig
 from traces.synth_fit import FittedModel, fit
+from traces.synth_memory import check_memory, check_stream
 from traces.synth_sampling import (
     _arrivals,
     _assemble,
@@ -228,7 +229,9 @@ def generate(spec: ModelSpec, cfg: SynthConfig) -> Workload:
     Deterministic in (cfg.world_seed or cfg.seed, cfg.seed). Requests carry
     ``tags["topic"]`` (and ``tags["kinds"]`` is not stored: kinds are per token).
     Holds every row in memory; :func:`generate_stream` draws large workloads in chunks.
+    Raises InputError before drawing when the workload would not fit in memory.
     """
+    check_memory(spec, cfg)
     d = _draw(spec, cfg)
     reqs = _token_range(d, d.rng, 0, cfg.num_requests)
     return Workload(spec, reqs, _provenance(spec, cfg))
@@ -245,15 +248,19 @@ class Stream:
     requests: Iterator[Request]
 
 
-def generate_stream(spec: ModelSpec, cfg: SynthConfig, budget_bytes: int = 256 * 2**20) -> Stream:
+def generate_stream(
+    spec: ModelSpec, cfg: SynthConfig, budget_bytes: int = 256 * 2**20, out_dir: str = "."
+) -> Stream:
     """:func:`generate`'s workload drawn a chunk of requests at a time (bounded memory).
 
     The world and every request-level draw (lengths, arrivals, topics, token kinds) are
     generate()'s. Token-level noise is drawn per chunk (about ``budget_bytes`` of working
     arrays): the first chunk continues generate()'s stream, chunk c > 0 uses its own seed
     (cfg.seed, 1, c). So a workload that fits one chunk is identical to generate()'s, and
-    a larger one has the same distribution but other draws.
+    a larger one has the same distribution but other draws. Raises InputError first when
+    one chunk would not fit in memory or the file (written under ``out_dir``) on disk.
     """
+    check_stream(spec, cfg, budget_bytes, out_dir)
     d = _draw(spec, cfg)
     per = chunk_tokens(spec, cfg.with_gate_probs, cfg.with_lookahead, budget_bytes)
     counts = d.sk.prompt_len + d.sk.output_len - 1

@@ -13,49 +13,78 @@ LENGTH_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
+MAX_REQUESTS = 10**7
+MAX_SEED = 2**63 - 1  # numpy and torch seeds
+MAX_LEN = 2**20  # tokens of one prompt or output
+MAX_KINDS = 10**5  # topics and token kinds
+MAX_SCALE = 1e3  # strengths, noises, skews, temperature: float32 logits stay finite
+
+
 class SynthConfig(BaseModel):
     """Knobs of the synthetic generator (see the module docstring for what each does)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Upper bounds are sanity limits (nothing a workload needs is near them) that keep
+    # the float32 routing math finite; memory is checked against the machine separately.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    num_requests: int = Field(100, ge=1, description="requests to generate")
-    seed: int = Field(0, description="seed of the tokens (lengths, kinds, noise, arrivals)")
+    num_requests: int = Field(100, ge=1, le=MAX_REQUESTS, description="requests to generate")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed of the tokens (lengths, kinds, noise, arrivals)"
+    )
     world_seed: int | None = Field(
-        None, description="seed of the structure (topics, popularity, affinity); None = seed"
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="seed of the structure (topics, popularity, affinity); None = seed",
     )
     preset: Literal["lmsys", "sharegpt"] = Field(
         "lmsys", description="length means: lmsys 37/127, sharegpt 43/122"
     )
     prompt_len_mean: float | None = Field(
-        None, gt=0, description="mean prompt tokens; None = preset"
+        None, gt=0, le=MAX_LEN, description="mean prompt tokens; None = preset"
     )
     output_len_mean: float | None = Field(
-        None, gt=0, description="mean output tokens; None = preset"
+        None, gt=0, le=MAX_LEN, description="mean output tokens; None = preset"
     )
     length_sigma: float = Field(
-        0.8, ge=0, description="lognormal shape of both lengths; 0 = every request at the mean"
+        0.8,
+        ge=0,
+        le=10,
+        description="lognormal shape of both lengths; 0 = every request at the mean",
     )
-    max_prompt_len: int = Field(2048, ge=1)
-    max_output_len: int = Field(2048, ge=1)
+    max_prompt_len: int = Field(2048, ge=1, le=MAX_LEN)
+    max_output_len: int = Field(2048, ge=1, le=MAX_LEN)
     arrival: Literal["fixed", "poisson"] = Field("poisson", description="arrival process")
-    arrival_rate: float = Field(0.0, ge=0, description="requests per second; 0 = all arrive at t=0")
-    num_topics: int = Field(8, ge=1, description="semantic clusters of requests")
-    topic_skew: float = Field(0.0, ge=0, description="Zipf exponent of topic frequencies")
+    arrival_rate: float = Field(
+        0.0, ge=0, le=1e9, description="requests per second; 0 = all arrive at t=0"
+    )
+    num_topics: int = Field(8, ge=1, le=MAX_KINDS, description="semantic clusters of requests")
+    topic_skew: float = Field(
+        0.0, ge=0, le=MAX_SCALE, description="Zipf exponent of topic frequencies"
+    )
     kinds_per_topic: int = Field(
-        16, ge=1, description="token kinds per topic (own embedding offset and routing)"
+        16,
+        ge=1,
+        le=MAX_KINDS,
+        description="token kinds per topic (own embedding offset and routing)",
     )
     num_kinds: int | None = Field(
         64,
         ge=1,
+        le=MAX_KINDS,
         description="token kinds shared by all topics (each topic uses kinds_per_topic of "
         "them); None = every topic has its own kinds",
     )
     popularity_skew: float | list[float] = Field(
         0.3, description="Zipf exponent of expert popularity, one or per layer"
     )
-    topic_strength: float = Field(0.5, ge=0, description="how differently topics route")
-    kind_strength: float = Field(3.0, ge=0, description="how differently token kinds route")
-    affinity: float = Field(3.0, ge=0, description="cross-layer transition strength")
+    topic_strength: float = Field(
+        0.5, ge=0, le=MAX_SCALE, description="how differently topics route"
+    )
+    kind_strength: float = Field(
+        3.0, ge=0, le=MAX_SCALE, description="how differently token kinds route"
+    )
+    affinity: float = Field(3.0, ge=0, le=MAX_SCALE, description="cross-layer transition strength")
     temporal_locality: float = Field(
         0.3,
         ge=0,
@@ -70,19 +99,26 @@ class SynthConfig(BaseModel):
         "temporal_locality at the last; None = temporal_locality at every layer",
     )
     routing_noise: float = Field(
-        1.0, ge=0, description="scale of per-token Gumbel noise on the logits"
+        1.0, ge=0, le=MAX_SCALE, description="scale of per-token Gumbel noise on the logits"
     )
-    gate_temperature: float = Field(1.5, gt=0, description="softmax temperature of the gate rows")
+    gate_temperature: float = Field(
+        1.5,
+        ge=1 / MAX_SCALE,
+        le=MAX_SCALE,
+        description="softmax temperature of the gate rows",
+    )
     normalize_topk: bool = Field(
         True, description="renormalize top-K weights to sum 1 (Mixtral) or not (Qwen)"
     )
-    embedding_dim: int = Field(64, ge=1, description="width of per-token embeddings")
-    embedding_noise: float = Field(0.3, ge=0, description="token-specific embedding noise")
+    embedding_dim: int = Field(64, ge=1, le=2**16, description="width of per-token embeddings")
+    embedding_noise: float = Field(
+        0.3, ge=0, le=MAX_SCALE, description="token-specific embedding noise"
+    )
     kind_embedding_scale: float = Field(
-        2.0, ge=0, description="distance of kind offsets from the topic centroid"
+        2.0, ge=0, le=MAX_SCALE, description="distance of kind offsets from the topic centroid"
     )
     lookahead_noise: float = Field(
-        1.2, ge=0, description="noise of lookahead rows vs the next layer's logits"
+        1.2, ge=0, le=MAX_SCALE, description="noise of lookahead rows vs the next layer's logits"
     )
     with_gate_probs: bool = True
     with_embeddings: bool = True
@@ -92,10 +128,15 @@ class SynthConfig(BaseModel):
     @classmethod
     def _skew_ok(cls, v: float | list[float]) -> float | list[float]:
         vals = v if isinstance(v, list) else [v]
-        if not vals or any(not math.isfinite(x) or x < 0 for x in vals):
-            raise ValueError("popularity_skew must be >= 0 (one value or one per layer)")
+        if not vals or any(not math.isfinite(x) or not 0 <= x <= MAX_SCALE for x in vals):
+            raise ValueError(
+                f"popularity_skew must be in [0, {MAX_SCALE:g}] (one value or one per layer)"
+            )
         return v
 
     def length_means(self) -> tuple[float, float]:
         p, o = LENGTH_PRESETS[self.preset]
         return (self.prompt_len_mean or p, self.output_len_mean or o)
+
+
+# -- shared sampling core ---------------------------------------------------------------------

@@ -9,7 +9,10 @@ from typing import Any
 import numpy as np
 
 from specs.errors import InputError
+from specs.limits import require_memory
 from specs.model_spec import ModelSpec
+from traces.synth_config import MAX_REQUESTS
+from traces.synth_memory import token_row_bytes
 from traces.synth_sampling import (
     _arrivals,
     _assemble,
@@ -75,8 +78,15 @@ class FittedModel:
     ) -> tuple[dict[str, Any], Iterator[Request]]:
         """(provenance, requests drawn a chunk at a time); ``budget_bytes=None``: one chunk,
         what :meth:`generate` draws. Chunks after the first draw from seed (seed, 2, c)."""
-        if num_requests < 1:
-            raise InputError(f"num_requests must be >= 1, got {num_requests}")
+        if not 1 <= num_requests <= MAX_REQUESTS:
+            raise InputError(f"num_requests must be in [1, {MAX_REQUESTS}], got {num_requests}")
+        if budget_bytes is None:  # one chunk: the whole workload is held at once
+            mean_len = float(np.mean(self.prompt_lens) + np.mean(self.output_lens))
+            require_memory(
+                f"fitted workload of {num_requests} requests",
+                num_requests * max(mean_len - 1, 1) * token_row_bytes(self.spec, 0),
+                "lower the number of requests",
+            )
         rng = np.random.default_rng([seed, 2])
         pick = rng.integers(0, len(self.prompt_lens), num_requests)
         whole = _skeleton(

@@ -1,0 +1,94 @@
+"""Time budgets of commands that run a real model over an emulated link.
+
+An emulated host link sleeps for what each copy would take, so ``--link-gbps 1e-9`` makes
+a run that never ends in practice. Before starting, :func:`check_link_time` estimates
+the time to copy every routed expert once over the emulated link (the least a run that
+touches each expert moves) and refuses, naming the flag, the estimate and the limit,
+when it exceeds ``--link-time-limit-s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fmoe_cli import args as argt
+from specs.limits import require_memory, require_time
+
+DEFAULT_LINK_TIME_LIMIT_S = 600.0
+
+
+def add_link_time_flag(p: argparse.ArgumentParser) -> None:
+    """``--link-time-limit-s``: the most an emulated link's one pass over the experts may take."""
+    p.add_argument(
+        "--link-time-limit-s",
+        type=argt.number(0, 1e9, lo_open=True),
+        default=DEFAULT_LINK_TIME_LIMIT_S,
+        help="refuse an emulated link so slow that copying every expert once would take "
+        f"longer than this (default {DEFAULT_LINK_TIME_LIMIT_S:g} s)",
+    )
+
+
+def _spec_of(model: str):  # -> ModelSpec | None
+    """The ModelSpec of a preset or checkpoint (None when it cannot be read: the run
+    itself then reports why)."""
+    from specs.errors import InputError
+
+    try:
+        from realrun.models import resolve_model
+
+        return resolve_model(model)[0]
+    except InputError:
+        return None
+
+
+def check_link_time(
+    model: str,
+    gbps: float | None,
+    latency_us: float | None,
+    limit_s: float,
+    source: str | None = None,
+) -> None:
+    """Raise InputError when copying every expert of ``model`` once over the emulated link
+    (``gbps`` GB/s = 1e9 bytes/s, ``latency_us`` per copy) would take past ``limit_s``.
+    ``source`` names where the link comes from (default: the --link-* flags)."""
+    if gbps is None:
+        return
+    spec = _spec_of(model)
+    if spec is None:
+        return
+    per_expert = spec.expert_bytes / (gbps * 1e9) + (latency_us or 0.0) * 1e-6
+    seconds = spec.total_experts * per_expert
+    flags = f"--link-gbps {gbps:g}" + (f" --link-latency-us {latency_us:g}" if latency_us else "")
+    where = f"{source}: emulated link of {gbps:g} GB/s, {latency_us or 0:g} us" if source else flags
+    require_time(
+        f"{where} ({spec.total_experts} experts of {spec.expert_bytes} bytes, each copied once)",
+        seconds,
+        limit_s,
+        "use a faster emulated link or raise --link-time-limit-s",
+    )
+
+
+def check_bench_memory(
+    model: str, max_tokens: int, max_context: int, link_sizes: list[int] | None = None
+) -> None:
+    """Raise InputError when `calibrate bench`'s largest points would not fit in memory:
+    a prefill of ``max_tokens`` (fp32 attention scores and probabilities per head,
+    logits over the vocabulary), a decode after ``max_context`` tokens (fp32 KV), and
+    the largest timed copy of ``--link-sizes`` (source and destination buffers)."""
+    if link_sizes:
+        require_memory(
+            f"--link-sizes up to {max(link_sizes)} bytes",
+            2.0 * max(link_sizes),
+            "time smaller copies",
+        )
+    spec = _spec_of(model)
+    if spec is None:
+        return
+    scores = 2 * 4 * spec.num_attention_heads * max_tokens * max_tokens
+    logits = 4 * max_tokens * spec.vocab_size
+    kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4 * max_context
+    require_memory(
+        f"--max-tokens {max_tokens} --max-context {max_context} on {spec.name}",
+        scores + logits + kv,
+        "lower --max-tokens or --max-context",
+    )
