@@ -42,7 +42,8 @@ from policies.base import (
 )
 from policies.cache import ExpertCache, ExpertKey
 from policies.expert_map_store import ExpertMapStore
-from policies.fmoe_eviction import FmoeEviction
+from policies.fmoe_deadline import FmoeDeadline
+from policies.fmoe_eviction import TRAJECTORY, FmoeEviction
 from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
@@ -56,8 +57,9 @@ FAMILY_DISTANCE: dict[str, int] = {"mixtral": 3, "qwen2_moe": 6, "phimoe": 4}
 DEFAULT_DISTANCE = 3
 FIT_CHUNK_ROWS = 256
 
-Prediction = Literal["traj", "traj+sem", "traj+sem+delta"]
-Eviction = Literal["lru", "lfu", "lfu-global", "fmoe"]
+Prediction = Literal["traj", "traj+sem", "traj+sem+delta", "sem+delta"]
+Eviction = Literal["lru", "lfu", "lfu-global", "paper", "fmoe"]
+Admission = Literal["deadline", "all", "none"]
 
 
 def default_prefetch_distance(spec: ModelSpec) -> int:
@@ -77,12 +79,21 @@ class FmoeOptions(PolicyOptions):
     prediction: Prediction = Field(
         default="traj+sem+delta",
         description="traj: trajectory only, fixed top-K; traj+sem: + semantic for layers < d; "
-        "traj+sem+delta: + similarity-aware threshold (full fMoE)",
+        "traj+sem+delta: + similarity-aware threshold (full fMoE); sem+delta: no trajectory "
+        "search (the semantic search's layers only)",
     )
     eviction: Eviction = Field(
         default="fmoe",
-        description="lru; lfu (uses while cached: fmoe's freq without p, the paper's ablation); "
-        "lfu-global (uses over the whole run, kept across evictions); fmoe (p x uses while cached)",
+        description="fmoe (expected time to next use: calibrated predictions, recency and "
+        "frequency); paper (p x uses while cached, the paper's); lru; lfu (uses while cached, "
+        "the paper's ablation); lfu-global (uses over the whole run, kept across evictions)",
+    )
+    admission: Admission = Field(
+        default="deadline",
+        description="deadline: order a prefetch only if it can land before its layer and is "
+        "worth its victim, re-ranked at each gate (needs the executor's view; else all); "
+        "all: every selected expert (the paper's); none: no prefetch (predictions still "
+        "steer eviction: the ablation's eviction-only variant)",
     )
     embed_dim: int | None = Field(
         default=None,
@@ -96,7 +107,7 @@ class FmoeOptions(PolicyOptions):
 
 
 @register_policy
-class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
+class FmoePolicy(FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Policy):
     """fMoE: expert map store, semantic + trajectory search, similarity-aware prefetch,
     prediction-weighted eviction."""
 
@@ -136,33 +147,45 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             "lru": self._scores_lru,
             "lfu": self._scores_lfu,
             "lfu-global": self._scores_lfu_global,
-            "fmoe": self._scores_fmoe,
+            "paper": self._scores_paper,
+            "fmoe": self._scores_etnu,
         }[self.options.eviction]
+        self._view = None  # the executor's view while deadline admission is on (bind)
+        self._no_prefetch = self.options.admission == "none"
+        self._distance_source = "unbound"
 
     @property
     def use_semantic(self) -> bool:
         return self.options.prediction != "traj"
 
     @property
+    def use_trajectory(self) -> bool:
+        return self.options.prediction != "sem+delta"
+
+    @property
     def use_delta(self) -> bool:
-        return self.options.prediction == "traj+sem+delta"
+        return self.options.prediction in ("traj+sem+delta", "sem+delta")
 
     # -- lifecycle ----------------------------------------------------------------------
     def bind(self, ctx: PolicyContext) -> None:
         """Size the state for ``ctx.spec``; load the store when ``store_path`` is set."""
         super().bind(ctx)
-        self._setup(ctx.spec, ctx.prefetch_distance)
+        derived = self.derived_distance(ctx) if self.options.admission == "deadline" else None
+        self._setup(ctx.spec, ctx.prefetch_distance, derived)
         L, J = ctx.spec.num_moe_layers, ctx.spec.num_experts
         self._cache_of = [[ctx.cache_of((lay, j)) for j in range(J)] for lay in range(L)]
+        self._setup_deadline(ctx)
 
-    def _setup(self, spec: ModelSpec, ctx_distance: int | None) -> None:
+    def _setup(self, spec: ModelSpec, ctx_distance: int | None, derived: int | None = None) -> None:
         L, J = spec.num_moe_layers, spec.num_experts
         if self.options.prefetch_distance is not None:
-            d = self.options.prefetch_distance
+            d, self._distance_source = self.options.prefetch_distance, "option"
         elif ctx_distance is not None:
-            d = ctx_distance
+            d, self._distance_source = ctx_distance, "executor"
+        elif derived is not None:
+            d, self._distance_source = derived, "copy time / layer time"
         else:
-            d = default_prefetch_distance(spec)
+            d, self._distance_source = default_prefetch_distance(spec), "model family"
         if d < 1:
             raise InputError(f"policy 'fmoe': prefetch distance must be >= 1, got {d}")
         self.distance = min(int(d), L)
@@ -190,8 +213,11 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             )
         self.store.prefetch_distance = self.distance
         if self.spec is None or len(self._pred) != L or len(self._pred[0]) != J:
-            self._pred = [[1.0] * J for _ in range(L)]  # no forecast yet: p = 1 (plain LFU)
+            # no forecast yet: p = K/J, the uninformed rate (1.0 would pin the layers a
+            # prediction mode never forecasts, e.g. 0..d-1 without the semantic search)
+            self._pred = [[spec.top_k / J] * J for _ in range(L)]
             self._freq = [[0] * J for _ in range(L)]
+            self._setup_usage(L, J, spec.top_k)
         self.spec = spec
 
     def fit(self, training: Any) -> None:
@@ -280,7 +306,13 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             fit_rows={k[9:]: v for k, v in s.items() if k.startswith("fit_rows_")},
             semantic_searches=s["semantic_searches"],
             trajectory_searches=s["trajectory_searches"],
+            prefetch_distance_source=self._distance_source,
+            admission="deadline" if self._view is not None else "all",
             orders_issued=s["orders_issued"],
+            orders_rejected_late=s["orders_rejected_late"],
+            orders_rejected_value=s["orders_rejected_value"],
+            orders_reranked=s["orders_reranked"],
+            orders_cancelled_stale=s["orders_cancelled_stale"],
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,
             store_writes=0 if self.store is None else self.store.version,
@@ -299,6 +331,11 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
         """Step 1: semantic search per row; predict layers 0..d-1."""
         self._now = max(self._now, ev.now)
         B = len(ev.request_ids)
+        self._cur_it += 1
+        self._g = -1
+        self._etnu_dirty = True
+        if self._view is not None:
+            self._deadline_iteration_start(B)
         query, has = self._row_queries(ev, B)
         it = self._new_state(ev.iteration, B, query)
         store = self._need_store()
@@ -312,9 +349,30 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             pred, score = lead
             for layer in range(self.distance):
                 self._issue(it, layer, pred[layer], score, now_layer=-1)
+        if self._view is not None:
+            self._admit(-1)
 
     def on_gate(self, ev: GateOutput) -> None:
-        """Step 2: add layer g to every row's running dots; predict layer g + d."""
+        """Step 2: add layer g to every row's running dots; predict layer g + d. First
+        the gate's choice feeds the eviction's statistics; with deadline admission the
+        hook ends by ranking and admitting the iteration's candidates."""
+        g = int(ev.layer)
+        if self._pred and 0 <= g < len(self._pred):
+            it = self._it
+            if it is None or it.iteration != ev.iteration:  # no iteration start seen
+                self._cur_it += 1
+                self._g = -1
+                if self._view is not None:
+                    self._deadline_iteration_start(len(ev.topk_ids))
+            ids = np.unique(ev.topk_ids)
+            if self._view is not None:
+                self._deadline_gate(g, ids.tolist(), ev.now)
+            self._observe_choice(g, ids)
+        self._on_gate_search(ev)
+        if self._view is not None:
+            self._admit(g)
+
+    def _on_gate_search(self, ev: GateOutput) -> None:
         self._now = max(self._now, ev.now)
         store = self._need_store()
         L, J = store.num_layers, store.num_experts  # the spec's (checked at bind)
@@ -352,7 +410,7 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             return
         it.dots[:, :n] += store.layer_dots(g, probs)
         target = g + self.distance
-        if target >= L:
+        if target >= L or not self.use_trajectory:
             return
         self._stats["trajectory_searches"] += B
         if B == 1:  # decode: the same float32 arithmetic on scalars, fewer numpy calls
@@ -362,6 +420,7 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             score = float(sim[b] * (1.0 / np.sqrt(np.maximum(x, 1e-30))))
             row = store.maps[target, b].tolist()
             self._pred[target] = row  # one reference swap: thread-safe
+            self._forecast(target, TRAJECTORY)
             self._issue_row(it, target, row, score, now_layer=g)
             return
         sims = it.dots[:, :n] * store.inv_prefix[g, :n]  # cosine up to a positive per-row factor
@@ -369,6 +428,7 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
         score_rows = sims[np.arange(B), best] * _inv_sqrt(it.norm2)  # the rows' maxima
         rows = store.maps[target, best, :]
         self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
+        self._forecast(target, TRAJECTORY)
         self._issue(it, target, rows, score_rows, now_layer=g)
 
     def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
