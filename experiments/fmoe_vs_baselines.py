@@ -101,16 +101,16 @@ def main() -> None:
     ]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    from sim.paper import save_csv
+
     rows = []
     with ProcessPoolExecutor(max_workers=a.workers, mp_context=get_context("spawn")) as pool:
         for i, row in enumerate(pool.map(_job, jobs), 1):
             rows.append(row)
+            save_csv(pd.DataFrame(rows), out / f"{a.name}.csv")  # so far (atomic)
             sys.stderr.write(f"\r{a.name}: {i}/{len(jobs)} runs")
     sys.stderr.write("\n")
-    from sim.paper import save_csv
-
     df = pd.DataFrame(rows)
-    save_csv(df, out / f"{a.name}.csv")
     with pd.option_context("display.width", 220, "display.max_rows", 500):
         print(df.drop(columns=["wall_s"]).to_string(index=False, float_format="{:.4g}".format))
 

@@ -131,16 +131,19 @@ class FmoeDeadline:
         free = [0] * self._n_dev
         value_check = self.options.eviction == "fmoe"
         pending: dict[ExpertKey, float] = {}
-        copy_s = self._copy_s
+        copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
             if committed[dev] < 0:
-                committed[dev] = view.link_state(dev).queued_s
+                link = view.link_state(dev)
+                committed[dev] = link.queued_s
+                copy[dev] = link.copy_s
                 avail[dev] = self._avail_per_layer(dev)
                 cache = self.ctx.caches[dev] if self.ctx is not None else None
                 free[dev] = cache.free if cache is not None else 0
             was = key in self._pending
+            copy_s = copy[dev]
             if committed[dev] + copy_s > (layer - g) * avail[dev]:
                 self._stats["orders_rejected_late"] += 1
                 if was:
