@@ -175,6 +175,15 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._cache_of = [[ctx.cache_of((lay, j)) for j in range(J)] for lay in range(L)]
         self._setup_deadline(ctx)
 
+    def _set_distance(self, d: int, L: int) -> None:
+        """Use prefetch distance ``d`` (at most L) from now on (store included)."""
+        self.distance = min(int(d), L)
+        # how far ahead each layer is predicted in a decode iteration, as float64 [L, 1]:
+        # layers 0..d-1 by the semantic search (executing layer -1), the rest d ahead
+        self._decode_dist = np.minimum(np.arange(1.0, L + 1), self.distance)[:, None]
+        if self.store is not None:
+            self.store.prefetch_distance = self.distance
+
     def _setup(self, spec: ModelSpec, ctx_distance: int | None, derived: int | None = None) -> None:
         L, J = spec.num_moe_layers, spec.num_experts
         if self.options.prefetch_distance is not None:
@@ -187,10 +196,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             d, self._distance_source = default_prefetch_distance(spec), "model family"
         if d < 1:
             raise InputError(f"policy 'fmoe': prefetch distance must be >= 1, got {d}")
-        self.distance = min(int(d), L)
-        # how far ahead each layer is predicted in a decode iteration, as float64 [L, 1]:
-        # layers 0..d-1 by the semantic search (executing layer -1), the rest d ahead
-        self._decode_dist = np.minimum(np.arange(1.0, L + 1), self.distance)[:, None]
+        self._set_distance(d, L)
         if self.store is None:
             if self.options.store_path:
                 # the file's capacity unless store_capacity was given explicitly
@@ -234,6 +240,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             semantic_searches=s["semantic_searches"],
             trajectory_searches=s["trajectory_searches"],
             prefetch_distance_source=self._distance_source,
+            prefetch_distance_changes=s["distance_changes"],
             admission="deadline" if self._view is not None else "all",
             orders_issued=s["orders_issued"],
             orders_rejected_late=s["orders_rejected_late"],

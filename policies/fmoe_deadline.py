@@ -70,6 +70,8 @@ class FmoeDeadline:
             self._interval = (times[-1] - times[0]) / (len(times) - 1)
             steps = len(times)
             self._demand_s = [n * self._copy_s / steps for n in self._demand_now]
+            if self._distance_source == "copy time / layer time":
+                self._rederive_distance()
         self._gate_times = []
         self._demand_now = [0] * self._n_dev
         for key in self._pending:
@@ -84,6 +86,20 @@ class FmoeDeadline:
         for j in ids:
             if cache_of and (layer, j) not in cache_of[layer][j].entries:
                 self._demand_now[dev_of[layer][j]] += 1
+
+    def _rederive_distance(self) -> None:
+        """The distance again from the measured pace: one copy over the link time a layer
+        step leaves for prefetches (mean over links), in [1, L - 1]. On one GPU whose link
+        demand loads keep busy that is about the compute time (as at bind); where other
+        links idle while one GPU waits (several GPUs), a copy fits in fewer layers."""
+        L = len(self._pred)
+        avail = sum(self._avail_per_layer(dev) for dev in range(self._n_dev)) / self._n_dev
+        if avail <= 0 or L < 2:
+            return
+        d = int(min(max(math.ceil(self._copy_s / avail), 1), L - 1))
+        if d != self.distance:
+            self._set_distance(d, L)
+            self._stats["distance_changes"] += 1
 
     def _avail_per_layer(self, dev: int) -> float:
         view = self._view
