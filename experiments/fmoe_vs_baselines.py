@@ -44,6 +44,8 @@ KEEP = [
     "prefetch_wasted",
     "evictions_by_prefetch",
     "stall_s",
+    "bound_hit_belady",
+    "bound_tpot_s",
 ]
 
 
