@@ -36,6 +36,11 @@ def parse(description: str, default_requests: int = 40) -> tuple[PaperSetup, Pat
         help="total expert cache (GiB); default 24 on Mixtral-8x7B and the same share of "
         "the experts' bytes on another model",
     )
+    p.add_argument(
+        "--hardware",
+        default="paper-6x3090",
+        help="hardware preset (the paper's testbed: paper-6x3090; one GPU: a100-80gb-pcie4, ...)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", default="lmsys,sharegpt", help="comma-separated: lmsys, sharegpt")
@@ -46,6 +51,7 @@ def parse(description: str, default_requests: int = 40) -> tuple[PaperSetup, Pat
         p.error(str(e))
     setup = PaperSetup(
         model=a.model,
+        hardware=a.hardware,
         num_requests=a.num_requests,
         cache_gb=cache_gb,
         workers=a.workers,

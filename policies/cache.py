@@ -77,10 +77,13 @@ class CacheCounters:
     loads: int = 0
     demand_loads: int = 0
     prefetches_issued: int = 0
-    prefetches_used: int = 0
-    prefetches_wasted: int = 0
+    prefetches_used: int = 0  # demanded at least once (resident or still loading then)
+    prefetches_timely: int = 0  # resident at their first demand
+    prefetches_late: int = 0  # still loading at their first demand
+    prefetches_wasted: int = 0  # evicted before any demand
     prefetches_cancelled: int = 0
     evictions: int = 0
+    evictions_by_prefetch: int = 0  # victims chosen to make room for a prefetch
     bytes_loaded: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -327,6 +330,8 @@ class ExpertCache:
                 )
             self._drop_evicted(victim)  # resident and unpinned by choice: no checks
             evicted.append(victim.key)
+        if prefetch and evicted:
+            c.evictions_by_prefetch += len(evicted)
         # positional: key, state, loaded_at, last_used, uses, pins, protected, by_prefetch
         entries[key] = self._recency[key] = CacheEntry(
             key, _LOADING, now, now, 0, 1 if pin else 0, prefetch, prefetch
@@ -431,8 +436,13 @@ class ExpertCache:
             c.misses += 1
         if e.by_prefetch and not e.prefetch_used:
             # a prefetch that was in flight when demanded still saved part of the copy
+            # (used, late); one resident at its first demand was timely
             e.prefetch_used = True
             c.prefetches_used += 1
+            if e.state is _RESIDENT:
+                c.prefetches_timely += 1
+            else:
+                c.prefetches_late += 1
         return e
 
     def pin(self, key: ExpertKey) -> None:

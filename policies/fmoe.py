@@ -25,7 +25,6 @@ from top-K ids and weights. :meth:`FmoePolicy.metadata` reports which were used.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -42,7 +41,9 @@ from policies.base import (
 )
 from policies.cache import ExpertCache, ExpertKey
 from policies.expert_map_store import ExpertMapStore
-from policies.fmoe_eviction import FmoeEviction
+from policies.fmoe_deadline import FmoeDeadline
+from policies.fmoe_eviction import TRAJECTORY, FmoeEviction
+from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_ROWS re-exported
 from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
@@ -54,10 +55,10 @@ from specs.model_spec import ModelSpec
 # The paper's prefetch distances per model family (transformers model_type).
 FAMILY_DISTANCE: dict[str, int] = {"mixtral": 3, "qwen2_moe": 6, "phimoe": 4}
 DEFAULT_DISTANCE = 3
-FIT_CHUNK_ROWS = 256
 
-Prediction = Literal["traj", "traj+sem", "traj+sem+delta"]
-Eviction = Literal["lru", "lfu", "lfu-global", "fmoe"]
+Prediction = Literal["traj", "traj+sem", "traj+sem+delta", "sem+delta"]
+Eviction = Literal["lru", "lfu", "lfu-global", "paper", "fmoe"]
+Admission = Literal["deadline", "all", "none"]
 
 
 def default_prefetch_distance(spec: ModelSpec) -> int:
@@ -77,12 +78,21 @@ class FmoeOptions(PolicyOptions):
     prediction: Prediction = Field(
         default="traj+sem+delta",
         description="traj: trajectory only, fixed top-K; traj+sem: + semantic for layers < d; "
-        "traj+sem+delta: + similarity-aware threshold (full fMoE)",
+        "traj+sem+delta: + similarity-aware threshold (full fMoE); sem+delta: no trajectory "
+        "search (the semantic search's layers only)",
     )
     eviction: Eviction = Field(
         default="fmoe",
-        description="lru; lfu (uses while cached: fmoe's freq without p, the paper's ablation); "
-        "lfu-global (uses over the whole run, kept across evictions); fmoe (p x uses while cached)",
+        description="fmoe (expected time to next use: calibrated predictions, recency and "
+        "frequency); paper (p x uses while cached, the paper's); lru; lfu (uses while cached, "
+        "the paper's ablation); lfu-global (uses over the whole run, kept across evictions)",
+    )
+    admission: Admission = Field(
+        default="deadline",
+        description="deadline: order a prefetch only if it can land before its layer and is "
+        "worth its victim, re-ranked at each gate (needs the executor's view; else all); "
+        "all: every selected expert (the paper's); none: no prefetch (predictions still "
+        "steer eviction: the ablation's eviction-only variant)",
     )
     embed_dim: int | None = Field(
         default=None,
@@ -96,7 +106,7 @@ class FmoeOptions(PolicyOptions):
 
 
 @register_policy
-class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
+class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Policy):
     """fMoE: expert map store, semantic + trajectory search, similarity-aware prefetch,
     prediction-weighted eviction."""
 
@@ -136,39 +146,57 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             "lru": self._scores_lru,
             "lfu": self._scores_lfu,
             "lfu-global": self._scores_lfu_global,
-            "fmoe": self._scores_fmoe,
+            "paper": self._scores_paper,
+            "fmoe": self._scores_etnu,
         }[self.options.eviction]
+        self._view = None  # the executor's view while deadline admission is on (bind)
+        self._no_prefetch = self.options.admission == "none"
+        self._distance_source = "unbound"
 
     @property
     def use_semantic(self) -> bool:
         return self.options.prediction != "traj"
 
     @property
+    def use_trajectory(self) -> bool:
+        return self.options.prediction != "sem+delta"
+
+    @property
     def use_delta(self) -> bool:
-        return self.options.prediction == "traj+sem+delta"
+        return self.options.prediction in ("traj+sem+delta", "sem+delta")
 
     # -- lifecycle ----------------------------------------------------------------------
     def bind(self, ctx: PolicyContext) -> None:
         """Size the state for ``ctx.spec``; load the store when ``store_path`` is set."""
         super().bind(ctx)
-        self._setup(ctx.spec, ctx.prefetch_distance)
+        derived = self.derived_distance(ctx) if self.options.admission == "deadline" else None
+        self._setup(ctx.spec, ctx.prefetch_distance, derived)
         L, J = ctx.spec.num_moe_layers, ctx.spec.num_experts
         self._cache_of = [[ctx.cache_of((lay, j)) for j in range(J)] for lay in range(L)]
+        self._setup_deadline(ctx)
 
-    def _setup(self, spec: ModelSpec, ctx_distance: int | None) -> None:
-        L, J = spec.num_moe_layers, spec.num_experts
-        if self.options.prefetch_distance is not None:
-            d = self.options.prefetch_distance
-        elif ctx_distance is not None:
-            d = ctx_distance
-        else:
-            d = default_prefetch_distance(spec)
-        if d < 1:
-            raise InputError(f"policy 'fmoe': prefetch distance must be >= 1, got {d}")
+    def _set_distance(self, d: int, L: int) -> None:
+        """Use prefetch distance ``d`` (at most L) from now on (store included)."""
         self.distance = min(int(d), L)
         # how far ahead each layer is predicted in a decode iteration, as float64 [L, 1]:
         # layers 0..d-1 by the semantic search (executing layer -1), the rest d ahead
         self._decode_dist = np.minimum(np.arange(1.0, L + 1), self.distance)[:, None]
+        if self.store is not None:
+            self.store.prefetch_distance = self.distance
+
+    def _setup(self, spec: ModelSpec, ctx_distance: int | None, derived: int | None = None) -> None:
+        L, J = spec.num_moe_layers, spec.num_experts
+        if self.options.prefetch_distance is not None:
+            d, self._distance_source = self.options.prefetch_distance, "option"
+        elif ctx_distance is not None:
+            d, self._distance_source = ctx_distance, "executor"
+        elif derived is not None:
+            d, self._distance_source = derived, "copy time / layer time"
+        else:
+            d, self._distance_source = default_prefetch_distance(spec), "model family"
+        if d < 1:
+            raise InputError(f"policy 'fmoe': prefetch distance must be >= 1, got {d}")
+        self._set_distance(d, L)
         if self.store is None:
             if self.options.store_path:
                 # the file's capacity unless store_capacity was given explicitly
@@ -190,81 +218,12 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             )
         self.store.prefetch_distance = self.distance
         if self.spec is None or len(self._pred) != L or len(self._pred[0]) != J:
-            self._pred = [[1.0] * J for _ in range(L)]  # no forecast yet: p = 1 (plain LFU)
+            # no forecast yet: p = K/J, the uninformed rate (1.0 would pin the layers a
+            # prediction mode never forecasts, e.g. 0..d-1 without the semantic search)
+            self._pred = [[spec.top_k / J] * J for _ in range(L)]
             self._freq = [[0] * J for _ in range(L)]
+            self._setup_usage(L, J, spec.top_k)
         self.spec = spec
-
-    def fit(self, training: Any) -> None:
-        """Offline mode: offer every token of every training request to the store, in order.
-
-        Each token's row is (its embedding, else its request's prompt embedding; its gate
-        probabilities [L, J], else rows from its top-K ids and weights).
-        """
-        from traces.types import Workload
-
-        if not isinstance(training, Workload):
-            raise InputError(f"policy 'fmoe': fit needs a Workload, got {type(training).__name__}")
-        if self.spec is None:
-            self._setup(training.spec, None)
-        assert self.store is not None and self.spec is not None
-        L, J = self.spec.num_moe_layers, self.spec.num_experts
-        if (training.spec.num_moe_layers, training.spec.num_experts) != (L, J):
-            raise InputError(
-                f"policy 'fmoe': training workload is for {training.spec.num_moe_layers} layers x "
-                f"{training.spec.num_experts} experts, bound model has {L} x {J}"
-            )
-        maps: list[np.ndarray] = []
-        embs: list[np.ndarray | None] = []
-        pending = 0
-        for req in training.requests:
-            r = req.routing
-            T = r.num_tokens
-            if r.gate_probs is not None:
-                m = np.asarray(r.gate_probs, np.float32)
-                self._stats["fit_rows_gate_probs"] += T
-            else:
-                m = topk_rows(
-                    r.topk_ids.reshape(T * L, -1), r.topk_weights.reshape(T * L, -1), J
-                ).reshape(T, L, J)
-                self._stats["fit_rows_topk_weights"] += T
-            if r.embeddings is not None:
-                e = np.asarray(r.embeddings, np.float32)
-                self._stats["fit_rows_emb_token"] += T
-            elif req.prompt_embedding is not None:
-                e = np.broadcast_to(
-                    np.asarray(req.prompt_embedding, np.float32), (T, req.prompt_embedding.shape[0])
-                )
-                self._stats["fit_rows_emb_prompt"] += T
-            else:
-                e = None
-                self._stats["fit_rows_emb_none"] += T
-            maps.append(m)
-            embs.append(e)
-            pending += T
-            if pending >= FIT_CHUNK_ROWS:
-                self._fit_chunk(maps, embs)
-                maps, embs, pending = [], [], 0
-        if maps:
-            self._fit_chunk(maps, embs)
-
-    def _fit_chunk(self, maps: list[np.ndarray], embs: list[np.ndarray | None]) -> None:
-        assert self.store is not None
-        width = next((e.shape[1] for e in embs if e is not None), None)
-        emb = None
-        if width is not None:
-            emb = np.concatenate(
-                [
-                    e if e is not None else np.zeros((len(m), width), np.float32)
-                    for m, e in zip(maps, embs, strict=True)
-                ]
-            )
-        self.store.add_batch(np.concatenate(maps), emb)
-
-    def save_store(self, path: str | Path) -> None:
-        """Write the expert map store to ``path`` (.npz, atomic)."""
-        if self.store is None:
-            raise InputError("policy 'fmoe': no store to save (bind or fit first)")
-        self.store.save(path)
 
     def metadata(self) -> dict[str, Any]:
         """Options plus what the run used: prefetch distance, embedding and gate-row sources, store size."""
@@ -280,7 +239,14 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             fit_rows={k[9:]: v for k, v in s.items() if k.startswith("fit_rows_")},
             semantic_searches=s["semantic_searches"],
             trajectory_searches=s["trajectory_searches"],
+            prefetch_distance_source=self._distance_source,
+            prefetch_distance_changes=s["distance_changes"],
+            admission="deadline" if self._view is not None else "all",
             orders_issued=s["orders_issued"],
+            orders_rejected_late=s["orders_rejected_late"],
+            orders_rejected_value=s["orders_rejected_value"],
+            orders_reranked=s["orders_reranked"],
+            orders_cancelled_stale=s["orders_cancelled_stale"],
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,
             store_writes=0 if self.store is None else self.store.version,
@@ -299,6 +265,11 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
         """Step 1: semantic search per row; predict layers 0..d-1."""
         self._now = max(self._now, ev.now)
         B = len(ev.request_ids)
+        self._cur_it += 1
+        self._g = -1
+        self._etnu_dirty = True
+        if self._view is not None:
+            self._deadline_iteration_start(B)
         query, has = self._row_queries(ev, B)
         it = self._new_state(ev.iteration, B, query)
         store = self._need_store()
@@ -312,9 +283,30 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             pred, score = lead
             for layer in range(self.distance):
                 self._issue(it, layer, pred[layer], score, now_layer=-1)
+        if self._view is not None:
+            self._admit(-1)
 
     def on_gate(self, ev: GateOutput) -> None:
-        """Step 2: add layer g to every row's running dots; predict layer g + d."""
+        """Step 2: add layer g to every row's running dots; predict layer g + d. First
+        the gate's choice feeds the eviction's statistics; with deadline admission the
+        hook ends by ranking and admitting the iteration's candidates."""
+        g = int(ev.layer)
+        if self._pred and 0 <= g < len(self._pred):
+            it = self._it
+            if it is None or it.iteration != ev.iteration:  # no iteration start seen
+                self._cur_it += 1
+                self._g = -1
+                if self._view is not None:
+                    self._deadline_iteration_start(len(ev.topk_ids))
+            ids = np.unique(ev.topk_ids)
+            if self._view is not None:
+                self._deadline_gate(g, ids.tolist(), ev.now)
+            self._observe_choice(g, ids)
+        self._on_gate_search(ev)
+        if self._view is not None:
+            self._admit(g)
+
+    def _on_gate_search(self, ev: GateOutput) -> None:
         self._now = max(self._now, ev.now)
         store = self._need_store()
         L, J = store.num_layers, store.num_experts  # the spec's (checked at bind)
@@ -352,7 +344,7 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             return
         it.dots[:, :n] += store.layer_dots(g, probs)
         target = g + self.distance
-        if target >= L:
+        if target >= L or not self.use_trajectory:
             return
         self._stats["trajectory_searches"] += B
         if B == 1:  # decode: the same float32 arithmetic on scalars, fewer numpy calls
@@ -362,6 +354,7 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
             score = float(sim[b] * (1.0 / np.sqrt(np.maximum(x, 1e-30))))
             row = store.maps[target, b].tolist()
             self._pred[target] = row  # one reference swap: thread-safe
+            self._forecast(target, TRAJECTORY)
             self._issue_row(it, target, row, score, now_layer=g)
             return
         sims = it.dots[:, :n] * store.inv_prefix[g, :n]  # cosine up to a positive per-row factor
@@ -369,6 +362,7 @@ class FmoePolicy(FmoeSearch, FmoeOrders, FmoeEviction, Policy):
         score_rows = sims[np.arange(B), best] * _inv_sqrt(it.norm2)  # the rows' maxima
         rows = store.maps[target, best, :]
         self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
+        self._forecast(target, TRAJECTORY)
         self._issue(it, target, rows, score_rows, now_layer=g)
 
     def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:

@@ -76,16 +76,30 @@ class FmoeOrders:
         prio: Sequence[float] | dict[int, float],
     ) -> None:
         """Queue orders for ``experts`` (best first) at priorities ``prio[j]``, skipping
-        those already ordered this iteration or cached (resident or loading)."""
+        those already ordered this iteration or cached (resident or loading). Every
+        selected expert of a layer still ahead is protected from eviction until that
+        layer has run; with deadline admission the orders become candidates instead."""
         issued, cache_of = it.issued, self._cache_of
+        protect = self._protect if layer > self._g else None
+        deadline = self._view is not None
+        ahead = float(layer - self._g)
         orders = 0
         for j in experts:
             key = (layer, j)
+            if protect is not None:
+                protect.add(key)
             # ctx.is_cached(key), inlined: this runs for every candidate order
             if key in issued or (cache_of and key in cache_of[layer][j].entries):
                 continue
             issued.add(key)
+            if self._no_prefetch:
+                continue
+            if deadline:
+                self._candidate(layer, j, prio[j] * ahead)
+                continue
             self.prefetch(layer, j, prio[j])
             orders += 1
+        if protect is not None:
+            self._etnu_dirty = True
         if orders:
             self._stats["orders_issued"] += orders

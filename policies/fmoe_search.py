@@ -8,6 +8,7 @@ import numpy as np
 
 from policies.base import IterationGates, IterationStart
 from policies.expert_map_store import ExpertMapStore
+from policies.fmoe_eviction import SEMANTIC, TRAJECTORY
 from policies.fmoe_select import topk_rows
 from policies.fmoe_state import _inv_sqrt, _IterState, _SearchPlan
 from specs.errors import InputError
@@ -38,6 +39,8 @@ class FmoeSearch:
         fresh = list(self._pred)  # swapped whole: eviction_score may read it from another thread
         fresh[: self.distance] = pred.max(axis=1).tolist()
         self._pred = fresh
+        for layer in range(self.distance):
+            self._forecast(layer, SEMANTIC)
         return pred, score
 
     def _need_store(self) -> ExpertMapStore:
@@ -170,16 +173,18 @@ class FmoeSearch:
         it.seen[g] = True
         self._stats["gate_rows_gate_probs" if has_probs else "gate_rows_topk_weights"] += B
         target = g + self.distance
-        if target >= len(self._pred):
+        if target >= len(self._pred) or not self.use_trajectory:
             return
         self._stats["trajectory_searches"] += B
         if plan.targets is not None:
             row, picks, prio = plan.targets[g]
             self._pred[target] = row  # one reference swap: thread-safe
+            self._forecast(target, TRAJECTORY)
             self._issue_picks(it, target, picks, prio)
             return
         rows = store.maps[target, plan.best[g], :]
         self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe
+        self._forecast(target, TRAJECTORY)
         self._issue(it, target, rows, plan.score[g], now_layer=g)
 
     def _drop_plan(self, it: _IterState) -> None:

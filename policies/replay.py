@@ -71,7 +71,8 @@ class ReplayResult:
     """What a replay measured. ``counters`` are CacheCounters summed over devices.
 
     ``hit_rate`` = hits / demands (0.0 when nothing was demanded); ``prefetch_accuracy``
-    = prefetches_used / prefetches_issued (0.0 when no prefetch was issued).
+    = prefetches_timely / prefetches_issued: resident at their first demand (0.0 when no
+    prefetch was issued).
     ``decisions`` (when ``record_decisions`` was set) logs, in order, every order as
     ("order", iteration, running layer, layer, expert, priority) and every eviction as
     ("evict", iteration, running layer, layer, expert); the running layer is -1 between
@@ -185,7 +186,7 @@ def replay(
         policy=policy.name,
         hit_rate=total.hits / total.demands if total.demands else 0.0,
         counters=total.as_dict(),
-        prefetch_accuracy=total.prefetches_used / total.prefetches_issued
+        prefetch_accuracy=total.prefetches_timely / total.prefetches_issued
         if total.prefetches_issued
         else 0.0,
         per_request=runner.per_request,

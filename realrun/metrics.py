@@ -61,7 +61,9 @@ def summarise(
     e2e = [g.e2e_s for g in gens]
     return {
         "emulated": bool(link.get("emulated_link")),
+        # routed experts only: the real executor does not count shared-expert uses
         "hit_rate": c.hits / c.demands if c.demands else math.nan,
+        "hit_rate_routed": c.hits / c.demands if c.demands else math.nan,
         "ttft_mean_s": _mean(ttft),
         "ttft_p99_s": _p99(ttft),
         "tpot_mean_s": _mean(tpot),
@@ -69,9 +71,13 @@ def summarise(
         "e2e_mean_s": _mean(e2e),
         "e2e_p99_s": _p99(e2e),
         "bytes_h2d": c.bytes_loaded,
-        "prefetch_accuracy": c.prefetches_used / c.prefetches_issued
+        # resident at first demand / started: a copy still in flight when demanded is late
+        "prefetch_accuracy": c.prefetches_timely / c.prefetches_issued
         if c.prefetches_issued
         else math.nan,
+        "prefetch_timely": c.prefetches_timely,
+        "prefetch_late": c.prefetches_late,
+        "prefetch_wasted": c.prefetches_wasted + c.prefetches_cancelled,
         "stall_s": stall_s,
         "layer_steps": layer_steps,
         "wall_s": wall_s,

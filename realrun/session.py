@@ -53,6 +53,7 @@ from policies.base import (
 from policies.cache import CacheCounters, ExpertKey
 from realrun.copy_engine import LinkEmulation
 from realrun.drivers import make_driver
+from realrun.executor_view import RealExecutorView
 from realrun.generate import Generation, IterationRows, NewTokens
 from realrun.metrics import summarise
 from realrun.offload import (
@@ -130,7 +131,13 @@ class RunSession:
         self._held: list[tuple[PrefetchDecision, int]] | None = None
         self._apply_lock = threading.Lock()  # _held and applying (compute + searcher threads)
         try:
-            policy.bind(PolicyContext(spec, self.placement, self.res.caches, seed=opts.seed))
+            # the policy sees the copy engines and the measured layer time (deadline-aware prefetch)
+            self._view = RealExecutorView(self.res, spec.expert_bytes)
+            policy.bind(
+                PolicyContext(
+                    spec, self.placement, self.res.caches, seed=opts.seed, executor=self._view
+                )
+            )
             self.driver = make_driver(policy, self._apply, lambda: self.res.gate_seq)
             self.taps.install()
             self.taps.on_embeddings = self._on_embeddings
@@ -352,7 +359,9 @@ class RunSession:
         if self.recorder is not None:
             self.recorder.gate(layer, ids, wts, probs, look)
         la = look if self.policy.wants_lookahead else None
-        self.driver.observe(GateOutput(self.iteration, layer, ids, wts, probs, la, self.now()))
+        now = self.now()
+        self._view.note_gate(self.iteration, now)
+        self.driver.observe(GateOutput(self.iteration, layer, ids, wts, probs, la, now))
 
     def _views(self, mod: OffloadedExperts, layer: int, experts: list[int]) -> list[SlotView]:
         by_dev: dict[int, dict[int, int]] = {}

@@ -43,8 +43,11 @@ What is modelled (all costs from ``specs.costs`` and the HardwareProfile):
 
 Metrics (names shared with the real executor): TTFT = first token time - arrival; TPOT
 = (last token - first token) / (output_len - 1), undefined for one-token outputs (left
-out of means and percentiles); e2e = last token - arrival; hit_rate = hits / demands;
-prefetch_accuracy = prefetches used / issued (None without prefetches); bytes_h2d =
+out of means and percentiles); e2e = last token - arrival; hit_rate = hits / demands with
+shared-expert uses counted as hits (the fMoE paper's convention), hit_rate_routed =
+routed experts only; prefetch_accuracy = prefetches resident at their first demand /
+prefetches started (None without prefetches; prefetch_late were still in flight then,
+prefetch_wasted evicted or cancelled before any demand); bytes_h2d =
 loads x expert bytes (a cancelled copy counts whole; ``bytes_transferred`` is what the
 links actually moved); stall_s = how much the MoE layers were lengthened by waiting for
 copies; link_busy_s per GPU; layer_steps = iterations x MoE layers; wall_s the wall

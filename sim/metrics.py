@@ -72,17 +72,29 @@ def latency_metrics(frame: pd.DataFrame) -> dict[str, float | None]:
     return out
 
 
-def cache_metrics(caches: list[ExpertCache]) -> dict[str, Any]:
-    """Totals of the per-GPU cache counters, hit rate and prefetch accuracy."""
+def cache_metrics(caches: list[ExpertCache], shared_demands: int = 0) -> dict[str, Any]:
+    """Totals of the per-GPU cache counters, hit rates and prefetch figures.
+
+    ``hit_rate`` counts the ``shared_demands`` (uses of shared experts, always resident)
+    as hits, as the fMoE paper does; ``hit_rate_routed`` is the routed experts' alone.
+    ``prefetch_accuracy`` = prefetches resident at their first demand / prefetches
+    started (a copy still in flight when demanded is ``prefetch_late``, not accurate);
+    ``prefetch_wasted`` = prefetches evicted or cancelled before any demand.
+    """
     total = CacheCounters()
     for c in caches:
         total = total.add(c.counters)
     t = total.as_dict()
+    demands = t["demands"] + shared_demands
+    issued = t["prefetches_issued"]
     return {
-        "hit_rate": t["hits"] / t["demands"] if t["demands"] else None,
-        "prefetch_accuracy": t["prefetches_used"] / t["prefetches_issued"]
-        if t["prefetches_issued"]
-        else None,
+        "hit_rate": (t["hits"] + shared_demands) / demands if demands else None,
+        "hit_rate_routed": t["hits"] / t["demands"] if t["demands"] else None,
+        "prefetch_accuracy": t["prefetches_timely"] / issued if issued else None,
+        "prefetch_timely": t["prefetches_timely"],
+        "prefetch_late": t["prefetches_late"],
+        "prefetch_wasted": t["prefetches_wasted"] + t["prefetches_cancelled"],
+        "shared_demands": shared_demands,
         "bytes_h2d": t["bytes_loaded"],
         **{k: v for k, v in t.items() if k != "bytes_loaded"},
         "cache_experts": [c.capacity for c in caches],

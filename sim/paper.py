@@ -43,6 +43,7 @@ from sim.paper_setup import (
 from sim.paper_studies import (
     ABLATION_CACHING,
     ABLATION_PREDICTION,
+    ABLATION_PREFETCH,
     STUDY_POLICIES,
     run_variants,
     study_ablation,
@@ -56,6 +57,7 @@ from sim.paper_studies import (
 __all__ = [
     "ABLATION_CACHING",
     "ABLATION_PREDICTION",
+    "ABLATION_PREFETCH",
     "BASELINES",
     "BOUNDS",
     "DEMO_POLICIES",

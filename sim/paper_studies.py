@@ -93,20 +93,35 @@ ABLATION_PREDICTION = {
     "Map(T)": ("fmoe", {"prediction": "traj"}),
     "Map(T+S), top-K": ("fmoe", {"prediction": "traj+sem"}),
     "Map(T+S+delta)": ("fmoe", {"prediction": "traj+sem+delta"}),
+    "Map(S+delta), no trajectory": ("fmoe", {"prediction": "sem+delta"}),
 }
 ABLATION_CACHING = {
     "LRU": ("fmoe", {"eviction": "lru"}),
     "LFU": ("fmoe", {"eviction": "lfu"}),
-    "fMoE (p x freq)": ("fmoe", {"eviction": "fmoe"}),
+    "paper (p x freq)": ("fmoe", {"eviction": "paper"}),
+    "fMoE (expected next use)": ("fmoe", {"eviction": "fmoe"}),
+}
+ABLATION_PREFETCH = {
+    "no prefetch (eviction only)": ("fmoe", {"admission": "none"}),
+    "every selection (paper)": ("fmoe", {"admission": "all"}),
+    "deadline-aware": ("fmoe", {"admission": "deadline"}),
 }
 
 
 def study_ablation(setup: PaperSetup) -> pd.DataFrame:
-    """The paper's prediction and caching ablations; ``part`` tells them apart."""
+    """The paper's prediction and caching ablations and the prefetch admission's, each
+    part changing one thing of the full policy; ``part`` tells them apart."""
     workloads = workloads_for(setup)
-    pred = run_variants(setup, ABLATION_PREDICTION, workloads=workloads).assign(part="prediction")
-    cache = run_variants(setup, ABLATION_CACHING, workloads=workloads).assign(part="caching")
-    return pd.concat([pred, cache], ignore_index=True)
+    parts = (
+        ("prediction", ABLATION_PREDICTION),
+        ("caching", ABLATION_CACHING),
+        ("prefetch", ABLATION_PREFETCH),
+    )
+    frames = [
+        run_variants(setup, variants, workloads=workloads).assign(part=part)
+        for part, variants in parts
+    ]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _online_one(args: tuple[str, Workload, SimConfig]) -> tuple[str, dict[str, Any], pd.DataFrame]:

@@ -18,6 +18,7 @@ from sim.bounds import run_bounds
 from sim.config import OFFLINE_TRAIN_FRACTION, SimConfig
 from sim.engine import Engine
 from sim.events import EventLog
+from sim.executor_view import SimExecutorView
 from sim.links import Links
 from sim.memory import cache_capacities
 from sim.metrics import cache_metrics, latency_metrics, request_frame
@@ -117,11 +118,6 @@ def simulate(
         initial = [_preload_keys(placement, d, cache.capacity) for d, cache in enumerate(caches)]
         for cache, keys in zip(caches, initial, strict=True):
             cache.preload(keys)
-    policy.bind(PolicyContext(spec, placement, caches, config.prefetch_distance, config.seed))
-    if policy.reads_future:
-        policy.bind_future(workload)
-    if training is not None:
-        policy.fit(training)
 
     env = simpy.Environment()
     timing = Timing(hw, spec, config.pinned)
@@ -139,6 +135,15 @@ def simulate(
         scores=policy.eviction_scores,
         log=log,
     )
+    # the policy sees the links and the layer time (deadline-aware prefetch) from bind on
+    view = SimExecutorView(links, timing, spec, context=_mean_context(workload))
+    ctx = PolicyContext(spec, placement, caches, config.prefetch_distance, config.seed)
+    ctx.executor = view
+    policy.bind(ctx)
+    if policy.reads_future:
+        policy.bind_future(workload)
+    if training is not None:
+        policy.fit(training)
     scheduled = config.arrivals == "schedule"
     closed = config.arrivals in ("closed", "schedule") or (
         config.arrivals == "auto" and training is not None
@@ -167,7 +172,7 @@ def simulate(
         "batch_size": config.batch_size,
         "batching": config.batching,
         **latency_metrics(frame),
-        **cache_metrics(caches),
+        **cache_metrics(caches, engine.layer_steps * spec.num_shared_experts),
         "stall_s": engine.stall_s,
         "makespan_s": end,
         "link_busy_s": [lk.busy_until(end) for lk in links.links],
@@ -184,3 +189,11 @@ def simulate(
     }
     metrics["wall_s"] = time.perf_counter() - wall0
     return SimResult(metrics, frame, log)
+
+
+def _mean_context(workload: Workload) -> float:
+    """Mean KV length over a request's decode steps: its prompt plus half its output."""
+    reqs = workload.requests
+    if not reqs:
+        return 0.0
+    return sum(r.prompt_len + r.output_len / 2 for r in reqs) / len(reqs)

@@ -103,6 +103,8 @@ class CacheMachine(RuleBasedStateMachine):
         assert evicted == expected
         for v in expected:
             self.model_evict(v)
+        if prefetch:
+            self.n.evictions_by_prefetch += len(expected)
         self.model[key] = CacheEntry(
             key,
             ExpertState.LOADING,
@@ -159,6 +161,10 @@ class CacheMachine(RuleBasedStateMachine):
         if e is not None and e.by_prefetch and not e.prefetch_used:
             e.prefetch_used = True
             self.n.prefetches_used += 1
+            if expect_hit:
+                self.n.prefetches_timely += 1
+            else:
+                self.n.prefetches_late += 1
 
     @rule(key=st.sampled_from(KEYS))
     def demand_and_pin(self, key: tuple[int, int]) -> None:
@@ -175,6 +181,10 @@ class CacheMachine(RuleBasedStateMachine):
             if e.by_prefetch and not e.prefetch_used:
                 e.prefetch_used = True
                 self.n.prefetches_used += 1
+                if expect is ExpertState.RESIDENT:
+                    self.n.prefetches_timely += 1
+                else:
+                    self.n.prefetches_late += 1
             e.pins += 1
 
     @rule(key=st.sampled_from(KEYS))
@@ -261,6 +271,8 @@ class CacheMachine(RuleBasedStateMachine):
         assert c.hits + c.misses == c.demands
         assert c.bytes_loaded == c.loads * self.eb
         assert c.loads == c.demand_loads + c.prefetches_issued
+        assert c.prefetches_used == c.prefetches_timely + c.prefetches_late
+        assert c.evictions_by_prefetch <= c.evictions
         now = c.as_dict()
         for name, value in now.items():
             assert value >= 0, name

@@ -201,7 +201,7 @@ def test_running_dots_stay_exact_when_the_store_changes_mid_iteration():
 
 
 def test_eviction_weighs_prediction_by_frequency_and_protection_wins():
-    pol, cache = _policy()
+    pol, cache = _policy(eviction="paper")
     _start(pol, np.array([[0.0, 1.0, 0.0]]))  # searched map: row 1 (layer 1 favours expert 2)
     likely, unlikely = (1, 2), (1, 0)
     cache.preload([likely, unlikely])
@@ -219,13 +219,14 @@ def test_eviction_weighs_prediction_by_frequency_and_protection_wins():
     assert cache.choose_victim(pol.eviction_scores) == likely
 
 
-def test_ties_break_by_recency():
-    pol, cache = _policy()
+@pytest.mark.parametrize("mode", ["paper", "fmoe"])
+def test_ties_break_by_recency(mode):
+    pol, cache = _policy(eviction=mode)
     cache.preload([(3, 2), (3, 3)])
     cache.use((3, 2), now=5.0)
     cache.use((3, 3), now=2.0)
     pol.on_expert_used((3, 2), 1, 5.0)
-    assert cache.choose_victim(pol.eviction_scores) == (3, 3)  # no prediction: p = 0 for both
+    assert cache.choose_victim(pol.eviction_scores) == (3, 3)  # no prediction: same estimate
 
 
 @pytest.mark.parametrize("mode", ["lru", "lfu", "lfu-global"])

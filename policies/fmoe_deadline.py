@@ -1,0 +1,198 @@
+"""fMoE's deadline-aware prefetch admission, as a mixin of :class:`policies.fmoe.FmoePolicy`.
+
+With an executor view (``PolicyContext.executor``) and ``admission="deadline"``, the
+orders a hook selects are not sent at once: at the end of the hook every candidate of
+the iteration (this hook's and the earlier ones not started yet) is ranked by
+p / (l - l_now) and admitted, best first, only when
+
+- its copy can land before its layer: the link's queue (``link_state``) plus the copies
+  of better-ranked admitted orders on that link plus one copy fit in the link time left
+  for prefetches until layer l, (l - l_now) x (layer interval - demand-load time per
+  layer on that link), both measured over the previous iteration (the view's
+  ``layer_time_s`` and no demand loads before the first);
+- and, when its device's cache has no free slot for it, its expected time to next use
+  is shorter than that of the expert it would evict (the ``fmoe`` eviction's estimate;
+  with another eviction this check is skipped).
+
+Admitted orders are (re)sent at their new priority; an order not started that is now
+late, or whose layer has run, is cancelled. A rejected copy evicts nothing. Without a
+view (or with ``admission="all"``) every selected expert is ordered as the paper does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from policies.base import ExecutorView, PolicyContext
+from policies.cache import ExpertKey
+
+
+class FmoeDeadline:
+    """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
+
+    def _setup_deadline(self, ctx: PolicyContext) -> None:
+        view = ctx.executor if self.options.admission == "deadline" else None
+        self._no_prefetch = self.options.admission == "none"
+        self._view: ExecutorView | None = view
+        L, J = ctx.spec.num_moe_layers, ctx.spec.num_experts
+        self._dev_of = [[ctx.placement.device_of((lay, j)) for j in range(J)] for lay in range(L)]
+        self._n_dev = len(ctx.caches)
+        self._copy_s = view.link_state(0).copy_s if view is not None else 0.0
+        self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
+        self._cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
+        self._gate_times: list[float] = []  # gate times of the current iteration
+        self._interval: float | None = None  # measured mean gate interval (last iteration)
+        self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
+        self._demand_s = [0.0] * self._n_dev  # demand-load seconds per layer step (last it.)
+        self._rows = 1
+
+    def derived_distance(self, ctx: PolicyContext) -> int | None:
+        """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]
+        (None without a view)."""
+        view = ctx.executor
+        if view is None:
+            return None
+        copy_s = view.link_state(0).copy_s
+        layer_s = view.layer_time_s(1)
+        if not (layer_s > 0 and math.isfinite(copy_s)):
+            return None
+        L = ctx.spec.num_moe_layers
+        return int(min(max(math.ceil(copy_s / layer_s), 1), max(L - 1, 1)))
+
+    # -- measurements ---------------------------------------------------------------------
+    def _deadline_iteration_start(self, rows: int) -> None:
+        """A new iteration: the last one's gate interval and demand loads become the
+        estimates; the last iteration's candidates are stale (cancelled if queued)."""
+        self._rows = rows
+        times = self._gate_times
+        if len(times) >= 2:
+            self._interval = (times[-1] - times[0]) / (len(times) - 1)
+            steps = len(times)
+            self._demand_s = [n * self._copy_s / steps for n in self._demand_now]
+            if self._distance_source == "copy time / layer time":
+                self._rederive_distance()
+        self._gate_times = []
+        self._demand_now = [0] * self._n_dev
+        for key in self._pending:
+            self._cancel_if_queued(key)
+            self._stats["orders_cancelled_stale"] += 1
+        self._pending = {}
+
+    def _deadline_gate(self, layer: int, ids: Sequence[int], now: float) -> None:
+        """Layer ``layer``'s gate ran at ``now`` and chose ``ids``: count its demand loads."""
+        self._gate_times.append(now)
+        cache_of, dev_of = self._cache_of, self._dev_of
+        for j in ids:
+            if cache_of and (layer, j) not in cache_of[layer][j].entries:
+                self._demand_now[dev_of[layer][j]] += 1
+
+    def _rederive_distance(self) -> None:
+        """The distance again from the measured pace: one copy over the link time a layer
+        step leaves for prefetches (mean over links), in [1, L - 1]. On one GPU whose link
+        demand loads keep busy that is about the compute time (as at bind); where other
+        links idle while one GPU waits (several GPUs), a copy fits in fewer layers."""
+        L = len(self._pred)
+        avail = sum(self._avail_per_layer(dev) for dev in range(self._n_dev)) / self._n_dev
+        if avail <= 0 or L < 2:
+            return
+        d = int(min(max(math.ceil(self._copy_s / avail), 1), L - 1))
+        if d != self.distance:
+            self._set_distance(d, L)
+            self._stats["distance_changes"] += 1
+
+    def _avail_per_layer(self, dev: int) -> float:
+        view = self._view
+        assert view is not None
+        interval = self._interval
+        if interval is None:
+            interval = view.layer_time_s(self._rows)
+        return max(interval - self._demand_s[dev], 0.0)
+
+    # -- admission ------------------------------------------------------------------------
+    def _candidate(self, layer: int, j: int, p: float) -> None:
+        """A selected expert not cached: a candidate for this hook's admission."""
+        key = (layer, j)
+        if p > self._cands.get(key, -1.0):
+            self._cands[key] = p
+
+    def _cancel_if_queued(self, key: ExpertKey) -> None:
+        if self._cache_of and key not in self._cache_of[key[0]][key[1]].entries:
+            self.cancel(*key)
+
+    def _admit(self, g: int) -> None:
+        """Rank every candidate not started by p / (l - g) and send those that can land
+        in time and are worth their victim (module doc); cancel the rest not started."""
+        cache_of, dev_of = self._cache_of, self._dev_of
+        cands: dict[ExpertKey, float] = {}
+        for key, p in self._pending.items():
+            layer, j = key
+            if cache_of and key in cache_of[layer][j].entries:
+                continue  # started (or landed): the link has it
+            if layer <= g:
+                self.cancel(layer, j)
+                self._stats["orders_cancelled_stale"] += 1
+                continue
+            cands[key] = p
+        for key, p in self._cands.items():
+            if key[0] > g and p > cands.get(key, -1.0):
+                cands[key] = p
+        self._cands = {}
+        ranked = sorted(cands.items(), key=lambda kv: (-kv[1] / (kv[0][0] - g), kv[0]))
+        view = self._view
+        assert view is not None
+        committed = [-1.0] * self._n_dev  # link seconds ahead of the next order (lazy)
+        avail = [-1.0] * self._n_dev
+        victims: list[list[float] | None] = [None] * self._n_dev
+        free = [0] * self._n_dev
+        value_check = self.options.eviction == "fmoe"
+        pending: dict[ExpertKey, float] = {}
+        copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
+        for key, p in ranked:
+            layer, j = key
+            dev = dev_of[layer][j]
+            if committed[dev] < 0:
+                link = view.link_state(dev)
+                committed[dev] = link.queued_s
+                copy[dev] = link.copy_s
+                avail[dev] = self._avail_per_layer(dev)
+                cache = self.ctx.caches[dev] if self.ctx is not None else None
+                free[dev] = cache.free if cache is not None else 0
+            was = key in self._pending
+            copy_s = copy[dev]
+            if committed[dev] + copy_s > (layer - g) * avail[dev]:
+                self._stats["orders_rejected_late"] += 1
+                if was:
+                    self.cancel(layer, j)
+                continue
+            if value_check and free[dev] <= 0:
+                if victims[dev] is None:
+                    victims[dev] = self._victim_values(dev)
+                vals = victims[dev]
+                assert vals is not None
+                if not vals or self._candidate_etnu(layer, j, g) >= vals[0]:
+                    self._stats["orders_rejected_value"] += 1
+                    if was:
+                        self.cancel(layer, j)
+                    continue
+                vals.pop(0)
+            else:
+                free[dev] -= 1
+            committed[dev] += copy_s
+            pending[key] = p
+            self.prefetch(layer, j, p / (layer - g))
+            self._stats["orders_issued"] += 1
+            if was:
+                self._stats["orders_reranked"] += 1
+        self._pending = pending
+
+    def _victim_values(self, dev: int) -> list[float]:
+        """Expected times to next use of ``dev``'s evictable experts, in the order the
+        cache would evict them (unprotected first, by score), largest first."""
+        assert self.ctx is not None
+        cache = self.ctx.caches[dev]
+        group = [e for e in cache.entries.values() if e.state.value == "resident" and not e.pins]
+        scores = self.eviction_scores(group)
+        order = sorted(range(len(group)), key=lambda i: (group[i].protected, scores[i]))
+        tab = self._etnu_table()
+        return [tab[group[i].key[0]][group[i].key[1]] for i in order]

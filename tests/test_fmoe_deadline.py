@@ -1,0 +1,178 @@
+"""fMoE's deadline-aware prefetch admission and its learned eviction (issue 20, items 1-2)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.base import (
+    CpuState,
+    GateOutput,
+    IterationStart,
+    LinkState,
+    PolicyContext,
+    PrefetchDecision,
+)
+from policies.cache import ExpertCache
+from policies.fmoe import FmoePolicy
+from policies.placement import Placement
+from policies.registry import make_policy
+from policies.replay import replay
+from tests.strategies import random_workload, small_spec
+
+
+class FakeView:
+    """An ExecutorView with fixed figures: ``queued_s`` on every link, one copy ``copy_s``,
+    one layer step ``layer_s``."""
+
+    def __init__(self, copy_s: float, layer_s: float, queued_s: float = 0.0):
+        self.copy_s, self.layer_s, self.queued_s = copy_s, layer_s, queued_s
+
+    def link_state(self, device: int) -> LinkState:
+        return LinkState(self.queued_s, 1e9, self.copy_s)
+
+    def layer_time_s(self, tokens: int) -> float:
+        return self.layer_s
+
+    def cpu_state(self) -> CpuState | None:
+        return None
+
+
+L, J = 6, 4
+SPEC = small_spec(layers=L, experts=J, top_k=1, hidden=3)
+
+
+def _bound(view: FakeView | None, capacity: int = 64, **opts) -> tuple[FmoePolicy, ExpertCache]:
+    pol = FmoePolicy(store_capacity=4, **opts)
+    cache = ExpertCache(capacity=capacity, expert_bytes=1)
+    ctx = PolicyContext(SPEC, Placement(L, J), [cache], executor=view)
+    pol.bind(ctx)
+    # one stored map: expert (layer % J) at every layer, with its embedding
+    m = np.full((1, L, J), 0.02, np.float32)
+    m[0, np.arange(L), np.arange(L) % J] = 0.94
+    pol.store.add_batch(m, np.eye(3, dtype=np.float32)[:1])
+    return pol, cache
+
+
+def _start(pol: FmoePolicy, it: int = 0) -> None:
+    emb = np.eye(3, dtype=np.float32)[:1]
+    pol.on_iteration_start(IterationStart(it, ("r0",), np.zeros(1, int), np.zeros(1, bool), emb))
+
+
+def _gate(pol: FmoePolicy, layer: int, it: int = 0, now: float = 0.0) -> None:
+    probs = np.full((1, J), 0.02, np.float32)
+    probs[0, layer % J] = 0.94
+    ids = np.array([[layer % J]])
+    pol.on_gate(GateOutput(it, layer, ids, np.ones((1, 1), np.float32), probs, None, now))
+
+
+def test_distance_follows_copy_time_over_layer_time():
+    pol, _ = _bound(FakeView(copy_s=2.5e-3, layer_s=1e-3))
+    assert (
+        pol.distance == 3 and pol.metadata()["prefetch_distance_source"] == "copy time / layer time"
+    )
+    pol, _ = _bound(FakeView(copy_s=1.0, layer_s=1e-3))  # capped at L - 1
+    assert pol.distance == L - 1
+    pol, _ = _bound(None)  # no view: the model family's constant
+    assert pol.metadata()["prefetch_distance_source"] == "model family"
+
+
+def test_late_copies_are_never_ordered_and_timely_ones_are():
+    # a copy takes 10 layer steps but the distance is 2: nothing can land in time
+    late, _ = _bound(FakeView(copy_s=1e-2, layer_s=1e-3), prefetch_distance=2)
+    _start(late)
+    assert late.decide_prefetch().enqueue == []
+    assert late.metadata()["orders_rejected_late"] > 0
+    # a copy takes half a layer step: both semantic orders (layers 0 and 1) fit
+    fast, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3), prefetch_distance=2)
+    _start(fast)
+    assert {(o.layer, o.expert) for o in fast.decide_prefetch().enqueue} == {(0, 0), (1, 1)}
+
+
+def test_queued_link_time_delays_admission():
+    # 1.5 steps of copies already queued: layer 0 (1 step away) is late, layer 1 (2) fits
+    pol, _ = _bound(FakeView(copy_s=4e-4, layer_s=1e-3, queued_s=1.5e-3), prefetch_distance=2)
+    _start(pol)
+    assert [(o.layer, o.expert) for o in pol.decide_prefetch().enqueue] == [(1, 1)]
+
+
+def test_orders_are_reranked_at_each_gate_and_stale_ones_cancelled():
+    pol, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3), prefetch_distance=3)
+    _start(pol)
+    first = {o.key: o.priority for o in pol.decide_prefetch().enqueue}
+    assert set(first) == {(0, 0), (1, 1), (2, 2)}
+    _gate(pol, 0, now=1e-3)
+    dec = pol.decide_prefetch()
+    again = {o.key: o.priority for o in dec.enqueue}
+    # layer 2 is now 2 steps away (was 3): the same order at p / 2 instead of p / 3
+    assert again[(2, 2)] > first[(2, 2)]
+    assert (0, 0) in dec.cancel  # its layer ran before its copy started
+
+
+def test_without_a_view_every_selected_expert_is_ordered():
+    pol, _ = _bound(None, prefetch_distance=2)
+    _start(pol)
+    assert {(o.layer, o.expert) for o in pol.decide_prefetch().enqueue} == {(0, 0), (1, 1)}
+    assert pol.metadata()["admission"] == "all"
+
+
+def test_a_copy_is_not_admitted_when_its_victim_is_needed_sooner():
+    # a full cache of experts of the layer coming next (protected: selected for it)
+    pol, cache = _bound(FakeView(copy_s=5e-4, layer_s=1e-3), capacity=2, prefetch_distance=3)
+    cache.preload([(0, 0), (1, 1)])
+    _start(pol)
+    orders = pol.decide_prefetch().enqueue
+    assert orders == []  # (2, 2) would evict (0, 0) or (1, 1), both needed before it
+    assert pol.metadata()["orders_rejected_value"] == 1
+
+
+def test_predicted_resident_experts_are_protected_until_their_layer_ran():
+    pol, cache = _bound(None, capacity=3, prefetch_distance=2)
+    cache.preload([(1, 1), (5, 0), (5, 3)])
+    _start(pol)  # predicts (0, 0) and (1, 1): (1, 1) is resident
+    assert pol.expected_next_use(1, 1) == 0.0
+    assert cache.choose_victim(pol.eviction_scores) != (1, 1)
+    _gate(pol, 0)
+    _gate(pol, 1)
+    assert pol.expected_next_use(1, 1) > 0.0  # its layer ran: no longer protected
+
+
+def _no_prefetch(name: str, **opts):
+    pol = make_policy(name, **opts)
+    pol.decide_prefetch = PrefetchDecision  # evictions only: an empty decision each time
+    return pol
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    layers=st.integers(2, 5),
+    experts=st.integers(4, 9),
+    top_k=st.integers(1, 2),
+    share=st.floats(0.15, 0.9),
+)
+def test_eviction_is_never_worse_than_lru_on_random_routing(seed, layers, experts, top_k, share):
+    """Routing without structure: the maps' predictions carry no information, and the
+    learned eviction must still match LRU (within the noise of a finite trace)."""
+    spec = small_spec(layers=layers, experts=experts, top_k=top_k, hidden=4)
+    cap = max(top_k, int(share * layers * experts))
+    work = random_workload(spec, num_requests=6, seed=seed, max_prompt=8, max_output=60)
+    train = random_workload(spec, num_requests=4, seed=seed + 1, max_prompt=8, max_output=30)
+    fmoe = replay(
+        work, _no_prefetch("fmoe", store_capacity=50), capacity_experts=cap, training=train
+    )
+    lru = replay(work, _no_prefetch("lru"), capacity_experts=cap)
+    assert fmoe.hit_rate >= lru.hit_rate - 0.02, (fmoe.hit_rate, lru.hit_rate)
+
+
+def test_eviction_beats_lru_when_recency_and_layer_order_matter():
+    """Temporal locality (a token re-uses its predecessor's experts at some layers): the
+    learned eviction keeps what comes back soonest and wins clearly over LRU."""
+    from traces.synth import SynthConfig, generate
+
+    spec = small_spec(layers=8, experts=8, top_k=2, hidden=8)
+    w = generate(spec, SynthConfig(num_requests=12, seed=1, prompt_len_mean=6, output_len_mean=40))
+    fmoe = replay(w, _no_prefetch("fmoe", store_capacity=50), capacity_experts=20)
+    lru = replay(w, _no_prefetch("lru"), capacity_experts=20)
+    assert fmoe.hit_rate > lru.hit_rate + 0.02, (fmoe.hit_rate, lru.hit_rate)
