@@ -44,6 +44,7 @@ SPEC = small_spec(layers=L, experts=J, top_k=1, hidden=3)
 
 
 def _bound(view: FakeView | None, capacity: int = 64, **opts) -> tuple[FmoePolicy, ExpertCache]:
+    opts.setdefault("admission", "deadline")  # the rule under test (not the default)
     pol = FmoePolicy(store_capacity=4, **opts)
     cache = ExpertCache(capacity=capacity, expert_bytes=1)
     ctx = PolicyContext(SPEC, Placement(L, J), [cache], executor=view)
