@@ -197,12 +197,36 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         "--warm-start", action="store_true", help="fill the caches layer by layer before the run"
     )
     p.add_argument("--seed", type=argt.seed, default=0)
+    p.add_argument(
+        "--cache-scope",
+        choices=["global", "per-layer"],
+        default="global",
+        help="one slot pool per GPU, or an equal share per MoE layer",
+    )
+    p.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="let the policy take lossy miss actions (low-bit copy, skip); counted in results",
+    )
+    p.add_argument(
+        "--lowbit-format",
+        choices=["fp8", "int8", "int4"],
+        default="int4",
+        help="weight format of the low-bit copy a lossy miss fetches",
+    )
+    p.add_argument(
+        "--weight-format",
+        choices=["bf16", "fp16", "fp8", "int8", "int4"],
+        help="run the model's weights in this format (expert and dense bytes; default: its dtype)",
+    )
 
 
 # -- building inputs ----------------------------------------------------------------------------
 def _config(args: argparse.Namespace, spec: Any, **extra: Any) -> Any:
     from sim.config import SimConfig
 
+    if getattr(args, "weight_format", None):
+        spec = spec.with_weight_format(args.weight_format)
     try:
         return SimConfig(
             model=spec,
@@ -218,6 +242,9 @@ def _config(args: argparse.Namespace, spec: Any, **extra: Any) -> Any:
             seed=args.seed,
             offline=args.offline,
             train_fraction=args.train_fraction,
+            cache_scope=args.cache_scope,
+            allow_lossy=args.allow_lossy,
+            lowbit_format=args.lowbit_format,
             **extra,
         )
     except ValidationError as exc:

@@ -32,6 +32,13 @@ BUILTIN_MODULES: list[str] = [
     "policies.moe_infinity",
     "policies.promoe",
     "policies.oracle",
+    "policies.llama_cpp",
+    "policies.ktransformers",
+    "policies.fiddler",
+    "policies.hobbit",
+    "policies.lfru",
+    "policies.least_stale",
+    "policies.fmoe_hybrid",
 ]
 
 ENV_MODULES = "FMOE_POLICY_MODULES"

@@ -70,6 +70,16 @@ class SimConfig(BaseModel):
     training: Any = Field(
         default=None, exclude=True, description="a training traces.Workload (offline mode)"
     )
+    cache_scope: Literal["global", "per-layer"] = Field(
+        default="global",
+        description="one slot pool per GPU, or an equal share per MoE layer (llama.cpp, vLLM)",
+    )
+    allow_lossy: bool = Field(
+        default=False, description="let the policy take lossy miss actions (low-bit, skip)"
+    )
+    lowbit_format: str = Field(
+        default="int4", description="weight format of the low-bit copy a LOWBIT miss fetches"
+    )
     record_events: bool = Field(
         default=False, description="keep transfer/compute spans (Chrome trace)"
     )
@@ -92,4 +102,5 @@ class SimConfig(BaseModel):
             "batch_size": self.batch_size,
             "batching": self.batching,
             "prefetch_distance": self.prefetch_distance,
+            "cache_scope": self.cache_scope,
         }

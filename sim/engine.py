@@ -48,6 +48,7 @@ from policies.base import (
     IterationGates,
     IterationStart,
 )
+from sim.engine_hybrid import HybridSteps
 from sim.engine_layer import LayerSteps, Proc
 from sim.engine_setup import EngineSetup
 from sim.iteration import Iteration, RequestState, build_iteration, stack_field
@@ -58,11 +59,12 @@ def _layer_views(a: np.ndarray | None) -> list[np.ndarray] | None:
     return None if a is None else list(a.swapaxes(0, 1))
 
 
-class Engine(EngineSetup, LayerSteps):
+class Engine(EngineSetup, LayerSteps, HybridSteps):
     """Runs a workload through batches and iterations on simpy's clock (see module doc).
 
     Built by :class:`~sim.engine_setup.EngineSetup` (per-run state, policy plumbing);
-    each MoE layer step's demands and waits are :class:`~sim.engine_layer.LayerSteps`'."""
+    each MoE layer step's demands and waits are :class:`~sim.engine_layer.LayerSteps`',
+    miss actions other than a fetch :class:`~sim.engine_hybrid.HybridSteps`'."""
 
     # -- arrivals and batching --------------------------------------------------------------
     def _wake(self) -> None:
@@ -258,6 +260,9 @@ class Engine(EngineSetup, LayerSteps):
                 if interferes:  # compute as the timelines ran it, interference included
                     ideal = max([top] + [p.work for p in slow])
                 stall += t_layer - t - ideal
+            if self.side:  # CPU tasks or low-bit copies of this layer step
+                t_layer = yield from self._side_wait(t, t_layer)
+                nxt = peek()
             t = t_layer + exch_t
             if nxt <= t:
                 yield env.timeout(t - env.now)

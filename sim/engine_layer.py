@@ -12,6 +12,7 @@ from typing import Any
 
 import simpy
 
+from policies.base import MissAction, Policy
 from policies.cache import ExpertCache, ExpertKey, ExpertState
 from sim.iteration import Iteration, RequestState
 from sim.links import Link
@@ -19,6 +20,7 @@ from sim.links import Link
 Proc = Generator[simpy.Event, Any, Any]
 # states as globals: ExpertState.X costs an enum class lookup (~80 ns) per read
 _LOADING, _RESIDENT = ExpertState.LOADING, ExpertState.RESIDENT
+_FETCH = MissAction.FETCH
 
 
 class GpuPlan:
@@ -55,6 +57,10 @@ class LayerSteps:
     caches: list[ExpertCache]
     plans: list[GpuPlan]
     num_gpus: int
+    policy: Policy
+    h_miss: bool
+    now_hint: float
+    _serve_aside: Callable[..., None]
 
     def _demand(
         self, layer: int, items: list[tuple[int, int]], t: float
@@ -75,6 +81,9 @@ class LayerSteps:
         slow: list[GpuPlan] = []
         absent: list[tuple[GpuPlan, ExpertKey, float]] = []
         resident, loading = _RESIDENT, _LOADING
+        h_miss = self.h_miss
+        if h_miss:
+            self.now_hint = t
         for e, tok in items:
             g = dev[e]
             cache = caches[g]
@@ -88,6 +97,11 @@ class LayerSteps:
                 used.append((cache, key))
                 continue
             missed.append(e)
+            if h_miss and state is not loading:
+                act = self.policy.miss_action(key, tok, t)
+                if act is not _FETCH:
+                    self._serve_aside(act, g, key, tok, ct, t)
+                    continue
             p = plans[g]
             if p.stamp != stamp:  # the GPU's first miss of this layer step
                 p.stamp, p.load, p.pend = stamp, 0.0, []

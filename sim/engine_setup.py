@@ -98,6 +98,7 @@ class EngineSetup:
             [placement.device_of((lay, e)) for e in range(spec.num_experts)]
             for lay in range(spec.num_moe_layers)
         ]
+        self._init_hybrid(cfg, policy)
         dense = set(spec.dense_layers)
         stages = [i * n // spec.num_layers for i in range(spec.num_layers)]
         moe_index = {d: i for i, d in enumerate(spec.moe_layer_ids)}

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import simpy
 
-from policies.cache import CacheFullError, ExpertCache, ExpertKey
+from policies.cache import CacheFullError, ExpertCache, ExpertKey, ExpertState
 
 if TYPE_CHECKING:
     from sim.links import Links
@@ -47,7 +47,7 @@ _INF = math.inf  # a global: read per demand load
 class _Job:
     """One copy: a demand load or a prefetch, possibly partly done."""
 
-    __slots__ = ("key", "demand", "remaining", "priority", "seq", "stamp", "stop")
+    __slots__ = ("key", "demand", "remaining", "priority", "seq", "stamp", "stop", "sink")
 
     def __init__(
         self, key: ExpertKey, demand: bool, remaining: int, priority: float, seq: int, stamp: int
@@ -59,6 +59,21 @@ class _Job:
         self.seq = seq
         self.stamp = stamp
         self.stop = 0
+        self.sink: Transient | None = None  # a transient copy's landing record
+
+
+class Transient:
+    """A copy that lands outside the cache (a low-bit copy into a staging buffer).
+
+    Quacks like a :class:`~policies.cache.CacheEntry` for waiting: ``state`` turns
+    RESIDENT and ``loaded_at`` is set when its last byte lands."""
+
+    __slots__ = ("key", "nbytes", "state", "loaded_at")
+
+    def __init__(self, key: ExpertKey, nbytes: int):
+        self.key, self.nbytes = key, nbytes
+        self.state = ExpertState.LOADING
+        self.loaded_at = math.inf
 
 
 class _Channel:
@@ -119,6 +134,7 @@ class Link:
         self.busy_s = 0.0
         self._busy_t0 = 0.0
         self.bytes_moved = 0
+        self.transient_bytes = 0  # of those, bytes of transient (low-bit) copies
         self.stats = {
             "orders": 0,
             "skipped_cached": 0,
@@ -157,6 +173,18 @@ class Link:
         self.demand_q.append(job)
         self._kick(now)
         return True
+
+    def start_transient(self, key: ExpertKey, nbytes: int, now: float) -> Transient:
+        """Copy ``nbytes`` for ``key`` as a demand load that lands in a staging buffer, not
+        the cache (no slot, no cache state change): a low-bit copy on a miss. Its job key
+        is ``(layer, -1 - expert)`` so it never collides with a fetch of the same expert."""
+        sink = Transient(key, nbytes)
+        owner = self.owner
+        job = _Job((key[0], -1 - key[1]), True, nbytes, _INF, owner.next_seq(), owner.stamp)
+        job.sink = sink
+        self.demand_q.append(job)
+        self._kick(now)
+        return sink
 
     def promote(self, key: ExpertKey, now: float) -> None:
         """A LOADING ``key`` is demanded: make its copy a demand load (no more preemption)."""
@@ -226,6 +254,17 @@ class Link:
             del self.queued[key]
             self._cancel_slot(key)
         return True
+
+    def queued_s(self, now: float) -> float:
+        """Seconds of copies ahead of a new one at ``now`` (at the full link bandwidth)."""
+        left = sum(j.remaining for j in self.demand_q) + sum(
+            j.remaining for j in self.queued.values()
+        )
+        for ch in self.channels:
+            if ch.job is not None:
+                moved = min(ch.seg, max(0.0, (now - ch.t0) * ch.rate))
+                left += ch.job.remaining - moved
+        return left / self.bw
 
     def busy_until(self, now: float) -> float:
         """Busy time so far, counting an ongoing busy period up to ``now``."""
@@ -396,7 +435,10 @@ class Link:
             self.busy_s += now - self._busy_t0
         if self.shared:
             self._rerate(now, None)
-        if job.remaining <= 0:
+        if job.sink is not None:  # a transient copy: it lands beside the cache
+            job.sink.state, job.sink.loaded_at = ExpertState.RESIDENT, now
+            self.transient_bytes += job.sink.nbytes
+        elif job.remaining <= 0:
             cache, owner = self.cache, self.owner
             cache.finish_load(key, now)
             # count the freed slot, then tell the policy (inline: this runs per copy)

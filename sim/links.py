@@ -170,5 +170,12 @@ class Links:
             due = calls[0][0]
         self.due = due
 
+    def copies_Bps(self) -> float:
+        """Host memory bandwidth the copies in flight take now (their links' bandwidths,
+        at most the host-side cap)."""
+        bw = sum(link.bw for link in self.links if link.active)
+        cap = self.bus.cap
+        return bw if cap is None or bw < cap else cap
+
     def slot_freed(self, device: int) -> None:
         self.slot_frees[device] += 1

@@ -10,7 +10,7 @@ import pandas as pd
 import simpy
 
 from policies.base import Policy, PolicyContext
-from policies.cache import ExpertCache
+from policies.cache_scope import make_caches
 from policies.placement import Placement
 from policies.registry import make_policy
 from sim.batching import schedule_batcher
@@ -112,7 +112,9 @@ def simulate(
     policy = policy if policy is not None else build_policy(config)
     placement = Placement(spec.num_moe_layers, spec.num_experts, hw.num_gpus)
     caps = cache_capacities(config, placement, preload_all=policy.preload_all)
-    caches = [ExpertCache(c, spec.expert_bytes, device=d) for d, c in enumerate(caps)]
+    caches = make_caches(
+        caps, spec.expert_bytes, config.cache_scope, spec.num_moe_layers, spec.top_k
+    )
     initial = None
     if policy.preload_all or config.warm_start:
         initial = [_preload_keys(placement, d, cache.capacity) for d, cache in enumerate(caches)]
@@ -139,6 +141,7 @@ def simulate(
     view = SimExecutorView(links, timing, spec, context=_mean_context(workload))
     ctx = PolicyContext(spec, placement, caches, config.prefetch_distance, config.seed)
     ctx.executor = view
+    ctx.allow_lossy = config.allow_lossy
     policy.bind(ctx)
     if policy.reads_future:
         policy.bind_future(workload)
@@ -181,6 +184,7 @@ def simulate(
         "prefetch_orders_stale": sum(lk.stats["stale"] for lk in links.links),
         "prefetch_orders_dropped": sum(lk.stats["dropped_full"] for lk in links.links),
         "preemptions": sum(lk.stats["preemptions"] for lk in links.links),
+        **engine.action_metrics(),
         "policy_metadata": policy.metadata(),
         "run_wall_s": run_s,
         "layer_steps_per_s": engine.layer_steps / run_s if run_s > 0 else None,

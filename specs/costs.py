@@ -52,3 +52,30 @@ def transfer_time_s(hw: HardwareProfile, nbytes: int, pinned: bool = True) -> fl
     """One host->GPU copy of ``nbytes`` on an otherwise idle link."""
     bw = hw.link.pinned_bandwidth_Bps if pinned else hw.link.pageable_bandwidth_Bps
     return hw.link.latency_s + nbytes / bw
+
+
+def cpu_expert_time_s(
+    hw: HardwareProfile, spec: ModelSpec, tokens: int, memory_share: float = 1.0
+) -> float:
+    """One routed expert's FFN on the host CPU over ``tokens`` rows, weights read from host
+    memory in ``spec``'s expert format: the larger of the weight bytes over the effective
+    bandwidth (decode: bandwidth-bound) and the FLOPs over the CPU's FLOP/s (prefill:
+    compute-bound), plus the per-task overhead. ``memory_share`` (0..1]: the share of the
+    host memory bandwidth left to the CPU (copies take the rest). ValueError without
+    host figures."""
+    host = hw.host
+    if host is None:
+        raise ValueError(f"hardware {hw.name!r} has no host figures")
+    bw = host.memory_bandwidth_Bps * host.expert_bandwidth_efficiency * memory_share
+    flops = 2 * 3 * spec.hidden_size * spec.expert_intermediate_size * tokens
+    return max(spec.expert_bytes / bw, flops / host.flops) + host.task_overhead_s
+
+
+def activation_round_trip_s(hw: HardwareProfile, spec: ModelSpec, tokens: int) -> float:
+    """``tokens`` rows of hidden states GPU->host and the expert's output back
+    (rows x hidden x activation bytes each way, a latency each way)."""
+    nbytes = tokens * spec.hidden_size * DTYPE_BYTES[spec.dtype]
+    down = hw.link.pinned_bandwidth_Bps
+    if hw.host is not None and hw.host.d2h_bandwidth_Bps is not None:
+        down = hw.host.d2h_bandwidth_Bps
+    return 2 * hw.link.latency_s + nbytes / down + nbytes / hw.link.pinned_bandwidth_Bps

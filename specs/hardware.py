@@ -238,6 +238,29 @@ class ComputeModel(_Strict):
         )
 
 
+class HostSpec(_Strict):
+    """The host CPU and memory, for computing an expert on the CPU (hybrid execution).
+
+    ``memory_bandwidth_Bps``: what the host memory sustains (a measured STREAM/MLC
+    figure where published, else the spec's MT/s x channels x 8 B, said so in the
+    preset). ``expert_bandwidth_efficiency``: the share of it an expert FFN kernel
+    reads weights at (published: ~61% for a CPU int4 expert path, colibri issue #537).
+    ``flops``: the CPU's FLOP/s for the expert FFN in its weight format (AVX-512 /
+    AMX where published). ``task_overhead_s``: fixed cost per expert task (thread
+    hand-off). Activations cross the link: ``d2h_bandwidth_Bps`` down (None: the link's
+    pinned bandwidth) and the link's pinned bandwidth back up, each paying
+    ``LinkSpec.latency_s``.
+    """
+
+    name: str
+    memory_bandwidth_Bps: float = Field(gt=0)
+    cores: int = Field(ge=1)
+    flops: float = Field(gt=0, description="CPU FLOP/s for expert FFN matmuls")
+    expert_bandwidth_efficiency: float = Field(default=0.61, gt=0, le=1)
+    task_overhead_s: float = Field(default=10e-6, ge=0)
+    d2h_bandwidth_Bps: float | None = Field(default=None, gt=0)
+
+
 class HardwareProfile(_Strict):
     """A machine: GPUs, their host links, interconnect and compute cost model."""
 
@@ -253,6 +276,9 @@ class HardwareProfile(_Strict):
     )
     interconnect: InterconnectSpec = InterconnectSpec()
     compute: ComputeModel = ComputeModel()
+    host: HostSpec | None = Field(
+        default=None, description="host CPU figures; None: experts cannot run on the CPU"
+    )
     sources: list[str] = Field(default_factory=list)
     notes: str = ""
 

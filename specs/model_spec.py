@@ -7,6 +7,7 @@ FFN instead (e.g. DeepSeek-V3's first three) so costs can still account for them
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,18 @@ from specs.errors import InputError
 
 DType = Literal["fp32", "bf16", "fp16", "fp8"]
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+WeightFormat = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
+# bits per weight, block scales included: int8 as GGUF Q8_0 (34 bytes per 32 weights),
+# int4 as Q4_K (144 bytes per 256 weights, llama.cpp's k-quants), fp8 as DeepSeek-V3's
+# e4m3 with one fp32 scale per 128x128 block
+FORMAT_BITS: dict[str, float] = {
+    "fp32": 32.0,
+    "bf16": 16.0,
+    "fp16": 16.0,
+    "fp8": 8.0 + 32.0 / (128 * 128),
+    "int8": 34 * 8 / 32,
+    "int4": 144 * 8 / 256,
+}
 
 MAX_LAYERS = 10**4
 MAX_EXPERTS = 2**15 - 1  # expert ids are int16 in traces
@@ -65,6 +78,11 @@ class ModelSpec(BaseModel):
     expert_bytes: int = Field(
         default=0, ge=0, le=MAX_BYTES, description="0 = derive from dimensions"
     )
+    weight_format: WeightFormat | None = Field(
+        default=None,
+        description="format the weights are stored and run in (None: dtype); "
+        "see with_weight_format",
+    )
     dense_bytes_per_layer: int = Field(
         default=0, ge=0, le=MAX_BYTES, description="0 = derive from dimensions"
     )
@@ -98,6 +116,32 @@ class ModelSpec(BaseModel):
         return self
 
     # -- derived figures -------------------------------------------------------------
+    @property
+    def expert_params(self) -> int:
+        """Weights of one routed expert (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+    def expert_bytes_as(self, fmt: str) -> int:
+        """Bytes of one routed expert in weight format ``fmt`` (FORMAT_BITS)."""
+        if fmt not in FORMAT_BITS:
+            raise InputError(f"unknown weight format {fmt!r} (one of {', '.join(FORMAT_BITS)})")
+        return math.ceil(self.expert_params * FORMAT_BITS[fmt] / 8)
+
+    def with_weight_format(self, fmt: str) -> ModelSpec:
+        """This model with its weights in ``fmt`` (as hybrid users run quantized models):
+        expert bytes from FORMAT_BITS, dense and embedding bytes scaled by the same bits
+        per weight against ``dtype``. Activations stay in ``dtype``; the name stays (the
+        same model's traces still fit)."""
+        scale = FORMAT_BITS[fmt] / (8 * DTYPE_BYTES[self.dtype]) if fmt in FORMAT_BITS else 0
+        return self.model_copy(
+            update={
+                "weight_format": fmt,
+                "expert_bytes": self.expert_bytes_as(fmt),
+                "dense_bytes_per_layer": math.ceil(self.dense_bytes_per_layer * scale),
+                "embedding_bytes": math.ceil(self.embedding_bytes * scale),
+            }
+        )
+
     @property
     def num_moe_layers(self) -> int:
         """L: the number of layers with routed experts (trace layer indices 0..L-1)."""

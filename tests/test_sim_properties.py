@@ -22,13 +22,16 @@ from sim.config import SimConfig
 from sim.metrics import WALL_CLOCK_KEYS
 from sim.run import SimResult, simulate
 from specs import costs
-from specs.hardware import HardwareProfile
+from specs.hardware import HardwareProfile, HostSpec
 from specs.model_spec import ModelSpec
 from tests.strategies import random_workload, specs
 from tests.test_sim_kit import exact_profile
 from traces.types import Request, Workload
 
 POLICIES = policy_names()
+SLOW_HOST = HostSpec(
+    name="test host", memory_bandwidth_Bps=1e9, cores=4, flops=1e9, task_overhead_s=2e-3
+)
 EXAMPLES = 8  # per policy; every registered policy runs every property
 
 
@@ -100,7 +103,9 @@ def scenarios(draw: st.DrawFn, policy: str) -> dict[str, Any]:
         with_lookahead=draw(st.booleans()),
         arrival_gap_s=draw(st.sampled_from([0.0, 1e-4, 1e-2])),
     )
-    hw = draw(profiles())
+    # host figures (hybrid policies compute on the CPU): a CPU task takes longer than any
+    # drawn GPU expert time, so the pure-compute lower bound below still holds
+    hw = draw(profiles()).model_copy(update={"host": SLOW_HOST})
     if hw.num_gpus > spec.total_experts:  # every GPU holds at least one expert
         hw = hw.model_copy(update={"num_gpus": spec.total_experts})
     if policy_class(name).preload_all:
@@ -122,6 +127,7 @@ def scenarios(draw: st.DrawFn, policy: str) -> dict[str, Any]:
         train_fraction=draw(st.sampled_from([None, 0.5])) if len(w.requests) > 1 else None,
         seed=draw(st.integers(0, 3)),
         record_events=True,
+        allow_lossy=True,
     )
     return {"workload": w, "config": cfg}
 
@@ -192,7 +198,8 @@ def test_bytes_moved_match_loads(name: str, data: st.DataObject) -> None:
     eb = sc["config"].model.expert_bytes
     assert m["bytes_h2d"] == m["loads"] * eb
     finished = len(pol.loads)
-    assert finished * eb <= m["bytes_transferred"] <= m["bytes_h2d"]
+    fetched = m["bytes_transferred"] - m["bytes_lowbit"]  # low-bit copies land beside the cache
+    assert finished * eb <= fetched <= m["bytes_h2d"]
     assert sum(s.args["bytes"] for s in r.events.spans if s.cat == "h2d") == m["bytes_transferred"]
     assert m["hits"] + m["misses"] == m["demands"]
 

@@ -1,0 +1,64 @@
+"""Shared pieces of the hybrid (CPU/GPU) policies: cost estimates from the executor's view,
+expert popularity from a training workload, and pinning hot experts at bind time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from policies.base import PolicyContext
+from policies.cache import ExpertKey
+from specs.errors import InputError
+
+HOT = 1e18  # eviction score of an expert kept on the GPU for the run (evicted last)
+
+
+def expert_counts(training: Any, num_layers: int, num_experts: int) -> np.ndarray:
+    """Uses of each (layer, expert) over every token of a training Workload, [L, J]."""
+    counts = np.zeros((num_layers, num_experts), dtype=np.int64)
+    for req in training.requests:
+        ids = req.routing.topk_ids  # [T, L, K]
+        for lay in range(num_layers):
+            np.add.at(counts[lay], ids[:, lay, :].ravel(), 1)
+    return counts
+
+
+def hottest(counts: np.ndarray, n: int) -> list[ExpertKey]:
+    """The ``n`` most used (layer, expert) keys, most used first (ties: lower key)."""
+    flat = np.argsort(-counts.ravel(), kind="stable")[: max(n, 0)]
+    J = counts.shape[1]
+    return [(int(i // J), int(i % J)) for i in flat if counts.ravel()[i] > 0]
+
+
+def preload(ctx: PolicyContext, keys: list[ExpertKey]) -> list[ExpertKey]:
+    """Make ``keys`` resident on their devices, as many as fit (in order); the loaded keys."""
+    done = []
+    for key in keys:
+        cache = ctx.cache_of(key)
+        if key in cache.entries:
+            done.append(key)
+        elif cache.free > 0:
+            cache.preload([key])
+            if key in cache.entries:
+                done.append(key)
+    return done
+
+
+def fetch_and_cpu_s(ctx: PolicyContext | None, key: ExpertKey, tokens: int) -> tuple[float, float]:
+    """(seconds until a fetch of ``key`` would land, seconds until a CPU task's output
+    would be back), from the executor's view now. InputError when the executor has no
+    view or no CPU (a CPU-capable policy on a profile without host figures)."""
+    view = None if ctx is None else ctx.executor
+    if view is None:
+        raise InputError("this policy needs an executor that reports its link and CPU queues")
+    cpu = view.cpu_state()
+    if cpu is None:
+        raise InputError(
+            "this policy computes experts on the CPU, but the hardware profile has no "
+            "host figures (HardwareProfile.host)"
+        )
+    link = view.link_state(ctx.placement.device_of(key))  # type: ignore[union-attr]
+    fetch = link.queued_s + link.copy_s
+    on_cpu = cpu.queued_s + cpu.expert_s_fixed + tokens * cpu.expert_s_per_token
+    return fetch, on_cpu
