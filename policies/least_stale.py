@@ -30,6 +30,7 @@ class LeastStale(Policy):
         self.step = 0
         self.last: dict[ExpertKey, int] = {}
         self.interval: dict[ExpertKey, float] = {}
+        self.next_use: dict[ExpertKey, float] = {}  # last + max(interval, 1), kept per use
 
     def on_iteration_start(self, ev: IterationStart) -> None:
         self.step = ev.iteration
@@ -41,13 +42,12 @@ class LeastStale(Policy):
             old = self.interval.get(key)
             self.interval[key] = gap if old is None else OLD * old + NEW * gap
         self.last[key] = self.step
+        self.next_use[key] = self.step + max(self.interval.get(key, 1.0), 1.0)
 
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower goes first: minus the predicted next use (the latest goes first)."""
-        k = entry.key
-        nxt = self.last.get(k, self.step) + max(self.interval.get(k, 1.0), 1.0)
-        return -nxt
+        return -self.next_use.get(entry.key, self.step + 1.0)
 
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
-        last, iv, step = self.last, self.interval, self.step
-        return [-(last.get(e.key, step) + max(iv.get(e.key, 1.0), 1.0)) for e in entries]
+        nxt, new = self.next_use.get, self.step + 1.0
+        return [-nxt(e.key, new) for e in entries]
