@@ -2,7 +2,9 @@
 
 For each demanded expert that is ABSENT on its GPU, an engine whose policy overrides
 ``Policy.miss_action`` asks it how to serve the expert (a LOADING one is already being
-fetched: its copy is promoted to a demand load, which counts as the fetch action):
+fetched: its copy is promoted to a demand load, which counts as the fetch action, unless
+the policy sets ``miss_action_on_loading``: then it is asked too, and a copy it does not
+wait for goes on as a prefetch):
 
 - ``FETCH``: a demand load, as before hybrid execution;
 - ``CPU``: an expert task on the host CPU (:class:`sim.host_cpu.HostCpu`): activations
@@ -77,6 +79,8 @@ class HybridSteps:
         hw, spec = cfg.hardware, cfg.model
         self.spec = spec
         self.h_miss = _overrides(policy, "miss_action")
+        # a policy may also serve an expert whose copy is under way another way
+        self.ask_loading = bool(getattr(policy, "miss_action_on_loading", False))
         self.allow_lossy = cfg.allow_lossy
         self.cpu = HostCpu(hw, spec, self.links.copies_Bps) if hw.host is not None else None
         self.lowbit_bytes = spec.expert_bytes_as(cfg.lowbit_format) if self.h_miss else 0

@@ -59,6 +59,7 @@ class LayerSteps:
     num_gpus: int
     policy: Policy
     h_miss: bool
+    ask_loading: bool
     now_hint: float
     _serve_aside: Callable[..., None]
 
@@ -97,9 +98,11 @@ class LayerSteps:
                 used.append((cache, key))
                 continue
             missed.append(e)
-            if h_miss and state is not loading:
+            if h_miss and (state is not loading or self.ask_loading):
                 act = self.policy.miss_action(key, tok, t)
                 if act is not _FETCH:
+                    if state is loading:  # its copy goes on as a prefetch, unpinned
+                        cache.unpin(key)
                     self._serve_aside(act, g, key, tok, ct, t)
                     continue
             p = plans[g]
