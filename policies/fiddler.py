@@ -12,24 +12,16 @@ as many as the cache holds; fetched experts then replace the least recently used
 
 from __future__ import annotations
 
-from typing import Any
-
 from policies.base import MissAction, Policy, RecencyEviction
 from policies.cache import ExpertKey
-from policies.hybrid_common import expert_counts, fetch_and_cpu_s, hottest, preload
+from policies.hybrid_common import HotPlacement, fetch_and_cpu_s
 from policies.registry import register_policy
 
 
 @register_policy
-class Fiddler(RecencyEviction, Policy):
+class Fiddler(HotPlacement, RecencyEviction, Policy):
     name = "fiddler"
     description = "CPU on a miss unless fetching is cheaper (Fiddler's cost model); hot placement"
-
-    def fit(self, training: Any) -> None:
-        assert self.ctx is not None
-        spec = self.ctx.spec
-        counts = expert_counts(training, spec.num_moe_layers, spec.num_experts)
-        preload(self.ctx, hottest(counts, sum(c.capacity for c in self.ctx.caches)))
 
     def miss_action(self, key: ExpertKey, tokens: int, now: float) -> MissAction:
         fetch, cpu = fetch_and_cpu_s(self.ctx, key, tokens)

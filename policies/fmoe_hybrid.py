@@ -18,25 +18,15 @@ from typing import Any
 from policies.base import GateOutput, IterationStart, MissAction, PrefetchDecision
 from policies.cache import ExpertKey, ExpertState
 from policies.fmoe import FmoePolicy
-from policies.hybrid_common import expert_counts, fetch_and_cpu_s, hottest, preload
+from policies.hybrid_common import HotPlacement, fetch_and_cpu_s
 from policies.registry import register_policy
 
 
 @register_policy
-class FmoeHybrid(FmoePolicy):
+class FmoeHybrid(HotPlacement, FmoePolicy):
     name = "fmoe-hybrid"
     description = "fMoE prefetch and eviction; each miss fetched or run on the CPU, by cost"
     miss_action_on_loading = True  # a late prefetch may lose to the CPU too
-
-    def fit(self, training: Any) -> None:
-        """fMoE's store fill, then the experts the training maps use most are placed on
-        the GPU before the run (as many as the cache holds): keep on the GPU what is used
-        most."""
-        super().fit(training)
-        assert self.ctx is not None
-        spec = self.ctx.spec
-        counts = expert_counts(training, spec.num_moe_layers, spec.num_experts)
-        preload(self.ctx, hottest(counts, sum(c.capacity for c in self.ctx.caches)))
 
     def miss_action(self, key: ExpertKey, tokens: int, now: float) -> MissAction:
         view = None if self.ctx is None else self.ctx.executor

@@ -36,6 +36,7 @@ class Hobbit(RecencyEviction, Policy):
     description = "lossy: low-bit copy on a miss for low-weight experts (HOBBIT)"
     Options = HobbitOptions
     options: HobbitOptions
+    lossy = True  # its answers change what the model computes (opt-in: --allow-lossy)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

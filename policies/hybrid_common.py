@@ -31,18 +31,59 @@ def hottest(counts: np.ndarray, n: int) -> list[ExpertKey]:
     return [(int(i // J), int(i % J)) for i in flat if counts.ravel()[i] > 0]
 
 
+PRELOAD_HOOK = "preload_experts"  # a PolicyContext attribute an executor may set
+
+
 def preload(ctx: PolicyContext, keys: list[ExpertKey]) -> list[ExpertKey]:
-    """Make ``keys`` resident on their devices, as many as fit (in order); the loaded keys."""
+    """Make ``keys`` resident on their devices before the run, as many as fit (in order);
+    the loaded keys. An executor whose slots hold real weights sets
+    ``ctx.preload_experts`` (a callable taking keys) to copy them in; otherwise only the
+    cache state changes (the simulator)."""
+    place = getattr(ctx, PRELOAD_HOOK, None)
     done = []
     for key in keys:
         cache = ctx.cache_of(key)
         if key in cache.entries:
             done.append(key)
         elif cache.free > 0:
-            cache.preload([key])
+            if place is not None:
+                place([key])
+            else:
+                cache.preload([key])
             if key in cache.entries:
                 done.append(key)
     return done
+
+
+class HotPlacement:
+    """Mixin (before :class:`Policy`): the experts a training workload uses most are made
+    resident before the run, as many as the caches hold (``place_hot`` limits it).
+    ``fit`` may come before or after ``bind`` (the real executor fits first)."""
+
+    place_hot: int | None = None  # experts to place; None: every slot
+    ctx: PolicyContext | None
+    _hot_counts: np.ndarray | None = None
+    placed: set[ExpertKey]
+
+    def fit(self, training: Any) -> None:
+        super().fit(training)  # type: ignore[misc]
+        spec = training.spec
+        self._hot_counts = expert_counts(training, spec.num_moe_layers, spec.num_experts)
+        if self.ctx is not None:
+            self._place()
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)  # type: ignore[misc]
+        self.placed = set()
+        if self._hot_counts is not None:
+            self._place()
+
+    def _place(self) -> None:
+        assert self.ctx is not None and self._hot_counts is not None
+        n = sum(c.capacity for c in self.ctx.caches)
+        if self.place_hot is not None:
+            n = min(n, self.place_hot)
+        self.placed = set(preload(self.ctx, hottest(self._hot_counts, n)))
 
 
 def fetch_and_cpu_s(ctx: PolicyContext | None, key: ExpertKey, tokens: int) -> tuple[float, float]:

@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import Field
 
-from policies.base import MissAction, Policy, PolicyContext, PolicyOptions
+from policies.base import MissAction, Policy, PolicyOptions
 from policies.cache import CacheEntry, ExpertKey
-from policies.hybrid_common import HOT, expert_counts, hottest, preload
+from policies.hybrid_common import HOT, HotPlacement
 from policies.registry import register_policy
 
 
@@ -28,7 +28,7 @@ class KTransformersOptions(PolicyOptions):
 
 
 @register_policy
-class KTransformers(Policy):
+class KTransformers(HotPlacement, Policy):
     name = "ktransformers"
     description = "routed experts on the CPU, attention/shared on the GPU; hot experts pinned"
     Options = KTransformersOptions
@@ -36,25 +36,15 @@ class KTransformers(Policy):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.pinned: set[ExpertKey] = set()
-
-    def fit(self, training: Any) -> None:
-        assert self.ctx is not None
-        spec = self.ctx.spec
-        if self.options.gpu_experts:
-            counts = expert_counts(training, spec.num_moe_layers, spec.num_experts)
-            self.pinned = set(preload(self.ctx, hottest(counts, self.options.gpu_experts)))
-
-    def bind(self, ctx: PolicyContext) -> None:
-        super().bind(ctx)
-        self.pinned = set()
+        self.place_hot = self.options.gpu_experts
+        self.placed: set[ExpertKey] = set()
 
     def miss_action(self, key: ExpertKey, tokens: int, now: float) -> MissAction:
         return MissAction.CPU
 
     def eviction_score(self, entry: CacheEntry) -> float:
-        return HOT if entry.key in self.pinned else entry.last_used
+        return HOT if entry.key in self.placed else entry.last_used
 
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
-        pinned = self.pinned
+        pinned = self.placed
         return [HOT if e.key in pinned else e.last_used for e in entries]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Any
 
 from policies.base import CpuState, LinkState
 from realrun.residency import Residency
@@ -63,6 +64,9 @@ class RealExecutorView:
         with self._lock:
             return sum(self._gaps) / len(self._gaps) if self._gaps else 0.0
 
+    host: Any = None  # realrun.host_experts.HostExperts, set by the session
+
     def cpu_state(self) -> CpuState | None:
-        """None: this view offers no CPU expert queue."""
-        return None
+        """The host CPU's measured expert task time (no queue estimate); None before the
+        session attaches its host-expert runner."""
+        return None if self.host is None else self.host.cpu_state()

@@ -55,6 +55,7 @@ from realrun.copy_engine import LinkEmulation
 from realrun.drivers import make_driver
 from realrun.executor_view import RealExecutorView
 from realrun.generate import Generation, IterationRows, NewTokens
+from realrun.host_experts import HostExperts, add_host_outputs, start_host_tasks
 from realrun.metrics import summarise
 from realrun.offload import (
     OffloadedExperts,
@@ -131,13 +132,17 @@ class RunSession:
         self._held: list[tuple[PrefetchDecision, int]] | None = None
         self._apply_lock = threading.Lock()  # _held and applying (compute + searcher threads)
         try:
-            # the policy sees the copy engines and the measured layer time (deadline-aware prefetch)
+            self.host = HostExperts(om.store, policy, spec.expert_bytes)
+            # the policy sees the copy engines, the measured layer time (deadline-aware
+            # prefetch) and the host CPU's measured expert task time (hybrid execution)
             self._view = RealExecutorView(self.res, spec.expert_bytes)
-            policy.bind(
-                PolicyContext(
-                    spec, self.placement, self.res.caches, seed=opts.seed, executor=self._view
-                )
+            self._view.host = self.host
+            ctx = PolicyContext(
+                spec, self.placement, self.res.caches, seed=opts.seed, executor=self._view
             )
+            # a policy that places experts before the run copies them into slots
+            ctx.preload_experts = self.res.preload  # type: ignore[attr-defined]
+            policy.bind(ctx)
             self.driver = make_driver(policy, self._apply, lambda: self.res.gate_seq)
             self.taps.install()
             self.taps.on_embeddings = self._on_embeddings
@@ -307,6 +312,11 @@ class RunSession:
         flat = ids.reshape(-1)
         counts = np.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
         needed = np.flatnonzero(counts).tolist()
+        on_cpu: dict[int, Any] = {}
+        if self.host.active:  # miss actions: CPU tasks start now, beside the GPU's work
+            needed, on_cpu = start_host_tasks(
+                self, mod, layer, needed, counts, hidden, top_k_index, top_k_weights
+            )
         waves = plan_waves(
             needed, lambda e: self.placement.device_of((layer, e)), self.res.capacities
         )
@@ -320,7 +330,11 @@ class RunSession:
                 self._release_held()
                 self.res.drop_stale_preempted(layer)
             views = self._views(mod, layer, wave)
-            if len(waves) == 1 and single_call_is_exact(top_k_index.shape[-1], views):
+            if (
+                not on_cpu
+                and len(waves) == 1
+                and single_call_is_exact(top_k_index.shape[-1], views)
+            ):
                 for key in keys:
                     self.res.wait(key)
                 out = run_on_slots(mod, views, hidden, top_k_index, top_k_weights)
@@ -329,6 +343,9 @@ class RunSession:
             else:  # one expert at a time, ascending: the library's own summation order
                 by_dev = {v.device_index: v for v in views}
                 for key in keys:
+                    out = add_host_outputs(
+                        self, out, on_cpu, key[1]
+                    )  # CPU experts of lower ids first
                     self.res.wait(key)
                     view = by_dev[self.placement.device_of(key)]
                     out = out + run_one_expert(
@@ -339,6 +356,7 @@ class RunSession:
             self.res.release(keys)
         if not waves:
             self._release_held()
+        out = add_host_outputs(self, out, on_cpu, None)
         self.res.end_layer(layer)
         self.layer_steps += 1
         self._pump()
@@ -449,6 +467,8 @@ class RunSession:
             preemptions=sum(d.engine.stats.preemptions for d in self.res.devs),
             **self.res.stats.as_metrics(),
             **{f"layer_calls_{k}": v for k, v in self.layer_paths.items()},
+            actions_cpu=self.host.counts["cpu"],
+            host_compute_s=self.host.host_s,
         )
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
@@ -457,6 +477,7 @@ class RunSession:
         try:
             self.driver.close()
         finally:
+            self.host.close()
             self.taps.remove()
             self.res.close()
             for m in self.om.modules:
