@@ -53,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=2.0,
         help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
     )
+    p.add_argument(
+        "--cache-scope",
+        choices=["global", "per-layer"],
+        default="global",
+        help="one slot pool per device, or an equal share per MoE layer",
+    )
     add_prompt_flags(p, num_prompts=4)
     add_batch_size_flag(p)
     add_output_lens_flag(p)
@@ -137,6 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policy_options=parse_policy_opts(args.policy_opt),
         cache_experts=args.cache_experts,
         cache_gb=args.cache_gb,
+        cache_scope=args.cache_scope,
         reserve_gb=args.reserve_gb,
         prompts=args.prompts,
         prompt_texts=args.prompt_texts,

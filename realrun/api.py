@@ -338,6 +338,7 @@ def offload(
     chunk_bytes: int = 1 << 20,
     record: bool = False,
     seed: int = 0,
+    cache_scope: str = "global",
 ) -> OffloadedLM:
     """Offload ``model``'s experts under a cache budget and attach ``policy``.
 
@@ -349,7 +350,9 @@ def offload(
     devices' free memory holds once the dense weights are on, less ``reserve_gb`` per
     device for the KV cache and activations. ``link_gbps`` emulates a host->GPU link on the CPU. A policy
     instance must be unbound. ``record`` keeps the routing of every ``generate`` request
-    (:meth:`OffloadedLM.workload`, :meth:`OffloadedLM.save_trace`). Raises InputError for
+    (:meth:`OffloadedLM.workload`, :meth:`OffloadedLM.save_trace`). ``cache_scope``
+    "per-layer" gives each MoE layer an equal share of the slots. A policy that overrides
+    ``miss_action`` may serve absent experts on the CPU (docs/hybrid.md). Raises InputError for
     bad input, before offloading.
     """
     from policies.registry import make_policy, policy_class
@@ -381,7 +384,13 @@ def offload(
         # 'auto': the dense weights are on their device now; a slot is a store row
         budget = plan.sized(spec, om.store.row_bytes)
         opts = SessionOptions(
-            budget, plan.devices, plan.link, chunk_bytes, record=record, seed=seed
+            budget,
+            plan.devices,
+            plan.link,
+            chunk_bytes,
+            record=record,
+            seed=seed,
+            cache_scope=cache_scope,
         )
         session = RunSession(om, pol, opts)
     except BaseException:

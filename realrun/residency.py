@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from policies.cache import CacheFullError, EvictionScores, ExpertCache, ExpertKey, lru_scores
+from policies.cache_scope import LayerScopedCache, make_caches
 from policies.placement import Placement
 from realrun.copy_engine import (
     CopyEngine,
@@ -131,6 +132,8 @@ class Residency:
         clock: Callable[[], float] = time.perf_counter,
         scores: EvictionScores = lru_scores,
         fences: Callable[[torch.device], SlotFence] = fence_for,
+        cache_scope: str = "global",
+        top_k: int = 1,
     ) -> None:
         self.store = store
         self.placement = placement
@@ -145,6 +148,14 @@ class Residency:
         self.last_gate = [0] * placement.num_layers
         self._landed: list[tuple[ExpertKey, bool]] = []
         self.devs: list[DeviceSlots] = []
+        # global: one pool per device; per-layer: each MoE layer an equal share of it
+        caches = make_caches(
+            list(capacities), expert_bytes, cache_scope, placement.num_layers, top_k
+        )
+        self.wave_capacities = [
+            c.layer_capacity if isinstance(c, LayerScopedCache) else c.capacity for c in caches
+        ]
+        """What one layer step may hold at once per device (a wave's limit)."""
         for i, (dev, cap) in enumerate(zip(devices, capacities, strict=True)):
             mover: Mover = CudaMover(dev, chunk_bytes) if dev.type == "cuda" else CpuMover()
             engine = CopyEngine(
@@ -156,7 +167,7 @@ class Residency:
                 starter=self._start,
                 resumer=self._resume,
             )
-            cache = ExpertCache(capacity=cap, expert_bytes=expert_bytes, device=i)
+            cache = caches[i]
             fence = fences(dev)
             fence.observe()  # built on the compute thread; each gate observes again
             pool = SlotPool(cap, store.row_bytes, dev)

@@ -33,6 +33,7 @@ from realrun.placement import (
     check_auto_budget,
     cuda_free_bytes,
     resolve_devices,
+    split_over_devices,
 )
 from realrun.prompting import Prompt, PromptText, check_lengths, encode, prompt_texts
 from realrun.serving import check_batching
@@ -56,6 +57,7 @@ class RunConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     cache_experts: int | None = None
     cache_gb: float | str | None = None  # or "auto" (CUDA: from free memory, less reserve_gb)
+    cache_scope: str = "global"  # or "per-layer" (each MoE layer an equal share of slots)
     reserve_gb: float = 2.0
     prompts: str | None = "mt-bench"
     prompt_texts: list[str] | None = None
@@ -178,6 +180,11 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         link_gbps=cfg.link_gbps,
         link_latency_us=cfg.link_latency_us,
     )
+    if cfg.cache_scope == "per-layer" and not plan.auto:  # refuse before loading the model
+        from policies.cache_scope import make_caches
+
+        caps = split_over_devices(spec, plan.budget, len(plan.devices))[1]
+        make_caches(caps, spec.expert_bytes, "per-layer", spec.num_moe_layers, spec.top_k)
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     check_batching(cfg.batching)
@@ -261,6 +268,7 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
         cfg.chunk_bytes,
         record=bool(cfg.trace_out),
         seed=cfg.seed,
+        cache_scope=cfg.cache_scope,
     )
     try:
         with RunSession(om, prep.policy, opts) as session:

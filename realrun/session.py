@@ -92,6 +92,7 @@ class SessionOptions:
     chunk_bytes: int = 1 << 20
     record: bool = False
     seed: int = 0
+    cache_scope: str = "global"  # or "per-layer": each MoE layer an equal share of the slots
 
 
 class RunSession:
@@ -127,6 +128,8 @@ class RunSession:
             opts.chunk_bytes,
             self.now,
             scores=policy.eviction_scores,
+            cache_scope=opts.cache_scope,
+            top_k=spec.top_k,
         )
         self.taps = ModelTaps(om.loaded)
         self._held: list[tuple[PrefetchDecision, int]] | None = None
@@ -318,7 +321,7 @@ class RunSession:
                 self, mod, layer, needed, counts, hidden, top_k_index, top_k_weights
             )
         waves = plan_waves(
-            needed, lambda e: self.placement.device_of((layer, e)), self.res.capacities
+            needed, lambda e: self.placement.device_of((layer, e)), self.res.wave_capacities
         )
         out = torch.zeros_like(hidden)
         if len(waves) > 1:

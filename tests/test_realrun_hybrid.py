@@ -51,3 +51,55 @@ def test_cpu_served_experts_are_bit_equal_to_the_unmodified_model(arch, policy):
     if policy in ("every-other", "ktransformers"):
         assert m["actions_cpu"] > 0 and m["host_compute_s"] > 0
     om.close()
+
+
+@pytest.mark.parametrize("arch", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_per_layer_scope_is_exact_and_keeps_each_layer_within_its_share(arch):
+    prompt, new = [3, 17, 5, 9, 2], 4
+    ref = _reference(arch, prompt, new)
+    om = offload_model(load(arch, seed=0))
+    spec = om.loaded.spec
+    cache = spec.num_moe_layers * spec.top_k + 1
+    share = cache // spec.num_moe_layers
+    seen: list[int] = []
+
+    class Watch(RecencyEviction, Policy):
+        name = "test-watch"
+
+        def on_load_finished(self, key, by_prefetch, now):
+            c = self.ctx.cache_of(key)
+            seen.append(
+                max(sum(1 for k in c.entries if k[0] == lay) for lay in range(spec.num_moe_layers))
+            )
+
+    opts = SessionOptions(cache_experts=cache, cache_scope="per-layer")
+    with RunSession(om, Watch(), opts) as session:
+        gen = session.generate("r0", prompt, new, keep_logits=True)
+    assert gen.output_ids == ref.output_ids
+    assert all(torch.equal(a, b) for a, b in zip(gen.logits, ref.logits, strict=True))
+    assert seen and max(seen) <= share
+    om.close()
+
+
+def test_per_layer_scope_too_small_is_refused_in_one_line(capsys):
+    from fmoe_cli.main import main
+
+    rc = main(
+        [
+            "run",
+            "--model",
+            "tiny-mixtral",
+            "--policy",
+            "lru",
+            "--cache-experts",
+            "2",
+            "--cache-scope",
+            "per-layer",
+            "--num-prompts",
+            "1",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "layers x top-K" in err and len(err.strip().splitlines()) == 1
