@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="global",
         help="one slot pool per device, or an equal share per MoE layer",
     )
+    p.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="let the policy take lossy miss actions (low-bit copy, skip); counted in results",
+    )
     add_prompt_flags(p, num_prompts=4)
     add_batch_size_flag(p)
     add_output_lens_flag(p)
@@ -144,6 +149,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cache_experts=args.cache_experts,
         cache_gb=args.cache_gb,
         cache_scope=args.cache_scope,
+        allow_lossy=args.allow_lossy,
         reserve_gb=args.reserve_gb,
         prompts=args.prompts,
         prompt_texts=args.prompt_texts,

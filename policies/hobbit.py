@@ -14,7 +14,7 @@ layer-level prefetch is not modelled). Lossy: needs --allow-lossy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -27,6 +27,9 @@ from policies.registry import register_policy
 class HobbitOptions(PolicyOptions):
     threshold: float | None = Field(
         default=None, gt=0, lt=1, description="gate weight below which a miss loads low-bit"
+    )
+    action: Literal["lowbit", "skip"] = Field(
+        default="lowbit", description="what a low-weight miss gets: a low-bit copy, or skipped"
     )
 
 
@@ -58,4 +61,6 @@ class Hobbit(RecencyEviction, Policy):
         if thr is None:
             thr = 1.0 / (2 * self.ctx.spec.top_k)
         w = self._weight.get(key[1], 1.0) if key[0] == self._layer else 1.0
-        return MissAction.LOWBIT if w < thr else MissAction.FETCH
+        if w >= thr:
+            return MissAction.FETCH
+        return MissAction.LOWBIT if self.options.action == "lowbit" else MissAction.SKIP

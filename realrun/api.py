@@ -339,6 +339,7 @@ def offload(
     record: bool = False,
     seed: int = 0,
     cache_scope: str = "global",
+    allow_lossy: bool = False,
 ) -> OffloadedLM:
     """Offload ``model``'s experts under a cache budget and attach ``policy``.
 
@@ -391,6 +392,7 @@ def offload(
             record=record,
             seed=seed,
             cache_scope=cache_scope,
+            allow_lossy=allow_lossy,
         )
         session = RunSession(om, pol, opts)
     except BaseException:

@@ -44,9 +44,12 @@ def _overrides_miss_action(policy: Policy) -> bool:
 class HostExperts:
     """Runs CPU miss actions for one session (see the module docstring)."""
 
-    def __init__(self, store: ExpertStore, policy: Policy, expert_bytes: int) -> None:
+    def __init__(
+        self, store: ExpertStore, policy: Policy, expert_bytes: int, allow_lossy: bool = False
+    ) -> None:
         self.store, self.policy = store, policy
         self.active = _overrides_miss_action(policy)
+        self.allow_lossy = allow_lossy
         self.expert_bytes = expert_bytes
         self.host_s = 0.0
         self.tasks = 0
@@ -54,19 +57,43 @@ class HostExperts:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._ewma_s: float | None = None  # one task's host time, measured
+        self._lowbit: dict[ExpertKey, torch.Tensor] = {}  # fake-quantized rows, made once
 
-    def choose(self, key: ExpertKey, tokens: int, now: float) -> bool:
-        """True when the policy serves ``key`` (absent on its device) on the CPU."""
+    def choose(self, key: ExpertKey, tokens: int, now: float) -> MissAction:
+        """The policy's action for ``key`` (absent on its device); a lossy one only with
+        ``allow_lossy`` (else one InputError line)."""
         act = self.policy.miss_action(key, tokens, now)
         if act is MissAction.FETCH:
-            return False
-        if act is not MissAction.CPU:
+            return act
+        if act.lossy and not self.allow_lossy:
             raise InputError(
-                f"policy {self.policy.name!r} chose the {act.value!r} miss action; the real "
-                "executor runs only exact actions (fetch, cpu)"
+                f"policy {self.policy.name!r} chose the lossy miss action {act.value!r}; "
+                "pass --allow-lossy (allow_lossy=True) to opt in"
             )
         self.counts[act.value] += 1
-        return True
+        return act
+
+    def lowbit_row(self, mod: OffloadedExperts, layer: int, expert: int) -> torch.Tensor:
+        """The expert's row with every weight matrix fake-quantized to int4 (symmetric,
+        groups of 32 along the input dimension, dequantized to its dtype): what a Q4-class
+        low-bit copy computes with. Emulated: the low-bit bytes are not copied anywhere."""
+        key = (layer, expert)
+        row = self._lowbit.get(key)
+        if row is None:
+            src = self.store.host_row(layer, expert)
+            row = (src if src is not None else self.store.read_row(layer, expert)).clone()
+            for v in mod.layout.views(row.view(1, -1)).values():
+                if v.dim() < 3 or not v.is_floating_point():
+                    continue  # biases and scalars stay exact
+                w = v[0].float()
+                cols = w.shape[-1]
+                pad = (-cols) % 32
+                g = torch.nn.functional.pad(w, (0, pad)).reshape(*w.shape[:-1], -1, 32)
+                scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 7.0
+                q = (g / scale).round().clamp(-8, 7) * scale
+                v[0].copy_(q.reshape(*w.shape[:-1], -1)[..., :cols].to(v.dtype))
+            self._lowbit[key] = row
+        return row
 
     def submit(
         self,
@@ -76,9 +103,10 @@ class HostExperts:
         hidden: torch.Tensor,
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
+        lowbit: bool = False,
     ) -> Future[torch.Tensor]:
-        """Start expert ``expert``'s contribution on the CPU; the future holds it on
-        ``hidden``'s device."""
+        """Start expert ``expert``'s contribution on the CPU (from its low-bit copy when
+        ``lowbit``); the future holds it on ``hidden``'s device."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="host-experts")
         on_cuda = hidden.device.type == "cuda"
@@ -89,7 +117,10 @@ class HostExperts:
         if on_cuda:
             h, idx, w = h.pin_memory(), idx.pin_memory(), w.pin_memory()
         threads = torch.get_num_threads()  # the worker thread's kernels split work alike
-        return self._pool.submit(self._run, mod, layer, expert, h, idx, w, hidden.device, threads)
+        row = self.lowbit_row(mod, layer, expert) if lowbit else None
+        return self._pool.submit(
+            self._run, mod, layer, expert, h, idx, w, hidden.device, threads, row
+        )
 
     def _run(
         self,
@@ -101,13 +132,15 @@ class HostExperts:
         w: torch.Tensor,
         device: torch.device,
         threads: int,
+        row: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # intra-op threads are set per OS thread (OpenMP): match the compute thread's, or
         # a matmul may split its sums differently and lose bit-equality
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        row = self.store.host_row(layer, expert)
+        if row is None:
+            row = self.store.host_row(layer, expert)
         if row is None:
             row = self.store.read_row(layer, expert)
         views = mod.layout.views(row.view(1, -1))
@@ -143,24 +176,46 @@ def start_host_tasks(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-) -> tuple[list[int], dict[int, Any]]:
-    """Ask the policy about each absent expert; start the CPU ones (their demands are
-    counted as misses, the cache is not touched). Returns the experts left to the
-    GPU and the CPU experts' futures by id."""
+) -> tuple[list[int], dict[int, Any], torch.Tensor]:
+    """Ask the policy about each absent expert; start the CPU (and low-bit) ones; drop the
+    skipped ones and renormalise each row's other weights to the original sum. Their
+    demands count as misses; the cache is not touched. Returns the experts left to the
+    GPU, the host experts' futures by id, and the weights every expert of the layer uses."""
     now = self.now()
-    on_cpu: dict[int, Any] = {}
+    chosen: dict[int, MissAction] = {}
     for e in needed:
         key = (layer, e)
         d = self.res.dev(key)
         with self.res.lock:
             cached = key in d.cache.entries
-        if cached or not self.host.choose(key, int(counts[e]), now):
+        if cached:
             continue
-        with self.res.lock:
-            d.cache.demand(key)  # a miss, served by the CPU
-        fut = self.host.submit(mod, layer, e, hidden, top_k_index, top_k_weights)
-        on_cpu[e] = (fut, key, int(counts[e]))
-    return [e for e in needed if e not in on_cpu], on_cpu
+        act = self.host.choose(key, int(counts[e]), now)
+        if act is not MissAction.FETCH:
+            chosen[e] = act
+            with self.res.lock:
+                d.cache.demand(key)  # a miss, served without the cache
+    skipped = [e for e, a in chosen.items() if a is MissAction.SKIP]
+    if skipped:
+        top_k_weights = renormalised(top_k_index, top_k_weights, skipped)
+    on_cpu: dict[int, Any] = {}
+    for e, act in chosen.items():
+        if act is MissAction.SKIP:
+            continue
+        fut = self.host.submit(
+            mod, layer, e, hidden, top_k_index, top_k_weights, lowbit=act is MissAction.LOWBIT
+        )
+        on_cpu[e] = (fut, (layer, e), int(counts[e]))
+    return [e for e in needed if e not in chosen], on_cpu, top_k_weights
+
+
+def renormalised(index: torch.Tensor, weights: torch.Tensor, skipped: list[int]) -> torch.Tensor:
+    """``weights`` with the skipped experts' entries zeroed and each row's others scaled to
+    the row's original sum (a row that loses every expert keeps zeros)."""
+    drop = torch.isin(index, torch.tensor(skipped, device=index.device))
+    kept = weights.masked_fill(drop, 0)
+    total, left = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
+    return torch.where(left > 0, kept * (total / left.clamp_min(1e-30)), kept)
 
 
 def add_host_outputs(

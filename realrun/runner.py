@@ -58,6 +58,7 @@ class RunConfig:
     cache_experts: int | None = None
     cache_gb: float | str | None = None  # or "auto" (CUDA: from free memory, less reserve_gb)
     cache_scope: str = "global"  # or "per-layer" (each MoE layer an equal share of slots)
+    allow_lossy: bool = False  # lossy miss actions (low-bit, skip) allowed
     reserve_gb: float = 2.0
     prompts: str | None = "mt-bench"
     prompt_texts: list[str] | None = None
@@ -269,6 +270,7 @@ def _execute(prep: PreparedRun, progress: Progress) -> RunResult:
         record=bool(cfg.trace_out),
         seed=cfg.seed,
         cache_scope=cfg.cache_scope,
+        allow_lossy=cfg.allow_lossy,
     )
     try:
         with RunSession(om, prep.policy, opts) as session:

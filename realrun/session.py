@@ -93,6 +93,7 @@ class SessionOptions:
     record: bool = False
     seed: int = 0
     cache_scope: str = "global"  # or "per-layer": each MoE layer an equal share of the slots
+    allow_lossy: bool = False  # let the policy take lossy miss actions (low-bit, skip)
 
 
 class RunSession:
@@ -135,7 +136,7 @@ class RunSession:
         self._held: list[tuple[PrefetchDecision, int]] | None = None
         self._apply_lock = threading.Lock()  # _held and applying (compute + searcher threads)
         try:
-            self.host = HostExperts(om.store, policy, spec.expert_bytes)
+            self.host = HostExperts(om.store, policy, spec.expert_bytes, opts.allow_lossy)
             # the policy sees the copy engines, the measured layer time (deadline-aware
             # prefetch) and the host CPU's measured expert task time (hybrid execution)
             self._view = RealExecutorView(self.res, spec.expert_bytes)
@@ -317,7 +318,7 @@ class RunSession:
         needed = np.flatnonzero(counts).tolist()
         on_cpu: dict[int, Any] = {}
         if self.host.active:  # miss actions: CPU tasks start now, beside the GPU's work
-            needed, on_cpu = start_host_tasks(
+            needed, on_cpu, top_k_weights = start_host_tasks(
                 self, mod, layer, needed, counts, hidden, top_k_index, top_k_weights
             )
         waves = plan_waves(
@@ -471,6 +472,9 @@ class RunSession:
             **self.res.stats.as_metrics(),
             **{f"layer_calls_{k}": v for k, v in self.layer_paths.items()},
             actions_cpu=self.host.counts["cpu"],
+            actions_lowbit=self.host.counts["lowbit"],
+            actions_skip=self.host.counts["skip"],
+            exact=not (self.host.counts["lowbit"] or self.host.counts["skip"]),
             host_compute_s=self.host.host_s,
         )
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}

@@ -50,7 +50,10 @@ class SimExecutorView:
         link = e.links.links[device]
         now = e.now_hint
         copy_s = e.timing.transfer(e.spec.expert_bytes)
-        return LinkState(link.queued_s(now), link.bw, copy_s)
+        # fetches the layer step has decided but not started yet (they start once every
+        # miss of the layer is decided) are queued already as far as a policy is concerned
+        queued = link.queued_s(now) + e.pending_fetches[device] * copy_s
+        return LinkState(queued, link.bw, copy_s)
 
     def layer_time_s(self, tokens: int) -> float:
         e = self._e
@@ -90,6 +93,7 @@ class HybridSteps:
         self.side_sinks: list[tuple[Transient, float]] = []
         self.hybrid_wait_s = 0.0
         self.now_hint = 0.0  # the engine's clock at the last demand (for the view)
+        self.pending_fetches = [0] * cfg.hardware.num_gpus  # decided, not started (view)
         if policy.ctx is not None and policy.ctx.executor is None:
             policy.ctx.executor = SimExecutorView(self)
 

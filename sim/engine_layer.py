@@ -60,6 +60,7 @@ class LayerSteps:
     policy: Policy
     h_miss: bool
     ask_loading: bool
+    pending_fetches: list[int]
     now_hint: float
     _serve_aside: Callable[..., None]
 
@@ -100,7 +101,10 @@ class LayerSteps:
             missed.append(e)
             if h_miss and (state is not loading or self.ask_loading):
                 act = self.policy.miss_action(key, tok, t)
-                if act is not _FETCH:
+                if act is _FETCH:
+                    if state is not loading:  # decided now, its copy starts after the loop:
+                        self.pending_fetches[g] += 1  # later decisions see it queued
+                else:
                     if state is loading:  # its copy goes on as a prefetch, unpinned
                         cache.unpin(key)
                     self._serve_aside(act, g, key, tok, ct, t)
@@ -116,6 +120,8 @@ class LayerSteps:
                 used.append((cache, key))
             else:
                 absent.append((p, key, ct))
+        if h_miss:
+            self.pending_fetches = [0] * self.num_gpus
         # misses load only once every cached key of the layer is pinned, so a miss never
         # evicts an expert the same layer is about to use (as the real executor does)
         for p, key, ct in absent:
