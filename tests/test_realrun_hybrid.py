@@ -103,3 +103,31 @@ def test_per_layer_scope_too_small_is_refused_in_one_line(capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and "layers x top-K" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lossy_actions_run_only_when_allowed_and_say_so():
+    from specs.errors import InputError
+
+    arch, prompt = "tiny-qwen3-moe", [3, 17, 5, 9, 2]
+    om = offload_model(load(arch, seed=0))
+    spec = om.loaded.spec
+    with pytest.raises(InputError, match="allow-lossy"):
+        with RunSession(om, make_policy("hobbit", action="skip"), SessionOptions(8)) as s:
+            s.generate("r0", prompt, 3)
+    for action in ("lowbit", "skip"):
+        pol = make_policy("hobbit", action=action, threshold=0.99)  # every miss is lossy
+        with RunSession(om, pol, SessionOptions(spec.top_k, allow_lossy=True)) as s:
+            s.generate("r0", prompt, 3)
+            m = s.metrics()
+        assert m[f"actions_{action}"] > 0 and m["exact"] is False
+    om.close()
+
+
+def test_renormalised_weights_keep_each_rows_sum():
+    from realrun.host_experts import renormalised
+
+    idx = torch.tensor([[0, 1, 2], [2, 3, 1], [1, 1, 1]])
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.2, 0.2, 0.2]])
+    out = renormalised(idx, w, [1])
+    assert torch.allclose(out.sum(-1)[:2], w.sum(-1)[:2])
+    assert (out[idx == 1] == 0).all() and (out[2] == 0).all()  # a row with no expert left
