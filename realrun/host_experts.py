@@ -21,6 +21,7 @@ fp32 experts on the CPU the logits are bit-equal to the unmodified model's.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +59,8 @@ class HostExperts:
         self._pool: ThreadPoolExecutor | None = None
         self._ewma_s: float | None = None  # one task's host time, measured
         self._lowbit: dict[ExpertKey, torch.Tensor] = {}  # fake-quantized rows, made once
+        # per experts module, a shallow copy of its library shell for the worker thread
+        self._shells: dict[int, torch.nn.Module] = {}
 
     def choose(self, key: ExpertKey, tokens: int, now: float) -> MissAction:
         """The policy's action for ``key`` (absent on its device); a lossy one only with
@@ -145,8 +148,14 @@ class HostExperts:
             row = self.store.read_row(layer, expert)
         views = mod.layout.views(row.view(1, -1))
         one = torch.where(idx == expert, 0, 1)
+        shell = self._shells.get(id(mod))
+        if shell is None:  # its own shell: the compute thread sets the module's meanwhile
+            shell = self._shells[id(mod)] = copy.copy(mod.shell)
+        for name, v in views.items():
+            shell.__dict__[name] = v
+        shell.num_experts = 1
         with torch.no_grad():
-            out = mod.call_on_view(views, 1, h, one, w)
+            out = shell(h, one, w)
         dt = time.perf_counter() - t0
         with self._lock:
             self.host_s += dt
