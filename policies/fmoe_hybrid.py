@@ -48,12 +48,12 @@ class FmoeHybrid(HotPlacement, FmoePolicy):
         super().on_gate(ev)
 
     def decide_prefetch(self) -> PrefetchDecision:
-        """fMoE's orders, less those whose copy would land after the expert is needed
-        (the link's queue plus the copies accepted before it, against the layers until its
-        layer times the expected layer time) and those whose copy takes longer than a CPU
-        task would now (queue included): the CPU serves those experts instead, and their
-        copies would only take the link, slots and host memory bandwidth. Without a CPU
-        view every order is kept (plain fMoE)."""
+        """fMoE's orders, kept only while the link is otherwise idle (demand copies go
+        first and a queued prefetch would slow them and the CPU's memory reads), when the
+        copy lands before the expert is needed (the copies accepted before it, against
+        the layers until its layer times the expected layer time) and when one copy costs
+        no more than one CPU task: otherwise the CPU serves the expert when it comes.
+        Without a CPU view every order is kept (plain fMoE)."""
         dec = super().decide_prefetch()
         ctx = self.ctx
         view = None if ctx is None else ctx.executor
@@ -66,7 +66,7 @@ class FmoeHybrid(HotPlacement, FmoePolicy):
         cpu = view.cpu_state()
         # what a CPU task costs now (its queue included): a copy dearer than that saves
         # less than it costs the link, the slot it takes and the host memory it reads
-        cpu_task_s = cpu.queued_s + cpu.expert_s_fixed + cpu.expert_s_per_token
+        cpu_task_s = cpu.expert_s_fixed + cpu.expert_s_per_token
         ahead: dict[int, float] = {}
         kept = []
         for order in sorted(dec.enqueue, key=lambda o: -o.priority):
@@ -76,7 +76,7 @@ class FmoeHybrid(HotPlacement, FmoePolicy):
             link = view.link_state(dev)
             arrive = ahead[dev] + link.copy_s
             layers = order.layer - at if order.layer > at else order.layer + L - at
-            if arrive <= layers * layer_s and link.copy_s <= cpu_task_s:
+            if ahead[dev] == 0.0 and arrive <= layers * layer_s and link.copy_s <= cpu_task_s:
                 ahead[dev] = arrive
                 kept.append(order)
         dec.enqueue = kept
