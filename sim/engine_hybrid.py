@@ -26,8 +26,9 @@ from typing import Any
 
 import simpy
 
-from policies.base import CpuState, LinkState, MissAction, Policy
+from policies.base import MissAction, Policy
 from policies.cache import ExpertCache, ExpertKey, ExpertState
+from sim.executor_view import SimExecutorView
 from sim.host_cpu import HostCpu
 from sim.link import Transient
 from sim.links import Links
@@ -37,34 +38,6 @@ from specs.errors import InputError
 _FETCH, _CPU, _LOWBIT, _SKIP = MissAction.FETCH, MissAction.CPU, MissAction.LOWBIT, MissAction.SKIP
 _RESIDENT = ExpertState.RESIDENT
 ACTIONS: tuple[MissAction, ...] = (_FETCH, _CPU, _LOWBIT, _SKIP)
-
-
-class SimExecutorView:
-    """The simulator's :class:`policies.base.ExecutorView`: live link, CPU and layer time."""
-
-    def __init__(self, engine: HybridSteps) -> None:
-        self._e = engine
-
-    def link_state(self, device: int) -> LinkState:
-        e = self._e
-        link = e.links.links[device]
-        now = e.now_hint
-        copy_s = e.timing.transfer(e.spec.expert_bytes)
-        # fetches the layer step has decided but not started yet (they start once every
-        # miss of the layer is decided) are queued already as far as a policy is concerned
-        queued = link.queued_s(now) + e.pending_fetches[device] * copy_s
-        return LinkState(queued, link.bw, copy_s)
-
-    def layer_time_s(self, tokens: int) -> float:
-        e = self._e
-        t = e.timing
-        return t.dense(tokens, 0.0) + t.expert(tokens) * min(
-            tokens * e.spec.top_k, e.spec.num_experts
-        )
-
-    def cpu_state(self) -> CpuState | None:
-        e = self._e
-        return None if e.cpu is None else e.cpu.state(e.now_hint)
 
 
 class HybridSteps:
@@ -94,8 +67,9 @@ class HybridSteps:
         self.hybrid_wait_s = 0.0
         self.now_hint = 0.0  # the engine's clock at the last demand (for the view)
         self.pending_fetches = [0] * cfg.hardware.num_gpus  # decided, not started (view)
-        if policy.ctx is not None and policy.ctx.executor is None:
-            policy.ctx.executor = SimExecutorView(self)
+        view = None if policy.ctx is None else policy.ctx.executor
+        if isinstance(view, SimExecutorView):  # sim.run's view: add the CPU and pending fetches
+            view.hybrid = self
 
     def _serve_aside(
         self, act: MissAction, g: int, key: ExpertKey, tokens: int, ct: float, t: float

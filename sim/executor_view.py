@@ -5,6 +5,8 @@ not ordered yet and the demand loads of layers still to come."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from policies.base import CpuState, LinkState
 from sim.links import Links
 from sim.timing import Timing
@@ -47,6 +49,8 @@ class SimExecutorView:
             # the rest of this segment, then the job's bytes after it
             left_s += max(0.0, ch.end - now) + max(0, job.remaining - ch.seg) / link.bw
         left_s += sum(j.remaining for j in link.demand_q) / link.bw
+        if self.hybrid is not None:  # fetches a layer step decided but has not started yet
+            left_s += self.hybrid.pending_fetches[device] * self._copy_s
         return LinkState(left_s / len(link.channels), link.bw, self._copy_s)
 
     def layer_time_s(self, tokens: int) -> float:
@@ -68,6 +72,12 @@ class SimExecutorView:
         self._layer[tokens] = t
         return t
 
+    hybrid: Any = None  # the engine (sim.engine_hybrid.HybridSteps), set when it is built
+
     def cpu_state(self) -> CpuState | None:
-        """None: this view offers no CPU expert queue (hybrid execution fills it)."""
-        return None
+        """The host CPU's expert queue (sim.host_cpu), or None when the profile has no host
+        figures."""
+        e = self.hybrid
+        if e is None or e.cpu is None:
+            return None
+        return e.cpu.state(e.now_hint)
