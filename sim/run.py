@@ -151,6 +151,8 @@ def simulate(
     closed = config.arrivals in ("closed", "schedule") or (
         config.arrivals == "auto" and training is not None
     )
+    # experts a policy made resident in bind/fit (hot placement, llama.cpp's GPU layers)
+    placed_before_run = sum(len(c.entries) for c in caches) - sum(map(len, initial or []))
     engine = Engine(env, config, workload, policy, caches, links, placement, timing, closed, log)
     if scheduled:  # a served trace's own admissions (sim.batching.ScheduleBatcher)
         engine.batcher = schedule_batcher(workload, lambda: engine.iterations)
@@ -191,8 +193,35 @@ def simulate(
         # policy-independent: from the workload, the schedule and the caches' sizes
         **run_bounds(workload, config, caps, closed, initial),
     }
+    _bounds_need_fetch_on_miss(metrics, placed_before_run)
     metrics["wall_s"] = time.perf_counter() - wall0
     return SimResult(metrics, frame, log)
+
+
+_NOT_FETCHED = ("actions_cpu", "actions_lowbit", "actions_skip")
+
+
+def _bounds_need_fetch_on_miss(metrics: dict, placed_before_run: int) -> None:
+    """The bounds count the copies of a run that starts from the config's cache state and
+    fetches every miss. A miss served on the CPU, from a low-bit copy or skipped moves no
+    expert, and experts a policy places before the run (hot placement) arrive without a
+    copy, so neither MIN's loads nor the TPOT floor bound such a run: they are set to None,
+    with the reason in ``bound_note``."""
+    if metrics.get("bound_hit_belady") is None:
+        return
+    other = sum(int(metrics.get(k) or 0) for k in _NOT_FETCHED)
+    reasons = []
+    if other:
+        reasons.append(f"{other} misses were not fetched (CPU, low-bit or skip)")
+    if placed_before_run:
+        reasons.append(f"the policy placed {placed_before_run} experts before the run")
+    if reasons:
+        for key in ("bound_hit_belady", "bound_loads_min", "bound_tpot_s"):
+            metrics[key] = None
+        metrics["bound_note"] = (
+            "; ".join(reasons) + ": the bounds assume a run from the config's cache state "
+            "that fetches every miss"
+        )
 
 
 def _mean_context(workload: Workload) -> float:

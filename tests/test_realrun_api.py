@@ -67,7 +67,12 @@ def _assert_same(got, want) -> None:
 
 
 def runnable_policies() -> list[str]:
-    return [n for n in policy_names() if not policy_class(n).reads_future]
+    # lossy policies change what the model computes by design (their own tests)
+    return [
+        n
+        for n in policy_names()
+        if not policy_class(n).reads_future and not getattr(policy_class(n), "lossy", False)
+    ]
 
 
 @st.composite
