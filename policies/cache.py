@@ -18,6 +18,9 @@ Rules the executor follows (checked here, raising CacheError when broken):
 - An entry's ``last_used`` is written by the cache only (policies read entries, never
   write them): a scorer marked :func:`by_recency` is answered from the cache's own
   recency order.
+
+Over 450 lines on purpose: one state machine (states, pins, protection, counters, victim
+choice) whose invariants are property-tested together and read best in one place.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ What the replay models (and the simulator does with time):
   load. It is applied only after the layer computed (it can serve a later iteration).
 - Time is a logical clock that ticks once per event, so recency scores are exact; with no
   time, a policy's ``async_search`` delay does not apply either.
+
+Over 450 lines on purpose: the timing-free replay mirrors the simulator's per-step
+protocol in one loop, so the two can be compared line by line.
 """
 
 from __future__ import annotations

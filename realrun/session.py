@@ -25,6 +25,9 @@ simulator's closed loop); iteration and gate events carry one row per real token
 forward (request ids, positions and prefill flags per row, as the simulator's
 iterations); pad rows of a static batch never reach the policy, the caches (they route to
 no expert) or the recorder, and continuous batching has none.
+
+Over 450 lines on purpose: one run's per-layer protocol (demand, prefetch, miss actions,
+fences, timing) is one sequence; its parts already live in residency, drivers and taps.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Model (one :class:`Link` per GPU):
 
 The time-ordered event queue the links share, and the run's set of links, are
 :class:`sim.links.Links`.
+
+Over 450 lines on purpose: one link's server (channels, priorities, chunked preemption,
+host bandwidth share) is one simpy process and its state.
 """
 
 from __future__ import annotations

@@ -556,7 +556,20 @@ def test_sigterm_during_load_exits_0_within_the_grace_period_with_a_complete_tra
         callers = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(6)]
         for t in callers:
             t.start()
-        assert wait_until(lambda: total(scrape(url), "fmoe_generation_tokens_total") >= 8, 60)
+
+        def loaded() -> bool:  # every request reached the server, and tokens flow
+            m = scrape(url)
+            seen = sum(
+                total(m, n)
+                for n in (
+                    "fmoe_running_requests",
+                    "fmoe_queue_depth",
+                    "fmoe_requests_finished_total",
+                )
+            )
+            return seen >= 6 and total(m, "fmoe_generation_tokens_total") >= 8
+
+        assert wait_until(loaded, 60)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=grace + 30)
