@@ -92,3 +92,43 @@ def check_bench_memory(
         scores + logits + kv,
         "lower --max-tokens or --max-context",
     )
+
+
+def add_executor_flags(p: argparse.ArgumentParser) -> None:
+    """The real executor's flags shared by `fmoe run` and `fmoe serve`: device and device
+    count, the emulated link and its time limit, the expert store, seed and threads."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--num-devices",
+        type=argt.devices,
+        help="devices holding expert slots (cuda: default all visible)",
+    )
+    p.add_argument(
+        "--link-gbps",
+        type=argt.gbps,
+        help="emulate a host link of this many GB/s (10^9 bytes/s; labelled emulated)",
+    )
+    p.add_argument(
+        "--link-latency-us", type=argt.latency_us, help="per-transfer latency of the emulated link"
+    )
+    add_link_time_flag(p)
+    p.add_argument(
+        "--store",
+        choices=["auto", "ram", "file"],
+        default="auto",
+        help="where offloaded experts live",
+    )
+    p.add_argument(
+        "--store-dir",
+        type=argt.output_dir,
+        help="directory of the file store's spill file (default: temp dir)",
+    )
+    p.add_argument(
+        "--seed",
+        type=argt.seed,
+        default=0,
+        help="torch seed of a tiny preset's random weights; policy seed",
+    )
+    p.add_argument(
+        "--threads", type=argt.threads, help="torch threads (leave a core to the copy thread)"
+    )

@@ -14,7 +14,7 @@ import argparse
 from typing import Any
 
 from fmoe_cli import args as argt
-from fmoe_cli.budgets import add_link_time_flag, check_link_time
+from fmoe_cli.budgets import add_executor_flags, check_link_time
 from fmoe_cli.common import (
     add_batch_size_flag,
     add_json_flag,
@@ -67,41 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_prompt_flags(p, num_prompts=4)
     add_batch_size_flag(p)
     add_output_lens_flag(p)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument(
-        "--num-devices",
-        type=argt.devices,
-        help="devices holding expert slots (cuda: default all visible)",
-    )
-    p.add_argument(
-        "--link-gbps",
-        type=argt.gbps,
-        help="emulate a host link of this many GB/s (10^9 bytes/s; labelled emulated)",
-    )
-    p.add_argument(
-        "--link-latency-us", type=argt.latency_us, help="per-transfer latency of the emulated link"
-    )
-    add_link_time_flag(p)
-    p.add_argument(
-        "--store",
-        choices=["auto", "ram", "file"],
-        default="auto",
-        help="where offloaded experts live",
-    )
-    p.add_argument(
-        "--store-dir",
-        type=argt.output_dir,
-        help="directory of the file store's spill file (default: temp dir)",
-    )
-    p.add_argument(
-        "--seed",
-        type=argt.seed,
-        default=0,
-        help="torch seed of a tiny preset's random weights; policy seed",
-    )
-    p.add_argument(
-        "--threads", type=argt.threads, help="torch threads (leave a core to the copy thread)"
-    )
+    add_executor_flags(p)
     p.add_argument(
         "--trace-out",
         type=argt.output_file,

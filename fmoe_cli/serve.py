@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from fmoe_cli import args as argt
-from fmoe_cli.budgets import add_link_time_flag, check_link_time
+from fmoe_cli.budgets import add_executor_flags, check_link_time
 from fmoe_cli.common import parse_policy_opts
 
 
@@ -91,34 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=5.0,
         help="on SIGINT/SIGTERM, seconds running requests may take to finish (default 5)",
     )
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument(
-        "--num-devices", type=argt.devices, help="devices holding expert slots (cuda: default all)"
-    )
-    p.add_argument(
-        "--link-gbps",
-        type=argt.gbps,
-        help="emulate a host link of this many GB/s (labelled emulated)",
-    )
-    p.add_argument(
-        "--link-latency-us", type=argt.latency_us, help="per-transfer latency of the emulated link"
-    )
-    add_link_time_flag(p)
-    p.add_argument("--store", choices=["auto", "ram", "file"], default="auto")
-    p.add_argument(
-        "--store-dir",
-        type=argt.output_dir,
-        help="directory of the file store's spill file (default: temp dir)",
-    )
-    p.add_argument(
-        "--seed",
-        type=argt.seed,
-        default=0,
-        help="torch seed of a tiny preset's random weights; policy seed",
-    )
-    p.add_argument(
-        "--threads", type=argt.threads, help="torch threads (leave a core to the copy thread)"
-    )
+    add_executor_flags(p)
     p.add_argument(
         "--train-trace",
         type=argt.input_file,
