@@ -161,8 +161,12 @@ def plan_serving(
     return ServingPlan(budget, auto, reserve_gb, devices, link)
 
 
-def prepare(cfg: RunConfig) -> PreparedRun:
-    """Check every input before any work; InputError names the first problem."""
+def resolve_and_plan(cfg: Any) -> tuple[ModelSpec, Any, Policy, ServingPlan]:
+    """The model (spec, transformers config), the policy and the serving plan of a run or
+    a server: ``cfg`` has the fields ``model``, ``policy``, ``policy_options``,
+    ``cache_experts``, ``cache_gb``, ``reserve_gb``, ``device``, ``num_devices``,
+    ``store``, ``link_gbps`` and ``link_latency_us`` (RunConfig, ServeConfig). InputError
+    names the first problem, before any weights load."""
     from policies.registry import make_policy, policy_class
     from realrun.models import resolve_model
 
@@ -181,6 +185,12 @@ def prepare(cfg: RunConfig) -> PreparedRun:
         link_gbps=cfg.link_gbps,
         link_latency_us=cfg.link_latency_us,
     )
+    return spec, hf_config, policy, plan
+
+
+def prepare(cfg: RunConfig) -> PreparedRun:
+    """Check every input before any work; InputError names the first problem."""
+    spec, hf_config, policy, plan = resolve_and_plan(cfg)
     if cfg.cache_scope == "per-layer" and not plan.auto:  # refuse before loading the model
         from policies.cache_scope import make_caches
 

@@ -14,7 +14,7 @@ from policies.cache_scope import make_caches
 from policies.placement import Placement
 from policies.registry import make_policy
 from sim.batching import schedule_batcher
-from sim.bounds import run_bounds
+from sim.bounds import BOUND_KEYS, run_bounds
 from sim.config import OFFLINE_TRAIN_FRACTION, SimConfig
 from sim.engine import Engine
 from sim.events import EventLog
@@ -159,6 +159,7 @@ def simulate(
     run0 = time.perf_counter()
     env.run(until=env.process(engine.run()))
     run_s = time.perf_counter() - run0
+    actions = engine.action_metrics()
 
     frame = request_frame(engine.states)
     end = engine.end_s
@@ -186,14 +187,17 @@ def simulate(
         "prefetch_orders_stale": sum(lk.stats["stale"] for lk in links.links),
         "prefetch_orders_dropped": sum(lk.stats["dropped_full"] for lk in links.links),
         "preemptions": sum(lk.stats["preemptions"] for lk in links.links),
-        **engine.action_metrics(),
+        **actions,
         "policy_metadata": policy.metadata(),
         "run_wall_s": run_s,
         "layer_steps_per_s": engine.layer_steps / run_s if run_s > 0 else None,
         # policy-independent: from the workload, the schedule and the caches' sizes
-        **run_bounds(workload, config, caps, closed, initial),
+        **(
+            _no_bounds(why)
+            if (why := _why_no_bounds(actions, placed_before_run))
+            else run_bounds(workload, config, caps, closed, initial)
+        ),
     }
-    _bounds_need_fetch_on_miss(metrics, placed_before_run)
     metrics["wall_s"] = time.perf_counter() - wall0
     return SimResult(metrics, frame, log)
 
@@ -201,27 +205,27 @@ def simulate(
 _NOT_FETCHED = ("actions_cpu", "actions_lowbit", "actions_skip")
 
 
-def _bounds_need_fetch_on_miss(metrics: dict, placed_before_run: int) -> None:
-    """The bounds count the copies of a run that starts from the config's cache state and
-    fetches every miss. A miss served on the CPU, from a low-bit copy or skipped moves no
-    expert, and experts a policy places before the run (hot placement) arrive without a
-    copy, so neither MIN's loads nor the TPOT floor bound such a run: they are set to None,
-    with the reason in ``bound_note``."""
-    if metrics.get("bound_hit_belady") is None:
-        return
-    other = sum(int(metrics.get(k) or 0) for k in _NOT_FETCHED)
+def _why_no_bounds(actions: dict, placed_before_run: int) -> str:
+    """Why the bounds do not apply to this run ('' when they do). They count the copies of
+    a run that starts from the config's cache state and fetches every miss; a miss served
+    on the CPU, from a low-bit copy or skipped moves no expert, and experts a policy
+    places before the run (hot placement) arrive without a copy."""
     reasons = []
+    other = sum(int(actions.get(k) or 0) for k in _NOT_FETCHED)
     if other:
         reasons.append(f"{other} misses were not fetched (CPU, low-bit or skip)")
     if placed_before_run:
         reasons.append(f"the policy placed {placed_before_run} experts before the run")
-    if reasons:
-        for key in ("bound_hit_belady", "bound_loads_min", "bound_tpot_s"):
-            metrics[key] = None
-        metrics["bound_note"] = (
-            "; ".join(reasons) + ": the bounds assume a run from the config's cache state "
-            "that fetches every miss"
-        )
+    if not reasons:
+        return ""
+    return "; ".join(reasons) + (
+        ": the bounds assume a run from the config's cache state that fetches every miss"
+    )
+
+
+def _no_bounds(why: str) -> dict:
+    """The bound keys of a run they do not apply to (not computed)."""
+    return {**dict.fromkeys(BOUND_KEYS), "bound_note": why, "bound_wall_s": 0.0}
 
 
 def _mean_context(workload: Workload) -> float:

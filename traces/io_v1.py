@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from specs.jsonio import validation_message
 from specs.model_spec import ModelSpec
 from traces import integrity as ig
 from traces.types import Request, Routing, Workload
+from traces.v2_writer import json_or_error, software_versions
 
 SCHEMA_VERSION = 1
 V1_SCHEMA_VERSION = SCHEMA_VERSION
@@ -75,23 +75,7 @@ def _concat(arrays: list[np.ndarray], dtype: np.dtype, tail: tuple[int, ...]) ->
 def _software_versions() -> dict[str, str]:
     import safetensors
 
-    versions = {"python": platform.python_version(), "numpy": np.__version__}
-    versions["safetensors"] = getattr(safetensors, "__version__", "unknown")
-    try:
-        from importlib.metadata import version
-
-        versions["fmoe-sim"] = version("fmoe-sim")
-    except Exception:  # not installed as a distribution (running from a checkout)
-        versions["fmoe-sim"] = "unknown"
-    return versions
-
-
-def _json_or_error(value: Any, what: str) -> Any:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what} is not JSON-serializable ({exc})") from None
-    return value
+    return {**software_versions(), "safetensors": getattr(safetensors, "__version__", "unknown")}
 
 
 def _tensors_and_meta(w: Workload) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -130,12 +114,12 @@ def _tensors_and_meta(w: Workload) -> tuple[dict[str, np.ndarray], dict[str, Any
     texts = [r.prompt_text for r in reqs]
     tags = [r.tags for r in reqs]
     for r in reqs:
-        _json_or_error(r.tags, f"request {r.request_id!r}: tags")
+        json_or_error(r.tags, f"request {r.request_id!r}: tags")
     meta = {
         "schema_version": SCHEMA_VERSION,
         "format": "fmoe-trace",
         "spec": spec.model_dump(mode="json"),
-        "provenance": _json_or_error(w.provenance, "workload provenance"),
+        "provenance": json_or_error(w.provenance, "workload provenance"),
         "written_by": _software_versions(),
         "request_ids": [r.request_id for r in reqs],
         "prompt_texts": texts if any(x is not None for x in texts) else None,

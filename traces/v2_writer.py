@@ -38,7 +38,8 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def _json_or_error(value: Any, what: str) -> Any:
+def json_or_error(value: Any, what: str) -> Any:
+    """``value`` unchanged when it is strict JSON (no NaN); else InputError naming ``what``."""
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -72,7 +73,7 @@ class TraceWriter:
         if gate_top_n < 0:
             raise InputError(f"gate_top_n must be >= 0, got {gate_top_n}")
         self.top_n = 0 if gate_top_n >= J else gate_top_n
-        self.provenance = dict(_json_or_error(provenance or {}, "workload provenance"))
+        self.provenance = dict(json_or_error(provenance or {}, "workload provenance"))
         self.ids_dt = fmt.id_dtype(J)
         self.chunk_bytes = chunk_bytes
         self._table: dict[str, list] = {
@@ -152,7 +153,7 @@ class TraceWriter:
         t["prompt_len"].append(int(req.prompt_len))
         t["output_len"].append(int(req.output_len))
         t["prompt_texts"].append(req.prompt_text)
-        t["tags"].append(_json_or_error(dict(req.tags), f"request {req.request_id!r}: tags"))
+        t["tags"].append(json_or_error(dict(req.tags), f"request {req.request_id!r}: tags"))
         r = req.routing
         for name in fmt.OPTIONAL_FIELDS:
             arr = req.prompt_embedding if name == "prompt_embeddings" else getattr(r, name)

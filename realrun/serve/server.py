@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 from policies.base import Policy
-from realrun.runner import ServingPlan, plan_serving
+from realrun.runner import ServingPlan, resolve_and_plan
 from realrun.serve.app import Served, create_app
 from realrun.serve.engine import ServingEngine
 from realrun.serve.metrics import ServeMetrics
-from realrun.session import RunSession, SessionOptions, refuse_future_readers
+from realrun.session import RunSession, SessionOptions
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
 
@@ -84,24 +84,7 @@ class Prepared:
 
 def prepare(cfg: ServeConfig) -> Prepared:
     """Check every flag before any work; InputError names the first problem."""
-    from policies.registry import make_policy, policy_class
-    from realrun.models import resolve_model
-
-    spec, hf_config, _ = resolve_model(cfg.model)
-    refuse_future_readers(policy_class(cfg.policy))
-    policy = make_policy(cfg.policy, **cfg.policy_options)
-    plan = plan_serving(
-        spec,
-        policy,
-        cache_experts=cfg.cache_experts,
-        cache_gb=cfg.cache_gb,
-        reserve_gb=cfg.reserve_gb,
-        device=cfg.device,
-        num_devices=cfg.num_devices,
-        store=cfg.store,
-        link_gbps=cfg.link_gbps,
-        link_latency_us=cfg.link_latency_us,
-    )
+    spec, hf_config, policy, plan = resolve_and_plan(cfg)
     if cfg.max_batch < 1:
         raise InputError(f"--max-batch must be >= 1, got {cfg.max_batch}")
     if cfg.max_queue < 0:
