@@ -58,6 +58,7 @@ BOUND_KEYS = ("bound_hit_belady", "bound_loads_min", "bound_tpot_s")
 # through a temporary file (sim/bounds_stream.py): memory no longer grows with the run.
 # Below it the whole sequence is a few MB and the in-memory path skips numba's import.
 SPILL_MIN_DEMANDS = JIT_MIN_DEMANDS
+MEMO_ENTRIES = 1 << 16  # compute-time memo entries kept (a pure function: clearing is safe)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,8 @@ class Compute:
         key = (rows, context)
         d = self._dense.get(key)
         if d is None:
+            if len(self._dense) >= MEMO_ENTRIES:  # batched contexts rarely repeat: stay bounded
+                self._dense.clear()
             d = self._dense[key] = self.spec.num_layers * t.dense(rows, context)
         f = self._fixed.get((rows, nreq))
         if f is None:
