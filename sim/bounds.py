@@ -190,7 +190,8 @@ class Compute:
         keys = ids.astype(np.int64) + self.off
         tok = np.bincount(keys.ravel(), minlength=self.dev_of.size)
         nz = np.flatnonzero(tok)
-        t = np.array([self.timing.expert(int(c)) for c in tok[nz]])
+        counts, inv = np.unique(tok[nz], return_inverse=True)  # few distinct token counts
+        t = np.array([self.timing.expert(int(c)) for c in counts])[inv]
         per = np.zeros((L, n))
         np.add.at(per, (self.lay_of[nz], self.dev_of[nz]), t)
         return float(per.max(axis=1).sum())

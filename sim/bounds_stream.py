@@ -120,19 +120,41 @@ def stream_bounds(
     :func:`sim.bounds.run_bounds` computes them, through a temporary file under ``folder``
     (default the system's). ``order``: the one-at-a-time plan's request order (ignored
     for a batched plan). A temp folder too small for the file gives None bounds with
-    ``bound_note`` saying so (the run's own results stand)."""
-    spec, hw = config.model, config.hardware
+    ``bound_note`` saying so (the run's own results stand); so does a temp folder that
+    cannot be written."""
+    spec = config.model
     L, J = spec.num_moe_layers, spec.num_experts
     max_demands, max_steps = spill_sizes(workload)
     try:
         check_disk(max_demands, max_steps, L * J, folder)
-    except InputError as exc:
-        return {
-            "bound_hit_belady": None,
-            "bound_loads_min": None,
-            "bound_tpot_s": None,
-            "bound_note": str(exc),
-        }
+    except InputError as exc:  # no room: the run's own results stand
+        return _none(str(exc))
+    try:
+        return _stream(workload, config, capacities, closed, initial, order, folder)
+    except OSError as exc:  # the temp folder cannot be written (a bad trace stays an error)
+        return _none(f"the bounds' temporary demand file: {exc}")
+
+
+def _none(why: str) -> dict[str, Any]:
+    return {
+        "bound_hit_belady": None,
+        "bound_loads_min": None,
+        "bound_tpot_s": None,
+        "bound_note": f"bounds not computed: {why}",
+    }
+
+
+def _stream(
+    workload: Workload,
+    config: SimConfig,
+    capacities: list[int],
+    closed: bool,
+    initial: list[list[tuple[int, int]]] | None,
+    order: list[int],
+    folder: str | None,
+) -> dict[str, Any]:
+    spec, hw = config.model, config.hardware
+    L, J = spec.num_moe_layers, spec.num_experts
     with DemandFile(L * J, folder) as dfile:
         p = _Pass(workload, config, dfile)
         if one_at_a_time(config):

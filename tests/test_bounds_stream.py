@@ -210,3 +210,17 @@ def test_no_room_for_the_file_gives_no_bounds_and_says_why(monkeypatch) -> None:
 def test_a_window_past_the_end_is_refused(chunk: int, tmp_path) -> None:
     with _spill([[0], [1]], 2, chunk, str(tmp_path)) as f, pytest.raises(ValueError):
         min_stream(f, [1], None, (np.array([1]), np.array([3])))
+
+
+def test_an_unwritable_temp_folder_gives_no_bounds_and_says_why(monkeypatch) -> None:
+    import tempfile
+
+    def refuse(*_a, **_k):
+        raise PermissionError(13, "Permission denied", "/tmp/fmoe-demands-x")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(sim.bounds, "SPILL_MIN_DEMANDS", 0)
+    spec = small_spec()
+    w = random_workload(spec, num_requests=2, seed=0)
+    m = simulate(w, SimConfig(model=spec, hardware=exact_profile(), cache_experts=6)).metrics
+    assert m["bound_loads_min"] is None and "Permission denied" in m["bound_note"]
