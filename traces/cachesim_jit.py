@@ -270,16 +270,18 @@ def _min_stream(
     for s in range(s_lo, s_hi):
         a, b = step_start[s], step_start[s + 1]
         g = step_base + s
-        cnt = 0
-        for i in range(a, b):
-            if keys[i] % ndev == dev:
-                cnt += 1
+        cnt = b - a
+        if ndev > 1:  # (a modulo per key costs as much as the rest with one device)
+            cnt = 0
+            for i in range(a, b):
+                if keys[i] % ndev == dev:
+                    cnt += 1
         if cnt == 0:
             continue
         waves = cnt > capacity
         for i in range(a, b):  # hits first: what is resident when the step starts
             k = keys[i]
-            if k % ndev == dev and pos[k] >= 0:
+            if (ndev == 1 or k % ndev == dev) and pos[k] >= 0:
                 hits += 1
                 stamp[k] = g
                 j = pos[k]
@@ -288,12 +290,28 @@ def _min_stream(
         ns = 0
         for i in range(a, b):
             k = keys[i]
-            if k % ndev != dev or stamp[k] == g:
+            if (ndev > 1 and k % ndev != dev) or stamp[k] == g:
                 continue
             misses += 1
+            stamp[k] = g
             if used < capacity:
                 fill += 1
-            stamp[k] = g
+            elif not waves:  # full: set the step's pinned keys aside, then the new key
+                while stamp[hk[0]] == g:  # takes the place of the one used furthest ahead
+                    c = hk[0]
+                    stash[ns] = c
+                    stash_v[ns] = hv[0]
+                    ns += 1
+                    pos[c] = -1
+                    n -= 1
+                    hv[0] = hv[n]
+                    hk[0] = hk[n]
+                    _down(hv, hk, pos, n, 0)
+                pos[hk[0]] = -1  # evicted
+                hv[0] = nxt[i]
+                hk[0] = k
+                _down(hv, hk, pos, n, 0)
+                continue
             hv[n] = nxt[i]
             hk[n] = k
             _up(hv, hk, pos, n)
