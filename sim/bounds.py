@@ -95,7 +95,7 @@ def one_at_a_time(config: SimConfig) -> bool:
 
 
 def replay_schedule(
-    workload: Workload, config: SimConfig, closed: bool, first: list[int]
+    workload: Workload, config: SimConfig, closed: bool, first: list[int] | np.ndarray
 ) -> Iterator[list[tuple[int, slice]]]:
     """The replayed batcher's iterations, one at a time (request index, rows); sets
     ``first[i]`` to request i's first iteration when it is admitted. Contract: the

@@ -57,7 +57,7 @@ class _Pass:
         self.workload, self.config, self.dfile = workload, config, dfile
         self.comp = Compute(Timing(hw, spec, config.pinned), workload, hw.num_gpus)
         n = len(workload.requests)
-        self.first = [0] * n
+        self.first = np.zeros(n, np.int64)  # each request's first iteration
         self.ca = np.zeros(n)
         self.cb = np.zeros(n)
         self.total = 0.0  # running compute sum, added in iteration order
@@ -164,7 +164,7 @@ def _stream(
         dfile.finish()
         reqs = workload.requests
         outs = np.array([r.output_len for r in reqs], np.int64)
-        first = np.asarray(p.first, np.int64)
+        first = p.first
         dec = np.flatnonzero(outs > 1)  # requests with a decode window, in workload order
         ws, we = (first[dec] + 1) * L, (first[dec] + outs[dec]) * L
         init = None
