@@ -29,6 +29,10 @@ it does not depend on time: batch size 1, closed-loop arrivals, static batching,
 served trace's recorded admissions (``arrivals="schedule"``). With
 continuous batching of several requests on trace arrivals, who shares an iteration
 depends on timing and so on the policy: the bounds are then None (``bound_note`` says so).
+
+Large runs compute the same numbers through a temporary file, in memory that does not
+grow with the run (:mod:`sim.bounds_stream`, see :func:`run_bounds`); this module holds
+the in-memory path and the parts both share (the schedule replay, the compute model).
 """
 
 from __future__ import annotations
