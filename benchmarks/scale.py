@@ -142,7 +142,8 @@ def qwen(folder: Path, n_q: int, prompt: float, output: float) -> list[tuple[str
         m = json.loads(out)
         rss_of[n] = rss
         print(f"qwen3-30b-a3b x {n}: synth {wall_s:.1f} s, file {q.stat().st_size / GB:.3f} GB; "
-              f"sim lru {wall:.1f} s ({m['layer_steps']} layer steps), peak RSS {rss / GB:.3f} GB")  # fmt: skip
+              f"sim lru {wall:.1f} s wall, {CPU['last']:.1f} s CPU ({m['layer_steps']} layer steps; "
+              f"bounds {m['bound_wall_s']:.1f} s wall), peak RSS {rss / GB:.3f} GB")  # fmt: skip
     ratio = rss_of[10 * n_q] / rss_of[n_q]
     rows.append((f"RSS {10 * n_q:,} / {n_q:,} Qwen3 (lru)", f"{ratio:.3f}", "<= 1.2", verdict(ratio, 1.2, below=False)))  # fmt: skip
     return rows

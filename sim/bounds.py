@@ -29,11 +29,16 @@ it does not depend on time: batch size 1, closed-loop arrivals, static batching,
 served trace's recorded admissions (``arrivals="schedule"``). With
 continuous batching of several requests on trace arrivals, who shares an iteration
 depends on timing and so on the policy: the bounds are then None (``bound_note`` says so).
+
+Large runs compute the same numbers through a temporary file, in memory that does not
+grow with the run (:mod:`sim.bounds_stream`, see :func:`run_bounds`); this module holds
+the in-memory path and the parts both share (the schedule replay, the compute model).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +55,14 @@ from traces.demand import (
     demand_sequence,
     next_use,
 )
-from traces.types import Workload
+from traces.types import Request, Workload
 
 BOUND_KEYS = ("bound_hit_belady", "bound_loads_min", "bound_tpot_s")
+# From this many demands (an upper bound from the request lengths) on, the bounds run
+# through a temporary file (sim/bounds_stream.py): memory no longer grows with the run.
+# Below it the whole sequence is a few MB and the in-memory path skips numba's import.
+SPILL_MIN_DEMANDS = JIT_MIN_DEMANDS
+MEMO_ENTRIES = 1 << 16  # compute-time memo entries kept (a pure function: clearing is safe)
 
 
 @dataclass(frozen=True)
@@ -66,47 +76,74 @@ class RunPlan:
     schedule: Schedule | None
 
 
+def timing_free(workload: Workload, config: SimConfig, closed: bool) -> bool:
+    """Whether the batch schedule can be replayed without timing (see the module doc)."""
+    return (
+        config.batch_size == 1
+        or closed
+        or config.arrivals == "schedule"
+        or config.batching == "static"
+    )
+
+
+def _fcfs_order(workload: Workload, config: SimConfig, closed: bool) -> list[int]:
+    reqs = workload.requests
+    if closed or config.arrivals == "schedule":
+        return list(range(len(reqs)))
+    return sorted(range(len(reqs)), key=lambda i: (reqs[i].arrival_s, i))
+
+
+def one_at_a_time(config: SimConfig) -> bool:
+    """Whether the plan runs one request at a time (no schedule to replay)."""
+    return config.batch_size == 1 and config.arrivals != "schedule"
+
+
+def replay_schedule(
+    workload: Workload, config: SimConfig, closed: bool, first: list[int] | np.ndarray
+) -> Iterator[list[tuple[int, slice]]]:
+    """The replayed batcher's iterations, one at a time (request index, rows); sets
+    ``first[i]`` to request i's first iteration when it is admitted. Contract: the
+    schedule is timing free (:func:`timing_free`)."""
+    reqs = workload.requests
+    count = 0
+    batcher = (
+        schedule_batcher(workload, lambda: count)
+        if config.arrivals == "schedule"
+        else make_batcher(config.batching, config.batch_size)
+    )
+    waiting = list(reversed(_fcfs_order(workload, config, closed)))
+    running: list[list[int]] = []  # [request index, next iteration]
+    while waiting or running:
+        for _ in range(batcher.admit(len(waiting), len(running), False)):
+            i = waiting.pop()
+            first[i] = count
+            running.append([i, 0])
+        if not running:  # cannot happen with these batchers; guards the loop
+            raise RuntimeError("batcher admitted nothing with nothing running")
+        yield [(i, reqs[i].iteration_rows(it)) for i, it in running]
+        count += 1
+        for s in running:
+            s[1] += 1
+        running = [s for s in running if s[1] < reqs[s[0]].num_iterations]
+
+
 def plan_iterations(workload: Workload, config: SimConfig, closed: bool) -> RunPlan | None:
     """Replay the batcher (see the module doc); None when the schedule depends on time.
 
     ``--arrivals schedule`` (a served trace's own admissions) replays
     :class:`sim.batching.ScheduleBatcher`, which counts iterations, not seconds."""
-    reqs = workload.requests
-    B = config.batch_size
-    scheduled = config.arrivals == "schedule"
-    if not (B == 1 or closed or scheduled or config.batching == "static"):
+    if not timing_free(workload, config, closed):
         return None
-    order = (
-        list(range(len(reqs)))
-        if closed or scheduled
-        else sorted(range(len(reqs)), key=lambda i: (reqs[i].arrival_s, i))
-    )
+    reqs = workload.requests
     first = [0] * len(reqs)
-    if B == 1 and not scheduled:  # one at a time, FCFS, with either batcher
+    if one_at_a_time(config):  # one at a time, FCFS, with either batcher
+        order = _fcfs_order(workload, config, closed)
         n = 0
         for i in order:
             first[i] = n
             n += reqs[i].num_iterations
         return RunPlan(order, first, None)
-    schedule: list[list[tuple[int, slice]]] = []
-    batcher = (
-        schedule_batcher(workload, lambda: len(schedule))
-        if scheduled
-        else make_batcher(config.batching, B)
-    )
-    waiting = list(reversed(order))
-    running: list[list[int]] = []  # [request index, next iteration]
-    while waiting or running:
-        for _ in range(batcher.admit(len(waiting), len(running), False)):
-            i = waiting.pop()
-            first[i] = len(schedule)
-            running.append([i, 0])
-        if not running:  # cannot happen with these batchers; guards the loop
-            raise RuntimeError("batcher admitted nothing with nothing running")
-        schedule.append([(i, reqs[i].iteration_rows(it)) for i, it in running])
-        for s in running:
-            s[1] += 1
-        running = [s for s in running if s[1] < reqs[s[0]].num_iterations]
+    schedule = list(replay_schedule(workload, config, closed, first))
     order = sorted(range(len(reqs)), key=lambda i: first[i])
     return RunPlan(order, first, schedule)
 
@@ -119,7 +156,7 @@ def demand_sequence_for(workload: Workload, plan: RunPlan) -> DemandSequence:
     return demand_sequence(workload, plan.schedule)
 
 
-class _Compute:
+class Compute:
     """Compute time of an iteration with every expert resident: the engine's arithmetic
     without executor overhead, copy interference or stalls (memoised by shape)."""
 
@@ -141,6 +178,8 @@ class _Compute:
         key = (rows, context)
         d = self._dense.get(key)
         if d is None:
+            if len(self._dense) >= MEMO_ENTRIES:  # batched contexts rarely repeat: stay bounded
+                self._dense.clear()
             d = self._dense[key] = self.spec.num_layers * t.dense(rows, context)
         f = self._fixed.get((rows, nreq))
         if f is None:
@@ -155,7 +194,8 @@ class _Compute:
         keys = ids.astype(np.int64) + self.off
         tok = np.bincount(keys.ravel(), minlength=self.dev_of.size)
         nz = np.flatnonzero(tok)
-        t = np.array([self.timing.expert(int(c)) for c in tok[nz]])
+        counts, inv = np.unique(tok[nz], return_inverse=True)  # few distinct token counts
+        t = np.array([self.timing.expert(int(c)) for c in counts])[inv]
         per = np.zeros((L, n))
         np.add.at(per, (self.lay_of[nz], self.dev_of[nz]), t)
         return float(per.max(axis=1).sum())
@@ -168,30 +208,35 @@ class _Compute:
         return counts.max(axis=2).sum(axis=1) * self.timing.expert(1)
 
 
-def _iteration_compute(comp: _Compute, workload: Workload, plan: RunPlan) -> np.ndarray:
+def request_compute(comp: Compute, req: Request) -> np.ndarray:
+    """Compute time of each iteration of ``req`` run alone (prefill, then each decode)."""
+    p, ids = req.prompt_len, req.routing.topk_ids
+    pre = comp.rest(p, 1, (p + 1) / 2) + comp.experts(ids[:p])
+    dec = comp.single_rows(ids[p:]) if ids.shape[0] > p else np.zeros(0)
+    dec = dec + np.array([comp.rest(1, 1, float(c)) for c in range(p + 1, ids.shape[0] + 1)])
+    return np.concatenate([[pre], dec])
+
+
+def batch_compute(comp: Compute, reqs: list[Request], it: list[tuple[int, slice]]) -> float:
+    """Compute time of one iteration of several requests' rows."""
+    rows, ctx = 0, 0.0
+    for _, sl in it:
+        rows += sl.stop - sl.start
+        ctx += sl.stop * (sl.stop + 1) / 2 if sl.start == 0 else sl.stop
+    parts = [reqs[i].routing.topk_ids[sl] for i, sl in it]
+    ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return comp.rest(rows, len(it), ctx / rows) + comp.experts(ids)
+
+
+def _iteration_compute(comp: Compute, workload: Workload, plan: RunPlan) -> np.ndarray:
     """Compute time of each iteration of ``plan``, in iteration order."""
     reqs = workload.requests
     if plan.schedule is None:
-        parts = []
-        for i in plan.order:
-            r = reqs[i]
-            p, ids = r.prompt_len, r.routing.topk_ids
-            pre = comp.rest(p, 1, (p + 1) / 2) + comp.experts(ids[:p])
-            dec = comp.single_rows(ids[p:]) if ids.shape[0] > p else np.zeros(0)
-            dec = dec + np.array(
-                [comp.rest(1, 1, float(c)) for c in range(p + 1, ids.shape[0] + 1)]
-            )
-            parts.append(np.concatenate([[pre], dec]))
+        parts = [request_compute(comp, reqs[i]) for i in plan.order]
         return np.concatenate(parts) if parts else np.zeros(0)
     out = np.empty(len(plan.schedule))
     for idx, it in enumerate(plan.schedule):
-        rows, ctx = 0, 0.0
-        for _, sl in it:
-            rows += sl.stop - sl.start
-            ctx += sl.stop * (sl.stop + 1) / 2 if sl.start == 0 else sl.stop
-        parts = [reqs[i].routing.topk_ids[sl] for i, sl in it]
-        ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        out[idx] = comp.rest(rows, len(it), ctx / rows) + comp.experts(ids)
+        out[idx] = batch_compute(comp, reqs, it)
     return out
 
 
@@ -206,7 +251,7 @@ def _tpot_floor(
     (``jit``: numba for the windows' MIN, see :func:`traces.cachesim.min_run`)."""
     spec, hw = config.model, config.hardware
     timing = Timing(hw, spec, config.pinned)
-    comp = _iteration_compute(_Compute(timing, workload, hw.num_gpus), workload, plan)
+    comp = _iteration_compute(Compute(timing, workload, hw.num_gpus), workload, plan)
     csum = np.concatenate([[0.0], np.cumsum(comp)])
     L = spec.num_moe_layers
     eb = spec.expert_bytes
@@ -235,6 +280,8 @@ def run_bounds(
     capacities: list[int],
     closed: bool,
     initial: list[list[tuple[int, int]]] | None = None,
+    *,
+    spill: bool | None = None,
 ) -> dict[str, Any]:
     """The bound metrics of a run (see the module doc) and ``bound_wall_s``.
 
@@ -242,16 +289,30 @@ def run_bounds(
     GPU's cache holds at the start (warm start or preload), else empty; ``closed``:
     whether requests are served closed loop. Keys: ``bound_hit_belady``,
     ``bound_loads_min``, ``bound_tpot_s`` (None when the schedule depends on time, with
-    ``bound_note`` saying why).
+    ``bound_note`` saying why). ``spill``: compute them through a temporary file in
+    memory independent of the run's length (:mod:`sim.bounds_stream`), or in memory;
+    by default through the file from ``SPILL_MIN_DEMANDS`` demands on (an upper bound
+    from the request lengths). Both give the same numbers.
     """
     t0 = time.perf_counter()
-    plan = plan_iterations(workload, config, closed)
-    if plan is None:
+    if not timing_free(workload, config, closed):
         return {
             **dict.fromkeys(BOUND_KEYS),
             "bound_note": "continuous batching on trace arrivals: the schedule depends on timing",
             "bound_wall_s": time.perf_counter() - t0,
         }
+    if spill is None:
+        from sim.bounds_stream import spill_sizes
+
+        spill = spill_sizes(workload)[0] >= SPILL_MIN_DEMANDS
+    if spill:
+        from sim.bounds_stream import stream_bounds
+
+        order = _fcfs_order(workload, config, closed)
+        out = stream_bounds(workload, config, capacities, closed, initial, order)
+        return {**out, "bound_wall_s": time.perf_counter() - t0}
+    plan = plan_iterations(workload, config, closed)
+    assert plan is not None  # timing free
     spec = config.model
     J, n = spec.num_experts, len(capacities)
     seq = demand_sequence_for(workload, plan)

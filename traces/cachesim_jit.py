@@ -197,3 +197,143 @@ def _stack_kernel(keys, step_start, nxt, num_keys, kind, group):
             else:
                 prio[x] = -nxt[i]
     return hist
+
+
+# -- out of core (traces/cachesim_stream.py): chunks of a spilled demand sequence ------------
+@njit(cache=True)
+def _next_chunk(keys, base, last, out, never_out):
+    """Backward pass over one chunk (chunks taken last to first): ``out[i]`` = the global
+    position of the same key's next demand (``never_out`` for none); ``last[k]``: key k's
+    first position from this chunk on (NEVER before it is seen), updated in place."""
+    for i in range(keys.size - 1, -1, -1):
+        k = keys[i]
+        v = last[k]
+        out[i] = never_out if v == NEVER else v
+        last[k] = base + i
+
+
+@njit(cache=True)
+def _up(hv, hk, pos, i):  # indexed max-heap: move entry i up to its place
+    v, k = hv[i], hk[i]
+    while i > 0:
+        p = (i - 1) >> 1
+        if hv[p] >= v:
+            break
+        hv[i] = hv[p]
+        hk[i] = hk[p]
+        pos[hk[i]] = i
+        i = p
+    hv[i] = v
+    hk[i] = k
+    pos[k] = i
+
+
+@njit(cache=True)
+def _down(hv, hk, pos, n, i):  # indexed max-heap: move entry i down to its place
+    v, k = hv[i], hk[i]
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and hv[c + 1] > hv[c]:
+            c += 1
+        if v >= hv[c]:
+            break
+        hv[i] = hv[c]
+        hk[i] = hk[c]
+        pos[hk[i]] = i
+        i = c
+    hv[i] = v
+    hk[i] = k
+    pos[k] = i
+
+
+@njit(cache=True)
+def _min_stream(
+    keys, step_start, nxt, s_lo, s_hi, step_base, dev, ndev, capacity, pos, stamp, hv, hk, sc
+):  # fmt: skip
+    """:func:`_min_kernel`'s steps for the keys of device ``dev`` (``key % ndev == dev``)
+    over the chunk's steps [s_lo, s_hi), resumable: the cache persists between calls as
+    an indexed max-heap on next use (``hv`` values, ``hk`` keys, ``pos[k]``: key k's
+    index, -1 when not in the heap; ``hv``/``hk`` hold ``capacity + 1``), ``stamp[k]``
+    (the last global step key k was demanded in, -1 never) and the counters ``sc`` =
+    [heap size, used, hits, misses, fill]. A key is cached when it is in the heap or
+    set aside while pinned inside a step. ``nxt`` holds global positions (NEVER: none),
+    ``step_base`` the chunk's first global step. ``fill`` counts misses that found a
+    free slot (no eviction): with an empty start that is min(capacity, distinct keys),
+    the free start's saving (traces/cachesim_stream.py). Unlike :func:`_min_kernel`'s
+    lazy heap, nothing stale is kept: the heap never exceeds the cache, however long
+    the run."""
+    n, used, hits, misses, fill = sc[0], sc[1], sc[2], sc[3], sc[4]
+    stash = np.empty(capacity + 1, np.int64)  # pinned keys set aside during a step
+    stash_v = np.empty(capacity + 1, np.int64)
+    for s in range(s_lo, s_hi):
+        a, b = step_start[s], step_start[s + 1]
+        g = step_base + s
+        cnt = b - a
+        if ndev > 1:  # (a modulo per key costs as much as the rest with one device)
+            cnt = 0
+            for i in range(a, b):
+                if keys[i] % ndev == dev:
+                    cnt += 1
+        if cnt == 0:
+            continue
+        waves = cnt > capacity
+        for i in range(a, b):  # hits first: what is resident when the step starts
+            k = keys[i]
+            if (ndev == 1 or k % ndev == dev) and pos[k] >= 0:
+                hits += 1
+                stamp[k] = g
+                j = pos[k]
+                hv[j] = nxt[i]  # later than before (the old next use was this demand)
+                _up(hv, hk, pos, j)
+        ns = 0
+        for i in range(a, b):
+            k = keys[i]
+            if (ndev > 1 and k % ndev != dev) or stamp[k] == g:
+                continue
+            misses += 1
+            stamp[k] = g
+            if used < capacity:
+                fill += 1
+            elif not waves:  # full: set the step's pinned keys aside, then the new key
+                while stamp[hk[0]] == g:  # takes the place of the one used furthest ahead
+                    c = hk[0]
+                    stash[ns] = c
+                    stash_v[ns] = hv[0]
+                    ns += 1
+                    pos[c] = -1
+                    n -= 1
+                    hv[0] = hv[n]
+                    hk[0] = hk[n]
+                    _down(hv, hk, pos, n, 0)
+                pos[hk[0]] = -1  # evicted
+                hv[0] = nxt[i]
+                hk[0] = k
+                _down(hv, hk, pos, n, 0)
+                continue
+            hv[n] = nxt[i]
+            hk[n] = k
+            _up(hv, hk, pos, n)
+            n += 1
+            used += 1
+            while used > capacity:  # evict the key used furthest ahead
+                c, v = hk[0], hv[0]
+                n -= 1
+                pos[c] = -1
+                if n > 0:
+                    hv[0] = hv[n]
+                    hk[0] = hk[n]
+                    _down(hv, hk, pos, n, 0)
+                if stamp[c] == g and not waves:  # pinned with the step: set aside
+                    stash[ns] = c
+                    stash_v[ns] = v
+                    ns += 1
+                    continue
+                used -= 1
+        for j in range(ns):  # the pinned keys go back
+            hv[n] = stash_v[j]
+            hk[n] = stash[j]
+            _up(hv, hk, pos, n)
+            n += 1
+    sc[0], sc[1], sc[2], sc[3], sc[4] = n, used, hits, misses, fill
