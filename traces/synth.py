@@ -93,6 +93,7 @@ from traces.synth_sampling import (
     chunk_rng,
     chunk_tokens,
 )
+from traces.topk import use_jit
 from traces.types import Request, Workload
 
 __all__ = [
@@ -194,7 +195,17 @@ def _token_range(d: _Draws, rng: np.random.Generator, a: int, b: int) -> list[Re
     topic, kind = d.topic[t0:t1], d.kind[t0:t1]
     pop, topic_logits, kind_logits, trans = d.pop, d.topic_logits, d.kind_logits, d.trans
 
+    jit = use_jit(len(topic) * pop.size)
+    out = np.empty((len(topic), pop.shape[1]), dtype=np.float32) if jit else None
+
     def base(layer: int, prev: np.ndarray | None) -> np.ndarray:
+        if out is not None:  # one fused pass, the same float32 arithmetic, one buffer
+            from traces.topk_jit import base_logits
+
+            no_prev = np.empty((len(topic), 0), dtype=np.int64)
+            prev_ids = no_prev if prev is None else prev.astype(np.int64, copy=False)
+            base_logits(pop, topic_logits, kind_logits, trans, layer, topic, kind, prev_ids, out)
+            return out
         z = pop[layer] + topic_logits[topic, layer] + kind_logits[kind, layer]
         if prev is not None:
             z = z + trans[layer][prev.astype(np.int64)].mean(axis=1)
@@ -203,7 +214,7 @@ def _token_range(d: _Draws, rng: np.random.Generator, a: int, b: int) -> list[Re
     routing = _sample_routing(
         sk, d.spec, rng, base, d.reuse, cfg.routing_noise,
         cfg.gate_temperature, cfg.normalize_topk, cfg.lookahead_noise,
-        cfg.with_gate_probs, cfg.with_lookahead,
+        cfg.with_gate_probs, cfg.with_lookahead, jit=jit,
     )  # fmt: skip
     emb = None
     if cfg.with_embeddings:
