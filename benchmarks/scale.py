@@ -102,14 +102,17 @@ def deepseek(folder: Path, n_ds: int) -> list[tuple[str, str, str, str]]:
     rows = []
     # 1. DeepSeek-V3 synthesis
     ds = folder / f"deepseek-v3-{n_ds}.trace"
+    load0 = os.getloadavg()[0]
     wall, rss, _ = run(["trace", "synth", "--model", "deepseek-v3", "--num-requests", str(n_ds),
                         "--seed", "0", "--out", str(ds), "--json"])  # fmt: skip
     size = ds.stat().st_size
     cpu_synth = CPU["last"]
+    load1 = os.getloadavg()[0]
     info = json.loads(run(["trace", "info", str(ds), "--json"])[2])
     print(f"synth deepseek-v3 x {n_ds}: {wall:.1f} s wall ({cpu_synth:.1f} s CPU), file {size / GB:.3f} GB "
           f"({info['tokens']} token rows, {size / max(info['tokens'], 1):.0f} B/row, "
-          f"{info['format']['probability_rows']}), synth peak RSS {rss / GB:.2f} GB")  # fmt: skip
+          f"{info['format']['probability_rows']}), synth peak RSS {rss / GB:.2f} GB; "
+          f"load average {load0:.1f} before, {load1:.1f} after on {os.cpu_count()} CPUs")  # fmt: skip
     scale = 1000 / n_ds
     rows.append(("synth time (1,000 DS-V3)", f"{wall:.1f} s ({cpu_synth:.0f} s CPU)" + (f" (x{scale:g} ~ {wall * scale:.0f} s)" if scale != 1 else ""), "< 120 s", verdict(wall * scale, 120)))  # fmt: skip
     rows.append(("trace size (1,000 DS-V3)", f"{size / GB:.3f} GB" + (f" (x{scale:g} ~ {size * scale / GB:.2f} GB)" if scale != 1 else ""), "< 3 GB", verdict(size * scale / GB, 3)))  # fmt: skip

@@ -85,6 +85,7 @@ from traces.synth_sampling import (
     _assemble,
     _lognormal_lengths,
     _sample_routing,
+    _scratch,
     _Skeleton,
     _skeleton,
     _sub_skeleton,
@@ -188,15 +189,22 @@ def _draw(spec: ModelSpec, cfg: SynthConfig) -> _Draws:
     )  # fmt: skip
 
 
-def _token_range(d: _Draws, rng: np.random.Generator, a: int, b: int) -> list[Request]:
-    """Routing (and embeddings) of requests [a, b), drawn from ``rng``."""
+def _token_range(
+    d: _Draws,
+    rng: np.random.Generator,
+    a: int,
+    b: int,
+    scratch: dict[str, np.ndarray] | None = None,
+) -> list[Request]:
+    """Routing (and embeddings) of requests [a, b), drawn from ``rng`` (``scratch``: the
+    sampler's working arrays, kept from one chunk to the next)."""
     cfg, sk = d.cfg, _sub_skeleton(d.sk, a, b)
     t0, t1 = int(d.sk.offsets[a]), int(d.sk.offsets[b])
     topic, kind = d.topic[t0:t1], d.kind[t0:t1]
     pop, topic_logits, kind_logits, trans = d.pop, d.topic_logits, d.kind_logits, d.trans
 
     jit = use_jit(len(topic) * pop.size)
-    out = np.empty((len(topic), pop.shape[1]), dtype=np.float32) if jit else None
+    out = _scratch(scratch, "base", (len(topic), pop.shape[1])) if jit else None
 
     def base(layer: int, prev: np.ndarray | None) -> np.ndarray:
         if out is not None:  # one fused pass, the same float32 arithmetic, one buffer
@@ -214,7 +222,7 @@ def _token_range(d: _Draws, rng: np.random.Generator, a: int, b: int) -> list[Re
     routing = _sample_routing(
         sk, d.spec, rng, base, d.reuse, cfg.routing_noise,
         cfg.gate_temperature, cfg.normalize_topk, cfg.lookahead_noise,
-        cfg.with_gate_probs, cfg.with_lookahead, jit=jit,
+        cfg.with_gate_probs, cfg.with_lookahead, jit=jit, scratch=scratch,
     )  # fmt: skip
     emb = None
     if cfg.with_embeddings:
@@ -278,8 +286,9 @@ def generate_stream(
     bounds = chunk_bounds(counts, per)
 
     def requests() -> Iterator[Request]:
+        scratch: dict[str, np.ndarray] = {}
         for c, (a, b) in enumerate(bounds):
-            yield from _token_range(d, chunk_rng(d.rng, [cfg.seed, 1], c), a, b)
+            yield from _token_range(d, chunk_rng(d.rng, [cfg.seed, 1], c), a, b, scratch)
 
     prov = {**_provenance(spec, cfg), "generator": "traces.synth.generate_stream"}
     if len(bounds) > 1:

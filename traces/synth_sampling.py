@@ -88,6 +88,7 @@ def _sample_routing(
     with_probs: bool,
     with_lookahead: bool,
     jit: bool | None = None,
+    scratch: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Sample top-K routing for every token, layer by layer (vectorized over tokens).
 
@@ -95,22 +96,23 @@ def _sample_routing(
     layer one float32 uniform [N, J] for the Gumbel noise, then one float32 normal
     [N, L-1, J] for the lookahead rows (drawn in token blocks of the same stream).
     ``jit``: the numba kernels of :mod:`traces.topk_jit` (True), numpy alone (False), or
-    numba for large inputs (None); both give the same arrays bit for bit."""
+    numba for large inputs (None); both give the same arrays bit for bit. ``scratch``:
+    working arrays kept between calls (the returned arrays are always new)."""
     N, L, J, K = sk.num_tokens, spec.num_moe_layers, spec.num_experts, spec.top_k
     if jit is None:
         jit = use_jit(N * L * J)
     ids = np.empty((N, L, K), dtype=np.int16)
     weights = np.empty((N, L, K), dtype=np.float32)
     probs_all = np.empty((N, L, J), dtype=np.float32) if with_probs else None
-    logits_all = np.empty((N, L, J), dtype=np.float32) if with_lookahead else None
+    logits_all = _scratch(scratch, "logits", (N, L, J)) if with_lookahead else None
     arange = np.arange(N)
     # one draw per token for all layers: copies nest across layers (a token that copies at
     # a layer with low re-use copies at every layer with higher re-use), so a copied
     # token keeps a consistent layer-to-layer path instead of mixing two tokens' paths
     copy_draw = rng.random(N)
-    gumbel = np.empty((N if noise > 0 else 0, J), dtype=np.float32)
-    p = np.empty((N, J), dtype=np.float32)
-    z_buf = np.empty((N, J), dtype=np.float32)
+    gumbel = _scratch(scratch, "gumbel", (N if noise > 0 else 0, J))
+    p = _scratch(scratch, "p", (N, J))
+    z_buf = _scratch(scratch, "z", (N, J))
     prev: np.ndarray | None = None
     for layer in range(L):
         z = base_logits(layer, prev)
@@ -154,7 +156,8 @@ def _sample_routing(
             block = max(1, LOOKAHEAD_BLOCK_BYTES // (4 * (L - 1) * J))
             for a in range(0, N, block):
                 b = min(N, a + block)
-                nxt = rng.standard_normal((b - a, L - 1, J), dtype=np.float32)
+                nxt = _scratch(scratch, "noise", (b - a, L - 1, J))
+                rng.standard_normal(dtype=np.float32, out=nxt)
                 if jit:
                     from traces.topk_jit import lookahead_exponents
 
@@ -167,6 +170,18 @@ def _sample_routing(
                     nxt += logits_all[a:b, 1:]
                     look[a:b, :-1] = _softmax(nxt, temperature, out=nxt)
     return ids, weights, probs_all, look
+
+
+def _scratch(store: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialized float32 array of ``shape``, in ``store[name]``'s memory when that
+    is large enough (fresh memory costs the kernel a page clearing per use)."""
+    n = math.prod(shape)
+    if store is None:
+        return np.empty(shape, dtype=np.float32)
+    buf = store.get(name)
+    if buf is None or buf.size < n:
+        buf = store[name] = np.empty(n, dtype=np.float32)
+    return buf[:n].reshape(shape)
 
 
 def _softmax_from_exponents(e: np.ndarray) -> np.ndarray:
