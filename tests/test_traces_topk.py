@@ -58,7 +58,11 @@ def test_both_kernels_run_and_agree() -> None:
     assert topk._lanes(60, 8) == 0 and topk._lanes(3, 1) == 0 and topk._lanes(256, 32) == 0
     rng = np.random.default_rng(3)
     p = _rows(rng, 500, 256, None)
-    ids, vals, tied = np.empty((500, 8), np.int64), np.empty((500, 8), np.float32), np.empty(500, bool)
+    ids, vals, tied = (
+        np.empty((500, 8), np.int64),
+        np.empty((500, 8), np.float32),
+        np.empty(500, bool),
+    )
     topk_jit.topk_insert(p, 8, ids, vals, tied)
     ids2, vals2, tied2 = ids.copy(), vals.copy(), tied.copy()
     topk_jit.topk_lanes(p.reshape(500, 8, 32), 8, ids2, vals2, tied2)
@@ -175,3 +179,25 @@ def test_writer_still_names_an_out_of_range_probability(tmp_path) -> None:
             for r in w.requests:
                 tw.add(r)
     assert not (tmp_path / "x.trace").exists()
+
+
+def test_a_stream_reuses_row_memory_only_once_the_previous_chunk_is_gone() -> None:
+    """A consumer that keeps every request (list) and one that drops each after use (the
+    trace writer) see the same rows; the kept chunks never share memory."""
+    from specs.presets import load_model
+    from traces.synth import SynthConfig, generate_stream
+
+    spec = load_model("mixtral-8x7b")
+    cfg = SynthConfig(num_requests=12, seed=2, prompt_len_mean=20.0, output_len_mean=20.0)
+    kept = generate_stream(spec, cfg, budget_bytes=300_000)
+    reqs = list(kept.requests)
+    assert kept.provenance["chunks"] > 2
+    dropped = []
+    for r in generate_stream(spec, cfg, budget_bytes=300_000).requests:
+        dropped.append({n: getattr(r.routing, n).copy() for n in ("gate_probs", "lookahead")})
+        del r
+    for r, d in zip(reqs, dropped, strict=True):
+        for n in ("gate_probs", "lookahead"):
+            np.testing.assert_array_equal(getattr(r.routing, n), d[n])
+    first, last = reqs[0].routing.gate_probs, reqs[-1].routing.gate_probs
+    assert not np.shares_memory(first, last)

@@ -7,6 +7,7 @@ sampler (vectorized over a range of tokens) and the assembly of Request objects.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,13 +98,14 @@ def _sample_routing(
     [N, L-1, J] for the lookahead rows (drawn in token blocks of the same stream).
     ``jit``: the numba kernels of :mod:`traces.topk_jit` (True), numpy alone (False), or
     numba for large inputs (None); both give the same arrays bit for bit. ``scratch``:
-    working arrays kept between calls (the returned arrays are always new)."""
+    arrays kept between calls: working arrays, and the memory of the returned gate and
+    lookahead rows once nothing holds the previous call's (see :func:`_scratch`)."""
     N, L, J, K = sk.num_tokens, spec.num_moe_layers, spec.num_experts, spec.top_k
     if jit is None:
         jit = use_jit(N * L * J)
     ids = np.empty((N, L, K), dtype=np.int16)
     weights = np.empty((N, L, K), dtype=np.float32)
-    probs_all = np.empty((N, L, J), dtype=np.float32) if with_probs else None
+    probs_all = _scratch(scratch, "probs", (N, L, J), unshared=True) if with_probs else None
     logits_all = _scratch(scratch, "logits", (N, L, J)) if with_lookahead else None
     arange = np.arange(N)
     # one draw per token for all layers: copies nest across layers (a token that copies at
@@ -151,7 +153,8 @@ def _sample_routing(
         prev = top
     look = None
     if logits_all is not None:
-        look = np.zeros((N, L, J), dtype=np.float32)
+        look = _scratch(scratch, "look", (N, L, J), unshared=True)
+        look[:, -1] = 0.0
         if L > 1:
             block = max(1, LOOKAHEAD_BLOCK_BYTES // (4 * (L - 1) * J))
             for a in range(0, N, block):
@@ -172,14 +175,20 @@ def _sample_routing(
     return ids, weights, probs_all, look
 
 
-def _scratch(store: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _scratch(
+    store: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...], unshared: bool = False
+) -> np.ndarray:
     """An uninitialized float32 array of ``shape``, in ``store[name]``'s memory when that
-    is large enough (fresh memory costs the kernel a page clearing per use)."""
+    is large enough (fresh memory costs the kernel a page clearing per use, about a tenth
+    of a DeepSeek-V3 synthesis). ``unshared``: for arrays handed out, reuse the memory
+    only when no array made from it is still alive anywhere (a view holds a reference to
+    it; a caller that keeps the previous chunk's requests gets new memory instead)."""
     n = math.prod(shape)
     if store is None:
         return np.empty(shape, dtype=np.float32)
     buf = store.get(name)
-    if buf is None or buf.size < n:
+    # references to buf here: the store, the local name and getrefcount's argument
+    if buf is None or buf.size < n or (unshared and sys.getrefcount(buf) > 3):
         buf = store[name] = np.empty(n, dtype=np.float32)
     return buf[:n].reshape(shape)
 
