@@ -16,20 +16,25 @@ from numba import njit
 
 @njit(cache=True)
 def topk_lanes(p3, k, out_ids, out_vals, out_tied):
-    """For each row of ``p3`` [N, R, G] (entry j = r * G + g, ``G >= k + 1``): the ids of
-    the ``k`` largest entries, largest first, into ``out_ids`` [N, k] and their values
-    into ``out_vals`` [N, k]; ``out_tied[n]`` is
-    True when two of the row's k + 1 largest values are equal (then which ids, in which
-    order, is numpy's choice: :func:`traces.topk.top_k_desc` asks numpy for that row).
+    """For each row of ``p3`` [N, R, G] (C-contiguous; entry j = r * G + g; ``G >= k +
+    1``): the ids of the ``k`` largest entries, largest first, into ``out_ids`` [N, k] and
+    their values into ``out_vals`` [N, k]; ``out_tied[n]`` is True when two of the row's
+    k + 1 largest values are equal (then which ids, in which order, is numpy's choice:
+    :func:`traces.topk.top_k_desc` asks numpy for that row).
 
-    Branch-free where the branches are unpredictable: the G lane maxima (vectorized);
-    their (k+1)-th largest ``t`` (k + 1 lanes reach it, so every one of the k + 1
-    largest entries does); the entries >= t (about k + 1) compacted and sorted."""
+    Branch-free where branches would be unpredictable: the G lane maxima (vectorized);
+    their (k+1)-th largest ``t`` by counting (k + 1 lanes reach it, so at least k + 1
+    entries do, every one of the k + 1 largest among them); the entries >= t compacted
+    (about k + 1 of them) and placed by their rank among each other."""
     N, R, G = p3.shape
     J = R * G
-    vals = np.empty(J + 1, p3.dtype)
-    ids = np.empty(J + 1, np.int64)
+    kk = k + 1
+    cid = np.empty(J + 1, np.int64)
+    cv = np.empty(J + 1, p3.dtype)
+    sv = np.empty(kk, p3.dtype)
+    si = np.empty(kk, np.int64)
     lane = np.empty(G, p3.dtype)
+    flat = p3.reshape(N, J)
     inf = p3.dtype.type(np.inf)
     for n in range(N):
         for g in range(G):
@@ -44,15 +49,23 @@ def topk_lanes(p3, k, out_ids, out_vals, out_tied):
             for h in range(G):
                 above += lane[h] > v
             t = min(t, v if above <= k else inf)
+        row = flat[n]
         c = 0
-        for r in range(R):
-            for g in range(G):
-                v = p3[n, r, g]
-                vals[c] = v
-                ids[c] = r * G + g
-                c += v >= t
-        _sort_desc(vals, ids, c)
-        _emit(vals, ids, k, n, out_ids, out_vals, out_tied)
+        for j in range(J):
+            cid[c] = j
+            c += row[j] >= t
+        for i in range(c):
+            cv[i] = row[cid[i]]
+        for i in range(c):  # rank among the candidates; equal values by position
+            v = cv[i]
+            rank = 0
+            for q in range(c):
+                w = cv[q]
+                rank += (w > v) | ((w == v) & (q < i))
+            if rank < kk:
+                sv[rank] = v
+                si[rank] = cid[i]
+        _emit(sv, si, k, n, out_ids, out_vals, out_tied)
 
 
 @njit(cache=True)
