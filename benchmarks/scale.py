@@ -17,7 +17,7 @@ Prints, from one run, each figure next to its goal:
 Every command runs in its own process (`python -m fmoe_cli.main ...`), which reports its
 own peak RSS (``ru_maxrss``). ``--quick`` runs smaller sizes (for checking the script).
 
-    python benchmarks/scale.py [--quick] [--keep DIR]
+    python benchmarks/scale.py [--quick] [--keep DIR] [--part all|deepseek|synth|qwen]
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ def main() -> None:
     ap.add_argument("--qwen-prompt", type=float, default=4.0, help="mean prompt tokens (Qwen3)")
     ap.add_argument("--qwen-output", type=float, default=2.0, help="mean output tokens (Qwen3)")
     ap.add_argument(
-        "--part", choices=["all", "deepseek", "qwen"], default="all", help="run one part only"
+        "--part",
+        choices=["all", "deepseek", "synth", "qwen"],
+        default="all",
+        help="run one part only (synth: the DeepSeek-V3 synthesis alone, without its sim)",
     )
     args = ap.parse_args()
     n_ds = 50 if args.quick else 1000
@@ -86,8 +89,8 @@ def main() -> None:
     print(f"# benchmarks/scale.py ({'quick' if args.quick else 'full'}), traces in {folder}")
     print(f"# machine: {os.cpu_count()} CPUs visible, python {sys.version.split()[0]}")
 
-    if args.part in ("all", "deepseek"):
-        rows += deepseek(folder, n_ds)
+    if args.part in ("all", "deepseek", "synth"):
+        rows += deepseek(folder, n_ds, simulate=args.part != "synth")
     if args.part in ("all", "qwen"):
         rows += qwen(folder, n_q, args.qwen_prompt, args.qwen_output)
     print()
@@ -98,22 +101,27 @@ def main() -> None:
         print("(quick: DS-V3 figures scaled linearly to 1,000 requests for the verdicts)")
 
 
-def deepseek(folder: Path, n_ds: int) -> list[tuple[str, str, str, str]]:
+def deepseek(folder: Path, n_ds: int, simulate: bool = True) -> list[tuple[str, str, str, str]]:
     rows = []
     # 1. DeepSeek-V3 synthesis
     ds = folder / f"deepseek-v3-{n_ds}.trace"
+    load0 = os.getloadavg()[0]
     wall, rss, _ = run(["trace", "synth", "--model", "deepseek-v3", "--num-requests", str(n_ds),
                         "--seed", "0", "--out", str(ds), "--json"])  # fmt: skip
     size = ds.stat().st_size
     cpu_synth = CPU["last"]
+    load1 = os.getloadavg()[0]
     info = json.loads(run(["trace", "info", str(ds), "--json"])[2])
     print(f"synth deepseek-v3 x {n_ds}: {wall:.1f} s wall ({cpu_synth:.1f} s CPU), file {size / GB:.3f} GB "
           f"({info['tokens']} token rows, {size / max(info['tokens'], 1):.0f} B/row, "
-          f"{info['format']['probability_rows']}), synth peak RSS {rss / GB:.2f} GB")  # fmt: skip
+          f"{info['format']['probability_rows']}), synth peak RSS {rss / GB:.2f} GB; "
+          f"load average {load0:.1f} before, {load1:.1f} after on {os.cpu_count()} CPUs")  # fmt: skip
     scale = 1000 / n_ds
     rows.append(("synth time (1,000 DS-V3)", f"{wall:.1f} s ({cpu_synth:.0f} s CPU)" + (f" (x{scale:g} ~ {wall * scale:.0f} s)" if scale != 1 else ""), "< 120 s", verdict(wall * scale, 120)))  # fmt: skip
     rows.append(("trace size (1,000 DS-V3)", f"{size / GB:.3f} GB" + (f" (x{scale:g} ~ {size * scale / GB:.2f} GB)" if scale != 1 else ""), "< 3 GB", verdict(size * scale / GB, 3)))  # fmt: skip
 
+    if not simulate:
+        return rows
     # 2. DeepSeek-V3 simulation, lru, h100, 16 GB
     wall, rss, out = run(["sim", "--trace", str(ds), "--model", "deepseek-v3", "--hardware",
                           "h100-pcie5", "--cache-gb", "16", "--policy", "lru", "--json"])  # fmt: skip

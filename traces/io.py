@@ -83,6 +83,7 @@ def write_requests(
             n += 1
             if progress is not None:
                 progress.update(1)
+            del req  # the writer keeps only the encoded rows: a drawn chunk goes early
     return n
 
 

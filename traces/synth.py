@@ -85,6 +85,7 @@ from traces.synth_sampling import (
     _assemble,
     _lognormal_lengths,
     _sample_routing,
+    _scratch,
     _Skeleton,
     _skeleton,
     _sub_skeleton,
@@ -93,6 +94,7 @@ from traces.synth_sampling import (
     chunk_rng,
     chunk_tokens,
 )
+from traces.topk import use_jit
 from traces.types import Request, Workload
 
 __all__ = [
@@ -187,14 +189,31 @@ def _draw(spec: ModelSpec, cfg: SynthConfig) -> _Draws:
     )  # fmt: skip
 
 
-def _token_range(d: _Draws, rng: np.random.Generator, a: int, b: int) -> list[Request]:
-    """Routing (and embeddings) of requests [a, b), drawn from ``rng``."""
+def _token_range(
+    d: _Draws,
+    rng: np.random.Generator,
+    a: int,
+    b: int,
+    scratch: dict[str, np.ndarray] | None = None,
+) -> list[Request]:
+    """Routing (and embeddings) of requests [a, b), drawn from ``rng`` (``scratch``: the
+    sampler's working arrays, kept from one chunk to the next)."""
     cfg, sk = d.cfg, _sub_skeleton(d.sk, a, b)
     t0, t1 = int(d.sk.offsets[a]), int(d.sk.offsets[b])
     topic, kind = d.topic[t0:t1], d.kind[t0:t1]
     pop, topic_logits, kind_logits, trans = d.pop, d.topic_logits, d.kind_logits, d.trans
 
+    jit = use_jit(len(topic) * pop.size)
+    out = _scratch(scratch, "base", (len(topic), pop.shape[1])) if jit else None
+
     def base(layer: int, prev: np.ndarray | None) -> np.ndarray:
+        if out is not None:  # one fused pass, the same float32 arithmetic, one buffer
+            from traces.topk_jit import base_logits
+
+            no_prev = np.empty((len(topic), 0), dtype=np.int64)
+            prev_ids = no_prev if prev is None else prev.astype(np.int64, copy=False)
+            base_logits(pop, topic_logits, kind_logits, trans, layer, topic, kind, prev_ids, out)
+            return out
         z = pop[layer] + topic_logits[topic, layer] + kind_logits[kind, layer]
         if prev is not None:
             z = z + trans[layer][prev.astype(np.int64)].mean(axis=1)
@@ -203,7 +222,7 @@ def _token_range(d: _Draws, rng: np.random.Generator, a: int, b: int) -> list[Re
     routing = _sample_routing(
         sk, d.spec, rng, base, d.reuse, cfg.routing_noise,
         cfg.gate_temperature, cfg.normalize_topk, cfg.lookahead_noise,
-        cfg.with_gate_probs, cfg.with_lookahead,
+        cfg.with_gate_probs, cfg.with_lookahead, jit=jit, scratch=scratch,
     )  # fmt: skip
     emb = None
     if cfg.with_embeddings:
@@ -267,8 +286,9 @@ def generate_stream(
     bounds = chunk_bounds(counts, per)
 
     def requests() -> Iterator[Request]:
+        scratch: dict[str, np.ndarray] = {}
         for c, (a, b) in enumerate(bounds):
-            yield from _token_range(d, chunk_rng(d.rng, [cfg.seed, 1], c), a, b)
+            yield from _token_range(d, chunk_rng(d.rng, [cfg.seed, 1], c), a, b, scratch)
 
     prov = {**_provenance(spec, cfg), "generator": "traces.synth.generate_stream"}
     if len(bounds) > 1:

@@ -7,12 +7,14 @@ sampler (vectorized over a range of tokens) and the assembly of Request objects.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from specs.model_spec import ModelSpec
+from traces.topk import top_k_values, use_jit
 from traces.types import Request, Routing
 
 
@@ -60,10 +62,18 @@ def _arrivals(rng: np.random.Generator, n: int, kind: str, rate: float) -> np.nd
     return np.cumsum(gaps)
 
 
-def _softmax(z: np.ndarray, temperature: float) -> np.ndarray:
-    e = np.exp((z - z.max(axis=-1, keepdims=True)) / np.float32(temperature))
+def _softmax(z: np.ndarray, temperature: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Row softmax of ``z / temperature`` in float32 (into ``out`` when given; it may be ``z``)."""
+    e = np.subtract(z, z.max(axis=-1, keepdims=True), out=out)
+    np.divide(e, np.float32(temperature), out=e)
+    np.exp(e, out=e)
     e /= e.sum(axis=-1, keepdims=True)
     return e
+
+
+# Bytes of one token block of the lookahead draw: its arrays (noise, logits, softmax)
+# stay in the CPU caches instead of one [N, L, J] pass per operation.
+LOOKAHEAD_BLOCK_BYTES = 2 * 2**20
 
 
 def _sample_routing(
@@ -78,34 +88,61 @@ def _sample_routing(
     lookahead_noise: float,
     with_probs: bool,
     with_lookahead: bool,
+    jit: bool | None = None,
+    scratch: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Sample top-K routing for every token, layer by layer (vectorized over tokens)."""
+    """Sample top-K routing for every token, layer by layer (vectorized over tokens).
+
+    The draws and the float32 arithmetic are fixed, so one seed gives one result: per
+    layer one float32 uniform [N, J] for the Gumbel noise, then one float32 normal
+    [N, L-1, J] for the lookahead rows (drawn in token blocks of the same stream).
+    ``jit``: the numba kernels of :mod:`traces.topk_jit` (True), numpy alone (False), or
+    numba for large inputs (None); both give the same arrays bit for bit. ``scratch``:
+    arrays kept between calls: working arrays, and the memory of the returned gate and
+    lookahead rows once nothing holds the previous call's (see :func:`_scratch`)."""
     N, L, J, K = sk.num_tokens, spec.num_moe_layers, spec.num_experts, spec.top_k
+    if jit is None:
+        jit = use_jit(N * L * J)
     ids = np.empty((N, L, K), dtype=np.int16)
     weights = np.empty((N, L, K), dtype=np.float32)
-    probs_all = np.empty((N, L, J), dtype=np.float32) if with_probs else None
-    logits_all = np.empty((N, L, J), dtype=np.float32) if with_lookahead else None
+    probs_all = _scratch(scratch, "probs", (N, L, J), unshared=True) if with_probs else None
+    logits_all = _scratch(scratch, "logits", (N, L, J)) if with_lookahead else None
     arange = np.arange(N)
     # one draw per token for all layers: copies nest across layers (a token that copies at
     # a layer with low re-use copies at every layer with higher re-use), so a copied
     # token keeps a consistent layer-to-layer path instead of mixing two tokens' paths
     copy_draw = rng.random(N)
+    gumbel = _scratch(scratch, "gumbel", (N if noise > 0 else 0, J))
+    p = _scratch(scratch, "p", (N, J))
+    z_buf = _scratch(scratch, "z", (N, J))
     prev: np.ndarray | None = None
     for layer in range(L):
-        z = np.asarray(base_logits(layer, prev), dtype=np.float32)
-        if noise > 0:
-            u = np.maximum(rng.random((N, J), dtype=np.float32), np.float32(1e-12))
-            z = z - np.float32(noise) * np.log(-np.log(u))  # Gumbel(0, noise)
+        z = base_logits(layer, prev)
+        if noise > 0:  # Gumbel(0, noise) = -noise * log(-log(u)); here log(-log(u))
+            rng.random(dtype=np.float32, out=gumbel)
+            np.maximum(gumbel, np.float32(1e-12), out=gumbel)
+            np.log(gumbel, out=gumbel)
+            np.negative(gumbel, out=gumbel)
+            np.log(gumbel, out=gumbel)
         # temporal locality: copy the row of the nearest earlier token that did not copy
         copy = (copy_draw < reuse[layer]) & ~sk.first
-        src = np.maximum.accumulate(np.where(copy, 0, arange))
-        z = z[src].astype(np.float32)
-        p = _softmax(z, temperature).astype(np.float32)
+        src = np.maximum.accumulate(np.where(copy, 0, arange)) if copy.any() else arange
+        if jit:
+            from traces.topk_jit import finish_logits
+
+            zb = np.ascontiguousarray(z, dtype=np.float32)
+            finish_logits(zb, gumbel, noise, src, temperature, z_buf, p)
+            z = z_buf
+            _softmax_from_exponents(p)
+        else:
+            z = np.asarray(z, dtype=np.float32)
+            if noise > 0:
+                z = z - np.float32(noise) * gumbel
+            if src is not arange:
+                z = z[src]
+            _softmax(z, temperature, out=p)
         # top-K read off the stored float32 gate row, so the two always agree
-        top = np.argpartition(-p, K - 1, axis=-1)[:, :K] if K < J else np.tile(np.arange(J), (N, 1))
-        order = np.argsort(-np.take_along_axis(p, top, -1), axis=-1, kind="stable")
-        top = np.take_along_axis(top, order, -1)
-        w = np.take_along_axis(p, top, axis=-1)
+        top, w = top_k_values(p, K, jit=jit)
         if normalize_topk:
             w = w / w.sum(axis=-1, keepdims=True)
         ids[:, layer], weights[:, layer] = top, w
@@ -116,12 +153,51 @@ def _sample_routing(
         prev = top
     look = None
     if logits_all is not None:
-        look = np.zeros((N, L, J), dtype=np.float32)
+        look = _scratch(scratch, "look", (N, L, J), unshared=True)
+        look[:, -1] = 0.0
         if L > 1:
-            noise_rows = rng.standard_normal((N, L - 1, J), dtype=np.float32)
-            nxt = logits_all[:, 1:] + np.float32(lookahead_noise) * noise_rows
-            look[:, :-1] = _softmax(nxt, temperature)
+            block = max(1, LOOKAHEAD_BLOCK_BYTES // (4 * (L - 1) * J))
+            for a in range(0, N, block):
+                b = min(N, a + block)
+                nxt = _scratch(scratch, "noise", (b - a, L - 1, J))
+                rng.standard_normal(dtype=np.float32, out=nxt)
+                if jit:
+                    from traces.topk_jit import lookahead_exponents
+
+                    rows = look[a:b]  # contiguous; its last layer's rows are zeroed again
+                    lookahead_exponents(nxt, logits_all[a:b], lookahead_noise, temperature, rows)
+                    _softmax_from_exponents(rows)
+                    rows[:, -1] = 0.0
+                else:
+                    nxt *= np.float32(lookahead_noise)
+                    nxt += logits_all[a:b, 1:]
+                    look[a:b, :-1] = _softmax(nxt, temperature, out=nxt)
     return ids, weights, probs_all, look
+
+
+def _scratch(
+    store: dict[str, np.ndarray] | None, name: str, shape: tuple[int, ...], unshared: bool = False
+) -> np.ndarray:
+    """An uninitialized float32 array of ``shape``, in ``store[name]``'s memory when that
+    is large enough (fresh memory costs the kernel a page clearing per use, about a tenth
+    of a DeepSeek-V3 synthesis). ``unshared``: for arrays handed out, reuse the memory
+    only when no array made from it is still alive anywhere (a view holds a reference to
+    it; a caller that keeps the previous chunk's requests gets new memory instead)."""
+    n = math.prod(shape)
+    if store is None:
+        return np.empty(shape, dtype=np.float32)
+    buf = store.get(name)
+    # references to buf here: the store, the local name and getrefcount's argument
+    if buf is None or buf.size < n or (unshared and sys.getrefcount(buf) > 3):
+        buf = store[name] = np.empty(n, dtype=np.float32)
+    return buf[:n].reshape(shape)
+
+
+def _softmax_from_exponents(e: np.ndarray) -> np.ndarray:
+    """The rest of :func:`_softmax` on ``(z - max) / temperature``, in place."""
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
 
 
 def _assemble(

@@ -34,6 +34,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from traces.topk import top_k_values
+
 MAGIC = b"FMOETRC2"
 TRAILER_MAGIC = b"FMT2"
 TRAILER_BYTES = 24
@@ -129,11 +131,7 @@ def encode_probs(rows: np.ndarray, top_n: int, ids_dt: np.dtype) -> dict[str, np
     if top_n == 0:
         return {"": np.ascontiguousarray(rows, dtype=F16)}
     p = np.asarray(rows, dtype=np.float32)
-    top = np.argpartition(-p, top_n - 1, axis=-1)[..., :top_n]
-    vals = np.take_along_axis(p, top, -1)
-    order = np.argsort(-vals, axis=-1, kind="stable")
-    top = np.take_along_axis(top, order, -1)
-    vals = np.take_along_axis(vals, order, -1)
+    top, vals = top_k_values(p, top_n)  # argpartition's ids, in a stable descending sort
     rest = np.maximum(p.sum(axis=-1) - vals.sum(axis=-1), 0.0)
     return {
         ".ids": np.ascontiguousarray(top, dtype=ids_dt),

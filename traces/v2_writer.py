@@ -82,7 +82,7 @@ class TraceWriter:
         self._masks: dict[str, list[bool]] = {f: [] for f in fmt.OPTIONAL_FIELDS}
         self._widths: dict[str, int] = {}
         self._seen: set[str] = set()
-        self._pending: list[Request] = []
+        self._pending: list[dict[str, np.ndarray]] = []
         self._pending_bytes = 0
         self._chunks: list[dict[str, Any]] = []
         self._fh: BinaryIO | None = None
@@ -158,7 +158,8 @@ class TraceWriter:
         for name in fmt.OPTIONAL_FIELDS:
             arr = req.prompt_embedding if name == "prompt_embeddings" else getattr(r, name)
             self._masks[name].append(arr is not None)
-        self._pending.append(req)
+        # encoded now (compact), so the caller's dense rows can go before the chunk fills
+        self._pending.append(self._encode(req))
         self._pending_bytes += self._row_bytes(req)
         if self._pending_bytes >= self.chunk_bytes:
             self._flush()
@@ -176,7 +177,7 @@ class TraceWriter:
             raise InputError(f"{tag}: prompt_text must be a string")
         for name in ("gate_probs", "lookahead"):
             arr = getattr(req.routing, name)
-            if arr is not None:
+            if arr is not None and not _probs_in_range(arr):
                 ig.check_probs(where, name, np.asarray(arr), lambda n: f"row {n}")
         for name, arr in (
             ("embeddings", req.routing.embeddings),
@@ -211,10 +212,14 @@ class TraceWriter:
         self._pos += len(data)
 
     def _flush(self) -> None:
-        reqs = self._pending
-        if not reqs:
+        parts = self._pending
+        if not parts:
             return
-        arrays = self._encode(reqs)
+        arrays: dict[str, np.ndarray] = {}
+        names = [n for n in _ARRAY_ORDER if any(n in p for p in parts)]
+        for name in names:
+            have = [p[name] for p in parts if name in p]
+            arrays[name] = have[0] if len(have) == 1 else np.concatenate(have)
         start, crc = self._pos, 0
         refs: dict[str, dict[str, Any]] = {}
         for name, arr in arrays.items():
@@ -231,11 +236,11 @@ class TraceWriter:
             }
             self._write(data)
             crc = zlib.crc32(data, crc)
-        first = len(self._table["ids"]) - len(reqs)
+        first = len(self._table["ids"]) - len(parts)
         self._chunks.append(
             {
                 "first_request": first,
-                "num_requests": len(reqs),
+                "num_requests": len(parts),
                 "offset": start,
                 "nbytes": self._pos - start,
                 "crc32": crc,
@@ -244,31 +249,23 @@ class TraceWriter:
         )
         self._pending, self._pending_bytes = [], 0
 
-    def _encode(self, reqs: list[Request]) -> dict[str, np.ndarray]:
-        spec = self.spec
-        L, J, K = spec.num_moe_layers, spec.num_experts, spec.top_k
-        rs = [r.routing for r in reqs]
+    def _encode(self, req: Request) -> dict[str, np.ndarray]:
+        """One request's arrays as stored (a chunk concatenates its requests' arrays: every
+        encoding is per row, so that equals encoding the concatenated rows)."""
+        r = req.routing
         out: dict[str, np.ndarray] = {
-            "topk_ids": np.concatenate([np.asarray(r.topk_ids) for r in rs]).astype(self.ids_dt),
-            "topk_weights": np.concatenate([np.asarray(r.topk_weights) for r in rs]).astype(
-                fmt.F16
-            ),
+            "topk_ids": np.asarray(r.topk_ids).astype(self.ids_dt),
+            "topk_weights": np.asarray(r.topk_weights).astype(fmt.F16),
         }
-        assert out["topk_ids"].shape[1:] == (L, K)
         for name in fmt.PROB_FIELDS:
-            parts = [getattr(r, name) for r in rs]
-            parts = [p for p in parts if p is not None]
-            if parts:
-                rows = np.concatenate([np.asarray(p) for p in parts])
+            rows = getattr(r, name)
+            if rows is not None:
                 for suffix, arr in fmt.encode_probs(rows, self.top_n, self.ids_dt).items():
                     out[name + suffix] = arr
-        embs = [r.embeddings for r in rs if r.embeddings is not None]
-        if embs:
-            out["embeddings"] = np.concatenate([np.asarray(e) for e in embs]).astype(fmt.F16)
-        pes = [q.prompt_embedding for q in reqs if q.prompt_embedding is not None]
-        if pes:
-            out["prompt_embeddings"] = np.stack([np.asarray(p) for p in pes]).astype(fmt.F16)
-        del J
+        if r.embeddings is not None:
+            out["embeddings"] = np.asarray(r.embeddings).astype(fmt.F16)
+        if req.prompt_embedding is not None:
+            out["prompt_embeddings"] = np.asarray(req.prompt_embedding).astype(fmt.F16)[None]
         return out
 
     def _footer(self) -> dict[str, Any]:
@@ -299,6 +296,23 @@ class TraceWriter:
             "requests": t,
             "chunks": self._chunks,
         }
+
+
+# The order of a chunk's arrays in the file (as written before encoding moved per request).
+_ARRAY_ORDER = (
+    "topk_ids",
+    "topk_weights",
+    *(f + x for f in fmt.PROB_FIELDS for x in ("", ".ids", ".probs", ".rest")),
+    "embeddings",
+    "prompt_embeddings",
+)
+
+
+def _probs_in_range(arr: np.ndarray) -> bool:
+    """All entries finite and in [0, 1 + PROB_TOL]: two reductions (a NaN fails both
+    comparisons), so only a bad array pays for :func:`traces.integrity.check_probs`."""
+    a = np.asarray(arr)
+    return a.size == 0 or bool(a.min() >= 0 and a.max() <= 1 + ig.PROB_TOL)
 
 
 def _raise(msg: str) -> None:
