@@ -216,8 +216,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--weight-format",
-        choices=["bf16", "fp16", "fp8", "int8", "int4"],
-        help="run the model's weights in this format (expert and dense bytes; default: its dtype)",
+        choices=["bf16", "fp16", "fp8", "int8", "int4", "q4_k_m"],
+        help="run the model's weights in this format (expert and dense bytes; default: its "
+        "dtype); int4 is uniform Q4_K, q4_k_m llama.cpp's Q4_K_M mix",
     )
 
 
