@@ -408,4 +408,6 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"results: {table}")
         for p in plots:
             print(f"plot: {p}")
-    return 0
+    # every combination refused (a CPU miss without host figures, a lossy action not opted
+    # into, a per-layer scope too small, ...): bad input, as `fmoe sim` reports it
+    return 2 if len(df) and len(failed) == len(df) else 0

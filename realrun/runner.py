@@ -191,6 +191,11 @@ def resolve_and_plan(cfg: Any) -> tuple[ModelSpec, Any, Policy, ServingPlan]:
 def prepare(cfg: RunConfig) -> PreparedRun:
     """Check every input before any work; InputError names the first problem."""
     spec, hf_config, policy, plan = resolve_and_plan(cfg)
+    if getattr(policy, "lossy", False) and not cfg.allow_lossy:  # before loading the model
+        raise InputError(
+            f"policy {policy.name!r} takes lossy miss actions (low-bit copies or skipped "
+            "experts); pass --allow-lossy (allow_lossy=True) to opt in"
+        )
     if cfg.cache_scope == "per-layer" and not plan.auto:  # refuse before loading the model
         from policies.cache_scope import make_caches
 

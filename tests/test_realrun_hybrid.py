@@ -131,3 +131,14 @@ def test_renormalised_weights_keep_each_rows_sum():
     out = renormalised(idx, w, [1])
     assert torch.allclose(out.sum(-1)[:2], w.sum(-1)[:2])
     assert (out[idx == 1] == 0).all() and (out[2] == 0).all()  # a row with no expert left
+
+
+def test_lossy_policy_without_allow_lossy_is_refused_in_one_line_before_loading(capsys):
+    from fmoe_cli.main import main
+
+    rc = main(
+        ["run", "--model", "tiny-qwen3-moe", "--policy", "hobbit", "--cache-experts", "8"]
+        + ["--num-prompts", "1", "--max-new-tokens", "2"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "--allow-lossy" in err and len(err.strip().splitlines()) == 1
