@@ -131,4 +131,7 @@ def test_q4_k_m_is_llama_cpps_mix_between_q4_k_and_q6_k():
     # gate and up Q4_K, down half Q6_K: 4.84375 bits per weight
     assert abs(FORMAT_BITS["q4_k_m"] - 4.84375) < 1e-9
     spec = small_spec(layers=2, experts=4, top_k=1, hidden=256)
-    assert spec.with_weight_format("q4_k_m").expert_bytes > spec.with_weight_format("int4").expert_bytes
+    assert (
+        spec.with_weight_format("q4_k_m").expert_bytes
+        > spec.with_weight_format("int4").expert_bytes
+    )
