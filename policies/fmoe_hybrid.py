@@ -38,6 +38,7 @@ With a profile without host figures every miss is a fetch and every fMoE order i
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,21 @@ from policies.registry import register_policy
 
 BINS = 10  # probability bins of the forecasts' measured chance of use
 FORECAST = 2 * PLACED  # eviction score base of an expert forecast for a layer ahead
+
+
+class _KeysOf:
+    """The keys (layer, expert) set in a [L, J] bool array, as a container."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self.a[key])  # type: ignore[index]
+
+    def __bool__(self) -> bool:
+        return bool(self.a.any())
 
 
 @register_policy
@@ -107,9 +123,15 @@ class FmoeHybrid(HotPlacement, FmoePolicy):
         return act
 
     # -- eviction ----------------------------------------------------------------------------
-    def _forecast_ahead(self) -> set[ExpertKey]:
-        """fMoE's selected experts for layers still ahead in this iteration."""
-        return getattr(self, "_protect", None) or set()
+    def _forecast_ahead(self) -> Container[ExpertKey]:
+        """fMoE's selected experts for layers still ahead in this iteration (the ones its
+        own eviction protects): a set of keys, or a [L, J] bool array where fMoE keeps
+        them that way."""
+        prot = getattr(self, "_prot", None)
+        if isinstance(prot, np.ndarray):
+            return _KeysOf(prot)
+        keys = getattr(self, "_protect", None)
+        return keys if isinstance(keys, set) else set()
 
     def eviction_score(self, entry: CacheEntry) -> float:
         return self.eviction_scores([entry])[0]

@@ -135,3 +135,14 @@ def test_q4_k_m_is_llama_cpps_mix_between_q4_k_and_q6_k():
         spec.with_weight_format("q4_k_m").expert_bytes
         > spec.with_weight_format("int4").expert_bytes
     )
+
+
+def test_fmoe_hybrid_reads_forecasts_kept_as_an_array_too():
+    hyb = FmoeHybrid()
+    _with_placement(hyb, {(0, 0): 5})
+    entries = [_entry((2, 2), 3.0), _entry((3, 3), 1.0), _entry((0, 0), 0.0)]
+    hyb._prot = np.zeros((L, J), np.bool_)  # fMoE keeping its protected experts as an array
+    plain = hyb.eviction_scores(entries)
+    hyb._prot[3, 3] = True
+    scores = hyb.eviction_scores(entries)
+    assert max(scores) == scores[1] and plain[1] < plain[2]
