@@ -24,13 +24,16 @@ Every rule compares expected seconds from the executor's view
   layers until its layer times the expected layer time), (c) its slot is free or held by
   a copied, unforecast expert (a placed or forecast expert is worth more than one use,
   rule above) and (d) its expected saving exceeds its expected cost:
-  ``P(used) x saved > P_victim(used) x saved_victim + busy x copy_s x copy_slowdown``.
-  ``P(used)`` is the forecast's chance of use measured in this run (per probability
-  bin of fMoE's maps, one pseudo-observation at the uninformed K/J per bin); ``saved``
-  the time its use would take without the copy (the cheaper of one copy and one CPU
-  task for the rows it expects); the victim's chance is one iteration's use at its
-  training rate; the last term is the CPU's expert work lost to the host memory the copy
-  reads while the CPU is busy (``busy``: the CPU's share of a layer step).
+  ``P(used) x saved > P_victim x saved + busy x copy_s x copy_slowdown
+  + fetch_rate x copy_s^2 / 2``. ``P(used)`` is the chance an fMoE prefetch candidate of
+  that probability bin is used, counted in this run over the candidates only (experts
+  not cached when ordered; one pseudo-observation at the uninformed K/J per bin);
+  ``saved`` the time its use would take without the copy (the cheaper of one copy and
+  one CPU task for the rows it expects); ``P_victim`` one iteration's use of the victim
+  at its training rate; then the CPU's expert work lost to the host memory the copy
+  reads while the CPU is busy (``busy``: the CPU's share of a layer step), and the
+  demand copies (their rate so far) that arrive while it holds the link, each waiting
+  half a copy on average.
 
 With a profile without host figures every miss is a fetch and every fMoE order is kept
 (plain fMoE with the placement above).
