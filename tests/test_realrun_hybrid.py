@@ -142,3 +142,11 @@ def test_lossy_policy_without_allow_lossy_is_refused_in_one_line_before_loading(
     )
     err = capsys.readouterr().err
     assert rc == 2 and "--allow-lossy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_lossy_policy_in_one_line(capsys):
+    from fmoe_cli.main import main
+
+    rc = main(["serve", "--model", "tiny-qwen3-moe", "--policy", "hobbit", "--cache-experts", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "exact policies only" in err and err.count("\n") == 1
