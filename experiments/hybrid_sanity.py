@@ -21,14 +21,17 @@ import pandas as pd
 
 GiB = 2**30
 
-# (name, system, model, weight format, machine (preset or overrides of one), policy,
-#  options, cache experts or None (policy sizes it), published decode tok/s, source, notes)
+# (name, system, model, weight format (and the published setup's, as written there),
+#  machine (preset or overrides of one), policy, options, cache experts or None (policy
+#  sizes it), published decode tok/s, source, notes)
+FORMAT_OF = {"Q4_K_M": "q4_k_m", "BF16": "bf16", "fp16": "bf16"}  # fp16 and bf16: 2 bytes
 SETUPS: list[dict[str, Any]] = [
     {
         "setup": "KTransformers V0.2, 1 socket Xeon Gold 6454S (8 x DDR5-4800) + RTX 4090D",
         "system": "ktransformers",
         "model": "deepseek-v3",
-        "format": "int4",
+        "format": "q4_k_m",
+        "published_format": "Q4_K_M",
         "hardware": "workstation-8ch-ddr5",
         "host": {},
         "policy": "ktransformers",
@@ -41,7 +44,8 @@ SETUPS: list[dict[str, Any]] = [
         "setup": "KTransformers V0.2, 2 sockets (16 x DDR5-4800) + RTX 4090D",
         "system": "ktransformers",
         "model": "deepseek-v3",
-        "format": "int4",
+        "format": "q4_k_m",
+        "published_format": "Q4_K_M",
         "hardware": "workstation-8ch-ddr5",
         "host": {"memory_bandwidth_Bps": 2 * 237.5e9, "flops": 42e12, "cores": 64},
         "policy": "ktransformers",
@@ -54,7 +58,8 @@ SETUPS: list[dict[str, Any]] = [
         "setup": "KTransformers V0.2.1, 2 sockets + RTX 4090, 1K context",
         "system": "ktransformers",
         "model": "deepseek-v3",
-        "format": "int4",
+        "format": "q4_k_m",
+        "published_format": "Q4_K_M",
         "hardware": "workstation-8ch-ddr5",
         "host": {"memory_bandwidth_Bps": 2 * 237.5e9, "flops": 42e12, "cores": 64},
         "policy": "ktransformers",
@@ -68,6 +73,7 @@ SETUPS: list[dict[str, Any]] = [
         "system": "ktransformers",
         "model": "qwen3-30b-a3b",
         "format": "bf16",
+        "published_format": "BF16",
         "hardware": "rtx5090-ddr5",
         "host": {"memory_bandwidth_Bps": 614.4e9, "cores": 32, "flops": 2.0e12},
         "policy": "ktransformers",
@@ -81,7 +87,8 @@ SETUPS: list[dict[str, Any]] = [
         "setup": "llama.cpp --n-cpu-moe 36, RTX 2080 8 GB + 4-channel DDR4 (i9-10900X)",
         "system": "llama-cpp",
         "model": "qwen3-30b-a3b",
-        "format": "int4",
+        "format": "q4_k_m",
+        "published_format": "Q4_K_M",
         "hardware": "rtx3090-ddr4",
         "gpu": {"name": "RTX 2080", "memory_bytes": 8 * GiB, "memory_bandwidth_Bps": 448e9},
         "link": {"pinned_bandwidth_Bps": 12e9, "pageable_bandwidth_Bps": 6e9},
@@ -99,6 +106,7 @@ SETUPS: list[dict[str, Any]] = [
         "system": "fiddler",
         "model": "mixtral-8x7b",
         "format": "bf16",
+        "published_format": "fp16",
         "hardware": "rtx3090-ddr4",
         "gpu": {"name": "Quadro RTX 6000", "memory_bandwidth_Bps": 672e9},
         "link": {"pinned_bandwidth_Bps": 12e9, "pageable_bandwidth_Bps": 6e9},

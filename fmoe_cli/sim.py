@@ -216,8 +216,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--weight-format",
-        choices=["bf16", "fp16", "fp8", "int8", "int4"],
-        help="run the model's weights in this format (expert and dense bytes; default: its dtype)",
+        choices=["bf16", "fp16", "fp8", "int8", "int4", "q4_k_m"],
+        help="run the model's weights in this format (expert and dense bytes; default: its "
+        "dtype); int4 is uniform Q4_K, q4_k_m llama.cpp's Q4_K_M mix",
     )
 
 
@@ -407,4 +408,6 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"results: {table}")
         for p in plots:
             print(f"plot: {p}")
-    return 0
+    # every combination refused (a CPU miss without host figures, a lossy action not opted
+    # into, a per-layer scope too small, ...): bad input, as `fmoe sim` reports it
+    return 2 if len(df) and len(failed) == len(df) else 0

@@ -171,11 +171,15 @@ class LinkState(NamedTuple):
 class CpuState(NamedTuple):
     """The host CPU's expert work as the executor sees it now: ``queued_s`` seconds of
     expert work ahead of a new one; one expert FFN on n rows takes about
-    ``expert_s_fixed + n * expert_s_per_token`` (activations' transfer included)."""
+    ``expert_s_fixed + n * expert_s_per_token`` (activations' transfer included);
+    ``copy_slowdown``: the share of a busy CPU's expert work lost while one host->GPU copy
+    runs (the host memory bandwidth the copy reads; 0 where the executor does not model
+    it)."""
 
     queued_s: float
     expert_s_per_token: float
     expert_s_fixed: float
+    copy_slowdown: float = 0.0
 
 
 class ExecutorView(Protocol):

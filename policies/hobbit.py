@@ -26,7 +26,11 @@ from policies.registry import register_policy
 
 class HobbitOptions(PolicyOptions):
     threshold: float | None = Field(
-        default=None, gt=0, lt=1, description="gate weight below which a miss loads low-bit"
+        default=None,
+        gt=0,
+        le=1,
+        description="gate weight below which a miss loads low-bit (1: every miss whose expert "
+        "does not take all of its rows' weight)",
     )
     action: Literal["lowbit", "skip"] = Field(
         default="lowbit", description="what a low-weight miss gets: a low-bit copy, or skipped"

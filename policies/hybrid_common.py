@@ -8,10 +8,13 @@ from typing import Any
 import numpy as np
 
 from policies.base import PolicyContext
-from policies.cache import ExpertKey
+from policies.cache import CacheEntry, ExpertKey
 from specs.errors import InputError
 
 HOT = 1e18  # eviction score of an expert kept on the GPU for the run (evicted last)
+# base score of a placed expert in a static placement: above every clock time (seconds),
+# low enough that adding an integer training count stays exact in a float
+PLACED = 1e12
 
 
 def expert_counts(training: Any, num_layers: int, num_experts: int) -> np.ndarray:
@@ -57,13 +60,18 @@ def preload(ctx: PolicyContext, keys: list[ExpertKey]) -> list[ExpertKey]:
 
 class HotPlacement:
     """Mixin (before :class:`Policy`): the experts a training workload uses most are made
-    resident before the run, as many as the caches hold (``place_hot`` limits it).
-    ``fit`` may come before or after ``bind`` (the real executor fits first)."""
+    resident before the run, as many as the caches hold less ``staging_slots`` per cache
+    (``place_hot`` limits it). ``fit`` may come before or after ``bind`` (the real
+    executor fits first). :meth:`placement_scores` is the eviction order of a static
+    placement: experts fetched during the run go first (least recently used first), then
+    the placed ones, least used in training first."""
 
     place_hot: int | None = None  # experts to place; None: every slot
+    staging_slots: int = 0  # slots per cache left free for copies made during the run
     ctx: PolicyContext | None
     _hot_counts: np.ndarray | None = None
     placed: set[ExpertKey]
+    _placed_base: dict[ExpertKey, float]
 
     def fit(self, training: Any) -> None:
         super().fit(training)  # type: ignore[misc]
@@ -74,16 +82,28 @@ class HotPlacement:
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)  # type: ignore[misc]
-        self.placed = set()
+        self.placed, self._placed_base = set(), {}
         if self._hot_counts is not None:
             self._place()
 
     def _place(self) -> None:
         assert self.ctx is not None and self._hot_counts is not None
-        n = sum(c.capacity for c in self.ctx.caches)
+        n = sum(max(c.capacity - self.staging_slots, 0) for c in self.ctx.caches)
         if self.place_hot is not None:
             n = min(n, self.place_hot)
         self.placed = set(preload(self.ctx, hottest(self._hot_counts, n)))
+        counts = self._hot_counts
+        self._placed_base = {k: PLACED + float(counts[k]) for k in self.placed}
+
+    def placement_scores(self, entries: list[CacheEntry]) -> list[float]:
+        """Eviction scores (lower goes first) of a static placement: a placed expert scores
+        PLACED plus its training count (the least used placed expert goes first, and only
+        once no fetched expert can go); any other its last use (least recent first)."""
+        placed = self.placed
+        if not placed:
+            return [e.last_used for e in entries]
+        base = self._placed_base
+        return [base[e.key] if e.key in placed else e.last_used for e in entries]
 
 
 def fetch_and_cpu_s(ctx: PolicyContext | None, key: ExpertKey, tokens: int) -> tuple[float, float]:

@@ -38,6 +38,7 @@ class KTransformers(HotPlacement, Policy):
         super().__init__(**options)
         self.place_hot = self.options.gpu_experts
         self.placed: set[ExpertKey] = set()
+        self._placed_base: dict[ExpertKey, float] = {}
 
     def miss_action(self, key: ExpertKey, tokens: int, now: float) -> MissAction:
         return MissAction.CPU

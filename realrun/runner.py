@@ -173,6 +173,17 @@ def resolve_and_plan(cfg: Any) -> tuple[ModelSpec, Any, Policy, ServingPlan]:
     spec, hf_config, _ = resolve_model(cfg.model)
     refuse_future_readers(policy_class(cfg.policy))
     policy = make_policy(cfg.policy, **cfg.policy_options)
+    if getattr(policy, "lossy", False) and not getattr(cfg, "allow_lossy", False):
+        # before loading the model (fmoe serve has no opt-in: it serves exact policies)
+        how = (
+            "pass --allow-lossy (allow_lossy=True) to opt in"
+            if hasattr(cfg, "allow_lossy")
+            else "fmoe serve serves exact policies only (fmoe run --allow-lossy runs it)"
+        )
+        raise InputError(
+            f"policy {policy.name!r} takes lossy miss actions (low-bit copies or skipped "
+            f"experts); {how}"
+        )
     plan = plan_serving(
         spec,
         policy,

@@ -2,18 +2,9 @@
 
 A session binds a policy to an :class:`OffloadedModel` for one run: it builds the
 per-device caches, slot pools and copy engines for a budget, installs the routing taps,
-and executes every MoE layer (:meth:`RunSession.run_layer`, called by the offloaded
-experts modules):
-
-1. the gate event goes to the policy (probability rows, the chosen experts, lookahead
-   rows if the policy wants them); orders made before for this layer become stale;
-2. the layer's experts are demanded (hit = resident at that moment), misses become demand
-   loads (ahead of every prefetch), everything used is pinned; only then do the gate's
-   prefetch orders reach the copy engines (as in the simulator, see realrun.residency);
-3. the compute waits for its experts (that wait is ``stall_s``) and calls the library's
-   experts forward on slot views (see realrun.offload for the exactness argument); a
-   layer needing more distinct experts than a device has slots runs in waves;
-4. pins are released and the layer's unused prefetches lose their protection.
+serves requests and reports their metrics. Every MoE layer runs through
+:meth:`RunSession.run_layer` (realrun.session_layer: the per-layer protocol and how the
+policy's decisions reach the copy engines).
 
 Event order to the policy follows policies/base.py: on_request_arrival, then per
 iteration on_iteration_start (with the embedding layer's output), on_gate /
@@ -25,9 +16,6 @@ simulator's closed loop); iteration and gate events carry one row per real token
 forward (request ids, positions and prefill flags per row, as the simulator's
 iterations); pad rows of a static batch never reach the policy, the caches (they route to
 no expert) or the recorder, and continuous batching has none.
-
-Over 450 lines on purpose: one run's per-layer protocol (demand, prefetch, miss actions,
-fences, timing) is one sequence; its parts already live in residency, drivers and taps.
 """
 
 from __future__ import annotations
@@ -42,37 +30,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.async_runner import ExpertUsed, LoadFinished
 from policies.base import (
-    GateOutput,
     IterationEnd,
     IterationStart,
     Policy,
     PolicyContext,
     PrefetchDecision,
     RequestArrival,
-    validate_order,
 )
-from policies.cache import CacheCounters, ExpertKey
+from policies.cache import CacheCounters
 from realrun.copy_engine import LinkEmulation
 from realrun.drivers import make_driver
 from realrun.executor_view import RealExecutorView
 from realrun.generate import Generation, IterationRows, NewTokens
-from realrun.host_experts import HostExperts, add_host_outputs, start_host_tasks
+from realrun.host_experts import HostExperts
 from realrun.metrics import summarise
 from realrun.offload import (
-    OffloadedExperts,
     OffloadedModel,
-    SlotView,
-    run_on_slots,
-    run_one_expert,
-    single_call_is_exact,
 )
-from realrun.placement import plan_waves, split_over_devices
+from realrun.placement import split_over_devices
 from realrun.prompting import Prompt
 from realrun.recorder import RoutingRecorder
 from realrun.residency import Residency
 from realrun.serving import generate_all
+from realrun.session_layer import LayerSteps
 from realrun.taps import ModelTaps
 from specs.errors import InputError
 
@@ -99,7 +80,7 @@ class SessionOptions:
     allow_lossy: bool = False  # let the policy take lossy miss actions (low-bit, skip)
 
 
-class RunSession:
+class RunSession(LayerSteps):
     """Attach with the constructor, run prompts with :meth:`generate`, end with :meth:`close`."""
 
     def __init__(
@@ -299,146 +280,6 @@ class RunSession:
                 self.now(),
             )
         )
-
-    # -- one MoE layer ---------------------------------------------------------------------------
-    def run_layer(
-        self,
-        mod: OffloadedExperts,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-    ) -> torch.Tensor:
-        layer = mod.moe_layer
-        # pad rows arrive routed to index E (realrun.generate): counted by no one below
-        ids = top_k_index.detach().cpu().numpy()
-        with self._apply_lock:  # orders arriving from now on go after the demand loads
-            self._held = []
-        self.res.gate(layer)
-        self._gate(layer, hidden, ids, top_k_weights)
-        E = self.spec.num_experts
-        flat = ids.reshape(-1)
-        counts = np.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
-        needed = np.flatnonzero(counts).tolist()
-        on_cpu: dict[int, Any] = {}
-        if self.host.active:  # miss actions: CPU tasks start now, beside the GPU's work
-            needed, on_cpu, top_k_weights = start_host_tasks(
-                self, mod, layer, needed, counts, hidden, top_k_index, top_k_weights
-            )
-        waves = plan_waves(
-            needed, lambda e: self.placement.device_of((layer, e)), self.res.wave_capacities
-        )
-        out = torch.zeros_like(hidden)
-        if len(waves) > 1:
-            self.layer_paths["multi_wave"] += 1
-        for i, wave in enumerate(waves):
-            keys = [(layer, e) for e in wave]
-            self.res.demand(keys)
-            if i == 0:
-                self._release_held()
-                self.res.drop_stale_preempted(layer)
-            views = self._views(mod, layer, wave)
-            if (
-                not on_cpu
-                and len(waves) == 1
-                and single_call_is_exact(top_k_index.shape[-1], views)
-            ):
-                for key in keys:
-                    self.res.wait(key)
-                out = run_on_slots(mod, views, hidden, top_k_index, top_k_weights)
-                self._used(keys, counts)
-                self.layer_paths["single_call"] += 1
-            else:  # one expert at a time, ascending: the library's own summation order
-                by_dev = {v.device_index: v for v in views}
-                for key in keys:
-                    out = add_host_outputs(
-                        self, out, on_cpu, key[1]
-                    )  # CPU experts of lower ids first
-                    self.res.wait(key)
-                    view = by_dev[self.placement.device_of(key)]
-                    out = out + run_one_expert(
-                        mod, view, key[1], hidden, top_k_index, top_k_weights
-                    )
-                    self._used([key], counts)
-                self.layer_paths["per_expert"] += 1
-            self.res.release(keys)
-        if not waves:
-            self._release_held()
-        out = add_host_outputs(self, out, on_cpu, None)
-        self.res.end_layer(layer)
-        self.layer_steps += 1
-        self._pump()
-        return out
-
-    def _gate(
-        self, layer: int, hidden: torch.Tensor, ids: np.ndarray, weights: torch.Tensor
-    ) -> None:
-        """The gate event (and the recorder's rows): real rows only."""
-        wts = weights.detach().float().cpu().numpy()
-        probs = self.taps.probs(layer)
-        real = self._real_np
-        if real is not None:
-            ids, wts = ids[real], wts[real]
-            probs = probs[real] if probs is not None else None
-            hidden = self._rows.select(hidden) if self._rows is not None else hidden
-        look = self.taps.lookahead(layer, hidden) if self._lookahead else None
-        if self.recorder is not None:
-            self.recorder.gate(layer, ids, wts, probs, look)
-        la = look if self.policy.wants_lookahead else None
-        now = self.now()
-        self._view.note_gate(self.iteration, now)
-        self.driver.observe(GateOutput(self.iteration, layer, ids, wts, probs, la, now))
-
-    def _views(self, mod: OffloadedExperts, layer: int, experts: list[int]) -> list[SlotView]:
-        by_dev: dict[int, dict[int, int]] = {}
-        for e in experts:
-            d = self.placement.device_of((layer, e))
-            by_dev.setdefault(d, {})[e] = self.res.devs[d].pool.slot_of[(layer, e)]
-        out = []
-        for d, slot_of in sorted(by_dev.items()):
-            dev = self.res.devs[d]
-            out.append(
-                SlotView(dev.pool.views(mod.layout), dev.pool.capacity, dev.device, slot_of, d)
-            )
-        return out
-
-    def _used(self, keys: list[ExpertKey], counts: np.ndarray) -> None:
-        now = self.now()
-        self.res.use(keys, now)
-        for key in keys:
-            self.driver.observe(ExpertUsed(key, int(counts[key[1]]), now))
-
-    # -- decisions ------------------------------------------------------------------------------
-    def _pump(self) -> None:
-        now = self.now()
-        for key, by_prefetch in self.res.take_landed():
-            self.driver.observe(LoadFinished(key, by_prefetch, now))
-        self.driver.pump()
-
-    def _apply(self, dec: PrefetchDecision, stamp: int) -> None:
-        """Apply a decision made for an event seen at gate sequence number ``stamp``.
-
-        Thread-safe: an async policy's searcher calls it from its own thread. Between a
-        gate and that gate's demand loads, decisions are held and applied right after the
-        demand loads (the simulator's order: the gate's orders go after its demand loads)."""
-        with self._apply_lock:
-            if self._held is not None:
-                self._held.append((dec, stamp))
-                return
-            self._apply_now(dec, stamp)
-
-    def _apply_now(self, dec: PrefetchDecision, stamp: int) -> None:
-        for key in dec.cancel:
-            self.res.cancel(key)
-        for order in dec.enqueue:
-            validate_order(order, self.spec)
-            self.res.order(order.key, order.priority, stamp)
-
-    def _release_held(self) -> None:
-        # under the lock: held decisions go before any the searcher makes meanwhile
-        with self._apply_lock:
-            held, self._held = self._held, None
-            for dec, stamp in held or []:
-                self._apply_now(dec, stamp)
 
     # -- results ---------------------------------------------------------------------------------
     def counters(self) -> CacheCounters:

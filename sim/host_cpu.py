@@ -50,7 +50,7 @@ class HostCpu:
         self.tasks = 0
         self._compute: dict[tuple[int, float], float] = {}
         self._act: dict[int, float] = {}
-        self._state: tuple[float, float] | None = None
+        self._state: tuple[float, float, float] | None = None
 
     def compute_s(self, tokens: int, share: float = 1.0) -> float:
         """One expert task's CPU time over ``tokens`` rows with ``share`` of the memory."""
@@ -83,7 +83,8 @@ class HostCpu:
         """The queue as a policy sees it (``PolicyContext.executor.cpu_state()``): the
         weight-reading time (and task overhead and link latencies) as the fixed part, the
         FLOPs and activation bytes per row as the per-token part; their sum bounds the
-        model's max() from above."""
+        model's max() from above. ``copy_slowdown``: the memory share one link's copy
+        takes from a task (as :meth:`submit` rates it)."""
         if self._state is None:
             spec, host = self.spec, self.hw.host
             assert host is not None
@@ -94,6 +95,9 @@ class HostCpu:
             )
             flops = 2 * 3 * spec.hidden_size * spec.expert_intermediate_size
             act = self.round_trip_s(1) - 2 * self.hw.link.latency_s
-            self._state = (flops / host.flops + act, fixed)
-        per_token, fixed = self._state
-        return CpuState(max(0.0, self.free_at - now), per_token, fixed)
+            slowdown = min(
+                1.0 - MIN_MEMORY_SHARE, self.hw.link.pinned_bandwidth_Bps / self.host_Bps
+            )
+            self._state = (flops / host.flops + act, fixed, slowdown)
+        per_token, fixed, slowdown = self._state
+        return CpuState(max(0.0, self.free_at - now), per_token, fixed, slowdown)

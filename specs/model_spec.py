@@ -17,10 +17,13 @@ from specs.errors import InputError
 
 DType = Literal["fp32", "bf16", "fp16", "fp8"]
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-WeightFormat = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
+WeightFormat = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "q4_k_m"]
 # bits per weight, block scales included: int8 as GGUF Q8_0 (34 bytes per 32 weights),
 # int4 as Q4_K (144 bytes per 256 weights, llama.cpp's k-quants), fp8 as DeepSeek-V3's
-# e4m3 with one fp32 scale per 128x128 block
+# e4m3 with one fp32 scale per 128x128 block; q4_k_m as llama.cpp's Q4_K_M mix for an
+# expert: gate and up Q4_K, down Q6_K (210 bytes per 256 weights) in the half of the
+# layers llama.cpp's use_more_bits() picks (first and last eighth, every third between)
+# and Q4_K in the others, averaged over the layers
 FORMAT_BITS: dict[str, float] = {
     "fp32": 32.0,
     "bf16": 16.0,
@@ -28,6 +31,7 @@ FORMAT_BITS: dict[str, float] = {
     "fp8": 8.0 + 32.0 / (128 * 128),
     "int8": 34 * 8 / 32,
     "int4": 144 * 8 / 256,
+    "q4_k_m": (2 * 144 + (144 + 210) / 2) * 8 / 256 / 3,
 }
 
 MAX_LAYERS = 10**4

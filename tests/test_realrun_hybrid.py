@@ -131,3 +131,22 @@ def test_renormalised_weights_keep_each_rows_sum():
     out = renormalised(idx, w, [1])
     assert torch.allclose(out.sum(-1)[:2], w.sum(-1)[:2])
     assert (out[idx == 1] == 0).all() and (out[2] == 0).all()  # a row with no expert left
+
+
+def test_lossy_policy_without_allow_lossy_is_refused_in_one_line_before_loading(capsys):
+    from fmoe_cli.main import main
+
+    rc = main(
+        ["run", "--model", "tiny-qwen3-moe", "--policy", "hobbit", "--cache-experts", "8"]
+        + ["--num-prompts", "1", "--max-new-tokens", "2"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "--allow-lossy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_lossy_policy_in_one_line(capsys):
+    from fmoe_cli.main import main
+
+    rc = main(["serve", "--model", "tiny-qwen3-moe", "--policy", "hobbit", "--cache-experts", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "exact policies only" in err and err.count("\n") == 1

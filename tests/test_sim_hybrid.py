@@ -285,3 +285,25 @@ def test_per_layer_scope_too_small_is_one_line_and_exit_2(capsys):
     args = [*BASE, "--hardware", "rtx4090-ddr5", "--policy", "lru", "--cache-experts", "100"]
     rc, err = _cli(capsys, *args, "--cache-scope", "per-layer")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "layers x top-K" in err
+
+
+SWEEP = ["sweep", "--model", "qwen3-30b-a3b", "--synth", "--synth-requests", "2", "--no-plots"]
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--hardware", "rtx3090-pcie4", "--policies", "ktransformers"], "host figures"),
+        (["--hardware", "rtx4090-ddr5", "--policies", "hobbit"], "--allow-lossy"),
+        (
+            ["--hardware", "rtx4090-ddr5", "--policies", "lru", "--cache-scope", "per-layer"],
+            "layers x top-K",
+        ),
+    ],
+)
+def test_sweep_whose_every_combination_is_refused_says_why_in_one_line_and_exits_2(
+    capsys, tmp_path, extra, words
+):
+    budget = ["--cache-experts", "100"] if "per-layer" in extra else ["--cache-gb", "2"]
+    rc, err = _cli(capsys, *SWEEP, *extra, *budget, "--out", str(tmp_path), "--quiet")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err
