@@ -1,0 +1,326 @@
+"""The engine's compiled path: an iteration's layer steps in one numba call.
+
+For the common case, a policy that only evicts (lru, lfu: ``Policy.kernel_eviction``)
+on links that carry one copy at a time, the per-layer-step work (demands, evictions,
+copies, compute timelines, waiting for loads) runs in :func:`sim.fastkernel.iteration`
+on arrays that mirror the caches and links. Arrivals, batching and iteration set-up stay
+in Python and simpy, as in :mod:`sim.engine`; the kernel returns wherever the engine
+would yield to simpy, and resumes after. Results are identical to the Python engine's
+(the reference): same floats in the same order. After the run the arrays are written
+back into the :class:`~policies.cache.ExpertCache` and :class:`~sim.link.Link` objects,
+so metrics read them as always.
+
+Which engine runs: the environment variable ``FMOE_SIM_ENGINE``: ``python`` (the
+reference engine always: for debugging), ``compiled`` (the compiled path whenever the
+run qualifies), ``auto`` (default: compiled when the run qualifies and is large enough
+to repay loading numba, ``AUTO_MIN_STEPS`` layer steps). :func:`why_not_compiled`
+names the first reason a run does not qualify.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from policies.base import Policy
+from policies.cache import CacheEntry, ExpertCache, ExpertState
+
+if TYPE_CHECKING:
+    from sim.engine import Engine
+
+ENGINE_ENV = "FMOE_SIM_ENGINE"
+ENGINES = ("auto", "compiled", "python")
+# below about this many layer steps, loading numba and the kernel (~0.5 s per process,
+# measured) costs more than the Python engine takes (~10 us a step) for the whole run
+AUTO_MIN_STEPS = 50_000
+# hooks a compiled run's policy must leave to Policy (on_expert_used: unless its
+# KernelEviction's counts stand for it)
+_HOOKS = (
+    "on_request_arrival",
+    "on_iteration_start",
+    "on_gate",
+    "on_load_finished",
+    "on_iteration_end",
+    "decide_prefetch",
+    "miss_action",
+)
+
+
+def engine_choice() -> str:
+    """The ``FMOE_SIM_ENGINE`` setting (``auto`` when unset); ValueError when unknown."""
+    v = os.environ.get(ENGINE_ENV, "auto").strip().lower() or "auto"
+    if v not in ENGINES:
+        raise ValueError(f"{ENGINE_ENV}={v!r}: expected one of {', '.join(ENGINES)}")
+    return v
+
+
+def _overrides(policy: Policy, hook: str) -> bool:
+    return getattr(type(policy), hook) is not getattr(Policy, hook)
+
+
+def why_not_compiled(eng: Engine) -> str:
+    """Why the compiled path cannot run ``eng``'s run ('' when it can)."""
+    policy = eng.policy
+    if "kernel_eviction" not in type(policy).__dict__:
+        return f"policy {policy.name!r} does not define kernel_eviction"
+    spec = policy.kernel_eviction()
+    if spec is None or spec.kind not in ("recency", "count_then_recency"):
+        return f"policy {policy.name!r} has no kernel eviction order"
+    for hook in _HOOKS:
+        if _overrides(policy, hook):
+            return f"policy {policy.name!r} overrides {hook}"
+    if _overrides(policy, "on_expert_used") and spec.counts is None:
+        return f"policy {policy.name!r} overrides on_expert_used without counts"
+    if policy.async_search or policy._enqueue or policy._cancel:
+        return "the policy orders prefetches"
+    if eng.log is not None:
+        return "an event log is recorded"
+    if eng.interferes:
+        return "copies interfere with compute"
+    hw = eng.cfg.hardware
+    if hw.link.concurrency != 1 or hw.host_bandwidth_cap_Bps is not None:
+        return "links carry several copies at once"
+    for cache in eng.caches:
+        if type(cache) is not ExpertCache:
+            return f"cache type {type(cache).__name__}"
+        for e in cache.entries.values():
+            if e.state is not ExpertState.RESIDENT or e.pins or e.protected or e.by_prefetch:
+                return "a cache starts with an entry that is not plainly resident"
+    # no waves: every GPU holds all of any layer's experts placed on it at once
+    need = [0] * eng.num_gpus
+    for row in eng.dev_table:
+        per = [0] * eng.num_gpus
+        for g in row:
+            per[g] += 1
+        need = [max(a, b) for a, b in zip(need, per, strict=True)]
+    for g, cache in enumerate(eng.caches):
+        if cache.capacity < need[g]:
+            return f"GPU {g}'s cache cannot hold a layer's experts at once (waves)"
+    return ""
+
+
+def use_compiled(eng: Engine, steps_estimate: int) -> bool:
+    """Whether ``eng`` runs the compiled path (see the module docstring)."""
+    choice = engine_choice()
+    if choice == "python":
+        return False
+    if choice == "auto" and steps_estimate < AUTO_MIN_STEPS:
+        return False
+    return not why_not_compiled(eng)
+
+
+class FastPath:
+    """The arrays of the compiled path for one run, and the links' face the engine's run
+    loop and arrivals use (``due``, ``advance``, ``run_calls``)."""
+
+    def __init__(self, eng: Engine) -> None:
+        from sim import fastkernel as fk
+
+        self.fk = fk
+        spec, n = eng.spec, eng.num_gpus
+        L, J = spec.num_moe_layers, spec.num_experts
+        self.J = J
+        caps = [c.capacity for c in eng.caches]
+        st = fk.new_state(L * J, n, J, max(caps) + 1)
+        self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.work = st
+        isc, fsc, ki, kf, gi, gf = self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf
+        ev = eng.policy.kernel_eviction()
+        assert ev is not None
+        if ev.kind == "recency":
+            isc[fk.I_EVICT] = fk.EVICT_RECENCY
+        else:
+            isc[fk.I_EVICT] = fk.EVICT_RUN_USES if ev.run_counts else fk.EVICT_USES
+        fsc[fk.F_SCALE] = ev.scale
+        if ev.counts is not None:
+            counts = ev.counts
+            assert counts.dtype == np.int64 and counts.flags.c_contiguous
+            self.run_uses = counts.reshape(-1)  # a view: the kernel adds to the policy's array
+            isc[fk.I_COUNTS] = 1
+        else:
+            self.run_uses = np.zeros(1, np.int64)
+        isc[fk.I_AFTER] = int(eng.after_loads)
+        isc[fk.I_EBYTES] = eng.caches[0].expert_bytes
+        isc[fk.I_J] = J
+        isc[fk.I_NGPU] = n
+        isc[fk.I_GATESEQ] = eng.gate_seq
+        fsc[fk.F_BW] = eng.links.links[0].bw
+        fsc[fk.F_LAT] = eng.links.links[0].lat
+        fsc[fk.F_STALL] = eng.stall_s
+        ki[:, fk.K_DEV] = np.asarray(eng.dev_table, dtype=np.int64).reshape(-1)
+        for g, cache in enumerate(eng.caches):
+            gi[g, fk.G_CAP] = cache.capacity
+            gi[g, fk.G_INORDER] = int(cache._in_order)
+            gf[g, fk.GF_LATEST] = cache._latest
+            self._load_counters(g, cache)
+            for key, e in cache._recency.items():  # recency order, oldest first
+                k = key[0] * J + key[1]
+                ki[k, fk.K_STATE] = fk.RESIDENT
+                ki[k, fk.K_USES] = e.uses
+                kf[k, fk.KF_LAST], kf[k, fk.KF_LOADED] = e.last_used, e.loaded_at
+                fk._append(ki, gi, k)
+                gi[g, fk.G_COUNT] += 1
+        # the plan of decoder layers: (MoE layer index or -1, hand-off before it)
+        self.plan = np.array([(m, int(h)) for m, h, _ in eng.plan], dtype=np.int64)
+        self.et = np.zeros(1, np.float64)  # expert compute time by rows, grown on demand
+        self.timing = eng.timing
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Load (or compile) the kernels now, not inside the timed event loop: an empty
+        plan runs no layer and leaves the state as it was."""
+        fk = self.fk
+        nxt, t = self.fsc[fk.F_NXT], self.fsc[fk.F_T]
+        self.fsc[fk.F_NXT] = np.inf
+        fk.iteration(
+            self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.work,
+            np.zeros((1, 1, 1), np.int64), np.zeros(2, np.int64), self.et,
+            np.zeros((0, 2), np.int64), np.zeros((1, 2), np.int64), self.run_uses,
+        )  # fmt: skip
+        self.fsc[fk.F_NXT], self.fsc[fk.F_T] = nxt, t
+        self.advance(-np.inf)
+        _ = self.due
+
+    _COUNTERS = (
+        ("demands", "G_DEMANDS"),
+        ("hits", "G_HITS"),
+        ("misses", "G_MISSES"),
+        ("loads", "G_LOADS"),
+        ("demand_loads", "G_DLOADS"),
+        ("evictions", "G_EVICTIONS"),
+        ("bytes_loaded", "G_BYTESLOADED"),
+    )
+
+    def _load_counters(self, g: int, cache: ExpertCache) -> None:
+        for name, col in self._COUNTERS:
+            self.gi[g, getattr(self.fk, col)] = getattr(cache.counters, name)
+
+    # -- the links' face ----------------------------------------------------------------
+    @property
+    def due(self) -> float:
+        return float(self.fk.due(self.isc, self.gi, self.gf))
+
+    def advance(self, t: float) -> None:
+        fk = self.fk
+        fk.advance(self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, t)
+
+    def run_calls(self) -> None:
+        """No timed calls on this path (no policy orders)."""
+
+    # -- per iteration ------------------------------------------------------------------
+    def expert_times(self, rows: int) -> np.ndarray:
+        """Expert compute time by rows routed to it, 0..``rows`` (Timing.expert's values)."""
+        et = self.et
+        if et.shape[0] <= rows:
+            n = max(rows + 1, 2 * et.shape[0])
+            new = np.zeros(n, np.float64)
+            new[: et.shape[0]] = et
+            for tok in range(max(et.shape[0], 1), n):
+                new[tok] = self.timing.expert(tok)
+            self.et = et = new
+        return et
+
+    # -- after the run ------------------------------------------------------------------
+    def export(self, eng: Engine) -> None:
+        """Write the arrays back into the caches, links and engine counters."""
+        fk, J = self.fk, self.J
+        isc, fsc, ki, kf, gi, gf = self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf
+        states = {fk.LOADING: ExpertState.LOADING, fk.RESIDENT: ExpertState.RESIDENT}
+        for g, cache in enumerate(eng.caches):
+            c = cache.counters
+            for name, col in self._COUNTERS:
+                setattr(c, name, int(gi[g, getattr(fk, col)]))
+            entries: dict = {}
+            k = int(gi[g, fk.G_HEAD])
+            while k >= 0:
+                key = eng.key_table[k // J][k % J]
+                entries[key] = CacheEntry(
+                    key,
+                    states[int(ki[k, fk.K_STATE])],
+                    float(kf[k, fk.KF_LOADED]),
+                    float(kf[k, fk.KF_LAST]),
+                    int(ki[k, fk.K_USES]),
+                    int(ki[k, fk.K_PINS]),
+                )
+                k = int(ki[k, fk.K_NEXT])
+            cache.entries.clear()
+            cache.entries.update(entries)
+            cache._recency.clear()
+            cache._recency.update(entries)
+            cache._n_loading = int(gi[g, fk.G_NLOAD])
+            cache._in_order = bool(gi[g, fk.G_INORDER])
+            cache._latest = float(gf[g, fk.GF_LATEST])
+            link = eng.links.links[g]
+            link.busy_s = float(gf[g, fk.GF_BUSYS])
+            link._busy_t0 = float(gf[g, fk.GF_BUSYT0])
+            link.active = int(gi[g, fk.G_ACTIVE])
+            link.bytes_moved = int(gi[g, fk.G_BYTES])
+            eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
+        eng.gate_seq = int(isc[fk.I_GATESEQ])
+        eng.links.stamp = eng.gate_seq
+        eng.layer_steps = int(isc[fk.I_STEPS])
+        eng.stall_s = float(fsc[fk.F_STALL])
+
+
+Proc = Generator[Any, Any, Any]
+
+
+class FastSteps:
+    """The engine's compiled iteration (a mixin of :class:`sim.engine.Engine`)."""
+
+    _fast: FastPath | None
+
+    def _iteration_fast(self: Engine, t: float) -> Proc:  # type: ignore[misc]
+        """:meth:`sim.engine.Engine._iteration` for a run on the compiled path."""
+        fp = self._fast
+        assert fp is not None
+        fk = fp.fk
+        env, timing = self.env, self.timing
+        peek = env.peek
+        batch = self.running
+        slices, rows, context = self._batch_rows(batch)
+        if len(batch) == 1:
+            ids = batch[0].req.routing.topk_ids[slices[0]]
+        else:
+            ids = np.concatenate(
+                [s.req.routing.topk_ids[sl] for s, sl in zip(batch, slices, strict=True)]
+            )
+        self.iterations += 1
+        fsc, isc = fp.fsc, fp.isc
+        fsc[fk.F_DENSE] = timing.dense(rows, context)
+        fsc[fk.F_HEAD] = timing.head(len(batch))
+        fsc[fk.F_HAND] = timing.handoff(rows) if self.num_gpus > 1 else 0.0
+        fsc[fk.F_EXCH] = timing.exchange(rows)
+        fsc[fk.F_OVER] = self.compute_model.layer_overhead(self.policy.name, rows)
+        et = fp.expert_times(rows)
+        row_off = np.zeros(len(batch) + 1, np.int64)
+        np.cumsum([sl.stop - sl.start for sl in slices], out=row_off[1:])
+        req_out = np.zeros((len(batch), 2), np.int64)
+        isc[fk.I_PHASE] = fk.PH_HEAD
+        fsc[fk.F_T] = t
+        fsc[fk.F_NXT] = peek()
+        kernel = fk.iteration
+        args = (fp.isc, fp.fsc, fp.ki, fp.kf, fp.gi, fp.gf, fp.q, fp.work)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        while True:
+            code = kernel(*args, ids, row_off, et, fp.plan, req_out, fp.run_uses)
+            if code == fk.DONE:
+                break
+            if code == fk.YIELD_T:  # an arrival at or before the engine's next action
+                t = float(fsc[fk.F_T])
+                yield env.timeout(t - env.now)
+                fsc[fk.F_T] = max(t, env.now)
+            elif code == fk.WAIT:  # an arrival before the next link event
+                nxt = float(fsc[fk.F_NXT])
+                yield env.timeout(max(nxt - env.now, 0.0))
+            else:
+                raise RuntimeError("waiting for loads that no link carries")
+            fsc[fk.F_NXT] = peek()
+        t = float(fsc[fk.F_T])
+        for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
+            s.demands += dem
+            s.hits += hit
+        self._finish_iteration(batch, t)
+        return t
