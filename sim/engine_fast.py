@@ -204,7 +204,7 @@ class FastPath:
 
     def advance(self, t: float) -> None:
         fk = self.fk
-        fk.advance(self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, t)
+        fk.advance(self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, float(t))
 
     def run_calls(self) -> None:
         """No timed calls on this path (no policy orders)."""

@@ -65,7 +65,7 @@ PH_HEAD, PH_LAYER, PH_GATE, PH_WAIT, PH_END, PH_END2, PH_ITER, PH_ITER2 = 0, 1, 
 
 
 # -- the recency order (a doubly linked list per GPU, oldest first) -----------------------
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _unlink(ki, gi, k):
     g = ki[k, K_DEV]
     p, n = ki[k, K_PREV], ki[k, K_NEXT]
@@ -79,7 +79,7 @@ def _unlink(ki, gi, k):
         gi[g, G_TAIL] = p
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _append(ki, gi, k):
     g = ki[k, K_DEV]
     tail = gi[g, G_TAIL]
@@ -92,7 +92,7 @@ def _append(ki, gi, k):
     gi[g, G_TAIL] = k
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _touched(gi, gf, g, now):
     if now >= gf[g, GF_LATEST]:
         gf[g, GF_LATEST] = now
@@ -101,7 +101,7 @@ def _touched(gi, gf, g, now):
 
 
 # -- the cache ------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _victim(isc, fsc, ki, kf, gi, g, run_uses):
     """ExpertCache._victim: the lowest (score, key) among resident unpinned entries (no
     entry is protected on this path); -1 when none."""
@@ -137,7 +137,7 @@ def _victim(isc, fsc, ki, kf, gi, g, run_uses):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _begin_load(isc, fsc, ki, kf, gi, gf, k, now, run_uses):
     """ExpertCache.begin_load(key, now, prefetch=False, pin=True); False when full."""
     g = ki[k, K_DEV]
@@ -164,7 +164,7 @@ def _begin_load(isc, fsc, ki, kf, gi, gf, k, now, run_uses):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _use(ki, kf, gi, gf, k, now):
     """ExpertCache.use(key, now, unpin=True)."""
     ki[k, K_PINS] -= 1
@@ -176,7 +176,7 @@ def _use(ki, kf, gi, gf, k, now):
 
 
 # -- the links --------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _begin(isc, fsc, gi, gf, g, k, now):
     """Link._begin of a demand load on the link's one channel (new run)."""
     gi[g, G_BUSY] = k
@@ -190,7 +190,7 @@ def _begin(isc, fsc, gi, gf, g, k, now):
     gi[g, G_EVSEQ] = isc[I_EVSEQ]
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _segment_done(isc, fsc, ki, kf, gi, gf, q, g, now):
     """Link._segment_done of a finished demand load, then the next queued one starts."""
     k = gi[g, G_BUSY]
@@ -214,7 +214,7 @@ def _segment_done(isc, fsc, ki, kf, gi, gf, q, g, now):
         _begin(isc, fsc, gi, gf, g, nk, now)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _next_event(isc, gi, gf):
     """The link whose event comes first (time, then scheduling order); -1 when none."""
     best = -1
@@ -230,16 +230,14 @@ def _next_event(isc, gi, gf):
     return best
 
 
-@njit(cache=True)
-def due(isc, gi, gf):
-    """Links.due: the time of the earliest queued link event (inf when none)."""
+@njit(cache=True, inline="always", _nrt=False)
+def _due(isc, gi, gf):
     g = _next_event(isc, gi, gf)
     return np.inf if g < 0 else gf[g, GF_EVT]
 
 
-@njit(cache=True)
-def advance(isc, fsc, ki, kf, gi, gf, q, t):
-    """Links.advance(t): every link event at or before ``t``, in time order."""
+@njit(cache=True, inline="always", _nrt=False)
+def _advance(isc, fsc, ki, kf, gi, gf, q, t):
     while True:
         g = _next_event(isc, gi, gf)
         if g < 0 or gf[g, GF_EVT] > t:
@@ -247,7 +245,19 @@ def advance(isc, fsc, ki, kf, gi, gf, q, t):
         _segment_done(isc, fsc, ki, kf, gi, gf, q, g, gf[g, GF_EVT])
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
+def due(isc, gi, gf):
+    """Links.due: the time of the earliest queued link event (inf when none)."""
+    return _due(isc, gi, gf)
+
+
+@njit(cache=True, _nrt=False)
+def advance(isc, fsc, ki, kf, gi, gf, q, t):
+    """Links.advance(t): every link event at or before ``t``, in time order."""
+    _advance(isc, fsc, ki, kf, gi, gf, q, t)
+
+
+@njit(cache=True, inline="always", _nrt=False)
 def _start_demand(isc, fsc, ki, kf, gi, gf, q, k, now, run_uses):
     """Link.start_demand(key, now): reserve the slot, start the copy or queue it."""
     if not _begin_load(isc, fsc, ki, kf, gi, gf, k, now, run_uses):
@@ -263,7 +273,7 @@ def _start_demand(isc, fsc, ki, kf, gi, gf, q, k, now, run_uses):
 
 
 # -- one layer step -------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _items(isc, ids, layer, work):
     """sim.iteration.layer_items of one layer: distinct experts by id, rows per expert, in
     work[:, W_E], work[:, W_TOK]; returns their number."""
@@ -299,7 +309,7 @@ def _items(isc, ids, layer, work):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _demand(isc, fsc, ki, kf, gi, gf, q, work, et, layer, t, run_uses):
     """LayerSteps._demand: demand and pin the layer's experts, start loading the misses.
     Fills W_USED, W_PEND/W_PTOK, marks missed experts (W_MISSED = step) and slow GPUs
@@ -364,7 +374,7 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, work, et, layer, t, run_uses):
     return nslow
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _timelines(isc, fsc, ki, kf, gi, gf, work, et, t, end):
     """LayerSteps._timeline of every GPU with misses; returns the layer's compute end."""
     npend = isc[I_NPEND]
@@ -420,7 +430,7 @@ def _timelines(isc, fsc, ki, kf, gi, gf, work, et, t, end):
     return end
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always", _nrt=False)
 def _attribute(isc, ids, layer, work, row_off, req_out):
     """LayerSteps._attribute: per request, distinct experts demanded and those that hit."""
     B = row_off.shape[0] - 1
@@ -448,7 +458,7 @@ def _attribute(isc, ids, layer, work, row_off, req_out):
         req_out[b, 1] += hit
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out, run_uses):
     """Run (or resume) one iteration's layers (Engine._iteration from the head on); returns
     DONE, or YIELD_T / WAIT where the engine yields to simpy (see the module docstring)."""
@@ -481,8 +491,8 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
                     return YIELD_T
         if ph == PH_GATE:
             layer = plan[isc[I_POS], 0]
-            if due(isc, gi, gf) <= t:
-                advance(isc, fsc, ki, kf, gi, gf, q, t)
+            if _due(isc, gi, gf) <= t:
+                _advance(isc, fsc, ki, kf, gi, gf, q, t)
             isc[I_GATESEQ] += 1
             isc[I_STEP] += 1
             isc[I_NITEMS] = _items(isc, ids, layer, work)
@@ -515,7 +525,7 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
                 if ki[work[i, W_PEND], K_STATE] == RESIDENT:
                     i += 1
                     continue
-                when = due(isc, gi, gf)
+                when = _due(isc, gi, gf)
                 if when == np.inf:
                     isc[I_PHASE] = ph
                     fsc[F_T] = t
@@ -524,7 +534,7 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
                     isc[I_PHASE] = ph
                     fsc[F_T] = t
                     return WAIT
-                advance(isc, fsc, ki, kf, gi, gf, q, when)
+                _advance(isc, fsc, ki, kf, gi, gf, q, when)
             t_layer = _timelines(isc, fsc, ki, kf, gi, gf, work, et, t, t + fsc[F_TOP])
             fsc[F_TLAYER] = t_layer
             fsc[F_STALL] += t_layer - t - fsc[F_IDEAL]
@@ -538,8 +548,8 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
                 return YIELD_T
         if ph == PH_END2:
             layer = plan[isc[I_POS], 0]
-            if due(isc, gi, gf) <= t:
-                advance(isc, fsc, ki, kf, gi, gf, q, t)
+            if _due(isc, gi, gf) <= t:
+                _advance(isc, fsc, ki, kf, gi, gf, q, t)
             for i in range(isc[I_NUSED]):
                 _use(ki, kf, gi, gf, work[i, W_USED], t)
             _attribute(isc, ids, layer, work, row_off, req_out)
@@ -558,8 +568,8 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
                 fsc[F_T] = t
                 return YIELD_T
         if ph == PH_ITER2:
-            if due(isc, gi, gf) <= t:
-                advance(isc, fsc, ki, kf, gi, gf, q, t)
+            if _due(isc, gi, gf) <= t:
+                _advance(isc, fsc, ki, kf, gi, gf, q, t)
             isc[I_PHASE] = PH_HEAD
             fsc[F_T] = t
             return DONE
