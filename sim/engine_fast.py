@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -166,7 +167,36 @@ class FastPath:
         self.plan = np.array([(m, int(h)) for m, h, _ in eng.plan], dtype=np.int64)
         self.et = np.zeros(1, np.float64)  # expert compute time by rows, grown on demand
         self.timing = eng.timing
+        # what the per-iteration driver reads, as attributes (no module lookups)
+        self.kernel = fk.iteration
+        self.state = (self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.work)
+        self.F_T, self.F_NXT, self.I_PHASE, self.PH_HEAD = fk.F_T, fk.F_NXT, fk.I_PHASE, fk.PH_HEAD
+        self.YIELD_T, self.WAIT = fk.YIELD_T, fk.WAIT
+        assert (fk.F_HAND, fk.F_EXCH, fk.F_OVER, fk.F_HEAD) == tuple(
+            range(fk.F_DENSE + 1, fk.F_DENSE + 5)
+        )
+        self.F_ITER = slice(fk.F_DENSE, fk.F_DENSE + 5)
+        self.one_row_off = np.zeros(2, np.int64)
+        self.one_req_out = np.zeros((1, 2), np.int64)
+        self._per_rows: dict[tuple[int, int], tuple[float, float, float, float]] = {}
+        self._eng = eng
         self._warm_up()
+
+    def per_rows(self, rows: int, batch: int) -> tuple[float, float, float, float]:
+        """(hand-off, exchange, executor overhead, head) times of an iteration of ``rows``
+        rows and ``batch`` requests, as the Python engine computes them (memoised)."""
+        key = (rows, batch)
+        v = self._per_rows.get(key)
+        if v is None:
+            eng = self._eng
+            timing = eng.timing
+            v = self._per_rows[key] = (
+                timing.handoff(rows) if eng.num_gpus > 1 else 0.0,
+                timing.exchange(rows),
+                eng.compute_model.layer_overhead(eng.policy.name, rows),
+                timing.head(batch),
+            )
+        return v
 
     def _warm_up(self) -> None:
         """Load (or compile) the kernels now, not inside the timed event loop: an empty
@@ -200,7 +230,7 @@ class FastPath:
     # -- the links' face ----------------------------------------------------------------
     @property
     def due(self) -> float:
-        return float(self.fk.due(self.isc, self.gi, self.gf))
+        return float(self.fsc[self.fk.F_DUE])  # the kernels keep it current
 
     def advance(self, t: float) -> None:
         fk = self.fk
@@ -273,54 +303,58 @@ class FastSteps:
     _fast: FastPath | None
 
     def _iteration_fast(self: Engine, t: float) -> Proc:  # type: ignore[misc]
-        """:meth:`sim.engine.Engine._iteration` for a run on the compiled path."""
+        """:meth:`sim.engine.Engine._iteration` for a run on the compiled path (the same
+        steps: this sets up the iteration, the kernel runs its layers)."""
         fp = self._fast
         assert fp is not None
-        fk = fp.fk
-        env, timing = self.env, self.timing
-        peek = env.peek
+        env = self.env
         batch = self.running
         slices, rows, context = self._batch_rows(batch)
-        if len(batch) == 1:
+        n = len(batch)
+        if n == 1:
             ids = batch[0].req.routing.topk_ids[slices[0]]
+            row_off, req_out = fp.one_row_off, fp.one_req_out
         else:
             ids = np.concatenate(
                 [s.req.routing.topk_ids[sl] for s, sl in zip(batch, slices, strict=True)]
             )
+            row_off = np.fromiter(
+                accumulate((sl.stop - sl.start for sl in slices), initial=0), np.int64, n + 1
+            )
+            req_out = np.zeros((n, 2), np.int64)
+        if ids.dtype != np.int64:
+            ids = ids.astype(np.int64)
         self.iterations += 1
-        fsc, isc = fp.fsc, fp.isc
-        fsc[fk.F_DENSE] = timing.dense(rows, context)
-        fsc[fk.F_HEAD] = timing.head(len(batch))
-        fsc[fk.F_HAND] = timing.handoff(rows) if self.num_gpus > 1 else 0.0
-        fsc[fk.F_EXCH] = timing.exchange(rows)
-        fsc[fk.F_OVER] = self.compute_model.layer_overhead(self.policy.name, rows)
-        et = fp.expert_times(rows)
-        row_off = np.zeros(len(batch) + 1, np.int64)
-        np.cumsum([sl.stop - sl.start for sl in slices], out=row_off[1:])
-        req_out = np.zeros((len(batch), 2), np.int64)
-        isc[fk.I_PHASE] = fk.PH_HEAD
-        fsc[fk.F_T] = t
-        fsc[fk.F_NXT] = peek()
-        kernel = fk.iteration
-        args = (fp.isc, fp.fsc, fp.ki, fp.kf, fp.gi, fp.gf, fp.q, fp.work)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        fsc = fp.fsc
+        # F_DENSE, F_HAND, F_EXCH, F_OVER, F_HEAD in one assignment
+        fsc[fp.F_ITER] = (self.timing.dense(rows, context), *fp.per_rows(rows, n))
+        fsc[fp.F_T] = t
+        fsc[fp.F_NXT] = env.peek()
+        fp.isc[fp.I_PHASE] = fp.PH_HEAD
+        kernel, state, plan, run_uses = fp.kernel, fp.state, fp.plan, fp.run_uses
+        et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
         while True:
-            code = kernel(*args, ids, row_off, et, fp.plan, req_out, fp.run_uses)
-            if code == fk.DONE:
+            code = kernel(*state, ids, row_off, et, plan, req_out, run_uses)
+            if code == 0:  # DONE
                 break
-            if code == fk.YIELD_T:  # an arrival at or before the engine's next action
-                t = float(fsc[fk.F_T])
+            if code == fp.YIELD_T:  # an arrival at or before the engine's next action
+                t = float(fsc[fp.F_T])
                 yield env.timeout(t - env.now)
-                fsc[fk.F_T] = max(t, env.now)
-            elif code == fk.WAIT:  # an arrival before the next link event
-                nxt = float(fsc[fk.F_NXT])
-                yield env.timeout(max(nxt - env.now, 0.0))
+                fsc[fp.F_T] = max(t, env.now)
+            elif code == fp.WAIT:  # an arrival before the next link event
+                yield env.timeout(max(float(fsc[fp.F_NXT]) - env.now, 0.0))
             else:
                 raise RuntimeError("waiting for loads that no link carries")
-            fsc[fk.F_NXT] = peek()
-        t = float(fsc[fk.F_T])
-        for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
-            s.demands += dem
-            s.hits += hit
+            fsc[fp.F_NXT] = env.peek()
+        t = float(fsc[fp.F_T])
+        if n == 1:
+            s = batch[0]
+            s.demands += int(req_out[0, 0])
+            s.hits += int(req_out[0, 1])
+            req_out[0] = 0
+        else:
+            for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
+                s.demands += dem
+                s.hits += hit
         self._finish_iteration(batch, t)
         return t

@@ -31,7 +31,8 @@ N_ISC = 17
 # fsc: float64 scalars
 F_T, F_NXT, F_STALL, F_TOP, F_IDEAL, F_TLAYER, F_DENSE, F_HAND = 0, 1, 2, 3, 4, 5, 6, 7
 F_EXCH, F_OVER, F_HEAD, F_BW, F_LAT, F_SCALE = 8, 9, 10, 11, 12, 13
-N_FSC = 14
+F_DUE = 14  # Links.due as of the last return (the run loop reads it without a call)
+N_FSC = 15
 # ki: per key (layer * J + expert) ints
 K_STATE, K_PINS, K_USES, K_PREV, K_NEXT, K_DEV = 0, 1, 2, 3, 4, 5
 N_KI = 6
@@ -255,6 +256,7 @@ def due(isc, gi, gf):
 def advance(isc, fsc, ki, kf, gi, gf, q, t):
     """Links.advance(t): every link event at or before ``t``, in time order."""
     _advance(isc, fsc, ki, kf, gi, gf, q, t)
+    fsc[F_DUE] = _due(isc, gi, gf)
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -488,6 +490,7 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
                 if nxt <= t:
                     isc[I_PHASE] = ph
                     fsc[F_T] = t
+                    fsc[F_DUE] = _due(isc, gi, gf)
                     return YIELD_T
         if ph == PH_GATE:
             layer = plan[isc[I_POS], 0]
@@ -508,6 +511,7 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
             else:
                 if nslow < 0:
                     fsc[F_T] = t
+                    fsc[F_DUE] = _due(isc, gi, gf)
                     return NO_LINK
                 ideal = top
                 step = isc[I_STEP]
@@ -529,10 +533,12 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
                 if when == np.inf:
                     isc[I_PHASE] = ph
                     fsc[F_T] = t
+                    fsc[F_DUE] = _due(isc, gi, gf)
                     return NO_LINK
                 if nxt <= when:
                     isc[I_PHASE] = ph
                     fsc[F_T] = t
+                    fsc[F_DUE] = _due(isc, gi, gf)
                     return WAIT
                 _advance(isc, fsc, ki, kf, gi, gf, q, when)
             t_layer = _timelines(isc, fsc, ki, kf, gi, gf, work, et, t, t + fsc[F_TOP])
@@ -545,6 +551,7 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
             if nxt <= t:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
+                fsc[F_DUE] = _due(isc, gi, gf)
                 return YIELD_T
         if ph == PH_END2:
             layer = plan[isc[I_POS], 0]
@@ -566,12 +573,14 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
             if nxt <= t:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
+                fsc[F_DUE] = _due(isc, gi, gf)
                 return YIELD_T
         if ph == PH_ITER2:
             if _due(isc, gi, gf) <= t:
                 _advance(isc, fsc, ki, kf, gi, gf, q, t)
             isc[I_PHASE] = PH_HEAD
             fsc[F_T] = t
+            fsc[F_DUE] = _due(isc, gi, gf)
             return DONE
 
 
@@ -589,6 +598,7 @@ def new_state(num_keys: int, num_gpus: int, num_experts: int, queue: int) -> tup
     gf = np.zeros((num_gpus, N_GF), np.float64)
     gf[:, GF_EVT] = np.inf
     gf[:, GF_LATEST] = -np.inf
+    fsc[F_DUE] = np.inf
     q = np.zeros((num_gpus, queue), np.int64)
     work = np.zeros((num_experts, N_W), np.int64)
     work[:, W_MISSED] = work[:, W_MARK] = -1
