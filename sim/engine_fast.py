@@ -31,6 +31,7 @@ from policies.cache import CacheEntry, ExpertCache, ExpertState
 
 if TYPE_CHECKING:
     from sim.engine import Engine
+    from sim.links import Links
 
 ENGINE_ENV = "FMOE_SIM_ENGINE"
 ENGINES = ("auto", "compiled", "python")
@@ -90,16 +91,6 @@ def why_not_compiled(eng: Engine) -> str:
         for e in cache.entries.values():
             if e.state is not ExpertState.RESIDENT or e.pins or e.protected or e.by_prefetch:
                 return "a cache starts with an entry that is not plainly resident"
-    # no waves: every GPU holds all of any layer's experts placed on it at once
-    need = [0] * eng.num_gpus
-    for row in eng.dev_table:
-        per = [0] * eng.num_gpus
-        for g in row:
-            per[g] += 1
-        need = [max(a, b) for a, b in zip(need, per, strict=True)]
-    for g, cache in enumerate(eng.caches):
-        if cache.capacity < need[g]:
-            return f"GPU {g}'s cache cannot hold a layer's experts at once (waves)"
     return ""
 
 
@@ -127,7 +118,7 @@ class FastPath:
         caps = [c.capacity for c in eng.caches]
         st = fk.new_state(L * J, n, J, max(caps) + 1)
         self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.work = st
-        isc, fsc, ki, kf, gi, gf = self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf
+        isc, fsc, ki, gi = self.isc, self.fsc, self.ki, self.gi
         ev = eng.policy.kernel_eviction()
         assert ev is not None
         if ev.kind == "recency":
@@ -153,16 +144,7 @@ class FastPath:
         ki[:, fk.K_DEV] = np.asarray(eng.dev_table, dtype=np.int64).reshape(-1)
         for g, cache in enumerate(eng.caches):
             gi[g, fk.G_CAP] = cache.capacity
-            gi[g, fk.G_INORDER] = int(cache._in_order)
-            gf[g, fk.GF_LATEST] = cache._latest
-            self._load_counters(g, cache)
-            for key, e in cache._recency.items():  # recency order, oldest first
-                k = key[0] * J + key[1]
-                ki[k, fk.K_STATE] = fk.RESIDENT
-                ki[k, fk.K_USES] = e.uses
-                kf[k, fk.KF_LAST], kf[k, fk.KF_LOADED] = e.last_used, e.loaded_at
-                fk._append(ki, gi, k)
-                gi[g, fk.G_COUNT] += 1
+        self.import_state(eng)
         # the plan of decoder layers: (MoE layer index or -1, hand-off before it)
         self.plan = np.array([(m, int(h)) for m, h, _ in eng.plan], dtype=np.int64)
         self.et = np.zeros(1, np.float64)  # expert compute time by rows, grown on demand
@@ -180,7 +162,19 @@ class FastPath:
         self.one_req_out = np.zeros((1, 2), np.int64)
         self._per_rows: dict[tuple[int, int], tuple[float, float, float, float]] = {}
         self._eng = eng
+        self.python: Links | None = None  # set while the Python engine runs an iteration
+        self.min_cap = min(caps)
+        self.top_k = spec.top_k
+        self.wave_counts = np.zeros(n, np.int64)
+        self.python_iterations = 0
         self._warm_up()
+
+    def needs_waves(self, ids: np.ndarray, rows: int) -> bool:
+        """Whether a layer of this iteration routes more distinct experts to a GPU than its
+        cache holds (see :func:`sim.fastkernel.needs_waves`)."""
+        if rows * self.top_k <= self.min_cap:
+            return False
+        return bool(self.fk.needs_waves(ids, self.ki, self.gi, self.wave_counts, self.J))
 
     def per_rows(self, rows: int, batch: int) -> tuple[float, float, float, float]:
         """(hand-off, exchange, executor overhead, head) times of an iteration of ``rows``
@@ -212,6 +206,7 @@ class FastPath:
         self.fsc[fk.F_NXT], self.fsc[fk.F_T] = nxt, t
         self.advance(-np.inf)
         _ = self.due
+        fk.needs_waves(np.zeros((1, 1, 1), np.int64), self.ki, self.gi, self.wave_counts, self.J)
 
     _COUNTERS = (
         ("demands", "G_DEMANDS"),
@@ -223,16 +218,17 @@ class FastPath:
         ("bytes_loaded", "G_BYTESLOADED"),
     )
 
-    def _load_counters(self, g: int, cache: ExpertCache) -> None:
-        for name, col in self._COUNTERS:
-            self.gi[g, getattr(self.fk, col)] = getattr(cache.counters, name)
-
     # -- the links' face ----------------------------------------------------------------
     @property
     def due(self) -> float:
+        if self.python is not None:
+            return self.python.due
         return float(self.fsc[self.fk.F_DUE])  # the kernels keep it current
 
     def advance(self, t: float) -> None:
+        if self.python is not None:  # an iteration on the Python engine: its links
+            self.python.advance(t)
+            return
         fk = self.fk
         fk.advance(self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, float(t))
 
@@ -252,9 +248,45 @@ class FastPath:
             self.et = et = new
         return et
 
-    # -- after the run ------------------------------------------------------------------
+    # -- to and from the Python objects ---------------------------------------------------
+    def import_state(self, eng: Engine) -> None:
+        """Load the caches, links and engine counters into the arrays (at the start, and
+        after an iteration the Python engine ran). The links must be idle, as they are
+        between iterations on this path (every layer step waits for its loads)."""
+        fk, J = self.fk, self.J
+        isc, fsc, ki, kf, gi, gf = self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf
+        ki[:, fk.K_STATE] = fk.ABSENT
+        ki[:, fk.K_PINS] = 0
+        gi[:, fk.G_HEAD] = gi[:, fk.G_TAIL] = -1
+        gi[:, fk.G_COUNT] = gi[:, fk.G_NLOAD] = 0
+        for g, cache in enumerate(eng.caches):
+            link = eng.links.links[g]
+            if link.active or link.demand_q or link.queued:
+                raise RuntimeError(f"link {g} is not idle between iterations")
+            gi[g, fk.G_INORDER] = int(cache._in_order)
+            gf[g, fk.GF_LATEST] = cache._latest
+            for name, col in self._COUNTERS:
+                gi[g, getattr(fk, col)] = getattr(cache.counters, name)
+            for key, e in cache._recency.items():  # recency order, oldest first
+                k = key[0] * J + key[1]
+                ki[k, fk.K_STATE] = fk.RESIDENT
+                ki[k, fk.K_USES] = e.uses
+                kf[k, fk.KF_LAST], kf[k, fk.KF_LOADED] = e.last_used, e.loaded_at
+                fk._append(ki, gi, k)
+                gi[g, fk.G_COUNT] += 1
+            gf[g, fk.GF_BUSYS] = link.busy_s
+            gf[g, fk.GF_BUSYT0] = link._busy_t0
+            gi[g, fk.G_ACTIVE] = 0
+            gi[g, fk.G_BYTES] = link.bytes_moved
+            gi[g, fk.G_FREES] = eng.links.slot_frees[g]
+        isc[fk.I_GATESEQ] = eng.gate_seq
+        isc[fk.I_STEPS] = eng.layer_steps
+        fsc[fk.F_STALL] = eng.stall_s
+        fsc[fk.F_DUE] = np.inf
+
     def export(self, eng: Engine) -> None:
-        """Write the arrays back into the caches, links and engine counters."""
+        """Write the arrays back into the caches, links and engine counters (after the
+        run, and before an iteration the Python engine runs)."""
         fk, J = self.fk, self.J
         isc, fsc, ki, kf, gi, gf = self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf
         states = {fk.LOADING: ExpertState.LOADING, fk.RESIDENT: ExpertState.RESIDENT}
@@ -324,6 +356,14 @@ class FastSteps:
             req_out = np.zeros((n, 2), np.int64)
         if ids.dtype != np.int64:
             ids = ids.astype(np.int64)
+        if fp.needs_waves(ids, rows):  # waves: this iteration on the Python engine
+            fp.export(self)
+            fp.python = self.links
+            fp.python_iterations += 1
+            t = yield from self._iteration(t)
+            fp.python = None
+            fp.import_state(self)
+            return t
         self.iterations += 1
         fsc = fp.fsc
         # F_DENSE, F_HAND, F_EXCH, F_OVER, F_HEAD in one assignment

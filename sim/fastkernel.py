@@ -35,12 +35,14 @@ F_DUE = 14  # Links.due as of the last return (the run loop reads it without a c
 N_FSC = 15
 # ki: per key (layer * J + expert) ints
 K_STATE, K_PINS, K_USES, K_PREV, K_NEXT, K_DEV = 0, 1, 2, 3, 4, 5
-N_KI = 6
+K_SEEN = 6  # scratch of needs_waves
+N_KI = 7
 # kf: per key floats
 KF_LAST, KF_LOADED = 0, 1
 # gi: per GPU ints (cache, link, counters as policies.cache.CacheCounters names them)
 G_HEAD, G_TAIL, G_COUNT, G_CAP, G_NLOAD, G_INORDER, G_QH, G_QN = 0, 1, 2, 3, 4, 5, 6, 7
 G_BUSY, G_BYTES, G_EVSEQ, G_SLOW, G_FREES, G_ACTIVE = 8, 9, 10, 11, 12, 13
+G_WAVEMARK = 21  # row 0 only: needs_waves' call count
 G_DEMANDS, G_HITS, G_MISSES, G_LOADS, G_DLOADS, G_EVICTIONS, G_BYTESLOADED = (
     14,
     15,
@@ -50,7 +52,7 @@ G_DEMANDS, G_HITS, G_MISSES, G_LOADS, G_DLOADS, G_EVICTIONS, G_BYTESLOADED = (
     19,
     20,
 )
-N_GI = 21
+N_GI = 22
 # gf: per GPU floats
 GF_LATEST, GF_BUSYS, GF_BUSYT0, GF_EVT, GF_COMP, GF_LOAD = 0, 1, 2, 3, 4, 5
 N_GF = 6
@@ -603,3 +605,28 @@ def new_state(num_keys: int, num_gpus: int, num_experts: int, queue: int) -> tup
     work = np.zeros((num_experts, N_W), np.int64)
     work[:, W_MISSED] = work[:, W_MARK] = -1
     return isc, fsc, ki, kf, gi, gf, q, work
+
+
+@njit(cache=True, _nrt=False)
+def needs_waves(ids, ki, gi, counts, num_experts):
+    """True when some layer of this iteration routes more distinct experts to a GPU than
+    its cache holds (that GPU then runs waves, which only the Python engine does).
+    ``counts``: int64 scratch of one entry per GPU."""
+    R, L, K = ids.shape
+    G = gi.shape[0]
+    gi[0, G_WAVEMARK] += 1  # a fresh mark per call (a key belongs to one layer)
+    mark = gi[0, G_WAVEMARK]
+    for layer in range(L):
+        for g in range(G):
+            counts[g] = 0
+        base = layer * num_experts
+        for r in range(R):
+            for j in range(K):
+                k = base + ids[r, layer, j]
+                if ki[k, K_SEEN] != mark:
+                    ki[k, K_SEEN] = mark
+                    g = ki[k, K_DEV]
+                    counts[g] += 1
+                    if counts[g] > gi[g, G_CAP]:
+                        return True
+    return False
