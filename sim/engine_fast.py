@@ -28,6 +28,7 @@ import numpy as np
 
 from policies.base import Policy
 from policies.cache import CacheEntry, ExpertCache, ExpertState
+from specs.errors import InputError
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -52,10 +53,10 @@ _HOOKS = (
 
 
 def engine_choice() -> str:
-    """The ``FMOE_SIM_ENGINE`` setting (``auto`` when unset); ValueError when unknown."""
+    """The ``FMOE_SIM_ENGINE`` setting (``auto`` when unset); InputError when unknown."""
     v = os.environ.get(ENGINE_ENV, "auto").strip().lower() or "auto"
     if v not in ENGINES:
-        raise ValueError(f"{ENGINE_ENV}={v!r}: expected one of {', '.join(ENGINES)}")
+        raise InputError(f"{ENGINE_ENV}={v!r}: expected one of {', '.join(ENGINES)}")
     return v
 
 
