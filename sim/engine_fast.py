@@ -102,7 +102,14 @@ def use_compiled(eng: Engine, steps_estimate: int) -> bool:
         return False
     if choice == "auto" and steps_estimate < AUTO_MIN_STEPS:
         return False
-    return not why_not_compiled(eng)
+    if why_not_compiled(eng):
+        return False
+    if choice == "auto":
+        try:  # a broken numba install leaves auto on the Python engine, not failing
+            import sim.fastkernel  # noqa: F401
+        except ImportError:
+            return False
+    return True
 
 
 class FastPath:

@@ -12,6 +12,10 @@ the reference; ``tests/test_engine_fast.py`` holds them equal.
 Imported only when a run takes the compiled path: importing numba and loading the
 compiled kernel (``cache=True``: compiled once per machine) costs a fraction of a second.
 
+Every function is compiled with ``_nrt=False`` (numba's reference counting off): nothing
+here allocates an array, and with it on, each array passed between the (inlined) helpers
+costs an atomic increment and decrement, which took most of the kernel's time.
+
 The kernel stops where the engine would yield to simpy (an arrival at or before its next
 action) and returns a code; the caller yields and calls it again, and it resumes where it
 stopped (``isc[I_PHASE]``, ``isc[I_POS]``).
