@@ -240,3 +240,14 @@ def test_arrivals_during_a_load_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     ref, fast, built = both(w, cfg)
     assert built and fastkernel.WAIT in codes
     assert fast == ref
+
+
+def test_no_offload_on_the_compiled_path() -> None:
+    """Every expert preloaded: all hits, on both engines alike."""
+    spec, hw = load_model("qwen1.5-moe-a2.7b"), load_hardware("paper-6x3090")
+    w = generate(spec, SynthConfig(num_requests=3, arrival_rate=2.91, seed=4))
+    cfg = SimConfig(model=spec, hardware=hw, policy="no-offload", cache_gb=40, batch_size=2)
+    ref, fast, built = both(w, cfg)
+    assert built
+    assert fast == ref
+    assert json.loads(fast)["metrics"]["loads"] == 0
