@@ -161,7 +161,14 @@ class FastPath:
         self.kernel = fk.iteration
         self.state = (self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.work)
         self.F_T, self.F_NXT, self.I_PHASE, self.PH_HEAD = fk.F_T, fk.F_NXT, fk.I_PHASE, fk.PH_HEAD
-        self.YIELD_T, self.WAIT = fk.YIELD_T, fk.WAIT
+        self.YIELD_T, self.WAIT, self.YIELD_TO, self.NO_LINK = (
+            fk.YIELD_T,
+            fk.WAIT,
+            fk.YIELD_TO,
+            fk.NO_LINK,
+        )
+        self.F_NOW, self.F_TO = fk.F_NOW, fk.F_TO
+        self.num_gpus = n
         assert (fk.F_HAND, fk.F_EXCH, fk.F_OVER, fk.F_HEAD) == tuple(
             range(fk.F_DENSE + 1, fk.F_DENSE + 5)
         )
@@ -364,7 +371,8 @@ class FastSteps:
             req_out = np.zeros((n, 2), np.int64)
         if ids.dtype != np.int64:
             ids = ids.astype(np.int64)
-        if fp.needs_waves(ids, rows):  # waves: this iteration on the Python engine
+        if fp.num_gpus > 1 and fp.needs_waves(ids, rows):  # waves on one of several GPUs:
+            # this iteration on the Python engine (wave processes interleave on simpy's clock)
             fp.export(self)
             fp.python = self.links
             fp.python_iterations += 1
@@ -378,6 +386,7 @@ class FastSteps:
         fsc[fp.F_ITER] = (self.timing.dense(rows, context), *fp.per_rows(rows, n))
         fsc[fp.F_T] = t
         fsc[fp.F_NXT] = env.peek()
+        fsc[fp.F_NOW] = env.now
         fp.isc[fp.I_PHASE] = fp.PH_HEAD
         kernel, state, plan, run_uses = fp.kernel, fp.state, fp.plan, fp.run_uses
         et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
@@ -391,9 +400,14 @@ class FastSteps:
                 fsc[fp.F_T] = max(t, env.now)
             elif code == fp.WAIT:  # an arrival before the next link event
                 yield env.timeout(max(float(fsc[fp.F_NXT]) - env.now, 0.0))
-            else:
+            elif code == fp.YIELD_TO:  # a wave steps simpy's clock (LayerSteps._waves)
+                yield env.timeout(float(fsc[fp.F_TO]) - env.now)
+            elif code == fp.NO_LINK:
                 raise RuntimeError("waiting for loads that no link carries")
+            else:
+                raise RuntimeError("the compiled path met a state only the Python engine handles")
             fsc[fp.F_NXT] = env.peek()
+            fsc[fp.F_NOW] = env.now
         t = float(fsc[fp.F_T])
         if n == 1:
             s = batch[0]

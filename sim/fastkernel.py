@@ -31,12 +31,15 @@ from numba import njit
 I_PHASE, I_POS, I_GATESEQ, I_STEPS, I_EVSEQ, I_NUSED, I_NPEND, I_STEP = 0, 1, 2, 3, 4, 5, 6, 7
 I_EVICT, I_AFTER, I_EBYTES, I_J, I_NITEMS, I_NMISSED, I_MARK, I_NGPU = 8, 9, 10, 11, 12, 13, 14, 15
 I_COUNTS = 16  # 1: count every use in run_uses (the policy's on_expert_used, mirrored)
-N_ISC = 17
+I_NDEFER, I_DHEAD = 17, 18  # a layer step's deferred keys (waves), and the next to load
+N_ISC = 19
 # fsc: float64 scalars
 F_T, F_NXT, F_STALL, F_TOP, F_IDEAL, F_TLAYER, F_DENSE, F_HAND = 0, 1, 2, 3, 4, 5, 6, 7
 F_EXCH, F_OVER, F_HEAD, F_BW, F_LAT, F_SCALE = 8, 9, 10, 11, 12, 13
 F_DUE = 14  # Links.due as of the last return (the run loop reads it without a call)
-N_FSC = 15
+F_NOW, F_TO = 15, 16  # simpy's env.now (set by the caller); the time a YIELD_TO asks for
+F_TG, F_WCOMP = 17, 18  # a wave GPU's timeline and its resident experts' compute
+N_FSC = 19
 # ki: per key (layer * J + expert) ints
 K_STATE, K_PINS, K_USES, K_PREV, K_NEXT, K_DEV = 0, 1, 2, 3, 4, 5
 K_SEEN = 6  # scratch of needs_waves
@@ -62,13 +65,17 @@ GF_LATEST, GF_BUSYS, GF_BUSYT0, GF_EVT, GF_COMP, GF_LOAD = 0, 1, 2, 3, 4, 5
 N_GF = 6
 # work: per distinct expert of a layer step (rows 0..J-1); columns
 W_E, W_TOK, W_USED, W_PEND, W_PTOK, W_ABS, W_CNT, W_MISSED, W_MARK = 0, 1, 2, 3, 4, 5, 6, 7, 8
-N_W = 9
+W_DEFER, W_DTOK = 9, 10  # keys that found no slot (later waves) and their rows
+N_W = 11
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
 EVICT_RECENCY, EVICT_USES, EVICT_RUN_USES = 0, 1, 2
-DONE, YIELD_T, WAIT, NO_LINK = 0, 1, 2, 3
+DONE, YIELD_T, WAIT, NO_LINK, YIELD_TO, BAD = 0, 1, 2, 3, 4, 5
 # phases of an iteration
 PH_HEAD, PH_LAYER, PH_GATE, PH_WAIT, PH_END, PH_END2, PH_ITER, PH_ITER2 = 0, 1, 2, 3, 4, 5, 6, 7
+# waves (one GPU): sync to the clock, start, wait for a wave's loads, after a clock step,
+# release the wave and load the next
+PH_WSYNC, PH_WSTART, PH_WWAIT, PH_WADV, PH_WUSE = 8, 9, 10, 11, 12
 
 
 # -- the recency order (a doubly linked list per GPU, oldest first) -----------------------
@@ -366,11 +373,15 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, work, et, layer, t, run_uses):
         else:
             work[nabs, W_ABS] = i
             nabs += 1
+    ndefer = 0
     for a in range(nabs):
         i = work[a, W_ABS]
         k = base + work[i, W_E]
         if not _start_demand(isc, fsc, ki, kf, gi, gf, q, k, t, run_uses):
-            return -1  # waves: the caller checked they cannot happen
+            work[ndefer, W_DEFER] = k  # no slot: a later wave (a failed start changes nothing)
+            work[ndefer, W_DTOK] = work[i, W_TOK]
+            ndefer += 1
+            continue
         work[npend, W_PEND] = k
         work[npend, W_PTOK] = work[i, W_TOK]
         npend += 1
@@ -379,60 +390,68 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, work, et, layer, t, run_uses):
     isc[I_NUSED] = nu
     isc[I_NPEND] = npend
     isc[I_NMISSED] = nmiss
+    isc[I_NDEFER] = ndefer
+    isc[I_DHEAD] = 0
     return nslow
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _timelines(isc, fsc, ki, kf, gi, gf, work, et, t, end):
-    """LayerSteps._timeline of every GPU with misses; returns the layer's compute end."""
+def _timeline(isc, ki, kf, work, et, g, t, comp):
+    """LayerSteps._timeline of GPU g from ``t``: ``comp`` of resident experts first, then
+    its pending keys (W_PEND, in the order demanded) as they land (or, with
+    ``experts_wait_for_loads``, all of them once the last lands)."""
     npend = isc[I_NPEND]
+    # this GPU's pending keys, in the order they were demanded (W_ABS: scratch)
+    n = 0
+    for i in range(npend):
+        k = work[i, W_PEND]
+        if ki[k, K_DEV] == g:
+            work[n, W_ABS] = i
+            n += 1
+    if isc[I_AFTER] and n:  # one fused call once the last lands
+        last = kf[work[work[0, W_ABS], W_PEND], KF_LOADED]
+        for j in range(1, n):
+            x = kf[work[work[j, W_ABS], W_PEND], KF_LOADED]
+            if x > last:
+                last = x
+        start = t if t >= last else last
+        s = 0.0
+        for j in range(n):
+            s += et[work[work[j, W_ABS], W_PTOK]]
+        return start + comp + s
+    # sorted by (loaded_at, key): insertion sort of the indices
+    for j in range(1, n):
+        x = work[j, W_ABS]
+        kx = work[x, W_PEND]
+        lx = kf[kx, KF_LOADED]
+        m = j
+        while m > 0:
+            y = work[m - 1, W_ABS]
+            ky = work[y, W_PEND]
+            ly = kf[ky, KF_LOADED]
+            if ly > lx or (ly == lx and ky > kx):
+                work[m, W_ABS] = y
+                m -= 1
+            else:
+                break
+        work[m, W_ABS] = x
+    tg = t + comp
+    for j in range(n):
+        i = work[j, W_ABS]
+        ready = kf[work[i, W_PEND], KF_LOADED]
+        start = ready if ready > tg else tg
+        tg = start + et[work[i, W_PTOK]]
+    return tg
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _timelines(isc, fsc, ki, kf, gi, gf, work, et, t, end):
+    """The timelines of every GPU with misses; returns the layer's compute end."""
     step = isc[I_STEP]
-    after = isc[I_AFTER]
     for g in range(isc[I_NGPU]):
         if gi[g, G_SLOW] != step:
             continue
-        # this GPU's pending keys, in the order they were demanded (W_ABS: scratch)
-        n = 0
-        for i in range(npend):
-            k = work[i, W_PEND]
-            if ki[k, K_DEV] == g:
-                work[n, W_ABS] = i
-                n += 1
-        comp = gf[g, GF_COMP]
-        if after and n:  # one fused call once the last lands
-            last = kf[work[work[0, W_ABS], W_PEND], KF_LOADED]
-            for j in range(1, n):
-                x = kf[work[work[j, W_ABS], W_PEND], KF_LOADED]
-                if x > last:
-                    last = x
-            start = t if t >= last else last
-            s = 0.0
-            for j in range(n):
-                s += et[work[work[j, W_ABS], W_PTOK]]
-            tg = start + comp + s
-        else:
-            # sorted by (loaded_at, key): insertion sort of the indices
-            for j in range(1, n):
-                x = work[j, W_ABS]
-                kx = work[x, W_PEND]
-                lx = kf[kx, KF_LOADED]
-                m = j
-                while m > 0:
-                    y = work[m - 1, W_ABS]
-                    ky = work[y, W_PEND]
-                    ly = kf[ky, KF_LOADED]
-                    if ly > lx or (ly == lx and ky > kx):
-                        work[m, W_ABS] = y
-                        m -= 1
-                    else:
-                        break
-                work[m, W_ABS] = x
-            tg = t + comp
-            for j in range(n):
-                i = work[j, W_ABS]
-                ready = kf[work[i, W_PEND], KF_LOADED]
-                start = ready if ready > tg else tg
-                tg = start + et[work[i, W_PTOK]]
+        tg = _timeline(isc, ki, kf, work, et, g, t, gf[g, GF_COMP])
         if tg > end:
             end = tg
     return end
@@ -528,6 +547,97 @@ def iteration(isc, fsc, ki, kf, gi, gf, q, work, ids, row_off, et, plan, req_out
                             ideal = c
                 fsc[F_IDEAL] = ideal
                 ph = PH_WAIT
+                if isc[I_NDEFER]:
+                    if isc[I_NGPU] != 1:  # the caller runs such iterations in Python
+                        fsc[F_T] = t
+                        fsc[F_DUE] = _due(isc, gi, gf)
+                        return BAD
+                    ph = PH_WSYNC
+        if ph == PH_WSYNC:  # LayerSteps._wait_compute: waves act on simpy's clock
+            ph = PH_WSTART
+            if t > fsc[F_NOW]:
+                isc[I_PHASE] = ph
+                fsc[F_T] = t
+                fsc[F_DUE] = _due(isc, gi, gf)
+                return YIELD_T
+        if ph == PH_WSTART:  # LayerSteps._waves on the one GPU (mine: W_USED)
+            fsc[F_TG] = t
+            fsc[F_WCOMP] = gf[0, GF_COMP]
+            ph = PH_WWAIT
+        while ph == PH_WWAIT or ph == PH_WADV:  # one wave: wait on the clock, compute
+            if ph == PH_WADV:  # after the clock moved: LayerSteps._wait_clocked's advance
+                _advance(isc, fsc, ki, kf, gi, gf, q, fsc[F_NOW])
+                ph = PH_WWAIT
+            landed = True
+            for i in range(isc[I_NPEND]):
+                if ki[work[i, W_PEND], K_STATE] != RESIDENT:
+                    landed = False
+                    break
+            if not landed:
+                when = _due(isc, gi, gf)
+                if when == np.inf:
+                    isc[I_PHASE] = ph
+                    fsc[F_T] = t
+                    fsc[F_DUE] = when
+                    return NO_LINK
+                ph = PH_WADV
+                if when > fsc[F_NOW]:
+                    isc[I_PHASE] = ph
+                    fsc[F_T] = t
+                    fsc[F_TO] = when
+                    fsc[F_DUE] = when
+                    return YIELD_TO
+                continue
+            tg = _timeline(isc, ki, kf, work, et, 0, fsc[F_TG], fsc[F_WCOMP])
+            fsc[F_WCOMP] = 0.0
+            fsc[F_TG] = tg
+            ph = PH_WUSE
+            if tg > fsc[F_NOW]:
+                isc[I_PHASE] = ph
+                fsc[F_T] = t
+                fsc[F_TO] = tg
+                fsc[F_DUE] = _due(isc, gi, gf)
+                return YIELD_TO
+        if ph == PH_WUSE:  # release this wave's experts, start the next wave's loads
+            now = fsc[F_NOW]
+            _advance(isc, fsc, ki, kf, gi, gf, q, now)
+            for i in range(isc[I_NUSED]):
+                _use(ki, kf, gi, gf, work[i, W_USED], now)
+            nu = 0
+            npend = 0
+            d = isc[I_DHEAD]
+            while d < isc[I_NDEFER]:
+                k = work[d, W_DEFER]
+                if ki[k, K_STATE] != ABSENT:  # a prefetch landed it: not on this path
+                    fsc[F_T] = t
+                    return BAD
+                if not _start_demand(isc, fsc, ki, kf, gi, gf, q, k, now, run_uses):
+                    break
+                work[npend, W_PEND] = k
+                work[npend, W_PTOK] = work[d, W_DTOK]
+                npend += 1
+                work[nu, W_USED] = k
+                nu += 1
+                d += 1
+            isc[I_DHEAD] = d
+            isc[I_NUSED] = nu
+            isc[I_NPEND] = npend
+            tg = fsc[F_TG]
+            if d == isc[I_NDEFER] and npend == 0:  # the last wave is done: the layer's end
+                end = t + fsc[F_TOP]
+                if tg > end:
+                    end = tg
+                fsc[F_TLAYER] = end
+                fsc[F_STALL] += end - t - fsc[F_IDEAL]
+                isc[I_NUSED] = 0  # the waves released their own experts
+                ph = PH_END
+            elif npend == 0:  # every slot in flight: only with prefetches, not here
+                fsc[F_T] = t
+                return BAD
+            else:
+                fsc[F_TG] = tg if tg >= now else now
+                ph = PH_WWAIT
+                continue
         if ph == PH_WAIT:
             npend = isc[I_NPEND]
             i = 0

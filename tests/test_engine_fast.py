@@ -142,12 +142,33 @@ def test_compiled_equals_python_on_a_preset_run() -> None:
     assert fast == ref
 
 
-def test_wave_iterations_run_on_the_python_engine() -> None:
-    """A cache smaller than a prefill layer needs: those iterations go to the Python
-    engine inside a compiled run, and the results still match."""
+def test_waves_on_one_gpu_run_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache smaller than a prefill layer needs, one GPU: the kernel runs the waves,
+    stepping simpy's clock as LayerSteps._waves does; the results match."""
+    from sim import fastkernel
+
+    codes: list[int] = []
+    kernel = fastkernel.iteration
+
+    def spy(*args: Any) -> int:
+        codes.append(int(kernel(*args)))
+        return codes[-1]
+
+    monkeypatch.setattr(fastkernel, "iteration", spy)
     spec, hw = load_model("mixtral-8x7b"), load_hardware("a100-80gb-pcie4")
     w = generate(spec, SynthConfig(num_requests=3, arrival_rate=2.91, seed=2))
     cfg = SimConfig(model=spec, hardware=hw, policy="lru", cache_experts=3, batch_size=2)
+    ref, fast, built = both(w, cfg)
+    assert built and built[0].python_iterations == 0 and fastkernel.YIELD_TO in codes
+    assert fast == ref
+
+
+def test_waves_on_several_gpus_run_on_the_python_engine() -> None:
+    """Waves on one of several GPUs (wave processes interleave on simpy's clock): those
+    iterations go to the Python engine inside a compiled run; the results match."""
+    spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
+    w = generate(spec, SynthConfig(num_requests=3, arrival_rate=2.91, seed=2))
+    cfg = SimConfig(model=spec, hardware=hw, policy="lfu", cache_experts=6, batch_size=2)
     ref, fast, built = both(w, cfg)
     assert built and 0 < built[0].python_iterations
     assert fast == ref
