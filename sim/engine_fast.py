@@ -1,6 +1,7 @@
 """The engine's compiled path: an iteration's layer steps in one numba call.
 
-For the common case, a policy that only evicts (lru, lfu: ``Policy.kernel_eviction``)
+For the common case, a policy that only evicts (lru, lfu, no-offload:
+``Policy.kernel_eviction``)
 on links that carry one copy at a time, the per-layer-step work (demands, evictions,
 copies, compute timelines, waiting for loads) runs in :func:`sim.fastkernel.iteration`
 on arrays that mirror the caches and links. Arrivals, batching and iteration set-up stay
@@ -8,7 +9,8 @@ in Python and simpy, as in :mod:`sim.engine`; the kernel returns wherever the en
 would yield to simpy, and resumes after. Results are identical to the Python engine's
 (the reference): same floats in the same order. After the run the arrays are written
 back into the :class:`~policies.cache.ExpertCache` and :class:`~sim.link.Link` objects,
-so metrics read them as always.
+so metrics read them as always. An iteration with waves on a machine of several GPUs
+runs on the Python engine (the arrays written back before it and reloaded after).
 
 Which engine runs: the environment variable ``FMOE_SIM_ENGINE``: ``python`` (the
 reference engine always: for debugging), ``compiled`` (the compiled path whenever the

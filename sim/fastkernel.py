@@ -6,19 +6,25 @@ It does, step for step and float operation for float operation, what
 :class:`policies.cache.ExpertCache` do for the runs :mod:`sim.engine_fast` admits: demand
 loads only (no prefetch, no cancel, no other miss action), one copy per link at a time
 and no host-side cap (so a link's queue is FIFO and it has at most one event queued), no
-copy interference, no event log, and caches that never need waves. The Python engine is
-the reference; ``tests/test_engine_fast.py`` holds them equal.
+copy interference, no event log, and waves only on a one-GPU machine (the caller runs
+other wave iterations on the Python engine). The Python engine is the reference;
+``tests/test_engine_fast.py`` holds them equal.
 
 Imported only when a run takes the compiled path: importing numba and loading the
 compiled kernel (``cache=True``: compiled once per machine) costs a fraction of a second.
+
+Over 450 lines on purpose: numba's on-disk cache keys a compiled function on its own
+source file only, so the kernel and every helper it inlines live in one module (a helper
+edited in another file would leave a stale cached kernel behind).
 
 Every function is compiled with ``_nrt=False`` (numba's reference counting off): nothing
 here allocates an array, and with it on, each array passed between the (inlined) helpers
 costs an atomic increment and decrement, which took most of the kernel's time.
 
 The kernel stops where the engine would yield to simpy (an arrival at or before its next
-action) and returns a code; the caller yields and calls it again, and it resumes where it
-stopped (``isc[I_PHASE]``, ``isc[I_POS]``).
+action or during a wait; a wave's step of the clock) and returns a code; the caller
+yields and calls it again, and it resumes where it stopped (``isc[I_PHASE]``,
+``isc[I_POS]``).
 """
 
 from __future__ import annotations
