@@ -35,7 +35,15 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from policies.cache import CacheEntry, ExpertCache, ExpertKey, by_recency, lru_score, lru_scores
+from policies.cache import (
+    CacheEntry,
+    ExpertCache,
+    ExpertKey,
+    KernelEviction,
+    by_recency,
+    lru_score,
+    lru_scores,
+)
 from policies.placement import Placement
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
@@ -328,6 +336,15 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
         same values (a batch form only saves a Python call per entry)."""
         score = self.eviction_score
         return [score(e) for e in entries]
+
+    def kernel_eviction(self) -> KernelEviction | None:
+        """This policy's eviction order for the simulator's compiled path (None: the
+        simulator calls the policy, its reference engine). A policy returns one only when
+        its decisions are exactly that order: no prefetch, cancel or miss action, hooks
+        that do nothing besides the counts the spec names. Read only from the class that
+        defines it (a subclass must define its own), so overriding a hook never inherits
+        a spec that no longer holds."""
+        return None
 
 
 class RecencyEviction:

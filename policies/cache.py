@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from specs.errors import InputError
 
@@ -128,6 +128,24 @@ def by_recency(scores: _Scores) -> _Scores:
 def lru_scores(entries: list[CacheEntry]) -> list[float]:
     """:func:`lru_score` of each entry."""
     return [e.last_used for e in entries]
+
+
+@dataclass(frozen=True)
+class KernelEviction:
+    """A policy's eviction order in a form a compiled executor reproduces without calling
+    the policy (``Policy.kernel_eviction``): the executor then scores victims itself.
+
+    ``kind``: ``"recency"`` (scores are ``last_used``, as :func:`lru_scores`) or
+    ``"count_then_recency"`` (``count * scale + last_used``, the count being the entry's
+    ``uses`` or, with ``run_counts``, ``counts[layer, expert]``). ``counts``: an int64
+    [layers, experts] array the executor adds 1 to for every expert a layer step used, in
+    place of the policy's ``on_expert_used`` (which must do exactly that and nothing else);
+    None when the policy keeps no such count. Ties go to the lower key, as in the cache."""
+
+    kind: str
+    counts: Any = None
+    run_counts: bool = False
+    scale: float = 0.0
 
 
 @dataclass

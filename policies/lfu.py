@@ -14,8 +14,8 @@ import numpy as np
 from pydantic import Field
 
 from policies.base import Policy, PolicyContext, PolicyOptions
-from policies.baseline_common import count_then_recency
-from policies.cache import CacheEntry, ExpertKey
+from policies.baseline_common import SCORE_SCALE, count_then_recency
+from policies.cache import CacheEntry, ExpertKey, KernelEviction
 from policies.registry import register_policy
 
 
@@ -39,6 +39,16 @@ class LFU(Policy):
 
     def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
         self._run_uses[key] += 1
+
+    def kernel_eviction(self) -> KernelEviction:
+        """Uses per expert (in cache or over the run), then recency; the run counts are
+        this policy's own array, which the simulator's compiled path adds to."""
+        return KernelEviction(
+            "count_then_recency",
+            counts=self._run_uses,
+            run_counts=self.options.scope == "run",
+            scale=SCORE_SCALE,
+        )
 
     def eviction_score(self, entry: CacheEntry) -> float:
         """Lower goes first: fewest uses, then oldest last use."""

@@ -7,6 +7,7 @@ the cache entry's ``last_used`` (set when loaded and on every use).
 from __future__ import annotations
 
 from policies.base import Policy, RecencyEviction
+from policies.cache import KernelEviction
 from policies.registry import register_policy
 
 
@@ -14,3 +15,6 @@ from policies.registry import register_policy
 class LRU(RecencyEviction, Policy):
     name = "lru"
     description = "on-demand loads only; evict the least recently used expert"
+
+    def kernel_eviction(self) -> KernelEviction:
+        return KernelEviction("recency")

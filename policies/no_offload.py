@@ -7,6 +7,7 @@ binding it to caches that cannot hold them is an InputError naming the shortfall
 from __future__ import annotations
 
 from policies.base import Policy, PolicyContext
+from policies.cache import KernelEviction
 from policies.registry import register_policy
 from specs.errors import InputError
 
@@ -31,6 +32,10 @@ class NoOffload(Policy):
                     f"device {d} holds {need} "
                     f"of them but has {cache.capacity} slots (raise --cache-experts / --cache-gb)"
                 )
+
+    def kernel_eviction(self) -> KernelEviction:
+        """Nothing is ever evicted (every expert fits); recency is the default order."""
+        return KernelEviction("recency")
 
     def metadata(self) -> dict:
         return {

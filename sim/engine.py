@@ -48,10 +48,11 @@ from policies.base import (
     IterationGates,
     IterationStart,
 )
+from sim.engine_fast import FastSteps
 from sim.engine_hybrid import HybridSteps
 from sim.engine_layer import LayerSteps, Proc
 from sim.engine_setup import EngineSetup
-from sim.iteration import Iteration, RequestState, build_iteration, stack_field
+from sim.iteration import Iteration, RequestState, batch_rows, build_iteration, stack_field
 
 
 def _layer_views(a: np.ndarray | None) -> list[np.ndarray] | None:
@@ -59,12 +60,15 @@ def _layer_views(a: np.ndarray | None) -> list[np.ndarray] | None:
     return None if a is None else list(a.swapaxes(0, 1))
 
 
-class Engine(EngineSetup, LayerSteps, HybridSteps):
+class Engine(EngineSetup, LayerSteps, HybridSteps, FastSteps):
     """Runs a workload through batches and iterations on simpy's clock (see module doc).
 
     Built by :class:`~sim.engine_setup.EngineSetup` (per-run state, policy plumbing);
     each MoE layer step's demands and waits are :class:`~sim.engine_layer.LayerSteps`',
-    miss actions other than a fetch :class:`~sim.engine_hybrid.HybridSteps`'."""
+    miss actions other than a fetch :class:`~sim.engine_hybrid.HybridSteps`'; runs that
+    qualify take the compiled path, :class:`~sim.engine_fast.FastSteps` (same results)."""
+
+    _batch_rows = staticmethod(batch_rows)
 
     # -- arrivals and batching --------------------------------------------------------------
     def _wake(self) -> None:
@@ -81,7 +85,7 @@ class Engine(EngineSetup, LayerSteps, HybridSteps):
                 yield env.timeout(dt)
             s.arrival_s = s.req.arrival_s
             self.waiting.append(s)
-            self.links.advance(env.now)  # the policy may order prefetches: links first
+            self.clock.advance(env.now)  # the policy may order prefetches: links first
             self._notify_arrival(s, env.now)
             self._wake()
         self.more_coming = False
@@ -89,7 +93,8 @@ class Engine(EngineSetup, LayerSteps, HybridSteps):
 
     def run(self) -> Proc:
         """The engine process: admit, iterate, until every request has finished."""
-        env, links = self.env, self.links
+        env, links = self.env, self.clock
+        iteration = self._iteration if self._fast is None else self._iteration_fast
         t = 0.0
         if self.closed:
             self.waiting.extend(self.states)
@@ -120,9 +125,11 @@ class Engine(EngineSetup, LayerSteps, HybridSteps):
                 yield self._arrived
                 t = max(t, env.now)
                 continue
-            t = yield from self._iteration(t)
+            t = yield from iteration(t)
         self.end_s = t
         links.run_calls()  # orders of the last searches still start their copies
+        if self._fast is not None:
+            self._fast.export(self)
 
     # -- one iteration ----------------------------------------------------------------------
     def _iteration_start(
@@ -288,6 +295,12 @@ class Engine(EngineSetup, LayerSteps, HybridSteps):
             t = max(t, env.now)
         if links.due <= t:
             links.advance(t)
+        self._finish_iteration(batch, t)
+        return t
+
+    def _finish_iteration(self, batch: list[RequestState], t: float) -> None:
+        """The batch's tokens are out at ``t``: token times, finished requests leave."""
+        policy = self.policy
         for s in batch:
             if s.next_iter == 0:
                 s.first_token_s = t
@@ -300,4 +313,3 @@ class Engine(EngineSetup, LayerSteps, HybridSteps):
                 IterationEnd(self.iterations, tuple(s.req.request_id for s in batch), finished, t)
             )
             self._drain(t)
-        return t

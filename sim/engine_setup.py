@@ -19,6 +19,7 @@ from policies.cache import ExpertCache, ExpertKey
 from policies.placement import Placement
 from sim.batching import make_batcher
 from sim.config import SimConfig
+from sim.engine_fast import FastPath, use_compiled
 from sim.engine_layer import GpuPlan
 from sim.events import EventLog
 from sim.iteration import RequestState
@@ -107,6 +108,13 @@ class EngineSetup:
             (-1 if i in dense else moe_index[i], i > 0 and stages[i] != stages[i - 1], stages[i])
             for i in range(spec.num_layers)
         ]
+        # the compiled path (sim.engine_fast) when the run qualifies; ``clock``: what the
+        # run loop and arrivals advance (the links, or the compiled path's arrays of them)
+        self._fast: FastPath | None = None
+        self.clock: Links | FastPath = links
+        steps = sum(r.output_len for r in workload.requests) * spec.num_moe_layers
+        if use_compiled(self, steps):  # type: ignore[arg-type]
+            self._fast = self.clock = FastPath(self)  # type: ignore[arg-type]
 
     # -- policy plumbing ------------------------------------------------------------------
     def _drain(self, now: float, delayed: bool = False, latency: float | None = None) -> None:

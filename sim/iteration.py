@@ -69,16 +69,25 @@ def layer_items(ids: np.ndarray, num_experts: int) -> LayerItems:
     return out
 
 
-def build_iteration(batch: list[RequestState], num_experts: int) -> Iteration:
-    """Rows of every running request for its next iteration (prefill: all prompt rows)."""
+def batch_rows(batch: list[RequestState]) -> tuple[list[slice], int, float]:
+    """Each running request's routing rows of its next iteration (prefill: all prompt
+    rows), the number of rows, and the mean context (KV length) a row attends to."""
     slices = [s.req.iteration_rows(s.next_iter) for s in batch]
     ctx_sum = 0.0
+    rows = 0
     for s, sl in zip(batch, slices, strict=True):
         if s.next_iter == 0:
             p = sl.stop
             ctx_sum += p * (p + 1) / 2  # row i attends to i + 1 tokens
         else:
             ctx_sum += sl.stop  # the decode row attends to every earlier token and itself
+        rows += sl.stop - sl.start
+    return slices, rows, ctx_sum / rows
+
+
+def build_iteration(batch: list[RequestState], num_experts: int) -> Iteration:
+    """Rows of every running request for its next iteration (prefill: all prompt rows)."""
+    slices, rows, context = batch_rows(batch)
     if len(batch) == 1:
         ids = batch[0].req.routing.topk_ids[slices[0]]
         items = layer_items(ids, num_experts)
@@ -88,10 +97,9 @@ def build_iteration(batch: list[RequestState], num_experts: int) -> Iteration:
         ids = np.concatenate(parts)
         items = layer_items(ids, num_experts)
         per_request = [[[e for e, _ in lay] for lay in layer_items(p, num_experts)] for p in parts]
-    rows = int(ids.shape[0])
     return Iteration(
         rows=rows,
-        context=ctx_sum / rows,
+        context=context,
         ids=ids,
         items=items,
         per_request=per_request,

@@ -285,6 +285,14 @@ class Link:
             self._preempt(now)
 
     def _preempt(self, now: float) -> None:
+        if len(self.channels) == 1:  # the loop below for one channel, without its lists
+            ch = self.channels[0]
+            while self.demand_q:
+                job = ch.job
+                if job is None or job.demand or job.stop:
+                    return  # nothing to stop, or already stopping for the queued demand
+                self._stop(ch, now, _SUSPEND)
+            return
         while self.demand_q:
             stopping = sum(
                 1
