@@ -47,7 +47,7 @@ from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_
 from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
-from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState
+from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState, _SearchPlan
 from policies.registry import register_policy
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
@@ -157,6 +157,11 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._view = None  # the executor's view while deadline admission is on (bind)
         self._no_prefetch = self.options.admission == "none"
         self._distance_source = "unbound"
+        self._orders_issued = 0  # orders sent without deadline admission
+        # rows of planned decode gates: [with gate probabilities, with top-K weights,
+        # trajectory searches] (counted apart from _stats: a Counter update per gate costs)
+        self._planned_rows = [0, 0, 0]
+        self._top_k = 0
 
     @property
     def use_semantic(self) -> bool:
@@ -229,10 +234,15 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             self._freq = [[0] * J for _ in range(L)]
             self._setup_usage(L, J, spec.top_k)
         self.spec = spec
+        self._top_k = spec.top_k
 
     def metadata(self) -> dict[str, Any]:
         """Options plus what the run used: prefetch distance, embedding and gate-row sources, store size."""
-        s = self._stats
+        s = Counter(self._stats)
+        s["gate_rows_gate_probs"] += self._planned_rows[0]
+        s["gate_rows_topk_weights"] += self._planned_rows[1]
+        s["trajectory_searches"] += self._planned_rows[2]
+        s["orders_issued"] += self._orders_issued
         emb_counts = {k: s[f"rows_emb_{k}"] for k in ("token", "prompt", "none")}
         used = [k for k, v in emb_counts.items() if v]
         out = super().metadata()
@@ -296,20 +306,60 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         the gate's choice feeds the eviction's statistics; with deadline admission the
         hook ends by ranking and admitting the iteration's candidates."""
         g = int(ev.layer)
+        it = self._it
+        plan = None if it is None else it.plan
+        if (
+            plan is not None
+            and plan.fc_rows is not None
+            and plan.next_layer == g
+            and it.iteration == ev.iteration
+            and self._view is None
+            and g < len(it.seen)
+            and not it.seen[g]
+            and len(ev.topk_ids) == it.rows
+            and plan.version == self.store.version  # type: ignore[union-attr]
+        ):
+            self._planned_decode_gate(ev, it, plan, g)
+            return
         if self._pred and 0 <= g < len(self._pred):
-            it = self._it
             if it is None or it.iteration != ev.iteration:  # no iteration start seen
                 self._cur_it += 1
                 self._g = -1
                 if self._view is not None:
                     self._deadline_iteration_start(len(ev.topk_ids))
-            ids = np.unique(ev.topk_ids)
             if self._view is not None:
-                self._deadline_gate(g, ids.tolist(), ev.now)
-            self._observe_choice(g, ids)
+                self._deadline_gate(g, np.unique(ev.topk_ids).tolist(), ev.now)
+            self._observe_choice(g, ev.topk_ids)
         self._on_gate_search(ev)
         if self._view is not None:
             self._admit(g)
+
+    def _planned_decode_gate(
+        self, ev: GateOutput, it: _IterState, plan: _SearchPlan, g: int
+    ) -> None:
+        """on_gate(g) of one decode row whose searches were all done at the iteration's
+        start (``plan.targets``) and whose order the gates keep: the same statistics,
+        forecast and orders as the general path, with one kernel call for the eviction's
+        bookkeeping (the caller checked every condition the general path would branch on)."""
+        if ev.now > self._now:
+            self._now = ev.now
+        plan.next_layer = g + 1
+        it.seen[g] = True
+        if ev.probs is not None:
+            self._planned_rows[0] += 1
+        else:
+            self._planned_rows[1] += 1
+        target = g + self.distance
+        if target >= len(self._pred) or not self.use_trajectory:
+            self._observe_planned(g, ev.topk_ids, plan.fc_rows, -1)
+            return
+        self._planned_rows[2] += 1
+        row, picks, prio = plan.targets[g]  # type: ignore[index]
+        self._observe_planned(g, ev.topk_ids, plan.fc_rows, target)
+        self._pred[target] = row  # one reference swap: thread-safe
+        if len(picks) > self._top_k:  # the weak match took more than the top-K (step 3)
+            self._stats["delta_widened"] += 1
+        self._order(it, target, picks, prio)
 
     def _on_gate_search(self, ev: GateOutput) -> None:
         self._now = max(self._now, ev.now)

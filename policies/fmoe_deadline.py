@@ -195,4 +195,4 @@ class FmoeDeadline:
         scores = self.eviction_scores(group)
         order = sorted(range(len(group)), key=lambda i: (group[i].protected, scores[i]))
         tab = self._etnu_table()
-        return [tab[group[i].key[0]][group[i].key[1]] for i in order]
+        return [-tab[group[i].key] for i in order]

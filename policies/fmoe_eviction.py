@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from policies.cache import CacheEntry
+from specs.errors import InputError
 
 _TIE_EPS = 1e-9  # recency tie-break weight, far below any meaningful score gap
 CAL_BINS = 10  # forecast probability bins (per source)
@@ -44,6 +45,12 @@ PROTECTED_E = 0.0  # expected time of a protected expert: below every real estim
 _NEVER = -(1 << 40)  # last iteration of an expert never chosen
 
 
+def forecast_rows(p: np.ndarray, source: int) -> np.ndarray:
+    """The table rows of a forecast's experts: source's block, binned by probability
+    ``p`` (float64, as the map's float32 values) into CAL_BINS equal bins."""
+    return 1 + source * CAL_BINS + np.minimum((p * CAL_BINS).astype(np.int64), CAL_BINS - 1)
+
+
 def age_bucket(age: np.ndarray) -> np.ndarray:
     """Bucket of ages >= 1 (iterations): 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ...; huge
     ages (never chosen) land in the last bucket."""
@@ -51,119 +58,109 @@ def age_bucket(age: np.ndarray) -> np.ndarray:
     return np.minimum(np.ceil(np.log2(a)).astype(np.int64), AGE_BUCKETS - 1)
 
 
-def _decreasing_rows(hits: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """hits / n per row, made non-increasing along each row by pooling adjacent
-    violators (weighted by n): the least-squares non-increasing fit of each row."""
-    out = np.empty_like(hits)
-    for r in range(hits.shape[0]):
-        blocks: list[list[float]] = []  # [hits, n, width]
-        for h, w in zip(hits[r].tolist(), n[r].tolist(), strict=True):
-            blocks.append([h, w, 1])
-            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
-                h2, w2, c2 = blocks.pop()
-                blocks[-1][0] += h2
-                blocks[-1][1] += w2
-                blocks[-1][2] += c2
-        i = 0
-        for h, w, c in blocks:
-            out[r, i : i + c] = h / w
-            i += c
-    return out
-
-
 class FmoeEviction:
     """Step 5 of fMoE: which cached expert goes first (see the module doc)."""
 
     # -- state ----------------------------------------------------------------------------
     def _setup_usage(self, L: int, J: int, K: int) -> None:
-        """The learned table and the routing bookkeeping (all start empty)."""
+        """The learned table and the routing bookkeeping (all start empty), in arrays the
+        kernels of :mod:`policies.fmoe_jit` update in place (one call per gate)."""
+        from policies import fmoe_jit  # numba: loaded at bind, not at import
+
+        self._jit = fmoe_jit
         self._base = K / J
         rows = 1 + 2 * CAL_BINS  # 0: no fresh forecast; then semantic bins, trajectory bins
-        self._tab_n = np.zeros((rows, AGE_BUCKETS))
-        self._tab_hit = np.zeros((rows, AGE_BUCKETS))
-        self._last_it = np.full((L, J), _NEVER, np.int64)  # last iteration that chose it
-        self._fc_it = np.full(L, -1, np.int64)  # iteration of each layer's last forecast
-        self._fc_row = np.zeros((L, J), np.int64)  # its table row per expert
+        # [0]: choices (hits), [1]: visits per (row, age bucket); [2]: the chance table
+        self._fl = np.zeros((3, rows, AGE_BUCKETS))
+        self._tab_hit, self._tab_n, self._chance_tab = self._fl
+        # [0]: last iteration that chose each expert; [1]: its forecast's table row;
+        # [2, :, 0]: iteration of each layer's last forecast
+        self._ist = np.zeros((3, L, J), np.int64)
+        self._ist[0] = _NEVER
+        self._ist[2] = -1
+        self._last_it, self._fc_row = self._ist[0], self._ist[1]
+        self._fc_it = self._ist[2, :, 0]
         self._g = -1  # the layer whose gate ran last in this iteration (-1: none yet)
         self._cur_it = 0  # the policy's iteration count
-        self._protect: set[tuple[int, int]] = set()
-        self._etnu: list[list[float]] = [[0.0] * J for _ in range(L)]
+        # protected experts (selected for a layer still ahead): an array the kernels read
+        # and clear, set per order through a memoryview (no numpy call)
+        self._prot = np.zeros((L, J), np.bool_)
+        self._prot_mv = memoryview(self._prot)
+        # minus the expected time to next use per [layer, expert]; the scores read it per
+        # cached entry through a memoryview indexed by the entry's key (a float per read)
+        self._etnu = np.zeros((L, J))
+        self._etnu_mv = memoryview(self._etnu)
         self._etnu_dirty = True
-        self._lay = np.arange(L)[:, None]
         self._chance_it = -1
-        self._chance_tab = np.zeros((rows, AGE_BUCKETS))
 
     def _forecast(self, layer: int, source: int) -> None:
         """Layer ``layer`` was just forecast (``self._pred[layer]``) in this iteration."""
         self._fc_it[layer] = self._cur_it
-        p = np.asarray(self._pred[layer], dtype=float)
-        bins = np.minimum((p * CAL_BINS).astype(np.int64), CAL_BINS - 1)
-        self._fc_row[layer] = 1 + source * CAL_BINS + bins
+        self._fc_row[layer] = forecast_rows(np.asarray(self._pred[layer], dtype=float), source)
         self._etnu_dirty = True
 
     def _observe_choice(self, layer: int, ids: np.ndarray) -> None:
-        """Layer ``layer``'s gate chose ``ids`` (distinct) in the current iteration: count
-        every expert's cell, then update ages and lift the layer's protection."""
-        it = self._cur_it
-        last = self._last_it[layer]
-        if not np.any(last == it):  # the layer's first gate in this iteration
-            ages = age_bucket(it - last)
-            # row 0 counts every visit (chance by age alone: what the next iteration's
-            # visits use), a fresh forecast's row counts it again by its bin
-            np.add.at(self._tab_n[0], ages, 1.0)
-            np.add.at(self._tab_hit[0], ages[ids], 1.0)
-            if self._fc_it[layer] == it:
-                rows = self._fc_row[layer]
-                np.add.at(self._tab_n, (rows, ages), 1.0)
-                np.add.at(self._tab_hit, (rows[ids], ages[ids]), 1.0)
-        last[ids] = it
-        if self._protect:
-            self._protect = {k for k in self._protect if k[0] > layer}
+        """Layer ``layer``'s gate chose ``ids`` (any shape, repeats allowed) in the current
+        iteration: count every expert's cell at the layer's first gate of the iteration,
+        then update ages and lift the protection of layers up to ``layer``."""
+        ids = np.asarray(ids)
+        if not self._jit.observe_choice(self._ist, self._fl, self._prot, layer, self._cur_it, ids):
+            self._bad_ids(layer)
         self._g = layer
         self._etnu_dirty = True
+
+    def _observe_planned(
+        self, layer: int, ids: np.ndarray, fc_rows: np.ndarray, target: int
+    ) -> None:
+        """:meth:`_observe_choice` then, when ``target`` >= 0, :meth:`_forecast` of layer
+        ``target`` with its experts' table rows ``fc_rows[layer]``, in one kernel call
+        that also brings the expected times up to date when this iteration's chance table
+        exists (else they wait for the first score, when it is made)."""
+        eager = self._chance_it == self._cur_it
+        if not self._jit.gate_step(
+            self._ist, self._fl, self._prot, self._etnu, layer, self._cur_it, np.asarray(ids), fc_rows,
+            target, eager,
+        ):  # fmt: skip
+            self._bad_ids(layer)
+        self._g = layer
+        self._etnu_dirty = not eager
+
+    def _bad_ids(self, layer: int) -> None:
+        J = self._last_it.shape[1]
+        raise InputError(f"policy 'fmoe': gate of layer {layer} chose experts outside [0, {J})")
+
+    def _protect(self, key: tuple[int, int]) -> None:
+        """Protect ``key`` (selected for a layer still ahead) until its layer has run; its
+        expected time becomes 0 in the current table too (what a recompute would give)."""
+        self._prot_mv[key] = True
+        self._etnu_mv[key] = -0.0
 
     # -- expected time to next use ----------------------------------------------------------
     def _chance(self) -> np.ndarray:
         """The learned table: P(chosen at a visit) per (forecast row, age bucket), each
         row made non-increasing in age (pooled where the counts say otherwise, as LRU
-        assumes: an expert used longer ago is not likelier to come back). Recomputed once
-        per iteration."""
+        assumes: an expert used longer ago is not likelier to come back). Made once per
+        iteration, from the counts when it is first needed."""
         if self._chance_it != self._cur_it:
-            self._chance_tab = _decreasing_rows(self._tab_hit + self._base, self._tab_n + 1.0)
+            self._jit.decreasing_rows(self._fl, self._base)
             self._chance_it = self._cur_it
         return self._chance_tab
 
-    def _expected_next_use(self) -> np.ndarray:
-        """[L, J] expected layer steps until each expert's next use (see the module doc)."""
-        L = self._last_it.shape[0]
-        g, it = self._g, self._cur_it
-        tab = self._chance()
-        lay = self._lay
-        ahead = lay > g
-        age = it - self._last_it  # >= 1 ahead (not chosen in this iteration yet), >= 0 passed
-        rows = np.where((self._fc_it == it)[:, None], self._fc_row, 0)
-        nxt = (L - g + lay).astype(float)  # layer steps to the layer in the next iteration
-        p_now = tab[rows, age_bucket(age)]  # ahead: chosen at this iteration's visit
-        p_next = tab[0, age_bucket(age + 1)]  # not chosen now: at the next iteration's
-        wait = nxt + L * (1.0 / p_next - 1.0)
-        e_ahead = p_now * (lay - g) + (1.0 - p_now) * wait
-        p_pass = tab[0, age_bucket(np.maximum(age, 0) + 1)]  # passed: next iteration's visit
-        e_pass = nxt + L * (1.0 / p_pass - 1.0)
-        e = np.where(ahead, e_ahead, e_pass)
-        for lay_, j in self._protect:
-            e[lay_, j] = PROTECTED_E
-        return e
-
-    def _etnu_table(self) -> list[list[float]]:
+    def _etnu_table(self) -> memoryview:
+        """[L, J] minus the expected layer steps until each expert's next use (module doc),
+        as a memoryview indexed by (layer, expert); recomputed when the state changed."""
         if self._etnu_dirty:
-            self._etnu = self._expected_next_use().tolist()
-            self._etnu_dirty = False
-        return self._etnu
+            self._etnu_dirty = False  # first: a change made meanwhile (another thread) stays
+            self._chance()
+            self._jit.expected_next_use(
+                self._ist, self._fl, self._prot, self._etnu, self._g, self._cur_it
+            )
+        return self._etnu_mv
 
     def expected_next_use(self, layer: int, expert: int) -> float:
         """Expected layer steps until (layer, expert) is used next (the ``fmoe`` score's
         estimate; protected experts 0)."""
-        return self._etnu_table()[layer][expert]
+        return -self._etnu_table()[layer, expert]
 
     def _candidate_etnu(self, layer: int, j: int, g: int) -> float:
         """A prefetch candidate's expected time to next use (unprotected; layer > g)."""
@@ -212,4 +209,4 @@ class FmoeEviction:
         if not self._pred:  # unbound: least recently used
             return [tie * e.last_used for e in entries]
         tab = self._etnu_table()
-        return [-tab[lay][j] + tie * e.last_used for e in entries for lay, j in (e.key,)]
+        return [tab[e.key] + tie * e.last_used for e in entries]

@@ -8,9 +8,9 @@ import numpy as np
 
 from policies.base import IterationGates, IterationStart
 from policies.expert_map_store import ExpertMapStore
-from policies.fmoe_eviction import SEMANTIC, TRAJECTORY
+from policies.fmoe_eviction import SEMANTIC, TRAJECTORY, forecast_rows
 from policies.fmoe_select import topk_rows
-from policies.fmoe_state import _inv_sqrt, _IterState, _SearchPlan
+from policies.fmoe_state import _IterState, _SearchPlan
 from specs.errors import InputError
 
 
@@ -121,20 +121,13 @@ class FmoeSearch:
         if rows.shape != (B, L, J):
             return None  # not this iteration's rows: search layer by layer
         cum_dots = np.matmul(rows.transpose(1, 0, 2), store.maps[:, :n].transpose(0, 2, 1))
-        # running float32 sums in layer order, [L, B, n], one in-place add per layer view
-        # (np.cumsum over axis 0 walks the array column by column, several times slower)
-        layers = iter(cum_dots)
-        prev = next(layers)
-        for cur in layers:
-            cur += prev
-            prev = cur
         cum_norm2 = np.cumsum(np.einsum("blj,blj->lb", rows, rows), axis=0)  # [L, B]
         d = self.distance
         T = L - d  # the layers g whose search predicts layer g + d
-        sims = cum_dots[:T] * store.inv_prefix[:T, None, :n]
-        best = sims.argmax(axis=2)  # [T, B]
-        top = sims[np.arange(T)[:, None], np.arange(B), best]
-        score = top * _inv_sqrt(cum_norm2[:T])
+        best = np.empty((T, B), np.int64)
+        score = np.empty((T, B), np.float32)
+        # running sums in layer order, then each layer's best stored row and its score
+        self._jit.plan_search(cum_dots, cum_norm2, store.inv_prefix, T, best, score)
         return _SearchPlan(rows, cum_dots, cum_norm2, best, score, n, store.version)
 
     def _plan_decode(
@@ -158,6 +151,7 @@ class FmoeSearch:
         for layer in range(lo, d):
             self._issue_picks(it, layer, picks[layer], prio[layer])
         plan.targets = list(zip(targets.tolist(), picks[d - lo :], prio[d - lo :], strict=True))
+        plan.fc_rows = forecast_rows(targets.astype(np.float64), TRAJECTORY)
 
     def _planned_gate(
         self,
