@@ -162,6 +162,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         # trajectory searches] (counted apart from _stats: a Counter update per gate costs)
         self._planned_rows = [0, 0, 0]
         self._top_k = 0
+        self._scores_fast = False  # eviction_scores' inlined fmoe path (set at bind)
 
     @property
     def use_semantic(self) -> bool:
@@ -316,6 +317,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             and self._view is None
             and g < len(it.seen)
             and not it.seen[g]
+            and type(ev.topk_ids) is np.ndarray  # for the kernel (a trace's rows always are)
             and len(ev.topk_ids) == it.rows
             and plan.version == self.store.version  # type: ignore[union-attr]
         ):
@@ -345,17 +347,26 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             self._now = ev.now
         plan.next_layer = g + 1
         it.seen[g] = True
-        if ev.probs is not None:
-            self._planned_rows[0] += 1
-        else:
-            self._planned_rows[1] += 1
+        rows = self._planned_rows
+        rows[0 if ev.probs is not None else 1] += 1
         target = g + self.distance
         if target >= len(self._pred) or not self.use_trajectory:
-            self._observe_planned(g, ev.topk_ids, plan.fc_rows, -1)
+            target = -1
+        # FmoeEviction._observe_choice then _forecast(target) in one kernel call, which
+        # also brings the expected times up to date once this iteration's chance table
+        # exists (else they wait for the first score, which makes it)
+        eager = self._chance_it == self._cur_it
+        if not self._jit.gate_step(
+            self._ist, self._fl, self._prot, self._etnu, g, self._cur_it, ev.topk_ids,
+            plan.fc_rows, target, eager,
+        ):  # fmt: skip
+            self._bad_ids(g)
+        self._g = g
+        self._etnu_dirty = not eager
+        if target < 0:
             return
-        self._planned_rows[2] += 1
+        rows[2] += 1
         row, picks, prio = plan.targets[g]  # type: ignore[index]
-        self._observe_planned(g, ev.topk_ids, plan.fc_rows, target)
         self._pred[target] = row  # one reference swap: thread-safe
         if len(picks) > self._top_k:  # the weak match took more than the top-K (step 3)
             self._stats["delta_widened"] += 1
@@ -446,7 +457,9 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             self._refresh(it)
             observed, dots, norm2 = it.observed, it.dots[:, : store.size], it.norm2
         n = store.size
-        traj = dots * store.inv_prefix[-1, :n] * _inv_sqrt(norm2)[:, None]
+        # the full-map trajectory cosines: only a full store's replacement (RDY) reads them
+        full = len(observed) > store.capacity - n
+        traj = dots * store.inv_prefix[-1, :n] * _inv_sqrt(norm2)[:, None] if full else None
         store.add_batch(
             observed, it.query, sem=it.sem[:, :n], traj=traj, prepared=it.query is not None
         )

@@ -92,6 +92,7 @@ class FmoeEviction:
         self._etnu_mv = memoryview(self._etnu)
         self._etnu_dirty = True
         self._chance_it = -1
+        self._scores_fast = self.options.eviction == "fmoe"
 
     def _forecast(self, layer: int, source: int) -> None:
         """Layer ``layer`` was just forecast (``self._pred[layer]``) in this iteration."""
@@ -108,22 +109,6 @@ class FmoeEviction:
             self._bad_ids(layer)
         self._g = layer
         self._etnu_dirty = True
-
-    def _observe_planned(
-        self, layer: int, ids: np.ndarray, fc_rows: np.ndarray, target: int
-    ) -> None:
-        """:meth:`_observe_choice` then, when ``target`` >= 0, :meth:`_forecast` of layer
-        ``target`` with its experts' table rows ``fc_rows[layer]``, in one kernel call
-        that also brings the expected times up to date when this iteration's chance table
-        exists (else they wait for the first score, when it is made)."""
-        eager = self._chance_it == self._cur_it
-        if not self._jit.gate_step(
-            self._ist, self._fl, self._prot, self._etnu, layer, self._cur_it, np.asarray(ids), fc_rows,
-            target, eager,
-        ):  # fmt: skip
-            self._bad_ids(layer)
-        self._g = layer
-        self._etnu_dirty = not eager
 
     def _bad_ids(self, layer: int) -> None:
         J = self._last_it.shape[1]
@@ -182,6 +167,10 @@ class FmoeEviction:
         return self._scores([entry])[0]
 
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
+        if self._scores_fast:  # _scores_etnu, inlined: this runs for every victim choice
+            tab = self._etnu_table() if self._etnu_dirty else self._etnu_mv
+            tie = _TIE_EPS / (abs(self._now) + 1.0)
+            return [tab[e.key] + tie * e.last_used for e in entries]
         return self._scores(entries)
 
     def _tie(self, entry: CacheEntry) -> float:

@@ -177,34 +177,17 @@ def gate_step(ist, fl, prot, out, layer, it, ids, fc_rows, target, eager):  # no
 
 
 @njit(cache=True)
-def plan_search(cum_dots, cum_norm2, inv_prefix, T, best, score):  # noqa: ANN001, ANN201 - numba
-    """The trajectory searches of one iteration after the per-layer products.
-
-    ``cum_dots`` float32 [L, B, n] holds each layer's dot products with the stored maps
-    and becomes their running sums in layer order (float32 adds, layer by layer, as
-    ``cur += prev``); for each layer l < T and row b: ``best[l, b]`` = the first argmax
-    over c of ``cum_dots[l, b, c] * inv_prefix[l, c]`` (float32 products) and
-    ``score[l, b]`` = that maximum times ``1 / sqrt(max(cum_norm2[l, b], 1e-30))`` in
-    float32 (:func:`policies.fmoe_state._inv_sqrt`).
-    """
+def running_sums(cum_dots):  # noqa: ANN001, ANN201 - numba
+    """``cum_dots`` float32 [L, B, n] becomes its running sums over layers, in layer
+    order: the float32 adds of ``for l in 1..L-1: cum_dots[l] += cum_dots[l - 1]``
+    (numpy walks that in-place add slowly: one call per layer)."""
     L, B, n = cum_dots.shape
     for lay in range(1, L):
         for b in range(B):
+            cur = cum_dots[lay, b]
+            prev = cum_dots[lay - 1, b]
             for c in range(n):
-                cum_dots[lay, b, c] += cum_dots[lay - 1, b, c]
-    tiny = np.float32(1e-30)
-    one = np.float32(1.0)
-    for lay in range(T):
-        for b in range(B):
-            top = cum_dots[lay, b, 0] * inv_prefix[lay, 0]
-            arg = 0
-            for c in range(1, n):
-                v = cum_dots[lay, b, c] * inv_prefix[lay, c]
-                if v > top:
-                    top = v
-                    arg = c
-            best[lay, b] = arg
-            score[lay, b] = top * (one / np.sqrt(max(cum_norm2[lay, b], tiny)))
+                cur[c] += prev[c]
 
 
 @njit(cache=True)

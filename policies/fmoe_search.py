@@ -10,7 +10,7 @@ from policies.base import IterationGates, IterationStart
 from policies.expert_map_store import ExpertMapStore
 from policies.fmoe_eviction import SEMANTIC, TRAJECTORY, forecast_rows
 from policies.fmoe_select import topk_rows
-from policies.fmoe_state import _IterState, _SearchPlan
+from policies.fmoe_state import _inv_sqrt, _IterState, _SearchPlan
 from specs.errors import InputError
 
 
@@ -37,10 +37,13 @@ class FmoeSearch:
         # a layer's p changes only when that layer is forecast (as the official code's cache
         # does): the semantic search forecasts layers 0..d-1, each trajectory search one
         fresh = list(self._pred)  # swapped whole: eviction_score may read it from another thread
-        fresh[: self.distance] = pred.max(axis=1).tolist()
+        top = pred.max(axis=1)  # [d, J]
+        fresh[: self.distance] = top.tolist()
         self._pred = fresh
-        for layer in range(self.distance):
-            self._forecast(layer, SEMANTIC)
+        # _forecast of layers 0..d-1 (SEMANTIC), at once
+        self._fc_it[: self.distance] = self._cur_it
+        self._fc_row[: self.distance] = forecast_rows(top.astype(np.float64), SEMANTIC)
+        self._etnu_dirty = True
         return pred, score
 
     def _need_store(self) -> ExpertMapStore:
@@ -124,10 +127,11 @@ class FmoeSearch:
         cum_norm2 = np.cumsum(np.einsum("blj,blj->lb", rows, rows), axis=0)  # [L, B]
         d = self.distance
         T = L - d  # the layers g whose search predicts layer g + d
-        best = np.empty((T, B), np.int64)
-        score = np.empty((T, B), np.float32)
-        # running sums in layer order, then each layer's best stored row and its score
-        self._jit.plan_search(cum_dots, cum_norm2, store.inv_prefix, T, best, score)
+        self._jit.running_sums(cum_dots)  # [L, B, n] float32 sums in layer order
+        sims = cum_dots[:T] * store.inv_prefix[:T, None, :n]
+        best = sims.argmax(axis=2)  # [T, B]
+        top = sims[np.arange(T)[:, None], np.arange(B), best]
+        score = top * _inv_sqrt(cum_norm2[:T])
         return _SearchPlan(rows, cum_dots, cum_norm2, best, score, n, store.version)
 
     def _plan_decode(
