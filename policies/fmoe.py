@@ -42,7 +42,7 @@ from policies.base import (
 from policies.cache import ExpertCache, ExpertKey
 from policies.expert_map_store import ExpertMapStore
 from policies.fmoe_deadline import FmoeDeadline
-from policies.fmoe_eviction import TRAJECTORY, FmoeEviction
+from policies.fmoe_eviction import CAL_BINS, TRAJECTORY, FmoeEviction
 from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_ROWS re-exported
 from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_search import FmoeSearch
@@ -260,6 +260,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             admission="deadline" if self._view is not None else "all",
             orders_issued=s["orders_issued"],
             orders_rejected_late=s["orders_rejected_late"],
+            orders_admitted_late=s["orders_admitted_late"],
             orders_rejected_value=s["orders_rejected_value"],
             orders_reranked=s["orders_reranked"],
             orders_cancelled_stale=s["orders_cancelled_stale"],
@@ -284,6 +285,8 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._cur_it += 1
         self._g = -1
         self._etnu_dirty = True
+        if self._pred:
+            self._batch_requests(tuple(ev.request_ids))
         if self._view is not None:
             self._deadline_iteration_start(B)
         query, has = self._row_queries(ev, B)
@@ -318,6 +321,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             and g < len(it.seen)
             and not it.seen[g]
             and type(ev.topk_ids) is np.ndarray  # for the kernel (a trace's rows always are)
+            and ev.topk_ids.ndim == 2
             and len(ev.topk_ids) == it.rows
             and plan.version == self.store.version  # type: ignore[union-attr]
         ):
@@ -327,6 +331,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             if it is None or it.iteration != ev.iteration:  # no iteration start seen
                 self._cur_it += 1
                 self._g = -1
+                self._batch_requests(())  # rows of unknown requests
                 if self._view is not None:
                     self._deadline_iteration_start(len(ev.topk_ids))
             if self._view is not None:
@@ -356,9 +361,11 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         # also brings the expected times up to date once this iteration's chance table
         # exists (else they wait for the first score, which makes it)
         eager = self._chance_it == self._cur_it
+        ids = ev.topk_ids
+        row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
         if not self._jit.gate_step(
-            self._ist, self._fl, self._prot, self._etnu, g, self._cur_it, ev.topk_ids,
-            plan.fc_rows, target, eager,
+            self._ist, self._fl, self._prot, self._etnu, g, self._cur_it, ids, plan.fc_rows,
+            target, eager, self._rc, self._rn, row_slot, self._slots, self._base, CAL_BINS,
         ):  # fmt: skip
             self._bad_ids(g)
         self._g = g
@@ -443,6 +450,8 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         it, self._it = self._it, None
         for rid in ev.finished:
             self._prompt_emb.pop(rid, None)
+            if self._pred:
+                self._request_finished(rid)
         if it is None or it.iteration != ev.iteration or not all(it.seen):
             return
         store = self._need_store()

@@ -5,14 +5,20 @@ orders a hook selects are not sent at once: at the end of the hook every candida
 the iteration (this hook's and the earlier ones not started yet) is ranked by
 p / (l - l_now) and admitted, best first, only when
 
-- its copy can land before its layer: the link's queue (``link_state``) plus the copies
-  of better-ranked admitted orders on that link plus one copy fit in the link time left
-  for prefetches until layer l, (l - l_now) x (layer interval - demand-load time per
-  layer on that link), both measured over the previous iteration (the view's
-  ``layer_time_s`` and no demand loads before the first);
-- and, when its device's cache has no free slot for it, its expected time to next use
-  is shorter than that of the expert it would evict (the ``fmoe`` eviction's estimate;
-  with another eviction this check is skipped).
+- the copy is worth its link time. Before its layer runs the link gives prefetches
+  (l - l_now) x (layer interval - demand-load time per layer on that link), both
+  measured over the previous iteration (the view's ``layer_time_s`` and no demand loads
+  before the first); after the link's queue and the better-ranked admitted copies, the
+  part ``done`` of this copy fits in it. A copy done in time is admitted. A late one
+  saves ``done`` of a demand load if its expert is used (chance q: the eviction table's
+  learned chance for its forecast, or its request-frequency cell) and, if not, its rest
+  ``copy - done`` runs after its layer and delays demand loads by their share rho of the
+  link's time; it is admitted when q x done > (1 - q) x (copy - done) x rho.
+
+The victim of an admitted copy is the expert the device's next demand load would evict
+(the same expected-time-to-next-use order); the copy only evicts it earlier, by the time
+to that device's next miss, so no separate victim check is made (one was measured to
+reject useful copies where links have slack: docs/fmoe.md).
 
 Admitted orders are (re)sent at their new priority; an order not started that is now
 late, or whose layer has run, is cancelled. A rejected copy evicts nothing. Without a
@@ -101,6 +107,14 @@ class FmoeDeadline:
             self._set_distance(d, L)
             self._stats["distance_changes"] += 1
 
+    def _rho(self, dev: int) -> float:
+        """Share of ``dev``'s link time its demand loads took per layer step (last
+        iteration; 0 before the first measurement), in [0, 1]."""
+        interval = self._interval
+        if not interval or interval <= 0:
+            return 0.0
+        return min(self._demand_s[dev] / interval, 1.0)
+
     def _avail_per_layer(self, dev: int) -> float:
         view = self._view
         assert view is not None
@@ -143,9 +157,6 @@ class FmoeDeadline:
         assert view is not None
         committed = [-1.0] * self._n_dev  # link seconds ahead of the next order (lazy)
         avail = [-1.0] * self._n_dev
-        victims: list[list[float] | None] = [None] * self._n_dev
-        free = [0] * self._n_dev
-        value_check = self.options.eviction == "fmoe"
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
         for key, p in ranked:
@@ -156,28 +167,22 @@ class FmoeDeadline:
                 committed[dev] = link.queued_s
                 copy[dev] = link.copy_s
                 avail[dev] = self._avail_per_layer(dev)
-                cache = self.ctx.caches[dev] if self.ctx is not None else None
-                free[dev] = cache.free if cache is not None else 0
             was = key in self._pending
             copy_s = copy[dev]
-            if committed[dev] + copy_s > (layer - g) * avail[dev]:
-                self._stats["orders_rejected_late"] += 1
-                if was:
-                    self.cancel(layer, j)
-                continue
-            if value_check and free[dev] <= 0:
-                if victims[dev] is None:
-                    victims[dev] = self._victim_values(dev)
-                vals = victims[dev]
-                assert vals is not None
-                if not vals or self._candidate_etnu(layer, j, g) >= vals[0]:
-                    self._stats["orders_rejected_value"] += 1
+            # the part of the copy done before its layer runs: the prefetch link time
+            # until then, after the copies ahead of it (all of it when it lands in time)
+            done = min(copy_s, (layer - g) * avail[dev] - committed[dev])
+            if done < copy_s:
+                # late: if used (chance q) it saves the part done; if not, the rest of
+                # the copy runs after its layer, delaying demand loads by their share
+                # of the link's time (rho). Worth it only when the saving is larger.
+                q = self._candidate_chance(layer, j)
+                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * self._rho(dev):
+                    self._stats["orders_rejected_late"] += 1
                     if was:
                         self.cancel(layer, j)
                     continue
-                vals.pop(0)
-            else:
-                free[dev] -= 1
+                self._stats["orders_admitted_late"] += 1
             committed[dev] += copy_s
             pending[key] = p
             self.prefetch(layer, j, p / (layer - g))
@@ -185,14 +190,3 @@ class FmoeDeadline:
             if was:
                 self._stats["orders_reranked"] += 1
         self._pending = pending
-
-    def _victim_values(self, dev: int) -> list[float]:
-        """Expected times to next use of ``dev``'s evictable experts, in the order the
-        cache would evict them (unprotected first, by score), largest first."""
-        assert self.ctx is not None
-        cache = self.ctx.caches[dev]
-        group = [e for e in cache.entries.values() if e.state.value == "resident" and not e.pins]
-        scores = self.eviction_scores(group)
-        order = sorted(range(len(group)), key=lambda i: (group[i].protected, scores[i]))
-        tab = self._etnu_table()
-        return [-tab[group[i].key] for i in order]

@@ -48,7 +48,7 @@ _NEVER = -(1 << 40)  # last iteration of an expert never chosen
 def forecast_rows(p: np.ndarray, source: int) -> np.ndarray:
     """The table rows of a forecast's experts: source's block, binned by probability
     ``p`` (float64, as the map's float32 values) into CAL_BINS equal bins."""
-    return 1 + source * CAL_BINS + np.minimum((p * CAL_BINS).astype(np.int64), CAL_BINS - 1)
+    return (1 + source) * CAL_BINS + np.minimum((p * CAL_BINS).astype(np.int64), CAL_BINS - 1)
 
 
 def age_bucket(age: np.ndarray) -> np.ndarray:
@@ -69,17 +69,30 @@ class FmoeEviction:
 
         self._jit = fmoe_jit
         self._base = K / J
-        rows = 1 + 2 * CAL_BINS  # 0: no fresh forecast; then semantic bins, trajectory bins
+        # table rows: the request-frequency bins (no fresh forecast), then the semantic
+        # and the trajectory forecasts' probability bins
+        rows = 3 * CAL_BINS
         # [0]: choices (hits), [1]: visits per (row, age bucket); [2]: the chance table
         self._fl = np.zeros((3, rows, AGE_BUCKETS))
         self._tab_hit, self._tab_n, self._chance_tab = self._fl
         # [0]: last iteration that chose each expert; [1]: its forecast's table row;
-        # [2, :, 0]: iteration of each layer's last forecast
-        self._ist = np.zeros((3, L, J), np.int64)
+        # [2, :, 0]: iteration of each layer's last forecast; [3]: its request-frequency bin
+        self._ist = np.zeros((4, L, J), np.int64)
         self._ist[0] = _NEVER
         self._ist[2] = -1
         self._last_it, self._fc_row = self._ist[0], self._ist[1]
         self._fc_it = self._ist[2, :, 0]
+        # each running request's choices and rows seen per layer, in slots
+        self._rc = np.zeros((4, L, J))
+        self._rn = np.zeros((4, L))
+        self._slot_of: dict[str, int] = {}
+        self._free_slots = [3, 2, 1, 0]
+        self._no_slots = np.zeros(0, np.int64)
+        self._row_slot = self._slots = self._no_slots
+        self._batch_rids: tuple[str, ...] | None = None
+        self._jit.request_bins(
+            self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1
+        )
         self._g = -1  # the layer whose gate ran last in this iteration (-1: none yet)
         self._cur_it = 0  # the policy's iteration count
         # protected experts (selected for a layer still ahead): an array the kernels read
@@ -100,12 +113,47 @@ class FmoeEviction:
         self._fc_row[layer] = forecast_rows(np.asarray(self._pred[layer], dtype=float), source)
         self._etnu_dirty = True
 
+    def _batch_requests(self, request_ids: tuple[str, ...]) -> None:
+        """The iteration's rows belong to ``request_ids``: give each request a slot of
+        counts (a new one starts empty) and set every expert's request-frequency bin."""
+        if request_ids == self._batch_rids:
+            return  # the same batch as the last iteration: slots and bins stand
+        self._batch_rids = request_ids
+        slot_of = self._slot_of
+        for rid in request_ids:
+            if rid not in slot_of:
+                if not self._free_slots:
+                    n = len(self._rc)
+                    self._rc = np.concatenate((self._rc, np.zeros_like(self._rc)))
+                    self._rn = np.concatenate((self._rn, np.zeros_like(self._rn)))
+                    self._free_slots = list(range(2 * n - 1, n - 1, -1))
+                s = self._free_slots.pop()
+                self._rc[s] = 0.0
+                self._rn[s] = 0.0
+                slot_of[rid] = s
+        self._row_slot = np.array([slot_of[r] for r in request_ids], np.int64).reshape(-1)
+        self._slots = np.unique(self._row_slot) if len(self._row_slot) else self._no_slots
+        self._jit.request_bins(self._ist, self._rc, self._rn, self._slots, self._base, CAL_BINS, -1)
+        self._etnu_dirty = True
+
+    def _request_finished(self, request_id: str) -> None:
+        s = self._slot_of.pop(request_id, None)
+        if s is not None:
+            self._free_slots.append(s)
+            self._batch_rids = None  # its slot may be reused: rebuild the batch's slots
+
     def _observe_choice(self, layer: int, ids: np.ndarray) -> None:
         """Layer ``layer``'s gate chose ``ids`` (any shape, repeats allowed) in the current
         iteration: count every expert's cell at the layer's first gate of the iteration,
         then update ages and lift the protection of layers up to ``layer``."""
         ids = np.asarray(ids)
-        if not self._jit.observe_choice(self._ist, self._fl, self._prot, layer, self._cur_it, ids):
+        if ids.ndim != 2:
+            ids = ids.reshape(len(ids), -1)
+        row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
+        if not self._jit.observe_choice(
+            self._ist, self._fl, self._prot, layer, self._cur_it, ids, self._rc, self._rn,
+            row_slot, self._slots, self._base, CAL_BINS,
+        ):  # fmt: skip
             self._bad_ids(layer)
         self._g = layer
         self._etnu_dirty = True
@@ -127,7 +175,7 @@ class FmoeEviction:
         assumes: an expert used longer ago is not likelier to come back). Made once per
         iteration, from the counts when it is first needed."""
         if self._chance_it != self._cur_it:
-            self._jit.decreasing_rows(self._fl, self._base)
+            self._jit.decreasing_rows(self._fl, self._base, CAL_BINS)
             self._chance_it = self._cur_it
         return self._chance_tab
 
@@ -138,7 +186,7 @@ class FmoeEviction:
             self._etnu_dirty = False  # first: a change made meanwhile (another thread) stays
             self._chance()
             self._jit.expected_next_use(
-                self._ist, self._fl, self._prot, self._etnu, self._g, self._cur_it
+                self._ist, self._fl, self._prot, self._etnu, self._g, self._cur_it, CAL_BINS
             )
         return self._etnu_mv
 
@@ -153,11 +201,22 @@ class FmoeEviction:
         it = self._cur_it
         tab = self._chance()
         age = it - int(self._last_it[layer, j])
-        row = int(self._fc_row[layer, j]) if self._fc_it[layer] == it else 0
+        freq = int(self._ist[3, layer, j])
+        row = int(self._fc_row[layer, j]) if self._fc_it[layer] == it else freq
         p_now = float(tab[row, age_bucket(np.array(age))])
-        p_next = float(tab[0, age_bucket(np.array(age + 1))])
+        p_next = float(tab[freq, age_bucket(np.array(age + 1))])
         wait = (L - g + layer) + L * (1.0 / p_next - 1.0)
         return p_now * (layer - g) + (1.0 - p_now) * wait
+
+    def _candidate_chance(self, layer: int, j: int) -> float:
+        """The learned chance that (layer, j) is chosen at its layer's visit in this
+        iteration (its fresh forecast's cell, else its request-frequency cell, by age)."""
+        it = self._cur_it
+        age = it - int(self._last_it[layer, j])
+        row = (
+            int(self._fc_row[layer, j]) if self._fc_it[layer] == it else int(self._ist[3, layer, j])
+        )
+        return float(self._chance()[row, age_bucket(np.array(age))])
 
     # -- scores ---------------------------------------------------------------------------
     def eviction_score(self, entry: CacheEntry) -> float:

@@ -14,7 +14,7 @@ from policies import fmoe_jit
 from policies.fmoe_eviction import _NEVER, AGE_BUCKETS, CAL_BINS, age_bucket
 from policies.fmoe_select import select_rows
 
-ROWS = 1 + 2 * CAL_BINS
+ROWS = 3 * CAL_BINS  # request-frequency bins, then semantic and trajectory forecast bins
 
 
 # -- numpy references (the policy's code before the kernels) ------------------------------
@@ -36,33 +36,50 @@ def ref_decreasing_rows(hits: np.ndarray, n: np.ndarray) -> np.ndarray:
     return out
 
 
-def ref_observe(last, fc_it, fc_row, tab_n, tab_hit, protect, layer, it, topk) -> None:
+def ref_bins(rc, rn, slots, base, lay) -> np.ndarray:
+    f = (
+        np.full(rc.shape[2], base)
+        if len(slots) == 0
+        else 1.0 - np.prod([1.0 - (rc[s, lay] + base) / (rn[s, lay] + 1.0) for s in slots], axis=0)
+    )
+    return np.minimum((f * CAL_BINS).astype(np.int64), CAL_BINS - 1)
+
+
+def ref_observe(ist, tab_n, tab_hit, protect, layer, it, topk, rc, rn, row_slot, slots, base):
+    last, fc_it, fc_row, freq = ist[0], ist[2, :, 0], ist[1], ist[3]
     ids = np.unique(topk)
     lst = last[layer]
     if not np.any(lst == it):
         ages = age_bucket(it - lst)
-        np.add.at(tab_n[0], ages, 1.0)
-        np.add.at(tab_hit[0], ages[ids], 1.0)
+        fr = freq[layer]
+        np.add.at(tab_n, (fr, ages), 1.0)
+        np.add.at(tab_hit, (fr[ids], ages[ids]), 1.0)
         if fc_it[layer] == it:
             rows = fc_row[layer]
             np.add.at(tab_n, (rows, ages), 1.0)
             np.add.at(tab_hit, (rows[ids], ages[ids]), 1.0)
+        if len(row_slot) == len(topk):
+            for r, s in enumerate(row_slot):
+                rn[s, layer] += 1.0
+                np.add.at(rc[s, layer], topk[r], 1.0)
+            freq[layer] = ref_bins(rc, rn, slots, base, layer)
     lst[ids] = it
     protect[: layer + 1] = False
 
 
-def ref_expected_next_use(last, fc_it, fc_row, tab, protect, g, it) -> np.ndarray:
+def ref_expected_next_use(ist, tab, protect, g, it) -> np.ndarray:
+    last, fc_it, fc_row, freq = ist[0], ist[2, :, 0], ist[1], ist[3]
     L = last.shape[0]
     lay = np.arange(L)[:, None]
     ahead = lay > g
     age = it - last
-    rows = np.where((fc_it == it)[:, None], fc_row, 0)
+    rows = np.where((fc_it == it)[:, None], fc_row, freq)
     nxt = (L - g + lay).astype(float)
     p_now = tab[rows, age_bucket(age)]
-    p_next = tab[0, age_bucket(age + 1)]
+    p_next = tab[freq, age_bucket(age + 1)]
     wait = nxt + L * (1.0 / p_next - 1.0)
     e_ahead = p_now * (lay - g) + (1.0 - p_now) * wait
-    p_pass = tab[0, age_bucket(np.maximum(age, 0) + 1)]
+    p_pass = tab[freq, age_bucket(np.maximum(age, 0) + 1)]
     e_pass = nxt + L * (1.0 / p_pass - 1.0)
     e = np.where(ahead, e_ahead, e_pass)
     e[protect] = 0.0
@@ -88,11 +105,12 @@ def test_age_buckets_match_the_log2_form_for_every_age() -> None:
 
 def _state(seed: int, L: int, J: int, it: int):
     rng = np.random.default_rng(seed)
-    ist = np.zeros((3, L, J), np.int64)
+    ist = np.zeros((4, L, J), np.int64)
     ist[0] = rng.integers(it - 300, it + 1, (L, J))
     ist[0][rng.random((L, J)) < 0.2] = _NEVER
-    ist[1] = rng.integers(0, ROWS, (L, J))
+    ist[1] = rng.integers(CAL_BINS, ROWS, (L, J))
     ist[2] = rng.choice([it, it - 1], L)[:, None]
+    ist[3] = rng.integers(0, CAL_BINS, (L, J))
     fl = np.zeros((3, ROWS, AGE_BUCKETS))
     fl[1] = rng.integers(0, 50, (ROWS, AGE_BUCKETS))
     fl[0] = np.floor(fl[1] * rng.random((ROWS, AGE_BUCKETS)))
@@ -100,38 +118,87 @@ def _state(seed: int, L: int, J: int, it: int):
     return ist, fl, prot
 
 
+def _requests(seed: int, L: int, J: int, B: int):
+    """Counts of 3 request slots and the rows' slots (B rows; none when B is 0)."""
+    rng = np.random.default_rng(seed + 7)
+    rn = rng.integers(0, 40, (3, L)).astype(float)
+    rc = np.floor(rn[:, :, None] * rng.random((3, L, J)))
+    row_slot = rng.integers(0, 3, B).astype(np.int64)
+    return rc, rn, row_slot, np.unique(row_slot)
+
+
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10**6), L=st.integers(1, 9), J=st.integers(1, 12), K=st.integers(1, 4))
-def test_observe_choice_counts_as_the_numpy_form(seed: int, L: int, J: int, K: int) -> None:
-    it = 400
+@given(
+    seed=st.integers(0, 10**6),
+    L=st.integers(1, 9),
+    J=st.integers(1, 12),
+    K=st.integers(1, 4),
+    known=st.booleans(),
+)
+def test_observe_choice_counts_as_the_numpy_form(
+    seed: int, L: int, J: int, K: int, known: bool
+) -> None:
+    it, base = 400, 0.25
     ist, fl, prot = _state(seed, L, J, it)
     rng = np.random.default_rng(seed + 1)
     layer = int(rng.integers(0, L))
-    topk = rng.integers(0, J, (int(rng.integers(1, 4)), K)).astype(rng.choice([np.int64, np.int16]))
-    ref = [a.copy() for a in (ist[0], ist[2, :, 0], ist[1], fl[1], fl[0], prot)]
-    ref_observe(*ref, layer, it, topk)
-    assert fmoe_jit.observe_choice(ist, fl, prot, layer, it, topk)
-    for got, want in zip((ist[0], ist[2, :, 0], ist[1], fl[1], fl[0], prot), ref, strict=True):
+    B = int(rng.integers(1, 4))
+    topk = rng.integers(0, J, (B, K)).astype(rng.choice([np.int64, np.int16]))
+    rc, rn, row_slot, slots = _requests(seed, L, J, B if known else 0)
+    ref = [a.copy() for a in (ist, fl[1], fl[0], prot, rc, rn)]
+    ref_observe(*ref[:4], layer, it, topk, *ref[4:], row_slot, slots, base)
+    assert fmoe_jit.observe_choice(
+        ist, fl, prot, layer, it, topk, rc, rn, row_slot, slots, base, CAL_BINS
+    )
+    for got, want in zip((ist, fl[1], fl[0], prot, rc, rn), ref, strict=True):
         assert np.array_equal(got, want)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), L=st.integers(1, 6), J=st.integers(1, 12), B=st.integers(0, 4))
+def test_request_bins_are_the_batch_chance_binned(seed: int, L: int, J: int, B: int) -> None:
+    ist, _, _ = _state(seed, L, J, 10)
+    rc, rn, _, slots = _requests(seed, L, J, B)
+    fmoe_jit.request_bins(ist, rc, rn, slots, 0.125, CAL_BINS, -1)
+    for lay in range(L):
+        assert np.array_equal(ist[3, lay], ref_bins(rc, rn, slots, 0.125, lay))
+    if B == 0:  # no request: every expert at the uninformed rate's bin
+        assert (ist[3] == int(0.125 * CAL_BINS)).all()
 
 
 def test_observe_choice_refuses_ids_outside_the_layer_and_changes_nothing() -> None:
     ist, fl, prot = _state(0, 3, 4, 10)
+    rc, rn, row_slot, slots = _requests(0, 3, 4, 1)
     before = (ist.copy(), fl.copy(), prot.copy())
-    assert not fmoe_jit.observe_choice(ist, fl, prot, 1, 10, np.array([[1, 4]]))
-    assert not fmoe_jit.observe_choice(ist, fl, prot, 1, 10, np.array([[-1, 2]]))
+    for bad in ([[1, 4]], [[-1, 2]]):
+        ids = np.array(bad)
+        assert not fmoe_jit.observe_choice(
+            ist, fl, prot, 1, 10, ids, rc, rn, row_slot, slots, 0.25, CAL_BINS
+        )
     for got, want in zip((ist, fl, prot), before, strict=True):
         assert np.array_equal(got, want)
 
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10**6), base=st.floats(0.01, 1.0))
-def test_decreasing_rows_pools_as_the_python_form(seed: int, base: float) -> None:
+def test_chance_table_forecast_rows_pool_as_the_python_form(seed: int, base: float) -> None:
     _, fl, _ = _state(seed, 2, 2, 10)
     want = ref_decreasing_rows(fl[0] + base, fl[1] + 1.0)
-    fmoe_jit.decreasing_rows(fl, base)
-    assert np.array_equal(fl[2], want)
-    assert (np.diff(fl[2], axis=1) <= 0).all()  # non-increasing in age
+    fmoe_jit.decreasing_rows(fl, base, CAL_BINS)
+    assert np.array_equal(fl[2, CAL_BINS:], want[CAL_BINS:])
+    assert (np.diff(fl[2], axis=1) <= 1e-15).all()  # every row non-increasing in age
+
+
+def test_request_rows_pool_when_they_tell_nothing_and_keep_what_they_tell() -> None:
+    fl = np.zeros((3, ROWS, AGE_BUCKETS))
+    fl[1, :CAL_BINS, :4] = 100.0  # every bin: 100 visits at ages 1..8, 25 choices
+    fl[0, :CAL_BINS, :4] = 25.0
+    fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
+    assert (fl[2, :CAL_BINS] == fl[2, 0]).all()  # no difference between bins: pooled
+    fl[0, CAL_BINS - 1, :4] = 90.0  # the top bin's experts come back far more often
+    fl[0, 0, :4] = 2.0
+    fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
+    assert (fl[2, CAL_BINS - 1, :4] > fl[2, 0, :4] + 0.3).all()
 
 
 @settings(max_examples=30, deadline=None)
@@ -140,10 +207,10 @@ def test_expected_next_use_is_the_numpy_form_bit_for_bit(seed: int, L: int, J: i
     it = 400
     g = min(g, L - 1)
     ist, fl, prot = _state(seed, L, J, it)
-    fmoe_jit.decreasing_rows(fl, 0.25)
+    fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
     out = np.empty((L, J))
-    fmoe_jit.expected_next_use(ist, fl, prot, out, g, it)
-    want = ref_expected_next_use(ist[0], ist[2, :, 0], ist[1], fl[2], prot, g, it)
+    fmoe_jit.expected_next_use(ist, fl, prot, out, g, it, CAL_BINS)
+    want = ref_expected_next_use(ist, fl[2], prot, g, it)
     assert np.array_equal(-out, want)
     assert np.array_equal(np.signbit(out), np.ones_like(prot))  # scores hold -E, -0.0 if protected
 
@@ -151,18 +218,21 @@ def test_expected_next_use_is_the_numpy_form_bit_for_bit(seed: int, L: int, J: i
 def test_gate_step_is_observe_then_forecast_then_the_table() -> None:
     L, J, it = 6, 5, 50
     ist, fl, prot = _state(3, L, J, it)
-    fmoe_jit.decreasing_rows(fl, 0.4)
-    fc_rows = np.arange(4 * J).reshape(4, J) % ROWS
+    rc, rn, row_slot, slots = _requests(3, L, J, 1)
+    fmoe_jit.decreasing_rows(fl, 0.4, CAL_BINS)
+    fc_rows = CAL_BINS + np.arange(4 * J).reshape(4, J) % (2 * CAL_BINS)
     ids = np.array([[4, 1]])
-    a_ist, a_fl, a_prot = ist.copy(), fl.copy(), prot.copy()
+    a = [x.copy() for x in (ist, fl, prot, rc, rn)]
     out = np.empty((L, J))
-    assert fmoe_jit.gate_step(ist, fl, prot, out, 2, it, ids, fc_rows, 5, True)
-    assert fmoe_jit.observe_choice(a_ist, a_fl, a_prot, 2, it, ids)
-    a_ist[2, 5, 0] = it
-    a_ist[1, 5] = fc_rows[2]
+    args = (row_slot, slots, 0.25, CAL_BINS)
+    assert fmoe_jit.gate_step(ist, fl, prot, out, 2, it, ids, fc_rows, 5, True, rc, rn, *args)
+    assert fmoe_jit.observe_choice(a[0], a[1], a[2], 2, it, ids, a[3], a[4], *args)
+    a[0][2, 5, 0] = it
+    a[0][1, 5] = fc_rows[2]
     want = np.empty((L, J))
-    fmoe_jit.expected_next_use(a_ist, a_fl, a_prot, want, 2, it)
-    assert np.array_equal(ist, a_ist) and np.array_equal(fl, a_fl) and np.array_equal(out, want)
+    fmoe_jit.expected_next_use(a[0], a[1], a[2], want, 2, it, CAL_BINS)
+    for got, exp in zip((ist, fl, prot, rc, rn, out), (*a, want), strict=True):
+        assert np.array_equal(got, exp)
 
 
 def _near_threshold_rows(rng: np.random.Generator, R: int, J: int, k: int):
