@@ -87,17 +87,22 @@ class FmoeOptions(PolicyOptions):
         "frequency); paper (p x uses while cached, the paper's); lru; lfu (uses while cached, "
         "the paper's ablation); lfu-global (uses over the whole run, kept across evictions)",
     )
-    # Default "all": the deadline rule counts a copy that lands late as worthless, but
-    # where links have slack (the 6-GPU testbed) a late copy still saves most of a demand
-    # load's stall; measured there it lost 0.05 hit rate and 10% TPOT to "all", and on one
-    # A100 the two were within 1% (docs/fmoe.md). Opt in until admission counts that saving.
+    # Default "deadline": a copy is sent when its expected saving (the part done before its
+    # layer, if its expert is used) beats the delay its unused rest causes demand loads;
+    # the paper's "all" stays available (docs/fmoe.md compares both on every preset).
     admission: Admission = Field(
-        default="all",
-        description="all: every selected expert (the paper's); deadline: order a prefetch "
-        "only if it can land before its layer and is worth its victim, re-ranked at each "
-        "gate, distance from copy time over layer time (needs the executor's view; else "
-        "all); none: no prefetch (predictions still steer eviction: the eviction-only "
+        default="deadline",
+        description="deadline: order a prefetch when the part of its copy done before its "
+        "layer, times the chance its expert is used, beats the delay the unused rest of it "
+        "causes demand loads; re-ranked at each gate; distance from copy time over layer "
+        "time (needs the executor's view; else all); all: every selected expert (the "
+        "paper's); none: no prefetch (predictions still steer eviction: the eviction-only "
         "ablation)",
+    )
+    request_frequency: bool = Field(
+        default=True,
+        description="count each running request's expert choices: the eviction's learned "
+        "chance is by (request frequency, age) instead of age alone (False: the ablation)",
     )
     embed_dim: int | None = Field(
         default=None,
@@ -286,7 +291,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._g = -1
         self._etnu_dirty = True
         if self._pred:
-            self._batch_requests(tuple(ev.request_ids))
+            self._batch_requests(tuple(ev.request_ids) if self.options.request_frequency else ())
         if self._view is not None:
             self._deadline_iteration_start(B)
         query, has = self._row_queries(ev, B)
@@ -317,7 +322,6 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             and plan.fc_rows is not None
             and plan.next_layer == g
             and it.iteration == ev.iteration
-            and self._view is None
             and g < len(it.seen)
             and not it.seen[g]
             and type(ev.topk_ids) is np.ndarray  # for the kernel (a trace's rows always are)
@@ -325,7 +329,12 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             and len(ev.topk_ids) == it.rows
             and plan.version == self.store.version  # type: ignore[union-attr]
         ):
+            if self._view is not None:
+                # one row of top-K ids: distinct, as np.unique would list them
+                self._deadline_gate(g, ev.topk_ids[0].tolist(), ev.now)
             self._planned_decode_gate(ev, it, plan, g)
+            if self._view is not None:
+                self._admit(g)
             return
         if self._pred and 0 <= g < len(self._pred):
             if it is None or it.iteration != ev.iteration:  # no iteration start seen

@@ -135,23 +135,30 @@ class FmoeDeadline:
             self.cancel(*key)
 
     def _admit(self, g: int) -> None:
-        """Rank every candidate not started by p / (l - g) and send those that can land
-        in time and are worth their victim (module doc); cancel the rest not started."""
+        """Rank every candidate not started by p / (l - g) and send those whose copy is
+        worth its link time (module doc); cancel the rest not started."""
         cache_of, dev_of = self._cache_of, self._dev_of
+        old = self._pending
         cands: dict[ExpertKey, float] = {}
-        for key, p in self._pending.items():
+        stale = 0
+        for key, p in old.items():
             layer, j = key
             if cache_of and key in cache_of[layer][j].entries:
                 continue  # started (or landed): the link has it
             if layer <= g:
                 self.cancel(layer, j)
-                self._stats["orders_cancelled_stale"] += 1
+                stale += 1
                 continue
             cands[key] = p
         for key, p in self._cands.items():
             if key[0] > g and p > cands.get(key, -1.0):
                 cands[key] = p
         self._cands = {}
+        if not cands:
+            self._pending = {}
+            if stale:
+                self._stats["orders_cancelled_stale"] += stale
+            return
         ranked = sorted(cands.items(), key=lambda kv: (-kv[1] / (kv[0][0] - g), kv[0]))
         view = self._view
         assert view is not None
@@ -159,6 +166,7 @@ class FmoeDeadline:
         avail = [-1.0] * self._n_dev
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
+        late_no = late_yes = issued = reranked = 0  # counted here, added to _stats once
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
@@ -167,7 +175,7 @@ class FmoeDeadline:
                 committed[dev] = link.queued_s
                 copy[dev] = link.copy_s
                 avail[dev] = self._avail_per_layer(dev)
-            was = key in self._pending
+            was = key in old
             copy_s = copy[dev]
             # the part of the copy done before its layer runs: the prefetch link time
             # until then, after the copies ahead of it (all of it when it lands in time)
@@ -176,17 +184,26 @@ class FmoeDeadline:
                 # late: if used (chance q) it saves the part done; if not, the rest of
                 # the copy runs after its layer, delaying demand loads by their share
                 # of the link's time (rho). Worth it only when the saving is larger.
-                q = self._candidate_chance(layer, j)
+                q = self._candidate_chance(layer, j) if done > 0 else 0.0
                 if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * self._rho(dev):
-                    self._stats["orders_rejected_late"] += 1
+                    late_no += 1
                     if was:
                         self.cancel(layer, j)
                     continue
-                self._stats["orders_admitted_late"] += 1
+                late_yes += 1
             committed[dev] += copy_s
             pending[key] = p
             self.prefetch(layer, j, p / (layer - g))
-            self._stats["orders_issued"] += 1
-            if was:
-                self._stats["orders_reranked"] += 1
+            issued += 1
+            reranked += was
         self._pending = pending
+        st = self._stats
+        for name, n in (
+            ("orders_cancelled_stale", stale),
+            ("orders_rejected_late", late_no),
+            ("orders_admitted_late", late_yes),
+            ("orders_issued", issued),
+            ("orders_reranked", reranked),
+        ):
+            if n:
+                st[name] += n

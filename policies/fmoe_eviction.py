@@ -2,29 +2,34 @@
 as a mixin of :class:`policies.fmoe.FmoePolicy`.
 
 ``fmoe`` (the default) evicts the expert with the longest *expected time to its next
-use*, in layer steps. It joins the maps' predictions with recency through one table the
-policy learns as it runs: for every expert at every gate, the chance it is chosen given
-(its forecast for this iteration, binned by the map's probability p and by source,
-semantic or trajectory, or "no forecast") x (its age: iterations since the layer last
-chose it, in doubling buckets, or "never"). That is recency and decayed frequency as the
-routing shows them (an expert used 1 iteration ago vs 20), calibrated predictions, and
-how the two combine, all counted, none set by hand (one pseudo-observation at the
-uninformed rate K/J per cell; the "no forecast" row counts every visit, so it is the
-chance by age alone). Each row is made non-increasing in age (pool-adjacent-violators),
-the one assumption LRU also makes, so noise in a flat table cannot reverse the recency
-order. From it:
+use*, in layer steps: an online approximation of Belady's MIN, which evicts the expert
+used furthest in the future, with the future replaced by its learned chances. It joins
+the maps' predictions, the running requests' own routing, and recency through one table
+the policy learns as it runs: for every expert at every gate, the chance it is chosen
+given (its forecast for this iteration, binned by the map's probability p and by source,
+semantic or trajectory; or, without a fresh forecast, its *request frequency*: how often
+the batch's requests chose it at that layer so far, f = 1 - prod_r (1 - (c_r + K/J) /
+(n_r + 1)), binned) x (its age: iterations since the layer last chose it, in doubling
+buckets, or "never"). That is recency, the request's own frequency (what MoE-Infinity's
+request-level activation matrix tracks; a request's prompt rows already tell which
+experts its tokens favour), calibrated predictions, and how they combine, all counted,
+none set by hand: one pseudo-observation at the uninformed rate K/J per forecast cell;
+the request-frequency rows are shrunk toward their pooled chance by age by empirical
+Bayes (no excess variance between the bins: pooled completely, so where request
+frequency tells nothing the order is LRU's) and made non-decreasing in frequency (LFU's
+assumption); every row is non-increasing in age (pool-adjacent-violators), the one
+assumption LRU makes. From it:
 
 - a layer still ahead in this iteration (l > g, the last gate): with probability P (its
   cell now) it is used in l - g steps, else at the next iteration's visit, L - g + l
-  steps, plus L per further iteration, waiting geometrically with the no-forecast chance
-  at its next age;
+  steps, plus L per further iteration, waiting geometrically with its request-frequency
+  chance at its next age;
 - a layer already passed: the next iteration's visit plus the geometric wait.
 
-When the maps carry no information, the forecast rows learn the no-forecast ones and
-the ordering within a layer is by age (least recently used first, as LRU; ties by last
-use); across layers it is by how soon each layer comes back. Experts selected for a
-layer still ahead in this iteration (resident or in flight) are protected until that
-layer has run.
+When neither maps nor requests carry information, the ordering within a layer is by age
+(least recently used first, as LRU; ties by last use); across layers it is by how soon
+each layer comes back. Experts selected for a layer still ahead in this iteration
+(resident or in flight) are protected until that layer has run.
 
 ``paper`` is the paper's p x uses while cached (p the searched map's probability, K/J
 before a layer is first forecast); ``lfu``, ``lfu-global`` and ``lru`` are the ablation's.
@@ -212,11 +217,11 @@ class FmoeEviction:
         """The learned chance that (layer, j) is chosen at its layer's visit in this
         iteration (its fresh forecast's cell, else its request-frequency cell, by age)."""
         it = self._cur_it
-        age = it - int(self._last_it[layer, j])
-        row = (
-            int(self._fc_row[layer, j]) if self._fc_it[layer] == it else int(self._ist[3, layer, j])
-        )
-        return float(self._chance()[row, age_bucket(np.array(age))])
+        ist = self._ist
+        age = it - ist.item(0, layer, j)
+        row = ist.item(1, layer, j) if ist.item(2, layer, 0) == it else ist.item(3, layer, j)
+        b = 0 if age <= 1 else min((age - 1).bit_length(), AGE_BUCKETS - 1)  # age_bucket
+        return self._chance().item(row, b)
 
     # -- scores ---------------------------------------------------------------------------
     def eviction_score(self, entry: CacheEntry) -> float:

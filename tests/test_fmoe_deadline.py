@@ -77,6 +77,8 @@ def test_distance_follows_copy_time_over_layer_time():
     assert pol.distance == L - 1
     pol, _ = _bound(None)  # no view: the model family's constant
     assert pol.metadata()["prefetch_distance_source"] == "model family"
+    pol, _ = _bound(FakeView(copy_s=1e-4, layer_s=1e-3))  # a copy within one layer step
+    assert pol.distance == 1
 
 
 def test_a_copy_that_cannot_start_before_its_layer_is_never_ordered_and_timely_ones_are():
