@@ -132,6 +132,13 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        if (
+            "admission" not in self.options.model_fields_set
+            and type(self).decide_prefetch is not FmoePolicy.decide_prefetch
+        ):
+            # a subclass that decides its prefetches itself (fmoe-hybrid) applies its own
+            # rule to every selection: by default ours does not filter them first
+            self.options = self.options.model_copy(update={"admission": "all"})
         self.store: ExpertMapStore | None = None
         self.spec: ModelSpec | None = None
         self.distance = 0

@@ -46,7 +46,7 @@ class FmoeDeadline:
         self._n_dev = len(ctx.caches)
         self._copy_s = view.link_state(0).copy_s if view is not None else 0.0
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
-        self._cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
+        self._dl_cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
         self._gate_times: list[float] = []  # gate times of the current iteration
         self._interval: float | None = None  # measured mean gate interval (last iteration)
         self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
@@ -127,8 +127,8 @@ class FmoeDeadline:
     def _candidate(self, layer: int, j: int, p: float) -> None:
         """A selected expert not cached: a candidate for this hook's admission."""
         key = (layer, j)
-        if p > self._cands.get(key, -1.0):
-            self._cands[key] = p
+        if p > self._dl_cands.get(key, -1.0):
+            self._dl_cands[key] = p
 
     def _cancel_if_queued(self, key: ExpertKey) -> None:
         if self._cache_of and key not in self._cache_of[key[0]][key[1]].entries:
@@ -150,10 +150,10 @@ class FmoeDeadline:
                 stale += 1
                 continue
             cands[key] = p
-        for key, p in self._cands.items():
+        for key, p in self._dl_cands.items():
             if key[0] > g and p > cands.get(key, -1.0):
                 cands[key] = p
-        self._cands = {}
+        self._dl_cands = {}
         if not cands:
             self._pending = {}
             if stale:
