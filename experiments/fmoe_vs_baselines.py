@@ -49,7 +49,7 @@ KEEP = [
 ]
 
 
-def _job(args: tuple[str, str, float, str, int, int]) -> dict[str, Any]:
+def _job(args: tuple[str, str, float, str, int, int, dict[str, str]]) -> dict[str, Any]:
     from sim.config import SimConfig
     from sim.run import simulate
     from sim.sweep import single_thread_blas
@@ -58,7 +58,7 @@ def _job(args: tuple[str, str, float, str, int, int]) -> dict[str, Any]:
     from traces.synth import SynthConfig, generate
 
     single_thread_blas()
-    model, hw, share, policy, n, seed = args
+    model, hw, share, policy, n, seed, fmoe_opts = args
     spec = load_model(model)
     workload = generate(spec, SynthConfig(num_requests=n, seed=seed))
     cache = max(spec.top_k, round(share * spec.num_moe_layers * spec.num_experts))
@@ -66,6 +66,7 @@ def _job(args: tuple[str, str, float, str, int, int]) -> dict[str, Any]:
         model=spec,
         hardware=load_hardware(hw),
         policy=policy,
+        policy_options=fmoe_opts if policy == "fmoe" else {},
         cache_experts=cache,
         train_fraction=0.7,
         seed=seed,
@@ -93,9 +94,13 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--hardware", default=",".join(HARDWARE))
     p.add_argument("--name", default="fmoe_vs_baselines")
+    p.add_argument(
+        "--fmoe-opt", action="append", default=[], metavar="K=V", help="an fmoe policy option"
+    )
     a = p.parse_args()
+    fmoe_opts = dict(kv.split("=", 1) for kv in a.fmoe_opt)
     jobs = [
-        (m, h, s, pol, a.num_requests, a.seed)
+        (m, h, s, pol, a.num_requests, a.seed, fmoe_opts)
         for m in a.models.split(",")
         for h in a.hardware.split(",")
         for s in SHARES

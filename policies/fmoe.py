@@ -42,12 +42,12 @@ from policies.base import (
 from policies.cache import ExpertCache, ExpertKey
 from policies.expert_map_store import ExpertMapStore
 from policies.fmoe_deadline import FmoeDeadline
-from policies.fmoe_eviction import TRAJECTORY, FmoeEviction
+from policies.fmoe_eviction import CAL_BINS, TRAJECTORY, FmoeEviction
 from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_ROWS re-exported
 from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
-from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState
+from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState, _SearchPlan
 from policies.registry import register_policy
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
@@ -87,17 +87,22 @@ class FmoeOptions(PolicyOptions):
         "frequency); paper (p x uses while cached, the paper's); lru; lfu (uses while cached, "
         "the paper's ablation); lfu-global (uses over the whole run, kept across evictions)",
     )
-    # Default "all": the deadline rule counts a copy that lands late as worthless, but
-    # where links have slack (the 6-GPU testbed) a late copy still saves most of a demand
-    # load's stall; measured there it lost 0.05 hit rate and 10% TPOT to "all", and on one
-    # A100 the two were within 1% (docs/fmoe.md). Opt in until admission counts that saving.
+    # Default "deadline": a copy is sent when its expected saving (the part done before its
+    # layer, if its expert is used) beats the delay its unused rest causes demand loads;
+    # the paper's "all" stays available (docs/fmoe.md compares both on every preset).
     admission: Admission = Field(
-        default="all",
-        description="all: every selected expert (the paper's); deadline: order a prefetch "
-        "only if it can land before its layer and is worth its victim, re-ranked at each "
-        "gate, distance from copy time over layer time (needs the executor's view; else "
-        "all); none: no prefetch (predictions still steer eviction: the eviction-only "
+        default="deadline",
+        description="deadline: order a prefetch when the part of its copy done before its "
+        "layer, times the chance its expert is used, beats the delay the unused rest of it "
+        "causes demand loads; re-ranked at each gate; distance from copy time over layer "
+        "time (needs the executor's view; else all); all: every selected expert (the "
+        "paper's); none: no prefetch (predictions still steer eviction: the eviction-only "
         "ablation)",
+    )
+    request_frequency: bool = Field(
+        default=True,
+        description="count each running request's expert choices: the eviction's learned "
+        "chance is by (request frequency, age) instead of age alone (False: the ablation)",
     )
     embed_dim: int | None = Field(
         default=None,
@@ -127,6 +132,13 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        if (
+            "admission" not in self.options.model_fields_set
+            and type(self).decide_prefetch is not FmoePolicy.decide_prefetch
+        ):
+            # a subclass that decides its prefetches itself (fmoe-hybrid) applies its own
+            # rule to every selection: by default ours does not filter them first
+            self.options = self.options.model_copy(update={"admission": "all"})
         self.store: ExpertMapStore | None = None
         self.spec: ModelSpec | None = None
         self.distance = 0
@@ -157,6 +169,12 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._view = None  # the executor's view while deadline admission is on (bind)
         self._no_prefetch = self.options.admission == "none"
         self._distance_source = "unbound"
+        self._orders_issued = 0  # orders sent without deadline admission
+        # rows of planned decode gates: [with gate probabilities, with top-K weights,
+        # trajectory searches] (counted apart from _stats: a Counter update per gate costs)
+        self._planned_rows = [0, 0, 0]
+        self._top_k = 0
+        self._scores_fast = False  # eviction_scores' inlined fmoe path (set at bind)
 
     @property
     def use_semantic(self) -> bool:
@@ -229,10 +247,15 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             self._freq = [[0] * J for _ in range(L)]
             self._setup_usage(L, J, spec.top_k)
         self.spec = spec
+        self._top_k = spec.top_k
 
     def metadata(self) -> dict[str, Any]:
         """Options plus what the run used: prefetch distance, embedding and gate-row sources, store size."""
-        s = self._stats
+        s = Counter(self._stats)
+        s["gate_rows_gate_probs"] += self._planned_rows[0]
+        s["gate_rows_topk_weights"] += self._planned_rows[1]
+        s["trajectory_searches"] += self._planned_rows[2]
+        s["orders_issued"] += self._orders_issued
         emb_counts = {k: s[f"rows_emb_{k}"] for k in ("token", "prompt", "none")}
         used = [k for k, v in emb_counts.items() if v]
         out = super().metadata()
@@ -249,6 +272,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             admission="deadline" if self._view is not None else "all",
             orders_issued=s["orders_issued"],
             orders_rejected_late=s["orders_rejected_late"],
+            orders_admitted_late=s["orders_admitted_late"],
             orders_rejected_value=s["orders_rejected_value"],
             orders_reranked=s["orders_reranked"],
             orders_cancelled_stale=s["orders_cancelled_stale"],
@@ -273,6 +297,8 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._cur_it += 1
         self._g = -1
         self._etnu_dirty = True
+        if self._pred:
+            self._batch_requests(tuple(ev.request_ids) if self.options.request_frequency else ())
         if self._view is not None:
             self._deadline_iteration_start(B)
         query, has = self._row_queries(ev, B)
@@ -296,20 +322,78 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         the gate's choice feeds the eviction's statistics; with deadline admission the
         hook ends by ranking and admitting the iteration's candidates."""
         g = int(ev.layer)
+        it = self._it
+        plan = None if it is None else it.plan
+        if (
+            plan is not None
+            and plan.fc_rows is not None
+            and plan.next_layer == g
+            and it.iteration == ev.iteration
+            and g < len(it.seen)
+            and not it.seen[g]
+            and type(ev.topk_ids) is np.ndarray  # for the kernel (a trace's rows always are)
+            and ev.topk_ids.ndim == 2
+            and len(ev.topk_ids) == it.rows
+            and plan.version == self.store.version  # type: ignore[union-attr]
+        ):
+            if self._view is not None:
+                # one row of top-K ids: distinct, as np.unique would list them
+                self._deadline_gate(g, ev.topk_ids[0].tolist(), ev.now)
+            self._planned_decode_gate(ev, it, plan, g)
+            if self._view is not None:
+                self._admit(g)
+            return
         if self._pred and 0 <= g < len(self._pred):
-            it = self._it
             if it is None or it.iteration != ev.iteration:  # no iteration start seen
                 self._cur_it += 1
                 self._g = -1
+                self._batch_requests(())  # rows of unknown requests
                 if self._view is not None:
                     self._deadline_iteration_start(len(ev.topk_ids))
-            ids = np.unique(ev.topk_ids)
             if self._view is not None:
-                self._deadline_gate(g, ids.tolist(), ev.now)
-            self._observe_choice(g, ids)
+                self._deadline_gate(g, np.unique(ev.topk_ids).tolist(), ev.now)
+            self._observe_choice(g, ev.topk_ids)
         self._on_gate_search(ev)
         if self._view is not None:
             self._admit(g)
+
+    def _planned_decode_gate(
+        self, ev: GateOutput, it: _IterState, plan: _SearchPlan, g: int
+    ) -> None:
+        """on_gate(g) of one decode row whose searches were all done at the iteration's
+        start (``plan.targets``) and whose order the gates keep: the same statistics,
+        forecast and orders as the general path, with one kernel call for the eviction's
+        bookkeeping (the caller checked every condition the general path would branch on)."""
+        if ev.now > self._now:
+            self._now = ev.now
+        plan.next_layer = g + 1
+        it.seen[g] = True
+        rows = self._planned_rows
+        rows[0 if ev.probs is not None else 1] += 1
+        target = g + self.distance
+        if target >= len(self._pred) or not self.use_trajectory:
+            target = -1
+        # FmoeEviction._observe_choice then _forecast(target) in one kernel call, which
+        # also brings the expected times up to date once this iteration's chance table
+        # exists (else they wait for the first score, which makes it)
+        eager = self._chance_it == self._cur_it
+        ids = ev.topk_ids
+        row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
+        if not self._jit.gate_step(
+            self._ist, self._fl, self._prot, self._etnu, g, self._cur_it, ids, plan.fc_rows,
+            target, eager, self._rc, self._rn, row_slot, self._slots, self._base, CAL_BINS,
+        ):  # fmt: skip
+            self._bad_ids(g)
+        self._g = g
+        self._etnu_dirty = not eager
+        if target < 0:
+            return
+        rows[2] += 1
+        row, picks, prio = plan.targets[g]  # type: ignore[index]
+        self._pred[target] = row  # one reference swap: thread-safe
+        if len(picks) > self._top_k:  # the weak match took more than the top-K (step 3)
+            self._stats["delta_widened"] += 1
+        self._order(it, target, picks, prio)
 
     def _on_gate_search(self, ev: GateOutput) -> None:
         self._now = max(self._now, ev.now)
@@ -382,6 +466,8 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         it, self._it = self._it, None
         for rid in ev.finished:
             self._prompt_emb.pop(rid, None)
+            if self._pred:
+                self._request_finished(rid)
         if it is None or it.iteration != ev.iteration or not all(it.seen):
             return
         store = self._need_store()
@@ -396,7 +482,9 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             self._refresh(it)
             observed, dots, norm2 = it.observed, it.dots[:, : store.size], it.norm2
         n = store.size
-        traj = dots * store.inv_prefix[-1, :n] * _inv_sqrt(norm2)[:, None]
+        # the full-map trajectory cosines: only a full store's replacement (RDY) reads them
+        full = len(observed) > store.capacity - n
+        traj = dots * store.inv_prefix[-1, :n] * _inv_sqrt(norm2)[:, None] if full else None
         store.add_batch(
             observed, it.query, sem=it.sem[:, :n], traj=traj, prepared=it.query is not None
         )

@@ -5,14 +5,20 @@ orders a hook selects are not sent at once: at the end of the hook every candida
 the iteration (this hook's and the earlier ones not started yet) is ranked by
 p / (l - l_now) and admitted, best first, only when
 
-- its copy can land before its layer: the link's queue (``link_state``) plus the copies
-  of better-ranked admitted orders on that link plus one copy fit in the link time left
-  for prefetches until layer l, (l - l_now) x (layer interval - demand-load time per
-  layer on that link), both measured over the previous iteration (the view's
-  ``layer_time_s`` and no demand loads before the first);
-- and, when its device's cache has no free slot for it, its expected time to next use
-  is shorter than that of the expert it would evict (the ``fmoe`` eviction's estimate;
-  with another eviction this check is skipped).
+- the copy is worth its link time. Before its layer runs the link gives prefetches
+  (l - l_now) x (layer interval - demand-load time per layer on that link), both
+  measured over the previous iteration (the view's ``layer_time_s`` and no demand loads
+  before the first); after the link's queue and the better-ranked admitted copies, the
+  part ``done`` of this copy fits in it. A copy done in time is admitted. A late one
+  saves ``done`` of a demand load if its expert is used (chance q: the eviction table's
+  learned chance for its forecast, or its request-frequency cell) and, if not, its rest
+  ``copy - done`` runs after its layer and delays demand loads by their share rho of the
+  link's time; it is admitted when q x done > (1 - q) x (copy - done) x rho.
+
+The victim of an admitted copy is the expert the device's next demand load would evict
+(the same expected-time-to-next-use order); the copy only evicts it earlier, by the time
+to that device's next miss, so no separate victim check is made (one was measured to
+reject useful copies where links have slack: docs/fmoe.md).
 
 Admitted orders are (re)sent at their new priority; an order not started that is now
 late, or whose layer has run, is cancelled. A rejected copy evicts nothing. Without a
@@ -40,7 +46,7 @@ class FmoeDeadline:
         self._n_dev = len(ctx.caches)
         self._copy_s = view.link_state(0).copy_s if view is not None else 0.0
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
-        self._cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
+        self._dl_cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
         self._gate_times: list[float] = []  # gate times of the current iteration
         self._interval: float | None = None  # measured mean gate interval (last iteration)
         self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
@@ -101,6 +107,14 @@ class FmoeDeadline:
             self._set_distance(d, L)
             self._stats["distance_changes"] += 1
 
+    def _rho(self, dev: int) -> float:
+        """Share of ``dev``'s link time its demand loads took per layer step (last
+        iteration; 0 before the first measurement), in [0, 1]."""
+        interval = self._interval
+        if not interval or interval <= 0:
+            return 0.0
+        return min(self._demand_s[dev] / interval, 1.0)
+
     def _avail_per_layer(self, dev: int) -> float:
         view = self._view
         assert view is not None
@@ -113,41 +127,46 @@ class FmoeDeadline:
     def _candidate(self, layer: int, j: int, p: float) -> None:
         """A selected expert not cached: a candidate for this hook's admission."""
         key = (layer, j)
-        if p > self._cands.get(key, -1.0):
-            self._cands[key] = p
+        if p > self._dl_cands.get(key, -1.0):
+            self._dl_cands[key] = p
 
     def _cancel_if_queued(self, key: ExpertKey) -> None:
         if self._cache_of and key not in self._cache_of[key[0]][key[1]].entries:
             self.cancel(*key)
 
     def _admit(self, g: int) -> None:
-        """Rank every candidate not started by p / (l - g) and send those that can land
-        in time and are worth their victim (module doc); cancel the rest not started."""
+        """Rank every candidate not started by p / (l - g) and send those whose copy is
+        worth its link time (module doc); cancel the rest not started."""
         cache_of, dev_of = self._cache_of, self._dev_of
+        old = self._pending
         cands: dict[ExpertKey, float] = {}
-        for key, p in self._pending.items():
+        stale = 0
+        for key, p in old.items():
             layer, j = key
             if cache_of and key in cache_of[layer][j].entries:
                 continue  # started (or landed): the link has it
             if layer <= g:
                 self.cancel(layer, j)
-                self._stats["orders_cancelled_stale"] += 1
+                stale += 1
                 continue
             cands[key] = p
-        for key, p in self._cands.items():
+        for key, p in self._dl_cands.items():
             if key[0] > g and p > cands.get(key, -1.0):
                 cands[key] = p
-        self._cands = {}
+        self._dl_cands = {}
+        if not cands:
+            self._pending = {}
+            if stale:
+                self._stats["orders_cancelled_stale"] += stale
+            return
         ranked = sorted(cands.items(), key=lambda kv: (-kv[1] / (kv[0][0] - g), kv[0]))
         view = self._view
         assert view is not None
         committed = [-1.0] * self._n_dev  # link seconds ahead of the next order (lazy)
         avail = [-1.0] * self._n_dev
-        victims: list[list[float] | None] = [None] * self._n_dev
-        free = [0] * self._n_dev
-        value_check = self.options.eviction == "fmoe"
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
+        late_no = late_yes = issued = reranked = 0  # counted here, added to _stats once
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
@@ -156,43 +175,35 @@ class FmoeDeadline:
                 committed[dev] = link.queued_s
                 copy[dev] = link.copy_s
                 avail[dev] = self._avail_per_layer(dev)
-                cache = self.ctx.caches[dev] if self.ctx is not None else None
-                free[dev] = cache.free if cache is not None else 0
-            was = key in self._pending
+            was = key in old
             copy_s = copy[dev]
-            if committed[dev] + copy_s > (layer - g) * avail[dev]:
-                self._stats["orders_rejected_late"] += 1
-                if was:
-                    self.cancel(layer, j)
-                continue
-            if value_check and free[dev] <= 0:
-                if victims[dev] is None:
-                    victims[dev] = self._victim_values(dev)
-                vals = victims[dev]
-                assert vals is not None
-                if not vals or self._candidate_etnu(layer, j, g) >= vals[0]:
-                    self._stats["orders_rejected_value"] += 1
+            # the part of the copy done before its layer runs: the prefetch link time
+            # until then, after the copies ahead of it (all of it when it lands in time)
+            done = min(copy_s, (layer - g) * avail[dev] - committed[dev])
+            if done < copy_s:
+                # late: if used (chance q) it saves the part done; if not, the rest of
+                # the copy runs after its layer, delaying demand loads by their share
+                # of the link's time (rho). Worth it only when the saving is larger.
+                q = self._candidate_chance(layer, j) if done > 0 else 0.0
+                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * self._rho(dev):
+                    late_no += 1
                     if was:
                         self.cancel(layer, j)
                     continue
-                vals.pop(0)
-            else:
-                free[dev] -= 1
+                late_yes += 1
             committed[dev] += copy_s
             pending[key] = p
             self.prefetch(layer, j, p / (layer - g))
-            self._stats["orders_issued"] += 1
-            if was:
-                self._stats["orders_reranked"] += 1
+            issued += 1
+            reranked += was
         self._pending = pending
-
-    def _victim_values(self, dev: int) -> list[float]:
-        """Expected times to next use of ``dev``'s evictable experts, in the order the
-        cache would evict them (unprotected first, by score), largest first."""
-        assert self.ctx is not None
-        cache = self.ctx.caches[dev]
-        group = [e for e in cache.entries.values() if e.state.value == "resident" and not e.pins]
-        scores = self.eviction_scores(group)
-        order = sorted(range(len(group)), key=lambda i: (group[i].protected, scores[i]))
-        tab = self._etnu_table()
-        return [tab[group[i].key[0]][group[i].key[1]] for i in order]
+        st = self._stats
+        for name, n in (
+            ("orders_cancelled_stale", stale),
+            ("orders_rejected_late", late_no),
+            ("orders_admitted_late", late_yes),
+            ("orders_issued", issued),
+            ("orders_reranked", reranked),
+        ):
+            if n:
+                st[name] += n

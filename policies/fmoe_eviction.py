@@ -2,29 +2,34 @@
 as a mixin of :class:`policies.fmoe.FmoePolicy`.
 
 ``fmoe`` (the default) evicts the expert with the longest *expected time to its next
-use*, in layer steps. It joins the maps' predictions with recency through one table the
-policy learns as it runs: for every expert at every gate, the chance it is chosen given
-(its forecast for this iteration, binned by the map's probability p and by source,
-semantic or trajectory, or "no forecast") x (its age: iterations since the layer last
-chose it, in doubling buckets, or "never"). That is recency and decayed frequency as the
-routing shows them (an expert used 1 iteration ago vs 20), calibrated predictions, and
-how the two combine, all counted, none set by hand (one pseudo-observation at the
-uninformed rate K/J per cell; the "no forecast" row counts every visit, so it is the
-chance by age alone). Each row is made non-increasing in age (pool-adjacent-violators),
-the one assumption LRU also makes, so noise in a flat table cannot reverse the recency
-order. From it:
+use*, in layer steps: an online approximation of Belady's MIN, which evicts the expert
+used furthest in the future, with the future replaced by its learned chances. It joins
+the maps' predictions, the running requests' own routing, and recency through one table
+the policy learns as it runs: for every expert at every gate, the chance it is chosen
+given (its forecast for this iteration, binned by the map's probability p and by source,
+semantic or trajectory; or, without a fresh forecast, its *request frequency*: how often
+the batch's requests chose it at that layer so far, f = 1 - prod_r (1 - (c_r + K/J) /
+(n_r + 1)), binned) x (its age: iterations since the layer last chose it, in doubling
+buckets, or "never"). That is recency, the request's own frequency (what MoE-Infinity's
+request-level activation matrix tracks; a request's prompt rows already tell which
+experts its tokens favour), calibrated predictions, and how they combine, all counted,
+none set by hand: one pseudo-observation at the uninformed rate K/J per forecast cell;
+the request-frequency rows are shrunk toward their pooled chance by age by empirical
+Bayes (no excess variance between the bins: pooled completely, so where request
+frequency tells nothing the order is LRU's) and made non-decreasing in frequency (LFU's
+assumption); every row is non-increasing in age (pool-adjacent-violators), the one
+assumption LRU makes. From it:
 
 - a layer still ahead in this iteration (l > g, the last gate): with probability P (its
   cell now) it is used in l - g steps, else at the next iteration's visit, L - g + l
-  steps, plus L per further iteration, waiting geometrically with the no-forecast chance
-  at its next age;
+  steps, plus L per further iteration, waiting geometrically with its request-frequency
+  chance at its next age;
 - a layer already passed: the next iteration's visit plus the geometric wait.
 
-When the maps carry no information, the forecast rows learn the no-forecast ones and
-the ordering within a layer is by age (least recently used first, as LRU; ties by last
-use); across layers it is by how soon each layer comes back. Experts selected for a
-layer still ahead in this iteration (resident or in flight) are protected until that
-layer has run.
+When neither maps nor requests carry information, the ordering within a layer is by age
+(least recently used first, as LRU; ties by last use); across layers it is by how soon
+each layer comes back. Experts selected for a layer still ahead in this iteration
+(resident or in flight) are protected until that layer has run.
 
 ``paper`` is the paper's p x uses while cached (p the searched map's probability, K/J
 before a layer is first forecast); ``lfu``, ``lfu-global`` and ``lru`` are the ablation's.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from policies.cache import CacheEntry
+from specs.errors import InputError
 
 _TIE_EPS = 1e-9  # recency tie-break weight, far below any meaningful score gap
 CAL_BINS = 10  # forecast probability bins (per source)
@@ -44,6 +50,12 @@ PROTECTED_E = 0.0  # expected time of a protected expert: below every real estim
 _NEVER = -(1 << 40)  # last iteration of an expert never chosen
 
 
+def forecast_rows(p: np.ndarray, source: int) -> np.ndarray:
+    """The table rows of a forecast's experts: source's block, binned by probability
+    ``p`` (float64, as the map's float32 values) into CAL_BINS equal bins."""
+    return (1 + source) * CAL_BINS + np.minimum((p * CAL_BINS).astype(np.int64), CAL_BINS - 1)
+
+
 def age_bucket(age: np.ndarray) -> np.ndarray:
     """Bucket of ages >= 1 (iterations): 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ...; huge
     ages (never chosen) land in the last bucket."""
@@ -51,119 +63,142 @@ def age_bucket(age: np.ndarray) -> np.ndarray:
     return np.minimum(np.ceil(np.log2(a)).astype(np.int64), AGE_BUCKETS - 1)
 
 
-def _decreasing_rows(hits: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """hits / n per row, made non-increasing along each row by pooling adjacent
-    violators (weighted by n): the least-squares non-increasing fit of each row."""
-    out = np.empty_like(hits)
-    for r in range(hits.shape[0]):
-        blocks: list[list[float]] = []  # [hits, n, width]
-        for h, w in zip(hits[r].tolist(), n[r].tolist(), strict=True):
-            blocks.append([h, w, 1])
-            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
-                h2, w2, c2 = blocks.pop()
-                blocks[-1][0] += h2
-                blocks[-1][1] += w2
-                blocks[-1][2] += c2
-        i = 0
-        for h, w, c in blocks:
-            out[r, i : i + c] = h / w
-            i += c
-    return out
-
-
 class FmoeEviction:
     """Step 5 of fMoE: which cached expert goes first (see the module doc)."""
 
     # -- state ----------------------------------------------------------------------------
     def _setup_usage(self, L: int, J: int, K: int) -> None:
-        """The learned table and the routing bookkeeping (all start empty)."""
+        """The learned table and the routing bookkeeping (all start empty), in arrays the
+        kernels of :mod:`policies.fmoe_jit` update in place (one call per gate)."""
+        from policies import fmoe_jit  # numba: loaded at bind, not at import
+
+        self._jit = fmoe_jit
         self._base = K / J
-        rows = 1 + 2 * CAL_BINS  # 0: no fresh forecast; then semantic bins, trajectory bins
-        self._tab_n = np.zeros((rows, AGE_BUCKETS))
-        self._tab_hit = np.zeros((rows, AGE_BUCKETS))
-        self._last_it = np.full((L, J), _NEVER, np.int64)  # last iteration that chose it
-        self._fc_it = np.full(L, -1, np.int64)  # iteration of each layer's last forecast
-        self._fc_row = np.zeros((L, J), np.int64)  # its table row per expert
+        # table rows: the request-frequency bins (no fresh forecast), then the semantic
+        # and the trajectory forecasts' probability bins
+        rows = 3 * CAL_BINS
+        # [0]: choices (hits), [1]: visits per (row, age bucket); [2]: the chance table
+        self._fl = np.zeros((3, rows, AGE_BUCKETS))
+        self._tab_hit, self._tab_n, self._chance_tab = self._fl
+        # [0]: last iteration that chose each expert; [1]: its forecast's table row;
+        # [2, :, 0]: iteration of each layer's last forecast; [3]: its request-frequency bin
+        self._ist = np.zeros((4, L, J), np.int64)
+        self._ist[0] = _NEVER
+        self._ist[2] = -1
+        self._last_it, self._fc_row = self._ist[0], self._ist[1]
+        self._fc_it = self._ist[2, :, 0]
+        # each running request's choices and rows seen per layer, in slots
+        self._rc = np.zeros((4, L, J))
+        self._rn = np.zeros((4, L))
+        self._slot_of: dict[str, int] = {}
+        self._free_slots = [3, 2, 1, 0]
+        self._no_slots = np.zeros(0, np.int64)
+        self._row_slot = self._slots = self._no_slots
+        self._batch_rids: tuple[str, ...] | None = None
+        self._jit.request_bins(
+            self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1
+        )
         self._g = -1  # the layer whose gate ran last in this iteration (-1: none yet)
         self._cur_it = 0  # the policy's iteration count
-        self._protect: set[tuple[int, int]] = set()
-        self._etnu: list[list[float]] = [[0.0] * J for _ in range(L)]
+        # protected experts (selected for a layer still ahead): an array the kernels read
+        # and clear, set per order through a memoryview (no numpy call)
+        self._prot = np.zeros((L, J), np.bool_)
+        self._prot_mv = memoryview(self._prot)
+        # minus the expected time to next use per [layer, expert]; the scores read it per
+        # cached entry through a memoryview indexed by the entry's key (a float per read)
+        self._etnu = np.zeros((L, J))
+        self._etnu_mv = memoryview(self._etnu)
         self._etnu_dirty = True
-        self._lay = np.arange(L)[:, None]
         self._chance_it = -1
-        self._chance_tab = np.zeros((rows, AGE_BUCKETS))
+        self._scores_fast = self.options.eviction == "fmoe"
 
     def _forecast(self, layer: int, source: int) -> None:
         """Layer ``layer`` was just forecast (``self._pred[layer]``) in this iteration."""
         self._fc_it[layer] = self._cur_it
-        p = np.asarray(self._pred[layer], dtype=float)
-        bins = np.minimum((p * CAL_BINS).astype(np.int64), CAL_BINS - 1)
-        self._fc_row[layer] = 1 + source * CAL_BINS + bins
+        self._fc_row[layer] = forecast_rows(np.asarray(self._pred[layer], dtype=float), source)
         self._etnu_dirty = True
 
+    def _batch_requests(self, request_ids: tuple[str, ...]) -> None:
+        """The iteration's rows belong to ``request_ids``: give each request a slot of
+        counts (a new one starts empty) and set every expert's request-frequency bin."""
+        if request_ids == self._batch_rids:
+            return  # the same batch as the last iteration: slots and bins stand
+        self._batch_rids = request_ids
+        slot_of = self._slot_of
+        for rid in request_ids:
+            if rid not in slot_of:
+                if not self._free_slots:
+                    n = len(self._rc)
+                    self._rc = np.concatenate((self._rc, np.zeros_like(self._rc)))
+                    self._rn = np.concatenate((self._rn, np.zeros_like(self._rn)))
+                    self._free_slots = list(range(2 * n - 1, n - 1, -1))
+                s = self._free_slots.pop()
+                self._rc[s] = 0.0
+                self._rn[s] = 0.0
+                slot_of[rid] = s
+        self._row_slot = np.array([slot_of[r] for r in request_ids], np.int64).reshape(-1)
+        self._slots = np.unique(self._row_slot) if len(self._row_slot) else self._no_slots
+        self._jit.request_bins(self._ist, self._rc, self._rn, self._slots, self._base, CAL_BINS, -1)
+        self._etnu_dirty = True
+
+    def _request_finished(self, request_id: str) -> None:
+        s = self._slot_of.pop(request_id, None)
+        if s is not None:
+            self._free_slots.append(s)
+            self._batch_rids = None  # its slot may be reused: rebuild the batch's slots
+
     def _observe_choice(self, layer: int, ids: np.ndarray) -> None:
-        """Layer ``layer``'s gate chose ``ids`` (distinct) in the current iteration: count
-        every expert's cell, then update ages and lift the layer's protection."""
-        it = self._cur_it
-        last = self._last_it[layer]
-        if not np.any(last == it):  # the layer's first gate in this iteration
-            ages = age_bucket(it - last)
-            # row 0 counts every visit (chance by age alone: what the next iteration's
-            # visits use), a fresh forecast's row counts it again by its bin
-            np.add.at(self._tab_n[0], ages, 1.0)
-            np.add.at(self._tab_hit[0], ages[ids], 1.0)
-            if self._fc_it[layer] == it:
-                rows = self._fc_row[layer]
-                np.add.at(self._tab_n, (rows, ages), 1.0)
-                np.add.at(self._tab_hit, (rows[ids], ages[ids]), 1.0)
-        last[ids] = it
-        if self._protect:
-            self._protect = {k for k in self._protect if k[0] > layer}
+        """Layer ``layer``'s gate chose ``ids`` (any shape, repeats allowed) in the current
+        iteration: count every expert's cell at the layer's first gate of the iteration,
+        then update ages and lift the protection of layers up to ``layer``."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            ids = ids.reshape(len(ids), -1)
+        row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
+        if not self._jit.observe_choice(
+            self._ist, self._fl, self._prot, layer, self._cur_it, ids, self._rc, self._rn,
+            row_slot, self._slots, self._base, CAL_BINS,
+        ):  # fmt: skip
+            self._bad_ids(layer)
         self._g = layer
         self._etnu_dirty = True
+
+    def _bad_ids(self, layer: int) -> None:
+        J = self._last_it.shape[1]
+        raise InputError(f"policy 'fmoe': gate of layer {layer} chose experts outside [0, {J})")
+
+    def _protect(self, key: tuple[int, int]) -> None:
+        """Protect ``key`` (selected for a layer still ahead) until its layer has run; its
+        expected time becomes 0 in the current table too (what a recompute would give)."""
+        self._prot_mv[key] = True
+        self._etnu_mv[key] = -0.0
 
     # -- expected time to next use ----------------------------------------------------------
     def _chance(self) -> np.ndarray:
         """The learned table: P(chosen at a visit) per (forecast row, age bucket), each
         row made non-increasing in age (pooled where the counts say otherwise, as LRU
-        assumes: an expert used longer ago is not likelier to come back). Recomputed once
-        per iteration."""
+        assumes: an expert used longer ago is not likelier to come back). Made once per
+        iteration, from the counts when it is first needed."""
         if self._chance_it != self._cur_it:
-            self._chance_tab = _decreasing_rows(self._tab_hit + self._base, self._tab_n + 1.0)
+            self._jit.decreasing_rows(self._fl, self._base, CAL_BINS)
             self._chance_it = self._cur_it
         return self._chance_tab
 
-    def _expected_next_use(self) -> np.ndarray:
-        """[L, J] expected layer steps until each expert's next use (see the module doc)."""
-        L = self._last_it.shape[0]
-        g, it = self._g, self._cur_it
-        tab = self._chance()
-        lay = self._lay
-        ahead = lay > g
-        age = it - self._last_it  # >= 1 ahead (not chosen in this iteration yet), >= 0 passed
-        rows = np.where((self._fc_it == it)[:, None], self._fc_row, 0)
-        nxt = (L - g + lay).astype(float)  # layer steps to the layer in the next iteration
-        p_now = tab[rows, age_bucket(age)]  # ahead: chosen at this iteration's visit
-        p_next = tab[0, age_bucket(age + 1)]  # not chosen now: at the next iteration's
-        wait = nxt + L * (1.0 / p_next - 1.0)
-        e_ahead = p_now * (lay - g) + (1.0 - p_now) * wait
-        p_pass = tab[0, age_bucket(np.maximum(age, 0) + 1)]  # passed: next iteration's visit
-        e_pass = nxt + L * (1.0 / p_pass - 1.0)
-        e = np.where(ahead, e_ahead, e_pass)
-        for lay_, j in self._protect:
-            e[lay_, j] = PROTECTED_E
-        return e
-
-    def _etnu_table(self) -> list[list[float]]:
+    def _etnu_table(self) -> memoryview:
+        """[L, J] minus the expected layer steps until each expert's next use (module doc),
+        as a memoryview indexed by (layer, expert); recomputed when the state changed."""
         if self._etnu_dirty:
-            self._etnu = self._expected_next_use().tolist()
-            self._etnu_dirty = False
-        return self._etnu
+            self._etnu_dirty = False  # first: a change made meanwhile (another thread) stays
+            self._chance()
+            self._jit.expected_next_use(
+                self._ist, self._fl, self._prot, self._etnu, self._g, self._cur_it, CAL_BINS
+            )
+        return self._etnu_mv
 
     def expected_next_use(self, layer: int, expert: int) -> float:
         """Expected layer steps until (layer, expert) is used next (the ``fmoe`` score's
         estimate; protected experts 0)."""
-        return self._etnu_table()[layer][expert]
+        return -self._etnu_table()[layer, expert]
 
     def _candidate_etnu(self, layer: int, j: int, g: int) -> float:
         """A prefetch candidate's expected time to next use (unprotected; layer > g)."""
@@ -171,11 +206,22 @@ class FmoeEviction:
         it = self._cur_it
         tab = self._chance()
         age = it - int(self._last_it[layer, j])
-        row = int(self._fc_row[layer, j]) if self._fc_it[layer] == it else 0
+        freq = int(self._ist[3, layer, j])
+        row = int(self._fc_row[layer, j]) if self._fc_it[layer] == it else freq
         p_now = float(tab[row, age_bucket(np.array(age))])
-        p_next = float(tab[0, age_bucket(np.array(age + 1))])
+        p_next = float(tab[freq, age_bucket(np.array(age + 1))])
         wait = (L - g + layer) + L * (1.0 / p_next - 1.0)
         return p_now * (layer - g) + (1.0 - p_now) * wait
+
+    def _candidate_chance(self, layer: int, j: int) -> float:
+        """The learned chance that (layer, j) is chosen at its layer's visit in this
+        iteration (its fresh forecast's cell, else its request-frequency cell, by age)."""
+        it = self._cur_it
+        ist = self._ist
+        age = it - ist.item(0, layer, j)
+        row = ist.item(1, layer, j) if ist.item(2, layer, 0) == it else ist.item(3, layer, j)
+        b = 0 if age <= 1 else min((age - 1).bit_length(), AGE_BUCKETS - 1)  # age_bucket
+        return self._chance().item(row, b)
 
     # -- scores ---------------------------------------------------------------------------
     def eviction_score(self, entry: CacheEntry) -> float:
@@ -185,6 +231,10 @@ class FmoeEviction:
         return self._scores([entry])[0]
 
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
+        if self._scores_fast:  # _scores_etnu, inlined: this runs for every victim choice
+            tab = self._etnu_table() if self._etnu_dirty else self._etnu_mv
+            tie = _TIE_EPS / (abs(self._now) + 1.0)
+            return [tab[e.key] + tie * e.last_used for e in entries]
         return self._scores(entries)
 
     def _tie(self, entry: CacheEntry) -> float:
@@ -212,4 +262,4 @@ class FmoeEviction:
         if not self._pred:  # unbound: least recently used
             return [tie * e.last_used for e in entries]
         tab = self._etnu_table()
-        return [-tab[lay][j] + tie * e.last_used for e in entries for lay, j in (e.key,)]
+        return [tab[e.key] + tie * e.last_used for e in entries]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from policies.fmoe_select import merge_priorities, select_experts, select_row, select_rows
+from policies.fmoe_select import merge_priorities, select_experts, select_row
 from policies.fmoe_state import _IterState
 
 
@@ -40,9 +40,13 @@ class FmoeOrders:
         division). Returns each row's selected experts, best first, and every expert's
         priority."""
         assert self.spec is not None
-        order = np.argsort(-rows, axis=1, kind="stable")
-        picks = select_rows(rows, scores, self.spec.top_k, self.use_delta, order)
-        return picks, (rows / dist).tolist()
+        R, J = rows.shape
+        picks = np.empty((R, J), np.int64)
+        counts = np.empty(R, np.int64)
+        k = min(max(int(self.spec.top_k), 1), J)
+        self._jit.select_rows(rows, scores, k, self.use_delta, picks, counts)
+        chosen = [row[:c] for row, c in zip(picks.tolist(), counts.tolist(), strict=True)]
+        return chosen, (rows / dist).tolist()
 
     def _issue_row(
         self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
@@ -80,14 +84,17 @@ class FmoeOrders:
         selected expert of a layer still ahead is protected from eviction until that
         layer has run; with deadline admission the orders become candidates instead."""
         issued, cache_of = it.issued, self._cache_of
-        protect = self._protect if layer > self._g else None
+        # protect (see FmoeEviction._protect, inlined: this runs for every selected expert)
+        protect = layer > self._g
+        prot, etnu = self._prot_mv, self._etnu_mv
         deadline = self._view is not None
         ahead = float(layer - self._g)
         orders = 0
         for j in experts:
             key = (layer, j)
-            if protect is not None:
-                protect.add(key)
+            if protect:
+                prot[key] = True
+                etnu[key] = -0.0
             # ctx.is_cached(key), inlined: this runs for every candidate order
             if key in issued or (cache_of and key in cache_of[layer][j].entries):
                 continue
@@ -99,7 +106,5 @@ class FmoeOrders:
                 continue
             self.prefetch(layer, j, prio[j])
             orders += 1
-        if protect is not None:
-            self._etnu_dirty = True
         if orders:
-            self._stats["orders_issued"] += orders
+            self._orders_issued += orders

@@ -8,7 +8,7 @@ import numpy as np
 
 from policies.base import IterationGates, IterationStart
 from policies.expert_map_store import ExpertMapStore
-from policies.fmoe_eviction import SEMANTIC, TRAJECTORY
+from policies.fmoe_eviction import SEMANTIC, TRAJECTORY, forecast_rows
 from policies.fmoe_select import topk_rows
 from policies.fmoe_state import _inv_sqrt, _IterState, _SearchPlan
 from specs.errors import InputError
@@ -37,10 +37,13 @@ class FmoeSearch:
         # a layer's p changes only when that layer is forecast (as the official code's cache
         # does): the semantic search forecasts layers 0..d-1, each trajectory search one
         fresh = list(self._pred)  # swapped whole: eviction_score may read it from another thread
-        fresh[: self.distance] = pred.max(axis=1).tolist()
+        top = pred.max(axis=1)  # [d, J]
+        fresh[: self.distance] = top.tolist()
         self._pred = fresh
-        for layer in range(self.distance):
-            self._forecast(layer, SEMANTIC)
+        # _forecast of layers 0..d-1 (SEMANTIC), at once
+        self._fc_it[: self.distance] = self._cur_it
+        self._fc_row[: self.distance] = forecast_rows(top.astype(np.float64), SEMANTIC)
+        self._etnu_dirty = True
         return pred, score
 
     def _need_store(self) -> ExpertMapStore:
@@ -121,16 +124,10 @@ class FmoeSearch:
         if rows.shape != (B, L, J):
             return None  # not this iteration's rows: search layer by layer
         cum_dots = np.matmul(rows.transpose(1, 0, 2), store.maps[:, :n].transpose(0, 2, 1))
-        # running float32 sums in layer order, [L, B, n], one in-place add per layer view
-        # (np.cumsum over axis 0 walks the array column by column, several times slower)
-        layers = iter(cum_dots)
-        prev = next(layers)
-        for cur in layers:
-            cur += prev
-            prev = cur
         cum_norm2 = np.cumsum(np.einsum("blj,blj->lb", rows, rows), axis=0)  # [L, B]
         d = self.distance
         T = L - d  # the layers g whose search predicts layer g + d
+        self._jit.running_sums(cum_dots)  # [L, B, n] float32 sums in layer order
         sims = cum_dots[:T] * store.inv_prefix[:T, None, :n]
         best = sims.argmax(axis=2)  # [T, B]
         top = sims[np.arange(T)[:, None], np.arange(B), best]
@@ -158,6 +155,7 @@ class FmoeSearch:
         for layer in range(lo, d):
             self._issue_picks(it, layer, picks[layer], prio[layer])
         plan.targets = list(zip(targets.tolist(), picks[d - lo :], prio[d - lo :], strict=True))
+        plan.fc_rows = forecast_rows(targets.astype(np.float64), TRAJECTORY)
 
     def _planned_gate(
         self,

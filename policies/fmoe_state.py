@@ -38,6 +38,8 @@ class _SearchPlan:
     # one decode row, per gate g: the map row predicted for layer g + d, the experts
     # selected from it (best first) and every expert's priority p / d
     targets: list[tuple[list[float], list[int], list[float]]] | None = None
+    # and the table rows of each predicted row's experts (eviction statistics) [L - d, J]
+    fc_rows: np.ndarray | None = None
 
 
 @dataclass

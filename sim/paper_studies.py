@@ -99,6 +99,7 @@ ABLATION_CACHING = {
     "LRU": ("fmoe", {"eviction": "lru"}),
     "LFU": ("fmoe", {"eviction": "lfu"}),
     "paper (p x freq)": ("fmoe", {"eviction": "paper"}),
+    "fMoE, age only (no request frequency)": ("fmoe", {"request_frequency": False}),
     "fMoE (expected next use)": ("fmoe", {"eviction": "fmoe"}),
 }
 ABLATION_PREFETCH = {

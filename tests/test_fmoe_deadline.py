@@ -77,11 +77,13 @@ def test_distance_follows_copy_time_over_layer_time():
     assert pol.distance == L - 1
     pol, _ = _bound(None)  # no view: the model family's constant
     assert pol.metadata()["prefetch_distance_source"] == "model family"
+    pol, _ = _bound(FakeView(copy_s=1e-4, layer_s=1e-3))  # a copy within one layer step
+    assert pol.distance == 1
 
 
-def test_late_copies_are_never_ordered_and_timely_ones_are():
-    # a copy takes 10 layer steps but the distance is 2: nothing can land in time
-    late, _ = _bound(FakeView(copy_s=1e-2, layer_s=1e-3), prefetch_distance=2)
+def test_a_copy_that_cannot_start_before_its_layer_is_never_ordered_and_timely_ones_are():
+    # a full layer step of copies queued ahead: layer 0 (one step away) gets nothing done
+    late, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3, queued_s=1e-3), prefetch_distance=1)
     _start(late)
     assert late.decide_prefetch().enqueue == []
     assert late.metadata()["orders_rejected_late"] > 0
@@ -89,6 +91,26 @@ def test_late_copies_are_never_ordered_and_timely_ones_are():
     fast, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3), prefetch_distance=2)
     _start(fast)
     assert {(o.layer, o.expert) for o in fast.decide_prefetch().enqueue} == {(0, 0), (1, 1)}
+    assert fast.metadata()["orders_admitted_late"] == 0
+
+
+def test_a_late_copy_is_ordered_when_its_partial_saving_beats_the_delay_of_its_unused_rest():
+    # a copy takes 10 layer steps, distance 2: layer 0's copy is 1/10 done when it runs
+    view = FakeView(copy_s=1e-2, layer_s=1e-3)
+    idle, _ = _bound(view, prefetch_distance=2)
+    _start(idle)  # nothing measured yet: no demand loads assumed (rho = 0), any part saves;
+    # layer 1's copy would queue behind layer 0's whole copy and start after its layer
+    assert [(o.layer, o.expert) for o in idle.decide_prefetch().enqueue] == [(0, 0)]
+    assert idle.metadata()["orders_admitted_late"] == 1
+    assert idle.metadata()["orders_rejected_late"] == 1
+    # demand loads took half the link (rho = 0.5) over the last iteration: at the learned
+    # chance's prior (K/J = 1/4) a copy 1/20 done saves 0.25 x 0.5 ms, and its unused rest
+    # costs 0.75 x 9.5 ms x 0.5: rejected
+    busy, _ = _bound(view, prefetch_distance=2)
+    busy._interval, busy._demand_s = 1e-3, [5e-4]
+    _start(busy)
+    assert busy.decide_prefetch().enqueue == []
+    assert busy._rho(0) == 0.5
 
 
 def test_queued_link_time_delays_admission():
@@ -116,16 +138,6 @@ def test_without_a_view_every_selected_expert_is_ordered():
     _start(pol)
     assert {(o.layer, o.expert) for o in pol.decide_prefetch().enqueue} == {(0, 0), (1, 1)}
     assert pol.metadata()["admission"] == "all"
-
-
-def test_a_copy_is_not_admitted_when_its_victim_is_needed_sooner():
-    # a full cache of experts of the layer coming next (protected: selected for it)
-    pol, cache = _bound(FakeView(copy_s=5e-4, layer_s=1e-3), capacity=2, prefetch_distance=3)
-    cache.preload([(0, 0), (1, 1)])
-    _start(pol)
-    orders = pol.decide_prefetch().enqueue
-    assert orders == []  # (2, 2) would evict (0, 0) or (1, 1), both needed before it
-    assert pol.metadata()["orders_rejected_value"] == 1
 
 
 def test_predicted_resident_experts_are_protected_until_their_layer_ran():

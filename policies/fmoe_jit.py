@@ -1,0 +1,346 @@
+"""numba kernels of fMoE's per-step bookkeeping (eviction table, search plan).
+
+Each kernel does, element by element, the same IEEE operations in the same order as the
+numpy expression it replaces (documented at each), so results are bitwise the same;
+tests/test_fmoe_jit.py checks every kernel against its numpy reference. They exist
+because the policy runs at every layer step, on arrays of a few hundred elements, where
+numpy's per-call overhead (about a microsecond per operation) is the whole cost.
+
+Imported when an fMoE policy is bound (importing numba and loading the cached kernels
+costs about half a second per process; ``fmoe policies`` and ``--help`` never pay it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+AGE_BUCKETS = 16  # as policies.fmoe_eviction.AGE_BUCKETS
+_SATURATED = 1 << (AGE_BUCKETS - 2)  # ages above this land in the last bucket
+
+
+def _bucket_table() -> np.ndarray:
+    """age_bucket of every age 0.._SATURATED: min(bit length of age - 1, 15), 0 for 0 and 1."""
+    ages = np.arange(_SATURATED + 1)
+    out = np.zeros(ages.size, np.int64)
+    for a in range(2, ages.size):
+        out[a] = min(int(a - 1).bit_length(), AGE_BUCKETS - 1)
+    return out
+
+
+_BUCKETS = _bucket_table()  # a constant of the compiled kernels
+
+
+@njit(cache=True, inline="always")
+def age_bucket1(age):  # noqa: ANN001, ANN201 - numba
+    """:func:`policies.fmoe_eviction.age_bucket` of one int: min(ceil(log2(max(age, 1))),
+    15), which for integers is the bit length of age - 1 (tested against the numpy form
+    for every age below 2^22 and for the "never chosen" ages)."""
+    if age <= 1:
+        return 0
+    if age > _SATURATED:
+        return AGE_BUCKETS - 1
+    return _BUCKETS[age]
+
+
+@njit(cache=True)
+def request_bins(ist, rc, rn, slots, base, bins, layer):  # noqa: ANN001, ANN201 - numba
+    """ist[3, l] for l = ``layer`` (all layers when -1): each expert's request-frequency
+    bin for the batch of request slots ``slots``: f = 1 - prod over the batch's requests
+    of (1 - f_r), f_r = (choices of the request + base) / (its rows seen + 1), binned
+    into ``bins`` equal bins (no request: f = base, the uninformed rate)."""
+    L, J = ist.shape[1], ist.shape[2]
+    lo, hi = (0, L) if layer < 0 else (layer, layer + 1)
+    for lay in range(lo, hi):
+        for j in range(J):
+            if slots.shape[0] == 0:
+                f = base
+            else:
+                miss = 1.0
+                for s in slots:
+                    miss *= 1.0 - (rc[s, lay, j] + base) / (rn[s, lay] + 1.0)
+                f = 1.0 - miss
+            ist[3, lay, j] = min(int(f * bins), bins - 1)
+
+
+@njit(cache=True)
+def observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base, bins):  # noqa: ANN001, ANN201 - numba
+    """A gate of ``layer`` chose ``ids`` [B, K] (repeats allowed) in iteration ``it``.
+
+    ``ist`` int64 [4, L, J]: [0] the last iteration that chose each expert, [1] its
+    forecast's table row, [2, :, 0] the iteration of each layer's last forecast, [3] its
+    request-frequency bin (the table's row without a forecast); ``fl`` float64 [3, R, A]:
+    [0] choices (hits) and [1] visits per (table row, age bucket), [2] the chance table;
+    ``prot`` bool [L, J]: protected experts; ``rc`` [S, L, J] / ``rn`` [S, L]: each
+    request slot's choices and rows seen per layer; ``row_slot`` [B]: each row's slot
+    (empty: rows of unknown requests); ``slots``: the batch's distinct slots.
+    At the layer's first gate of the iteration: every expert's visit is counted in its
+    request-frequency row and, for a fresh forecast, in its forecast row, and each
+    distinct chosen expert's choice likewise (integer counts); the rows' choices are
+    added to their requests' counts and the layer's bins refreshed. Then the chosen
+    experts' last iteration becomes ``it`` and the protection of layers <= ``layer`` ends.
+    Returns False (and changes nothing) when an id lies outside [0, J).
+    """
+    last = ist[0, layer]
+    rows = ist[1, layer]
+    freq = ist[3, layer]
+    J = last.shape[0]
+    flat = ids.ravel()
+    for i in range(flat.shape[0]):
+        if flat[i] < 0 or flat[i] >= J:
+            return False
+    first = True
+    for j in range(J):
+        if last[j] == it:
+            first = False
+            break
+    if first:
+        fresh = ist[2, layer, 0] == it
+        for j in range(J):
+            b = age_bucket1(it - last[j])
+            fl[1, freq[j], b] += 1.0
+            if fresh:
+                fl[1, rows[j], b] += 1.0
+        seen = np.zeros(J, np.bool_)
+        for i in range(flat.shape[0]):
+            j = flat[i]
+            if seen[j]:
+                continue
+            seen[j] = True
+            b = age_bucket1(it - last[j])
+            fl[0, freq[j], b] += 1.0
+            if fresh:
+                fl[0, rows[j], b] += 1.0
+        B = ids.shape[0]
+        if row_slot.shape[0] == B:
+            K = flat.shape[0] // max(B, 1)
+            for r in range(B):
+                s = row_slot[r]
+                rn[s, layer] += 1.0
+                for k in range(K):
+                    rc[s, layer, flat[r * K + k]] += 1.0
+            request_bins(ist, rc, rn, slots, base, bins, layer)
+    for i in range(flat.shape[0]):
+        last[flat[i]] = it
+    for lay in range(min(layer + 1, prot.shape[0])):
+        for j in range(prot.shape[1]):
+            prot[lay, j] = False
+    return True
+
+
+@njit(cache=True)
+def _pav_row(h, w, out):  # noqa: ANN001, ANN202 - numba
+    """out = h / w made non-increasing by pooling adjacent violators (weighted by w)."""
+    A = h.shape[0]
+    bh = np.empty(A)
+    bw = np.empty(A)
+    bc = np.empty(A, np.int64)
+    nb = 0
+    for c in range(A):
+        bh[nb] = h[c]
+        bw[nb] = w[c]
+        bc[nb] = 1
+        nb += 1
+        while nb > 1 and bh[nb - 2] / bw[nb - 2] < bh[nb - 1] / bw[nb - 1]:
+            bh[nb - 2] += bh[nb - 1]
+            bw[nb - 2] += bw[nb - 1]
+            bc[nb - 2] += bc[nb - 1]
+            nb -= 1
+    i = 0
+    for b in range(nb):
+        v = bh[b] / bw[b]
+        for _ in range(bc[b]):
+            out[i] = v
+            i += 1
+
+
+@njit(cache=True)
+def decreasing_rows(fl, base, pooled):  # noqa: ANN001, ANN201 - numba
+    """fl[2] = the chance table: per row, an estimate of choices / visits made
+    non-increasing in age (pool-adjacent-violators).
+
+    Forecast rows (from ``pooled`` on): (choices + base) / (visits + 1), one pseudo-visit
+    at the uninformed rate. The first ``pooled`` rows (request-frequency bins) are shrunk
+    toward their pooled chance by age, p0 (itself so estimated and made non-increasing),
+    by empirical Bayes: the variance of the bins' rates around p0 beyond what sampling
+    explains (tau^2: visit-weighted squared deviations minus p0 (1 - p0) per populated
+    cell, over visits, over the whole table) sets the prior's weight
+    k = p0 (1 - p0) / tau^2 pseudo-visits per age; no excess variance pools the bins
+    completely, so where request frequency tells nothing the order is by age alone
+    (LRU's), and where it does the bins keep their own rates."""
+    R, A = fl.shape[1], fl.shape[2]
+    h = np.empty(A)
+    w = np.empty(A)
+    prior = np.empty(A)
+    k = np.empty(A)
+    for c in range(A):
+        hs = 0.0
+        ws = 0.0
+        for r in range(pooled):
+            hs += fl[0, r, c]
+            ws += fl[1, r, c]
+        h[c] = hs + base
+        w[c] = ws + 1.0
+    _pav_row(h, w, prior)
+    # one between-bin variance for the table: observed (visit-weighted) minus sampling's
+    ws = 0.0
+    obs = 0.0
+    expect = 0.0
+    for c in range(A):
+        p0 = prior[c]
+        for r in range(pooled):
+            n = fl[1, r, c]
+            if n > 0:
+                d = fl[0, r, c] / n - p0
+                obs += n * d * d
+                expect += p0 * (1.0 - p0)
+                ws += n
+    tau2 = 0.0 if ws <= 0 else (obs - expect) / ws
+    for c in range(A):
+        k[c] = prior[c] * (1.0 - prior[c]) / tau2 if tau2 > 0 else np.inf
+    # request rows: the shrunk rates, made non-decreasing in the request's frequency at
+    # each age (an expert the request chose more often is not less likely to come back,
+    # LFU's assumption) and then non-increasing in age (LRU's), row by row
+    est = np.empty((pooled, A))
+    wt = np.empty((pooled, A))
+    hb = np.empty(pooled)
+    wb = np.empty(pooled)
+    ob = np.empty(pooled)
+    for c in range(A):
+        for r in range(pooled):
+            if k[c] == np.inf:
+                hb[pooled - 1 - r] = prior[c]
+                wb[pooled - 1 - r] = 1.0
+            else:
+                hb[pooled - 1 - r] = fl[0, r, c] + k[c] * prior[c]
+                wb[pooled - 1 - r] = fl[1, r, c] + k[c]
+        _pav_row(hb, wb, ob)  # reversed: non-increasing from the top bin down
+        for r in range(pooled):
+            est[r, c] = ob[pooled - 1 - r]
+            wt[r, c] = wb[pooled - 1 - r]
+    for r in range(R):
+        for c in range(A):
+            if r < pooled:
+                h[c] = est[r, c] * wt[r, c]
+                w[c] = wt[r, c]
+            else:
+                h[c] = fl[0, r, c] + base
+                w[c] = fl[1, r, c] + 1.0
+        _pav_row(h, w, fl[2, r])
+
+
+@njit(cache=True)
+def expected_next_use(ist, fl, prot, out, g, it, bins):  # noqa: ANN001, ANN201 - numba
+    """out [L, J] = minus the expected layer steps to each expert's next use (the eviction
+    score before its recency tie-break; policies.fmoe_eviction's module doc; protected
+    experts -0.0), with chance = fl[2] and r = the expert's request-frequency row::
+
+        nxt = float(L - g + lay)
+        ahead (lay > g): p_now = chance[forecast row if fresh else r, b(age)],
+            p_next = chance[r, b(age + 1)],
+            e = p_now * (lay - g) + (1 - p_now) * (nxt + L * (1 / p_next - 1))
+        passed: e = nxt + L * (1 / chance[r, b(max(age, 0) + 1)] - 1)
+    """
+    L, J = out.shape
+    A = fl.shape[2]
+    # L * (1 / chance[r, b] - 1) per request-frequency row r and bucket b, once each
+    wait0 = np.empty((bins, A))
+    for r in range(bins):
+        for b in range(A):
+            wait0[r, b] = L * (1.0 / fl[2, r, b] - 1.0)
+    for lay in range(L):
+        fresh = ist[2, lay, 0] == it
+        nxt = float(L - g + lay)
+        ahead = lay > g
+        for j in range(J):
+            if prot[lay, j]:
+                out[lay, j] = -0.0
+                continue
+            age = it - ist[0, lay, j]
+            freq = ist[3, lay, j]
+            if ahead:
+                row = ist[1, lay, j] if fresh else freq
+                p_now = fl[2, row, age_bucket1(age)]
+                wait = nxt + wait0[freq, age_bucket1(age + 1)]
+                out[lay, j] = -(p_now * (lay - g) + (1.0 - p_now) * wait)
+            else:
+                out[lay, j] = -(nxt + wait0[freq, age_bucket1(max(age, 0) + 1)])
+
+
+@njit(cache=True)
+def gate_step(
+    ist, fl, prot, out, layer, it, ids, fc_rows, target, eager, rc, rn, row_slot, slots, base, bins
+):  # noqa: ANN001, ANN201, E501 - numba
+    """One planned gate in one call: :func:`observe_choice`; then, when ``target`` >= 0,
+    layer ``target``'s forecast (its experts' table rows ``fc_rows[layer]``, made in
+    iteration ``it``); then, when ``eager`` (the chance table is this iteration's),
+    :func:`expected_next_use` into ``out`` at ``g = layer``. Returns observe_choice's
+    answer (nothing changes when it is False)."""
+    if not observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base, bins):
+        return False
+    if target >= 0:
+        ist[2, target, 0] = it
+        for j in range(ist.shape[2]):
+            ist[1, target, j] = fc_rows[layer, j]
+    if eager:
+        expected_next_use(ist, fl, prot, out, layer, it, bins)
+    return True
+
+
+@njit(cache=True)
+def running_sums(cum_dots):  # noqa: ANN001, ANN201 - numba
+    """``cum_dots`` float32 [L, B, n] becomes its running sums over layers, in layer
+    order: the float32 adds of ``for l in 1..L-1: cum_dots[l] += cum_dots[l - 1]``
+    (numpy walks that in-place add slowly: one call per layer)."""
+    L, B, n = cum_dots.shape
+    for lay in range(1, L):
+        for b in range(B):
+            cur = cum_dots[lay, b]
+            prev = cum_dots[lay - 1, b]
+            for c in range(n):
+                cur[c] += prev[c]
+
+
+@njit(cache=True)
+def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN201 - numba
+    """:func:`policies.fmoe_select.select_rows` of ``rows`` float32 [R, J] with float32
+    ``scores`` [R]: row r's selected experts, by descending probability (ties to the lower
+    id), go to ``picks[r, :counts[r]]``.
+
+    The top-k always; with ``use_delta`` the exact similarity-aware rule: the float32
+    running sums ``cum`` of the row in that order, thr = min(1 - score, 1) - 1e-6 in
+    float64, n = max(first i with cum[i] >= thr (float64 comparison, as np.searchsorted
+    left), k), and beyond the first k only experts of probability > 0. (select_rows'
+    fast path, the top-k when its mass clears thr by a margin, is this rule's answer
+    there; it is only a shortcut.)
+    """
+    R, J = rows.shape
+    order = np.empty(J, np.int64)
+    for r in range(R):
+        p = rows[r]
+        # stable descending order: insertion sort, a later equal value stays behind
+        for i in range(J):
+            v = p[i]
+            m = i
+            while m > 0 and p[order[m - 1]] < v:
+                order[m] = order[m - 1]
+                m -= 1
+            order[m] = i
+        n = k
+        if use_delta:
+            thr = min(1.0 - np.float64(scores[r]), 1.0) - 1e-6
+            cum = np.float32(0.0)
+            first = J
+            for i in range(J):
+                cum += p[order[i]]
+                if np.float64(cum) >= thr:
+                    first = i
+                    break
+            n = max(first + 1, k)
+        c = 0
+        for i in range(min(n, J)):
+            j = order[i]
+            if i < k or p[j] > 0.0:
+                picks[r, c] = j
+                c += 1
+        counts[r] = c

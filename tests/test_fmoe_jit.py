@@ -1,0 +1,282 @@
+"""fMoE's numba kernels (policies/fmoe_jit.py) against the numpy code they replace.
+
+Each reference below is the numpy form the policy used before the kernels; every kernel
+must give bitwise the same values (the simulator's results may not move by a bit)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+from policies import fmoe_jit
+from policies.fmoe_eviction import _NEVER, AGE_BUCKETS, CAL_BINS, age_bucket
+from policies.fmoe_select import select_rows
+
+ROWS = 3 * CAL_BINS  # request-frequency bins, then semantic and trajectory forecast bins
+
+
+# -- numpy references (the policy's code before the kernels) ------------------------------
+def ref_decreasing_rows(hits: np.ndarray, n: np.ndarray) -> np.ndarray:
+    out = np.empty_like(hits)
+    for r in range(hits.shape[0]):
+        blocks: list[list[float]] = []
+        for h, w in zip(hits[r].tolist(), n[r].tolist(), strict=True):
+            blocks.append([h, w, 1])
+            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+                h2, w2, c2 = blocks.pop()
+                blocks[-1][0] += h2
+                blocks[-1][1] += w2
+                blocks[-1][2] += c2
+        i = 0
+        for h, w, c in blocks:
+            out[r, i : i + c] = h / w
+            i += c
+    return out
+
+
+def ref_bins(rc, rn, slots, base, lay) -> np.ndarray:
+    f = (
+        np.full(rc.shape[2], base)
+        if len(slots) == 0
+        else 1.0 - np.prod([1.0 - (rc[s, lay] + base) / (rn[s, lay] + 1.0) for s in slots], axis=0)
+    )
+    return np.minimum((f * CAL_BINS).astype(np.int64), CAL_BINS - 1)
+
+
+def ref_observe(ist, tab_n, tab_hit, protect, layer, it, topk, rc, rn, row_slot, slots, base):
+    last, fc_it, fc_row, freq = ist[0], ist[2, :, 0], ist[1], ist[3]
+    ids = np.unique(topk)
+    lst = last[layer]
+    if not np.any(lst == it):
+        ages = age_bucket(it - lst)
+        fr = freq[layer]
+        np.add.at(tab_n, (fr, ages), 1.0)
+        np.add.at(tab_hit, (fr[ids], ages[ids]), 1.0)
+        if fc_it[layer] == it:
+            rows = fc_row[layer]
+            np.add.at(tab_n, (rows, ages), 1.0)
+            np.add.at(tab_hit, (rows[ids], ages[ids]), 1.0)
+        if len(row_slot) == len(topk):
+            for r, s in enumerate(row_slot):
+                rn[s, layer] += 1.0
+                np.add.at(rc[s, layer], topk[r], 1.0)
+            freq[layer] = ref_bins(rc, rn, slots, base, layer)
+    lst[ids] = it
+    protect[: layer + 1] = False
+
+
+def ref_expected_next_use(ist, tab, protect, g, it) -> np.ndarray:
+    last, fc_it, fc_row, freq = ist[0], ist[2, :, 0], ist[1], ist[3]
+    L = last.shape[0]
+    lay = np.arange(L)[:, None]
+    ahead = lay > g
+    age = it - last
+    rows = np.where((fc_it == it)[:, None], fc_row, freq)
+    nxt = (L - g + lay).astype(float)
+    p_now = tab[rows, age_bucket(age)]
+    p_next = tab[freq, age_bucket(age + 1)]
+    wait = nxt + L * (1.0 / p_next - 1.0)
+    e_ahead = p_now * (lay - g) + (1.0 - p_now) * wait
+    p_pass = tab[freq, age_bucket(np.maximum(age, 0) + 1)]
+    e_pass = nxt + L * (1.0 / p_pass - 1.0)
+    e = np.where(ahead, e_ahead, e_pass)
+    e[protect] = 0.0
+    return e
+
+
+@njit
+def _buckets_of(ages):  # noqa: ANN001, ANN202
+    out = np.empty(ages.size, np.int64)
+    for i in range(ages.size):
+        out[i] = fmoe_jit.age_bucket1(ages[i])
+    return out
+
+
+# -- tests -----------------------------------------------------------------------------------
+def test_age_buckets_match_the_log2_form_for_every_age() -> None:
+    ages = np.arange(-3, 1 << 22, dtype=np.int64)
+    assert np.array_equal(_buckets_of(ages), age_bucket(ages))
+    never = 5 - np.full(64, _NEVER, np.int64) + np.arange(64)  # ages of never-chosen experts
+    assert np.array_equal(_buckets_of(never), age_bucket(never))
+    assert (age_bucket(never) == AGE_BUCKETS - 1).all()
+
+
+def _state(seed: int, L: int, J: int, it: int):
+    rng = np.random.default_rng(seed)
+    ist = np.zeros((4, L, J), np.int64)
+    ist[0] = rng.integers(it - 300, it + 1, (L, J))
+    ist[0][rng.random((L, J)) < 0.2] = _NEVER
+    ist[1] = rng.integers(CAL_BINS, ROWS, (L, J))
+    ist[2] = rng.choice([it, it - 1], L)[:, None]
+    ist[3] = rng.integers(0, CAL_BINS, (L, J))
+    fl = np.zeros((3, ROWS, AGE_BUCKETS))
+    fl[1] = rng.integers(0, 50, (ROWS, AGE_BUCKETS))
+    fl[0] = np.floor(fl[1] * rng.random((ROWS, AGE_BUCKETS)))
+    prot = rng.random((L, J)) < 0.1
+    return ist, fl, prot
+
+
+def _requests(seed: int, L: int, J: int, B: int):
+    """Counts of 3 request slots and the rows' slots (B rows; none when B is 0)."""
+    rng = np.random.default_rng(seed + 7)
+    rn = rng.integers(0, 40, (3, L)).astype(float)
+    rc = np.floor(rn[:, :, None] * rng.random((3, L, J)))
+    row_slot = rng.integers(0, 3, B).astype(np.int64)
+    return rc, rn, row_slot, np.unique(row_slot)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    L=st.integers(1, 9),
+    J=st.integers(1, 12),
+    K=st.integers(1, 4),
+    known=st.booleans(),
+)
+def test_observe_choice_counts_as_the_numpy_form(
+    seed: int, L: int, J: int, K: int, known: bool
+) -> None:
+    it, base = 400, 0.25
+    ist, fl, prot = _state(seed, L, J, it)
+    rng = np.random.default_rng(seed + 1)
+    layer = int(rng.integers(0, L))
+    B = int(rng.integers(1, 4))
+    topk = rng.integers(0, J, (B, K)).astype(rng.choice([np.int64, np.int16]))
+    rc, rn, row_slot, slots = _requests(seed, L, J, B if known else 0)
+    ref = [a.copy() for a in (ist, fl[1], fl[0], prot, rc, rn)]
+    ref_observe(*ref[:4], layer, it, topk, *ref[4:], row_slot, slots, base)
+    assert fmoe_jit.observe_choice(
+        ist, fl, prot, layer, it, topk, rc, rn, row_slot, slots, base, CAL_BINS
+    )
+    for got, want in zip((ist, fl[1], fl[0], prot, rc, rn), ref, strict=True):
+        assert np.array_equal(got, want)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), L=st.integers(1, 6), J=st.integers(1, 12), B=st.integers(0, 4))
+def test_request_bins_are_the_batch_chance_binned(seed: int, L: int, J: int, B: int) -> None:
+    ist, _, _ = _state(seed, L, J, 10)
+    rc, rn, _, slots = _requests(seed, L, J, B)
+    fmoe_jit.request_bins(ist, rc, rn, slots, 0.125, CAL_BINS, -1)
+    for lay in range(L):
+        assert np.array_equal(ist[3, lay], ref_bins(rc, rn, slots, 0.125, lay))
+    if B == 0:  # no request: every expert at the uninformed rate's bin
+        assert (ist[3] == int(0.125 * CAL_BINS)).all()
+
+
+def test_observe_choice_refuses_ids_outside_the_layer_and_changes_nothing() -> None:
+    ist, fl, prot = _state(0, 3, 4, 10)
+    rc, rn, row_slot, slots = _requests(0, 3, 4, 1)
+    before = (ist.copy(), fl.copy(), prot.copy())
+    for bad in ([[1, 4]], [[-1, 2]]):
+        ids = np.array(bad)
+        assert not fmoe_jit.observe_choice(
+            ist, fl, prot, 1, 10, ids, rc, rn, row_slot, slots, 0.25, CAL_BINS
+        )
+    for got, want in zip((ist, fl, prot), before, strict=True):
+        assert np.array_equal(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), base=st.floats(0.01, 1.0))
+def test_chance_table_forecast_rows_pool_as_the_python_form(seed: int, base: float) -> None:
+    _, fl, _ = _state(seed, 2, 2, 10)
+    want = ref_decreasing_rows(fl[0] + base, fl[1] + 1.0)
+    fmoe_jit.decreasing_rows(fl, base, CAL_BINS)
+    assert np.array_equal(fl[2, CAL_BINS:], want[CAL_BINS:])
+    assert (np.diff(fl[2], axis=1) <= 1e-15).all()  # every row non-increasing in age
+
+
+def test_request_rows_pool_when_they_tell_nothing_and_keep_what_they_tell() -> None:
+    fl = np.zeros((3, ROWS, AGE_BUCKETS))
+    fl[1, :CAL_BINS, :4] = 100.0  # every bin: 100 visits at ages 1..8, 25 choices
+    fl[0, :CAL_BINS, :4] = 25.0
+    fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
+    assert (fl[2, :CAL_BINS] == fl[2, 0]).all()  # no difference between bins: pooled
+    fl[0, CAL_BINS - 1, :4] = 90.0  # the top bin's experts come back far more often
+    fl[0, 0, :4] = 2.0
+    fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
+    assert (fl[2, CAL_BINS - 1, :4] > fl[2, 0, :4] + 0.3).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), L=st.integers(1, 9), J=st.integers(1, 12), g=st.integers(-1, 8))
+def test_expected_next_use_is_the_numpy_form_bit_for_bit(seed: int, L: int, J: int, g: int) -> None:
+    it = 400
+    g = min(g, L - 1)
+    ist, fl, prot = _state(seed, L, J, it)
+    fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
+    out = np.empty((L, J))
+    fmoe_jit.expected_next_use(ist, fl, prot, out, g, it, CAL_BINS)
+    want = ref_expected_next_use(ist, fl[2], prot, g, it)
+    assert np.array_equal(-out, want)
+    assert np.array_equal(np.signbit(out), np.ones_like(prot))  # scores hold -E, -0.0 if protected
+
+
+def test_gate_step_is_observe_then_forecast_then_the_table() -> None:
+    L, J, it = 6, 5, 50
+    ist, fl, prot = _state(3, L, J, it)
+    rc, rn, row_slot, slots = _requests(3, L, J, 1)
+    fmoe_jit.decreasing_rows(fl, 0.4, CAL_BINS)
+    fc_rows = CAL_BINS + np.arange(4 * J).reshape(4, J) % (2 * CAL_BINS)
+    ids = np.array([[4, 1]])
+    a = [x.copy() for x in (ist, fl, prot, rc, rn)]
+    out = np.empty((L, J))
+    args = (row_slot, slots, 0.25, CAL_BINS)
+    assert fmoe_jit.gate_step(ist, fl, prot, out, 2, it, ids, fc_rows, 5, True, rc, rn, *args)
+    assert fmoe_jit.observe_choice(a[0], a[1], a[2], 2, it, ids, a[3], a[4], *args)
+    a[0][2, 5, 0] = it
+    a[0][1, 5] = fc_rows[2]
+    want = np.empty((L, J))
+    fmoe_jit.expected_next_use(a[0], a[1], a[2], want, 2, it, CAL_BINS)
+    for got, exp in zip((ist, fl, prot, rc, rn, out), (*a, want), strict=True):
+        assert np.array_equal(got, exp)
+
+
+def _near_threshold_rows(rng: np.random.Generator, R: int, J: int, k: int):
+    """Softmax-like float32 rows and scores whose threshold 1 - score sits on, just
+    above or just below a running sum of the sorted row (the exact rule's edge cases)."""
+    rows = rng.dirichlet(np.full(J, 0.5), R).astype(np.float32)
+    rows[rng.random((R, J)) < 0.2] = 0.0  # zeros beyond the top-k are skipped
+    if J > 1:
+        rows[0, 1] = rows[0, 0]  # a tie: the lower id first
+    scores = np.empty(R, np.float32)
+    for r in range(R):
+        cum = np.cumsum(np.sort(rows[r])[::-1])
+        at = cum[int(rng.integers(0, J))]
+        nudge = rng.choice([0.0, 1e-6, -1e-6, 1e-7, 3e-5, -3e-5, 0.5, -0.5])
+        scores[r] = np.float32(1.0 - (float(at) + 1e-6 + nudge))
+    return rows, scores
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), J=st.integers(1, 64), k=st.integers(1, 8), delta=st.booleans())
+def test_select_rows_kernel_picks_as_select_rows(seed: int, J: int, k: int, delta: bool) -> None:
+    rng = np.random.default_rng(seed)
+    R = 12
+    k = min(k, J)
+    rows, scores = _near_threshold_rows(rng, R, J, k)
+    order = np.argsort(-rows, axis=1, kind="stable")
+    want = select_rows(rows, scores, k, delta, order)
+    picks = np.empty((R, J), np.int64)
+    counts = np.empty(R, np.int64)
+    fmoe_jit.select_rows(rows, scores, k, delta, picks, counts)
+    got = [picks[r, : counts[r]].tolist() for r in range(R)]
+    assert got == want
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), L=st.integers(1, 8), B=st.integers(1, 3), n=st.integers(1, 40))
+def test_running_sums_are_the_layer_by_layer_adds(seed: int, L: int, B: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    cum_dots = rng.random((L, B, n)).astype(np.float32)
+    want = cum_dots.copy()
+    layers = iter(want)
+    prev = next(layers)
+    for cur in layers:
+        cur += prev
+        prev = cur
+    fmoe_jit.running_sums(cum_dots)
+    assert np.array_equal(cum_dots, want)
