@@ -437,11 +437,27 @@ class ExpertCache:
     def demand_and_pin(self, key: ExpertKey) -> ExpertState:
         """:meth:`demand` ``key`` and :meth:`pin` it when cached, in one call; returns its
         state (RESIDENT: a hit; LOADING: a miss, now pinned; ABSENT: a miss, not pinned)."""
-        e = self._count_demand(key)
+        # self._count_demand(key), inlined: this runs for every expert a layer step demands
+        c = self.counters
+        c.demands += 1
+        e = self.entries.get(key)
         if e is None:
+            c.misses += 1
             return _ABSENT
+        state = e.state
+        if state is _RESIDENT:
+            c.hits += 1
+        else:
+            c.misses += 1
+        if e.by_prefetch and not e.prefetch_used:
+            e.prefetch_used = True
+            c.prefetches_used += 1
+            if state is _RESIDENT:
+                c.prefetches_timely += 1
+            else:
+                c.prefetches_late += 1
         e.pins += 1
-        return e.state
+        return state
 
     def _count_demand(self, key: ExpertKey) -> CacheEntry | None:
         """Count a demand of ``key`` (a hit iff RESIDENT); returns its entry, if cached."""
