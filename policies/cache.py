@@ -257,33 +257,20 @@ class ExpertCache:
             return self._least_recent()
         resident = _RESIDENT
         values = self.entries.values()
-        if values:
-            # score every entry at once (pinned, loading and protected ones too: the scorer
-            # is pure, see the module doc) and look only at those of the lowest score: when
-            # one of them is an unprotected candidate, the victim is the lowest-keyed such
-            # one. This skips the filtering pass below, which on a large cache (hundreds of
-            # slots, fine-grained experts) cost more than the scorer's extra entries
+        if values and not self._n_loading and not self._protected:
+            # nothing loading or protected: nearly every entry is a candidate (only pinned
+            # ones are not), so score them all without filtering; the minimum over all is
+            # the minimum over the candidates whenever it is a candidate itself (else the
+            # filtered search below decides)
             group = list(values)
             sc = scores(group)
             best = min(sc)
-            i = sc.index(best)
-            n = sc.count(best)
-            victim = None
-            while True:  # the entries tied at ``best``, found by scanning sc in C
-                e = group[i]
-                if (
-                    e.state is resident
-                    and not e.pins
-                    and not e.protected
-                    and (victim is None or e.key < victim.key)
-                ):
-                    victim = e
-                n -= 1
-                if not n:
-                    break
-                i = sc.index(best, i + 1)
-            if victim is not None:
-                return victim
+            if sc.count(best) == 1:
+                e = group[sc.index(best)]
+            else:
+                e = min((e for e, s in zip(group, sc, strict=True) if s == best), key=_entry_key)
+            if e.state is resident and not e.pins and not e.protected:
+                return e
         # filter with one comprehension (the unprotected group first: it wins whenever it
         # is not empty), score only that group, in one call
         group = [e for e in values if e.state is resident and not e.pins and not e.protected]
