@@ -100,8 +100,17 @@ EvictionScore = Callable[[CacheEntry], float]
 EvictionScores = Callable[[list[CacheEntry]], list[float]]
 
 
-def _entry_key(entry: CacheEntry) -> ExpertKey:
-    return entry.key
+def _lowest_key_at(group: list[CacheEntry], sc: list[float], best: float, n: int) -> CacheEntry:
+    """The lowest-keyed of the ``n`` entries of ``group`` whose score in ``sc`` is ``best``
+    (found by scanning ``sc`` in C, not by a generator over every entry)."""
+    i = sc.index(best)
+    e = group[i]
+    for _ in range(n - 1):
+        i = sc.index(best, i + 1)
+        other = group[i]
+        if other.key < e.key:
+            e = other
+    return e
 
 
 def _last_used(entry: CacheEntry) -> float:
@@ -265,10 +274,8 @@ class ExpertCache:
             group = list(values)
             sc = scores(group)
             best = min(sc)
-            if sc.count(best) == 1:
-                e = group[sc.index(best)]
-            else:
-                e = min((e for e, s in zip(group, sc, strict=True) if s == best), key=_entry_key)
+            n = sc.count(best)
+            e = group[sc.index(best)] if n == 1 else _lowest_key_at(group, sc, best, n)
             if e.state is resident and not e.pins and not e.protected:
                 return e
         # filter with one comprehension (the unprotected group first: it wins whenever it
@@ -282,9 +289,8 @@ class ExpertCache:
             return group[0]
         sc = scores(group)
         best = min(sc)
-        if sc.count(best) == 1:
-            return group[sc.index(best)]
-        return min((e for e, s in zip(group, sc, strict=True) if s == best), key=_entry_key)
+        n = sc.count(best)
+        return group[sc.index(best)] if n == 1 else _lowest_key_at(group, sc, best, n)
 
     def _least_recent(self) -> CacheEntry | None:
         """:meth:`_victim` for a by_recency scorer, entries in recency order: the first
