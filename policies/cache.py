@@ -100,6 +100,14 @@ EvictionScore = Callable[[CacheEntry], float]
 EvictionScores = Callable[[list[CacheEntry]], list[float]]
 
 
+def _lowest(group: list[CacheEntry], sc: list[float]) -> CacheEntry:
+    """The entry of ``group`` with the lowest score in ``sc``, ties to the lowest key (the
+    group's order does not matter)."""
+    best = min(sc)
+    n = sc.count(best)
+    return group[sc.index(best)] if n == 1 else _lowest_key_at(group, sc, best, n)
+
+
 def _lowest_key_at(group: list[CacheEntry], sc: list[float], best: float, n: int) -> CacheEntry:
     """The lowest-keyed of the ``n`` entries of ``group`` whose score in ``sc`` is ``best``
     (found by scanning ``sc`` in C, not by a generator over every entry)."""
@@ -276,23 +284,26 @@ class ExpertCache:
             self._scorer_recent = getattr(scores, "by_recency", False)
         if self._scorer_recent and self._in_order:
             return self._least_recent()
+        resident = _RESIDENT
         cands = self._cands
         if cands:  # the unprotected candidates: the victim is among them
             group = list(cands.values())
-            if len(group) == 1:
-                return group[0]
-        else:  # none: protected ones may go
-            resident = _RESIDENT
-            group = [e for e in self.entries.values() if e.state is resident and not e.pins]
-            if not group:
-                return None
-            if len(group) == 1:
-                return group[0]
-        # the lowest score, ties to the lowest key (the group's order does not matter)
-        sc = scores(group)
-        best = min(sc)
-        n = sc.count(best)
-        return group[sc.index(best)] if n == 1 else _lowest_key_at(group, sc, best, n)
+            e = group[0] if len(group) == 1 else _lowest(group, scores(group))
+            if e.state is resident and not e.pins and not e.protected:
+                return e
+            # an entry changed outside the cache's methods (a test setting a flag): the
+            # set is rebuilt from the entries and the choice made again
+            self._cands = {
+                k: e
+                for k, e in self.entries.items()
+                if e.state is resident and not e.pins and not e.protected
+            }
+            return self._victim(scores)
+        # none: protected ones may go
+        group = [e for e in self.entries.values() if e.state is resident and not e.pins]
+        if not group:
+            return None
+        return group[0] if len(group) == 1 else _lowest(group, scores(group))
 
     def _least_recent(self) -> CacheEntry | None:
         """:meth:`_victim` for a by_recency scorer, entries in recency order: the first
