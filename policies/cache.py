@@ -100,8 +100,25 @@ EvictionScore = Callable[[CacheEntry], float]
 EvictionScores = Callable[[list[CacheEntry]], list[float]]
 
 
-def _entry_key(entry: CacheEntry) -> ExpertKey:
-    return entry.key
+def _lowest(group: list[CacheEntry], sc: list[float]) -> CacheEntry:
+    """The entry of ``group`` with the lowest score in ``sc``, ties to the lowest key (the
+    group's order does not matter)."""
+    best = min(sc)
+    n = sc.count(best)
+    return group[sc.index(best)] if n == 1 else _lowest_key_at(group, sc, best, n)
+
+
+def _lowest_key_at(group: list[CacheEntry], sc: list[float], best: float, n: int) -> CacheEntry:
+    """The lowest-keyed of the ``n`` entries of ``group`` whose score in ``sc`` is ``best``
+    (found by scanning ``sc`` in C, not by a generator over every entry)."""
+    i = sc.index(best)
+    e = group[i]
+    for _ in range(n - 1):
+        i = sc.index(best, i + 1)
+        other = group[i]
+        if other.key < e.key:
+            e = other
+    return e
 
 
 def _last_used(entry: CacheEntry) -> float:
@@ -166,6 +183,13 @@ class ExpertCache:
     # unprotect_layer visits (so an entry's protection changes through these methods only)
     _n_loading: int = field(default=0, init=False, repr=False, compare=False)
     _protected: set[ExpertKey] = field(default_factory=set, init=False, repr=False, compare=False)
+    # the unprotected candidates: RESIDENT, unpinned, unprotected entries (any order), kept
+    # by every method that changes a state, a pin count or a protection; a general scorer's
+    # victim is chosen among them without filtering every entry (hundreds on fine-grained
+    # models)
+    _cands: dict[ExpertKey, CacheEntry] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
     # the entries by ascending last_used (ties in any order) while _in_order holds, i.e.
     # while every new last_used was >= _latest, the largest so far; with a by_recency
     # scorer the least recently used entry is then near the front (see _least_recent)
@@ -189,6 +213,11 @@ class ExpertCache:
         values = self.entries.values()
         self._n_loading = sum(e.state is _LOADING for e in values)
         self._protected = {e.key for e in values if e.protected}
+        self._cands = {
+            k: e
+            for k, e in self.entries.items()
+            if e.state is _RESIDENT and not e.pins and not e.protected
+        }
         for e in sorted(values, key=_last_used):
             self._recency[e.key] = e
             self._touched(e.last_used)
@@ -256,35 +285,25 @@ class ExpertCache:
         if self._scorer_recent and self._in_order:
             return self._least_recent()
         resident = _RESIDENT
-        values = self.entries.values()
-        if values and not self._n_loading and not self._protected:
-            # nothing loading or protected: nearly every entry is a candidate (only pinned
-            # ones are not), so score them all without filtering; the minimum over all is
-            # the minimum over the candidates whenever it is a candidate itself (else the
-            # filtered search below decides)
-            group = list(values)
-            sc = scores(group)
-            best = min(sc)
-            if sc.count(best) == 1:
-                e = group[sc.index(best)]
-            else:
-                e = min((e for e, s in zip(group, sc, strict=True) if s == best), key=_entry_key)
+        cands = self._cands
+        if cands:  # the unprotected candidates: the victim is among them
+            group = list(cands.values())
+            e = group[0] if len(group) == 1 else _lowest(group, scores(group))
             if e.state is resident and not e.pins and not e.protected:
                 return e
-        # filter with one comprehension (the unprotected group first: it wins whenever it
-        # is not empty), score only that group, in one call
-        group = [e for e in values if e.state is resident and not e.pins and not e.protected]
+            # an entry changed outside the cache's methods (a test setting a flag): the
+            # set is rebuilt from the entries and the choice made again
+            self._cands = {
+                k: e
+                for k, e in self.entries.items()
+                if e.state is resident and not e.pins and not e.protected
+            }
+            return self._victim(scores)
+        # none: protected ones may go
+        group = [e for e in self.entries.values() if e.state is resident and not e.pins]
         if not group:
-            group = [e for e in values if e.state is resident and not e.pins]
-            if not group:
-                return None
-        if len(group) == 1:
-            return group[0]
-        sc = scores(group)
-        best = min(sc)
-        if sc.count(best) == 1:
-            return group[sc.index(best)]
-        return min((e for e, s in zip(group, sc, strict=True) if s == best), key=_entry_key)
+            return None
+        return group[0] if len(group) == 1 else _lowest(group, scores(group))
 
     def _least_recent(self) -> CacheEntry | None:
         """:meth:`_victim` for a by_recency scorer, entries in recency order: the first
@@ -379,6 +398,8 @@ class ExpertCache:
         e.state = _RESIDENT
         e.loaded_at = now
         self._n_loading -= 1
+        if not e.pins and not e.protected:
+            self._cands[key] = e
 
     def cancel_load(self, key: ExpertKey) -> None:
         """Abort an in-flight load: LOADING -> ABSENT; the bytes already counted stay counted."""
@@ -408,6 +429,7 @@ class ExpertCache:
         """Remove a resident, unpinned entry and count the eviction."""
         del self.entries[e.key]
         del self._recency[e.key]
+        self._cands.pop(e.key, None)
         if e.protected:
             self._protected.discard(e.key)
         c = self.counters
@@ -425,7 +447,7 @@ class ExpertCache:
                     f"device {self.device}: preload exceeds capacity {self.capacity}"
                 )
             e = CacheEntry(key, _RESIDENT, loaded_at=now, last_used=now)
-            self.entries[key] = self._recency[key] = e
+            self.entries[key] = self._recency[key] = self._cands[key] = e
             self._touched(now)
 
     # -- compute ----------------------------------------------------------------------
@@ -437,11 +459,29 @@ class ExpertCache:
     def demand_and_pin(self, key: ExpertKey) -> ExpertState:
         """:meth:`demand` ``key`` and :meth:`pin` it when cached, in one call; returns its
         state (RESIDENT: a hit; LOADING: a miss, now pinned; ABSENT: a miss, not pinned)."""
-        e = self._count_demand(key)
+        # self._count_demand(key), inlined: this runs for every expert a layer step demands
+        c = self.counters
+        c.demands += 1
+        e = self.entries.get(key)
         if e is None:
+            c.misses += 1
             return _ABSENT
+        state = e.state
+        if state is _RESIDENT:
+            c.hits += 1
+        else:
+            c.misses += 1
+        if e.by_prefetch and not e.prefetch_used:
+            e.prefetch_used = True
+            c.prefetches_used += 1
+            if state is _RESIDENT:
+                c.prefetches_timely += 1
+            else:
+                c.prefetches_late += 1
+        if not e.pins and state is _RESIDENT:
+            self._cands.pop(key, None)
         e.pins += 1
-        return e.state
+        return state
 
     def _count_demand(self, key: ExpertKey) -> CacheEntry | None:
         """Count a demand of ``key`` (a hit iff RESIDENT); returns its entry, if cached."""
@@ -470,6 +510,8 @@ class ExpertCache:
         e = self.entries.get(key)
         if e is None:
             raise CacheError(f"pin of {key}: not cached")
+        if not e.pins:
+            self._cands.pop(key, None)
         e.pins += 1
 
     def unpin(self, key: ExpertKey) -> None:
@@ -477,6 +519,8 @@ class ExpertCache:
         if e is None or e.pins == 0:
             raise CacheError(f"unpin of {key}: not pinned")
         e.pins -= 1
+        if not e.pins and e.state is _RESIDENT and not e.protected:
+            self._cands[key] = e
 
     def use(self, key: ExpertKey, now: float, unpin: bool = False) -> None:
         """Compute used ``key`` (must be RESIDENT): update recency and frequency, lift
@@ -501,10 +545,15 @@ class ExpertCache:
         if e.protected:
             e.protected = False
             self._protected.discard(key)
+        if not e.pins:
+            self._cands[key] = e
 
     def unprotect_layer(self, layer: int) -> None:
         """A layer has passed: its predicted-but-unused prefetches lose their protection."""
         protected, entries = self._protected, self.entries
         for key in [k for k in protected if k[0] == layer]:
-            entries[key].protected = False
+            e = entries[key]
+            e.protected = False
             protected.discard(key)
+            if not e.pins and e.state is _RESIDENT:
+                self._cands[key] = e

@@ -242,7 +242,8 @@ class Engine(EngineSetup, LayerSteps, HybridSteps, FastSteps):
             if interferes:  # GPUs without misses compute now; the others once loads land
                 waiting = () if slow is None else {p.g for p in slow}
                 comp = [c if g in waiting else self._interfered(g, c) for g, c in enumerate(comp)]
-            if h_gate:  # after the demand loads: they go first
+            # after the demand loads: they go first (_drain's early return, tested here)
+            if h_gate and (not plain or policy._enqueue or policy._cancel):
                 self._drain(t, delayed=True, latency=search_t)
             if links.n_suspended:
                 for link in links.links:

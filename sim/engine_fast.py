@@ -328,6 +328,9 @@ class FastPath:
             cache.entries.update(entries)
             cache._recency.clear()
             cache._recency.update(entries)
+            cache._cands = {  # nothing is protected on this path
+                k: e for k, e in entries.items() if e.state is ExpertState.RESIDENT and not e.pins
+            }
             cache._n_loading = int(gi[g, fk.G_NLOAD])
             cache._in_order = bool(gi[g, fk.G_INORDER])
             cache._latest = float(gf[g, fk.GF_LATEST])

@@ -38,6 +38,18 @@ class SimExecutorView:
         the start of a copy segment): an in-flight copy may be counted a little long."""
         link = self.links.links[device]
         now = self.links.env.now
+        ch = link.ch0
+        if ch is not None:  # one channel: the loops below, unrolled (per prefetch order)
+            left_s = 0.0
+            job = ch.job
+            if job is not None:
+                if ch.start > now:
+                    now = ch.start
+                left_s += max(0.0, ch.end - now) + max(0, job.remaining - ch.seg) / link.bw
+            left_s += sum(j.remaining for j in link.demand_q) / link.bw
+            if self.hybrid is not None:
+                left_s += self.hybrid.pending_fetches[device] * self._copy_s
+            return LinkState(left_s / 1, link.bw, self._copy_s)
         for ch in link.channels:
             if ch.job is not None and ch.start > now:
                 now = ch.start

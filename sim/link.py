@@ -128,6 +128,9 @@ class Link:
         # rates change with other copies only when channels or a cap are shared
         self.shared = concurrency > 1 or bus.cap is not None
         self.channels = [_Channel(i) for i in range(concurrency)]
+        # the one channel of a one-copy link (None with several): its scheduling steps
+        # below skip _kick's channel loop and _preempt, which have nothing else to do then
+        self.ch0 = self.channels[0] if concurrency == 1 else None
         self.demand_q: deque[_Job] = deque()
         self.heap: list[tuple[float, int, ExpertKey]] = []
         self.queued: dict[ExpertKey, _Job] = {}  # prefetches waiting (new or preempted)
@@ -153,8 +156,11 @@ class Link:
         prefetches are cancelled (:meth:`free_suspended`) to make one; False, with nothing
         reserved, when even that fails. A queued (not started) prefetch of ``key`` is
         forgotten either way (:meth:`take_queued`)."""
-        if self.queued:
-            self.take_queued(key)
+        queued = self.queued
+        if queued:  # self.take_queued(key), inlined: once per demand load
+            job = queued.get(key)
+            if job is not None and key not in self.suspended:
+                del queued[key]
         owner = self.owner
         cache, scores = self.cache, owner.scores
         try:
@@ -224,7 +230,10 @@ class Link:
         job = _Job(key, False, self.ebytes, priority, self.owner.next_seq(), stamp)
         self.queued[key] = job
         heapq.heappush(self.heap, (-priority, job.seq, key))
-        self._kick(now)
+        ch0 = self.ch0
+        # _kick would do nothing on a busy one-copy link with no demand load queued
+        if ch0 is None or ch0.job is None or self.demand_q:
+            self._kick(now)
 
     def cancel(self, key: ExpertKey, now: float) -> None:
         """A policy's cancellation: drop a queued order, cancel a preempted or in-flight prefetch."""
@@ -366,8 +375,14 @@ class Link:
         ch.start, ch.t0 = now, now + lat
         ch.seg, ch.rate = seg, rate
         end = ch.end = ch.t0 + seg / rate
-        ch.gen += 1  # as _schedule(ch, now), one call less per copy and segment
-        self.owner.push(end if end > now else now, self, ch)
+        gen = ch.gen = ch.gen + 1  # as _schedule(ch, now), one call less per copy and segment
+        # owner.push(end if end > now else now, self, ch), inlined: once per segment
+        owner = self.owner
+        if not end > now:
+            end = now
+        heapq.heappush(owner._events, (end, owner.next_seq(), gen, self, ch))
+        if end < owner.due:
+            owner.due = end
         if new_run and self.shared:
             self._rerate(now, ch)
 
@@ -466,7 +481,12 @@ class Link:
         else:
             self._cancel_slot(key)
         if self.demand_q or self.heap:
-            self._kick(now)
+            if self.ch0 is None or ch.job is not None:  # (on_load may have started one)
+                self._kick(now)
+            else:  # _kick on the free one channel: what _next_job picks goes first, so
+                job = self._next_job(now)  # _preempt would find nothing to stop
+                if job is not None:
+                    self._begin(ch, job, now, True)
 
     def _unsuspend(self, key: ExpertKey) -> None:
         self.suspended.discard(key)

@@ -246,6 +246,18 @@ class CacheMachine(RuleBasedStateMachine):
 
     # -- invariants -------------------------------------------------------------------
     @invariant()
+    def candidates_kept(self) -> None:
+        """The cache's unprotected candidates are exactly its resident, unpinned,
+        unprotected entries (it picks a general scorer's victim among them)."""
+        want = {
+            k
+            for k, e in self.model.items()
+            if e.state is ExpertState.RESIDENT and e.pins == 0 and not e.protected
+        }
+        assert set(self.cache._cands) == want
+        assert all(self.cache._cands[k] is self.cache.entries[k] for k in want)
+
+    @invariant()
     def within_capacity(self) -> None:
         assert self.cache.used <= self.capacity
         assert self.cache.free == self.capacity - self.cache.used
