@@ -46,12 +46,19 @@ class FmoeDeadline:
         self._n_dev = len(ctx.caches)
         self._copy_s = view.link_state(0).copy_s if view is not None else 0.0
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
+        self._refused: dict[ExpertKey, float] = {}  # refused at the last hook: key -> p
         self._dl_cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
         self._gate_times: list[float] = []  # gate times of the current iteration
-        self._interval: float | None = None  # measured mean gate interval (last iteration)
+        self._interval: float | None = None  # measured mean gate interval (see _kind)
         self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
-        self._demand_s = [0.0] * self._n_dev  # demand-load seconds per layer step (last it.)
+        self._demand_s = [0.0] * self._n_dev  # demand-load seconds per layer step (see _kind)
         self._rows = 1
+        # the measurements above are of the last iteration of the current one's kind
+        # (prefill or decode): a prompt's layer step routes many rows and demands most of
+        # a layer's experts, a decode step one row's top-K, so one kind's pace says
+        # nothing about the other's (kind -> (interval, demand seconds per device))
+        self._kind = False  # the current iteration has prefill rows
+        self._by_kind: dict[bool, tuple[float, list[float]]] = {}
 
     def derived_distance(self, ctx: PolicyContext) -> int | None:
         """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]
@@ -67,23 +74,33 @@ class FmoeDeadline:
         return int(min(max(math.ceil(copy_s / layer_s), 1), max(L - 1, 1)))
 
     # -- measurements ---------------------------------------------------------------------
-    def _deadline_iteration_start(self, rows: int) -> None:
-        """A new iteration: the last one's gate interval and demand loads become the
-        estimates; the last iteration's candidates are stale (cancelled if queued)."""
+    def _deadline_iteration_start(self, rows: int, prefill: bool = False) -> None:
+        """A new iteration (``prefill``: it has prompt rows): the last one's gate interval
+        and demand loads become the estimates of its kind, and the estimates of this
+        iteration's kind are the last measured ones of that kind (none yet: the view's
+        layer time and no demand loads); the last iteration's candidates are stale
+        (cancelled if queued)."""
         self._rows = rows
         times = self._gate_times
         if len(times) >= 2:
-            self._interval = (times[-1] - times[0]) / (len(times) - 1)
             steps = len(times)
-            self._demand_s = [n * self._copy_s / steps for n in self._demand_now]
-            if self._distance_source == "copy time / layer time":
+            self._by_kind[self._kind] = (
+                (times[-1] - times[0]) / (steps - 1),
+                [n * self._copy_s / steps for n in self._demand_now],
+            )
+            if self._distance_source == "copy time / layer time" and not self._kind:
+                # the distance is a decode step's: a prompt's pace does not set it
+                self._interval, self._demand_s = self._by_kind[False]
                 self._rederive_distance()
+        self._kind = prefill
+        self._interval, self._demand_s = self._by_kind.get(prefill, (None, [0.0] * self._n_dev))
         self._gate_times = []
         self._demand_now = [0] * self._n_dev
         for key in self._pending:
             self._cancel_if_queued(key)
             self._stats["orders_cancelled_stale"] += 1
         self._pending = {}
+        self._refused = {}
 
     def _deadline_gate(self, layer: int, ids: Sequence[int], now: float) -> None:
         """Layer ``layer``'s gate ran at ``now`` and chose ``ids``: count its demand loads."""
@@ -130,6 +147,15 @@ class FmoeDeadline:
         if p > self._dl_cands.get(key, -1.0):
             self._dl_cands[key] = p
 
+    def _iteration_chance(self, layer: int, j: int) -> float:
+        """The chance that some row of this iteration chooses (layer, j): the learned
+        chance q of one row's choice at its layer's visit (:meth:`_candidate_chance`),
+        1 - (1 - q)^rows over the iteration's rows (rows choose independently given their
+        cell). A prompt of hundreds of rows demands almost every expert of a layer; one
+        row's chance would count most of its copies as likely unused."""
+        q = self._candidate_chance(layer, j)
+        return q if self._rows <= 1 else 1.0 - (1.0 - q) ** self._rows
+
     def _cancel_if_queued(self, key: ExpertKey) -> None:
         if self._cache_of and key not in self._cache_of[key[0]][key[1]].entries:
             self.cancel(*key)
@@ -150,10 +176,21 @@ class FmoeDeadline:
                 stale += 1
                 continue
             cands[key] = p
+        # refused candidates of layers still ahead are judged again: a refusal used the
+        # link's forecast at that gate, and the link may since have drained sooner (hits
+        # instead of demand loads, a cancelled order)
+        for key, p in self._refused.items():
+            if (
+                key[0] > g
+                and p > cands.get(key, -1.0)
+                and not (cache_of and key in cache_of[key[0]][key[1]].entries)
+            ):
+                cands[key] = p
         for key, p in self._dl_cands.items():
             if key[0] > g and p > cands.get(key, -1.0):
                 cands[key] = p
         self._dl_cands = {}
+        self._refused = refused = {}
         if not cands:
             self._pending = {}
             if stale:
@@ -166,7 +203,7 @@ class FmoeDeadline:
         avail = [-1.0] * self._n_dev
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
-        late_no = late_yes = issued = reranked = 0  # counted here, added to _stats once
+        late_no = late_yes = issued = reranked = none_done = 0  # counted here, added to _stats once
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
@@ -184,9 +221,24 @@ class FmoeDeadline:
                 # late: if used (chance q) it saves the part done; if not, the rest of
                 # the copy runs after its layer, delaying demand loads by their share
                 # of the link's time (rho). Worth it only when the saving is larger.
-                q = self._candidate_chance(layer, j) if done > 0 else 0.0
-                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * self._rho(dev):
+                q = self._iteration_chance(layer, j)
+                rho = self._rho(dev)
+                if done <= 0 and q * min(avail[dev], copy_s) > (1.0 - q) * copy_s * rho:
+                    # forecast to start only after its layer has run: then the link drops
+                    # it (a stale order) and it costs nothing, so it is queued without
+                    # taking link time from the copies ranked after it. It runs only
+                    # where the link drains sooner than forecast; the forecast is re-made
+                    # at every gate, so it is off by up to one layer step's prefetch time
+                    # (avail): worth queuing when that much done beats its unused rest.
+                    pending[key] = p
+                    self.prefetch(layer, j, p / (layer - g))
+                    none_done += 1
+                    issued += 1
+                    reranked += was
+                    continue
+                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho:
                     late_no += 1
+                    refused[key] = p
                     if was:
                         self.cancel(layer, j)
                     continue
@@ -201,6 +253,7 @@ class FmoeDeadline:
         for name, n in (
             ("orders_cancelled_stale", stale),
             ("orders_rejected_late", late_no),
+            ("orders_queued_none_done", none_done),
             ("orders_admitted_late", late_yes),
             ("orders_issued", issued),
             ("orders_reranked", reranked),
