@@ -7,13 +7,20 @@ p / (l - l_now) and admitted, best first, only when
 
 - the copy is worth its link time. Before its layer runs the link gives prefetches
   (l - l_now) x (layer interval - demand-load time per layer on that link), both
-  measured over the previous iteration (the view's ``layer_time_s`` and no demand loads
-  before the first); after the link's queue and the better-ranked admitted copies, the
-  part ``done`` of this copy fits in it. A copy done in time is admitted. A late one
-  saves ``done`` of a demand load if its expert is used (chance q: the eviction table's
-  learned chance for its forecast, or its request-frequency cell) and, if not, its rest
-  ``copy - done`` runs after its layer and delays demand loads by their share rho of the
-  link's time; it is admitted when q x done > (1 - q) x (copy - done) x rho.
+  measured over the previous iteration of the same kind, prompt or decode step (the
+  view's ``layer_time_s`` and no demand loads before the first); after the link's queue
+  and the better-ranked admitted copies, the part ``done`` of this copy fits in it. A
+  copy done in time is admitted. A late one saves ``done`` of a demand load if its expert
+  is used (chance q: the eviction table's learned chance for its forecast, or its
+  request-frequency cell, for one row; 1 - (1 - q)^R over an iteration's R rows) and, if
+  not, its rest ``copy - done`` runs after its layer and delays demand loads by their
+  share rho of the link's time; it is admitted when q x done > (1 - q) x (copy - done) x
+  rho.
+- A copy forecast to start only after its layer has run costs nothing if the forecast
+  holds (the link drops an order whose layer has run before it starts): it is queued,
+  taking no link time from the copies ranked after it, when one layer step's prefetch
+  time done (the forecast's error before it is re-made at the next gate) would pay for
+  its unused rest: q x min(avail, copy) > (1 - q) x copy x rho.
 
 The victim of an admitted copy is the expert the device's next demand load would evict
 (the same expected-time-to-next-use order); the copy only evicts it earlier, by the time
@@ -46,7 +53,6 @@ class FmoeDeadline:
         self._n_dev = len(ctx.caches)
         self._copy_s = view.link_state(0).copy_s if view is not None else 0.0
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
-        self._refused: dict[ExpertKey, float] = {}  # refused at the last hook: key -> p
         self._dl_cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
         self._gate_times: list[float] = []  # gate times of the current iteration
         self._interval: float | None = None  # measured mean gate interval (see _kind)
@@ -100,7 +106,6 @@ class FmoeDeadline:
             self._cancel_if_queued(key)
             self._stats["orders_cancelled_stale"] += 1
         self._pending = {}
-        self._refused = {}
 
     def _deadline_gate(self, layer: int, ids: Sequence[int], now: float) -> None:
         """Layer ``layer``'s gate ran at ``now`` and chose ``ids``: count its demand loads."""
@@ -176,21 +181,10 @@ class FmoeDeadline:
                 stale += 1
                 continue
             cands[key] = p
-        # refused candidates of layers still ahead are judged again: a refusal used the
-        # link's forecast at that gate, and the link may since have drained sooner (hits
-        # instead of demand loads, a cancelled order)
-        for key, p in self._refused.items():
-            if (
-                key[0] > g
-                and p > cands.get(key, -1.0)
-                and not (cache_of and key in cache_of[key[0]][key[1]].entries)
-            ):
-                cands[key] = p
         for key, p in self._dl_cands.items():
             if key[0] > g and p > cands.get(key, -1.0):
                 cands[key] = p
         self._dl_cands = {}
-        self._refused = refused = {}
         if not cands:
             self._pending = {}
             if stale:
@@ -238,7 +232,6 @@ class FmoeDeadline:
                     continue
                 if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho:
                     late_no += 1
-                    refused[key] = p
                     if was:
                         self.cancel(layer, j)
                     continue

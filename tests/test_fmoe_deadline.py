@@ -147,20 +147,6 @@ def test_estimates_are_kept_apart_for_prompts_and_decode_steps():
     assert pol._interval == 1e-3 and pol._rho(0) == 0.5
 
 
-def test_a_refused_copy_is_judged_again_at_the_next_gate():
-    # 2.5 ms of copies queued, half the link for demand loads: layers 0 and 1 would start
-    # after their layers and are refused. At layer 0's gate the link reports nothing
-    # queued: layer 1's copy (refused at the start) now fits and is ordered
-    view = FakeView(copy_s=4e-4, layer_s=1e-3, queued_s=2.5e-3)
-    pol, _ = _bound(view, prefetch_distance=2)
-    _busy(pol, 1e-3, 5e-4)
-    _start(pol)
-    assert pol.decide_prefetch().enqueue == []
-    view.queued_s = 0.0
-    _gate(pol, 0, now=1e-3)
-    assert (1, 1) in {(o.layer, o.expert) for o in pol.decide_prefetch().enqueue}
-
-
 def test_queued_link_time_delays_admission():
     # half the link's time goes to demand loads (0.5 ms of prefetch time per layer step)
     # and 0.6 ms of copies are queued: layer 0 (1 step away) would start after its layer
