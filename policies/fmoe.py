@@ -272,6 +272,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             admission="deadline" if self._view is not None else "all",
             orders_issued=s["orders_issued"],
             orders_rejected_late=s["orders_rejected_late"],
+            orders_queued_none_done=s["orders_queued_none_done"],
             orders_admitted_late=s["orders_admitted_late"],
             orders_rejected_value=s["orders_rejected_value"],
             orders_reranked=s["orders_reranked"],
@@ -300,7 +301,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         if self._pred:
             self._batch_requests(tuple(ev.request_ids) if self.options.request_frequency else ())
         if self._view is not None:
-            self._deadline_iteration_start(B)
+            self._deadline_iteration_start(B, bool(np.any(ev.prefill)))
         query, has = self._row_queries(ev, B)
         it = self._new_state(ev.iteration, B, query)
         store = self._need_store()

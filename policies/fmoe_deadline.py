@@ -7,13 +7,20 @@ p / (l - l_now) and admitted, best first, only when
 
 - the copy is worth its link time. Before its layer runs the link gives prefetches
   (l - l_now) x (layer interval - demand-load time per layer on that link), both
-  measured over the previous iteration (the view's ``layer_time_s`` and no demand loads
-  before the first); after the link's queue and the better-ranked admitted copies, the
-  part ``done`` of this copy fits in it. A copy done in time is admitted. A late one
-  saves ``done`` of a demand load if its expert is used (chance q: the eviction table's
-  learned chance for its forecast, or its request-frequency cell) and, if not, its rest
-  ``copy - done`` runs after its layer and delays demand loads by their share rho of the
-  link's time; it is admitted when q x done > (1 - q) x (copy - done) x rho.
+  measured over the previous iteration of the same kind, prompt or decode step (the
+  view's ``layer_time_s`` and no demand loads before the first); after the link's queue
+  and the better-ranked admitted copies, the part ``done`` of this copy fits in it. A
+  copy done in time is admitted. A late one saves ``done`` of a demand load if its expert
+  is used (chance q: the eviction table's learned chance for its forecast, or its
+  request-frequency cell, for one row; 1 - (1 - q)^R over an iteration's R rows) and, if
+  not, its rest ``copy - done`` runs after its layer and delays demand loads by their
+  share rho of the link's time; it is admitted when q x done > (1 - q) x (copy - done) x
+  rho.
+- A copy forecast to start only after its layer has run costs nothing if the forecast
+  holds (the link drops an order whose layer has run before it starts): it is queued,
+  taking no link time from the copies ranked after it, when one layer step's prefetch
+  time done (the forecast's error before it is re-made at the next gate) would pay for
+  its unused rest: q x min(avail, copy) > (1 - q) x copy x rho.
 
 The victim of an admitted copy is the expert the device's next demand load would evict
 (the same expected-time-to-next-use order); the copy only evicts it earlier, by the time
@@ -48,10 +55,16 @@ class FmoeDeadline:
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
         self._dl_cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
         self._gate_times: list[float] = []  # gate times of the current iteration
-        self._interval: float | None = None  # measured mean gate interval (last iteration)
+        self._interval: float | None = None  # measured mean gate interval (see _kind)
         self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
-        self._demand_s = [0.0] * self._n_dev  # demand-load seconds per layer step (last it.)
+        self._demand_s = [0.0] * self._n_dev  # demand-load seconds per layer step (see _kind)
         self._rows = 1
+        # the measurements above are of the last iteration of the current one's kind
+        # (prefill or decode): a prompt's layer step routes many rows and demands most of
+        # a layer's experts, a decode step one row's top-K, so one kind's pace says
+        # nothing about the other's (kind -> (interval, demand seconds per device))
+        self._kind = False  # the current iteration has prefill rows
+        self._by_kind: dict[bool, tuple[float, list[float]]] = {}
 
     def derived_distance(self, ctx: PolicyContext) -> int | None:
         """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]
@@ -67,17 +80,26 @@ class FmoeDeadline:
         return int(min(max(math.ceil(copy_s / layer_s), 1), max(L - 1, 1)))
 
     # -- measurements ---------------------------------------------------------------------
-    def _deadline_iteration_start(self, rows: int) -> None:
-        """A new iteration: the last one's gate interval and demand loads become the
-        estimates; the last iteration's candidates are stale (cancelled if queued)."""
+    def _deadline_iteration_start(self, rows: int, prefill: bool = False) -> None:
+        """A new iteration (``prefill``: it has prompt rows): the last one's gate interval
+        and demand loads become the estimates of its kind, and the estimates of this
+        iteration's kind are the last measured ones of that kind (none yet: the view's
+        layer time and no demand loads); the last iteration's candidates are stale
+        (cancelled if queued)."""
         self._rows = rows
         times = self._gate_times
         if len(times) >= 2:
-            self._interval = (times[-1] - times[0]) / (len(times) - 1)
             steps = len(times)
-            self._demand_s = [n * self._copy_s / steps for n in self._demand_now]
-            if self._distance_source == "copy time / layer time":
+            self._by_kind[self._kind] = (
+                (times[-1] - times[0]) / (steps - 1),
+                [n * self._copy_s / steps for n in self._demand_now],
+            )
+            if self._distance_source == "copy time / layer time" and not self._kind:
+                # the distance is a decode step's: a prompt's pace does not set it
+                self._interval, self._demand_s = self._by_kind[False]
                 self._rederive_distance()
+        self._kind = prefill
+        self._interval, self._demand_s = self._by_kind.get(prefill, (None, [0.0] * self._n_dev))
         self._gate_times = []
         self._demand_now = [0] * self._n_dev
         for key in self._pending:
@@ -130,6 +152,15 @@ class FmoeDeadline:
         if p > self._dl_cands.get(key, -1.0):
             self._dl_cands[key] = p
 
+    def _iteration_chance(self, layer: int, j: int) -> float:
+        """The chance that some row of this iteration chooses (layer, j): the learned
+        chance q of one row's choice at its layer's visit (:meth:`_candidate_chance`),
+        1 - (1 - q)^rows over the iteration's rows (rows choose independently given their
+        cell). A prompt of hundreds of rows demands almost every expert of a layer; one
+        row's chance would count most of its copies as likely unused."""
+        q = self._candidate_chance(layer, j)
+        return q if self._rows <= 1 else 1.0 - (1.0 - q) ** self._rows
+
     def _cancel_if_queued(self, key: ExpertKey) -> None:
         if self._cache_of and key not in self._cache_of[key[0]][key[1]].entries:
             self.cancel(*key)
@@ -166,7 +197,7 @@ class FmoeDeadline:
         avail = [-1.0] * self._n_dev
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
-        late_no = late_yes = issued = reranked = 0  # counted here, added to _stats once
+        late_no = late_yes = issued = reranked = none_done = 0  # counted here, added to _stats once
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
@@ -184,8 +215,22 @@ class FmoeDeadline:
                 # late: if used (chance q) it saves the part done; if not, the rest of
                 # the copy runs after its layer, delaying demand loads by their share
                 # of the link's time (rho). Worth it only when the saving is larger.
-                q = self._candidate_chance(layer, j) if done > 0 else 0.0
-                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * self._rho(dev):
+                q = self._iteration_chance(layer, j)
+                rho = self._rho(dev)
+                if done <= 0 and q * min(avail[dev], copy_s) > (1.0 - q) * copy_s * rho:
+                    # forecast to start only after its layer has run: then the link drops
+                    # it (a stale order) and it costs nothing, so it is queued without
+                    # taking link time from the copies ranked after it. It runs only
+                    # where the link drains sooner than forecast; the forecast is re-made
+                    # at every gate, so it is off by up to one layer step's prefetch time
+                    # (avail): worth queuing when that much done beats its unused rest.
+                    pending[key] = p
+                    self.prefetch(layer, j, p / (layer - g))
+                    none_done += 1
+                    issued += 1
+                    reranked += was
+                    continue
+                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho:
                     late_no += 1
                     if was:
                         self.cancel(layer, j)
@@ -201,6 +246,7 @@ class FmoeDeadline:
         for name, n in (
             ("orders_cancelled_stale", stale),
             ("orders_rejected_late", late_no),
+            ("orders_queued_none_done", none_done),
             ("orders_admitted_late", late_yes),
             ("orders_issued", issued),
             ("orders_reranked", reranked),

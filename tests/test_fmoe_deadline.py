@@ -81,12 +81,27 @@ def test_distance_follows_copy_time_over_layer_time():
     assert pol.distance == 1
 
 
-def test_a_copy_that_cannot_start_before_its_layer_is_never_ordered_and_timely_ones_are():
+def _busy(pol: FmoePolicy, interval: float, demand_s: float) -> None:
+    """Pretend the last decode iteration ran at ``interval`` per gate with ``demand_s`` of
+    demand loads per layer step on the link (the estimates a decode iteration starts from)."""
+    pol._by_kind[False] = (interval, [demand_s])
+
+
+def test_a_copy_forecast_to_start_after_its_layer_is_queued_only_where_links_have_slack():
     # a full layer step of copies queued ahead: layer 0 (one step away) gets nothing done
-    late, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3, queued_s=1e-3), prefetch_distance=1)
-    _start(late)
-    assert late.decide_prefetch().enqueue == []
-    assert late.metadata()["orders_rejected_late"] > 0
+    # before its layer. With no demand loads measured (rho = 0) it is queued anyway: the
+    # link drops it unstarted if the forecast holds, so it costs nothing
+    idle, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3, queued_s=1e-3), prefetch_distance=1)
+    _start(idle)
+    assert [(o.layer, o.expert) for o in idle.decide_prefetch().enqueue] == [(0, 0)]
+    assert idle.metadata()["orders_queued_none_done"] == 1
+    # demand loads took 90% of the link: one layer step's prefetch time (0.1 ms) done at
+    # the prior chance (1/4) does not pay for the unused rest (0.75 x 0.5 ms x 0.9)
+    busy, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3, queued_s=1e-3), prefetch_distance=1)
+    _busy(busy, 1e-3, 9e-4)
+    _start(busy)
+    assert busy.decide_prefetch().enqueue == []
+    assert busy.metadata()["orders_rejected_late"] == 1
     # a copy takes half a layer step: both semantic orders (layers 0 and 1) fit
     fast, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3), prefetch_distance=2)
     _start(fast)
@@ -99,23 +114,46 @@ def test_a_late_copy_is_ordered_when_its_partial_saving_beats_the_delay_of_its_u
     view = FakeView(copy_s=1e-2, layer_s=1e-3)
     idle, _ = _bound(view, prefetch_distance=2)
     _start(idle)  # nothing measured yet: no demand loads assumed (rho = 0), any part saves;
-    # layer 1's copy would queue behind layer 0's whole copy and start after its layer
-    assert [(o.layer, o.expert) for o in idle.decide_prefetch().enqueue] == [(0, 0)]
+    assert [(o.layer, o.expert) for o in idle.decide_prefetch().enqueue][0] == (0, 0)
     assert idle.metadata()["orders_admitted_late"] == 1
-    assert idle.metadata()["orders_rejected_late"] == 1
-    # demand loads took half the link (rho = 0.5) over the last iteration: at the learned
-    # chance's prior (K/J = 1/4) a copy 1/20 done saves 0.25 x 0.5 ms, and its unused rest
-    # costs 0.75 x 9.5 ms x 0.5: rejected
+    # demand loads took half the link (rho = 0.5) over the last decode iteration: at the
+    # learned chance's prior (K/J = 1/4) a copy 1/20 done saves 0.25 x 0.5 ms, and its
+    # unused rest costs 0.75 x 9.5 ms x 0.5: rejected
     busy, _ = _bound(view, prefetch_distance=2)
-    busy._interval, busy._demand_s = 1e-3, [5e-4]
+    _busy(busy, 1e-3, 5e-4)
     _start(busy)
     assert busy.decide_prefetch().enqueue == []
     assert busy._rho(0) == 0.5
 
 
+def test_a_prompt_counts_the_chance_that_any_of_its_rows_chooses_the_expert():
+    # the same busy link as above, but a prompt of 32 rows: 1 - (3/4)^32 ~ 1, the copy's
+    # part done is worth its unused rest
+    view = FakeView(copy_s=1e-2, layer_s=1e-3)
+    pol, _ = _bound(view, prefetch_distance=2)
+    pol._by_kind[True] = (1e-3, [5e-4])  # the last prompt's pace
+    emb = np.tile(np.eye(3, dtype=np.float32)[:1], (32, 1))
+    pol.on_iteration_start(IterationStart(0, ("r0",) * 32, np.arange(32), np.ones(32, bool), emb))
+    assert (0, 0) in {(o.layer, o.expert) for o in pol.decide_prefetch().enqueue}
+    assert pol._iteration_chance(0, 0) > 0.99
+    assert pol._rho(0) == 0.5
+
+
+def test_estimates_are_kept_apart_for_prompts_and_decode_steps():
+    pol, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3), prefetch_distance=2)
+    pol._by_kind[True] = (3e-2, [2e-2])
+    _busy(pol, 1e-3, 5e-4)
+    _start(pol)  # a decode step: the decode estimates
+    assert pol._interval == 1e-3 and pol._rho(0) == 0.5
+
+
 def test_queued_link_time_delays_admission():
-    # 1.5 steps of copies already queued: layer 0 (1 step away) is late, layer 1 (2) fits
-    pol, _ = _bound(FakeView(copy_s=4e-4, layer_s=1e-3, queued_s=1.5e-3), prefetch_distance=2)
+    # half the link's time goes to demand loads (0.5 ms of prefetch time per layer step)
+    # and 0.6 ms of copies are queued: layer 0 (1 step away) would start after its layer
+    # (and 0.1 ms done at the prior chance 1/4 does not pay for 0.75 x 0.4 ms x 0.5 of an
+    # unused copy: not queued); layer 1 (2 steps) fits
+    pol, _ = _bound(FakeView(copy_s=4e-4, layer_s=1e-3, queued_s=6e-4), prefetch_distance=2)
+    _busy(pol, 1e-3, 5e-4)
     _start(pol)
     assert [(o.layer, o.expert) for o in pol.decide_prefetch().enqueue] == [(1, 1)]
 
