@@ -441,3 +441,30 @@ def test_lfu_counts_uses_while_cached_and_lfu_global_remembers_across_evictions(
         cache.use((0, 1), now=2.0)  # ... but only (0, 1) was used since it is cached
         pol.on_expert_used((0, 1), 1, 2.0)
         assert cache.choose_victim(pol.eviction_scores) == expected, mode
+
+
+def _gate_la(pol: Policy, layer: int, probs: np.ndarray, look: np.ndarray | None) -> None:
+    ids = np.argsort(-probs, axis=1, kind="stable")[:, :1]
+    w = np.ones_like(ids, dtype=np.float32)
+    pol.on_gate(GateOutput(0, layer, ids, w, probs, look))
+
+
+def test_lookahead_option_orders_the_next_layers_speculated_top_k():
+    look = np.array([[0.1, 0.2, 0.6, 0.1]], np.float32)  # speculates expert 2 for layer 1
+    off, _ = _policy()
+    on, _ = _policy(lookahead=True)
+    assert on.wants_lookahead and not off.wants_lookahead
+    for pol in (off, on):
+        _start(pol, np.array([[1.0, 0.0, 0.0]]))  # row 0: layers 0, 1 predict expert 0
+        pol.decide_prefetch()
+        _gate_la(pol, 0, ROW0[:1], look)
+    # both order row 0's layer 2 (trajectory); only lookahead=True adds (1, 2) at p / 1
+    assert _orders(off) == [(2, 0, 0.45)]
+    assert sorted(_orders(on)) == [(1, 2, 0.6), (2, 0, 0.45)]
+    assert on.metadata()["lookahead_gates"] == 1
+    # the last layer has no next layer; a gate without lookahead rows orders nothing extra
+    _gate_la(on, 3, ROW0[3:4], look)
+    _gate_la(on, 1, ROW0[1:2], None)
+    assert all(layer != 4 for layer, _, _ in _orders(on))
+    with pytest.raises(InputError, match="lookahead"):
+        _gate_la(on, 2, ROW0[2:3], np.ones((1, J + 1), np.float32))
