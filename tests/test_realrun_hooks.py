@@ -301,15 +301,16 @@ class EarlySearcher(AsyncRecorder):
     def bind(self, ctx):
         super().bind(ctx)
         self.ordered = 0
+        self.started = -1  # the last iteration whose start this policy has handled
 
     def on_iteration_start(self, ev: IterationStart) -> None:
         super().on_iteration_start(ev)
-        if ev.iteration == 0:
-            return
-        for e in range(self.ctx.spec.num_experts):
-            if not self.ctx.is_cached((0, e)):
-                self.prefetch(0, e, priority=1.0)
-                self.ordered += 1
+        if ev.iteration > 0:
+            for e in range(self.ctx.spec.num_experts):
+                if not self.ctx.is_cached((0, e)):
+                    self.prefetch(0, e, priority=1.0)
+                    self.ordered += 1
+        self.started = ev.iteration
 
 
 def test_the_searcher_applies_its_orders_without_waiting_for_a_compute_hook():
@@ -324,20 +325,24 @@ def test_the_searcher_applies_its_orders_without_waiting_for_a_compute_hook():
     ids = loaded.tokenizer.encode("What is MoE?")
     seen_at_gate0: list[tuple[int, int]] = []
     with RunSession(om, pol, SessionOptions(12)) as s:
-        res, gate = s.res, s.res.gate
+        res, run_layer = s.res, s.run_layer
 
-        def gate_after_orders(layer: int) -> int:
-            if layer == 0 and s.iteration > 0:
+        def layer_after_orders(mod, *args):  # type: ignore[no-untyped-def]
+            # wait before the layer's gate starts holding new orders (from there on they
+            # go after its demand loads, as in the simulator): until the searcher has
+            # handled this iteration's start (its count of orders is then final for the
+            # iteration) and every order it made is applied
+            if mod.moe_layer == 0 and s.iteration > 0:
                 deadline = time.monotonic() + 30.0
-                while res.stats.orders < pol.ordered or pol.ordered == 0:
+                while pol.started < s.iteration or res.stats.orders < pol.ordered:
                     if time.monotonic() > deadline:
                         break
                     time.sleep(0.001)
                 seen_at_gate0.append((res.stats.orders, pol.ordered))
-            return gate(layer)
+            return run_layer(mod, *args)
 
-        res.gate = gate_after_orders  # type: ignore[method-assign]
+        s.run_layer = layer_after_orders  # type: ignore[method-assign]
         s.generate("req", ids, 4)
         s.driver.flush()
     assert len(seen_at_gate0) == 3 and pol.ordered > 0
-    assert all(applied == ordered for applied, ordered in seen_at_gate0)
+    assert all(applied == ordered for applied, ordered in seen_at_gate0), seen_at_gate0
