@@ -106,6 +106,26 @@ def test_streamed_rows_are_read_only_and_memory_follows_the_working_set(
         back.requests[0].routing.topk_ids[0, 0, 0] = 1
 
 
+def test_a_single_pass_over_the_requests_holds_a_bounded_number_of_decoded_arrays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading each request once (as the bounds' demand pass does) never reaches twice a
+    generation's entries in accesses; the entry cap ends generations, so what stays
+    decoded does not grow with the number of requests."""
+    spec = small_spec(layers=2, experts=8, top_k=2)
+    w = random_workload(spec, num_requests=80, seed=3, max_prompt=6, max_output=4)
+    save_workload(w, tmp_path / "s.trace")
+    monkeypatch.setattr(v2r, "MAX_GENERATION_ENTRIES", 8)
+    back = load_workload(tmp_path / "s.trace")
+    src = back.source
+    held = []
+    for x, y in zip(w.requests, back.requests, strict=True):
+        np.testing.assert_array_equal(y.routing.topk_ids, x.routing.topk_ids)
+        held.append(len(src._young) + len(src._old))
+    assert max(held) <= 2 * 8
+    assert len(w.requests) > 2 * 8
+
+
 def test_a_file_changed_after_opening_is_caught_on_read(tmp_path: Path) -> None:
     w = random_workload(small_spec(), num_requests=2, seed=1)
     save_workload(w, tmp_path / "w.trace")

@@ -34,6 +34,11 @@ DECODED_CACHE_BYTES = 1024 * 2**20
 CHUNK_CACHE_COUNT = 2
 # A generation ends after this many accesses, or twice the entries it holds if more.
 MIN_GENERATION = 64
+# ... or once it holds this many arrays: a pass that reads each request once (the bounds'
+# demand file, `trace stats`) never reaches twice its entries in accesses, so without this
+# every decoded array would stay (memory growing with the number of requests). A running
+# batch re-reads its few hundred arrays every iteration, well within one generation.
+MAX_GENERATION_ENTRIES = 1024
 
 
 def _read_at(path: Path, offset: int, n: int) -> bytes:
@@ -112,6 +117,7 @@ class TraceSource:
             self._young_bytes += arr.nbytes
         if (
             self._accesses >= max(MIN_GENERATION, 2 * len(young))
+            or len(young) >= MAX_GENERATION_ENTRIES
             or self._young_bytes > DECODED_CACHE_BYTES
         ):
             self._old, self._young = young, {}
