@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from specs.jsonio import atomic_output  # noqa: E402
+from specs.jsonio import save_png  # noqa: E402
 
 PANELS = [
     ("requests", "ttft_s", "TTFT (s), per request"),
@@ -49,9 +49,4 @@ def plot_sim_vs_real(
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    try:
-        with atomic_output(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=100)

@@ -178,11 +178,9 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     ax.legend(fontsize=7, ncol=3)
     ax.set_title("Hybrid CPU/GPU execution: TPOT per setting and policy (simulated)")
     fig.tight_layout()
-    from specs.jsonio import atomic_output
+    from specs.jsonio import save_png
 
-    with atomic_output(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, tight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,13 @@ from traces.demand import (
 from traces.types import Request, Workload
 
 BOUND_KEYS = ("bound_hit_belady", "bound_loads_min", "bound_tpot_s")
+
+
+def no_bounds(note: str) -> dict[str, Any]:
+    """The bound keys, None, with ``bound_note`` saying why they were not computed."""
+    return {**dict.fromkeys(BOUND_KEYS), "bound_note": note}
+
+
 # From this many demands (an upper bound from the request lengths) on, the bounds run
 # through a temporary file (sim/bounds_stream.py): memory no longer grows with the run.
 # Below it the whole sequence is a few MB and the in-memory path skips numba's import.
@@ -297,8 +304,7 @@ def run_bounds(
     t0 = time.perf_counter()
     if not timing_free(workload, config, closed):
         return {
-            **dict.fromkeys(BOUND_KEYS),
-            "bound_note": "continuous batching on trace arrivals: the schedule depends on timing",
+            **no_bounds("continuous batching on trace arrivals: the schedule depends on timing"),
             "bound_wall_s": time.perf_counter() - t0,
         }
     if spill is None:

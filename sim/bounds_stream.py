@@ -24,6 +24,7 @@ import numpy as np
 from sim.bounds import (
     Compute,
     batch_compute,
+    no_bounds,
     one_at_a_time,
     replay_schedule,
     request_compute,
@@ -136,12 +137,7 @@ def stream_bounds(
 
 
 def _none(why: str) -> dict[str, Any]:
-    return {
-        "bound_hit_belady": None,
-        "bound_loads_min": None,
-        "bound_tpot_s": None,
-        "bound_note": f"bounds not computed: {why}",
-    }
+    return no_bounds(f"bounds not computed: {why}")
 
 
 def _stream(

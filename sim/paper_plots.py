@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sim.plots import _save  # noqa: E402
+from specs.jsonio import save_png  # noqa: E402
 
 SOURCE_NOTE = "simulated: paper-6x3090 published figures, synthetic workloads"
 
@@ -51,7 +51,7 @@ def policy_bars(df: pd.DataFrame, path: str | Path, policies: Sequence[str]) -> 
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8, title="workload")
     fig.suptitle(f"Mixtral-8x7B offline, per policy ({SOURCE_NOTE})", fontsize=10)
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def reduction_bars(red: pd.DataFrame, path: str | Path) -> Path:
@@ -71,7 +71,7 @@ def reduction_bars(red: pd.DataFrame, path: str | Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"fMoE vs baselines ({SOURCE_NOTE})", fontsize=10)
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def lines(
@@ -94,7 +94,7 @@ def lines(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{title} ({SOURCE_NOTE})", fontsize=10)
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def latency_cdf(frames: dict[str, pd.Series], path: str | Path, xlabel: str, title: str) -> Path:
@@ -109,4 +109,4 @@ def latency_cdf(frames: dict[str, pd.Series], path: str | Path, xlabel: str, tit
     ax.set_title(f"{title}\n({SOURCE_NOTE})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_png(fig, path)

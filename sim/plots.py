@@ -17,23 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sim.config import GB  # noqa: E402
-from specs.jsonio import atomic_output  # noqa: E402
+from specs.jsonio import save_png  # noqa: E402
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
     if "error" in df:
         df = df[df["error"].isna()]
     return df.assign(expert_memory_gb=df["expert_memory_bytes"].astype(float) / GB)
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG atomically and close it."""
-    try:
-        with atomic_output(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -87,7 +77,7 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, latency: str = "e2e_mean_s")
     ax.set_title("latency vs memory")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def plot_hit_rate(df: pd.DataFrame, path: str | Path) -> Path:
@@ -107,7 +97,7 @@ def plot_hit_rate(df: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("hit rate vs cache size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def plot_latency_bars(df: pd.DataFrame, path: str | Path) -> Path:
@@ -128,7 +118,7 @@ def plot_latency_bars(df: pd.DataFrame, path: str | Path) -> Path:
         ax.set_title(f"{title} per policy")
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize=8, title="expert cache")
-    return _save(fig, Path(path))
+    return save_png(fig, path)
 
 
 def plot_all(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:

@@ -14,7 +14,7 @@ from policies.cache_scope import make_caches
 from policies.placement import Placement
 from policies.registry import make_policy
 from sim.batching import schedule_batcher
-from sim.bounds import BOUND_KEYS, run_bounds
+from sim.bounds import no_bounds, run_bounds
 from sim.config import OFFLINE_TRAIN_FRACTION, SimConfig
 from sim.engine import Engine
 from sim.events import EventLog
@@ -225,7 +225,7 @@ def _why_no_bounds(actions: dict, placed_before_run: int) -> str:
 
 def _no_bounds(why: str) -> dict:
     """The bound keys of a run they do not apply to (not computed)."""
-    return {**dict.fromkeys(BOUND_KEYS), "bound_note": why, "bound_wall_s": 0.0}
+    return {**no_bounds(why), "bound_wall_s": 0.0}
 
 
 def _mean_context(workload: Workload) -> float:

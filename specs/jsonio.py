@@ -47,6 +47,20 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
+def save_png(fig: Any, path: str | Path, dpi: int = 110, tight: bool = True) -> Path:
+    """Write a matplotlib figure to ``path`` as a PNG atomically, then close it (also
+    when writing fails). Returns the path. matplotlib is imported only here."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_output(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight" if tight else None)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write JSON to ``path`` via a temporary file and rename: never a half-written file."""
     path = Path(path)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specs.jsonio import atomic_output
+from specs.jsonio import atomic_output, save_png
 from traces.cachesim import hits_by_capacity
 from traces.demand import DemandSequence, demand_sequence, next_use
 from traces.types import Workload
@@ -130,10 +130,4 @@ def write_png(curves: list[Curve], path: str | Path, title: str = "") -> Path:
     ax.set_title(title or "hit rate vs cache size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(path)
-    try:
-        with atomic_output(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
+    return save_png(fig, path)

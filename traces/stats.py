@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from specs.jsonio import atomic_output
+from specs.jsonio import save_png
 from traces.types import Workload
 
 
@@ -167,8 +167,4 @@ def plot_heatmaps(w: Workload, path: str | Path) -> None:
         axes[1].set_axis_off()
     fig.suptitle(f"{w.spec.name}: {len(w.requests)} requests, {w.num_tokens} tokens")
     fig.tight_layout()
-    try:
-        with atomic_output(path, ".png") as tmp:  # a unique temp name: runs never collide
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    save_png(fig, path, tight=False)  # a unique temp name: runs never collide
