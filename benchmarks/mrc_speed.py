@@ -1,9 +1,10 @@
 """How long `fmoe trace mrc` takes on a 1,000-request Mixtral-8x7B trace (goal: < 60 s).
 
 Generates the trace with the synthetic generator's defaults (or reads ``--trace``), then
-times each part of the curves: the demand sequence, the global stacks (LRU, LFU, MIN)
-and the per-layer ones, plus MIN at one size (the simulator's bound), and prints the
-figures. The numba kernels are compiled (or loaded from numba's cache) before timing;
+times what `fmoe trace mrc` runs (every curve out of core: the demands spilled to
+temporary files, all six stack passes in one read) and, for the breakdown, each part in
+memory: the demand sequence, the global stacks (LRU, LFU, MIN) and the per-layer ones,
+plus MIN at one size (the simulator's bound), and prints the figures. The numba kernels are compiled (or loaded from numba's cache) before timing;
 the compile time is printed apart.
 
     python benchmarks/mrc_speed.py [--requests 1000] [--trace PATH]
@@ -18,7 +19,7 @@ from specs.presets import load_model
 from traces.cachesim import hits_by_capacity, min_run
 from traces.demand import demand_sequence, next_use
 from traces.io import load_workload
-from traces.mrc import per_layer_curves
+from traces.mrc import miss_ratio_curves, per_layer_curves
 from traces.synth import SynthConfig, generate
 from traces.types import Request, Routing, Workload
 
@@ -67,6 +68,10 @@ def main() -> None:
             ],
         )
     spec = w.spec
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    streamed = miss_ratio_curves(w)
+    streamed_s, streamed_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     times: dict[str, float] = {}
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -89,10 +94,15 @@ def main() -> None:
         f"{spec.name}: {len(w.requests)} requests, {w.num_iterations} iterations, "
         f"{seq.num_demands} expert demands in {seq.num_steps} layer steps"
     )
+    print(f"  {'fmoe trace mrc (out of core)':32s} {streamed_s:7.2f} s   (goal: < 60 s)")
+    print(
+        f"  {'  of which CPU time':32s} {streamed_cpu:7.2f} s   (wall > CPU: other processes ran)"
+    )
+    print(f"  ({len(streamed)} curves; in memory, part by part:)")
     for k, v in times.items():
         print(f"  {k:32s} {v:7.2f} s")
-    print(f"  {'all curves (fmoe trace mrc)':32s} {total:7.2f} s   (goal: < 60 s)")
-    print(f"  {'  of which CPU time':32s} {cpu:7.2f} s   (wall > CPU: other processes ran)")
+    print(f"  {'all curves in memory':32s} {total:7.2f} s")
+    print(f"  {'  of which CPU time':32s} {cpu:7.2f} s")
     print(f"  {'MIN at one size (heap)':32s} {min_one:7.2f} s")
     print(f"  numba compile or cache load: {compile_s:.2f} s (once per process)")
 

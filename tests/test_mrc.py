@@ -119,6 +119,21 @@ def test_per_layer_curves_sum_separate_per_layer_simulations(w) -> None:
         assert curves["min"].hits[i] == sum(min_run(s, k)[0] for s in subs)
 
 
+@settings(max_examples=25, deadline=None)
+@given(workloads(), st.integers(1, 40))
+def test_out_of_core_curves_equal_the_in_memory_ones(w, chunk: int) -> None:
+    """miss_ratio_curves spills the demands and reads them back in chunks of about
+    ``chunk`` demands; every point equals the one-pass curves of the sequence in memory."""
+    seq = demand_sequence(w)
+    L, K = w.spec.num_moe_layers, w.spec.top_k
+    want = global_curves(seq, K) + per_layer_curves(seq, L, K)
+    got = miss_ratio_curves(w, chunk_demands=chunk)
+    assert [(c.scope, c.policy) for c in got] == [(c.scope, c.policy) for c in want]
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a.cache_experts, b.cache_experts)
+        assert np.array_equal(a.hits, b.hits) and a.demands == b.demands
+
+
 def test_lru_stack_is_a_recency_stack() -> None:
     """A cyclic pattern over c + 1 keys: LRU misses every time at size c, MIN does not."""
     steps = [[k] for k in [0, 1, 2] * 6]

@@ -152,16 +152,36 @@ def _min_kernel(keys, step_start, nxt, num_keys, capacity, lo_step, hi_step, ini
 @njit(cache=True)
 def _stack_kernel(keys, step_start, nxt, num_keys, kind, group):
     """Depth histogram; keys ``k`` with equal ``k // group`` share one stack (one cache)."""
+    state = _stack_state(num_keys, group)
+    _stack_chunk(keys, step_start, nxt, kind, group, 0, 0, keys.size + 1, *state)
+    return state[-1]
+
+
+@njit(cache=True)
+def _stack_state(num_keys, group):
+    """Fresh state of :func:`_stack_chunk`: (stack, depth, prio, count, stamp, hist)."""
     ngroups = (num_keys + group - 1) // group
-    stack = np.empty((ngroups, group), np.int64)
-    depth = np.zeros(ngroups, np.int64)
-    prio = np.zeros(num_keys, np.int64)
-    count = np.zeros(num_keys, np.int64)
-    stamp = np.full(num_keys, -1, np.int64)
-    hist = np.zeros(group + 1, np.int64)  # hist[d]: demands found at depth d (1-based)
-    big = np.int64(keys.size + 1)
-    for s in range(step_start.size - 1):
-        a, b = step_start[s], step_start[s + 1]
+    return (
+        np.empty((ngroups, group), np.int64),
+        np.zeros(ngroups, np.int64),
+        np.zeros(num_keys, np.int64),
+        np.zeros(num_keys, np.int64),
+        np.full(num_keys, -1, np.int64),
+        np.zeros(group + 1, np.int64),  # hist[d]: demands found at depth d (1-based)
+    )
+
+
+@njit(cache=True)
+def _stack_chunk(
+    keys, step_start, nxt, kind, group, step0, pos0, big, stack, depth, prio, count, stamp, hist
+):
+    """One chunk of whole steps of the stack pass, state carried in the arrays (updated in
+    place). ``step_start`` holds the chunk's offsets from 0; ``step0``/``pos0``: the
+    chunk's first step and demand in the whole sequence (stamps and priorities are global,
+    so chunks give the one-pass result); ``big``: more than the whole sequence's demands."""
+    for ls in range(step_start.size - 1):
+        s = step0 + ls
+        a, b = step_start[ls], step_start[ls + 1]
         for i in range(a, b):  # the whole step is pinned from its start
             stamp[keys[i]] = s
         for i in range(a, b):
@@ -190,13 +210,12 @@ def _stack_kernel(keys, step_start, nxt, num_keys, kind, group):
                 st[d] = y
             st[0] = x
             if kind == LRU:
-                prio[x] = i
+                prio[x] = pos0 + i
             elif kind == LFU:
                 count[x] += 1
-                prio[x] = count[x] * big + i
+                prio[x] = count[x] * big + pos0 + i
             else:
                 prio[x] = -nxt[i]
-    return hist
 
 
 # -- out of core (traces/cachesim_stream.py): chunks of a spilled demand sequence ------------

@@ -1,6 +1,10 @@
-"""MIN (Belady) out of core: :func:`traces.cachesim.min_run`'s results over a spilled
-demand sequence (:class:`traces.demand_file.DemandFile`), in memory independent of its
-length.
+"""MIN (Belady) and the stack passes out of core: :func:`traces.cachesim.min_run`'s and
+:func:`traces.cachesim.stack_histogram`'s results over a spilled demand sequence
+(:class:`traces.demand_file.DemandFile`), in memory independent of its length.
+
+:func:`stack_histograms` runs any number of stack passes (LRU, LFU, MIN; one cache or
+one per group) in one read of the chunks; each pass carries its stack between chunks
+with global step and demand numbers, so its histogram is the one-pass result exactly.
 
 One forward pass over the chunks runs, with the numba kernel
 :func:`traces.cachesim_jit._min_stream`:
@@ -141,3 +145,21 @@ def min_stream(
     if open_ or nxt_w < order.size:
         raise ValueError("a window ends past the demand sequence")
     return StreamResult(main.sc[:, 2].copy(), main.sc[:, 3].copy(), loads)
+
+
+def stack_histograms(dfile: DemandFile, passes: list[tuple[str, int]]) -> list[np.ndarray]:
+    """:func:`traces.cachesim.stack_histogram` of the spilled sequence for each
+    (kind, group) of ``passes``, in one read of its chunks (after ``dfile.finish()``)."""
+    from traces.cachesim import KINDS
+    from traces.cachesim_jit import _stack_chunk, _stack_state
+
+    states = [_stack_state(dfile.num_keys, g) for _, g in passes]
+    big = dfile.num_demands + 1
+    for data in dfile.chunks():
+        c = data.chunk
+        for (kind, g), state in zip(passes, states, strict=True):
+            _stack_chunk(
+                data.keys, data.step_start, data.nxt, KINDS[kind], g, c.step0, c.demand0, big,
+                *state,
+            )  # fmt: skip
+    return [state[-1] for state in states]

@@ -16,7 +16,7 @@ requests one at a time in workload order (batch 1).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +84,19 @@ class DemandSequence:
         return DemandSequence((sub.keys - lo).astype(np.int32), start, num_experts)
 
 
+def request_demands(workload: Workload) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each request's steps run alone (batch 1), one request at a time in workload order:
+    (keys int64, step sizes int64), the pieces :func:`demand_sequence` joins by default,
+    so a caller can spill them without holding the whole sequence."""
+    spec = workload.spec
+    L, J, K = spec.num_moe_layers, spec.num_experts, spec.top_k
+    for req in workload.requests:
+        pre, *dec = _request_steps(req.routing.topk_ids, req.prompt_len, J)
+        yield pre, np.bincount(pre // J, minlength=L)
+        if dec:
+            yield dec[0], np.full(dec[0].size // K, K, dtype=np.int64)
+
+
 def sequential_schedule(workload: Workload) -> list[list[tuple[int, slice]]]:
     """Every iteration of every request, one request at a time, in workload order."""
     return [
@@ -123,14 +136,9 @@ def demand_sequence(workload: Workload, schedule: Schedule | None = None) -> Dem
     chunks: list[np.ndarray] = []
     sizes: list[np.ndarray] = []
     if schedule is None:  # fast path: prefill unique per layer, decode rows as they are
-        K = spec.top_k
-        for req in reqs:
-            pre, *dec = _request_steps(req.routing.topk_ids, req.prompt_len, J)
-            chunks.append(pre)
-            sizes.append(np.bincount(pre // J, minlength=L))
-            if dec:
-                chunks.append(dec[0])
-                sizes.append(np.full(dec[0].size // K, K, dtype=np.int64))
+        for keys, counts in request_demands(workload):
+            chunks.append(keys)
+            sizes.append(counts)
     else:
         off = (np.arange(L, dtype=np.int64) * J)[None, :, None]
         for it in schedule:

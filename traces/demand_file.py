@@ -1,5 +1,5 @@
-"""A demand sequence spilled to a temporary folder, so that a run's bounds (sim/bounds.py)
-take memory independent of its length.
+"""A demand sequence spilled to temporary files, so that a run's bounds (sim/bounds.py)
+and miss-ratio curves (traces/mrc.py) take memory independent of its length.
 
 The layer steps of a :class:`traces.demand.DemandSequence` are appended in pieces (one
 request or one iteration at a time) and written in chunks of whole steps:
@@ -15,17 +15,18 @@ request or one iteration at a time) and written in chunks of whole steps:
 The chunk table (a few numbers per chunk of ``CHUNK_DEMANDS`` demands) and the per-key
 table are all that stay in memory; :meth:`DemandFile.chunks` reads the chunks back in
 order, one at a time, with plain reads (not a memory map, whose touched pages would count
-in the process's resident memory). The folder is deleted by :meth:`DemandFile.close` (or
-on leaving the ``with`` block), also when the run fails.
+in the process's resident memory).
+
+The three files are anonymous (:func:`tempfile.TemporaryFile`: on Linux unlinked from
+the start, ``O_TMPFILE``), so nothing is left behind however the process ends, a SIGKILL
+included; :meth:`DemandFile.close` (or leaving the ``with`` block) frees them at once.
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -88,9 +89,10 @@ class DemandFile:
         self.num_keys = num_keys
         self.dtype = key_dtype(num_keys)
         self.chunk_demands = max(1, chunk_demands)
-        self.dir = Path(tempfile.mkdtemp(prefix="fmoe-demands-", dir=folder))
-        self._keys = open(self.dir / "keys.bin", "wb")  # noqa: SIM115 (closed in finish/close)
-        self._steps = open(self.dir / "steps.bin", "wb")  # noqa: SIM115
+        self._keys, self._steps, self._next = (
+            tempfile.TemporaryFile(prefix=f"fmoe-demands-{name}-", dir=folder)  # noqa: SIM115
+            for name in ("keys", "steps", "next")
+        )  # closed in close()
         self._buf_keys: list[np.ndarray] = []
         self._buf_sizes: list[np.ndarray] = []
         self._buffered = 0
@@ -129,55 +131,56 @@ class DemandFile:
         from traces.cachesim_jit import _next_chunk
 
         self._flush()
-        self._keys.close()
-        self._steps.close()
+        self._keys.flush()
+        self._steps.flush()
         n = self.num_demands
         self.next_dtype = np.dtype(np.uint32 if n < _U32_NEVER else np.int64)
         never_out = _U32_NEVER if self.next_dtype == np.uint32 else NEVER
         last = np.full(self.num_keys, NEVER, np.int64)
         isz = self.next_dtype.itemsize
-        with open(self.dir / "keys.bin", "rb") as fk, open(self.dir / "next.bin", "wb") as fn:
-            fn.truncate(n * isz)
-            for ch in reversed(self.table):
-                fk.seek(ch.demand0 * self.dtype.itemsize)
-                keys = np.fromfile(fk, self.dtype, ch.demands)
-                out = np.empty(ch.demands, self.next_dtype)
-                _next_chunk(keys.astype(np.int64), ch.demand0, last, out, never_out)
-                fn.seek(ch.demand0 * isz)
-                out.tofile(fn)
+        fn = self._next
+        fn.truncate(n * isz)
+        for ch in reversed(self.table):
+            keys = _read(self._keys, self.dtype, ch.demand0, ch.demands)
+            out = np.empty(ch.demands, self.next_dtype)
+            _next_chunk(keys.astype(np.int64), ch.demand0, last, out, never_out)
+            fn.seek(ch.demand0 * isz)
+            out.tofile(fn)
+        fn.flush()
         self.first = last
 
     # -- reading ----------------------------------------------------------------------
     def chunks(self) -> Iterator[ChunkData]:
-        """The chunks in order, one at a time (after :meth:`finish`)."""
+        """The chunks in order, one at a time (after :meth:`finish`). Each read seeks
+        first, so several passes may interleave."""
         if self.next_dtype is None:
             raise RuntimeError("DemandFile.chunks before finish")
-        with (
-            open(self.dir / "keys.bin", "rb") as fk,
-            open(self.dir / "steps.bin", "rb") as fs,
-            open(self.dir / "next.bin", "rb") as fn,
-        ):
-            for ch in self.table:
-                keys = np.fromfile(fk, self.dtype, ch.demands).astype(np.int64)
-                start = np.zeros(ch.steps + 1, np.int64)
-                np.cumsum(np.fromfile(fs, self.dtype, ch.steps), out=start[1:])
-                raw = np.fromfile(fn, self.next_dtype, ch.demands)
-                nxt = raw.astype(np.int64)
-                if self.next_dtype == np.uint32:
-                    nxt[raw == _U32_NEVER] = NEVER
-                yield ChunkData(ch, keys, start, nxt)
+        for ch in self.table:
+            keys = _read(self._keys, self.dtype, ch.demand0, ch.demands).astype(np.int64)
+            start = np.zeros(ch.steps + 1, np.int64)
+            np.cumsum(_read(self._steps, self.dtype, ch.step0, ch.steps), out=start[1:])
+            raw = _read(self._next, self.next_dtype, ch.demand0, ch.demands)
+            nxt = raw.astype(np.int64)
+            if self.next_dtype == np.uint32:
+                nxt[raw == _U32_NEVER] = NEVER
+            yield ChunkData(ch, keys, start, nxt)
 
     def close(self) -> None:
-        """Delete the folder (idempotent)."""
-        for fh in (self._keys, self._steps):
+        """Free the files (idempotent)."""
+        for fh in (self._keys, self._steps, self._next):
             fh.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> DemandFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read(fh, dtype: np.dtype, first: int, count: int) -> np.ndarray:
+    """``count`` items of ``dtype`` from item ``first`` of the open file ``fh``."""
+    fh.seek(first * dtype.itemsize)
+    return np.fromfile(fh, dtype, count)
 
 
 def check_disk(max_demands: int, max_steps: int, num_keys: int, folder: str | None) -> None:

@@ -10,6 +10,13 @@ The demand sequence is the trace run one request at a time in file order (batch 
 
 For each scope, LRU (recency stack), LFU (run-wide use counts, ties by recency) and MIN
 (Belady's OPT stack; the fewest misses of any eviction choice at every size).
+
+:func:`miss_ratio_curves` never holds the whole sequence: it spills the requests' demands
+to anonymous temporary files (:class:`traces.demand_file.DemandFile`, whose backward pass
+gives MIN its next uses) and runs every stack pass in one read of the chunks
+(:func:`traces.cachesim_stream.stack_histograms`), so its memory is the stacks and one
+chunk, whatever the trace's length. :func:`global_curves` and :func:`per_layer_curves`
+are the same curves from a sequence in memory (the tests compare both).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import numpy as np
 
 from specs.jsonio import atomic_output, save_png
 from traces.cachesim import hits_by_capacity
-from traces.demand import DemandSequence, demand_sequence, next_use
+from traces.demand import DemandSequence, next_use, request_demands
 from traces.types import Workload
 
 POLICIES = ("lru", "lfu", "min")
@@ -68,15 +75,34 @@ def per_layer_curves(seq: DemandSequence, num_layers: int, top_k: int) -> list[C
     ]
 
 
-def miss_ratio_curves(workload: Workload, scopes: tuple[str, ...] = SCOPES) -> list[Curve]:
-    """Every curve of ``scopes`` for ``workload`` (see the module doc)."""
+def miss_ratio_curves(
+    workload: Workload,
+    scopes: tuple[str, ...] = SCOPES,
+    folder: str | None = None,
+    chunk_demands: int | None = None,
+) -> list[Curve]:
+    """Every curve of ``scopes`` for ``workload`` (see the module doc), out of core:
+    ``folder`` holds the temporary files (default ``TMPDIR``); ``chunk_demands``: demands
+    per chunk read back (default :data:`traces.demand_file.CHUNK_DEMANDS`)."""
+    from traces.cachesim_stream import stack_histograms
+    from traces.demand_file import CHUNK_DEMANDS, DemandFile
+
     spec = workload.spec
-    seq = demand_sequence(workload)
+    L, J, K = spec.num_moe_layers, spec.num_experts, spec.top_k
+    runs = [(scope, p) for scope in SCOPES if scope in scopes for p in POLICIES]
+    group = {"global": L * J, "per-layer": J}  # keys sharing one cache: all, or a layer's
+    with DemandFile(L * J, folder, chunk_demands or CHUNK_DEMANDS) as dfile:
+        for keys, sizes in request_demands(workload):
+            dfile.append(keys, sizes)
+        dfile.finish()
+        hists = stack_histograms(dfile, [(p, group[scope]) for scope, p in runs])
+        demands = dfile.num_demands
     out: list[Curve] = []
-    if "global" in scopes:
-        out += global_curves(seq, spec.top_k)
-    if "per-layer" in scopes:
-        out += per_layer_curves(seq, spec.num_moe_layers, spec.top_k)
+    for (scope, policy), hist in zip(runs, hists, strict=True):
+        hits = np.cumsum(hist)
+        slots = np.arange(K, group[scope] + 1)  # per cache; per-layer: each layer's k
+        total = slots if scope == "global" else slots * L
+        out.append(Curve(scope, policy, total, hits[slots], demands))
     return out
 
 
