@@ -78,11 +78,13 @@ def test_a_lookahead_never_right_orders_what_false_orders(layers, experts, top_k
 def test_a_lookahead_always_right_is_ordered_at_its_measured_precision():
     """Rows that name the next layer's choice: after the cell's excess hits pass the
     boundary (not at the first picks) ``auto`` orders layer g+1's pick at gate g with
-    priority (hits + K/J) / (picks + 1), all hits here."""
+    priority (hits + K/J) / (picks + 1), all hits here (no map forecast of layer 2: the
+    semantic search predicts layers 0-1 only, so the cell's pooled precision is used)."""
     L, J, K = 4, 6, 1
     spec = small_spec(layers=L, experts=J, top_k=K, hidden=3)
     rng = np.random.default_rng(0)
-    auto, off = _bound(spec, lookahead="auto"), _bound(spec, lookahead=False)
+    auto = _bound(spec, lookahead="auto", prediction="sem+delta")
+    off = _bound(spec, lookahead=False, prediction="sem+delta")
     first_on = None
     for it in range(60):
         choices = rng.integers(0, J, size=(L, 1))
@@ -179,3 +181,27 @@ def test_wants_lookahead_follows_the_option():
     assert FmoePolicy(lookahead="true").wants_lookahead
     assert not FmoePolicy(lookahead="false").wants_lookahead
     assert FmoePolicy().options.lookahead == "auto"
+
+
+def test_a_pick_the_map_also_names_gets_its_parts_measured_precision():
+    """With a map forecast of the next layer, a pick's p is the measured precision of
+    its part (named by the map's top-K or not), one pseudo-observation at the cell's."""
+    L, J, K = 3, 6, 2
+    spec = small_spec(layers=L, experts=J, top_k=K, hidden=3)
+    pol = _bound(spec, lookahead="auto", admission="all")
+    pol.on_iteration_start(IterationStart(0, ("r",), np.zeros(1, int), np.zeros(1, bool)))
+    pol.decide_prefetch()
+    pol._la_on[2] = [True, True]
+    pol._la_p[2] = [0.5, 0.4]
+    pol._la_cat_n[:, 2] = [[10, 10], [30, 4]]  # [differs, agrees] x rank
+    pol._la_cat_h[:, 2] = [[2, 3], [27, 3]]
+    pol._pred[2] = [0.0, 0.6, 0.3, 0.1, 0.0, 0.0]  # the map's top-2: experts 1, 2
+    pol._fc_it[2] = pol._cur_it
+    pol._lookahead_measured_orders(pol._it, 2, np.array([[1, 4]]))  # 1 agrees, 4 differs
+    got = {(o.layer, o.expert): o.priority for o in pol.decide_prefetch().enqueue}
+    assert got == {(2, 1): (27 + 0.5) / 31, (2, 4): (3 + 0.4) / 11}
+    pol._fc_it[2] = -1  # no forecast of layer 2 this iteration: the cells' precisions
+    pol._it.issued.clear()
+    pol._lookahead_measured_orders(pol._it, 2, np.array([[1, 4]]))
+    got = {(o.layer, o.expert): o.priority for o in pol.decide_prefetch().enqueue}
+    assert got == {(2, 1): 0.5, (2, 4): 0.4}
