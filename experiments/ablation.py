@@ -1,5 +1,6 @@
-"""The paper's ablations: prediction (Speculate < hit count < Map(T) < Map(T+S) < Map(T+S+delta))
-and caching (LRU < LFU < fMoE)."""
+"""The paper's ablations: prediction (Speculate < hit count < Map(T) < Map(T+S) < Map(T+S+delta)),
+caching (LRU < LFU < fMoE), prefetch admission, and lookahead (never / where measured right /
+always)."""
 
 from experiments._common import line_study
 from sim.paper import study_ablation

@@ -9,10 +9,12 @@ gap fMoE closes. Writes the markdown table between the markers
 ``<!-- fmoe-table:begin -->`` and ``<!-- fmoe-table:end -->`` of the docs page (atomic).
 
     python experiments/fmoe_table.py --num-requests 30 --out experiments_out \\
-        [--baselines lru,mixtral-offloading,...] [--fmoe-opt K=V] [--from-csv] [--docs docs/fmoe.md]
+        [--baselines lru,mixtral-offloading,...] [--fmoe-opt K=V] [--synth K=V] [--from-csv] [--docs docs/fmoe.md]
 
 ``--from-csv`` reuses ``OUT/fmoe.csv`` and ``OUT/baselines.csv`` from an earlier run
-(the baselines do not change when fMoE does).
+(the baselines do not change when fMoE does); ``--from-csv fmoe`` reuses only the
+baselines and runs fMoE again. ``--synth K=V`` overrides a SynthConfig field of the
+workload (V as JSON, e.g. ``--synth num_kinds=null``), for judging on other workloads.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.fmoe_vs_baselines import HARDWARE, MODELS, SHARES, _job  # noqa: E402
+from experiments.fmoe_vs_baselines import HARDWARE, MODELS, SHARES, _job, parse_synth  # noqa: E402
 from specs.jsonio import atomic_output  # noqa: E402
 
 BASELINES = ["lru", "lfu", "deepspeed", "mixtral-offloading", "promoe", "moe-infinity"]
@@ -46,10 +49,17 @@ SHORT = {
 
 
 def run(
-    policies: list[str], fmoe_opts: dict[str, str], n: int, seed: int, workers: int
+    policies: list[str],
+    fmoe_opts: dict[str, str],
+    n: int,
+    seed: int,
+    workers: int,
+    synth: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
+    """One row per (model, hardware, cache share, policy), on the synthetic workload
+    with ``synth`` overrides."""
     jobs = [
-        (m, h, s, pol, n, seed, fmoe_opts)
+        (m, h, s, pol, n, seed, fmoe_opts, synth or {})
         for m in MODELS
         for h in HARDWARE
         for s in SHARES
@@ -118,20 +128,32 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baselines", default=",".join(BASELINES))
     p.add_argument("--fmoe-opt", action="append", default=[], metavar="K=V")
-    p.add_argument("--from-csv", action="store_true", help="reuse OUT/fmoe.csv, OUT/baselines.csv")
+    p.add_argument(
+        "--from-csv",
+        nargs="?",
+        const="all",
+        choices=["all", "fmoe"],
+        help="reuse OUT/fmoe.csv and OUT/baselines.csv (all), or only the baselines (fmoe: "
+        "run fMoE again)",
+    )
+    p.add_argument("--synth", action="append", default=[], metavar="K=V", help="workload override")
     p.add_argument("--docs", default=None, help="write the table into this page (markers)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from sim.paper import save_csv
 
-    if a.from_csv:
-        fmoe, base = pd.read_csv(out / "fmoe.csv"), pd.read_csv(out / "baselines.csv")
+    synth = parse_synth(a.synth)
+    opts = dict(kv.split("=", 1) for kv in a.fmoe_opt)
+    if a.from_csv == "all":
+        fmoe = pd.read_csv(out / "fmoe.csv")
     else:
-        opts = dict(kv.split("=", 1) for kv in a.fmoe_opt)
-        fmoe = run(["fmoe"], opts, a.num_requests, a.seed, a.workers)
+        fmoe = run(["fmoe"], opts, a.num_requests, a.seed, a.workers, synth)
         save_csv(fmoe, out / "fmoe.csv")
-        base = run(a.baselines.split(","), {}, a.num_requests, a.seed, a.workers)
+    if a.from_csv:
+        base = pd.read_csv(out / "baselines.csv")
+    else:
+        base = run(a.baselines.split(","), {}, a.num_requests, a.seed, a.workers, synth)
         save_csv(base, out / "baselines.csv")
     body = table(fmoe, base)
     print(body)

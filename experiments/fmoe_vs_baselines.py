@@ -49,7 +49,24 @@ KEEP = [
 ]
 
 
-def _job(args: tuple[str, str, float, str, int, int, dict[str, str]]) -> dict[str, Any]:
+def parse_synth(pairs: list[str]) -> dict[str, Any]:
+    """``K=V`` synthetic-generator overrides (SynthConfig fields); each V is read as JSON
+    (numbers, ``null``, lists), else kept as a string."""
+    import json
+
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def _job(args: tuple[Any, ...]) -> dict[str, Any]:
+    """One run: (model, hardware, cache share, policy, requests, seed, fmoe options[,
+    synth overrides]) -> one CSV row."""
     from sim.config import SimConfig
     from sim.run import simulate
     from sim.sweep import single_thread_blas
@@ -58,9 +75,10 @@ def _job(args: tuple[str, str, float, str, int, int, dict[str, str]]) -> dict[st
     from traces.synth import SynthConfig, generate
 
     single_thread_blas()
-    model, hw, share, policy, n, seed, fmoe_opts = args
+    model, hw, share, policy, n, seed, fmoe_opts = args[:7]
+    synth = args[7] if len(args) > 7 else {}
     spec = load_model(model)
-    workload = generate(spec, SynthConfig(num_requests=n, seed=seed))
+    workload = generate(spec, SynthConfig(num_requests=n, seed=seed, **synth))
     cache = max(spec.top_k, round(share * spec.num_moe_layers * spec.num_experts))
     cfg = SimConfig(
         model=spec,

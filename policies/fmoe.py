@@ -44,6 +44,7 @@ from policies.expert_map_store import ExpertMapStore
 from policies.fmoe_deadline import FmoeDeadline
 from policies.fmoe_eviction import CAL_BINS, TRAJECTORY, FmoeEviction
 from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_ROWS re-exported
+from policies.fmoe_lookahead import FmoeLookahead
 from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
@@ -104,11 +105,13 @@ class FmoeOptions(PolicyOptions):
         description="count each running request's expert choices: the eviction's learned "
         "chance is by (request frequency, age) instead of age alone (False: the ablation)",
     )
-    lookahead: bool = Field(
-        default=False,
-        description="also order layer l+1's top-K of the lookahead row (the next layer's "
-        "gate on layer l's hidden state, Mixtral-Offloading's speculation) at gate l, when "
-        "the trace or executor supplies it; not the paper's fMoE (docs/fmoe.md)",
+    lookahead: bool | Literal["auto"] = Field(
+        default="auto",
+        description="auto: measure online how often each layer's lookahead rows (the next "
+        "layer's gate on this layer's hidden state, Mixtral-Offloading's speculation) name "
+        "the next layer's experts, and order their top-K at gate l for layer l+1 only where "
+        "they beat chance, at their measured precision (docs/fmoe.md); true: always, at the "
+        "row's probability; false: never (the paper's fMoE)",
     )
     embed_dim: int | None = Field(
         default=None,
@@ -122,7 +125,9 @@ class FmoeOptions(PolicyOptions):
 
 
 @register_policy
-class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Policy):
+class FmoePolicy(
+    FmoeFit, FmoeSearch, FmoeOrders, FmoeLookahead, FmoeDeadline, FmoeEviction, Policy
+):
     """fMoE: expert map store, semantic + trajectory search, similarity-aware prefetch,
     prediction-weighted eviction."""
 
@@ -135,11 +140,14 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
     async_search = True
     precomputes_from_gates = True
     options: FmoeOptions
+    wants_lookahead = True  # the default (lookahead="auto") reads them
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         # the real executor computes lookahead rows only for a policy that asks
-        self.wants_lookahead = self.options.lookahead  # type: ignore[misc]
+        self._la_mode: bool | str = self.options.lookahead
+        self.wants_lookahead = self._la_mode is not False  # type: ignore[misc]
+        self._look_q: dict[ExpertKey, float] = {}  # lookahead chances (fmoe_lookahead)
         if (
             "admission" not in self.options.model_fields_set
             and type(self).decide_prefetch is not FmoePolicy.decide_prefetch
@@ -254,6 +262,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             self._pred = [[spec.top_k / J] * J for _ in range(L)]
             self._freq = [[0] * J for _ in range(L)]
             self._setup_usage(L, J, spec.top_k)
+            self._setup_lookahead(L, J, spec.top_k)
         self.spec = spec
         self._top_k = spec.top_k
 
@@ -286,6 +295,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             orders_reranked=s["orders_reranked"],
             orders_cancelled_stale=s["orders_cancelled_stale"],
             lookahead_gates=s["lookahead_gates"],
+            **self.lookahead_metadata(),
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,
             store_writes=0 if self.store is None else self.store.version,
@@ -350,7 +360,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
                 # one row of top-K ids: distinct, as np.unique would list them
                 self._deadline_gate(g, ev.topk_ids[0].tolist(), ev.now)
             self._planned_decode_gate(ev, it, plan, g)
-            self._lookahead_orders(ev, g)
+            self._lookahead_gate(ev, g)
             if self._view is not None:
                 self._admit(g)
             return
@@ -365,34 +375,9 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
                 self._deadline_gate(g, np.unique(ev.topk_ids).tolist(), ev.now)
             self._observe_choice(g, ev.topk_ids)
         self._on_gate_search(ev)
-        self._lookahead_orders(ev, g)
+        self._lookahead_gate(ev, g)
         if self._view is not None:
             self._admit(g)
-
-    def _lookahead_orders(self, ev: GateOutput, g: int) -> None:
-        """With ``lookahead``: order each row's top-K of layer g+1's lookahead row at
-        priority p (one layer ahead), merged over rows; no-op without lookahead rows."""
-        la = ev.lookahead
-        it = self._it
-        if not self.options.lookahead or la is None or it is None or self.spec is None:
-            return
-        nxt = g + 1
-        L, J = self.spec.num_moe_layers, self.spec.num_experts
-        if nxt >= L or it.iteration != ev.iteration:
-            return
-        rows = np.asarray(la, dtype=np.float64)
-        if rows.ndim != 2 or rows.shape[1] != J:
-            raise InputError(
-                f"policy 'fmoe': lookahead rows of layer {g} have shape {rows.shape}, "
-                f"expected (B, {J})"
-            )
-        k = min(self.spec.top_k, J)
-        prio: dict[int, float] = {}
-        for row in rows:
-            for j in np.argsort(-row, kind="stable")[:k].tolist():
-                prio[j] = max(prio.get(j, 0.0), float(row[j]))
-        self._stats["lookahead_gates"] += 1
-        self._order(it, nxt, sorted(prio, key=lambda j: (-prio[j], j)), prio)
 
     def _planned_decode_gate(
         self, ev: GateOutput, it: _IterState, plan: _SearchPlan, g: int

@@ -159,7 +159,9 @@ class FmoeDeadline:
         cell). A prompt of hundreds of rows demands almost every expert of a layer; one
         row's chance would count most of its copies as likely unused."""
         q = self._candidate_chance(layer, j)
-        return q if self._rows <= 1 else 1.0 - (1.0 - q) ** self._rows
+        q = q if self._rows <= 1 else 1.0 - (1.0 - q) ** self._rows
+        look = self._look_q.get((layer, j))  # lookahead picks' measured chance (over rows)
+        return look if look is not None and look > q else q
 
     def _cancel_if_queued(self, key: ExpertKey) -> None:
         if self._cache_of and key not in self._cache_of[key[0]][key[1]].entries:

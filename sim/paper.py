@@ -42,6 +42,7 @@ from sim.paper_setup import (
 )
 from sim.paper_studies import (
     ABLATION_CACHING,
+    ABLATION_LOOKAHEAD,
     ABLATION_PREDICTION,
     ABLATION_PREFETCH,
     STUDY_POLICIES,
@@ -56,6 +57,7 @@ from sim.paper_studies import (
 
 __all__ = [
     "ABLATION_CACHING",
+    "ABLATION_LOOKAHEAD",
     "ABLATION_PREDICTION",
     "ABLATION_PREFETCH",
     "BASELINES",

@@ -107,16 +107,23 @@ ABLATION_PREFETCH = {
     "every selection (paper)": ("fmoe", {"admission": "all"}),
     "deadline-aware": ("fmoe", {"admission": "deadline"}),
 }
+ABLATION_LOOKAHEAD = {
+    "no lookahead (paper)": ("fmoe", {"lookahead": "false"}),
+    "lookahead where measured right (auto)": ("fmoe", {"lookahead": "auto"}),
+    "lookahead always": ("fmoe", {"lookahead": "true"}),
+}
 
 
 def study_ablation(setup: PaperSetup) -> pd.DataFrame:
-    """The paper's prediction and caching ablations and the prefetch admission's, each
-    part changing one thing of the full policy; ``part`` tells them apart."""
+    """The paper's prediction and caching ablations, the prefetch admission's and the
+    lookahead's (Mixtral-Offloading's next-layer rows: never, where measured right, always),
+    each part changing one thing of the full policy; ``part`` tells them apart."""
     workloads = workloads_for(setup)
     parts = (
         ("prediction", ABLATION_PREDICTION),
         ("caching", ABLATION_CACHING),
         ("prefetch", ABLATION_PREFETCH),
+        ("lookahead", ABLATION_LOOKAHEAD),
     )
     frames = [
         run_variants(setup, variants, workloads=workloads).assign(part=part)

@@ -451,7 +451,7 @@ def _gate_la(pol: Policy, layer: int, probs: np.ndarray, look: np.ndarray | None
 
 def test_lookahead_option_orders_the_next_layers_speculated_top_k():
     look = np.array([[0.1, 0.2, 0.6, 0.1]], np.float32)  # speculates expert 2 for layer 1
-    off, _ = _policy()
+    off, _ = _policy(lookahead=False)
     on, _ = _policy(lookahead=True)
     assert on.wants_lookahead and not off.wants_lookahead
     for pol in (off, on):

@@ -1,0 +1,248 @@
+"""fMoE's measured use of lookahead rows, as a mixin of :class:`policies.fmoe.FmoePolicy`.
+
+A lookahead row is layer l+1's gate applied to layer l's hidden state (Mixtral-Offloading's
+one-layer speculation; the trace or the real executor supplies it). How often its top-K
+names the experts layer l+1 then chooses depends on the model, and no real trace here
+measures it, so ``lookahead="auto"`` (the default) measures it while it runs and uses it
+only as far as it is right:
+
+- at gate l, each row's top-K of its lookahead row are the *picks* for layer l+1, one per
+  rank r (1st, 2nd, ... most probable);
+- at gate l+1 each pick is scored against the experts its row chose there, per cell
+  (layer l+1, rank r): picks n, hits h, and the hits a guess independent of the token
+  would score, e = sum of each picked expert's chance of being chosen at that layer so
+  far (its running choice frequency, one pseudo-observation at K/J: the uninformed rate,
+  as in the eviction's table);
+- a cell is *on* while its excess hits S = h - e cross an anytime-valid boundary: for
+  picks that carry nothing about the route, S is a sum of martingale differences in an
+  interval of length 1 (sub-Gaussian, variance proxy V = n / 4), and Robbins' normal
+  mixture bound keeps every such sum below sqrt((V + RHO) ln((V + RHO) / (RHO a^2)))
+  at every n at once with chance at least 1 - a (Howard et al. 2021, "Time-uniform,
+  nonparametric, nonasymptotic confidence sequences"). a = ``ALPHA`` / (number of cells),
+  so with chance at least 1 - ``ALPHA`` no noise cell of a run is ever on, however long
+  it runs and however often it is checked (a fixed z-score, checked at every gate, would
+  cross sooner or later: one early hit of a 7% pick is a 3.7-sigma excess);
+- the picks of cells that are on are ordered for layer l+1 with p = (h + K/J) / (n + 1),
+  the cell's measured precision, through the policy's usual path (priority p / 1,
+  deadline admission, protection until the layer has run), and the deadline admission's
+  chance of use for them is at least that p (over an iteration's rows, 1 - the product
+  of the picking rows' 1 - p).
+
+Rows that carry nothing about the next layer (noise) score chance: their cells stay off
+and the policy orders exactly what ``lookahead=false`` orders. ``ALPHA = 0.01``: one run
+in a hundred may use a noise cell; ``RHO = 1/4``, one pick's variance proxy, puts the
+boundary's tightest point at the first picks, where a useful cell should turn on (a
+cell right 73% of the time against 10% chance turns on after about 20 picks).
+
+The map forecast's precision is measured alike (its top-K for a layer forecast in this
+iteration against the chosen experts, one-row iterations; ``map_topk_precision``), and
+the two forecasts are combined by measurement, not by a formula: in one-row iterations
+whose next layer the map forecast, each cell's picks are split by whether the map's
+top-K also names them, and a pick's p is its part's measured precision (one
+pseudo-observation at the cell's). Neither formula fits: the forecasts share
+information (the same token's route), so 1 - (1 - p_map)(1 - p_look) would count it
+twice, while the larger of the two ignores that agreement is evidence (on the bundled
+Qwen1.5-MoE workload the lookahead is right 73% of the time, the map's top-K 45%, and
+the lookahead's picks the map also names 88%). Where both select an expert its
+candidate keeps the larger of the two p's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from specs.errors import InputError
+
+# chance that any noise cell of a run is ever on; the mixture's scale (module doc)
+ALPHA = 0.01
+RHO = 0.25
+
+
+def mixture_boundary(n: np.ndarray, log_a2: float) -> np.ndarray:
+    """Robbins' normal-mixture boundary for sums of n martingale differences in an
+    interval of length 1 (variance proxy n / 4, scale RHO): with chance at least 1 - a
+    (``log_a2`` = ln a^2) no such sum is above it at any n."""
+    v = np.asarray(n, dtype=np.float64) / 4.0 + RHO
+    return np.sqrt(v * (np.log(v / RHO) - log_a2))
+
+
+class FmoeLookahead:
+    """Online precision of lookahead rows and of the map forecast; orders of cells that
+    are measured right (``lookahead="auto"``)."""
+
+    def _setup_lookahead(self, L: int, J: int, K: int) -> None:
+        """Empty measurements for L layers, J experts, top-K."""
+        k = min(K, J)
+        self._la_k = k
+        self._la_base = K / J
+        # per (layer, rank): picks, hits, chance hits
+        self._la_n = np.zeros((L, k))
+        self._la_h = np.zeros((L, k))
+        self._la_e = np.zeros((L, k))
+        self._la_log_a2 = 2.0 * math.log(ALPHA / (L * k))  # ln a^2 per cell
+        self._la_on = [[False] * k for _ in range(L)]
+        self._la_p = [[self._la_base] * k for _ in range(L)]
+        # the choice frequency per layer: times chosen per expert, rows seen
+        self._la_chosen = np.zeros((L, J))
+        self._la_rows = np.zeros(L)
+        # the picks for the next layer: (iteration, layer, [B, k] expert ids)
+        self._la_picks: tuple[int, int, np.ndarray] | None = None
+        # the map forecast's top-K precision per layer: picks, hits
+        self._map_n = np.zeros(L)
+        self._map_h = np.zeros(L)
+        # picks of one-row iterations whose layer had a map forecast, per [the map's
+        # top-K names it (1) or not (0)]: picks, hits per (layer, rank)
+        self._la_cat_n = np.zeros((2, L, k))
+        self._la_cat_h = np.zeros((2, L, k))
+        self._look_q: dict[tuple[int, int], float] = {}  # this gate's lookahead chances
+
+    # -- measurement ------------------------------------------------------------------------
+    def _lookahead_score(self, g: int, ids: np.ndarray, iteration: int) -> None:
+        """Layer g's gate chose ``ids`` [B, K]: score the picks made for it at gate g-1
+        (same iteration and rows) and the map forecast, then count the choice."""
+        ids = np.asarray(ids).reshape(len(ids), -1)
+        B = len(ids)
+        picks = self._la_picks
+        hit = None
+        if picks is not None and picks[0] == iteration and picks[1] == g and len(picks[2]) == B:
+            pk = picks[2]  # [B, k]
+            f = (self._la_chosen[g] + self._la_base) / (self._la_rows[g] + 1.0)
+            e = f[pk]  # [B, k] chance of each pick
+            hit = (pk[:, :, None] == ids[:, None, :]).any(axis=2)
+            self._la_n[g] += B
+            self._la_h[g] += hit.sum(axis=0)
+            self._la_e[g] += e.sum(axis=0)
+            n, h, ec = self._la_n[g], self._la_h[g], self._la_e[g]
+            self._la_on[g] = [bool(x) for x in (h - ec > mixture_boundary(n, self._la_log_a2))]
+            self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
+        self._la_picks = None
+        if B == 1 and self._fc_it[g] == self._cur_it:  # a map forecast made for this layer
+            row = self._pred[g]
+            k = self._la_k
+            top = sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+            chosen = set(ids[0].tolist())
+            self._map_n[g] += k
+            self._map_h[g] += sum(j in chosen for j in top)
+            if hit is not None:  # split by whether the map's top-K also names the pick
+                agree = np.isin(picks[2][0], top).astype(np.int64)
+                ranks = np.arange(len(agree))
+                self._la_cat_n[agree, g, ranks] += 1.0
+                self._la_cat_h[agree, g, ranks] += hit[0]
+        np.add.at(self._la_chosen[g], ids.reshape(-1), 1.0)
+        self._la_rows[g] += B
+
+    def _lookahead_picks(self, g: int, rows: np.ndarray, iteration: int) -> np.ndarray:
+        """Each row's top-k of its lookahead row for layer g+1 ([B, k], best first; ties
+        to the lower id), kept to be scored at gate g+1."""
+        k = self._la_k
+        pk = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        self._la_picks = (iteration, g + 1, pk)
+        return pk
+
+    # -- orders -----------------------------------------------------------------------------
+    def _lookahead_measured_orders(self, it: Any, nxt: int, pk: np.ndarray) -> None:
+        """Order the picks of layer ``nxt``'s cells that are on at their measured p (the
+        largest over rows); each is protected until its layer has run."""
+        on, pv = self._la_on[nxt], self._la_p[nxt]
+        if not any(on):
+            return
+        top: set[int] | None = None
+        if len(pk) == 1 and self._fc_it[nxt] == self._cur_it:  # the map forecast layer nxt
+            row = self._pred[nxt]
+            top = set(sorted(range(len(row)), key=lambda j: (-row[j], j))[: self._la_k])
+            cn, ch = self._la_cat_n[:, nxt], self._la_cat_h[:, nxt]
+        prio: dict[int, float] = {}  # the largest p over rows (its ranking, as the maps')
+        miss: dict[int, float] = {}  # no row that picked it chooses it (rows independent)
+        for row in pk.tolist():
+            for r, j in enumerate(row):
+                if on[r]:
+                    p = pv[r]
+                    if top is not None:  # its category's precision, shrunk toward the cell's
+                        c = int(j in top)
+                        p = (ch[c, r] + p) / (cn[c, r] + 1.0)
+                    if p > prio.get(j, -1.0):
+                        prio[j] = p
+                    miss[j] = miss.get(j, 1.0) * (1.0 - p)
+        self._stats["lookahead_orders"] += len(prio)
+        deadline = self._view is not None
+        cache_of = self._cache_of
+        look_q = self._look_q
+        for j in sorted(prio, key=lambda j: (-prio[j], j)):
+            key = (nxt, j)
+            p = prio[j]
+            self._prot_mv[key] = True  # FmoeEviction._protect, as _order does
+            self._etnu_mv[key] = -0.0
+            if (cache_of and key in cache_of[nxt][j].entries) or self._no_prefetch:
+                continue
+            if deadline:
+                # a candidate at the larger of its p's; its chance of use at least the
+                # picks' (FmoeDeadline._iteration_chance)
+                look_q[key] = 1.0 - miss[j]
+                self._candidate(nxt, j, p)
+                it.issued.add(key)
+            elif key not in it.issued:
+                it.issued.add(key)
+                self.prefetch(nxt, j, p)
+                self._orders_issued += 1
+
+    def _lookahead_gate(self, ev: Any, g: int) -> None:
+        """At gate g (after the map's orders): score the picks for g, make the picks for
+        g+1 from the lookahead rows and order them per ``lookahead`` (false: none; true:
+        every row's top-K at its row probability; auto: the cells measured right)."""
+        mode = self._la_mode
+        if mode is False or self.spec is None:
+            return
+        self._look_q = {}
+        self._lookahead_score(g, ev.topk_ids, ev.iteration)
+        la = ev.lookahead
+        it = self._it
+        L, J = self.spec.num_moe_layers, self.spec.num_experts
+        if la is None or it is None or g + 1 >= L or it.iteration != ev.iteration:
+            return
+        rows = np.asarray(la, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != J:
+            raise InputError(
+                f"policy 'fmoe': lookahead rows of layer {g} have shape {rows.shape}, "
+                f"expected (B, {J})"
+            )
+        pk = self._lookahead_picks(g, rows, ev.iteration)
+        self._stats["lookahead_gates"] += 1
+        if mode is True:
+            prio: dict[int, float] = {}
+            for b, row in enumerate(pk.tolist()):
+                for j in row:
+                    prio[j] = max(prio.get(j, 0.0), float(rows[b, j]))
+            self._order(it, g + 1, sorted(prio, key=lambda j: (-prio[j], j)), prio)
+        else:
+            self._lookahead_measured_orders(it, g + 1, pk)
+
+    def lookahead_metadata(self) -> dict[str, Any]:
+        """What the measurements say: picks scored, the lookahead's and the map's top-K
+        precision (pooled over layers), the chance precision, cells on."""
+        if not hasattr(self, "_la_n"):
+            return {"lookahead": self._la_mode}
+        n, h, e = float(self._la_n.sum()), float(self._la_h.sum()), float(self._la_e.sum())
+        mn, mh = float(self._map_n.sum()), float(self._map_h.sum())
+        cells = sum(len(r) for r in self._la_on)
+
+        def ratio(a: float, b: float) -> float | None:
+            return a / b if b > 0 else None
+
+        return {
+            "lookahead": {True: "true", False: "false"}.get(self._la_mode, "auto"),
+            "lookahead_picks_scored": int(n),
+            "lookahead_precision": ratio(h, n),
+            "lookahead_chance_precision": ratio(e, n),
+            "lookahead_cells_on": f"{sum(map(sum, self._la_on))}/{cells}",
+            "map_topk_precision": ratio(mh, mn),
+            "lookahead_precision_where_map_agrees": ratio(
+                float(self._la_cat_h[1].sum()), float(self._la_cat_n[1].sum())
+            ),
+            "lookahead_precision_where_map_differs": ratio(
+                float(self._la_cat_h[0].sum()), float(self._la_cat_n[0].sum())
+            ),
+            "lookahead_orders": self._stats["lookahead_orders"],
+        }
