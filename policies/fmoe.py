@@ -183,6 +183,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._planned_rows = [0, 0, 0]
         self._top_k = 0
         self._scores_fast = False  # eviction_scores' inlined fmoe path (set at bind)
+        self._eager_table = True  # gates recompute the eviction table (set at bind)
 
     @property
     def use_semantic(self) -> bool:
@@ -410,10 +411,11 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         target = g + self.distance
         if target >= len(self._pred) or not self.use_trajectory:
             target = -1
-        # FmoeEviction._observe_choice then _forecast(target) in one kernel call, which
-        # also brings the expected times up to date once this iteration's chance table
-        # exists (else they wait for the first score, which makes it)
-        eager = self._chance_it == self._cur_it
+        # FmoeEviction._observe_choice then _forecast(target) in one kernel call, which on
+        # a small [L, J] table also brings the expected times up to date once this
+        # iteration's chance table exists (a large one waits for a reader: the caches'
+        # victim choice computes its candidates' own, FmoeEviction.victim_index)
+        eager = self._eager_table and self._chance_it == self._cur_it
         ids = ev.topk_ids
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
         if not self._jit.gate_step(

@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from policies.cache import CacheEntry
+from policies.cache_victims import with_victim_index
 from specs.errors import InputError
 
 _TIE_EPS = 1e-9  # recency tie-break weight, far below any meaningful score gap
@@ -48,6 +49,9 @@ SEMANTIC, TRAJECTORY = 0, 1  # forecast sources
 AGE_BUCKETS = 16  # ages 1, 2, 3-4, 5-8, ... (doubling), the last also "never chosen"
 PROTECTED_E = 0.0  # expected time of a protected expert: below every real estimate (>= 1)
 _NEVER = -(1 << 40)  # last iteration of an expert never chosen
+# [L, J] tables up to this size are recomputed at every gate (a few microseconds);
+# larger ones (fine-grained models: DeepSeek-V3 has 58 x 256) only when read
+EAGER_TABLE_MAX = 4096
 
 
 def forecast_rows(p: np.ndarray, source: int) -> np.ndarray:
@@ -109,6 +113,9 @@ class FmoeEviction:
         self._etnu = np.zeros((L, J))
         self._etnu_mv = memoryview(self._etnu)
         self._etnu_dirty = True
+        # whether each gate recomputes the whole table (cheap while it is small, and then
+        # the caches score their few candidates from it) or leaves it to its readers
+        self._eager_table = L * J <= EAGER_TABLE_MAX
         self._chance_it = -1
         self._scores_fast = self.options.eviction == "fmoe"
 
@@ -230,12 +237,28 @@ class FmoeEviction:
         ``lru`` last use (ties: least recent first)."""
         return self._scores([entry])[0]
 
+    @with_victim_index
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
         if self._scores_fast:  # _scores_etnu, inlined: this runs for every victim choice
             tab = self._etnu_table() if self._etnu_dirty else self._etnu_mv
             tie = _TIE_EPS / (abs(self._now) + 1.0)
             return [tab[e.key] + tie * e.last_used for e in entries]
         return self._scores(entries)
+
+    def victim_index(
+        self, layers: np.ndarray, experts: np.ndarray, last_used: np.ndarray, n: int
+    ) -> int:
+        """The cache's victim among candidates 0..n-1 (policies.cache_victims): the one
+        :meth:`eviction_scores` ranks first, from the ``fmoe`` score computed in one kernel
+        for the candidates only (no [L, J] table); -1 (score them as usual) for the other
+        scores or before bind."""
+        if not self._scores_fast:
+            return -1
+        self._chance()  # what _etnu_table does first (a no-op once this iteration's exists)
+        return self._jit.victim(
+            self._ist, self._fl, self._prot, self._g, self._cur_it, layers, experts,
+            last_used, n, _TIE_EPS / (abs(self._now) + 1.0),
+        )  # fmt: skip
 
     def _tie(self, entry: CacheEntry) -> float:
         return _TIE_EPS * entry.last_used / (abs(self._now) + 1.0)

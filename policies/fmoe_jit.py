@@ -344,3 +344,43 @@ def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN
                 picks[r, c] = j
                 c += 1
         counts[r] = c
+
+
+@njit(cache=True)
+def victim(ist, fl, prot, g, it, layers, experts, last_used, n, tie):  # noqa: ANN001, ANN201 - numba
+    """The eviction victim among candidates 0..n-1 (``layers``, ``experts``,
+    ``last_used``): the lowest score ``etnu + tie * last_used``, ties to the lowest
+    (layer, expert) key, where etnu is :func:`expected_next_use`'s value of that expert
+    at gate ``g`` of iteration ``it``, computed here for the candidates only with the same
+    operations (``wait0`` inlined: the same product). -1 when n is 0; -2 when a score is
+    NaN (the caller then scores in Python, whose min treats NaN its own way)."""
+    L = ist.shape[1]
+    best = -1
+    bs = 0.0
+    bl = 0
+    bj = 0
+    for i in range(n):
+        lay = layers[i]
+        j = experts[i]
+        if prot[lay, j]:
+            e = -0.0
+        else:
+            age = it - ist[0, lay, j]
+            freq = ist[3, lay, j]
+            nxt = float(L - g + lay)
+            if lay > g:
+                row = ist[1, lay, j] if ist[2, lay, 0] == it else freq
+                p_now = fl[2, row, age_bucket1(age)]
+                wait = nxt + L * (1.0 / fl[2, freq, age_bucket1(age + 1)] - 1.0)
+                e = -(p_now * (lay - g) + (1.0 - p_now) * wait)
+            else:
+                e = -(nxt + L * (1.0 / fl[2, freq, age_bucket1(max(age, 0) + 1)] - 1.0))
+        s = e + tie * last_used[i]
+        if s != s:
+            return -2
+        if best < 0 or s < bs or (s == bs and (lay < bl or (lay == bl and j < bj))):
+            best = i
+            bs = s
+            bl = lay
+            bj = j
+    return best
