@@ -327,7 +327,7 @@ class ExpertCache:
         if arr is None or arr.src is not cands or arr.n != len(cands):
             # first use, or the dict was replaced or changed outside these methods
             arr = self._arr = CandidateArrays(cands)
-        i = self._scorer_vix(arr.layers, arr.experts, arr.last_used, arr.n)  # type: ignore[misc]
+        i = self._scorer_vix(arr)  # type: ignore[misc]
         return arr.entries[i] if i >= 0 else None
 
     def _least_recent(self) -> CacheEntry | None:

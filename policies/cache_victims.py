@@ -19,18 +19,18 @@ import numpy as np
 
 ExpertKey = tuple[int, int]
 
-# victim_index(layers, experts, last_used, n) -> index of the victim among the first n
-# slots, or a negative number: no answer (the cache then scores the entries as usual)
-VictimIndex = Callable[[np.ndarray, np.ndarray, np.ndarray, int], int]
+# victim_index(arrays) -> the victim's slot among arrays' first n, or a negative number:
+# no answer (the cache then scores the entries as usual)
+VictimIndex = Callable[["CandidateArrays"], int]
 
 _S = TypeVar("_S")
 
 
 def with_victim_index(scores: _S) -> _S:
     """Mark a policy's batch scorer *method* as having a companion
-    ``victim_index(layers, experts, last_used, n)`` on the same object, which names the
-    entry the scorer's scores would (lowest score, ties to the lowest key), or answers
-    negative to let the cache score as usual. Usable on a method; a subclass overriding
+    ``victim_index(arrays)`` (a :class:`CandidateArrays`) on the same object, which names
+    the slot of the entry the scorer's scores would (lowest score, ties to the lowest
+    key), or answers negative to let the cache score as usual. Usable on a method; a subclass overriding
     the scorer loses the mark (and so the shortcut)."""
     scores.victim_index = True  # type: ignore[attr-defined]
     return scores
@@ -46,8 +46,11 @@ def victim_index_of(scores: Any) -> VictimIndex | None:
 
 class CandidateArrays:
     """Slots 0..n-1 hold the candidates' layers, experts, ``last_used`` and entries (any
-    order: victims are chosen by score and key, never by slot). ``src`` is the candidate
-    dict it mirrors (a cache that replaces its dict gets a new mirror)."""
+    order: victims are chosen by score and key, never by slot); ``slot`` maps a key to its
+    slot. ``src`` is the candidate dict it mirrors (a cache that replaces its dict gets a
+    new mirror). ``puts`` counts the candidates added or refreshed: while it stands, the
+    set has only lost members and every member's ``last_used`` is unchanged (a scorer may
+    keep a ranking of them that long)."""
 
     def __init__(self, src: dict[ExpertKey, Any]) -> None:
         self.src = src
@@ -58,6 +61,7 @@ class CandidateArrays:
         self._views()
         self.entries: list[Any] = []
         self.slot: dict[ExpertKey, int] = {}
+        self.puts = 0
         for key, e in src.items():
             self.put(key, e)
 
@@ -84,6 +88,7 @@ class CandidateArrays:
 
     def put(self, key: ExpertKey, e: Any) -> None:
         """``key`` is (still) a candidate with entry ``e`` (its last_used refreshed)."""
+        self.puts += 1
         i = self.slot.get(key)
         if i is None:
             i = len(self.entries)

@@ -184,6 +184,8 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._top_k = 0
         self._scores_fast = False  # eviction_scores' inlined fmoe path (set at bind)
         self._eager_table = True  # gates recompute the eviction table (set at bind)
+        self._ev = 0  # eviction state version (FmoeEviction.victim_index)
+        self._vmemo: list | None = None  # victim_index's ranking while _ev stands
 
     @property
     def use_semantic(self) -> bool:
@@ -308,6 +310,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
         self._cur_it += 1
         self._g = -1
         self._etnu_dirty = True
+        self._ev += 1
         if self._pred:
             self._batch_requests(tuple(ev.request_ids) if self.options.request_frequency else ())
         if self._view is not None:
@@ -359,6 +362,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             if it is None or it.iteration != ev.iteration:  # no iteration start seen
                 self._cur_it += 1
                 self._g = -1
+                self._ev += 1
                 self._batch_requests(())  # rows of unknown requests
                 if self._view is not None:
                     self._deadline_iteration_start(len(ev.topk_ids))
@@ -425,6 +429,7 @@ class FmoePolicy(FmoeFit, FmoeSearch, FmoeOrders, FmoeDeadline, FmoeEviction, Po
             self._bad_ids(g)
         self._g = g
         self._etnu_dirty = not eager
+        self._ev += 1
         if target < 0:
             return
         rows[2] += 1

@@ -94,6 +94,8 @@ class FmoeOrders:
         issued, cache_of = it.issued, self._cache_of
         # protect (see FmoeEviction._protect, inlined: this runs for every selected expert)
         protect = layer > self._g
+        if protect:
+            self._ev += 1  # protections change eviction scores (victim_index's ranking)
         prot, etnu = self._prot_mv, self._etnu_mv
         deadline = self._view is not None
         ahead = float(layer - self._g)

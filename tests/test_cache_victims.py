@@ -28,13 +28,14 @@ class _Scorer:
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
         return [self._score(e.key, e.last_used) for e in entries]
 
-    def victim_index(self, layers, experts, last_used, n) -> int:  # noqa: ANN001
+    def victim_index(self, arr: CandidateArrays) -> int:
         self.calls += 1
         if not self.answer:
             return -1
+        n = arr.n
         sc = [
             (self._score((int(a), int(b)), float(c)), int(a), int(b))
-            for a, b, c in zip(layers[:n], experts[:n], last_used[:n], strict=True)
+            for a, b, c in zip(arr.layers[:n], arr.experts[:n], arr.last_used[:n], strict=True)
         ]
         return sc.index(min(sc))
 
