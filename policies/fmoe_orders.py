@@ -98,6 +98,8 @@ class FmoeOrders:
             self._ev += 1  # protections change eviction scores (victim_index's ranking)
         prot, etnu = self._prot_mv, self._etnu_mv
         deadline = self._view is not None
+        # this hook's deadline candidates (FmoeDeadline._candidate, inlined)
+        cands = self._dl_cands if deadline else None
         ahead = float(layer - self._g)
         orders = 0
         for j in experts:
@@ -111,8 +113,10 @@ class FmoeOrders:
             issued.add(key)
             if self._no_prefetch:
                 continue
-            if deadline:
-                self._candidate(layer, j, prio[j] * ahead)
+            if cands is not None:
+                p = prio[j] * ahead
+                if p > cands.get(key, -1.0):
+                    cands[key] = p
                 continue
             self.prefetch(layer, j, prio[j])
             orders += 1
