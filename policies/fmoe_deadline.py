@@ -195,7 +195,10 @@ class FmoeDeadline:
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
-        ranked = sorted(cands.items(), key=lambda kv: (-kv[1] / (kv[0][0] - g), kv[0]))
+        if len(cands) == 1:  # the common case on coarse models: nothing to sort
+            ranked = list(cands.items())
+        else:
+            ranked = sorted(cands.items(), key=lambda kv: (-kv[1] / (kv[0][0] - g), kv[0]))
         view = self._view
         assert view is not None
         committed = [-1.0] * self._n_dev  # link seconds ahead of the next order (lazy)
@@ -266,13 +269,15 @@ class FmoeDeadline:
         if not (stale or late_no or none_done or late_yes or issued):
             return
         st = self._stats
-        for name, n in (
-            ("orders_cancelled_stale", stale),
-            ("orders_rejected_late", late_no),
-            ("orders_queued_none_done", none_done),
-            ("orders_admitted_late", late_yes),
-            ("orders_issued", issued),
-            ("orders_reranked", reranked),
-        ):
-            if n:
-                st[name] += n
+        if stale:
+            st["orders_cancelled_stale"] += stale
+        if late_no:
+            st["orders_rejected_late"] += late_no
+        if none_done:
+            st["orders_queued_none_done"] += none_done
+        if late_yes:
+            st["orders_admitted_late"] += late_yes
+        if issued:
+            st["orders_issued"] += issued
+        if reranked:
+            st["orders_reranked"] += reranked
