@@ -84,6 +84,7 @@ HOOKS = (
     "decide_prefetch",
     "eviction_score",
     "eviction_scores",
+    "victim_index",  # a scorer's compiled victim choice (policies.cache_victims)
 )
 
 
@@ -105,7 +106,11 @@ def timed_policy(name: str) -> Policy:
 
         return timed
 
-    own = {h: wrap(h) for h in HOOKS if getattr(base, h) is not getattr(Policy, h)}
+    own = {
+        h: wrap(h)
+        for h in HOOKS
+        if getattr(base, h, None) is not None and getattr(base, h) is not getattr(Policy, h, None)
+    }
     pol = type(f"Timed{base.__name__}", (base,), own)()
     pol.spent = spent  # type: ignore[attr-defined]
     return pol

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
+from policies.cache_victims import CandidateArrays, VictimIndex, victim_index_of
 from specs.errors import InputError
 
 ExpertKey = tuple[int, int]  # (layer, expert)
@@ -95,6 +96,11 @@ class CacheCounters:
     def add(self, other: CacheCounters) -> CacheCounters:
         return CacheCounters(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
 
+
+# candidates from which a scorer's compiled victim choice (victim_index) is used: below,
+# scoring the few entries in Python costs less than the kernel call (about a microsecond
+# of dispatch) and the arrays' upkeep; either way the same victim
+VICTIM_INDEX_MIN = 32
 
 EvictionScore = Callable[[CacheEntry], float]
 EvictionScores = Callable[[list[CacheEntry]], list[float]]
@@ -202,6 +208,10 @@ class ExpertCache:
     # a caught exception: look it up once per scorer, not per load)
     _scorer: EvictionScores | None = field(default=None, init=False, repr=False, compare=False)
     _scorer_recent: bool = field(default=False, init=False, repr=False, compare=False)
+    # a scorer's compiled victim choice (policies.cache_victims), and the candidates as
+    # arrays for it: built at its first use, then kept in step with _cands (None: not kept)
+    _scorer_vix: VictimIndex | None = field(default=None, init=False, repr=False, compare=False)
+    _arr: CandidateArrays | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -282,17 +292,23 @@ class ExpertCache:
         if scores is not self._scorer:
             self._scorer = scores
             self._scorer_recent = getattr(scores, "by_recency", False)
+            self._scorer_vix = victim_index_of(scores)
         if self._scorer_recent and self._in_order:
             return self._least_recent()
         resident = _RESIDENT
         cands = self._cands
         if cands:  # the unprotected candidates: the victim is among them
-            group = list(cands.values())
-            e = group[0] if len(group) == 1 else _lowest(group, scores(group))
+            e = None
+            if self._scorer_vix is not None and len(cands) >= VICTIM_INDEX_MIN:
+                e = self._victim_by_index(cands)
+            if e is None:
+                group = list(cands.values())
+                e = group[0] if len(group) == 1 else _lowest(group, scores(group))
             if e.state is resident and not e.pins and not e.protected:
                 return e
             # an entry changed outside the cache's methods (a test setting a flag): the
             # set is rebuilt from the entries and the choice made again
+            self._arr = None
             self._cands = {
                 k: e
                 for k, e in self.entries.items()
@@ -304,6 +320,15 @@ class ExpertCache:
         if not group:
             return None
         return group[0] if len(group) == 1 else _lowest(group, scores(group))
+
+    def _victim_by_index(self, cands: dict[ExpertKey, CacheEntry]) -> CacheEntry | None:
+        """The scorer's compiled choice among ``cands`` (None: it gave no answer)."""
+        arr = self._arr
+        if arr is None or arr.src is not cands or arr.n != len(cands):
+            # first use, or the dict was replaced or changed outside these methods
+            arr = self._arr = CandidateArrays(cands)
+        i = self._scorer_vix(arr)  # type: ignore[misc]
+        return arr.entries[i] if i >= 0 else None
 
     def _least_recent(self) -> CacheEntry | None:
         """:meth:`_victim` for a by_recency scorer, entries in recency order: the first
@@ -400,6 +425,8 @@ class ExpertCache:
         self._n_loading -= 1
         if not e.pins and not e.protected:
             self._cands[key] = e
+            if self._arr is not None:
+                self._arr.put(key, e)
 
     def cancel_load(self, key: ExpertKey) -> None:
         """Abort an in-flight load: LOADING -> ABSENT; the bytes already counted stay counted."""
@@ -430,6 +457,8 @@ class ExpertCache:
         del self.entries[e.key]
         del self._recency[e.key]
         self._cands.pop(e.key, None)
+        if self._arr is not None:
+            self._arr.drop(e.key)
         if e.protected:
             self._protected.discard(e.key)
         c = self.counters
@@ -448,6 +477,8 @@ class ExpertCache:
                 )
             e = CacheEntry(key, _RESIDENT, loaded_at=now, last_used=now)
             self.entries[key] = self._recency[key] = self._cands[key] = e
+            if self._arr is not None:
+                self._arr.put(key, e)
             self._touched(now)
 
     # -- compute ----------------------------------------------------------------------
@@ -480,6 +511,8 @@ class ExpertCache:
                 c.prefetches_late += 1
         if not e.pins and state is _RESIDENT:
             self._cands.pop(key, None)
+            if self._arr is not None:
+                self._arr.drop(key)
         e.pins += 1
         return state
 
@@ -512,6 +545,8 @@ class ExpertCache:
             raise CacheError(f"pin of {key}: not cached")
         if not e.pins:
             self._cands.pop(key, None)
+            if self._arr is not None:
+                self._arr.drop(key)
         e.pins += 1
 
     def unpin(self, key: ExpertKey) -> None:
@@ -521,6 +556,8 @@ class ExpertCache:
         e.pins -= 1
         if not e.pins and e.state is _RESIDENT and not e.protected:
             self._cands[key] = e
+            if self._arr is not None:
+                self._arr.put(key, e)
 
     def use(self, key: ExpertKey, now: float, unpin: bool = False) -> None:
         """Compute used ``key`` (must be RESIDENT): update recency and frequency, lift
@@ -547,6 +584,8 @@ class ExpertCache:
             self._protected.discard(key)
         if not e.pins:
             self._cands[key] = e
+            if self._arr is not None:
+                self._arr.put(key, e)
 
     def unprotect_layer(self, layer: int) -> None:
         """A layer has passed: its predicted-but-unused prefetches lose their protection."""
@@ -557,3 +596,5 @@ class ExpertCache:
             protected.discard(key)
             if not e.pins and e.state is _RESIDENT:
                 self._cands[key] = e
+                if self._arr is not None:
+                    self._arr.put(key, e)

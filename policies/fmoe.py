@@ -191,6 +191,9 @@ class FmoePolicy(
         self._planned_rows = [0, 0, 0]
         self._top_k = 0
         self._scores_fast = False  # eviction_scores' inlined fmoe path (set at bind)
+        self._eager_table = True  # gates recompute the eviction table (set at bind)
+        self._ev = 0  # eviction state version (FmoeEviction.victim_index)
+        self._vmemo: list | None = None  # victim_index's ranking while _ev stands
 
     @property
     def use_semantic(self) -> bool:
@@ -317,6 +320,7 @@ class FmoePolicy(
         self._cur_it += 1
         self._g = -1
         self._etnu_dirty = True
+        self._ev += 1
         if self._pred:
             self._batch_requests(tuple(ev.request_ids) if self.options.request_frequency else ())
         if self._view is not None:
@@ -368,6 +372,7 @@ class FmoePolicy(
             if it is None or it.iteration != ev.iteration:  # no iteration start seen
                 self._cur_it += 1
                 self._g = -1
+                self._ev += 1
                 self._batch_requests(())  # rows of unknown requests
                 if self._view is not None:
                     self._deadline_iteration_start(len(ev.topk_ids))
@@ -395,10 +400,11 @@ class FmoePolicy(
         target = g + self.distance
         if target >= len(self._pred) or not self.use_trajectory:
             target = -1
-        # FmoeEviction._observe_choice then _forecast(target) in one kernel call, which
-        # also brings the expected times up to date once this iteration's chance table
-        # exists (else they wait for the first score, which makes it)
-        eager = self._chance_it == self._cur_it
+        # FmoeEviction._observe_choice then _forecast(target) in one kernel call, which on
+        # a small [L, J] table also brings the expected times up to date once this
+        # iteration's chance table exists (a large one waits for a reader: the caches'
+        # victim choice computes its candidates' own, FmoeEviction.victim_index)
+        eager = self._eager_table and self._chance_it == self._cur_it
         ids = ev.topk_ids
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
         if not self._jit.gate_step(
@@ -408,6 +414,7 @@ class FmoePolicy(
             self._bad_ids(g)
         self._g = g
         self._etnu_dirty = not eager
+        self._ev += 1
         if target < 0:
             return
         rows[2] += 1

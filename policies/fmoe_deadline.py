@@ -39,6 +39,9 @@ from collections.abc import Sequence
 
 from policies.base import ExecutorView, PolicyContext
 from policies.cache import ExpertKey
+from policies.fmoe_eviction import AGE_BUCKETS
+
+_LAST_BUCKET = AGE_BUCKETS - 1
 
 
 class FmoeDeadline:
@@ -170,8 +173,10 @@ class FmoeDeadline:
     def _admit(self, g: int) -> None:
         """Rank every candidate not started by p / (l - g) and send those whose copy is
         worth its link time (module doc); cancel the rest not started."""
-        cache_of, dev_of = self._cache_of, self._dev_of
         old = self._pending
+        if not old and not self._dl_cands:
+            return  # nothing to rank (what the general path below ends with)
+        cache_of, dev_of = self._cache_of, self._dev_of
         cands: dict[ExpertKey, float] = {}
         stale = 0
         for key, p in old.items():
@@ -192,7 +197,10 @@ class FmoeDeadline:
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
-        ranked = sorted(cands.items(), key=lambda kv: (-kv[1] / (kv[0][0] - g), kv[0]))
+        if len(cands) == 1:  # the common case on coarse models: nothing to sort
+            ranked = list(cands.items())
+        else:
+            ranked = sorted(cands.items(), key=lambda kv: (-kv[1] / (kv[0][0] - g), kv[0]))
         view = self._view
         assert view is not None
         committed = [-1.0] * self._n_dev  # link seconds ahead of the next order (lazy)
@@ -200,6 +208,12 @@ class FmoeDeadline:
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
         late_no = late_yes = issued = reranked = none_done = 0  # counted here, added to _stats once
+        # for the late copies' chances and rho, inlined (_iteration_chance, _rho): the
+        # chance table is fetched at the first late copy, where _candidate_chance made it
+        tab = None
+        it, ist, rows = self._cur_it, self._ist, self._rows
+        interval, demand_s = self._interval, self._demand_s
+        no_rho = not interval or interval <= 0
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
@@ -217,8 +231,18 @@ class FmoeDeadline:
                 # late: if used (chance q) it saves the part done; if not, the rest of
                 # the copy runs after its layer, delaying demand loads by their share
                 # of the link's time (rho). Worth it only when the saving is larger.
-                q = self._iteration_chance(layer, j)
-                rho = self._rho(dev)
+                # q = self._iteration_chance(layer, j), inlined
+                if tab is None:
+                    tab = self._chance()
+                age = it - ist.item(0, layer, j)
+                row = (
+                    ist.item(1, layer, j) if ist.item(2, layer, 0) == it else ist.item(3, layer, j)
+                )
+                b = 0 if age <= 1 else min((age - 1).bit_length(), _LAST_BUCKET)
+                q = tab.item(row, b)
+                if rows > 1:
+                    q = 1.0 - (1.0 - q) ** rows
+                rho = 0.0 if no_rho else min(demand_s[dev] / interval, 1.0)  # self._rho(dev)
                 if done <= 0 and q * min(avail[dev], copy_s) > (1.0 - q) * copy_s * rho:
                     # forecast to start only after its layer has run: then the link drops
                     # it (a stale order) and it costs nothing, so it is queued without
@@ -244,14 +268,18 @@ class FmoeDeadline:
             issued += 1
             reranked += was
         self._pending = pending
+        if not (stale or late_no or none_done or late_yes or issued):
+            return
         st = self._stats
-        for name, n in (
-            ("orders_cancelled_stale", stale),
-            ("orders_rejected_late", late_no),
-            ("orders_queued_none_done", none_done),
-            ("orders_admitted_late", late_yes),
-            ("orders_issued", issued),
-            ("orders_reranked", reranked),
-        ):
-            if n:
-                st[name] += n
+        if stale:
+            st["orders_cancelled_stale"] += stale
+        if late_no:
+            st["orders_rejected_late"] += late_no
+        if none_done:
+            st["orders_queued_none_done"] += none_done
+        if late_yes:
+            st["orders_admitted_late"] += late_yes
+        if issued:
+            st["orders_issued"] += issued
+        if reranked:
+            st["orders_reranked"] += reranked

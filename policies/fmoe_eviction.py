@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from policies.cache import CacheEntry
+from policies.cache_victims import CandidateArrays, with_victim_index
 from specs.errors import InputError
 
 _TIE_EPS = 1e-9  # recency tie-break weight, far below any meaningful score gap
@@ -48,6 +49,11 @@ SEMANTIC, TRAJECTORY = 0, 1  # forecast sources
 AGE_BUCKETS = 16  # ages 1, 2, 3-4, 5-8, ... (doubling), the last also "never chosen"
 PROTECTED_E = 0.0  # expected time of a protected expert: below every real estimate (>= 1)
 _NEVER = -(1 << 40)  # last iteration of an expert never chosen
+# victims victim_index ranks per kernel call (the next loads' victims, while nothing changes)
+VICTIM_RANKED = 8
+# [L, J] tables up to this size are recomputed at every gate (a few microseconds);
+# larger ones (fine-grained models: DeepSeek-V3 has 58 x 256) only when read
+EAGER_TABLE_MAX = 4096
 
 
 def forecast_rows(p: np.ndarray, source: int) -> np.ndarray:
@@ -109,6 +115,15 @@ class FmoeEviction:
         self._etnu = np.zeros((L, J))
         self._etnu_mv = memoryview(self._etnu)
         self._etnu_dirty = True
+        # the version of everything eviction scores read but the clock (ages, forecasts,
+        # bins, protections, the chance table, the gate): bumped wherever those change;
+        # victim_index keeps its ranking of the cache's candidates while it stands
+        self._ev = 0
+        self._vmemo = None
+        self._vbuf = np.empty(VICTIM_RANKED, np.int64)
+        # whether each gate recomputes the whole table (cheap while it is small, and then
+        # the caches score their few candidates from it) or leaves it to its readers
+        self._eager_table = L * J <= EAGER_TABLE_MAX
         self._chance_it = -1
         self._scores_fast = self.options.eviction == "fmoe"
 
@@ -117,6 +132,7 @@ class FmoeEviction:
         self._fc_it[layer] = self._cur_it
         self._fc_row[layer] = forecast_rows(np.asarray(self._pred[layer], dtype=float), source)
         self._etnu_dirty = True
+        self._ev += 1
 
     def _batch_requests(self, request_ids: tuple[str, ...]) -> None:
         """The iteration's rows belong to ``request_ids``: give each request a slot of
@@ -140,6 +156,7 @@ class FmoeEviction:
         self._slots = np.unique(self._row_slot) if len(self._row_slot) else self._no_slots
         self._jit.request_bins(self._ist, self._rc, self._rn, self._slots, self._base, CAL_BINS, -1)
         self._etnu_dirty = True
+        self._ev += 1
 
     def _request_finished(self, request_id: str) -> None:
         s = self._slot_of.pop(request_id, None)
@@ -162,6 +179,7 @@ class FmoeEviction:
             self._bad_ids(layer)
         self._g = layer
         self._etnu_dirty = True
+        self._ev += 1
 
     def _bad_ids(self, layer: int) -> None:
         J = self._last_it.shape[1]
@@ -172,6 +190,7 @@ class FmoeEviction:
         expected time becomes 0 in the current table too (what a recompute would give)."""
         self._prot_mv[key] = True
         self._etnu_mv[key] = -0.0
+        self._ev += 1
 
     # -- expected time to next use ----------------------------------------------------------
     def _chance(self) -> np.ndarray:
@@ -182,6 +201,7 @@ class FmoeEviction:
         if self._chance_it != self._cur_it:
             self._jit.decreasing_rows(self._fl, self._base, CAL_BINS)
             self._chance_it = self._cur_it
+            self._ev += 1
         return self._chance_tab
 
     def _etnu_table(self) -> memoryview:
@@ -230,12 +250,56 @@ class FmoeEviction:
         ``lru`` last use (ties: least recent first)."""
         return self._scores([entry])[0]
 
+    @with_victim_index
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
         if self._scores_fast:  # _scores_etnu, inlined: this runs for every victim choice
             tab = self._etnu_table() if self._etnu_dirty else self._etnu_mv
             tie = _TIE_EPS / (abs(self._now) + 1.0)
             return [tab[e.key] + tie * e.last_used for e in entries]
         return self._scores(entries)
+
+    def victim_index(self, arr: CandidateArrays) -> int:
+        """The cache's victim among its candidates ``arr`` (policies.cache_victims): the
+        slot :meth:`eviction_scores` ranks first, from the ``fmoe`` score computed in one
+        kernel for the candidates only (no [L, J] table); -1 (score them as usual) for
+        the other scores or before bind.
+
+        One kernel call ranks the best VICTIM_RANKED candidates; while the scores cannot
+        have changed (the same state version ``_ev`` and clock tie-break, the same
+        arrays that only lost members since: ``arr.puts``) the next call answers with the
+        first of them still a candidate, which is the lowest of what is left."""
+        if not self._scores_fast:
+            return -1
+        if self._chance_it != self._cur_it:
+            self._chance()  # what _etnu_table does first (once per iteration)
+        tie = _TIE_EPS / (abs(self._now) + 1.0)
+        memo = self._vmemo
+        if (
+            memo is not None
+            and memo[0] is arr
+            and memo[1] == arr.puts
+            and memo[2] == self._ev
+            and memo[3] == tie
+        ):
+            slot, keys, at = arr.slot, memo[4], memo[5]
+            while at < len(keys):
+                i = slot.get(keys[at])
+                if i is not None:
+                    memo[5] = at
+                    return i
+                at += 1
+        buf = self._vbuf
+        c = self._jit.victims(
+            self._ist, self._fl, self._prot, self._g, self._cur_it, arr.layers, arr.experts,
+            arr.last_used, arr.n, tie, buf,
+        )  # fmt: skip
+        if c <= 0:
+            self._vmemo = None
+            return -2 if c < 0 else -1
+        entries = arr.entries
+        ranked = buf[:c].tolist()
+        self._vmemo = [arr, arr.puts, self._ev, tie, [entries[i].key for i in ranked], 0]
+        return ranked[0]
 
     def _tie(self, entry: CacheEntry) -> float:
         return _TIE_EPS * entry.last_used / (abs(self._now) + 1.0)

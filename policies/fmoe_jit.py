@@ -302,6 +302,46 @@ def running_sums(cum_dots):  # noqa: ANN001, ANN201 - numba
 
 
 @njit(cache=True)
+def _select_partial(p, score, k, use_delta, used, out, counts, r):  # noqa: ANN001, ANN202 - numba
+    """:func:`select_rows` of one row without sorting all of it: the stable descending
+    order's i-th expert is the largest not yet taken (ties to the lower id), found only
+    for the i the rule reads (the selection stops at n; fine-grained rows of hundreds of
+    experts select a few). The same running sums in the same order, so the same picks.
+    False (nothing written) when the row holds a NaN, which orders differently."""
+    J = p.shape[0]
+    for q in range(J):
+        if p[q] != p[q]:
+            return False
+        used[q] = False
+    thr = min(1.0 - np.float64(score), 1.0) - 1e-6
+    cum = np.float32(0.0)
+    found = not use_delta
+    n = k  # without delta; with it, known once the running sum reaches thr
+    c = 0
+    i = 0
+    while i < J:
+        if found and i >= n:
+            break
+        m = -1
+        for q in range(J):
+            if not used[q] and (m < 0 or p[q] > p[m]):
+                m = q
+        used[m] = True
+        if not found:
+            cum += p[m]
+            if np.float64(cum) >= thr:
+                found = True
+                n = max(i + 1, k)
+        # before thr is reached, i < first + 1 <= n: every i is inside the selection
+        if i < k or p[m] > 0.0:
+            out[c] = m
+            c += 1
+        i += 1
+    counts[r] = c
+    return True
+
+
+@njit(cache=True)
 def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN201 - numba
     """:func:`policies.fmoe_select.select_rows` of ``rows`` float32 [R, J] with float32
     ``scores`` [R]: row r's selected experts, by descending probability (ties to the lower
@@ -316,8 +356,12 @@ def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN
     """
     R, J = rows.shape
     order = np.empty(J, np.int64)
+    used = np.empty(J, np.bool_)
     for r in range(R):
         p = rows[r]
+        if _select_partial(p, scores[r], k, use_delta, used, picks[r], counts, r):
+            continue
+        # a NaN in the row: the full sort below, whose comparisons place it as before
         # stable descending order: insertion sort, a later equal value stays behind
         for i in range(J):
             v = p[i]
@@ -344,3 +388,69 @@ def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN
                 picks[r, c] = j
                 c += 1
         counts[r] = c
+
+
+@njit(cache=True, inline="always")
+def _victim_score(ist, fl, prot, g, it, L, lay, j, lu, tie):  # noqa: ANN001, ANN202 - numba
+    """One candidate's eviction score: :func:`expected_next_use`'s value of (lay, j) at
+    gate ``g`` of iteration ``it`` (``wait0`` inlined: the same product) + tie * lu."""
+    if prot[lay, j]:
+        e = -0.0
+    else:
+        age = it - ist[0, lay, j]
+        freq = ist[3, lay, j]
+        nxt = float(L - g + lay)
+        if lay > g:
+            row = ist[1, lay, j] if ist[2, lay, 0] == it else freq
+            p_now = fl[2, row, age_bucket1(age)]
+            wait = nxt + L * (1.0 / fl[2, freq, age_bucket1(age + 1)] - 1.0)
+            e = -(p_now * (lay - g) + (1.0 - p_now) * wait)
+        else:
+            e = -(nxt + L * (1.0 / fl[2, freq, age_bucket1(max(age, 0) + 1)] - 1.0))
+    return e + tie * lu
+
+
+@njit(cache=True, inline="always")
+def _before(s, lay, j, s2, lay2, j2):  # noqa: ANN001, ANN202 - numba
+    """(s, lay, j) ranks before (s2, lay2, j2): lower score, ties to the lower key."""
+    return s < s2 or (s == s2 and (lay < lay2 or (lay == lay2 and j < j2)))
+
+
+@njit(cache=True)
+def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out):  # noqa: ANN001, ANN201 - numba
+    """The first ``len(out)`` eviction victims among candidates 0..n-1 (``layers``,
+    ``experts``, ``last_used``), in order: ascending score ``etnu + tie * last_used``,
+    ties to the lower (layer, expert) key, etnu being :func:`expected_next_use`'s value
+    at gate ``g`` of iteration ``it`` computed for the candidates only with the same
+    operations. Their slots go to ``out``; returns how many (min(n, len(out))), or -2
+    when a score is NaN (the caller then scores in Python, whose min treats NaN its own
+    way)."""
+    L = ist.shape[1]
+    m = out.shape[0]
+    bs = np.empty(m)
+    bl = np.empty(m, np.int64)
+    bj = np.empty(m, np.int64)
+    c = 0
+    for i in range(n):
+        lay = layers[i]
+        j = experts[i]
+        s = _victim_score(ist, fl, prot, g, it, L, lay, j, last_used[i], tie)
+        if s != s:
+            return -2
+        if c == m and not _before(s, lay, j, bs[m - 1], bl[m - 1], bj[m - 1]):
+            continue
+        # insert into the ranked buffer (the worst falls off a full one)
+        q = c if c < m else m - 1
+        while q > 0 and _before(s, lay, j, bs[q - 1], bl[q - 1], bj[q - 1]):
+            bs[q] = bs[q - 1]
+            bl[q] = bl[q - 1]
+            bj[q] = bj[q - 1]
+            out[q] = out[q - 1]
+            q -= 1
+        bs[q] = s
+        bl[q] = lay
+        bj[q] = j
+        out[q] = i
+        if c < m:
+            c += 1
+    return c

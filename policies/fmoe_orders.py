@@ -33,20 +33,28 @@ class FmoeOrders:
 
     def _row_orders(
         self, rows: np.ndarray, scores: np.ndarray, dist: np.ndarray
-    ) -> tuple[list[list[int]], list[list[float]]]:
+    ) -> tuple[list[list[int]], list[dict[int, float]]]:
         """:meth:`_issue_row`'s selection and priorities for R one-row predictions at once
         (its per-row Python costs more from a few rows on): rows [R, J] with their scores
         [R], ``dist`` [R, 1] the float64 layer distances (so p / dist is Python's float
-        division). Returns each row's selected experts, best first, and every expert's
-        priority."""
+        division). Returns each row's selected experts, best first, and their priorities
+        (expert -> p / dist: only the selected ones are ever ordered)."""
         assert self.spec is not None
         R, J = rows.shape
-        picks = np.empty((R, J), np.int64)
+        picks = np.zeros((R, J), np.int64)  # zeros: columns past a row's count stay valid ids
         counts = np.empty(R, np.int64)
         k = min(max(int(self.spec.top_k), 1), J)
         self._jit.select_rows(rows, scores, k, self.use_delta, picks, counts)
-        chosen = [row[:c] for row, c in zip(picks.tolist(), counts.tolist(), strict=True)]
-        return chosen, (rows / dist).tolist()
+        # only the selected columns leave numpy (all R x J of them cost more than the
+        # selection on fine-grained models); the same float64 quotients as rows / dist
+        w = int(counts.max()) if R else 0
+        top = picks[:, :w]
+        vals = (np.take_along_axis(rows, top, axis=1) / dist).tolist()
+        chosen, prio = [], []
+        for row, v, c in zip(top.tolist(), vals, counts.tolist(), strict=True):
+            chosen.append(row[:c])
+            prio.append(dict(zip(row[:c], v[:c], strict=True)))
+        return chosen, prio
 
     def _issue_row(
         self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
@@ -86,8 +94,12 @@ class FmoeOrders:
         issued, cache_of = it.issued, self._cache_of
         # protect (see FmoeEviction._protect, inlined: this runs for every selected expert)
         protect = layer > self._g
+        if protect:
+            self._ev += 1  # protections change eviction scores (victim_index's ranking)
         prot, etnu = self._prot_mv, self._etnu_mv
         deadline = self._view is not None
+        # this hook's deadline candidates (FmoeDeadline._candidate, inlined)
+        cands = self._dl_cands if deadline else None
         ahead = float(layer - self._g)
         orders = 0
         for j in experts:
@@ -101,8 +113,10 @@ class FmoeOrders:
             issued.add(key)
             if self._no_prefetch:
                 continue
-            if deadline:
-                self._candidate(layer, j, prio[j] * ahead)
+            if cands is not None:
+                p = prio[j] * ahead
+                if p > cands.get(key, -1.0):
+                    cands[key] = p
                 continue
             self.prefetch(layer, j, prio[j])
             orders += 1

@@ -44,6 +44,7 @@ class FmoeSearch:
         self._fc_it[: self.distance] = self._cur_it
         self._fc_row[: self.distance] = forecast_rows(top.astype(np.float64), SEMANTIC)
         self._etnu_dirty = True
+        self._ev += 1
         return pred, score
 
     def _need_store(self) -> ExpertMapStore:

@@ -36,8 +36,8 @@ class _SearchPlan:
     version: int
     next_layer: int = 0  # layers consumed in order so far
     # one decode row, per gate g: the map row predicted for layer g + d, the experts
-    # selected from it (best first) and every expert's priority p / d
-    targets: list[tuple[list[float], list[int], list[float]]] | None = None
+    # selected from it (best first) and their priorities p / d (expert -> priority)
+    targets: list[tuple[list[float], list[int], dict[int, float]]] | None = None
     # and the table rows of each predicted row's experts (eviction statistics) [L - d, J]
     fc_rows: np.ndarray | None = None
 

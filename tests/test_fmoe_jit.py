@@ -280,3 +280,40 @@ def test_running_sums_are_the_layer_by_layer_adds(seed: int, L: int, B: int, n: 
         prev = cur
     fmoe_jit.running_sums(cum_dots)
     assert np.array_equal(cum_dots, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    L=st.integers(1, 9),
+    J=st.integers(1, 12),
+    g=st.integers(-1, 8),
+    n=st.integers(0, 40),
+    now=st.sampled_from([0.0, 0.5, 1e3]),
+)
+def test_victims_are_the_table_scores_ranked_then_by_key(
+    seed: int, L: int, J: int, g: int, n: int, now: float
+) -> None:
+    """The kernel's victims are the entries eviction_scores ranks first, in order: lowest
+    ``table + tie * last_used`` from expected_next_use's table, ties to the lowest key
+    (last_used drawn from few values, so scores tie)."""
+    it = 400
+    g = min(g, L - 1)
+    ist, fl, prot = _state(seed, L, J, it)
+    fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
+    tab = np.empty((L, J))
+    fmoe_jit.expected_next_use(ist, fl, prot, tab, g, it, CAL_BINS)
+    rng = np.random.default_rng(seed + 11)
+    flat = rng.permutation(L * J)[: min(n, L * J)]
+    layers, experts = flat // J, flat % J
+    last_used = rng.choice([0.0, 1.0, 2.5], len(flat))
+    tie = 1e-9 / (abs(now) + 1.0)
+    out = np.empty(5, np.int64)
+    c = fmoe_jit.victims(ist, fl, prot, g, it, layers, experts, last_used, len(flat), tie, out)
+    assert c == min(len(flat), 5)
+    ranked = sorted(
+        (tab[lay, j] + tie * lu, lay, j)
+        for lay, j, lu in zip(layers.tolist(), experts.tolist(), last_used.tolist(), strict=True)
+    )
+    got = [(int(layers[i]), int(experts[i])) for i in out[:c]]
+    assert got == [(lay, j) for _, lay, j in ranked[:c]]
