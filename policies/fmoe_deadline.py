@@ -211,7 +211,7 @@ class FmoeDeadline:
         # for the late copies' chances and rho, inlined (_iteration_chance, _rho): the
         # chance table is fetched at the first late copy, where _candidate_chance made it
         tab = None
-        it, ist, rows = self._cur_it, self._ist, self._rows
+        it, ist, rows, look_q = self._cur_it, self._ist, self._rows, self._look_q
         interval, demand_s = self._interval, self._demand_s
         no_rho = not interval or interval <= 0
         for key, p in ranked:
@@ -242,6 +242,10 @@ class FmoeDeadline:
                 q = tab.item(row, b)
                 if rows > 1:
                     q = 1.0 - (1.0 - q) ** rows
+                if look_q:  # lookahead picks' measured chance, where larger
+                    look = look_q.get(key)
+                    if look is not None and look > q:
+                        q = look
                 rho = 0.0 if no_rho else min(demand_s[dev] / interval, 1.0)  # self._rho(dev)
                 if done <= 0 and q * min(avail[dev], copy_s) > (1.0 - q) * copy_s * rho:
                     # forecast to start only after its layer has run: then the link drops

@@ -173,8 +173,7 @@ class FmoeLookahead:
         for j in sorted(prio, key=lambda j: (-prio[j], j)):
             key = (nxt, j)
             p = prio[j]
-            self._prot_mv[key] = True  # FmoeEviction._protect, as _order does
-            self._etnu_mv[key] = -0.0
+            self._protect(key)  # as _order does (bumps the eviction state version)
             if (cache_of and key in cache_of[nxt][j].entries) or self._no_prefetch:
                 continue
             if deadline:
