@@ -10,6 +10,7 @@ gap fMoE closes. Writes the markdown table between the markers
 
     python experiments/fmoe_table.py --num-requests 30 --out experiments_out \\
         [--baselines lru,mixtral-offloading,...] [--fmoe-opt K=V] [--from-csv] [--docs docs/fmoe.md]
+        [--synth-defaults current|fmoe-era|original]
 
 ``--from-csv`` reuses ``OUT/fmoe.csv`` and ``OUT/baselines.csv`` from an earlier run
 (the baselines do not change when fMoE does).
@@ -46,10 +47,15 @@ SHORT = {
 
 
 def run(
-    policies: list[str], fmoe_opts: dict[str, str], n: int, seed: int, workers: int
+    policies: list[str],
+    fmoe_opts: dict[str, str],
+    n: int,
+    seed: int,
+    workers: int,
+    knobs: dict[str, object] | None = None,
 ) -> pd.DataFrame:
     jobs = [
-        (m, h, s, pol, n, seed, fmoe_opts)
+        (m, h, s, pol, n, seed, fmoe_opts, knobs or {})
         for m in MODELS
         for h in HARDWARE
         for s in SHARES
@@ -120,7 +126,16 @@ def main() -> None:
     p.add_argument("--fmoe-opt", action="append", default=[], metavar="K=V")
     p.add_argument("--from-csv", action="store_true", help="reuse OUT/fmoe.csv, OUT/baselines.csv")
     p.add_argument("--docs", default=None, help="write the table into this page (markers)")
+    p.add_argument(
+        "--synth-defaults",
+        default="current",
+        choices=["current", "fmoe-era", "original"],
+        help="the synthetic generator's defaults to draw with (docs/workloads.md)",
+    )
     a = p.parse_args()
+    from experiments.workload_stats import default_sets
+
+    knobs = default_sets()[a.synth_defaults]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from sim.paper import save_csv
@@ -129,9 +144,9 @@ def main() -> None:
         fmoe, base = pd.read_csv(out / "fmoe.csv"), pd.read_csv(out / "baselines.csv")
     else:
         opts = dict(kv.split("=", 1) for kv in a.fmoe_opt)
-        fmoe = run(["fmoe"], opts, a.num_requests, a.seed, a.workers)
+        fmoe = run(["fmoe"], opts, a.num_requests, a.seed, a.workers, knobs)
         save_csv(fmoe, out / "fmoe.csv")
-        base = run(a.baselines.split(","), {}, a.num_requests, a.seed, a.workers)
+        base = run(a.baselines.split(","), {}, a.num_requests, a.seed, a.workers, knobs)
         save_csv(base, out / "baselines.csv")
     body = table(fmoe, base)
     print(body)

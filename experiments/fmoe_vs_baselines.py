@@ -49,7 +49,7 @@ KEEP = [
 ]
 
 
-def _job(args: tuple[str, str, float, str, int, int, dict[str, str]]) -> dict[str, Any]:
+def _job(args: tuple[Any, ...]) -> dict[str, Any]:
     from sim.config import SimConfig
     from sim.run import simulate
     from sim.sweep import single_thread_blas
@@ -58,9 +58,10 @@ def _job(args: tuple[str, str, float, str, int, int, dict[str, str]]) -> dict[st
     from traces.synth import SynthConfig, generate
 
     single_thread_blas()
-    model, hw, share, policy, n, seed, fmoe_opts = args
+    model, hw, share, policy, n, seed, fmoe_opts, *rest = args
+    knobs = rest[0] if rest else {}  # synthetic knobs over the defaults (workload_stats sets)
     spec = load_model(model)
-    workload = generate(spec, SynthConfig(num_requests=n, seed=seed))
+    workload = generate(spec, SynthConfig(num_requests=n, seed=seed, **knobs))
     cache = max(spec.top_k, round(share * spec.num_moe_layers * spec.num_experts))
     cfg = SimConfig(
         model=spec,
