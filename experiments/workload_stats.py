@@ -2,6 +2,12 @@
 measured on real traces and on the synthetic generator's defaults, side by side.
 
     python experiments/workload_stats.py [--capture TRACE ...] [--out DIR]
+        [--defaults current|fmoe-era|original ...]
+
+The synthetic rows are drawn with the current defaults (fitted to measured routing by
+experiments/synth_defaults_fit.py), the fMoE-era defaults (chosen with policy results in
+view, kept to compare) and the generator's first defaults; docs/workloads.md has the
+history.
 
 Per workload (each figure a mean over MoE layers; "chance" is what independent uniform
 routing would give):
