@@ -124,7 +124,7 @@ START = {  # the pre-result defaults (a constant 0.3 re-use), where the search b
     "temporal_locality_mid": 0.3,
     "temporal_locality": 0.3,
 }
-# what `python experiments/synth_defaults_fit.py` prints as "fitted" (5 rounds, loss
+# what `python experiments/synth_defaults_fit.py` prints as "fitted" (6 rounds, loss
 # 72.04); traces/synth_config.py carries config_knobs(FITTED) as its defaults
 FITTED: dict[str, float] = {
     "popularity_skew": 0.0,
