@@ -10,6 +10,7 @@ gap fMoE closes. Writes the markdown table between the markers
 
     python experiments/fmoe_table.py --num-requests 30 --out experiments_out \\
         [--baselines lru,mixtral-offloading,...] [--fmoe-opt K=V] [--synth K=V] [--from-csv] [--docs docs/fmoe.md]
+        [--synth-defaults current|fmoe-era|original]
 
 ``--from-csv`` reuses ``OUT/fmoe.csv`` and ``OUT/baselines.csv`` from an earlier run
 (the baselines do not change when fMoE does); ``--from-csv fmoe`` reuses only the
@@ -138,12 +139,21 @@ def main() -> None:
     )
     p.add_argument("--synth", action="append", default=[], metavar="K=V", help="workload override")
     p.add_argument("--docs", default=None, help="write the table into this page (markers)")
+    p.add_argument(
+        "--synth-defaults",
+        default="current",
+        choices=["current", "fmoe-era", "original"],
+        help="the synthetic generator's defaults to draw with (docs/workloads.md)",
+    )
     a = p.parse_args()
+    from experiments.workload_stats import default_sets
+
+    knobs = default_sets()[a.synth_defaults]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from sim.paper import save_csv
 
-    synth = parse_synth(a.synth)
+    synth = {**knobs, **parse_synth(a.synth)}  # --synth over the chosen default set
     opts = dict(kv.split("=", 1) for kv in a.fmoe_opt)
     if a.from_csv == "all":
         fmoe = pd.read_csv(out / "fmoe.csv")

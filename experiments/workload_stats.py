@@ -2,6 +2,12 @@
 measured on real traces and on the synthetic generator's defaults, side by side.
 
     python experiments/workload_stats.py [--capture TRACE ...] [--out DIR]
+        [--defaults current|fmoe-era|original ...]
+
+The synthetic rows are drawn with the current defaults (fitted to measured routing by
+experiments/synth_defaults_fit.py), the fMoE-era defaults (chosen with policy results in
+view, kept to compare) and the generator's first defaults; docs/workloads.md has the
+history.
 
 Per workload (each figure a mean over MoE layers; "chance" is what independent uniform
 routing would give):
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from specs.errors import InputError  # noqa: E402
 from traces import stats  # noqa: E402
 from traces.types import Workload  # noqa: E402
 
@@ -121,8 +128,17 @@ def measure(w: Workload, max_tokens: int = 4000) -> dict[str, float | int | str 
     return out
 
 
-def workloads(captures: list[str]) -> dict[str, Workload]:
-    """The real traces the project ships, any captured ones, and the synthetic defaults."""
+def default_sets() -> dict[str, dict[str, object]]:
+    """Synthetic knob sets to measure: the current defaults, the fMoE-era ones (chosen with
+    policy results in view) and the generator's first ones (experiments/synth_defaults_fit.py)."""
+    from experiments.synth_defaults_fit import FMOE_ERA, ORIGINAL
+
+    return {"current": {}, "fmoe-era": FMOE_ERA, "original": ORIGINAL}
+
+
+def workloads(captures: list[str], sets: list[str] | None = None) -> dict[str, Workload]:
+    """The real traces the project ships, any captured ones, and the synthetic knob sets
+    ``sets`` of :func:`default_sets` (all when None)."""
     from specs.presets import load_model
     from traces.importers import import_trace
     from traces.io import load_workload
@@ -138,10 +154,13 @@ def workloads(captures: list[str]) -> dict[str, Workload]:
     }
     for path in captures:
         out[f"{Path(path).stem} (captured, random weights)"] = load_workload(path)
-    for model in ("switch-base-8", "mixtral-8x7b"):
-        out[f"synthetic defaults ({model})"] = generate(
-            load_model(model), SynthConfig(num_requests=40, seed=0)
-        )
+    known = default_sets()
+    for name in known if sets is None else sets:
+        if name not in known:
+            raise InputError(f"--defaults: unknown set {name!r} (known: {', '.join(known)})")
+        for model in ("switch-base-8", "mixtral-8x7b"):
+            cfg = SynthConfig(num_requests=40, seed=0, **known[name])
+            out[f"synthetic, {name} defaults ({model})"] = generate(load_model(model), cfg)
     return out
 
 
@@ -149,9 +168,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--capture", action="append", default=[], help="a captured trace file")
     p.add_argument("--out", default="experiments_out")
+    p.add_argument(
+        "--defaults",
+        action="append",
+        default=None,
+        help="synthetic defaults to measure (repeatable): current, fmoe-era, original; "
+        "default all three",
+    )
     a = p.parse_args()
     rows = []
-    for name, w in workloads(a.capture).items():
+    for name, w in workloads(a.capture, a.defaults).items():
         rows.append({"workload": name, **measure(w)})
     import pandas as pd
 

@@ -70,10 +70,13 @@ def _lookahead_agreement(w: Workload) -> float:
     return float((look[:, :-1].argmax(-1) == ids[:, 1:, 0]).mean())
 
 
-def test_lookahead_agrees_with_next_layer_about_70_percent_and_noise_lowers_it() -> None:
-    agree = {n: _lookahead_agreement(gen(lookahead_noise=n)) for n in (0.3, 3.0)}
+def test_lookahead_agrees_with_next_layer_above_chance_and_noise_lowers_it() -> None:
+    # how often a real model's lookahead rows agree is not measured (docs/workloads.md);
+    # what the knob must do: agree far above chance (1/J), less with more noise
+    agree = {n: _lookahead_agreement(gen(lookahead_noise=n)) for n in (0.0, 0.3, 3.0)}
     default = _lookahead_agreement(gen())
-    assert 0.6 <= default <= 0.8
+    assert agree[0.0] == 1.0  # no noise: the next layer's own logits
+    assert default > 3 / SPEC.num_experts
     assert agree[0.3] > default > agree[3.0]
 
 
@@ -109,7 +112,7 @@ def test_more_affinity_gives_more_cross_layer_information() -> None:
 
 
 def test_more_temporal_locality_gives_more_reuse_and_shorter_distances() -> None:
-    ws = [gen(temporal_locality=t) for t in (0.0, 0.4, 0.8)]
+    ws = [gen(temporal_locality=t, temporal_locality_mid=None) for t in (0.0, 0.4, 0.8)]
     rates = [stats.reuse_rate(w).mean() for w in ws]
     dists = [stats.reuse_distances(w).mean() for w in ws]
     assert rates[0] < rates[1] < rates[2]
@@ -117,10 +120,32 @@ def test_more_temporal_locality_gives_more_reuse_and_shorter_distances() -> None
 
 
 def test_temporal_locality_rises_with_depth_from_temporal_locality_first() -> None:
-    ramp = stats.reuse_rate(gen(temporal_locality=0.6, temporal_locality_first=0.0))
-    flat_rate = stats.reuse_rate(gen(temporal_locality=0.6, temporal_locality_first=None))
+    straight = {"temporal_locality_mid": None}
+    ramp = stats.reuse_rate(gen(temporal_locality=0.6, temporal_locality_first=0.0, **straight))
+    flat_rate = stats.reuse_rate(
+        gen(temporal_locality=0.6, temporal_locality_first=None, **straight)
+    )
     assert ramp[-1] > ramp[0] + 0.3  # layer 0 routes by the token itself, deep layers by context
     assert flat_rate.max() - flat_rate.min() < 0.15
+
+
+def test_temporal_locality_mid_peaks_the_profile_in_the_middle() -> None:
+    """first -> mid -> last: the Mixtral paper's Table 5 shape (layer 15 above 0 and 31)."""
+    knobs = {"temporal_locality_first": 0.0, "temporal_locality": 0.1, "affinity": 0.0}
+    peak = stats.first_choice_repeat_rate(gen(temporal_locality_mid=0.7, **knobs))
+    straight = stats.first_choice_repeat_rate(gen(temporal_locality_mid=None, **knobs))
+    mid = len(peak) // 2
+    assert peak[mid] > max(peak[0], peak[-1]) + 0.3
+    assert peak[mid] > straight[mid] + 0.3
+
+
+def test_locality_profile_passes_through_its_three_points() -> None:
+    from traces.synth import locality_profile
+
+    prof = locality_profile(0.1, 0.5, 0.2, 5)
+    np.testing.assert_allclose(prof, [0.1, 0.3, 0.5, 0.35, 0.2])
+    np.testing.assert_allclose(locality_profile(0.1, None, 0.5, 3), [0.1, 0.3, 0.5])
+    np.testing.assert_allclose(locality_profile(0.1, 0.9, 0.5, 1), [0.5])
 
 
 def test_shared_kinds_route_alike_across_topics() -> None:
@@ -139,8 +164,9 @@ def test_shared_kinds_route_alike_across_topics() -> None:
         i = ids[pick]
         return float((i[:, :, None] == i[nn][:, None, :]).any(-1).mean())
 
-    shared = cross_topic_overlap(gen(num_kinds=16, kinds_per_topic=8))
-    own = cross_topic_overlap(gen(num_kinds=None, kinds_per_topic=8))
+    routed = {"kind_strength": 3.0, "kind_embedding_scale": 2.0}  # kinds that route, apart
+    shared = cross_topic_overlap(gen(num_kinds=16, kinds_per_topic=8, **routed))
+    own = cross_topic_overlap(gen(num_kinds=None, kinds_per_topic=8, **routed))
     assert shared > own + 0.1
     with pytest.raises(InputError, match="kinds_per_topic"):
         gen(num_kinds=4, kinds_per_topic=8)
@@ -226,8 +252,7 @@ def test_semantically_similar_tokens_route_alike_more_with_kind_strength() -> No
     weak_nn, weak_rand = _nearest_neighbour_overlap(gen(kind_strength=0.0))
     strong_nn, strong_rand = _nearest_neighbour_overlap(gen(kind_strength=3.0))
     assert strong_nn - strong_rand > weak_nn - weak_rand
-    default_nn, default_rand = _nearest_neighbour_overlap(gen())
-    assert default_nn > default_rand + 0.1
+    assert strong_nn > strong_rand + 0.1
 
 
 def test_topic_count_and_skew() -> None:
@@ -333,14 +358,21 @@ def test_fit_to_real_switch_trace_matches_its_statistics() -> None:
 
 
 def test_fit_reproduces_reuse_popularity_and_affinity_of_a_synthetic_trace() -> None:
-    src = gen(num_requests=200, temporal_locality=0.5, temporal_locality_first=None, affinity=4.0)
+    src = gen(num_requests=200, temporal_locality=0.5, temporal_locality_first=None,
+        temporal_locality_mid=None, affinity=4.0)  # fmt: skip
     fitted = fit(src)
     assert (fitted.reuse >= 0.4).all()  # the copies, plus the topic similarity it absorbs
     again = fitted.generate(num_requests=200, seed=3)
     assert _tv(stats.popularity(src), stats.popularity(again)) < 0.05
     np.testing.assert_allclose(stats.reuse_rate(again), stats.reuse_rate(src), atol=0.04)
     low = fit(
-        gen(num_requests=200, temporal_locality=0.0, temporal_locality_first=None, affinity=4.0)
+        gen(
+            num_requests=200,
+            temporal_locality=0.0,
+            temporal_locality_first=None,
+            temporal_locality_mid=None,
+            affinity=4.0,
+        )  # fmt: skip
     )
     assert (low.reuse < fitted.reuse).all()
     assert (

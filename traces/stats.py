@@ -79,6 +79,22 @@ def reuse_rate(w: Workload) -> np.ndarray:
     return shared[keep].mean(axis=0) if keep.any() else np.zeros(L)
 
 
+def first_choice_repeat_rate(w: Workload) -> np.ndarray:
+    """[L] share of non-first tokens whose first-choice expert (the largest top-K weight)
+    is the previous token's first choice, per layer: the Mixtral paper's Table 5 "First
+    choice" figure (chance 1/J), as :func:`reuse_rate` is its "First or second choice"."""
+    L = w.spec.num_moe_layers
+    rows = [r.routing for r in w.requests if r.routing.num_tokens > 1]
+    if not rows:
+        return np.zeros(L)
+    same = []
+    for r in rows:
+        ids = r.topk_ids.astype(np.int64)
+        top = np.take_along_axis(ids, r.topk_weights.argmax(axis=2)[..., None], axis=2)[..., 0]
+        same.append(top[1:] == top[:-1])  # [T-1, L]
+    return np.concatenate(same).mean(axis=0)
+
+
 def cross_layer_affinity(w: Workload) -> np.ndarray:
     """[L-1, J, J] P(j at l+1 | i at l); rows of experts never chosen are zero."""
     ids, _ = _flat_ids(w)
