@@ -5,7 +5,9 @@ Prints, from one run, each figure next to its goal:
 1. ``fmoe trace synth`` of N DeepSeek-V3 requests (default synthetic lengths and fields):
    wall time (goal < 120 s at 1,000) and file size (goal < 3 GB);
 2. ``fmoe sim --policy lru`` of that trace on the h100-pcie5 preset with a 16 GB cache:
-   wall time (goal < 180 s) and peak RSS (goal < 4 GB);
+   wall time (goal < 180 s) and peak RSS (goal < 4 GB); then ``--policy fmoe`` (goal
+   < 300 s) on a ``--fmoe-requests``-request trace (5 by default), its engine seconds per
+   layer step extrapolated to the full trace's layer steps and labelled so;
 3. ``fmoe sim --policy lru`` of M and 10 x M Qwen3-30B-A3B requests: the peak RSS ratio
    (goal <= 1.2). These traces carry top-K routing only (no gate, lookahead or embedding
    rows: lru reads none) and short lengths (``--qwen-prompt``/``--qwen-output`` tokens on
@@ -80,6 +82,13 @@ def main() -> None:
         default="all",
         help="run one part only (synth: the DeepSeek-V3 synthesis alone, without its sim)",
     )
+    ap.add_argument(
+        "--fmoe-requests",
+        type=int,
+        default=5,
+        help="DS-V3 requests of the fmoe run, extrapolated to the full trace's layer steps "
+        "(0: no fmoe run; the full trace itself when equal to its size)",
+    )
     args = ap.parse_args()
     n_ds = 50 if args.quick else 1000
     n_q = 40 if args.quick else 1000
@@ -90,7 +99,7 @@ def main() -> None:
     print(f"# machine: {os.cpu_count()} CPUs visible, python {sys.version.split()[0]}")
 
     if args.part in ("all", "deepseek", "synth"):
-        rows += deepseek(folder, n_ds, simulate=args.part != "synth")
+        rows += deepseek(folder, n_ds, simulate=args.part != "synth", fmoe_n=args.fmoe_requests)
     if args.part in ("all", "qwen"):
         rows += qwen(folder, n_q, args.qwen_prompt, args.qwen_output)
     print()
@@ -101,7 +110,9 @@ def main() -> None:
         print("(quick: DS-V3 figures scaled linearly to 1,000 requests for the verdicts)")
 
 
-def deepseek(folder: Path, n_ds: int, simulate: bool = True) -> list[tuple[str, str, str, str]]:
+def deepseek(
+    folder: Path, n_ds: int, simulate: bool = True, fmoe_n: int = 0
+) -> list[tuple[str, str, str, str]]:
     rows = []
     # 1. DeepSeek-V3 synthesis
     ds = folder / f"deepseek-v3-{n_ds}.trace"
@@ -131,7 +142,45 @@ def deepseek(folder: Path, n_ds: int, simulate: bool = True) -> list[tuple[str, 
           f"{m['layer_steps_per_s']:.0f}/s), peak RSS {rss / GB:.2f} GB, hit rate {m['hit_rate']:.3f}")  # fmt: skip
     rows.append(("sim lru time (1,000 DS-V3)", f"{wall:.1f} s ({CPU['last']:.0f} s CPU)" + (f" (x{scale:g} ~ {wall * scale:.0f} s)" if scale != 1 else ""), "< 180 s", verdict(wall * scale, 180)))  # fmt: skip
     rows.append(("sim lru peak RSS", f"{rss / GB:.2f} GB", "< 4 GB", verdict(rss / GB, 4)))
+    if fmoe_n > 0:
+        rows += deepseek_fmoe(folder, fmoe_n, m["layer_steps"], n_ds)
+    return rows
 
+
+def deepseek_fmoe(
+    folder: Path, n: int, full_steps: int, n_ds: int
+) -> list[tuple[str, str, str, str]]:
+    """``sim --policy fmoe`` of an ``n``-request DS-V3 trace (same synthesis, seed 0),
+    extrapolated to the ``n_ds``-request trace's layer steps (``full_steps``, from the
+    lru run): the run's fixed part (process start, bounds) plus its engine seconds per
+    layer step times the full trace's steps. Labelled as extrapolated unless n == n_ds."""
+    small = folder / f"deepseek-v3-{n}.trace"
+    run(["trace", "synth", "--model", "deepseek-v3", "--num-requests", str(n), "--seed", "0",
+         "--out", str(small)])  # fmt: skip
+    load0 = os.getloadavg()[0]
+    wall, rss, out = run(["sim", "--trace", str(small), "--model", "deepseek-v3", "--hardware",
+                          "h100-pcie5", "--cache-gb", "16", "--policy", "fmoe", "--json"])  # fmt: skip
+    cpu = CPU["last"]
+    load1 = os.getloadavg()[0]
+    m = json.loads(out)
+    steps, engine_s = m["layer_steps"], m["run_wall_s"]
+    per_step = engine_s / max(steps, 1)
+    est = (wall - engine_s) + per_step * full_steps
+    # the same on CPU seconds (on a shared machine wall time includes waiting for a
+    # core): the run's CPU split between its fixed part and its loop as its wall time is
+    frac = engine_s / wall if wall > 0 else 0.0
+    est_cpu = cpu * (1 - frac) + cpu * frac / max(steps, 1) * full_steps
+    print(f"sim fmoe deepseek-v3 x {n} (h100-pcie5, 16 GB): {wall:.1f} s wall, {cpu:.1f} s CPU "
+          f"({engine_s:.1f} s in the engine, {steps} layer steps, {1e6 * per_step:.0f} us per "
+          f"layer step), peak RSS {rss / GB:.2f} GB, hit rate {m['hit_rate']:.3f}; load average "
+          f"{load0:.1f} before, {load1:.1f} after; extrapolated to {n_ds:,} requests "
+          f"({full_steps} layer steps): {est:.0f} s wall, {est_cpu:.0f} s on CPU seconds")  # fmt: skip
+    label = "measured" if n == n_ds else f"EXTRAPOLATED from {n} requests"
+    value = f"~{est:.0f} s (~{est_cpu:.0f} s CPU; {label})"
+    rows = [(f"sim fmoe time ({n_ds:,} DS-V3)", value, "< 300 s", verdict(est, 300))]
+    rows.append(
+        ("sim fmoe peak RSS", f"{rss / GB:.2f} GB ({n} requests)", "< 4 GB", verdict(rss / GB, 4))
+    )
     return rows
 
 
