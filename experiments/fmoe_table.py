@@ -56,12 +56,14 @@ def run(
     seed: int,
     workers: int,
     synth: dict[str, Any] | None = None,
+    trace: str | None = None,
+    dims: str | None = None,
 ) -> pd.DataFrame:
     """One row per (model, hardware, cache share, policy), on the synthetic workload
-    with ``synth`` overrides."""
+    with ``synth`` overrides, or on ``trace`` (priced as preset ``dims``'s experts)."""
     jobs = [
-        (m, h, s, pol, n, seed, fmoe_opts, synth or {})
-        for m in MODELS
+        (m, h, s, pol, n, seed, fmoe_opts, synth or {}, trace, dims)
+        for m in ([trace] if trace else MODELS)
         for h in HARDWARE
         for s in SHARES
         for pol in policies
@@ -145,6 +147,8 @@ def main() -> None:
         choices=["current", "fmoe-era", "original"],
         help="the synthetic generator's defaults to draw with (docs/workloads.md)",
     )
+    p.add_argument("--trace", default=None, help="a trace file instead of the synthetic models")
+    p.add_argument("--trace-dims", default=None, help="price the trace as this preset's experts")
     a = p.parse_args()
     from experiments.workload_stats import default_sets
 
@@ -158,12 +162,14 @@ def main() -> None:
     if a.from_csv == "all":
         fmoe = pd.read_csv(out / "fmoe.csv")
     else:
-        fmoe = run(["fmoe"], opts, a.num_requests, a.seed, a.workers, synth)
+        tr = (a.trace, a.trace_dims)
+        fmoe = run(["fmoe"], opts, a.num_requests, a.seed, a.workers, synth, *tr)
         save_csv(fmoe, out / "fmoe.csv")
     if a.from_csv:
         base = pd.read_csv(out / "baselines.csv")
     else:
-        base = run(a.baselines.split(","), {}, a.num_requests, a.seed, a.workers, synth)
+        tr = (a.trace, a.trace_dims)
+        base = run(a.baselines.split(","), {}, a.num_requests, a.seed, a.workers, synth, *tr)
         save_csv(base, out / "baselines.csv")
     body = table(fmoe, base)
     print(body)

@@ -5,6 +5,12 @@ are measured), batch 1, on the bundled synthetic workload. Writes one CSV row pe
 (hit rates, TPOT, TTFT, prefetch figures) and prints the table.
 
     python experiments/fmoe_vs_baselines.py --out experiments_out --num-requests 30
+
+``--trace FILE`` runs the same comparison on a given (real) trace instead: its requests,
+in file order (the first 70% fill the stores), with the trace's own ModelSpec, or, with
+``--trace-dims PRESET``, with that preset's per-layer sizes and costs on the trace's
+layers (the routing of one model priced as another's experts; the preset must have the
+trace's experts and top-K). ``--models`` is then ignored.
 """
 
 from __future__ import annotations
@@ -64,9 +70,37 @@ def parse_synth(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def trace_workload(path: str, dims: str | None = None) -> Any:
+    """The workload of trace ``path``: its own spec, or preset ``dims``'s sizes on the
+    trace's MoE layers (experts and top-K must match; InputError otherwise)."""
+    from specs.errors import InputError
+    from specs.presets import load_model
+    from traces.io import load_workload
+
+    w = load_workload(path)
+    if dims is None:
+        return w
+    base, own = load_model(dims), w.spec
+    if (base.num_experts, base.top_k) != (own.num_experts, own.top_k):
+        raise InputError(
+            f"--trace-dims {dims}: {base.num_experts} experts top-{base.top_k}, the trace "
+            f"has {own.num_experts} top-{own.top_k}"
+        )
+    spec = base.model_copy(
+        update={
+            "name": f"{own.name} routing, {dims} sizes",
+            "num_layers": own.num_moe_layers,
+            "dense_layers": [],
+            "sources": [*base.sources, f"layers: {own.num_moe_layers} of trace {path}"],
+        }
+    )
+    return load_workload(path, spec)
+
+
 def _job(args: tuple[Any, ...]) -> dict[str, Any]:
     """One run: (model, hardware, cache share, policy, requests, seed, fmoe options[,
-    synth overrides]) -> one CSV row."""
+    synth overrides[, trace, trace dims]]) -> one CSV row; a trace replaces the model's
+    synthetic workload."""
     from sim.config import SimConfig
     from sim.run import simulate
     from sim.sweep import single_thread_blas
@@ -77,8 +111,13 @@ def _job(args: tuple[Any, ...]) -> dict[str, Any]:
     single_thread_blas()
     model, hw, share, policy, n, seed, fmoe_opts = args[:7]
     synth = args[7] if len(args) > 7 else {}
-    spec = load_model(model)
-    workload = generate(spec, SynthConfig(num_requests=n, seed=seed, **synth))
+    trace, dims = args[8:10] if len(args) > 8 else (None, None)
+    if trace is not None:
+        workload = trace_workload(trace, dims)
+        spec, model = workload.spec, workload.spec.name
+    else:
+        spec = load_model(model)
+        workload = generate(spec, SynthConfig(num_requests=n, seed=seed, **synth))
     cache = max(spec.top_k, round(share * spec.num_moe_layers * spec.num_experts))
     cfg = SimConfig(
         model=spec,
@@ -115,11 +154,14 @@ def main() -> None:
     p.add_argument(
         "--fmoe-opt", action="append", default=[], metavar="K=V", help="an fmoe policy option"
     )
+    p.add_argument("--trace", default=None, help="a trace file instead of synthetic workloads")
+    p.add_argument("--trace-dims", default=None, help="price the trace as this preset's experts")
     a = p.parse_args()
     fmoe_opts = dict(kv.split("=", 1) for kv in a.fmoe_opt)
+    models = [a.trace] if a.trace else a.models.split(",")
     jobs = [
-        (m, h, s, pol, a.num_requests, a.seed, fmoe_opts)
-        for m in a.models.split(",")
+        (m, h, s, pol, a.num_requests, a.seed, fmoe_opts, {}, a.trace, a.trace_dims)
+        for m in models
         for h in a.hardware.split(",")
         for s in SHARES
         for pol in a.policies.split(",")

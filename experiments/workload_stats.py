@@ -14,7 +14,8 @@ routing would give):
 
 - entropy: per-layer popularity entropy / log2(J) (1 = every expert equally used);
 - reuse: share of a token's K experts at a layer that the previous token of the same
-  request also chose there (chance K/J);
+  request also chose there (chance K/J); reuse_decode: the same over decode tokens only
+  (each against the token before it; n/a for a prefill-only trace);
 - next-layer top-1: P(the most likely successor of a chosen expert is chosen at the next
   layer), affinity over the trace itself (an optimistic, in-sample figure);
 - next-layer MI: mutual information in bits between an expert chosen at l and at l+1;
@@ -24,11 +25,13 @@ routing would give):
 - trajectory recall: recall@K at layer l of the stored token whose gate rows over layers
   0..l-d best match (cosine) the measured token's, d = min(3, L - 1) (fMoE step 2).
 
-The real traces shipped with the project are tiny (tests/fixtures: switch-base-8's
+The real traces shipped with the project are small (tests/fixtures: switch-base-8's
 encoder routing over 215 tokens; the vLLM Qwen1.5-MoE excerpt, one layer of one request
-whose rows repeat); a trace captured with ``fmoe trace capture`` from a tiny preset runs
-random weights, so it shows routing mechanics, not a trained model's. The figures are
-measured; none of them is chosen.
+whose rows repeat; the decode routing of a tiny byte-level Mixtral-shaped MoE trained on
+this machine's CPU by experiments/train_tiny_moe.py, a trained router but not Mixtral);
+a trace captured with ``fmoe trace capture`` from a tiny preset runs random weights, so
+it shows routing mechanics, not a trained model's. The figures are measured; none of
+them is chosen.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from traces import stats  # noqa: E402
 from traces.types import Workload  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+TRAINED_TRACE = FIXTURES / "tiny_byte_moe_decode.trace"
 
 
 def _rows(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -76,11 +80,16 @@ def measure(w: Workload, max_tokens: int = 4000) -> dict[str, float | int | str 
     pop = stats.popularity(w)
     ent = -(pop * np.log2(np.where(pop > 0, pop, 1.0))).sum(axis=1) / np.log2(J)
     same = req[1:] == req[:-1]
+    pos = np.concatenate([np.arange(r.routing.num_tokens) for r in w.requests] or [[]])
+    decode = pos >= np.repeat(
+        [r.prompt_len for r in w.requests], [len(r.routing.topk_ids) for r in w.requests]
+    )
+    reuse = reuse_decode = float("nan")
     if same.any():
         overlap = (ids[1:, :, :, None] == ids[:-1, :, None, :]).any(axis=3).mean(axis=2)
         reuse = float(overlap[same].mean())
-    else:
-        reuse = float("nan")
+        dec = same & decode[1:]
+        reuse_decode = float(overlap[dec].mean()) if dec.any() else float("nan")
     top1 = stats.affinity_top1(w)
     mi = stats.affinity_mi(w)
     out: dict[str, float | int | str | None] = {
@@ -90,6 +99,7 @@ def measure(w: Workload, max_tokens: int = 4000) -> dict[str, float | int | str 
         "tokens": int(len(ids)),
         "entropy": float(ent.mean()),
         "reuse": reuse,
+        "reuse_decode": reuse_decode,
         "reuse_chance": K / J,
         "next_layer_top1": float(top1.mean()) if len(top1) else None,
         "next_layer_mi_bits": float(mi.mean()) if len(mi) else None,
@@ -128,6 +138,16 @@ def measure(w: Workload, max_tokens: int = 4000) -> dict[str, float | int | str 
     return out
 
 
+def _kind(w: Workload) -> str:
+    """How a captured trace's weights came about: a tiny preset's are random."""
+    from specs.presets import load_model, model_preset_names
+
+    name = w.provenance.get("model")
+    if name in model_preset_names() and load_model(name).hf_recipe is not None:
+        return "captured, random weights"
+    return "captured, trained here" if "training" in w.provenance else "captured"
+
+
 def default_sets() -> dict[str, dict[str, object]]:
     """Synthetic knob sets to measure: the current defaults, the fMoE-era ones (chosen with
     policy results in view) and the generator's first ones (experiments/synth_defaults_fit.py)."""
@@ -151,9 +171,11 @@ def workloads(captures: list[str], sets: list[str] | None = None) -> dict[str, W
         "qwen1.5-moe vLLM excerpt (real, 1 layer)": import_trace(
             "routing-jsonl", FIXTURES / "vllm_qwen1.5_moe_routes_excerpt.jsonl"
         ),
+        "tiny byte-level MoE trained here (real decode, fixture)": load_workload(TRAINED_TRACE),
     }
     for path in captures:
-        out[f"{Path(path).stem} (captured, random weights)"] = load_workload(path)
+        w = load_workload(path)
+        out[f"{Path(path).stem} ({_kind(w)})"] = w
     known = default_sets()
     for name in known if sets is None else sets:
         if name not in known:

@@ -66,6 +66,8 @@ class CaptureConfig:
     batch_size: int = 1
     batching: str = "static"  # or "continuous" (realrun.serving)
     output_lens: str = "fixed"  # or "reference" (realrun.output_lens)
+    provenance: dict[str, Any] | None = None  # more provenance (e.g. how a model was trained)
+    temperature: float = 0.0  # 0: greedy; > 0: sampled (see sample_tokens)
 
 
 class _CaptureObserver:
@@ -108,6 +110,28 @@ class _CaptureObserver:
         """Nothing to do: rows were recorded during the forward."""
 
 
+def sample_tokens(model: torch.nn.Module, temperature: float, seed: int) -> Any:
+    """Make the greedy generation loop sample at ``temperature`` (a removable hook).
+
+    The Gumbel-max trick: argmax(logits + T * g), g ~ Gumbel(0, 1) drawn from a generator
+    seeded with ``seed``, is a draw from softmax(logits / T). The noise is added to the
+    output layer's result only, so routing, router rows and embeddings are the model's
+    own; only which token comes next changes. A small model decoded greedily repeats
+    itself, which makes its decode routing repeat too.
+    """
+    if not temperature > 0:
+        raise InputError(f"temperature must be > 0 to sample, got {temperature}")
+    head = model.get_output_embeddings()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def add_noise(_mod: torch.nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(out.shape, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+        g = -torch.log(-torch.log(u))
+        return out + (temperature * g).to(out.dtype).to(out.device)
+
+    return head.register_forward_hook(add_noise)
+
+
 def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n")) -> Any:
     """Run the prompts on the unmodified model under ``cfg.batching`` with
     ``cfg.batch_size`` (realrun.serving), and write the workload to ``cfg.out``."""
@@ -128,6 +152,7 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
     loaded = load(cfg.model, seed=cfg.seed)
     recorder = RoutingRecorder(loaded.spec, lookahead=True)
     taps = ModelTaps(loaded).install(experts_prehook=True)
+    sampler = sample_tokens(loaded.model, cfg.temperature, cfg.seed) if cfg.temperature else None
     try:
         obs = _CaptureObserver(taps, recorder)
         experts = [b.experts for b in loaded.blocks]
@@ -159,6 +184,8 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
         )
     finally:
         taps.remove()
+        if sampler is not None:
+            sampler.remove()
     workload = make_workload(
         loaded.spec,
         recorder.requests,
@@ -172,6 +199,8 @@ def capture(cfg: CaptureConfig, progress=lambda msg: sys.stderr.write(msg + "\n"
             "batch_size": cfg.batch_size,
             "batching": cfg.batching,
             "executor": "unmodified model, eager experts",
+            "decoding": f"sampled, temperature {cfg.temperature}" if cfg.temperature else "greedy",
+            **(cfg.provenance or {}),
         },
     )
     write_workload(workload, out)
