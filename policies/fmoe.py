@@ -49,6 +49,7 @@ from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
 from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState, _SearchPlan
+from policies.fmoe_victim import FmoeVictim
 from policies.registry import register_policy
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
@@ -105,6 +106,20 @@ class FmoeOptions(PolicyOptions):
         description="count each running request's expert choices: the eviction's learned "
         "chance is by (request frequency, age) instead of age alone (False: the ablation)",
     )
+    victim: Literal["priced", "ignored"] = Field(
+        default="priced",
+        description="deadline admission: priced: a copy is admitted only when its expected "
+        "saving also beats the chance that the expert it evicts at its start is used before "
+        "a demand load would have evicted it anyway (policies/fmoe_victim.py); ignored: no "
+        "victim term (the earlier rule)",
+    )
+    rank: Literal["chance", "p"] = Field(
+        default="chance",
+        description="deadline admission's ranking: chance: each candidate's measured chance "
+        "of use (the eviction table's calibrated cell for map picks, the measured precision "
+        "for lookahead picks) over its distance; p: the searched map's probability over its "
+        "distance (the paper's)",
+    )
     lookahead: bool | Literal["auto"] = Field(
         default="auto",
         description="auto: measure online how often each layer's lookahead rows (the next "
@@ -126,7 +141,14 @@ class FmoeOptions(PolicyOptions):
 
 @register_policy
 class FmoePolicy(
-    FmoeFit, FmoeSearch, FmoeOrders, FmoeLookahead, FmoeDeadline, FmoeEviction, Policy
+    FmoeFit,
+    FmoeSearch,
+    FmoeOrders,
+    FmoeLookahead,
+    FmoeDeadline,
+    FmoeVictim,
+    FmoeEviction,
+    Policy,
 ):
     """fMoE: expert map store, semantic + trajectory search, similarity-aware prefetch,
     prediction-weighted eviction."""
@@ -184,6 +206,8 @@ class FmoePolicy(
         }[self.options.eviction]
         self._view = None  # the executor's view while deadline admission is on (bind)
         self._no_prefetch = self.options.admission == "none"
+        self._victim_priced = self.options.victim == "priced"
+        self._rank_chance = self.options.rank == "chance"
         self._distance_source = "unbound"
         self._orders_issued = 0  # orders sent without deadline admission
         # rows of planned decode gates: [with gate probabilities, with top-K weights,

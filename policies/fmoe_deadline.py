@@ -38,10 +38,11 @@ import math
 from collections.abc import Sequence
 
 from policies.base import ExecutorView, PolicyContext
-from policies.cache import ExpertKey
+from policies.cache import ExpertKey, ExpertState
 from policies.fmoe_eviction import AGE_BUCKETS
 
 _LAST_BUCKET = AGE_BUCKETS - 1
+_RESIDENT = ExpertState.RESIDENT
 
 
 class FmoeDeadline:
@@ -111,11 +112,20 @@ class FmoeDeadline:
         self._pending = {}
 
     def _deadline_gate(self, layer: int, ids: Sequence[int], now: float) -> None:
-        """Layer ``layer``'s gate ran at ``now`` and chose ``ids``: count its demand loads."""
+        """Layer ``layer``'s gate ran at ``now`` and chose ``ids``: count its demand loads
+        (experts not resident: absent, or a copy still loading)."""
         self._gate_times.append(now)
         cache_of, dev_of = self._cache_of, self._dev_of
+        if not cache_of:
+            return
         for j in ids:
-            if cache_of and (layer, j) not in cache_of[layer][j].entries:
+            # a demanded copy still loading (a late prefetch, promoted to a demand load)
+            # is link time this gate waits for, as a demand load's: counted as one, else
+            # its stall lengthens the measured interval and so the link time the rule
+            # thinks prefetches have (more late copies admitted, longer stalls: measured
+            # on one A100, docs/fmoe.md)
+            e = cache_of[layer][j].entries.get((layer, j))
+            if e is None or e.state is not _RESIDENT:
                 self._demand_now[dev_of[layer][j]] += 1
 
     def _rederive_distance(self) -> None:
@@ -197,6 +207,8 @@ class FmoeDeadline:
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
+        if self._rank_chance:  # each candidate's measured chance of use, not its map's p
+            cands = {key: self._iteration_chance(*key) for key in cands}
         if len(cands) == 1:  # the common case on coarse models: nothing to sort
             ranked = list(cands.items())
         else:
@@ -207,13 +219,16 @@ class FmoeDeadline:
         avail = [-1.0] * self._n_dev
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
-        late_no = late_yes = issued = reranked = none_done = 0  # counted here, added to _stats once
+        late_no = late_yes = issued = reranked = none_done = value_no = 0  # added to _stats once
         # for the late copies' chances and rho, inlined (_iteration_chance, _rho): the
         # chance table is fetched at the first late copy, where _candidate_chance made it
         tab = None
         it, ist, rows, look_q = self._cur_it, self._ist, self._rows, self._look_q
         interval, demand_s = self._interval, self._demand_s
         no_rho = not interval or interval <= 0
+        price = self._victim_priced
+        if price:
+            self._victims_reset()
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
@@ -227,6 +242,17 @@ class FmoeDeadline:
             # the part of the copy done before its layer runs: the prefetch link time
             # until then, after the copies ahead of it (all of it when it lands in time)
             done = min(copy_s, (layer - g) * avail[dev] - committed[dev])
+            # its victim's price (victim="priced", policies.fmoe_victim), else 0
+            vc = (
+                self._victim_price(dev, committed[dev], copy_s, layer - g, avail[dev])
+                if price
+                else 0.0
+            )
+            if price and done >= copy_s and self._iteration_chance(layer, j) * copy_s <= vc:
+                value_no += 1  # in time, but likelier to cost its victim's use than to pay
+                if was:
+                    self.cancel(layer, j)
+                continue
             if done < copy_s:
                 # late: if used (chance q) it saves the part done; if not, the rest of
                 # the copy runs after its layer, delaying demand loads by their share
@@ -247,7 +273,7 @@ class FmoeDeadline:
                     if look is not None and look > q:
                         q = look
                 rho = 0.0 if no_rho else min(demand_s[dev] / interval, 1.0)  # self._rho(dev)
-                if done <= 0 and q * min(avail[dev], copy_s) > (1.0 - q) * copy_s * rho:
+                if done <= 0 and q * min(avail[dev], copy_s) > (1.0 - q) * copy_s * rho + vc:
                     # forecast to start only after its layer has run: then the link drops
                     # it (a stale order) and it costs nothing, so it is queued without
                     # taking link time from the copies ranked after it. It runs only
@@ -260,19 +286,21 @@ class FmoeDeadline:
                     issued += 1
                     reranked += was
                     continue
-                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho:
+                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
                     late_no += 1
                     if was:
                         self.cancel(layer, j)
                     continue
                 late_yes += 1
+            if price:
+                self._victim_take(dev)
             committed[dev] += copy_s
             pending[key] = p
             self.prefetch(layer, j, p / (layer - g))
             issued += 1
             reranked += was
         self._pending = pending
-        if not (stale or late_no or none_done or late_yes or issued):
+        if not (stale or late_no or none_done or late_yes or issued or value_no):
             return
         st = self._stats
         if stale:
@@ -287,3 +315,5 @@ class FmoeDeadline:
             st["orders_issued"] += issued
         if reranked:
             st["orders_reranked"] += reranked
+        if value_no:
+            st["orders_rejected_value"] += value_no

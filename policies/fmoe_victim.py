@@ -1,0 +1,102 @@
+"""The price of a prefetch's victim in fMoE's deadline admission (``victim="priced"``), as
+a mixin of :class:`policies.fmoe.FmoePolicy`.
+
+A prefetch takes its slot when its copy starts, so it evicts its victim then, not when
+its layer runs. The victim is gone from the copy's start until the moment a demand load
+would have evicted something anyway: the copy's layer if its forecast is right, or, if it
+is late or wrong, not before it lands (the wrong copy then holds a slot the victim could
+have kept; a copy preempted by demand loads keeps its slot while it waits). That window
+is ``W`` layer steps, W = max(land, layer) - start, with start and land counted as the
+admission counts a copy's progress: at the link time a layer step leaves prefetches
+(avail), after the copies ahead of it. Where demand loads fill the link, avail is small
+and a copy holds its slot for many steps. If the victim is used within W, that use is a
+miss: one demand load.
+
+The victim's chance of a use within W comes from the eviction's own estimate of its
+expected time to next use E (layer steps, :mod:`policies.fmoe_eviction`): waiting
+memorylessly with mean E, P(use within W) = 1 - exp(-W / E). No constant is set: the
+window follows from the link's queue, the copy time and the measured layer interval,
+E from the learned chance table, and the victims are the ones the device's cache would
+choose now (its ``free`` slots cost nothing; then the lowest eviction scores, in order,
+one per admitted copy of that device).
+
+Admission then asks the expected saving to beat both costs:
+q x done > (1 - q) x (copy - done) x rho + P(victim used within W) x copy
+(:mod:`policies.fmoe_deadline`). With forecasts that are never right (q = 0) nothing is
+admitted. ``victim="ignored"`` keeps the earlier rule (no victim term).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from policies.cache import CacheEntry
+
+# victims listed per device and admission pass; past it the last one's price stands (a
+# pass admits a handful of copies per link: its queue holds a few copy times at most)
+VICTIMS_PRICED = 32
+
+
+class FmoeVictim:
+    """Victims a device's next prefetches would evict, and their price."""
+
+    def _victims_reset(self) -> None:
+        """Forget the victim lists (a new admission pass: the caches may have changed)."""
+        self._vq: dict[int, list[tuple[float, CacheEntry]]] = {}
+        self._vfree: dict[int, int] = {}
+
+    def _victim_price(
+        self, dev: int, start_s: float, copy_s: float, ahead: int, avail_s: float
+    ) -> float:
+        """Expected demand-load seconds a copy on ``dev`` costs through its victim:
+        P(victim used within W) x ``copy_s`` (module doc). The copy starts after
+        ``start_s`` seconds of copies ahead of it on the link and its layer is ``ahead``
+        steps away; the link gives prefetches ``avail_s`` seconds per layer step (demand
+        loads preempt them: a prefetch moves only in the time they leave)."""
+        if avail_s > 0:
+            start = start_s / avail_s  # layer steps until it starts (and evicts)
+            window = max(start + copy_s / avail_s, ahead) - start
+        else:  # demand loads fill the link: it holds its slot at least until its layer
+            step = self._interval or self._view.layer_time_s(self._rows)
+            window = max(copy_s / step if step and step > 0 else 0.0, float(ahead))
+        return self._victim_use_chance(dev, window) * copy_s
+
+    def _victim_use_chance(self, dev: int, window_steps: float) -> float:
+        """The chance that the victim of ``dev``'s next copy is used within
+        ``window_steps`` layer steps (0 while the device has a free slot). The victim is
+        not consumed: :meth:`_victim_take` does that when the copy is admitted."""
+        if window_steps <= 0 or self.ctx is None:
+            return 0.0
+        if dev not in self._vfree:
+            self._victims_load(dev)
+        if self._vfree[dev] > 0 or not self._vq[dev]:
+            return 0.0
+        e = self.expected_next_use(*self._vq[dev][-1][1].key)
+        return 1.0 if e <= 0 else 1.0 - math.exp(-window_steps / e)
+
+    def _victim_take(self, dev: int) -> None:
+        """A copy on ``dev`` was admitted: its victim (a free slot first) is taken."""
+        if dev not in self._vfree:
+            return
+        if self._vfree[dev] > 0:
+            self._vfree[dev] -= 1
+        elif len(self._vq[dev]) > 1:  # past the list's end the last victim's price stands
+            self._vq[dev].pop()
+
+    def _victims_load(self, dev: int) -> None:
+        """The device's free slots and its cheapest evictable entries, lowest score last."""
+        cache = self.ctx.caches[dev]
+        self._vfree[dev] = cache.free
+        entries = [
+            e
+            for e in cache.entries.values()
+            if e.state.value == "resident" and not e.pins and not e.protected
+        ]
+        scores = self.eviction_scores(entries) if entries else []
+        # at most VICTIMS_PRICED per pass: an admission pass sends a few copies per link
+        low = heapq.nsmallest(
+            VICTIMS_PRICED, zip(scores, entries, strict=True), key=lambda t: (t[0], t[1].key)
+        )
+        low.reverse()
+        self._vq[dev] = low
