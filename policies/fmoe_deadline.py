@@ -37,12 +37,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from policies.base import ExecutorView, PolicyContext
 from policies.cache import ExpertKey, ExpertState
 from policies.fmoe_eviction import AGE_BUCKETS
 
 _LAST_BUCKET = AGE_BUCKETS - 1
 _RESIDENT = ExpertState.RESIDENT
+# from this many candidates a one-row gate ranks and judges them in one kernel call
+# (policies.fmoe_admit_jit; below it the call and its arrays cost more than the loop)
+_KERNEL_MIN = 8
 
 
 class FmoeDeadline:
@@ -54,6 +59,7 @@ class FmoeDeadline:
         self._view: ExecutorView | None = view
         L, J = ctx.spec.num_moe_layers, ctx.spec.num_experts
         self._dev_of = [[ctx.placement.device_of((lay, j)) for j in range(J)] for lay in range(L)]
+        self._dev_arr = np.array(self._dev_of, np.int64).reshape(L, J)  # for the kernel
         self._n_dev = len(ctx.caches)
         self._copy_s = view.link_state(0).copy_s if view is not None else 0.0
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
@@ -209,6 +215,15 @@ class FmoeDeadline:
             return
         if self._rank_chance:  # each candidate's measured chance of use, not its map's p
             cands = {key: self._iteration_chance(*key) for key in cands}
+        if (
+            not self._victim_priced  # the victim's price is judged in Python
+            and self._rows <= 1
+            and len(cands) >= _KERNEL_MIN
+            and self._admit_kernel(g, cands, old)
+        ):
+            if stale:
+                self._stats["orders_cancelled_stale"] += stale
+            return
         if len(cands) == 1:  # the common case on coarse models: nothing to sort
             ranked = list(cands.items())
         else:
@@ -317,3 +332,72 @@ class FmoeDeadline:
             st["orders_reranked"] += reranked
         if value_no:
             st["orders_rejected_value"] += value_no
+
+    def _admit_kernel(self, g: int, cands: dict[ExpertKey, float], old: dict) -> bool:
+        """The rest of :meth:`_admit` for a one-row iteration's ``cands`` in one kernel
+        call (policies.fmoe_admit_jit): the same decisions, orders and cancellations in
+        the same order. False (nothing done) where the kernel cannot rank (a NaN key)."""
+        from policies import fmoe_admit_jit as K  # numba: loaded with fmoe_jit at bind
+
+        n = len(cands)
+        keys = list(cands)
+        lay = np.fromiter((k[0] for k in keys), np.int64, n)
+        jj = np.fromiter((k[1] for k in keys), np.int64, n)
+        p = np.fromiter(cands.values(), np.float64, n)
+        was = np.fromiter((k in old for k in keys), np.bool_, n)
+        look_q = self._look_q
+        if look_q:
+            look = np.fromiter((look_q.get(k, -1.0) for k in keys), np.float64, n)
+        else:
+            look = np.full(n, -1.0)
+        view = self._view
+        assert view is not None
+        nd = self._n_dev
+        committed = np.zeros(nd)
+        copy = np.full(nd, self._copy_s)
+        avail = np.zeros(nd)
+        # the links' states, read before any order is sent (as the loop reads each at
+        # its device's first candidate: an order changes only its own link, after that)
+        devs = (0,) if nd == 1 else np.unique(self._dev_arr[lay, jj]).tolist()
+        for dev in devs:
+            link = view.link_state(dev)
+            committed[dev] = link.queued_s
+            copy[dev] = link.copy_s
+            avail[dev] = self._avail_per_layer(dev)
+        interval = self._interval
+        no_rho = not interval or interval <= 0
+        demand = np.asarray(self._demand_s, np.float64)
+        act = np.empty((n, 2), np.int64)
+        counts = np.zeros(5, np.int64)
+        have = self._chance_it == self._cur_it
+        args = (lay, jj, p, was, look, g, self._dev_arr, committed, copy, avail, demand,
+                0.0 if no_rho else float(interval), no_rho, self._ist)  # fmt: skip
+        na = K.admit_rows(*args, self._chance_tab, have, self._cur_it, act, counts)
+        if na == -1:  # a late copy needs this iteration's chance table: make it, again
+            tab = self._chance()
+            na = K.admit_rows(*args, tab, True, self._cur_it, act, counts)
+        if na < 0:
+            return False
+        pending: dict[ExpertKey, float] = {}
+        for i, code in act[:na].tolist():
+            key = keys[i]
+            if code == K.ORDER:
+                pv = cands[key]
+                pending[key] = pv
+                self.prefetch(key[0], key[1], pv / (key[0] - g))
+            else:
+                self.cancel(key[0], key[1])
+        self._pending = pending
+        late_no, none_done, late_yes, issued, reranked = counts.tolist()
+        st = self._stats
+        if late_no:
+            st["orders_rejected_late"] += late_no
+        if none_done:
+            st["orders_queued_none_done"] += none_done
+        if late_yes:
+            st["orders_admitted_late"] += late_yes
+        if issued:
+            st["orders_issued"] += issued
+        if reranked:
+            st["orders_reranked"] += reranked
+        return True

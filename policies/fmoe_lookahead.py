@@ -98,6 +98,25 @@ class FmoeLookahead:
         self._la_cat_n = np.zeros((2, L, k))
         self._la_cat_h = np.zeros((2, L, k))
         self._look_q: dict[tuple[int, int], float] = {}  # this gate's lookahead chances
+        # the map forecast's top-k per layer, with the forecast row it was made of
+        self._map_top_memo: dict[int, tuple[list[float], list[int]]] = {}
+
+    def _map_topk(self, layer: int) -> list[int]:
+        """The top-k experts of layer ``layer``'s map forecast (``self._pred[layer]``),
+        best first, ties to the lower id: ``sorted(range(J), key=lambda j: (-row[j],
+        j))[:k]``. Kept per forecast row (rows are swapped whole, never changed in place):
+        gate g scores layer g's, which gate g - 1 ordered with."""
+        row = self._pred[layer]
+        memo = self._map_top_memo.get(layer)
+        if memo is not None and memo[0] is row:
+            return memo[1]
+        a = np.asarray(row, dtype=np.float64)
+        if np.isnan(a).any():  # NaNs order as Python's comparisons place them
+            top = sorted(range(len(row)), key=lambda j: (-row[j], j))[: self._la_k]
+        else:  # a stable sort of -p: the same order (-0.0 == 0.0 ties by id, as there)
+            top = np.argsort(-a, kind="stable")[: self._la_k].tolist()
+        self._map_top_memo[layer] = (row, top)
+        return top
 
     # -- measurement ------------------------------------------------------------------------
     def _lookahead_score(self, g: int, ids: np.ndarray, iteration: int) -> None:
@@ -120,14 +139,14 @@ class FmoeLookahead:
             self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
         self._la_picks = None
         if B == 1 and self._fc_it[g] == self._cur_it:  # a map forecast made for this layer
-            row = self._pred[g]
             k = self._la_k
-            top = sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+            top = self._map_topk(g)
             chosen = set(ids[0].tolist())
             self._map_n[g] += k
             self._map_h[g] += sum(j in chosen for j in top)
             if hit is not None:  # split by whether the map's top-K also names the pick
-                agree = np.isin(picks[2][0], top).astype(np.int64)
+                tops = set(top)  # np.isin(picks, top), without its cost on k ids
+                agree = np.array([j in tops for j in picks[2][0].tolist()], np.int64)
                 ranks = np.arange(len(agree))
                 self._la_cat_n[agree, g, ranks] += 1.0
                 self._la_cat_h[agree, g, ranks] += hit[0]
@@ -151,8 +170,7 @@ class FmoeLookahead:
             return
         top: set[int] | None = None
         if len(pk) == 1 and self._fc_it[nxt] == self._cur_it:  # the map forecast layer nxt
-            row = self._pred[nxt]
-            top = set(sorted(range(len(row)), key=lambda j: (-row[j], j))[: self._la_k])
+            top = set(self._map_topk(nxt))
             cn, ch = self._la_cat_n[:, nxt], self._la_cat_h[:, nxt]
         prio: dict[int, float] = {}  # the largest p over rows (its ranking, as the maps')
         miss: dict[int, float] = {}  # no row that picked it chooses it (rows independent)
