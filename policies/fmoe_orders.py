@@ -11,6 +11,9 @@ import numpy as np
 from policies.fmoe_select import merge_priorities, select_experts, select_row
 from policies.fmoe_state import _IterState
 
+# from this many experts _order protects them with numpy writes instead of one by one
+_BULK = 16
+
 
 class FmoeOrders:
     """Steps 3-4 of fMoE: expert selection and prefetch orders."""
@@ -102,6 +105,12 @@ class FmoeOrders:
         cands = self._dl_cands if deadline else None
         ahead = float(layer - self._g)
         orders = 0
+        if protect and len(experts) > _BULK:
+            # a fine-grained layer's weak match selects up to all its experts: protect
+            # them in two numpy writes (the same values as the loop's, one per expert)
+            self._prot[layer, experts] = True
+            self._etnu[layer, experts] = -0.0
+            protect = False
         for j in experts:
             key = (layer, j)
             if protect:
