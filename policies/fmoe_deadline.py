@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -341,13 +342,13 @@ class FmoeDeadline:
 
         n = len(cands)
         keys = list(cands)
-        lay = np.fromiter((k[0] for k in keys), np.int64, n)
-        jj = np.fromiter((k[1] for k in keys), np.int64, n)
+        lj = np.fromiter(chain.from_iterable(keys), np.int64, 2 * n).reshape(n, 2)
+        lay, jj = lj[:, 0], lj[:, 1]
         p = np.fromiter(cands.values(), np.float64, n)
-        was = np.fromiter((k in old for k in keys), np.bool_, n)
+        was = np.fromiter(map(old.__contains__, keys), np.bool_, n)
         look_q = self._look_q
         if look_q:
-            look = np.fromiter((look_q.get(k, -1.0) for k in keys), np.float64, n)
+            look = np.fromiter(map(look_q.get, keys, repeat(-1.0)), np.float64, n)
         else:
             look = np.full(n, -1.0)
         view = self._view

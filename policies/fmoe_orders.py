@@ -108,9 +108,22 @@ class FmoeOrders:
         if protect and len(experts) > _BULK:
             # a fine-grained layer's weak match selects up to all its experts: protect
             # them in two numpy writes (the same values as the loop's, one per expert)
-            self._prot[layer, experts] = True
-            self._etnu[layer, experts] = -0.0
+            idx = np.array(experts, np.intp)
+            self._prot[layer, idx] = True
+            self._etnu[layer, idx] = -0.0
             protect = False
+        if cands is not None and not protect and cache_of and not self._no_prefetch:
+            # the loop below for deadline candidates, without its per-expert branches
+            get = cands.get
+            for j in experts:
+                key = (layer, j)
+                if key in issued or key in cache_of[layer][j].entries:
+                    continue
+                issued.add(key)
+                p = prio[j] * ahead
+                if p > get(key, -1.0):
+                    cands[key] = p
+            return
         for j in experts:
             key = (layer, j)
             if protect:
