@@ -59,6 +59,8 @@ from specs.errors import InputError
 # chance that any noise cell of a run is ever on; the mixture's scale (module doc)
 ALPHA = 0.01
 RHO = 0.25
+# one-row gates are measured by policies.fmoe_look_jit (False: the numpy code, for tests)
+_KERNEL = True
 
 
 def mixture_boundary(n: np.ndarray, log_a2: float) -> np.ndarray:
@@ -101,6 +103,7 @@ class FmoeLookahead:
         # the map forecast's top-k per layer, with the forecast row it was made of
         self._map_top_memo: dict[int, tuple[list[float], list[int]]] = {}
         self._la_bounds: dict[bytes, np.ndarray] = {}  # mixture_boundary per pick counts
+        self._no_ids = np.zeros(0, np.int64)
         from policies import fmoe_look_jit  # numba: loaded at bind, not at import
 
         self._la_jit = fmoe_look_jit
@@ -133,22 +136,24 @@ class FmoeLookahead:
         scored = (
             picks is not None and picks[0] == iteration and picks[1] == g and len(picks[2]) == B
         )
-        if B == 1:  # one row: the numpy below in one kernel call (policies.fmoe_look_jit)
-            hit = np.zeros((1, self._la_k), np.bool_)
-            n, h, ec = self._la_n[g], self._la_h[g], self._la_e[g]
+        if B == 1 and _KERNEL:  # one row: the code below in one kernel call (fmoe_look_jit)
+            n = self._la_n[g]
+            bnd = self._boundary(n + 1.0) if scored else n  # the boundary of the new n
+            on = np.empty(self._la_k, np.bool_)
+            p = np.empty(self._la_k)
+            map_it = bool(self._fc_it[g] == self._cur_it)  # the map forecast this layer
+            top = np.array(self._map_topk(g), np.int64) if map_it else self._no_ids
             self._la_jit.score_row(
                 self._la_chosen[g], self._la_rows[g], self._la_base,
-                picks[2][0] if scored else ids[0], ids[0], n, h, ec, hit[0], scored,
+                picks[2][0] if scored else self._no_ids, ids[0], n, self._la_h[g],
+                self._la_e[g], scored, bnd, on, p, top, map_it, self._map_n, self._map_h,
+                self._la_cat_n, self._la_cat_h, g,
             )  # fmt: skip
             self._la_rows[g] += B
             if scored:
-                self._la_on[g] = [bool(x) for x in (h - ec > self._boundary(n))]
-                self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
-            else:
-                hit = None
+                self._la_on[g] = on.tolist()
+                self._la_p[g] = p.tolist()
             self._la_picks = None
-            if self._fc_it[g] == self._cur_it:  # a map forecast made for this layer
-                self._map_score(g, ids, picks, hit)
             return
         if scored:
             pk = picks[2]  # [B, k]
@@ -162,6 +167,8 @@ class FmoeLookahead:
             self._la_on[g] = [bool(x) for x in (h - ec > mixture_boundary(n, self._la_log_a2))]
             self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
         self._la_picks = None
+        if B == 1 and self._fc_it[g] == self._cur_it:  # a map forecast made for this layer
+            self._map_score(g, ids, picks, hit)
         np.add.at(self._la_chosen[g], ids.reshape(-1), 1.0)
         self._la_rows[g] += B
 

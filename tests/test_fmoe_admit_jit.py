@@ -1,13 +1,15 @@
 """fMoE's one-row admission kernel (policies.fmoe_admit_jit, called by
-FmoeDeadline._admit from _KERNEL_MIN candidates) and _order's bulk protection, against
-the Python loops they replace, end to end: a simulated run that always takes the fast
-paths and one that never does give the same results to the bit."""
+FmoeDeadline._admit from _KERNEL_MIN candidates), one-row lookahead measurement kernel
+(policies.fmoe_look_jit) and _order's bulk protection, against the code they replace,
+end to end: a simulated run that always takes the fast paths and one that never does
+give the same results to the bit."""
 
 from __future__ import annotations
 
 import pytest
 
 import policies.fmoe_deadline as deadline_mod
+import policies.fmoe_lookahead as lookahead_mod
 import policies.fmoe_orders as orders_mod
 from policies.fmoe_deadline import FmoeDeadline
 from sim.config import SimConfig
@@ -33,13 +35,15 @@ def _run(model: str, hardware: str, experts: int, fast: bool) -> tuple[dict, int
         calls[0] += done
         return done
 
-    old = deadline_mod._KERNEL_MIN, orders_mod._BULK
-    deadline_mod._KERNEL_MIN, orders_mod._BULK = (1, 0) if fast else (1 << 30, 1 << 30)
+    old = deadline_mod._KERNEL_MIN, orders_mod._BULK, lookahead_mod._KERNEL
+    deadline_mod._KERNEL_MIN, orders_mod._BULK, lookahead_mod._KERNEL = (
+        (1, 0, True) if fast else (1 << 30, 1 << 30, False)
+    )
     FmoeDeadline._admit_kernel = counted
     try:
         m = simulate(w, cfg).metrics
     finally:
-        deadline_mod._KERNEL_MIN, orders_mod._BULK = old
+        deadline_mod._KERNEL_MIN, orders_mod._BULK, lookahead_mod._KERNEL = old
         FmoeDeadline._admit_kernel = inner
     return {k: v for k, v in m.items() if k not in WALL}, calls[0]
 
@@ -58,6 +62,7 @@ def test_admission_kernel_gives_the_loops_results(model: str, hardware: str, exp
     assert calls > 100 and none == 0  # the kernel judged many gates in one run only
     meta = fast["policy_metadata"]
     # every branch of the judgement was taken
+    assert meta["lookahead_picks_scored"] > 100 and meta["map_topk_precision"] is not None
     for branch in ("rejected_late", "queued_none_done", "admitted_late", "reranked"):
         assert meta[f"orders_{branch}"] > 0, branch
     assert fast == slow
