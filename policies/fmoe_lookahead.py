@@ -104,6 +104,7 @@ class FmoeLookahead:
         self._map_top_memo: dict[int, tuple[list[float], list[int]]] = {}
         self._la_bounds: dict[bytes, np.ndarray] = {}  # mixture_boundary per pick counts
         self._no_ids = np.zeros(0, np.int64)
+        self._plan_tops: dict[int, tuple[list[float], list[int]]] = {}  # row id -> (row, top-k)
         from policies import fmoe_look_jit  # numba: loaded at bind, not at import
 
         self._la_jit = fmoe_look_jit
@@ -116,6 +117,10 @@ class FmoeLookahead:
         row = self._pred[layer]
         memo = self._map_top_memo.get(layer)
         if memo is not None and memo[0] is row:
+            return memo[1]
+        memo = self._plan_tops.get(id(row))  # a decode plan's rows (FmoeSearch._plan_decode)
+        if memo is not None and memo[0] is row:
+            self._map_top_memo[layer] = memo
             return memo[1]
         a = None if len(row) <= 32 else np.asarray(row, dtype=np.float64)
         if a is None or np.isnan(a).any():  # few experts; or NaNs, ordered as Python does
