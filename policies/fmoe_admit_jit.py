@@ -15,6 +15,8 @@ Imported with :mod:`policies.fmoe_jit` when an fMoE policy is bound.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -46,6 +48,12 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     it,
     act,
     counts,
+    price,
+    step,
+    vfree0,
+    v_e,
+    v_len,
+    v_loaded,
 ):  # noqa: ANN001 - numba
     """Rank candidates (``lay``, ``jj``, ``p``; ``was``: queued before; ``look``: the
     lookahead chance, -1.0 where none) by (-p / (lay - g), lay, jj) and judge them as
@@ -58,7 +66,14 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     needs a call to ``act`` and [late rejected, queued none done, admitted late, issued,
     re-ranked] to ``counts``; returns how many actions, -1 when a late copy needs the
     chance table and ``have_tab`` is False (nothing else changed: call again with it),
-    or -2 when a rank key is NaN (the caller's sort handles that its own way)."""
+    or -2 when a rank key is NaN (the caller's sort handles that its own way).
+    With ``price`` (victim="priced", policies.fmoe_victim) each copy's victim is priced
+    as ``FmoeVictim._victim_price`` does: ``step`` the layer step for a link without
+    prefetch time (0.0: none), per device ``vfree0`` free slots, ``v_e`` the victims'
+    expected times to next use in the order they are taken (``v_len`` of them) and
+    ``v_loaded`` whether its victims were listed; counts[5] gets the copies rejected
+    for their victim's price. -3 when a window is not positive (the caller's Python
+    then decides: it lists no victims there)."""
     n = lay.shape[0]
     key = np.empty(n)
     for i in range(n):
@@ -79,7 +94,9 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                 break
         order[m] = i
     committed = committed0.copy()
-    late_no = late_yes = issued = reranked = none_done = 0
+    vfree = vfree0.copy()
+    vptr = np.zeros(vfree.shape[0], np.int64)
+    late_no = late_yes = issued = reranked = none_done = value_no = 0
     na = 0
     for r in range(n):
         i = order[r]
@@ -89,7 +106,26 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
         copy_s = copy[dev]
         x = (layer - g) * avail[dev] - committed[dev]
         done = x if x < copy_s else copy_s  # min(copy_s, x)
-        if done < copy_s:
+        vc = 0.0
+        if price:  # FmoeVictim._victim_price
+            av = avail[dev]
+            ahead = float(layer - g)
+            if av > 0:
+                start = committed[dev] / av
+                w1 = start + copy_s / av
+                window = (ahead if ahead > w1 else w1) - start  # max(w1, ahead) - start
+            else:
+                w1 = copy_s / step if step > 0 else 0.0
+                window = ahead if ahead > w1 else w1
+            if not window > 0:
+                return -3
+            use = 0.0  # _victim_use_chance
+            if vfree[dev] <= 0 and v_len[dev] > 0:
+                e = v_e[dev, vptr[dev]]
+                use = 1.0 if e <= 0 else 1.0 - math.exp(-window / e)
+            vc = use * copy_s
+        q = 0.0
+        if done < copy_s or price:
             if not have_tab:
                 return -1
             age = it - ist[0, layer, j]
@@ -97,6 +133,14 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
             q = tab[row, age_bucket1(age)]
             if look[i] > q:
                 q = look[i]
+        if price and done >= copy_s and q * copy_s <= vc:
+            value_no += 1  # in time, but likelier to cost its victim's use than to pay
+            if was[i]:
+                act[na, 0] = i
+                act[na, 1] = CANCEL
+                na += 1
+            continue
+        if done < copy_s:
             if no_rho:
                 rho = 0.0
             else:
@@ -104,7 +148,7 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                 rho = 1.0 if 1.0 < rr else rr  # min(rr, 1.0)
             av = avail[dev]
             mn = copy_s if copy_s < av else av  # min(avail, copy_s)
-            if done <= 0 and q * mn > (1.0 - q) * copy_s * rho:
+            if done <= 0 and q * mn > (1.0 - q) * copy_s * rho + vc:
                 act[na, 0] = i
                 act[na, 1] = ORDER
                 na += 1
@@ -112,7 +156,7 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                 issued += 1
                 reranked += was[i]
                 continue
-            if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho:
+            if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
                 late_no += 1
                 if was[i]:
                     act[na, 0] = i
@@ -120,6 +164,11 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                     na += 1
                 continue
             late_yes += 1
+        if price and v_loaded[dev]:  # FmoeVictim._victim_take
+            if vfree[dev] > 0:
+                vfree[dev] -= 1
+            elif v_len[dev] - vptr[dev] > 1:
+                vptr[dev] += 1
         committed[dev] += copy_s
         act[na, 0] = i
         act[na, 1] = ORDER
@@ -131,4 +180,5 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     counts[2] = late_yes
     counts[3] = issued
     counts[4] = reranked
+    counts[5] = value_no
     return na

@@ -49,6 +49,14 @@ _RESIDENT = ExpertState.RESIDENT
 # from this many candidates a one-row gate ranks and judges them in one kernel call
 # (policies.fmoe_admit_jit; below it the call and its arrays cost more than the loop)
 _KERNEL_MIN = 8
+# admit_rows' victim arguments without victim pricing (none read)
+_NO_VICTIMS = (
+    0.0,
+    np.zeros(1, np.int64),
+    np.zeros((1, 1)),
+    np.zeros(1, np.int64),
+    np.zeros(1, np.bool_),
+)
 
 
 class FmoeDeadline:
@@ -216,12 +224,7 @@ class FmoeDeadline:
             return
         if self._rank_chance:  # each candidate's measured chance of use, not its map's p
             cands = {key: self._iteration_chance(*key) for key in cands}
-        if (
-            not self._victim_priced  # the victim's price is judged in Python
-            and self._rows <= 1
-            and len(cands) >= _KERNEL_MIN
-            and self._admit_kernel(g, cands, old)
-        ):
+        if self._rows <= 1 and len(cands) >= _KERNEL_MIN and self._admit_kernel(g, cands, old):
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
@@ -368,15 +371,19 @@ class FmoeDeadline:
         interval = self._interval
         no_rho = not interval or interval <= 0
         demand = np.asarray(self._demand_s, np.float64)
+        price = self._victim_priced
+        victims = self._kernel_victims(devs, avail) if price else _NO_VICTIMS
+        if victims is None:
+            return False
         act = np.empty((n, 2), np.int64)
-        counts = np.zeros(5, np.int64)
+        counts = np.zeros(6, np.int64)
         have = self._chance_it == self._cur_it
         args = (lay, jj, p, was, look, g, self._dev_arr, committed, copy, avail, demand,
                 0.0 if no_rho else float(interval), no_rho, self._ist)  # fmt: skip
-        na = K.admit_rows(*args, self._chance_tab, have, self._cur_it, act, counts)
+        na = K.admit_rows(*args, self._chance_tab, have, self._cur_it, act, counts, price, *victims)
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
             tab = self._chance()
-            na = K.admit_rows(*args, tab, True, self._cur_it, act, counts)
+            na = K.admit_rows(*args, tab, True, self._cur_it, act, counts, price, *victims)
         if na < 0:
             return False
         pending: dict[ExpertKey, float] = {}
@@ -389,7 +396,10 @@ class FmoeDeadline:
             else:
                 self.cancel(key[0], key[1])
         self._pending = pending
-        late_no, none_done, late_yes, issued, reranked = counts.tolist()
+        late_no, none_done, late_yes, issued, reranked, value_no = counts.tolist()
+        if value_no:
+            st_v = self._stats
+            st_v["orders_rejected_value"] += value_no
         st = self._stats
         if late_no:
             st["orders_rejected_late"] += late_no
@@ -402,3 +412,38 @@ class FmoeDeadline:
         if reranked:
             st["orders_reranked"] += reranked
         return True
+
+    def _kernel_victims(self, devs: Sequence[int], avail: np.ndarray) -> tuple | None:
+        """The victim lists of ``devs`` for :func:`policies.fmoe_admit_jit.admit_rows`
+        (step, free slots, victims' expected times to next use in the order they are
+        taken, their count, listed): what ``FmoeVictim._victim_use_chance`` reads when a
+        pass prices its first copy on each device (every candidate is priced, so each of
+        ``devs`` is listed). None (decide in Python) where reading the expected times now
+        could make the eviction table earlier than the Python pass would."""
+        if self.ctx is None:
+            return None
+        from policies.fmoe_victim import VICTIMS_PRICED
+
+        self._victims_reset()
+        nd = self._n_dev
+        vfree = np.zeros(nd, np.int64)
+        v_len = np.zeros(nd, np.int64)
+        v_loaded = np.zeros(nd, np.bool_)
+        v_e = np.zeros((nd, VICTIMS_PRICED))
+        for dev in devs:
+            self._victims_load(dev)
+            vq = self._vq[dev]
+            vfree[dev], v_len[dev], v_loaded[dev] = self._vfree[dev], len(vq), True
+            if vq:
+                if self._etnu_dirty:  # expected_next_use would make the table: leave it
+                    return None
+                tab = self._etnu_mv
+                for t, (_, e) in enumerate(reversed(vq)):
+                    v_e[dev, t] = -tab[e.key]  # expected_next_use(*e.key)
+        step = 0.0
+        if any(avail[dev] <= 0 for dev in devs):
+            view = self._view
+            assert view is not None
+            s = self._interval or view.layer_time_s(self._rows)
+            step = float(s) if s else 0.0
+        return step, vfree, v_e, v_len, v_loaded

@@ -20,12 +20,16 @@ from traces.synth import SynthConfig, generate
 WALL = {"wall_s", "run_wall_s", "layer_steps_per_s", "bound_wall_s"}
 
 
-def _run(model: str, hardware: str, experts: int, fast: bool) -> tuple[dict, int]:
+def _run(model: str, hardware: str, experts: int, fast: bool, opts: dict) -> tuple[dict, int]:
     """The run's metrics (wall times aside) and how many gates the kernel judged."""
     spec = load_model(model)
     w = generate(spec, SynthConfig(num_requests=4, arrival_rate=0.0, seed=5))
     cfg = SimConfig(
-        model=spec, hardware=load_hardware(hardware), policy="fmoe", cache_experts=experts
+        model=spec,
+        hardware=load_hardware(hardware),
+        policy="fmoe",
+        cache_experts=experts,
+        policy_options=opts,
     )
     calls = [0]
     inner = FmoeDeadline._admit_kernel
@@ -48,18 +52,27 @@ def _run(model: str, hardware: str, experts: int, fast: bool) -> tuple[dict, int
     return {k: v for k, v in m.items() if k not in WALL}, calls[0]
 
 
+# with and without the victim's price, under either ranking (the defaults: priced, chance)
+OPTS = ({"victim": "ignored", "rank": "chance"}, {"victim": "ignored", "rank": "p"}, {"rank": "p"})
+
+
 @pytest.mark.parametrize(
-    ("model", "hardware", "experts"),
+    ("model", "hardware", "experts", "opts"),
     [
-        ("qwen1.5-moe-a2.7b", "a100-80gb-pcie4", 400),
-        ("qwen1.5-moe-a2.7b", "paper-6x3090", 300),
-        ("mixtral-8x7b", "paper-6x3090", 60),
+        ("qwen1.5-moe-a2.7b", "a100-80gb-pcie4", 400, OPTS[0]),
+        ("qwen1.5-moe-a2.7b", "paper-6x3090", 300, OPTS[1]),
+        ("mixtral-8x7b", "paper-6x3090", 60, {}),
+        ("qwen1.5-moe-a2.7b", "a100-80gb-pcie4", 400, {}),
+        ("qwen1.5-moe-a2.7b", "paper-6x3090", 300, OPTS[2]),
     ],
 )
-def test_admission_kernel_gives_the_loops_results(model: str, hardware: str, experts: int) -> None:
-    fast, calls = _run(model, hardware, experts, fast=True)
-    slow, none = _run(model, hardware, experts, fast=False)
-    assert calls > 100 and none == 0  # the kernel judged many gates in one run only
+def test_fast_paths_give_the_loops_results(
+    model: str, hardware: str, experts: int, opts: dict
+) -> None:
+    fast, calls = _run(model, hardware, experts, True, opts)
+    slow, none = _run(model, hardware, experts, False, opts)
+    assert none == 0
+    assert calls > 100
     meta = fast["policy_metadata"]
     # every branch of the judgement was taken
     assert meta["lookahead_picks_scored"] > 100 and meta["map_topk_precision"] is not None
