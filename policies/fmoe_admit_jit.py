@@ -54,6 +54,7 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     v_e,
     v_len,
     v_loaded,
+    rank_chance,
 ):  # noqa: ANN001 - numba
     """Rank candidates (``lay``, ``jj``, ``p``; ``was``: queued before; ``look``: the
     lookahead chance, -1.0 where none) by (-p / (lay - g), lay, jj) and judge them as
@@ -67,6 +68,9 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     re-ranked] to ``counts``; returns how many actions, -1 when a late copy needs the
     chance table and ``have_tab`` is False (nothing else changed: call again with it),
     or -2 when a rank key is NaN (the caller's sort handles that its own way).
+    With ``rank_chance`` the candidates are ranked by their chance of use instead:
+    ``p`` is overwritten with it (``have_tab`` must then be True).
+
     With ``price`` (victim="priced", policies.fmoe_victim) each copy's victim is priced
     as ``FmoeVictim._victim_price`` does: ``step`` the layer step for a link without
     prefetch time (0.0: none), per device ``vfree0`` free slots, ``v_e`` the victims'
@@ -75,6 +79,13 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     for their victim's price. -3 when a window is not positive (the caller's Python
     then decides: it lists no victims there)."""
     n = lay.shape[0]
+    if rank_chance:  # p[i] = _iteration_chance of one row: the table's cell, or the look's
+        for i in range(n):
+            layer = lay[i]
+            j = jj[i]
+            row = ist[1, layer, j] if ist[2, layer, 0] == it else ist[3, layer, j]
+            q = tab[row, age_bucket1(it - ist[0, layer, j])]
+            p[i] = look[i] if look[i] > q else q
     key = np.empty(n)
     for i in range(n):
         key[i] = -p[i] / (lay[i] - g)

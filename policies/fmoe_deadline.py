@@ -222,12 +222,12 @@ class FmoeDeadline:
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
-        if self._rank_chance:  # each candidate's measured chance of use, not its map's p
-            cands = {key: self._iteration_chance(*key) for key in cands}
         if self._rows <= 1 and len(cands) >= _KERNEL_MIN and self._admit_kernel(g, cands, old):
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
+        if self._rank_chance:  # each candidate's measured chance of use, not its map's p
+            cands = {key: self._iteration_chance(*key) for key in cands}
         if len(cands) == 1:  # the common case on coarse models: nothing to sort
             ranked = list(cands.items())
         else:
@@ -371,6 +371,8 @@ class FmoeDeadline:
         interval = self._interval
         no_rho = not interval or interval <= 0
         demand = np.asarray(self._demand_s, np.float64)
+        if self._rank_chance:  # ranked by chance: _admit's _iteration_chance per candidate
+            self._chance()  # (there first), computed by the kernel
         price = self._victim_priced
         victims = self._kernel_victims(devs, avail) if price else _NO_VICTIMS
         if victims is None:
@@ -378,19 +380,25 @@ class FmoeDeadline:
         act = np.empty((n, 2), np.int64)
         counts = np.zeros(6, np.int64)
         have = self._chance_it == self._cur_it
+        rank_chance = self._rank_chance
         args = (lay, jj, p, was, look, g, self._dev_arr, committed, copy, avail, demand,
                 0.0 if no_rho else float(interval), no_rho, self._ist)  # fmt: skip
-        na = K.admit_rows(*args, self._chance_tab, have, self._cur_it, act, counts, price, *victims)
+        na = K.admit_rows(
+            *args, self._chance_tab, have, self._cur_it, act, counts, price, *victims, rank_chance
+        )
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
             tab = self._chance()
-            na = K.admit_rows(*args, tab, True, self._cur_it, act, counts, price, *victims)
+            na = K.admit_rows(
+                *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance
+            )
         if na < 0:
             return False
         pending: dict[ExpertKey, float] = {}
+        pvs = p.tolist()  # the map's p, or with rank_chance the chances the kernel put there
         for i, code in act[:na].tolist():
             key = keys[i]
             if code == K.ORDER:
-                pv = cands[key]
+                pv = pvs[i]
                 pending[key] = pv
                 self.prefetch(key[0], key[1], pv / (key[0] - g))
             else:
