@@ -48,7 +48,7 @@ _LAST_BUCKET = AGE_BUCKETS - 1
 _RESIDENT = ExpertState.RESIDENT
 # from this many candidates a one-row gate ranks and judges them in one kernel call
 # (policies.fmoe_admit_jit; below it the call and its arrays cost more than the loop)
-_KERNEL_MIN = 8
+_KERNEL_MIN = 2
 # admit_rows' victim arguments without victim pricing (none read)
 _NO_VICTIMS = (
     0.0,
