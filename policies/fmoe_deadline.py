@@ -37,15 +37,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from policies.base import ExecutorView, PolicyContext
 from policies.cache import ExpertKey, ExpertState
+from policies.fmoe_admit import FmoeAdmitKernel
 from policies.fmoe_eviction import AGE_BUCKETS
 
 _LAST_BUCKET = AGE_BUCKETS - 1
 _RESIDENT = ExpertState.RESIDENT
+# from this many candidates a one-row gate ranks and judges them in one kernel call
+# (policies.fmoe_admit_jit; below it the call and its arrays cost more than the loop)
+_KERNEL_MIN = 2
 
 
-class FmoeDeadline:
+class FmoeDeadline(FmoeAdmitKernel):
     """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
 
     def _setup_deadline(self, ctx: PolicyContext) -> None:
@@ -54,6 +60,7 @@ class FmoeDeadline:
         self._view: ExecutorView | None = view
         L, J = ctx.spec.num_moe_layers, ctx.spec.num_experts
         self._dev_of = [[ctx.placement.device_of((lay, j)) for j in range(J)] for lay in range(L)]
+        self._dev_arr = np.array(self._dev_of, np.int64).reshape(L, J)  # for the kernel
         self._n_dev = len(ctx.caches)
         self._copy_s = view.link_state(0).copy_s if view is not None else 0.0
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
@@ -204,6 +211,10 @@ class FmoeDeadline:
         self._dl_cands = {}
         if not cands:
             self._pending = {}
+            if stale:
+                self._stats["orders_cancelled_stale"] += stale
+            return
+        if self._rows <= 1 and len(cands) >= _KERNEL_MIN and self._admit_kernel(g, cands, old):
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return

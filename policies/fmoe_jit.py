@@ -17,6 +17,9 @@ from numba import njit
 
 AGE_BUCKETS = 16  # as policies.fmoe_eviction.AGE_BUCKETS
 _SATURATED = 1 << (AGE_BUCKETS - 2)  # ages above this land in the last bucket
+# _select_partial scans for the next largest this many times, then sorts the row once
+# (a scan is O(J): cheaper for the few experts a good match selects)
+_PARTIAL_MAX = 12
 
 
 def _bucket_table() -> np.ndarray:
@@ -306,7 +309,9 @@ def _select_partial(p, score, k, use_delta, used, out, counts, r):  # noqa: ANN0
     """:func:`select_rows` of one row without sorting all of it: the stable descending
     order's i-th expert is the largest not yet taken (ties to the lower id), found only
     for the i the rule reads (the selection stops at n; fine-grained rows of hundreds of
-    experts select a few). The same running sums in the same order, so the same picks.
+    experts select a few); from the _PARTIAL_MAX-th on, the rest of the order comes from
+    one stable sort of -p (the same order; NaN rows are left to the caller). The same
+    running sums in the same order, so the same picks.
     False (nothing written) when the row holds a NaN, which orders differently."""
     J = p.shape[0]
     for q in range(J):
@@ -316,17 +321,25 @@ def _select_partial(p, score, k, use_delta, used, out, counts, r):  # noqa: ANN0
     thr = min(1.0 - np.float64(score), 1.0) - 1e-6
     cum = np.float32(0.0)
     found = not use_delta
+    order = np.empty(0, np.int64)
     n = k  # without delta; with it, known once the running sum reaches thr
     c = 0
     i = 0
     while i < J:
         if found and i >= n:
             break
-        m = -1
-        for q in range(J):
-            if not used[q] and (m < 0 or p[q] > p[m]):
-                m = q
-        used[m] = True
+        if i == _PARTIAL_MAX:
+            # a weak match reads far down the row: the rest of the order from one stable
+            # sort (its first i entries are the ones taken: the same order from here)
+            order = np.argsort(-p, kind="mergesort")
+        if i >= _PARTIAL_MAX:
+            m = order[i]
+        else:
+            m = -1
+            for q in range(J):
+                if not used[q] and (m < 0 or p[q] > p[m]):
+                    m = q
+            used[m] = True
         if not found:
             cum += p[m]
             if np.float64(cum) >= thr:

@@ -59,6 +59,8 @@ from specs.errors import InputError
 # chance that any noise cell of a run is ever on; the mixture's scale (module doc)
 ALPHA = 0.01
 RHO = 0.25
+# one-row gates are measured by policies.fmoe_look_jit (False: the numpy code, for tests)
+_KERNEL = True
 
 
 def mixture_boundary(n: np.ndarray, log_a2: float) -> np.ndarray:
@@ -98,6 +100,35 @@ class FmoeLookahead:
         self._la_cat_n = np.zeros((2, L, k))
         self._la_cat_h = np.zeros((2, L, k))
         self._look_q: dict[tuple[int, int], float] = {}  # this gate's lookahead chances
+        # the map forecast's top-k per layer, with the forecast row it was made of
+        self._map_top_memo: dict[int, tuple[list[float], list[int]]] = {}
+        self._la_bounds: dict[bytes, np.ndarray] = {}  # mixture_boundary per pick counts
+        self._no_ids = np.zeros(0, np.int64)
+        self._plan_tops: dict[int, tuple[list[float], list[int]]] = {}  # row id -> (row, top-k)
+        from policies import fmoe_look_jit  # numba: loaded at bind, not at import
+
+        self._la_jit = fmoe_look_jit
+
+    def _map_topk(self, layer: int) -> list[int]:
+        """The top-k experts of layer ``layer``'s map forecast (``self._pred[layer]``),
+        best first, ties to the lower id: ``sorted(range(J), key=lambda j: (-row[j],
+        j))[:k]``. Kept per forecast row (rows are swapped whole, never changed in place):
+        gate g scores layer g's, which gate g - 1 ordered with."""
+        row = self._pred[layer]
+        memo = self._map_top_memo.get(layer)
+        if memo is not None and memo[0] is row:
+            return memo[1]
+        memo = self._plan_tops.get(id(row))  # a decode plan's rows (FmoeSearch._plan_decode)
+        if memo is not None and memo[0] is row:
+            self._map_top_memo[layer] = memo
+            return memo[1]
+        a = None if len(row) <= 32 else np.asarray(row, dtype=np.float64)
+        if a is None or np.isnan(a).any():  # few experts; or NaNs, ordered as Python does
+            top = sorted(range(len(row)), key=lambda j: (-row[j], j))[: self._la_k]
+        else:  # a stable sort of -p: the same order (-0.0 == 0.0 ties by id, as there)
+            top = np.argsort(-a, kind="stable")[: self._la_k].tolist()
+        self._map_top_memo[layer] = (row, top)
+        return top
 
     # -- measurement ------------------------------------------------------------------------
     def _lookahead_score(self, g: int, ids: np.ndarray, iteration: int) -> None:
@@ -107,7 +138,29 @@ class FmoeLookahead:
         B = len(ids)
         picks = self._la_picks
         hit = None
-        if picks is not None and picks[0] == iteration and picks[1] == g and len(picks[2]) == B:
+        scored = (
+            picks is not None and picks[0] == iteration and picks[1] == g and len(picks[2]) == B
+        )
+        if B == 1 and _KERNEL:  # one row: the code below in one kernel call (fmoe_look_jit)
+            n = self._la_n[g]
+            bnd = self._boundary(n + 1.0) if scored else n  # the boundary of the new n
+            on = np.empty(self._la_k, np.bool_)
+            p = np.empty(self._la_k)
+            map_it = bool(self._fc_it[g] == self._cur_it)  # the map forecast this layer
+            top = np.array(self._map_topk(g), np.int64) if map_it else self._no_ids
+            self._la_jit.score_row(
+                self._la_chosen[g], self._la_rows[g], self._la_base,
+                picks[2][0] if scored else self._no_ids, ids[0], n, self._la_h[g],
+                self._la_e[g], scored, bnd, on, p, top, map_it, self._map_n, self._map_h,
+                self._la_cat_n, self._la_cat_h, g,
+            )  # fmt: skip
+            self._la_rows[g] += B
+            if scored:
+                self._la_on[g] = on.tolist()
+                self._la_p[g] = p.tolist()
+            self._la_picks = None
+            return
+        if scored:
             pk = picks[2]  # [B, k]
             f = (self._la_chosen[g] + self._la_base) / (self._la_rows[g] + 1.0)
             e = f[pk]  # [B, k] chance of each pick
@@ -120,19 +173,37 @@ class FmoeLookahead:
             self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
         self._la_picks = None
         if B == 1 and self._fc_it[g] == self._cur_it:  # a map forecast made for this layer
-            row = self._pred[g]
-            k = self._la_k
-            top = sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
-            chosen = set(ids[0].tolist())
-            self._map_n[g] += k
-            self._map_h[g] += sum(j in chosen for j in top)
-            if hit is not None:  # split by whether the map's top-K also names the pick
-                agree = np.isin(picks[2][0], top).astype(np.int64)
-                ranks = np.arange(len(agree))
-                self._la_cat_n[agree, g, ranks] += 1.0
-                self._la_cat_h[agree, g, ranks] += hit[0]
+            self._map_score(g, ids, picks, hit)
         np.add.at(self._la_chosen[g], ids.reshape(-1), 1.0)
         self._la_rows[g] += B
+
+    def _boundary(self, n: np.ndarray) -> np.ndarray:
+        """mixture_boundary(n) of a cell row's pick counts, kept per distinct ``n`` (one
+        row's gates give every layer the same counts in turn: computed once, the same
+        call on the same values)."""
+        key = n.tobytes()
+        b = self._la_bounds.get(key)
+        if b is None:
+            if len(self._la_bounds) > 4096:
+                self._la_bounds.clear()
+            b = self._la_bounds[key] = mixture_boundary(n, self._la_log_a2)
+        return b
+
+    def _map_score(self, g: int, ids: np.ndarray, picks: Any, hit: np.ndarray | None) -> None:
+        """One row's gate g chose ``ids`` [1, K] and the map forecast layer g in this
+        iteration: score the map's top-K, and split the lookahead's picks (``hit``: which
+        were right; None when none were scored) by whether the map's top-K names them."""
+        k = self._la_k
+        top = self._map_topk(g)
+        chosen = set(ids[0].tolist())
+        self._map_n[g] += k
+        self._map_h[g] += sum(j in chosen for j in top)
+        if hit is not None:  # split by whether the map's top-K also names the pick
+            tops = set(top)  # np.isin(picks, top), without its cost on k ids
+            agree = np.array([j in tops for j in picks[2][0].tolist()], np.int64)
+            ranks = np.arange(len(agree))
+            self._la_cat_n[agree, g, ranks] += 1.0
+            self._la_cat_h[agree, g, ranks] += hit[0]
 
     def _lookahead_picks(self, g: int, rows: np.ndarray, iteration: int) -> np.ndarray:
         """Each row's top-k of its lookahead row for layer g+1 ([B, k], best first; ties
@@ -151,9 +222,9 @@ class FmoeLookahead:
             return
         top: set[int] | None = None
         if len(pk) == 1 and self._fc_it[nxt] == self._cur_it:  # the map forecast layer nxt
-            row = self._pred[nxt]
-            top = set(sorted(range(len(row)), key=lambda j: (-row[j], j))[: self._la_k])
-            cn, ch = self._la_cat_n[:, nxt], self._la_cat_h[:, nxt]
+            top = set(self._map_topk(nxt))
+            # as Python floats: the same float64 arithmetic below, without numpy scalars
+            cn, ch = self._la_cat_n[:, nxt].tolist(), self._la_cat_h[:, nxt].tolist()
         prio: dict[int, float] = {}  # the largest p over rows (its ranking, as the maps')
         miss: dict[int, float] = {}  # no row that picked it chooses it (rows independent)
         for row in pk.tolist():
@@ -162,7 +233,7 @@ class FmoeLookahead:
                     p = pv[r]
                     if top is not None:  # its category's precision, shrunk toward the cell's
                         c = int(j in top)
-                        p = (ch[c, r] + p) / (cn[c, r] + 1.0)
+                        p = (ch[c][r] + p) / (cn[c][r] + 1.0)
                     if p > prio.get(j, -1.0):
                         prio[j] = p
                     miss[j] = miss.get(j, 1.0) * (1.0 - p)

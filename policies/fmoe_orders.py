@@ -11,6 +11,9 @@ import numpy as np
 from policies.fmoe_select import merge_priorities, select_experts, select_row
 from policies.fmoe_state import _IterState
 
+# from this many experts _order protects them with numpy writes instead of one by one
+_BULK = 16
+
 
 class FmoeOrders:
     """Steps 3-4 of fMoE: expert selection and prefetch orders."""
@@ -102,6 +105,25 @@ class FmoeOrders:
         cands = self._dl_cands if deadline else None
         ahead = float(layer - self._g)
         orders = 0
+        if protect and len(experts) > _BULK:
+            # a fine-grained layer's weak match selects up to all its experts: protect
+            # them in two numpy writes (the same values as the loop's, one per expert)
+            idx = np.array(experts, np.intp)
+            self._prot[layer, idx] = True
+            self._etnu[layer, idx] = -0.0
+            protect = False
+        if cands is not None and not protect and cache_of and not self._no_prefetch:
+            # the loop below for deadline candidates, without its per-expert branches
+            get = cands.get
+            for j in experts:
+                key = (layer, j)
+                if key in issued or key in cache_of[layer][j].entries:
+                    continue
+                issued.add(key)
+                p = prio[j] * ahead
+                if p > get(key, -1.0):
+                    cands[key] = p
+            return
         for j in experts:
             key = (layer, j)
             if protect:

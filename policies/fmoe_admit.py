@@ -1,0 +1,146 @@
+"""The one-row admission pass of :meth:`policies.fmoe_deadline.FmoeDeadline._admit` in one
+numba kernel call (:mod:`policies.fmoe_admit_jit`), as a mixin of FmoeDeadline: the
+candidates become arrays, the links' states and (``victim="priced"``) the devices'
+victims are read as the Python pass would read them, and the orders and cancellations
+the kernel returns are sent in rank order (docs/fmoe.md, "Speed")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain, repeat
+
+import numpy as np
+
+from policies.cache import ExpertKey
+
+# admit_rows' victim arguments without victim pricing (none read)
+_NO_VICTIMS = (
+    0.0,
+    np.zeros(1, np.int64),
+    np.zeros((1, 1)),
+    np.zeros(1, np.int64),
+    np.zeros(1, np.bool_),
+)
+
+
+class FmoeAdmitKernel:
+    """:meth:`_admit_kernel` and the victim lists it reads."""
+
+    def _admit_kernel(self, g: int, cands: dict[ExpertKey, float], old: dict) -> bool:
+        """The rest of :meth:`_admit` for a one-row iteration's ``cands`` in one kernel
+        call (policies.fmoe_admit_jit): the same decisions, orders and cancellations in
+        the same order. False (nothing done) where the kernel cannot rank (a NaN key)."""
+        from policies import fmoe_admit_jit as K  # numba: loaded with fmoe_jit at bind
+
+        n = len(cands)
+        keys = list(cands)
+        lj = np.fromiter(chain.from_iterable(keys), np.int64, 2 * n).reshape(n, 2)
+        lay, jj = lj[:, 0], lj[:, 1]
+        p = np.fromiter(cands.values(), np.float64, n)
+        was = np.fromiter(map(old.__contains__, keys), np.bool_, n)
+        look_q = self._look_q
+        if look_q:
+            look = np.fromiter(map(look_q.get, keys, repeat(-1.0)), np.float64, n)
+        else:
+            look = np.full(n, -1.0)
+        view = self._view
+        assert view is not None
+        nd = self._n_dev
+        committed = np.zeros(nd)
+        copy = np.full(nd, self._copy_s)
+        avail = np.zeros(nd)
+        # the links' states, read before any order is sent (as the loop reads each at
+        # its device's first candidate: an order changes only its own link, after that)
+        devs = (0,) if nd == 1 else np.unique(self._dev_arr[lay, jj]).tolist()
+        for dev in devs:
+            link = view.link_state(dev)
+            committed[dev] = link.queued_s
+            copy[dev] = link.copy_s
+            avail[dev] = self._avail_per_layer(dev)
+        interval = self._interval
+        no_rho = not interval or interval <= 0
+        demand = np.asarray(self._demand_s, np.float64)
+        if self._rank_chance:  # ranked by chance: _admit's _iteration_chance per candidate
+            self._chance()  # (there first), computed by the kernel
+        price = self._victim_priced
+        victims = self._kernel_victims(devs, avail) if price else _NO_VICTIMS
+        if victims is None:
+            return False
+        act = np.empty((n, 2), np.int64)
+        counts = np.zeros(6, np.int64)
+        have = self._chance_it == self._cur_it
+        rank_chance = self._rank_chance
+        args = (lay, jj, p, was, look, g, self._dev_arr, committed, copy, avail, demand,
+                0.0 if no_rho else float(interval), no_rho, self._ist)  # fmt: skip
+        na = K.admit_rows(
+            *args, self._chance_tab, have, self._cur_it, act, counts, price, *victims, rank_chance
+        )
+        if na == -1:  # a late copy needs this iteration's chance table: make it, again
+            tab = self._chance()
+            na = K.admit_rows(
+                *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance
+            )
+        if na < 0:
+            return False
+        pending: dict[ExpertKey, float] = {}
+        pvs = p.tolist()  # the map's p, or with rank_chance the chances the kernel put there
+        for i, code in act[:na].tolist():
+            key = keys[i]
+            if code == K.ORDER:
+                pv = pvs[i]
+                pending[key] = pv
+                self.prefetch(key[0], key[1], pv / (key[0] - g))
+            else:
+                self.cancel(key[0], key[1])
+        self._pending = pending
+        late_no, none_done, late_yes, issued, reranked, value_no = counts.tolist()
+        if value_no:
+            st_v = self._stats
+            st_v["orders_rejected_value"] += value_no
+        st = self._stats
+        if late_no:
+            st["orders_rejected_late"] += late_no
+        if none_done:
+            st["orders_queued_none_done"] += none_done
+        if late_yes:
+            st["orders_admitted_late"] += late_yes
+        if issued:
+            st["orders_issued"] += issued
+        if reranked:
+            st["orders_reranked"] += reranked
+        return True
+
+    def _kernel_victims(self, devs: Sequence[int], avail: np.ndarray) -> tuple | None:
+        """The victim lists of ``devs`` for :func:`policies.fmoe_admit_jit.admit_rows`
+        (step, free slots, victims' expected times to next use in the order they are
+        taken, their count, listed): what ``FmoeVictim._victim_use_chance`` reads when a
+        pass prices its first copy on each device (every candidate is priced, so each of
+        ``devs`` is listed). None (decide in Python) where reading the expected times now
+        could make the eviction table earlier than the Python pass would."""
+        if self.ctx is None:
+            return None
+        from policies.fmoe_victim import VICTIMS_PRICED
+
+        self._victims_reset()
+        nd = self._n_dev
+        vfree = np.zeros(nd, np.int64)
+        v_len = np.zeros(nd, np.int64)
+        v_loaded = np.zeros(nd, np.bool_)
+        v_e = np.zeros((nd, VICTIMS_PRICED))
+        for dev in devs:
+            self._victims_load(dev)
+            vq = self._vq[dev]
+            vfree[dev], v_len[dev], v_loaded[dev] = self._vfree[dev], len(vq), True
+            if vq:
+                if self._etnu_dirty:  # expected_next_use would make the table: leave it
+                    return None
+                tab = self._etnu_mv
+                for t, (_, e) in enumerate(reversed(vq)):
+                    v_e[dev, t] = -tab[e.key]  # expected_next_use(*e.key)
+        step = 0.0
+        if any(avail[dev] <= 0 for dev in devs):
+            view = self._view
+            assert view is not None
+            s = self._interval or view.layer_time_s(self._rows)
+            step = float(s) if s else 0.0
+        return step, vfree, v_e, v_len, v_loaded

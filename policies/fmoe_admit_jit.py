@@ -1,0 +1,195 @@
+"""numba kernel of fMoE's deadline admission (:meth:`policies.fmoe_deadline.FmoeDeadline._admit`)
+for one-row iterations, where a fine-grained model's gate re-ranks about a hundred
+candidates (DeepSeek-V3: the queued copies forecast to start after their layer are
+judged again at every gate) and judging each in Python cost more than the rest of a
+layer step.
+
+The kernel ranks and judges; the caller sends the orders and cancellations it returns,
+in rank order, so the executor sees the same calls in the same order. Every float
+operation is the Python loop's, in its order (Python's ``min(a, b)`` is ``b if b < a
+else a``, written out so a NaN goes the same way), so the decisions are bitwise the
+same; tests/test_fmoe_admit_jit.py compares it with the Python loop.
+
+Imported with :mod:`policies.fmoe_jit` when an fMoE policy is bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from policies.fmoe_jit import age_bucket1
+
+# action codes written by admit_rows
+CANCEL = 1  # rejected, and it was queued: cancel it
+ORDER = 2  # (re)send at priority p / (layer - g); it stays a candidate
+
+
+@njit(cache=True)
+def admit_rows(  # noqa: ANN201, PLR0913 - numba
+    lay,
+    jj,
+    p,
+    was,
+    look,
+    g,
+    dev_of,
+    committed0,
+    copy,
+    avail,
+    demand_s,
+    interval,
+    no_rho,
+    ist,
+    tab,
+    have_tab,
+    it,
+    act,
+    counts,
+    price,
+    step,
+    vfree0,
+    v_e,
+    v_len,
+    v_loaded,
+    rank_chance,
+):  # noqa: ANN001 - numba
+    """Rank candidates (``lay``, ``jj``, ``p``; ``was``: queued before; ``look``: the
+    lookahead chance, -1.0 where none) by (-p / (lay - g), lay, jj) and judge them as
+    ``_admit`` does for one row (module doc of policies.fmoe_deadline): ``committed0``,
+    ``copy``, ``avail`` per device (the link's queued seconds, one copy's seconds, the
+    prefetch link time per layer step), ``demand_s`` and ``interval`` for rho; ``ist``
+    and the chance table ``tab`` for q.
+
+    Writes, in rank order, (candidate index, CANCEL or ORDER) for each candidate that
+    needs a call to ``act`` and [late rejected, queued none done, admitted late, issued,
+    re-ranked] to ``counts``; returns how many actions, -1 when a late copy needs the
+    chance table and ``have_tab`` is False (nothing else changed: call again with it),
+    or -2 when a rank key is NaN (the caller's sort handles that its own way).
+    With ``rank_chance`` the candidates are ranked by their chance of use instead:
+    ``p`` is overwritten with it (``have_tab`` must then be True).
+
+    With ``price`` (victim="priced", policies.fmoe_victim) each copy's victim is priced
+    as ``FmoeVictim._victim_price`` does: ``step`` the layer step for a link without
+    prefetch time (0.0: none), per device ``vfree0`` free slots, ``v_e`` the victims'
+    expected times to next use in the order they are taken (``v_len`` of them) and
+    ``v_loaded`` whether its victims were listed; counts[5] gets the copies rejected
+    for their victim's price. -3 when a window is not positive (the caller's Python
+    then decides: it lists no victims there)."""
+    n = lay.shape[0]
+    if rank_chance:  # p[i] = _iteration_chance of one row: the table's cell, or the look's
+        for i in range(n):
+            layer = lay[i]
+            j = jj[i]
+            row = ist[1, layer, j] if ist[2, layer, 0] == it else ist[3, layer, j]
+            q = tab[row, age_bucket1(it - ist[0, layer, j])]
+            p[i] = look[i] if look[i] > q else q
+    key = np.empty(n)
+    for i in range(n):
+        key[i] = -p[i] / (lay[i] - g)
+        if key[i] != key[i]:
+            return -2
+    order = np.empty(n, np.int64)
+    for i in range(n):  # insertion sort by (key, lay, jj): keys are distinct pairs
+        m = i
+        while m > 0:
+            o = order[m - 1]
+            if key[i] < key[o] or (
+                key[i] == key[o] and (lay[i] < lay[o] or (lay[i] == lay[o] and jj[i] < jj[o]))
+            ):
+                order[m] = o
+                m -= 1
+            else:
+                break
+        order[m] = i
+    committed = committed0.copy()
+    vfree = vfree0.copy()
+    vptr = np.zeros(vfree.shape[0], np.int64)
+    late_no = late_yes = issued = reranked = none_done = value_no = 0
+    na = 0
+    for r in range(n):
+        i = order[r]
+        layer = lay[i]
+        j = jj[i]
+        dev = dev_of[layer, j]
+        copy_s = copy[dev]
+        x = (layer - g) * avail[dev] - committed[dev]
+        done = x if x < copy_s else copy_s  # min(copy_s, x)
+        vc = 0.0
+        if price:  # FmoeVictim._victim_price
+            av = avail[dev]
+            ahead = float(layer - g)
+            if av > 0:
+                start = committed[dev] / av
+                w1 = start + copy_s / av
+                window = (ahead if ahead > w1 else w1) - start  # max(w1, ahead) - start
+            else:
+                w1 = copy_s / step if step > 0 else 0.0
+                window = ahead if ahead > w1 else w1
+            if not window > 0:
+                return -3
+            use = 0.0  # _victim_use_chance
+            if vfree[dev] <= 0 and v_len[dev] > 0:
+                e = v_e[dev, vptr[dev]]
+                use = 1.0 if e <= 0 else 1.0 - math.exp(-window / e)
+            vc = use * copy_s
+        q = 0.0
+        if done < copy_s or price:
+            if not have_tab:
+                return -1
+            age = it - ist[0, layer, j]
+            row = ist[1, layer, j] if ist[2, layer, 0] == it else ist[3, layer, j]
+            q = tab[row, age_bucket1(age)]
+            if look[i] > q:
+                q = look[i]
+        if price and done >= copy_s and q * copy_s <= vc:
+            value_no += 1  # in time, but likelier to cost its victim's use than to pay
+            if was[i]:
+                act[na, 0] = i
+                act[na, 1] = CANCEL
+                na += 1
+            continue
+        if done < copy_s:
+            if no_rho:
+                rho = 0.0
+            else:
+                rr = demand_s[dev] / interval
+                rho = 1.0 if 1.0 < rr else rr  # min(rr, 1.0)
+            av = avail[dev]
+            mn = copy_s if copy_s < av else av  # min(avail, copy_s)
+            if done <= 0 and q * mn > (1.0 - q) * copy_s * rho + vc:
+                act[na, 0] = i
+                act[na, 1] = ORDER
+                na += 1
+                none_done += 1
+                issued += 1
+                reranked += was[i]
+                continue
+            if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
+                late_no += 1
+                if was[i]:
+                    act[na, 0] = i
+                    act[na, 1] = CANCEL
+                    na += 1
+                continue
+            late_yes += 1
+        if price and v_loaded[dev]:  # FmoeVictim._victim_take
+            if vfree[dev] > 0:
+                vfree[dev] -= 1
+            elif v_len[dev] - vptr[dev] > 1:
+                vptr[dev] += 1
+        committed[dev] += copy_s
+        act[na, 0] = i
+        act[na, 1] = ORDER
+        na += 1
+        issued += 1
+        reranked += was[i]
+    counts[0] = late_no
+    counts[1] = none_done
+    counts[2] = late_yes
+    counts[3] = issued
+    counts[4] = reranked
+    counts[5] = value_no
+    return na

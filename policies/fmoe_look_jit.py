@@ -1,0 +1,78 @@
+"""numba kernel of fMoE's lookahead measurement (:meth:`policies.fmoe_lookahead.FmoeLookahead._lookahead_score`)
+for one-row gates: a dozen numpy calls on vectors of k elements cost more than the
+measurement. The same float operations on the same elements, in the same order, so the
+counts are bitwise the numpy form's (tests/test_fmoe_admit_jit.py runs both end to end).
+
+Imported when an fMoE policy is bound (with :mod:`policies.fmoe_jit`).
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+
+@njit(cache=True)
+def score_row(  # noqa: ANN201, PLR0913 - numba
+    chosen,
+    rows,
+    base,
+    pk,
+    ids,
+    n,
+    h,
+    e,
+    scored,
+    bnd,
+    on,
+    p,
+    top,
+    map_it,
+    map_n,
+    map_h,
+    cat_n,
+    cat_h,
+    g,
+):  # noqa: ANN001 - numba
+    """One row's gate ``g`` chose ``ids`` [K], as ``_lookahead_score`` counts it for B = 1.
+
+    When ``scored``, its lookahead picks ``pk`` [k] (made at the gate before) are scored:
+    hit = pick r is among ``ids``; n[r] += 1, h[r] += hit, e[r] += the pick's chance
+    (chosen[pick] + base) / (rows + 1.0); then on[r] = h[r] - e[r] > bnd[r] (``bnd``: the
+    mixture boundary of the new n) and p[r] = (h[r] + base) / (n[r] + 1.0). When
+    ``map_it`` (the map forecast layer g in this iteration; ``top`` its top-k), the map's
+    top-k is scored (map_n[g] += k, map_h[g] += how many were chosen) and, if scored, each
+    pick's hit is counted in cat_n/cat_h[the map's top-k names it, g, r]. Last the choice
+    is counted: ``np.add.at(chosen, ids, 1.0)``, in order."""
+    k = pk.shape[0]
+    if scored:
+        den = rows + 1.0
+        for r in range(k):
+            j = pk[r]
+            c = (chosen[j] + base) / den
+            hit = False
+            for m in range(ids.shape[0]):
+                if ids[m] == j:
+                    hit = True
+            n[r] += 1.0
+            h[r] += 1.0 if hit else 0.0
+            e[r] += c
+            on[r] = h[r] - e[r] > bnd[r]
+            p[r] = (h[r] + base) / (n[r] + 1.0)
+            if map_it:
+                agree = 0
+                for t in range(top.shape[0]):
+                    if top[t] == j:
+                        agree = 1
+                cat_n[agree, g, r] += 1.0
+                cat_h[agree, g, r] += 1.0 if hit else 0.0
+    if map_it:
+        got = 0
+        for t in range(top.shape[0]):
+            for m in range(ids.shape[0]):
+                if ids[m] == top[t]:
+                    got += 1
+                    break
+        map_n[g] += float(top.shape[0])
+        map_h[g] += float(got)
+    for m in range(ids.shape[0]):
+        chosen[ids[m]] += 1.0
