@@ -69,12 +69,8 @@ class FmoeVictim:
         if window_steps <= 0 or self.ctx is None:
             return 0.0
         if dev not in self._vfree:
-            self._vfree[dev] = self.ctx.caches[dev].free
-        if self._vfree[dev] > 0:
-            return 0.0
-        if dev not in self._vq:  # scored only once the free slots are taken
             self._victims_load(dev)
-        if not self._vq[dev]:
+        if self._vfree[dev] > 0 or not self._vq[dev]:
             return 0.0
         e = self.expected_next_use(*self._vq[dev][-1][1].key)
         return 1.0 if e <= 0 else 1.0 - math.exp(-window_steps / e)
@@ -85,14 +81,15 @@ class FmoeVictim:
             return
         if self._vfree[dev] > 0:
             self._vfree[dev] -= 1
-        elif len(self._vq.get(dev, ())) > 1:  # past the list's end the last one's price stands
+        elif len(self._vq[dev]) > 1:  # past the list's end the last victim's price stands
             self._vq[dev].pop()
 
     def _victims_load(self, dev: int) -> None:
-        """The device's cheapest evictable entries (resident, unpinned, unprotected),
-        lowest score last: the cache keeps that set (``ExpertCache._cands``), so no scan of
-        every entry; the order is by (score, key), whatever the set's order."""
+        """The device's free slots and its cheapest evictable entries (resident, unpinned,
+        unprotected), lowest score last: the cache keeps that set (``ExpertCache._cands``),
+        so no scan of every entry; the order is by (score, key), whatever the set's order."""
         cache = self.ctx.caches[dev]
+        self._vfree[dev] = cache.free
         cands = getattr(cache, "_cands", None)
         if cands is None:
             cands = {
