@@ -51,7 +51,8 @@ class FmoeAdmitKernel:
         avail = np.zeros(nd)
         # the links' states, read before any order is sent (as the loop reads each at
         # its device's first candidate: an order changes only its own link, after that)
-        devs = (0,) if nd == 1 else np.unique(self._dev_arr[lay, jj]).tolist()
+        cand_dev = self._dev_arr[lay, jj]
+        devs = (0,) if nd == 1 else np.unique(cand_dev).tolist()
         for dev in devs:
             link = view.link_state(dev)
             committed[dev] = link.queued_s
@@ -63,7 +64,11 @@ class FmoeAdmitKernel:
         if self._rank_chance:  # ranked by chance: _admit's _iteration_chance per candidate
             self._chance()  # (there first), computed by the kernel
         price = self._victim_priced
-        victims = self._kernel_victims(devs, avail) if price else _NO_VICTIMS
+        if price:
+            per_dev = np.bincount(cand_dev, minlength=nd) if nd > 1 else np.array([n])
+            victims = self._kernel_victims(devs, avail, per_dev)
+        else:
+            victims = _NO_VICTIMS
         if victims is None:
             return False
         act = np.empty((n, 2), np.int64)
@@ -110,13 +115,17 @@ class FmoeAdmitKernel:
             st["orders_reranked"] += reranked
         return True
 
-    def _kernel_victims(self, devs: Sequence[int], avail: np.ndarray) -> tuple | None:
+    def _kernel_victims(
+        self, devs: Sequence[int], avail: np.ndarray, per_dev: np.ndarray
+    ) -> tuple | None:
         """The victim lists of ``devs`` for :func:`policies.fmoe_admit_jit.admit_rows`
         (step, free slots, victims' expected times to next use in the order they are
         taken, their count, listed): what ``FmoeVictim._victim_use_chance`` reads when a
         pass prices its first copy on each device (every candidate is priced, so each of
         ``devs`` is listed). None (decide in Python) where reading the expected times now
-        could make the eviction table earlier than the Python pass would."""
+        could make the eviction table earlier than the Python pass would. A device with
+        at least as many free slots as it has candidates (``per_dev``) gets an empty list:
+        every copy it admits takes a free slot first, so no victim is ever priced there."""
         if self.ctx is None:
             return None
         from policies.fmoe_victim import VICTIMS_PRICED
@@ -127,7 +136,13 @@ class FmoeAdmitKernel:
         v_len = np.zeros(nd, np.int64)
         v_loaded = np.zeros(nd, np.bool_)
         v_e = np.zeros((nd, VICTIMS_PRICED))
+        caches = self.ctx.caches
         for dev in devs:
+            free = caches[dev].free
+            if free >= per_dev[dev]:  # never reaches a victim: skip scoring them
+                self._vfree[dev], self._vq[dev] = free, []
+                vfree[dev], v_loaded[dev] = free, True
+                continue
             self._victims_load(dev)
             vq = self._vq[dev]
             vfree[dev], v_len[dev], v_loaded[dev] = self._vfree[dev], len(vq), True
