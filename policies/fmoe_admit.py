@@ -98,21 +98,7 @@ class FmoeAdmitKernel:
             else:
                 self.cancel(key[0], key[1])
         self._pending = pending
-        late_no, none_done, late_yes, issued, reranked, value_no = counts.tolist()
-        if value_no:
-            st_v = self._stats
-            st_v["orders_rejected_value"] += value_no
-        st = self._stats
-        if late_no:
-            st["orders_rejected_late"] += late_no
-        if none_done:
-            st["orders_queued_none_done"] += none_done
-        if late_yes:
-            st["orders_admitted_late"] += late_yes
-        if issued:
-            st["orders_issued"] += issued
-        if reranked:
-            st["orders_reranked"] += reranked
+        self._count_orders(*counts.tolist())
         return True
 
     def _kernel_victims(

@@ -311,20 +311,31 @@ class FmoeDeadline(FmoeAdmitKernel):
             issued += 1
             reranked += was
         self._pending = pending
+        self._count_orders(late_no, none_done, late_yes, issued, reranked, value_no, stale)
+
+    def _count_orders(
+        self,
+        late_no: int,
+        none_done: int,
+        late_yes: int,
+        issued: int,
+        reranked: int,
+        value_no: int,
+        stale: int = 0,
+    ) -> None:
+        """Add one admission pass's counts to the policy's order statistics (counted in
+        locals during the pass, added here once; the kernel returns them in this order)."""
         if not (stale or late_no or none_done or late_yes or issued or value_no):
             return
         st = self._stats
-        if stale:
-            st["orders_cancelled_stale"] += stale
-        if late_no:
-            st["orders_rejected_late"] += late_no
-        if none_done:
-            st["orders_queued_none_done"] += none_done
-        if late_yes:
-            st["orders_admitted_late"] += late_yes
-        if issued:
-            st["orders_issued"] += issued
-        if reranked:
-            st["orders_reranked"] += reranked
-        if value_no:
-            st["orders_rejected_value"] += value_no
+        for name, n in (
+            ("orders_cancelled_stale", stale),
+            ("orders_rejected_late", late_no),
+            ("orders_queued_none_done", none_done),
+            ("orders_admitted_late", late_yes),
+            ("orders_issued", issued),
+            ("orders_reranked", reranked),
+            ("orders_rejected_value", value_no),
+        ):
+            if n:
+                st[name] += n

@@ -90,14 +90,7 @@ class FmoeVictim:
         so no scan of every entry; the order is by (score, key), whatever the set's order."""
         cache = self.ctx.caches[dev]
         self._vfree[dev] = cache.free
-        cands = getattr(cache, "_cands", None)
-        if cands is None:
-            cands = {
-                k: e
-                for k, e in cache.entries.items()
-                if e.state.value == "resident" and not e.pins and not e.protected
-            }
-        entries = list(cands.values())
+        entries = list(cache._cands.values())
         scores = self.eviction_scores(entries) if entries else []
         # at most VICTIMS_PRICED per pass: an admission pass sends a few copies per link
         low = heapq.nsmallest(
