@@ -5,8 +5,10 @@ eviction's alone, and the issue's goal (close half of the gap between LRU and th
 demand-only MIN bound) asks how well an eviction can foresee demands. This experiment
 answers it without any policy: Belady-H (:mod:`traces.horizon`) knows the next H
 iterations' demands exactly and nothing beyond, for H from 0 (LRU) to the whole run
-(MIN). The horizon at which Belady-H closes half the gap is a floor on how far ahead,
-and how exactly, a forecast must see for an eviction driven by it to reach the goal.
+(MIN), and for the rest of the current iteration (what a forecast of the running token's
+later layers, fMoE's trajectory and lookahead, can know at best). The horizon at which
+Belady-H closes half the gap is a floor on how far ahead, and how exactly, a forecast
+must see for an eviction driven by it to reach the goal.
 
 Workloads: the real traces the project ships (switch-base-8's encoder routing; the
 decode routing of the tiny MoE trained on this machine) and the synthetic workloads of
@@ -71,6 +73,10 @@ def measure(name: str, w: Workload, share: float) -> dict[str, object]:
     lru = horizon_run(seq, capacity, 0, nxt)[0] / n
     best = horizon_run(seq, capacity, seq.num_steps, nxt)[0] / n
     row["LRU"], row["MIN"] = round(lru, 3), round(best, 3)
+    rest = horizon_run(seq, capacity, 0, nxt, iteration_steps=L)[0] / n
+    row["rest of iteration"] = (
+        f"{rest:.3f} ({(rest - lru) / (best - lru) if best > lru else 1.0:.0%})"
+    )
     half = None
     for h in HORIZONS[1:]:
         hit = horizon_run(seq, capacity, h * L, nxt)[0] / n

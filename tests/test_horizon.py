@@ -91,3 +91,14 @@ def test_forecast_horizon_experiment_on_the_trained_trace() -> None:
     hits = [float(str(row[f"H={h}"]).split()[0]) for h in HORIZONS[1:]]
     assert row["LRU"] <= hits[0] and hits[-1] <= row["MIN"]
     assert row["half gap at H"] in HORIZONS[1:] or row["half gap at H"] == "> 64"
+
+
+def test_the_rest_of_the_iteration_is_seen_with_iteration_steps() -> None:
+    # iterations of 2 steps: [0], [1] | [2], [0] ... capacity 2
+    steps = [[0], [1], [2], [0]]
+    seq = _seq(steps, 3)
+    # at step 2 (first of its iteration) the rest of the iteration (step 3: key 0) is seen
+    assert horizon_run(seq, 2, 0, iteration_steps=2)[0] == 1
+    assert horizon_run(seq, 2, 0)[0] == 0
+    # at the last step of an iteration nothing more is seen: iteration_steps=1 is horizon 0
+    assert horizon_run(seq, 2, 0, iteration_steps=1) == horizon_run(seq, 2, 0)

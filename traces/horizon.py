@@ -29,10 +29,18 @@ from traces.demand import NEVER, DemandSequence, next_use
 
 
 def horizon_run(
-    seq: DemandSequence, capacity: int, horizon: int, nxt: np.ndarray | None = None
+    seq: DemandSequence,
+    capacity: int,
+    horizon: int,
+    nxt: np.ndarray | None = None,
+    iteration_steps: int | None = None,
 ) -> tuple[int, int]:
     """(hits, misses) of Belady-H with ``capacity`` slots over ``seq``, foreseeing the
     next ``horizon`` layer steps (see the module doc).
+
+    ``iteration_steps``: with every iteration exactly this many steps (batch 1: the MoE
+    layers), the eviction also sees the rest of the current iteration (what a forecast of
+    the running token's later layers can know), then ``horizon`` steps more.
 
     Contract: ``capacity`` >= the largest step's size (ValueError otherwise) and
     ``horizon >= 0``; ``nxt`` is :func:`traces.demand.next_use` of ``seq`` (computed when
@@ -55,7 +63,12 @@ def horizon_run(
     hits = misses = 0
     for s in range(steps):
         a, b = int(start[s]), int(start[s + 1])
-        seen = int(start[min(s + 1 + horizon, steps)])  # demands before this are foreseen
+        ahead = (
+            horizon
+            if iteration_steps is None
+            else horizon + iteration_steps - 1 - s % iteration_steps
+        )
+        seen = int(start[min(s + 1 + ahead, steps)])  # demands before this are foreseen
         missed = []
         for p in range(a, b):
             slot = slot_of[keys[p]]
