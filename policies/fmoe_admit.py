@@ -80,7 +80,15 @@ class FmoeAdmitKernel:
         args = (lay, jj, p, was, look, g, self._dev_arr, committed, copy, avail, demand,
                 0.0 if no_rho else float(interval), no_rho, self._ist)  # fmt: skip
         na = K.admit_rows(
-            *args, self._chance_tab, have, self._cur_it, act, counts, price, *victims, rank_chance,
+            *args,
+            self._chance_tab,
+            have,
+            self._cur_it,
+            act,
+            counts,
+            price,
+            *victims,
+            rank_chance,
             beta,
         )
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
