@@ -16,13 +16,15 @@ and copy time), so it measures the cost: at every gate it notes each device whos
 carries a copy (``link_state(dev).queued_s > 0`` before the gate's demand loads are
 queued: every earlier demand load has landed, the layer waited for it), and at the next
 hook it reads when that gate's first demand load landed (the cache entry's
-``loaded_at``); the demand loads waited ``landed - gate - copy`` for the copy ahead of
-them (0 where the gate demanded nothing there). ``beta`` = total wait / gates with a
-copy on the link, per device and iteration kind (prompt or decode step), over the run:
-the expected delay a copy causes demand loads for each gate it is on the link at. Gates
-whose demand loads include a late prefetch (promoted to a demand load, its rest is
-needed anyway) are not counted. No constant is set: the chunk size, the copy time and
-how often gates demand loads are all in the measured wait.
+``loaded_at``): the demand loads waited ``landed - gate - copy`` for the copy ahead of
+them. ``beta`` = (share of gates that demand a load on the device) x (mean wait of such
+a gate's loads behind a copy), per device and iteration kind (prompt or decode step),
+over the run: the expected delay a copy causes demand loads for each gate it is on the
+link at. The share comes from every gate, the wait from the gates that found a copy
+(the two factors apart, so a few early waits of a rarely demanding device do not stand
+for every gate). Gates whose demand loads include a late prefetch (promoted to a demand
+load, its rest is needed anyway) give no wait. No constant is set: the chunk size, the
+copy time and how often gates demand loads are all measured.
 
 The admission (:mod:`policies.fmoe_deadline`) charges a copy ``beta`` for every gate
 before its layer at which it is forecast to be on the link (its start and landing as the
@@ -68,28 +70,33 @@ class FmoeBlocking:
 
     def _blocking_gate(self, layer: int, ids: Sequence[int], now: float) -> None:
         """Layer ``layer``'s gate at ``now`` chose ``ids`` (before its demand loads are
-        queued): settle the last gate's waits, then note each device with a copy on its
-        link and the keys its demand loads will bring."""
+        queued): settle the last gate's wait, count the gate and whether it demands a
+        load on each device, and note each device whose demand loads find a copy on its
+        link, with the keys they bring."""
         self._blocking_resolve()
         view = self._view
         cache_of, dev_of = self._cache_of, self._dev_of
         if view is None or not cache_of:
             return
-        busy = [d for d in range(self._n_dev) if view.link_state(d).queued_s > 0]
-        if not busy:
-            return
-        absent: dict[int, list[ExpertKey]] = {d: [] for d in busy}
+        absent: dict[int, list[ExpertKey]] = {}
         late: set[int] = set()
         for j in ids:
             dev = dev_of[layer][j]
-            if dev not in absent:
-                continue
             e = cache_of[layer][j].entries.get((layer, j))
             if e is None:
-                absent[dev].append((layer, j))
+                absent.setdefault(dev, []).append((layer, j))
             elif e.state is _LOADING:
                 late.add(dev)  # a late prefetch, now this gate's demand load
-        self._blk_pend = [(d, absent[d], now) for d in busy if d not in late]
+        tot = self._blk[self._kind]
+        for dev, t in enumerate(tot):
+            t[3] += 1.0
+            if dev in absent or dev in late:
+                t[2] += 1.0
+        self._blk_pend = [
+            (dev, keys, now)
+            for dev, keys in absent.items()
+            if dev not in late and view.link_state(dev).queued_s > 0
+        ]
 
     def _blocking_resolve(self) -> None:
         """Add the waits of the gate noted last (its demand loads have landed: the layer
@@ -99,32 +106,31 @@ class FmoeBlocking:
             return
         tot = self._blk[self._kind]
         for dev, keys, t in pend:
-            wait = 0.0
-            if keys:
-                cache = self._cache_of[keys[0][0]][keys[0][1]]
-                landed = [
-                    e.loaded_at
-                    for e in map(cache.entries.get, keys)
-                    if e is not None and e.state is _RESIDENT
-                ]
-                if not landed:  # evicted since: not measured
-                    continue
-                wait = max(min(landed) - t - self._copy_s, 0.0)
-            tot[dev][0] += wait
+            cache = self._cache_of[keys[0][0]][keys[0][1]]
+            landed = [
+                e.loaded_at
+                for e in map(cache.entries.get, keys)
+                if e is not None and e.state is _RESIDENT
+            ]
+            if not landed:  # evicted since: not measured
+                continue
+            tot[dev][0] += max(min(landed) - t - self._copy_s, 0.0)
             tot[dev][1] += 1.0
         self._beta = self._blocking_estimates(self._kind)
 
     def _blocking_estimates(self, kind: bool) -> list[float]:
-        """beta per device for iterations of ``kind`` (0 before a measurement)."""
-        return [w / n if n > 0 else 0.0 for w, n in self._blk[kind]]
+        """beta per device for iterations of ``kind``: the share of gates that demand a
+        load there times the mean wait of such a gate's loads behind a copy on the link
+        (0 before a measurement)."""
+        return [w / n * gd / g if n > 0 and g > 0 else 0.0 for w, n, gd, g in self._blk[kind]]
 
     def blocking_metadata(self) -> dict[str, float]:
         """The measured waits (decode steps; prompts apart), for a run's metadata."""
         out: dict[str, float] = {}
         for kind, name in ((False, "decode"), (True, "prefill")):
             tot = self._blk[kind] if hasattr(self, "_blk") else []
-            w = sum(t[0] for t in tot)
-            n = sum(t[1] for t in tot)
-            out[f"blocking_wait_s_{name}"] = w
-            out[f"blocking_gates_{name}"] = int(n)
+            out[f"blocking_wait_s_{name}"] = sum(t[0] for t in tot)
+            out[f"blocking_waits_{name}"] = int(sum(t[1] for t in tot))
+            g = sum(t[3] for t in tot)
+            out[f"gates_demanding_share_{name}"] = sum(t[2] for t in tot) / g if g else 0.0
         return out

@@ -78,10 +78,11 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
         self._kind = False  # the current iteration has prefill rows
         self._by_kind: dict[bool, tuple[float, list[float]]] = {}
         # head-of-line blocking (blocking="measured", fmoe_blocking): per kind and device
-        # [seconds demand loads waited behind a prefetch, gates with one on the link]
+        # [seconds demand loads waited behind a copy, such waits, gates demanding a
+        # load there, gates]
         self._blocking = view is not None and self.options.blocking == "measured"
         self._blk: dict[bool, list[list[float]]] = {
-            k: [[0.0, 0.0] for _ in range(self._n_dev)] for k in (False, True)
+            k: [[0.0, 0.0, 0.0, 0.0] for _ in range(self._n_dev)] for k in (False, True)
         }
         self._blk_pend: list[tuple[int, list[ExpertKey], float]] = []
         self._beta = [0.0] * self._n_dev  # wait per crossing of the current kind

@@ -22,9 +22,9 @@ def _chance(pol: FmoePolicy, q: float) -> None:
 
 
 def _measured(pol: FmoePolicy, wait_s: float) -> None:
-    """Pretend decode gates measured ``wait_s`` of demand-load wait per gate a prefetch
-    was on the link at (the estimate a decode iteration starts from)."""
-    pol._blk[False][0] = [wait_s, 1.0]
+    """Pretend every decode gate demanded a load and its loads waited ``wait_s`` behind a
+    copy on the link (the estimate a decode iteration starts from)."""
+    pol._blk[False][0] = [wait_s, 1.0, 1.0, 1.0]
 
 
 @settings(max_examples=25, deadline=None)
@@ -143,4 +143,22 @@ def test_an_idle_link_at_the_gate_is_no_crossing():
     cache.begin_load((0, 0), 1e-3, prefetch=False)
     cache.finish_load((0, 0), 2.5e-3)
     _gate(pol, 1, now=3e-3)
-    assert pol._blk[False][0] == [0.0, 0.0] and pol._beta == [0.0]
+    assert pol._blk[False][0][:2] == [0.0, 0.0] and pol._beta == [0.0]
+
+
+def test_the_wait_counts_as_often_as_gates_demand_a_load():
+    """A device whose gates demand a load one time in four: a wait of 0.8 ms behind a
+    copy is expected 0.2 ms per gate a copy is on its link at."""
+    pol, cache = _bound(FakeView(copy_s=1e-3, layer_s=1e-3, queued_s=0.5e-3))
+    _start(pol)
+    _gate(pol, 0, now=1e-3)  # (0, 0) absent behind a copy
+    cache.begin_load((0, 0), 1e-3, prefetch=False)
+    cache.finish_load((0, 0), 2.8e-3)
+    for layer in (1, 2, 3):  # the gates' experts resident: no demand load
+        cache.begin_load((layer, layer), 0.0, prefetch=False)
+        cache.finish_load((layer, layer), 0.0)
+    for layer in (1, 2, 3):
+        _gate(pol, layer, now=(2 + layer) * 1e-3)
+    wait, waits, demanding, gates = pol._blk[False][0]
+    assert math.isclose(wait, 0.8e-3) and (waits, demanding, gates) == (1.0, 1.0, 4.0)
+    assert math.isclose(pol._blocking_estimates(False)[0], 0.2e-3)
