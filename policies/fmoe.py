@@ -113,6 +113,13 @@ class FmoeOptions(PolicyOptions):
         "a demand load would have evicted it anyway (policies/fmoe_victim.py); ignored: no "
         "victim term (the earlier rule)",
     )
+    blocking: Literal["measured", "ignored"] = Field(
+        default="measured",
+        description="deadline admission: measured: a copy is charged, for each gate at which "
+        "it is forecast to be on the link, the measured wait of that gate's demand loads "
+        "behind a prefetch (a link preempts a copy only at a chunk boundary; "
+        "policies/fmoe_blocking.py); ignored: no such charge (the earlier rule)",
+    )
     rank: Literal["chance", "p"] = Field(
         default="chance",
         description="deadline admission's ranking: chance: each candidate's measured chance "
@@ -319,9 +326,11 @@ class FmoePolicy(
             orders_queued_none_done=s["orders_queued_none_done"],
             orders_admitted_late=s["orders_admitted_late"],
             orders_rejected_value=s["orders_rejected_value"],
+            orders_rejected_blocking=s["orders_rejected_blocking"],
             orders_reranked=s["orders_reranked"],
             orders_cancelled_stale=s["orders_cancelled_stale"],
             lookahead_gates=s["lookahead_gates"],
+            **(self.blocking_metadata() if self._view is not None else {}),
             **self.lookahead_metadata(),
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,

@@ -72,18 +72,29 @@ class FmoeAdmitKernel:
         if victims is None:
             return False
         act = np.empty((n, 2), np.int64)
-        counts = np.zeros(6, np.int64)
+        counts = np.zeros(7, np.int64)
         have = self._chance_it == self._cur_it
         rank_chance = self._rank_chance
+        # blocking="measured" (policies.fmoe_blocking): the measured waits, else zeros
+        beta = np.asarray(self._beta if self._blocking else np.zeros(nd), np.float64)
         args = (lay, jj, p, was, look, g, self._dev_arr, committed, copy, avail, demand,
                 0.0 if no_rho else float(interval), no_rho, self._ist)  # fmt: skip
         na = K.admit_rows(
-            *args, self._chance_tab, have, self._cur_it, act, counts, price, *victims, rank_chance
+            *args,
+            self._chance_tab,
+            have,
+            self._cur_it,
+            act,
+            counts,
+            price,
+            *victims,
+            rank_chance,
+            beta,
         )
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
             tab = self._chance()
             na = K.admit_rows(
-                *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance
+                *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance, beta
             )
         if na < 0:
             return False

@@ -22,6 +22,22 @@ from numba import njit
 
 from policies.fmoe_jit import age_bucket1
 
+
+@njit(cache=True)
+def gate_crossings(committed, copy, avail, ahead):  # noqa: ANN001, ANN201 - numba
+    """policies.fmoe_blocking.gate_crossings, compiled (the same operations)."""
+    if not avail > 0:
+        return 0, 0
+    start = committed / avail
+    if not start < ahead:
+        return 0, 0
+    end = (committed + copy) / avail
+    last = ahead - 1 if end > ahead else math.ceil(end) - 1
+    before = last - math.floor(start)
+    own = 1 if start < ahead < end else 0
+    return (before if before > 0 else 0), own
+
+
 # action codes written by admit_rows
 CANCEL = 1  # rejected, and it was queued: cancel it
 ORDER = 2  # (re)send at priority p / (layer - g); it stays a candidate
@@ -55,6 +71,7 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     v_len,
     v_loaded,
     rank_chance,
+    beta,
 ):  # noqa: ANN001 - numba
     """Rank candidates (``lay``, ``jj``, ``p``; ``was``: queued before; ``look``: the
     lookahead chance, -1.0 where none) by (-p / (lay - g), lay, jj) and judge them as
@@ -77,7 +94,11 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     expected times to next use in the order they are taken (``v_len`` of them) and
     ``v_loaded`` whether its victims were listed; counts[5] gets the copies rejected
     for their victim's price. -3 when a window is not positive (the caller's Python
-    then decides: it lists no victims there)."""
+    then decides: it lists no victims there).
+
+    ``beta`` (blocking="measured", policies.fmoe_blocking): per device the measured wait
+    of demand loads per gate a prefetch is on the link at (zeros: the earlier rule);
+    counts[6] gets the copies rejected that the rule without it would have sent."""
     n = lay.shape[0]
     if rank_chance:  # p[i] = _iteration_chance of one row: the table's cell, or the look's
         for i in range(n):
@@ -107,7 +128,7 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     committed = committed0.copy()
     vfree = vfree0.copy()
     vptr = np.zeros(vfree.shape[0], np.int64)
-    late_no = late_yes = issued = reranked = none_done = value_no = 0
+    late_no = late_yes = issued = reranked = none_done = value_no = blocked_no = 0
     na = 0
     for r in range(n):
         i = order[r]
@@ -135,8 +156,13 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                 e = v_e[dev, vptr[dev]]
                 use = 1.0 if e <= 0 else 1.0 - math.exp(-window / e)
             vc = use * copy_s
+        b = beta[dev]
+        nb = 0
+        own = 0
+        if b > 0:
+            nb, own = gate_crossings(committed[dev], copy_s, avail[dev], layer - g)
         q = 0.0
-        if done < copy_s or price:
+        if done < copy_s or price or nb > 0:
             if not have_tab:
                 return -1
             age = it - ist[0, layer, j]
@@ -144,8 +170,10 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
             q = tab[row, age_bucket1(age)]
             if look[i] > q:
                 q = look[i]
-        if price and done >= copy_s and q * copy_s <= vc:
+        if (price or nb > 0) and done >= copy_s and q * copy_s <= vc + nb * b:
             value_no += 1  # in time, but likelier to cost its victim's use than to pay
+            if not q * copy_s <= vc:
+                blocked_no += 1
             if was[i]:
                 act[na, 0] = i
                 act[na, 1] = CANCEL
@@ -159,7 +187,8 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                 rho = 1.0 if 1.0 < rr else rr  # min(rr, 1.0)
             av = avail[dev]
             mn = copy_s if copy_s < av else av  # min(avail, copy_s)
-            if done <= 0 and q * mn > (1.0 - q) * copy_s * rho + vc:
+            hold = (1.0 - q) * b if b > 0 and av < copy_s else 0.0
+            if done <= 0 and q * mn > (1.0 - q) * copy_s * rho + vc + hold:
                 act[na, 0] = i
                 act[na, 1] = ORDER
                 na += 1
@@ -167,8 +196,13 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                 issued += 1
                 reranked += was[i]
                 continue
-            if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
+            if done <= 0 and b > 0 and q * mn > (1.0 - q) * copy_s * rho + vc:
+                blocked_no += 1
+            hold = (nb + (1.0 - q) * own) * b if b > 0 else 0.0
+            if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc + hold:
                 late_no += 1
+                if done > 0 and not q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
+                    blocked_no += 1
                 if was[i]:
                     act[na, 0] = i
                     act[na, 1] = CANCEL
@@ -192,4 +226,5 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     counts[3] = issued
     counts[4] = reranked
     counts[5] = value_no
+    counts[6] = blocked_no
     return na

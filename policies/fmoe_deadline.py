@@ -42,6 +42,7 @@ import numpy as np
 from policies.base import ExecutorView, PolicyContext
 from policies.cache import ExpertKey, ExpertState
 from policies.fmoe_admit import FmoeAdmitKernel
+from policies.fmoe_blocking import FmoeBlocking, gate_crossings
 from policies.fmoe_eviction import AGE_BUCKETS
 
 _LAST_BUCKET = AGE_BUCKETS - 1
@@ -51,7 +52,7 @@ _RESIDENT = ExpertState.RESIDENT
 _KERNEL_MIN = 2
 
 
-class FmoeDeadline(FmoeAdmitKernel):
+class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
     """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
 
     def _setup_deadline(self, ctx: PolicyContext) -> None:
@@ -76,6 +77,15 @@ class FmoeDeadline(FmoeAdmitKernel):
         # nothing about the other's (kind -> (interval, demand seconds per device))
         self._kind = False  # the current iteration has prefill rows
         self._by_kind: dict[bool, tuple[float, list[float]]] = {}
+        # head-of-line blocking (blocking="measured", fmoe_blocking): per kind and device
+        # [seconds demand loads waited behind a copy, such waits, gates demanding a
+        # load there, gates]
+        self._blocking = view is not None and self.options.blocking == "measured"
+        self._blk: dict[bool, list[list[float]]] = {
+            k: [[0.0, 0.0, 0.0, 0.0] for _ in range(self._n_dev)] for k in (False, True)
+        }
+        self._blk_pend: list[tuple[int, list[ExpertKey], float]] = []
+        self._beta = [0.0] * self._n_dev  # wait per crossing of the current kind
 
     def derived_distance(self, ctx: PolicyContext) -> int | None:
         """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]
@@ -98,6 +108,8 @@ class FmoeDeadline(FmoeAdmitKernel):
         layer time and no demand loads); the last iteration's candidates are stale
         (cancelled if queued)."""
         self._rows = rows
+        if self._blocking:
+            self._blocking_resolve()
         times = self._gate_times
         if len(times) >= 2:
             steps = len(times)
@@ -111,6 +123,8 @@ class FmoeDeadline(FmoeAdmitKernel):
                 self._rederive_distance()
         self._kind = prefill
         self._interval, self._demand_s = self._by_kind.get(prefill, (None, [0.0] * self._n_dev))
+        if self._blocking:
+            self._beta = self._blocking_estimates(prefill)
         self._gate_times = []
         self._demand_now = [0] * self._n_dev
         for key in self._pending:
@@ -134,6 +148,8 @@ class FmoeDeadline(FmoeAdmitKernel):
             e = cache_of[layer][j].entries.get((layer, j))
             if e is None or e.state is not _RESIDENT:
                 self._demand_now[dev_of[layer][j]] += 1
+        if self._blocking:
+            self._blocking_gate(layer, ids, now)
 
     def _rederive_distance(self) -> None:
         """The distance again from the measured pace: one copy over the link time a layer
@@ -230,7 +246,7 @@ class FmoeDeadline(FmoeAdmitKernel):
         avail = [-1.0] * self._n_dev
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
-        late_no = late_yes = issued = reranked = none_done = value_no = 0  # added to _stats once
+        late_no = late_yes = issued = reranked = none_done = value_no = blocked_no = 0
         # for the late copies' chances and rho, inlined (_iteration_chance, _rho): the
         # chance table is fetched at the first late copy, where _candidate_chance made it
         tab = None
@@ -240,6 +256,7 @@ class FmoeDeadline(FmoeAdmitKernel):
         price = self._victim_priced
         if price:
             self._victims_reset()
+        beta = self._beta if self._blocking else None
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
@@ -259,8 +276,23 @@ class FmoeDeadline(FmoeAdmitKernel):
                 if price
                 else 0.0
             )
-            if price and done >= copy_s and self._iteration_chance(layer, j) * copy_s <= vc:
-                value_no += 1  # in time, but likelier to cost its victim's use than to pay
+            # the demand loads it holds up (blocking="measured", policies.fmoe_blocking):
+            # beta per gate before its layer it is on the link at, and at its own gate
+            # (1 - q) x beta if in flight then; 0 (the earlier rule) without a measurement
+            b = 0.0 if beta is None else beta[dev]
+            nb = own = 0
+            if b > 0:
+                nb, own = gate_crossings(committed[dev], copy_s, avail[dev], layer - g)
+            if (
+                (price or nb)
+                and done >= copy_s
+                and self._iteration_chance(layer, j) * copy_s <= vc + nb * b
+            ):
+                # in time, but likelier to cost its victim's use (and the demand loads
+                # it holds up) than to pay
+                value_no += 1
+                if not self._iteration_chance(layer, j) * copy_s <= vc:
+                    blocked_no += 1  # the rule without the hold-up would have sent it
                 if was:
                     self.cancel(layer, j)
                 continue
@@ -275,8 +307,8 @@ class FmoeDeadline(FmoeAdmitKernel):
                 row = (
                     ist.item(1, layer, j) if ist.item(2, layer, 0) == it else ist.item(3, layer, j)
                 )
-                b = 0 if age <= 1 else min((age - 1).bit_length(), _LAST_BUCKET)
-                q = tab.item(row, b)
+                bk = 0 if age <= 1 else min((age - 1).bit_length(), _LAST_BUCKET)
+                q = tab.item(row, bk)
                 if rows > 1:
                     q = 1.0 - (1.0 - q) ** rows
                 if look_q:  # lookahead picks' measured chance, where larger
@@ -284,7 +316,11 @@ class FmoeDeadline(FmoeAdmitKernel):
                     if look is not None and look > q:
                         q = look
                 rho = 0.0 if no_rho else min(demand_s[dev] / interval, 1.0)  # self._rho(dev)
-                if done <= 0 and q * min(avail[dev], copy_s) > (1.0 - q) * copy_s * rho + vc:
+                av = avail[dev]
+                # started up to one step sooner than forecast, a copy that cannot land
+                # in a step is on the link at its own gate: unused, that gate waits
+                hold = (1.0 - q) * b if b > 0 and av < copy_s else 0.0
+                if done <= 0 and q * min(av, copy_s) > (1.0 - q) * copy_s * rho + vc + hold:
                     # forecast to start only after its layer has run: then the link drops
                     # it (a stale order) and it costs nothing, so it is queued without
                     # taking link time from the copies ranked after it. It runs only
@@ -297,8 +333,13 @@ class FmoeDeadline(FmoeAdmitKernel):
                     issued += 1
                     reranked += was
                     continue
-                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
+                if done <= 0 and b > 0 and q * min(av, copy_s) > (1.0 - q) * copy_s * rho + vc:
+                    blocked_no += 1
+                hold = (nb + (1.0 - q) * own) * b if b > 0 else 0.0
+                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc + hold:
                     late_no += 1
+                    if done > 0 and not q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
+                        blocked_no += 1
                     if was:
                         self.cancel(layer, j)
                     continue
@@ -311,7 +352,9 @@ class FmoeDeadline(FmoeAdmitKernel):
             issued += 1
             reranked += was
         self._pending = pending
-        self._count_orders(late_no, none_done, late_yes, issued, reranked, value_no, stale)
+        self._count_orders(
+            late_no, none_done, late_yes, issued, reranked, value_no, blocked_no, stale
+        )
 
     def _count_orders(
         self,
@@ -321,11 +364,12 @@ class FmoeDeadline(FmoeAdmitKernel):
         issued: int,
         reranked: int,
         value_no: int,
+        blocked_no: int = 0,
         stale: int = 0,
     ) -> None:
         """Add one admission pass's counts to the policy's order statistics (counted in
         locals during the pass, added here once; the kernel returns them in this order)."""
-        if not (stale or late_no or none_done or late_yes or issued or value_no):
+        if not (stale or late_no or none_done or late_yes or issued or value_no or blocked_no):
             return
         st = self._stats
         for name, n in (
@@ -336,6 +380,7 @@ class FmoeDeadline(FmoeAdmitKernel):
             ("orders_issued", issued),
             ("orders_reranked", reranked),
             ("orders_rejected_value", value_no),
+            ("orders_rejected_blocking", blocked_no),
         ):
             if n:
                 st[name] += n
