@@ -309,7 +309,10 @@ def test_victims_are_the_table_scores_ranked_then_by_key(
     last_used = rng.choice([0.0, 1.0, 2.5], len(flat))
     tie = 1e-9 / (abs(now) + 1.0)
     out = np.empty(5, np.int64)
-    c = fmoe_jit.victims(ist, fl, prot, g, it, layers, experts, last_used, len(flat), tie, out)
+    s_out, e_out = np.empty(5), np.empty(5)
+    c = fmoe_jit.victims(
+        ist, fl, prot, g, it, layers, experts, last_used, len(flat), tie, out, s_out, e_out
+    )
     assert c == min(len(flat), 5)
     ranked = sorted(
         (tab[lay, j] + tie * lu, lay, j)
@@ -317,3 +320,7 @@ def test_victims_are_the_table_scores_ranked_then_by_key(
     )
     got = [(int(layers[i]), int(experts[i])) for i in out[:c]]
     assert got == [(lay, j) for _, lay, j in ranked[:c]]
+    # and each listed victim's score and table value, bit for bit
+    assert s_out[:c].tolist() == [s for s, _, _ in ranked[:c]]
+    assert e_out[:c].tolist() == [tab[lay, j] for _, lay, j in ranked[:c]]
+    assert np.signbit(e_out[:c]).tolist() == [np.signbit(tab[lay, j]) for _, lay, j in ranked[:c]]
