@@ -144,6 +144,10 @@ class FmoeAdmitKernel:
             vq = self._vq[dev]
             vfree[dev], v_len[dev], v_loaded[dev] = self._vfree[dev], len(vq), True
             if vq:
+                ve = self._ve.get(dev)  # listed with their expected times (fmoe_victim)
+                if ve is not None:
+                    v_e[dev, : len(ve)] = ve
+                    continue
                 if self._etnu_dirty:  # expected_next_use would make the table: leave it
                     return None
                 tab = self._etnu_mv
