@@ -467,3 +467,21 @@ def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out, out_s
         if c < m:
             c += 1
     return c
+
+
+@njit(cache=True)
+def fresh_orders(issued, layer, experts, cached, out):  # noqa: ANN001, ANN201 - numba
+    """The experts of ``experts`` (ids of ``layer``, in order) neither ordered this
+    iteration (``issued`` bool [L, J]) nor cached (``cached[i]``), as
+    ``FmoeOrders._order``'s loop finds them: each such expert's index goes to ``out`` (in
+    order) and it is marked in ``issued`` at once, so a repeated id counts once. Returns
+    how many."""
+    c = 0
+    for i in range(experts.shape[0]):
+        j = experts[i]
+        if issued[layer, j] or cached[i]:
+            continue
+        issued[layer, j] = True
+        out[c] = i
+        c += 1
+    return c

@@ -252,9 +252,9 @@ class FmoeLookahead:
                 # picks' (FmoeDeadline._iteration_chance)
                 look_q[key] = 1.0 - miss[j]
                 self._candidate(nxt, j, p)
-                it.issued.add(key)
-            elif key not in it.issued:
-                it.issued.add(key)
+                it.issued_mv[key] = True
+            elif not it.issued_mv[key]:
+                it.issued_mv[key] = True
                 self.prefetch(nxt, j, p)
                 self._orders_issued += 1
 
@@ -285,7 +285,8 @@ class FmoeLookahead:
             for b, row in enumerate(pk.tolist()):
                 for j in row:
                     prio[j] = max(prio.get(j, 0.0), float(rows[b, j]))
-            self._order(it, g + 1, sorted(prio, key=lambda j: (-prio[j], j)), prio)
+            order = sorted(prio, key=lambda j: (-prio[j], j))
+            self._order(it, g + 1, order, [prio[j] for j in order])
         else:
             self._lookahead_measured_orders(it, g + 1, pk)
 

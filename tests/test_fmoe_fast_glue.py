@@ -4,12 +4,15 @@ every switch off give the same results to the bit.
 
 - policies.fmoe_victim._LIST_KERNEL: a device's victim list for the admission's price
   from one kernel call over the cache's candidate arrays (no [L, J] eviction table).
+- policies.fmoe_orders._FRESH_KERNEL: _order's deadline candidates (the experts neither
+  ordered this iteration nor cached) from one kernel call (fmoe_jit.fresh_orders).
 """
 
 from __future__ import annotations
 
 import pytest
 
+import policies.fmoe_orders as orders_mod
 import policies.fmoe_victim as victim_mod
 from sim.config import SimConfig
 from sim.run import simulate
@@ -17,7 +20,7 @@ from specs.presets import load_hardware, load_model
 from traces.synth import SynthConfig, generate
 
 WALL = {"wall_s", "run_wall_s", "layer_steps_per_s", "bound_wall_s"}
-SWITCHES = ((victim_mod, "_LIST_KERNEL"),)
+SWITCHES = ((victim_mod, "_LIST_KERNEL"), (orders_mod, "_FRESH_KERNEL"))
 
 
 def _run(model: str, hardware: str, experts: int, batch: int, fast: bool, opts: dict) -> dict:

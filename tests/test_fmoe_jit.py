@@ -324,3 +324,31 @@ def test_victims_are_the_table_scores_ranked_then_by_key(
     assert s_out[:c].tolist() == [s for s, _, _ in ranked[:c]]
     assert e_out[:c].tolist() == [tab[lay, j] for _, lay, j in ranked[:c]]
     assert np.signbit(e_out[:c]).tolist() == [np.signbit(tab[lay, j]) for _, lay, j in ranked[:c]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    L=st.integers(1, 5),
+    J=st.integers(1, 12),
+    n=st.integers(0, 20),
+)
+def test_fresh_orders_are_the_loops_new_experts(seed: int, L: int, J: int, n: int) -> None:
+    """fresh_orders finds, in order, the experts _order's loop makes candidates: neither
+    ordered this iteration nor cached, a repeated id once; and marks them ordered."""
+    rng = np.random.default_rng(seed)
+    layer = int(rng.integers(L))
+    issued = rng.random((L, J)) < 0.3
+    experts = rng.integers(0, J, n)  # repeats allowed
+    cached = rng.random(n) < 0.3
+    want_issued = issued.copy()
+    want = []
+    for i, j in enumerate(experts.tolist()):  # the loop (cached: by position, as the keys)
+        if want_issued[layer, j] or cached[i]:
+            continue
+        want_issued[layer, j] = True
+        want.append(i)
+    out = np.empty(max(n, 1), np.int64)
+    c = fmoe_jit.fresh_orders(issued, layer, experts.astype(np.int64), cached, out)
+    assert out[:c].tolist() == want
+    assert np.array_equal(issued, want_issued)
