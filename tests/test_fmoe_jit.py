@@ -352,3 +352,28 @@ def test_fresh_orders_are_the_loops_new_experts(seed: int, L: int, J: int, n: in
     c = fmoe_jit.fresh_orders(issued, layer, experts.astype(np.int64), cached, out)
     assert out[:c].tolist() == want
     assert np.array_equal(issued, want_issued)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    J=st.integers(1, 40),
+    k=st.integers(1, 8),
+    pool=st.sampled_from([[0.0, -0.0, 0.5, 1.0], [0.1, 0.2], [np.inf, -np.inf, 0.0, 3.0]]),
+    continuous=st.booleans(),
+)
+def test_topk_row_is_the_stable_argsorts_head(
+    seed: int, J: int, k: int, pool: list[float], continuous: bool
+) -> None:
+    """topk_row gives np.argsort(-row, kind="stable")[:k] (ties, -0.0 and infinities
+    included: values drawn from a small pool), and refuses a row with a NaN."""
+    from policies import fmoe_look_jit
+
+    rng = np.random.default_rng(seed)
+    row = rng.random(J) if continuous else rng.choice(np.array(pool), J)
+    k = min(k, J)
+    out = np.empty(k, np.int64)
+    assert fmoe_look_jit.topk_row(row, k, out)
+    assert out.tolist() == np.argsort(-row, kind="stable")[:k].tolist()
+    row[rng.integers(J)] = np.nan
+    assert not fmoe_look_jit.topk_row(row, k, out)
