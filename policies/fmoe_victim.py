@@ -33,14 +33,15 @@ import math
 
 import numpy as np
 
-from policies.cache import CacheEntry
+from policies.cache import VICTIM_INDEX_MIN, CacheEntry
 from policies.fmoe_eviction import _TIE_EPS
 
 # victims listed per device and admission pass; past it the last one's price stands (a
 # pass admits a handful of copies per link: its queue holds a few copy times at most)
 VICTIMS_PRICED = 32
-# the fmoe score's victims listed by one kernel call (False: the Python listing; tests
-# compare the two end to end)
+# the fmoe score's victims listed by one kernel call from as many candidates as the cache
+# itself asks the kernel for its victim (VICTIM_INDEX_MIN; below it the arrays' upkeep
+# costs more than it saves); False: the Python listing (tests compare the two end to end)
 _LIST_KERNEL = True
 
 
@@ -103,7 +104,12 @@ class FmoeVictim:
         arrays (:meth:`_victims_listed`), with the victims' expected times (``_ve``)."""
         cache = self.ctx.caches[dev]
         self._vfree[dev] = cache.free
-        if _LIST_KERNEL and self._scores_fast and cache._cands and self._victims_listed(dev):
+        if (
+            _LIST_KERNEL
+            and self._scores_fast
+            and len(cache._cands) >= VICTIM_INDEX_MIN  # fewer: Python's list costs less
+            and self._victims_listed(dev)
+        ):
             return
         entries = list(cache._cands.values())
         scores = self.eviction_scores(entries) if entries else []
