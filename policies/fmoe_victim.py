@@ -114,9 +114,17 @@ class FmoeVictim:
         entries = list(cache._cands.values())
         scores = self.eviction_scores(entries) if entries else []
         # at most VICTIMS_PRICED per pass: an admission pass sends a few copies per link
-        low = heapq.nsmallest(
-            VICTIMS_PRICED, zip(scores, entries, strict=True), key=lambda t: (t[0], t[1].key)
-        )
+        total = sum(scores)
+        if _LIST_KERNEL and total == total:  # no NaN: a plain sort of (score, key, entry)
+            # (keys are distinct: entries never compared) gives nsmallest's list
+            keys = [e.key for e in entries]
+            low = [(sc, e) for sc, _, e in sorted(zip(scores, keys, entries, strict=True))][
+                :VICTIMS_PRICED
+            ]
+        else:
+            low = heapq.nsmallest(
+                VICTIMS_PRICED, zip(scores, entries, strict=True), key=lambda t: (t[0], t[1].key)
+            )
         low.reverse()
         self._vq[dev] = low
 
