@@ -12,10 +12,14 @@ every switch off give the same results to the bit.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import policies.fmoe_orders as orders_mod
 import policies.fmoe_victim as victim_mod
+from policies.cache import CacheEntry, ExpertState
 from sim.config import SimConfig
 from sim.run import simulate
 from specs.presets import load_hardware, load_model
@@ -74,3 +78,47 @@ def test_fast_glue_gives_the_python_results(
         and meta["orders_rejected_late"] + meta["orders_rejected_value"] > 0
     )
     assert fast == slow
+
+
+class _Stub(victim_mod.FmoeVictim):
+    """FmoeVictim over one cache whose candidates get the given scores (Python listing)."""
+
+    _scores_fast = False
+
+    def __init__(self, cands: dict, scores: dict) -> None:
+        cache = type("C", (), {"free": 0, "_cands": cands})()
+        self.ctx = type("X", (), {"caches": [cache]})()
+        self._score_of = scores
+        self._victims_reset()
+
+    def eviction_scores(self, entries: list) -> list[float]:
+        return [self._score_of[e.key] for e in entries]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    scores=st.lists(
+        st.sampled_from([0.0, -0.0, 1.5, -2.0, float("inf"), float("-inf"), float("nan")]),
+        min_size=0,
+        max_size=45,
+    ),
+    seed=st.integers(0, 1000),
+)
+def test_python_listing_is_nsmallests(scores: list[float], seed: int) -> None:
+    """The victims listed by the sort equal heapq.nsmallest's by (score, key), ties,
+    signed zeros and infinities included; NaN scores take nsmallest itself."""
+    flat = np.random.default_rng(seed).permutation(100)[: len(scores)].tolist()
+    keys = [(f // 10, f % 10) for f in flat]  # distinct, in a random order
+    cands = {k: CacheEntry(k, ExpertState.RESIDENT, 0.0, 0.0) for k in keys}
+    of = dict(zip(keys, scores, strict=True))
+    got = {}
+    for on in (True, False):
+        old = victim_mod._LIST_KERNEL
+        victim_mod._LIST_KERNEL = on
+        try:
+            stub = _Stub(cands, of)
+            stub._victims_load(0)
+        finally:
+            victim_mod._LIST_KERNEL = old
+        got[on] = [(s, e.key) for s, e in stub._vq[0]]
+    assert repr(got[True]) == repr(got[False])
