@@ -103,3 +103,14 @@ def topk_row(row, k, out):  # noqa: ANN001, ANN201 - numba
         last = row[m]
         li = m
     return True
+
+
+@njit(cache=True)
+def topk_rows(rows, k, out):  # noqa: ANN001, ANN201 - numba
+    """:func:`topk_row` of each row of ``rows`` [R, J] into ``out`` [R, k]: the first k of
+    ``np.argsort(-rows, axis=1, kind="stable")``. False (``out`` unspecified) when a row
+    holds a NaN."""
+    for r in range(rows.shape[0]):
+        if not topk_row(rows[r], k, out[r]):
+            return False
+    return True

@@ -162,7 +162,10 @@ class FmoeSearch:
             # calls than one per gate; FmoeLookahead._map_topk looks them up by row): the
             # gates' rows and the semantic search's (layers 0..d-1, ``_pred``'s rows now,
             # the same values: one row's max over rows is the row)
-            tops = np.argsort(-rows, axis=1, kind="stable")[:, : self._la_k].tolist()
+            # (fmoe_look_jit.topk_rows: np.argsort(-rows, kind="stable")'s first k)
+            top = np.empty((len(rows), self._la_k), np.int64)
+            self._la_jit.topk_rows(rows, self._la_k, top)
+            tops = top.tolist()
             keyed = rows_py if lo == d else self._pred[:d] + rows_py
             self._plan_tops = {id(r): (r, t) for r, t in zip(keyed, tops, strict=True)}
         plan.fc_rows = forecast_rows(targets.astype(np.float64), TRAJECTORY)

@@ -375,5 +375,9 @@ def test_topk_row_is_the_stable_argsorts_head(
     out = np.empty(k, np.int64)
     assert fmoe_look_jit.topk_row(row, k, out)
     assert out.tolist() == np.argsort(-row, kind="stable")[:k].tolist()
+    rows = np.stack([row, row[::-1].copy()]).astype(np.float32)  # and float32 rows
+    outs = np.empty((2, k), np.int64)
+    assert fmoe_look_jit.topk_rows(rows, k, outs)
+    assert outs.tolist() == np.argsort(-rows, axis=1, kind="stable")[:, :k].tolist()
     row[rng.integers(J)] = np.nan
     assert not fmoe_look_jit.topk_row(row, k, out)
