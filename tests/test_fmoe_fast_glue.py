@@ -8,6 +8,8 @@ every switch off give the same results to the bit.
   of (score, key, entry) where no score is NaN (else heapq.nsmallest, as before).
 - policies.fmoe_orders._FRESH_KERNEL: _order's deadline candidates (the experts neither
   ordered this iteration nor cached) from one kernel call (fmoe_jit.fresh_orders).
+- policies.fmoe_deadline._LIVE_FAST: _admit's candidates not started yet, and the stale
+  ones it cancels, found in comprehensions.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import policies.fmoe_deadline as deadline_mod
 import policies.fmoe_orders as orders_mod
 import policies.fmoe_victim as victim_mod
 from policies.cache import CacheEntry, ExpertState
@@ -26,7 +29,11 @@ from specs.presets import load_hardware, load_model
 from traces.synth import SynthConfig, generate
 
 WALL = {"wall_s", "run_wall_s", "layer_steps_per_s", "bound_wall_s"}
-SWITCHES = ((victim_mod, "_LIST_KERNEL"), (orders_mod, "_FRESH_KERNEL"))
+SWITCHES = (
+    (victim_mod, "_LIST_KERNEL"),
+    (orders_mod, "_FRESH_KERNEL"),
+    (deadline_mod, "_LIVE_FAST"),
+)
 
 
 def _run(
