@@ -323,12 +323,19 @@ class ExpertCache:
 
     def _victim_by_index(self, cands: dict[ExpertKey, CacheEntry]) -> CacheEntry | None:
         """The scorer's compiled choice among ``cands`` (None: it gave no answer)."""
-        arr = self._arr
+        arr = self.candidate_arrays()
+        i = self._scorer_vix(arr)  # type: ignore[misc]
+        return arr.entries[i] if i >= 0 else None
+
+    def candidate_arrays(self) -> CandidateArrays:
+        """The unprotected candidates (RESIDENT, unpinned, unprotected entries) as arrays
+        (:class:`~policies.cache_victims.CandidateArrays`), kept in step with the cache
+        from the first call on; read-only for the caller."""
+        arr, cands = self._arr, self._cands
         if arr is None or arr.src is not cands or arr.n != len(cands):
             # first use, or the dict was replaced or changed outside these methods
             arr = self._arr = CandidateArrays(cands)
-        i = self._scorer_vix(arr)  # type: ignore[misc]
-        return arr.entries[i] if i >= 0 else None
+        return arr
 
     def _least_recent(self) -> CacheEntry | None:
         """:meth:`_victim` for a by_recency scorer, entries in recency order: the first

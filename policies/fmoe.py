@@ -197,6 +197,8 @@ class FmoePolicy(
         # each expert's device cache per [layer][expert] (bound only): ctx.is_cached per
         # order without its two calls
         self._cache_of: list[list[ExpertCache]] = []
+        self._ents_of: list[list[dict]] = []  # their entries dicts (bind)
+        self._layer_ents: list[dict | None] = []
         self._prompt_emb: dict[str, np.ndarray] = {}
         # (request ids, prepared query, has, rows with one) of the last batch embedded from
         # prompt embeddings: the decode steps of one batch prepare them once
@@ -246,6 +248,14 @@ class FmoePolicy(
         self._setup(ctx.spec, ctx.prefetch_distance, derived)
         L, J = ctx.spec.num_moe_layers, ctx.spec.num_experts
         self._cache_of = [[ctx.cache_of((lay, j)) for j in range(J)] for lay in range(L)]
+        # each layer's one entries dict when one cache holds all its experts (else None),
+        # and each expert's cache's entries: _order's membership tests without attribute reads
+        self._ents_of = [[c.entries for c in row] for row in self._cache_of]
+        self._layer_ents = [
+            row[0] if all(e is row[0] for e in row) else None for row in self._ents_of
+        ]
+        self._no_hit = np.zeros(J, np.bool_)  # _order_candidates' buffers (at most J experts)
+        self._fresh_buf = np.empty(J, np.int64)
         self._setup_deadline(ctx)
 
     def _set_distance(self, d: int, L: int) -> None:

@@ -11,6 +11,7 @@ from itertools import chain, repeat
 
 import numpy as np
 
+from policies.base import Policy, PrefetchOrder
 from policies.cache import ExpertKey
 
 # admit_rows' victim arguments without victim pricing (none read)
@@ -98,8 +99,24 @@ class FmoeAdmitKernel:
             )
         if na < 0:
             return False
-        pending: dict[ExpertKey, float] = {}
         pvs = p.tolist()  # the map's p, or with rank_chance the chances the kernel put there
+        if type(self).prefetch is Policy.prefetch and type(self).cancel is Policy.cancel:
+            # the loop below in comprehensions (Policy.prefetch and cancel only append to
+            # their lists, in call order: the same lists)
+            acts = act[:na]
+            sent = acts[:, 1] == K.ORDER
+            oi = acts[sent, 0].tolist()
+            okeys = [keys[i] for i in oi]
+            opv = [pvs[i] for i in oi]
+            self._pending = dict(zip(okeys, opv, strict=True))
+            self._enqueue.extend(
+                [PrefetchOrder(k[0], k[1], v / (k[0] - g)) for k, v in zip(okeys, opv, strict=True)]
+            )
+            if len(oi) < na:
+                self._cancel.extend([keys[i] for i in acts[~sent, 0].tolist()])
+            self._count_orders(*counts.tolist())
+            return True
+        pending: dict[ExpertKey, float] = {}
         for i, code in act[:na].tolist():
             key = keys[i]
             if code == K.ORDER:
@@ -144,6 +161,10 @@ class FmoeAdmitKernel:
             vq = self._vq[dev]
             vfree[dev], v_len[dev], v_loaded[dev] = self._vfree[dev], len(vq), True
             if vq:
+                ve = self._ve.get(dev)  # listed with their expected times (fmoe_victim)
+                if ve is not None:
+                    v_e[dev, : len(ve)] = ve
+                    continue
                 if self._etnu_dirty:  # expected_next_use would make the table: leave it
                     return None
                 tab = self._etnu_mv

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from policies.base import ExecutorView, PolicyContext
+from policies.base import ExecutorView, Policy, PolicyContext
 from policies.cache import ExpertKey, ExpertState
 from policies.fmoe_admit import FmoeAdmitKernel
 from policies.fmoe_blocking import FmoeBlocking, gate_crossings
@@ -50,6 +50,9 @@ _RESIDENT = ExpertState.RESIDENT
 # from this many candidates a one-row gate ranks and judges them in one kernel call
 # (policies.fmoe_admit_jit; below it the call and its arrays cost more than the loop)
 _KERNEL_MIN = 2
+# _admit's candidates still not started, and the stale ones, found in comprehensions
+# (False: the loop; tests/test_fmoe_fast_glue.py compares them)
+_LIVE_FAST = True
 
 
 class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
@@ -210,17 +213,29 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
         if not old and not self._dl_cands:
             return  # nothing to rank (what the general path below ends with)
         cache_of, dev_of = self._cache_of, self._dev_of
-        cands: dict[ExpertKey, float] = {}
-        stale = 0
-        for key, p in old.items():
-            layer, j = key
-            if cache_of and key in cache_of[layer][j].entries:
-                continue  # started (or landed): the link has it
-            if layer <= g:
-                self.cancel(layer, j)
-                stale += 1
-                continue
-            cands[key] = p
+        if _LIVE_FAST and old and cache_of and type(self).cancel is Policy.cancel:
+            # the loop below in comprehensions (Policy.cancel only appends, in call order)
+            ents = self._ents_of
+            live = [kp for kp in old.items() if kp[0] not in ents[kp[0][0]][kp[0][1]]]
+            gone = [k for k, _ in live if k[0] <= g]  # not started, its layer has run
+            if gone:
+                self._cancel.extend(gone)
+                cands = {k: p for k, p in live if k[0] > g}
+            else:
+                cands = dict(live)
+            stale = len(gone)
+        else:
+            cands = {}
+            stale = 0
+            for key, p in old.items():
+                layer, j = key
+                if cache_of and key in cache_of[layer][j].entries:
+                    continue  # started (or landed): the link has it
+                if layer <= g:
+                    self.cancel(layer, j)
+                    stale += 1
+                    continue
+                cands[key] = p
         for key, p in self._dl_cands.items():
             if key[0] > g and p > cands.get(key, -1.0):
                 cands[key] = p

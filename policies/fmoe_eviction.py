@@ -121,6 +121,8 @@ class FmoeEviction:
         self._ev = 0
         self._vmemo = None
         self._vbuf = np.empty(VICTIM_RANKED, np.int64)
+        self._vbuf_s = np.empty(VICTIM_RANKED)  # the ranked victims' scores and etnu (unread)
+        self._vbuf_e = np.empty(VICTIM_RANKED)
         # whether each gate recomputes the whole table (cheap while it is small, and then
         # the caches score their few candidates from it) or leaves it to its readers
         self._eager_table = L * J <= EAGER_TABLE_MAX
@@ -291,7 +293,7 @@ class FmoeEviction:
         buf = self._vbuf
         c = self._jit.victims(
             self._ist, self._fl, self._prot, self._g, self._cur_it, arr.layers, arr.experts,
-            arr.last_used, arr.n, tie, buf,
+            arr.last_used, arr.n, tie, buf, self._vbuf_s, self._vbuf_e,
         )  # fmt: skip
         if c <= 0:
             self._vmemo = None

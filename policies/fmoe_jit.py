@@ -404,23 +404,20 @@ def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN
 
 
 @njit(cache=True, inline="always")
-def _victim_score(ist, fl, prot, g, it, L, lay, j, lu, tie):  # noqa: ANN001, ANN202 - numba
-    """One candidate's eviction score: :func:`expected_next_use`'s value of (lay, j) at
-    gate ``g`` of iteration ``it`` (``wait0`` inlined: the same product) + tie * lu."""
+def _victim_etnu(ist, fl, prot, g, it, L, lay, j):  # noqa: ANN001, ANN202 - numba
+    """One candidate's :func:`expected_next_use` value (minus its expected time to next
+    use) at gate ``g`` of iteration ``it``, ``wait0`` inlined: the same product."""
     if prot[lay, j]:
-        e = -0.0
-    else:
-        age = it - ist[0, lay, j]
-        freq = ist[3, lay, j]
-        nxt = float(L - g + lay)
-        if lay > g:
-            row = ist[1, lay, j] if ist[2, lay, 0] == it else freq
-            p_now = fl[2, row, age_bucket1(age)]
-            wait = nxt + L * (1.0 / fl[2, freq, age_bucket1(age + 1)] - 1.0)
-            e = -(p_now * (lay - g) + (1.0 - p_now) * wait)
-        else:
-            e = -(nxt + L * (1.0 / fl[2, freq, age_bucket1(max(age, 0) + 1)] - 1.0))
-    return e + tie * lu
+        return -0.0
+    age = it - ist[0, lay, j]
+    freq = ist[3, lay, j]
+    nxt = float(L - g + lay)
+    if lay > g:
+        row = ist[1, lay, j] if ist[2, lay, 0] == it else freq
+        p_now = fl[2, row, age_bucket1(age)]
+        wait = nxt + L * (1.0 / fl[2, freq, age_bucket1(age + 1)] - 1.0)
+        return -(p_now * (lay - g) + (1.0 - p_now) * wait)
+    return -(nxt + L * (1.0 / fl[2, freq, age_bucket1(max(age, 0) + 1)] - 1.0))
 
 
 @njit(cache=True, inline="always")
@@ -430,40 +427,61 @@ def _before(s, lay, j, s2, lay2, j2):  # noqa: ANN001, ANN202 - numba
 
 
 @njit(cache=True)
-def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out):  # noqa: ANN001, ANN201 - numba
+def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out, out_s, out_e):  # noqa: ANN001, ANN201, E501 - numba
     """The first ``len(out)`` eviction victims among candidates 0..n-1 (``layers``,
     ``experts``, ``last_used``), in order: ascending score ``etnu + tie * last_used``,
     ties to the lower (layer, expert) key, etnu being :func:`expected_next_use`'s value
     at gate ``g`` of iteration ``it`` computed for the candidates only with the same
-    operations. Their slots go to ``out``; returns how many (min(n, len(out))), or -2
-    when a score is NaN (the caller then scores in Python, whose min treats NaN its own
-    way)."""
+    operations. Their slots go to ``out``, their scores to ``out_s`` and their etnu to
+    ``out_e`` (both at least as long as ``out``); returns how many (min(n, len(out))),
+    or -2 when a score is NaN (the caller then scores in Python, whose min treats NaN its
+    own way)."""
     L = ist.shape[1]
     m = out.shape[0]
-    bs = np.empty(m)
     bl = np.empty(m, np.int64)
     bj = np.empty(m, np.int64)
     c = 0
     for i in range(n):
         lay = layers[i]
         j = experts[i]
-        s = _victim_score(ist, fl, prot, g, it, L, lay, j, last_used[i], tie)
+        e = _victim_etnu(ist, fl, prot, g, it, L, lay, j)
+        s = e + tie * last_used[i]
         if s != s:
             return -2
-        if c == m and not _before(s, lay, j, bs[m - 1], bl[m - 1], bj[m - 1]):
+        if c == m and not _before(s, lay, j, out_s[m - 1], bl[m - 1], bj[m - 1]):
             continue
         # insert into the ranked buffer (the worst falls off a full one)
         q = c if c < m else m - 1
-        while q > 0 and _before(s, lay, j, bs[q - 1], bl[q - 1], bj[q - 1]):
-            bs[q] = bs[q - 1]
+        while q > 0 and _before(s, lay, j, out_s[q - 1], bl[q - 1], bj[q - 1]):
+            out_s[q] = out_s[q - 1]
+            out_e[q] = out_e[q - 1]
             bl[q] = bl[q - 1]
             bj[q] = bj[q - 1]
             out[q] = out[q - 1]
             q -= 1
-        bs[q] = s
+        out_s[q] = s
+        out_e[q] = e
         bl[q] = lay
         bj[q] = j
         out[q] = i
         if c < m:
             c += 1
+    return c
+
+
+@njit(cache=True)
+def fresh_orders(issued, layer, experts, cached, out):  # noqa: ANN001, ANN201 - numba
+    """The experts of ``experts`` (ids of ``layer``, in order) neither ordered this
+    iteration (``issued`` bool [L, J]) nor cached (``cached[i]``), as
+    ``FmoeOrders._order``'s loop finds them: each such expert's index goes to ``out`` (in
+    order) and it is marked in ``issued`` at once, so a repeated id counts once. Returns
+    how many."""
+    c = 0
+    for i in range(experts.shape[0]):
+        j = experts[i]
+        if issued[layer, j] or cached[i]:
+            continue
+        issued[layer, j] = True
+        out[c] = i
+        c += 1
     return c

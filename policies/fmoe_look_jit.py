@@ -8,6 +8,7 @@ Imported when an fMoE policy is bound (with :mod:`policies.fmoe_jit`).
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 
@@ -76,3 +77,40 @@ def score_row(  # noqa: ANN201, PLR0913 - numba
         map_h[g] += float(got)
     for m in range(ids.shape[0]):
         chosen[ids[m]] += 1.0
+
+
+@njit(cache=True)
+def topk_row(row, k, out):  # noqa: ANN001, ANN201 - numba
+    """``out[:k]`` = the first k of ``np.argsort(-row, kind="stable")``: the k largest of
+    ``row`` (float64 [J], k <= J), best first, ties to the lower index (-0.0 ties 0.0, as
+    there). False (``out`` unspecified) when the row holds a NaN, which numpy orders its
+    own way."""
+    J = row.shape[0]
+    for q in range(J):
+        if row[q] != row[q]:
+            return False
+    last = np.inf  # the value taken last, and its index: the next is the largest below
+    li = -1  # it or equal to it at a larger index (a scan per pick: k is the top-K)
+    for i in range(k):
+        m = -1
+        for q in range(J):
+            v = row[q]
+            if v > last or (v == last and q <= li):
+                continue  # taken already
+            if m < 0 or v > row[m]:
+                m = q
+        out[i] = m
+        last = row[m]
+        li = m
+    return True
+
+
+@njit(cache=True)
+def topk_rows(rows, k, out):  # noqa: ANN001, ANN201 - numba
+    """:func:`topk_row` of each row of ``rows`` [R, J] into ``out`` [R, k]: the first k of
+    ``np.argsort(-rows, axis=1, kind="stable")``. False (``out`` unspecified) when a row
+    holds a NaN."""
+    for r in range(rows.shape[0]):
+        if not topk_row(rows[r], k, out[r]):
+            return False
+    return True

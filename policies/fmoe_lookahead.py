@@ -209,7 +209,13 @@ class FmoeLookahead:
         """Each row's top-k of its lookahead row for layer g+1 ([B, k], best first; ties
         to the lower id), kept to be scored at gate g+1."""
         k = self._la_k
-        pk = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        pk = None
+        if len(rows) == 1 and _KERNEL:  # one row: its top-k by a k-scan kernel, no sort
+            pk = np.empty((1, k), np.int64)
+            if not self._la_jit.topk_row(rows[0], k, pk[0]):
+                pk = None  # a NaN: numpy's order
+        if pk is None:
+            pk = np.argsort(-rows, axis=1, kind="stable")[:, :k]
         self._la_picks = (iteration, g + 1, pk)
         return pk
 
@@ -241,20 +247,25 @@ class FmoeLookahead:
         deadline = self._view is not None
         cache_of = self._cache_of
         look_q = self._look_q
-        for j in sorted(prio, key=lambda j: (-prio[j], j)):
+        ranked = sorted(prio, key=lambda j: (-prio[j], j)) if len(prio) > 1 else list(prio)
+        if ranked:
+            self._ev += 1  # FmoeEviction._protect per pick below, its version bump once
+        prot, etnu, no_prefetch = self._prot_mv, self._etnu_mv, self._no_prefetch
+        for j in ranked:
             key = (nxt, j)
             p = prio[j]
-            self._protect(key)  # as _order does (bumps the eviction state version)
-            if (cache_of and key in cache_of[nxt][j].entries) or self._no_prefetch:
+            prot[key] = True  # protected as _order does (FmoeEviction._protect, inlined)
+            etnu[key] = -0.0
+            if (cache_of and key in cache_of[nxt][j].entries) or no_prefetch:
                 continue
             if deadline:
                 # a candidate at the larger of its p's; its chance of use at least the
                 # picks' (FmoeDeadline._iteration_chance)
                 look_q[key] = 1.0 - miss[j]
                 self._candidate(nxt, j, p)
-                it.issued.add(key)
-            elif key not in it.issued:
-                it.issued.add(key)
+                it.issued_mv[key] = True
+            elif not it.issued_mv[key]:
+                it.issued_mv[key] = True
                 self.prefetch(nxt, j, p)
                 self._orders_issued += 1
 
@@ -285,7 +296,8 @@ class FmoeLookahead:
             for b, row in enumerate(pk.tolist()):
                 for j in row:
                     prio[j] = max(prio.get(j, 0.0), float(rows[b, j]))
-            self._order(it, g + 1, sorted(prio, key=lambda j: (-prio[j], j)), prio)
+            order = sorted(prio, key=lambda j: (-prio[j], j))
+            self._order(it, g + 1, order, [prio[j] for j in order])
         else:
             self._lookahead_measured_orders(it, g + 1, pk)
 

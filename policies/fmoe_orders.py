@@ -13,6 +13,9 @@ from policies.fmoe_state import _IterState
 
 # from this many experts _order protects them with numpy writes instead of one by one
 _BULK = 16
+# _order's deadline candidates through policies.fmoe_jit.fresh_orders (False: the loop;
+# tests compare them)
+_FRESH_KERNEL = True
 
 
 class FmoeOrders:
@@ -32,16 +35,17 @@ class FmoeOrders:
                 np.count_nonzero(mask.sum(axis=1) > self.spec.top_k)
             )
         merged = merge_priorities(probs, mask, layer, now_layer)
-        self._order(it, layer, sorted(merged, key=lambda j: (-merged[j], j)), merged)
+        order = sorted(merged, key=lambda j: (-merged[j], j))
+        self._order(it, layer, order, [merged[j] for j in order])
 
     def _row_orders(
         self, rows: np.ndarray, scores: np.ndarray, dist: np.ndarray
-    ) -> tuple[list[list[int]], list[dict[int, float]]]:
+    ) -> tuple[list[list[int]], list[list[float]]]:
         """:meth:`_issue_row`'s selection and priorities for R one-row predictions at once
         (its per-row Python costs more from a few rows on): rows [R, J] with their scores
         [R], ``dist`` [R, 1] the float64 layer distances (so p / dist is Python's float
         division). Returns each row's selected experts, best first, and their priorities
-        (expert -> p / dist: only the selected ones are ever ordered)."""
+        p / dist in the same order (only the selected ones are ever ordered)."""
         assert self.spec is not None
         R, J = rows.shape
         picks = np.zeros((R, J), np.int64)  # zeros: columns past a row's count stay valid ids
@@ -53,10 +57,9 @@ class FmoeOrders:
         w = int(counts.max()) if R else 0
         top = picks[:, :w]
         vals = (np.take_along_axis(rows, top, axis=1) / dist).tolist()
-        chosen, prio = [], []
-        for row, v, c in zip(top.tolist(), vals, counts.tolist(), strict=True):
-            chosen.append(row[:c])
-            prio.append(dict(zip(row[:c], v[:c], strict=True)))
+        cs = counts.tolist()
+        chosen = [row[:c] for row, c in zip(top.tolist(), cs, strict=True)]
+        prio = [v[:c] for v, c in zip(vals, cs, strict=True)]
         return chosen, prio
 
     def _issue_row(
@@ -72,29 +75,32 @@ class FmoeOrders:
         chosen = select_row(row, score, self.spec.top_k, use_delta=self.use_delta)
         prio = [p / dist for p in row]
         chosen.sort(key=lambda j: (-prio[j], j))
-        self._issue_picks(it, layer, chosen, prio)
+        self._issue_picks(it, layer, chosen, [prio[j] for j in chosen])
 
     def _issue_picks(
-        self, it: _IterState, layer: int, picks: list[int], prio: Sequence[float]
+        self, it: _IterState, layer: int, picks: list[int], vals: Sequence[float]
     ) -> None:
-        """Order one row's selected experts ``picks`` (best first) at priorities ``prio[j]``."""
+        """Order one row's selected experts ``picks`` (best first) at priorities ``vals``
+        (in the same order)."""
         assert self.spec is not None
         if len(picks) > self.spec.top_k:  # the weak match took more than the top-K (step 3)
             self._stats["delta_widened"] += 1
-        self._order(it, layer, picks, prio)
+        self._order(it, layer, picks, vals)
 
     def _order(
         self,
         it: _IterState,
         layer: int,
         experts: list[int],
-        prio: Sequence[float] | dict[int, float],
+        vals: Sequence[float],
     ) -> None:
-        """Queue orders for ``experts`` (best first) at priorities ``prio[j]``, skipping
-        those already ordered this iteration or cached (resident or loading). Every
-        selected expert of a layer still ahead is protected from eviction until that
-        layer has run; with deadline admission the orders become candidates instead."""
-        issued, cache_of = it.issued, self._cache_of
+        """Queue orders for ``experts`` (best first) at priorities ``vals`` (the same
+        order), skipping those already ordered this iteration or cached (resident or
+        loading). Every selected expert of a layer still ahead is protected from eviction
+        until that layer has run; with deadline admission the orders become candidates
+        instead."""
+        cache_of = self._cache_of
+        issued = it.issued_mv
         # protect (see FmoeEviction._protect, inlined: this runs for every selected expert)
         protect = layer > self._g
         if protect:
@@ -113,34 +119,74 @@ class FmoeOrders:
             self._etnu[layer, idx] = -0.0
             protect = False
         if cands is not None and not protect and cache_of and not self._no_prefetch:
+            if _FRESH_KERNEL and 0 < len(experts) <= len(self._fresh_buf):
+                self._order_candidates(it, cands, layer, experts, vals, ahead)
+                return
             # the loop below for deadline candidates, without its per-expert branches
             get = cands.get
-            for j in experts:
+            for j, v in zip(experts, vals, strict=True):
                 key = (layer, j)
-                if key in issued or key in cache_of[layer][j].entries:
+                if issued[key] or key in cache_of[layer][j].entries:
                     continue
-                issued.add(key)
-                p = prio[j] * ahead
+                issued[key] = True
+                p = v * ahead
                 if p > get(key, -1.0):
                     cands[key] = p
             return
-        for j in experts:
+        for j, v in zip(experts, vals, strict=True):
             key = (layer, j)
             if protect:
                 prot[key] = True
                 etnu[key] = -0.0
             # ctx.is_cached(key), inlined: this runs for every candidate order
-            if key in issued or (cache_of and key in cache_of[layer][j].entries):
+            if issued[key] or (cache_of and key in cache_of[layer][j].entries):
                 continue
-            issued.add(key)
+            issued[key] = True
             if self._no_prefetch:
                 continue
             if cands is not None:
-                p = prio[j] * ahead
+                p = v * ahead
                 if p > cands.get(key, -1.0):
                     cands[key] = p
                 continue
-            self.prefetch(layer, j, prio[j])
+            self.prefetch(layer, j, v)
             orders += 1
         if orders:
             self._orders_issued += orders
+
+    def _order_candidates(
+        self,
+        it: _IterState,
+        cands: dict,
+        layer: int,
+        experts: list[int],
+        vals: Sequence[float],
+        ahead: float,
+    ) -> None:
+        """:meth:`_order`'s deadline candidates (``experts`` of ``layer``, nothing to
+        protect; a fine-grained layer's weak match selects a hundred): which experts are
+        neither ordered this iteration nor cached, in one kernel call
+        (:func:`policies.fmoe_jit.fresh_orders`, marking them ordered), then they become
+        candidates at p = priority x ``ahead``, in order, each kept at the larger p where
+        it already is one (NaN never enters: the loop's ``p > cands.get(key, -1.0)``)."""
+        keys = [(layer, j) for j in experts]
+        d = self._layer_ents[layer]
+        if d is not None:  # one cache holds the layer: its cached keys among these, in C
+            hit = d.keys() & keys
+        else:
+            ents = self._ents_of[layer]
+            hit = {k for k in keys if k in ents[k[1]]}
+        n = len(keys)
+        cached = np.fromiter(map(hit.__contains__, keys), np.bool_, n) if hit else self._no_hit
+        out = self._fresh_buf
+        c = self._jit.fresh_orders(it.issued, layer, np.array(experts, np.int64), cached, out)
+        if not c:
+            return
+        pairs = [(keys[i], p) for i in out[:c].tolist() for p in (vals[i] * ahead,) if p > -1.0]
+        if not cands or cands.keys().isdisjoint(k for k, _ in pairs):
+            cands.update(pairs)
+            return
+        get = cands.get
+        for key, p in pairs:  # some are candidates already: the larger p stays
+            if p > get(key, -1.0):
+                cands[key] = p

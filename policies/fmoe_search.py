@@ -157,11 +157,17 @@ class FmoeSearch:
             self._issue_picks(it, layer, picks[layer], prio[layer])
         rows_py = targets.tolist()
         plan.targets = list(zip(rows_py, picks[d - lo :], prio[d - lo :], strict=True))
-        if self._la_mode is not False and len(rows_py) > 1 and not np.isnan(targets).any():
+        if self._la_mode is not False and len(rows) > 1 and not np.isnan(rows).any():
             # the lookahead measurement's top-k of each forecast row, in one sort (fewer
-            # calls than one per gate; FmoeLookahead._map_topk looks them up by row)
-            tops = np.argsort(-targets, axis=1, kind="stable")[:, : self._la_k].tolist()
-            self._plan_tops = {id(r): (r, t) for r, t in zip(rows_py, tops, strict=True)}
+            # calls than one per gate; FmoeLookahead._map_topk looks them up by row): the
+            # gates' rows and the semantic search's (layers 0..d-1, ``_pred``'s rows now,
+            # the same values: one row's max over rows is the row)
+            # (fmoe_look_jit.topk_rows: np.argsort(-rows, kind="stable")'s first k)
+            top = np.empty((len(rows), self._la_k), np.int64)
+            self._la_jit.topk_rows(rows, self._la_k, top)
+            tops = top.tolist()
+            keyed = rows_py if lo == d else self._pred[:d] + rows_py
+            self._plan_tops = {id(r): (r, t) for r, t in zip(keyed, tops, strict=True)}
         plan.fc_rows = forecast_rows(targets.astype(np.float64), TRAJECTORY)
 
     def _planned_gate(

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policies.cache import ExpertKey
-
 
 def _inv_sqrt(x: np.ndarray) -> np.ndarray:
     """1 / sqrt(x) for x >= 0; a huge finite value at 0, which only ever multiplies zeros."""
@@ -55,5 +53,13 @@ class _IterState:
     dots: np.ndarray  # [B, C] running trajectory dot products
     norm2: np.ndarray  # [B] squared norm of the observed prefix
     version: int  # store version the vectors are exact for
-    issued: set[ExpertKey] = field(default_factory=set)
+    # [L, J]: experts ordered (or made candidates) this iteration, and a memoryview of it
+    # for one-key reads and writes (numpy's scalar indexing costs more)
+    issued: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.bool_))
+    issued_mv: memoryview = field(init=False, repr=False)
     plan: _SearchPlan | None = None  # the precomputed searches, when the gates were known
+
+    def __post_init__(self) -> None:
+        if self.issued.shape != self.observed.shape[1:]:
+            self.issued = np.zeros(self.observed.shape[1:], np.bool_)
+        self.issued_mv = memoryview(self.issued)

@@ -31,20 +31,32 @@ from __future__ import annotations
 import heapq
 import math
 
-from policies.cache import CacheEntry
+import numpy as np
+
+from policies.cache import VICTIM_INDEX_MIN, CacheEntry
+from policies.fmoe_eviction import _TIE_EPS
 
 # victims listed per device and admission pass; past it the last one's price stands (a
 # pass admits a handful of copies per link: its queue holds a few copy times at most)
 VICTIMS_PRICED = 32
+# the fmoe score's victims listed by one kernel call from as many candidates as the cache
+# itself asks the kernel for its victim (VICTIM_INDEX_MIN; below it the arrays' upkeep
+# costs more than it saves); False: the Python listing (tests compare the two end to end)
+_LIST_KERNEL = True
 
 
 class FmoeVictim:
     """Victims a device's next prefetches would evict, and their price."""
 
+    _vl_bufs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the kernel's outputs
+
     def _victims_reset(self) -> None:
         """Forget the victim lists (a new admission pass: the caches may have changed)."""
         self._vq: dict[int, list[tuple[float, CacheEntry]]] = {}
         self._vfree: dict[int, int] = {}
+        # the listed victims' expected times to next use, in the order they are taken
+        # (lowest score first), where the compiled listing computed them (_victims_load)
+        self._ve: dict[int, list[float]] = {}
 
     def _victim_price(
         self, dev: int, start_s: float, copy_s: float, ahead: int, avail_s: float
@@ -87,14 +99,64 @@ class FmoeVictim:
     def _victims_load(self, dev: int) -> None:
         """The device's free slots and its cheapest evictable entries (resident, unpinned,
         unprotected), lowest score last: the cache keeps that set (``ExpertCache._cands``),
-        so no scan of every entry; the order is by (score, key), whatever the set's order."""
+        so no scan of every entry; the order is by (score, key), whatever the set's order.
+        With the ``fmoe`` score the list comes from one kernel over the cache's candidate
+        arrays (:meth:`_victims_listed`), with the victims' expected times (``_ve``)."""
         cache = self.ctx.caches[dev]
         self._vfree[dev] = cache.free
+        if (
+            _LIST_KERNEL
+            and self._scores_fast
+            and len(cache._cands) >= VICTIM_INDEX_MIN  # fewer: Python's list costs less
+            and self._victims_listed(dev)
+        ):
+            return
         entries = list(cache._cands.values())
         scores = self.eviction_scores(entries) if entries else []
         # at most VICTIMS_PRICED per pass: an admission pass sends a few copies per link
-        low = heapq.nsmallest(
-            VICTIMS_PRICED, zip(scores, entries, strict=True), key=lambda t: (t[0], t[1].key)
-        )
+        total = sum(scores)
+        if _LIST_KERNEL and total == total:  # no NaN: a plain sort of (score, key, entry)
+            # (keys are distinct: entries never compared) gives nsmallest's list
+            keys = [e.key for e in entries]
+            low = [(sc, e) for sc, _, e in sorted(zip(scores, keys, entries, strict=True))][
+                :VICTIMS_PRICED
+            ]
+        else:
+            low = heapq.nsmallest(
+                VICTIMS_PRICED, zip(scores, entries, strict=True), key=lambda t: (t[0], t[1].key)
+            )
         low.reverse()
         self._vq[dev] = low
+
+    def _victims_listed(self, dev: int) -> bool:
+        """:meth:`_victims_load`'s list for the ``fmoe`` score from
+        :func:`policies.fmoe_jit.victims` over the cache's candidate arrays: each
+        candidate's score computed alone (the eviction table's value plus the recency
+        tie, the same operations: no [L, J] table made), the lowest VICTIMS_PRICED by
+        (score, key). False (nothing set) when a score is NaN: Python's sort then decides.
+        What it reads first is what ``eviction_scores`` reads: this iteration's chance
+        table, made now if the eviction table would have been made now."""
+        if self._etnu_dirty:
+            self._chance()  # _etnu_table's first step: the table's counts as of now
+        arr = self.ctx.caches[dev].candidate_arrays()
+        bufs = self._vl_bufs
+        if bufs is None:
+            bufs = self._vl_bufs = (
+                np.empty(VICTIMS_PRICED, np.int64),
+                np.empty(VICTIMS_PRICED),
+                np.empty(VICTIMS_PRICED),
+            )
+        out, out_s, out_e = bufs
+        tie = _TIE_EPS / (abs(self._now) + 1.0)
+        c = self._jit.victims(
+            self._ist, self._fl, self._prot, self._g, self._cur_it, arr.layers, arr.experts,
+            arr.last_used, arr.n, tie, out, out_s, out_e,
+        )  # fmt: skip
+        if c < 0:
+            return False
+        entries = arr.entries
+        low = list(zip(out_s[:c].tolist(), [entries[i] for i in out[:c].tolist()], strict=True))
+        low.reverse()
+        self._vq[dev] = low
+        self._ve[dev] = [-e for e in out_e[:c].tolist()]
+        return True

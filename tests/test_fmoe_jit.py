@@ -309,7 +309,10 @@ def test_victims_are_the_table_scores_ranked_then_by_key(
     last_used = rng.choice([0.0, 1.0, 2.5], len(flat))
     tie = 1e-9 / (abs(now) + 1.0)
     out = np.empty(5, np.int64)
-    c = fmoe_jit.victims(ist, fl, prot, g, it, layers, experts, last_used, len(flat), tie, out)
+    s_out, e_out = np.empty(5), np.empty(5)
+    c = fmoe_jit.victims(
+        ist, fl, prot, g, it, layers, experts, last_used, len(flat), tie, out, s_out, e_out
+    )
     assert c == min(len(flat), 5)
     ranked = sorted(
         (tab[lay, j] + tie * lu, lay, j)
@@ -317,3 +320,64 @@ def test_victims_are_the_table_scores_ranked_then_by_key(
     )
     got = [(int(layers[i]), int(experts[i])) for i in out[:c]]
     assert got == [(lay, j) for _, lay, j in ranked[:c]]
+    # and each listed victim's score and table value, bit for bit
+    assert s_out[:c].tolist() == [s for s, _, _ in ranked[:c]]
+    assert e_out[:c].tolist() == [tab[lay, j] for _, lay, j in ranked[:c]]
+    assert np.signbit(e_out[:c]).tolist() == [np.signbit(tab[lay, j]) for _, lay, j in ranked[:c]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    L=st.integers(1, 5),
+    J=st.integers(1, 12),
+    n=st.integers(0, 20),
+)
+def test_fresh_orders_are_the_loops_new_experts(seed: int, L: int, J: int, n: int) -> None:
+    """fresh_orders finds, in order, the experts _order's loop makes candidates: neither
+    ordered this iteration nor cached, a repeated id once; and marks them ordered."""
+    rng = np.random.default_rng(seed)
+    layer = int(rng.integers(L))
+    issued = rng.random((L, J)) < 0.3
+    experts = rng.integers(0, J, n)  # repeats allowed
+    cached = rng.random(n) < 0.3
+    want_issued = issued.copy()
+    want = []
+    for i, j in enumerate(experts.tolist()):  # the loop (cached: by position, as the keys)
+        if want_issued[layer, j] or cached[i]:
+            continue
+        want_issued[layer, j] = True
+        want.append(i)
+    out = np.empty(max(n, 1), np.int64)
+    c = fmoe_jit.fresh_orders(issued, layer, experts.astype(np.int64), cached, out)
+    assert out[:c].tolist() == want
+    assert np.array_equal(issued, want_issued)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    J=st.integers(1, 40),
+    k=st.integers(1, 8),
+    pool=st.sampled_from([[0.0, -0.0, 0.5, 1.0], [0.1, 0.2], [np.inf, -np.inf, 0.0, 3.0]]),
+    continuous=st.booleans(),
+)
+def test_topk_row_is_the_stable_argsorts_head(
+    seed: int, J: int, k: int, pool: list[float], continuous: bool
+) -> None:
+    """topk_row gives np.argsort(-row, kind="stable")[:k] (ties, -0.0 and infinities
+    included: values drawn from a small pool), and refuses a row with a NaN."""
+    from policies import fmoe_look_jit
+
+    rng = np.random.default_rng(seed)
+    row = rng.random(J) if continuous else rng.choice(np.array(pool), J)
+    k = min(k, J)
+    out = np.empty(k, np.int64)
+    assert fmoe_look_jit.topk_row(row, k, out)
+    assert out.tolist() == np.argsort(-row, kind="stable")[:k].tolist()
+    rows = np.stack([row, row[::-1].copy()]).astype(np.float32)  # and float32 rows
+    outs = np.empty((2, k), np.int64)
+    assert fmoe_look_jit.topk_rows(rows, k, outs)
+    assert outs.tolist() == np.argsort(-rows, axis=1, kind="stable")[:, :k].tolist()
+    row[rng.integers(J)] = np.nan
+    assert not fmoe_look_jit.topk_row(row, k, out)

@@ -201,7 +201,7 @@ def test_a_pick_the_map_also_names_gets_its_parts_measured_precision():
     got = {(o.layer, o.expert): o.priority for o in pol.decide_prefetch().enqueue}
     assert got == {(2, 1): (27 + 0.5) / 31, (2, 4): (3 + 0.4) / 11}
     pol._fc_it[2] = -1  # no forecast of layer 2 this iteration: the cells' precisions
-    pol._it.issued.clear()
+    pol._it.issued[:] = False
     pol._lookahead_measured_orders(pol._it, 2, np.array([[1, 4]]))
     got = {(o.layer, o.expert): o.priority for o in pol.decide_prefetch().enqueue}
     assert got == {(2, 1): 0.5, (2, 4): 0.4}
