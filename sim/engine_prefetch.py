@@ -1,0 +1,493 @@
+"""The compiled engine path for prefetching policies: links, caches and layer steps in
+numba (:mod:`sim.fastkernel_prefetch`), the policy's hooks in Python.
+
+A run takes it (``FMOE_SIM_ENGINE``, as :mod:`sim.engine_fast`) when
+:func:`why_not_prefetch` finds nothing against it: the policy evicts by recency (the
+cache's own order, so no scorer is called per victim), observes only request-free hooks
+the kernel can return for (``on_iteration_start``, ``on_gate``, ``on_iteration_end``),
+keeps the default ``decide_prefetch``, ``miss_action``, no ``on_expert_used`` /
+``on_load_finished`` / ``on_request_arrival``, orders without search latency; links carry
+one copy at a time; no copy interference, event log, hybrid actions; and no layer of the
+workload can need waves (see :func:`sim.fastkernel_prefetch.needs_waves`).
+
+Before each hook the cache entries the kernel changed since the last hook are written
+into the :class:`~policies.cache.ExpertCache` objects' ``entries`` (every field, so the
+policy reads exactly what the Python engine would show it) and their ``counters``; the
+caches' private indexes (recency order, candidates) are rebuilt only at the end of the
+run. The policy's orders go back into the kernel as two arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from policies.base import GateOutput, Policy, PrefetchDecision, RecencyEviction, validate_order
+from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertState
+
+if TYPE_CHECKING:
+    from sim.engine import Engine
+
+# hooks the policy must leave to Policy on this path
+_NOT_HOOKS = (
+    "on_request_arrival",
+    "on_expert_used",
+    "on_load_finished",
+    "decide_prefetch",
+    "miss_action",
+    "kernel_eviction",
+)
+_COUNTERS = tuple(CacheCounters.__dataclass_fields__)
+_STATES = {1: ExpertState.LOADING, 2: ExpertState.RESIDENT}
+Proc = Generator[Any, Any, Any]
+
+
+def _overrides(policy: Policy, hook: str) -> bool:
+    return getattr(type(policy), hook) is not getattr(Policy, hook)
+
+
+def _by_recency(policy: Policy) -> bool:
+    """Whether the policy's victims are the cache's least recently used (unprotected first)."""
+    cls = type(policy)
+    if cls.eviction_scores is RecencyEviction.eviction_scores:  # type: ignore[attr-defined]
+        return True
+    return cls.eviction_scores is Policy.eviction_scores and not _overrides(
+        policy, "eviction_score"
+    )
+
+
+def why_not_prefetch(eng: Engine) -> str:
+    """Why the prefetching compiled path cannot run ``eng``'s run ('' when it can)."""
+    policy = eng.policy
+    if not _by_recency(policy):
+        return f"policy {policy.name!r} scores victims in Python"
+    for hook in _NOT_HOOKS:
+        if _overrides(policy, hook):
+            return f"policy {policy.name!r} overrides {hook}"
+    if policy.async_search:
+        return "the policy's orders wait for a search latency"
+    if eng.log is not None:
+        return "an event log is recorded"
+    if eng.interferes:
+        return "copies interfere with compute"
+    if eng.after_loads:
+        return "experts wait for all loads (experts_wait_for_loads)"
+    if eng.side or eng.h_miss:
+        return "miss actions other than a fetch"
+    hw = eng.cfg.hardware
+    if hw.link.concurrency != 1 or hw.host_bandwidth_cap_Bps is not None:
+        return "links carry several copies at once"
+    for cache in eng.caches:
+        if type(cache) is not ExpertCache:
+            return f"cache type {type(cache).__name__}"
+        for e in cache.entries.values():
+            if e.state is not ExpertState.RESIDENT or e.pins or e.protected or e.by_prefetch:
+                return "a cache starts with an entry that is not plainly resident"
+    if _may_wave(eng):
+        return "a layer may route more experts to a GPU than its cache holds beside a copy"
+    return ""
+
+
+def _may_wave(eng: Engine) -> bool:
+    """Whether some iteration could route to a GPU at least as many distinct experts of one
+    layer as its cache holds (then a demand may find no slot and the engine runs waves)."""
+    from sim import fastkernel_prefetch as fk
+
+    spec, n = eng.spec, eng.num_gpus
+    L, J = spec.num_moe_layers, spec.num_experts
+    dev = np.asarray(eng.dev_table, dtype=np.int64)  # [L, J]
+    caps = np.array([c.capacity for c in eng.caches], dtype=np.int64)
+    per_gpu = np.stack([(dev == g).sum(axis=1).max() for g in range(n)])
+    if (per_gpu < caps).all():  # even a whole layer fits beside a copy in flight
+        return False
+    if eng.cfg.batch_size != 1:  # batches mix requests' rows: not bounded per request
+        return True
+    ki = np.zeros((L * J, fk.N_KI), np.int64)
+    ki[:, fk.K_DEV] = dev.reshape(-1)
+    gi = np.zeros((n, fk.N_GI), np.int64)
+    gi[:, fk.G_CAP] = caps
+    counts, seen = np.zeros(n, np.int64), np.zeros(L * J, np.int64)
+    mark = 0
+    K = spec.top_k
+    for s in eng.states:  # batch 1: an iteration is a request's prompt, or one decode row
+        ids = s.req.routing.topk_ids
+        p = s.req.iteration_rows(0)
+        mark += 1
+        if fk.needs_waves(ids[p].astype(np.int64), ki, gi, counts, seen, mark, J):
+            return True
+        if ids.shape[0] > p.stop and K >= caps.min():  # a decode row: top-K a layer
+            return True
+    return False
+
+
+class PrefetchPath:
+    """The kernel's arrays for one run, the links' face the run loop and arrivals use
+    (``due``, ``advance``, ``run_calls``), the mirror of the caches for the policy, and
+    the per-iteration driver."""
+
+    prefetching = True
+
+    def __init__(self, eng: Engine) -> None:
+        from sim import fastkernel_prefetch as fk
+
+        self.fk = fk
+        spec, n = eng.spec, eng.num_gpus
+        L, J = spec.num_moe_layers, spec.num_experts
+        self.J, self.num_gpus = J, n
+        caps = [c.capacity for c in eng.caches]
+        st = fk.new_state(L * J, L, n, J, max(caps) + 1)
+        (
+            self.isc,
+            self.fsc,
+            self.ki,
+            self.kf,
+            self.gi,
+            self.gf,
+            self.q,
+            self.hf,
+            self.hi,
+            self.lg,
+            self.dirty,
+            self.work,
+        ) = st
+        self.ordk = np.zeros(max(64, 2 * J), np.int64)
+        self.ordp = np.zeros(max(64, 2 * J), np.float64)
+        isc, fsc, ki, gi = self.isc, self.fsc, self.ki, self.gi
+        isc[fk.I_EBYTES] = eng.caches[0].expert_bytes
+        isc[fk.I_J] = J
+        isc[fk.I_NGPU] = n
+        isc[fk.I_CHUNK] = eng.links.links[0].chunk
+        isc[fk.I_HOOKGATE] = int(eng._h_gate)
+        fsc[fk.F_BW] = eng.links.links[0].bw
+        fsc[fk.F_LAT] = eng.links.links[0].lat
+        ki[:, fk.K_DEV] = np.asarray(eng.dev_table, dtype=np.int64).reshape(-1)
+        for g, cache in enumerate(eng.caches):
+            gi[g, fk.G_CAP] = cache.capacity
+            gi[g, fk.G_INORDER] = int(cache._in_order)
+            gf = self.gf
+            gf[g, fk.GF_LATEST] = cache._latest
+            for i, name in enumerate(_COUNTERS):
+                gi[g, fk.G_C0 + i] = getattr(cache.counters, name)
+            for key, e in cache._recency.items():  # plainly resident, oldest first
+                k = key[0] * J + key[1]
+                ki[k, fk.K_STATE] = fk.RESIDENT
+                ki[k, fk.K_USES] = e.uses
+                self.kf[k, fk.KF_LAST], self.kf[k, fk.KF_LOADED] = e.last_used, e.loaded_at
+                fk._append(ki, gi, k)
+                gi[g, fk.G_COUNT] += 1
+        isc[fk.I_GATESEQ] = eng.gate_seq
+        isc[fk.I_STAMP] = eng.links.stamp
+        self.plan = np.array([(m, int(h)) for m, h, _ in eng.plan], dtype=np.int64)
+        self.et = np.zeros(1, np.float64)
+        self.timing = eng.timing
+        self._eng = eng
+        self._per_rows: dict[tuple[int, int], tuple[float, float, float, float]] = {}
+        self.one_row_off = np.zeros(2, np.int64)
+        self.one_req_out = np.zeros((1, 2), np.int64)
+        self.state = (
+            self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.hf, self.hi,
+            self.lg, self.dirty,
+        )  # fmt: skip
+        self.keys = eng.key_table
+        self.experts_shape = (L, J)
+        # the engine's drains (iteration start and end) apply orders through the kernel
+        eng._apply = self.apply  # type: ignore[method-assign]
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Load (or compile) the kernels now, not inside the timed event loop."""
+        fk = self.fk
+        nxt, t = self.fsc[fk.F_NXT], self.fsc[fk.F_T]
+        self.fsc[fk.F_NXT] = np.inf
+        fk.iteration(
+            *self.state, self.work, self.ordk, self.ordp, np.zeros((1, 1, 1), np.int64),
+            np.zeros(2, np.int64), self.et, np.zeros((0, 2), np.int64), np.zeros((1, 2), np.int64),
+        )  # fmt: skip
+        self.fsc[fk.F_NXT], self.fsc[fk.F_T] = nxt, t
+        fk.apply_orders(*self.state, self.ordk, self.ordp, 0.0)
+        self.advance(-np.inf)
+
+    # -- the links' face ----------------------------------------------------------------
+    @property
+    def due(self) -> float:
+        return float(self.fsc[self.fk.F_DUE])
+
+    def advance(self, t: float) -> None:
+        self.fk.advance(*self.state, float(t))
+
+    def run_calls(self) -> None:
+        """No timed calls on this path (no search latency)."""
+
+    # -- the policy's view ----------------------------------------------------------------
+    def sync(self) -> None:
+        """Write the entries and counters the kernel changed since the last call into the
+        caches, and the links' gate stamp (what a hook and its drain read)."""
+        fk, eng = self.fk, self._eng
+        isc = self.isc
+        eng.links.stamp = int(isc[fk.I_STAMP])
+        n = int(isc[fk.I_NDIRTY])
+        if n:
+            ki, kf, J, keys, caches = self.ki, self.kf, self.J, self.keys, eng.caches
+            ks = self.dirty[:n].tolist()
+            rows = ki[ks].tolist()
+            frows = kf[ks].tolist()
+            ki[ks, fk.K_DIRTY] = 0
+            isc[fk.I_NDIRTY] = 0
+            for k, r, f in zip(ks, rows, frows, strict=True):
+                key = keys[k // J][k % J]
+                entries = caches[r[fk.K_DEV]].entries
+                state = r[fk.K_STATE]
+                if state == fk.ABSENT:
+                    entries.pop(key, None)
+                    continue
+                e = entries.get(key)
+                if e is None:
+                    entries[key] = CacheEntry(
+                        key,
+                        _STATES[state],
+                        f[fk.KF_LOADED],
+                        f[fk.KF_LAST],
+                        r[fk.K_USES],
+                        r[fk.K_PINS],
+                        bool(r[fk.K_PROT]),
+                        bool(r[fk.K_BYPF]),
+                        bool(r[fk.K_PFUSED]),
+                    )
+                else:
+                    e.state = _STATES[state]
+                    e.loaded_at, e.last_used = f[fk.KF_LOADED], f[fk.KF_LAST]
+                    e.uses, e.pins = r[fk.K_USES], r[fk.K_PINS]
+                    e.protected, e.by_prefetch = bool(r[fk.K_PROT]), bool(r[fk.K_BYPF])
+                    e.prefetch_used = bool(r[fk.K_PFUSED])
+        gi = self.gi
+        dirty_dev = np.flatnonzero(gi[:, fk.G_CDIRTY]).tolist()
+        if dirty_dev:
+            gi[:, fk.G_CDIRTY] = 0
+            c0 = fk.G_C0
+            for g in dirty_dev:
+                c = eng.caches[g].counters
+                for name, v in zip(_COUNTERS, gi[g, c0 : c0 + 14].tolist(), strict=True):
+                    setattr(c, name, v)
+
+    def _orders(self, dec: PrefetchDecision) -> None:
+        """Put ``dec`` into the order arrays (validated as Engine._apply does)."""
+        fk = self.fk
+        nc, ne = len(dec.cancel), len(dec.enqueue)
+        if nc + ne > self.ordk.shape[0]:
+            self.ordk = np.zeros(2 * (nc + ne), np.int64)
+            self.ordp = np.zeros(2 * (nc + ne), np.float64)
+        L, J = self.experts_shape
+        ordk, ordp = self.ordk, self.ordp
+        for i, (lay, e) in enumerate(dec.cancel):
+            ordk[i] = lay * J + e
+        spec = self._eng.spec
+        i = nc
+        for order in dec.enqueue:
+            lay, e, pri = order
+            if not (0 <= lay < L and 0 <= e < J and np.isfinite(pri)):
+                validate_order(order, spec)
+            ordk[i] = lay * J + e
+            ordp[i] = pri
+            i += 1
+        self.isc[fk.I_NCAN] = nc
+        self.isc[fk.I_NORD] = ne
+
+    def apply(self, dec: PrefetchDecision, stamp: int, now: float) -> None:
+        """Engine._apply on this path (a drain at an iteration's start or end)."""
+        fk = self.fk
+        if stamp != self.isc[fk.I_STAMP]:
+            raise RuntimeError("orders of an earlier gate on the compiled path")
+        self._orders(dec)
+        fk.apply_orders(*self.state, self.ordk, self.ordp, float(now))
+
+    # -- per iteration ----------------------------------------------------------------------
+    def expert_times(self, rows: int) -> np.ndarray:
+        """Expert compute time by rows routed to it, 0..``rows`` (Timing.expert's values)."""
+        et = self.et
+        if et.shape[0] <= rows:
+            n = max(rows + 1, 2 * et.shape[0])
+            new = np.zeros(n, np.float64)
+            new[: et.shape[0]] = et
+            for tok in range(max(et.shape[0], 1), n):
+                new[tok] = self.timing.expert(tok)
+            self.et = et = new
+        return et
+
+    def per_rows(self, rows: int, batch: int) -> tuple[float, float, float, float]:
+        """(hand-off, exchange, executor overhead, head) of an iteration (memoised)."""
+        key = (rows, batch)
+        v = self._per_rows.get(key)
+        if v is None:
+            eng = self._eng
+            timing = eng.timing
+            v = self._per_rows[key] = (
+                timing.handoff(rows) if eng.num_gpus > 1 else 0.0,
+                timing.exchange(rows),
+                eng.compute_model.layer_overhead(eng.policy.name, rows),
+                timing.head(batch),
+            )
+        return v
+
+    def export(self, eng: Engine) -> None:
+        """Write the arrays back into the caches, links and engine counters (after the run)."""
+        fk = self.fk
+        self.sync()
+        isc, fsc, ki, gi, gf = self.isc, self.fsc, self.ki, self.gi, self.gf
+        J = self.J
+        for g, cache in enumerate(eng.caches):
+            entries = cache.entries
+            order = []
+            k = int(gi[g, fk.G_HEAD])
+            while k >= 0:
+                order.append(eng.key_table[k // J][k % J])
+                k = int(ki[k, fk.K_NEXT])
+            cache._recency.clear()
+            cache._recency.update((key, entries[key]) for key in order)
+            cache._cands = {
+                key: e
+                for key, e in entries.items()
+                if e.state is ExpertState.RESIDENT and not e.pins and not e.protected
+            }
+            cache._arr = None
+            cache._protected = {key for key, e in entries.items() if e.protected}
+            cache._n_loading = int(gi[g, fk.G_NLOAD])
+            cache._in_order = bool(gi[g, fk.G_INORDER])
+            cache._latest = float(gf[g, fk.GF_LATEST])
+            link = eng.links.links[g]
+            link.busy_s = float(gf[g, fk.GF_BUSYS])
+            link._busy_t0 = float(gf[g, fk.GF_BUSYT0])
+            link.active = int(gi[g, fk.G_ACTIVE])
+            link.bytes_moved = int(gi[g, fk.G_BYTES])
+            for name, col in (
+                ("orders", fk.S_ORDERS),
+                ("skipped_cached", fk.S_SKIPPED),
+                ("stale", fk.S_STALE),
+                ("dropped_full", fk.S_DROPPED),
+                ("preemptions", fk.S_PREEMPT),
+            ):
+                link.stats[name] = int(gi[g, col])
+            eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
+        eng.gate_seq = int(isc[fk.I_GATESEQ])
+        eng.links.stamp = int(isc[fk.I_STAMP])
+        eng.layer_steps = int(isc[fk.I_STEPS])
+        eng.stall_s = float(fsc[fk.F_STALL])
+
+
+def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
+    """:meth:`sim.engine.Engine._iteration` of a run on the prefetching compiled path."""
+    from sim.engine import _layer_views
+    from sim.iteration import stack_field
+
+    fk = fp.fk
+    env, policy = eng.env, eng.policy
+    batch = eng.running
+    slices, rows, context = eng._batch_rows(batch)
+    n = len(batch)
+    if n == 1:
+        ids = batch[0].req.routing.topk_ids[slices[0]]
+        row_off, req_out = fp.one_row_off, fp.one_req_out
+    else:
+        ids = np.concatenate(
+            [s.req.routing.topk_ids[sl] for s, sl in zip(batch, slices, strict=True)]
+        )
+        row_off = np.fromiter(
+            accumulate((sl.stop - sl.start for sl in slices), initial=0), np.int64, n + 1
+        )
+        req_out = np.zeros((n, 2), np.int64)
+    ids64 = ids if ids.dtype == np.int64 else ids.astype(np.int64)
+    eng.iterations += 1
+    fsc, isc = fp.fsc, fp.isc
+    ids_l = w_l = probs_l = look_l = None
+    weights = probs = None
+    if eng._h_gate:
+        weights = stack_field(batch, slices, "topk_weights")
+        probs = stack_field(batch, slices, "gate_probs") if eng.has_probs else None
+        look = stack_field(batch, slices, "lookahead") if eng.has_look else None
+        ids_l, w_l, probs_l, look_l = map(_layer_views, (ids, weights, probs, look))
+    if eng._h_start:
+        nxt = env.peek()
+        if nxt <= t:
+            yield env.timeout(t - env.now)
+            t = max(t, env.now)
+        if fp.due <= t:
+            fp.advance(t)
+        fp.sync()
+        gates = None
+        if eng._pass_gates:
+            from policies.base import IterationGates
+
+            gates = IterationGates(ids, weights, probs)
+        eng._iteration_start(_Rows(slices), batch, t, gates)
+    fsc[fk.F_DENSE] = eng.timing.dense(rows, context)
+    fsc[fk.F_HAND], fsc[fk.F_EXCH], fsc[fk.F_OVER], fsc[fk.F_HEAD] = fp.per_rows(rows, n)
+    fsc[fk.F_T] = t
+    fsc[fk.F_NXT] = env.peek()
+    fsc[fk.F_NOW] = env.now
+    isc[fk.I_PHASE] = fk.PH_HEAD
+    state, work, plan = fp.state, fp.work, fp.plan
+    et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
+    kernel = fk.iteration
+    plain = eng._plain_decide
+    iteration = eng.iterations
+    while True:
+        code = kernel(*state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
+        if code == fk.DONE:
+            break
+        if code == fk.HOOK:  # the gate of MoE layer `layer`: the policy's on_gate
+            layer = int(plan[isc[fk.I_POS], 0])
+            fp.sync()
+            assert ids_l is not None and w_l is not None
+            policy.on_gate(
+                GateOutput(
+                    iteration,
+                    layer,
+                    ids_l[layer],
+                    w_l[layer],
+                    None if probs_l is None else probs_l[layer],
+                    None if look_l is None else look_l[layer],
+                    float(fsc[fk.F_T]),
+                )
+            )
+            if not plain or policy._enqueue or policy._cancel:
+                dec = policy.decide_prefetch()
+                if dec:
+                    fp._orders(dec)
+            continue  # nothing yields between a gate and its demands
+        if code == fk.YIELD_T:
+            t = float(fsc[fk.F_T])
+            yield env.timeout(t - env.now)
+            fsc[fk.F_T] = max(t, env.now)
+        elif code == fk.WAIT:
+            yield env.timeout(max(float(fsc[fk.F_NXT]) - env.now, 0.0))
+        elif code == fk.NO_LINK:
+            raise RuntimeError("waiting for loads that no link carries")
+        else:
+            raise RuntimeError("the compiled path met a state only the Python engine handles")
+        fsc[fk.F_NXT] = env.peek()
+        fsc[fk.F_NOW] = env.now
+    t = float(fsc[fk.F_T])
+    if n == 1:
+        s = batch[0]
+        s.demands += int(req_out[0, 0])
+        s.hits += int(req_out[0, 1])
+        req_out[0] = 0
+    else:
+        for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
+            s.demands += dem
+            s.hits += hit
+    if eng._h_end:
+        fp.sync()
+    eng._finish_iteration(batch, t)
+    return t
+
+
+class _Rows:
+    """What Engine._iteration_start reads of an Iteration: the rows' slices."""
+
+    __slots__ = ("slices",)
+
+    def __init__(self, slices: list[slice]) -> None:
+        self.slices = slices
