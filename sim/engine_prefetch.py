@@ -19,14 +19,14 @@ run. The policy's orders go back into the kernel as two arrays.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterator, Mapping
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from policies.base import GateOutput, Policy, PrefetchDecision, RecencyEviction, validate_order
-from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertState
+from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertKey, ExpertState
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -43,6 +43,7 @@ _NOT_HOOKS = (
 _COUNTERS = tuple(CacheCounters.__dataclass_fields__)
 _STATES = {1: ExpertState.LOADING, 2: ExpertState.RESIDENT}
 Proc = Generator[Any, Any, Any]
+_K_STATE, _K_DEV, _G_COUNT = 0, 5, 2  # sim.fastkernel_prefetch's (checked at import below)
 
 
 def _overrides(policy: Policy, hook: str) -> bool:
@@ -123,6 +124,70 @@ def _may_wave(eng: Engine) -> bool:
     return False
 
 
+class LiveEntries(Mapping):
+    """``ExpertCache.entries`` of one device while the kernel runs: a read-only mapping
+    answered from the kernel's arrays at the moment of the read (membership, length, the
+    entries in the dict's insertion order, each a fresh :class:`CacheEntry` with the
+    current fields). Policies read entries and never write them (the cache's contract)."""
+
+    def __init__(self, fp: PrefetchPath, g: int) -> None:
+        self.fp, self.g = fp, g
+
+    def _k(self, key: object) -> int:
+        fp = self.fp
+        try:
+            lay, e = key  # type: ignore[misc]
+        except (TypeError, ValueError):
+            return -1
+        L, J = fp.experts_shape
+        if not (0 <= lay < L and 0 <= e < J):
+            return -1
+        k = lay * J + e
+        ki = fp.ki
+        if ki[k, _K_STATE] == 0 or ki[k, _K_DEV] != self.g:
+            return -1
+        return k
+
+    def __contains__(self, key: object) -> bool:
+        return self._k(key) >= 0
+
+    def __getitem__(self, key: object) -> CacheEntry:
+        k = self._k(key)
+        if k < 0:
+            raise KeyError(key)
+        return self.fp.entry(k)
+
+    def get(self, key: object, default: Any = None) -> Any:
+        k = self._k(key)
+        return default if k < 0 else self.fp.entry(k)
+
+    def __len__(self) -> int:
+        return int(self.fp.gi[self.g, _G_COUNT])
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        fp = self.fp
+        fk, ki = fp.fk, fp.ki
+        ks = np.flatnonzero((ki[:, fk.K_STATE] != 0) & (ki[:, fk.K_DEV] == self.g))
+        ks = ks[np.argsort(ki[ks, fk.K_INS], kind="stable")]
+        J, keys = fp.J, fp.keys
+        return iter([keys[k // J][k % J] for k in ks.tolist()])
+
+
+def _live_counters(fp: PrefetchPath, g: int) -> Any:
+    """``ExpertCache.counters`` of one device while the kernel runs: each field read from
+    the kernel's arrays (``as_dict`` and ``add`` as on :class:`CacheCounters`)."""
+    c0 = fp.fk.G_C0
+    gi = fp.gi
+
+    def field(i: int) -> property:
+        return property(lambda self: int(gi[g, c0 + i]))
+
+    ns = {name: field(i) for i, name in enumerate(_COUNTERS)}
+    ns["as_dict"] = lambda self: {n: getattr(self, n) for n in _COUNTERS}
+    ns["add"] = lambda self, other: CacheCounters(**self.as_dict()).add(other)
+    return type("LiveCounters", (), ns)()
+
+
 class PrefetchPath:
     """The kernel's arrays for one run, the links' face the run loop and arrivals use
     (``due``, ``advance``, ``run_calls``), the mirror of the caches for the policy, and
@@ -171,6 +236,9 @@ class PrefetchPath:
             gf[g, fk.GF_LATEST] = cache._latest
             for i, name in enumerate(_COUNTERS):
                 gi[g, fk.G_C0 + i] = getattr(cache.counters, name)
+            for key in cache.entries:  # their dict order
+                isc[fk.I_INS] += 1
+                ki[key[0] * J + key[1], fk.K_INS] = isc[fk.I_INS]
             for key, e in cache._recency.items():  # plainly resident, oldest first
                 k = key[0] * J + key[1]
                 ki[k, fk.K_STATE] = fk.RESIDENT
@@ -195,6 +263,11 @@ class PrefetchPath:
         self.experts_shape = (L, J)
         # the engine's drains (iteration start and end) apply orders through the kernel
         eng._apply = self.apply  # type: ignore[method-assign]
+        # what a hook reads of the caches comes from the arrays until export
+        assert (fk.K_STATE, fk.K_DEV, fk.G_COUNT) == (_K_STATE, _K_DEV, _G_COUNT)
+        for g, cache in enumerate(eng.caches):
+            cache.entries = LiveEntries(self, g)  # type: ignore[assignment]
+            cache.counters = _live_counters(self, g)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -223,54 +296,27 @@ class PrefetchPath:
 
     # -- the policy's view ----------------------------------------------------------------
     def sync(self) -> None:
-        """Write the entries and counters the kernel changed since the last call into the
-        caches, and the links' gate stamp (what a hook and its drain read)."""
-        fk, eng = self.fk, self._eng
-        isc = self.isc
-        eng.links.stamp = int(isc[fk.I_STAMP])
-        n = int(isc[fk.I_NDIRTY])
-        if n:
-            ki, kf, J, keys, caches = self.ki, self.kf, self.J, self.keys, eng.caches
-            ks = self.dirty[:n].tolist()
-            rows = ki[ks].tolist()
-            frows = kf[ks].tolist()
-            ki[ks, fk.K_DIRTY] = 0
-            isc[fk.I_NDIRTY] = 0
-            for k, r, f in zip(ks, rows, frows, strict=True):
-                key = keys[k // J][k % J]
-                entries = caches[r[fk.K_DEV]].entries
-                state = r[fk.K_STATE]
-                if state == fk.ABSENT:
-                    entries.pop(key, None)
-                    continue
-                e = entries.get(key)
-                if e is None:
-                    entries[key] = CacheEntry(
-                        key,
-                        _STATES[state],
-                        f[fk.KF_LOADED],
-                        f[fk.KF_LAST],
-                        r[fk.K_USES],
-                        r[fk.K_PINS],
-                        bool(r[fk.K_PROT]),
-                        bool(r[fk.K_BYPF]),
-                        bool(r[fk.K_PFUSED]),
-                    )
-                else:
-                    e.state = _STATES[state]
-                    e.loaded_at, e.last_used = f[fk.KF_LOADED], f[fk.KF_LAST]
-                    e.uses, e.pins = r[fk.K_USES], r[fk.K_PINS]
-                    e.protected, e.by_prefetch = bool(r[fk.K_PROT]), bool(r[fk.K_BYPF])
-                    e.prefetch_used = bool(r[fk.K_PFUSED])
-        gi = self.gi
-        dirty_dev = np.flatnonzero(gi[:, fk.G_CDIRTY]).tolist()
-        if dirty_dev:
-            gi[:, fk.G_CDIRTY] = 0
-            c0 = fk.G_C0
-            for g in dirty_dev:
-                c = eng.caches[g].counters
-                for name, v in zip(_COUNTERS, gi[g, c0 : c0 + 14].tolist(), strict=True):
-                    setattr(c, name, v)
+        """The links' gate stamp, as a hook and its drain read it (the caches' entries and
+        counters are read from the arrays, see :class:`LiveEntries`)."""
+        self._eng.links.stamp = int(self.isc[self.fk.I_STAMP])
+
+    def entry(self, k: int) -> CacheEntry:
+        """The cache entry of key index ``k`` (cached) as the arrays hold it now."""
+        fk = self.fk
+        r = self.ki[k].tolist()
+        f = self.kf[k].tolist()
+        J = self.J
+        return CacheEntry(
+            self.keys[k // J][k % J],
+            _STATES[r[fk.K_STATE]],
+            f[fk.KF_LOADED],
+            f[fk.KF_LAST],
+            r[fk.K_USES],
+            r[fk.K_PINS],
+            bool(r[fk.K_PROT]),
+            bool(r[fk.K_BYPF]),
+            bool(r[fk.K_PFUSED]),
+        )
 
     def _orders(self, dec: PrefetchDecision) -> None:
         """Put ``dec`` into the order arrays (validated as Engine._apply does)."""
@@ -338,7 +384,10 @@ class PrefetchPath:
         isc, fsc, ki, gi, gf = self.isc, self.fsc, self.ki, self.gi, self.gf
         J = self.J
         for g, cache in enumerate(eng.caches):
-            entries = cache.entries
+            live = cache.entries
+            entries = cache.entries = {key: live[key] for key in live}
+            c0 = fk.G_C0
+            cache.counters = CacheCounters(*gi[g, c0 : c0 + len(_COUNTERS)].tolist())
             order = []
             k = int(gi[g, fk.G_HEAD])
             while k >= 0:

@@ -31,8 +31,8 @@ from numba import njit
 # -- isc: int64 scalars ---------------------------------------------------------------
 I_PHASE, I_POS, I_GATESEQ, I_STEPS, I_SEQ, I_NUSED, I_NPEND, I_STEP = 0, 1, 2, 3, 4, 5, 6, 7
 I_EBYTES, I_J, I_NITEMS, I_NMISSED, I_MARK, I_NGPU, I_CHUNK, I_NSUSP = 8, 9, 10, 11, 12, 13, 14, 15
-I_NDIRTY, I_NORD, I_NCAN, I_STAMP, I_HOOKGATE = 16, 17, 18, 19, 20
-N_ISC = 21
+I_NDIRTY, I_NORD, I_NCAN, I_STAMP, I_HOOKGATE, I_INS = 16, 17, 18, 19, 20, 21
+N_ISC = 22
 # -- fsc: float64 scalars -------------------------------------------------------------
 F_T, F_NXT, F_STALL, F_TOP, F_IDEAL, F_TLAYER, F_DENSE, F_HAND = 0, 1, 2, 3, 4, 5, 6, 7
 F_EXCH, F_OVER, F_HEAD, F_BW, F_LAT, F_DUE, F_NOW = 8, 9, 10, 11, 12, 13, 14
@@ -43,7 +43,8 @@ K_STATE, K_PINS, K_USES, K_PREV, K_NEXT, K_DEV, K_PROT, K_BYPF, K_PFUSED = 0, 1,
 # in the demand queue; suspended; demand; stop kind; seq; stamp; bytes left
 K_JOB, K_JSUSP, K_JDEM, K_JSTOP, K_JSEQ, K_JSTAMP, K_JREM = 9, 10, 11, 12, 13, 14, 15
 K_DIRTY = 16
-N_KI = 17
+K_INS = 17  # when the key entered its cache's entries (their dict order)
+N_KI = 18
 JOB_NONE, JOB_QUEUED, JOB_FLIGHT, JOB_DEMANDQ = 0, 1, 2, 3
 _SUSPEND, _CANCEL = 1, 2
 # -- kf: per key floats ---------------------------------------------------------------
@@ -281,6 +282,8 @@ def _begin_load(isc, ki, kf, gi, gf, dirty, k, now, prefetch):
             gi[g, C_EVBYPF] += 1
         _dirty(isc, ki, dirty, v)
     ki[k, K_STATE] = LOADING
+    isc[I_INS] += 1
+    ki[k, K_INS] = isc[I_INS]
     kf[k, KF_LOADED] = now
     kf[k, KF_LAST] = now
     ki[k, K_USES] = 0
