@@ -1,0 +1,173 @@
+"""The compiled path of prefetching policies (sim.engine_prefetch, sim.fastkernel_prefetch)
+against the Python engine (the reference): same metrics (wall-clock keys aside) and the
+same per-request records, bit for bit, on every run it takes; runs it cannot take fall
+back to the Python engine with a named reason."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim import engine_fast, engine_prefetch
+from sim.config import SimConfig
+from sim.metrics import WALL_CLOCK_KEYS
+from sim.run import SimResult, simulate
+from specs.presets import load_hardware, load_model
+from tests.strategies import random_workload, specs
+from tests.test_sim_kit import exact_profile
+from traces.synth import SynthConfig, generate
+
+
+@contextlib.contextmanager
+def engine(name: str) -> Iterator[list[engine_prefetch.PrefetchPath]]:
+    """Run under FMOE_SIM_ENGINE=name; yields the PrefetchPath objects the runs built."""
+    built: list[engine_prefetch.PrefetchPath] = []
+    init = engine_prefetch.PrefetchPath.__init__
+
+    def spy(self: engine_prefetch.PrefetchPath, eng: Any) -> None:
+        init(self, eng)
+        built.append(self)
+
+    old = os.environ.get(engine_fast.ENGINE_ENV)
+    os.environ[engine_fast.ENGINE_ENV] = name
+    engine_prefetch.PrefetchPath.__init__ = spy  # type: ignore[method-assign]
+    try:
+        yield built
+    finally:
+        engine_prefetch.PrefetchPath.__init__ = init  # type: ignore[method-assign]
+        if old is None:
+            del os.environ[engine_fast.ENGINE_ENV]
+        else:
+            os.environ[engine_fast.ENGINE_ENV] = old
+
+
+def outcome(res: SimResult) -> str:
+    """Everything a run reports except wall-clock figures, as one comparable string."""
+    m = {k: v for k, v in res.metrics.items() if k not in WALL_CLOCK_KEYS}
+    frame = res.requests.to_dict(orient="list")
+    return json.dumps({"metrics": m, "requests": frame}, sort_keys=True, default=str)
+
+
+def both(workload: Any, cfg: SimConfig) -> tuple[str, str, int]:
+    """(Python engine's outcome, compiled setting's outcome, prefetching paths built)."""
+    with engine("python") as none:
+        ref = outcome(simulate(workload, cfg))
+    assert not none
+    with engine("compiled") as built:
+        fast = outcome(simulate(workload, cfg))
+    return ref, fast, len(built)
+
+
+ON_KERNEL = ["deepspeed", "promoe"]
+PYTHON_ONLY = ["fmoe", "mixtral-offloading", "moe-infinity"]
+
+
+@pytest.mark.parametrize("policy", ON_KERNEL)
+@pytest.mark.parametrize(
+    ("hardware", "cache_gb", "batch"),
+    [("paper-6x3090", 24.0, 1), ("paper-6x3090", 12.0, 3), ("a100-80gb-pcie4", 24.0, 1)],
+)
+def test_prefetching_compiled_equals_python(
+    policy: str, hardware: str, cache_gb: float, batch: int
+) -> None:
+    """Mixtral-8x7B, Poisson arrivals: six GPUs (batch 1, and batch 3 with a small cache:
+    preemptions, stale and dropped orders) and one GPU; the compiled path runs and gives
+    the Python engine's results."""
+    spec, hw = load_model("mixtral-8x7b"), load_hardware(hardware)
+    w = generate(spec, SynthConfig(num_requests=3, arrival_rate=2.91, seed=2))
+    cfg = SimConfig(
+        model=spec, hardware=hw, policy=policy, cache_gb=cache_gb, batch_size=batch,
+        train_fraction=0.34 if policy == "promoe" else None,
+    )  # fmt: skip
+    ref, fast, built = both(w, cfg)
+    assert built == 1, "the compiled path did not run"
+    assert fast == ref
+    m = json.loads(ref)["metrics"]
+    assert m["prefetch_orders"] > 0  # the policy did prefetch
+
+
+@pytest.mark.parametrize("policy", PYTHON_ONLY)
+def test_python_scored_policies_fall_back(policy: str) -> None:
+    """Policies whose victims are scored in Python run on the Python engine under any
+    setting, with the same results."""
+    spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
+    w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=3))
+    cfg = SimConfig(model=spec, hardware=hw, policy=policy, cache_gb=24.0)
+    ref, fast, built = both(w, cfg)
+    assert built == 0
+    assert fast == ref
+
+
+def test_a_cache_smaller_than_a_layer_falls_back() -> None:
+    """One GPU whose cache holds fewer experts than a prompt routes per layer: waves are
+    possible, so the run stays on the Python engine (same results, reason named)."""
+    spec, hw = load_model("mixtral-8x7b"), load_hardware("a100-80gb-pcie4")
+    w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=4))
+    cfg = SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_experts=4)
+    ref, fast, built = both(w, cfg)
+    assert built == 0
+    assert fast == ref
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> tuple[Any, SimConfig]:
+    """Small random runs of deepspeed or promoe: made-up models, fitted costs, one-copy
+    links with chunked preemption; caches mostly just above a layer's experts per GPU,
+    some down to top-K experts."""
+    spec = draw(specs())
+    w = random_workload(
+        spec,
+        num_requests=draw(st.integers(1, 4)),
+        seed=draw(st.integers(0, 2**16)),
+        max_prompt=draw(st.integers(1, 6)),
+        with_probs=False,
+        with_embeddings=False,
+        arrival_gap_s=draw(st.sampled_from([0.0, 1e-4, 5e-4, 3e-3])),
+    )
+    f = st.floats(1e-5, 1e-3)
+    hw = exact_profile(
+        expert_s=draw(f),
+        expert_per_token_s=draw(st.sampled_from([0.0, 1e-5])),
+        dense_s=draw(f),
+        dense_per_token_s=0.0,
+        dense_per_token_context_s=0.0,
+        head_s=draw(f),
+        bandwidth_Bps=draw(st.floats(2e4, 1e8)),
+        latency_s=draw(st.sampled_from([0.0, 1e-5, 1e-4])),
+        num_gpus=min(draw(st.integers(1, 3)), spec.total_experts),
+    )
+    low = max(spec.top_k, hw.num_gpus)
+    top = max(low, spec.total_experts)
+    # mostly just above a layer's experts per GPU (the compiled path; misses and
+    # evictions), sometimes down to top-K (waves possible: the Python engine)
+    G, J = hw.num_gpus, spec.num_experts
+    above = min(top, max(low, G * (-(-J // G) + 1)))
+    cfg = SimConfig(
+        model=spec,
+        hardware=hw,
+        policy=draw(st.sampled_from(ON_KERNEL)),
+        cache_experts=draw(st.integers(above, min(top, above + 2 * G)) | st.integers(low, top)),
+        batch_size=draw(st.integers(1, 3)),
+        batching=draw(st.sampled_from(["static", "continuous"])),
+        train_fraction=0.5 if len(w.requests) > 1 else None,
+        warm_start=draw(st.booleans()),
+        chunk_bytes=draw(st.sampled_from([64, 512, 1 << 30])),
+    )
+    return w, cfg
+
+
+@settings(max_examples=20, deadline=None)
+@given(runs())
+def test_prefetching_compiled_equals_python_on_random_runs(run: tuple[Any, SimConfig]) -> None:
+    """Same results from both engine settings on random small runs (the compiled path where
+    the run qualifies, the Python engine where waves are possible)."""
+    workload, cfg = run
+    ref, fast, _ = both(workload, cfg)
+    assert fast == ref
