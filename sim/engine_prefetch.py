@@ -26,14 +26,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from policies.base import GateOutput, Policy, PrefetchDecision, RecencyEviction, validate_order
-from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertKey, ExpertState
+from policies.cache import (
+    CacheCounters,
+    CacheEntry,
+    ExpertCache,
+    ExpertKey,
+    ExpertState,
+    _lowest,
+)
 
 if TYPE_CHECKING:
     from sim.engine import Engine
 
 # hooks the policy must leave to Policy on this path
 _NOT_HOOKS = (
-    "on_request_arrival",
     "on_expert_used",
     "on_load_finished",
     "decide_prefetch",
@@ -63,8 +69,6 @@ def _by_recency(policy: Policy) -> bool:
 def why_not_prefetch(eng: Engine) -> str:
     """Why the prefetching compiled path cannot run ``eng``'s run ('' when it can)."""
     policy = eng.policy
-    if not _by_recency(policy):
-        return f"policy {policy.name!r} scores victims in Python"
     for hook in _NOT_HOOKS:
         if _overrides(policy, hook):
             return f"policy {policy.name!r} overrides {hook}"
@@ -166,11 +170,29 @@ class LiveEntries(Mapping):
 
     def __iter__(self) -> Iterator[ExpertKey]:
         fp = self.fp
-        fk, ki = fp.fk, fp.ki
-        ks = np.flatnonzero((ki[:, fk.K_STATE] != 0) & (ki[:, fk.K_DEV] == self.g))
-        ks = ks[np.argsort(ki[ks, fk.K_INS], kind="stable")]
+        n = fp.fk.cached_keys(fp.ki, fp.gi, self.g, fp.keybuf)
         J, keys = fp.J, fp.keys
-        return iter([keys[k // J][k % J] for k in ks.tolist()])
+        return iter([keys[k // J][k % J] for k in fp.keybuf[:n].tolist()])
+
+
+class LiveEntry(CacheEntry):
+    """A cache entry whose fields are read from the kernel's arrays (one per key, made at
+    its first read): what a hook or the policy's scorer sees of an entry on this path."""
+
+    __slots__ = ("_fp", "_k", "_key")
+
+    def __init__(self, fp: PrefetchPath, k: int, key: ExpertKey) -> None:  # noqa: D107
+        self._fp, self._k, self._key = fp, k, key
+
+    key = property(lambda self: self._key)  # type: ignore[assignment]
+    state = property(lambda self: _STATES[int(self._fp.ki[self._k, _K_STATE])])  # type: ignore[assignment]
+    loaded_at = property(lambda self: float(self._fp.kf[self._k, 1]))  # type: ignore[assignment]
+    last_used = property(lambda self: float(self._fp.kf[self._k, 0]))  # type: ignore[assignment]
+    uses = property(lambda self: int(self._fp.ki[self._k, 2]))  # type: ignore[assignment]
+    pins = property(lambda self: int(self._fp.ki[self._k, 1]))  # type: ignore[assignment]
+    protected = property(lambda self: bool(self._fp.ki[self._k, 6]))  # type: ignore[assignment]
+    by_prefetch = property(lambda self: bool(self._fp.ki[self._k, 7]))  # type: ignore[assignment]
+    prefetch_used = property(lambda self: bool(self._fp.ki[self._k, 8]))  # type: ignore[assignment]
 
 
 def _live_counters(fp: PrefetchPath, g: int) -> Any:
@@ -215,7 +237,7 @@ class PrefetchPath:
             self.hf,
             self.hi,
             self.lg,
-            self.dirty,
+            self.scratch,
             self.work,
         ) = st
         self.ordk = np.zeros(max(64, 2 * J), np.int64)
@@ -257,10 +279,16 @@ class PrefetchPath:
         self.one_req_out = np.zeros((1, 2), np.int64)
         self.state = (
             self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.hf, self.hi,
-            self.lg, self.dirty,
+            self.lg, self.scratch,
         )  # fmt: skip
         self.keys = eng.key_table
         self.experts_shape = (L, J)
+        self._live: dict[int, LiveEntry] = {}
+        self.keybuf = np.zeros(max(caps) + 1, np.int64)
+        if not _by_recency(eng.policy):  # victims scored by the policy, called back
+            isc[fk.I_PYSCORE] = 1
+            self._scores = eng.links.scores
+            fk.VICTIM[0] = self._victim
         # the engine's drains (iteration start and end) apply orders through the kernel
         eng._apply = self.apply  # type: ignore[method-assign]
         # what a hook reads of the caches comes from the arrays until export
@@ -301,22 +329,20 @@ class PrefetchPath:
         self._eng.links.stamp = int(self.isc[self.fk.I_STAMP])
 
     def entry(self, k: int) -> CacheEntry:
-        """The cache entry of key index ``k`` (cached) as the arrays hold it now."""
-        fk = self.fk
-        r = self.ki[k].tolist()
-        f = self.kf[k].tolist()
-        J = self.J
-        return CacheEntry(
-            self.keys[k // J][k % J],
-            _STATES[r[fk.K_STATE]],
-            f[fk.KF_LOADED],
-            f[fk.KF_LAST],
-            r[fk.K_USES],
-            r[fk.K_PINS],
-            bool(r[fk.K_PROT]),
-            bool(r[fk.K_BYPF]),
-            bool(r[fk.K_PFUSED]),
-        )
+        """The (live) cache entry of key index ``k``."""
+        e = self._live.get(k)
+        if e is None:
+            J = self.J
+            e = self._live[k] = LiveEntry(self, k, self.keys[k // J][k % J])
+        return e
+
+    def _victim(self, g: int, n: int) -> int:
+        """The kernel's call back for a victim: the policy's scorer over the candidates in
+        scratch[:n], the lowest score going first (ties to the lowest key), as
+        ExpertCache._victim."""
+        entry = self.entry
+        group = [entry(k) for k in self.scratch[:n].tolist()]
+        return _lowest(group, self._scores(group))._k  # type: ignore[attr-defined]
 
     def _orders(self, dec: PrefetchDecision) -> None:
         """Put ``dec`` into the order arrays (validated as Engine._apply does)."""
@@ -463,7 +489,6 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
             t = max(t, env.now)
         if fp.due <= t:
             fp.advance(t)
-        fp.sync()
         gates = None
         if eng._pass_gates:
             from policies.base import IterationGates
@@ -479,15 +504,16 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     state, work, plan = fp.state, fp.work, fp.plan
     et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
     kernel = fk.iteration
+    links = eng.links
     plain = eng._plain_decide
     iteration = eng.iterations
     while True:
         code = kernel(*state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
+        links.stamp = int(isc[fk.I_STAMP])  # what a drain (a hook's, an arrival's) reads
         if code == fk.DONE:
             break
         if code == fk.HOOK:  # the gate of MoE layer `layer`: the policy's on_gate
             layer = int(plan[isc[fk.I_POS], 0])
-            fp.sync()
             assert ids_l is not None and w_l is not None
             policy.on_gate(
                 GateOutput(
@@ -527,8 +553,6 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
         for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
             s.demands += dem
             s.hits += hit
-    if eng._h_end:
-        fp.sync()
     eng._finish_iteration(batch, t)
     return t
 

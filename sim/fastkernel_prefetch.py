@@ -13,7 +13,7 @@ No waves, no copy interference, no event log, no delayed (async) orders: the cal
 admits only such runs. The Python engine is the reference;
 ``tests/test_engine_prefetch.py`` holds them equal.
 
-Every key the kernel changes is listed (``dirty``) so that the caller can bring the
+Every key the kernel changes is listed (``scratch``) so that the caller can bring the
 :class:`~policies.cache.ExpertCache` entries the policy reads up to date before a hook.
 
 Over 450 lines on purpose: numba's on-disk cache keys a compiled function on its own
@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, objmode
 
 # -- isc: int64 scalars ---------------------------------------------------------------
 I_PHASE, I_POS, I_GATESEQ, I_STEPS, I_SEQ, I_NUSED, I_NPEND, I_STEP = 0, 1, 2, 3, 4, 5, 6, 7
 I_EBYTES, I_J, I_NITEMS, I_NMISSED, I_MARK, I_NGPU, I_CHUNK, I_NSUSP = 8, 9, 10, 11, 12, 13, 14, 15
-I_NDIRTY, I_NORD, I_NCAN, I_STAMP, I_HOOKGATE, I_INS = 16, 17, 18, 19, 20, 21
+I_PYSCORE, I_NORD, I_NCAN, I_STAMP, I_HOOKGATE, I_INS = 16, 17, 18, 19, 20, 21
 N_ISC = 22
 # -- fsc: float64 scalars -------------------------------------------------------------
 F_T, F_NXT, F_STALL, F_TOP, F_IDEAL, F_TLAYER, F_DENSE, F_HAND = 0, 1, 2, 3, 4, 5, 6, 7
@@ -42,9 +42,8 @@ K_STATE, K_PINS, K_USES, K_PREV, K_NEXT, K_DEV, K_PROT, K_BYPF, K_PFUSED = 0, 1,
 # its copy (at most one per key): none / queued (prefetch, new or suspended) / in flight /
 # in the demand queue; suspended; demand; stop kind; seq; stamp; bytes left
 K_JOB, K_JSUSP, K_JDEM, K_JSTOP, K_JSEQ, K_JSTAMP, K_JREM = 9, 10, 11, 12, 13, 14, 15
-K_DIRTY = 16
-K_INS = 17  # when the key entered its cache's entries (their dict order)
-N_KI = 18
+K_INS = 16  # when the key entered its cache's entries (their dict order)
+N_KI = 17
 JOB_NONE, JOB_QUEUED, JOB_FLIGHT, JOB_DEMANDQ = 0, 1, 2, 3
 _SUSPEND, _CANCEL = 1, 2
 # -- kf: per key floats ---------------------------------------------------------------
@@ -87,15 +86,6 @@ PH_HEAD, PH_LAYER, PH_GATE, PH_DEMAND, PH_WAIT, PH_END, PH_END2, PH_ITER, PH_ITE
 
 
 # -- bookkeeping ------------------------------------------------------------------------
-@njit(cache=True, inline="always", _nrt=False)
-def _dirty(isc, ki, dirty, k):
-    """List ``k`` for the caller's mirror of the cache entries (once until it syncs)."""
-    if ki[k, K_DIRTY] == 0:
-        ki[k, K_DIRTY] = 1
-        dirty[isc[I_NDIRTY]] = k
-        isc[I_NDIRTY] += 1
-
-
 @njit(cache=True, inline="always", _nrt=False)
 def _seq(isc):
     isc[I_SEQ] += 1
@@ -263,13 +253,43 @@ def _victim(ki, kf, gi, g):
     return -1
 
 
+# the run's Python victim choice (sim.engine_prefetch sets it): victim(g, n) -> the key
+# index among scratch[:n] the policy's scorer evicts first
+VICTIM: list = [None]
+
+
+@njit(cache=True, _nrt=False)
+def _py_victim(ki, gi, scratch, g):
+    """ExpertCache._victim with the policy's own scorer: the candidates (resident,
+    unpinned, unprotected; else the protected ones) go to Python, which scores them; -1
+    when none. Not inlined: it holds the one call back into Python."""
+    n = 0
+    for prot in range(2):
+        k = gi[g, G_HEAD]
+        while k >= 0:
+            if ki[k, K_STATE] == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == prot:
+                scratch[n] = k
+                n += 1
+            k = ki[k, K_NEXT]
+        if n:
+            break
+    if n <= 1:
+        return scratch[0] if n else -1
+    with objmode(v="int64"):
+        v = VICTIM[0](g, n)
+    return v
+
+
 @njit(cache=True, inline="always", _nrt=False)
-def _begin_load(isc, ki, kf, gi, gf, dirty, k, now, prefetch):
+def _begin_load(isc, ki, kf, gi, gf, scratch, k, now, prefetch):
     """ExpertCache.begin_load(key, now, prefetch=prefetch, pin=not prefetch); False
     (nothing changed) when no slot can be freed."""
     g = ki[k, K_DEV]
     while gi[g, G_COUNT] >= gi[g, G_CAP]:
-        v = _victim(ki, kf, gi, g)
+        if isc[I_PYSCORE]:
+            v = _py_victim(ki, gi, scratch, g)
+        else:
+            v = _victim(ki, kf, gi, g)
         if v < 0:
             return False
         _unlink(ki, gi, v)
@@ -280,7 +300,6 @@ def _begin_load(isc, ki, kf, gi, gf, dirty, k, now, prefetch):
             gi[g, C_PFWASTED] += 1
         if prefetch:
             gi[g, C_EVBYPF] += 1
-        _dirty(isc, ki, dirty, v)
     ki[k, K_STATE] = LOADING
     isc[I_INS] += 1
     ki[k, K_INS] = isc[I_INS]
@@ -302,7 +321,6 @@ def _begin_load(isc, ki, kf, gi, gf, dirty, k, now, prefetch):
     else:
         gi[g, C_DLOADS] += 1
     gi[g, G_CDIRTY] = 1
-    _dirty(isc, ki, dirty, k)
     return True
 
 
@@ -320,7 +338,7 @@ def _can_evict(ki, gi, g):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _cancel_slot(isc, ki, gi, dirty, k):
+def _cancel_slot(isc, ki, gi, scratch, k):
     """Link._cancel_slot: ExpertCache.cancel_load(key) and the freed slot counted."""
     g = ki[k, K_DEV]
     _unlink(ki, gi, k)
@@ -332,11 +350,10 @@ def _cancel_slot(isc, ki, gi, dirty, k):
     ki[k, K_PROT] = 0
     gi[g, G_FREES] += 1
     gi[g, G_CDIRTY] = 1
-    _dirty(isc, ki, dirty, k)
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _use(isc, ki, kf, gi, gf, dirty, k, now):
+def _use(isc, ki, kf, gi, gf, scratch, k, now):
     """ExpertCache.use(key, now, unpin=True)."""
     ki[k, K_PINS] -= 1
     ki[k, K_USES] += 1
@@ -345,7 +362,6 @@ def _use(isc, ki, kf, gi, gf, dirty, k, now):
     _append(ki, gi, k)
     _touched(gi, gf, ki[k, K_DEV], now)
     ki[k, K_PROT] = 0
-    _dirty(isc, ki, dirty, k)
 
 
 # -- the links ----------------------------------------------------------------------------
@@ -376,7 +392,7 @@ def _begin(isc, fsc, ki, gi, gf, g, k, now, new_run):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now):
+def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now):
     """Link._next_job: the demand queue first, then the best live prefetch; -1 when none."""
     if gi[g, G_QN] > 0:
         nq = q.shape[1]
@@ -397,7 +413,7 @@ def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now):
                 ki[k, K_JSUSP] = 0
                 gi[g, G_NSUSP] -= 1
                 isc[I_NSUSP] -= 1
-                _cancel_slot(isc, ki, gi, dirty, k)
+                _cancel_slot(isc, ki, gi, scratch, k)
             continue
         if ki[k, K_JSUSP]:
             ki[k, K_JSUSP] = 0
@@ -407,7 +423,7 @@ def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now):
         if ki[k, K_STATE] != ABSENT:
             gi[g, S_SKIPPED] += 1
             continue
-        if not _begin_load(isc, ki, kf, gi, gf, dirty, k, now, True):
+        if not _begin_load(isc, ki, kf, gi, gf, scratch, k, now, True):
             gi[g, S_DROPPED] += 1
             continue
         return k
@@ -415,21 +431,21 @@ def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now):
+def _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now):
     """Link._kick then _preempt, for one channel."""
     if gi[g, G_BUSY] < 0:
-        k = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now)
+        k = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
         if k >= 0:
             _begin(isc, fsc, ki, gi, gf, g, k, now, True)
     while gi[g, G_QN] > 0:
         k = gi[g, G_BUSY]
         if k < 0 or ki[k, K_JDEM] or ki[k, K_JSTOP]:
             return
-        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now, _SUSPEND)
+        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now, _SUSPEND)
 
 
 @njit(cache=True, _nrt=False)
-def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now, kind):
+def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now, kind):
     """Link._stop: stop link g's prefetch at its next chunk boundary (at once in its
     latency phase). Not inlined: it and _segment_done call each other."""
     k = gi[g, G_BUSY]
@@ -441,7 +457,7 @@ def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now, kind):
     if now <= gf[g, GF_T0]:
         gi[g, G_SEG] = 0
         gi[g, G_EVSEQ] = -1
-        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now)
+        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
         return
     eb = isc[I_EBYTES]
     chunk = isc[I_CHUNK]
@@ -460,7 +476,7 @@ def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now, kind):
 
 
 @njit(cache=True, _nrt=False)
-def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now):
+def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now):
     """Link._segment_done of link g's segment (ending at ``now``)."""
     k = gi[g, G_BUSY]
     seg = gi[g, G_SEG]
@@ -482,7 +498,6 @@ def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now):
         kf[k, KF_LOADED] = now
         gi[g, G_NLOAD] -= 1
         gi[g, G_FREES] += 1
-        _dirty(isc, ki, dirty, k)
     elif ki[k, K_JSTOP] == _SUSPEND:
         gi[g, S_PREEMPT] += 1
         ki[k, K_JSTOP] = 0
@@ -493,9 +508,9 @@ def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now):
         _hpush(ki, gi, hf, hi, g, -kf[k, KF_JPRI], ki[k, K_JSEQ], k)
     else:
         ki[k, K_JOB] = JOB_NONE
-        _cancel_slot(isc, ki, gi, dirty, k)
+        _cancel_slot(isc, ki, gi, scratch, k)
     if gi[g, G_QN] > 0 or gi[g, G_HN] > 0:
-        nk = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now)
+        nk = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
         if nk >= 0:
             _begin(isc, fsc, ki, gi, gf, g, nk, now, True)
 
@@ -523,25 +538,25 @@ def _due(isc, gi, gf):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, t):
+def _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t):
     while True:
         g = _next_event(isc, gi, gf)
         if g < 0 or gf[g, GF_EVT] > t:
             return
-        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, gf[g, GF_EVT])
+        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, gf[g, GF_EVT])
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, now):
+def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
     """Link.start_demand(key, now); False (nothing reserved) when no slot can be freed."""
     g = ki[k, K_DEV]
     if ki[k, K_JOB] == JOB_QUEUED and not ki[k, K_JSUSP]:
         ki[k, K_JOB] = JOB_NONE  # take_queued: it is about to be a demand load
-    if not _begin_load(isc, ki, kf, gi, gf, dirty, k, now, False):
+    if not _begin_load(isc, ki, kf, gi, gf, scratch, k, now, False):
         if gi[g, G_NSUSP] == 0:
             return False
-        _free_suspended(isc, ki, gi, dirty, g)
-        if not _begin_load(isc, ki, kf, gi, gf, dirty, k, now, False):
+        _free_suspended(isc, ki, gi, scratch, g)
+        if not _begin_load(isc, ki, kf, gi, gf, scratch, k, now, False):
             return False
     ki[k, K_JDEM] = 1
     ki[k, K_JSTOP] = 0
@@ -557,12 +572,12 @@ def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, now):
     q[g, (gi[g, G_QH] + gi[g, G_QN]) % nq] = k
     gi[g, G_QN] += 1
     ki[k, K_JOB] = JOB_DEMANDQ
-    _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now)
+    _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
     return True
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _free_suspended(isc, ki, gi, dirty, g):
+def _free_suspended(isc, ki, gi, scratch, g):
     """Link.free_suspended: cancel every preempted prefetch of link g (by key)."""
     for k in range(ki.shape[0]):
         if ki[k, K_JSUSP] and ki[k, K_DEV] == g:
@@ -570,11 +585,11 @@ def _free_suspended(isc, ki, gi, dirty, g):
             gi[g, G_NSUSP] -= 1
             isc[I_NSUSP] -= 1
             ki[k, K_JOB] = JOB_NONE
-            _cancel_slot(isc, ki, gi, dirty, k)
+            _cancel_slot(isc, ki, gi, scratch, k)
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, now):
+def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
     """Link.promote: a LOADING key is demanded: its copy becomes a demand load."""
     g = ki[k, K_DEV]
     if ki[k, K_JSUSP]:
@@ -587,7 +602,7 @@ def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, now):
         q[g, (gi[g, G_QH] + gi[g, G_QN]) % nq] = k
         gi[g, G_QN] += 1
         ki[k, K_JOB] = JOB_DEMANDQ
-        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now)
+        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
         return
     if ki[k, K_JOB] == JOB_FLIGHT:
         ki[k, K_JDEM] = 1
@@ -595,7 +610,7 @@ def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, now):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, pri, stamp, now):
+def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, pri, stamp, now):
     """Link.enqueue: queue or re-prioritise a prefetch; cached keys are skipped."""
     g = ki[k, K_DEV]
     gi[g, S_ORDERS] += 1
@@ -619,11 +634,11 @@ def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, pri, stamp, now)
     ki[k, K_JSTAMP] = stamp
     _hpush(ki, gi, hf, hi, g, -pri, ki[k, K_JSEQ], k)
     if gi[g, G_BUSY] < 0 or gi[g, G_QN] > 0:
-        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now)
+        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, now):
+def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
     """Link.cancel: drop a queued order, cancel a preempted or in-flight prefetch."""
     g = ki[k, K_DEV]
     if ki[k, K_JOB] == JOB_QUEUED:
@@ -632,40 +647,40 @@ def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, now):
             ki[k, K_JSUSP] = 0
             gi[g, G_NSUSP] -= 1
             isc[I_NSUSP] -= 1
-            _cancel_slot(isc, ki, gi, dirty, k)
+            _cancel_slot(isc, ki, gi, scratch, k)
         return
     if ki[k, K_JOB] == JOB_FLIGHT and not ki[k, K_JDEM]:
-        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, g, now, _CANCEL)
+        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now, _CANCEL)
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, ordk, ordp, now):
+def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk, ordp, now):
     """Engine._apply of the orders the caller put in ordk/ordp: isc[I_NCAN] cancels
     (ordk[0:n]) first, then isc[I_NORD] prefetches (ordk/ordp after them), at stamp
     isc[I_STAMP]."""
     nc = isc[I_NCAN]
     for i in range(nc):
-        _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, ordk[i], now)
+        _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk[i], now)
     stamp = isc[I_STAMP]
     for i in range(nc, nc + isc[I_NORD]):
-        _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, ordk[i], ordp[i], stamp, now)
+        _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk[i], ordp[i], stamp, now)
     isc[I_NCAN] = 0
     isc[I_NORD] = 0
 
 
 @njit(cache=True, _nrt=False)
-def apply_orders(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, ordk, ordp, now):
+def apply_orders(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk, ordp, now):
     """:func:`_apply` from Python (orders of an iteration's start or end), at ``now``,
     after the link events up to it."""
-    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, now)
-    _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, ordk, ordp, now)
+    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, now)
+    _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk, ordp, now)
     fsc[F_DUE] = _due(isc, gi, gf)
 
 
 @njit(cache=True, _nrt=False)
-def advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, t):
+def advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t):
     """Links.advance(t): every link event at or before ``t``, in time order."""
-    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, t)
+    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t)
     fsc[F_DUE] = _due(isc, gi, gf)
 
 
@@ -706,7 +721,7 @@ def _items(isc, ids, layer, work):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, work, et, layer, t):
+def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work, et, layer, t):
     """LayerSteps._demand: demand and pin the layer's experts (a LOADING one is promoted
     to a demand load), then start loading the absent ones; returns the number of GPUs
     with misses, or -1 when an absent one found no slot (the caller admits no such run)."""
@@ -745,7 +760,6 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, work, et, layer, t):
                 else:
                     gi[g, C_PFLATE] += 1
             ki[k, K_PINS] += 1
-            _dirty(isc, ki, dirty, k)
         if st == RESIDENT:
             gf[g, GF_COMP] += ct
             work[nu, W_USED] = k
@@ -759,7 +773,7 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, work, et, layer, t):
             nslow += 1
         gf[g, GF_LOAD] += ct
         if st == LOADING:
-            _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, t)
+            _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, t)
             work[npend, W_PEND] = k
             work[npend, W_PTOK] = tok
             npend += 1
@@ -771,7 +785,7 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, work, et, layer, t):
     for a in range(nabs):
         i = work[a, W_ABS]
         k = base + work[i, W_E]
-        if not _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, k, t):
+        if not _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, t):
             return -1
         work[npend, W_PEND] = k
         work[npend, W_PTOK] = work[i, W_TOK]
@@ -847,7 +861,7 @@ def _attribute(isc, ids, layer, work, row_off, req_out):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _drop_suspended_of_layer(isc, ki, gi, lg, dirty, layer):
+def _drop_suspended_of_layer(isc, ki, gi, lg, scratch, layer):
     """Link.drop_suspended_of_layer on every link: cancel preempted prefetches of
     ``layer`` ordered before its gate that just ran."""
     J = isc[I_J]
@@ -860,12 +874,12 @@ def _drop_suspended_of_layer(isc, ki, gi, lg, dirty, layer):
             isc[I_NSUSP] -= 1
             ki[k, K_JOB] = JOB_NONE
             gi[g, S_STALE] += 1
-            _cancel_slot(isc, ki, gi, dirty, k)
+            _cancel_slot(isc, ki, gi, scratch, k)
 
 
 @njit(cache=True, _nrt=False)
 def iteration(
-    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, work, ordk, ordp, ids, row_off, et, plan,
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work, ordk, ordp, ids, row_off, et, plan,
     req_out,
 ):  # fmt: skip
     """Run (or resume) one iteration's layers (Engine._iteration from the head on); returns
@@ -903,7 +917,7 @@ def iteration(
         if ph == PH_GATE:
             layer = plan[isc[I_POS], 0]
             if _due(isc, gi, gf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, t)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t)
             isc[I_GATESEQ] += 1
             isc[I_STAMP] = isc[I_GATESEQ]
             lg[layer] = isc[I_GATESEQ]
@@ -917,16 +931,16 @@ def iteration(
                 return HOOK
         if ph == PH_DEMAND:
             layer = plan[isc[I_POS], 0]
-            nslow = _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, work, et, layer, t)
+            nslow = _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work, et, layer, t)
             if nslow < 0:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
                 return BAD
             # the policy's orders of this gate, after the demand loads (they go first)
             if isc[I_NCAN] or isc[I_NORD]:
-                _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, ordk, ordp, t)
+                _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk, ordp, t)
             if isc[I_NSUSP]:
-                _drop_suspended_of_layer(isc, ki, gi, lg, dirty, layer)
+                _drop_suspended_of_layer(isc, ki, gi, lg, scratch, layer)
             top = gf[0, GF_COMP]
             for g in range(1, isc[I_NGPU]):
                 if gf[g, GF_COMP] > top:
@@ -963,7 +977,7 @@ def iteration(
                     fsc[F_T] = t
                     fsc[F_DUE] = when
                     return WAIT
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, when)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, when)
             end = t + fsc[F_TOP]
             step = isc[I_STEP]
             for g in range(isc[I_NGPU]):
@@ -986,13 +1000,12 @@ def iteration(
         if ph == PH_END2:
             layer = plan[isc[I_POS], 0]
             if _due(isc, gi, gf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, t)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t)
             for i in range(isc[I_NUSED]):
-                _use(isc, ki, kf, gi, gf, dirty, work[i, W_USED], t)
+                _use(isc, ki, kf, gi, gf, scratch, work[i, W_USED], t)
             for k in range(layer * J, layer * J + J):  # Engine._unprotect
                 if ki[k, K_PROT]:
                     ki[k, K_PROT] = 0
-                    _dirty(isc, ki, dirty, k)
             _attribute(isc, ids, layer, work, row_off, req_out)
             isc[I_STEPS] += 1
             isc[I_POS] += 1
@@ -1007,7 +1020,7 @@ def iteration(
                 return YIELD_T
         if ph == PH_ITER2:
             if _due(isc, gi, gf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, t)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t)
             isc[I_PHASE] = PH_HEAD
             fsc[F_T] = t
             fsc[F_DUE] = _due(isc, gi, gf)
@@ -1039,7 +1052,7 @@ def needs_waves(ids, ki, gi, counts, seen, mark, num_experts):
 
 
 def new_state(num_keys: int, num_layers: int, num_gpus: int, num_experts: int, qcap: int) -> tuple:
-    """Zeroed state arrays (isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, work) for a run."""
+    """Zeroed state arrays (isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work) for a run."""
     isc = np.zeros(N_ISC, np.int64)
     fsc = np.zeros(N_FSC, np.float64)
     ki = np.zeros((num_keys, N_KI), np.int64)
@@ -1057,7 +1070,25 @@ def new_state(num_keys: int, num_layers: int, num_gpus: int, num_experts: int, q
     hf = np.zeros((num_gpus, hcap), np.float64)
     hi = np.zeros((num_gpus, hcap, 2), np.int64)
     lg = np.zeros(num_layers, np.int64)
-    dirty = np.zeros(num_keys, np.int64)
+    scratch = np.zeros(num_keys, np.int64)
     work = np.zeros((num_experts, N_W), np.int64)
     work[:, W_MISSED] = work[:, W_MARK] = -1
-    return isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, dirty, work
+    return isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work
+
+
+@njit(cache=True, _nrt=False)
+def cached_keys(ki, gi, g, out):
+    """The key indices of GPU g's cache entries in the order they entered it (the order
+    of ``ExpertCache.entries``), into ``out``; returns how many."""
+    n = 0
+    k = gi[g, G_HEAD]
+    while k >= 0:
+        x = k
+        m = n
+        while m > 0 and ki[out[m - 1], K_INS] > ki[x, K_INS]:
+            out[m] = out[m - 1]
+            m -= 1
+        out[m] = x
+        n += 1
+        k = ki[k, K_NEXT]
+    return n
