@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from policies.base import GateOutput, Policy, PrefetchDecision, RecencyEviction, validate_order
+from policies.base import (
+    GateOutput,
+    LinkState,
+    Policy,
+    PrefetchDecision,
+    RecencyEviction,
+    validate_order,
+)
 from policies.cache import (
     CacheCounters,
     CacheEntry,
@@ -49,7 +56,9 @@ _NOT_HOOKS = (
 _COUNTERS = tuple(CacheCounters.__dataclass_fields__)
 _STATES = {1: ExpertState.LOADING, 2: ExpertState.RESIDENT}
 Proc = Generator[Any, Any, Any]
-_K_STATE, _K_DEV, _G_COUNT = 0, 5, 2  # sim.fastkernel_prefetch's (checked at import below)
+# sim.fastkernel_prefetch's columns (checked when a path is built): read per entry field
+_K_STATE, _K_PINS, _K_USES, _K_DEV, _K_PROT, _K_BYPF, _K_PFUSED = 0, 1, 2, 5, 6, 7, 8
+_KF_LAST, _KF_LOADED, _G_COUNT = 0, 1, 2
 
 
 def _overrides(policy: Policy, hook: str) -> bool:
@@ -147,7 +156,7 @@ class LiveEntries(Mapping):
         if not (0 <= lay < L and 0 <= e < J):
             return -1
         k = lay * J + e
-        ki = fp.ki
+        ki = fp.kim
         if ki[k, _K_STATE] == 0 or ki[k, _K_DEV] != self.g:
             return -1
         return k
@@ -166,7 +175,7 @@ class LiveEntries(Mapping):
         return default if k < 0 else self.fp.entry(k)
 
     def __len__(self) -> int:
-        return int(self.fp.gi[self.g, _G_COUNT])
+        return self.fp.gim[self.g, _G_COUNT]
 
     def __iter__(self) -> Iterator[ExpertKey]:
         fp = self.fp
@@ -177,32 +186,33 @@ class LiveEntries(Mapping):
 
 class LiveEntry(CacheEntry):
     """A cache entry whose fields are read from the kernel's arrays (one per key, made at
-    its first read): what a hook or the policy's scorer sees of an entry on this path."""
+    its first read): what a hook or the policy's scorer sees of an entry on this path.
+    Reads go through memoryviews of the arrays (a Python int or float per read)."""
 
-    __slots__ = ("_fp", "_k", "_key")
+    __slots__ = ("_i", "_f", "_k", "_key")
 
     def __init__(self, fp: PrefetchPath, k: int, key: ExpertKey) -> None:  # noqa: D107
-        self._fp, self._k, self._key = fp, k, key
+        self._i, self._f, self._k, self._key = fp.kim, fp.kfm, k, key
 
     key = property(lambda self: self._key)  # type: ignore[assignment]
-    state = property(lambda self: _STATES[int(self._fp.ki[self._k, _K_STATE])])  # type: ignore[assignment]
-    loaded_at = property(lambda self: float(self._fp.kf[self._k, 1]))  # type: ignore[assignment]
-    last_used = property(lambda self: float(self._fp.kf[self._k, 0]))  # type: ignore[assignment]
-    uses = property(lambda self: int(self._fp.ki[self._k, 2]))  # type: ignore[assignment]
-    pins = property(lambda self: int(self._fp.ki[self._k, 1]))  # type: ignore[assignment]
-    protected = property(lambda self: bool(self._fp.ki[self._k, 6]))  # type: ignore[assignment]
-    by_prefetch = property(lambda self: bool(self._fp.ki[self._k, 7]))  # type: ignore[assignment]
-    prefetch_used = property(lambda self: bool(self._fp.ki[self._k, 8]))  # type: ignore[assignment]
+    state = property(lambda self: _STATES[self._i[self._k, _K_STATE]])  # type: ignore[assignment]
+    loaded_at = property(lambda self: self._f[self._k, _KF_LOADED])  # type: ignore[assignment]
+    last_used = property(lambda self: self._f[self._k, _KF_LAST])  # type: ignore[assignment]
+    uses = property(lambda self: self._i[self._k, _K_USES])  # type: ignore[assignment]
+    pins = property(lambda self: self._i[self._k, _K_PINS])  # type: ignore[assignment]
+    protected = property(lambda self: bool(self._i[self._k, _K_PROT]))  # type: ignore[assignment]
+    by_prefetch = property(lambda self: bool(self._i[self._k, _K_BYPF]))  # type: ignore[assignment]
+    prefetch_used = property(lambda self: bool(self._i[self._k, _K_PFUSED]))  # type: ignore[assignment]
 
 
 def _live_counters(fp: PrefetchPath, g: int) -> Any:
     """``ExpertCache.counters`` of one device while the kernel runs: each field read from
     the kernel's arrays (``as_dict`` and ``add`` as on :class:`CacheCounters`)."""
     c0 = fp.fk.G_C0
-    gi = fp.gi
+    gim = fp.gim
 
     def field(i: int) -> property:
-        return property(lambda self: int(gi[g, c0 + i]))
+        return property(lambda self: gim[g, c0 + i])
 
     ns = {name: field(i) for i, name in enumerate(_COUNTERS)}
     ns["as_dict"] = lambda self: {n: getattr(self, n) for n in _COUNTERS}
@@ -284,15 +294,23 @@ class PrefetchPath:
         self.keys = eng.key_table
         self.experts_shape = (L, J)
         self._live: dict[int, LiveEntry] = {}
+        # element reads without numpy scalars (the arrays are never reallocated)
+        self.kim, self.kfm, self.gim = memoryview(ki), memoryview(self.kf), memoryview(gi)
         self.keybuf = np.zeros(max(caps) + 1, np.int64)
         if not _by_recency(eng.policy):  # victims scored by the policy, called back
             isc[fk.I_PYSCORE] = 1
             self._scores = eng.links.scores
-            fk.VICTIM[0] = self._victim
+        # a policy asking the executor about a link hears the kernel's link
+        self._view = getattr(eng.policy.ctx, "executor", None) if eng.policy.ctx else None
+        if self._view is not None:
+            self._view.link_state = self.link_state  # type: ignore[method-assign]
         # the engine's drains (iteration start and end) apply orders through the kernel
         eng._apply = self.apply  # type: ignore[method-assign]
         # what a hook reads of the caches comes from the arrays until export
-        assert (fk.K_STATE, fk.K_DEV, fk.G_COUNT) == (_K_STATE, _K_DEV, _G_COUNT)
+        assert (fk.K_STATE, fk.K_PINS, fk.K_USES, fk.K_DEV, fk.K_PROT, fk.K_BYPF, fk.K_PFUSED) == (
+            _K_STATE, _K_PINS, _K_USES, _K_DEV, _K_PROT, _K_BYPF, _K_PFUSED
+        )  # fmt: skip
+        assert (fk.KF_LAST, fk.KF_LOADED, fk.G_COUNT) == (_KF_LAST, _KF_LOADED, _G_COUNT)
         for g, cache in enumerate(eng.caches):
             cache.entries = LiveEntries(self, g)  # type: ignore[assignment]
             cache.counters = _live_counters(self, g)
@@ -317,6 +335,7 @@ class PrefetchPath:
         return float(self.fsc[self.fk.F_DUE])
 
     def advance(self, t: float) -> None:
+        self.fk.VICTIM[0] = self._victim  # (each entry: runs of this process may interleave)
         self.fk.advance(*self.state, float(t))
 
     def run_calls(self) -> None:
@@ -343,6 +362,29 @@ class PrefetchPath:
         entry = self.entry
         group = [entry(k) for k in self.scratch[:n].tolist()]
         return _lowest(group, self._scores(group))._k  # type: ignore[attr-defined]
+
+    def link_state(self, device: int) -> LinkState:
+        """SimExecutorView.link_state of a one-copy link, from the kernel's arrays (the
+        same floating-point operations in the same order)."""
+        fk, g = self.fk, device
+        gim, gf, kim = self.gim, self.gf, self.kim
+        now = self._eng.env.now
+        bw = float(self.fsc[fk.F_BW])
+        left_s = 0.0
+        k = gim[g, fk.G_BUSY]
+        if k >= 0:
+            start = float(gf[g, fk.GF_START])
+            if start > now:
+                now = start
+            seg = gim[g, fk.G_SEG]
+            left_s += max(0.0, float(gf[g, fk.GF_END]) - now) + max(0, kim[k, fk.K_JREM] - seg) / bw
+        h, nq, cap = gim[g, fk.G_QH], gim[g, fk.G_QN], self.q.shape[1]
+        q = self.q
+        left_s += sum(kim[int(q[g, (h + i) % cap]), fk.K_JREM] for i in range(nq)) / bw
+        view = self._view
+        if view.hybrid is not None:
+            left_s += view.hybrid.pending_fetches[device] * view._copy_s
+        return LinkState(left_s / 1, bw, view._copy_s)
 
     def _orders(self, dec: PrefetchDecision) -> None:
         """Put ``dec`` into the order arrays (validated as Engine._apply does)."""
@@ -373,6 +415,7 @@ class PrefetchPath:
         if stamp != self.isc[fk.I_STAMP]:
             raise RuntimeError("orders of an earlier gate on the compiled path")
         self._orders(dec)
+        fk.VICTIM[0] = self._victim
         fk.apply_orders(*self.state, self.ordk, self.ordp, float(now))
 
     # -- per iteration ----------------------------------------------------------------------
@@ -445,6 +488,8 @@ class PrefetchPath:
             ):
                 link.stats[name] = int(gi[g, col])
             eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
+        if self._view is not None:
+            del self._view.link_state  # the class's again: it reads the Link objects
         eng.gate_seq = int(isc[fk.I_GATESEQ])
         eng.links.stamp = int(isc[fk.I_STAMP])
         eng.layer_steps = int(isc[fk.I_STEPS])
@@ -508,6 +553,7 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     plain = eng._plain_decide
     iteration = eng.iterations
     while True:
+        fk.VICTIM[0] = fp._victim
         code = kernel(*state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
         links.stamp = int(isc[fk.I_STAMP])  # what a drain (a hook's, an arrival's) reads
         if code == fk.DONE:

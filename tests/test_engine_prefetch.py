@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policies.deepspeed import DeepSpeed
 from sim import engine_fast, engine_prefetch
 from sim.config import SimConfig
 from sim.metrics import WALL_CLOCK_KEYS
@@ -65,8 +66,8 @@ def both(workload: Any, cfg: SimConfig) -> tuple[str, str, int]:
     return ref, fast, len(built)
 
 
-ON_KERNEL = ["deepspeed", "promoe"]
-PYTHON_ONLY = ["fmoe", "mixtral-offloading", "moe-infinity"]
+ON_KERNEL = ["deepspeed", "promoe", "mixtral-offloading", "moe-infinity"]
+PYTHON_ONLY = ["fmoe", "oracle"]
 
 
 @pytest.mark.parametrize("policy", ON_KERNEL)
@@ -84,7 +85,7 @@ def test_prefetching_compiled_equals_python(
     w = generate(spec, SynthConfig(num_requests=3, arrival_rate=2.91, seed=2))
     cfg = SimConfig(
         model=spec, hardware=hw, policy=policy, cache_gb=cache_gb, batch_size=batch,
-        train_fraction=0.34 if policy == "promoe" else None,
+        train_fraction=0.34 if policy in ("promoe", "moe-infinity") else None,
     )  # fmt: skip
     ref, fast, built = both(w, cfg)
     assert built == 1, "the compiled path did not run"
@@ -94,9 +95,9 @@ def test_prefetching_compiled_equals_python(
 
 
 @pytest.mark.parametrize("policy", PYTHON_ONLY)
-def test_python_scored_policies_fall_back(policy: str) -> None:
-    """Policies whose victims are scored in Python run on the Python engine under any
-    setting, with the same results."""
+def test_policies_with_other_hooks_fall_back(policy: str) -> None:
+    """Policies with hooks the kernel does not return for (on_expert_used, search latency)
+    run on the Python engine under any setting, with the same results."""
     spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
     w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=3))
     cfg = SimConfig(model=spec, hardware=hw, policy=policy, cache_gb=24.0)
@@ -171,3 +172,53 @@ def test_prefetching_compiled_equals_python_on_random_runs(run: tuple[Any, SimCo
     workload, cfg = run
     ref, fast, _ = both(workload, cfg)
     assert fast == ref
+
+
+class Watcher(DeepSpeed):
+    """deepspeed that, at every gate, records what the executor shows it (every cache
+    entry's fields, the counters, each link's state) and lets the link state shape its
+    orders' priorities: the compiled path must show exactly what the Python engine does."""
+
+    name = "watcher"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.seen: list[Any] = []
+
+    def on_gate(self, ev: Any) -> None:
+        view = self.ctx.executor
+        links = [tuple(view.link_state(d)) for d in range(len(self.ctx.caches))]
+        caches = [
+            (
+                sorted(
+                    (k, e.state.value, e.loaded_at, e.last_used, e.uses, e.pins, e.protected,
+                     e.by_prefetch, e.prefetch_used)
+                    for k, e in c.entries.items()
+                ),
+                c.counters.as_dict(),
+                len(c.entries),
+            )
+            for c in self.ctx.caches
+        ]  # fmt: skip
+        self.seen.append((ev.layer, ev.now, links, caches))
+        super().on_gate(ev)
+        wait = sum(s[0] for s in links)
+        self._enqueue[:] = [o._replace(priority=o.priority + wait) for o in self._enqueue]
+
+
+def test_hooks_see_what_the_python_engine_shows() -> None:
+    """Cache entries, counters and link states read in a hook are the Python engine's,
+    at every gate (six GPUs, batch 2, a cache small enough for evictions)."""
+    spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
+    w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=5))
+    cfg = SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_gb=12.0, batch_size=2)
+    logs, outs = [], []
+    for name in ("python", "compiled"):
+        with engine(name) as built:
+            pol = Watcher()
+            outs.append(outcome(simulate(w, cfg, policy=pol)))
+            logs.append(pol.seen)
+        assert len(built) == (name == "compiled")
+    assert outs[0] == outs[1]
+    assert logs[0] == logs[1]
+    assert any(c[1]["evictions"] for g in logs[0] for c in g[3])  # it saw evictions
