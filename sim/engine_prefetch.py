@@ -34,6 +34,7 @@ from policies.base import (
     validate_order,
 )
 from policies.cache import (
+    VICTIM_INDEX_MIN,
     CacheCounters,
     CacheEntry,
     ExpertCache,
@@ -41,13 +42,13 @@ from policies.cache import (
     ExpertState,
     _lowest,
 )
+from policies.cache_victims import victim_index_of
 
 if TYPE_CHECKING:
     from sim.engine import Engine
 
 # hooks the policy must leave to Policy on this path
 _NOT_HOOKS = (
-    "on_expert_used",
     "on_load_finished",
     "decide_prefetch",
     "miss_action",
@@ -81,8 +82,11 @@ def why_not_prefetch(eng: Engine) -> str:
     for hook in _NOT_HOOKS:
         if _overrides(policy, hook):
             return f"policy {policy.name!r} overrides {hook}"
-    if policy.async_search:
-        return "the policy's orders wait for a search latency"
+    vix = victim_index_of(eng.links.scores)
+    if vix is not None and max(c.capacity for c in eng.caches) >= VICTIM_INDEX_MIN:
+        # the cache would call the policy's victim_index (its side effects are the
+        # policy's); the kernel calls back only its scorer
+        return f"policy {policy.name!r} picks victims of large caches with victim_index"
     if eng.log is not None:
         return "an event log is recorded"
     if eng.interferes:
@@ -184,6 +188,35 @@ class LiveEntries(Mapping):
         return iter([keys[k // J][k % J] for k in fp.keybuf[:n].tolist()])
 
 
+class LiveCands(LiveEntries):
+    """``ExpertCache._cands`` of one device while the kernel runs: its resident, unpinned,
+    unprotected entries (what a policy's victim pricing reads), from the arrays."""
+
+    def _k(self, key: object) -> int:
+        k = super()._k(key)
+        if k < 0:
+            return -1
+        ki = self.fp.kim
+        ok = ki[k, _K_STATE] == 2 and ki[k, _K_PINS] == 0 and ki[k, _K_PROT] == 0
+        return k if ok else -1
+
+    def __len__(self) -> int:
+        fp = self.fp
+        return int(fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf))
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        fp = self.fp
+        n = fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf)
+        J, keys = fp.J, fp.keys
+        return iter([keys[k // J][k % J] for k in fp.keybuf[:n].tolist()])
+
+    def values(self) -> list[CacheEntry]:  # type: ignore[override]
+        fp = self.fp
+        n = fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf)
+        entry = fp.entry
+        return [entry(k) for k in fp.keybuf[:n].tolist()]
+
+
 class LiveEntry(CacheEntry):
     """A cache entry whose fields are read from the kernel's arrays (one per key, made at
     its first read): what a hook or the policy's scorer sees of an entry on this path.
@@ -248,6 +281,10 @@ class PrefetchPath:
             self.hi,
             self.lg,
             self.scratch,
+            self.cf,
+            self.ci,
+            self.bk,
+            self.bp,
             self.work,
         ) = st
         self.ordk = np.zeros(max(64, 2 * J), np.int64)
@@ -258,6 +295,7 @@ class PrefetchPath:
         isc[fk.I_NGPU] = n
         isc[fk.I_CHUNK] = eng.links.links[0].chunk
         isc[fk.I_HOOKGATE] = int(eng._h_gate)
+        isc[fk.I_HOOKUSED] = int(eng._h_used)
         fsc[fk.F_BW] = eng.links.links[0].bw
         fsc[fk.F_LAT] = eng.links.links[0].lat
         ki[:, fk.K_DEV] = np.asarray(eng.dev_table, dtype=np.int64).reshape(-1)
@@ -289,7 +327,7 @@ class PrefetchPath:
         self.one_req_out = np.zeros((1, 2), np.int64)
         self.state = (
             self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.hf, self.hi,
-            self.lg, self.scratch,
+            self.lg, self.scratch, self.cf, self.ci, self.bk, self.bp,
         )  # fmt: skip
         self.keys = eng.key_table
         self.experts_shape = (L, J)
@@ -314,6 +352,8 @@ class PrefetchPath:
         for g, cache in enumerate(eng.caches):
             cache.entries = LiveEntries(self, g)  # type: ignore[assignment]
             cache.counters = _live_counters(self, g)
+            cache._cands = LiveCands(self, g)  # type: ignore[assignment]
+        eng.links.call_at = self.call_at  # type: ignore[method-assign]
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -339,7 +379,37 @@ class PrefetchPath:
         self.fk.advance(*self.state, float(t))
 
     def run_calls(self) -> None:
-        """No timed calls on this path (no search latency)."""
+        """Links.run_calls: every pending delayed order, in time order with the links."""
+        self.fk.VICTIM[0] = self._victim
+        self.fk.run_calls(*self.state)
+
+    def call_at(self, when: float, fn: Any) -> None:
+        """Links.call_at for the engine's delayed drains (``partial(_apply, dec, stamp)``):
+        the orders are queued in the kernel, which applies them at ``when``."""
+        dec, stamp = fn.args
+        self.add_call(when, dec, stamp)
+
+    def add_call(self, when: float, dec: PrefetchDecision, stamp: int) -> None:
+        """Queue ``dec``'s orders (made at gate ``stamp``) to be applied at ``when``."""
+        fk, isc = self.fk, self.isc
+        self._orders(dec)
+        need = int(isc[fk.I_BUFTOP]) + len(dec.cancel) + len(dec.enqueue)
+        if need > self.bk.shape[0] or isc[fk.I_NCALL] + 1 > self.cf.shape[0]:
+            self._grow_calls(need)
+        fk.add_call(
+            isc, self.fsc, self.gi, self.gf, self.cf, self.ci, self.bk, self.bp, self.ordk,
+            self.ordp, float(when), int(stamp),
+        )  # fmt: skip
+
+    def _grow_calls(self, need: int) -> None:
+        """Larger call and order buffers (contents kept); the state tuple follows."""
+        n = max(2 * self.bk.shape[0], 2 * need)
+        self.bk = np.concatenate([self.bk, np.zeros(n - self.bk.shape[0], np.int64)])
+        self.bp = np.concatenate([self.bp, np.zeros(n - self.bp.shape[0], np.float64)])
+        m = 2 * self.cf.shape[0]
+        self.cf = np.concatenate([self.cf, np.zeros(m - self.cf.shape[0], np.float64)])
+        self.ci = np.concatenate([self.ci, np.zeros((m - self.ci.shape[0], 5), np.int64)])
+        self.state = (*self.state[:11], self.cf, self.ci, self.bk, self.bp)
 
     # -- the policy's view ----------------------------------------------------------------
     def sync(self) -> None:
@@ -490,6 +560,7 @@ class PrefetchPath:
             eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
         if self._view is not None:
             del self._view.link_state  # the class's again: it reads the Link objects
+        del eng.links.call_at
         eng.gate_seq = int(isc[fk.I_GATESEQ])
         eng.links.stamp = int(isc[fk.I_STAMP])
         eng.layer_steps = int(isc[fk.I_STEPS])
@@ -550,6 +621,8 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
     kernel = fk.iteration
     links = eng.links
+    # an async policy's gate search over this iteration's rows (Engine._iteration's)
+    search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
     plain = eng._plain_decide
     iteration = eng.iterations
     while True:
@@ -573,10 +646,23 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
                 )
             )
             if not plain or policy._enqueue or policy._cancel:
-                dec = policy.decide_prefetch()
+                dec = policy.decide_prefetch()  # Engine._drain of the gate (see above)
                 if dec:
-                    fp._orders(dec)
+                    if search_t > 0:  # after the search: a timed call at t + search_t
+                        eng.delayed_orders += len(dec.enqueue)
+                        fp.add_call(float(fsc[fk.F_T]) + search_t, dec, links.stamp)
+                    else:  # applied by the kernel after the layer's demand loads
+                        fp._orders(dec)
             continue  # nothing yields between a gate and its demands
+        if code == fk.HOOK_USED:  # the layer's end: on_expert_used per expert, drained
+            layer = int(plan[isc[fk.I_POS], 0])
+            now = float(fsc[fk.F_T])
+            keys = fp.keys[layer]
+            for e, tok in work[: isc[fk.I_NITEMS], :2].tolist():
+                policy.on_expert_used(keys[e], tok, now)
+                if not plain or policy._enqueue or policy._cancel:
+                    eng._drain(now)
+            continue
         if code == fk.YIELD_T:
             t = float(fsc[fk.F_T])
             yield env.timeout(t - env.now)

@@ -32,7 +32,10 @@ from numba import njit, objmode
 I_PHASE, I_POS, I_GATESEQ, I_STEPS, I_SEQ, I_NUSED, I_NPEND, I_STEP = 0, 1, 2, 3, 4, 5, 6, 7
 I_EBYTES, I_J, I_NITEMS, I_NMISSED, I_MARK, I_NGPU, I_CHUNK, I_NSUSP = 8, 9, 10, 11, 12, 13, 14, 15
 I_PYSCORE, I_NORD, I_NCAN, I_STAMP, I_HOOKGATE, I_INS = 16, 17, 18, 19, 20, 21
-N_ISC = 22
+I_NCALL, I_CALLSEQ, I_BUFTOP, I_HOOKUSED = 22, 23, 24, 25  # timed calls; on_expert_used
+N_ISC = 26
+# ci: per pending timed call (a delayed drain), sorted by (time cf, seq)
+C_SEQ, C_START, C_NCAN, C_NENQ, C_STAMP = 0, 1, 2, 3, 4
 # -- fsc: float64 scalars -------------------------------------------------------------
 F_T, F_NXT, F_STALL, F_TOP, F_IDEAL, F_TLAYER, F_DENSE, F_HAND = 0, 1, 2, 3, 4, 5, 6, 7
 F_EXCH, F_OVER, F_HEAD, F_BW, F_LAT, F_DUE, F_NOW = 8, 9, 10, 11, 12, 13, 14
@@ -81,8 +84,9 @@ W_E, W_TOK, W_USED, W_PEND, W_PTOK, W_ABS, W_CNT, W_MISSED, W_MARK = 0, 1, 2, 3,
 N_W = 9
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
-DONE, YIELD_T, WAIT, NO_LINK, HOOK, BAD = 0, 1, 2, 3, 4, 5
+DONE, YIELD_T, WAIT, NO_LINK, HOOK, BAD, HOOK_USED = 0, 1, 2, 3, 4, 5, 6
 PH_HEAD, PH_LAYER, PH_GATE, PH_DEMAND, PH_WAIT, PH_END, PH_END2, PH_ITER, PH_ITER2 = range(9)
+PH_USED = 9
 
 
 # -- bookkeeping ------------------------------------------------------------------------
@@ -392,7 +396,7 @@ def _begin(isc, fsc, ki, gi, gf, g, k, now, new_run):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now):
+def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now):
     """Link._next_job: the demand queue first, then the best live prefetch; -1 when none."""
     if gi[g, G_QN] > 0:
         nq = q.shape[1]
@@ -431,21 +435,21 @@ def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now):
+def _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now):
     """Link._kick then _preempt, for one channel."""
     if gi[g, G_BUSY] < 0:
-        k = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
+        k = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
         if k >= 0:
             _begin(isc, fsc, ki, gi, gf, g, k, now, True)
     while gi[g, G_QN] > 0:
         k = gi[g, G_BUSY]
         if k < 0 or ki[k, K_JDEM] or ki[k, K_JSTOP]:
             return
-        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now, _SUSPEND)
+        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now, _SUSPEND)
 
 
 @njit(cache=True, _nrt=False)
-def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now, kind):
+def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now, kind):
     """Link._stop: stop link g's prefetch at its next chunk boundary (at once in its
     latency phase). Not inlined: it and _segment_done call each other."""
     k = gi[g, G_BUSY]
@@ -457,7 +461,7 @@ def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now, kind):
     if now <= gf[g, GF_T0]:
         gi[g, G_SEG] = 0
         gi[g, G_EVSEQ] = -1
-        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
+        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
         return
     eb = isc[I_EBYTES]
     chunk = isc[I_CHUNK]
@@ -476,7 +480,7 @@ def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now, kind):
 
 
 @njit(cache=True, _nrt=False)
-def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now):
+def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now):
     """Link._segment_done of link g's segment (ending at ``now``)."""
     k = gi[g, G_BUSY]
     seg = gi[g, G_SEG]
@@ -510,7 +514,7 @@ def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now):
         ki[k, K_JOB] = JOB_NONE
         _cancel_slot(isc, ki, gi, scratch, k)
     if gi[g, G_QN] > 0 or gi[g, G_HN] > 0:
-        nk = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
+        nk = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
         if nk >= 0:
             _begin(isc, fsc, ki, gi, gf, g, nk, now, True)
 
@@ -532,22 +536,33 @@ def _next_event(isc, gi, gf):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _due(isc, gi, gf):
+def _due(isc, gi, gf, cf):
+    """Links.due: the earliest link event or timed call (inf when none)."""
     g = _next_event(isc, gi, gf)
-    return np.inf if g < 0 else gf[g, GF_EVT]
+    t = np.inf if g < 0 else gf[g, GF_EVT]
+    if isc[I_NCALL] and cf[0] < t:
+        t = cf[0]
+    return t
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t):
+def _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t):
+    """Links.advance(t): link events and timed calls at or before ``t`` in time order
+    (ties: link events first, then calls in the order they were made)."""
     while True:
         g = _next_event(isc, gi, gf)
-        if g < 0 or gf[g, GF_EVT] > t:
+        if g >= 0 and gf[g, GF_EVT] <= t and (isc[I_NCALL] == 0 or gf[g, GF_EVT] <= cf[0]):
+            _segment_done(
+                isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, gf[g, GF_EVT]
+            )
+        elif isc[I_NCALL] and cf[0] <= t:
+            _run_call(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp)
+        else:
             return
-        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, gf[g, GF_EVT])
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
+def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
     """Link.start_demand(key, now); False (nothing reserved) when no slot can be freed."""
     g = ki[k, K_DEV]
     if ki[k, K_JOB] == JOB_QUEUED and not ki[k, K_JSUSP]:
@@ -572,7 +587,7 @@ def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
     q[g, (gi[g, G_QH] + gi[g, G_QN]) % nq] = k
     gi[g, G_QN] += 1
     ki[k, K_JOB] = JOB_DEMANDQ
-    _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
+    _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
     return True
 
 
@@ -589,7 +604,7 @@ def _free_suspended(isc, ki, gi, scratch, g):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
+def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
     """Link.promote: a LOADING key is demanded: its copy becomes a demand load."""
     g = ki[k, K_DEV]
     if ki[k, K_JSUSP]:
@@ -602,7 +617,7 @@ def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
         q[g, (gi[g, G_QH] + gi[g, G_QN]) % nq] = k
         gi[g, G_QN] += 1
         ki[k, K_JOB] = JOB_DEMANDQ
-        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
+        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
         return
     if ki[k, K_JOB] == JOB_FLIGHT:
         ki[k, K_JDEM] = 1
@@ -610,7 +625,7 @@ def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, pri, stamp, now):
+def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, pri, stamp, now):
     """Link.enqueue: queue or re-prioritise a prefetch; cached keys are skipped."""
     g = ki[k, K_DEV]
     gi[g, S_ORDERS] += 1
@@ -634,11 +649,11 @@ def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, pri, stamp, no
     ki[k, K_JSTAMP] = stamp
     _hpush(ki, gi, hf, hi, g, -pri, ki[k, K_JSEQ], k)
     if gi[g, G_BUSY] < 0 or gi[g, G_QN] > 0:
-        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now)
+        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
+def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
     """Link.cancel: drop a queued order, cancel a preempted or in-flight prefetch."""
     g = ki[k, K_DEV]
     if ki[k, K_JOB] == JOB_QUEUED:
@@ -650,38 +665,184 @@ def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, now):
             _cancel_slot(isc, ki, gi, scratch, k)
         return
     if ki[k, K_JOB] == JOB_FLIGHT and not ki[k, K_JDEM]:
-        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, g, now, _CANCEL)
+        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now, _CANCEL)
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk, ordp, now):
-    """Engine._apply of the orders the caller put in ordk/ordp: isc[I_NCAN] cancels
-    (ordk[0:n]) first, then isc[I_NORD] prefetches (ordk/ordp after them), at stamp
-    isc[I_STAMP]."""
-    nc = isc[I_NCAN]
-    for i in range(nc):
-        _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk[i], now)
-    stamp = isc[I_STAMP]
-    for i in range(nc, nc + isc[I_NORD]):
-        _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk[i], ordp[i], stamp, now)
+def _apply_from(
+    isc,
+    fsc,
+    ki,
+    kf,
+    gi,
+    gf,
+    q,
+    hf,
+    hi,
+    lg,
+    scratch,
+    cf,
+    ci,
+    bk,
+    bp,
+    keys,
+    pris,
+    start,
+    nc,
+    ne,
+    stamp,
+    now,
+):
+    """Engine._apply: ``nc`` cancels (keys[start:]) first, then ``ne`` prefetches
+    (keys/pris after them), ordered at gate ``stamp``."""
+    for i in range(start, start + nc):
+        _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, keys[i], now)
+    for i in range(start + nc, start + nc + ne):
+        _enqueue(
+            isc,
+            fsc,
+            ki,
+            kf,
+            gi,
+            gf,
+            q,
+            hf,
+            hi,
+            lg,
+            scratch,
+            cf,
+            ci,
+            bk,
+            bp,
+            keys[i],
+            pris[i],
+            stamp,
+            now,
+        )
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, now):
+    """The orders the caller put in ordk/ordp (isc[I_NCAN] cancels, then isc[I_NORD]
+    prefetches) at the current stamp."""
+    _apply_from(
+        isc,
+        fsc,
+        ki,
+        kf,
+        gi,
+        gf,
+        q,
+        hf,
+        hi,
+        lg,
+        scratch,
+        cf,
+        ci,
+        bk,
+        bp,
+        ordk,
+        ordp,
+        0,
+        isc[I_NCAN],
+        isc[I_NORD],
+        isc[I_STAMP],
+        now,
+    )
     isc[I_NCAN] = 0
     isc[I_NORD] = 0
 
 
 @njit(cache=True, _nrt=False)
-def apply_orders(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk, ordp, now):
-    """:func:`_apply` from Python (orders of an iteration's start or end), at ``now``,
-    after the link events up to it."""
-    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, now)
-    _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk, ordp, now)
-    fsc[F_DUE] = _due(isc, gi, gf)
+def _run_call(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp):
+    """Run the earliest timed call (a delayed drain's orders) at its time."""
+    when = cf[0]
+    start, nc, ne, stamp = ci[0, C_START], ci[0, C_NCAN], ci[0, C_NENQ], ci[0, C_STAMP]
+    n = isc[I_NCALL] - 1
+    for i in range(n):  # few pending calls: shift them down
+        cf[i] = cf[i + 1]
+        for c in range(5):
+            ci[i, c] = ci[i + 1, c]
+    isc[I_NCALL] = n
+    _apply_from(
+        isc,
+        fsc,
+        ki,
+        kf,
+        gi,
+        gf,
+        q,
+        hf,
+        hi,
+        lg,
+        scratch,
+        cf,
+        ci,
+        bk,
+        bp,
+        bk,
+        bp,
+        start,
+        nc,
+        ne,
+        stamp,
+        when,
+    )
+    if n == 0:
+        isc[I_BUFTOP] = 0  # no order of a pending call is left in the buffer
 
 
 @njit(cache=True, _nrt=False)
-def advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t):
+def add_call(isc, fsc, gi, gf, cf, ci, bk, bp, ordk, ordp, when, stamp):
+    """Links.call_at(when, the engine's _apply of the orders in ordk/ordp at ``stamp``):
+    copy them into the calls' buffer and queue the call by (time, order made). The
+    caller makes room first (:func:`call_room`)."""
+    nc, ne = isc[I_NCAN], isc[I_NORD]
+    top = isc[I_BUFTOP]
+    for i in range(nc + ne):
+        bk[top + i] = ordk[i]
+        bp[top + i] = ordp[i]
+    isc[I_BUFTOP] = top + nc + ne
+    isc[I_NCAN] = 0
+    isc[I_NORD] = 0
+    isc[I_CALLSEQ] += 1
+    m = isc[I_NCALL]
+    while m > 0 and cf[m - 1] > when:  # equal times keep the order made
+        cf[m] = cf[m - 1]
+        for c in range(5):
+            ci[m, c] = ci[m - 1, c]
+        m -= 1
+    cf[m] = when
+    ci[m, C_SEQ] = isc[I_CALLSEQ]
+    ci[m, C_START] = top
+    ci[m, C_NCAN] = nc
+    ci[m, C_NENQ] = ne
+    ci[m, C_STAMP] = stamp
+    isc[I_NCALL] += 1
+    fsc[F_DUE] = _due(isc, gi, gf, cf)
+
+
+@njit(cache=True, _nrt=False)
+def run_calls(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp):
+    """Links.run_calls: every pending call, each after the link events before it."""
+    while isc[I_NCALL]:
+        _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, cf[0])
+    fsc[F_DUE] = _due(isc, gi, gf, cf)
+
+
+@njit(cache=True, _nrt=False)
+def apply_orders(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, now):
+    """:func:`_apply` from Python (a drain at an iteration's start or end, after an
+    arrival or an expert used), at ``now`` (the caller has advanced the links to it)."""
+    _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, now)
+    fsc[F_DUE] = _due(isc, gi, gf, cf)
+
+
+@njit(cache=True, _nrt=False)
+def advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t):
     """Links.advance(t): every link event at or before ``t``, in time order."""
-    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t)
-    fsc[F_DUE] = _due(isc, gi, gf)
+    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
+    fsc[F_DUE] = _due(isc, gi, gf, cf)
 
 
 # -- one layer step -------------------------------------------------------------------------
@@ -721,7 +882,7 @@ def _items(isc, ids, layer, work):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work, et, layer, t):
+def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work, et, layer, t):
     """LayerSteps._demand: demand and pin the layer's experts (a LOADING one is promoted
     to a demand load), then start loading the absent ones; returns the number of GPUs
     with misses, or -1 when an absent one found no slot (the caller admits no such run)."""
@@ -773,7 +934,7 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work, et, layer, t
             nslow += 1
         gf[g, GF_LOAD] += ct
         if st == LOADING:
-            _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, t)
+            _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, t)
             work[npend, W_PEND] = k
             work[npend, W_PTOK] = tok
             npend += 1
@@ -785,7 +946,9 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work, et, layer, t
     for a in range(nabs):
         i = work[a, W_ABS]
         k = base + work[i, W_E]
-        if not _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, k, t):
+        if not _start_demand(
+            isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, t
+        ):
             return -1
         work[npend, W_PEND] = k
         work[npend, W_PTOK] = work[i, W_TOK]
@@ -879,7 +1042,7 @@ def _drop_suspended_of_layer(isc, ki, gi, lg, scratch, layer):
 
 @njit(cache=True, _nrt=False)
 def iteration(
-    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work, ordk, ordp, ids, row_off, et, plan,
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work, ordk, ordp, ids, row_off, et, plan,
     req_out,
 ):  # fmt: skip
     """Run (or resume) one iteration's layers (Engine._iteration from the head on); returns
@@ -912,12 +1075,12 @@ def iteration(
                 if nxt <= t:
                     isc[I_PHASE] = ph
                     fsc[F_T] = t
-                    fsc[F_DUE] = _due(isc, gi, gf)
+                    fsc[F_DUE] = _due(isc, gi, gf, cf)
                     return YIELD_T
         if ph == PH_GATE:
             layer = plan[isc[I_POS], 0]
-            if _due(isc, gi, gf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t)
+            if _due(isc, gi, gf, cf) <= t:
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
             isc[I_GATESEQ] += 1
             isc[I_STAMP] = isc[I_GATESEQ]
             lg[layer] = isc[I_GATESEQ]
@@ -927,18 +1090,22 @@ def iteration(
             if isc[I_HOOKGATE]:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
-                fsc[F_DUE] = _due(isc, gi, gf)
+                fsc[F_DUE] = _due(isc, gi, gf, cf)
                 return HOOK
         if ph == PH_DEMAND:
             layer = plan[isc[I_POS], 0]
-            nslow = _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work, et, layer, t)
+            nslow = _demand(
+                isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work, et, layer, t
+            )
             if nslow < 0:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
                 return BAD
             # the policy's orders of this gate, after the demand loads (they go first)
             if isc[I_NCAN] or isc[I_NORD]:
-                _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, ordk, ordp, t)
+                _apply(
+                    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, t
+                )
             if isc[I_NSUSP]:
                 _drop_suspended_of_layer(isc, ki, gi, lg, scratch, layer)
             top = gf[0, GF_COMP]
@@ -966,7 +1133,7 @@ def iteration(
                 if ki[work[i, W_PEND], K_STATE] == RESIDENT:
                     i += 1
                     continue
-                when = _due(isc, gi, gf)
+                when = _due(isc, gi, gf, cf)
                 if when == np.inf:
                     isc[I_PHASE] = ph
                     fsc[F_T] = t
@@ -977,7 +1144,7 @@ def iteration(
                     fsc[F_T] = t
                     fsc[F_DUE] = when
                     return WAIT
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, when)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, when)
             end = t + fsc[F_TOP]
             step = isc[I_STEP]
             for g in range(isc[I_NGPU]):
@@ -995,18 +1162,25 @@ def iteration(
             if nxt <= t:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
-                fsc[F_DUE] = _due(isc, gi, gf)
+                fsc[F_DUE] = _due(isc, gi, gf, cf)
                 return YIELD_T
         if ph == PH_END2:
             layer = plan[isc[I_POS], 0]
-            if _due(isc, gi, gf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t)
+            if _due(isc, gi, gf, cf) <= t:
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
             for i in range(isc[I_NUSED]):
                 _use(isc, ki, kf, gi, gf, scratch, work[i, W_USED], t)
             for k in range(layer * J, layer * J + J):  # Engine._unprotect
                 if ki[k, K_PROT]:
                     ki[k, K_PROT] = 0
             _attribute(isc, ids, layer, work, row_off, req_out)
+            ph = PH_USED
+            if isc[I_HOOKUSED]:  # the policy's on_expert_used per expert, in Python
+                isc[I_PHASE] = ph
+                fsc[F_T] = t
+                fsc[F_DUE] = _due(isc, gi, gf, cf)
+                return HOOK_USED
+        if ph == PH_USED:
             isc[I_STEPS] += 1
             isc[I_POS] += 1
             ph = PH_LAYER
@@ -1016,14 +1190,14 @@ def iteration(
             if nxt <= t:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
-                fsc[F_DUE] = _due(isc, gi, gf)
+                fsc[F_DUE] = _due(isc, gi, gf, cf)
                 return YIELD_T
         if ph == PH_ITER2:
-            if _due(isc, gi, gf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, t)
+            if _due(isc, gi, gf, cf) <= t:
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
             isc[I_PHASE] = PH_HEAD
             fsc[F_T] = t
-            fsc[F_DUE] = _due(isc, gi, gf)
+            fsc[F_DUE] = _due(isc, gi, gf, cf)
             return DONE
 
 
@@ -1052,7 +1226,7 @@ def needs_waves(ids, ki, gi, counts, seen, mark, num_experts):
 
 
 def new_state(num_keys: int, num_layers: int, num_gpus: int, num_experts: int, qcap: int) -> tuple:
-    """Zeroed state arrays (isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work) for a run."""
+    """Zeroed state arrays (isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work) for a run."""
     isc = np.zeros(N_ISC, np.int64)
     fsc = np.zeros(N_FSC, np.float64)
     ki = np.zeros((num_keys, N_KI), np.int64)
@@ -1071,9 +1245,13 @@ def new_state(num_keys: int, num_layers: int, num_gpus: int, num_experts: int, q
     hi = np.zeros((num_gpus, hcap, 2), np.int64)
     lg = np.zeros(num_layers, np.int64)
     scratch = np.zeros(num_keys, np.int64)
+    cf = np.zeros(64, np.float64)
+    ci = np.zeros((64, 5), np.int64)
+    bk = np.zeros(1024, np.int64)
+    bp = np.zeros(1024, np.float64)
     work = np.zeros((num_experts, N_W), np.int64)
     work[:, W_MISSED] = work[:, W_MARK] = -1
-    return isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, work
+    return isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work
 
 
 @njit(cache=True, _nrt=False)
@@ -1090,5 +1268,19 @@ def cached_keys(ki, gi, g, out):
             m -= 1
         out[m] = x
         n += 1
+        k = ki[k, K_NEXT]
+    return n
+
+
+@njit(cache=True, _nrt=False)
+def cached_cands(ki, gi, g, out):
+    """GPU g's eviction candidates (resident, unpinned, unprotected: ExpertCache._cands)
+    into ``out``, in recency order; returns how many."""
+    n = 0
+    k = gi[g, G_HEAD]
+    while k >= 0:
+        if ki[k, K_STATE] == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0:
+            out[n] = k
+            n += 1
         k = ki[k, K_NEXT]
     return n
