@@ -118,14 +118,20 @@ def use_compiled(eng: Engine, steps_estimate: int) -> bool:
     return True
 
 
+# compiled paths built in this process, by kind ("evict", "prefetch"): for benchmarks
+BUILT = {"evict": 0, "prefetch": 0}
+
+
 def make_fast_path(eng: Engine) -> FastPath | PrefetchPath:
     """The compiled path's state for a run :func:`use_compiled` admitted: the evict-only
     kernel's when the run qualifies for it, else the prefetching one's
     (:mod:`sim.engine_prefetch`)."""
     if not why_not_compiled(eng):
+        BUILT["evict"] += 1
         return FastPath(eng)
     from sim.engine_prefetch import PrefetchPath
 
+    BUILT["prefetch"] += 1
     return PrefetchPath(eng)
 
 
