@@ -213,8 +213,8 @@ class LiveCands(LiveEntries):
     def values(self) -> list[CacheEntry]:  # type: ignore[override]
         fp = self.fp
         n = fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf)
-        entry = fp.entry
-        return [entry(k) for k in fp.keybuf[:n].tolist()]
+        live, entry = fp._live, fp.entry
+        return [live.get(k) or entry(k) for k in fp.keybuf[:n].tolist()]
 
 
 class LiveEntry(CacheEntry):
@@ -222,12 +222,12 @@ class LiveEntry(CacheEntry):
     its first read): what a hook or the policy's scorer sees of an entry on this path.
     Reads go through memoryviews of the arrays (a Python int or float per read)."""
 
-    __slots__ = ("_i", "_f", "_k", "_key")
+    __slots__ = ("_i", "_f", "_k")
 
     def __init__(self, fp: PrefetchPath, k: int, key: ExpertKey) -> None:  # noqa: D107
-        self._i, self._f, self._k, self._key = fp.kim, fp.kfm, k, key
+        self._i, self._f, self._k = fp.kim, fp.kfm, k
+        self.key = key  # CacheEntry's own slot: a key never changes
 
-    key = property(lambda self: self._key)  # type: ignore[assignment]
     state = property(lambda self: _STATES[self._i[self._k, _K_STATE]])  # type: ignore[assignment]
     loaded_at = property(lambda self: self._f[self._k, _KF_LOADED])  # type: ignore[assignment]
     last_used = property(lambda self: self._f[self._k, _KF_LAST])  # type: ignore[assignment]
@@ -429,8 +429,8 @@ class PrefetchPath:
         """The kernel's call back for a victim: the policy's scorer over the candidates in
         scratch[:n], the lowest score going first (ties to the lowest key), as
         ExpertCache._victim."""
-        entry = self.entry
-        group = [entry(k) for k in self.scratch[:n].tolist()]
+        live, entry = self._live, self.entry
+        group = [live.get(k) or entry(k) for k in self.scratch[:n].tolist()]
         return _lowest(group, self._scores(group))._k  # type: ignore[attr-defined]
 
     def link_state(self, device: int) -> LinkState:
