@@ -383,7 +383,7 @@ class FastSteps:
         fp = self._fast
         assert fp is not None
         if fp.prefetching:  # a prefetching policy's run (sim.engine_prefetch)
-            from sim.engine_prefetch import iteration_prefetch
+            from sim.engine_prefetch_step import iteration_prefetch
 
             return (yield from iteration_prefetch(self, fp, t))  # type: ignore[arg-type]
         env = self.env

@@ -1,32 +1,33 @@
 """The compiled engine path for prefetching policies: links, caches and layer steps in
 numba (:mod:`sim.fastkernel_prefetch`), the policy's hooks in Python.
 
-A run takes it (``FMOE_SIM_ENGINE``, as :mod:`sim.engine_fast`) when
-:func:`why_not_prefetch` finds nothing against it: the policy evicts by recency (the
-cache's own order, so no scorer is called per victim), observes only request-free hooks
-the kernel can return for (``on_iteration_start``, ``on_gate``, ``on_iteration_end``),
-keeps the default ``decide_prefetch``, ``miss_action``, no ``on_expert_used`` /
-``on_load_finished`` / ``on_request_arrival``, orders without search latency; links carry
-one copy at a time; no copy interference, event log, hybrid actions; and no layer of the
-workload can need waves (see :func:`sim.fastkernel_prefetch.needs_waves`).
+A run takes it (``FMOE_SIM_ENGINE``, as :mod:`sim.engine_fast`) when it does not qualify
+for the evict-only kernel and :func:`why_not_prefetch` finds nothing against it: the
+policy keeps the default ``decide_prefetch``, ``miss_action`` and ``on_load_finished``
+(its other hooks run in Python: the kernel returns at each gate and after each layer's
+experts are used; arrivals, iteration starts and ends are the engine's own Python);
+links carry one copy at a time (no host-side cap); no copy interference, fused expert
+call, event log or hybrid action; no layer of the workload can route to a GPU as many
+experts as its cache holds (a demand could then wait for a slot: waves); and a scorer
+with a ``victim_index`` only on caches below ``VICTIM_INDEX_MIN`` slots (the cache would
+call it, with its own side effects, where the kernel calls the scorer).
 
-Before each hook the cache entries the kernel changed since the last hook are written
-into the :class:`~policies.cache.ExpertCache` objects' ``entries`` (every field, so the
-policy reads exactly what the Python engine would show it) and their ``counters``; the
-caches' private indexes (recency order, candidates) are rebuilt only at the end of the
-run. The policy's orders go back into the kernel as two arrays.
+Victims: a recency scorer's are the kernel's own; any other scorer is called back from
+the kernel (numba ``objmode``) with the candidates as live entries. Delayed orders (an
+async search's) are timed calls inside the kernel. What a hook or scorer reads of the
+caches (``entries``, ``_cands``, ``counters``) and of the links
+(``ExecutorView.link_state``) is answered from the arrays at the moment of the read
+(:mod:`sim.engine_prefetch_view`); the orders a hook makes go back as arrays. After the
+run everything is written back into the cache and link objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from policies.base import (
-    GateOutput,
     LinkState,
     Policy,
     PrefetchDecision,
@@ -38,11 +39,11 @@ from policies.cache import (
     CacheCounters,
     CacheEntry,
     ExpertCache,
-    ExpertKey,
     ExpertState,
     _lowest,
 )
 from policies.cache_victims import victim_index_of
+from sim import engine_prefetch_view as V
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -54,12 +55,6 @@ _NOT_HOOKS = (
     "miss_action",
     "kernel_eviction",
 )
-_COUNTERS = tuple(CacheCounters.__dataclass_fields__)
-_STATES = {1: ExpertState.LOADING, 2: ExpertState.RESIDENT}
-Proc = Generator[Any, Any, Any]
-# sim.fastkernel_prefetch's columns (checked when a path is built): read per entry field
-_K_STATE, _K_PINS, _K_USES, _K_DEV, _K_PROT, _K_BYPF, _K_PFUSED = 0, 1, 2, 5, 6, 7, 8
-_KF_LAST, _KF_LOADED, _G_COUNT = 0, 1, 2
 
 
 def _overrides(policy: Policy, hook: str) -> bool:
@@ -141,118 +136,6 @@ def _may_wave(eng: Engine) -> bool:
     return False
 
 
-class LiveEntries(Mapping):
-    """``ExpertCache.entries`` of one device while the kernel runs: a read-only mapping
-    answered from the kernel's arrays at the moment of the read (membership, length, the
-    entries in the dict's insertion order, each a fresh :class:`CacheEntry` with the
-    current fields). Policies read entries and never write them (the cache's contract)."""
-
-    def __init__(self, fp: PrefetchPath, g: int) -> None:
-        self.fp, self.g = fp, g
-
-    def _k(self, key: object) -> int:
-        fp = self.fp
-        try:
-            lay, e = key  # type: ignore[misc]
-        except (TypeError, ValueError):
-            return -1
-        L, J = fp.experts_shape
-        if not (0 <= lay < L and 0 <= e < J):
-            return -1
-        k = lay * J + e
-        ki = fp.kim
-        if ki[k, _K_STATE] == 0 or ki[k, _K_DEV] != self.g:
-            return -1
-        return k
-
-    def __contains__(self, key: object) -> bool:
-        return self._k(key) >= 0
-
-    def __getitem__(self, key: object) -> CacheEntry:
-        k = self._k(key)
-        if k < 0:
-            raise KeyError(key)
-        return self.fp.entry(k)
-
-    def get(self, key: object, default: Any = None) -> Any:
-        k = self._k(key)
-        return default if k < 0 else self.fp.entry(k)
-
-    def __len__(self) -> int:
-        return self.fp.gim[self.g, _G_COUNT]
-
-    def __iter__(self) -> Iterator[ExpertKey]:
-        fp = self.fp
-        n = fp.fk.cached_keys(fp.ki, fp.gi, self.g, fp.keybuf)
-        J, keys = fp.J, fp.keys
-        return iter([keys[k // J][k % J] for k in fp.keybuf[:n].tolist()])
-
-
-class LiveCands(LiveEntries):
-    """``ExpertCache._cands`` of one device while the kernel runs: its resident, unpinned,
-    unprotected entries (what a policy's victim pricing reads), from the arrays."""
-
-    def _k(self, key: object) -> int:
-        k = super()._k(key)
-        if k < 0:
-            return -1
-        ki = self.fp.kim
-        ok = ki[k, _K_STATE] == 2 and ki[k, _K_PINS] == 0 and ki[k, _K_PROT] == 0
-        return k if ok else -1
-
-    def __len__(self) -> int:
-        fp = self.fp
-        return int(fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf))
-
-    def __iter__(self) -> Iterator[ExpertKey]:
-        fp = self.fp
-        n = fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf)
-        J, keys = fp.J, fp.keys
-        return iter([keys[k // J][k % J] for k in fp.keybuf[:n].tolist()])
-
-    def values(self) -> list[CacheEntry]:  # type: ignore[override]
-        fp = self.fp
-        n = fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf)
-        live, entry = fp._live, fp.entry
-        return [live.get(k) or entry(k) for k in fp.keybuf[:n].tolist()]
-
-
-class LiveEntry(CacheEntry):
-    """A cache entry whose fields are read from the kernel's arrays (one per key, made at
-    its first read): what a hook or the policy's scorer sees of an entry on this path.
-    Reads go through memoryviews of the arrays (a Python int or float per read)."""
-
-    __slots__ = ("_i", "_f", "_k")
-
-    def __init__(self, fp: PrefetchPath, k: int, key: ExpertKey) -> None:  # noqa: D107
-        self._i, self._f, self._k = fp.kim, fp.kfm, k
-        self.key = key  # CacheEntry's own slot: a key never changes
-
-    state = property(lambda self: _STATES[self._i[self._k, _K_STATE]])  # type: ignore[assignment]
-    loaded_at = property(lambda self: self._f[self._k, _KF_LOADED])  # type: ignore[assignment]
-    last_used = property(lambda self: self._f[self._k, _KF_LAST])  # type: ignore[assignment]
-    uses = property(lambda self: self._i[self._k, _K_USES])  # type: ignore[assignment]
-    pins = property(lambda self: self._i[self._k, _K_PINS])  # type: ignore[assignment]
-    protected = property(lambda self: bool(self._i[self._k, _K_PROT]))  # type: ignore[assignment]
-    by_prefetch = property(lambda self: bool(self._i[self._k, _K_BYPF]))  # type: ignore[assignment]
-    prefetch_used = property(lambda self: bool(self._i[self._k, _K_PFUSED]))  # type: ignore[assignment]
-
-
-def _live_counters(fp: PrefetchPath, g: int) -> Any:
-    """``ExpertCache.counters`` of one device while the kernel runs: each field read from
-    the kernel's arrays (``as_dict`` and ``add`` as on :class:`CacheCounters`)."""
-    c0 = fp.fk.G_C0
-    gim = fp.gim
-
-    def field(i: int) -> property:
-        return property(lambda self: gim[g, c0 + i])
-
-    ns = {name: field(i) for i, name in enumerate(_COUNTERS)}
-    ns["as_dict"] = lambda self: {n: getattr(self, n) for n in _COUNTERS}
-    ns["add"] = lambda self, other: CacheCounters(**self.as_dict()).add(other)
-    return type("LiveCounters", (), ns)()
-
-
 class PrefetchPath:
     """The kernel's arrays for one run, the links' face the run loop and arrivals use
     (``due``, ``advance``, ``run_calls``), the mirror of the caches for the policy, and
@@ -304,7 +187,7 @@ class PrefetchPath:
             gi[g, fk.G_INORDER] = int(cache._in_order)
             gf = self.gf
             gf[g, fk.GF_LATEST] = cache._latest
-            for i, name in enumerate(_COUNTERS):
+            for i, name in enumerate(V.COUNTERS):
                 gi[g, fk.G_C0 + i] = getattr(cache.counters, name)
             for key in cache.entries:  # their dict order
                 isc[fk.I_INS] += 1
@@ -331,7 +214,7 @@ class PrefetchPath:
         )  # fmt: skip
         self.keys = eng.key_table
         self.experts_shape = (L, J)
-        self._live: dict[int, LiveEntry] = {}
+        self._live: dict[int, V.LiveEntry] = {}
         # element reads without numpy scalars (the arrays are never reallocated)
         self.kim, self.kfm, self.gim = memoryview(ki), memoryview(self.kf), memoryview(gi)
         self.keybuf = np.zeros(max(caps) + 1, np.int64)
@@ -346,13 +229,13 @@ class PrefetchPath:
         eng._apply = self.apply  # type: ignore[method-assign]
         # what a hook reads of the caches comes from the arrays until export
         assert (fk.K_STATE, fk.K_PINS, fk.K_USES, fk.K_DEV, fk.K_PROT, fk.K_BYPF, fk.K_PFUSED) == (
-            _K_STATE, _K_PINS, _K_USES, _K_DEV, _K_PROT, _K_BYPF, _K_PFUSED
+            V.K_STATE, V.K_PINS, V.K_USES, V.K_DEV, V.K_PROT, V.K_BYPF, V.K_PFUSED
         )  # fmt: skip
-        assert (fk.KF_LAST, fk.KF_LOADED, fk.G_COUNT) == (_KF_LAST, _KF_LOADED, _G_COUNT)
+        assert (fk.KF_LAST, fk.KF_LOADED, fk.G_COUNT) == (V.KF_LAST, V.KF_LOADED, V.G_COUNT)
         for g, cache in enumerate(eng.caches):
-            cache.entries = LiveEntries(self, g)  # type: ignore[assignment]
-            cache.counters = _live_counters(self, g)
-            cache._cands = LiveCands(self, g)  # type: ignore[assignment]
+            cache.entries = V.LiveEntries(self, g)  # type: ignore[assignment]
+            cache.counters = V.live_counters(self, g)
+            cache._cands = V.LiveCands(self, g)  # type: ignore[assignment]
         eng.links.call_at = self.call_at  # type: ignore[method-assign]
         self._warm_up()
 
@@ -422,7 +305,7 @@ class PrefetchPath:
         e = self._live.get(k)
         if e is None:
             J = self.J
-            e = self._live[k] = LiveEntry(self, k, self.keys[k // J][k % J])
+            e = self._live[k] = V.LiveEntry(self, k, self.keys[k // J][k % J])
         return e
 
     def _victim(self, g: int, n: int) -> int:
@@ -526,7 +409,7 @@ class PrefetchPath:
             live = cache.entries
             entries = cache.entries = {key: live[key] for key in live}
             c0 = fk.G_C0
-            cache.counters = CacheCounters(*gi[g, c0 : c0 + len(_COUNTERS)].tolist())
+            cache.counters = CacheCounters(*gi[g, c0 : c0 + len(V.COUNTERS)].tolist())
             order = []
             k = int(gi[g, fk.G_HEAD])
             while k >= 0:
@@ -565,134 +448,3 @@ class PrefetchPath:
         eng.links.stamp = int(isc[fk.I_STAMP])
         eng.layer_steps = int(isc[fk.I_STEPS])
         eng.stall_s = float(fsc[fk.F_STALL])
-
-
-def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
-    """:meth:`sim.engine.Engine._iteration` of a run on the prefetching compiled path."""
-    from sim.engine import _layer_views
-    from sim.iteration import stack_field
-
-    fk = fp.fk
-    env, policy = eng.env, eng.policy
-    batch = eng.running
-    slices, rows, context = eng._batch_rows(batch)
-    n = len(batch)
-    if n == 1:
-        ids = batch[0].req.routing.topk_ids[slices[0]]
-        row_off, req_out = fp.one_row_off, fp.one_req_out
-    else:
-        ids = np.concatenate(
-            [s.req.routing.topk_ids[sl] for s, sl in zip(batch, slices, strict=True)]
-        )
-        row_off = np.fromiter(
-            accumulate((sl.stop - sl.start for sl in slices), initial=0), np.int64, n + 1
-        )
-        req_out = np.zeros((n, 2), np.int64)
-    ids64 = ids if ids.dtype == np.int64 else ids.astype(np.int64)
-    eng.iterations += 1
-    fsc, isc = fp.fsc, fp.isc
-    ids_l = w_l = probs_l = look_l = None
-    weights = probs = None
-    if eng._h_gate:
-        weights = stack_field(batch, slices, "topk_weights")
-        probs = stack_field(batch, slices, "gate_probs") if eng.has_probs else None
-        look = stack_field(batch, slices, "lookahead") if eng.has_look else None
-        ids_l, w_l, probs_l, look_l = map(_layer_views, (ids, weights, probs, look))
-    if eng._h_start:
-        nxt = env.peek()
-        if nxt <= t:
-            yield env.timeout(t - env.now)
-            t = max(t, env.now)
-        if fp.due <= t:
-            fp.advance(t)
-        gates = None
-        if eng._pass_gates:
-            from policies.base import IterationGates
-
-            gates = IterationGates(ids, weights, probs)
-        eng._iteration_start(_Rows(slices), batch, t, gates)
-    fsc[fk.F_DENSE] = eng.timing.dense(rows, context)
-    fsc[fk.F_HAND], fsc[fk.F_EXCH], fsc[fk.F_OVER], fsc[fk.F_HEAD] = fp.per_rows(rows, n)
-    fsc[fk.F_T] = t
-    fsc[fk.F_NXT] = env.peek()
-    fsc[fk.F_NOW] = env.now
-    isc[fk.I_PHASE] = fk.PH_HEAD
-    state, work, plan = fp.state, fp.work, fp.plan
-    et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
-    kernel = fk.iteration
-    links = eng.links
-    # an async policy's gate search over this iteration's rows (Engine._iteration's)
-    search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
-    plain = eng._plain_decide
-    iteration = eng.iterations
-    while True:
-        fk.VICTIM[0] = fp._victim
-        code = kernel(*state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
-        links.stamp = int(isc[fk.I_STAMP])  # what a drain (a hook's, an arrival's) reads
-        if code == fk.DONE:
-            break
-        if code == fk.HOOK:  # the gate of MoE layer `layer`: the policy's on_gate
-            layer = int(plan[isc[fk.I_POS], 0])
-            assert ids_l is not None and w_l is not None
-            policy.on_gate(
-                GateOutput(
-                    iteration,
-                    layer,
-                    ids_l[layer],
-                    w_l[layer],
-                    None if probs_l is None else probs_l[layer],
-                    None if look_l is None else look_l[layer],
-                    float(fsc[fk.F_T]),
-                )
-            )
-            if not plain or policy._enqueue or policy._cancel:
-                dec = policy.decide_prefetch()  # Engine._drain of the gate (see above)
-                if dec:
-                    if search_t > 0:  # after the search: a timed call at t + search_t
-                        eng.delayed_orders += len(dec.enqueue)
-                        fp.add_call(float(fsc[fk.F_T]) + search_t, dec, links.stamp)
-                    else:  # applied by the kernel after the layer's demand loads
-                        fp._orders(dec)
-            continue  # nothing yields between a gate and its demands
-        if code == fk.HOOK_USED:  # the layer's end: on_expert_used per expert, drained
-            layer = int(plan[isc[fk.I_POS], 0])
-            now = float(fsc[fk.F_T])
-            keys = fp.keys[layer]
-            for e, tok in work[: isc[fk.I_NITEMS], :2].tolist():
-                policy.on_expert_used(keys[e], tok, now)
-                if not plain or policy._enqueue or policy._cancel:
-                    eng._drain(now)
-            continue
-        if code == fk.YIELD_T:
-            t = float(fsc[fk.F_T])
-            yield env.timeout(t - env.now)
-            fsc[fk.F_T] = max(t, env.now)
-        elif code == fk.WAIT:
-            yield env.timeout(max(float(fsc[fk.F_NXT]) - env.now, 0.0))
-        elif code == fk.NO_LINK:
-            raise RuntimeError("waiting for loads that no link carries")
-        else:
-            raise RuntimeError("the compiled path met a state only the Python engine handles")
-        fsc[fk.F_NXT] = env.peek()
-        fsc[fk.F_NOW] = env.now
-    t = float(fsc[fk.F_T])
-    if n == 1:
-        s = batch[0]
-        s.demands += int(req_out[0, 0])
-        s.hits += int(req_out[0, 1])
-        req_out[0] = 0
-    else:
-        for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
-            s.demands += dem
-            s.hits += hit
-    eng._finish_iteration(batch, t)
-    return t
-
-
-class _Rows:
-    """What Engine._iteration_start reads of an Iteration: the rows' slices."""
-
-    __slots__ = ("slices",)
-
-    def __init__(self, slices: list[slice]) -> None:
-        self.slices = slices

@@ -7,14 +7,15 @@ links that carry one copy at a time (no host-side cap), prefetch queues by prior
 demand loads first, preemption of a prefetch at a chunk boundary, suspended (preempted)
 copies, stale orders, cancels, promotion of a LOADING key to a demand load, protection of
 prefetched entries until their layer passes, and a recency eviction order (unprotected
-entries first). Policy hooks stay in Python: the kernel returns at each gate (``HOOK``)
-and the caller runs ``on_gate``, then resumes it with the orders the policy decided.
-No waves, no copy interference, no event log, no delayed (async) orders: the caller
-admits only such runs. The Python engine is the reference;
-``tests/test_engine_prefetch.py`` holds them equal.
+entries first). Policy hooks stay in Python: the kernel returns at each gate (``HOOK``;
+the caller runs ``on_gate`` and resumes it with the orders the policy decided) and after
+a layer's experts are used (``HOOK_USED``: ``on_expert_used`` per expert). No waves, no
+copy interference, no event log: the caller admits only such runs. The Python engine is
+the reference; ``tests/test_engine_prefetch.py`` holds them equal.
 
-Every key the kernel changes is listed (``scratch``) so that the caller can bring the
-:class:`~policies.cache.ExpertCache` entries the policy reads up to date before a hook.
+A victim scorer other than recency is called back (``objmode``, :data:`VICTIM`), and an
+async policy's delayed orders are timed calls the kernel runs in time order with the
+link events (``cf``/``ci``, their orders in ``bk``/``bp``).
 
 Over 450 lines on purpose: numba's on-disk cache keys a compiled function on its own
 source file only, so the kernel and every helper it inlines live in one module. Compiled
