@@ -99,7 +99,11 @@ def why_not_prefetch(eng: Engine) -> str:
         for e in cache.entries.values():
             if e.state is not ExpertState.RESIDENT or e.pins or e.protected or e.by_prefetch:
                 return "a cache starts with an entry that is not plainly resident"
-    if _may_wave(eng):
+    try:
+        waves = _may_wave(eng)
+    except ImportError:  # a broken numba install: the Python engine
+        return "numba cannot be imported"
+    if waves:
         return "a layer may route more experts to a GPU than its cache holds beside a copy"
     return ""
 
@@ -407,7 +411,13 @@ class PrefetchPath:
         J = self.J
         for g, cache in enumerate(eng.caches):
             live = cache.entries
-            entries = cache.entries = {key: live[key] for key in live}
+            entries = cache.entries = {  # plain entries again, in the dict's order
+                key: CacheEntry(
+                    key, e.state, e.loaded_at, e.last_used, e.uses, e.pins, e.protected,
+                    e.by_prefetch, e.prefetch_used,
+                )
+                for key, e in ((key, live[key]) for key in live)
+            }  # fmt: skip
             c0 = fk.G_C0
             cache.counters = CacheCounters(*gi[g, c0 : c0 + len(V.COUNTERS)].tolist())
             order = []
