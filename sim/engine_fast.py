@@ -106,8 +106,12 @@ def use_compiled(eng: Engine, steps_estimate: int) -> bool:
     if choice == "auto" and steps_estimate < AUTO_MIN_STEPS:
         return False
     if why_not_compiled(eng):
-        from sim.engine_prefetch import why_not_prefetch
+        from sim.engine_prefetch import by_recency, why_not_prefetch
 
+        # auto: the prefetching path only where the kernel picks victims itself; with a
+        # scorer called back it measured slower (fmoe, mixtral-offloading: docs/simulator.md)
+        if choice == "auto" and not by_recency(eng.policy):
+            return False
         if why_not_prefetch(eng):
             return False
     if choice == "auto":

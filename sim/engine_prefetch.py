@@ -61,7 +61,7 @@ def _overrides(policy: Policy, hook: str) -> bool:
     return getattr(type(policy), hook) is not getattr(Policy, hook)
 
 
-def _by_recency(policy: Policy) -> bool:
+def by_recency(policy: Policy) -> bool:
     """Whether the policy's victims are the cache's least recently used (unprotected first)."""
     cls = type(policy)
     if cls.eviction_scores is RecencyEviction.eviction_scores:  # type: ignore[attr-defined]
@@ -222,7 +222,7 @@ class PrefetchPath:
         # element reads without numpy scalars (the arrays are never reallocated)
         self.kim, self.kfm, self.gim = memoryview(ki), memoryview(self.kf), memoryview(gi)
         self.keybuf = np.zeros(max(caps) + 1, np.int64)
-        if not _by_recency(eng.policy):  # victims scored by the policy, called back
+        if not by_recency(eng.policy):  # victims scored by the policy, called back
             isc[fk.I_PYSCORE] = 1
             self._scores = eng.links.scores
         # a policy asking the executor about a link hears the kernel's link

@@ -306,3 +306,22 @@ def test_prefetch_heap_pops_like_heapq(ops: list[tuple[int, float]], data: st.Da
             ki[key, fk.K_JOB] = fk.JOB_NONE
             popped.append(key)
     assert popped == [k for k, _ in sorted(live.items(), key=lambda kv: kv[1])]
+
+
+@pytest.mark.parametrize(("policy", "taken"), [("deepspeed", True), ("mixtral-offloading", False)])
+def test_auto_takes_the_path_only_with_kernel_victims(
+    policy: str, taken: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FMOE_SIM_ENGINE=auto (on a run large enough for it) takes the prefetching path only
+    where the kernel picks victims itself (a recency scorer); a policy whose scorer is
+    called back stays on the Python engine (measured faster there). Same results."""
+    monkeypatch.setattr(engine_fast, "AUTO_MIN_STEPS", 1)
+    spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
+    w = generate(spec, SynthConfig(num_requests=1, arrival_rate=2.91, seed=8))
+    cfg = SimConfig(model=spec, hardware=hw, policy=policy, cache_gb=24.0)
+    with engine("python"):
+        ref = outcome(simulate(w, cfg))
+    with engine("auto") as built:
+        auto = outcome(simulate(w, cfg))
+    assert len(built) == int(taken)
+    assert auto == ref
