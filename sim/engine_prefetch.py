@@ -23,6 +23,7 @@ run everything is written back into the cache and link objects.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -99,6 +100,11 @@ def why_not_prefetch(eng: Engine) -> str:
         for e in cache.entries.values():
             if e.state is not ExpertState.RESIDENT or e.pins or e.protected or e.by_prefetch:
                 return "a cache starts with an entry that is not plainly resident"
+    for cache in eng.caches:
+        # the cache's own reference and getrefcount's: any other holder (a policy that
+        # kept the dict at bind) would read the real dict, not the kernel's state
+        if sys.getrefcount(cache.entries) > 2 or sys.getrefcount(cache.counters) > 2:
+            return "something holds a cache's entries or counters (read past the kernel)"
     try:
         waves = _may_wave(eng)
     except ImportError:  # a broken numba install: the Python engine

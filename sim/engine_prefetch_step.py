@@ -70,7 +70,7 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     fsc[fk.F_NXT] = env.peek()
     fsc[fk.F_NOW] = env.now
     isc[fk.I_PHASE] = fk.PH_HEAD
-    state, work, plan = fp.state, fp.work, fp.plan
+    work, plan = fp.work, fp.plan  # (fp.state is read per call: call buffers may grow)
     et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
     kernel = fk.iteration
     links = eng.links
@@ -80,7 +80,7 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     iteration = eng.iterations
     while True:
         fk.VICTIM[0] = fp._victim
-        code = kernel(*state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
+        code = kernel(*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
         links.stamp = int(isc[fk.I_STAMP])  # what a drain (a hook's, an arrival's) reads
         if code == fk.DONE:
             break
