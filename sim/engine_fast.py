@@ -34,6 +34,7 @@ from specs.errors import InputError
 
 if TYPE_CHECKING:
     from sim.engine import Engine
+    from sim.engine_prefetch import PrefetchPath
     from sim.links import Links
 
 ENGINE_ENV = "FMOE_SIM_ENGINE"
@@ -105,7 +106,14 @@ def use_compiled(eng: Engine, steps_estimate: int) -> bool:
     if choice == "auto" and steps_estimate < AUTO_MIN_STEPS:
         return False
     if why_not_compiled(eng):
-        return False
+        from sim.engine_prefetch import by_recency, why_not_prefetch
+
+        # auto: the prefetching path only where the kernel picks victims itself; with a
+        # scorer called back it measured slower (fmoe, mixtral-offloading: docs/simulator.md)
+        if choice == "auto" and not by_recency(eng.policy):
+            return False
+        if why_not_prefetch(eng):
+            return False
     if choice == "auto":
         try:  # a broken numba install leaves auto on the Python engine, not failing
             import sim.fastkernel  # noqa: F401
@@ -114,9 +122,28 @@ def use_compiled(eng: Engine, steps_estimate: int) -> bool:
     return True
 
 
+# compiled paths built in this process, by kind ("evict", "prefetch"): for benchmarks
+BUILT = {"evict": 0, "prefetch": 0}
+
+
+def make_fast_path(eng: Engine) -> FastPath | PrefetchPath:
+    """The compiled path's state for a run :func:`use_compiled` admitted: the evict-only
+    kernel's when the run qualifies for it, else the prefetching one's
+    (:mod:`sim.engine_prefetch`)."""
+    if not why_not_compiled(eng):
+        BUILT["evict"] += 1
+        return FastPath(eng)
+    from sim.engine_prefetch import PrefetchPath
+
+    BUILT["prefetch"] += 1
+    return PrefetchPath(eng)
+
+
 class FastPath:
     """The arrays of the compiled path for one run, and the links' face the engine's run
     loop and arrivals use (``due``, ``advance``, ``run_calls``)."""
+
+    prefetching = False  # (sim.engine_prefetch.PrefetchPath: True)
 
     def __init__(self, eng: Engine) -> None:
         from sim import fastkernel as fk
@@ -352,13 +379,17 @@ Proc = Generator[Any, Any, Any]
 class FastSteps:
     """The engine's compiled iteration (a mixin of :class:`sim.engine.Engine`)."""
 
-    _fast: FastPath | None
+    _fast: FastPath | PrefetchPath | None
 
     def _iteration_fast(self: Engine, t: float) -> Proc:  # type: ignore[misc]
         """:meth:`sim.engine.Engine._iteration` for a run on the compiled path (the same
         steps: this sets up the iteration, the kernel runs its layers)."""
         fp = self._fast
         assert fp is not None
+        if fp.prefetching:  # a prefetching policy's run (sim.engine_prefetch)
+            from sim.engine_prefetch_step import iteration_prefetch
+
+            return (yield from iteration_prefetch(self, fp, t))  # type: ignore[arg-type]
         env = self.env
         batch = self.running
         slices, rows, context = self._batch_rows(batch)

@@ -19,7 +19,7 @@ from policies.cache import ExpertCache, ExpertKey
 from policies.placement import Placement
 from sim.batching import make_batcher
 from sim.config import SimConfig
-from sim.engine_fast import FastPath, use_compiled
+from sim.engine_fast import FastPath, make_fast_path, use_compiled
 from sim.engine_layer import GpuPlan
 from sim.events import EventLog
 from sim.iteration import RequestState
@@ -114,7 +114,7 @@ class EngineSetup:
         self.clock: Links | FastPath = links
         steps = sum(r.output_len for r in workload.requests) * spec.num_moe_layers
         if use_compiled(self, steps):  # type: ignore[arg-type]
-            self._fast = self.clock = FastPath(self)  # type: ignore[arg-type]
+            self._fast = self.clock = make_fast_path(self)  # type: ignore[arg-type]
 
     # -- policy plumbing ------------------------------------------------------------------
     def _drain(self, now: float, delayed: bool = False, latency: float | None = None) -> None:

@@ -1,0 +1,466 @@
+"""The compiled engine path for prefetching policies: links, caches and layer steps in
+numba (:mod:`sim.fastkernel_prefetch`), the policy's hooks in Python.
+
+A run takes it (``FMOE_SIM_ENGINE``, as :mod:`sim.engine_fast`) when it does not qualify
+for the evict-only kernel and :func:`why_not_prefetch` finds nothing against it: the
+policy keeps the default ``decide_prefetch``, ``miss_action`` and ``on_load_finished``
+(its other hooks run in Python: the kernel returns at each gate and after each layer's
+experts are used; arrivals, iteration starts and ends are the engine's own Python);
+links carry one copy at a time (no host-side cap); no copy interference, fused expert
+call, event log or hybrid action; no layer of the workload can route to a GPU as many
+experts as its cache holds (a demand could then wait for a slot: waves); and a scorer
+with a ``victim_index`` only on caches below ``VICTIM_INDEX_MIN`` slots (the cache would
+call it, with its own side effects, where the kernel calls the scorer).
+
+Victims: a recency scorer's are the kernel's own; any other scorer is called back from
+the kernel (numba ``objmode``) with the candidates as live entries. Delayed orders (an
+async search's) are timed calls inside the kernel. What a hook or scorer reads of the
+caches (``entries``, ``_cands``, ``counters``) and of the links
+(``ExecutorView.link_state``) is answered from the arrays at the moment of the read
+(:mod:`sim.engine_prefetch_view`); the orders a hook makes go back as arrays. After the
+run everything is written back into the cache and link objects.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from policies.base import (
+    LinkState,
+    Policy,
+    PrefetchDecision,
+    RecencyEviction,
+    validate_order,
+)
+from policies.cache import (
+    VICTIM_INDEX_MIN,
+    CacheCounters,
+    CacheEntry,
+    ExpertCache,
+    ExpertState,
+    _lowest,
+)
+from policies.cache_victims import victim_index_of
+from sim import engine_prefetch_view as V
+
+if TYPE_CHECKING:
+    from sim.engine import Engine
+
+# hooks the policy must leave to Policy on this path
+_NOT_HOOKS = (
+    "on_load_finished",
+    "decide_prefetch",
+    "miss_action",
+    "kernel_eviction",
+)
+
+
+def _overrides(policy: Policy, hook: str) -> bool:
+    return getattr(type(policy), hook) is not getattr(Policy, hook)
+
+
+def by_recency(policy: Policy) -> bool:
+    """Whether the policy's victims are the cache's least recently used (unprotected first)."""
+    cls = type(policy)
+    if cls.eviction_scores is RecencyEviction.eviction_scores:  # type: ignore[attr-defined]
+        return True
+    return cls.eviction_scores is Policy.eviction_scores and not _overrides(
+        policy, "eviction_score"
+    )
+
+
+def why_not_prefetch(eng: Engine) -> str:
+    """Why the prefetching compiled path cannot run ``eng``'s run ('' when it can)."""
+    policy = eng.policy
+    for hook in _NOT_HOOKS:
+        if _overrides(policy, hook):
+            return f"policy {policy.name!r} overrides {hook}"
+    vix = victim_index_of(eng.links.scores)
+    if vix is not None and max(c.capacity for c in eng.caches) >= VICTIM_INDEX_MIN:
+        # the cache would call the policy's victim_index (its side effects are the
+        # policy's); the kernel calls back only its scorer
+        return f"policy {policy.name!r} picks victims of large caches with victim_index"
+    if eng.log is not None:
+        return "an event log is recorded"
+    if eng.interferes:
+        return "copies interfere with compute"
+    if eng.after_loads:
+        return "experts wait for all loads (experts_wait_for_loads)"
+    if eng.side or eng.h_miss:
+        return "miss actions other than a fetch"
+    hw = eng.cfg.hardware
+    if hw.link.concurrency != 1 or hw.host_bandwidth_cap_Bps is not None:
+        return "links carry several copies at once"
+    for cache in eng.caches:
+        if type(cache) is not ExpertCache:
+            return f"cache type {type(cache).__name__}"
+        for e in cache.entries.values():
+            if e.state is not ExpertState.RESIDENT or e.pins or e.protected or e.by_prefetch:
+                return "a cache starts with an entry that is not plainly resident"
+    for cache in eng.caches:
+        # the cache's own reference and getrefcount's: any other holder (a policy that
+        # kept the dict at bind) would read the real dict, not the kernel's state
+        if sys.getrefcount(cache.entries) > 2 or sys.getrefcount(cache.counters) > 2:
+            return "something holds a cache's entries or counters (read past the kernel)"
+    try:
+        waves = _may_wave(eng)
+    except ImportError:  # a broken numba install: the Python engine
+        return "numba cannot be imported"
+    if waves:
+        return "a layer may route more experts to a GPU than its cache holds beside a copy"
+    return ""
+
+
+def _may_wave(eng: Engine) -> bool:
+    """Whether some iteration could route to a GPU at least as many distinct experts of one
+    layer as its cache holds (then a demand may find no slot and the engine runs waves)."""
+    from sim import fastkernel_prefetch as fk
+
+    spec, n = eng.spec, eng.num_gpus
+    L, J = spec.num_moe_layers, spec.num_experts
+    dev = np.asarray(eng.dev_table, dtype=np.int64)  # [L, J]
+    caps = np.array([c.capacity for c in eng.caches], dtype=np.int64)
+    per_gpu = np.stack([(dev == g).sum(axis=1).max() for g in range(n)])
+    if (per_gpu < caps).all():  # even a whole layer fits beside a copy in flight
+        return False
+    if eng.cfg.batch_size != 1:  # batches mix requests' rows: not bounded per request
+        return True
+    ki = np.zeros((L * J, fk.N_KI), np.int64)
+    ki[:, fk.K_DEV] = dev.reshape(-1)
+    gi = np.zeros((n, fk.N_GI), np.int64)
+    gi[:, fk.G_CAP] = caps
+    counts, seen = np.zeros(n, np.int64), np.zeros(L * J, np.int64)
+    mark = 0
+    K = spec.top_k
+    for s in eng.states:  # batch 1: an iteration is a request's prompt, or one decode row
+        ids = s.req.routing.topk_ids
+        p = s.req.iteration_rows(0)
+        mark += 1
+        if fk.needs_waves(ids[p].astype(np.int64), ki, gi, counts, seen, mark, J):
+            return True
+        if ids.shape[0] > p.stop and K >= caps.min():  # a decode row: top-K a layer
+            return True
+    return False
+
+
+class PrefetchPath:
+    """The kernel's arrays for one run, the links' face the run loop and arrivals use
+    (``due``, ``advance``, ``run_calls``), the mirror of the caches for the policy, and
+    the per-iteration driver."""
+
+    prefetching = True
+
+    def __init__(self, eng: Engine) -> None:
+        from sim import fastkernel_prefetch as fk
+
+        self.fk = fk
+        spec, n = eng.spec, eng.num_gpus
+        L, J = spec.num_moe_layers, spec.num_experts
+        self.J, self.num_gpus = J, n
+        caps = [c.capacity for c in eng.caches]
+        st = fk.new_state(L * J, L, n, J, max(caps) + 1)
+        (
+            self.isc,
+            self.fsc,
+            self.ki,
+            self.kf,
+            self.gi,
+            self.gf,
+            self.q,
+            self.hf,
+            self.hi,
+            self.lg,
+            self.scratch,
+            self.cf,
+            self.ci,
+            self.bk,
+            self.bp,
+            self.work,
+        ) = st
+        self.ordk = np.zeros(max(64, 2 * J), np.int64)
+        self.ordp = np.zeros(max(64, 2 * J), np.float64)
+        isc, fsc, ki, gi = self.isc, self.fsc, self.ki, self.gi
+        isc[fk.I_EBYTES] = eng.caches[0].expert_bytes
+        isc[fk.I_J] = J
+        isc[fk.I_NGPU] = n
+        isc[fk.I_CHUNK] = eng.links.links[0].chunk
+        isc[fk.I_HOOKGATE] = int(eng._h_gate)
+        isc[fk.I_HOOKUSED] = int(eng._h_used)
+        fsc[fk.F_BW] = eng.links.links[0].bw
+        fsc[fk.F_LAT] = eng.links.links[0].lat
+        ki[:, fk.K_DEV] = np.asarray(eng.dev_table, dtype=np.int64).reshape(-1)
+        for g, cache in enumerate(eng.caches):
+            gi[g, fk.G_CAP] = cache.capacity
+            gi[g, fk.G_INORDER] = int(cache._in_order)
+            gf = self.gf
+            gf[g, fk.GF_LATEST] = cache._latest
+            for i, name in enumerate(V.COUNTERS):
+                gi[g, fk.G_C0 + i] = getattr(cache.counters, name)
+            for key in cache.entries:  # their dict order
+                isc[fk.I_INS] += 1
+                ki[key[0] * J + key[1], fk.K_INS] = isc[fk.I_INS]
+            for key, e in cache._recency.items():  # plainly resident, oldest first
+                k = key[0] * J + key[1]
+                ki[k, fk.K_STATE] = fk.RESIDENT
+                ki[k, fk.K_USES] = e.uses
+                self.kf[k, fk.KF_LAST], self.kf[k, fk.KF_LOADED] = e.last_used, e.loaded_at
+                fk._append(ki, gi, k)
+                gi[g, fk.G_COUNT] += 1
+        isc[fk.I_GATESEQ] = eng.gate_seq
+        isc[fk.I_STAMP] = eng.links.stamp
+        self.plan = np.array([(m, int(h)) for m, h, _ in eng.plan], dtype=np.int64)
+        self.et = np.zeros(1, np.float64)
+        self.timing = eng.timing
+        self._eng = eng
+        self._per_rows: dict[tuple[int, int], tuple[float, float, float, float]] = {}
+        self.one_row_off = np.zeros(2, np.int64)
+        self.one_req_out = np.zeros((1, 2), np.int64)
+        self.state = (
+            self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.hf, self.hi,
+            self.lg, self.scratch, self.cf, self.ci, self.bk, self.bp,
+        )  # fmt: skip
+        self.keys = eng.key_table
+        self.experts_shape = (L, J)
+        self._live: dict[int, V.LiveEntry] = {}
+        # element reads without numpy scalars (the arrays are never reallocated)
+        self.kim, self.kfm, self.gim = memoryview(ki), memoryview(self.kf), memoryview(gi)
+        self.keybuf = np.zeros(max(caps) + 1, np.int64)
+        if not by_recency(eng.policy):  # victims scored by the policy, called back
+            isc[fk.I_PYSCORE] = 1
+            self._scores = eng.links.scores
+        # a policy asking the executor about a link hears the kernel's link
+        self._view = getattr(eng.policy.ctx, "executor", None) if eng.policy.ctx else None
+        if self._view is not None:
+            self._view.link_state = self.link_state  # type: ignore[method-assign]
+        # the engine's drains (iteration start and end) apply orders through the kernel
+        eng._apply = self.apply  # type: ignore[method-assign]
+        # what a hook reads of the caches comes from the arrays until export
+        assert (fk.K_STATE, fk.K_PINS, fk.K_USES, fk.K_DEV, fk.K_PROT, fk.K_BYPF, fk.K_PFUSED) == (
+            V.K_STATE, V.K_PINS, V.K_USES, V.K_DEV, V.K_PROT, V.K_BYPF, V.K_PFUSED
+        )  # fmt: skip
+        assert (fk.KF_LAST, fk.KF_LOADED, fk.G_COUNT) == (V.KF_LAST, V.KF_LOADED, V.G_COUNT)
+        for g, cache in enumerate(eng.caches):
+            cache.entries = V.LiveEntries(self, g)  # type: ignore[assignment]
+            cache.counters = V.live_counters(self, g)
+            cache._cands = V.LiveCands(self, g)  # type: ignore[assignment]
+        eng.links.call_at = self.call_at  # type: ignore[method-assign]
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Load (or compile) the kernels now, not inside the timed event loop."""
+        fk = self.fk
+        nxt, t = self.fsc[fk.F_NXT], self.fsc[fk.F_T]
+        self.fsc[fk.F_NXT] = np.inf
+        fk.iteration(
+            *self.state, self.work, self.ordk, self.ordp, np.zeros((1, 1, 1), np.int64),
+            np.zeros(2, np.int64), self.et, np.zeros((0, 2), np.int64), np.zeros((1, 2), np.int64),
+        )  # fmt: skip
+        self.fsc[fk.F_NXT], self.fsc[fk.F_T] = nxt, t
+        fk.apply_orders(*self.state, self.ordk, self.ordp, 0.0)
+        self.advance(-np.inf)
+
+    # -- the links' face ----------------------------------------------------------------
+    @property
+    def due(self) -> float:
+        return float(self.fsc[self.fk.F_DUE])
+
+    def advance(self, t: float) -> None:
+        self.fk.VICTIM[0] = self._victim  # (each entry: runs of this process may interleave)
+        self.fk.advance(*self.state, float(t))
+
+    def run_calls(self) -> None:
+        """Links.run_calls: every pending delayed order, in time order with the links."""
+        self.fk.VICTIM[0] = self._victim
+        self.fk.run_calls(*self.state)
+
+    def call_at(self, when: float, fn: Any) -> None:
+        """Links.call_at for the engine's delayed drains (``partial(_apply, dec, stamp)``):
+        the orders are queued in the kernel, which applies them at ``when``."""
+        dec, stamp = fn.args
+        self.add_call(when, dec, stamp)
+
+    def add_call(self, when: float, dec: PrefetchDecision, stamp: int) -> None:
+        """Queue ``dec``'s orders (made at gate ``stamp``) to be applied at ``when``."""
+        fk, isc = self.fk, self.isc
+        self._orders(dec)
+        need = int(isc[fk.I_BUFTOP]) + len(dec.cancel) + len(dec.enqueue)
+        if need > self.bk.shape[0] or isc[fk.I_NCALL] + 1 > self.cf.shape[0]:
+            self._grow_calls(need)
+        fk.add_call(
+            isc, self.fsc, self.gi, self.gf, self.cf, self.ci, self.bk, self.bp, self.ordk,
+            self.ordp, float(when), int(stamp),
+        )  # fmt: skip
+
+    def _grow_calls(self, need: int) -> None:
+        """Larger call and order buffers (contents kept); the state tuple follows."""
+        n = max(2 * self.bk.shape[0], 2 * need)
+        self.bk = np.concatenate([self.bk, np.zeros(n - self.bk.shape[0], np.int64)])
+        self.bp = np.concatenate([self.bp, np.zeros(n - self.bp.shape[0], np.float64)])
+        m = 2 * self.cf.shape[0]
+        self.cf = np.concatenate([self.cf, np.zeros(m - self.cf.shape[0], np.float64)])
+        self.ci = np.concatenate([self.ci, np.zeros((m - self.ci.shape[0], 5), np.int64)])
+        self.state = (*self.state[:11], self.cf, self.ci, self.bk, self.bp)
+
+    # -- the policy's view ----------------------------------------------------------------
+    def sync(self) -> None:
+        """The links' gate stamp, as a hook and its drain read it (the caches' entries and
+        counters are read from the arrays, see :class:`LiveEntries`)."""
+        self._eng.links.stamp = int(self.isc[self.fk.I_STAMP])
+
+    def entry(self, k: int) -> CacheEntry:
+        """The (live) cache entry of key index ``k``."""
+        e = self._live.get(k)
+        if e is None:
+            J = self.J
+            e = self._live[k] = V.LiveEntry(self, k, self.keys[k // J][k % J])
+        return e
+
+    def _victim(self, g: int, n: int) -> int:
+        """The kernel's call back for a victim: the policy's scorer over the candidates in
+        scratch[:n], the lowest score going first (ties to the lowest key), as
+        ExpertCache._victim."""
+        live, entry = self._live, self.entry
+        group = [live.get(k) or entry(k) for k in self.scratch[:n].tolist()]
+        return _lowest(group, self._scores(group))._k  # type: ignore[attr-defined]
+
+    def link_state(self, device: int) -> LinkState:
+        """SimExecutorView.link_state of a one-copy link, from the kernel's arrays (the
+        same floating-point operations in the same order)."""
+        fk, g = self.fk, device
+        gim, gf, kim = self.gim, self.gf, self.kim
+        now = self._eng.env.now
+        bw = float(self.fsc[fk.F_BW])
+        left_s = 0.0
+        k = gim[g, fk.G_BUSY]
+        if k >= 0:
+            start = float(gf[g, fk.GF_START])
+            if start > now:
+                now = start
+            seg = gim[g, fk.G_SEG]
+            left_s += max(0.0, float(gf[g, fk.GF_END]) - now) + max(0, kim[k, fk.K_JREM] - seg) / bw
+        h, nq, cap = gim[g, fk.G_QH], gim[g, fk.G_QN], self.q.shape[1]
+        q = self.q
+        left_s += sum(kim[int(q[g, (h + i) % cap]), fk.K_JREM] for i in range(nq)) / bw
+        view = self._view
+        if view.hybrid is not None:
+            left_s += view.hybrid.pending_fetches[device] * view._copy_s
+        return LinkState(left_s / 1, bw, view._copy_s)
+
+    def _orders(self, dec: PrefetchDecision) -> None:
+        """Put ``dec`` into the order arrays (validated as Engine._apply does)."""
+        fk = self.fk
+        nc, ne = len(dec.cancel), len(dec.enqueue)
+        if nc + ne > self.ordk.shape[0]:
+            self.ordk = np.zeros(2 * (nc + ne), np.int64)
+            self.ordp = np.zeros(2 * (nc + ne), np.float64)
+        L, J = self.experts_shape
+        ordk, ordp = self.ordk, self.ordp
+        for i, (lay, e) in enumerate(dec.cancel):
+            ordk[i] = lay * J + e
+        spec = self._eng.spec
+        i = nc
+        for order in dec.enqueue:
+            lay, e, pri = order
+            if not (0 <= lay < L and 0 <= e < J and np.isfinite(pri)):
+                validate_order(order, spec)
+            ordk[i] = lay * J + e
+            ordp[i] = pri
+            i += 1
+        self.isc[fk.I_NCAN] = nc
+        self.isc[fk.I_NORD] = ne
+
+    def apply(self, dec: PrefetchDecision, stamp: int, now: float) -> None:
+        """Engine._apply on this path (a drain at an iteration's start or end)."""
+        fk = self.fk
+        if stamp != self.isc[fk.I_STAMP]:
+            raise RuntimeError("orders of an earlier gate on the compiled path")
+        self._orders(dec)
+        fk.VICTIM[0] = self._victim
+        fk.apply_orders(*self.state, self.ordk, self.ordp, float(now))
+
+    # -- per iteration ----------------------------------------------------------------------
+    def expert_times(self, rows: int) -> np.ndarray:
+        """Expert compute time by rows routed to it, 0..``rows`` (Timing.expert's values)."""
+        et = self.et
+        if et.shape[0] <= rows:
+            n = max(rows + 1, 2 * et.shape[0])
+            new = np.zeros(n, np.float64)
+            new[: et.shape[0]] = et
+            for tok in range(max(et.shape[0], 1), n):
+                new[tok] = self.timing.expert(tok)
+            self.et = et = new
+        return et
+
+    def per_rows(self, rows: int, batch: int) -> tuple[float, float, float, float]:
+        """(hand-off, exchange, executor overhead, head) of an iteration (memoised)."""
+        key = (rows, batch)
+        v = self._per_rows.get(key)
+        if v is None:
+            eng = self._eng
+            timing = eng.timing
+            v = self._per_rows[key] = (
+                timing.handoff(rows) if eng.num_gpus > 1 else 0.0,
+                timing.exchange(rows),
+                eng.compute_model.layer_overhead(eng.policy.name, rows),
+                timing.head(batch),
+            )
+        return v
+
+    def export(self, eng: Engine) -> None:
+        """Write the arrays back into the caches, links and engine counters (after the run)."""
+        fk = self.fk
+        self.sync()
+        isc, fsc, ki, gi, gf = self.isc, self.fsc, self.ki, self.gi, self.gf
+        J = self.J
+        for g, cache in enumerate(eng.caches):
+            live = cache.entries
+            entries = cache.entries = {  # plain entries again, in the dict's order
+                key: CacheEntry(
+                    key, e.state, e.loaded_at, e.last_used, e.uses, e.pins, e.protected,
+                    e.by_prefetch, e.prefetch_used,
+                )
+                for key, e in ((key, live[key]) for key in live)
+            }  # fmt: skip
+            c0 = fk.G_C0
+            cache.counters = CacheCounters(*gi[g, c0 : c0 + len(V.COUNTERS)].tolist())
+            order = []
+            k = int(gi[g, fk.G_HEAD])
+            while k >= 0:
+                order.append(eng.key_table[k // J][k % J])
+                k = int(ki[k, fk.K_NEXT])
+            cache._recency.clear()
+            cache._recency.update((key, entries[key]) for key in order)
+            cache._cands = {
+                key: e
+                for key, e in entries.items()
+                if e.state is ExpertState.RESIDENT and not e.pins and not e.protected
+            }
+            cache._arr = None
+            cache._protected = {key for key, e in entries.items() if e.protected}
+            cache._n_loading = int(gi[g, fk.G_NLOAD])
+            cache._in_order = bool(gi[g, fk.G_INORDER])
+            cache._latest = float(gf[g, fk.GF_LATEST])
+            link = eng.links.links[g]
+            link.busy_s = float(gf[g, fk.GF_BUSYS])
+            link._busy_t0 = float(gf[g, fk.GF_BUSYT0])
+            link.active = int(gi[g, fk.G_ACTIVE])
+            link.bytes_moved = int(gi[g, fk.G_BYTES])
+            for name, col in (
+                ("orders", fk.S_ORDERS),
+                ("skipped_cached", fk.S_SKIPPED),
+                ("stale", fk.S_STALE),
+                ("dropped_full", fk.S_DROPPED),
+                ("preemptions", fk.S_PREEMPT),
+            ):
+                link.stats[name] = int(gi[g, col])
+            eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
+        if self._view is not None:
+            del self._view.link_state  # the class's again: it reads the Link objects
+        del eng.links.call_at
+        eng.gate_seq = int(isc[fk.I_GATESEQ])
+        eng.links.stamp = int(isc[fk.I_STAMP])
+        eng.layer_steps = int(isc[fk.I_STEPS])
+        eng.stall_s = float(fsc[fk.F_STALL])

@@ -1,0 +1,151 @@
+"""One iteration of a run on the prefetching compiled path (:mod:`sim.engine_prefetch`):
+:meth:`sim.engine.Engine._iteration`'s steps, the layers in the kernel, the policy's hooks
+(iteration start, gate, expert used, iteration end) and drains in Python at the same points
+and in the same order as the Python engine calls them."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from policies.base import GateOutput
+
+if TYPE_CHECKING:
+    from sim.engine import Engine
+    from sim.engine_prefetch import PrefetchPath
+
+Proc = Generator[Any, Any, Any]
+
+
+def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
+    """:meth:`sim.engine.Engine._iteration` of a run on the prefetching compiled path."""
+    from sim.engine import _layer_views
+    from sim.iteration import stack_field
+
+    fk = fp.fk
+    env, policy = eng.env, eng.policy
+    batch = eng.running
+    slices, rows, context = eng._batch_rows(batch)
+    n = len(batch)
+    if n == 1:
+        ids = batch[0].req.routing.topk_ids[slices[0]]
+        row_off, req_out = fp.one_row_off, fp.one_req_out
+    else:
+        ids = np.concatenate(
+            [s.req.routing.topk_ids[sl] for s, sl in zip(batch, slices, strict=True)]
+        )
+        row_off = np.fromiter(
+            accumulate((sl.stop - sl.start for sl in slices), initial=0), np.int64, n + 1
+        )
+        req_out = np.zeros((n, 2), np.int64)
+    ids64 = ids if ids.dtype == np.int64 else ids.astype(np.int64)
+    eng.iterations += 1
+    fsc, isc = fp.fsc, fp.isc
+    ids_l = w_l = probs_l = look_l = None
+    weights = probs = None
+    if eng._h_gate:
+        weights = stack_field(batch, slices, "topk_weights")
+        probs = stack_field(batch, slices, "gate_probs") if eng.has_probs else None
+        look = stack_field(batch, slices, "lookahead") if eng.has_look else None
+        ids_l, w_l, probs_l, look_l = map(_layer_views, (ids, weights, probs, look))
+    if eng._h_start:
+        nxt = env.peek()
+        if nxt <= t:
+            yield env.timeout(t - env.now)
+            t = max(t, env.now)
+        if fp.due <= t:
+            fp.advance(t)
+        gates = None
+        if eng._pass_gates:
+            from policies.base import IterationGates
+
+            gates = IterationGates(ids, weights, probs)
+        eng._iteration_start(_Rows(slices), batch, t, gates)
+    fsc[fk.F_DENSE] = eng.timing.dense(rows, context)
+    fsc[fk.F_HAND], fsc[fk.F_EXCH], fsc[fk.F_OVER], fsc[fk.F_HEAD] = fp.per_rows(rows, n)
+    fsc[fk.F_T] = t
+    fsc[fk.F_NXT] = env.peek()
+    fsc[fk.F_NOW] = env.now
+    isc[fk.I_PHASE] = fk.PH_HEAD
+    work, plan = fp.work, fp.plan  # (fp.state is read per call: call buffers may grow)
+    et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
+    kernel = fk.iteration
+    links = eng.links
+    # an async policy's gate search over this iteration's rows (Engine._iteration's)
+    search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
+    plain = eng._plain_decide
+    iteration = eng.iterations
+    while True:
+        fk.VICTIM[0] = fp._victim
+        code = kernel(*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
+        links.stamp = int(isc[fk.I_STAMP])  # what a drain (a hook's, an arrival's) reads
+        if code == fk.DONE:
+            break
+        if code == fk.HOOK:  # the gate of MoE layer `layer`: the policy's on_gate
+            layer = int(plan[isc[fk.I_POS], 0])
+            assert ids_l is not None and w_l is not None
+            policy.on_gate(
+                GateOutput(
+                    iteration,
+                    layer,
+                    ids_l[layer],
+                    w_l[layer],
+                    None if probs_l is None else probs_l[layer],
+                    None if look_l is None else look_l[layer],
+                    float(fsc[fk.F_T]),
+                )
+            )
+            if not plain or policy._enqueue or policy._cancel:
+                dec = policy.decide_prefetch()  # Engine._drain of the gate (see above)
+                if dec:
+                    if search_t > 0:  # after the search: a timed call at t + search_t
+                        eng.delayed_orders += len(dec.enqueue)
+                        fp.add_call(float(fsc[fk.F_T]) + search_t, dec, links.stamp)
+                    else:  # applied by the kernel after the layer's demand loads
+                        fp._orders(dec)
+            continue  # nothing yields between a gate and its demands
+        if code == fk.HOOK_USED:  # the layer's end: on_expert_used per expert, drained
+            layer = int(plan[isc[fk.I_POS], 0])
+            now = float(fsc[fk.F_T])
+            keys = fp.keys[layer]
+            for e, tok in work[: isc[fk.I_NITEMS], :2].tolist():
+                policy.on_expert_used(keys[e], tok, now)
+                if not plain or policy._enqueue or policy._cancel:
+                    eng._drain(now)
+            continue
+        if code == fk.YIELD_T:
+            t = float(fsc[fk.F_T])
+            yield env.timeout(t - env.now)
+            fsc[fk.F_T] = max(t, env.now)
+        elif code == fk.WAIT:
+            yield env.timeout(max(float(fsc[fk.F_NXT]) - env.now, 0.0))
+        elif code == fk.NO_LINK:
+            raise RuntimeError("waiting for loads that no link carries")
+        else:
+            raise RuntimeError("the compiled path met a state only the Python engine handles")
+        fsc[fk.F_NXT] = env.peek()
+        fsc[fk.F_NOW] = env.now
+    t = float(fsc[fk.F_T])
+    if n == 1:
+        s = batch[0]
+        s.demands += int(req_out[0, 0])
+        s.hits += int(req_out[0, 1])
+        req_out[0] = 0
+    else:
+        for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
+            s.demands += dem
+            s.hits += hit
+    eng._finish_iteration(batch, t)
+    return t
+
+
+class _Rows:
+    """What Engine._iteration_start reads of an Iteration: the rows' slices."""
+
+    __slots__ = ("slices",)
+
+    def __init__(self, slices: list[slice]) -> None:
+        self.slices = slices

@@ -1,0 +1,135 @@
+"""What a policy reads of the caches while the prefetching compiled path runs
+(:mod:`sim.engine_prefetch`): ``ExpertCache.entries``, ``_cands`` and ``counters`` of each
+device answered from the kernel's arrays at the moment of the read, so a hook or the
+policy's victim scorer sees exactly the state the Python engine would show it. Policies
+read entries and never write them (the cache's contract); the caches' own private
+indexes (recency order, candidate arrays) are rebuilt at the end of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from policies.cache import CacheCounters, CacheEntry, ExpertKey, ExpertState
+
+if TYPE_CHECKING:
+    from sim.engine_prefetch import PrefetchPath
+
+COUNTERS = tuple(CacheCounters.__dataclass_fields__)
+STATES = {1: ExpertState.LOADING, 2: ExpertState.RESIDENT}
+# sim.fastkernel_prefetch's columns (PrefetchPath checks them): read per entry field
+K_STATE, K_PINS, K_USES, K_DEV, K_PROT, K_BYPF, K_PFUSED = 0, 1, 2, 5, 6, 7, 8
+KF_LAST, KF_LOADED, G_COUNT = 0, 1, 2
+
+
+class LiveEntries(Mapping):
+    """``ExpertCache.entries`` of one device while the kernel runs: a read-only mapping
+    answered from the kernel's arrays at the moment of the read (membership, length, the
+    entries in the dict's insertion order, each a fresh :class:`CacheEntry` with the
+    current fields). Policies read entries and never write them (the cache's contract)."""
+
+    def __init__(self, fp: PrefetchPath, g: int) -> None:
+        self.fp, self.g = fp, g
+
+    def _k(self, key: object) -> int:
+        fp = self.fp
+        try:
+            lay, e = key  # type: ignore[misc]
+        except (TypeError, ValueError):
+            return -1
+        L, J = fp.experts_shape
+        if not (0 <= lay < L and 0 <= e < J):
+            return -1
+        k = lay * J + e
+        ki = fp.kim
+        if ki[k, K_STATE] == 0 or ki[k, K_DEV] != self.g:
+            return -1
+        return k
+
+    def __contains__(self, key: object) -> bool:
+        return self._k(key) >= 0
+
+    def __getitem__(self, key: object) -> CacheEntry:
+        k = self._k(key)
+        if k < 0:
+            raise KeyError(key)
+        return self.fp.entry(k)
+
+    def get(self, key: object, default: Any = None) -> Any:
+        k = self._k(key)
+        return default if k < 0 else self.fp.entry(k)
+
+    def __len__(self) -> int:
+        return self.fp.gim[self.g, G_COUNT]
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        fp = self.fp
+        n = fp.fk.cached_keys(fp.ki, fp.gi, self.g, fp.keybuf)
+        J, keys = fp.J, fp.keys
+        return iter([keys[k // J][k % J] for k in fp.keybuf[:n].tolist()])
+
+
+class LiveCands(LiveEntries):
+    """``ExpertCache._cands`` of one device while the kernel runs: its resident, unpinned,
+    unprotected entries (what a policy's victim pricing reads), from the arrays."""
+
+    def _k(self, key: object) -> int:
+        k = super()._k(key)
+        if k < 0:
+            return -1
+        ki = self.fp.kim
+        ok = ki[k, K_STATE] == 2 and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0
+        return k if ok else -1
+
+    def __len__(self) -> int:
+        fp = self.fp
+        return int(fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf))
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        fp = self.fp
+        n = fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf)
+        J, keys = fp.J, fp.keys
+        return iter([keys[k // J][k % J] for k in fp.keybuf[:n].tolist()])
+
+    def values(self) -> list[CacheEntry]:  # type: ignore[override]
+        fp = self.fp
+        n = fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf)
+        live, entry = fp._live, fp.entry
+        return [live.get(k) or entry(k) for k in fp.keybuf[:n].tolist()]
+
+
+class LiveEntry(CacheEntry):
+    """A cache entry whose fields are read from the kernel's arrays (one per key, made at
+    its first read): what a hook or the policy's scorer sees of an entry on this path.
+    Reads go through memoryviews of the arrays (a Python int or float per read)."""
+
+    __slots__ = ("_i", "_f", "_k")
+
+    def __init__(self, fp: PrefetchPath, k: int, key: ExpertKey) -> None:  # noqa: D107
+        self._i, self._f, self._k = fp.kim, fp.kfm, k
+        self.key = key  # CacheEntry's own slot: a key never changes
+
+    state = property(lambda self: STATES[self._i[self._k, K_STATE]])  # type: ignore[assignment]
+    loaded_at = property(lambda self: self._f[self._k, KF_LOADED])  # type: ignore[assignment]
+    last_used = property(lambda self: self._f[self._k, KF_LAST])  # type: ignore[assignment]
+    uses = property(lambda self: self._i[self._k, K_USES])  # type: ignore[assignment]
+    pins = property(lambda self: self._i[self._k, K_PINS])  # type: ignore[assignment]
+    protected = property(lambda self: bool(self._i[self._k, K_PROT]))  # type: ignore[assignment]
+    by_prefetch = property(lambda self: bool(self._i[self._k, K_BYPF]))  # type: ignore[assignment]
+    prefetch_used = property(lambda self: bool(self._i[self._k, K_PFUSED]))  # type: ignore[assignment]
+
+
+def live_counters(fp: PrefetchPath, g: int) -> Any:
+    """``ExpertCache.counters`` of one device while the kernel runs: each field read from
+    the kernel's arrays (``as_dict`` and ``add`` as on :class:`CacheCounters`)."""
+    c0 = fp.fk.G_C0
+    gim = fp.gim
+
+    def field(i: int) -> property:
+        return property(lambda self: gim[g, c0 + i])
+
+    ns = {name: field(i) for i, name in enumerate(COUNTERS)}
+    ns["as_dict"] = lambda self: {n: getattr(self, n) for n in COUNTERS}
+    ns["add"] = lambda self, other: CacheCounters(**self.as_dict()).add(other)
+    return type("LiveCounters", (), ns)()
