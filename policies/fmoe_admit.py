@@ -7,7 +7,6 @@ the kernel returns are sent in rank order (docs/fmoe.md, "Speed")."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain, repeat
 
 import numpy as np
 
@@ -27,23 +26,25 @@ _NO_VICTIMS = (
 class FmoeAdmitKernel:
     """:meth:`_admit_kernel` and the victim lists it reads."""
 
-    def _admit_kernel(self, g: int, cands: dict[ExpertKey, float], old: dict) -> bool:
-        """The rest of :meth:`_admit` for a one-row iteration's ``cands`` in one kernel
-        call (policies.fmoe_admit_jit): the same decisions, orders and cancellations in
-        the same order. False (nothing done) where the kernel cannot rank (a NaN key)."""
+    def _admit_kernel(
+        self,
+        g: int,
+        lay: np.ndarray,
+        jj: np.ndarray,
+        p: np.ndarray,
+        was: np.ndarray,
+        look: np.ndarray,
+    ) -> bool:
+        """The rest of :meth:`_admit` for a one-row iteration's candidates (layers ``lay``,
+        experts ``jj``, p ``p``, ``was`` queued before, ``look`` the lookahead chance or
+        -1.0: policies.fmoe_cands.CandidateSet.take_merged)
+        in one kernel call (policies.fmoe_admit_jit): the same decisions, orders and
+        cancellations in the same order. False (nothing done, the arrays unchanged) where
+        the kernel cannot rank (a NaN key)."""
         from policies import fmoe_admit_jit as K  # numba: loaded with fmoe_jit at bind
 
-        n = len(cands)
-        keys = list(cands)
-        lj = np.fromiter(chain.from_iterable(keys), np.int64, 2 * n).reshape(n, 2)
-        lay, jj = lj[:, 0], lj[:, 1]
-        p = np.fromiter(cands.values(), np.float64, n)
-        was = np.fromiter(map(old.__contains__, keys), np.bool_, n)
-        look_q = self._look_q
-        if look_q:
-            look = np.fromiter(map(look_q.get, keys, repeat(-1.0)), np.float64, n)
-        else:
-            look = np.full(n, -1.0)
+        n = lay.shape[0]
+        p = p.copy() if self._rank_chance else p  # the kernel writes the chances there
         view = self._view
         assert view is not None
         nd = self._n_dev
@@ -99,24 +100,27 @@ class FmoeAdmitKernel:
             )
         if na < 0:
             return False
-        pvs = p.tolist()  # the map's p, or with rank_chance the chances the kernel put there
+        # orders at the map's p, or with rank_chance the chances the kernel put there
         if type(self).prefetch is Policy.prefetch and type(self).cancel is Policy.cancel:
             # the loop below in comprehensions (Policy.prefetch and cancel only append to
             # their lists, in call order: the same lists)
             acts = act[:na]
             sent = acts[:, 1] == K.ORDER
-            oi = acts[sent, 0].tolist()
-            okeys = [keys[i] for i in oi]
-            opv = [pvs[i] for i in oi]
+            oi = acts[sent, 0]
+            okeys = list(zip(lay[oi].tolist(), jj[oi].tolist(), strict=True))
+            opv = p[oi].tolist()
             self._pending = dict(zip(okeys, opv, strict=True))
             self._enqueue.extend(
                 [PrefetchOrder(k[0], k[1], v / (k[0] - g)) for k, v in zip(okeys, opv, strict=True)]
             )
             if len(oi) < na:
-                self._cancel.extend([keys[i] for i in acts[~sent, 0].tolist()])
+                ci = acts[~sent, 0]
+                self._cancel.extend(zip(lay[ci].tolist(), jj[ci].tolist(), strict=True))
             self._count_orders(*counts.tolist())
             return True
         pending: dict[ExpertKey, float] = {}
+        keys = list(zip(lay.tolist(), jj.tolist(), strict=True))
+        pvs = p.tolist()
         for i, code in act[:na].tolist():
             key = keys[i]
             if code == K.ORDER:

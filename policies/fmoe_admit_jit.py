@@ -228,3 +228,57 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     counts[5] = value_no
     counts[6] = blocked_no
     return na
+
+
+@njit(cache=True)
+def merge_cands(  # noqa: ANN201, PLR0913 - numba
+    P, idx, cnt, of, op, oldf, lqf, lqv, g, J, pos, lay, jj, p, was, look
+):  # noqa: ANN001 - numba
+    """policies.fmoe_cands.CandidateSet.take_merged in one call: the pending candidates
+    ``of``/``op`` (flat index layer x J + j, p; distinct, in order) first, then the set's
+    ``cnt`` candidates ``idx`` (p in ``P``, reset to -1.0 here) of a layer after ``g``,
+    each at the larger p where already one (``v > p``, the dict's rule) at its first
+    position. Writes layers, experts, p, ``was`` (in ``oldf``) and the lookahead chance
+    (``lqv`` at ``lqf``, else -1.0) to the outputs and returns their count; ``pos``
+    (all -1) is scratch, left all -1."""
+    n = 0
+    for i in range(of.shape[0]):
+        f = of[i]
+        la = f // J
+        lay[n] = la
+        jj[n] = f - la * J
+        p[n] = op[i]
+        was[n] = True
+        pos[f] = n
+        n += 1
+    for t in range(cnt):
+        f = idx[t]
+        v = P[f]
+        P[f] = -1.0
+        la = f // J
+        if la <= g:
+            continue
+        d = pos[f]
+        if d >= 0:
+            if v > p[d]:
+                p[d] = v
+            continue
+        lay[n] = la
+        jj[n] = f - la * J
+        p[n] = v
+        was[n] = False
+        pos[f] = n
+        n += 1
+    for i in range(oldf.shape[0]):
+        d = pos[oldf[i]]
+        if d >= 0:
+            was[d] = True
+    for i in range(n):
+        look[i] = -1.0
+    for i in range(lqf.shape[0]):
+        d = pos[lqf[i]]
+        if d >= 0:
+            look[d] = lqv[i]
+    for i in range(n):
+        pos[lay[i] * J + jj[i]] = -1
+    return n

@@ -43,6 +43,7 @@ from policies.base import ExecutorView, Policy, PolicyContext
 from policies.cache import ExpertKey, ExpertState
 from policies.fmoe_admit import FmoeAdmitKernel
 from policies.fmoe_blocking import FmoeBlocking, gate_crossings
+from policies.fmoe_cands import CandidateSet
 from policies.fmoe_eviction import AGE_BUCKETS
 
 _LAST_BUCKET = AGE_BUCKETS - 1
@@ -68,7 +69,8 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
         self._n_dev = len(ctx.caches)
         self._copy_s = view.link_state(0).copy_s if view is not None else 0.0
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
-        self._dl_cands: dict[ExpertKey, float] = {}  # this hook's new candidates: key -> p
+        # this hook's new candidates, (layer, j) -> p as arrays (policies.fmoe_cands)
+        self._dl_cands = CandidateSet(L, J)
         self._gate_times: list[float] = []  # gate times of the current iteration
         self._interval: float | None = None  # measured mean gate interval (see _kind)
         self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
@@ -187,9 +189,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
     # -- admission ------------------------------------------------------------------------
     def _candidate(self, layer: int, j: int, p: float) -> None:
         """A selected expert not cached: a candidate for this hook's admission."""
-        key = (layer, j)
-        if p > self._dl_cands.get(key, -1.0):
-            self._dl_cands[key] = p
+        self._dl_cands.put(layer, j, p)
 
     def _iteration_chance(self, layer: int, j: int) -> float:
         """The chance that some row of this iteration chooses (layer, j): the learned
@@ -210,7 +210,8 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
         """Rank every candidate not started by p / (l - g) and send those whose copy is
         worth its link time (module doc); cancel the rest not started."""
         old = self._pending
-        if not old and not self._dl_cands:
+        dl = self._dl_cands
+        if not old and not dl.cnt:
             return  # nothing to rank (what the general path below ends with)
         cache_of, dev_of = self._cache_of, self._dev_of
         if _LIVE_FAST and old and cache_of and type(self).cancel is Policy.cancel:
@@ -220,12 +221,10 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
             gone = [k for k, _ in live if k[0] <= g]  # not started, its layer has run
             if gone:
                 self._cancel.extend(gone)
-                cands = {k: p for k, p in live if k[0] > g}
-            else:
-                cands = dict(live)
+                live = [kp for kp in live if kp[0][0] > g]
             stale = len(gone)
         else:
-            cands = {}
+            live = []
             stale = 0
             for key, p in old.items():
                 layer, j = key
@@ -235,20 +234,20 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
                     self.cancel(layer, j)
                     stale += 1
                     continue
-                cands[key] = p
-        for key, p in self._dl_cands.items():
-            if key[0] > g and p > cands.get(key, -1.0):
-                cands[key] = p
-        self._dl_cands = {}
-        if not cands:
+                live.append((key, p))
+        # the candidates: the live pending ones, then this hook's (policies.fmoe_cands)
+        lay, jj, pv, was, look_c = dl.take_merged(live, old, g, self._look_q)
+        n = lay.shape[0]
+        if not n:
             self._pending = {}
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
-        if self._rows <= 1 and len(cands) >= _KERNEL_MIN and self._admit_kernel(g, cands, old):
+        if self._rows <= 1 and n >= _KERNEL_MIN and self._admit_kernel(g, lay, jj, pv, was, look_c):
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
+        cands = dict(zip(zip(lay.tolist(), jj.tolist(), strict=True), pv.tolist(), strict=True))
         if self._rank_chance:  # each candidate's measured chance of use, not its map's p
             cands = {key: self._iteration_chance(*key) for key in cands}
         if len(cands) == 1:  # the common case on coarse models: nothing to sort

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from policies.fmoe_cands import CandidateSet
 from policies.fmoe_select import merge_priorities, select_experts, select_row
 from policies.fmoe_state import _IterState
 
@@ -123,15 +124,13 @@ class FmoeOrders:
                 self._order_candidates(it, cands, layer, experts, vals, ahead)
                 return
             # the loop below for deadline candidates, without its per-expert branches
-            get = cands.get
+            put = cands.put
             for j, v in zip(experts, vals, strict=True):
                 key = (layer, j)
                 if issued[key] or key in cache_of[layer][j].entries:
                     continue
                 issued[key] = True
-                p = v * ahead
-                if p > get(key, -1.0):
-                    cands[key] = p
+                put(layer, j, v * ahead)
             return
         for j, v in zip(experts, vals, strict=True):
             key = (layer, j)
@@ -145,9 +144,7 @@ class FmoeOrders:
             if self._no_prefetch:
                 continue
             if cands is not None:
-                p = v * ahead
-                if p > cands.get(key, -1.0):
-                    cands[key] = p
+                cands.put(layer, j, v * ahead)
                 continue
             self.prefetch(layer, j, v)
             orders += 1
@@ -157,7 +154,7 @@ class FmoeOrders:
     def _order_candidates(
         self,
         it: _IterState,
-        cands: dict,
+        cands: CandidateSet,
         layer: int,
         experts: list[int],
         vals: Sequence[float],
@@ -168,7 +165,7 @@ class FmoeOrders:
         neither ordered this iteration nor cached, in one kernel call
         (:func:`policies.fmoe_jit.fresh_orders`, marking them ordered), then they become
         candidates at p = priority x ``ahead``, in order, each kept at the larger p where
-        it already is one (NaN never enters: the loop's ``p > cands.get(key, -1.0)``)."""
+        it already is one (:meth:`policies.fmoe_cands.CandidateSet.put_many`)."""
         keys = [(layer, j) for j in experts]
         d = self._layer_ents[layer]
         if d is not None:  # one cache holds the layer: its cached keys among these, in C
@@ -179,14 +176,10 @@ class FmoeOrders:
         n = len(keys)
         cached = np.fromiter(map(hit.__contains__, keys), np.bool_, n) if hit else self._no_hit
         out = self._fresh_buf
-        c = self._jit.fresh_orders(it.issued, layer, np.array(experts, np.int64), cached, out)
+        ex = np.array(experts, np.int64)
+        c = self._jit.fresh_orders(it.issued, layer, ex, cached, out)
         if not c:
             return
-        pairs = [(keys[i], p) for i in out[:c].tolist() for p in (vals[i] * ahead,) if p > -1.0]
-        if not cands or cands.keys().isdisjoint(k for k, _ in pairs):
-            cands.update(pairs)
-            return
-        get = cands.get
-        for key, p in pairs:  # some are candidates already: the larger p stays
-            if p > get(key, -1.0):
-                cands[key] = p
+        sel = out[:c]
+        vs = np.asarray(vals, np.float64)[sel] * ahead  # vals[i] * ahead, as floats
+        cands.put_many(layer * cands.J + ex[sel], vs)
