@@ -20,22 +20,11 @@ import math
 import numpy as np
 from numba import njit
 
+from policies.fmoe_blocking import gate_crossings as _gate_crossings_py
 from policies.fmoe_jit import age_bucket1
 
-
-@njit(cache=True)
-def gate_crossings(committed, copy, avail, ahead):  # noqa: ANN001, ANN201 - numba
-    """policies.fmoe_blocking.gate_crossings, compiled (the same operations)."""
-    if not avail > 0:
-        return 0, 0
-    start = committed / avail
-    if not start < ahead:
-        return 0, 0
-    end = (committed + copy) / avail
-    last = ahead - 1 if end > ahead else math.ceil(end) - 1
-    before = last - math.floor(start)
-    own = 1 if start < ahead < end else 0
-    return (before if before > 0 else 0), own
+# the same function, compiled: one source for the Python admission and the kernel
+gate_crossings = njit(cache=True)(_gate_crossings_py)
 
 
 # action codes written by admit_rows
