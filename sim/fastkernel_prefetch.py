@@ -29,6 +29,8 @@ import math
 import numpy as np
 from numba import njit, objmode
 
+from sim.fastkernel import _append, _touched, _unlink
+
 # -- isc: int64 scalars ---------------------------------------------------------------
 I_PHASE, I_POS, I_GATESEQ, I_STEPS, I_SEQ, I_NUSED, I_NPEND, I_STEP = 0, 1, 2, 3, 4, 5, 6, 7
 I_EBYTES, I_J, I_NITEMS, I_NMISSED, I_MARK, I_NGPU, I_CHUNK, I_NSUSP = 8, 9, 10, 11, 12, 13, 14, 15
@@ -97,39 +99,9 @@ def _seq(isc):
     return isc[I_SEQ]
 
 
-@njit(cache=True, inline="always", _nrt=False)
-def _unlink(ki, gi, k):
-    g = ki[k, K_DEV]
-    p, n = ki[k, K_PREV], ki[k, K_NEXT]
-    if p >= 0:
-        ki[p, K_NEXT] = n
-    else:
-        gi[g, G_HEAD] = n
-    if n >= 0:
-        ki[n, K_PREV] = p
-    else:
-        gi[g, G_TAIL] = p
-
-
-@njit(cache=True, inline="always", _nrt=False)
-def _append(ki, gi, k):
-    g = ki[k, K_DEV]
-    tail = gi[g, G_TAIL]
-    ki[k, K_PREV] = tail
-    ki[k, K_NEXT] = -1
-    if tail >= 0:
-        ki[tail, K_NEXT] = k
-    else:
-        gi[g, G_HEAD] = k
-    gi[g, G_TAIL] = k
-
-
-@njit(cache=True, inline="always", _nrt=False)
-def _touched(gi, gf, g, now):
-    if now >= gf[g, GF_LATEST]:
-        gf[g, GF_LATEST] = now
-    else:
-        gi[g, G_INORDER] = 0
+# the per-device recency list and the in-order mark share sim.fastkernel's columns
+# (K_DEV, K_PREV, K_NEXT, G_HEAD, G_TAIL, G_INORDER, GF_LATEST: the same indices here,
+# checked in tests/test_engine_prefetch.py), so its helpers serve both kernels
 
 
 # -- the prefetch heap of a link: (-priority, seq, key), lazily deleted -----------------

@@ -327,3 +327,12 @@ def test_auto_takes_the_path_only_with_kernel_victims(
         auto = outcome(simulate(w, cfg))
     assert len(built) == int(taken)
     assert auto == ref
+
+
+def test_the_kernels_share_the_recency_list_columns() -> None:
+    # sim.fastkernel_prefetch calls sim.fastkernel's list helpers with its own arrays
+    from sim import fastkernel as fk
+    from sim import fastkernel_prefetch as fp
+
+    for name in ("K_DEV", "K_PREV", "K_NEXT", "G_HEAD", "G_TAIL", "G_INORDER", "GF_LATEST"):
+        assert getattr(fk, name) == getattr(fp, name), name
