@@ -139,6 +139,20 @@ def make_fast_path(eng: Engine) -> FastPath | PrefetchPath:
     return PrefetchPath(eng)
 
 
+def add_request_counts(batch: list[Any], req_out: np.ndarray) -> None:
+    """Add a kernel's per-request (demands, hits) rows ``req_out`` [B, 2] to the batch's
+    requests, in batch order (one row: read and zeroed in place, the common case)."""
+    if len(batch) == 1:
+        s = batch[0]
+        s.demands += int(req_out[0, 0])
+        s.hits += int(req_out[0, 1])
+        req_out[0] = 0
+        return
+    for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
+        s.demands += dem
+        s.hits += hit
+
+
 class FastPath:
     """The arrays of the compiled path for one run, and the links' face the engine's run
     loop and arrivals use (``due``, ``advance``, ``run_calls``)."""
@@ -445,14 +459,6 @@ class FastSteps:
             fsc[fp.F_NXT] = env.peek()
             fsc[fp.F_NOW] = env.now
         t = float(fsc[fp.F_T])
-        if n == 1:
-            s = batch[0]
-            s.demands += int(req_out[0, 0])
-            s.hits += int(req_out[0, 1])
-            req_out[0] = 0
-        else:
-            for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
-                s.demands += dem
-                s.hits += hit
+        add_request_counts(batch, req_out)
         self._finish_iteration(batch, t)
         return t

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from policies.base import GateOutput
+from sim.engine_fast import add_request_counts
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -129,15 +130,7 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
         fsc[fk.F_NXT] = env.peek()
         fsc[fk.F_NOW] = env.now
     t = float(fsc[fk.F_T])
-    if n == 1:
-        s = batch[0]
-        s.demands += int(req_out[0, 0])
-        s.hits += int(req_out[0, 1])
-        req_out[0] = 0
-    else:
-        for s, (dem, hit) in zip(batch, req_out.tolist(), strict=True):
-            s.demands += dem
-            s.hits += hit
+    add_request_counts(batch, req_out)
     eng._finish_iteration(batch, t)
     return t
 
