@@ -141,6 +141,29 @@ def _job(args: tuple[Any, ...]) -> dict[str, Any]:
     return row
 
 
+def _check_names(p: argparse.ArgumentParser, a: argparse.Namespace, models: list[str]) -> None:
+    """Unknown presets, policies or a missing trace: one line and exit status 2 before any
+    worker starts (a worker's error would otherwise surface as a traceback)."""
+    from policies.registry import policy_class
+    from specs.errors import InputError
+    from specs.presets import load_hardware, load_model
+
+    try:
+        for h in a.hardware.split(","):
+            load_hardware(h)
+        for pol in a.policies.split(","):
+            policy_class(pol)
+        if a.trace is None:
+            for m in models:
+                load_model(m)
+        elif not Path(a.trace).is_file():
+            raise InputError(f"--trace {a.trace}: no such file")
+        if a.trace_dims is not None:
+            load_model(a.trace_dims)
+    except InputError as e:
+        p.error(str(e))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments_out")
@@ -159,6 +182,7 @@ def main() -> None:
     a = p.parse_args()
     fmoe_opts = dict(kv.split("=", 1) for kv in a.fmoe_opt)
     models = [a.trace] if a.trace else a.models.split(",")
+    _check_names(p, a, models)
     jobs = [
         (m, h, s, pol, a.num_requests, a.seed, fmoe_opts, {}, a.trace, a.trace_dims)
         for m in models
