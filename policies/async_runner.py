@@ -1,6 +1,8 @@
 """Run a policy's observe/decide calls on a searcher thread (fMoE step 7).
 
-The inference loop publishes events with :meth:`AsyncPolicyRunner.submit`. The orders
+The inference loop publishes events with :meth:`AsyncPolicyRunner.submit`. A gate
+output runs ``on_gate_now`` and then ``on_gate`` (the search), with the orders of the
+first delivered before the second starts: they need no search, so they do not wait for it. The orders
 the searcher produces either go straight to a ``deliver(tag, decision)`` callback, called
 on the searcher thread as soon as each search is done (fMoE's searcher issues its
 prefetches itself; the callback must be thread-safe), or, without one, wait to be
@@ -39,6 +41,7 @@ from policies.base import (
     Policy,
     PrefetchDecision,
     RequestArrival,
+    has_gate_now,
 )
 from policies.cache import ExpertKey
 
@@ -66,8 +69,10 @@ _STOP = object()
 
 
 def dispatch(policy: Policy, ev: Event) -> None:
-    """Call the observe hook of ``policy`` matching the event's type."""
+    """Call the observe hook of ``policy`` matching the event's type (a gate output:
+    ``on_gate_now`` then ``on_gate``, the order executors guarantee)."""
     if isinstance(ev, GateOutput):
+        policy.on_gate_now(ev)
         policy.on_gate(ev)
     elif isinstance(ev, ExpertUsed):
         policy.on_expert_used(ev.key, ev.tokens, ev.now)
@@ -204,25 +209,33 @@ class AsyncPolicyRunner:
                     return
                 if not self._failed:
                     ev, tag = item  # type: ignore[misc]
-                    dispatch(self.policy, ev)
-                    dec = self.policy.decide_prefetch()
-                    if dec and self.deliver is not None:
-                        self.deliver(tag, PrefetchDecision(list(dec.enqueue), list(dec.cancel)))
-                    elif dec:
-                        with self._lock:
-                            out = self._out
-                            if out and out[-1][0] == tag:
-                                out[-1][1].enqueue.extend(dec.enqueue)
-                                out[-1][1].cancel.extend(dec.cancel)
-                            else:
-                                out.append(
-                                    (tag, PrefetchDecision(list(dec.enqueue), list(dec.cancel)))
-                                )
+                    if isinstance(ev, GateOutput) and has_gate_now(self.policy):
+                        # the gate's orders that need no search go out before it runs
+                        self.policy.on_gate_now(ev)
+                        self._emit(tag)
+                        self.policy.on_gate(ev)
+                    else:
+                        dispatch(self.policy, ev)
+                    self._emit(tag)
             except BaseException as exc:  # surfaced on the producer thread
                 self._error = exc
                 self._failed = True
             finally:
                 self._q.task_done()
+
+    def _emit(self, tag: object) -> None:
+        """Deliver (or keep for a drain) what the policy decided since the last emit."""
+        dec = self.policy.decide_prefetch()
+        if dec and self.deliver is not None:
+            self.deliver(tag, PrefetchDecision(list(dec.enqueue), list(dec.cancel)))
+        elif dec:
+            with self._lock:
+                out = self._out
+                if out and out[-1][0] == tag:
+                    out[-1][1].enqueue.extend(dec.enqueue)
+                    out[-1][1].cancel.extend(dec.cancel)
+                else:
+                    out.append((tag, PrefetchDecision(list(dec.enqueue), list(dec.cancel))))
 
     def _raise_pending(self) -> None:
         if self._error is not None:

@@ -5,7 +5,7 @@ device; a policy only observes and decides, as in vLLM's scheduler interface:
 
 observe (the executor calls these, in this order per iteration)
     on_request_arrival -> on_iteration_start -> for each MoE layer l:
-    on_gate(l) -> on_expert_used(...)* -> ... -> on_iteration_end.
+    on_gate_now(l) -> on_gate(l) -> on_expert_used(...)* -> ... -> on_iteration_end.
     on_load_finished whenever a copy lands.
 decide
     decide_prefetch(): drains the prefetch orders (to enqueue) and cancellations the
@@ -248,9 +248,11 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
     wants_lookahead: ClassVar[bool] = False
     """Uses lookahead rows; the real executor computes them only for such policies."""
     async_search: ClassVar[bool] = False
-    """Orders produced in on_gate / on_iteration_start become usable only after the
-    profile's ``policy_search_s`` (the simulator delays them; the real executor runs the
-    policy on a searcher thread)."""
+    """Orders produced in on_gate / on_iteration_start need the policy's search: they
+    become usable only after the profile's search latency (``gate_search_s`` /
+    ``start_search_s``, by default ``policy_search_s``; the simulator delays them, the
+    real executor runs the policy on a searcher thread and applies them when the search
+    is done). Orders produced in :meth:`on_gate_now` never wait for it."""
     preload_all: ClassVar[bool] = False
     """Every expert resident before the run (no-offload)."""
     needs_training: ClassVar[bool] = False
@@ -294,8 +296,21 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
     def on_iteration_start(self, ev: IterationStart) -> None:
         """An iteration starts; only embeddings are known."""
 
+    def on_gate_now(self, ev: GateOutput) -> None:
+        """Layer ``ev.layer``'s gate ran: the part of the gate's work that needs no search,
+        only what the executor already holds (the gate output, the lookahead rows: data on
+        the GPU) and the policy's own state. Every executor calls it immediately before
+        :meth:`on_gate`, with the same event object, and applies the orders it makes at
+        once, after the gate's demand loads (as a synchronous policy's gate orders), even
+        for an ``async_search`` policy, whose :meth:`on_gate` orders wait for the search.
+        The real executor runs both on the searcher thread, this one first, and applies its
+        orders before :meth:`on_gate` starts. Default: nothing (every gate order is
+        :meth:`on_gate`'s)."""
+
     def on_gate(self, ev: GateOutput) -> None:
-        """Layer ``ev.layer``'s gate ran; its experts are about to be demanded."""
+        """Layer ``ev.layer``'s gate ran; its experts are about to be demanded. Orders made
+        here wait for the search when the policy is ``async_search`` (see
+        :meth:`on_gate_now` for those that do not)."""
 
     def on_expert_used(self, key: ExpertKey, tokens: int, now: float) -> None:
         """Compute used ``key`` for ``tokens`` rows."""
@@ -372,3 +387,9 @@ def validate_order(order: PrefetchOrder, spec: ModelSpec) -> None:
         )
     if not math.isfinite(order.priority):  # a Python float: math is ~10x cheaper than numpy
         raise InputError(f"prefetch order for {order.key} has non-finite priority {order.priority}")
+
+
+def has_gate_now(policy: Policy) -> bool:
+    """Whether ``policy`` overrides :meth:`Policy.on_gate_now` (an executor may skip the
+    call, and the drain after it, otherwise)."""
+    return type(policy).on_gate_now is not Policy.on_gate_now

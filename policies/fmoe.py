@@ -15,7 +15,10 @@ dot products), vectorised over rows x store.
   g+d), as the official FineMoE cache keeps per-expert probabilities (1 before any
   forecast); other layers keep their last forecast;
 - iteration end: rows that saw all L gates are offered to the store (step 6);
-- ``async_search``: executors apply the orders after the search latency (step 7).
+- ``async_search``: executors apply the orders of the searches (iteration start, map
+  search at a gate) after the search latency (step 7); the orders ``on_gate_now`` makes
+  from the gate's own data (lookahead picks, re-ranked earlier candidates, cancellations)
+  go at once (policies/base.py).
 
 Embeddings: the iteration's per-token embeddings when the executor passes them, else the
 request's prompt embedding; gate rows: full probabilities when present, else rows built
@@ -227,6 +230,10 @@ class FmoePolicy(
         self._eager_table = True  # gates recompute the eviction table (set at bind)
         self._ev = 0  # eviction state version (FmoeEviction.victim_index)
         self._vmemo: list | None = None  # victim_index's ranking while _ev stands
+        # the gate event on_gate_now last handled (on_gate runs it itself otherwise) and
+        # its decode plan when the planned path took it
+        self._gate_ev: GateOutput | None = None
+        self._gate_plan: _SearchPlan | None = None
 
     @property
     def use_semantic(self) -> bool:
@@ -384,11 +391,15 @@ class FmoePolicy(
         if self._view is not None:
             self._admit(-1)
 
-    def on_gate(self, ev: GateOutput) -> None:
-        """Step 2: add layer g to every row's running dots; predict layer g + d. First
-        the gate's choice feeds the eviction's statistics; with deadline admission the
-        hook ends by ranking and admitting the iteration's candidates."""
+    def on_gate_now(self, ev: GateOutput) -> None:
+        """The gate's work that needs no map search (its orders go at once, step 7 split):
+        the gate's choice feeds the eviction's statistics and the deadline measurements,
+        the lookahead rows (the next layer's gate on this hidden state: data on the GPU)
+        are scored and picked, and with deadline admission the candidates known so far are
+        ranked and admitted. :meth:`on_gate` then runs the search."""
         g = int(ev.layer)
+        self._gate_ev = ev
+        self._gate_plan = None
         it = self._it
         plan = None if it is None else it.plan
         if (
@@ -406,61 +417,86 @@ class FmoePolicy(
             if self._view is not None:
                 # one row of top-K ids: distinct, as np.unique would list them
                 self._deadline_gate(g, ev.topk_ids[0].tolist(), ev.now)
-            self._planned_decode_gate(ev, it, plan, g)
-            self._lookahead_gate(ev, g)
-            if self._view is not None:
-                self._admit(g)
-            return
-        if self._pred and 0 <= g < len(self._pred):
-            if it is None or it.iteration != ev.iteration:  # no iteration start seen
-                self._cur_it += 1
-                self._g = -1
-                self._ev += 1
-                self._batch_requests(())  # rows of unknown requests
+            self._planned_decode_observe(ev, it, plan, g)
+            self._gate_plan = plan
+        else:
+            if self._pred and 0 <= g < len(self._pred):
+                if it is None or it.iteration != ev.iteration:  # no iteration start seen
+                    self._cur_it += 1
+                    self._g = -1
+                    self._ev += 1
+                    self._batch_requests(())  # rows of unknown requests
+                    if self._view is not None:
+                        self._deadline_iteration_start(len(ev.topk_ids))
                 if self._view is not None:
-                    self._deadline_iteration_start(len(ev.topk_ids))
-            if self._view is not None:
-                self._deadline_gate(g, np.unique(ev.topk_ids).tolist(), ev.now)
-            self._observe_choice(g, ev.topk_ids)
-        self._on_gate_search(ev)
+                    self._deadline_gate(g, np.unique(ev.topk_ids).tolist(), ev.now)
+                self._observe_choice(g, ev.topk_ids)
+            self._now = max(self._now, ev.now)
+            B = len(ev.topk_ids)
+            if (it is None or it.iteration != ev.iteration or it.rows != B) and self.spec:
+                self._new_state(ev.iteration, B, None)  # no iteration start: no embeddings
         self._lookahead_gate(ev, g)
         if self._view is not None:
             self._admit(g)
 
-    def _planned_decode_gate(
+    def on_gate(self, ev: GateOutput) -> None:
+        """Step 2: add layer g to every row's running dots; predict layer g + d (the map
+        search: with ``async_search`` its orders wait for the search latency). Runs
+        :meth:`on_gate_now` first unless the executor just did, with this event; with
+        deadline admission the hook ends by admitting the search's new candidates with
+        the ones not started yet."""
+        if ev is not self._gate_ev:
+            self.on_gate_now(ev)
+        self._gate_ev = None
+        g = int(ev.layer)
+        plan, self._gate_plan = self._gate_plan, None
+        if plan is not None:
+            self._planned_decode_search(it=self._it, plan=plan, g=g)  # type: ignore[arg-type]
+        else:
+            self._on_gate_search(ev)
+        if self._view is not None and self._dl_cands.cnt:
+            self._admit(g)
+
+    def _planned_decode_observe(
         self, ev: GateOutput, it: _IterState, plan: _SearchPlan, g: int
     ) -> None:
-        """on_gate(g) of one decode row whose searches were all done at the iteration's
-        start (``plan.targets``) and whose order the gates keep: the same statistics,
-        forecast and orders as the general path, with one kernel call for the eviction's
-        bookkeeping (the caller checked every condition the general path would branch on)."""
+        """The no-search half of on_gate(g) of one decode row whose searches were all done
+        at the iteration's start (``plan.targets``) and whose order the gates keep: the
+        same statistics as the general path, in one kernel call for the eviction's
+        bookkeeping (the caller checked every condition the general path would branch
+        on); :meth:`_planned_decode_search` is the other half."""
         if ev.now > self._now:
             self._now = ev.now
         plan.next_layer = g + 1
         it.seen[g] = True
-        rows = self._planned_rows
-        rows[0 if ev.probs is not None else 1] += 1
-        target = g + self.distance
-        if target >= len(self._pred) or not self.use_trajectory:
-            target = -1
-        # FmoeEviction._observe_choice then _forecast(target) in one kernel call, which on
-        # a small [L, J] table also brings the expected times up to date once this
-        # iteration's chance table exists (a large one waits for a reader: the caches'
-        # victim choice computes its candidates' own, FmoeEviction.victim_index)
+        self._planned_rows[0 if ev.probs is not None else 1] += 1
+        # FmoeEviction._observe_choice in one kernel call, which on a small [L, J] table
+        # also brings the expected times up to date once this iteration's chance table
+        # exists (a large one waits for a reader: the caches' victim choice computes its
+        # candidates' own, FmoeEviction.victim_index)
         eager = self._eager_table and self._chance_it == self._cur_it
         ids = ev.topk_ids
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
         if not self._jit.gate_step(
             self._ist, self._fl, self._prot, self._etnu, g, self._cur_it, ids, plan.fc_rows,
-            target, eager, self._rc, self._rn, row_slot, self._slots, self._base, CAL_BINS,
+            -1, eager, self._rc, self._rn, row_slot, self._slots, self._base, CAL_BINS,
         ):  # fmt: skip
             self._bad_ids(g)
         self._g = g
         self._etnu_dirty = not eager
         self._ev += 1
-        if target < 0:
+
+    def _planned_decode_search(self, it: _IterState, plan: _SearchPlan, g: int) -> None:
+        """The search half of a planned decode gate g: layer g + d's forecast (its table
+        rows ``plan.fc_rows[g]``, as FmoeEviction._forecast makes them) and its orders."""
+        target = g + self.distance
+        if target >= len(self._pred) or not self.use_trajectory:
             return
-        rows[2] += 1
+        self._planned_rows[2] += 1
+        self._ist[2, target, 0] = self._cur_it
+        self._ist[1, target, :] = plan.fc_rows[g]  # type: ignore[index]
+        self._etnu_dirty = True
+        self._ev += 1
         row, picks, prio = plan.targets[g]  # type: ignore[index]
         self._pred[target] = row  # one reference swap: thread-safe
         if len(picks) > self._top_k:  # the weak match took more than the top-K (step 3)

@@ -164,10 +164,11 @@ class FmoeHybrid(HotPlacement, FmoePolicy):
             self._now_s = ev.now
         super().on_iteration_start(ev)
 
-    def on_gate(self, ev: GateOutput) -> None:
+    def on_gate_now(self, ev: GateOutput) -> None:
         """Count each of this iteration's prefetch candidates for this layer as used or
         not, by its probability bin (candidates only: fMoE orders experts not cached,
-        and those are used less often than cached forecasts); then fMoE's step."""
+        and those are used less often than cached forecasts); then fMoE's step (the part
+        without the search; on_gate, fMoE's, runs the search)."""
         g = int(ev.layer)
         if getattr(self, "_cands", None):
             chosen = set(np.unique(ev.topk_ids).tolist())
@@ -178,7 +179,7 @@ class FmoeHybrid(HotPlacement, FmoePolicy):
         self._at_layer, self._rows = g, max(1, len(ev.topk_ids))
         if hasattr(self, "_cands"):
             self._now_s = ev.now
-        super().on_gate(ev)
+        super().on_gate_now(ev)
 
     # -- prefetch ----------------------------------------------------------------------------
     def decide_prefetch(self) -> PrefetchDecision:

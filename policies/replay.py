@@ -9,7 +9,8 @@ What the replay models (and the simulator does with time):
   requests arrive (``on_request_arrival``) when the batch starts; it runs one prefill
   iteration (all prompt rows of its requests) and then decode iterations (one row per
   unfinished request) until all finish.
-- Observe order per iteration: ``on_iteration_start``, then per MoE layer ``on_gate``,
+- Observe order per iteration: ``on_iteration_start``, then per MoE layer
+  ``on_gate_now`` and ``on_gate``,
   the layer's demands, ``on_expert_used`` per expert, and ``on_iteration_end``;
   ``decide_prefetch`` follows every observe call (``on_load_finished`` included).
 - Demands: a layer demands its distinct experts in ascending expert id. A device whose
@@ -48,6 +49,7 @@ from policies.base import (
     PrefetchDecision,
     PrefetchOrder,
     RequestArrival,
+    has_gate_now,
     validate_order,
 )
 from policies.cache import CacheCounters, CacheFullError, ExpertCache, ExpertKey
@@ -409,6 +411,8 @@ class _Replayer:
         self.cur_layer = layer
         self.awaiting = set(experts)
         self.layer_steps += 1
+        if has_gate_now(self.policy):
+            self.observe(self.policy.on_gate_now, gate)
         self.observe(self.policy.on_gate, gate)
         if ndev == 1:
             per_dev = [experts]

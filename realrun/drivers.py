@@ -9,7 +9,10 @@ prefetches, and as the simulator applies them ``policy_search_s`` after the even
 copies of an iteration start's orders can then run during the first layer's dense
 compute instead of waiting for the compute thread's next hook, which is that layer's gate
 (their layer's gate: stale by then). So an async driver's ``apply`` must be thread-safe. A
-full queue blocks the compute thread (back-pressure; nothing is dropped).
+full queue blocks the compute thread (back-pressure; nothing is dropped). At a gate the
+searcher runs ``on_gate_now`` first and applies its orders (they need no search) before
+it starts ``on_gate``, as the simulator applies them at the gate and ``on_gate``'s after
+the search latency.
 
 Each decision reaches the executor with the stamp (``stamp()``, the executor's gate
 sequence number) read when the event it answers was observed, not when the decision is

@@ -6,9 +6,11 @@ experts; a dense decoder layer costs only this), a pipeline hand-off when the la
 the next GPU, and for an MoE layer the executor's overhead (``compute.layer_overhead``,
 calibrated; 0 in published profiles) and then, for MoE layer l:
 
-1. the gate: ``on_gate(l)`` (orders of an ``async_search`` policy from this hook are
-   enqueued ``gate_search_s`` of the iteration's rows later, from ``on_iteration_start``
-   ``start_search_s`` of its rows later; both ``policy_search_s`` unless calibrated);
+1. the gate: ``on_gate_now(l)`` then ``on_gate(l)`` (orders of an ``async_search``
+   policy from ``on_gate`` need its search: they are enqueued ``gate_search_s`` of the
+   iteration's rows later, from ``on_iteration_start`` ``start_search_s`` of its rows
+   later, both ``policy_search_s`` unless calibrated; orders from ``on_gate_now`` need
+   none and are enqueued at once, after the demand loads);
 2. demands: per GPU, each distinct expert routed there is demanded (a hit iff resident)
    and pinned; a miss is a demand load (a LOADING key is promoted to one), which goes
    before every prefetch and preempts one at its next chunk boundary;
@@ -196,6 +198,7 @@ class Engine(EngineSetup, LayerSteps, HybridSteps, FastSteps):
             log.span("compute", 0, "head", t, t + head_t)
         t += head_t
         h_gate, h_used, all_items = self._h_gate, self._h_used, it.items
+        h_now = self._h_gate_now
         plain = self._plain_decide
         # per-step counters as locals, written back after the last layer (nothing reads
         # them meanwhile; the run always finishes its iterations): ~40 ns less per update
@@ -224,25 +227,32 @@ class Engine(EngineSetup, LayerSteps, HybridSteps, FastSteps):
                 links.advance(t)  # copies up to the gate, before its orders go stale
             gate_seq += 1
             links.stamp = links.last_gate[layer] = gate_seq
+            now_dec = None
             if h_gate:
                 assert ids_l is not None and w_l is not None
-                policy.on_gate(
-                    GateOutput(
-                        self.iterations,
-                        layer,
-                        ids_l[layer],
-                        w_l[layer],
-                        None if probs_l is None else probs_l[layer],
-                        None if look_l is None else look_l[layer],
-                        t,
-                    )
+                gev = GateOutput(
+                    self.iterations,
+                    layer,
+                    ids_l[layer],
+                    w_l[layer],
+                    None if probs_l is None else probs_l[layer],
+                    None if look_l is None else look_l[layer],
+                    t,
                 )
+                if h_now:  # the orders that need no search, kept apart from the search's
+                    policy.on_gate_now(gev)
+                    if not plain or policy._enqueue or policy._cancel:
+                        now_dec = policy.decide_prefetch()
+                policy.on_gate(gev)
             items = all_items[layer]
             slow, used, comp, missed = demand(layer, items, t)
             if interferes:  # GPUs without misses compute now; the others once loads land
                 waiting = () if slow is None else {p.g for p in slow}
                 comp = [c if g in waiting else self._interfered(g, c) for g, c in enumerate(comp)]
-            # after the demand loads: they go first (_drain's early return, tested here)
+            # after the demand loads: they go first (_drain's early return, tested here);
+            # on_gate_now's orders at once, on_gate's after the search
+            if now_dec:
+                self._apply(now_dec, links.stamp, t)
             if h_gate and (not plain or policy._enqueue or policy._cancel):
                 self._drain(t, delayed=True, latency=search_t)
             if links.n_suspended:

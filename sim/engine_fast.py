@@ -47,6 +47,7 @@ AUTO_MIN_STEPS = 50_000
 _HOOKS = (
     "on_request_arrival",
     "on_iteration_start",
+    "on_gate_now",
     "on_gate",
     "on_load_finished",
     "on_iteration_end",

@@ -49,8 +49,11 @@ from sim import engine_prefetch_view as V
 if TYPE_CHECKING:
     from sim.engine import Engine
 
-# hooks the policy must leave to Policy on this path
+# hooks the policy must leave to Policy on this path (on_gate_now: the kernel applies
+# every gate order of an async policy after the search; orders that need none, applied at
+# once by the Python engine, it cannot tell apart yet)
 _NOT_HOOKS = (
+    "on_gate_now",
     "on_load_finished",
     "decide_prefetch",
     "miss_action",

@@ -77,6 +77,9 @@ class EngineSetup:
         self._h_arrival = _overrides(policy, "on_request_arrival")
         self._h_start = _overrides(policy, "on_iteration_start")
         self._h_gate = _overrides(policy, "on_gate")
+        self._h_gate_now = _overrides(policy, "on_gate_now")
+        # a policy with gate orders that need no search runs its gate hooks both ways
+        self._h_gate = self._h_gate or self._h_gate_now
         self._h_used = _overrides(policy, "on_expert_used")
         self._h_end = _overrides(policy, "on_iteration_end")
         self._pass_gates = policy.precomputes_from_gates and self._h_gate
