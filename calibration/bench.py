@@ -183,12 +183,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> BenchResult
 
 def execute_bench(prep: PreparedBench, progress: Progress | None = None) -> BenchResult:
     """Measure and fit; torch runs on ``prep.threads`` threads throughout (as the real run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(prep.threads)
-    try:
+    from realrun.runner import threads_set
+
+    with threads_set(prep.threads):
         return _execute(prep, progress if progress is not None else NullProgress())
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass

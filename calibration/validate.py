@@ -96,12 +96,10 @@ def execute_validation(
     prep: PreparedValidation, progress: Progress | None = None
 ) -> ValidationResult:
     """Capture, run real and simulated pairs, compute errors, write files (see module doc)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(prep.threads)
-    try:
+    from realrun.runner import threads_set
+
+    with threads_set(prep.threads):
         return _execute(prep, progress if progress is not None else NullProgress())
-    finally:
-        torch.set_num_threads(before)
 
 
 def _execute(prep: PreparedValidation, bar: Progress) -> ValidationResult:

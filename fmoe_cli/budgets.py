@@ -5,13 +5,18 @@ a run that never ends in practice. Before starting, :func:`check_link_time` esti
 the time to copy every routed expert once over the emulated link (the least a run that
 touches each expert moves) and refuses, naming the flag, the estimate and the limit,
 when it exceeds ``--link-time-limit-s``.
+
+Also the flags `fmoe run` and `fmoe serve` share (model, policy, cache budget, the real
+executor's device, link, store, seed and threads) and the config fields they give.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from fmoe_cli import args as argt
+from fmoe_cli.common import parse_policy_opts
 from specs.limits import require_memory, require_time
 
 DEFAULT_LINK_TIME_LIMIT_S = 600.0
@@ -132,3 +137,62 @@ def add_executor_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=argt.threads, help="torch threads (leave a core to the copy thread)"
     )
+
+
+def add_model_policy_flags(p: argparse.ArgumentParser, cache_required: bool = False) -> None:
+    """--model, --policy, --policy-opt, the expert cache (--cache-experts or --cache-gb;
+    one of them required when ``cache_required``) and --reserve-gb, as `fmoe run` and
+    `fmoe serve` take them."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="tiny preset name (random weights) or local checkpoint directory",
+    )
+    p.add_argument("--policy", required=True, help="policy name (see `fmoe policies`)")
+    p.add_argument(
+        "--policy-opt", action="append", metavar="KEY=VALUE", help="policy option (repeatable)"
+    )
+    budget = p.add_mutually_exclusive_group(required=cache_required)
+    budget.add_argument(
+        "--cache-experts", type=argt.count, help="expert cache in experts, total over devices"
+    )
+    budget.add_argument(
+        "--cache-gb",
+        type=argt.gib_or_auto,
+        help="expert cache in GiB (2^30 bytes, as fmoe sim), total over devices; 'auto' "
+        "(cuda): what the GPUs' free memory holds once the dense weights are on, less --reserve-gb",
+    )
+    p.add_argument(
+        "--reserve-gb",
+        type=argt.gib_or_zero,
+        default=2.0,
+        help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
+    )
+
+
+def executor_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of :func:`add_model_policy_flags`, :func:`add_executor_flags` and
+    --train-trace (keyword arguments of RunConfig and ServeConfig), after the checks that
+    come before a model loads: an unknown policy name, an emulated link too slow for
+    --link-time-limit-s (both InputError)."""
+    from policies.registry import policy_class
+
+    policy_class(args.policy)  # an unknown name fails before the model loads
+    check_link_time(args.model, args.link_gbps, args.link_latency_us, args.link_time_limit_s)
+    return {
+        "model": args.model,
+        "policy": args.policy,
+        "policy_options": parse_policy_opts(args.policy_opt),
+        "cache_experts": args.cache_experts,
+        "cache_gb": args.cache_gb,
+        "reserve_gb": args.reserve_gb,
+        "device": args.device,
+        "num_devices": args.num_devices,
+        "link_gbps": args.link_gbps,
+        "link_latency_us": args.link_latency_us,
+        "store": args.store,
+        "store_dir": args.store_dir,
+        "seed": args.seed,
+        "threads": args.threads,
+        "train_trace": args.train_trace,
+    }

@@ -28,6 +28,7 @@ from fmoe_cli.common import (
     add_prompt_flags,
     print_json,
     print_table,
+    prompt_options,
 )
 
 _names = argt.names
@@ -295,13 +296,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         device=args.device,
         policies=args.policies or list(DEFAULT_POLICIES),
         cache_experts=args.cache_experts,
-        prompts=args.prompts,
-        num_prompts=args.num_prompts,
-        max_new_tokens=args.max_new_tokens,
-        max_prompt_tokens=args.max_prompt_tokens,
-        batch_size=args.batch_size,
-        batching=args.batching,
-        output_lens=args.output_lens,
+        **prompt_options(args),
         repeats=args.repeats,
         store=args.store,
         seed=args.seed,

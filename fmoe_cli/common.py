@@ -141,3 +141,20 @@ def add_prompt_flags(
     p.add_argument("--num-prompts", type=argt.count, default=num_prompts)
     p.add_argument("--max-new-tokens", type=argt.tokens, default=16)
     p.add_argument("--max-prompt-tokens", type=argt.tokens, default=max_prompt_tokens)
+
+
+def prompt_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields of :func:`add_prompt_flags`, :func:`add_batch_size_flag` and
+    :func:`add_output_lens_flag` (prompt_texts only where the command takes --prompt)."""
+    out: dict[str, Any] = {"prompts": args.prompts}
+    if hasattr(args, "prompt_texts"):
+        out["prompt_texts"] = args.prompt_texts
+    out.update(
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        batch_size=args.batch_size,
+        batching=args.batching,
+        output_lens=args.output_lens,
+    )
+    return out

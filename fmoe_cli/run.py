@@ -14,45 +14,21 @@ import argparse
 from typing import Any
 
 from fmoe_cli import args as argt
-from fmoe_cli.budgets import add_executor_flags, check_link_time
+from fmoe_cli.budgets import add_executor_flags, add_model_policy_flags, executor_options
 from fmoe_cli.common import (
     add_batch_size_flag,
     add_json_flag,
     add_output_lens_flag,
     add_prompt_flags,
-    parse_policy_opts,
     print_json,
     print_table,
+    prompt_options,
 )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a real MoE model with offloaded experts under a policy")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="tiny preset name (random weights) or local checkpoint directory",
-    )
-    p.add_argument("--policy", required=True, help="policy name (see `fmoe policies`)")
-    p.add_argument(
-        "--policy-opt", action="append", metavar="KEY=VALUE", help="policy option (repeatable)"
-    )
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--cache-experts", type=argt.count, help="expert cache in experts, total over devices"
-    )
-    budget.add_argument(
-        "--cache-gb",
-        type=argt.gib_or_auto,
-        help="expert cache in GiB (2^30 bytes, as fmoe sim), total over devices; 'auto' "
-        "(cuda): what the GPUs' free memory holds once the dense weights are on, less --reserve-gb",
-    )
-    p.add_argument(
-        "--reserve-gb",
-        type=argt.gib_or_zero,
-        default=2.0,
-        help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
-    )
+    add_model_policy_flags(p)
     p.add_argument(
         "--cache-scope",
         choices=["global", "per-layer"],
@@ -103,38 +79,14 @@ _TABLE_KEYS = [
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from policies.registry import policy_class
     from realrun.runner import RunConfig, run
 
-    policy_class(args.policy)  # an unknown name fails before the model loads
-    check_link_time(args.model, args.link_gbps, args.link_latency_us, args.link_time_limit_s)
     cfg = RunConfig(
-        model=args.model,
-        policy=args.policy,
-        policy_options=parse_policy_opts(args.policy_opt),
-        cache_experts=args.cache_experts,
-        cache_gb=args.cache_gb,
+        **executor_options(args),
         cache_scope=args.cache_scope,
         allow_lossy=args.allow_lossy,
-        reserve_gb=args.reserve_gb,
-        prompts=args.prompts,
-        prompt_texts=args.prompt_texts,
-        num_prompts=args.num_prompts,
-        max_new_tokens=args.max_new_tokens,
-        max_prompt_tokens=args.max_prompt_tokens,
-        batch_size=args.batch_size,
-        batching=args.batching,
-        output_lens=args.output_lens,
-        device=args.device,
-        num_devices=args.num_devices,
-        link_gbps=args.link_gbps,
-        link_latency_us=args.link_latency_us,
-        store=args.store,
-        store_dir=args.store_dir,
-        seed=args.seed,
+        **prompt_options(args),
         trace_out=args.trace_out,
-        train_trace=args.train_trace,
-        threads=args.threads,
     )
     metrics: dict[str, Any] = run(cfg).metrics
     if args.json:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 
 from fmoe_cli import args as argt
-from fmoe_cli.budgets import add_executor_flags, check_link_time
-from fmoe_cli.common import parse_policy_opts
+from fmoe_cli.budgets import add_executor_flags, add_model_policy_flags, executor_options
 
 
 def _port(text: str) -> int:
@@ -31,31 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API (offloaded experts)"
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="tiny preset name (random weights) or local checkpoint directory",
-    )
-    p.add_argument("--policy", required=True, help="policy name (see `fmoe policies`)")
-    p.add_argument(
-        "--policy-opt", action="append", metavar="KEY=VALUE", help="policy option (repeatable)"
-    )
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument(
-        "--cache-experts", type=argt.count, help="expert cache in experts, total over devices"
-    )
-    budget.add_argument(
-        "--cache-gb",
-        type=argt.gib_or_auto,
-        help="expert cache in GiB (2^30 bytes, as fmoe sim), total over devices; 'auto' (cuda): what the "
-        "GPUs' free memory holds once the dense weights are on, less --reserve-gb",
-    )
-    p.add_argument(
-        "--reserve-gb",
-        type=argt.gib_or_zero,
-        default=2.0,
-        help="with --cache-gb auto: GiB per GPU kept for the KV cache and activations (default 2)",
-    )
+    add_model_policy_flags(p, cache_required=True)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -101,32 +76,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from policies.registry import policy_class
     from realrun.serve.server import ServeConfig, serve
 
-    policy_class(args.policy)  # an unknown name fails before the model loads
-    check_link_time(args.model, args.link_gbps, args.link_latency_us, args.link_time_limit_s)
     cfg = ServeConfig(
-        model=args.model,
-        policy=args.policy,
-        policy_options=parse_policy_opts(args.policy_opt),
-        cache_experts=args.cache_experts,
-        cache_gb=args.cache_gb,
-        reserve_gb=args.reserve_gb,
+        **executor_options(args),
         host=args.host,
         port=args.port,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         capture=args.capture,
         grace_s=args.grace_s,
-        device=args.device,
-        num_devices=args.num_devices,
-        link_gbps=args.link_gbps,
-        link_latency_us=args.link_latency_us,
-        store=args.store,
-        store_dir=args.store_dir,
-        seed=args.seed,
-        threads=args.threads,
-        train_trace=args.train_trace,
     )
     return serve(cfg)

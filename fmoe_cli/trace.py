@@ -24,6 +24,7 @@ from fmoe_cli.common import (
     add_prompt_flags,
     print_json,
     print_table,
+    prompt_options,
 )
 from specs.errors import InputError
 from specs.presets import load_model
@@ -515,15 +516,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     cfg = CaptureConfig(
         model=args.model,
         out=args.out,
-        prompts=args.prompts,
-        prompt_texts=args.prompt_texts,
-        num_prompts=args.num_prompts,
-        max_new_tokens=args.max_new_tokens,
-        max_prompt_tokens=args.max_prompt_tokens,
+        **prompt_options(args),
         seed=args.seed,
-        batch_size=args.batch_size,
-        batching=args.batching,
-        output_lens=args.output_lens,
     )
     w = capture(cfg)
     info = {"path": args.out, **w.info()}

@@ -11,11 +11,12 @@ and its options, budget, devices, link, prompts) so bad input fails at once;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,14 +248,21 @@ def torch_threads(cfg: RunConfig) -> int:
     return torch.get_num_threads()
 
 
-def execute(prep: PreparedRun, progress: Progress = _stderr) -> RunResult:
-    """Build and offload the model, run every prompt, return metrics (and the trace if asked)."""
+@contextlib.contextmanager
+def threads_set(n: int) -> Iterator[None]:
+    """torch's intra-op threads at ``n`` inside the block, back to what they were after it."""
     before = torch.get_num_threads()
-    torch.set_num_threads(torch_threads(prep.cfg))
+    torch.set_num_threads(n)
     try:
-        return _execute(prep, progress)
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+def execute(prep: PreparedRun, progress: Progress = _stderr) -> RunResult:
+    """Build and offload the model, run every prompt, return metrics (and the trace if asked)."""
+    with threads_set(torch_threads(prep.cfg)):
+        return _execute(prep, progress)
 
 
 def _execute(prep: PreparedRun, progress: Progress) -> RunResult:

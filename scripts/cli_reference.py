@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:  # run as a file from anywhere: the repository's p
     sys.path.insert(0, str(ROOT))
 
 from fmoe_cli.main import COMMANDS, build_parser  # noqa: E402
-from specs.jsonio import atomic_output  # noqa: E402
+from scripts.docpage import page_main  # noqa: E402
 
 OUT = ROOT / "docs" / "cli.md"
 
@@ -140,21 +140,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="write docs/cli.md from fmoe's parser")
-    p.add_argument("--check", action="store_true", help="exit 1 when docs/cli.md is stale")
-    args = p.parse_args(argv)
-    text = render()
-    if args.check:
-        current = OUT.read_text() if OUT.exists() else ""
-        if current != text:
-            sys.stderr.write(f"{OUT.relative_to(ROOT)} is stale: run `make docs`\n")
-            return 1
-        return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(OUT) as tmp:
-        tmp.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return page_main(OUT, render, "fmoe's parser", argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ when the page in the repository is not what this script writes now.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a file from anywhere: the repository's packages win
     sys.path.insert(0, str(ROOT))
 
-from specs.jsonio import atomic_output  # noqa: E402
+from scripts.docpage import page_main  # noqa: E402
 from specs.presets import (  # noqa: E402
     hardware_preset_names,
     load_hardware,
@@ -126,19 +125,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="write docs/presets.md from specs/presets")
-    p.add_argument("--check", action="store_true", help="exit 1 when docs/presets.md is stale")
-    args = p.parse_args(argv)
-    text = render()
-    if args.check:
-        if (OUT.read_text() if OUT.exists() else "") != text:
-            sys.stderr.write(f"{OUT.relative_to(ROOT)} is stale: run `make docs`\n")
-            return 1
-        return 0
-    with atomic_output(OUT) as tmp:
-        tmp.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return page_main(OUT, render, "specs/presets", argv)
 
 
 if __name__ == "__main__":

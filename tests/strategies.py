@@ -88,6 +88,23 @@ def specs(draw: st.DrawFn) -> ModelSpec:
 
 
 @st.composite
+def fitted_costs(draw: st.DrawFn) -> dict[str, float]:
+    """Keyword arguments of ``tests.test_sim_kit.exact_profile`` for fitted linear costs
+    (monotone in tokens and tokens x context) and a per-copy latency; the caller draws
+    the link's bandwidth, concurrency and GPUs for what it tests."""
+    f = st.floats(1e-5, 1e-3)
+    return {
+        "expert_s": draw(f),
+        "expert_per_token_s": draw(st.sampled_from([0.0, 1e-5])),
+        "dense_s": draw(f),
+        "dense_per_token_s": draw(st.sampled_from([0.0, 1e-5])),
+        "dense_per_token_context_s": draw(st.sampled_from([0.0, 1e-7])),
+        "head_s": draw(f),
+        "latency_s": draw(st.sampled_from([0.0, 1e-5, 1e-4])),
+    }
+
+
+@st.composite
 def workloads(draw: st.DrawFn, spec: ModelSpec | None = None, **kwargs) -> Workload:
     spec = spec or draw(specs())
     return random_workload(

@@ -27,6 +27,9 @@ def profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     argv = ["calibrate", "bench", "--model", "tiny-mixtral", "--link-gbps", "0.05"]
     argv += ["--repeats", "1", "--max-tokens", "8", "--max-context", "16"]
     argv += ["--overhead-rounds", "1", "--policies", "lru,fmoe", "--no-progress"]
+    # one interference round and a 4-row search store (as the GPU check's dry run): the
+    # same code paths; the defaults (7 rounds, 256 rows) tripled the fixture's time
+    argv += ["--interference-rounds", "1", "--search-store-rows", "4"]
     assert main([*argv, "--out", str(out)]) == 0
     return out
 

@@ -6,10 +6,7 @@ same metrics (wall-clock keys aside) and the same per-request records, bit for b
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,53 +17,13 @@ from policies.lru import LRU
 from policies.registry import make_policy
 from sim import engine_fast
 from sim.config import SimConfig
-from sim.metrics import WALL_CLOCK_KEYS
-from sim.run import SimResult, simulate
+from sim.run import simulate
 from specs.errors import InputError
 from specs.presets import load_hardware, load_model
-from tests.strategies import random_workload, small_spec, specs
+from tests.sim_compare import both, engine
+from tests.strategies import fitted_costs, random_workload, small_spec, specs
 from tests.test_sim_kit import exact_profile
 from traces.synth import SynthConfig, generate
-
-
-@contextlib.contextmanager
-def engine(name: str) -> Iterator[list[engine_fast.FastPath]]:
-    """Run under FMOE_SIM_ENGINE=name; yields the FastPath objects the runs built."""
-    built: list[engine_fast.FastPath] = []
-    init = engine_fast.FastPath.__init__
-
-    def spy(self: engine_fast.FastPath, eng: Any) -> None:
-        init(self, eng)
-        built.append(self)
-
-    old = os.environ.get(engine_fast.ENGINE_ENV)
-    os.environ[engine_fast.ENGINE_ENV] = name
-    engine_fast.FastPath.__init__ = spy  # type: ignore[method-assign]
-    try:
-        yield built
-    finally:
-        engine_fast.FastPath.__init__ = init  # type: ignore[method-assign]
-        if old is None:
-            del os.environ[engine_fast.ENGINE_ENV]
-        else:
-            os.environ[engine_fast.ENGINE_ENV] = old
-
-
-def outcome(res: SimResult) -> str:
-    """Everything a run reports except wall-clock figures, as one comparable string."""
-    m = {k: v for k, v in res.metrics.items() if k not in WALL_CLOCK_KEYS}
-    frame = res.requests.to_dict(orient="list")
-    return json.dumps({"metrics": m, "requests": frame}, sort_keys=True, default=str)
-
-
-def both(workload: Any, cfg: SimConfig) -> tuple[str, str, list[engine_fast.FastPath]]:
-    with engine("python") as none:
-        ref = outcome(simulate(workload, cfg))
-    assert not none
-    with engine("compiled") as built:
-        fast = outcome(simulate(workload, cfg))
-    return ref, fast, built
-
 
 POLICIES = [("lru", {}), ("lfu", {}), ("lfu", {"scope": "run"})]
 
@@ -85,16 +42,9 @@ def runs(draw: st.DrawFn) -> tuple[Any, SimConfig]:
         with_embeddings=False,
         arrival_gap_s=draw(st.sampled_from([0.0, 1e-4, 5e-4, 3e-3, 1e-2])),
     )
-    f = st.floats(1e-5, 1e-3)
     hw = exact_profile(
-        expert_s=draw(f),
-        expert_per_token_s=draw(st.sampled_from([0.0, 1e-5])),
-        dense_s=draw(f),
-        dense_per_token_s=draw(st.sampled_from([0.0, 1e-5])),
-        dense_per_token_context_s=draw(st.sampled_from([0.0, 1e-7])),
-        head_s=draw(f),
+        **draw(fitted_costs()),
         bandwidth_Bps=draw(st.floats(2e4, 1e8)),
-        latency_s=draw(st.sampled_from([0.0, 1e-5, 1e-4])),
         num_gpus=min(draw(st.integers(1, 3)), spec.total_experts),
     )
     if draw(st.booleans()):  # the real executor's one fused call per layer

@@ -9,7 +9,6 @@ preempt and leave stale orders.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -18,19 +17,12 @@ from hypothesis import strategies as st
 
 from sim import link as link_mod
 from sim.config import SimConfig
-from sim.metrics import WALL_CLOCK_KEYS
-from sim.run import SimResult, simulate
+from sim.run import simulate
+from tests.sim_compare import outcome
 from tests.strategies import random_workload, specs
 from tests.test_sim_kit import exact_profile
 
 PREFETCHING = ["fmoe", "mixtral-offloading", "promoe", "moe-infinity", "oracle"]
-
-
-def outcome(res: SimResult) -> str:
-    """Everything a run reports except wall-clock figures, as one comparable string."""
-    m = {k: v for k, v in res.metrics.items() if k not in WALL_CLOCK_KEYS}
-    frame = res.requests.to_dict(orient="list")
-    return json.dumps({"metrics": m, "requests": frame}, sort_keys=True, default=str)
 
 
 def general_path(monkeypatch: pytest.MonkeyPatch) -> list[link_mod.Link]:

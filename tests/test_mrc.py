@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,13 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.cache import ExpertCache, ExpertState, lru_scores
+from tests.hostile import Outcome, run_cli
 from tests.strategies import random_workload, small_spec
 from traces.cachesim import hits_by_capacity, min_run
 from traces.demand import DemandSequence, demand_sequence
 from traces.io import save_workload
 from traces.mrc import global_curves, miss_ratio_curves, per_layer_curves
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def expert_cache_hits(seq: DemandSequence, capacity: int, policy: str) -> int:
@@ -156,16 +153,9 @@ def test_curves_cover_both_scopes_and_policies() -> None:
         assert np.all(np.diff(c.hits) >= 0)  # more slots never lose hits (stack algorithms)
 
 
-def _fmoe(*args: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    return subprocess.run(
-        [sys.executable, "-m", "fmoe_cli.main", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
+def _fmoe(*args: str) -> Outcome:
+    """`fmoe ARGS` in this process (a subprocess per call cost seconds of imports)."""
+    return run_cli(list(args), timeout_s=300)
 
 
 def test_cli_writes_csv_and_png(tmp_path: Path) -> None:
@@ -173,7 +163,7 @@ def test_cli_writes_csv_and_png(tmp_path: Path) -> None:
     trace = tmp_path / "t.trace"
     save_workload(w, trace)
     r = _fmoe("trace", "mrc", str(trace), "--out", str(tmp_path / "out"), "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.code == 0, r.stderr
     info = json.loads(r.stdout)
     rows = list(csv.DictReader(open(info["csv"])))
     assert {row["scope"] for row in rows} == {"global", "per-layer"}
@@ -184,7 +174,7 @@ def test_cli_writes_csv_and_png(tmp_path: Path) -> None:
 
 def test_cli_names_a_missing_trace(tmp_path: Path) -> None:
     r = _fmoe("trace", "mrc", str(tmp_path / "none.trace"), "--out", str(tmp_path))
-    assert r.returncode == 2
+    assert r.code == 2
     assert "none.trace" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -194,5 +184,5 @@ def test_cli_scope_flag(tmp_path: Path, scope: str) -> None:
     trace = tmp_path / "t.trace"
     save_workload(w, trace)
     r = _fmoe("trace", "mrc", str(trace), "--out", str(tmp_path), "--scope", scope, "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.code == 0, r.stderr
     assert {s["scope"] for s in json.loads(r.stdout)["summary"]} == {scope}

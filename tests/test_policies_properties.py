@@ -181,17 +181,3 @@ def test_oracle_hit_rate_is_an_upper_bound(setup: dict[str, Any]) -> None:
         other = run(name, fitted(name, setup)).hit_rate
         bound = oracle_full if policy_class(name).preload_all else oracle
         assert bound >= other - 1e-12, f"{name} {other} beats oracle {bound}"
-
-
-def test_every_builtin_baseline_is_registered() -> None:
-    expected = {
-        "no-offload",
-        "lru",
-        "lfu",
-        "deepspeed",
-        "mixtral-offloading",
-        "moe-infinity",
-        "promoe",
-        "oracle",
-    }
-    assert expected <= set(NAMES)

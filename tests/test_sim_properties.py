@@ -24,7 +24,7 @@ from sim.run import SimResult, simulate
 from specs import costs
 from specs.hardware import HardwareProfile, HostSpec
 from specs.model_spec import ModelSpec
-from tests.strategies import random_workload, specs
+from tests.strategies import fitted_costs, random_workload, specs
 from tests.test_sim_kit import exact_profile
 from traces.types import Request, Workload
 
@@ -73,16 +73,9 @@ def recording(name: str, **options: Any) -> Policy:
 @st.composite
 def profiles(draw: st.DrawFn) -> HardwareProfile:
     """Fitted linear costs (monotone in tokens and tokens x context) and a drawn link."""
-    f = st.floats(1e-5, 1e-3)
     return exact_profile(
-        expert_s=draw(f),
-        expert_per_token_s=draw(st.sampled_from([0.0, 1e-5])),
-        dense_s=draw(f),
-        dense_per_token_s=draw(st.sampled_from([0.0, 1e-5])),
-        dense_per_token_context_s=draw(st.sampled_from([0.0, 1e-7])),
-        head_s=draw(f),
+        **draw(fitted_costs()),
         bandwidth_Bps=draw(st.floats(1e5, 1e8)),
-        latency_s=draw(st.sampled_from([0.0, 1e-5, 1e-4])),
         concurrency=draw(st.integers(1, 2)),
         host_cap_Bps=draw(st.sampled_from([None, 3e5, 1e7])),
         num_gpus=draw(st.integers(1, 3)),
