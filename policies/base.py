@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, NamedTuple, Protocol
@@ -213,7 +214,13 @@ class ExecutorView(Protocol):
 @dataclass
 class PolicyContext:
     """What an executor tells a policy when binding it. ``executor`` is a live view of
-    links, CPU and layer time (None when the executor offers none)."""
+    links, CPU and layer time (None when the executor offers none). ``cache_guard`` is the
+    lock an executor changes ``caches`` under on threads other than the one that calls
+    the policy's hooks (the real executor's copy and compute threads, while an
+    ``async_search`` policy runs on its searcher thread); a hook that reads more than one
+    field of a cache at once (a cache's candidate arrays, a walk over its entries) holds
+    it for that read, and nothing else. None: the caches change only between hooks (the
+    simulator)."""
 
     spec: ModelSpec
     placement: Placement
@@ -222,6 +229,7 @@ class PolicyContext:
     seed: int = 0
     executor: ExecutorView | None = None
     allow_lossy: bool = False
+    cache_guard: AbstractContextManager[object] | None = None
 
     def cache_of(self, key: ExpertKey) -> ExpertCache:
         return self.caches[self.placement.device_of(key)]
@@ -393,3 +401,15 @@ def has_gate_now(policy: Policy) -> bool:
     """Whether ``policy`` overrides :meth:`Policy.on_gate_now` (an executor may skip the
     call, and the drain after it, otherwise)."""
     return type(policy).on_gate_now is not Policy.on_gate_now
+
+
+def guarded(fn: Callable[..., Any], guard: AbstractContextManager[object]) -> Callable[..., Any]:
+    """``fn`` called with ``guard`` held (a policy wraps its cache-reading steps in
+    :attr:`PolicyContext.cache_guard` this way at bind, so executors without one pay
+    nothing)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with guard:
+            return fn(*args, **kwargs)
+
+    return call

@@ -41,6 +41,7 @@ from policies.base import (
     PolicyContext,
     PolicyOptions,
     RequestArrival,
+    guarded,
 )
 from policies.cache import ExpertCache, ExpertKey
 from policies.expert_map_store import ExpertMapStore
@@ -251,6 +252,8 @@ class FmoePolicy(
     def bind(self, ctx: PolicyContext) -> None:
         """Size the state for ``ctx.spec``; load the store when ``store_path`` is set."""
         super().bind(ctx)
+        if ctx.cache_guard is not None:  # caches that change on other threads (real executor)
+            self._admit = guarded(self._admit, ctx.cache_guard)  # it reads candidate arrays
         derived = self.derived_distance(ctx) if self.options.admission == "deadline" else None
         self._setup(ctx.spec, ctx.prefetch_distance, derived)
         L, J = ctx.spec.num_moe_layers, ctx.spec.num_experts

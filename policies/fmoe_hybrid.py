@@ -52,6 +52,7 @@ from policies.base import (
     MissAction,
     PrefetchDecision,
     PrefetchOrder,
+    guarded,
 )
 from policies.cache import CacheEntry, ExpertKey, ExpertState
 from policies.fmoe import FmoePolicy
@@ -89,6 +90,8 @@ class FmoeHybrid(HotPlacement, FmoePolicy):
 
     def bind(self, ctx: Any) -> None:
         super().bind(ctx)
+        if ctx.cache_guard is not None:  # it walks a cache's entries (real executor)
+            self._victims = guarded(self._victims, ctx.cache_guard)
         self._fc_n = np.zeros(BINS)  # forecasts per probability bin
         self._fc_hit = np.zeros(BINS)  # of which the layer chose the expert
         self._hstats = {"kept": 0, "late": 0, "busy_link": 0, "slot": 0, "value": 0}

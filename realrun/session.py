@@ -125,8 +125,15 @@ class RunSession(LayerSteps):
             # prefetch) and the host CPU's measured expert task time (hybrid execution)
             self._view = RealExecutorView(self.res, spec.expert_bytes)
             self._view.host = self.host
+            # the copy threads (and the compute thread, for an async policy's searcher)
+            # change the caches under res.lock: a policy's multi-field reads take it
             ctx = PolicyContext(
-                spec, self.placement, self.res.caches, seed=opts.seed, executor=self._view
+                spec,
+                self.placement,
+                self.res.caches,
+                seed=opts.seed,
+                executor=self._view,
+                cache_guard=self.res.lock,
             )
             # a policy that places experts before the run copies them into slots
             ctx.preload_experts = self.res.preload  # type: ignore[attr-defined]
