@@ -110,16 +110,14 @@ class FmoeOptions(PolicyOptions):
         description="count each running request's expert choices: the eviction's learned "
         "chance is by (request frequency, age) instead of age alone (False: the ablation)",
     )
-    victim: Literal["calibrated", "residence", "priced", "ignored"] = Field(
+    victim: Literal["residence", "priced", "ignored"] = Field(
         default="residence",
         description="deadline admission: priced: a copy is admitted only when its expected "
         "saving also beats the chance that the expert it evicts at its start is used before "
         "a demand load would have evicted it anyway, its layer's (policies/fmoe_victim.py); "
         "residence: as priced, but if the copy goes unused (chance 1 - q) the victim is lost "
         "for as long as the unused copy stays resident, measured online "
-        "(policies/fmoe_residence.py); calibrated: as residence, with the victims' expected "
-        "times to next use scaled by how often priced victims were used against that "
-        "prediction (policies/fmoe_residence.py); ignored: no victim term (the earlier rule)",
+        "(policies/fmoe_residence.py); ignored: no victim term (the earlier rule)",
     )
     blocking: Literal["measured", "ignored"] = Field(
         default="measured",
@@ -231,8 +229,8 @@ class FmoePolicy(
         }[self.options.eviction]
         self._view = None  # the executor's view while deadline admission is on (bind)
         self._no_prefetch = self.options.admission == "none"
-        self._victim_priced = self.options.victim in ("priced", "residence", "calibrated")
-        self._victim_resid = self.options.victim in ("residence", "calibrated")
+        self._victim_priced = self.options.victim in ("priced", "residence")
+        self._victim_resid = self.options.victim == "residence"
         self._map_marginal = self.options.map_value == "marginal"
         self._rank_chance = self.options.rank == "chance"
         self._distance_source = "unbound"

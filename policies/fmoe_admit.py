@@ -206,13 +206,6 @@ class FmoeAdmitKernel:
                 tab = self._etnu_mv
                 for t, (_, e) in enumerate(reversed(vq)):
                     v_e[dev, t] = -tab[e.key]  # expected_next_use(*e.key)
-        if self._vcal_on:  # victim="calibrated": as FmoeVictim._victim_use_chance
-            scale = self._victim_rate_scale()
-            for dev in devs:
-                if vfree[dev] <= 0 and v_len[dev] > 0:
-                    self._vnoted.add(dev)
-                    self._victim_noted(self._vq[dev][-1][1].key, float(v_e[dev, 0]))
-            v_e = v_e / scale
         step = 0.0
         if any(avail[dev] <= 0 for dev in devs):
             view = self._view

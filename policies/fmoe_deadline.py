@@ -94,7 +94,6 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         self._beta = [0.0] * self._n_dev  # wait per crossing of the current kind
         # victim="residence": the unused copies' residence (policies.fmoe_residence)
         self._setup_residence(view is not None and self._victim_resid, L)
-        self._vcal_on = view is not None and self.options.victim == "calibrated"
 
     def derived_distance(self, ctx: PolicyContext) -> int | None:
         """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]

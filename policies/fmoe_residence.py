@@ -49,13 +49,6 @@ class FmoeResidence:
         self._res_left = [0, 0]
         self._res_used_later = [0, 0]
         self._res_seen = [0, 0]
-        # victim="calibrated": the priced victims followed to their layer's next gate,
-        # per layer: key -> (its expected time to next use when priced, the step then);
-        # their uses there and the uses the expected times predicted
-        self._vcal_on = False
-        self._vcal_track: dict[int, dict[ExpertKey, tuple[float, int]]] = {}
-        self._vcal_used = 0
-        self._vcal_expected = 0.0
 
     def _residence_admitted(self, pending: dict[ExpertKey, float]) -> None:
         """An admission pass ordered ``pending``: note them under their layers, a lookahead
@@ -93,8 +86,6 @@ class FmoeResidence:
                 self._res_n[src] -= 1
                 self._res_left[src] += 1
                 self._res_used_later[src] += bool(e.uses)
-        if self._vcal_on:
-            self._victims_checked(layer, ids, step)
         sent = self._res_sent.pop(layer, None)
         if not sent:
             return
@@ -125,37 +116,6 @@ class FmoeResidence:
         left = self._res_left[src]
         return self._res_used_later[src] / left if left else 0.0
 
-    # -- the victims' expected times, checked (victim="calibrated") --------------------------
-    def _victim_noted(self, key: ExpertKey, e: float) -> None:
-        """The admission priced ``key`` as a device's next victim, expected to be used in
-        ``e`` layer steps: follow it to its layer's next gate (once at a time)."""
-        d = self._vcal_track.get(key[0])
-        if d is None:
-            d = self._vcal_track[key[0]] = {}
-        if key not in d and e > 0:
-            d[key] = (e, self._cur_it * self._res_L + self._g)  # type: ignore[attr-defined]
-
-    def _victims_checked(self, layer: int, ids: Sequence[int], step: int) -> None:
-        """Layer ``layer``'s gate chose ``ids`` at ``step``: each victim followed there was
-        used or not; its expected time predicted (steps since priced) / E uses."""
-        d = self._vcal_track.pop(layer, None)
-        if not d:
-            return
-        chosen = set(ids)
-        for key, (e, t0) in d.items():
-            self._vcal_expected += (step - t0) / e
-            self._vcal_used += key[1] in chosen
-
-    def _victim_rate_scale(self) -> float:
-        """How many times more often the priced victims were used than their expected
-        times predicted (memoryless uses at rate 1 / E: a rate multiplier's estimate,
-        uses over predicted uses), one pseudo-observation at 1 (the model as it is). The
-        admission prices the cheapest entry, whose expected time is the longest of many
-        estimates, so it is biased long; this measures by how much."""
-        if not self._vcal_on:
-            return 1.0
-        return (self._vcal_used + 1.0) / (self._vcal_expected + 1.0)
-
     def residence_metadata(self) -> dict[str, float | int]:
         """What the measurement saw (for the run's policy metadata)."""
         out: dict[str, float | int] = {}
@@ -164,8 +124,4 @@ class FmoeResidence:
             out[f"unused_{name}_copies_left"] = self._res_left[src]
             out[f"unused_{name}_copies_used_later"] = self._res_used_later[src]
             out[f"unused_{name}_copy_residence_steps"] = self._residence_steps(src)
-        if self._vcal_on:
-            out["victims_used"] = self._vcal_used
-            out["victims_uses_predicted"] = self._vcal_expected
-            out["victim_rate_scale"] = self._victim_rate_scale()
         return out

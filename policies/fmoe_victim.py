@@ -57,7 +57,6 @@ class FmoeVictim:
         # the listed victims' expected times to next use, in the order they are taken
         # (lowest score first), where the compiled listing computed them (_victims_load)
         self._ve: dict[int, list[float]] = {}
-        self._vnoted: set[int] = set()  # devices whose first victim was noted this pass
 
     def _victim_price(
         self,
@@ -102,17 +101,9 @@ class FmoeVictim:
             return 0.0
         if dev not in self._vfree:
             self._victims_load(dev)
-        noting = self._vcal_on and dev not in self._vnoted
-        if noting:  # victim="calibrated": the device's first victim of the pass, if any
-            self._vnoted.add(dev)
         if self._vfree[dev] > 0 or not self._vq[dev]:
             return 0.0
-        key = self._vq[dev][-1][1].key
-        e = self.expected_next_use(*key)
-        if self._vcal_on:  # victim="calibrated" (policies.fmoe_residence)
-            if noting:
-                self._victim_noted(key, e)
-            e = e / self._victim_rate_scale()
+        e = self.expected_next_use(*self._vq[dev][-1][1].key)
         if e <= 0:
             return 1.0
         if stay > 0:
