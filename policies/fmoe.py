@@ -23,6 +23,9 @@ dot products), vectorised over rows x store.
 Embeddings: the iteration's per-token embeddings when the executor passes them, else the
 request's prompt embedding; gate rows: full probabilities when present, else rows built
 from top-K ids and weights. :meth:`FmoePolicy.metadata` reports which were used.
+
+Over 450 lines on purpose: the options, the lifecycle and the observe hooks that put the
+mixins' steps in order (each step in its own module) read best in one place.
 """
 
 from __future__ import annotations
