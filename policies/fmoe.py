@@ -23,6 +23,9 @@ dot products), vectorised over rows x store.
 Embeddings: the iteration's per-token embeddings when the executor passes them, else the
 request's prompt embedding; gate rows: full probabilities when present, else rows built
 from top-K ids and weights. :meth:`FmoePolicy.metadata` reports which were used.
+
+Over 450 lines on purpose: the options, the lifecycle and the observe hooks that put the
+mixins' steps in order (each step in its own module) read best in one place.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from policies.fmoe_eviction import CAL_BINS, TRAJECTORY, FmoeEviction
 from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_ROWS re-exported
 from policies.fmoe_lookahead import FmoeLookahead
 from policies.fmoe_orders import FmoeOrders
+from policies.fmoe_residence import FmoeResidence
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
 from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState, _SearchPlan
@@ -110,12 +114,14 @@ class FmoeOptions(PolicyOptions):
         description="count each running request's expert choices: the eviction's learned "
         "chance is by (request frequency, age) instead of age alone (False: the ablation)",
     )
-    victim: Literal["priced", "ignored"] = Field(
-        default="priced",
+    victim: Literal["residence", "priced", "ignored"] = Field(
+        default="residence",
         description="deadline admission: priced: a copy is admitted only when its expected "
         "saving also beats the chance that the expert it evicts at its start is used before "
-        "a demand load would have evicted it anyway (policies/fmoe_victim.py); ignored: no "
-        "victim term (the earlier rule)",
+        "a demand load would have evicted it anyway, its layer's (policies/fmoe_victim.py); "
+        "residence: as priced, but if the copy goes unused (chance 1 - q) the victim is lost "
+        "for as long as the unused copy stays resident, measured online "
+        "(policies/fmoe_residence.py); ignored: no victim term (the earlier rule)",
     )
     blocking: Literal["measured", "ignored"] = Field(
         default="measured",
@@ -130,6 +136,13 @@ class FmoeOptions(PolicyOptions):
         "of use (the eviction table's calibrated cell for map picks, the measured precision "
         "for lookahead picks) over its distance; p: the searched map's probability over its "
         "distance (the paper's)",
+    )
+    map_value: Literal["marginal", "whole"] = Field(
+        default="marginal",
+        description="deadline admission: marginal: a map pick for a layer two or more "
+        "ahead saves only what the lookahead would not save anyway at the gate before that "
+        "layer (its measured recall there times one layer step's prefetch time); whole: "
+        "its whole saving (the earlier rule)",
     )
     lookahead: bool | Literal["auto"] = Field(
         default="auto",
@@ -158,6 +171,7 @@ class FmoePolicy(
     FmoeLookahead,
     FmoeDeadline,
     FmoeVictim,
+    FmoeResidence,
     FmoeEviction,
     Policy,
 ):
@@ -219,7 +233,9 @@ class FmoePolicy(
         }[self.options.eviction]
         self._view = None  # the executor's view while deadline admission is on (bind)
         self._no_prefetch = self.options.admission == "none"
-        self._victim_priced = self.options.victim == "priced"
+        self._victim_priced = self.options.victim in ("priced", "residence")
+        self._victim_resid = self.options.victim == "residence"
+        self._map_marginal = self.options.map_value == "marginal"
         self._rank_chance = self.options.rank == "chance"
         self._distance_source = "unbound"
         self._orders_issued = 0  # orders sent without deadline admission
@@ -351,6 +367,7 @@ class FmoePolicy(
             orders_cancelled_stale=s["orders_cancelled_stale"],
             lookahead_gates=s["lookahead_gates"],
             **(self.blocking_metadata() if self._view is not None else {}),
+            **(self.residence_metadata() if getattr(self, "_res_on", False) else {}),
             **self.lookahead_metadata(),
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,

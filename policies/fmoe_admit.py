@@ -73,12 +73,39 @@ class FmoeAdmitKernel:
             victims = _NO_VICTIMS
         if victims is None:
             return False
+        # map_value="marginal": what the lookahead would save of each anyway (_admit's sv)
+        sv = np.zeros(n)
+        if self._map_marginal:
+            recall: dict[int, float] = {}
+            for i, layer in enumerate(lay.tolist()):
+                if layer - g >= 2:
+                    r = recall.get(layer)
+                    if r is None:
+                        r = recall[layer] = self._look_recall(layer)
+                    if r:
+                        dev = int(cand_dev[i])
+                        c, av = float(copy[dev]), float(avail[dev])
+                        sv[i] = r * (c if c < av else av)
+        # map picks the lookahead passed over (FmoeDeadline._iteration_chance)
+        ch0 = np.zeros(n)
+        cn0 = np.full(n, -1.0)
+        if self._map_marginal:
+            for i, (layer, j) in enumerate(zip(lay.tolist(), jj.tolist(), strict=True)):
+                hn = self._map_only(layer, j)
+                if hn is not None:
+                    ch0[i], cn0[i] = hn
         act = np.empty((n, 2), np.int64)
         counts = np.zeros(7, np.int64)
         have = self._chance_it == self._cur_it
         rank_chance = self._rank_chance
         # blocking="measured" (policies.fmoe_blocking): the measured waits, else zeros
         beta = np.asarray(self._beta if self._blocking else np.zeros(nd), np.float64)
+        # victim="residence" (policies.fmoe_residence): the measured residence, else 0.0
+        resid = (
+            np.array([self._residence_steps(0), self._residence_steps(1)])
+            if price and self._victim_resid
+            else np.zeros(2)
+        )
         args = (lay, jj, p, was, look, g, self._dev_arr, committed, copy, avail, demand,
                 0.0 if no_rho else float(interval), no_rho, self._ist)  # fmt: skip
         na = K.admit_rows(
@@ -92,12 +119,17 @@ class FmoeAdmitKernel:
             *victims,
             rank_chance,
             beta,
+            resid,
+            sv,
+            ch0,
+            cn0,
         )
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
             tab = self._chance()
             na = K.admit_rows(
-                *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance, beta
-            )
+                *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance, beta,
+                resid, sv, ch0, cn0,
+            )  # fmt: skip
         if na < 0:
             return False
         # orders at the map's p, or with rank_chance the chances the kernel put there

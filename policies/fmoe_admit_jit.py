@@ -61,6 +61,10 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     v_loaded,
     rank_chance,
     beta,
+    resid,
+    sv,
+    ch0,
+    cn0,
 ):  # noqa: ANN001 - numba
     """Rank candidates (``lay``, ``jj``, ``p``; ``was``: queued before; ``look``: the
     lookahead chance, -1.0 where none) by (-p / (lay - g), lay, jj) and judge them as
@@ -87,7 +91,16 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
 
     ``beta`` (blocking="measured", policies.fmoe_blocking): per device the measured wait
     of demand loads per gate a prefetch is on the link at (zeros: the earlier rule);
-    counts[6] gets the copies rejected that the rule without it would have sent."""
+    counts[6] gets the copies rejected that the rule without it would have sent.
+
+    ``resid`` (victim="residence", policies.fmoe_residence): the measured residence of
+    an unused copy after its layer, in layer steps (<= 0: the ``priced`` rule); the
+    victim's price is then (q x use within W + (1 - q) x use within W + resid) x copy.
+
+    ``sv`` (map_value="marginal"): per candidate, the seconds of it the lookahead would
+    save anyway (0.0: none); its saving if used is the part done minus that. ``ch0``,
+    ``cn0``: per candidate the hits and picks of map picks the lookahead passed over
+    (``cn0`` < 0: not such a pick): its chance is then (ch0 + q) / (cn0 + 1)."""
     n = lay.shape[0]
     if rank_chance:  # p[i] = _iteration_chance of one row: the table's cell, or the look's
         for i in range(n):
@@ -95,6 +108,8 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
             j = jj[i]
             row = ist[1, layer, j] if ist[2, layer, 0] == it else ist[3, layer, j]
             q = tab[row, age_bucket1(it - ist[0, layer, j])]
+            if cn0[i] >= 0.0:
+                q = (ch0[i] + q) / (cn0[i] + 1.0)
             p[i] = look[i] if look[i] > q else q
     key = np.empty(n)
     for i in range(n):
@@ -141,9 +156,13 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
             if not window > 0:
                 return -3
             use = 0.0  # _victim_use_chance
+            use2 = 0.0  # over window + resid (victim="residence")
             if vfree[dev] <= 0 and v_len[dev] > 0:
                 e = v_e[dev, vptr[dev]]
                 use = 1.0 if e <= 0 else 1.0 - math.exp(-window / e)
+                r = resid[1] if look[i] >= 0.0 else resid[0]  # by source
+                if r > 0:
+                    use2 = 1.0 if e <= 0 else 1.0 - math.exp(-window / e) * (e / (e + r))
             vc = use * copy_s
         b = beta[dev]
         nb = 0
@@ -157,11 +176,16 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
             age = it - ist[0, layer, j]
             row = ist[1, layer, j] if ist[2, layer, 0] == it else ist[3, layer, j]
             q = tab[row, age_bucket1(age)]
+            if cn0[i] >= 0.0:
+                q = (ch0[i] + q) / (cn0[i] + 1.0)
             if look[i] > q:
                 q = look[i]
-        if (price or nb > 0) and done >= copy_s and q * copy_s <= vc + nb * b:
+            if price and (resid[1] if look[i] >= 0.0 else resid[0]) > 0:
+                vc = (q * use + (1.0 - q) * use2) * copy_s
+        s = sv[i]
+        if (price or nb > 0) and done >= copy_s and q * (copy_s - s) <= vc + nb * b:
             value_no += 1  # in time, but likelier to cost its victim's use than to pay
-            if not q * copy_s <= vc:
+            if not q * (copy_s - s) <= vc:
                 blocked_no += 1
             if was[i]:
                 act[na, 0] = i
@@ -177,7 +201,7 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
             av = avail[dev]
             mn = copy_s if copy_s < av else av  # min(avail, copy_s)
             hold = (1.0 - q) * b if b > 0 and av < copy_s else 0.0
-            if done <= 0 and q * mn > (1.0 - q) * copy_s * rho + vc + hold:
+            if done <= 0 and q * (mn - s) > (1.0 - q) * copy_s * rho + vc + hold:
                 act[na, 0] = i
                 act[na, 1] = ORDER
                 na += 1
@@ -185,12 +209,12 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                 issued += 1
                 reranked += was[i]
                 continue
-            if done <= 0 and b > 0 and q * mn > (1.0 - q) * copy_s * rho + vc:
+            if done <= 0 and b > 0 and q * (mn - s) > (1.0 - q) * copy_s * rho + vc:
                 blocked_no += 1
             hold = (nb + (1.0 - q) * own) * b if b > 0 else 0.0
-            if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc + hold:
+            if done <= 0 or q * (done - s) <= (1.0 - q) * (copy_s - done) * rho + vc + hold:
                 late_no += 1
-                if done > 0 and not q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
+                if done > 0 and not q * (done - s) <= (1.0 - q) * (copy_s - done) * rho + vc:
                     blocked_no += 1
                 if was[i]:
                     act[na, 0] = i

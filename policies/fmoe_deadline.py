@@ -45,6 +45,7 @@ from policies.fmoe_admit import FmoeAdmitKernel
 from policies.fmoe_blocking import FmoeBlocking, gate_crossings
 from policies.fmoe_cands import CandidateSet
 from policies.fmoe_eviction import AGE_BUCKETS
+from policies.fmoe_residence import FmoeResidence
 
 _LAST_BUCKET = AGE_BUCKETS - 1
 _RESIDENT = ExpertState.RESIDENT
@@ -56,7 +57,7 @@ _KERNEL_MIN = 2
 _LIVE_FAST = True
 
 
-class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
+class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
     """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
 
     def _setup_deadline(self, ctx: PolicyContext) -> None:
@@ -91,6 +92,8 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
         }
         self._blk_pend: list[tuple[int, list[ExpertKey], float]] = []
         self._beta = [0.0] * self._n_dev  # wait per crossing of the current kind
+        # victim="residence": the unused copies' residence (policies.fmoe_residence)
+        self._setup_residence(view is not None and self._victim_resid, L)
 
     def derived_distance(self, ctx: PolicyContext) -> int | None:
         """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]
@@ -115,6 +118,8 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
         self._rows = rows
         if self._blocking:
             self._blocking_resolve()
+        if self._res_on:
+            self._residence_new_iteration()
         times = self._gate_times
         if len(times) >= 2:
             steps = len(times)
@@ -155,6 +160,8 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
                 self._demand_now[dev_of[layer][j]] += 1
         if self._blocking:
             self._blocking_gate(layer, ids, now)
+        if self._res_on:
+            self._residence_gate(layer, ids)
 
     def _rederive_distance(self) -> None:
         """The distance again from the measured pace: one copy over the link time a layer
@@ -198,6 +205,10 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
         cell). A prompt of hundreds of rows demands almost every expert of a layer; one
         row's chance would count most of its copies as likely unused."""
         q = self._candidate_chance(layer, j)
+        if self._map_marginal and self._rows <= 1:
+            hn = self._map_only(layer, j)  # a map pick the lookahead passed over
+            if hn is not None:
+                q = (hn[0] + q) / (hn[1] + 1.0)
         q = q if self._rows <= 1 else 1.0 - (1.0 - q) ** self._rows
         look = self._look_q.get((layer, j))  # lookahead picks' measured chance (over rows)
         return look if look is not None and look > q else q
@@ -208,7 +219,14 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
 
     def _admit(self, g: int) -> None:
         """Rank every candidate not started by p / (l - g) and send those whose copy is
-        worth its link time (module doc); cancel the rest not started."""
+        worth its link time (module doc); cancel the rest not started. The orders sent are
+        followed to their layer (victim="residence", policies.fmoe_residence)."""
+        self._admit_pass(g)
+        if self._res_on and self._pending:
+            self._residence_admitted(self._pending)
+
+    def _admit_pass(self, g: int) -> None:
+        """:meth:`_admit`'s ranking and judging."""
         old = self._pending
         dl = self._dl_cands
         if not old and not dl.cnt:
@@ -268,6 +286,9 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
         interval, demand_s = self._interval, self._demand_s
         no_rho = not interval or interval <= 0
         price = self._victim_priced
+        resid = self._victim_resid
+        marginal = self._map_marginal
+        recall: dict[int, float] = {}  # the lookahead's recall per layer (this pass)
         if price:
             self._victims_reset()
         beta = self._beta if self._blocking else None
@@ -284,9 +305,18 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
             # the part of the copy done before its layer runs: the prefetch link time
             # until then, after the copies ahead of it (all of it when it lands in time)
             done = min(copy_s, (layer - g) * avail[dev] - committed[dev])
-            # its victim's price (victim="priced", policies.fmoe_victim), else 0
+            # its victim's price (victim="priced", policies.fmoe_victim; "residence" with
+            # its chance of use q: an unused copy holds the victim's slot longer), else 0
             vc = (
-                self._victim_price(dev, committed[dev], copy_s, layer - g, avail[dev])
+                self._victim_price(
+                    dev,
+                    committed[dev],
+                    copy_s,
+                    layer - g,
+                    avail[dev],
+                    self._iteration_chance(layer, j) if resid else None,
+                    int(key in look_q),
+                )
                 if price
                 else 0.0
             )
@@ -297,15 +327,24 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
             nb = own = 0
             if b > 0:
                 nb, own = gate_crossings(committed[dev], copy_s, avail[dev], layer - g)
+            # map_value="marginal": what the lookahead would save of it anyway, at the
+            # gate before its layer (FmoeLookahead._look_recall), is not this copy's
+            sv = 0.0
+            if marginal and layer - g >= 2:
+                r = recall.get(layer)
+                if r is None:
+                    r = recall[layer] = self._look_recall(layer)
+                av = avail[dev]
+                sv = r * (copy_s if copy_s < av else av)
             if (
                 (price or nb)
                 and done >= copy_s
-                and self._iteration_chance(layer, j) * copy_s <= vc + nb * b
+                and self._iteration_chance(layer, j) * (copy_s - sv) <= vc + nb * b
             ):
                 # in time, but likelier to cost its victim's use (and the demand loads
                 # it holds up) than to pay
                 value_no += 1
-                if not self._iteration_chance(layer, j) * copy_s <= vc:
+                if not self._iteration_chance(layer, j) * (copy_s - sv) <= vc:
                     blocked_no += 1  # the rule without the hold-up would have sent it
                 if was:
                     self.cancel(layer, j)
@@ -323,6 +362,10 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
                 )
                 bk = 0 if age <= 1 else min((age - 1).bit_length(), _LAST_BUCKET)
                 q = tab.item(row, bk)
+                if marginal and rows <= 1:  # as _iteration_chance
+                    hn = self._map_only(layer, j)
+                    if hn is not None:
+                        q = (hn[0] + q) / (hn[1] + 1.0)
                 if rows > 1:
                     q = 1.0 - (1.0 - q) ** rows
                 if look_q:  # lookahead picks' measured chance, where larger
@@ -334,7 +377,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
                 # started up to one step sooner than forecast, a copy that cannot land
                 # in a step is on the link at its own gate: unused, that gate waits
                 hold = (1.0 - q) * b if b > 0 and av < copy_s else 0.0
-                if done <= 0 and q * min(av, copy_s) > (1.0 - q) * copy_s * rho + vc + hold:
+                if done <= 0 and q * (min(av, copy_s) - sv) > (1.0 - q) * copy_s * rho + vc + hold:
                     # forecast to start only after its layer has run: then the link drops
                     # it (a stale order) and it costs nothing, so it is queued without
                     # taking link time from the copies ranked after it. It runs only
@@ -347,12 +390,16 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking):
                     issued += 1
                     reranked += was
                     continue
-                if done <= 0 and b > 0 and q * min(av, copy_s) > (1.0 - q) * copy_s * rho + vc:
+                if (
+                    done <= 0
+                    and b > 0
+                    and q * (min(av, copy_s) - sv) > (1.0 - q) * copy_s * rho + vc
+                ):
                     blocked_no += 1
                 hold = (nb + (1.0 - q) * own) * b if b > 0 else 0.0
-                if done <= 0 or q * done <= (1.0 - q) * (copy_s - done) * rho + vc + hold:
+                if done <= 0 or q * (done - sv) <= (1.0 - q) * (copy_s - done) * rho + vc + hold:
                     late_no += 1
-                    if done > 0 and not q * done <= (1.0 - q) * (copy_s - done) * rho + vc:
+                    if done > 0 and not q * (done - sv) <= (1.0 - q) * (copy_s - done) * rho + vc:
                         blocked_no += 1
                     if was:
                         self.cancel(layer, j)

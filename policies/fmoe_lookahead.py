@@ -105,6 +105,12 @@ class FmoeLookahead:
         self._la_bounds: dict[bytes, np.ndarray] = {}  # mixture_boundary per pick counts
         self._no_ids = np.zeros(0, np.int64)
         self._plan_tops: dict[int, tuple[list[float], list[int]]] = {}  # row id -> (row, top-k)
+        # the map forecast's top-K of one-row iterations split by whether the lookahead
+        # ordered them at the gate before (1) or not (0): picks, hits per layer; and the
+        # experts the lookahead ordered at this gate: (iteration, layer, experts)
+        self._mcat_n = np.zeros((2, L))
+        self._mcat_h = np.zeros((2, L))
+        self._look_named: tuple[int, int, frozenset[int]] | None = None
         from policies import fmoe_look_jit  # numba: loaded at bind, not at import
 
         self._la_jit = fmoe_look_jit
@@ -177,6 +183,35 @@ class FmoeLookahead:
         np.add.at(self._la_chosen[g], ids.reshape(-1), 1.0)
         self._la_rows[g] += B
 
+    def _map_split_score(self, g: int, ids: np.ndarray) -> None:
+        """One row's gate g chose ``ids``: where the map forecast layer g in this iteration
+        and the lookahead ordered experts for it at gate g - 1, score the map's top-K
+        split by whether the lookahead ordered them (what a map pick the lookahead does
+        not order is worth, policies.fmoe_deadline)."""
+        named, self._look_named = self._look_named, None
+        if (
+            named is None
+            or named[0] != self._cur_it
+            or named[1] != g
+            or len(ids) != 1
+            or self._fc_it[g] != self._cur_it
+        ):
+            return
+        chosen = set(np.asarray(ids).reshape(-1).tolist())
+        for j in self._map_topk(g):
+            c = 1 if j in named[2] else 0
+            self._mcat_n[c, g] += 1.0
+            self._mcat_h[c, g] += 1.0 if j in chosen else 0.0
+
+    def _map_only(self, layer: int, j: int) -> tuple[float, float] | None:
+        """(hits, picks) of the map's top-K picks the lookahead did not order, at layer
+        ``layer``, when (layer, j) is such a pick now: the lookahead ordered experts for
+        ``layer`` at this gate of this iteration and not j (else None)."""
+        named = self._look_named
+        if named is None or named[1] != layer or named[0] != self._cur_it or j in named[2]:
+            return None
+        return float(self._mcat_h[0, layer]), float(self._mcat_n[0, layer])
+
     def _boundary(self, n: np.ndarray) -> np.ndarray:
         """mixture_boundary(n) of a cell row's pick counts, kept per distinct ``n`` (one
         row's gates give every layer the same counts in turn: computed once, the same
@@ -244,6 +279,7 @@ class FmoeLookahead:
                         prio[j] = p
                     miss[j] = miss.get(j, 1.0) * (1.0 - p)
         self._stats["lookahead_orders"] += len(prio)
+        self._look_named = (self._cur_it, nxt, frozenset(prio))
         deadline = self._view is not None
         cache_of = self._cache_of
         look_q = self._look_q
@@ -278,6 +314,7 @@ class FmoeLookahead:
             return
         self._look_q = {}
         self._lookahead_score(g, ev.topk_ids, ev.iteration)
+        self._map_split_score(g, ev.topk_ids)
         la = ev.lookahead
         it = self._it
         L, J = self.spec.num_moe_layers, self.spec.num_experts
@@ -300,6 +337,26 @@ class FmoeLookahead:
             self._order(it, g + 1, order, [prio[j] for j in order])
         else:
             self._lookahead_measured_orders(it, g + 1, pk)
+
+    def _look_recall(self, layer: int) -> float:
+        """Of layer ``layer``'s chosen experts that the map forecast's top-K named, the
+        share the lookahead also orders at the gate before it (its picks there that the
+        map also names and that were chosen, in the cells that are on: ``auto``; every
+        cell with ``true``), measured in one-row iterations; 0.0 without lookahead orders
+        or a measurement. A right map pick's saving is the lookahead's too this often."""
+        mode = self._la_mode
+        if mode is False or not 0 <= layer < len(self._la_on):
+            return 0.0
+        named = float(self._map_h[layer])
+        if named <= 0:
+            return 0.0
+        h = self._la_cat_h[1, layer].tolist()
+        on = self._la_on[layer] if mode != True else [True] * len(h)  # noqa: E712 - option
+        hits = 0.0
+        for x, o in zip(h, on, strict=True):
+            if o:
+                hits += x
+        return hits / named if hits < named else 1.0
 
     def lookahead_metadata(self) -> dict[str, Any]:
         """What the measurements say: picks scored, the lookahead's and the map's top-K

@@ -59,25 +59,44 @@ class FmoeVictim:
         self._ve: dict[int, list[float]] = {}
 
     def _victim_price(
-        self, dev: int, start_s: float, copy_s: float, ahead: int, avail_s: float
+        self,
+        dev: int,
+        start_s: float,
+        copy_s: float,
+        ahead: int,
+        avail_s: float,
+        q: float | None = None,
+        src: int = 0,
     ) -> float:
         """Expected demand-load seconds a copy on ``dev`` costs through its victim:
         P(victim used within W) x ``copy_s`` (module doc). The copy starts after
         ``start_s`` seconds of copies ahead of it on the link and its layer is ``ahead``
         steps away; the link gives prefetches ``avail_s`` seconds per layer step (demand
-        loads preempt them: a prefetch moves only in the time they leave)."""
+        loads preempt them: a prefetch moves only in the time they leave). With ``q`` (the
+        copy's chance of use, victim="residence") and a measured residence R of unused
+        copies (policies.fmoe_residence): (q x P(used within W) + (1 - q) x P(used within
+        W + R)) x ``copy_s``."""
         if avail_s > 0:
             start = start_s / avail_s  # layer steps until it starts (and evicts)
             window = max(start + copy_s / avail_s, ahead) - start
         else:  # demand loads fill the link: it holds its slot at least until its layer
             step = self._interval or self._view.layer_time_s(self._rows)
             window = max(copy_s / step if step and step > 0 else 0.0, float(ahead))
-        return self._victim_use_chance(dev, window) * copy_s
+        use = self._victim_use_chance(dev, window)
+        if q is not None:
+            r = self._residence_steps(src)
+            if r > 0:
+                use2 = self._victim_use_chance(dev, window, r)
+                return (q * use + (1.0 - q) * use2) * copy_s
+        return use * copy_s
 
-    def _victim_use_chance(self, dev: int, window_steps: float) -> float:
+    def _victim_use_chance(self, dev: int, window_steps: float, stay: float = 0.0) -> float:
         """The chance that the victim of ``dev``'s next copy is used within
-        ``window_steps`` layer steps (0 while the device has a free slot). The victim is
-        not consumed: :meth:`_victim_take` does that when the copy is admitted."""
+        ``window_steps`` layer steps (0 while the device has a free slot), or, with
+        ``stay`` > 0, within ``window_steps`` plus a memoryless stay of mean ``stay``
+        steps (policies.fmoe_residence): 1 - exp(-W / E) x E / (E + stay), the
+        expectation of 1 - exp(-(W + R) / E) over R ~ Exp(mean stay). The victim is not
+        consumed: :meth:`_victim_take` does that when the copy is admitted."""
         if window_steps <= 0 or self.ctx is None:
             return 0.0
         if dev not in self._vfree:
@@ -85,7 +104,11 @@ class FmoeVictim:
         if self._vfree[dev] > 0 or not self._vq[dev]:
             return 0.0
         e = self.expected_next_use(*self._vq[dev][-1][1].key)
-        return 1.0 if e <= 0 else 1.0 - math.exp(-window_steps / e)
+        if e <= 0:
+            return 1.0
+        if stay > 0:
+            return 1.0 - math.exp(-window_steps / e) * (e / (e + stay))
+        return 1.0 - math.exp(-window_steps / e)
 
     def _victim_take(self, dev: int) -> None:
         """A copy on ``dev`` was admitted: its victim (a free slot first) is taken."""
