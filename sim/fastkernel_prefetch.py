@@ -18,8 +18,12 @@ async policy's delayed orders are timed calls the kernel runs in time order with
 link events (``cf``/``ci``, their orders in ``bk``/``bp``).
 
 Over 450 lines on purpose: numba's on-disk cache keys a compiled function on its own
-source file only, so the kernel and every helper it inlines live in one module. Compiled
-with ``_nrt=False`` (no reference counting): nothing here allocates.
+source file only, so the kernel and every helper it calls live in one module. Compiled
+with ``_nrt=False`` (no reference counting): nothing here allocates. The helpers are not
+marked ``inline="always"`` (numba's IR inlining; LLVM still inlines what pays): with it
+the first compile took 114.6 s, without it 13.3 s (a first deepspeed run, empty numba
+cache, this 2-core VM), at 0-15% more time a layer step for the prefetching baselines
+(``benchmarks/sim_speed.py``, docs/testing.md).
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ PH_USED = 9
 
 
 # -- bookkeeping ------------------------------------------------------------------------
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _seq(isc):
     isc[I_SEQ] += 1
     return isc[I_SEQ]
@@ -105,12 +109,12 @@ def _seq(isc):
 
 
 # -- the prefetch heap of a link: (-priority, seq, key), lazily deleted -----------------
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _hless(hf, hi, g, a, b):
     return hf[g, a] < hf[g, b] or (hf[g, a] == hf[g, b] and hi[g, a, 0] < hi[g, b, 0])
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _hswap(hf, hi, g, a, b):
     x = hf[g, a]
     hf[g, a] = hf[g, b]
@@ -150,7 +154,7 @@ def _hcompact(ki, gi, hf, hi, g):
                 break
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _hpush(ki, gi, hf, hi, g, negpri, seq, k):
     if gi[g, G_HN] == hf.shape[1]:
         _hcompact(ki, gi, hf, hi, g)
@@ -168,7 +172,7 @@ def _hpush(ki, gi, hf, hi, g, negpri, seq, k):
             break
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _hpop(gi, hf, hi, g):
     """Remove the smallest entry; returns its (seq, key)."""
     seq, k = hi[g, 0, 0], hi[g, 0, 1]
@@ -194,7 +198,7 @@ def _hpop(gi, hf, hi, g):
 
 
 # -- the cache --------------------------------------------------------------------------
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _victim(ki, kf, gi, g):
     """The lowest (protected, last_used, key) among resident unpinned entries (the
     cache's choice with a recency scorer); -1 when none."""
@@ -257,7 +261,7 @@ def _py_victim(ki, gi, scratch, g):
     return v
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _begin_load(isc, ki, kf, gi, gf, scratch, k, now, prefetch):
     """ExpertCache.begin_load(key, now, prefetch=prefetch, pin=not prefetch); False
     (nothing changed) when no slot can be freed."""
@@ -301,7 +305,7 @@ def _begin_load(isc, ki, kf, gi, gf, scratch, k, now, prefetch):
     return True
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _can_evict(ki, gi, g):
     """Whether a slot can be freed on GPU g (a resident unpinned entry exists)."""
     if gi[g, G_COUNT] < gi[g, G_CAP]:
@@ -314,7 +318,7 @@ def _can_evict(ki, gi, g):
     return False
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _cancel_slot(isc, ki, gi, scratch, k):
     """Link._cancel_slot: ExpertCache.cancel_load(key) and the freed slot counted."""
     g = ki[k, K_DEV]
@@ -329,7 +333,7 @@ def _cancel_slot(isc, ki, gi, scratch, k):
     gi[g, G_CDIRTY] = 1
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _use(isc, ki, kf, gi, gf, scratch, k, now):
     """ExpertCache.use(key, now, unpin=True)."""
     ki[k, K_PINS] -= 1
@@ -342,14 +346,14 @@ def _use(isc, ki, kf, gi, gf, scratch, k, now):
 
 
 # -- the links ----------------------------------------------------------------------------
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _push_event(isc, fsc, gi, gf, g, end, now):
     """Queue the end of link g's segment (the previous one is superseded)."""
     gf[g, GF_EVT] = end if end > now else now
     gi[g, G_EVSEQ] = _seq(isc)
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _begin(isc, fsc, ki, gi, gf, g, k, now, new_run):
     """Link._begin on the link's one channel."""
     gi[g, G_BUSY] = k
@@ -368,7 +372,7 @@ def _begin(isc, fsc, ki, gi, gf, g, k, now, new_run):
     _push_event(isc, fsc, gi, gf, g, end, now)
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now):
     """Link._next_job: the demand queue first, then the best live prefetch; -1 when none."""
     if gi[g, G_QN] > 0:
@@ -407,7 +411,7 @@ def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, no
     return -1
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now):
     """Link._kick then _preempt, for one channel."""
     if gi[g, G_BUSY] < 0:
@@ -492,7 +496,7 @@ def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, 
             _begin(isc, fsc, ki, gi, gf, g, nk, now, True)
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _next_event(isc, gi, gf):
     """The link whose event comes first (time, then scheduling order); -1 when none."""
     best = -1
@@ -508,7 +512,7 @@ def _next_event(isc, gi, gf):
     return best
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _due(isc, gi, gf, cf):
     """Links.due: the earliest link event or timed call (inf when none)."""
     g = _next_event(isc, gi, gf)
@@ -518,7 +522,7 @@ def _due(isc, gi, gf, cf):
     return t
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t):
     """Links.advance(t): link events and timed calls at or before ``t`` in time order
     (ties: link events first, then calls in the order they were made)."""
@@ -534,7 +538,7 @@ def _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t
             return
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
     """Link.start_demand(key, now); False (nothing reserved) when no slot can be freed."""
     g = ki[k, K_DEV]
@@ -564,7 +568,7 @@ def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, 
     return True
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _free_suspended(isc, ki, gi, scratch, g):
     """Link.free_suspended: cancel every preempted prefetch of link g (by key)."""
     for k in range(ki.shape[0]):
@@ -576,7 +580,7 @@ def _free_suspended(isc, ki, gi, scratch, g):
             _cancel_slot(isc, ki, gi, scratch, k)
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
     """Link.promote: a LOADING key is demanded: its copy becomes a demand load."""
     g = ki[k, K_DEV]
@@ -597,7 +601,7 @@ def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k
         ki[k, K_JSTOP] = 0
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, pri, stamp, now):
     """Link.enqueue: queue or re-prioritise a prefetch; cached keys are skipped."""
     g = ki[k, K_DEV]
@@ -625,7 +629,7 @@ def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k
         _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
     """Link.cancel: drop a queued order, cancel a preempted or in-flight prefetch."""
     g = ki[k, K_DEV]
@@ -641,7 +645,7 @@ def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k,
         _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now, _CANCEL)
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _apply_from(
     isc,
     fsc,
@@ -694,7 +698,7 @@ def _apply_from(
         )
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, now):
     """The orders the caller put in ordk/ordp (isc[I_NCAN] cancels, then isc[I_NORD]
     prefetches) at the current stamp."""
@@ -819,7 +823,7 @@ def advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
 
 
 # -- one layer step -------------------------------------------------------------------------
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _items(isc, ids, layer, work):
     """sim.iteration.layer_items of one layer: distinct experts by id, rows per expert, in
     work[:, W_E], work[:, W_TOK]; returns their number."""
@@ -854,7 +858,7 @@ def _items(isc, ids, layer, work):
     return n
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work, et, layer, t):
     """LayerSteps._demand: demand and pin the layer's experts (a LOADING one is promoted
     to a demand load), then start loading the absent ones; returns the number of GPUs
@@ -934,7 +938,7 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, wo
     return nslow
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _timeline(isc, ki, kf, work, et, g, t, comp):
     """LayerSteps._timeline of GPU g from ``t`` (no interference, no fused call)."""
     npend = isc[I_NPEND]
@@ -968,7 +972,7 @@ def _timeline(isc, ki, kf, work, et, g, t, comp):
     return tg
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _attribute(isc, ids, layer, work, row_off, req_out):
     """LayerSteps._attribute: per request, distinct experts demanded and those that hit."""
     B = row_off.shape[0] - 1
@@ -996,7 +1000,7 @@ def _attribute(isc, ids, layer, work, row_off, req_out):
         req_out[b, 1] += hit
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _drop_suspended_of_layer(isc, ki, gi, lg, scratch, layer):
     """Link.drop_suspended_of_layer on every link: cancel preempted prefetches of
     ``layer`` ordered before its gate that just ran."""
