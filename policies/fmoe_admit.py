@@ -89,11 +89,19 @@ class FmoeAdmitKernel:
         # map picks the lookahead passed over (FmoeDeadline._iteration_chance)
         ch0 = np.zeros(n)
         cn0 = np.full(n, -1.0)
-        if self._map_marginal:
-            for i, (layer, j) in enumerate(zip(lay.tolist(), jj.tolist(), strict=True)):
-                hn = self._map_only(layer, j)
-                if hn is not None:
-                    ch0[i], cn0[i] = hn
+        named = self._look_named
+        if self._map_marginal and named is not None and named[0] == self._cur_it:
+            # _map_only per candidate: only the lookahead's layer has such picks, and all
+            # of that layer's share one (hits, picks) pair
+            at = np.flatnonzero(lay == named[1]).tolist()
+            if at:
+                hn = None
+                ordered = named[2]
+                for i in at:
+                    if int(jj[i]) not in ordered:
+                        if hn is None:
+                            hn = self._map_only(named[1], int(jj[i]))
+                        ch0[i], cn0[i] = hn  # type: ignore[misc]
         act = np.empty((n, 2), np.int64)
         counts = np.zeros(7, np.int64)
         have = self._chance_it == self._cur_it
