@@ -76,16 +76,15 @@ class FmoeAdmitKernel:
         # map_value="marginal": what the lookahead would save of each anyway (_admit's sv)
         sv = np.zeros(n)
         if self._map_marginal:
-            recall: dict[int, float] = {}
-            for i, layer in enumerate(lay.tolist()):
-                if layer - g >= 2:
-                    r = recall.get(layer)
-                    if r is None:
-                        r = recall[layer] = self._look_recall(layer)
+            far = np.flatnonzero(lay >= g + 2)
+            if far.size:
+                far_lay = lay[far]
+                for layer in np.unique(far_lay).tolist():
+                    r = self._look_recall(layer)
                     if r:
-                        dev = int(cand_dev[i])
-                        c, av = float(copy[dev]), float(avail[dev])
-                        sv[i] = r * (c if c < av else av)
+                        at = far[far_lay == layer]
+                        c, av = copy[cand_dev[at]], avail[cand_dev[at]]
+                        sv[at] = r * np.where(c < av, c, av)  # per candidate: r x min(c, av)
         # map picks the lookahead passed over (FmoeDeadline._iteration_chance)
         ch0 = np.zeros(n)
         cn0 = np.full(n, -1.0)
