@@ -140,6 +140,22 @@ def make_fast_path(eng: Engine) -> FastPath | PrefetchPath:
     return PrefetchPath(eng)
 
 
+def batch_ids(
+    fp: FastPath | PrefetchPath, batch: list[Any], slices: list[slice]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An iteration's top-K rows for a compiled path ``fp``: the rows of ``batch`` (its
+    requests' slices, in the trace's dtype), each request's first row (n + 1 offsets) and
+    a zeroed per-request (demands, hits) array; one request reuses ``fp``'s own arrays."""
+    n = len(batch)
+    if n == 1:
+        return batch[0].req.routing.topk_ids[slices[0]], fp.one_row_off, fp.one_req_out
+    ids = np.concatenate([s.req.routing.topk_ids[sl] for s, sl in zip(batch, slices, strict=True)])
+    row_off = np.fromiter(
+        accumulate((sl.stop - sl.start for sl in slices), initial=0), np.int64, n + 1
+    )
+    return ids, row_off, np.zeros((n, 2), np.int64)
+
+
 def add_request_counts(batch: list[Any], req_out: np.ndarray) -> None:
     """Add a kernel's per-request (demands, hits) rows ``req_out`` [B, 2] to the batch's
     requests, in batch order (one row: read and zeroed in place, the common case)."""
@@ -409,17 +425,7 @@ class FastSteps:
         batch = self.running
         slices, rows, context = self._batch_rows(batch)
         n = len(batch)
-        if n == 1:
-            ids = batch[0].req.routing.topk_ids[slices[0]]
-            row_off, req_out = fp.one_row_off, fp.one_req_out
-        else:
-            ids = np.concatenate(
-                [s.req.routing.topk_ids[sl] for s, sl in zip(batch, slices, strict=True)]
-            )
-            row_off = np.fromiter(
-                accumulate((sl.stop - sl.start for sl in slices), initial=0), np.int64, n + 1
-            )
-            req_out = np.zeros((n, 2), np.int64)
+        ids, row_off, req_out = batch_ids(fp, batch, slices)
         if ids.dtype != np.int64:
             ids = ids.astype(np.int64)
         if fp.num_gpus > 1 and fp.needs_waves(ids, rows):  # waves on one of several GPUs:

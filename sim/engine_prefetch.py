@@ -45,6 +45,7 @@ from policies.cache import (
 )
 from policies.cache_victims import victim_index_of
 from sim import engine_prefetch_view as V
+from sim.engine_fast import FastPath
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -397,20 +398,7 @@ class PrefetchPath:
             self.et = et = new
         return et
 
-    def per_rows(self, rows: int, batch: int) -> tuple[float, float, float, float]:
-        """(hand-off, exchange, executor overhead, head) of an iteration (memoised)."""
-        key = (rows, batch)
-        v = self._per_rows.get(key)
-        if v is None:
-            eng = self._eng
-            timing = eng.timing
-            v = self._per_rows[key] = (
-                timing.handoff(rows) if eng.num_gpus > 1 else 0.0,
-                timing.exchange(rows),
-                eng.compute_model.layer_overhead(eng.policy.name, rows),
-                timing.head(batch),
-            )
-        return v
+    per_rows = FastPath.per_rows  # the same memoised per-iteration costs
 
     def export(self, eng: Engine) -> None:
         """Write the arrays back into the caches, links and engine counters (after the run)."""

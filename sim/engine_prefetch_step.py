@@ -6,13 +6,12 @@ and in the same order as the Python engine calls them."""
 from __future__ import annotations
 
 from collections.abc import Generator
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from policies.base import GateOutput
-from sim.engine_fast import add_request_counts
+from sim.engine_fast import add_request_counts, batch_ids
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -31,17 +30,7 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     batch = eng.running
     slices, rows, context = eng._batch_rows(batch)
     n = len(batch)
-    if n == 1:
-        ids = batch[0].req.routing.topk_ids[slices[0]]
-        row_off, req_out = fp.one_row_off, fp.one_req_out
-    else:
-        ids = np.concatenate(
-            [s.req.routing.topk_ids[sl] for s, sl in zip(batch, slices, strict=True)]
-        )
-        row_off = np.fromiter(
-            accumulate((sl.stop - sl.start for sl in slices), initial=0), np.int64, n + 1
-        )
-        req_out = np.zeros((n, 2), np.int64)
+    ids, row_off, req_out = batch_ids(fp, batch, slices)
     ids64 = ids if ids.dtype == np.int64 else ids.astype(np.int64)
     eng.iterations += 1
     fsc, isc = fp.fsc, fp.isc

@@ -5,10 +5,7 @@ back to the Python engine with a named reason."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,52 +16,14 @@ from hypothesis import strategies as st
 from policies.deepspeed import DeepSpeed
 from sim import engine_fast, engine_prefetch
 from sim.config import SimConfig
-from sim.metrics import WALL_CLOCK_KEYS
-from sim.run import SimResult, simulate
+from sim.run import simulate
 from specs.presets import load_hardware, load_model
+from tests.sim_compare import both, engine, outcome
 from tests.strategies import random_workload, specs
 from tests.test_sim_kit import exact_profile
 from traces.synth import SynthConfig, generate
 
-
-@contextlib.contextmanager
-def engine(name: str) -> Iterator[list[engine_prefetch.PrefetchPath]]:
-    """Run under FMOE_SIM_ENGINE=name; yields the PrefetchPath objects the runs built."""
-    built: list[engine_prefetch.PrefetchPath] = []
-    init = engine_prefetch.PrefetchPath.__init__
-
-    def spy(self: engine_prefetch.PrefetchPath, eng: Any) -> None:
-        init(self, eng)
-        built.append(self)
-
-    old = os.environ.get(engine_fast.ENGINE_ENV)
-    os.environ[engine_fast.ENGINE_ENV] = name
-    engine_prefetch.PrefetchPath.__init__ = spy  # type: ignore[method-assign]
-    try:
-        yield built
-    finally:
-        engine_prefetch.PrefetchPath.__init__ = init  # type: ignore[method-assign]
-        if old is None:
-            del os.environ[engine_fast.ENGINE_ENV]
-        else:
-            os.environ[engine_fast.ENGINE_ENV] = old
-
-
-def outcome(res: SimResult) -> str:
-    """Everything a run reports except wall-clock figures, as one comparable string."""
-    m = {k: v for k, v in res.metrics.items() if k not in WALL_CLOCK_KEYS}
-    frame = res.requests.to_dict(orient="list")
-    return json.dumps({"metrics": m, "requests": frame}, sort_keys=True, default=str)
-
-
-def both(workload: Any, cfg: SimConfig) -> tuple[str, str, int]:
-    """(Python engine's outcome, compiled setting's outcome, prefetching paths built)."""
-    with engine("python") as none:
-        ref = outcome(simulate(workload, cfg))
-    assert not none
-    with engine("compiled") as built:
-        fast = outcome(simulate(workload, cfg))
-    return ref, fast, len(built)
+PATH = engine_prefetch.PrefetchPath  # the compiled path these tests hold equal
 
 
 ON_KERNEL = ["deepspeed", "promoe", "mixtral-offloading", "moe-infinity", "least-stale"]
@@ -89,8 +48,8 @@ def test_prefetching_compiled_equals_python(
         model=spec, hardware=hw, policy=policy, cache_gb=cache_gb, batch_size=batch,
         train_fraction=0.34 if policy != "deepspeed" else None,
     )  # fmt: skip
-    ref, fast, built = both(w, cfg)
-    assert built == 1, "the compiled path did not run"
+    ref, fast, built = both(w, cfg, PATH)
+    assert len(built) == 1, "the compiled path did not run"
     assert fast == ref
     m = json.loads(ref)["metrics"]
     # the policy did prefetch (least-stale: on demand only, its scorer called back)
@@ -105,8 +64,8 @@ def test_policies_with_other_hooks_fall_back(policy: str) -> None:
     spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
     w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=3))
     cfg = SimConfig(model=spec, hardware=hw, policy=policy, cache_gb=24.0)
-    ref, fast, built = both(w, cfg)
-    assert built == 0
+    ref, fast, built = both(w, cfg, PATH)
+    assert not built
     assert fast == ref
 
 
@@ -116,8 +75,8 @@ def test_a_cache_smaller_than_a_layer_falls_back() -> None:
     spec, hw = load_model("mixtral-8x7b"), load_hardware("a100-80gb-pcie4")
     w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=4))
     cfg = SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_experts=4)
-    ref, fast, built = both(w, cfg)
-    assert built == 0
+    ref, fast, built = both(w, cfg, PATH)
+    assert not built
     assert fast == ref
 
 
@@ -174,7 +133,7 @@ def test_prefetching_compiled_equals_python_on_random_runs(run: tuple[Any, SimCo
     """Same results from both engine settings on random small runs (the compiled path where
     the run qualifies, the Python engine where waves are possible)."""
     workload, cfg = run
-    ref, fast, _ = both(workload, cfg)
+    ref, fast, _ = both(workload, cfg, PATH)
     assert fast == ref
 
 
@@ -218,7 +177,7 @@ def test_hooks_see_what_the_python_engine_shows() -> None:
     cfg = SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_gb=12.0, batch_size=2)
     logs, outs = [], []
     for name in ("python", "compiled"):
-        with engine(name) as built:
+        with engine(name, PATH) as built:
             pol = Watcher()
             outs.append(outcome(simulate(w, cfg, policy=pol)))
             logs.append(pol.seen)
@@ -263,7 +222,7 @@ def test_small_call_buffers_grow(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_gb=12.0, batch_size=2)
     outs = []
     for name in ("python", "compiled"):
-        with engine(name) as built:
+        with engine(name, PATH) as built:
             outs.append(outcome(simulate(w, cfg, policy=SlowSearch())))
         assert len(built) == (name == "compiled")
     assert outs[0] == outs[1]
@@ -321,9 +280,9 @@ def test_auto_takes_the_path_only_with_kernel_victims(
     spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
     w = generate(spec, SynthConfig(num_requests=1, arrival_rate=2.91, seed=8))
     cfg = SimConfig(model=spec, hardware=hw, policy=policy, cache_gb=24.0)
-    with engine("python"):
+    with engine("python", PATH):
         ref = outcome(simulate(w, cfg))
-    with engine("auto") as built:
+    with engine("auto", PATH) as built:
         auto = outcome(simulate(w, cfg))
     assert len(built) == int(taken)
     assert auto == ref
