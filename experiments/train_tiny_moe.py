@@ -2,12 +2,15 @@
 routing trace of a *trained* router (the substitute for a Mixtral decode trace, which
 cannot be downloaded here).
 
-    python experiments/train_tiny_moe.py --out tiny_moe_ckpt [--steps 480] [--max-minutes 14] \
-        [--capture TRACE] [--skip-train]
+    python experiments/train_tiny_moe.py --out tiny_moe_ckpt [--shape mixtral|qwen2-moe] \
+        [--steps 480] [--max-minutes 14] [--capture TRACE] [--skip-train]
 
-The model is a transformers ``MixtralConfig`` model (Mixtral-shaped: 8 experts, top-2,
-softmax router, the load-balancing auxiliary loss on with Mixtral's released coefficient
-0.02, applied per layer, :func:`per_layer_aux_loss`), byte-level: 256 byte tokens + BOS (256) + EOS (257), so the project's
+The model (``--shape mixtral``, the default) is a transformers ``MixtralConfig`` model
+(Mixtral-shaped: 8 experts, top-2, softmax router, the load-balancing auxiliary loss on
+with Mixtral's released coefficient 0.02, applied per layer, :func:`per_layer_aux_loss`);
+``--shape qwen2-moe`` is a fine-grained ``Qwen2MoeConfig`` one after Qwen1.5-MoE-A2.7B
+(60 experts, top-4, a shared expert, coefficient 0.001: :class:`TinyQwenMoEShape`). Both
+byte-level: 256 byte tokens + BOS (256) + EOS (257), so the project's
 ``ByteTokenizer`` (token = byte for a vocabulary >= 256) reads its prompts unchanged.
 
 Training text (real, written by people; none by this project):
@@ -70,23 +73,71 @@ class TinyMoEShape:
     router_aux_loss_coef: float = 0.02  # Mixtral-8x7B's released config
     max_position_embeddings: int = 512
 
+    family = "mixtral"
+    what = "a tiny byte-level Mixtral-shaped MoE (8 experts, top-2)"
 
-def build_config(shape: TinyMoEShape = TinyMoEShape()) -> Any:
-    """The transformers MixtralConfig of the byte-level model (aux loss on for training)."""
-    from transformers import MixtralConfig
+    @property
+    def experts(self) -> int:
+        return self.num_local_experts
 
-    return MixtralConfig(
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok
+
+
+@dataclass(frozen=True)
+class TinyQwenMoEShape:
+    """A fine-grained shape (Qwen2MoeConfig fields) after Qwen1.5-MoE-A2.7B's released
+    config: 60 routed experts, top-4 without renormalising the top-4 weights, one shared
+    expert behind a sigmoid gate, aux-loss coefficient 0.001; widths scaled by the hidden
+    size (2048 -> 128): expert 1408 -> 88, shared expert 5632 -> 352."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 352  # dense MLP width (unused: every layer is sparse)
+    moe_intermediate_size: int = 88
+    shared_expert_intermediate_size: int = 352
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    num_experts: int = 60
+    num_experts_per_tok: int = 4
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.001  # Qwen1.5-MoE-A2.7B's released config
+    max_position_embeddings: int = 512
+
+    family = "qwen2_moe"
+    what = "a tiny byte-level Qwen1.5-MoE-shaped MoE (60 experts, top-4, a shared expert)"
+
+    @property
+    def experts(self) -> int:
+        return self.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok
+
+
+#: ``--shape`` choices: the transformers family each shape builds.
+SHAPES: dict[str, Any] = {"mixtral": TinyMoEShape(), "qwen2-moe": TinyQwenMoEShape()}
+
+
+def build_config(shape: Any = TinyMoEShape()) -> Any:
+    """The transformers config of the byte-level model (aux loss on for training)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        shape.family,
         vocab_size=VOCAB,
         bos_token_id=BOS,
         eos_token_id=EOS,
         tie_word_embeddings=False,
         output_router_logits=True,
-        router_jitter_noise=0.0,
+        **({"router_jitter_noise": 0.0} if shape.family == "mixtral" else {}),
         **asdict(shape),
     )
 
 
-def build_model(shape: TinyMoEShape = TinyMoEShape(), seed: int = 0) -> Any:
+def build_model(shape: Any = TinyMoEShape(), seed: int = 0) -> Any:
     """A freshly initialised model under ``torch.manual_seed(seed)``, in train mode."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -97,7 +148,7 @@ def build_model(shape: TinyMoEShape = TinyMoEShape(), seed: int = 0) -> Any:
     return model
 
 
-def per_layer_aux_loss(router_logits: tuple[Any, ...], shape: TinyMoEShape) -> Any:
+def per_layer_aux_loss(router_logits: tuple[Any, ...], shape: Any) -> Any:
     """The Switch/Mixtral load-balancing loss (J * sum_i f_i P_i; 1 x K when balanced) of
     each layer, averaged over layers.
 
@@ -108,9 +159,7 @@ def per_layer_aux_loss(router_logits: tuple[Any, ...], shape: TinyMoEShape) -> A
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     losses = [
-        load_balancing_loss_func(
-            (logits,), shape.num_local_experts, shape.num_experts_per_tok, None
-        )
+        load_balancing_loss_func((logits,), shape.experts, shape.top_k, None)
         for logits in router_logits
     ]
     return sum(losses) / len(losses)
@@ -215,7 +264,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def train(
-    cfg: TrainConfig, shape: TinyMoEShape = TinyMoEShape(), log=sys.stderr.write
+    cfg: TrainConfig, shape: Any = TinyMoEShape(), log=sys.stderr.write
 ) -> tuple[Any, dict[str, Any]]:
     """Train on one CPU thread; returns (model in eval mode, summary with the loss curve).
 
@@ -285,7 +334,8 @@ def train(
     model.eval()
     end_bpb = bits_per_byte(model, held, cfg.seq_len)
     summary = {
-        "model": "MixtralConfig, byte-level",
+        "model": f"{type(model.config).__name__}, byte-level",
+        "what": shape.what,
         "aux_loss": "per layer, averaged over layers (per_layer_aux_loss)",
         "shape": asdict(shape),
         "vocab_size": VOCAB,
@@ -357,9 +407,10 @@ def capture_trace(
     prompt_file = ckpt / "heldout_prompts.jsonl"
     rows = heldout_prompt_file(prompt_file, mt_bench, gsm8k)
     prov = {k: v for k, v in summary.items() if k != "curve"}
+    what = summary.get("what", "a tiny byte-level Mixtral-shaped MoE")
     prov["what"] = (
-        "a tiny byte-level Mixtral-shaped MoE trained on this project's CPU "
-        "(experiments/train_tiny_moe.py); not Mixtral"
+        f"{what} trained on this project's CPU (experiments/train_tiny_moe.py); "
+        "not the released model"
     )
     prov["prompt_sources"] = "MT-Bench first turns (Apache-2.0), GSM8K test questions (MIT)"
     cfg = CaptureConfig(
@@ -383,6 +434,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = TrainConfig()
     p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="mixtral", help="model shape")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -414,7 +466,7 @@ def main() -> None:
         max_minutes=a.max_minutes,
         stop_after=a.stop_after,
     )
-    model, summary = train(cfg)
+    model, summary = train(cfg, SHAPES[a.shape])
     save_checkpoint(model, summary, Path(a.out))
     print(
         json.dumps(

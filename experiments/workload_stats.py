@@ -51,6 +51,7 @@ from traces.types import Workload  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 TRAINED_TRACE = FIXTURES / "tiny_byte_moe_decode.trace"
+TRAINED_QWEN_TRACE = FIXTURES / "tiny_byte_qwen_moe_decode.trace"
 
 
 def _rows(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -172,6 +173,9 @@ def workloads(captures: list[str], sets: list[str] | None = None) -> dict[str, W
             "routing-jsonl", FIXTURES / "vllm_qwen1.5_moe_routes_excerpt.jsonl"
         ),
         "tiny byte-level MoE trained here (real decode, fixture)": load_workload(TRAINED_TRACE),
+        "tiny byte-level Qwen-shaped MoE trained here (real decode, fixture)": load_workload(
+            TRAINED_QWEN_TRACE
+        ),
     }
     for path in captures:
         w = load_workload(path)

@@ -11,22 +11,28 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACE = ROOT / "tests" / "fixtures" / "tiny_byte_moe_decode.trace"
-TRAINING = ROOT / "tests" / "fixtures" / "tiny_byte_moe_training.json"
+FIXTURES = ROOT / "tests" / "fixtures"
+# the shipped traces and their training records: Mixtral-shaped, Qwen1.5-MoE-shaped
+SHIPPED = [
+    (FIXTURES / "tiny_byte_moe_decode.trace", FIXTURES / "tiny_byte_moe_training.json"),
+    (FIXTURES / "tiny_byte_qwen_moe_decode.trace", FIXTURES / "tiny_byte_qwen_moe_training.json"),
+]
+TRACE = SHIPPED[0][0]
 sys.path.insert(0, str(ROOT))
 
 
-def test_shipped_trace_loads_with_its_training_record() -> None:
+@pytest.mark.parametrize(("trace", "training"), SHIPPED, ids=["mixtral", "qwen2-moe"])
+def test_shipped_trace_loads_with_its_training_record(trace: Path, training: Path) -> None:
     from traces.io import file_version, load_workload
 
-    assert file_version(TRACE) == 2
-    w = load_workload(TRACE)  # checks every chunk's CRC and every value first
-    summary = json.loads(TRAINING.read_text())
+    assert file_version(trace) == 2
+    w = load_workload(trace)  # checks every chunk's CRC and every value first
+    summary = json.loads(training.read_text())
     spec = w.spec
     shape = summary["shape"]
     assert (spec.num_moe_layers, spec.num_experts, spec.top_k) == (
         shape["num_hidden_layers"],
-        shape["num_local_experts"],
+        shape.get("num_local_experts", shape.get("num_experts")),
         shape["num_experts_per_tok"],
     )
     prov = w.provenance["training"]
@@ -48,13 +54,14 @@ def test_shipped_trace_loads_with_its_training_record() -> None:
     assert ids == {"mt", "gsm8k"}  # held-out MT-Bench and GSM8K prompts
 
 
-def test_shipped_trace_simulates_with_lru_under_the_min_bound() -> None:
+@pytest.mark.parametrize("trace", [t for t, _ in SHIPPED], ids=["mixtral", "qwen2-moe"])
+def test_shipped_trace_simulates_with_lru_under_the_min_bound(trace: Path) -> None:
     from sim.config import SimConfig
     from sim.run import simulate
     from specs.presets import load_hardware
     from traces.io import load_workload
 
-    w = load_workload(TRACE)
+    w = load_workload(trace)
     cache = w.spec.num_moe_layers * w.spec.num_experts // 4
     for policy in ("lru", "fmoe"):
         cfg = SimConfig(
@@ -70,24 +77,45 @@ def test_shipped_trace_simulates_with_lru_under_the_min_bound() -> None:
             assert 0.0 < m["hit_rate_routed"] <= m["bound_hit_belady"] + 1e-12
 
 
-def test_three_training_steps_then_capture(tmp_path: Path) -> None:
+def _tiny_shapes() -> dict[str, object]:
+    from experiments import train_tiny_moe as t
+
+    small = dict(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return {
+        "mixtral": t.TinyMoEShape(intermediate_size=16, num_local_experts=4, **small),
+        "qwen2-moe": t.TinyQwenMoEShape(
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=16,
+            num_experts=6,
+            num_experts_per_tok=3,
+            **small,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "experts", "top_k", "arch"),
+    [("mixtral", 4, 2, "MixtralForCausalLM"), ("qwen2-moe", 6, 3, "Qwen2MoeForCausalLM")],
+)
+def test_three_training_steps_then_capture(
+    tmp_path: Path, name: str, experts: int, top_k: int, arch: str
+) -> None:
     import torch
 
     from experiments import train_tiny_moe as t
     from traces.io import load_workload
 
-    shape = t.TinyMoEShape(
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        max_position_embeddings=64,
-    )
+    shape = _tiny_shapes()[name]
     cfg = t.TrainConfig(steps=3, batch=2, seq_len=16, warmup=1, sharegpt=0, log_every=1)
     before = {k: v.clone() for k, v in t.build_model(shape, cfg.seed).state_dict().items()}
     model, summary = t.train(cfg, shape, log=lambda _msg: None)
+    assert type(model).__name__ == arch
     assert [p["step"] for p in summary["curve"]] == [1, 2, 3]
     assert all(np.isfinite(p["train_bpb"]) and p["aux_loss"] > 0 for p in summary["curve"])
     assert summary["corpus_bytes"]["gsm8k"] > 0 and summary["corpus_bytes"]["sharegpt"] == 0
@@ -101,7 +129,9 @@ def test_three_training_steps_then_capture(tmp_path: Path) -> None:
     w = load_workload(out)
     assert [r.request_id for r in w.requests] == ["mt-bench-81", "mt-bench-82", "gsm8k-0"]
     assert all(r.prompt_len == 8 and r.output_len == 3 for r in w.requests)
-    assert w.spec.num_experts == 4 and w.provenance["training"]["steps_done"] == 3
+    assert (w.spec.num_experts, w.spec.top_k) == (experts, top_k)
+    assert w.provenance["training"]["steps_done"] == 3
+    assert shape.what in w.provenance["training"]["what"]
 
 
 def test_capture_refuses_prompts_that_were_trained_on(tmp_path: Path) -> None:
