@@ -45,6 +45,7 @@ from policies.fmoe_admit import FmoeAdmitKernel
 from policies.fmoe_blocking import FmoeBlocking, gate_crossings
 from policies.fmoe_cands import CandidateSet
 from policies.fmoe_eviction import AGE_BUCKETS
+from policies.fmoe_finish import FmoeFinish
 from policies.fmoe_residence import FmoeResidence
 
 _LAST_BUCKET = AGE_BUCKETS - 1
@@ -57,7 +58,22 @@ _KERNEL_MIN = 2
 _LIVE_FAST = True
 
 
-class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
+def first_step_shift(
+    avail: Sequence[float], interval: float, max_s: float, n: Sequence[int], copy: float
+) -> list[float]:
+    """Per device d: avail[d] - T1[d], T1[d] = max(interval - max_s, 0) + (max(n) - n[d]) x
+    copy, the link time device d has for prefetches before the next gate when this gate
+    demands ``n[d]`` loads of ``copy`` seconds there (FmoeDeadline._first_step_shift).
+    Adding it to a link's queued seconds makes the first layer step of the mean forecast
+    (``avail`` a step) that link time. All zeros with one device whose avail is
+    interval - max_s (the mean forecast on one GPU)."""
+    c = interval - max_s
+    c = c if c > 0 else 0.0
+    top = max(n)
+    return [a - (c + (top - k) * copy) for a, k in zip(avail, n, strict=True)]
+
+
+class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish):
     """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
 
     def _setup_deadline(self, ctx: PolicyContext) -> None:
@@ -82,7 +98,9 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         # a layer's experts, a decode step one row's top-K, so one kind's pace says
         # nothing about the other's (kind -> (interval, demand seconds per device))
         self._kind = False  # the current iteration has prefill rows
-        self._by_kind: dict[bool, tuple[float, list[float]]] = {}
+        self._by_kind: dict[bool, tuple[float, list[float], float]] = {}
+        self._max_now = 0  # sum over this iteration's gates of the largest device's loads
+        self._max_s = 0.0  # mean over gates of the largest device's demand seconds (per kind)
         # head-of-line blocking (blocking="measured", fmoe_blocking): per kind and device
         # [seconds demand loads waited behind a copy, such waits, gates demanding a
         # load there, gates]
@@ -94,6 +112,11 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         self._beta = [0.0] * self._n_dev  # wait per crossing of the current kind
         # victim="residence": the unused copies' residence (policies.fmoe_residence)
         self._setup_residence(view is not None and self._victim_resid, L)
+        # forecast="gate": the first layer step's link time from this gate's demand loads
+        self._gate_fc = view is not None and self.options.forecast == "gate"
+        self._gate_dem: tuple[int, list[int]] | None = None
+        # saving="finish": an avoided demand load's worth to the layer step (fmoe_finish)
+        self._setup_finish(view is not None and self.options.saving == "finish", self._n_dev)
 
     def derived_distance(self, ctx: PolicyContext) -> int | None:
         """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]
@@ -120,23 +143,31 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
             self._blocking_resolve()
         if self._res_on:
             self._residence_new_iteration()
+        if self._fin_on:
+            self._finish_resolve()
         times = self._gate_times
         if len(times) >= 2:
             steps = len(times)
             self._by_kind[self._kind] = (
                 (times[-1] - times[0]) / (steps - 1),
                 [n * self._copy_s / steps for n in self._demand_now],
+                self._max_now * self._copy_s / steps,
             )
             if self._distance_source == "copy time / layer time" and not self._kind:
                 # the distance is a decode step's: a prompt's pace does not set it
-                self._interval, self._demand_s = self._by_kind[False]
+                self._interval, self._demand_s, self._max_s = self._by_kind[False]
                 self._rederive_distance()
         self._kind = prefill
-        self._interval, self._demand_s = self._by_kind.get(prefill, (None, [0.0] * self._n_dev))
+        self._interval, self._demand_s, self._max_s = self._by_kind.get(
+            prefill, (None, [0.0] * self._n_dev, 0.0)
+        )
         if self._blocking:
             self._beta = self._blocking_estimates(prefill)
+        if self._fin_on:
+            self._kap = self._finish_estimates(prefill)
         self._gate_times = []
         self._demand_now = [0] * self._n_dev
+        self._max_now = 0
         for key in self._pending:
             self._cancel_if_queued(key)
             self._stats["orders_cancelled_stale"] += 1
@@ -149,6 +180,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         cache_of, dev_of = self._cache_of, self._dev_of
         if not cache_of:
             return
+        now_n = [0] * self._n_dev  # this gate's demand loads per device
         for j in ids:
             # a demanded copy still loading (a late prefetch, promoted to a demand load)
             # is link time this gate waits for, as a demand load's: counted as one, else
@@ -157,11 +189,19 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
             # on one A100, docs/fmoe.md)
             e = cache_of[layer][j].entries.get((layer, j))
             if e is None or e.state is not _RESIDENT:
-                self._demand_now[dev_of[layer][j]] += 1
+                now_n[dev_of[layer][j]] += 1
+        for dev, k in enumerate(now_n):
+            if k:
+                self._demand_now[dev] += k
+        self._max_now += max(now_n)
+        if self._gate_fc:  # forecast="gate": the first step's link time from these
+            self._gate_dem = (layer, now_n)
         if self._blocking:
             self._blocking_gate(layer, ids, now)
         if self._res_on:
             self._residence_gate(layer, ids)
+        if self._fin_on:
+            self._finish_gate(layer, ids, now)
 
     def _rederive_distance(self) -> None:
         """The distance again from the measured pace: one copy over the link time a layer
@@ -184,6 +224,31 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         if not interval or interval <= 0:
             return 0.0
         return min(self._demand_s[dev] / interval, 1.0)
+
+    def _first_step_shift(self, g: int) -> list[float] | None:
+        """forecast="gate": per device, what to add to its link's queued seconds so that the
+        admission's forecast (layer steps of the mean prefetch time ``avail`` before a
+        copy's layer) gives the first step the link time this gate leaves it (None: the
+        mean forecast; at hooks other than gate ``g``'s or before a measured pace).
+
+        The next gate comes when the layer has waited for the slowest device's demand
+        loads and computed; a device's own demand loads go first. Over the last
+        iteration of this kind a step took ``interval`` = compute + M (M the mean over
+        gates of the largest device's demand-load seconds, measured with the same count
+        as ``demand_s``), so this step leaves device d, after its own n_d loads,
+        T1 = max(interval - M, 0) + (max_d n_d - n_d) x copy, where the mean forecast
+        gave avail = interval - demand_s[d]. The shift is avail - T1 (first_step_shift).
+        On one GPU max_d n_d = n_0 and M = demand_s[0]: zero, the mean forecast."""
+        dem = self._gate_dem
+        if dem is None or dem[0] != g or self._interval is None:
+            return None
+        return first_step_shift(
+            [self._avail_per_layer(d) for d in range(self._n_dev)],
+            self._interval,
+            self._max_s,
+            dem[1],
+            self._copy_s,
+        )
 
     def _avail_per_layer(self, dev: int) -> float:
         view = self._view
@@ -275,6 +340,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         view = self._view
         assert view is not None
         committed = [-1.0] * self._n_dev  # link seconds ahead of the next order (lazy)
+        got = [False] * self._n_dev  # committed read (a forecast's shift may make it < 0)
         avail = [-1.0] * self._n_dev
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
@@ -292,14 +358,19 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         if price:
             self._victims_reset()
         beta = self._beta if self._blocking else None
+        shift = self._first_step_shift(g)
+        kap = self._kap  # saving="finish": link-time costs over kappa (1.0: the earlier rule)
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
-            if committed[dev] < 0:
+            if not got[dev]:
+                got[dev] = True
                 link = view.link_state(dev)
                 committed[dev] = link.queued_s
                 copy[dev] = link.copy_s
                 avail[dev] = self._avail_per_layer(dev)
+                if shift is not None:
+                    committed[dev] += shift[dev]
             was = key in old
             copy_s = copy[dev]
             # the part of the copy done before its layer runs: the prefetch link time
@@ -323,7 +394,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
             # the demand loads it holds up (blocking="measured", policies.fmoe_blocking):
             # beta per gate before its layer it is on the link at, and at its own gate
             # (1 - q) x beta if in flight then; 0 (the earlier rule) without a measurement
-            b = 0.0 if beta is None else beta[dev]
+            b = 0.0 if beta is None else beta[dev] / kap[dev]
             nb = own = 0
             if b > 0:
                 nb, own = gate_crossings(committed[dev], copy_s, avail[dev], layer - g)
@@ -373,6 +444,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
                     if look is not None and look > q:
                         q = look
                 rho = 0.0 if no_rho else min(demand_s[dev] / interval, 1.0)  # self._rho(dev)
+                rho = rho / kap[dev]
                 av = avail[dev]
                 # started up to one step sooner than forecast, a copy that cannot land
                 # in a step is on the link at its own gate: unused, that gate waits
