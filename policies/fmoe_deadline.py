@@ -22,6 +22,11 @@ p / (l - l_now) and admitted, best first, only when
   time done (the forecast's error before it is re-made at the next gate) would pay for
   its unused rest: q x min(avail, copy) > (1 - q) x copy x rho.
 
+At a gate the first of the layer steps before a copy's layer is forecast from the gate's
+own demand loads (``forecast="gate"``, policies.fmoe_forecast): the layer waits for the
+slowest device's loads and a device's own go first; the queued link time is shifted so
+that the mean forecast's first step is that one.
+
 The victim of an admitted copy is the expert the device's next demand load would evict
 (the same expected-time-to-next-use order); the copy only evicts it earlier, by the time
 to that device's next miss, so no separate victim check is made (one was measured to
@@ -34,7 +39,6 @@ view (or with ``admission="all"``) every selected expert is ordered as the paper
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +50,7 @@ from policies.fmoe_blocking import FmoeBlocking, gate_crossings
 from policies.fmoe_cands import CandidateSet
 from policies.fmoe_eviction import AGE_BUCKETS
 from policies.fmoe_finish import FmoeFinish
+from policies.fmoe_forecast import FmoeForecast
 from policies.fmoe_residence import FmoeResidence
 
 _LAST_BUCKET = AGE_BUCKETS - 1
@@ -58,22 +63,7 @@ _KERNEL_MIN = 2
 _LIVE_FAST = True
 
 
-def first_step_shift(
-    avail: Sequence[float], interval: float, max_s: float, n: Sequence[int], copy: float
-) -> list[float]:
-    """Per device d: avail[d] - T1[d], T1[d] = max(interval - max_s, 0) + (max(n) - n[d]) x
-    copy, the link time device d has for prefetches before the next gate when this gate
-    demands ``n[d]`` loads of ``copy`` seconds there (FmoeDeadline._first_step_shift).
-    Adding it to a link's queued seconds makes the first layer step of the mean forecast
-    (``avail`` a step) that link time. All zeros with one device whose avail is
-    interval - max_s (the mean forecast on one GPU)."""
-    c = interval - max_s
-    c = c if c > 0 else 0.0
-    top = max(n)
-    return [a - (c + (top - k) * copy) for a, k in zip(avail, n, strict=True)]
-
-
-class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish):
+class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, FmoeForecast):
     """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
 
     def _setup_deadline(self, ctx: PolicyContext) -> None:
@@ -117,19 +107,6 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish):
         self._gate_dem: tuple[int, list[int]] | None = None
         # saving="finish": an avoided demand load's worth to the layer step (fmoe_finish)
         self._setup_finish(view is not None and self.options.saving == "finish", self._n_dev)
-
-    def derived_distance(self, ctx: PolicyContext) -> int | None:
-        """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]
-        (None without a view)."""
-        view = ctx.executor
-        if view is None:
-            return None
-        copy_s = view.link_state(0).copy_s
-        layer_s = view.layer_time_s(1)
-        if not (layer_s > 0 and math.isfinite(copy_s)):
-            return None
-        L = ctx.spec.num_moe_layers
-        return int(min(max(math.ceil(copy_s / layer_s), 1), max(L - 1, 1)))
 
     # -- measurements ---------------------------------------------------------------------
     def _deadline_iteration_start(self, rows: int, prefill: bool = False) -> None:
@@ -203,20 +180,6 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish):
         if self._fin_on:
             self._finish_gate(layer, ids, now)
 
-    def _rederive_distance(self) -> None:
-        """The distance again from the measured pace: one copy over the link time a layer
-        step leaves for prefetches (mean over links), in [1, L - 1]. On one GPU whose link
-        demand loads keep busy that is about the compute time (as at bind); where other
-        links idle while one GPU waits (several GPUs), a copy fits in fewer layers."""
-        L = len(self._pred)
-        avail = sum(self._avail_per_layer(dev) for dev in range(self._n_dev)) / self._n_dev
-        if avail <= 0 or L < 2:
-            return
-        d = int(min(max(math.ceil(self._copy_s / avail), 1), L - 1))
-        if d != self.distance:
-            self._set_distance(d, L)
-            self._stats["distance_changes"] += 1
-
     def _rho(self, dev: int) -> float:
         """Share of ``dev``'s link time its demand loads took per layer step (last
         iteration; 0 before the first measurement), in [0, 1]."""
@@ -224,31 +187,6 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish):
         if not interval or interval <= 0:
             return 0.0
         return min(self._demand_s[dev] / interval, 1.0)
-
-    def _first_step_shift(self, g: int) -> list[float] | None:
-        """forecast="gate": per device, what to add to its link's queued seconds so that the
-        admission's forecast (layer steps of the mean prefetch time ``avail`` before a
-        copy's layer) gives the first step the link time this gate leaves it (None: the
-        mean forecast; at hooks other than gate ``g``'s or before a measured pace).
-
-        The next gate comes when the layer has waited for the slowest device's demand
-        loads and computed; a device's own demand loads go first. Over the last
-        iteration of this kind a step took ``interval`` = compute + M (M the mean over
-        gates of the largest device's demand-load seconds, measured with the same count
-        as ``demand_s``), so this step leaves device d, after its own n_d loads,
-        T1 = max(interval - M, 0) + (max_d n_d - n_d) x copy, where the mean forecast
-        gave avail = interval - demand_s[d]. The shift is avail - T1 (first_step_shift).
-        On one GPU max_d n_d = n_0 and M = demand_s[0]: zero, the mean forecast."""
-        dem = self._gate_dem
-        if dem is None or dem[0] != g or self._interval is None:
-            return None
-        return first_step_shift(
-            [self._avail_per_layer(d) for d in range(self._n_dev)],
-            self._interval,
-            self._max_s,
-            dem[1],
-            self._copy_s,
-        )
 
     def _avail_per_layer(self, dev: int) -> float:
         view = self._view

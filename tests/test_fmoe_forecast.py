@@ -1,5 +1,5 @@
 """fMoE's admission forecasts the first layer step's link time from the gate's own demand
-loads (forecast="gate", policies/fmoe_deadline.py first_step_shift): the next gate comes
+loads (forecast="gate", policies/fmoe_forecast.py first_step_shift): the next gate comes
 when the slowest device's demand loads have landed and the layer has computed."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from policies.base import PolicyContext
 from policies.cache import ExpertCache
 from policies.fmoe import FmoePolicy
-from policies.fmoe_deadline import first_step_shift
+from policies.fmoe_forecast import first_step_shift
 from policies.placement import Placement
 from sim.config import SimConfig
 from sim.run import simulate
