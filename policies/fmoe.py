@@ -130,6 +130,22 @@ class FmoeOptions(PolicyOptions):
         "behind a prefetch (a link preempts a copy only at a chunk boundary; "
         "policies/fmoe_blocking.py); ignored: no such charge (the earlier rule)",
     )
+    forecast: Literal["gate", "mean"] = Field(
+        default="gate",
+        description="deadline admission: gate: the link time a copy has before the next gate "
+        "is forecast from this gate's demand loads (the layer waits for the slowest device's "
+        "and then computes, the measured step time less the measured mean of the slowest "
+        "device's loads; a device's own loads go first): on one GPU the same as mean; mean: "
+        "every layer step gets the measured mean prefetch time (the earlier rule)",
+    )
+    saving: Literal["finish", "copy"] = Field(
+        default="copy",
+        description="deadline admission: copy: a used copy saves one demand load's copy time; "
+        "finish (measured worse on the testbed, docs/fmoe.md): it saves the measured worth of "
+        "an avoided demand load to the layer step (the step waits for the last device's loads), "
+        "and the link time a copy pushes onto demand loads is weighed against that "
+        "(policies/fmoe_finish.py)",
+    )
     rank: Literal["chance", "p"] = Field(
         default="chance",
         description="deadline admission's ranking: chance: each candidate's measured chance "
@@ -368,6 +384,7 @@ class FmoePolicy(
             lookahead_gates=s["lookahead_gates"],
             **(self.blocking_metadata() if self._view is not None else {}),
             **(self.residence_metadata() if getattr(self, "_res_on", False) else {}),
+            **(self.finish_metadata() if getattr(self, "_fin_on", False) else {}),
             **self.lookahead_metadata(),
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,

@@ -55,11 +55,14 @@ class FmoeAdmitKernel:
         # its device's first candidate: an order changes only its own link, after that)
         cand_dev = self._dev_arr[lay, jj]
         devs = (0,) if nd == 1 else np.unique(cand_dev).tolist()
+        shift = self._first_step_shift(g)  # forecast="gate" (FmoeDeadline)
         for dev in devs:
             link = view.link_state(dev)
             committed[dev] = link.queued_s
             copy[dev] = link.copy_s
             avail[dev] = self._avail_per_layer(dev)
+            if shift is not None:
+                committed[dev] += shift[dev]
         interval = self._interval
         no_rho = not interval or interval <= 0
         demand = np.asarray(self._demand_s, np.float64)
@@ -107,6 +110,9 @@ class FmoeAdmitKernel:
         rank_chance = self._rank_chance
         # blocking="measured" (policies.fmoe_blocking): the measured waits, else zeros
         beta = np.asarray(self._beta if self._blocking else np.zeros(nd), np.float64)
+        # saving="finish" (policies.fmoe_finish): link-time costs over kappa (1.0: as before)
+        kap = np.asarray(self._kap, np.float64)
+        beta = beta / kap
         # victim="residence" (policies.fmoe_residence): the measured residence, else 0.0
         resid = (
             np.array([self._residence_steps(0), self._residence_steps(1)])
@@ -130,12 +136,13 @@ class FmoeAdmitKernel:
             sv,
             ch0,
             cn0,
+            kap,
         )
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
             tab = self._chance()
             na = K.admit_rows(
                 *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance, beta,
-                resid, sv, ch0, cn0,
+                resid, sv, ch0, cn0, kap,
             )  # fmt: skip
         if na < 0:
             return False

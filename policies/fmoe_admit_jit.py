@@ -65,6 +65,7 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     sv,
     ch0,
     cn0,
+    kap,
 ):  # noqa: ANN001 - numba
     """Rank candidates (``lay``, ``jj``, ``p``; ``was``: queued before; ``look``: the
     lookahead chance, -1.0 where none) by (-p / (lay - g), lay, jj) and judge them as
@@ -100,7 +101,11 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     ``sv`` (map_value="marginal"): per candidate, the seconds of it the lookahead would
     save anyway (0.0: none); its saving if used is the part done minus that. ``ch0``,
     ``cn0``: per candidate the hits and picks of map picks the lookahead passed over
-    (``cn0`` < 0: not such a pick): its chance is then (ch0 + q) / (cn0 + 1)."""
+    (``cn0`` < 0: not such a pick): its chance is then (ch0 + q) / (cn0 + 1).
+
+    ``kap`` (saving="finish", policies.fmoe_finish): per device the measured worth of an
+    avoided demand load over one copy time; rho is divided by it (``beta`` comes divided
+    already); ones: the earlier rule."""
     n = lay.shape[0]
     if rank_chance:  # p[i] = _iteration_chance of one row: the table's cell, or the look's
         for i in range(n):
@@ -198,6 +203,7 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
             else:
                 rr = demand_s[dev] / interval
                 rho = 1.0 if 1.0 < rr else rr  # min(rr, 1.0)
+            rho = rho / kap[dev]
             av = avail[dev]
             mn = copy_s if copy_s < av else av  # min(avail, copy_s)
             hold = (1.0 - q) * b if b > 0 and av < copy_s else 0.0

@@ -60,7 +60,7 @@ def gate_crossings(committed: float, copy: float, avail: float, ahead: int) -> t
     end = (committed + copy) / avail
     # the last gate strictly before it lands, at most the one before its layer's
     last = ahead - 1 if end > ahead else math.ceil(end) - 1
-    before = last - math.floor(start)
+    before = last - math.floor(start if start > 0 else 0.0)  # (a forecast may start it early)
     own = 1 if start < ahead < end else 0
     return (before if before > 0 else 0), own
 

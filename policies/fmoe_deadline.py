@@ -22,6 +22,11 @@ p / (l - l_now) and admitted, best first, only when
   time done (the forecast's error before it is re-made at the next gate) would pay for
   its unused rest: q x min(avail, copy) > (1 - q) x copy x rho.
 
+At a gate the first of the layer steps before a copy's layer is forecast from the gate's
+own demand loads (``forecast="gate"``, policies.fmoe_forecast): the layer waits for the
+slowest device's loads and a device's own go first; the queued link time is shifted so
+that the mean forecast's first step is that one.
+
 The victim of an admitted copy is the expert the device's next demand load would evict
 (the same expected-time-to-next-use order); the copy only evicts it earlier, by the time
 to that device's next miss, so no separate victim check is made (one was measured to
@@ -34,7 +39,6 @@ view (or with ``admission="all"``) every selected expert is ordered as the paper
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,6 +49,8 @@ from policies.fmoe_admit import FmoeAdmitKernel
 from policies.fmoe_blocking import FmoeBlocking, gate_crossings
 from policies.fmoe_cands import CandidateSet
 from policies.fmoe_eviction import AGE_BUCKETS
+from policies.fmoe_finish import FmoeFinish
+from policies.fmoe_forecast import FmoeForecast
 from policies.fmoe_residence import FmoeResidence
 
 _LAST_BUCKET = AGE_BUCKETS - 1
@@ -57,7 +63,7 @@ _KERNEL_MIN = 2
 _LIVE_FAST = True
 
 
-class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
+class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, FmoeForecast):
     """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
 
     def _setup_deadline(self, ctx: PolicyContext) -> None:
@@ -82,7 +88,9 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         # a layer's experts, a decode step one row's top-K, so one kind's pace says
         # nothing about the other's (kind -> (interval, demand seconds per device))
         self._kind = False  # the current iteration has prefill rows
-        self._by_kind: dict[bool, tuple[float, list[float]]] = {}
+        self._by_kind: dict[bool, tuple[float, list[float], float]] = {}
+        self._max_now = 0  # sum over this iteration's gates of the largest device's loads
+        self._max_s = 0.0  # mean over gates of the largest device's demand seconds (per kind)
         # head-of-line blocking (blocking="measured", fmoe_blocking): per kind and device
         # [seconds demand loads waited behind a copy, such waits, gates demanding a
         # load there, gates]
@@ -94,19 +102,11 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         self._beta = [0.0] * self._n_dev  # wait per crossing of the current kind
         # victim="residence": the unused copies' residence (policies.fmoe_residence)
         self._setup_residence(view is not None and self._victim_resid, L)
-
-    def derived_distance(self, ctx: PolicyContext) -> int | None:
-        """ceil(one copy / one decode layer step) from the executor view, in [1, L - 1]
-        (None without a view)."""
-        view = ctx.executor
-        if view is None:
-            return None
-        copy_s = view.link_state(0).copy_s
-        layer_s = view.layer_time_s(1)
-        if not (layer_s > 0 and math.isfinite(copy_s)):
-            return None
-        L = ctx.spec.num_moe_layers
-        return int(min(max(math.ceil(copy_s / layer_s), 1), max(L - 1, 1)))
+        # forecast="gate": the first layer step's link time from this gate's demand loads
+        self._gate_fc = view is not None and self.options.forecast == "gate"
+        self._gate_dem: tuple[int, list[int]] | None = None
+        # saving="finish": an avoided demand load's worth to the layer step (fmoe_finish)
+        self._setup_finish(view is not None and self.options.saving == "finish", self._n_dev)
 
     # -- measurements ---------------------------------------------------------------------
     def _deadline_iteration_start(self, rows: int, prefill: bool = False) -> None:
@@ -120,23 +120,31 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
             self._blocking_resolve()
         if self._res_on:
             self._residence_new_iteration()
+        if self._fin_on:
+            self._finish_resolve()
         times = self._gate_times
         if len(times) >= 2:
             steps = len(times)
             self._by_kind[self._kind] = (
                 (times[-1] - times[0]) / (steps - 1),
                 [n * self._copy_s / steps for n in self._demand_now],
+                self._max_now * self._copy_s / steps,
             )
             if self._distance_source == "copy time / layer time" and not self._kind:
                 # the distance is a decode step's: a prompt's pace does not set it
-                self._interval, self._demand_s = self._by_kind[False]
+                self._interval, self._demand_s, self._max_s = self._by_kind[False]
                 self._rederive_distance()
         self._kind = prefill
-        self._interval, self._demand_s = self._by_kind.get(prefill, (None, [0.0] * self._n_dev))
+        self._interval, self._demand_s, self._max_s = self._by_kind.get(
+            prefill, (None, [0.0] * self._n_dev, 0.0)
+        )
         if self._blocking:
             self._beta = self._blocking_estimates(prefill)
+        if self._fin_on:
+            self._kap = self._finish_estimates(prefill)
         self._gate_times = []
         self._demand_now = [0] * self._n_dev
+        self._max_now = 0
         for key in self._pending:
             self._cancel_if_queued(key)
             self._stats["orders_cancelled_stale"] += 1
@@ -149,6 +157,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         cache_of, dev_of = self._cache_of, self._dev_of
         if not cache_of:
             return
+        now_n = [0] * self._n_dev  # this gate's demand loads per device
         for j in ids:
             # a demanded copy still loading (a late prefetch, promoted to a demand load)
             # is link time this gate waits for, as a demand load's: counted as one, else
@@ -157,25 +166,19 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
             # on one A100, docs/fmoe.md)
             e = cache_of[layer][j].entries.get((layer, j))
             if e is None or e.state is not _RESIDENT:
-                self._demand_now[dev_of[layer][j]] += 1
+                now_n[dev_of[layer][j]] += 1
+        for dev, k in enumerate(now_n):
+            if k:
+                self._demand_now[dev] += k
+        self._max_now += max(now_n)
+        if self._gate_fc:  # forecast="gate": the first step's link time from these
+            self._gate_dem = (layer, now_n)
         if self._blocking:
             self._blocking_gate(layer, ids, now)
         if self._res_on:
             self._residence_gate(layer, ids)
-
-    def _rederive_distance(self) -> None:
-        """The distance again from the measured pace: one copy over the link time a layer
-        step leaves for prefetches (mean over links), in [1, L - 1]. On one GPU whose link
-        demand loads keep busy that is about the compute time (as at bind); where other
-        links idle while one GPU waits (several GPUs), a copy fits in fewer layers."""
-        L = len(self._pred)
-        avail = sum(self._avail_per_layer(dev) for dev in range(self._n_dev)) / self._n_dev
-        if avail <= 0 or L < 2:
-            return
-        d = int(min(max(math.ceil(self._copy_s / avail), 1), L - 1))
-        if d != self.distance:
-            self._set_distance(d, L)
-            self._stats["distance_changes"] += 1
+        if self._fin_on:
+            self._finish_gate(layer, ids, now)
 
     def _rho(self, dev: int) -> float:
         """Share of ``dev``'s link time its demand loads took per layer step (last
@@ -275,6 +278,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         view = self._view
         assert view is not None
         committed = [-1.0] * self._n_dev  # link seconds ahead of the next order (lazy)
+        got = [False] * self._n_dev  # committed read (a forecast's shift may make it < 0)
         avail = [-1.0] * self._n_dev
         pending: dict[ExpertKey, float] = {}
         copy = [self._copy_s] * self._n_dev  # one copy's time per link (its view, lazily)
@@ -292,14 +296,19 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
         if price:
             self._victims_reset()
         beta = self._beta if self._blocking else None
+        shift = self._first_step_shift(g)
+        kap = self._kap  # saving="finish": link-time costs over kappa (1.0: the earlier rule)
         for key, p in ranked:
             layer, j = key
             dev = dev_of[layer][j]
-            if committed[dev] < 0:
+            if not got[dev]:
+                got[dev] = True
                 link = view.link_state(dev)
                 committed[dev] = link.queued_s
                 copy[dev] = link.copy_s
                 avail[dev] = self._avail_per_layer(dev)
+                if shift is not None:
+                    committed[dev] += shift[dev]
             was = key in old
             copy_s = copy[dev]
             # the part of the copy done before its layer runs: the prefetch link time
@@ -323,7 +332,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
             # the demand loads it holds up (blocking="measured", policies.fmoe_blocking):
             # beta per gate before its layer it is on the link at, and at its own gate
             # (1 - q) x beta if in flight then; 0 (the earlier rule) without a measurement
-            b = 0.0 if beta is None else beta[dev]
+            b = 0.0 if beta is None else beta[dev] / kap[dev]
             nb = own = 0
             if b > 0:
                 nb, own = gate_crossings(committed[dev], copy_s, avail[dev], layer - g)
@@ -373,6 +382,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence):
                     if look is not None and look > q:
                         q = look
                 rho = 0.0 if no_rho else min(demand_s[dev] / interval, 1.0)  # self._rho(dev)
+                rho = rho / kap[dev]
                 av = avail[dev]
                 # started up to one step sooner than forecast, a copy that cannot land
                 # in a step is on the link at its own gate: unused, that gate waits

@@ -84,7 +84,7 @@ def test_distance_follows_copy_time_over_layer_time():
 def _busy(pol: FmoePolicy, interval: float, demand_s: float) -> None:
     """Pretend the last decode iteration ran at ``interval`` per gate with ``demand_s`` of
     demand loads per layer step on the link (the estimates a decode iteration starts from)."""
-    pol._by_kind[False] = (interval, [demand_s])
+    pol._by_kind[False] = (interval, [demand_s], demand_s)  # one link: the largest is its
 
 
 def test_a_copy_forecast_to_start_after_its_layer_is_queued_only_where_links_have_slack():
@@ -131,7 +131,7 @@ def test_a_prompt_counts_the_chance_that_any_of_its_rows_chooses_the_expert():
     # part done is worth its unused rest
     view = FakeView(copy_s=1e-2, layer_s=1e-3)
     pol, _ = _bound(view, prefetch_distance=2)
-    pol._by_kind[True] = (1e-3, [5e-4])  # the last prompt's pace
+    pol._by_kind[True] = (1e-3, [5e-4], 5e-4)  # the last prompt's pace
     emb = np.tile(np.eye(3, dtype=np.float32)[:1], (32, 1))
     pol.on_iteration_start(IterationStart(0, ("r0",) * 32, np.arange(32), np.ones(32, bool), emb))
     assert (0, 0) in {(o.layer, o.expert) for o in pol.decide_prefetch().enqueue}
@@ -141,7 +141,7 @@ def test_a_prompt_counts_the_chance_that_any_of_its_rows_chooses_the_expert():
 
 def test_estimates_are_kept_apart_for_prompts_and_decode_steps():
     pol, _ = _bound(FakeView(copy_s=5e-4, layer_s=1e-3), prefetch_distance=2)
-    pol._by_kind[True] = (3e-2, [2e-2])
+    pol._by_kind[True] = (3e-2, [2e-2], 2e-2)
     _busy(pol, 1e-3, 5e-4)
     _start(pol)  # a decode step: the decode estimates
     assert pol._interval == 1e-3 and pol._rho(0) == 0.5
