@@ -114,6 +114,13 @@ class FmoeOptions(PolicyOptions):
         description="count each running request's expert choices: the eviction's learned "
         "chance is by (request frequency, age) instead of age alone (False: the ablation)",
     )
+    population_prior: bool = Field(
+        default=True,
+        description="a request's frequency starts from the population's: every expert's "
+        "rate over all requests so far (one pseudo-observation), so experts popular across "
+        "requests rank as such before a request has chosen them; False: the uninformed "
+        "rate K/J (the earlier rule)",
+    )
     victim: Literal["residence", "priced", "ignored"] = Field(
         default="residence",
         description="deadline admission: priced: a copy is admitted only when its expected "
@@ -517,6 +524,7 @@ class FmoePolicy(
         if not self._jit.gate_step(
             self._ist, self._fl, self._prot, self._etnu, g, self._cur_it, ids, plan.fc_rows,
             -1, eager, self._rc, self._rn, row_slot, self._slots, self._base, CAL_BINS,
+            self._pop,
         ):  # fmt: skip
             self._bad_ids(g)
         self._g = g

@@ -8,8 +8,11 @@ the maps' predictions, the running requests' own routing, and recency through on
 the policy learns as it runs: for every expert at every gate, the chance it is chosen
 given (its forecast for this iteration, binned by the map's probability p and by source,
 semantic or trajectory; or, without a fresh forecast, its *request frequency*: how often
-the batch's requests chose it at that layer so far, f = 1 - prod_r (1 - (c_r + K/J) /
-(n_r + 1)), binned) x (its age: iterations since the layer last chose it, in doubling
+the batch's requests chose it at that layer so far, f = 1 - prod_r (1 - (c_r + q) /
+(n_r + 1)), with the prior q its rate over all requests so far (one pseudo-observation at
+the population's rate (C + K/J) / (N + 1); ``population_prior=False``: q = K/J), binned in
+equal steps of f / (f + K/J), which puts the uninformed rate in the middle bin for any
+number of experts) x (its age: iterations since the layer last chose it, in doubling
 buckets, or "never"). That is recency, the request's own frequency (what MoE-Infinity's
 request-level activation matrix tracks; a request's prompt rows already tell which
 experts its tokens favour), calibrated predictions, and how they combine, all counted,
@@ -101,8 +104,11 @@ class FmoeEviction:
         self._no_slots = np.zeros(0, np.int64)
         self._row_slot = self._slots = self._no_slots
         self._batch_rids: tuple[str, ...] | None = None
+        # the population's choices per [layer, expert] and rows per layer ([:, J]): the
+        # prior of every request's frequency (empty: the uninformed K/J)
+        self._pop = np.zeros((L, J + 1) if self.options.population_prior else (0, 0))
         self._jit.request_bins(
-            self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1
+            self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1, self._pop
         )
         self._g = -1  # the layer whose gate ran last in this iteration (-1: none yet)
         self._cur_it = 0  # the policy's iteration count
@@ -156,7 +162,9 @@ class FmoeEviction:
                 slot_of[rid] = s
         self._row_slot = np.array([slot_of[r] for r in request_ids], np.int64).reshape(-1)
         self._slots = np.unique(self._row_slot) if len(self._row_slot) else self._no_slots
-        self._jit.request_bins(self._ist, self._rc, self._rn, self._slots, self._base, CAL_BINS, -1)
+        self._jit.request_bins(
+            self._ist, self._rc, self._rn, self._slots, self._base, CAL_BINS, -1, self._pop
+        )
         self._etnu_dirty = True
         self._ev += 1
 
@@ -176,7 +184,7 @@ class FmoeEviction:
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
         if not self._jit.observe_choice(
             self._ist, self._fl, self._prot, layer, self._cur_it, ids, self._rc, self._rn,
-            row_slot, self._slots, self._base, CAL_BINS,
+            row_slot, self._slots, self._base, CAL_BINS, self._pop,
         ):  # fmt: skip
             self._bad_ids(layer)
         self._g = layer

@@ -47,27 +47,34 @@ def age_bucket1(age):  # noqa: ANN001, ANN201 - numba
 
 
 @njit(cache=True)
-def request_bins(ist, rc, rn, slots, base, bins, layer):  # noqa: ANN001, ANN201 - numba
+def request_bins(ist, rc, rn, slots, base, bins, layer, pop):  # noqa: ANN001, ANN201 - numba
     """ist[3, l] for l = ``layer`` (all layers when -1): each expert's request-frequency
     bin for the batch of request slots ``slots``: f = 1 - prod over the batch's requests
-    of (1 - f_r), f_r = (choices of the request + base) / (its rows seen + 1), binned
-    into ``bins`` equal bins (no request: f = base, the uninformed rate)."""
+    of (1 - f_r), f_r = (choices of the request + q) / (its rows seen + 1), binned into
+    ``bins`` equal bins (no request: f = q). q is the prior of one pseudo-observation:
+    the population's rate (pop[l, j] + base) / (pop[l, J] + 1), ``pop`` [L, J + 1] the
+    choices of every expert and the rows seen at each layer over all requests so far
+    (:func:`observe_choice`); with an empty ``pop`` the uninformed rate ``base``."""
     L, J = ist.shape[1], ist.shape[2]
     lo, hi = (0, L) if layer < 0 else (layer, layer + 1)
+    population = pop.shape[0] > 0
     for lay in range(lo, hi):
         for j in range(J):
+            q = (pop[lay, j] + base) / (pop[lay, J] + 1.0) if population else base
             if slots.shape[0] == 0:
-                f = base
+                f = q
             else:
                 miss = 1.0
                 for s in slots:
-                    miss *= 1.0 - (rc[s, lay, j] + base) / (rn[s, lay] + 1.0)
+                    miss *= 1.0 - (rc[s, lay, j] + q) / (rn[s, lay] + 1.0)
                 f = 1.0 - miss
-            ist[3, lay, j] = min(int(f * bins), bins - 1)
+            # bins equal in f / (f + base): the uninformed rate in the middle, so fine-
+            # grained models (base = K/J of a few percent) get as many bins as coarse ones
+            ist[3, lay, j] = min(int(f / (f + base) * bins), bins - 1)
 
 
 @njit(cache=True)
-def observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base, bins):  # noqa: ANN001, ANN201 - numba
+def observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base, bins, pop):  # noqa: ANN001, ANN201, E501 - numba
     """A gate of ``layer`` chose ``ids`` [B, K] (repeats allowed) in iteration ``it``.
 
     ``ist`` int64 [4, L, J]: [0] the last iteration that chose each expert, [1] its
@@ -76,11 +83,13 @@ def observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base,
     [0] choices (hits) and [1] visits per (table row, age bucket), [2] the chance table;
     ``prot`` bool [L, J]: protected experts; ``rc`` [S, L, J] / ``rn`` [S, L]: each
     request slot's choices and rows seen per layer; ``row_slot`` [B]: each row's slot
-    (empty: rows of unknown requests); ``slots``: the batch's distinct slots.
+    (empty: rows of unknown requests); ``slots``: the batch's distinct slots; ``pop``
+    [L, J + 1]: the population's choices and rows seen (empty: not kept).
     At the layer's first gate of the iteration: every expert's visit is counted in its
     request-frequency row and, for a fresh forecast, in its forecast row, and each
     distinct chosen expert's choice likewise (integer counts); the rows' choices are
-    added to their requests' counts and the layer's bins refreshed. Then the chosen
+    added to their requests' counts and to the population's, and the layer's bins
+    refreshed. Then the chosen
     experts' last iteration becomes ``it`` and the protection of layers <= ``layer`` ends.
     Returns False (and changes nothing) when an id lies outside [0, J).
     """
@@ -115,14 +124,19 @@ def observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base,
             if fresh:
                 fl[0, rows[j], b] += 1.0
         B = ids.shape[0]
+        K = flat.shape[0] // max(B, 1)
+        if pop.shape[0] > 0:
+            pop[layer, J] += B
+            for i in range(flat.shape[0]):
+                pop[layer, flat[i]] += 1.0
         if row_slot.shape[0] == B:
-            K = flat.shape[0] // max(B, 1)
             for r in range(B):
                 s = row_slot[r]
                 rn[s, layer] += 1.0
                 for k in range(K):
                     rc[s, layer, flat[r * K + k]] += 1.0
-            request_bins(ist, rc, rn, slots, base, bins, layer)
+        if row_slot.shape[0] == B or pop.shape[0] > 0:
+            request_bins(ist, rc, rn, slots, base, bins, layer, pop)
     for i in range(flat.shape[0]):
         last[flat[i]] = it
     for lay in range(min(layer + 1, prot.shape[0])):
@@ -272,14 +286,30 @@ def expected_next_use(ist, fl, prot, out, g, it, bins):  # noqa: ANN001, ANN201 
 
 @njit(cache=True)
 def gate_step(
-    ist, fl, prot, out, layer, it, ids, fc_rows, target, eager, rc, rn, row_slot, slots, base, bins
+    ist,
+    fl,
+    prot,
+    out,
+    layer,
+    it,
+    ids,
+    fc_rows,
+    target,
+    eager,
+    rc,
+    rn,
+    row_slot,
+    slots,
+    base,
+    bins,
+    pop,
 ):  # noqa: ANN001, ANN201, E501 - numba
     """One planned gate in one call: :func:`observe_choice`; then, when ``target`` >= 0,
     layer ``target``'s forecast (its experts' table rows ``fc_rows[layer]``, made in
     iteration ``it``); then, when ``eager`` (the chance table is this iteration's),
     :func:`expected_next_use` into ``out`` at ``g = layer``. Returns observe_choice's
     answer (nothing changes when it is False)."""
-    if not observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base, bins):
+    if not observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base, bins, pop):
         return False
     if target >= 0:
         ist[2, target, 0] = it

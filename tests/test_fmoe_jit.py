@@ -36,16 +36,20 @@ def ref_decreasing_rows(hits: np.ndarray, n: np.ndarray) -> np.ndarray:
     return out
 
 
-def ref_bins(rc, rn, slots, base, lay) -> np.ndarray:
+def ref_bins(rc, rn, slots, base, lay, pop=None) -> np.ndarray:
+    J = rc.shape[2]
+    q = np.full(J, base) if pop is None else (pop[lay, :J] + base) / (pop[lay, J] + 1.0)
     f = (
-        np.full(rc.shape[2], base)
+        q
         if len(slots) == 0
-        else 1.0 - np.prod([1.0 - (rc[s, lay] + base) / (rn[s, lay] + 1.0) for s in slots], axis=0)
+        else 1.0 - np.prod([1.0 - (rc[s, lay] + q) / (rn[s, lay] + 1.0) for s in slots], axis=0)
     )
-    return np.minimum((f * CAL_BINS).astype(np.int64), CAL_BINS - 1)
+    return np.minimum((f / (f + base) * CAL_BINS).astype(np.int64), CAL_BINS - 1)
 
 
-def ref_observe(ist, tab_n, tab_hit, protect, layer, it, topk, rc, rn, row_slot, slots, base):
+def ref_observe(
+    ist, tab_n, tab_hit, protect, layer, it, topk, rc, rn, row_slot, slots, base, pop=None
+):
     last, fc_it, fc_row, freq = ist[0], ist[2, :, 0], ist[1], ist[3]
     ids = np.unique(topk)
     lst = last[layer]
@@ -58,11 +62,15 @@ def ref_observe(ist, tab_n, tab_hit, protect, layer, it, topk, rc, rn, row_slot,
             rows = fc_row[layer]
             np.add.at(tab_n, (rows, ages), 1.0)
             np.add.at(tab_hit, (rows[ids], ages[ids]), 1.0)
+        if pop is not None:
+            pop[layer, -1] += len(topk)
+            np.add.at(pop[layer], topk.ravel(), 1.0)
         if len(row_slot) == len(topk):
             for r, s in enumerate(row_slot):
                 rn[s, layer] += 1.0
                 np.add.at(rc[s, layer], topk[r], 1.0)
-            freq[layer] = ref_bins(rc, rn, slots, base, layer)
+        if len(row_slot) == len(topk) or pop is not None:
+            freq[layer] = ref_bins(rc, rn, slots, base, layer, pop)
     lst[ids] = it
     protect[: layer + 1] = False
 
@@ -134,9 +142,10 @@ def _requests(seed: int, L: int, J: int, B: int):
     J=st.integers(1, 12),
     K=st.integers(1, 4),
     known=st.booleans(),
+    population=st.booleans(),
 )
 def test_observe_choice_counts_as_the_numpy_form(
-    seed: int, L: int, J: int, K: int, known: bool
+    seed: int, L: int, J: int, K: int, known: bool, population: bool
 ) -> None:
     it, base = 400, 0.25
     ist, fl, prot = _state(seed, L, J, it)
@@ -145,25 +154,73 @@ def test_observe_choice_counts_as_the_numpy_form(
     B = int(rng.integers(1, 4))
     topk = rng.integers(0, J, (B, K)).astype(rng.choice([np.int64, np.int16]))
     rc, rn, row_slot, slots = _requests(seed, L, J, B if known else 0)
+    pop = _population(seed, L, J) if population else np.zeros((0, 0))
     ref = [a.copy() for a in (ist, fl[1], fl[0], prot, rc, rn)]
-    ref_observe(*ref[:4], layer, it, topk, *ref[4:], row_slot, slots, base)
+    ref_pop = pop.copy() if population else None
+    ref_observe(*ref[:4], layer, it, topk, *ref[4:], row_slot, slots, base, ref_pop)
     assert fmoe_jit.observe_choice(
-        ist, fl, prot, layer, it, topk, rc, rn, row_slot, slots, base, CAL_BINS
+        ist, fl, prot, layer, it, topk, rc, rn, row_slot, slots, base, CAL_BINS, pop
     )
     for got, want in zip((ist, fl[1], fl[0], prot, rc, rn), ref, strict=True):
         assert np.array_equal(got, want)
+    if population:
+        assert np.array_equal(pop, ref_pop)
+
+
+def _population(seed: int, L: int, J: int) -> np.ndarray:
+    """Population counts [L, J + 1]: choices per expert, rows per layer in the last column."""
+    rng = np.random.default_rng(seed + 11)
+    pop = np.zeros((L, J + 1))
+    pop[:, J] = rng.integers(0, 200, L)
+    pop[:, :J] = np.floor(pop[:, J:] * rng.random((L, J)))
+    return pop
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10**6), L=st.integers(1, 6), J=st.integers(1, 12), B=st.integers(0, 4))
-def test_request_bins_are_the_batch_chance_binned(seed: int, L: int, J: int, B: int) -> None:
+@given(
+    seed=st.integers(0, 10**6),
+    L=st.integers(1, 6),
+    J=st.integers(1, 12),
+    B=st.integers(0, 4),
+    population=st.booleans(),
+)
+def test_request_bins_are_the_batch_chance_binned(
+    seed: int, L: int, J: int, B: int, population: bool
+) -> None:
     ist, _, _ = _state(seed, L, J, 10)
     rc, rn, _, slots = _requests(seed, L, J, B)
-    fmoe_jit.request_bins(ist, rc, rn, slots, 0.125, CAL_BINS, -1)
+    pop = _population(seed, L, J) if population else np.zeros((0, 0))
+    fmoe_jit.request_bins(ist, rc, rn, slots, 0.125, CAL_BINS, -1, pop)
     for lay in range(L):
-        assert np.array_equal(ist[3, lay], ref_bins(rc, rn, slots, 0.125, lay))
-    if B == 0:  # no request: every expert at the uninformed rate's bin
-        assert (ist[3] == int(0.125 * CAL_BINS)).all()
+        assert np.array_equal(
+            ist[3, lay], ref_bins(rc, rn, slots, 0.125, lay, pop if population else None)
+        )
+    if B == 0 and not population:  # no request, no population: the uninformed rate's bin
+        assert (ist[3] == CAL_BINS // 2).all()  # the middle bin: f / (f + base) = 1/2
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), J=st.integers(2, 64), K=st.integers(1, 8))
+def test_frequency_bins_are_monotone_and_centred_on_the_uninformed_rate(
+    seed: int, J: int, K: int
+) -> None:
+    """More choices of an expert, by its request or the population, never give it a lower
+    bin; an expert at the uninformed rate K/J sits in the middle bin whatever J and K."""
+    K = min(K, J)
+    base = K / J
+    rng = np.random.default_rng(seed)
+    rows = int(rng.integers(1, 500))
+    pop = np.zeros((1, J + 1))
+    pop[0, J] = rows
+    pop[0, :J] = np.sort(np.floor(rows * rng.random(J)))  # non-decreasing in j
+    rc = np.zeros((1, 1, J))
+    rn = np.full((1, 1), float(rng.integers(0, 50)))
+    rc[0, 0] = np.sort(np.floor(rn[0, 0] * rng.random(J)))
+    ist = np.zeros((4, 1, J), np.int64)
+    fmoe_jit.request_bins(ist, rc, rn, np.array([0]), base, CAL_BINS, -1, pop)
+    assert (np.diff(ist[3, 0]) >= 0).all()
+    fmoe_jit.request_bins(ist, rc, rn, np.zeros(0, np.int64), base, CAL_BINS, -1, np.zeros((0, 0)))
+    assert (ist[3, 0] == CAL_BINS // 2).all()
 
 
 def test_observe_choice_refuses_ids_outside_the_layer_and_changes_nothing() -> None:
@@ -173,7 +230,7 @@ def test_observe_choice_refuses_ids_outside_the_layer_and_changes_nothing() -> N
     for bad in ([[1, 4]], [[-1, 2]]):
         ids = np.array(bad)
         assert not fmoe_jit.observe_choice(
-            ist, fl, prot, 1, 10, ids, rc, rn, row_slot, slots, 0.25, CAL_BINS
+            ist, fl, prot, 1, 10, ids, rc, rn, row_slot, slots, 0.25, CAL_BINS, np.zeros((3, 5))
         )
     for got, want in zip((ist, fl, prot), before, strict=True):
         assert np.array_equal(got, want)
@@ -225,8 +282,10 @@ def test_gate_step_is_observe_then_forecast_then_the_table() -> None:
     a = [x.copy() for x in (ist, fl, prot, rc, rn)]
     out = np.empty((L, J))
     args = (row_slot, slots, 0.25, CAL_BINS)
-    assert fmoe_jit.gate_step(ist, fl, prot, out, 2, it, ids, fc_rows, 5, True, rc, rn, *args)
-    assert fmoe_jit.observe_choice(a[0], a[1], a[2], 2, it, ids, a[3], a[4], *args)
+    pop, pop_ref = _population(3, L, J), _population(3, L, J)
+    assert fmoe_jit.gate_step(ist, fl, prot, out, 2, it, ids, fc_rows, 5, True, rc, rn, *args, pop)
+    assert fmoe_jit.observe_choice(a[0], a[1], a[2], 2, it, ids, a[3], a[4], *args, pop_ref)
+    assert np.array_equal(pop, pop_ref)
     a[0][2, 5, 0] = it
     a[0][1, 5] = fc_rows[2]
     want = np.empty((L, J))
