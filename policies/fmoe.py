@@ -105,7 +105,7 @@ class FmoeOptions(PolicyOptions):
         "one row's chance p, the earlier rule)",
     )
     eviction_order: Literal["time", "uses", "switch", "blend"] = Field(
-        default="uses",
+        default="time",
         description="eviction=fmoe: time: the expected time to next use alone; uses: the "
         "expected uses while resident, the stay memoryless at the cache's measured "
         "residency (policies/fmoe_duel.py); switch: "

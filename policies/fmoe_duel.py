@@ -1,7 +1,7 @@
 """fMoE's eviction orders beyond the expected time to next use, as a mixin of
 :class:`policies.fmoe.FmoePolicy`: the expected uses while resident (``eviction_order=
-"uses"``, the default) and the order learned against recency from counterfactual regrets
-(``"switch"``, ``"blend"``; measured, not the default: docs/fmoe.md).
+"uses"``) and the order learned against recency from counterfactual regrets (``"switch"``,
+``"blend"``); all measured, none the default (docs/fmoe.md).
 
 **Expected uses while resident** (``uses``). The time to the next use is MIN's criterion,
 optimal for a known future; with chances in its place what an eviction loses is the uses

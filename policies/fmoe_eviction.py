@@ -34,9 +34,9 @@ When neither maps nor requests carry information, the ordering within a layer is
 each layer comes back. Experts selected for a layer still ahead in this iteration
 (resident or in flight) are protected until that layer has run.
 
-The cache's default order (``eviction_order="uses"``, :mod:`policies.fmoe_duel`) turns
-the same chances into the expected uses while resident; ``eviction_order="time"`` evicts
-by the expected time itself. The admission prices victims by the expected time either way.
+``eviction_order="uses"`` (:mod:`policies.fmoe_duel`) turns the same chances into the
+expected uses while resident instead; the default (``"time"``) evicts by the expected time
+itself. The admission prices victims by the expected time either way.
 
 ``paper`` is the paper's p x uses while cached (p the searched map's probability, K/J
 before a layer is first forecast); ``lfu``, ``lfu-global`` and ``lru`` are the ablation's.
