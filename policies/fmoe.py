@@ -49,6 +49,7 @@ from policies.base import (
 from policies.cache import ExpertCache, ExpertKey
 from policies.expert_map_store import ExpertMapStore
 from policies.fmoe_deadline import FmoeDeadline
+from policies.fmoe_duel import FmoeDuel
 from policies.fmoe_eviction import CAL_BINS, TRAJECTORY, FmoeEviction
 from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_ROWS re-exported
 from policies.fmoe_lookahead import FmoeLookahead
@@ -96,6 +97,21 @@ class FmoeOptions(PolicyOptions):
         description="fmoe (expected time to next use: calibrated predictions, recency and "
         "frequency); paper (p x uses while cached, the paper's); lru; lfu (uses while cached, "
         "the paper's ablation); lfu-global (uses over the whole run, kept across evictions)",
+    )
+    prompt_rows: bool = Field(
+        default=True,
+        description="eviction=fmoe: in an iteration of R rows (a prompt) an expert of a "
+        "layer still ahead is used if any row chooses it: chance 1 - (1 - p)^R (False: "
+        "one row's chance p, the earlier rule)",
+    )
+    eviction_order: Literal["time", "uses", "switch", "blend"] = Field(
+        default="time",
+        description="eviction=fmoe: time: the expected time to next use alone; uses: the "
+        "expected uses while resident, the stay memoryless at the cache's measured "
+        "residency (policies/fmoe_duel.py); switch: "
+        "follow recency (LRU's order) while it has the lower counterfactual regret on "
+        "the decisions the two orders disagree on, measured online; blend: weigh the "
+        "expected time and the age since last use by those regrets (policies/fmoe_duel.py)",
     )
     # Default "deadline": a copy is sent when its expected saving (the part done before its
     # layer, if its expert is used) beats the delay its unused rest causes demand loads;
@@ -195,6 +211,7 @@ class FmoePolicy(
     FmoeDeadline,
     FmoeVictim,
     FmoeResidence,
+    FmoeDuel,
     FmoeEviction,
     Policy,
 ):
@@ -416,6 +433,7 @@ class FmoePolicy(
         self._etnu_dirty = True
         self._ev += 1
         if self._pred:
+            self._set_rows(B)
             self._batch_requests(tuple(ev.request_ids) if self.options.request_frequency else ())
         if self._view is not None:
             self._deadline_iteration_start(B, bool(np.any(ev.prefill)))
@@ -479,6 +497,8 @@ class FmoePolicy(
             B = len(ev.topk_ids)
             if (it is None or it.iteration != ev.iteration or it.rows != B) and self.spec:
                 self._new_state(ev.iteration, B, None)  # no iteration start: no embeddings
+        if self._duel_on:
+            self._duel_gate(g, ev.topk_ids)
         self._lookahead_gate(ev, g)
         if self._view is not None:
             self._admit(g)
@@ -525,6 +545,7 @@ class FmoePolicy(
             self._ist, self._fl, self._prot, self._etnu, g, self._cur_it, ids, plan.fc_rows,
             -1, eager, self._rc, self._rn, row_slot, self._slots, self._base, CAL_BINS,
             self._pop,
+            self._ev_rows,
         ):  # fmt: skip
             self._bad_ids(g)
         self._g = g

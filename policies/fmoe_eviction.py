@@ -34,6 +34,10 @@ When neither maps nor requests carry information, the ordering within a layer is
 each layer comes back. Experts selected for a layer still ahead in this iteration
 (resident or in flight) are protected until that layer has run.
 
+``eviction_order="uses"`` (:mod:`policies.fmoe_duel`) turns the same chances into the
+expected uses while resident instead; the default (``"time"``) evicts by the expected time
+itself. The admission prices victims by the expected time either way.
+
 ``paper`` is the paper's p x uses while cached (p the searched map's probability, K/J
 before a layer is first forecast); ``lfu``, ``lfu-global`` and ``lru`` are the ablation's.
 """
@@ -111,6 +115,8 @@ class FmoeEviction:
             self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1, self._pop
         )
         self._g = -1  # the layer whose gate ran last in this iteration (-1: none yet)
+        # rows of the current iteration: a layer still ahead is used in it by any of them
+        self._ev_rows = 1
         self._cur_it = 0  # the policy's iteration count
         # protected experts (selected for a layer still ahead): an array the kernels read
         # and clear, set per order through a memoryview (no numpy call)
@@ -134,6 +140,11 @@ class FmoeEviction:
         self._eager_table = L * J <= EAGER_TABLE_MAX
         self._chance_it = -1
         self._scores_fast = self.options.eviction == "fmoe"
+        order = self.options.eviction_order if self._scores_fast else "time"
+        self._setup_duel(order)  # policies.fmoe_duel
+        if order in ("blend", "uses"):  # scored in Python (no compiled victim choice)
+            self._scores_fast = False
+            self._scores = self._scores_blend if order == "blend" else self._scores_uses
 
     def _forecast(self, layer: int, source: int) -> None:
         """Layer ``layer`` was just forecast (``self._pred[layer]``) in this iteration."""
@@ -181,6 +192,7 @@ class FmoeEviction:
         ids = np.asarray(ids)
         if ids.ndim != 2:
             ids = ids.reshape(len(ids), -1)
+        self._set_rows(len(ids))
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
         if not self._jit.observe_choice(
             self._ist, self._fl, self._prot, layer, self._cur_it, ids, self._rc, self._rn,
@@ -190,6 +202,15 @@ class FmoeEviction:
         self._g = layer
         self._etnu_dirty = True
         self._ev += 1
+
+    def _set_rows(self, rows: int) -> None:
+        """The current iteration has ``rows`` rows (a prompt's tokens, a decode batch): an
+        expert of a layer still ahead is used in it when any row chooses it."""
+        rows = max(int(rows), 1) if self.options.prompt_rows else 1
+        if rows != self._ev_rows:
+            self._ev_rows = rows
+            self._etnu_dirty = True
+            self._ev += 1
 
     def _bad_ids(self, layer: int) -> None:
         J = self._last_it.shape[1]
@@ -221,7 +242,14 @@ class FmoeEviction:
             self._etnu_dirty = False  # first: a change made meanwhile (another thread) stays
             self._chance()
             self._jit.expected_next_use(
-                self._ist, self._fl, self._prot, self._etnu, self._g, self._cur_it, CAL_BINS
+                self._ist,
+                self._fl,
+                self._prot,
+                self._etnu,
+                self._g,
+                self._cur_it,
+                CAL_BINS,
+                self._ev_rows,
             )
         return self._etnu_mv
 
@@ -239,6 +267,8 @@ class FmoeEviction:
         freq = int(self._ist[3, layer, j])
         row = int(self._fc_row[layer, j]) if self._fc_it[layer] == it else freq
         p_now = float(tab[row, age_bucket(np.array(age))])
+        if self._ev_rows > 1:  # fmoe_jit._victim_etnu's R-row chance
+            p_now = 1.0 - self._jit.pow_rows(1.0 - p_now, self._ev_rows)
         p_next = float(tab[freq, age_bucket(np.array(age + 1))])
         wait = (L - g + layer) + L * (1.0 / p_next - 1.0)
         return p_now * (layer - g) + (1.0 - p_now) * wait
@@ -279,7 +309,7 @@ class FmoeEviction:
         arrays that only lost members since: ``arr.puts``) the next call answers with the
         first of them still a candidate, which is the lowest of what is left."""
         if not self._scores_fast:
-            return -1
+            return self._uses_victim_index(arr) if self._uses_on else -1
         if self._chance_it != self._cur_it:
             self._chance()  # what _etnu_table does first (once per iteration)
         tie = _TIE_EPS / (abs(self._now) + 1.0)
@@ -301,7 +331,7 @@ class FmoeEviction:
         buf = self._vbuf
         c = self._jit.victims(
             self._ist, self._fl, self._prot, self._g, self._cur_it, arr.layers, arr.experts,
-            arr.last_used, arr.n, tie, buf, self._vbuf_s, self._vbuf_e,
+            arr.last_used, arr.n, tie, buf, self._vbuf_s, self._vbuf_e, self._ev_rows,
         )  # fmt: skip
         if c <= 0:
             self._vmemo = None

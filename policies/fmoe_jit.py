@@ -46,6 +46,21 @@ def age_bucket1(age):  # noqa: ANN001, ANN201 - numba
     return _BUCKETS[age]
 
 
+@njit(cache=True, inline="always")
+def pow_rows(x, n):  # noqa: ANN001, ANN201 - numba
+    """x ** n for an int n >= 1 by squaring, in a fixed order of multiplications (so the
+    Python reference and every kernel give the same bits; libm's pow and numpy's fast
+    paths may differ in the last bit)."""
+    r = 1.0
+    b = x
+    while n > 0:
+        if n & 1:
+            r *= b
+        b *= b
+        n >>= 1
+    return r
+
+
 @njit(cache=True)
 def request_bins(ist, rc, rn, slots, base, bins, layer, pop):  # noqa: ANN001, ANN201 - numba
     """ist[3, l] for l = ``layer`` (all layers when -1): each expert's request-frequency
@@ -247,13 +262,15 @@ def decreasing_rows(fl, base, pooled):  # noqa: ANN001, ANN201 - numba
 
 
 @njit(cache=True)
-def expected_next_use(ist, fl, prot, out, g, it, bins):  # noqa: ANN001, ANN201 - numba
+def expected_next_use(ist, fl, prot, out, g, it, bins, rows):  # noqa: ANN001, ANN201 - numba
     """out [L, J] = minus the expected layer steps to each expert's next use (the eviction
     score before its recency tie-break; policies.fmoe_eviction's module doc; protected
     experts -0.0), with chance = fl[2] and r = the expert's request-frequency row::
 
         nxt = float(L - g + lay)
         ahead (lay > g): p_now = chance[forecast row if fresh else r, b(age)],
+            for an iteration of ``rows`` > 1 rows 1 - pow_rows(1 - p_now, rows) (rows
+            choosing independently given the cell; one row: p_now itself, untouched),
             p_next = chance[r, b(age + 1)],
             e = p_now * (lay - g) + (1 - p_now) * (nxt + L * (1 / p_next - 1))
         passed: e = nxt + L * (1 / chance[r, b(max(age, 0) + 1)] - 1)
@@ -278,6 +295,8 @@ def expected_next_use(ist, fl, prot, out, g, it, bins):  # noqa: ANN001, ANN201 
             if ahead:
                 row = ist[1, lay, j] if fresh else freq
                 p_now = fl[2, row, age_bucket1(age)]
+                if rows > 1:
+                    p_now = 1.0 - pow_rows(1.0 - p_now, rows)
                 wait = nxt + wait0[freq, age_bucket1(age + 1)]
                 out[lay, j] = -(p_now * (lay - g) + (1.0 - p_now) * wait)
             else:
@@ -303,6 +322,7 @@ def gate_step(
     base,
     bins,
     pop,
+    rows,
 ):  # noqa: ANN001, ANN201, E501 - numba
     """One planned gate in one call: :func:`observe_choice`; then, when ``target`` >= 0,
     layer ``target``'s forecast (its experts' table rows ``fc_rows[layer]``, made in
@@ -316,7 +336,7 @@ def gate_step(
         for j in range(ist.shape[2]):
             ist[1, target, j] = fc_rows[layer, j]
     if eager:
-        expected_next_use(ist, fl, prot, out, layer, it, bins)
+        expected_next_use(ist, fl, prot, out, layer, it, bins, rows)
     return True
 
 
@@ -434,9 +454,10 @@ def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN
 
 
 @njit(cache=True, inline="always")
-def _victim_etnu(ist, fl, prot, g, it, L, lay, j):  # noqa: ANN001, ANN202 - numba
+def _victim_etnu(ist, fl, prot, g, it, L, lay, j, rows):  # noqa: ANN001, ANN202 - numba
     """One candidate's :func:`expected_next_use` value (minus its expected time to next
-    use) at gate ``g`` of iteration ``it``, ``wait0`` inlined: the same product."""
+    use) at gate ``g`` of iteration ``it`` of ``rows`` rows, ``wait0`` inlined: the same
+    product."""
     if prot[lay, j]:
         return -0.0
     age = it - ist[0, lay, j]
@@ -445,6 +466,8 @@ def _victim_etnu(ist, fl, prot, g, it, L, lay, j):  # noqa: ANN001, ANN202 - num
     if lay > g:
         row = ist[1, lay, j] if ist[2, lay, 0] == it else freq
         p_now = fl[2, row, age_bucket1(age)]
+        if rows > 1:
+            p_now = 1.0 - pow_rows(1.0 - p_now, rows)
         wait = nxt + L * (1.0 / fl[2, freq, age_bucket1(age + 1)] - 1.0)
         return -(p_now * (lay - g) + (1.0 - p_now) * wait)
     return -(nxt + L * (1.0 / fl[2, freq, age_bucket1(max(age, 0) + 1)] - 1.0))
@@ -457,12 +480,12 @@ def _before(s, lay, j, s2, lay2, j2):  # noqa: ANN001, ANN202 - numba
 
 
 @njit(cache=True)
-def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out, out_s, out_e):  # noqa: ANN001, ANN201, E501 - numba
+def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out, out_s, out_e, rows):  # noqa: ANN001, ANN201, E501 - numba
     """The first ``len(out)`` eviction victims among candidates 0..n-1 (``layers``,
     ``experts``, ``last_used``), in order: ascending score ``etnu + tie * last_used``,
     ties to the lower (layer, expert) key, etnu being :func:`expected_next_use`'s value
-    at gate ``g`` of iteration ``it`` computed for the candidates only with the same
-    operations. Their slots go to ``out``, their scores to ``out_s`` and their etnu to
+    at gate ``g`` of iteration ``it`` of ``rows`` rows computed for the candidates only
+    with the same operations. Their slots go to ``out``, their scores to ``out_s`` and their etnu to
     ``out_e`` (both at least as long as ``out``); returns how many (min(n, len(out))),
     or -2 when a score is NaN (the caller then scores in Python, whose min treats NaN its
     own way)."""
@@ -474,7 +497,7 @@ def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out, out_s
     for i in range(n):
         lay = layers[i]
         j = experts[i]
-        e = _victim_etnu(ist, fl, prot, g, it, L, lay, j)
+        e = _victim_etnu(ist, fl, prot, g, it, L, lay, j, rows)
         s = e + tie * last_used[i]
         if s != s:
             return -2

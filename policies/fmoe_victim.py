@@ -173,7 +173,7 @@ class FmoeVictim:
         tie = _TIE_EPS / (abs(self._now) + 1.0)
         c = self._jit.victims(
             self._ist, self._fl, self._prot, self._g, self._cur_it, arr.layers, arr.experts,
-            arr.last_used, arr.n, tie, out, out_s, out_e,
+            arr.last_used, arr.n, tie, out, out_s, out_e, self._ev_rows,
         )  # fmt: skip
         if c < 0:
             return False

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from policies import fmoe_jit
+from policies import fmoe_jit, fmoe_uses_jit
 from policies.fmoe_eviction import _NEVER, AGE_BUCKETS, CAL_BINS, age_bucket
 from policies.fmoe_select import select_rows
 
@@ -75,8 +75,9 @@ def ref_observe(
     protect[: layer + 1] = False
 
 
-def ref_expected_next_use(ist, tab, protect, g, it) -> np.ndarray:
+def ref_expected_next_use(ist, tab, protect, g, it, rows=1) -> np.ndarray:
     last, fc_it, fc_row, freq = ist[0], ist[2, :, 0], ist[1], ist[3]
+    R = rows
     L = last.shape[0]
     lay = np.arange(L)[:, None]
     ahead = lay > g
@@ -84,6 +85,8 @@ def ref_expected_next_use(ist, tab, protect, g, it) -> np.ndarray:
     rows = np.where((fc_it == it)[:, None], fc_row, freq)
     nxt = (L - g + lay).astype(float)
     p_now = tab[rows, age_bucket(age)]
+    if R > 1:  # any of an iteration's R rows uses a layer still ahead
+        p_now = 1.0 - np.vectorize(fmoe_jit.pow_rows.py_func)(1.0 - p_now, R)
     p_next = tab[freq, age_bucket(age + 1)]
     wait = nxt + L * (1.0 / p_next - 1.0)
     e_ahead = p_now * (lay - g) + (1.0 - p_now) * wait
@@ -259,15 +262,23 @@ def test_request_rows_pool_when_they_tell_nothing_and_keep_what_they_tell() -> N
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10**6), L=st.integers(1, 9), J=st.integers(1, 12), g=st.integers(-1, 8))
-def test_expected_next_use_is_the_numpy_form_bit_for_bit(seed: int, L: int, J: int, g: int) -> None:
+@given(
+    seed=st.integers(0, 10**6),
+    L=st.integers(1, 9),
+    J=st.integers(1, 12),
+    g=st.integers(-1, 8),
+    rows=st.sampled_from([1, 1, 2, 64]),
+)
+def test_expected_next_use_is_the_numpy_form_bit_for_bit(
+    seed: int, L: int, J: int, g: int, rows: int
+) -> None:
     it = 400
     g = min(g, L - 1)
     ist, fl, prot = _state(seed, L, J, it)
     fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
     out = np.empty((L, J))
-    fmoe_jit.expected_next_use(ist, fl, prot, out, g, it, CAL_BINS)
-    want = ref_expected_next_use(ist, fl[2], prot, g, it)
+    fmoe_jit.expected_next_use(ist, fl, prot, out, g, it, CAL_BINS, rows)
+    want = ref_expected_next_use(ist, fl[2], prot, g, it, rows)
     assert np.array_equal(-out, want)
     assert np.array_equal(np.signbit(out), np.ones_like(prot))  # scores hold -E, -0.0 if protected
 
@@ -283,13 +294,15 @@ def test_gate_step_is_observe_then_forecast_then_the_table() -> None:
     out = np.empty((L, J))
     args = (row_slot, slots, 0.25, CAL_BINS)
     pop, pop_ref = _population(3, L, J), _population(3, L, J)
-    assert fmoe_jit.gate_step(ist, fl, prot, out, 2, it, ids, fc_rows, 5, True, rc, rn, *args, pop)
+    assert fmoe_jit.gate_step(
+        ist, fl, prot, out, 2, it, ids, fc_rows, 5, True, rc, rn, *args, pop, 1
+    )
     assert fmoe_jit.observe_choice(a[0], a[1], a[2], 2, it, ids, a[3], a[4], *args, pop_ref)
     assert np.array_equal(pop, pop_ref)
     a[0][2, 5, 0] = it
     a[0][1, 5] = fc_rows[2]
     want = np.empty((L, J))
-    fmoe_jit.expected_next_use(a[0], a[1], a[2], want, 2, it, CAL_BINS)
+    fmoe_jit.expected_next_use(a[0], a[1], a[2], want, 2, it, CAL_BINS, 1)
     for got, exp in zip((ist, fl, prot, rc, rn, out), (*a, want), strict=True):
         assert np.array_equal(got, exp)
 
@@ -349,9 +362,10 @@ def test_running_sums_are_the_layer_by_layer_adds(seed: int, L: int, B: int, n: 
     g=st.integers(-1, 8),
     n=st.integers(0, 40),
     now=st.sampled_from([0.0, 0.5, 1e3]),
+    rows=st.sampled_from([1, 1, 3, 64]),
 )
 def test_victims_are_the_table_scores_ranked_then_by_key(
-    seed: int, L: int, J: int, g: int, n: int, now: float
+    seed: int, L: int, J: int, g: int, n: int, now: float, rows: int
 ) -> None:
     """The kernel's victims are the entries eviction_scores ranks first, in order: lowest
     ``table + tie * last_used`` from expected_next_use's table, ties to the lowest key
@@ -361,7 +375,7 @@ def test_victims_are_the_table_scores_ranked_then_by_key(
     ist, fl, prot = _state(seed, L, J, it)
     fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
     tab = np.empty((L, J))
-    fmoe_jit.expected_next_use(ist, fl, prot, tab, g, it, CAL_BINS)
+    fmoe_jit.expected_next_use(ist, fl, prot, tab, g, it, CAL_BINS, rows)
     rng = np.random.default_rng(seed + 11)
     flat = rng.permutation(L * J)[: min(n, L * J)]
     layers, experts = flat // J, flat % J
@@ -370,7 +384,7 @@ def test_victims_are_the_table_scores_ranked_then_by_key(
     out = np.empty(5, np.int64)
     s_out, e_out = np.empty(5), np.empty(5)
     c = fmoe_jit.victims(
-        ist, fl, prot, g, it, layers, experts, last_used, len(flat), tie, out, s_out, e_out
+        ist, fl, prot, g, it, layers, experts, last_used, len(flat), tie, out, s_out, e_out, rows
     )
     assert c == min(len(flat), 5)
     ranked = sorted(
@@ -440,3 +454,81 @@ def test_topk_row_is_the_stable_argsorts_head(
     assert outs.tolist() == np.argsort(-rows, axis=1, kind="stable")[:, :k].tolist()
     row[rng.integers(J)] = np.nan
     assert not fmoe_look_jit.topk_row(row, k, out)
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=st.floats(0.0, 1.0), n=st.integers(1, 4096))
+def test_pow_rows_is_the_power_within_rounding(x: float, n: int) -> None:
+    """pow_rows (squaring in a fixed order, bit-equal between Python and the kernels) is
+    x ** n up to the rounding of its ~2 log2(n) products."""
+    got = fmoe_jit.pow_rows(x, n)
+    assert got == fmoe_jit.pow_rows.py_func(x, n)
+    assert abs(got - x**n) <= 1e-13 * max(x**n, 1e-300) * (2 * n.bit_length()) + 1e-300
+
+
+def ref_expected_uses(ist, tab, protect, g, it, rows, horizon) -> np.ndarray:
+    """expected_uses in numpy: exp(-t1 / H) (P1 + p r / (1 - r)), r = exp(-L / H)."""
+    last, fc_it, fc_row, freq = ist[0], ist[2, :, 0], ist[1], ist[3]
+    L = last.shape[0]
+    lay = np.arange(L)[:, None]
+    ahead = np.broadcast_to(lay > g, last.shape)
+    age = it - last
+    row = np.where((fc_it == it)[:, None], fc_row, freq)
+    p_now = tab[row, age_bucket(age)]
+    if rows > 1:
+        p_now = 1.0 - np.vectorize(fmoe_jit.pow_rows.py_func)(1.0 - p_now, rows)
+    p_ahead = tab[freq, age_bucket(age + 1)]
+    p_pass = tab[freq, age_bucket(np.maximum(age, 0) + 1)]
+    t1 = np.where(ahead, (lay - g).astype(float), (L - g + lay).astype(float))
+    p1 = np.where(ahead, p_now, p_pass)
+    p = np.where(ahead, p_ahead, p_pass)
+    r = np.exp(-L / horizon)
+    geo = r / (1.0 - r)
+    u = np.exp(-t1 / horizon) * (p1 + p * geo)
+    u[protect] = np.inf
+    return u
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    L=st.integers(1, 9),
+    J=st.integers(1, 12),
+    g=st.integers(-1, 8),
+    rows=st.sampled_from([1, 3, 64]),
+    horizon=st.floats(0.5, 1e4),
+)
+def test_expected_uses_is_the_numpy_form(seed, L, J, g, rows, horizon) -> None:
+    """The kernel against its numpy form (the same operations; exp may differ in the last
+    bit between numba and numpy, so within 1e-12 relative); protected experts +inf."""
+    it = 400
+    g = min(g, L - 1)
+    ist, fl, prot = _state(seed, L, J, it)
+    fmoe_jit.decreasing_rows(fl, 0.25, CAL_BINS)
+    out = np.empty((L, J))
+    fmoe_uses_jit.expected_uses(ist, fl, prot, out, g, it, rows, horizon)
+    want = ref_expected_uses(ist, fl[2], prot, g, it, rows, horizon)
+    assert np.array_equal(np.isinf(out), prot)
+    assert np.allclose(out[~prot], want[~prot], rtol=1e-12, atol=0.0)
+
+
+def test_expected_uses_follows_the_next_visit_at_short_stays_and_the_rate_at_long_ones():
+    """Two layers: (1, 0) ahead by one step, chance 0.3 now but 0.01 afterwards; (0, 0)
+    passed, chance 0.2 at every visit. A short residency (H = 2 steps) keeps the one used
+    soon; a long one (H = 10^4) keeps the one used often (LFU's order, the long run)."""
+    L, J, it = 2, 1, 10
+    ist = np.zeros((4, L, J), np.int64)
+    ist[0] = it - 1  # both chosen last iteration: age 1 now, 2 at the next visit
+    ist[2, 1, 0] = it  # layer 1 forecast this iteration, in table row 20
+    ist[1, 1, 0] = 20
+    ist[3, 0, 0], ist[3, 1, 0] = 0, 1  # request-frequency rows
+    fl = np.zeros((3, 3 * CAL_BINS, 16))
+    fl[2, 20, 0] = 0.3  # (1, 0) now
+    fl[2, 1, 1] = 0.01  # (1, 0) at later visits
+    fl[2, 0, 1] = 0.2  # (0, 0) at every later visit
+    prot = np.zeros((L, J), np.bool_)
+    out = np.empty((L, J))
+    fmoe_uses_jit.expected_uses(ist, fl, prot, out, 0, it, 1, 2.0)
+    assert out[1, 0] > out[0, 0]
+    fmoe_uses_jit.expected_uses(ist, fl, prot, out, 0, it, 1, 1e4)
+    assert out[1, 0] < out[0, 0]
