@@ -8,6 +8,11 @@ numpy's per-call overhead (about a microsecond per operation) is the whole cost.
 
 Imported when an fMoE policy is bound (importing numba and loading the cached kernels
 costs about half a second per process; ``fmoe policies`` and ``--help`` never pay it).
+
+Over 450 lines on purpose: numba's on-disk cache keys a compiled function on its own
+source file only, so a kernel and the kernels it calls (gate_step -> observe_choice ->
+request_bins; victims -> _victim_etnu -> pow_rows) live in one module; a kernel calling
+one from another file would keep a stale compiled copy when only the callee changes.
 """
 
 from __future__ import annotations
