@@ -27,29 +27,9 @@ def expected_uses(ist, fl, prot, out, g, it, rows, horizon):  # noqa: ANN001, AN
 
     Protected experts: +inf (kept). Higher is kept; the eviction goes lowest first."""
     L, J = out.shape
-    r = np.exp(-L / horizon)
-    geo = r / (1.0 - r) if r < 1.0 else np.inf
     for lay in range(L):
-        fresh = ist[2, lay, 0] == it
-        ahead = lay > g
         for j in range(J):
-            if prot[lay, j]:
-                out[lay, j] = np.inf
-                continue
-            age = it - ist[0, lay, j]
-            freq = ist[3, lay, j]
-            if ahead:
-                t1 = float(lay - g)
-                row = ist[1, lay, j] if fresh else freq
-                p1 = fl[2, row, age_bucket1(age)]
-                if rows > 1:
-                    p1 = 1.0 - pow_rows(1.0 - p1, rows)
-                p = fl[2, freq, age_bucket1(age + 1)]
-            else:
-                t1 = float(L - g + lay)
-                p = fl[2, freq, age_bucket1(max(age, 0) + 1)]
-                p1 = p
-            out[lay, j] = np.exp(-t1 / horizon) * (p1 + p * geo)
+            out[lay, j] = _uses_one(ist, fl, prot, g, it, rows, horizon, L, lay, j)
 
 
 @njit(cache=True)
