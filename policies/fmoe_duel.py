@@ -155,9 +155,7 @@ class FmoeDuel:
         kb = (int(lay[b]), int(exp_[b]))
         if (ka[0] == g and ka[1] in chosen) or (kb[0] == g and kb[1] in chosen):
             return  # used at this very gate: not a decision either order would make
-        loads = cache.counters.loads - cache.capacity
-        horizon = cache.capacity * step / loads if loads > 0 else float(step)
-        expires = step + int(horizon)
+        expires = step + int(self._horizon(cache))
         pid = self.duel_pairs = self.duel_pairs + 1
         self._duel_open.setdefault(ka, []).append((pid, 0, expires))
         self._duel_open.setdefault(kb, []).append((pid, 1, expires))

@@ -195,29 +195,40 @@ def _no_prefetch(name: str, **opts):
     return pol
 
 
-@settings(max_examples=15, deadline=None)
-@given(
+# routing without structure (the maps' predictions carry no information): the draws of
+# the "not worse than LRU" properties (here and tests/test_fmoe_duel.py)
+STRUCTURELESS = dict(
     seed=st.integers(0, 10_000),
     layers=st.integers(2, 5),
     experts=st.integers(4, 9),
     top_k=st.integers(1, 2),
     share=st.floats(0.15, 0.9),
 )
-def test_eviction_is_never_worse_than_lru_on_random_routing(seed, layers, experts, top_k, share):
-    """Routing without structure: the maps' predictions carry no information, and the
-    learned eviction must still match LRU (within the noise of a finite trace)."""
+
+
+def structureless_vs_lru(seed, layers, experts, top_k, share, **fmoe_opts):
+    """fMoE without prefetches (options ``fmoe_opts``) and LRU replayed on random routing:
+    (fMoE's policy, its result, LRU's result, the noise allowed between their hit rates)."""
     spec = small_spec(layers=layers, experts=experts, top_k=top_k, hidden=4)
     cap = max(top_k, int(share * layers * experts))
     work = random_workload(spec, num_requests=6, seed=seed, max_prompt=8, max_output=60)
     train = random_workload(spec, num_requests=4, seed=seed + 1, max_prompt=8, max_output=30)
-    fmoe = replay(
-        work, _no_prefetch("fmoe", store_capacity=50), capacity_experts=cap, training=train
-    )
+    pol = _no_prefetch("fmoe", store_capacity=50, **fmoe_opts)
+    fmoe = replay(work, pol, capacity_experts=cap, training=train)
     lru = replay(work, _no_prefetch("lru"), capacity_experts=cap)
     # "within the noise": two standard errors of a hit rate over this many demands (at
     # least 0.02); a 2-layer, 5-expert trace of 310 demands once drew fmoe 0.026 below
     # LRU, while over 40 random settings fmoe averaged 0.034 above it (none below -0.01)
     noise = max(0.02, 2 * (0.25 / lru.counters["demands"]) ** 0.5)
+    return pol, fmoe, lru, noise
+
+
+@settings(max_examples=15, deadline=None)
+@given(**STRUCTURELESS)
+def test_eviction_is_never_worse_than_lru_on_random_routing(seed, layers, experts, top_k, share):
+    """Routing without structure: the maps' predictions carry no information, and the
+    learned eviction must still match LRU (within the noise of a finite trace)."""
+    _, fmoe, lru, noise = structureless_vs_lru(seed, layers, experts, top_k, share)
     assert fmoe.hit_rate >= lru.hit_rate - noise, (fmoe.hit_rate, lru.hit_rate, noise)
 
 

@@ -7,23 +7,22 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.base import GateOutput, PrefetchDecision
+from policies.base import GateOutput
 from policies.registry import make_policy
-from policies.replay import replay
-from tests.strategies import random_workload, small_spec
-from tests.test_fmoe_deadline import J, _bound, _start
+from tests.strategies import small_spec
+from tests.test_fmoe_deadline import (
+    STRUCTURELESS,
+    J,
+    _bound,
+    _start,
+    structureless_vs_lru,
+)
 
 
 def _gate_ids(pol, layer: int, ids: list[int], it: int = 0, now: float = 0.0) -> None:
     arr = np.array([ids])
     probs = np.full((1, J), 0.02, np.float32)
     pol.on_gate(GateOutput(it, layer, arr, np.ones(arr.shape, np.float32), probs, None, now))
-
-
-def _no_prefetch(name: str, **opts):
-    pol = make_policy(name, **opts)
-    pol.decide_prefetch = PrefetchDecision  # evictions only: an empty decision each time
-    return pol
 
 
 def test_a_disagreement_charges_the_order_whose_victim_comes_back():
@@ -57,29 +56,16 @@ def test_a_clear_lead_of_recency_switches_the_cache_to_lru_scores_and_back():
 
 
 @settings(max_examples=12, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    layers=st.integers(2, 5),
-    experts=st.integers(4, 9),
-    top_k=st.integers(1, 2),
-    share=st.floats(0.15, 0.9),
-    order=st.sampled_from(["switch", "blend", "uses"]),
-)
+@given(**STRUCTURELESS, order=st.sampled_from(["switch", "blend", "uses"]))
 def test_without_information_the_duel_stays_near_lru_and_its_weight_in_0_1(
     seed, layers, experts, top_k, share, order
 ):
     """Routing without structure (the maps' predictions carry no information): hits within
-    the noise of LRU's (two standard errors of a hit rate over the demands, at least 0.02,
-    as the expected-time order's own property in test_fmoe_deadline.py), the regrets
-    non-negative and the weight in [0, 1]."""
-    spec = small_spec(layers=layers, experts=experts, top_k=top_k, hidden=4)
-    cap = max(top_k, int(share * layers * experts))
-    work = random_workload(spec, num_requests=6, seed=seed, max_prompt=8, max_output=60)
-    train = random_workload(spec, num_requests=4, seed=seed + 1, max_prompt=8, max_output=30)
-    pol = _no_prefetch("fmoe", store_capacity=50, eviction_order=order)
-    got = replay(work, pol, capacity_experts=cap, training=train)
-    lru = replay(work, _no_prefetch("lru"), capacity_experts=cap)
-    noise = max(0.02, 2 * (0.25 / lru.counters["demands"]) ** 0.5)
+    the noise of LRU's (as the expected-time order's own property in
+    test_fmoe_deadline.py), the regrets non-negative and the weight in [0, 1]."""
+    pol, got, lru, noise = structureless_vs_lru(
+        seed, layers, experts, top_k, share, eviction_order=order
+    )
     assert got.hit_rate >= lru.hit_rate - noise, (got.hit_rate, lru.hit_rate, noise)
     assert min(pol.duel_regret) >= 0.0
     assert 0.0 <= pol.duel_weight <= 1.0
