@@ -109,7 +109,7 @@ class FmoeOptions(PolicyOptions):
         description="eviction=fmoe: learn the chance table per layer too (each layer's "
         "cells shrunk toward the pooled ones by empirical Bayes), so a layer whose "
         "consecutive tokens reuse experts more keeps its recent experts longer (False: "
-        "one table pooled over layers)",
+        "one table pooled over layers; docs/fmoe.md has both measured)",
     )
     eviction_order: Literal["time", "uses", "switch", "blend"] = Field(
         default="time",

@@ -34,6 +34,13 @@ When neither maps nor requests carry information, the ordering within a layer is
 each layer comes back. Experts selected for a layer still ahead in this iteration
 (resident or in flight) are protected until that layer has run.
 
+``layer_table=True`` (an option, measured in docs/fmoe.md) learns the table per layer as well (one block of rows
+per layer after the pooled block, :func:`policies.fmoe_jit.layer_row`): each layer's
+cells are its own counts shrunk toward the pooled cell by empirical Bayes (one
+between-layer variance for the table; none: the pooled table exactly), so a layer whose
+consecutive tokens re-use their experts keeps its just-used experts longer than a layer
+at chance. The admission's chances and the hybrid's read the pooled block.
+
 ``eviction_order="uses"`` (:mod:`policies.fmoe_duel`) turns the same chances into the
 expected uses while resident instead; the default (``"time"``) evicts by the expected time
 itself. The admission prices victims by the expected time either way.

@@ -48,7 +48,7 @@ def test_the_sticky_layers_just_used_expert_stays(seed: int) -> None:
 
 def test_the_pooled_table_keeps_the_sooner_layers_expert() -> None:
     """The same history with one pooled table (the default): the other choice."""
-    pol, cache = _bound(None, capacity=2, prefetch_distance=1, admission="none")
+    pol, cache = _bound(None, capacity=2, prefetch_distance=1, admission="none", layer_table=False)
     a, b = _history(pol, 0)
     cache.preload([(AT_CHANCE, a), (STICKY, b)], now=1000.0)
     assert cache.choose_victim(pol.eviction_scores) == (STICKY, b)
