@@ -171,3 +171,21 @@ def test_window_hit_rates_reach_the_bound_on_a_simulated_run() -> None:
     assert two[iters] == pytest.approx(
         run_bounds(w, cfg, [32, 32], True, spill=False)["bound_hit_belady"]
     )
+
+
+def test_window_zero_is_the_simulators_lru_on_the_trained_trace() -> None:
+    """experiments/window_gap.py's window-MIN runs on the simulated run's demands: at
+    W = 0 it is the simulator's own LRU hit rate, and its MIN is the run's bound."""
+    from experiments.fmoe_vs_baselines import _job
+    from experiments.window_gap import window_row
+    from experiments.workload_stats import TRAINED_TRACE
+    from traces.io import load_workload
+
+    w = load_workload(TRAINED_TRACE)
+    rates = window_row(w, "a100-80gb-pcie4", 0.25, [0, 1])
+    assert rates is not None
+    trace = str(TRAINED_TRACE)
+    row = _job((trace, "a100-80gb-pcie4", 0.25, "lru", 30, 0, {}, {}, trace, None))
+    assert rates[0] == pytest.approx(row["hit_rate_routed"], abs=1e-12)
+    assert rates["MIN"] == pytest.approx(row["bound_hit_belady"], abs=1e-12)
+    assert rates[1] <= rates["MIN"]
