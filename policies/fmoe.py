@@ -104,6 +104,13 @@ class FmoeOptions(PolicyOptions):
         "layer still ahead is used if any row chooses it: chance 1 - (1 - p)^R (False: "
         "one row's chance p, the earlier rule)",
     )
+    layer_table: bool = Field(
+        default=False,
+        description="eviction=fmoe: learn the chance table per layer too (each layer's "
+        "cells shrunk toward the pooled ones by empirical Bayes), so a layer whose "
+        "consecutive tokens reuse experts more keeps its recent experts longer (False: "
+        "one table pooled over layers; docs/fmoe.md has both measured)",
+    )
     eviction_order: Literal["time", "uses", "switch", "blend"] = Field(
         default="time",
         description="eviction=fmoe: time: the expected time to next use alone; uses: the "

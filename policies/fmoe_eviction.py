@@ -34,6 +34,13 @@ When neither maps nor requests carry information, the ordering within a layer is
 each layer comes back. Experts selected for a layer still ahead in this iteration
 (resident or in flight) are protected until that layer has run.
 
+``layer_table=True`` (an option, measured in docs/fmoe.md) learns the table per layer as well (one block of rows
+per layer after the pooled block, :func:`policies.fmoe_jit.layer_row`): each layer's
+cells are its own counts shrunk toward the pooled cell by empirical Bayes (one
+between-layer variance for the table; none: the pooled table exactly), so a layer whose
+consecutive tokens re-use their experts keeps its just-used experts longer than a layer
+at chance. The admission's chances and the hybrid's read the pooled block.
+
 ``eviction_order="uses"`` (:mod:`policies.fmoe_duel`) turns the same chances into the
 expected uses while resident instead; the default (``"time"``) evicts by the expected time
 itself. The admission prices victims by the expected time either way.
@@ -90,9 +97,12 @@ class FmoeEviction:
         # table rows: the request-frequency bins (no fresh forecast), then the semantic
         # and the trajectory forecasts' probability bins
         rows = 3 * CAL_BINS
-        # [0]: choices (hits), [1]: visits per (row, age bucket); [2]: the chance table
-        self._fl = np.zeros((3, rows, AGE_BUCKETS))
-        self._tab_hit, self._tab_n, self._chance_tab = self._fl
+        # [0]: choices (hits), [1]: visits per (row, age bucket); [2]: the chance table;
+        # layer_table: L more blocks of rows, one per layer (fmoe_jit.layer_row), after
+        # the pooled block (the admission and the hybrid read the pooled rows)
+        blocks = 1 + L if self.options.layer_table else 1
+        self._fl = np.zeros((3, rows * blocks, AGE_BUCKETS))
+        self._tab_hit, self._tab_n, self._chance_tab = self._fl[:, :rows]
         # [0]: last iteration that chose each expert; [1]: its forecast's table row;
         # [2, :, 0]: iteration of each layer's last forecast; [3]: its request-frequency bin
         self._ist = np.zeros((4, L, J), np.int64)
@@ -114,6 +124,7 @@ class FmoeEviction:
         self._jit.request_bins(
             self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1, self._pop
         )
+        self._layer_table = self.options.layer_table
         self._g = -1  # the layer whose gate ran last in this iteration (-1: none yet)
         # rows of the current iteration: a layer still ahead is used in it by any of them
         self._ev_rows = 1
@@ -235,6 +246,12 @@ class FmoeEviction:
             self._ev += 1
         return self._chance_tab
 
+    def _fl_chance(self) -> np.ndarray:
+        """The whole chance table fl[2] (with ``layer_table``, every layer's block after
+        the pooled one), made as :meth:`_chance` makes it."""
+        self._chance()
+        return self._fl[2]
+
     def _etnu_table(self) -> memoryview:
         """[L, J] minus the expected layer steps until each expert's next use (module doc),
         as a memoryview indexed by (layer, expert); recomputed when the state changed."""
@@ -262,10 +279,11 @@ class FmoeEviction:
         """A prefetch candidate's expected time to next use (unprotected; layer > g)."""
         L = self._last_it.shape[0]
         it = self._cur_it
-        tab = self._chance()
+        tab = self._fl_chance()  # with layer_table, the layer's block (as the victims')
         age = it - int(self._last_it[layer, j])
-        freq = int(self._ist[3, layer, j])
-        row = int(self._fc_row[layer, j]) if self._fc_it[layer] == it else freq
+        off = self._jit.layer_row(self._fl, layer)
+        freq = off + int(self._ist[3, layer, j])
+        row = off + int(self._fc_row[layer, j]) if self._fc_it[layer] == it else freq
         p_now = float(tab[row, age_bucket(np.array(age))])
         if self._ev_rows > 1:  # fmoe_jit._victim_etnu's R-row chance
             p_now = 1.0 - self._jit.pow_rows(1.0 - p_now, self._ev_rows)
@@ -281,7 +299,7 @@ class FmoeEviction:
         age = it - ist.item(0, layer, j)
         row = ist.item(1, layer, j) if ist.item(2, layer, 0) == it else ist.item(3, layer, j)
         b = 0 if age <= 1 else min((age - 1).bit_length(), AGE_BUCKETS - 1)  # age_bucket
-        return self._chance().item(row, b)
+        return self._chance().item(row, b)  # the pooled table (as the admission's kernel)
 
     # -- scores ---------------------------------------------------------------------------
     def eviction_score(self, entry: CacheEntry) -> float:

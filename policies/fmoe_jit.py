@@ -25,6 +25,10 @@ _SATURATED = 1 << (AGE_BUCKETS - 2)  # ages above this land in the last bucket
 # _select_partial scans for the next largest this many times, then sorts the row once
 # (a scan is O(J): cheaper for the few experts a good match selects)
 _PARTIAL_MAX = 12
+# table rows of one block (3 x policies.fmoe_eviction.CAL_BINS): the request-frequency
+# bins, then the semantic and the trajectory forecasts' bins. A table of more rows is the
+# per-layer one (``layer_table=True``): block 0 pooled over layers, block 1 + l layer l's.
+CAL_ROWS = 30
 
 
 def _bucket_table() -> np.ndarray:
@@ -64,6 +68,13 @@ def pow_rows(x, n):  # noqa: ANN001, ANN201 - numba
         b *= b
         n >>= 1
     return r
+
+
+@njit(cache=True, inline="always")
+def layer_row(fl, lay):  # noqa: ANN001, ANN201 - numba
+    """Offset of layer ``lay``'s block in the table ``fl``: 0 for the pooled table of
+    CAL_ROWS rows, (1 + lay) x CAL_ROWS for the per-layer one."""
+    return (1 + lay) * CAL_ROWS if fl.shape[1] > CAL_ROWS else 0
 
 
 @njit(cache=True)
@@ -128,11 +139,16 @@ def observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base,
             break
     if first:
         fresh = ist[2, layer, 0] == it
+        off = layer_row(fl, layer)  # the per-layer table counts in both blocks
         for j in range(J):
             b = age_bucket1(it - last[j])
             fl[1, freq[j], b] += 1.0
             if fresh:
                 fl[1, rows[j], b] += 1.0
+            if off:
+                fl[1, off + freq[j], b] += 1.0
+                if fresh:
+                    fl[1, off + rows[j], b] += 1.0
         seen = np.zeros(J, np.bool_)
         for i in range(flat.shape[0]):
             j = flat[i]
@@ -143,6 +159,10 @@ def observe_choice(ist, fl, prot, layer, it, ids, rc, rn, row_slot, slots, base,
             fl[0, freq[j], b] += 1.0
             if fresh:
                 fl[0, rows[j], b] += 1.0
+            if off:
+                fl[0, off + freq[j], b] += 1.0
+                if fresh:
+                    fl[0, off + rows[j], b] += 1.0
         B = ids.shape[0]
         K = flat.shape[0] // max(B, 1)
         if pop.shape[0] > 0:
@@ -205,7 +225,7 @@ def decreasing_rows(fl, base, pooled):  # noqa: ANN001, ANN201 - numba
     k = p0 (1 - p0) / tau^2 pseudo-visits per age; no excess variance pools the bins
     completely, so where request frequency tells nothing the order is by age alone
     (LRU's), and where it does the bins keep their own rates."""
-    R, A = fl.shape[1], fl.shape[2]
+    R, A = min(fl.shape[1], CAL_ROWS), fl.shape[2]
     h = np.empty(A)
     w = np.empty(A)
     prior = np.empty(A)
@@ -264,6 +284,69 @@ def decreasing_rows(fl, base, pooled):  # noqa: ANN001, ANN201 - numba
                 h[c] = fl[0, r, c] + base
                 w[c] = fl[1, r, c] + 1.0
         _pav_row(h, w, fl[2, r])
+    if fl.shape[1] > CAL_ROWS:
+        _layer_blocks(fl, pooled)
+
+
+@njit(cache=True)
+def _layer_blocks(fl, pooled):  # noqa: ANN001, ANN202 - numba
+    """fl[2] of every layer's block (``layer_table=True``): each cell's own counts
+    shrunk toward the pooled chance g of its cell (block 0, just made), by empirical
+    Bayes as :func:`decreasing_rows` shrinks the request bins: the variance of the
+    layers' rates around the cell's raw pooled rate beyond what sampling explains (one
+    tau^2 for the table) sets the prior's weight k = g (1 - g) / tau^2 pseudo-visits
+    (block 0 counts every layer's visits, so a cell visited in a layer is visited in
+    the pool); none pools
+    completely, so a layer is told apart only where the counts show it differs. Then, as
+    the pooled rows: request rows non-decreasing in frequency, every row non-increasing
+    in age (pool-adjacent-violators)."""
+    A = fl.shape[2]
+    nb = fl.shape[1] // CAL_ROWS - 1
+    obs = 0.0
+    expect = 0.0
+    ws = 0.0
+    for blk in range(1, nb + 1):
+        for r in range(CAL_ROWS):
+            for c in range(A):
+                n = fl[1, blk * CAL_ROWS + r, c]
+                if n > 0:  # around the cell's raw pooled rate (its counts over layers)
+                    g = fl[0, r, c] / fl[1, r, c]
+                    d = fl[0, blk * CAL_ROWS + r, c] / n - g
+                    obs += n * d * d
+                    expect += g * (1.0 - g)
+                    ws += n
+    tau2 = 0.0 if ws <= 0 else (obs - expect) / ws
+    if tau2 <= 0:  # the layers differ by no more than sampling: the pooled table
+        for blk in range(1, nb + 1):
+            fl[2, blk * CAL_ROWS : (blk + 1) * CAL_ROWS] = fl[2, :CAL_ROWS]
+        return
+    h = np.empty(A)
+    w = np.empty(A)
+    hb = np.empty(pooled)
+    wb = np.empty(pooled)
+    ob = np.empty(pooled)
+    est = np.empty((CAL_ROWS, A))
+    wt = np.empty((CAL_ROWS, A))
+    for blk in range(1, nb + 1):
+        o = blk * CAL_ROWS
+        for r in range(CAL_ROWS):
+            for c in range(A):
+                g = fl[2, r, c]
+                k = g * (1.0 - g) / tau2
+                wt[r, c] = fl[1, o + r, c] + k
+                est[r, c] = (fl[0, o + r, c] + k * g) / wt[r, c]
+        for c in range(A):  # request rows: non-decreasing in frequency
+            for r in range(pooled):
+                hb[pooled - 1 - r] = est[r, c] * wt[r, c]
+                wb[pooled - 1 - r] = wt[r, c]
+            _pav_row(hb, wb, ob)
+            for r in range(pooled):
+                est[r, c] = ob[pooled - 1 - r]
+        for r in range(CAL_ROWS):  # every row: non-increasing in age
+            for c in range(A):
+                h[c] = est[r, c] * wt[r, c]
+                w[c] = wt[r, c]
+            _pav_row(h, w, fl[2, o + r])
 
 
 @njit(cache=True)
@@ -287,19 +370,24 @@ def expected_next_use(ist, fl, prot, out, g, it, bins, rows):  # noqa: ANN001, A
     for r in range(bins):
         for b in range(A):
             wait0[r, b] = L * (1.0 / fl[2, r, b] - 1.0)
+    layered = fl.shape[1] > CAL_ROWS
     for lay in range(L):
         fresh = ist[2, lay, 0] == it
         nxt = float(L - g + lay)
         ahead = lay > g
+        off = layer_row(fl, lay)
         for j in range(J):
             if prot[lay, j]:
                 out[lay, j] = -0.0
+                continue
+            if layered:  # the per-layer table: no shared wait0
+                out[lay, j] = _victim_etnu(ist, fl, prot, g, it, L, lay, j, rows)
                 continue
             age = it - ist[0, lay, j]
             freq = ist[3, lay, j]
             if ahead:
                 row = ist[1, lay, j] if fresh else freq
-                p_now = fl[2, row, age_bucket1(age)]
+                p_now = fl[2, off + row, age_bucket1(age)]
                 if rows > 1:
                     p_now = 1.0 - pow_rows(1.0 - p_now, rows)
                 wait = nxt + wait0[freq, age_bucket1(age + 1)]
@@ -466,10 +554,11 @@ def _victim_etnu(ist, fl, prot, g, it, L, lay, j, rows):  # noqa: ANN001, ANN202
     if prot[lay, j]:
         return -0.0
     age = it - ist[0, lay, j]
-    freq = ist[3, lay, j]
+    off = layer_row(fl, lay)
+    freq = off + ist[3, lay, j]
     nxt = float(L - g + lay)
     if lay > g:
-        row = ist[1, lay, j] if ist[2, lay, 0] == it else freq
+        row = off + ist[1, lay, j] if ist[2, lay, 0] == it else freq
         p_now = fl[2, row, age_bucket1(age)]
         if rows > 1:
             p_now = 1.0 - pow_rows(1.0 - p_now, rows)

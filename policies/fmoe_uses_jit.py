@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from policies.fmoe_jit import _before, age_bucket1, pow_rows
+from policies.fmoe_jit import _before, age_bucket1, layer_row, pow_rows
 
 
 @njit(cache=True)
@@ -61,10 +61,11 @@ def _uses_one(ist, fl, prot, g, it, rows, horizon, L, lay, j):  # noqa: ANN001, 
     r = np.exp(-L / horizon)
     geo = r / (1.0 - r) if r < 1.0 else np.inf
     age = it - ist[0, lay, j]
-    freq = ist[3, lay, j]
+    off = layer_row(fl, lay)  # layer_table=True: the layer's block
+    freq = off + ist[3, lay, j]
     if lay > g:
         t1 = float(lay - g)
-        row = ist[1, lay, j] if ist[2, lay, 0] == it else freq
+        row = off + ist[1, lay, j] if ist[2, lay, 0] == it else freq
         p1 = fl[2, row, age_bucket1(age)]
         if rows > 1:
             p1 = 1.0 - pow_rows(1.0 - p1, rows)

@@ -340,3 +340,47 @@ def run_bounds(
         "bound_tpot_s": _tpot_floor(workload, config, plan, per_device, jit),
         "bound_wall_s": time.perf_counter() - t0,
     }
+
+
+def window_hit_rates(
+    workload: Workload,
+    config: SimConfig,
+    capacities: list[int],
+    closed: bool,
+    windows: list[int],
+    initial: list[list[tuple[int, int]]] | None = None,
+) -> dict[int, float] | None:
+    """Hit rate of window-MIN (:func:`traces.horizon.window_min_run`) for each window in
+    ``windows`` (iterations seen, counted from the current one; 0 is LRU), on the run's
+    demand sequence with ``bound_hit_belady``'s cache: the same plan, slots per GPU
+    (global scope per device), step pinning and start (``initial``, else empty). A
+    window of at least the run's iterations gives ``bound_hit_belady``.
+
+    A reference, not a bound: an online policy may beat a short window (docs/bounds.md).
+    None when the schedule depends on timing, or a layer step is larger than a GPU's
+    cache (MIN runs such a step in waves; window-MIN does not model them). Contract: the
+    arguments are :func:`run_bounds`'s, ``windows`` >= 0 each. In memory (no spill).
+    """
+    plan = plan_iterations(workload, config, closed)
+    if plan is None:
+        return None
+    from traces.horizon import window_min_run
+
+    spec = config.model
+    L, J, n = spec.num_moe_layers, spec.num_experts, len(capacities)
+    seq = demand_sequence_for(workload, plan)
+    iteration_start = np.arange(0, seq.num_steps + 1, L, dtype=np.int64)
+    hits = dict.fromkeys(windows, 0)
+    demands = 0
+    for d, cap in enumerate(capacities):
+        sub = seq.for_device(d, n)
+        if sub.num_steps and int(sub.step_sizes().max()) > cap:
+            return None
+        nxt = next_use(sub)
+        init = None
+        if initial is not None and initial[d]:
+            init = np.array([lay * J + e for lay, e in initial[d]], dtype=np.int64)
+        demands += sub.num_demands
+        for w in windows:
+            hits[w] += window_min_run(sub, cap, w, iteration_start, nxt, init)[0]
+    return {w: h / demands for w, h in hits.items()} if demands else None
