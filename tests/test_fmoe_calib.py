@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.test_fmoe_deadline import J, L, FakeView, _bound, _busy, _start
+from tests.test_fmoe_deadline import FakeView, J, L, _bound, _busy, _start
 
 
 @pytest.mark.parametrize("kernel", [True, False])

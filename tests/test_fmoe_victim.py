@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from policies.base import GateOutput
 from policies.cache import ExpertCache
 from policies.fmoe import FmoePolicy
-from tests.test_fmoe_deadline import J, FakeView, _bound, _busy, _gate, _start
+from tests.test_fmoe_deadline import FakeView, J, _bound, _busy, _gate, _start
 
 
 def _fill(cache: ExpertCache, keys: list[tuple[int, int]]) -> None:
