@@ -35,6 +35,9 @@ reject useful copies where links have slack: docs/fmoe.md).
 Admitted orders are (re)sent at their new priority; an order not started that is now
 late, or whose layer has run, is cancelled. A rejected copy evicts nothing. Without a
 view (or with ``admission="all"``) every selected expert is ordered as the paper does.
+
+Over 450 lines on purpose: the admission pass is one loop whose inlined chances and
+costs must read as the admission kernel's (policies.fmoe_admit_jit), side by side.
 """
 
 from __future__ import annotations
