@@ -190,6 +190,13 @@ class FmoeOptions(PolicyOptions):
         "layer (its measured recall there times one layer step's prefetch time); whole: "
         "its whole saving (the earlier rule)",
     )
+    candidate_chance: Literal["measured", "table"] = Field(
+        default="measured",
+        description="deadline admission, one-row iterations: measured: a map candidate's "
+        "chance of use is its chance-table cell's measured rate among earlier map "
+        "candidates (one pseudo-observation at the table's chance; policies.fmoe_calib); "
+        "table: the eviction table's cell, learned over every expert (the earlier rule)",
+    )
     lookahead: bool | Literal["auto"] = Field(
         default="auto",
         description="auto: measure online how often each layer's lookahead rows (the next "
@@ -416,6 +423,7 @@ class FmoePolicy(
             **(self.blocking_metadata() if self._view is not None else {}),
             **(self.residence_metadata() if getattr(self, "_res_on", False) else {}),
             **(self.finish_metadata() if getattr(self, "_fin_on", False) else {}),
+            **(self.calib_metadata() if getattr(self, "_cal_on", False) else {}),
             **self.lookahead_metadata(),
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,

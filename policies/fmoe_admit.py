@@ -137,12 +137,14 @@ class FmoeAdmitKernel:
             ch0,
             cn0,
             kap,
+            self._cal_h,
+            self._cal_n,
         )
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
             tab = self._chance()
             na = K.admit_rows(
                 *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance, beta,
-                resid, sv, ch0, cn0, kap,
+                resid, sv, ch0, cn0, kap, self._cal_h, self._cal_n,
             )  # fmt: skip
         if na < 0:
             return False

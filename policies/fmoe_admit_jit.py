@@ -66,6 +66,8 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
     ch0,
     cn0,
     kap,
+    cal_h,
+    cal_n,
 ):  # noqa: ANN001 - numba
     """Rank candidates (``lay``, ``jj``, ``p``; ``was``: queued before; ``look``: the
     lookahead chance, -1.0 where none) by (-p / (lay - g), lay, jj) and judge them as
@@ -105,14 +107,19 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
 
     ``kap`` (saving="finish", policies.fmoe_finish): per device the measured worth of an
     avoided demand load over one copy time; rho is divided by it (``beta`` comes divided
-    already); ones: the earlier rule."""
+    already); ones: the earlier rule.
+
+    ``cal_h``, ``cal_n`` (candidate_chance="measured", policies.fmoe_calib): per chance
+    table cell the map candidates used and judged; a candidate's table chance q becomes
+    (cal_h + q) / (cal_n + 1) before the shrink above (zeros: q itself)."""
     n = lay.shape[0]
     if rank_chance:  # p[i] = _iteration_chance of one row: the table's cell, or the look's
         for i in range(n):
             layer = lay[i]
             j = jj[i]
             row = ist[1, layer, j] if ist[2, layer, 0] == it else ist[3, layer, j]
-            q = tab[row, age_bucket1(it - ist[0, layer, j])]
+            bk = age_bucket1(it - ist[0, layer, j])
+            q = (cal_h[row, bk] + tab[row, bk]) / (cal_n[row, bk] + 1.0)
             if cn0[i] >= 0.0:
                 q = (ch0[i] + q) / (cn0[i] + 1.0)
             p[i] = look[i] if look[i] > q else q
@@ -180,7 +187,8 @@ def admit_rows(  # noqa: ANN201, PLR0913 - numba
                 return -1
             age = it - ist[0, layer, j]
             row = ist[1, layer, j] if ist[2, layer, 0] == it else ist[3, layer, j]
-            q = tab[row, age_bucket1(age)]
+            bk = age_bucket1(age)
+            q = (cal_h[row, bk] + tab[row, bk]) / (cal_n[row, bk] + 1.0)
             if cn0[i] >= 0.0:
                 q = (ch0[i] + q) / (cn0[i] + 1.0)
             if look[i] > q:

@@ -35,6 +35,9 @@ reject useful copies where links have slack: docs/fmoe.md).
 Admitted orders are (re)sent at their new priority; an order not started that is now
 late, or whose layer has run, is cancelled. A rejected copy evicts nothing. Without a
 view (or with ``admission="all"``) every selected expert is ordered as the paper does.
+
+Over 450 lines on purpose: the admission pass is one loop whose inlined chances and
+costs must read as the admission kernel's (policies.fmoe_admit_jit), side by side.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ from policies.base import ExecutorView, Policy, PolicyContext
 from policies.cache import ExpertKey, ExpertState
 from policies.fmoe_admit import FmoeAdmitKernel
 from policies.fmoe_blocking import FmoeBlocking, gate_crossings
+from policies.fmoe_calib import FmoeCalib
 from policies.fmoe_cands import CandidateSet
-from policies.fmoe_eviction import AGE_BUCKETS
+from policies.fmoe_eviction import AGE_BUCKETS, CAL_BINS
 from policies.fmoe_finish import FmoeFinish
 from policies.fmoe_forecast import FmoeForecast
 from policies.fmoe_residence import FmoeResidence
@@ -63,7 +67,9 @@ _KERNEL_MIN = 2
 _LIVE_FAST = True
 
 
-class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, FmoeForecast):
+class FmoeDeadline(
+    FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, FmoeForecast, FmoeCalib
+):
     """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
 
     def _setup_deadline(self, ctx: PolicyContext) -> None:
@@ -107,6 +113,9 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, Fmo
         self._gate_dem: tuple[int, list[int]] | None = None
         # saving="finish": an avoided demand load's worth to the layer step (fmoe_finish)
         self._setup_finish(view is not None and self.options.saving == "finish", self._n_dev)
+        # candidate_chance="measured": the map candidates' own rate per cell (fmoe_calib)
+        cal_on = view is not None and self.options.candidate_chance == "measured"
+        self._setup_calib(cal_on, (3 * CAL_BINS, AGE_BUCKETS))
 
     # -- measurements ---------------------------------------------------------------------
     def _deadline_iteration_start(self, rows: int, prefill: bool = False) -> None:
@@ -143,6 +152,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, Fmo
         if self._fin_on:
             self._kap = self._finish_estimates(prefill)
         self._gate_times = []
+        self._cal_pend = {}  # a candidate is judged and counted within its iteration
         self._demand_now = [0] * self._n_dev
         self._max_now = 0
         for key in self._pending:
@@ -154,6 +164,8 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, Fmo
         """Layer ``layer``'s gate ran at ``now`` and chose ``ids``: count its demand loads
         (experts not resident: absent, or a copy still loading)."""
         self._gate_times.append(now)
+        if self._cal_pend:  # candidate_chance="measured": were the noted candidates used
+            self._calib_gate(layer, ids)
         cache_of, dev_of = self._cache_of, self._dev_of
         if not cache_of:
             return
@@ -207,8 +219,13 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, Fmo
         1 - (1 - q)^rows over the iteration's rows (rows choose independently given their
         cell). A prompt of hundreds of rows demands almost every expert of a layer; one
         row's chance would count most of its copies as likely unused."""
-        q = self._candidate_chance(layer, j)
-        if self._map_marginal and self._rows <= 1:
+        one = self._rows <= 1
+        q = (
+            self._calib_chance(layer, j)
+            if one and self._cal_on
+            else self._candidate_chance(layer, j)
+        )
+        if self._map_marginal and one:
             hn = self._map_only(layer, j)  # a map pick the lookahead passed over
             if hn is not None:
                 q = (hn[0] + q) / (hn[1] + 1.0)
@@ -259,6 +276,8 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, Fmo
         # the candidates: the live pending ones, then this hook's (policies.fmoe_cands)
         lay, jj, pv, was, look_c = dl.take_merged(live, old, g, self._look_q)
         n = lay.shape[0]
+        if n and self._cal_on and self._rows <= 1:
+            self._calib_note(lay, jj, look_c)  # the map candidates' cells (fmoe_calib)
         if not n:
             self._pending = {}
             if stale:
@@ -292,6 +311,7 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, Fmo
         price = self._victim_priced
         resid = self._victim_resid
         marginal = self._map_marginal
+        cal_on, cal_h, cal_n = self._cal_on, self._cal_h, self._cal_n
         recall: dict[int, float] = {}  # the lookahead's recall per layer (this pass)
         if price:
             self._victims_reset()
@@ -371,6 +391,8 @@ class FmoeDeadline(FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, Fmo
                 )
                 bk = 0 if age <= 1 else min((age - 1).bit_length(), _LAST_BUCKET)
                 q = tab.item(row, bk)
+                if cal_on and rows <= 1:  # as _iteration_chance (_calib_chance)
+                    q = (cal_h.item(row, bk) + q) / (cal_n.item(row, bk) + 1.0)
                 if marginal and rows <= 1:  # as _iteration_chance
                     hn = self._map_only(layer, j)
                     if hn is not None:

@@ -61,6 +61,10 @@ class FmoeFit:
             else:
                 e = None
                 self._stats["fit_rows_emb_none"] += T
+            if r.lookahead is not None and self._la_mode is not False:
+                self._lookahead_fit(
+                    r.topk_ids, r.lookahead
+                )  # the cells' precision (fmoe_lookahead)
             maps.append(m)
             embs.append(e)
             pending += T

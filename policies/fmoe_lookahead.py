@@ -183,6 +183,36 @@ class FmoeLookahead:
         np.add.at(self._la_chosen[g], ids.reshape(-1), 1.0)
         self._la_rows[g] += B
 
+    def _lookahead_fit(self, ids: np.ndarray, look: np.ndarray) -> None:
+        """Score one training request's lookahead picks (``ids`` [T, L, K] chosen,
+        ``look`` [T, L, J] lookahead rows) into the cells, as the gates would: the
+        request's T rows are one batch, their chance hits from the choice frequency
+        before it. The same measurement as at run time, on the rows the store is filled
+        from, so a cell the training rows show right is on from the first served token
+        (at run time it needed about 20 picks, most of a short request's decode steps).
+        The bound still holds: the training rows are more picks of the same cells, and
+        each batch's chance hits are fixed before its choices are counted."""
+        ids = np.asarray(ids).reshape(ids.shape[0], ids.shape[1], -1)
+        T, L = ids.shape[0], ids.shape[1]
+        if T == 0 or self._la_n.shape[0] != L:
+            return
+        k = self._la_k
+        for g in range(1, L):
+            pk = np.argsort(-np.asarray(look[:, g - 1], np.float64), axis=1, kind="stable")[:, :k]
+            f = (self._la_chosen[g] + self._la_base) / (self._la_rows[g] + 1.0)
+            hit = (pk[:, :, None] == ids[:, g][:, None, :]).any(axis=2)
+            self._la_n[g] += T
+            self._la_h[g] += hit.sum(axis=0)
+            self._la_e[g] += f[pk].sum(axis=0)
+        for g in range(L):
+            np.add.at(self._la_chosen[g], ids[:, g].reshape(-1), 1.0)
+            self._la_rows[g] += T
+        n, h, ec = self._la_n, self._la_h, self._la_e
+        on = h - ec > mixture_boundary(n, self._la_log_a2)
+        self._la_on = [[bool(x) for x in row] for row in on]
+        self._la_p = ((h + self._la_base) / (n + 1.0)).tolist()
+        self._stats["fit_rows_lookahead"] += T
+
     def _map_split_score(self, g: int, ids: np.ndarray) -> None:
         """One row's gate g chose ``ids``: where the map forecast layer g in this iteration
         and the lookahead ordered experts for it at gate g - 1, score the map's top-K

@@ -13,6 +13,7 @@ from policies.base import IterationStart
 from policies.fmoe import FmoePolicy
 from policies.fmoe_blocking import gate_crossings
 from tests.test_fmoe_deadline import FakeView, _bound, _busy, _gate, _start
+from tests.test_fmoe_victim import _gate_wrong
 
 
 def _chance(pol: FmoePolicy, q: float) -> None:
@@ -88,7 +89,9 @@ def test_no_copy_is_sent_whose_hold_up_outweighs_its_saving(
     _start(pol)
     sent = list(pol.decide_prefetch().enqueue)
     for g in range(3):
-        _gate(pol, g, now=(g + 1) * layer)
+        # gates that agree with the forecasts' chance (candidate_chance="measured" counts
+        # the candidates' uses: gates choosing every forecast expert would make it 1)
+        _gate_wrong(pol, g, now=(g + 1) * layer)
         sent += pol.decide_prefetch().enqueue
     assert sent == []
 

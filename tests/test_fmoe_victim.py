@@ -6,9 +6,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policies.base import GateOutput
 from policies.cache import ExpertCache
 from policies.fmoe import FmoePolicy
-from tests.test_fmoe_deadline import FakeView, _bound, _busy, _gate, _start
+from tests.test_fmoe_deadline import FakeView, J, _bound, _busy, _gate, _start
 
 
 def _fill(cache: ExpertCache, keys: list[tuple[int, int]]) -> None:
@@ -22,6 +23,15 @@ def _never_right(pol: FmoePolicy) -> None:
     admission reads is 0."""
     zero = np.zeros_like(pol._chance())
     pol._chance = lambda: zero  # type: ignore[method-assign]
+
+
+def _gate_wrong(pol: FmoePolicy, layer: int, now: float) -> None:
+    """Gate ``layer`` chooses an expert the stored map does not forecast there (the map
+    names layer % J): the forecasts' candidates are never used, as the table says."""
+    probs = np.full((1, J), 0.02, np.float32)
+    probs[0, (layer + 1) % J] = 0.94
+    ids = np.array([[(layer + 1) % J]])
+    pol.on_gate(GateOutput(0, layer, ids, np.ones((1, 1), np.float32), probs, None, now))
 
 
 @settings(max_examples=25, deadline=None)
@@ -45,7 +55,9 @@ def test_forecasts_that_are_never_right_start_no_prefetch(
     _start(pol)
     sent = list(pol.decide_prefetch().enqueue)
     for layer in range(3):
-        _gate(pol, layer, now=layer * layer_ms * 1e-3)
+        # the gates agree with the table (candidate_chance="measured" counts the
+        # candidates' uses: a gate choosing them would contradict the table)
+        _gate_wrong(pol, layer, now=layer * layer_ms * 1e-3)
         sent += pol.decide_prefetch().enqueue
     assert sent == []
 
