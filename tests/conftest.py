@@ -3,8 +3,14 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # Bounded example counts keep CI fast; `HYPOTHESIS_PROFILE=thorough` for local digging.
+# CI draws the same examples every run (derandomize): a statistical property ("within
+# the noise") must not fail a build by the luck of a draw; "thorough" draws afresh.
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile("ci")
