@@ -13,6 +13,7 @@ import numpy as np
 
 from policies.base import Policy, PrefetchOrder
 from policies.cache import ExpertKey
+from policies.fmoe_victim import VICTIMS_PRICED
 
 _NO_IDS = np.zeros(0, np.int64)
 # admit_rows' victim arguments without victim pricing (none read)
@@ -41,6 +42,10 @@ class _AdmitBufs:
     cn0: np.ndarray  # per candidate: picks of map-only picks (-1: not one)
     p: np.ndarray  # per candidate: the chances (rank="chance")
     rec: np.ndarray  # [L]: the lookahead's recall per layer (NaN: not computed)
+    vfree: np.ndarray  # per device: free slots (_kernel_victims)
+    v_len: np.ndarray  # per device: victims listed
+    v_loaded: np.ndarray  # per device: listed at all
+    v_e: np.ndarray  # [devices, VICTIMS_PRICED]: the victims' expected times
 
     @staticmethod
     def make(size: int, n_dev: int, n_layers: int) -> _AdmitBufs:
@@ -49,6 +54,8 @@ class _AdmitBufs:
             np.zeros(n_dev), np.zeros(n_dev), np.zeros(n_dev), np.zeros(2),
             np.empty((size, 2), np.int64), np.zeros(7, np.int64), np.zeros(size),
             np.zeros(size), np.zeros(size), np.zeros(size), np.full(n_layers, np.nan),
+            np.zeros(n_dev, np.int64), np.zeros(n_dev, np.int64), np.zeros(n_dev, np.bool_),
+            np.zeros((n_dev, VICTIMS_PRICED)),
         )  # fmt: skip
 
 
@@ -203,30 +210,32 @@ class FmoeAdmitKernel:
         every copy it admits takes a free slot first, so no victim is ever priced there."""
         if self.ctx is None:
             return None
-        from policies.fmoe_victim import VICTIMS_PRICED
-
-        self._victims_reset()
         nd = self._n_dev
-        vfree = np.zeros(nd, np.int64)
-        v_len = np.zeros(nd, np.int64)
-        v_loaded = np.zeros(nd, np.bool_)
-        v_e = np.zeros((nd, VICTIMS_PRICED))
+        bufs = self._admit_bufs
+        assert bufs is not None
+        vfree, v_len, v_loaded, v_e = bufs.vfree, bufs.v_len, bufs.v_loaded, bufs.v_e
+        if nd > 1:  # devices without candidates: nothing listed
+            vfree[:] = 0
+            v_len[:] = 0
+            v_loaded[:] = False
         caches = self.ctx.caches
+        reset = False  # the Python lists (_victims_load's) are emptied before their first use
         for dev in devs:
             free = caches[dev].free
             if free >= per_dev[dev]:  # never reaches a victim: skip scoring them
-                self._vfree[dev], self._vq[dev] = free, []
-                vfree[dev], v_loaded[dev] = free, True
+                vfree[dev], v_len[dev], v_loaded[dev] = free, 0, True
                 continue
             if self._victims_direct(dev):
                 # the compiled listing's expected times straight into v_e (the kernel
                 # reads only them: _victims_listed's entry lists are not made)
                 c = self._victims_kernel(dev)[0]
                 if c >= 0:
-                    self._vfree[dev] = free
                     v_e[dev, :c] = -self._vl_bufs[2][:c]  # type: ignore[index]
                     vfree[dev], v_len[dev], v_loaded[dev] = free, c, True
                     continue
+            if not reset:
+                self._victims_reset()
+                reset = True
             self._victims_load(dev)
             vq = self._vq[dev]
             vfree[dev], v_len[dev], v_loaded[dev] = self._vfree[dev], len(vq), True
