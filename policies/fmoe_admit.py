@@ -225,7 +225,7 @@ class FmoeAdmitKernel:
             if free >= per_dev[dev]:  # never reaches a victim: skip scoring them
                 vfree[dev], v_len[dev], v_loaded[dev] = free, 0, True
                 continue
-            if self._victims_direct(dev):
+            if self._victims_direct(dev, small=True):
                 # the compiled listing's expected times straight into v_e (the kernel
                 # reads only them: _victims_listed's entry lists are not made)
                 c = self._victims_kernel(dev)[0]

@@ -146,13 +146,15 @@ class FmoeVictim:
         low.reverse()
         self._vq[dev] = low
 
-    def _victims_direct(self, dev: int) -> bool:
+    def _victims_direct(self, dev: int, small: bool = False) -> bool:
         """Whether ``dev``'s victims are listed by the kernel (:meth:`_victims_listed`):
-        the ``fmoe`` score, and enough candidates (fewer: Python's list costs less)."""
+        the ``fmoe`` score, and enough candidates (fewer: Python's list costs less than
+        the kernel and the cache's arrays, unless ``small``: the admission kernel, whose
+        expected times the Python list would score one by one, takes it at any size)."""
         return (
             _LIST_KERNEL
             and self._scores_fast
-            and len(self.ctx.caches[dev]._cands) >= VICTIM_INDEX_MIN
+            and (small or len(self.ctx.caches[dev]._cands) >= VICTIM_INDEX_MIN)
         )
 
     def _victims_listed(self, dev: int) -> bool:
