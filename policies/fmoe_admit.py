@@ -80,7 +80,6 @@ class FmoeAdmitKernel:
         cancellations in the same order. False (nothing done, the arrays unchanged) where
         the kernel cannot rank (a NaN key)."""
         from policies import fmoe_admit_jit as K  # numba: loaded with fmoe_jit at bind
-        from policies import fmoe_gate_jit as GJ
 
         n = lay.shape[0]
         bufs = self._admit_bufs
@@ -125,7 +124,7 @@ class FmoeAdmitKernel:
             return False
         # map_value="marginal": what the lookahead would save of each anyway (_admit's
         # sv) and the map picks the lookahead passed over (FmoeDeadline._iteration_chance):
-        # computed by the kernel (policies.fmoe_gate_jit.marginal_terms)
+        # computed by the kernel (policies.fmoe_admit_jit.marginal_terms)
         named = self._look_named
         named_layer, named_ids, mh0, mn0 = -1, _NO_IDS, 0.0, -1.0
         if self._map_marginal and named is not None and named[0] == self._cur_it:
@@ -154,11 +153,11 @@ class FmoeAdmitKernel:
         tail = (rank_chance, beta, resid, kap, self._cal_h, self._cal_n, self._map_marginal, mode_i, self._map_h,
                 self._la_cat_h[1], self._la_on_arr, bufs.rec, named_layer, named_ids, mh0, mn0,
                 bufs.sv, bufs.ch0, bufs.cn0, bufs.p)  # fmt: skip
-        na = GJ.admit_gate(*head, self._chance_tab, have, self._cur_it, act, counts, price,
+        na = K.admit_gate(*head, self._chance_tab, have, self._cur_it, act, counts, price,
                            *victims, *tail)  # fmt: skip
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
             tab = self._chance()
-            na = GJ.admit_gate(*head, tab, True, self._cur_it, act, counts, price, *victims,
+            na = K.admit_gate(*head, tab, True, self._cur_it, act, counts, price, *victims,
                                *tail)  # fmt: skip
         if rank_chance:
             p = bufs.p[:n]  # the chances the kernel put there

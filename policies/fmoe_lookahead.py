@@ -86,7 +86,7 @@ class FmoeLookahead:
         self._la_e = np.zeros((L, k))
         self._la_log_a2 = 2.0 * math.log(ALPHA / (L * k))  # ln a^2 per cell
         self._la_on = [[False] * k for _ in range(L)]
-        self._la_on_arr = np.zeros((L, k), np.bool_)  # the same, for kernels (fmoe_gate_jit)
+        self._la_on_arr = np.zeros((L, k), np.bool_)  # the same, for kernels (fmoe_admit_jit)
         self._la_p = [[self._la_base] * k for _ in range(L)]
         # the choice frequency per layer: times chosen per expert, rows seen
         self._la_chosen = np.zeros((L, J))

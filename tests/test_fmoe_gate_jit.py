@@ -1,4 +1,4 @@
-"""policies.fmoe_gate_jit (the one-row admission's lookahead terms and admit_rows in one
+"""policies.fmoe_admit_jit.admit_gate (the one-row admission's lookahead terms and admit_rows in one
 call) against the Python glue it replaces in FmoeAdmitKernel._admit_kernel, on random
 states: the lookahead's recall per layer (FmoeLookahead._look_recall), each candidate's
 saving the lookahead makes anyway (sv), the map-only picks' (hits, picks)
@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import fmoe_admit_jit as K
-from policies import fmoe_gate_jit as GJ
 from policies.fmoe_lookahead import FmoeLookahead
 
 
@@ -104,6 +103,9 @@ def test_admit_gate_is_the_python_glue_then_admit_rows(c: dict) -> None:
     beta = rng.choice([0.0, 0.1], nd)
     resid = np.array([0.0, 2.0])
     kap = np.ones(nd)
+    # candidate_chance="measured" (policies.fmoe_calib): per table cell, used and judged
+    cal_h = rng.integers(0, 3, tab.shape).astype(np.float64)
+    cal_n = cal_h + rng.integers(0, 3, tab.shape)
     vfree = rng.integers(0, 2, nd)
     v_e = rng.random((nd, 4)) * 5
     v_len = np.full(nd, 4)
@@ -115,7 +117,7 @@ def test_admit_gate_is_the_python_glue_then_admit_rows(c: dict) -> None:
     act_py, counts_py = np.zeros((n, 2), np.int64), np.zeros(7, np.int64)
     p_py = p.copy()
     na_py = K.admit_rows(lay, jj, p_py, was, look, *common, act_py, counts_py, *vict, sv, ch0,
-                         cn0, kap)  # fmt: skip
+                         cn0, kap, cal_h, cal_n)  # fmt: skip
     # the kernel, on buffers longer than the candidates (as _admit_kernel keeps them)
     size = L * J
     pad = size - n
@@ -135,9 +137,9 @@ def test_admit_gate_is_the_python_glue_then_admit_rows(c: dict) -> None:
     mode = s._la_mode
     mode_i = 0 if mode is False else (2 if mode is True else 1)
     p_in = padded(p)
-    na = GJ.admit_gate(
+    na = K.admit_gate(
         padded(lay), padded(jj), p_in, padded(was, False), padded(look, -1.0), n, *common,
-        act, counts, *vict, kap, c["marginal"], mode_i, s._map_h, s._la_cat_h[1], c["on"], rec,
+        act, counts, *vict, kap, cal_h, cal_n, c["marginal"], mode_i, s._map_h, s._la_cat_h[1], c["on"], rec,
         nl, nids, mh0, mn0, *bufs,
     )  # fmt: skip
     assert na == na_py
@@ -161,5 +163,5 @@ def test_look_recall_is_the_mixins(c: dict) -> None:
     mode_i = 0 if mode is False else (2 if mode is True else 1)
     for layer in range(-1, c["L"] + 1):
         want = FmoeLookahead._look_recall(s, layer)
-        got = GJ.look_recall(layer, mode_i, s._map_h, s._la_cat_h[1], c["on"])
+        got = K.look_recall(layer, mode_i, s._map_h, s._la_cat_h[1], c["on"])
         assert got == want
