@@ -213,6 +213,7 @@ class FmoeLookahead:
         n, h, ec = self._la_n, self._la_h, self._la_e
         on = h - ec > mixture_boundary(n, self._la_log_a2)
         self._la_on = [[bool(x) for x in row] for row in on]
+        self._la_on_arr[:] = on  # kept in step with the lists (the admission kernel reads it)
         self._la_p = ((h + self._la_base) / (n + 1.0)).tolist()
         self._stats["fit_rows_lookahead"] += T
 

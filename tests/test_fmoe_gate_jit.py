@@ -13,7 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import fmoe_admit_jit as K
+from policies.base import GateOutput, IterationStart
 from policies.fmoe_lookahead import FmoeLookahead
+from tests.strategies import small_spec
+from tests.test_fmoe_lookahead_fit import _bound, _routing, _workload
 
 
 def _python_terms(s: SimpleNamespace, lay, jj, g, dev_of, copy, avail, marginal):  # noqa: ANN001, ANN202
@@ -165,3 +168,28 @@ def test_look_recall_is_the_mixins(c: dict) -> None:
         want = FmoeLookahead._look_recall(s, layer)
         got = K.look_recall(layer, mode_i, s._map_h, s._la_cat_h[1], c["on"])
         assert got == want
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), right=st.booleans())
+def test_the_cells_array_follows_the_lists(seed: int, right: bool) -> None:
+    """``_la_on_arr`` (what the admission kernel reads) equals ``_la_on`` after a fit
+    (cells set wholesale) and after gates (a layer's row at a time)."""
+    L, J, K = 4, 6, 2
+    spec = small_spec(layers=L, experts=J, top_k=K, hidden=3)
+    rng = np.random.default_rng(seed)
+    routings = [_routing(rng, 30, L, J, K, right) for _ in range(2)]
+    pol = _bound(spec)
+    pol.fit(_workload(spec, routings))
+    np.testing.assert_array_equal(pol._la_on_arr, np.array(pol._la_on, np.bool_))
+    r = routings[0]
+    for t in range(r.num_tokens):  # one row an iteration: the kernel path of the gates
+        pol.on_iteration_start(IterationStart(t, ("q",), np.arange(1), np.zeros(1, bool)))
+        for lay in range(L):
+            pol.on_gate(
+                GateOutput(
+                    t, lay, r.topk_ids[t : t + 1, lay], r.topk_weights[t : t + 1, lay],
+                    r.gate_probs[t : t + 1, lay], r.lookahead[t : t + 1, lay],
+                )
+            )  # fmt: skip
+        np.testing.assert_array_equal(pol._la_on_arr, np.array(pol._la_on, np.bool_))
