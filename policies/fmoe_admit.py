@@ -7,12 +7,15 @@ the kernel returns are sent in rank order (docs/fmoe.md, "Speed")."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from policies.base import Policy, PrefetchOrder
 from policies.cache import ExpertKey
+from policies.fmoe_victim import VICTIMS_PRICED
 
+_NO_IDS = np.zeros(0, np.int64)
 # admit_rows' victim arguments without victim pricing (none read)
 _NO_VICTIMS = (
     0.0,
@@ -23,8 +26,43 @@ _NO_VICTIMS = (
 )
 
 
+@dataclass
+class _AdmitBufs:
+    """:meth:`FmoeAdmitKernel._admit_kernel`'s arrays, made once per policy (the kernel
+    fills them; a call's values never outlive it)."""
+
+    committed: np.ndarray  # per device: link seconds ahead of the next order
+    copy: np.ndarray  # per device: one copy's seconds
+    avail: np.ndarray  # per device: prefetch link time per layer step
+    resid: np.ndarray  # [2]: measured residence per source
+    act: np.ndarray  # [n, 2]: the kernel's actions
+    counts: np.ndarray  # [7]: the pass's order counts
+    sv: np.ndarray  # per candidate: the lookahead's saving of it
+    ch0: np.ndarray  # per candidate: hits of map-only picks
+    cn0: np.ndarray  # per candidate: picks of map-only picks (-1: not one)
+    p: np.ndarray  # per candidate: the chances (rank="chance")
+    rec: np.ndarray  # [L]: the lookahead's recall per layer (NaN: not computed)
+    vfree: np.ndarray  # per device: free slots (_kernel_victims)
+    v_len: np.ndarray  # per device: victims listed
+    v_loaded: np.ndarray  # per device: listed at all
+    v_e: np.ndarray  # [devices, VICTIMS_PRICED]: the victims' expected times
+
+    @staticmethod
+    def make(size: int, n_dev: int, n_layers: int) -> _AdmitBufs:
+        """Buffers for up to ``size`` candidates on ``n_dev`` devices."""
+        return _AdmitBufs(
+            np.zeros(n_dev), np.zeros(n_dev), np.zeros(n_dev), np.zeros(2),
+            np.empty((size, 2), np.int64), np.zeros(7, np.int64), np.zeros(size),
+            np.zeros(size), np.zeros(size), np.zeros(size), np.full(n_layers, np.nan),
+            np.zeros(n_dev, np.int64), np.zeros(n_dev, np.int64), np.zeros(n_dev, np.bool_),
+            np.zeros((n_dev, VICTIMS_PRICED)),
+        )  # fmt: skip
+
+
 class FmoeAdmitKernel:
     """:meth:`_admit_kernel` and the victim lists it reads."""
+
+    _admit_bufs: _AdmitBufs | None = None
 
     def _admit_kernel(
         self,
@@ -44,17 +82,25 @@ class FmoeAdmitKernel:
         from policies import fmoe_admit_jit as K  # numba: loaded with fmoe_jit at bind
 
         n = lay.shape[0]
-        p = p.copy() if self._rank_chance else p  # the kernel writes the chances there
+        bufs = self._admit_bufs
+        if bufs is None:  # sized for every candidate of the set (n <= L x J)
+            bufs = self._admit_bufs = _AdmitBufs.make(self._dl_cands.p.shape[0], self._n_dev,
+                                                      len(self._la_on_arr))  # fmt: skip
         view = self._view
         assert view is not None
         nd = self._n_dev
-        committed = np.zeros(nd)
-        copy = np.full(nd, self._copy_s)
-        avail = np.zeros(nd)
+        committed, copy, avail = bufs.committed, bufs.copy, bufs.avail
         # the links' states, read before any order is sent (as the loop reads each at
         # its device's first candidate: an order changes only its own link, after that)
-        cand_dev = self._dev_arr[lay, jj]
-        devs = (0,) if nd == 1 else np.unique(cand_dev).tolist()
+        if nd == 1:
+            devs: Sequence[int] = (0,)
+            cand_dev = None
+        else:
+            cand_dev = self._dev_arr[lay, jj]
+            devs = np.unique(cand_dev).tolist()
+            committed[:] = 0.0
+            copy[:] = self._copy_s
+            avail[:] = 0.0
         shift = self._first_step_shift(g)  # forecast="gate" (FmoeDeadline)
         for dev in devs:
             link = view.link_state(dev)
@@ -70,42 +116,25 @@ class FmoeAdmitKernel:
             self._chance()  # (there first), computed by the kernel
         price = self._victim_priced
         if price:
-            per_dev = np.bincount(cand_dev, minlength=nd) if nd > 1 else np.array([n])
+            per_dev = np.bincount(cand_dev, minlength=nd) if nd > 1 else (n,)
             victims = self._kernel_victims(devs, avail, per_dev)
         else:
             victims = _NO_VICTIMS
         if victims is None:
             return False
-        # map_value="marginal": what the lookahead would save of each anyway (_admit's sv)
-        sv = np.zeros(n)
-        if self._map_marginal:
-            far = np.flatnonzero(lay >= g + 2)
-            if far.size:
-                far_lay = lay[far]
-                for layer in np.unique(far_lay).tolist():
-                    r = self._look_recall(layer)
-                    if r:
-                        at = far[far_lay == layer]
-                        c, av = copy[cand_dev[at]], avail[cand_dev[at]]
-                        sv[at] = r * np.where(c < av, c, av)  # per candidate: r x min(c, av)
-        # map picks the lookahead passed over (FmoeDeadline._iteration_chance)
-        ch0 = np.zeros(n)
-        cn0 = np.full(n, -1.0)
+        # map_value="marginal": what the lookahead would save of each anyway (_admit's
+        # sv) and the map picks the lookahead passed over (FmoeDeadline._iteration_chance):
+        # computed by the kernel (policies.fmoe_admit_jit.marginal_terms)
         named = self._look_named
+        named_layer, named_ids, mh0, mn0 = -1, _NO_IDS, 0.0, -1.0
         if self._map_marginal and named is not None and named[0] == self._cur_it:
-            # _map_only per candidate: only the lookahead's layer has such picks, and all
-            # of that layer's share one (hits, picks) pair
-            at = np.flatnonzero(lay == named[1]).tolist()
-            if at:
-                hn = None
-                ordered = named[2]
-                for i in at:
-                    if int(jj[i]) not in ordered:
-                        if hn is None:
-                            hn = self._map_only(named[1], int(jj[i]))
-                        ch0[i], cn0[i] = hn  # type: ignore[misc]
-        act = np.empty((n, 2), np.int64)
-        counts = np.zeros(7, np.int64)
+            named_layer = named[1]
+            named_ids = np.fromiter(named[2], np.int64, len(named[2]))
+            if 0 <= named_layer < len(self._mcat_h[0]):
+                mh0, mn0 = float(self._mcat_h[0, named_layer]), float(self._mcat_n[0, named_layer])
+        mode = self._la_mode
+        mode_i = 0 if mode is False else (2 if mode is True else 1)
+        act, counts = bufs.act, bufs.counts
         have = self._chance_it == self._cur_it
         rank_chance = self._rank_chance
         # blocking="measured" (policies.fmoe_blocking): the measured waits, else zeros
@@ -114,38 +143,24 @@ class FmoeAdmitKernel:
         kap = np.asarray(self._kap, np.float64)
         beta = beta / kap
         # victim="residence" (policies.fmoe_residence): the measured residence, else 0.0
-        resid = (
-            np.array([self._residence_steps(0), self._residence_steps(1)])
-            if price and self._victim_resid
-            else np.zeros(2)
-        )
-        args = (lay, jj, p, was, look, g, self._dev_arr, committed, copy, avail, demand,
+        resid = bufs.resid
+        if price and self._victim_resid:
+            resid[0], resid[1] = self._residence_steps(0), self._residence_steps(1)
+        else:
+            resid[0] = resid[1] = 0.0
+        head = (lay, jj, p, was, look, n, g, self._dev_arr, committed, copy, avail, demand,
                 0.0 if no_rho else float(interval), no_rho, self._ist)  # fmt: skip
-        na = K.admit_rows(
-            *args,
-            self._chance_tab,
-            have,
-            self._cur_it,
-            act,
-            counts,
-            price,
-            *victims,
-            rank_chance,
-            beta,
-            resid,
-            sv,
-            ch0,
-            cn0,
-            kap,
-            self._cal_h,
-            self._cal_n,
-        )
+        tail = (rank_chance, beta, resid, kap, self._cal_h, self._cal_n, self._map_marginal, mode_i, self._map_h,
+                self._la_cat_h[1], self._la_on_arr, bufs.rec, named_layer, named_ids, mh0, mn0,
+                bufs.sv, bufs.ch0, bufs.cn0, bufs.p)  # fmt: skip
+        na = K.admit_gate(*head, self._chance_tab, have, self._cur_it, act, counts, price,
+                           *victims, *tail)  # fmt: skip
         if na == -1:  # a late copy needs this iteration's chance table: make it, again
             tab = self._chance()
-            na = K.admit_rows(
-                *args, tab, True, self._cur_it, act, counts, price, *victims, rank_chance, beta,
-                resid, sv, ch0, cn0, kap, self._cal_h, self._cal_n,
-            )  # fmt: skip
+            na = K.admit_gate(*head, tab, True, self._cur_it, act, counts, price, *victims,
+                               *tail)  # fmt: skip
+        if rank_chance:
+            p = bufs.p[:n]  # the chances the kernel put there
         if na < 0:
             return False
         # orders at the map's p, or with rank_chance the chances the kernel put there
@@ -194,21 +209,32 @@ class FmoeAdmitKernel:
         every copy it admits takes a free slot first, so no victim is ever priced there."""
         if self.ctx is None:
             return None
-        from policies.fmoe_victim import VICTIMS_PRICED
-
-        self._victims_reset()
         nd = self._n_dev
-        vfree = np.zeros(nd, np.int64)
-        v_len = np.zeros(nd, np.int64)
-        v_loaded = np.zeros(nd, np.bool_)
-        v_e = np.zeros((nd, VICTIMS_PRICED))
+        bufs = self._admit_bufs
+        assert bufs is not None
+        vfree, v_len, v_loaded, v_e = bufs.vfree, bufs.v_len, bufs.v_loaded, bufs.v_e
+        if nd > 1:  # devices without candidates: nothing listed
+            vfree[:] = 0
+            v_len[:] = 0
+            v_loaded[:] = False
         caches = self.ctx.caches
+        reset = False  # the Python lists (_victims_load's) are emptied before their first use
         for dev in devs:
             free = caches[dev].free
             if free >= per_dev[dev]:  # never reaches a victim: skip scoring them
-                self._vfree[dev], self._vq[dev] = free, []
-                vfree[dev], v_loaded[dev] = free, True
+                vfree[dev], v_len[dev], v_loaded[dev] = free, 0, True
                 continue
+            if self._victims_direct(dev, small=True):
+                # the compiled listing's expected times straight into v_e (the kernel
+                # reads only them: _victims_listed's entry lists are not made)
+                c = self._victims_kernel(dev)[0]
+                if c >= 0:
+                    v_e[dev, :c] = -self._vl_bufs[2][:c]  # type: ignore[index]
+                    vfree[dev], v_len[dev], v_loaded[dev] = free, c, True
+                    continue
+            if not reset:
+                self._victims_reset()
+                reset = True
             self._victims_load(dev)
             vq = self._vq[dev]
             vfree[dev], v_len[dev], v_loaded[dev] = self._vfree[dev], len(vq), True

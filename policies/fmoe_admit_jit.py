@@ -10,7 +10,17 @@ operation is the Python loop's, in its order (Python's ``min(a, b)`` is ``b if b
 else a``, written out so a NaN goes the same way), so the decisions are bitwise the
 same; tests/test_fmoe_admit_jit.py compares it with the Python loop.
 
-Imported with :mod:`policies.fmoe_jit` when an fMoE policy is bound.
+:func:`admit_gate` makes the pass's lookahead terms before calling it (``map_value=
+"marginal"``: each candidate's saving the lookahead makes anyway, ``sv``, r x min(copy,
+avail) with r ``_look_recall``'s hits of the cells that are on added in rank order over
+one division; the map picks the lookahead passed over, ``ch0``/``cn0``: ``_map_only``),
+which ``_admit_kernel`` made with a dozen numpy calls; tests/test_fmoe_gate_jit.py
+compares them with that glue on random states.
+
+Imported with :mod:`policies.fmoe_jit` when an fMoE policy is bound. Over 450 lines on
+purpose: :func:`admit_gate` calls :func:`admit_rows`, and numba keys a kernel's disk cache
+on its own source file only (a caller in another module keeps a stale copy of a changed
+callee: docs/testing.md).
 """
 
 from __future__ import annotations
@@ -309,3 +319,154 @@ def merge_cands(  # noqa: ANN201, PLR0913 - numba
     for i in range(n):
         pos[lay[i] * J + jj[i]] = -1
     return n
+
+
+# -- the pass's lookahead terms, then admit_rows, in one call (issue 21, speed only) -------
+# In this file, not beside the callers: numba keys a kernel's disk cache on its own source
+# file, so a kernel calling admit_rows from another module would keep a stale copy of it
+# when only this file changed (docs/testing.md, "numba's disk cache").
+
+
+@njit(cache=True)
+def look_recall(layer, mode, map_h, cat_h1, on):  # noqa: ANN001, ANN201 - numba
+    """FmoeLookahead._look_recall: ``mode`` 0 (lookahead off), 1 (auto: the cells ``on``)
+    or 2 (true: every cell); ``map_h`` [L] the map's top-K hits, ``cat_h1`` [L, k] the
+    hits of picks the map also names."""
+    if mode == 0 or not (0 <= layer < map_h.shape[0]):
+        return 0.0
+    named = map_h[layer]
+    if named <= 0:
+        return 0.0
+    hits = 0.0
+    for r in range(cat_h1.shape[1]):
+        if mode == 2 or on[layer, r]:
+            hits += cat_h1[layer, r]
+    return hits / named if hits < named else 1.0
+
+
+@njit(cache=True)
+def marginal_terms(  # noqa: ANN201, PLR0913 - numba
+    lay,
+    jj,
+    n,
+    g,
+    dev_of,
+    copy,
+    avail,
+    marginal,
+    mode,
+    map_h,
+    cat_h1,
+    on,
+    rec,
+    named_layer,
+    named_ids,
+    mh0,
+    mn0,
+    sv,
+    ch0,
+    cn0,
+):  # noqa: ANN001 - numba
+    """``_admit_kernel``'s ``sv``, ``ch0``, ``cn0`` for candidates 0..n-1 (module doc):
+    with ``marginal``, ``sv[i]`` = r x min(copy, avail) of its device for a layer at least
+    two after ``g`` (r = look_recall of its layer, kept in ``rec``, [L] scratch: NaN
+    unset, left unset), else 0.0; for a candidate of ``named_layer`` (-1: none) whose
+    expert is not in ``named_ids``, (ch0, cn0) = (``mh0``, ``mn0``), else (0.0, -1.0)."""
+    for i in range(n):
+        sv[i] = 0.0
+        ch0[i] = 0.0
+        cn0[i] = -1.0
+    if not marginal:
+        return
+    for i in range(n):
+        layer = lay[i]
+        if layer >= g + 2:
+            r = rec[layer]
+            if r != r:  # unset (look_recall never gives NaN: a NaN map_h fails named <= 0)
+                r = rec[layer] = look_recall(layer, mode, map_h, cat_h1, on)
+            if r != 0.0:
+                d = dev_of[layer, jj[i]]
+                c = copy[d]
+                av = avail[d]
+                sv[i] = r * (c if c < av else av)
+        if layer == named_layer:
+            j = jj[i]
+            found = False
+            for t in range(named_ids.shape[0]):
+                if named_ids[t] == j:
+                    found = True
+                    break
+            if not found:
+                ch0[i] = mh0
+                cn0[i] = mn0
+    for i in range(n):  # leave the scratch unset for the next call
+        rec[lay[i]] = float("nan")
+
+
+@njit(cache=True)
+def admit_gate(  # noqa: ANN201, PLR0913 - numba
+    lay,
+    jj,
+    p,
+    was,
+    look,
+    n,
+    g,
+    dev_of,
+    committed,
+    copy,
+    avail,
+    demand_s,
+    interval,
+    no_rho,
+    ist,
+    tab,
+    have_tab,
+    it,
+    act,
+    counts,
+    price,
+    step,
+    vfree,
+    v_e,
+    v_len,
+    v_loaded,
+    rank_chance,
+    beta,
+    resid,
+    kap,
+    cal_h,
+    cal_n,
+    marginal,
+    mode,
+    map_h,
+    cat_h1,
+    on,
+    rec,
+    named_layer,
+    named_ids,
+    mh0,
+    mn0,
+    sv,
+    ch0,
+    cn0,
+    pbuf,
+):  # noqa: ANN001 - numba
+    """:func:`marginal_terms` then :func:`policies.fmoe_admit_jit.admit_rows` on the
+    first ``n`` candidates, with ``p`` copied to ``pbuf`` first where ``rank_chance``
+    (admit_rows writes the chances there; ``p`` stays as merged). Returns admit_rows'
+    value; the orders' p is ``pbuf`` with ``rank_chance``, else ``p``."""
+    marginal_terms(
+        lay, jj, n, g, dev_of, copy, avail, marginal, mode, map_h, cat_h1, on, rec,
+        named_layer, named_ids, mh0, mn0, sv, ch0, cn0,
+    )  # fmt: skip
+    pv = p[:n]
+    if rank_chance:
+        for i in range(n):
+            pbuf[i] = p[i]
+        pv = pbuf[:n]
+    return admit_rows(
+        lay[:n], jj[:n], pv, was[:n], look[:n], g, dev_of, committed, copy, avail, demand_s,
+        interval, no_rho, ist, tab, have_tab, it, act, counts, price, step, vfree, v_e, v_len,
+        v_loaded, rank_chance, beta, resid, sv[:n], ch0[:n], cn0[:n], kap, cal_h, cal_n,
+    )  # fmt: skip

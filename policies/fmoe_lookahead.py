@@ -86,6 +86,7 @@ class FmoeLookahead:
         self._la_e = np.zeros((L, k))
         self._la_log_a2 = 2.0 * math.log(ALPHA / (L * k))  # ln a^2 per cell
         self._la_on = [[False] * k for _ in range(L)]
+        self._la_on_arr = np.zeros((L, k), np.bool_)  # the same, for kernels (fmoe_admit_jit)
         self._la_p = [[self._la_base] * k for _ in range(L)]
         # the choice frequency per layer: times chosen per expert, rows seen
         self._la_chosen = np.zeros((L, J))
@@ -163,6 +164,7 @@ class FmoeLookahead:
             self._la_rows[g] += B
             if scored:
                 self._la_on[g] = on.tolist()
+                self._la_on_arr[g] = on
                 self._la_p[g] = p.tolist()
             self._la_picks = None
             return
@@ -176,6 +178,7 @@ class FmoeLookahead:
             self._la_e[g] += e.sum(axis=0)
             n, h, ec = self._la_n[g], self._la_h[g], self._la_e[g]
             self._la_on[g] = [bool(x) for x in (h - ec > mixture_boundary(n, self._la_log_a2))]
+            self._la_on_arr[g] = self._la_on[g]
             self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
         self._la_picks = None
         if B == 1 and self._fc_it[g] == self._cur_it:  # a map forecast made for this layer
@@ -210,6 +213,7 @@ class FmoeLookahead:
         n, h, ec = self._la_n, self._la_h, self._la_e
         on = h - ec > mixture_boundary(n, self._la_log_a2)
         self._la_on = [[bool(x) for x in row] for row in on]
+        self._la_on_arr[:] = on  # kept in step with the lists (the admission kernel reads it)
         self._la_p = ((h + self._la_base) / (n + 1.0)).tolist()
         self._stats["fit_rows_lookahead"] += T
 

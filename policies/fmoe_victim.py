@@ -127,12 +127,7 @@ class FmoeVictim:
         arrays (:meth:`_victims_listed`), with the victims' expected times (``_ve``)."""
         cache = self.ctx.caches[dev]
         self._vfree[dev] = cache.free
-        if (
-            _LIST_KERNEL
-            and self._scores_fast
-            and len(cache._cands) >= VICTIM_INDEX_MIN  # fewer: Python's list costs less
-            and self._victims_listed(dev)
-        ):
+        if self._victims_direct(dev) and self._victims_listed(dev):
             return
         entries = list(cache._cands.values())
         scores = self.eviction_scores(entries) if entries else []
@@ -151,6 +146,17 @@ class FmoeVictim:
         low.reverse()
         self._vq[dev] = low
 
+    def _victims_direct(self, dev: int, small: bool = False) -> bool:
+        """Whether ``dev``'s victims are listed by the kernel (:meth:`_victims_listed`):
+        the ``fmoe`` score, and enough candidates (fewer: Python's list costs less than
+        the kernel and the cache's arrays, unless ``small``: the admission kernel, whose
+        expected times the Python list would score one by one, takes it at any size)."""
+        return (
+            _LIST_KERNEL
+            and self._scores_fast
+            and (small or len(self.ctx.caches[dev]._cands) >= VICTIM_INDEX_MIN)
+        )
+
     def _victims_listed(self, dev: int) -> bool:
         """:meth:`_victims_load`'s list for the ``fmoe`` score from
         :func:`policies.fmoe_jit.victims` over the cache's candidate arrays: each
@@ -159,6 +165,22 @@ class FmoeVictim:
         (score, key). False (nothing set) when a score is NaN: Python's sort then decides.
         What it reads first is what ``eviction_scores`` reads: this iteration's chance
         table, made now if the eviction table would have been made now."""
+        c, arr = self._victims_kernel(dev)
+        if c < 0:
+            return False
+        out, out_s, out_e = self._vl_bufs  # type: ignore[misc]
+        entries = arr.entries
+        low = list(zip(out_s[:c].tolist(), [entries[i] for i in out[:c].tolist()], strict=True))
+        low.reverse()
+        self._vq[dev] = low
+        self._ve[dev] = [-e for e in out_e[:c].tolist()]
+        return True
+
+    def _victims_kernel(self, dev: int) -> tuple[int, object]:
+        """:func:`policies.fmoe_jit.victims` over ``dev``'s cache's candidate arrays into
+        ``_vl_bufs`` (slots, scores, expected times, lowest score first): (how many, the
+        arrays), how many < 0 when a score is NaN. Reads this iteration's chance table
+        first, made now if the eviction table would have been made now."""
         if self._etnu_dirty:
             self._chance()  # _etnu_table's first step: the table's counts as of now
         arr = self.ctx.caches[dev].candidate_arrays()
@@ -175,11 +197,4 @@ class FmoeVictim:
             self._ist, self._fl, self._prot, self._g, self._cur_it, arr.layers, arr.experts,
             arr.last_used, arr.n, tie, out, out_s, out_e, self._ev_rows,
         )  # fmt: skip
-        if c < 0:
-            return False
-        entries = arr.entries
-        low = list(zip(out_s[:c].tolist(), [entries[i] for i in out[:c].tolist()], strict=True))
-        low.reverse()
-        self._vq[dev] = low
-        self._ve[dev] = [-e for e in out_e[:c].tolist()]
-        return True
+        return c, arr
