@@ -334,8 +334,7 @@ class FmoePolicy(
         self._layer_ents = [
             row[0] if all(e is row[0] for e in row) else None for row in self._ents_of
         ]
-        self._no_hit = np.zeros(J, np.bool_)  # _order_candidates' buffers (at most J experts)
-        self._fresh_buf = np.empty(J, np.int64)
+        self._no_hit = np.zeros(J, np.bool_)  # _order_candidates' "none cached" (<= J experts)
         self._setup_deadline(ctx)
 
     def _set_distance(self, d: int, L: int) -> None:

@@ -617,18 +617,27 @@ def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out, out_s
 
 
 @njit(cache=True)
-def fresh_orders(issued, layer, experts, cached, out):  # noqa: ANN001, ANN201 - numba
-    """The experts of ``experts`` (ids of ``layer``, in order) neither ordered this
-    iteration (``issued`` bool [L, J]) nor cached (``cached[i]``), as
-    ``FmoeOrders._order``'s loop finds them: each such expert's index goes to ``out`` (in
-    order) and it is marked in ``issued`` at once, so a repeated id counts once. Returns
-    how many."""
-    c = 0
+def fresh_put(issued, layer, experts, cached, vals, ahead, cp, cidx, cnt):  # noqa: ANN001, ANN201 - numba
+    """``FmoeOrders._order``'s deadline candidates in one call: the experts of
+    ``experts`` (ids of ``layer``, in order) neither ordered this iteration (``issued``
+    bool [L, J]) nor cached (``cached[i]``) are marked in ``issued`` at once (a repeated
+    id counts once), and each becomes a candidate of the set ``cp`` (float64 p over
+    layer x J flat keys, -1.0 absent) / ``cidx`` (flat keys in first-insertion order, the
+    first ``cnt`` used) at p = ``vals[i] * ahead`` (float64), set where larger than the
+    one held, appended where new (:meth:`policies.fmoe_cands.CandidateSet.put`'s rule).
+    Returns the new count of ``cidx``."""
+    J = issued.shape[1]
     for i in range(experts.shape[0]):
         j = experts[i]
         if issued[layer, j] or cached[i]:
             continue
         issued[layer, j] = True
-        out[c] = i
-        c += 1
-    return c
+        f = layer * J + j
+        p = vals[i] * ahead
+        cur = cp[f]
+        if p > cur:
+            if cur == -1.0:
+                cidx[cnt] = f
+                cnt += 1
+            cp[f] = p
+    return cnt

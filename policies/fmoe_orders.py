@@ -14,7 +14,7 @@ from policies.fmoe_state import _IterState
 
 # from this many experts _order protects them with numpy writes instead of one by one
 _BULK = 16
-# _order's deadline candidates through policies.fmoe_jit.fresh_orders (False: the loop;
+# _order's deadline candidates through policies.fmoe_jit.fresh_put (False: the loop;
 # tests compare them)
 _FRESH_KERNEL = True
 
@@ -120,7 +120,7 @@ class FmoeOrders:
             self._etnu[layer, idx] = -0.0
             protect = False
         if cands is not None and not protect and cache_of and not self._no_prefetch:
-            if _FRESH_KERNEL and 0 < len(experts) <= len(self._fresh_buf):
+            if _FRESH_KERNEL and 0 < len(experts) <= len(self._no_hit):
                 self._order_candidates(it, cands, layer, experts, vals, ahead)
                 return
             # the loop below for deadline candidates, without its per-expert branches
@@ -162,10 +162,11 @@ class FmoeOrders:
     ) -> None:
         """:meth:`_order`'s deadline candidates (``experts`` of ``layer``, nothing to
         protect; a fine-grained layer's weak match selects a hundred): which experts are
-        neither ordered this iteration nor cached, in one kernel call
-        (:func:`policies.fmoe_jit.fresh_orders`, marking them ordered), then they become
-        candidates at p = priority x ``ahead``, in order, each kept at the larger p where
-        it already is one (:meth:`policies.fmoe_cands.CandidateSet.put_many`)."""
+        neither ordered this iteration nor cached are marked ordered and become candidates
+        at p = priority x ``ahead``, in order, each kept at the larger p where it already
+        is one: one kernel call (:func:`policies.fmoe_jit.fresh_put`, the loop's and
+        :meth:`policies.fmoe_cands.CandidateSet.put`'s rule; each numba call costs a few
+        microseconds of argument checks, so one call, not one per step)."""
         keys = [(layer, j) for j in experts]
         d = self._layer_ents[layer]
         if d is not None:  # one cache holds the layer: its cached keys among these, in C
@@ -175,11 +176,14 @@ class FmoeOrders:
             hit = {k for k in keys if k in ents[k[1]]}
         n = len(keys)
         cached = np.fromiter(map(hit.__contains__, keys), np.bool_, n) if hit else self._no_hit
-        out = self._fresh_buf
-        ex = np.array(experts, np.int64)
-        c = self._jit.fresh_orders(it.issued, layer, ex, cached, out)
-        if not c:
-            return
-        sel = out[:c]
-        vs = np.asarray(vals, np.float64)[sel] * ahead  # vals[i] * ahead, as floats
-        cands.put_many(layer * cands.J + ex[sel], vs)
+        cands.cnt = self._jit.fresh_put(
+            it.issued,
+            layer,
+            np.array(experts, np.int64),
+            cached,
+            np.asarray(vals, np.float64),
+            ahead,
+            cands.p,
+            cands.idx,
+            cands.cnt,
+        )
