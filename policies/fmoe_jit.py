@@ -546,6 +546,25 @@ def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN
         counts[r] = c
 
 
+@njit(cache=True)
+def select_rows_flat(rows, scores, k, use_delta, dist, picks, counts, flat_j, flat_v):  # noqa: ANN001, ANN201 - numba
+    """:func:`select_rows` (its picks in ``picks``, how many in ``counts``), then every
+    row's picks packed row after row: ``flat_j`` the experts, ``flat_v`` their priorities
+    ``float64(rows[r, j]) / dist[r, 0]`` (float64 ``dist`` [R, 1]; numpy's
+    ``np.take_along_axis(rows, picks, axis=1) / dist``, the same IEEE division). Only the
+    picks leave the kernel, not R x max(counts) of them. Returns how many in all."""
+    select_rows(rows, scores, k, use_delta, picks, counts)
+    t = 0
+    for r in range(rows.shape[0]):
+        d = dist[r, 0]
+        for i in range(counts[r]):
+            j = picks[r, i]
+            flat_j[t] = j
+            flat_v[t] = np.float64(rows[r, j]) / d
+            t += 1
+    return t
+
+
 @njit(cache=True, inline="always")
 def _victim_etnu(ist, fl, prot, g, it, L, lay, j, rows):  # noqa: ANN001, ANN202 - numba
     """One candidate's :func:`expected_next_use` value (minus its expected time to next

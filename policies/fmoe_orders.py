@@ -49,18 +49,26 @@ class FmoeOrders:
         p / dist in the same order (only the selected ones are ever ordered)."""
         assert self.spec is not None
         R, J = rows.shape
-        picks = np.zeros((R, J), np.int64)  # zeros: columns past a row's count stay valid ids
+        picks = np.empty((R, J), np.int64)
         counts = np.empty(R, np.int64)
+        flat_j = np.empty(R * J, np.int64)
+        flat_v = np.empty(R * J, np.float64)
         k = min(max(int(self.spec.top_k), 1), J)
-        self._jit.select_rows(rows, scores, k, self.use_delta, picks, counts)
-        # only the selected columns leave numpy (all R x J of them cost more than the
-        # selection on fine-grained models); the same float64 quotients as rows / dist
-        w = int(counts.max()) if R else 0
-        top = picks[:, :w]
-        vals = (np.take_along_axis(rows, top, axis=1) / dist).tolist()
-        cs = counts.tolist()
-        chosen = [row[:c] for row, c in zip(top.tolist(), cs, strict=True)]
-        prio = [v[:c] for v, c in zip(vals, cs, strict=True)]
+        # one call: the selection, then only the selected (expert, p / dist) leave numpy,
+        # packed (an R x max-count block of them costs more than the selection on
+        # fine-grained models, whose weak matches select a hundred of a few rows')
+        t = self._jit.select_rows_flat(
+            rows, scores, k, self.use_delta, dist, picks, counts, flat_j, flat_v
+        )
+        fj, fv = flat_j[:t].tolist(), flat_v[:t].tolist()
+        chosen: list[list[int]] = []
+        prio: list[list[float]] = []
+        a = 0
+        for c in counts.tolist():
+            b = a + c
+            chosen.append(fj[a:b])
+            prio.append(fv[a:b])
+            a = b
         return chosen, prio
 
     def _issue_row(

@@ -339,6 +339,33 @@ def test_select_rows_kernel_picks_as_select_rows(seed: int, J: int, k: int, delt
     assert got == want
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), J=st.integers(1, 64), k=st.integers(1, 8), delta=st.booleans())
+def test_select_rows_flat_packs_the_picks_and_numpys_quotients(
+    seed: int, J: int, k: int, delta: bool
+) -> None:
+    """select_rows_flat's packed picks and priorities are select_rows' picks row after
+    row and numpy's float64 ``take_along_axis(rows, picks) / dist`` of them, bit for bit
+    (what FmoeOrders._row_orders computed before)."""
+    rng = np.random.default_rng(seed)
+    R = 12
+    k = min(k, J)
+    rows, scores = _near_threshold_rows(rng, R, J, k)
+    dist = rng.choice(np.array([1.0, 2.0, 3.0, 7.0]), (R, 1))
+    picks = np.zeros((R, J), np.int64)
+    counts = np.empty(R, np.int64)
+    fmoe_jit.select_rows(rows, scores, k, delta, picks, counts)
+    vals = np.take_along_axis(rows, picks, axis=1) / dist
+    want_j = [j for r in range(R) for j in picks[r, : counts[r]].tolist()]
+    want_v = np.array([v for r in range(R) for v in vals[r, : counts[r]].tolist()])
+    p2, c2 = np.empty((R, J), np.int64), np.empty(R, np.int64)
+    fj, fv = np.empty(R * J, np.int64), np.empty(R * J)
+    t = fmoe_jit.select_rows_flat(rows, scores, k, delta, dist, p2, c2, fj, fv)
+    assert c2.tolist() == counts.tolist()
+    assert fj[:t].tolist() == want_j
+    assert fv[:t].tobytes() == want_v.tobytes()
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10**6), L=st.integers(1, 8), B=st.integers(1, 3), n=st.integers(1, 40))
 def test_running_sums_are_the_layer_by_layer_adds(seed: int, L: int, B: int, n: int) -> None:
