@@ -41,12 +41,13 @@ class FmoeOrders:
 
     def _row_orders(
         self, rows: np.ndarray, scores: np.ndarray, dist: np.ndarray
-    ) -> tuple[list[list[int]], list[list[float]]]:
+    ) -> tuple[list[list[int]], list[list[float]], list[tuple[np.ndarray, np.ndarray]]]:
         """:meth:`_issue_row`'s selection and priorities for R one-row predictions at once
         (its per-row Python costs more from a few rows on): rows [R, J] with their scores
         [R], ``dist`` [R, 1] the float64 layer distances (so p / dist is Python's float
         division). Returns each row's selected experts, best first, and their priorities
-        p / dist in the same order (only the selected ones are ever ordered)."""
+        p / dist in the same order (only the selected ones are ever ordered), and both
+        again as arrays (int64, float64: views of one buffer each) for :meth:`_order`."""
         assert self.spec is not None
         R, J = rows.shape
         picks = np.empty((R, J), np.int64)
@@ -63,13 +64,15 @@ class FmoeOrders:
         fj, fv = flat_j[:t].tolist(), flat_v[:t].tolist()
         chosen: list[list[int]] = []
         prio: list[list[float]] = []
+        arrs: list[tuple[np.ndarray, np.ndarray]] = []
         a = 0
         for c in counts.tolist():
             b = a + c
             chosen.append(fj[a:b])
             prio.append(fv[a:b])
+            arrs.append((flat_j[a:b], flat_v[a:b]))
             a = b
-        return chosen, prio
+        return chosen, prio, arrs
 
     def _issue_row(
         self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
@@ -87,14 +90,19 @@ class FmoeOrders:
         self._issue_picks(it, layer, chosen, [prio[j] for j in chosen])
 
     def _issue_picks(
-        self, it: _IterState, layer: int, picks: list[int], vals: Sequence[float]
+        self,
+        it: _IterState,
+        layer: int,
+        picks: list[int],
+        vals: Sequence[float],
+        arrs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Order one row's selected experts ``picks`` (best first) at priorities ``vals``
-        (in the same order)."""
+        (in the same order); ``arrs``: both as arrays, where the caller has them."""
         assert self.spec is not None
         if len(picks) > self.spec.top_k:  # the weak match took more than the top-K (step 3)
             self._stats["delta_widened"] += 1
-        self._order(it, layer, picks, vals)
+        self._order(it, layer, picks, vals, arrs)
 
     def _order(
         self,
@@ -102,9 +110,11 @@ class FmoeOrders:
         layer: int,
         experts: list[int],
         vals: Sequence[float],
+        arrs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Queue orders for ``experts`` (best first) at priorities ``vals`` (the same
-        order), skipping those already ordered this iteration or cached (resident or
+        order; ``arrs``: both as int64 and float64 arrays where the caller has them, the
+        same values), skipping those already ordered this iteration or cached (resident or
         loading). Every selected expert of a layer still ahead is protected from eviction
         until that layer has run; with deadline admission the orders become candidates
         instead."""
@@ -129,7 +139,7 @@ class FmoeOrders:
             protect = False
         if cands is not None and not protect and cache_of and not self._no_prefetch:
             if _FRESH_KERNEL and 0 < len(experts) <= len(self._no_hit):
-                self._order_candidates(it, cands, layer, experts, vals, ahead)
+                self._order_candidates(it, cands, layer, experts, vals, ahead, arrs)
                 return
             # the loop below for deadline candidates, without its per-expert branches
             put = cands.put
@@ -167,6 +177,7 @@ class FmoeOrders:
         experts: list[int],
         vals: Sequence[float],
         ahead: float,
+        arrs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """:meth:`_order`'s deadline candidates (``experts`` of ``layer``, nothing to
         protect; a fine-grained layer's weak match selects a hundred): which experts are
@@ -184,12 +195,14 @@ class FmoeOrders:
             hit = {k for k in keys if k in ents[k[1]]}
         n = len(keys)
         cached = np.fromiter(map(hit.__contains__, keys), np.bool_, n) if hit else self._no_hit
+        if arrs is None:  # (a decode plan hands its arrays over: no conversion per gate)
+            arrs = (np.array(experts, np.int64), np.asarray(vals, np.float64))
         cands.cnt = self._jit.fresh_put(
             it.issued,
             layer,
-            np.array(experts, np.int64),
+            arrs[0],
             cached,
-            np.asarray(vals, np.float64),
+            arrs[1],
             ahead,
             cands.p,
             cands.idx,
