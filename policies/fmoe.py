@@ -334,8 +334,7 @@ class FmoePolicy(
         self._layer_ents = [
             row[0] if all(e is row[0] for e in row) else None for row in self._ents_of
         ]
-        self._no_hit = np.zeros(J, np.bool_)  # _order_candidates' buffers (at most J experts)
-        self._fresh_buf = np.empty(J, np.int64)
+        self._no_hit = np.zeros(J, np.bool_)  # _order_candidates' "none cached" (<= J experts)
         self._setup_deadline(ctx)
 
     def _set_distance(self, d: int, L: int) -> None:
@@ -578,11 +577,11 @@ class FmoePolicy(
         self._ist[1, target, :] = plan.fc_rows[g]  # type: ignore[index]
         self._etnu_dirty = True
         self._ev += 1
-        row, picks, prio = plan.targets[g]  # type: ignore[index]
+        row, picks, prio, arrs = plan.targets[g]  # type: ignore[index]
         self._pred[target] = row  # one reference swap: thread-safe
         if len(picks) > self._top_k:  # the weak match took more than the top-K (step 3)
             self._stats["delta_widened"] += 1
-        self._order(it, target, picks, prio)
+        self._order(it, target, picks, prio, arrs)
 
     def _on_gate_search(self, ev: GateOutput) -> None:
         self._now = max(self._now, ev.now)

@@ -546,6 +546,25 @@ def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN
         counts[r] = c
 
 
+@njit(cache=True)
+def select_rows_flat(rows, scores, k, use_delta, dist, picks, counts, flat_j, flat_v):  # noqa: ANN001, ANN201 - numba
+    """:func:`select_rows` (its picks in ``picks``, how many in ``counts``), then every
+    row's picks packed row after row: ``flat_j`` the experts, ``flat_v`` their priorities
+    ``float64(rows[r, j]) / dist[r, 0]`` (float64 ``dist`` [R, 1]; numpy's
+    ``np.take_along_axis(rows, picks, axis=1) / dist``, the same IEEE division). Only the
+    picks leave the kernel, not R x max(counts) of them. Returns how many in all."""
+    select_rows(rows, scores, k, use_delta, picks, counts)
+    t = 0
+    for r in range(rows.shape[0]):
+        d = dist[r, 0]
+        for i in range(counts[r]):
+            j = picks[r, i]
+            flat_j[t] = j
+            flat_v[t] = np.float64(rows[r, j]) / d
+            t += 1
+    return t
+
+
 @njit(cache=True, inline="always")
 def _victim_etnu(ist, fl, prot, g, it, L, lay, j, rows):  # noqa: ANN001, ANN202 - numba
     """One candidate's :func:`expected_next_use` value (minus its expected time to next
@@ -617,18 +636,27 @@ def victims(ist, fl, prot, g, it, layers, experts, last_used, n, tie, out, out_s
 
 
 @njit(cache=True)
-def fresh_orders(issued, layer, experts, cached, out):  # noqa: ANN001, ANN201 - numba
-    """The experts of ``experts`` (ids of ``layer``, in order) neither ordered this
-    iteration (``issued`` bool [L, J]) nor cached (``cached[i]``), as
-    ``FmoeOrders._order``'s loop finds them: each such expert's index goes to ``out`` (in
-    order) and it is marked in ``issued`` at once, so a repeated id counts once. Returns
-    how many."""
-    c = 0
+def fresh_put(issued, layer, experts, cached, vals, ahead, cp, cidx, cnt):  # noqa: ANN001, ANN201 - numba
+    """``FmoeOrders._order``'s deadline candidates in one call: the experts of
+    ``experts`` (ids of ``layer``, in order) neither ordered this iteration (``issued``
+    bool [L, J]) nor cached (``cached[i]``) are marked in ``issued`` at once (a repeated
+    id counts once), and each becomes a candidate of the set ``cp`` (float64 p over
+    layer x J flat keys, -1.0 absent) / ``cidx`` (flat keys in first-insertion order, the
+    first ``cnt`` used) at p = ``vals[i] * ahead`` (float64), set where larger than the
+    one held, appended where new (:meth:`policies.fmoe_cands.CandidateSet.put`'s rule).
+    Returns the new count of ``cidx``."""
+    J = issued.shape[1]
     for i in range(experts.shape[0]):
         j = experts[i]
         if issued[layer, j] or cached[i]:
             continue
         issued[layer, j] = True
-        out[c] = i
-        c += 1
-    return c
+        f = layer * J + j
+        p = vals[i] * ahead
+        cur = cp[f]
+        if p > cur:
+            if cur == -1.0:
+                cidx[cnt] = f
+                cnt += 1
+            cp[f] = p
+    return cnt

@@ -302,13 +302,20 @@ class FmoeLookahead:
             cn, ch = self._la_cat_n[:, nxt].tolist(), self._la_cat_h[:, nxt].tolist()
         prio: dict[int, float] = {}  # the largest p over rows (its ranking, as the maps')
         miss: dict[int, float] = {}  # no row that picked it chooses it (rows independent)
-        for row in pk.tolist():
+        rows = pk.tolist()
+        if top is not None:  # one row, the map forecast's: its distinct picks (a top-k)
+            for r, j in enumerate(rows[0]):
+                if on[r]:  # its category's precision, shrunk toward the cell's
+                    c = 1 if j in top else 0
+                    p = (ch[c][r] + pv[r]) / (cn[c][r] + 1.0)
+                    if p > -1.0:  # prio.get(j, -1.0): a distinct pick is new
+                        prio[j] = p
+                    miss[j] = 1.0 * (1.0 - p)  # miss.get(j, 1.0) * (1.0 - p), the same
+            rows = []
+        for row in rows:
             for r, j in enumerate(row):
                 if on[r]:
                     p = pv[r]
-                    if top is not None:  # its category's precision, shrunk toward the cell's
-                        c = int(j in top)
-                        p = (ch[c][r] + p) / (cn[c][r] + 1.0)
                     if p > prio.get(j, -1.0):
                         prio[j] = p
                     miss[j] = miss.get(j, 1.0) * (1.0 - p)
@@ -321,6 +328,7 @@ class FmoeLookahead:
         if ranked:
             self._ev += 1  # FmoeEviction._protect per pick below, its version bump once
         prot, etnu, no_prefetch = self._prot_mv, self._etnu_mv, self._no_prefetch
+        put = self._dl_cands.put if deadline else None  # FmoeDeadline._candidate, inlined
         for j in ranked:
             key = (nxt, j)
             p = prio[j]
@@ -332,7 +340,7 @@ class FmoeLookahead:
                 # a candidate at the larger of its p's; its chance of use at least the
                 # picks' (FmoeDeadline._iteration_chance)
                 look_q[key] = 1.0 - miss[j]
-                self._candidate(nxt, j, p)
+                put(nxt, j, p)  # type: ignore[misc]
                 it.issued_mv[key] = True
             elif not it.issued_mv[key]:
                 it.issued_mv[key] = True

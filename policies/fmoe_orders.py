@@ -14,7 +14,7 @@ from policies.fmoe_state import _IterState
 
 # from this many experts _order protects them with numpy writes instead of one by one
 _BULK = 16
-# _order's deadline candidates through policies.fmoe_jit.fresh_orders (False: the loop;
+# _order's deadline candidates through policies.fmoe_jit.fresh_put (False: the loop;
 # tests compare them)
 _FRESH_KERNEL = True
 
@@ -41,27 +41,38 @@ class FmoeOrders:
 
     def _row_orders(
         self, rows: np.ndarray, scores: np.ndarray, dist: np.ndarray
-    ) -> tuple[list[list[int]], list[list[float]]]:
+    ) -> tuple[list[list[int]], list[list[float]], list[tuple[np.ndarray, np.ndarray]]]:
         """:meth:`_issue_row`'s selection and priorities for R one-row predictions at once
         (its per-row Python costs more from a few rows on): rows [R, J] with their scores
         [R], ``dist`` [R, 1] the float64 layer distances (so p / dist is Python's float
         division). Returns each row's selected experts, best first, and their priorities
-        p / dist in the same order (only the selected ones are ever ordered)."""
+        p / dist in the same order (only the selected ones are ever ordered), and both
+        again as arrays (int64, float64: views of one buffer each) for :meth:`_order`."""
         assert self.spec is not None
         R, J = rows.shape
-        picks = np.zeros((R, J), np.int64)  # zeros: columns past a row's count stay valid ids
+        picks = np.empty((R, J), np.int64)
         counts = np.empty(R, np.int64)
+        flat_j = np.empty(R * J, np.int64)
+        flat_v = np.empty(R * J, np.float64)
         k = min(max(int(self.spec.top_k), 1), J)
-        self._jit.select_rows(rows, scores, k, self.use_delta, picks, counts)
-        # only the selected columns leave numpy (all R x J of them cost more than the
-        # selection on fine-grained models); the same float64 quotients as rows / dist
-        w = int(counts.max()) if R else 0
-        top = picks[:, :w]
-        vals = (np.take_along_axis(rows, top, axis=1) / dist).tolist()
-        cs = counts.tolist()
-        chosen = [row[:c] for row, c in zip(top.tolist(), cs, strict=True)]
-        prio = [v[:c] for v, c in zip(vals, cs, strict=True)]
-        return chosen, prio
+        # one call: the selection, then only the selected (expert, p / dist) leave numpy,
+        # packed (an R x max-count block of them costs more than the selection on
+        # fine-grained models, whose weak matches select a hundred of a few rows')
+        t = self._jit.select_rows_flat(
+            rows, scores, k, self.use_delta, dist, picks, counts, flat_j, flat_v
+        )
+        fj, fv = flat_j[:t].tolist(), flat_v[:t].tolist()
+        chosen: list[list[int]] = []
+        prio: list[list[float]] = []
+        arrs: list[tuple[np.ndarray, np.ndarray]] = []
+        a = 0
+        for c in counts.tolist():
+            b = a + c
+            chosen.append(fj[a:b])
+            prio.append(fv[a:b])
+            arrs.append((flat_j[a:b], flat_v[a:b]))
+            a = b
+        return chosen, prio, arrs
 
     def _issue_row(
         self, it: _IterState, layer: int, row: list[float], score: float, now_layer: int
@@ -79,14 +90,19 @@ class FmoeOrders:
         self._issue_picks(it, layer, chosen, [prio[j] for j in chosen])
 
     def _issue_picks(
-        self, it: _IterState, layer: int, picks: list[int], vals: Sequence[float]
+        self,
+        it: _IterState,
+        layer: int,
+        picks: list[int],
+        vals: Sequence[float],
+        arrs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Order one row's selected experts ``picks`` (best first) at priorities ``vals``
-        (in the same order)."""
+        (in the same order); ``arrs``: both as arrays, where the caller has them."""
         assert self.spec is not None
         if len(picks) > self.spec.top_k:  # the weak match took more than the top-K (step 3)
             self._stats["delta_widened"] += 1
-        self._order(it, layer, picks, vals)
+        self._order(it, layer, picks, vals, arrs)
 
     def _order(
         self,
@@ -94,9 +110,11 @@ class FmoeOrders:
         layer: int,
         experts: list[int],
         vals: Sequence[float],
+        arrs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Queue orders for ``experts`` (best first) at priorities ``vals`` (the same
-        order), skipping those already ordered this iteration or cached (resident or
+        order; ``arrs``: both as int64 and float64 arrays where the caller has them, the
+        same values), skipping those already ordered this iteration or cached (resident or
         loading). Every selected expert of a layer still ahead is protected from eviction
         until that layer has run; with deadline admission the orders become candidates
         instead."""
@@ -120,8 +138,8 @@ class FmoeOrders:
             self._etnu[layer, idx] = -0.0
             protect = False
         if cands is not None and not protect and cache_of and not self._no_prefetch:
-            if _FRESH_KERNEL and 0 < len(experts) <= len(self._fresh_buf):
-                self._order_candidates(it, cands, layer, experts, vals, ahead)
+            if _FRESH_KERNEL and 0 < len(experts) <= len(self._no_hit):
+                self._order_candidates(it, cands, layer, experts, vals, ahead, arrs)
                 return
             # the loop below for deadline candidates, without its per-expert branches
             put = cands.put
@@ -159,13 +177,15 @@ class FmoeOrders:
         experts: list[int],
         vals: Sequence[float],
         ahead: float,
+        arrs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """:meth:`_order`'s deadline candidates (``experts`` of ``layer``, nothing to
         protect; a fine-grained layer's weak match selects a hundred): which experts are
-        neither ordered this iteration nor cached, in one kernel call
-        (:func:`policies.fmoe_jit.fresh_orders`, marking them ordered), then they become
-        candidates at p = priority x ``ahead``, in order, each kept at the larger p where
-        it already is one (:meth:`policies.fmoe_cands.CandidateSet.put_many`)."""
+        neither ordered this iteration nor cached are marked ordered and become candidates
+        at p = priority x ``ahead``, in order, each kept at the larger p where it already
+        is one: one kernel call (:func:`policies.fmoe_jit.fresh_put`, the loop's and
+        :meth:`policies.fmoe_cands.CandidateSet.put`'s rule; each numba call costs a few
+        microseconds of argument checks, so one call, not one per step)."""
         keys = [(layer, j) for j in experts]
         d = self._layer_ents[layer]
         if d is not None:  # one cache holds the layer: its cached keys among these, in C
@@ -175,11 +195,16 @@ class FmoeOrders:
             hit = {k for k in keys if k in ents[k[1]]}
         n = len(keys)
         cached = np.fromiter(map(hit.__contains__, keys), np.bool_, n) if hit else self._no_hit
-        out = self._fresh_buf
-        ex = np.array(experts, np.int64)
-        c = self._jit.fresh_orders(it.issued, layer, ex, cached, out)
-        if not c:
-            return
-        sel = out[:c]
-        vs = np.asarray(vals, np.float64)[sel] * ahead  # vals[i] * ahead, as floats
-        cands.put_many(layer * cands.J + ex[sel], vs)
+        if arrs is None:  # (a decode plan hands its arrays over: no conversion per gate)
+            arrs = (np.array(experts, np.int64), np.asarray(vals, np.float64))
+        cands.cnt = self._jit.fresh_put(
+            it.issued,
+            layer,
+            arrs[0],
+            cached,
+            arrs[1],
+            ahead,
+            cands.p,
+            cands.idx,
+            cands.cnt,
+        )

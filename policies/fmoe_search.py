@@ -152,11 +152,13 @@ class FmoeSearch:
             rows = np.concatenate((lead[0][:, 0], targets))
             scores = np.concatenate((np.repeat(lead[1], d), scores))
             lo = 0
-        picks, prio = self._row_orders(rows, scores, self._decode_dist[lo:])
+        picks, prio, arrs = self._row_orders(rows, scores, self._decode_dist[lo:])
         for layer in range(lo, d):
-            self._issue_picks(it, layer, picks[layer], prio[layer])
+            self._issue_picks(it, layer, picks[layer], prio[layer], arrs[layer])
         rows_py = targets.tolist()
-        plan.targets = list(zip(rows_py, picks[d - lo :], prio[d - lo :], strict=True))
+        plan.targets = list(
+            zip(rows_py, picks[d - lo :], prio[d - lo :], arrs[d - lo :], strict=True)
+        )
         if self._la_mode is not False and len(rows) > 1 and not np.isnan(rows).any():
             # the lookahead measurement's top-k of each forecast row, in one sort (fewer
             # calls than one per gate; FmoeLookahead._map_topk looks them up by row): the
@@ -188,10 +190,10 @@ class FmoeSearch:
             return
         self._stats["trajectory_searches"] += B
         if plan.targets is not None:
-            row, picks, prio = plan.targets[g]
+            row, picks, prio, arrs = plan.targets[g]
             self._pred[target] = row  # one reference swap: thread-safe
             self._forecast(target, TRAJECTORY)
-            self._issue_picks(it, target, picks, prio)
+            self._issue_picks(it, target, picks, prio, arrs)
             return
         rows = store.maps[target, plan.best[g], :]
         self._pred[target] = rows.max(axis=0).tolist()  # one reference swap: thread-safe

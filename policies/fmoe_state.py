@@ -34,8 +34,11 @@ class _SearchPlan:
     version: int
     next_layer: int = 0  # layers consumed in order so far
     # one decode row, per gate g: the map row predicted for layer g + d, the experts
-    # selected from it (best first) and their priorities p / d (expert -> priority)
-    targets: list[tuple[list[float], list[int], dict[int, float]]] | None = None
+    # selected from it (best first), their priorities p / d (in the same order) and both
+    # as arrays (int64, float64) for the orders' kernel
+    targets: (
+        list[tuple[list[float], list[int], list[float], tuple[np.ndarray, np.ndarray]]] | None
+    ) = None
     # and the table rows of each predicted row's experts (eviction statistics) [L - d, J]
     fc_rows: np.ndarray | None = None
 

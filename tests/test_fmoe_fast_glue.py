@@ -7,7 +7,7 @@ every switch off give the same results to the bit.
   Below VICTIM_INDEX_MIN candidates (or another score) the Python list, by a plain sort
   of (score, key, entry) where no score is NaN (else heapq.nsmallest, as before).
 - policies.fmoe_orders._FRESH_KERNEL: _order's deadline candidates (the experts neither
-  ordered this iteration nor cached) from one kernel call (fmoe_jit.fresh_orders).
+  ordered this iteration nor cached) from one kernel call (fmoe_jit.fresh_put).
 - policies.fmoe_deadline._LIVE_FAST: _admit's candidates not started yet, and the stale
   ones it cancels, found in comprehensions.
 """

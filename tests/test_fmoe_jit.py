@@ -339,6 +339,33 @@ def test_select_rows_kernel_picks_as_select_rows(seed: int, J: int, k: int, delt
     assert got == want
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), J=st.integers(1, 64), k=st.integers(1, 8), delta=st.booleans())
+def test_select_rows_flat_packs_the_picks_and_numpys_quotients(
+    seed: int, J: int, k: int, delta: bool
+) -> None:
+    """select_rows_flat's packed picks and priorities are select_rows' picks row after
+    row and numpy's float64 ``take_along_axis(rows, picks) / dist`` of them, bit for bit
+    (what FmoeOrders._row_orders computed before)."""
+    rng = np.random.default_rng(seed)
+    R = 12
+    k = min(k, J)
+    rows, scores = _near_threshold_rows(rng, R, J, k)
+    dist = rng.choice(np.array([1.0, 2.0, 3.0, 7.0]), (R, 1))
+    picks = np.zeros((R, J), np.int64)
+    counts = np.empty(R, np.int64)
+    fmoe_jit.select_rows(rows, scores, k, delta, picks, counts)
+    vals = np.take_along_axis(rows, picks, axis=1) / dist
+    want_j = [j for r in range(R) for j in picks[r, : counts[r]].tolist()]
+    want_v = np.array([v for r in range(R) for v in vals[r, : counts[r]].tolist()])
+    p2, c2 = np.empty((R, J), np.int64), np.empty(R, np.int64)
+    fj, fv = np.empty(R * J, np.int64), np.empty(R * J)
+    t = fmoe_jit.select_rows_flat(rows, scores, k, delta, dist, p2, c2, fj, fv)
+    assert c2.tolist() == counts.tolist()
+    assert fj[:t].tolist() == want_j
+    assert fv[:t].tobytes() == want_v.tobytes()
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10**6), L=st.integers(1, 8), B=st.integers(1, 3), n=st.integers(1, 40))
 def test_running_sums_are_the_layer_by_layer_adds(seed: int, L: int, B: int, n: int) -> None:
@@ -406,25 +433,41 @@ def test_victims_are_the_table_scores_ranked_then_by_key(
     J=st.integers(1, 12),
     n=st.integers(0, 20),
 )
-def test_fresh_orders_are_the_loops_new_experts(seed: int, L: int, J: int, n: int) -> None:
-    """fresh_orders finds, in order, the experts _order's loop makes candidates: neither
-    ordered this iteration nor cached, a repeated id once; and marks them ordered."""
+def test_fresh_put_is_the_loop_and_the_candidate_sets_put(
+    seed: int, L: int, J: int, n: int
+) -> None:
+    """fresh_put marks, in order, the experts _order's loop makes candidates (neither
+    ordered this iteration nor cached, a repeated id once) and puts each at p = val x
+    ahead by CandidateSet.put's rule (larger p kept, first position kept, new appended)
+    over a set already holding some candidates: the same arrays as the Python."""
+    from policies.fmoe_cands import CandidateSet
+
     rng = np.random.default_rng(seed)
     layer = int(rng.integers(L))
     issued = rng.random((L, J)) < 0.3
     experts = rng.integers(0, J, n)  # repeats allowed
     cached = rng.random(n) < 0.3
+    vals = rng.choice(np.array([0.0, -0.0, 0.25, 1.0, 3.0, -2.0]), n)
+    ahead = float(rng.integers(1, 4))
+    want_set, got_set = CandidateSet(L, J), CandidateSet(L, J)
+    for _ in range(int(rng.integers(0, 6))):  # candidates already held, same in both
+        ll, jj, pp = int(rng.integers(L)), int(rng.integers(J)), float(rng.random() * 3)
+        want_set.put(ll, jj, pp)
+        got_set.put(ll, jj, pp)
     want_issued = issued.copy()
-    want = []
     for i, j in enumerate(experts.tolist()):  # the loop (cached: by position, as the keys)
         if want_issued[layer, j] or cached[i]:
             continue
         want_issued[layer, j] = True
-        want.append(i)
-    out = np.empty(max(n, 1), np.int64)
-    c = fmoe_jit.fresh_orders(issued, layer, experts.astype(np.int64), cached, out)
-    assert out[:c].tolist() == want
+        want_set.put(layer, j, float(vals[i]) * ahead)
+    got_set.cnt = fmoe_jit.fresh_put(
+        issued, layer, experts.astype(np.int64), cached, vals, ahead,
+        got_set.p, got_set.idx, got_set.cnt,
+    )  # fmt: skip
     assert np.array_equal(issued, want_issued)
+    assert got_set.cnt == want_set.cnt
+    assert got_set.idx[: got_set.cnt].tolist() == want_set.idx[: want_set.cnt].tolist()
+    assert got_set.p.tobytes() == want_set.p.tobytes()
 
 
 @settings(max_examples=25, deadline=None)
