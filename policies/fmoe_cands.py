@@ -53,20 +53,6 @@ class CandidateSet:
                 self.cnt += 1
             self._pm[f] = p
 
-    def put_many(self, flat: np.ndarray, p: np.ndarray) -> None:
-        """:meth:`put` for distinct flat indices ``flat`` (int64) at ``p`` (float64), in
-        order (distinct: the order of the writes does not matter, only of the new ones)."""
-        cur = self.p[flat]
-        up = p > cur
-        if not up.any():
-            return
-        new = flat[up & (cur == _ABSENT)]
-        c, k = self.cnt, new.shape[0]
-        if k:
-            self.idx[c : c + k] = new
-            self.cnt = c + k
-        self.p[flat[up]] = p[up]
-
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """The candidates (flat indices int64, p float64, in insertion order), and empty
         the set."""

@@ -19,7 +19,7 @@ _P = st.one_of(
     st.sampled_from([-1.0, 0.0, math.nan, math.inf, 0.5]),
 )
 _KEY = st.tuples(st.integers(0, L - 1), st.integers(0, J - 1))
-# a put of one key, or a put_many of one layer's distinct experts
+# a put of one key, or puts of one layer's distinct experts (as fmoe_jit.fresh_put makes)
 _OP = st.one_of(
     st.tuples(st.just("one"), _KEY, _P),
     st.tuples(
@@ -48,9 +48,7 @@ def _fill(ops: list, cs: CandidateSet | None = None) -> tuple[dict, CandidateSet
             _, layer, items = op
             for j, p in items:
                 _dict_put(d, (layer, j), p)
-            if items:
-                flat = np.array([layer * J + j for j, _ in items], np.int64)
-                cs.put_many(flat, np.array([p for _, p in items], np.float64))
+                cs.put(layer, j, p)
     return d, cs
 
 
