@@ -132,7 +132,7 @@ class FmoeFit:
         self._chance_it = -1  # the table is made again from the new counts
         self._etnu_dirty = True
         self._ev += 1
-        self._stats["fit_rows_table"] += T
+        self._stats["table_fit_rows"] += T
 
     def _fit_chunk(self, maps: list[np.ndarray], embs: list[np.ndarray | None]) -> None:
         assert self.store is not None

@@ -87,4 +87,4 @@ def test_first_request_reads_the_warm_table():
     warm.fit(Workload(spec, reqs, {}))
     cold.fit(Workload(spec, reqs, {}))
     assert not np.allclose(warm._chance(), cold._chance())
-    assert warm._stats["fit_rows_table"] == sum(r.routing.num_tokens for r in reqs)
+    assert warm._stats["table_fit_rows"] == sum(r.routing.num_tokens for r in reqs)
