@@ -144,6 +144,14 @@ class FmoeOptions(PolicyOptions):
         "requests rank as such before a request has chosen them; False: the uninformed "
         "rate K/J (the earlier rule)",
     )
+    table_fit: bool = Field(
+        default=True,
+        description="fit also replays the training requests, one at a time and in order, "
+        "through the eviction's counts (as the gates would count them, no forecast): the "
+        "chance table starts from the training rows' measured rates by (request frequency, "
+        "age) until the first served request finishes, then the served run's own counts alone "
+        "(policies/fmoe_eviction.py); False: it starts empty (the earlier rule)",
+    )
     victim: Literal["residence", "priced", "ignored"] = Field(
         default="residence",
         description="deadline admission: priced: a copy is admitted only when its expected "

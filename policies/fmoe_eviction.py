@@ -125,6 +125,8 @@ class FmoeEviction:
             self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1, self._pop
         )
         self._layer_table = self.options.layer_table
+        self._fit_st: dict | None = None  # the training replay's state (_eviction_fit)
+        self._fit_counts: np.ndarray | None = None  # the table counts it added
         self._g = -1  # the layer whose gate ran last in this iteration (-1: none yet)
         # rows of the current iteration: a layer still ahead is used in it by any of them
         self._ev_rows = 1
@@ -191,6 +193,12 @@ class FmoeEviction:
         self._ev += 1
 
     def _request_finished(self, request_id: str) -> None:
+        if self._fit_counts is not None:  # the served run has a history of its own now
+            self._fl[:2] -= self._fit_counts
+            self._fit_counts = None
+            self._chance_it = -1
+            self._etnu_dirty = True
+            self._ev += 1
         s = self._slot_of.pop(request_id, None)
         if s is not None:
             self._free_slots.append(s)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from policies.fmoe_eviction import _NEVER, CAL_BINS
 from policies.fmoe_select import topk_rows
 from specs.errors import InputError
 
@@ -65,6 +66,8 @@ class FmoeFit:
                 self._lookahead_fit(
                     r.topk_ids, r.lookahead
                 )  # the cells' precision (fmoe_lookahead)
+            if self.options.table_fit and self.options.eviction == "fmoe":
+                self._eviction_fit(r.topk_ids, req.prompt_len)  # the chance table's counts
             maps.append(m)
             embs.append(e)
             pending += T
@@ -73,6 +76,63 @@ class FmoeFit:
                 maps, embs, pending = [], [], 0
         if maps:
             self._fit_chunk(maps, embs)
+
+    def _eviction_fit(self, ids: np.ndarray, prompt_len: int) -> None:
+        """Count one training request's routing (``ids`` [T, L, K], its first
+        ``prompt_len`` rows the prompt's iteration, then one row per iteration) into the
+        chance table's choices and visits, as :meth:`FmoeEviction._observe_choice` counts a served
+        request alone in its batch with no forecast (the request-frequency rows). The
+        replay's own state (ages, the request's counts, the population's) lives in
+        :attr:`_fit_st` and carries from one training request to the next, as a run's
+        does; the served run's state starts as before (ages "never", the population
+        empty), so only the table's measured rates are carried over: what the first
+        served request's eviction would otherwise learn from scratch. They stand in for
+        the served run's own history only while it has none: when the first served
+        request finishes (:meth:`FmoeEviction._request_finished`) the replay's counts are taken out
+        and the table is the served run's alone, as before (kept for the whole run they
+        were measured worse on the later requests, docs/fmoe.md)."""
+        ids = np.asarray(ids, np.int64)
+        T, L = ids.shape[0], ids.shape[1]
+        if T == 0 or L != self._ist.shape[1]:
+            return
+        st = self._fit_st
+        if st is None:
+            ist = np.zeros_like(self._ist)
+            ist[0] = _NEVER
+            ist[2] = -1
+            st = self._fit_st = {
+                "ist": ist,
+                "prot": np.zeros_like(self._prot),
+                "rc": np.zeros((1,) + self._rc.shape[1:]),
+                "rn": np.zeros((1,) + self._rn.shape[1:]),
+                "pop": np.zeros_like(self._pop),
+                "it": 0,
+            }
+        ist, prot, rc, rn, pop = st["ist"], st["prot"], st["rc"], st["rn"], st["pop"]
+        before = self._fl[:2].copy()
+        rc[:] = 0.0
+        rn[:] = 0.0
+        on = self.options.request_frequency
+        slots = np.zeros(1, np.int64) if on else self._no_slots
+        self._jit.request_bins(ist, rc, rn, slots, self._base, CAL_BINS, -1, pop)
+        p = max(1, min(int(prompt_len), T))
+        starts = [0, *range(p, T)]
+        for a in starts:
+            b = p if a == 0 else a + 1
+            st["it"] += 1
+            rows = np.zeros(b - a, np.int64) if on else self._no_slots
+            for layer in range(L):
+                self._jit.observe_choice(
+                    ist, self._fl, prot, layer, st["it"], ids[a:b, layer], rc, rn, rows,
+                    slots, self._base, CAL_BINS, pop,
+                )  # fmt: skip
+        # what the replay added, taken out again when the first served request finishes
+        added = self._fl[:2] - before
+        self._fit_counts = added if self._fit_counts is None else self._fit_counts + added
+        self._chance_it = -1  # the table is made again from the new counts
+        self._etnu_dirty = True
+        self._ev += 1
+        self._stats["table_fit_rows"] += T
 
     def _fit_chunk(self, maps: list[np.ndarray], embs: list[np.ndarray | None]) -> None:
         assert self.store is not None
