@@ -93,3 +93,18 @@ def line_study(
     group = next((k for k in keys if k != x), None)
     png = lines(df, x, panels, out / f"{name}.png", title, group=group or x)
     report(df, [*keys, *METRICS], out / f"{name}.csv", [png], t0)
+
+
+def write_table(df: pd.DataFrame, out: str | Path, name: str) -> str:
+    """Write ``df`` to ``out/name`` as CSV (atomically; the folder made if absent) and
+    return its rows as a markdown table."""
+    from specs.jsonio import atomic_output
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_output(folder / name) as tmp:
+        df.to_csv(tmp, index=False)
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(lines)

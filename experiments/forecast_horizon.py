@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
+from experiments._common import write_table  # noqa: E402
 from experiments.workload_stats import FIXTURES, TRAINED_TRACE, default_sets  # noqa: E402
-from specs.jsonio import atomic_output  # noqa: E402
 from traces.demand import demand_sequence, next_use  # noqa: E402
 from traces.horizon import horizon_run  # noqa: E402
 from traces.types import Workload  # noqa: E402
@@ -96,19 +96,7 @@ def main() -> None:
     shares = [float(s) for s in a.shares.split(",")]
     rows = [measure(name, w, s) for name, w in workloads().items() for s in shares]
     df = pd.DataFrame(rows)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out / "forecast_horizon.csv") as tmp:
-        df.to_csv(tmp, index=False)
-    print(markdown(df))
-
-
-def markdown(df: pd.DataFrame) -> str:
-    """The rows as a markdown table."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
-    return "\n".join(lines)
+    print(write_table(df, a.out, "forecast_horizon.csv"))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments._common import write_table  # noqa: E402
 from experiments.fmoe_vs_baselines import MODELS, SHARES, trace_workload  # noqa: E402
-from specs.jsonio import atomic_output  # noqa: E402
 
 
 def window_row(workload: Any, hardware: str, share: float, windows: list[int], seed: int = 0):
@@ -126,19 +126,7 @@ def main() -> None:
             rows.append(row)
             sys.stderr.write(f"{name} {share}\n")
     df = pd.DataFrame(rows)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out / "window_gap.csv") as tmp:
-        df.to_csv(tmp, index=False)
-    print(markdown(df))
-
-
-def markdown(df: pd.DataFrame) -> str:
-    """The rows as a markdown table."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in df.itertuples(index=False)]
-    return "\n".join(lines)
+    print(write_table(df, a.out, "window_gap.csv"))
 
 
 if __name__ == "__main__":
