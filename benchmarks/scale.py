@@ -6,7 +6,8 @@ Prints, from one run, each figure next to its goal:
    wall time (goal < 120 s at 1,000) and file size (goal < 3 GB);
 2. ``fmoe sim --policy lru`` of that trace on the h100-pcie5 preset with a 16 GB cache:
    wall time (goal < 180 s) and peak RSS (goal < 4 GB); then ``--policy fmoe`` (goal
-   < 300 s) on a ``--fmoe-requests``-request trace (5 by default), its engine seconds per
+   < 300 s) on a ``--fmoe-requests``-request trace (5 by default; after an untimed
+   one-request run that lets numba compile and cache its kernels), its engine seconds per
    layer step extrapolated to the full trace's layer steps and labelled so;
 3. ``fmoe sim --policy lru`` of M and 10 x M Qwen3-30B-A3B requests: the peak RSS ratio
    (goal <= 1.2). These traces carry top-K routing only (no gate, lookahead or embedding
@@ -157,6 +158,13 @@ def deepseek_fmoe(
     small = folder / f"deepseek-v3-{n}.trace"
     run(["trace", "synth", "--model", "deepseek-v3", "--num-requests", str(n), "--seed", "0",
          "--out", str(small)])  # fmt: skip
+    # a one-request run first, untimed: numba compiles fMoE's kernels once a machine (its
+    # disk cache), 10-30 s that a 5-request run would otherwise extrapolate per step
+    warm = folder / "deepseek-v3-warm.trace"
+    run(["trace", "synth", "--model", "deepseek-v3", "--num-requests", "1", "--seed", "1",
+         "--out", str(warm)])  # fmt: skip
+    run(["sim", "--trace", str(warm), "--model", "deepseek-v3", "--hardware", "h100-pcie5",
+         "--cache-gb", "16", "--policy", "fmoe", "--json"])  # fmt: skip
     load0 = os.getloadavg()[0]
     wall, rss, out = run(["sim", "--trace", str(small), "--model", "deepseek-v3", "--hardware",
                           "h100-pcie5", "--cache-gb", "16", "--policy", "fmoe", "--json"])  # fmt: skip
