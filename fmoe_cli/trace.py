@@ -220,6 +220,12 @@ def _register_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="IN", help="trace file to read")
     p.add_argument("output", metavar="OUT", help="trace file to write (format 2)")
     _add_top_n_flag(p)
+    p.add_argument(
+        "--routing-only",
+        action="store_true",
+        help="keep only the top-K routing (drop gate, lookahead and embedding rows, prompt "
+        "text and embeddings): how a policy does on a router-only trace",
+    )
     add_json_flag(p)
     p.set_defaults(func=_convert)
 
@@ -230,12 +236,15 @@ def _convert(args: argparse.Namespace) -> None:
     from traces.io import convert_trace, file_version
 
     version = file_version(args.input)
-    w = convert_trace(args.input, args.output, gate_top_n=args.gate_top_n)
+    w = convert_trace(
+        args.input, args.output, gate_top_n=args.gate_top_n, strip_to_routing=args.routing_only
+    )
     info = {
         "input": str(args.input),
         "input_version": version,
         "output": str(args.output),
         "requests": len(w.requests),
+        "routing_only": bool(args.routing_only),
         "input_bytes": os.path.getsize(args.input),
         "output_bytes": os.path.getsize(args.output),
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import traces.v2_lazy as v2r
 from specs.errors import InputError
@@ -172,6 +173,34 @@ def test_convert_v1_to_v2(tmp_path: Path) -> None:
     assert_close(w, back)
     with pytest.raises(InputError, match="must differ"):
         convert_trace(tmp_path / "new.trace", tmp_path / "new.trace")
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), top_k=st.integers(1, 3))
+def test_convert_to_routing_only_keeps_the_routing_and_nothing_else(seed: int, top_k: int) -> None:
+    spec = small_spec(layers=3, experts=9, top_k=top_k)
+    w = random_workload(spec, num_requests=3, seed=seed)
+    w.requests[0].prompt_text = "hello"
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "full.trace", Path(d) / "ro.trace"
+        save_workload(w, src, gate_top_n=0)
+        full = load_workload(src)
+        assert full.requests[0].routing.gate_probs is not None  # something to strip
+        convert_trace(src, dst, strip_to_routing=True)
+        ro = load_workload(dst)
+        assert ro.provenance["routing_only"] is True
+        assert [r.request_id for r in ro.requests] == [r.request_id for r in full.requests]
+        for a, b in zip(full.requests, ro.requests, strict=True):
+            assert (a.prompt_len, a.output_len, a.arrival_s) == (
+                b.prompt_len,
+                b.output_len,
+                b.arrival_s,
+            )
+            assert np.array_equal(a.routing.topk_ids, b.routing.topk_ids)
+            assert np.array_equal(a.routing.topk_weights, b.routing.topk_weights)
+            rb = b.routing
+            assert rb.gate_probs is None and rb.lookahead is None and rb.embeddings is None
+            assert b.prompt_text is None and b.prompt_embedding is None
 
 
 def test_writer_failure_leaves_no_file_and_keeps_the_old_one(tmp_path: Path) -> None:

@@ -14,10 +14,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
 from traces import v2_format as fmt
-from traces.types import Request, Workload
+from traces.types import Request, Routing, Workload
 from traces.v2_writer import TraceWriter
 
 SCHEMA_VERSION = fmt.SCHEMA_VERSION
@@ -98,15 +100,41 @@ def save_workload(workload: Workload, path: str | Path, *, gate_top_n: int | Non
     )
 
 
-def convert_trace(src: str | Path, dst: str | Path, *, gate_top_n: int | None = None) -> Workload:
+def routing_only(req: Request) -> Request:
+    """``req`` with its top-K routing and lengths only: no gate, lookahead or embedding
+    rows, no prompt text or embedding (what a router-only public trace carries)."""
+    r = req.routing
+    return Request(
+        req.request_id,
+        req.arrival_s,
+        req.prompt_len,
+        req.output_len,
+        Routing(np.asarray(r.topk_ids), np.asarray(r.topk_weights)),
+        tags=dict(req.tags),
+    )
+
+
+def convert_trace(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    gate_top_n: int | None = None,
+    strip_to_routing: bool = False,
+) -> Workload:
     """Read ``src`` (version 1 or 2) and write it to ``dst`` as version 2; returns the input.
 
     The input is checked as any load is; the output keeps its requests, texts, tags and
-    provenance (plus ``converted_from``), with weights and rows at float16.
+    provenance (plus ``converted_from``), with weights and rows at float16;
+    ``strip_to_routing`` keeps only each request's top-K routing (:func:`routing_only`:
+    how a policy does on a trace with no optional fields).
     """
     if Path(src).resolve() == Path(dst).resolve():
         raise InputError(f"{dst}: the output must differ from the input")
     w = load_workload(src)
     prov = {**w.provenance, "converted_from": {"path": str(src), "version": file_version(src)}}
-    write_requests(dst, w.spec, w.requests, prov, gate_top_n=gate_top_n)
+    reqs: Iterable[Request] = w.requests
+    if strip_to_routing:
+        prov["routing_only"] = True
+        reqs = (routing_only(r) for r in w.requests)
+    write_requests(dst, w.spec, reqs, prov, gate_top_n=gate_top_n)
     return w
