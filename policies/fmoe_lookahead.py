@@ -169,22 +169,29 @@ class FmoeLookahead:
             self._la_picks = None
             return
         if scored:
-            pk = picks[2]  # [B, k]
-            f = (self._la_chosen[g] + self._la_base) / (self._la_rows[g] + 1.0)
-            e = f[pk]  # [B, k] chance of each pick
-            hit = (pk[:, :, None] == ids[:, None, :]).any(axis=2)
-            self._la_n[g] += B
-            self._la_h[g] += hit.sum(axis=0)
-            self._la_e[g] += e.sum(axis=0)
-            n, h, ec = self._la_n[g], self._la_h[g], self._la_e[g]
-            self._la_on[g] = [bool(x) for x in (h - ec > mixture_boundary(n, self._la_log_a2))]
-            self._la_on_arr[g] = self._la_on[g]
-            self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
+            hit = self._score_picks(g, picks[2], ids)
         self._la_picks = None
         if B == 1 and self._fc_it[g] == self._cur_it:  # a map forecast made for this layer
             self._map_score(g, ids, picks, hit)
         np.add.at(self._la_chosen[g], ids.reshape(-1), 1.0)
         self._la_rows[g] += B
+
+    def _score_picks(self, g: int, pk: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Score rows' picks ``pk`` [B, k] for layer g against their choices ``ids``
+        [B, K] into g's cells (the chance hits from the choice frequency before these
+        rows' choices are counted) and update the cells' on/off and p; returns the hits
+        [B, k]."""
+        f = (self._la_chosen[g] + self._la_base) / (self._la_rows[g] + 1.0)
+        e = f[pk]  # [B, k] chance of each pick
+        hit = (pk[:, :, None] == ids[:, None, :]).any(axis=2)
+        self._la_n[g] += len(pk)
+        self._la_h[g] += hit.sum(axis=0)
+        self._la_e[g] += e.sum(axis=0)
+        n, h, ec = self._la_n[g], self._la_h[g], self._la_e[g]
+        self._la_on[g] = [bool(x) for x in (h - ec > mixture_boundary(n, self._la_log_a2))]
+        self._la_on_arr[g] = self._la_on[g]
+        self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
+        return hit
 
     def _lookahead_fit(self, ids: np.ndarray, look: np.ndarray) -> None:
         """Score one training request's lookahead picks (``ids`` [T, L, K] chosen,
@@ -200,21 +207,12 @@ class FmoeLookahead:
         if T == 0 or self._la_n.shape[0] != L:
             return
         k = self._la_k
-        for g in range(1, L):
-            pk = np.argsort(-np.asarray(look[:, g - 1], np.float64), axis=1, kind="stable")[:, :k]
-            f = (self._la_chosen[g] + self._la_base) / (self._la_rows[g] + 1.0)
-            hit = (pk[:, :, None] == ids[:, g][:, None, :]).any(axis=2)
-            self._la_n[g] += T
-            self._la_h[g] += hit.sum(axis=0)
-            self._la_e[g] += f[pk].sum(axis=0)
-        for g in range(L):
+        for g in range(L):  # a layer's cells depend on that layer's counts only
+            if g > 0:  # gate g - 1's picks for layer g, as _lookahead_picks makes them
+                pk = np.argsort(-np.asarray(look[:, g - 1], np.float64), axis=1, kind="stable")
+                self._score_picks(g, pk[:, :k], ids[:, g])
             np.add.at(self._la_chosen[g], ids[:, g].reshape(-1), 1.0)
             self._la_rows[g] += T
-        n, h, ec = self._la_n, self._la_h, self._la_e
-        on = h - ec > mixture_boundary(n, self._la_log_a2)
-        self._la_on = [[bool(x) for x in row] for row in on]
-        self._la_on_arr[:] = on  # kept in step with the lists (the admission kernel reads it)
-        self._la_p = ((h + self._la_base) / (n + 1.0)).tolist()
         self._stats["fit_rows_lookahead"] += T
 
     def _map_split_score(self, g: int, ids: np.ndarray) -> None:

@@ -47,17 +47,23 @@ def test_a_prompt_keeps_the_old_expert_of_a_layer_ahead_over_one_just_used():
     (every expert of layer 0 just chosen, (0, 1) among them) (3, 2) is chosen by some row
     almost surely before (0, 1) comes back, so (0, 1) goes. The one-row estimate, used
     for every iteration before, evicted (3, 2)."""
-    pol, cache = _bound(
-        None, capacity=2, prefetch_distance=1, admission="none", eviction_order="time"
-    )
-    _decode_history(pol, 0, 0.7)
-    _it_start(pol, 60, 32, "r1")
-    _gate(pol, 60, 0, np.arange(32) % J)
-    cache.preload([(3, 2), (0, 1)], now=60.0)
+    pol, cache = _prompt_after_decode(eviction_order="time")
     assert pol._ev_rows == 32
     assert cache.choose_victim(pol.eviction_scores) == (0, 1)
     pol._set_rows(1)  # the same state priced for one row: the old answer
     assert cache.choose_victim(pol.eviction_scores) == (3, 2)
+
+
+def _prompt_after_decode(**opts):
+    """A 2-slot cache after decode routing that re-uses a layer's expert 70% of the time,
+    then a 32-row prompt's gate at layer 0 (every expert chosen), with (3, 2) and (0, 1)
+    resident: (pol, cache)."""
+    pol, cache = _bound(None, capacity=2, prefetch_distance=1, admission="none", **opts)
+    _decode_history(pol, 0, 0.7)
+    _it_start(pol, 60, 32, "r1")
+    _gate(pol, 60, 0, np.arange(32) % J)
+    cache.preload([(3, 2), (0, 1)], now=60.0)
+    return pol, cache
 
 
 @settings(max_examples=15, deadline=None)
@@ -85,17 +91,6 @@ def test_more_rows_never_lengthen_an_expected_time_and_leave_passed_layers_alone
 
 def test_prompt_rows_off_keeps_the_one_row_chance():
     """``prompt_rows=False`` (the earlier rule): a prompt is priced as one row."""
-    pol, cache = _bound(
-        None,
-        capacity=2,
-        prefetch_distance=1,
-        admission="none",
-        prompt_rows=False,
-        eviction_order="time",
-    )
-    _decode_history(pol, 0, 0.7)
-    _it_start(pol, 60, 32, "r1")
-    _gate(pol, 60, 0, np.arange(32) % J)
-    cache.preload([(3, 2), (0, 1)], now=60.0)
+    pol, cache = _prompt_after_decode(prompt_rows=False, eviction_order="time")
     assert pol._ev_rows == 1
     assert cache.choose_victim(pol.eviction_scores) == (3, 2)
