@@ -34,7 +34,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from policies.cache import (
     CacheEntry,
@@ -273,7 +273,11 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
     def __init__(self, **options: Any) -> None:
         try:
             self.options = self.Options(**options)
-        except Exception as exc:  # pydantic ValidationError -> one line
+        except ValidationError as exc:  # -> one line naming each bad option
+            raise InputError(
+                f"policy {self.name!r}: bad option ({_option_errors(exc, self.Options)})"
+            ) from None
+        except Exception as exc:  # an Options validator raised something else
             raise InputError(
                 f"policy {self.name!r}: bad option ({exc.__class__.__name__}: {_first_line(exc)})"
             ) from None
@@ -379,6 +383,20 @@ class RecencyEviction:
     @by_recency
     def eviction_scores(self, entries: list[CacheEntry]) -> list[float]:
         return lru_scores(entries)
+
+
+def _option_errors(exc: ValidationError, options: type[BaseModel]) -> str:
+    """Each failed option of ``exc`` (up to three) as "name: problem"; an unknown name
+    lists the policy's options."""
+    parts = []
+    for err in exc.errors()[:3]:
+        name = ".".join(str(x) for x in err["loc"]) or "options"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(options.model_fields)) or "none"
+            parts.append(f"unknown option {name!r}; known: {known}")
+        else:
+            parts.append(f"{name}: {err['msg']}, got {err.get('input')!r}")
+    return "; ".join(parts)
 
 
 def _first_line(exc: Exception) -> str:

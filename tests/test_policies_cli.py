@@ -64,6 +64,12 @@ def test_bad_policy_option_names_the_policy() -> None:
         make_policy("promoe", stride=0)
     with pytest.raises(InputError, match="policy 'lru': bad option"):
         make_policy("lru", nonsense=1)
+    # an unknown name is named, with the options the policy has
+    with pytest.raises(InputError, match=r"unknown option 'nonsense'; known: .*stride"):
+        make_policy("promoe", nonsense=1)
+    # a bad value names the option and the value given
+    with pytest.raises(InputError, match=r"stride: .*got 0"):
+        make_policy("promoe", stride=0)
 
 
 def test_every_name_maps_to_its_class() -> None:

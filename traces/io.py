@@ -43,7 +43,11 @@ def file_version(path: str | Path) -> int:
     # safetensors: an 8-byte little-endian header length, then the JSON header
     if len(head) == 9 and head[8:9] == b"{":
         return 1
-    raise InputError(f"{path}: not an fmoe trace file (neither format version 1 nor 2)")
+    hint = ""
+    if head.lstrip()[:1] in (b"{", b"["):
+        # a public routing log (JSON / JSON lines) is converted first, not read as is
+        hint = "; it looks like JSON: convert a routing log with `fmoe trace import`"
+    raise InputError(f"{path}: not an fmoe trace file (neither format version 1 nor 2){hint}")
 
 
 def load_workload(path: str | Path, spec: ModelSpec | None = None) -> Workload:
