@@ -58,6 +58,7 @@ from policies.fmoe_residence import FmoeResidence
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
 from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState, _SearchPlan
+from policies.fmoe_transition import FmoeTransition
 from policies.fmoe_victim import FmoeVictim
 from policies.registry import register_policy
 from specs.errors import InputError
@@ -198,6 +199,14 @@ class FmoeOptions(PolicyOptions):
         "layer (its measured recall there times one layer step's prefetch time); whole: "
         "its whole saving (the earlier rule)",
     )
+    transitions: bool = Field(
+        default=False,
+        description="eviction=fmoe: learn per layer how often expert j follows expert i "
+        "from one token to the next (training requests at fit, served ones as they run; "
+        "shrunk toward the marginal by empirical Bayes) and fold the chance of use at the "
+        "next token into the request-frequency bins the table calibrates "
+        "(policies/fmoe_transition.py; measured in docs/fmoe.md, not the default)",
+    )
     candidate_chance: Literal["measured", "table"] = Field(
         default="measured",
         description="deadline admission, one-row iterations: measured: a map candidate's "
@@ -234,6 +243,7 @@ class FmoePolicy(
     FmoeVictim,
     FmoeResidence,
     FmoeDuel,
+    FmoeTransition,
     FmoeEviction,
     Policy,
 ):
@@ -573,6 +583,8 @@ class FmoePolicy(
         self._g = g
         self._etnu_dirty = not eager
         self._ev += 1
+        if self._tr_on:
+            self._transition_gate(g, ids, row_slot)
 
     def _planned_decode_search(self, it: _IterState, plan: _SearchPlan, g: int) -> None:
         """The search half of a planned decode gate g: layer g + d's forecast (its table
