@@ -159,6 +159,7 @@ class FmoeEviction:
             self._scores_fast = False
             self._scores = self._scores_blend if order == "blend" else self._scores_uses
         self._setup_transitions(L, J, K)  # policies.fmoe_transition (off: nothing kept)
+        self._setup_min_labels(L, J)  # policies.fmoe_minlabel (off: nothing kept)
 
     def _forecast(self, layer: int, source: int) -> None:
         """Layer ``layer`` was just forecast (``self._pred[layer]``) in this iteration."""
@@ -217,6 +218,8 @@ class FmoeEviction:
             ids = ids.reshape(len(ids), -1)
         self._set_rows(len(ids))
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
+        if self._ml_on:
+            self._min_gate(layer, ids)
         if not self._jit.observe_choice(
             self._ist, self._fl, self._prot, layer, self._cur_it, ids, self._rc, self._rn,
             row_slot, self._slots, self._base, CAL_BINS, self._pop,

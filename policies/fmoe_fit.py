@@ -76,6 +76,8 @@ class FmoeFit:
                 maps, embs, pending = [], [], 0
         if maps:
             self._fit_chunk(maps, embs)
+        if self._ml_on:
+            self._min_fit_end()  # policies.fmoe_minlabel: the cells' MIN-friendly rates
 
     def _eviction_fit(self, ids: np.ndarray, prompt_len: int) -> None:
         """Count one training request's routing (``ids`` [T, L, K], its first
@@ -123,6 +125,8 @@ class FmoeFit:
             st["it"] += 1
             rows = np.zeros(b - a, np.int64) if on else self._no_slots
             for layer in range(L):
+                if self._ml_on:
+                    self._min_record(st, layer, ids[a:b, layer])
                 self._jit.observe_choice(
                     ist, self._fl, prot, layer, st["it"], ids[a:b, layer], rc, rn, rows,
                     slots, self._base, CAL_BINS, pop,
