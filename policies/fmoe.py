@@ -201,12 +201,13 @@ class FmoeOptions(PolicyOptions):
         "its whole saving (the earlier rule)",
     )
     transitions: bool = Field(
-        default=False,
+        default=True,
         description="eviction=fmoe: learn per layer how often expert j follows expert i "
         "from one token to the next (training requests at fit, served ones as they run; "
         "shrunk toward the marginal by empirical Bayes) and fold the chance of use at the "
         "next token into the request-frequency bins the table calibrates "
-        "(policies/fmoe_transition.py; measured in docs/fmoe.md, not the default)",
+        "(policies/fmoe_transition.py; docs/fmoe.md); False: the bins by request "
+        "frequency alone (the earlier rule)",
     )
     min_labels: Literal["off", "lru", "time"] = Field(
         default="off",

@@ -1,5 +1,5 @@
-"""Token-to-token transitions in fMoE's eviction (``transitions=True``; off by default,
-measured in docs/fmoe.md), as a mixin of :class:`policies.fmoe.FmoePolicy`.
+"""Token-to-token transitions in fMoE's eviction (``transitions=True``, the default since
+issue 20's branch ``learnevict``; measured in docs/fmoe.md), as a mixin of :class:`policies.fmoe.FmoePolicy`.
 
 The eviction's table (:mod:`policies.fmoe_eviction`) knows an expert's age and its
 request's frequency, not *which* experts the latest token chose. In text, consecutive
