@@ -16,8 +16,9 @@ where the transitions carry nothing the bins are the plain ones.
 
 A layer's bins are refreshed at its gate, when its current token's choices are known:
 they then describe the next iteration's visit of that layer, which is what the expected
-time to next use of an expert of a passed layer waits for. Kernels:
-:mod:`policies.fmoe_trans_jit`.
+time to next use of an expert of a passed layer waits for. Tokens follow each other
+within a request, so the transitions need the rows' request ids (``request_frequency``;
+without them the bins stay the plain ones). Kernels: :mod:`policies.fmoe_trans_jit`.
 """
 
 from __future__ import annotations
