@@ -53,11 +53,13 @@ from policies.fmoe_duel import FmoeDuel
 from policies.fmoe_eviction import CAL_BINS, TRAJECTORY, FmoeEviction
 from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_ROWS re-exported
 from policies.fmoe_lookahead import FmoeLookahead
+from policies.fmoe_minlabel import FmoeMinLabel
 from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_residence import FmoeResidence
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
 from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState, _SearchPlan
+from policies.fmoe_transition import FmoeTransition
 from policies.fmoe_victim import FmoeVictim
 from policies.registry import register_policy
 from specs.errors import InputError
@@ -198,6 +200,29 @@ class FmoeOptions(PolicyOptions):
         "layer (its measured recall there times one layer step's prefetch time); whole: "
         "its whole saving (the earlier rule)",
     )
+    transitions: bool = Field(
+        default=True,
+        description="eviction=fmoe: learn per layer how often expert j follows expert i "
+        "from one token to the next (training requests at fit, served ones as they run; "
+        "shrunk toward the marginal by empirical Bayes) and fold the chance of use at the "
+        "next token into the request-frequency bins the table calibrates "
+        "(policies/fmoe_transition.py; docs/fmoe.md); False: the bins by request "
+        "frequency alone (the earlier rule)",
+    )
+    min_labels: Literal["off", "lru", "time"] = Field(
+        default="off",
+        description="eviction=fmoe: at fit, run Belady's MIN on the training requests' "
+        "demands with the cache's slots and learn per table cell how often MIN keeps a "
+        "demanded expert until its next demand; served, experts whose latest cell MIN "
+        "mostly evicts go first, then lru: least recently used, time: the expected time "
+        "to next use (policies/fmoe_minlabel.py; measured in docs/fmoe.md, not the default)",
+    )
+    min_feature: Literal["cell", "expert"] = Field(
+        default="cell",
+        description="min_labels: what the MIN-friendly rate is learned per: cell: the "
+        "eviction table's cell (request-frequency bin x age) at the demand; expert: the "
+        "(layer, expert) itself",
+    )
     candidate_chance: Literal["measured", "table"] = Field(
         default="measured",
         description="deadline admission, one-row iterations: measured: a map candidate's "
@@ -234,6 +259,8 @@ class FmoePolicy(
     FmoeVictim,
     FmoeResidence,
     FmoeDuel,
+    FmoeTransition,
+    FmoeMinLabel,
     FmoeEviction,
     Policy,
 ):
@@ -563,6 +590,8 @@ class FmoePolicy(
         eager = self._eager_table and self._chance_it == self._cur_it
         ids = ev.topk_ids
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
+        if self._ml_on:
+            self._min_gate(g, ids)
         if not self._jit.gate_step(
             self._ist, self._fl, self._prot, self._etnu, g, self._cur_it, ids, plan.fc_rows,
             -1, eager, self._rc, self._rn, row_slot, self._slots, self._base, CAL_BINS,
@@ -573,6 +602,8 @@ class FmoePolicy(
         self._g = g
         self._etnu_dirty = not eager
         self._ev += 1
+        if self._tr_on:
+            self._transition_gate(g, ids, row_slot)
 
     def _planned_decode_search(self, it: _IterState, plan: _SearchPlan, g: int) -> None:
         """The search half of a planned decode gate g: layer g + d's forecast (its table

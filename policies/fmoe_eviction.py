@@ -158,6 +158,8 @@ class FmoeEviction:
         if order in ("blend", "uses"):  # scored in Python (no compiled victim choice)
             self._scores_fast = False
             self._scores = self._scores_blend if order == "blend" else self._scores_uses
+        self._setup_transitions(L, J, K)  # policies.fmoe_transition (off: nothing kept)
+        self._setup_min_labels(L, J)  # policies.fmoe_minlabel (off: nothing kept)
 
     def _forecast(self, layer: int, source: int) -> None:
         """Layer ``layer`` was just forecast (``self._pred[layer]``) in this iteration."""
@@ -184,11 +186,13 @@ class FmoeEviction:
                 self._rc[s] = 0.0
                 self._rn[s] = 0.0
                 slot_of[rid] = s
+                self._transition_slot(s)
         self._row_slot = np.array([slot_of[r] for r in request_ids], np.int64).reshape(-1)
         self._slots = np.unique(self._row_slot) if len(self._row_slot) else self._no_slots
         self._jit.request_bins(
             self._ist, self._rc, self._rn, self._slots, self._base, CAL_BINS, -1, self._pop
         )
+        self._transition_bins(-1)  # off: nothing
         self._etnu_dirty = True
         self._ev += 1
 
@@ -199,6 +203,7 @@ class FmoeEviction:
             self._chance_it = -1
             self._etnu_dirty = True
             self._ev += 1
+        self._transition_refresh()  # off: nothing
         s = self._slot_of.pop(request_id, None)
         if s is not None:
             self._free_slots.append(s)
@@ -213,6 +218,8 @@ class FmoeEviction:
             ids = ids.reshape(len(ids), -1)
         self._set_rows(len(ids))
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
+        if self._ml_on:
+            self._min_gate(layer, ids)
         if not self._jit.observe_choice(
             self._ist, self._fl, self._prot, layer, self._cur_it, ids, self._rc, self._rn,
             row_slot, self._slots, self._base, CAL_BINS, self._pop,
@@ -221,6 +228,8 @@ class FmoeEviction:
         self._g = layer
         self._etnu_dirty = True
         self._ev += 1
+        if self._tr_on:
+            self._transition_gate(layer, ids, row_slot)
 
     def _set_rows(self, rows: int) -> None:
         """The current iteration has ``rows`` rows (a prompt's tokens, a decode batch): an

@@ -76,6 +76,8 @@ class FmoeFit:
                 maps, embs, pending = [], [], 0
         if maps:
             self._fit_chunk(maps, embs)
+        if self._ml_on:
+            self._min_fit_end()  # policies.fmoe_minlabel: the cells' MIN-friendly rates
 
     def _eviction_fit(self, ids: np.ndarray, prompt_len: int) -> None:
         """Count one training request's routing (``ids`` [T, L, K], its first
@@ -112,6 +114,7 @@ class FmoeFit:
         before = self._fl[:2].copy()
         rc[:] = 0.0
         rn[:] = 0.0
+        self._transition_fit_start(st)  # off: nothing
         on = self.options.request_frequency
         slots = np.zeros(1, np.int64) if on else self._no_slots
         self._jit.request_bins(ist, rc, rn, slots, self._base, CAL_BINS, -1, pop)
@@ -122,14 +125,19 @@ class FmoeFit:
             st["it"] += 1
             rows = np.zeros(b - a, np.int64) if on else self._no_slots
             for layer in range(L):
+                if self._ml_on:
+                    self._min_record(st, layer, ids[a:b, layer])
                 self._jit.observe_choice(
                     ist, self._fl, prot, layer, st["it"], ids[a:b, layer], rc, rn, rows,
                     slots, self._base, CAL_BINS, pop,
                 )  # fmt: skip
+                if self._tr_on:
+                    self._transition_fit(st, layer, ids[a:b, layer], slots)
         # what the replay added, taken out again when the first served request finishes
         added = self._fl[:2] - before
         self._fit_counts = added if self._fit_counts is None else self._fit_counts + added
         self._chance_it = -1  # the table is made again from the new counts
+        self._transition_refresh()  # off: nothing
         self._etnu_dirty = True
         self._ev += 1
         self._stats["table_fit_rows"] += T

@@ -53,23 +53,28 @@ def _serve(pol: FmoePolicy, req: Request, rid: str) -> None:
     seed=st.integers(0, 2**16),
 )
 def test_fit_counts_the_table_as_the_gates_would(layers, experts, top_k, lens, seed):
-    """After fit the chance table's choices and visits are those the gates leave when the
+    """After fit the chance table's choices and visits (and with ``transitions`` the
+    transition counts, whose bins the table counts by) are those the gates leave when the
     training requests are served one at a time, in order; a served request's finishing
-    takes them out exactly, leaving what a policy without them counted."""
+    takes the table's out exactly, leaving what a policy without them counted (without
+    ``transitions``: the transition counts, learned from the training split, stay)."""
     top_k = min(top_k, experts)
     spec = small_spec(layers=layers, experts=experts, top_k=top_k, hidden=3)
     rng = np.random.default_rng(seed)
     reqs = [_request(rng, i, P, n, layers, experts, top_k) for i, (P, n) in enumerate(lens)]
-    fitted = _bound(spec)
-    fitted.fit(Workload(spec, reqs, {}))
-    replayed = _bound(spec, table_fit=False)
-    for r in reqs:
-        _serve(replayed, r, r.request_id)
-    assert np.sum(fitted._fl[1]) > 0
-    np.testing.assert_allclose(fitted._fl[:2], replayed._fl[:2])
+    for tr in (True, False):
+        fitted = _bound(spec, transitions=tr)
+        fitted.fit(Workload(spec, reqs, {}))
+        replayed = _bound(spec, table_fit=False, transitions=tr)
+        for r in reqs:
+            _serve(replayed, r, r.request_id)
+        assert np.sum(fitted._fl[1]) > 0
+        np.testing.assert_allclose(fitted._fl[:2], replayed._fl[:2])
+        if tr:
+            np.testing.assert_array_equal(fitted._tc, replayed._tc)
     # a served request: with the replay's counts while it runs, without them once it ends
     served = _request(rng, 99, 2, 3, layers, experts, top_k)
-    cold = _bound(spec, table_fit=False)
+    cold = _bound(spec, table_fit=False, transitions=False)
     cold.fit(Workload(spec, reqs, {}))
     assert not np.any(cold._fl[:2])  # table_fit=False: the earlier rule, fit counts nothing
     _serve(fitted, served, "s")
