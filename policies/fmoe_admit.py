@@ -292,7 +292,9 @@ class FmoeAdmitKernel:
             if self._victims_direct(dev, small=True):
                 # the compiled listing's expected times straight into v_e (the kernel
                 # reads only them: _victims_listed's entry lists are not made)
-                c = self._victims_kernel(dev)[0]
+                # a pass takes at most one victim per copy it admits on the device (its
+                # candidates there), so reads none past that many + 1: the list's first
+                c = self._victims_kernel(dev, min(int(per_dev[dev]) + 1, VICTIMS_PRICED))[0]
                 if c >= 0:
                     v_e[dev, :c] = -self._vl_bufs[2][:c]  # type: ignore[index]
                     vfree[dev], v_len[dev], v_loaded[dev] = free, c, True
