@@ -262,7 +262,7 @@ class FmoeAdmitKernel:
         return True
 
     def _kernel_victims(
-        self, devs: Sequence[int], avail: np.ndarray, per_dev: np.ndarray
+        self, devs: Sequence[int], avail: np.ndarray, per_dev: Sequence[int] | np.ndarray
     ) -> tuple | None:
         """The victim lists of ``devs`` for :func:`policies.fmoe_admit_jit.admit_rows`
         (step, free slots, victims' expected times to next use in the order they are

@@ -2,7 +2,7 @@
 a pass's map candidates' chance-table cells and counting them at their layer's gate, one
 call each where a Python loop per candidate with dict writes was (a DeepSeek-V3 pass
 judges ~35 candidates). Counts are whole numbers added as 1.0 to float arrays, so the
-order of the additions never changes a result; tests/test_fmoe_calib.py checks both
+order of the additions never changes a result; tests/test_fmoe_calib_jit.py checks both
 kernels against the dict form they replace.
 
 Imported when an fMoE policy is bound (with :mod:`policies.fmoe_jit`).
