@@ -391,10 +391,24 @@ class ExpertCache:
         c = self.counters
         evicted: list[ExpertKey] = []
         while len(entries) >= self.capacity:
-            # _victim's by_recency branch, tested here: this runs for every load once full
-            if scores is self._scorer and self._scorer_recent and self._in_order:
-                victim = self._least_recent()
-            else:
+            # _victim's first branches, tested here: this runs for every load once full
+            victim = None
+            if scores is self._scorer:
+                if self._scorer_recent and self._in_order:
+                    victim = self._least_recent()
+                elif self._scorer_vix is not None and len(self._cands) >= VICTIM_INDEX_MIN:
+                    # _victim_by_index on the kept arrays (candidate_arrays' check)
+                    arr, cands = self._arr, self._cands
+                    if arr is not None and arr.src is cands and arr.n == len(cands):
+                        i = self._scorer_vix(arr)
+                        if i >= 0:
+                            e = arr.entries[i]
+                        else:  # no answer: scored as usual
+                            group = list(cands.values())
+                            e = group[0] if len(group) == 1 else _lowest(group, scores(group))
+                        if e.state is _RESIDENT and not e.pins and not e.protected:
+                            victim = e  # (else _victim rebuilds the set and chooses again)
+            if victim is None:
                 victim = self._victim(scores)
             if victim is None:
                 raise CacheFullError(

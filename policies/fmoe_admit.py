@@ -16,6 +16,23 @@ from policies.cache import ExpertKey
 from policies.fmoe_victim import VICTIMS_PRICED
 
 _NO_IDS = np.zeros(0, np.int64)
+# up to this many candidates, a multi-device pass finds their devices with lists
+_FEW = 32
+# up to this many actions, a pass's orders and cancellations are sent item by item
+_FEW_ACTS = 16
+_K = None  # policies.fmoe_admit_jit (numba: loaded with fmoe_jit at bind)
+
+
+def _kernels():  # noqa: ANN202 - the module
+    """policies.fmoe_admit_jit, imported at the first admission pass (numba)."""
+    global _K  # noqa: PLW0603 - a lazily imported module
+    if _K is None:
+        from policies import fmoe_admit_jit
+
+        _K = fmoe_admit_jit
+    return _K
+
+
 # admit_rows' victim arguments without victim pricing (none read)
 _NO_VICTIMS = (
     0.0,
@@ -63,6 +80,9 @@ class FmoeAdmitKernel:
     """:meth:`_admit_kernel` and the victim lists it reads."""
 
     _admit_bufs: _AdmitBufs | None = None
+    # the last pass's per-iteration arrays, keyed by their lists' values (_admit_kernel)
+    _admit_arrs: tuple | None = None
+    _admit_named: tuple | None = None  # the lookahead's named set and its array
 
     def _admit_kernel(
         self,
@@ -79,8 +99,7 @@ class FmoeAdmitKernel:
         in one kernel call (policies.fmoe_admit_jit): the same decisions, orders and
         cancellations in the same order. False (nothing done, the arrays unchanged) where
         the kernel cannot rank (a NaN key)."""
-        from policies import fmoe_admit_jit as K  # numba: loaded with fmoe_jit at bind
-
+        K = _kernels()
         n = lay.shape[0]
         bufs = self._admit_bufs
         if bufs is None:  # sized for every candidate of the set (n <= L x J)
@@ -94,29 +113,41 @@ class FmoeAdmitKernel:
         # its device's first candidate: an order changes only its own link, after that)
         if nd == 1:
             devs: Sequence[int] = (0,)
-            cand_dev = None
+            per_dev: Sequence[int] = (n,)
+        elif n <= _FEW:  # the devices and their counts from lists (numpy's calls cost more)
+            dev_of = self._dev_of
+            cd = [dev_of[la][j] for la, j in zip(lay.tolist(), jj.tolist(), strict=True)]
+            devs = sorted(set(cd))
+            per_dev = [0] * nd
+            for d in cd:
+                per_dev[d] += 1
         else:
             cand_dev = self._dev_arr[lay, jj]
             devs = np.unique(cand_dev).tolist()
+            per_dev = np.bincount(cand_dev, minlength=nd)
+        if nd > 1:
             committed[:] = 0.0
             copy[:] = self._copy_s
             avail[:] = 0.0
-        shift = self._first_step_shift(g)  # forecast="gate" (FmoeDeadline)
+        # _avail_per_layer of every device, once (the forecast's shift reads them all)
+        iv = self._interval
+        if iv is None:
+            iv = view.layer_time_s(self._rows)
+        av_all = [max(iv - x, 0.0) for x in self._demand_s]
+        shift = self._first_step_shift(g, av_all)  # forecast="gate" (FmoeDeadline)
         for dev in devs:
             link = view.link_state(dev)
             committed[dev] = link.queued_s
             copy[dev] = link.copy_s
-            avail[dev] = self._avail_per_layer(dev)
+            avail[dev] = av_all[dev]
             if shift is not None:
                 committed[dev] += shift[dev]
         interval = self._interval
         no_rho = not interval or interval <= 0
-        demand = np.asarray(self._demand_s, np.float64)
         if self._rank_chance:  # ranked by chance: _admit's _iteration_chance per candidate
             self._chance()  # (there first), computed by the kernel
         price = self._victim_priced
         if price:
-            per_dev = np.bincount(cand_dev, minlength=nd) if nd > 1 else (n,)
             victims = self._kernel_victims(devs, avail, per_dev)
         else:
             victims = _NO_VICTIMS
@@ -129,7 +160,12 @@ class FmoeAdmitKernel:
         named_layer, named_ids, mh0, mn0 = -1, _NO_IDS, 0.0, -1.0
         if self._map_marginal and named is not None and named[0] == self._cur_it:
             named_layer = named[1]
-            named_ids = np.fromiter(named[2], np.int64, len(named[2]))
+            memo = self._admit_named  # the set's array, made once per set (it is frozen)
+            if memo is not None and memo[0] is named[2]:
+                named_ids = memo[1]
+            else:
+                named_ids = np.fromiter(named[2], np.int64, len(named[2]))
+                self._admit_named = (named[2], named_ids)
             if 0 <= named_layer < len(self._mcat_h[0]):
                 mh0, mn0 = float(self._mcat_h[0, named_layer]), float(self._mcat_n[0, named_layer])
         mode = self._la_mode
@@ -137,11 +173,22 @@ class FmoeAdmitKernel:
         act, counts = bufs.act, bufs.counts
         have = self._chance_it == self._cur_it
         rank_chance = self._rank_chance
-        # blocking="measured" (policies.fmoe_blocking): the measured waits, else zeros
-        beta = np.asarray(self._beta if self._blocking else np.zeros(nd), np.float64)
-        # saving="finish" (policies.fmoe_finish): link-time costs over kappa (1.0: as before)
-        kap = np.asarray(self._kap, np.float64)
-        beta = beta / kap
+        # blocking="measured" (policies.fmoe_blocking): the measured waits, else zeros;
+        # saving="finish" (policies.fmoe_finish): link-time costs over kappa (1.0: as
+        # before). These lists change once an iteration: their arrays are made again only
+        # when their values differ from the last pass's (compared as lists)
+        src = (self._demand_s, self._beta if self._blocking else None, self._kap)
+        memo = self._admit_arrs
+        if memo is None or memo[0] != src:
+            beta = np.asarray(self._beta if self._blocking else np.zeros(nd), np.float64)
+            kap = np.asarray(self._kap, np.float64)
+            memo = self._admit_arrs = (
+                (list(src[0]), None if src[1] is None else list(src[1]), list(src[2])),
+                np.asarray(self._demand_s, np.float64),
+                beta / kap,
+                kap,
+            )
+        demand, beta, kap = memo[1], memo[2], memo[3]
         # victim="residence" (policies.fmoe_residence): the measured residence, else 0.0
         resid = bufs.resid
         if price and self._victim_resid:
@@ -164,7 +211,25 @@ class FmoeAdmitKernel:
         if na < 0:
             return False
         # orders at the map's p, or with rank_chance the chances the kernel put there
-        if type(self).prefetch is Policy.prefetch and type(self).cancel is Policy.cancel:
+        plain = type(self).prefetch is Policy.prefetch and type(self).cancel is Policy.cancel
+        if plain and na <= _FEW_ACTS:
+            # the loop below without its method calls, item by item (a pass acts on a
+            # few candidates: the comprehensions' numpy calls cost more)
+            pending = {}
+            enq, canc = self._enqueue, self._cancel
+            order = K.ORDER
+            for i, code in act[:na].tolist():
+                la, j = lay.item(i), jj.item(i)
+                if code == order:
+                    v = p.item(i)
+                    pending[(la, j)] = v
+                    enq.append(PrefetchOrder(la, j, v / (la - g)))
+                else:
+                    canc.append((la, j))
+            self._pending = pending
+            self._count_orders(*counts.tolist())
+            return True
+        if plain:
             # the loop below in comprehensions (Policy.prefetch and cancel only append to
             # their lists, in call order: the same lists)
             acts = act[:na]
@@ -197,7 +262,7 @@ class FmoeAdmitKernel:
         return True
 
     def _kernel_victims(
-        self, devs: Sequence[int], avail: np.ndarray, per_dev: np.ndarray
+        self, devs: Sequence[int], avail: np.ndarray, per_dev: Sequence[int] | np.ndarray
     ) -> tuple | None:
         """The victim lists of ``devs`` for :func:`policies.fmoe_admit_jit.admit_rows`
         (step, free slots, victims' expected times to next use in the order they are
@@ -227,7 +292,9 @@ class FmoeAdmitKernel:
             if self._victims_direct(dev, small=True):
                 # the compiled listing's expected times straight into v_e (the kernel
                 # reads only them: _victims_listed's entry lists are not made)
-                c = self._victims_kernel(dev)[0]
+                # a pass takes at most one victim per copy it admits on the device (its
+                # candidates there), so reads none past that many + 1: the list's first
+                c = self._victims_kernel(dev, min(int(per_dev[dev]) + 1, VICTIMS_PRICED))[0]
                 if c >= 0:
                     v_e[dev, :c] = -self._vl_bufs[2][:c]  # type: ignore[index]
                     vfree[dev], v_len[dev], v_loaded[dev] = free, c, True

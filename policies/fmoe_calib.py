@@ -31,13 +31,29 @@ _LAST_BUCKET = AGE_BUCKETS - 1
 class FmoeCalib:
     """Per chance-table cell: the map candidates judged and used (one-row iterations)."""
 
-    def _setup_calib(self, on: bool, shape: tuple[int, int]) -> None:
-        """Empty counts of the chance table's ``shape``; ``on``: measure and use them."""
+    def _setup_calib(self, on: bool, shape: tuple[int, int], n_layers: int, n_experts: int) -> None:
+        """Empty counts of the chance table's ``shape`` for ``n_layers`` x ``n_experts``;
+        ``on``: measure and use them."""
         self._cal_on = on
         self._cal_h = np.zeros(shape)  # used
         self._cal_n = np.zeros(shape)  # judged
-        # this iteration's judged map candidates: layer -> {expert: (row, age bucket)}
-        self._cal_pend: dict[int, dict[int, tuple[int, int]]] = {}
+        # this iteration's judged map candidates not counted yet: [layer, expert] -> the
+        # cell (row x AGE_BUCKETS + age bucket) or -1, and the layers with any
+        # (policies.fmoe_calib_jit; a dict of dicts written per candidate before)
+        self._cal_pend = np.full((n_layers, n_experts), -1, np.int64)
+        self._cal_noted = np.zeros(n_layers, np.bool_)
+        self._cal_jit = None
+        if on:
+            from policies import fmoe_calib_jit  # numba: bound with fmoe_jit
+
+            self._cal_jit = fmoe_calib_jit
+
+    def _calib_reset(self) -> None:
+        """A new iteration: a candidate is judged and counted within its iteration."""
+        noted = self._cal_noted
+        if noted.any():
+            self._cal_pend[noted] = -1
+            noted[:] = False
 
     def _calib_cell(self, layer: int, j: int) -> tuple[int, int]:
         """(layer, j)'s chance-table cell now (as FmoeEviction._candidate_chance reads it)."""
@@ -55,23 +71,21 @@ class FmoeCalib:
 
     def _calib_note(self, lay: np.ndarray, jj: np.ndarray, look: np.ndarray) -> None:
         """A one-row pass judges candidates ``lay``, ``jj`` (``look`` >= 0: a lookahead
-        pick): note each map candidate's cell, the last pass's before its layer counting."""
-        pend = self._cal_pend
-        for layer, j, lk in zip(lay.tolist(), jj.tolist(), look.tolist(), strict=True):
-            if lk < 0.0:
-                pend.setdefault(layer, {})[j] = self._calib_cell(layer, j)
+        pick): note each map candidate's cell, the last pass's before its layer counting
+        (policies.fmoe_calib_jit.calib_note)."""
+        self._cal_jit.calib_note(  # type: ignore[union-attr]
+            lay, jj, look, lay.shape[0], self._ist, self._cur_it, self._cal_pend, self._cal_noted
+        )
 
-    def _calib_gate(self, layer: int, ids: Sequence[int]) -> None:
+    def _calib_gate(self, layer: int, ids: Sequence[int] | np.ndarray) -> None:
         """Layer ``layer``'s gate chose ``ids``: count its noted candidates."""
-        noted = self._cal_pend.pop(layer, None)
-        if not noted:
+        if not self._cal_noted[layer]:
             return
-        chosen = set(ids)
-        h, n = self._cal_h, self._cal_n
-        for j, (row, b) in noted.items():
-            n[row, b] += 1.0
-            if j in chosen:
-                h[row, b] += 1.0
+        if not isinstance(ids, np.ndarray):
+            ids = np.array(ids, np.int64)
+        self._cal_jit.calib_gate(  # type: ignore[union-attr]
+            layer, ids, self._cal_pend, self._cal_noted, self._cal_h, self._cal_n
+        )
 
     def calib_metadata(self) -> dict[str, float | int | None]:
         """Map candidates judged and the share used (pooled over cells)."""

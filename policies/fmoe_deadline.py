@@ -115,7 +115,7 @@ class FmoeDeadline(
         self._setup_finish(view is not None and self.options.saving == "finish", self._n_dev)
         # candidate_chance="measured": the map candidates' own rate per cell (fmoe_calib)
         cal_on = view is not None and self.options.candidate_chance == "measured"
-        self._setup_calib(cal_on, (3 * CAL_BINS, AGE_BUCKETS))
+        self._setup_calib(cal_on, (3 * CAL_BINS, AGE_BUCKETS), L, J)
 
     # -- measurements ---------------------------------------------------------------------
     def _deadline_iteration_start(self, rows: int, prefill: bool = False) -> None:
@@ -152,7 +152,7 @@ class FmoeDeadline(
         if self._fin_on:
             self._kap = self._finish_estimates(prefill)
         self._gate_times = []
-        self._cal_pend = {}  # a candidate is judged and counted within its iteration
+        self._calib_reset()  # a candidate is judged and counted within its iteration
         self._demand_now = [0] * self._n_dev
         self._max_now = 0
         for key in self._pending:
@@ -164,7 +164,7 @@ class FmoeDeadline(
         """Layer ``layer``'s gate ran at ``now`` and chose ``ids``: count its demand loads
         (experts not resident: absent, or a copy still loading)."""
         self._gate_times.append(now)
-        if self._cal_pend:  # candidate_chance="measured": were the noted candidates used
+        if self._cal_on:  # candidate_chance="measured": were the noted candidates used
             self._calib_gate(layer, ids)
         cache_of, dev_of = self._cache_of, self._dev_of
         if not cache_of:

@@ -63,7 +63,7 @@ class FmoeForecast:
             self._set_distance(d, L)
             self._stats["distance_changes"] += 1
 
-    def _first_step_shift(self, g: int) -> list[float] | None:
+    def _first_step_shift(self, g: int, avail: list[float] | None = None) -> list[float] | None:
         """forecast="gate": per device, what to add to its link's queued seconds so that the
         admission's forecast (layer steps of the mean prefetch time ``avail`` before a
         copy's layer) gives the first step the link time this gate leaves it (None: the
@@ -76,12 +76,13 @@ class FmoeForecast:
         as ``demand_s``), so this step leaves device d, after its own n_d loads,
         T1 = max(interval - M, 0) + (max_d n_d - n_d) x copy, where the mean forecast
         gave avail = interval - demand_s[d]. The shift is avail - T1 (first_step_shift).
-        On one GPU max_d n_d = n_0 and M = demand_s[0]: zero, the mean forecast."""
+        On one GPU max_d n_d = n_0 and M = demand_s[0]: zero, the mean forecast.
+        ``avail``: every device's ``_avail_per_layer``, where the caller has them."""
         dem = self._gate_dem
         if dem is None or dem[0] != g or self._interval is None:
             return None
         return first_step_shift(
-            [self._avail_per_layer(d) for d in range(self._n_dev)],
+            [self._avail_per_layer(d) for d in range(self._n_dev)] if avail is None else avail,
             self._interval,
             self._max_s,
             dem[1],

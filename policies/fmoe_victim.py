@@ -176,11 +176,12 @@ class FmoeVictim:
         self._ve[dev] = [-e for e in out_e[:c].tolist()]
         return True
 
-    def _victims_kernel(self, dev: int) -> tuple[int, object]:
+    def _victims_kernel(self, dev: int, most: int = VICTIMS_PRICED) -> tuple[int, object]:
         """:func:`policies.fmoe_jit.victims` over ``dev``'s cache's candidate arrays into
         ``_vl_bufs`` (slots, scores, expected times, lowest score first): (how many, the
         arrays), how many < 0 when a score is NaN. Reads this iteration's chance table
-        first, made now if the eviction table would have been made now."""
+        first, made now if the eviction table would have been made now. ``most``: list
+        at most that many (<= VICTIMS_PRICED; the first of a longer list, the same)."""
         if self._etnu_dirty:
             self._chance()  # _etnu_table's first step: the table's counts as of now
         arr = self.ctx.caches[dev].candidate_arrays()
@@ -192,6 +193,8 @@ class FmoeVictim:
                 np.empty(VICTIMS_PRICED),
             )
         out, out_s, out_e = bufs
+        if most < VICTIMS_PRICED:
+            out, out_s, out_e = out[:most], out_s[:most], out_e[:most]
         tie = _TIE_EPS / (abs(self._now) + 1.0)
         c = self._jit.victims(
             self._ist, self._fl, self._prot, self._g, self._cur_it, arr.layers, arr.experts,

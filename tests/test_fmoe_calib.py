@@ -62,7 +62,7 @@ def test_candidates_are_counted_once_per_iteration_at_their_layer(iterations, se
     h_want = np.zeros_like(pol._cal_h)
     for it, (notes, choice, gates) in enumerate(iterations):
         pol._cur_it = it
-        pol._cal_pend = {}  # as an iteration start does
+        pol._calib_reset()  # as an iteration start does
         last: dict[tuple[int, int], tuple[int, int]] = {}
         for layer, j, look in notes:
             # a random cell: the expert's last choice, forecast row and request bin
