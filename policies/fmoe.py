@@ -209,6 +209,15 @@ class FmoeOptions(PolicyOptions):
         "(policies/fmoe_transition.py; docs/fmoe.md); False: the bins by request "
         "frequency alone (the earlier rule)",
     )
+    transitions_later: Literal["same", "plain", "two"] = Field(
+        default="same",
+        description="eviction=fmoe with transitions: the chance of the visits after an "
+        "expert's next one. same: the next visit's transition-informed chance (the "
+        "earlier rule); plain: the request-frequency chance without transitions; two: "
+        "the chance from counted two-step transitions (j two tokens after i, shrunk as "
+        "the one-step ones), binned into the same table (policies/fmoe_trans_jit.py; "
+        "docs/fmoe.md)",
+    )
     min_labels: Literal["off", "lru", "time"] = Field(
         default="off",
         description="eviction=fmoe: at fit, run Belady's MIN on the training requests' "

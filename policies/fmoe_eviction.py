@@ -105,7 +105,10 @@ class FmoeEviction:
         self._tab_hit, self._tab_n, self._chance_tab = self._fl[:, :rows]
         # [0]: last iteration that chose each expert; [1]: its forecast's table row;
         # [2, :, 0]: iteration of each layer's last forecast; [3]: its request-frequency bin
-        self._ist = np.zeros((4, L, J), np.int64)
+        # [4] (transitions_later "plain" or "two"): the bin of the visits after the next
+        # one (policies.fmoe_jit.expected_next_use; fmoe_transition writes "two"'s)
+        later = self.options.transitions and self.options.transitions_later != "same"
+        self._ist = np.zeros((5 if later else 4, L, J), np.int64)
         self._ist[0] = _NEVER
         self._ist[2] = -1
         self._last_it, self._fc_row = self._ist[0], self._ist[1]
@@ -304,7 +307,8 @@ class FmoeEviction:
         p_now = float(tab[row, age_bucket(np.array(age))])
         if self._ev_rows > 1:  # fmoe_jit._victim_etnu's R-row chance
             p_now = 1.0 - self._jit.pow_rows(1.0 - p_now, self._ev_rows)
-        p_next = float(tab[freq, age_bucket(np.array(age + 1))])
+        later = off + int(self._ist[4, layer, j]) if len(self._ist) > 4 else freq
+        p_next = float(tab[later, age_bucket(np.array(age + 1))])
         wait = (L - g + layer) + L * (1.0 / p_next - 1.0)
         return p_now * (layer - g) + (1.0 - p_now) * wait
 

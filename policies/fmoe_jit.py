@@ -102,6 +102,8 @@ def request_bins(ist, rc, rn, slots, base, bins, layer, pop):  # noqa: ANN001, A
             # bins equal in f / (f + base): the uninformed rate in the middle, so fine-
             # grained models (base = K/J of a few percent) get as many bins as coarse ones
             ist[3, lay, j] = min(int(f / (f + base) * bins), bins - 1)
+            if ist.shape[0] > 4:  # transitions_next_only: the plain bin, kept apart
+                ist[4, lay, j] = ist[3, lay, j]
 
 
 @njit(cache=True)
@@ -359,9 +361,14 @@ def expected_next_use(ist, fl, prot, out, g, it, bins, rows):  # noqa: ANN001, A
         ahead (lay > g): p_now = chance[forecast row if fresh else r, b(age)],
             for an iteration of ``rows`` > 1 rows 1 - pow_rows(1 - p_now, rows) (rows
             choosing independently given the cell; one row: p_now itself, untouched),
-            p_next = chance[r, b(age + 1)],
+            p_next = chance[r2, b(age + 1)],
             e = p_now * (lay - g) + (1 - p_now) * (nxt + L * (1 / p_next - 1))
-        passed: e = nxt + L * (1 / chance[r, b(max(age, 0) + 1)] - 1)
+        passed: p1 = chance[r, b], p2 = chance[r2, b], b = b(max(age, 0) + 1),
+            e = nxt + L * (1 / p2 - 1) + L * (p2 - p1) / p2  (= nxt + L (1 - p1) / p2)
+
+    r2, the row of the visits after the next one, is r itself for an ``ist`` of 4 rows
+    (the term L (p2 - p1) / p2 is then exactly 0.0) and ist[4] for one of 5
+    (``transitions_later``: the plain or the two-step bin, policies.fmoe_transition).
     """
     L, J = out.shape
     A = fl.shape[2]
@@ -371,6 +378,7 @@ def expected_next_use(ist, fl, prot, out, g, it, bins, rows):  # noqa: ANN001, A
         for b in range(A):
             wait0[r, b] = L * (1.0 / fl[2, r, b] - 1.0)
     layered = fl.shape[1] > CAL_ROWS
+    later_row = ist.shape[0] > 4
     for lay in range(L):
         fresh = ist[2, lay, 0] == it
         nxt = float(L - g + lay)
@@ -385,15 +393,17 @@ def expected_next_use(ist, fl, prot, out, g, it, bins, rows):  # noqa: ANN001, A
                 continue
             age = it - ist[0, lay, j]
             freq = ist[3, lay, j]
+            later = ist[4, lay, j] if later_row else freq
             if ahead:
                 row = ist[1, lay, j] if fresh else freq
                 p_now = fl[2, off + row, age_bucket1(age)]
                 if rows > 1:
                     p_now = 1.0 - pow_rows(1.0 - p_now, rows)
-                wait = nxt + wait0[freq, age_bucket1(age + 1)]
+                wait = nxt + wait0[later, age_bucket1(age + 1)]
                 out[lay, j] = -(p_now * (lay - g) + (1.0 - p_now) * wait)
             else:
-                out[lay, j] = -(nxt + wait0[freq, age_bucket1(max(age, 0) + 1)])
+                b = age_bucket1(max(age, 0) + 1)
+                out[lay, j] = -(nxt + wait0[later, b] + _first_visit(fl, freq, later, b, L))
 
 
 @njit(cache=True)
@@ -575,15 +585,30 @@ def _victim_etnu(ist, fl, prot, g, it, L, lay, j, rows):  # noqa: ANN001, ANN202
     age = it - ist[0, lay, j]
     off = layer_row(fl, lay)
     freq = off + ist[3, lay, j]
+    later = off + ist[4, lay, j] if ist.shape[0] > 4 else freq
     nxt = float(L - g + lay)
     if lay > g:
         row = off + ist[1, lay, j] if ist[2, lay, 0] == it else freq
         p_now = fl[2, row, age_bucket1(age)]
         if rows > 1:
             p_now = 1.0 - pow_rows(1.0 - p_now, rows)
-        wait = nxt + L * (1.0 / fl[2, freq, age_bucket1(age + 1)] - 1.0)
+        wait = nxt + L * (1.0 / fl[2, later, age_bucket1(age + 1)] - 1.0)
         return -(p_now * (lay - g) + (1.0 - p_now) * wait)
-    return -(nxt + L * (1.0 / fl[2, freq, age_bucket1(max(age, 0) + 1)] - 1.0))
+    b = age_bucket1(max(age, 0) + 1)
+    wait = L * (1.0 / fl[2, later, b] - 1.0)
+    return -(nxt + wait + _first_visit(fl, freq, later, b, L))
+
+
+@njit(cache=True, inline="always")
+def _first_visit(fl, freq, later, b, L):  # noqa: ANN001, ANN202 - numba
+    """The next visit's own chance p1 = fl[2, freq, b] against the later visits' p2 =
+    fl[2, later, b] (``transitions_next_only``): the expected time nxt + L (1 - p1) / p2
+    is nxt + L (1 / p2 - 1) plus this term, L (p2 - p1) / p2: exactly 0.0 when the two
+    rows are one (every call without the option)."""
+    if freq == later:
+        return 0.0
+    p2 = fl[2, later, b]
+    return L * (p2 - fl[2, freq, b]) / p2
 
 
 @njit(cache=True, inline="always")

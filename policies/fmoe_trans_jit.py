@@ -102,7 +102,16 @@ def transition_bins(ist, tc, tn, tm, tau, prev, rc, rn, slots, pop, base, bins, 
     any of the batch's requests chooses j next, 1 - prod_s (1 - transition_chance after
     its latest token)) to the marginal's (1 - prod_s (1 - m)), over the slots with a
     latest token; binned as request_bins bins f. No such slot, or no structure (tau
-    <= 0): the plain bin. Returns nothing; the table's cells calibrate the bins."""
+    <= 0): the plain bin. Returns nothing; the table's cells calibrate the bins.
+    :func:`transition_bins_into` writes another row of ``ist`` (the two-step bins)."""
+    transition_bins_into(ist, 3, tc, tn, tm, tau, prev, rc, rn, slots, pop, base, bins, layer)
+
+
+@njit(cache=True)
+def transition_bins_into(ist, out, tc, tn, tm, tau, prev, rc, rn, slots, pop, base, bins, layer):  # noqa: ANN001, ANN201, E501 - numba
+    """:func:`transition_bins` into ist[out]: with the one-step counts, the bins of the
+    next token; with the two-step counts (tc[l, i, j]: tokens choosing j two tokens after
+    a token that chose i), the bins of the token after it."""
     L, J = ist.shape[1], ist.shape[2]
     lo, hi = (0, L) if layer < 0 else (layer, layer + 1)
     for lay in range(lo, hi):
@@ -124,7 +133,48 @@ def transition_bins(ist, tc, tn, tm, tau, prev, rc, rn, slots, pop, base, bins, 
                 # odds(f) x odds(T) / odds(marginal); T and m lie strictly inside (0, 1)
                 o = f / (1.0 - f) * (t / (1.0 - t)) / (mg / (1.0 - mg))
                 f = o / (1.0 + o)
-            ist[3, lay, j] = min(int(f / (f + base) * bins), bins - 1)
+            ist[out, lay, j] = min(int(f / (f + base) * bins), bins - 1)
+
+
+@njit(cache=True)
+def transition_count2(tc2, tn2, tm2, prev, prev2, layer, ids, row_slot):  # noqa: ANN001, ANN201 - numba
+    """The two-step counts of layer ``layer``'s choices ``ids`` [B, K] (as
+    :func:`transition_count` counts one step): each row of a known request follows the
+    token before its request's latest, prev2[slot, layer] (-1: none, nothing counted);
+    then the latest becomes the one before (call it before transition_count, which moves
+    the row into prev; prev itself is left as it was). Rows of one request follow each
+    other in order."""
+    B = ids.shape[0]
+    if row_slot.shape[0] != B:
+        return
+    cur = prev[:, layer, :].copy()  # each slot's latest, moved row by row
+    J = tm2.shape[1]
+    K = min(ids.shape[1], prev2.shape[2])
+    for r in range(B):
+        s = row_slot[r]
+        if prev2[s, layer, 0] >= 0:
+            tn2[layer, J] += 1.0
+            for k in range(K):
+                j = ids[r, k]
+                if 0 <= j < J:
+                    tm2[layer, j] += 1.0
+            for q in range(K):
+                i = prev2[s, layer, q]
+                if i < 0:
+                    continue
+                tn2[layer, i] += 1.0
+                for k in range(K):
+                    j = ids[r, k]
+                    if 0 <= j < J:
+                        tc2[layer, i, j] += 1.0
+        # the row's predecessor is the next row's token two back; the row its latest
+        for k in range(prev2.shape[2]):
+            prev2[s, layer, k] = cur[s, k]
+        for k in range(K):
+            j = ids[r, k]
+            cur[s, k] = j if 0 <= j < J else -1
+        for k in range(K, cur.shape[1]):
+            cur[s, k] = -1
 
 
 @njit(cache=True)

@@ -19,6 +19,13 @@ they then describe the next iteration's visit of that layer, which is what the e
 time to next use of an expert of a passed layer waits for. Tokens follow each other
 within a request, so the transitions need the rows' request ids (``request_frequency``;
 without them the bins stay the plain ones). Kernels: :mod:`policies.fmoe_trans_jit`.
+
+``transitions_later`` (an option, measured in docs/fmoe.md) sets the chance of the visits
+*after* the next one, which the expected time to next use waits for geometrically:
+``same`` (the default) the next visit's bin; ``plain`` the request-frequency bin without
+transitions; ``two`` the bin from counted two-step transitions (j two tokens after i,
+kept and shrunk as the one-step counts; another L x J x J float32). Either goes to
+ist[4], read by :func:`policies.fmoe_jit.expected_next_use`.
 """
 
 from __future__ import annotations
@@ -46,6 +53,15 @@ class FmoeTransition:
         self._tprev = np.full((max(len(self._rc), 1), L, K), -1, np.int64)
         self._tr_it = np.full(L, -1, np.int64)  # the iteration each layer was last counted
         self._tr_fit_prev: np.ndarray | None = None
+        # transitions_later="two": the two-step counts, as the one-step ones, and each
+        # slot's token before its latest; their bins go to ist[4]
+        self._tr2 = self.options.transitions_later == "two"
+        if self._tr2:
+            self._tc2 = np.zeros((L, J, J), np.float32)
+            self._tn2 = np.zeros((L, J + 1))
+            self._tm2 = np.zeros((L, J))
+            self._tau2 = np.zeros(L)
+            self._tprev2 = np.full_like(self._tprev, -1)
 
     def _transition_slot(self, s: int) -> None:
         """Request slot ``s`` starts a new request: no latest token yet."""
@@ -54,7 +70,11 @@ class FmoeTransition:
         if s >= len(self._tprev):
             grow = np.full((len(self._rc) - len(self._tprev),) + self._tprev.shape[1:], -1)
             self._tprev = np.concatenate((self._tprev, grow.astype(np.int64)))
+            if self._tr2:
+                self._tprev2 = np.concatenate((self._tprev2, grow.astype(np.int64)))
         self._tprev[s] = -1
+        if self._tr2:
+            self._tprev2[s] = -1
 
     def _transition_gate(self, layer: int, ids: np.ndarray, row_slot: np.ndarray) -> None:
         """Layer ``layer`` chose ``ids`` [B, K] in the current iteration (after the
@@ -65,6 +85,11 @@ class FmoeTransition:
             ids = np.asarray(ids, np.int64)
             if ids.ndim != 2:
                 ids = ids.reshape(len(ids), -1)
+            if self._tr2:  # before the one-step count moves the rows into _tprev
+                self._tjit.transition_count2(
+                    self._tc2, self._tn2, self._tm2, self._tprev, self._tprev2, layer, ids,
+                    row_slot,
+                )  # fmt: skip
             self._tjit.transition_count(
                 self._tc, self._tn, self._tm, self._tprev, layer, ids, row_slot
             )
@@ -77,6 +102,11 @@ class FmoeTransition:
                 self._ist, self._tc, self._tn, self._tm, self._tau, self._tprev, self._rc,
                 self._rn, self._slots, self._pop, self._base, CAL_BINS, layer,
             )  # fmt: skip
+            if self._tr2:
+                self._tjit.transition_bins_into(
+                    self._ist, 4, self._tc2, self._tn2, self._tm2, self._tau2, self._tprev,
+                    self._rc, self._rn, self._slots, self._pop, self._base, CAL_BINS, layer,
+                )  # fmt: skip
             self._etnu_dirty = True
             self._ev += 1
 
@@ -85,6 +115,8 @@ class FmoeTransition:
         each training request: once per request, O(L J^2))."""
         if self._tr_on:
             self._tjit.shrinkage(self._tc, self._tn, self._tm, self._tau, self._base)
+            if self._tr2:
+                self._tjit.shrinkage(self._tc2, self._tn2, self._tm2, self._tau2, self._base)
             self._transition_bins(-1)
 
     def _transition_fit(self, st: dict, layer: int, ids: np.ndarray, slots: np.ndarray) -> None:
@@ -98,6 +130,14 @@ class FmoeTransition:
         if prev is None:
             prev = st["tprev"] = np.full((1,) + self._tprev.shape[1:], -1, np.int64)
         ids = np.asarray(ids, np.int64).reshape(len(ids), -1)
+        zero = np.zeros(len(ids), np.int64)
+        if self._tr2:
+            prev2 = st.get("tprev2")
+            if prev2 is None:
+                prev2 = st["tprev2"] = np.full_like(prev, -1)
+            self._tjit.transition_count2(
+                self._tc2, self._tn2, self._tm2, prev, prev2, layer, ids, zero
+            )
         self._tjit.transition_count(
             self._tc, self._tn, self._tm, prev, layer, ids, np.zeros(len(ids), np.int64)
         )
@@ -105,8 +145,15 @@ class FmoeTransition:
             st["ist"], self._tc, self._tn, self._tm, self._tau, prev, st["rc"], st["rn"],
             slots, st["pop"], self._base, CAL_BINS, layer,
         )  # fmt: skip
+        if self._tr2:
+            self._tjit.transition_bins_into(
+                st["ist"], 4, self._tc2, self._tn2, self._tm2, self._tau2, prev, st["rc"],
+                st["rn"], slots, st["pop"], self._base, CAL_BINS, layer,
+            )  # fmt: skip
 
     def _transition_fit_start(self, st: dict) -> None:
         """A new training request: its slot has no latest token."""
         if self._tr_on and st.get("tprev") is not None:
             st["tprev"][:] = -1
+        if self._tr_on and st.get("tprev2") is not None:
+            st["tprev2"][:] = -1
