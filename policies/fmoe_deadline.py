@@ -145,7 +145,10 @@ class FmoeDeadline(
             last = self._demand_last
             self._by_kind[self._kind] = (
                 (times[-1] - times[0]) / spans,
-                [(n - k) * self._copy_s / spans for n, k in zip(self._demand_now, last, strict=True)],
+                [
+                    (n - k) * self._copy_s / spans
+                    for n, k in zip(self._demand_now, last, strict=True)
+                ],
                 (self._max_now - max(last)) * self._copy_s / spans,
             )
             if self._distance_source == "copy time / layer time" and not self._kind:

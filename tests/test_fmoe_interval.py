@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.base import GateOutput
-from tests.test_fmoe_deadline import J, L, FakeView, _bound, _start
+from tests.test_fmoe_deadline import FakeView, J, L, _bound, _start
 
 COPY, COMPUTE = 1e-2, 1e-3  # one copy, one layer's compute (seconds)
 
