@@ -114,17 +114,20 @@ class FmoeOptions(PolicyOptions):
         "consecutive tokens reuse experts more keeps its recent experts longer (False: "
         "one table pooled over layers; docs/fmoe.md has both measured)",
     )
-    eviction_order: Literal["time", "uses", "switch", "blend", "layer", "shadow"] = Field(
-        default="time",
-        description="eviction=fmoe: time: the expected time to next use alone; uses: the "
-        "expected uses while resident, the stay memoryless at the cache's measured "
-        "residency (policies/fmoe_duel.py); switch: "
-        "follow recency (LRU's order) while it has the lower counterfactual regret on "
-        "the decisions the two orders disagree on, measured online; blend: weigh the "
-        "expected time and the age since last use by those regrets (policies/fmoe_duel.py); "
-        "layer: evict from the layer whose next visit is furthest, within it by the "
-        "expected time; shadow: simulate the time and layer orders on the demands seen "
-        "(key-only shadow caches) and follow the one with more hits (policies/fmoe_shadow.py)",
+    eviction_order: Literal["time", "uses", "switch", "blend", "layer", "shadow", "density"] = (
+        Field(
+            default="time",
+            description="eviction=fmoe: time: the expected time to next use alone; uses: the "
+            "expected uses while resident, the stay memoryless at the cache's measured "
+            "residency (policies/fmoe_duel.py); switch: "
+            "follow recency (LRU's order) while it has the lower counterfactual regret on "
+            "the decisions the two orders disagree on, measured online; blend: weigh the "
+            "expected time and the age since last use by those regrets (policies/fmoe_duel.py); "
+            "layer: evict from the layer whose next visit is furthest, within it by the "
+            "expected time; shadow: simulate the time and layer orders on the demands seen "
+            "(key-only shadow caches) and follow the one with more hits; density: evict the "
+        "fewest expected hits per slot-step, max(P1 / t1, p / L) (policies/fmoe_shadow.py)",
+        )
     )
     # Default "deadline": a copy is sent when its expected saving (the part done before its
     # layer, if its expert is used) beats the delay its unused rest causes demand loads;

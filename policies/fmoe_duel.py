@@ -192,6 +192,8 @@ class FmoeDuel:
         """The ``uses`` order's victim among the cache's candidate arrays in one kernel
         (``fmoe_uses_jit.uses_victim``: what ``_scores_uses`` and the cache's lowest pick
         give); -1 (score in Python) before bind or on a NaN."""
+        if self._density_on:  # eviction_order="density" (policies.fmoe_shadow)
+            return self._density_victim_index(arr)
         if not self._pred or self.ctx is None or arr.n == 0:
             return -1
         lay, j = int(arr.layers[0]), int(arr.experts[0])

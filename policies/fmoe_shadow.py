@@ -1,6 +1,7 @@
-"""fMoE's layer-first eviction order and the shadow duel that chooses between it and the
-expected-time order, as a mixin of :class:`policies.fmoe.FmoePolicy`
-(``eviction_order="layer"`` and ``"shadow"``; docs/fmoe.md, "Router-only routing").
+"""fMoE's layer-first eviction order, the shadow duel that chooses between it and the
+expected-time order, and the hit-density order, as a mixin of
+:class:`policies.fmoe.FmoePolicy` (``eviction_order="layer"``, ``"shadow"``,
+``"density"``; docs/fmoe.md, "Router-only routing").
 
 **Why a layer-first order.** Top-K routing visits the layers in turn and each visit needs
 its layer's chosen experts resident together. Count a cache slot's *visits*: the gates of
@@ -35,6 +36,13 @@ tuned); it starts with the expected-time order. Tables larger than
 ``policies.fmoe_eviction.EAGER_TABLE_MAX`` are not made at every gate and the shadows would
 need them: there the expected-time order stays.
 
+**Hit density** (``density``; LHD's criterion, Beckmann et al., NSDI 2018): the victim
+is the entry with the fewest expected hits per slot-step of keeping it, max(P1 / t1, p /
+L): its learned chance P1 at its layer's next visit t1 steps away (held that long), or
+its chance p at later visits, one every L steps (held for many); with equal chances the
+layer that comes back last goes first, as in ``layer``, and a much likelier expert of
+another layer is kept over it. The victim in one kernel (policies.fmoe_density_jit).
+
 **Measured, not the default** (docs/fmoe.md, "Router-only routing"). On the router-only
 Mixtral-shaped trace ``layer`` wins all three one-GPU 25% settings and ``shadow`` (which
 switches to it about a third of the way into the run) the hit rates only; on the
@@ -50,13 +58,20 @@ from __future__ import annotations
 import numpy as np
 
 from policies.cache import CacheEntry
-from policies.fmoe_eviction import _TIE_EPS, EAGER_TABLE_MAX
+from policies.cache_victims import CandidateArrays
+from policies.fmoe_eviction import _TIE_EPS, AGE_BUCKETS, EAGER_TABLE_MAX
+
+
+def _bucket(age: int) -> int:
+    """fmoe_eviction.age_bucket of one age."""
+    return 0 if age <= 1 else min((age - 1).bit_length(), AGE_BUCKETS - 1)
 
 
 class FmoeShadow:
     """The layer-first order and the shadow duel (module doc)."""
 
     _shadow_on = False  # until bound
+    _density_on = False
 
     def _setup_shadow(self, mode: str) -> None:
         """``mode``: the eviction order option (``layer``: follow the layer-first order;
@@ -73,6 +88,14 @@ class FmoeShadow:
         self._sh_cap: np.ndarray | None = None
         if mode == "layer":
             self._follow_layer(True)
+        elif mode == "density":
+            from policies import fmoe_density_jit  # numba: loaded at bind, not at import
+
+            self._djit = fmoe_density_jit
+            self._density_on = True
+            self._scores_fast = False
+            self._uses_on = True  # the cache asks victim_index (FmoeDuel dispatches here)
+            self._scores = self._scores_density
 
     def _follow_layer(self, on: bool) -> None:
         """Point the cache's scorer at the layer-first order (``on``) or the expected time."""
@@ -110,6 +133,49 @@ class FmoeShadow:
             float("inf") if tab[e.key] == 0.0 else v - span * self._next_visit(e.key[0], g)
             for e, v in zip(entries, vals, strict=True)
         ]
+
+    def _scores_density(self, entries: list[CacheEntry]) -> list[float]:
+        """Lower goes first: the expected hits per slot-step of keeping the entry (LHD's
+        hit density): max(P1 / t1, p / L), P1 its learned chance at its layer's next
+        visit t1 steps away, p at later visits (every L steps); protected last."""
+        tab = self._fl_chance()
+        ist, prot, fl, jit = self._ist, self._prot, self._fl, self._jit
+        L, g, it, rows = ist.shape[1], self._g, self._cur_it, self._ev_rows
+        tie = _TIE_EPS / (abs(self._now) + 1.0)
+        out = []
+        for e in entries:
+            lay, j = e.key
+            if prot[lay, j]:
+                out.append(float("inf"))
+                continue
+            age = it - int(ist[0, lay, j])
+            off = jit.layer_row(fl, lay)
+            freq = off + int(ist[3, lay, j])
+            p = float(tab[freq, _bucket(max(age, 0) + 1)])
+            if lay > g:
+                row = off + int(ist[1, lay, j]) if ist[2, lay, 0] == it else freq
+                p1 = float(tab[row, _bucket(age)])
+                if rows > 1:
+                    p1 = 1.0 - (1.0 - p1) ** rows
+                t1 = lay - g
+            else:
+                p1, t1 = p, L - g + lay
+            out.append(max(p1 / t1, p / L) + tie * e.last_used)
+        return out
+
+    def _density_victim_index(self, arr: CandidateArrays) -> int:
+        """The density order's victim among the cache's candidate arrays in one kernel
+        (what ``_scores_density`` and the cache's lowest pick give); -1 to score in Python."""
+        if not self._pred or arr.n == 0:
+            return -1
+        tab = self._fl_chance()
+        tie = _TIE_EPS / (abs(self._now) + 1.0)
+        i = self._djit.density_victim(
+            self._ist, self._fl, self._prot, self._g, self._cur_it, self._ev_rows,
+            arr.layers, arr.experts, arr.last_used, arr.n, tie,
+        )  # fmt: skip
+        del tab
+        return int(i) if i >= 0 else -1
 
     # -- the shadow duel ---------------------------------------------------------------------
     def _shadow_gate(self, g: int, ids: np.ndarray) -> None:

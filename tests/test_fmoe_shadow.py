@@ -137,3 +137,43 @@ def test_shadows_play_each_order_out():
     assert {tuple(k) for k in np.argwhere(layer_mask)} == {(1, 0), (0, 1)}
     pol._shadow_play(1, np.array([[0]]), tab)  # layer 1 chooses 0 again: layer-first hits
     assert pol.shadow_hits == [0, 1] and pol.shadow_diff == 1
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    layers=st.integers(2, 6),
+    experts=st.integers(3, 8),
+    seed=st.integers(0, 10_000),
+    gates=st.integers(1, 40),
+)
+def test_density_kernel_picks_the_scorers_lowest(layers, experts, seed, gates):
+    """``eviction_order=density``: the kernel's victim over the cache's candidate arrays
+    is the entry the Python scorer ranks lowest (ties to the lower key)."""
+    rng = np.random.default_rng(seed)
+    pol, cache = _bound(layers, experts, layers * experts, "density")
+    it = -1
+    for n in range(gates):
+        g = n % layers
+        if g == 0:
+            it += 1
+            pol.on_iteration_start(
+                IterationStart(it, ("r0",), np.zeros(1, int), np.zeros(1, bool), None)
+            )
+        ids = rng.choice(experts, size=(1, 1))
+        probs = np.full((1, experts), 1.0 / experts, np.float32)
+        pol.on_gate(GateOutput(it, g, ids, np.ones((1, 1), np.float32), probs, None, float(n)))
+    keys = [(lay, j) for lay in range(layers) for j in range(experts) if rng.random() < 0.5]
+    if not keys:
+        return
+    cache.preload(keys, 0.0)
+    for i, k in enumerate(keys):
+        cache.entries[k].last_used = float(rng.integers(0, 100)) + i * 1e-3
+    arr = cache.candidate_arrays()
+    i = pol.victim_index(arr)
+    entries = [arr.entries[s] for s in range(arr.n)]
+    scores = pol.eviction_scores(entries)
+    free = [(sc, e.key) for sc, e in zip(scores, entries, strict=True) if sc != float("inf")]
+    if not free:
+        assert i < 0
+        return
+    assert arr.entries[i].key == min(free)[1]
