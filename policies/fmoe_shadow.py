@@ -43,7 +43,9 @@ its chance p at later visits, one every L steps (held for many); with equal chan
 layer that comes back last goes first, as in ``layer``, and a much likelier expert of
 another layer is kept over it. The victim in one kernel (policies.fmoe_density_jit).
 
-**Measured, not the default** (docs/fmoe.md, "Router-only routing"). On the router-only
+**Measured, not the default** (docs/fmoe.md, "Router-only routing"; on main at 889603a,
+before the token-to-token transitions, with which the default eviction is far ahead of
+the layer-first order on the router-only trace). On the router-only
 Mixtral-shaped trace ``layer`` wins all three one-GPU 25% settings and ``shadow`` (which
 switches to it about a third of the way into the run) the hit rates only; on the
 synthetic workload the shadows, which see demands alone, follow the layer-first order
