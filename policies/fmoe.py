@@ -58,6 +58,7 @@ from policies.fmoe_orders import FmoeOrders
 from policies.fmoe_residence import FmoeResidence
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
+from policies.fmoe_shadow import FmoeShadow
 from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState, _SearchPlan
 from policies.fmoe_transition import FmoeTransition
 from policies.fmoe_victim import FmoeVictim
@@ -113,14 +114,20 @@ class FmoeOptions(PolicyOptions):
         "consecutive tokens reuse experts more keeps its recent experts longer (False: "
         "one table pooled over layers; docs/fmoe.md has both measured)",
     )
-    eviction_order: Literal["time", "uses", "switch", "blend"] = Field(
-        default="time",
-        description="eviction=fmoe: time: the expected time to next use alone; uses: the "
-        "expected uses while resident, the stay memoryless at the cache's measured "
-        "residency (policies/fmoe_duel.py); switch: "
-        "follow recency (LRU's order) while it has the lower counterfactual regret on "
-        "the decisions the two orders disagree on, measured online; blend: weigh the "
-        "expected time and the age since last use by those regrets (policies/fmoe_duel.py)",
+    eviction_order: Literal["time", "uses", "switch", "blend", "layer", "shadow", "density"] = (
+        Field(
+            default="time",
+            description="eviction=fmoe: time: the expected time to next use alone; uses: the "
+            "expected uses while resident, the stay memoryless at the cache's measured "
+            "residency (policies/fmoe_duel.py); switch: "
+            "follow recency (LRU's order) while it has the lower counterfactual regret on "
+            "the decisions the two orders disagree on, measured online; blend: weigh the "
+            "expected time and the age since last use by those regrets (policies/fmoe_duel.py); "
+            "layer: evict from the layer whose next visit is furthest, within it by the "
+            "expected time; shadow: simulate the time and layer orders on the demands seen "
+            "(key-only shadow caches) and follow the one with more hits; density: evict the "
+        "fewest expected hits per slot-step, max(P1 / t1, p / L) (policies/fmoe_shadow.py)",
+        )
     )
     # Default "deadline": a copy is sent when its expected saving (the part done before its
     # layer, if its expert is used) beats the delay its unused rest causes demand loads;
@@ -270,6 +277,7 @@ class FmoePolicy(
     FmoeDuel,
     FmoeTransition,
     FmoeMinLabel,
+    FmoeShadow,
     FmoeEviction,
     Policy,
 ):
@@ -468,6 +476,7 @@ class FmoePolicy(
             **(self.finish_metadata() if getattr(self, "_fin_on", False) else {}),
             **(self.calib_metadata() if getattr(self, "_cal_on", False) else {}),
             **self.lookahead_metadata(),
+            **(self.shadow_metadata() if self._shadow_on else {}),
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,
             store_writes=0 if self.store is None else self.store.version,

@@ -87,6 +87,7 @@ class FmoeDeadline(
         self._gate_times: list[float] = []  # gate times of the current iteration
         self._interval: float | None = None  # measured mean gate interval (see _kind)
         self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
+        self._demand_last = [0] * self._n_dev  # ... at its last gate so far
         self._demand_s = [0.0] * self._n_dev  # demand-load seconds per layer step (see _kind)
         self._rows = 1
         # the measurements above are of the last iteration of the current one's kind
@@ -133,11 +134,22 @@ class FmoeDeadline(
             self._finish_resolve()
         times = self._gate_times
         if len(times) >= 2:
-            steps = len(times)
+            # the interval spans the first to the last gate: the demand loads of every gate
+            # but the last (those land after it, outside the span) over steps - 1 intervals.
+            # Counting the last gate's loads too, over all steps, made the link time left
+            # to prefetches (interval - demand) too large whenever the last gate demanded
+            # fewer than the mean, and the admission started copies as in time exactly
+            # then: on a link demand loads keep busy, every copy it judged in time was late
+            # (docs/fmoe.md, "Router-only routing")
+            spans = len(times) - 1
+            last = self._demand_last
             self._by_kind[self._kind] = (
-                (times[-1] - times[0]) / (steps - 1),
-                [n * self._copy_s / steps for n in self._demand_now],
-                self._max_now * self._copy_s / steps,
+                (times[-1] - times[0]) / spans,
+                [
+                    (n - k) * self._copy_s / spans
+                    for n, k in zip(self._demand_now, last, strict=True)
+                ],
+                (self._max_now - max(last)) * self._copy_s / spans,
             )
             if self._distance_source == "copy time / layer time" and not self._kind:
                 # the distance is a decode step's: a prompt's pace does not set it
@@ -154,6 +166,7 @@ class FmoeDeadline(
         self._gate_times = []
         self._calib_reset()  # a candidate is judged and counted within its iteration
         self._demand_now = [0] * self._n_dev
+        self._demand_last = [0] * self._n_dev
         self._max_now = 0
         for key in self._pending:
             self._cancel_if_queued(key)
@@ -182,6 +195,7 @@ class FmoeDeadline(
         for dev, k in enumerate(now_n):
             if k:
                 self._demand_now[dev] += k
+        self._demand_last = now_n
         self._max_now += max(now_n)
         if self._gate_fc:  # forecast="gate": the first step's link time from these
             self._gate_dem = (layer, now_n)

@@ -81,6 +81,7 @@ class FmoeDuel:
         self._duel_fifo: deque[tuple[int, int, tuple[int, int], tuple[int, int]]] = deque()
         self._duel_recency = False  # switch: recency leads now
         self._duel_buf = (np.empty(1, np.int64), np.empty(1), np.empty(1))
+        self._setup_shadow(mode)  # policies.fmoe_shadow: "layer" and "shadow"
 
     @property
     def duel_weight(self) -> float:
@@ -94,6 +95,8 @@ class FmoeDuel:
         step = self._duel_step = self._duel_step + 1
         if self._duel_t0 is None:
             self._duel_t0 = self._now
+        if self._shadow_on:
+            self._shadow_gate(g, ids)
         if not self._duel_judge:
             return
         self._duel_resolve(g, ids, step)
@@ -189,6 +192,8 @@ class FmoeDuel:
         """The ``uses`` order's victim among the cache's candidate arrays in one kernel
         (``fmoe_uses_jit.uses_victim``: what ``_scores_uses`` and the cache's lowest pick
         give); -1 (score in Python) before bind or on a NaN."""
+        if self._density_on:  # eviction_order="density" (policies.fmoe_shadow)
+            return self._density_victim_index(arr)
         if not self._pred or self.ctx is None or arr.n == 0:
             return -1
         lay, j = int(arr.layers[0]), int(arr.experts[0])
