@@ -126,7 +126,7 @@ class FmoeOptions(PolicyOptions):
             "layer: evict from the layer whose next visit is furthest, within it by the "
             "expected time; shadow: simulate the time and layer orders on the demands seen "
             "(key-only shadow caches) and follow the one with more hits; density: evict the "
-        "fewest expected hits per slot-step, max(P1 / t1, p / L) (policies/fmoe_shadow.py)",
+            "fewest expected hits per slot-step, max(P1 / t1, p / L) (policies/fmoe_shadow.py)",
         )
     )
     # Default "deadline": a copy is sent when its expected saving (the part done before its
