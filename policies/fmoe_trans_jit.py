@@ -137,6 +137,27 @@ def transition_bins_into(ist, out, tc, tn, tm, tau, prev, rc, rn, slots, pop, ba
 
 
 @njit(cache=True)
+def _count_after(tc, tn, tm, layer, before, row, J, K):  # noqa: ANN001, ANN202 - numba
+    """One token's choices ``row`` (K ids) after a context token's ``before`` (-1: none):
+    the token in tn[layer, J] and tm[layer, j], each context choice i in tn[layer, i] and
+    each pair in tc[layer, i, j]; ids outside [0, J) are skipped."""
+    tn[layer, J] += 1.0
+    for k in range(K):
+        j = row[k]
+        if 0 <= j < J:
+            tm[layer, j] += 1.0
+    for q in range(K):
+        i = before[q]
+        if i < 0:
+            continue
+        tn[layer, i] += 1.0
+        for k in range(K):
+            j = row[k]
+            if 0 <= j < J:
+                tc[layer, i, j] += 1.0
+
+
+@njit(cache=True)
 def transition_count2(tc2, tn2, tm2, prev, prev2, layer, ids, row_slot):  # noqa: ANN001, ANN201 - numba
     """The two-step counts of layer ``layer``'s choices ``ids`` [B, K] (as
     :func:`transition_count` counts one step): each row of a known request follows the
@@ -153,20 +174,7 @@ def transition_count2(tc2, tn2, tm2, prev, prev2, layer, ids, row_slot):  # noqa
     for r in range(B):
         s = row_slot[r]
         if prev2[s, layer, 0] >= 0:
-            tn2[layer, J] += 1.0
-            for k in range(K):
-                j = ids[r, k]
-                if 0 <= j < J:
-                    tm2[layer, j] += 1.0
-            for q in range(K):
-                i = prev2[s, layer, q]
-                if i < 0:
-                    continue
-                tn2[layer, i] += 1.0
-                for k in range(K):
-                    j = ids[r, k]
-                    if 0 <= j < J:
-                        tc2[layer, i, j] += 1.0
+            _count_after(tc2, tn2, tm2, layer, prev2[s, layer], ids[r], J, K)
         # the row's predecessor is the next row's token two back; the row its latest
         for k in range(prev2.shape[2]):
             prev2[s, layer, k] = cur[s, k]
@@ -194,20 +202,7 @@ def transition_count(tc, tn, tm, prev, layer, ids, row_slot):  # noqa: ANN001, A
     for r in range(B):
         s = row_slot[r]
         if prev[s, layer, 0] >= 0:
-            tn[layer, J] += 1.0
-            for k in range(K):
-                j = ids[r, k]
-                if 0 <= j < J:
-                    tm[layer, j] += 1.0
-            for q in range(K):
-                i = prev[s, layer, q]
-                if i < 0:
-                    continue
-                tn[layer, i] += 1.0
-                for k in range(K):
-                    j = ids[r, k]
-                    if 0 <= j < J:
-                        tc[layer, i, j] += 1.0
+            _count_after(tc, tn, tm, layer, prev[s, layer], ids[r], J, K)
         for k in range(K):
             j = ids[r, k]
             prev[s, layer, k] = j if 0 <= j < J else -1

@@ -24,6 +24,33 @@ def _bound(layers: int, experts: int, capacity: int, order: str) -> tuple[FmoePo
     return pol, cache
 
 
+def _random_gates_then_preload(
+    pol: FmoePolicy,
+    cache: ExpertCache,
+    rng: np.random.Generator,
+    layers: int,
+    experts: int,
+    gates: int,
+) -> list[tuple[int, int]]:
+    """``gates`` gates of random top-1 routing (one row per iteration, request r0), then a
+    random half of the experts preloaded; the preloaded keys (maybe none)."""
+    it = -1
+    for n in range(gates):
+        g = n % layers
+        if g == 0:
+            it += 1
+            pol.on_iteration_start(
+                IterationStart(it, ("r0",), np.zeros(1, int), np.zeros(1, bool), None)
+            )
+        ids = rng.choice(experts, size=(1, 1))
+        probs = np.full((1, experts), 1.0 / experts, np.float32)
+        pol.on_gate(GateOutput(it, g, ids, np.ones((1, 1), np.float32), probs, None, float(n)))
+    keys = [(lay, j) for lay in range(layers) for j in range(experts) if rng.random() < 0.5]
+    if keys:
+        cache.preload(keys, 0.0)
+    return keys
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     layers=st.integers(2, 6),
@@ -37,21 +64,9 @@ def test_layer_order_evicts_from_the_layer_that_comes_back_last(layers, experts,
     time's (the time order's scores, ranked alike)."""
     rng = np.random.default_rng(seed)
     pol, cache = _bound(layers, experts, layers * experts, "layer")
-    it = -1
-    for n in range(gates):  # random routing, one row per iteration
-        g = n % layers
-        if g == 0:
-            it += 1
-            pol.on_iteration_start(
-                IterationStart(it, ("r0",), np.zeros(1, int), np.zeros(1, bool), None)
-            )
-        ids = rng.choice(experts, size=(1, 1))
-        probs = np.full((1, experts), 1.0 / experts, np.float32)
-        pol.on_gate(GateOutput(it, g, ids, np.ones((1, 1), np.float32), probs, None, float(n)))
-    keys = [(lay, j) for lay in range(layers) for j in range(experts) if rng.random() < 0.5]
+    keys = _random_gates_then_preload(pol, cache, rng, layers, experts, gates)
     if not keys:
         return
-    cache.preload(keys, 0.0)
     entries = [cache.entries[k] for k in keys]
     for i, e in enumerate(entries):
         e.last_used = float(rng.integers(0, 100)) + i * 1e-3  # distinct recency
@@ -151,21 +166,9 @@ def test_density_kernel_picks_the_scorers_lowest(layers, experts, seed, gates):
     is the entry the Python scorer ranks lowest (ties to the lower key)."""
     rng = np.random.default_rng(seed)
     pol, cache = _bound(layers, experts, layers * experts, "density")
-    it = -1
-    for n in range(gates):
-        g = n % layers
-        if g == 0:
-            it += 1
-            pol.on_iteration_start(
-                IterationStart(it, ("r0",), np.zeros(1, int), np.zeros(1, bool), None)
-            )
-        ids = rng.choice(experts, size=(1, 1))
-        probs = np.full((1, experts), 1.0 / experts, np.float32)
-        pol.on_gate(GateOutput(it, g, ids, np.ones((1, 1), np.float32), probs, None, float(n)))
-    keys = [(lay, j) for lay in range(layers) for j in range(experts) if rng.random() < 0.5]
+    keys = _random_gates_then_preload(pol, cache, rng, layers, experts, gates)
     if not keys:
         return
-    cache.preload(keys, 0.0)
     for i, k in enumerate(keys):
         cache.entries[k].last_used = float(rng.integers(0, 100)) + i * 1e-3
     arr = cache.candidate_arrays()
