@@ -9,11 +9,13 @@ dot products), vectorised over rows x store.
 - gate of layer g: trajectory search (step 2) on the prefix 0..g predicts layer g+d;
 - each prediction selects experts with the similarity-aware threshold (step 3), per row,
   merged over the batch as the union with priority max p / (l - l_now) (step 4);
-- eviction score p * freq with p the searched map's probability (max over rows) and freq
-  the entry's uses while cached (step 5); the cache protects pinned/predicted entries.
-  A layer's p changes only when that layer is forecast (semantic: 0..d-1; trajectory:
-  g+d), as the official FineMoE cache keeps per-expert probabilities (1 before any
-  forecast); other layers keep their last forecast;
+- eviction (step 5): by default the expected time to each expert's next use, from a
+  table learned as the policy runs (forecasts, the requests' own frequencies, recency,
+  token-to-token transitions; policies/fmoe_eviction.py, fmoe_transition.py);
+  ``eviction="paper"`` is the paper's p * freq with p the searched map's probability (max
+  over rows) and freq the entry's uses while cached, a layer's p changing only when that
+  layer is forecast, as the official FineMoE cache keeps per-expert probabilities; the
+  cache protects pinned/predicted entries;
 - iteration end: rows that saw all L gates are offered to the store (step 6);
 - ``async_search``: executors apply the orders of the searches (iteration start, map
   search at a gate) after the search latency (step 7); the orders ``on_gate_now`` makes
