@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from numba import njit
 
-from policies.fmoe_jit import age_bucket1, layer_row, pow_rows
+from policies.fmoe_jit import _before, age_bucket1, layer_row, pow_rows
 
 
 @njit(cache=True)
@@ -39,9 +39,6 @@ def density_victim(ist, fl, prot, g, it, rows, layers, experts, last_used, n, ti
             p1 = p
             t1 = L - g + lay
         s = max(p1 / t1, p / L) + tie * last_used[i]
-        if best < 0 or s < bs or (s == bs and (lay < bl or (lay == bl and j < bj))):
-            best = i
-            bs = s
-            bl = lay
-            bj = j
+        if best < 0 or _before(s, lay, j, bs, bl, bj):
+            best, bs, bl, bj = i, s, lay, j
     return best

@@ -158,6 +158,17 @@ def _count_after(tc, tn, tm, layer, before, row, J, K):  # noqa: ANN001, ANN202 
 
 
 @njit(cache=True)
+def _set_latest(dst, row, J, K):  # noqa: ANN001, ANN202 - numba
+    """A token's first K choices ``row`` into ``dst`` (ids outside [0, J) and the rest of
+    ``dst`` as -1: none)."""
+    for k in range(K):
+        j = row[k]
+        dst[k] = j if 0 <= j < J else -1
+    for k in range(K, dst.shape[0]):
+        dst[k] = -1
+
+
+@njit(cache=True)
 def transition_count2(tc2, tn2, tm2, prev, prev2, layer, ids, row_slot):  # noqa: ANN001, ANN201 - numba
     """The two-step counts of layer ``layer``'s choices ``ids`` [B, K] (as
     :func:`transition_count` counts one step): each row of a known request follows the
@@ -178,11 +189,7 @@ def transition_count2(tc2, tn2, tm2, prev, prev2, layer, ids, row_slot):  # noqa
         # the row's predecessor is the next row's token two back; the row its latest
         for k in range(prev2.shape[2]):
             prev2[s, layer, k] = cur[s, k]
-        for k in range(K):
-            j = ids[r, k]
-            cur[s, k] = j if 0 <= j < J else -1
-        for k in range(K, cur.shape[1]):
-            cur[s, k] = -1
+        _set_latest(cur[s], ids[r], J, K)
 
 
 @njit(cache=True)
@@ -203,8 +210,4 @@ def transition_count(tc, tn, tm, prev, layer, ids, row_slot):  # noqa: ANN001, A
         s = row_slot[r]
         if prev[s, layer, 0] >= 0:
             _count_after(tc, tn, tm, layer, prev[s, layer], ids[r], J, K)
-        for k in range(K):
-            j = ids[r, k]
-            prev[s, layer, k] = j if 0 <= j < J else -1
-        for k in range(K, prev.shape[2]):
-            prev[s, layer, k] = -1
+        _set_latest(prev[s, layer], ids[r], J, K)
