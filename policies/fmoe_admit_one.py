@@ -17,7 +17,7 @@ import numpy as np
 
 from policies.base import Policy
 from policies.fmoe_admit import _AdmitBufs
-from policies.fmoe_eviction import _TIE_EPS, CAL_BINS
+from policies.fmoe_eviction import _TIE_EPS, CAL_BINS, FmoeEviction
 from policies.fmoe_victim import _LIST_KERNEL, VICTIMS_PRICED
 
 # one-row passes on one device through admit_one (False: the step-by-step pass, the
@@ -52,6 +52,10 @@ class FmoeAdmitOne:
             or self.ctx is None
             or type(self).prefetch is not Policy.prefetch
             or type(self).cancel is not Policy.cancel
+            # the call makes the chance table FmoeEviction._chance makes (not another
+            # table a subclass or a test puts in its place)
+            or type(self)._chance is not FmoeEviction._chance
+            or "_chance" in self.__dict__
         ):
             return None
         price = self._victim_priced
@@ -69,10 +73,17 @@ class FmoeAdmitOne:
             )
             self._one_res = np.zeros(2, np.int64)
             nd = self._n_dev
-            self._one_free = np.zeros(nd, np.int64)
-            self._one_ok = np.zeros(nd, np.bool_)
-            self._one_n = np.zeros(nd, np.int64)
+            self._one_arrs = (
+                np.zeros(nd, np.int64),
+                np.zeros(nd, np.bool_),
+                np.zeros(nd, np.int64),
+            )
+            self._one_mv = tuple(memoryview(a) for a in self._one_arrs)  # item writes
             self._one_per = np.zeros(nd, np.int64)
+            # per device its cache's candidate arrays (placeholders until listed)
+            self._one_cl, self._one_ce = [_NO_I] * nd, [_NO_I] * nd
+            self._one_cu = [_NO_F] * nd
+            self._one_flat = self._dev_arr.ravel().tolist()  # flat key -> device
         dl = self._dl_cands
         nd = self._n_dev
         bufs = self._admit_bufs
@@ -86,38 +97,39 @@ class FmoeAdmitOne:
             iv = view.layer_time_s(self._rows)
         av_all = [max(iv - x, 0.0) for x in self._demand_s]
         shift = self._first_step_shift(g, av_all)  # forecast="gate" (FmoeDeadline)
-        # every link's state (the kernel reads only the candidates' devices': the same
-        # values the step-by-step pass reads for them; reading a link changes nothing)
-        for dev in range(nd):
+        # the links and caches of the candidates' devices (a superset: every live one's
+        # and every new one's, some of whose layers may have run), read as the
+        # step-by-step pass reads them for its candidates' devices (reading changes
+        # nothing; the kernel reads no other device's)
+        if nd == 1:
+            devs: Any = (0,)
+        else:
+            flat = self._one_flat
+            devs = {flat[k[0] * dl.J + k[1]] for k, _ in live}
+            if dl.cnt:
+                devs.update(map(flat.__getitem__, dl.idx[: dl.cnt].tolist()))
+        caches = self.ctx.caches
+        free, c_ok, cn = self._one_mv
+        cl, ce, cu = self._one_cl, self._one_ce, self._one_cu
+        for dev in devs:
             link = view.link_state(dev)
-            committed[dev] = link.queued_s
+            committed[dev] = link.queued_s + shift[dev] if shift is not None else link.queued_s
             copy[dev] = link.copy_s
             avail[dev] = av_all[dev]
-            if shift is not None:
-                committed[dev] += shift[dev]
+            cache = caches[dev]
+            free[dev] = cache.free
+            arr = cache._arr  # the cache's candidate arrays, as _victims_kernel reads them
+            # (else made or remade by the cache's own call there: the Python's listing)
+            ok = arr is not None and arr.src is cache._cands and arr.n == len(cache._cands)
+            c_ok[dev] = ok
+            if ok:
+                cl[dev], ce[dev], cu[dev], cn[dev] = arr.layers, arr.experts, arr.last_used, arr.n
         interval = self._interval
         no_rho = not interval or interval <= 0
         step = 0.0  # FmoeAdmitKernel._kernel_victims' step (read only where avail <= 0)
-        if price and any(a <= 0 for a in av_all):
+        if price and any(av_all[dev] <= 0 for dev in devs):
             s = self._interval or view.layer_time_s(self._rows)
             step = float(s) if s else 0.0
-        free, c_ok = self._one_free, self._one_ok
-        cl, ce, cu, cn = [], [], [], self._one_n
-        for dev, cache in enumerate(self.ctx.caches):
-            free[dev] = cache.free
-            arr = cache._arr  # the cache's candidate arrays, as _victims_kernel reads them
-            ok = arr is not None and arr.src is cache._cands and arr.n == len(cache._cands)
-            c_ok[dev] = ok  # (else made or remade by the cache's own call there)
-            if ok:
-                cl.append(arr.layers)
-                ce.append(arr.experts)
-                cu.append(arr.last_used)
-                cn[dev] = arr.n
-            else:
-                cl.append(_NO_I)
-                ce.append(_NO_I)
-                cu.append(_NO_F)
-                cn[dev] = 0
         resid = bufs.resid
         if price and self._victim_resid:
             resid[0], resid[1] = self._residence_steps(0), self._residence_steps(1)
@@ -132,7 +144,9 @@ class FmoeAdmitOne:
             dl.p, dl.idx, dl.cnt, of, op, oldf, lqf, lqv, g, dl.J, dl._pos, lay, jj, p, was,
             look, self._cal_on, self._cal_pend, self._cal_noted,
             self._chance_it != self._cur_it, self._fl, self._base, CAL_BINS, kmin, price,
-            free, c_ok, tuple(cl), tuple(ce), tuple(cu), cn, self._one_per, _TIE_EPS / (abs(self._now) + 1.0), self._prot, self._g, self._ev_rows, vo, vs, ve,
+            *self._one_arrs[:2], tuple(cl), tuple(ce), tuple(cu), self._one_arrs[2],
+            self._one_per, _TIE_EPS / (abs(self._now) + 1.0), self._prot, self._g,
+            self._ev_rows, vo, vs, ve,
             VICTIMS_PRICED, step, bufs.vfree, bufs.v_e, bufs.v_len, bufs.v_loaded,
             self._dev_arr, committed, copy, avail, demand, 0.0 if no_rho else float(interval),
             no_rho, self._ist, self._chance_tab, self._cur_it, bufs.act, bufs.counts, True,

@@ -120,7 +120,7 @@ class FmoeLookahead:
 
         self._la_jit = fmoe_look_jit
         self._la_J = J
-        self._map_top_arr: dict[int, tuple[list[int], np.ndarray]] = {}
+        self._map_top_arr: dict[int, tuple[Any, np.ndarray]] = {}
         self._la_out = (np.empty(k, np.int64), np.empty(k), np.empty(k))  # look_gate_row's
 
     def _map_topk(self, layer: int) -> list[int]:
@@ -395,13 +395,14 @@ class FmoeLookahead:
             self._lookahead_measured_orders(it, g + 1, pk)
 
     def _map_topk_arr(self, layer: int) -> np.ndarray:
-        """:meth:`_map_topk` as an int64 array, kept with the list it was made of."""
-        top = self._map_topk(layer)
+        """:meth:`_map_topk` as an int64 array, kept with the forecast row it was made of
+        (rows are swapped whole, never changed in place)."""
+        row = self._pred[layer]
         memo = self._map_top_arr.get(layer)
-        if memo is not None and memo[0] is top:
+        if memo is not None and memo[0] is row:
             return memo[1]
-        arr = np.array(top, np.int64)
-        self._map_top_arr[layer] = (top, arr)
+        arr = np.array(self._map_topk(layer), np.int64)
+        self._map_top_arr[layer] = (row, arr)
         return arr
 
     def _lookahead_gate_row(self, ev: Any, g: int) -> bool:
@@ -485,12 +486,19 @@ class FmoeLookahead:
         look_q, cands, issued = self._look_q, self._dl_cands, it.issued_mv
         d = self._layer_ents[nxt]
         ents = self._ents_of[nxt] if self._cache_of else None
+        pm, im, base = cands._pm, cands._im, nxt * cands.J  # CandidateSet.put, inlined
         for j, p, q in zip(js, bufs[1][:m].tolist(), bufs[2][:m].tolist(), strict=True):
             key = (nxt, j)
             if ents is not None and key in (d if d is not None else ents[j]):
                 continue
             look_q[key] = q
-            cands.put(nxt, j, p)
+            f = base + j
+            held = pm[f]
+            if p > held:
+                if held == -1.0:  # absent (every value held is above -1.0)
+                    im[cands.cnt] = f
+                    cands.cnt += 1
+                pm[f] = p
             issued[key] = True
         return True
 
