@@ -11,8 +11,9 @@ here, so the decisions are bitwise the same (tests/test_fmoe_gate_one.py runs th
 and the step-by-step passes side by side on random routings).
 
 It calls kernels of other modules: numba keys a kernel's disk cache on its own source
-file only, so after changing one of those callees touch this file or clear the
-``__pycache__`` folders before measuring (docs/testing.md, "numba's disk cache").
+file only (docs/testing.md, "numba's disk cache"), so the contents of those modules join
+this file's kernels' cache stamp (:func:`_stamp_dependencies`, as
+sim/fastkernel_prefetch.py does): a changed callee recompiles them.
 
 Imported when an fMoE policy with deadline admission is bound (with policies.fmoe_jit).
 """
@@ -167,3 +168,26 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
         rank_chance, beta, resid, kap, cal_h, cal_n, marginal, mode, map_h, cat_h1, on, rec,
         named_layer, named_ids, mh0, mn0, sv, ch0, cn0, pbuf,
     )  # fmt: skip
+
+
+def _stamp_dependencies() -> None:
+    """Add the contents of the modules whose kernels :func:`admit_one` compiles in
+    (policies.fmoe_admit_jit, fmoe_blocking, fmoe_calib_jit, fmoe_jit) to its disk-cache
+    stamp: numba compares a cached kernel's stamp with its own source file's only, and
+    would load one compiled from an older callee. (numba internals, read defensively: a
+    numba without them keeps its own stamp.)"""
+    import hashlib
+
+    from policies import fmoe_admit_jit, fmoe_blocking, fmoe_calib_jit, fmoe_jit
+
+    h = hashlib.sha256()
+    for mod in (fmoe_admit_jit, fmoe_blocking, fmoe_calib_jit, fmoe_jit):
+        with open(mod.__file__, "rb") as f:  # type: ignore[arg-type]
+            h.update(f.read())
+    dep = h.hexdigest()
+    cache_file = getattr(getattr(admit_one, "_cache", None), "_cache_file", None)
+    if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+        cache_file._source_stamp = (cache_file._source_stamp, dep)
+
+
+_stamp_dependencies()
