@@ -156,39 +156,12 @@ class FmoeAdmitKernel:
         # map_value="marginal": what the lookahead would save of each anyway (_admit's
         # sv) and the map picks the lookahead passed over (FmoeDeadline._iteration_chance):
         # computed by the kernel (policies.fmoe_admit_jit.marginal_terms)
-        named = self._look_named
-        named_layer, named_ids, mh0, mn0 = -1, _NO_IDS, 0.0, -1.0
-        if self._map_marginal and named is not None and named[0] == self._cur_it:
-            named_layer = named[1]
-            memo = self._admit_named  # the set's array, made once per set (it is frozen)
-            if memo is not None and memo[0] is named[2]:
-                named_ids = memo[1]
-            else:
-                named_ids = np.fromiter(named[2], np.int64, len(named[2]))
-                self._admit_named = (named[2], named_ids)
-            if 0 <= named_layer < len(self._mcat_h[0]):
-                mh0, mn0 = float(self._mcat_h[0, named_layer]), float(self._mcat_n[0, named_layer])
-        mode = self._la_mode
-        mode_i = 0 if mode is False else (2 if mode is True else 1)
+        named_layer, named_ids, mh0, mn0 = self._admit_named_args()
+        mode_i = self._admit_mode()
         act, counts = bufs.act, bufs.counts
         have = self._chance_it == self._cur_it
         rank_chance = self._rank_chance
-        # blocking="measured" (policies.fmoe_blocking): the measured waits, else zeros;
-        # saving="finish" (policies.fmoe_finish): link-time costs over kappa (1.0: as
-        # before). These lists change once an iteration: their arrays are made again only
-        # when their values differ from the last pass's (compared as lists)
-        src = (self._demand_s, self._beta if self._blocking else None, self._kap)
-        memo = self._admit_arrs
-        if memo is None or memo[0] != src:
-            beta = np.asarray(self._beta if self._blocking else np.zeros(nd), np.float64)
-            kap = np.asarray(self._kap, np.float64)
-            memo = self._admit_arrs = (
-                (list(src[0]), None if src[1] is None else list(src[1]), list(src[2])),
-                np.asarray(self._demand_s, np.float64),
-                beta / kap,
-                kap,
-            )
-        demand, beta, kap = memo[1], memo[2], memo[3]
+        demand, beta, kap = self._admit_link_arrays()
         # victim="residence" (policies.fmoe_residence): the measured residence, else 0.0
         resid = bufs.resid
         if price and self._victim_resid:
@@ -210,6 +183,65 @@ class FmoeAdmitKernel:
             p = bufs.p[:n]  # the chances the kernel put there
         if na < 0:
             return False
+        self._admit_acts(g, lay, jj, p, na, act, counts)
+        return True
+
+    def _admit_named_args(self) -> tuple[int, np.ndarray, float, float]:
+        """map_value="marginal": the layer the lookahead named experts for at this gate
+        (-1: none), their ids, and the hits and picks of map picks it passed over there
+        (admit_gate's named_layer, named_ids, mh0, mn0)."""
+        named = self._look_named
+        named_layer, named_ids, mh0, mn0 = -1, _NO_IDS, 0.0, -1.0
+        if self._map_marginal and named is not None and named[0] == self._cur_it:
+            named_layer = named[1]
+            memo = self._admit_named  # the set's array, made once per set (it is frozen)
+            if memo is not None and memo[0] is named[2]:
+                named_ids = memo[1]
+            else:
+                named_ids = np.fromiter(named[2], np.int64, len(named[2]))
+                self._admit_named = (named[2], named_ids)
+            if 0 <= named_layer < len(self._mcat_h[0]):
+                mh0, mn0 = float(self._mcat_h[0, named_layer]), float(self._mcat_n[0, named_layer])
+        return named_layer, named_ids, mh0, mn0
+
+    def _admit_mode(self) -> int:
+        """The lookahead option as admit_gate's mode: 0 false, 1 auto, 2 true."""
+        mode = self._la_mode
+        return 0 if mode is False else (2 if mode is True else 1)
+
+    def _admit_link_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(demand seconds, beta over kappa, kappa) per device as arrays.
+
+        blocking="measured" (policies.fmoe_blocking): the measured waits, else zeros;
+        saving="finish" (policies.fmoe_finish): link-time costs over kappa (1.0: as
+        before). These lists change once an iteration: their arrays are made again only
+        when their values differ from the last pass's (compared as lists)."""
+        src = (self._demand_s, self._beta if self._blocking else None, self._kap)
+        memo = self._admit_arrs
+        if memo is None or memo[0] != src:
+            beta = np.asarray(self._beta if self._blocking else np.zeros(self._n_dev), np.float64)
+            kap = np.asarray(self._kap, np.float64)
+            memo = self._admit_arrs = (
+                (list(src[0]), None if src[1] is None else list(src[1]), list(src[2])),
+                np.asarray(self._demand_s, np.float64),
+                beta / kap,
+                kap,
+            )
+        return memo[1], memo[2], memo[3]
+
+    def _admit_acts(
+        self,
+        g: int,
+        lay: np.ndarray,
+        jj: np.ndarray,
+        p: np.ndarray,
+        na: int,
+        act: np.ndarray,
+        counts: np.ndarray,
+    ) -> None:
+        """Send the kernel's ``na`` actions ``act`` (candidate index, ORDER or CANCEL) in
+        order, orders at priority p / (layer - g); the pass's counts to the statistics."""
+        K = _kernels()
         # orders at the map's p, or with rank_chance the chances the kernel put there
         plain = type(self).prefetch is Policy.prefetch and type(self).cancel is Policy.cancel
         if plain and na <= _FEW_ACTS:
@@ -228,7 +260,7 @@ class FmoeAdmitKernel:
                     canc.append((la, j))
             self._pending = pending
             self._count_orders(*counts.tolist())
-            return True
+            return
         if plain:
             # the loop below in comprehensions (Policy.prefetch and cancel only append to
             # their lists, in call order: the same lists)
@@ -245,7 +277,7 @@ class FmoeAdmitKernel:
                 ci = acts[~sent, 0]
                 self._cancel.extend(zip(lay[ci].tolist(), jj[ci].tolist(), strict=True))
             self._count_orders(*counts.tolist())
-            return True
+            return
         pending: dict[ExpertKey, float] = {}
         keys = list(zip(lay.tolist(), jj.tolist(), strict=True))
         pvs = p.tolist()
@@ -259,7 +291,6 @@ class FmoeAdmitKernel:
                 self.cancel(key[0], key[1])
         self._pending = pending
         self._count_orders(*counts.tolist())
-        return True
 
     def _kernel_victims(
         self, devs: Sequence[int], avail: np.ndarray, per_dev: Sequence[int] | np.ndarray

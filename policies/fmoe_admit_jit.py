@@ -470,3 +470,27 @@ def admit_gate(  # noqa: ANN201, PLR0913 - numba
         interval, no_rho, ist, tab, have_tab, it, act, counts, price, step, vfree, v_e, v_len,
         v_loaded, rank_chance, beta, resid, sv[:n], ch0[:n], cn0[:n], kap, cal_h, cal_n,
     )  # fmt: skip
+
+
+def _stamp_dependencies() -> None:
+    """Add the contents of the modules whose jitted functions these kernels compile in
+    (policies.fmoe_blocking's gate_crossings, policies.fmoe_jit's age_bucket1) to each
+    kernel's disk-cache stamp: numba compares a cached kernel's stamp with its own source
+    file's only (docs/testing.md). (numba internals, read defensively: a numba without
+    them keeps its own stamp.)"""
+    import hashlib
+
+    from policies import fmoe_blocking, fmoe_jit
+
+    h = hashlib.sha256()
+    for mod in (fmoe_blocking, fmoe_jit):
+        with open(mod.__file__, "rb") as f:  # type: ignore[arg-type]
+            h.update(f.read())
+    dep = h.hexdigest()
+    for obj in list(globals().values()):
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+            cache_file._source_stamp = (cache_file._source_stamp, dep)
+
+
+_stamp_dependencies()

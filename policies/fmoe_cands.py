@@ -82,6 +82,22 @@ class CandidateSet:
             from policies.fmoe_admit_jit import merge_cands  # numba: bound with fmoe_jit
 
             merge = self._merge = merge_cands
+        of, op, oldf, lqf, lqv = self.merge_inputs(live, old, look_q)
+        lay, jj, p, was, look = self._out
+        n = merge(self.p, self.idx, self.cnt, of, op, oldf, lqf, lqv, g, self.J, self._pos,
+                  lay, jj, p, was, look)  # fmt: skip
+        self.cnt = 0
+        return lay[:n], jj[:n], p[:n], was[:n], look[:n]
+
+    def merge_inputs(
+        self,
+        live: list[tuple[tuple[int, int], float]],
+        old: dict,
+        look_q: dict[tuple[int, int], float],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`take_merged`'s arrays for merge_cands: the live keys (flat) and p, the
+        pending keys where more than the live ones, the lookahead chances' keys and
+        values."""
         J = self.J
         if live:
             of = np.array([k[0] * J + k[1] for k, _ in live], np.int64)
@@ -97,8 +113,4 @@ class CandidateSet:
             lqv = np.array(list(look_q.values()), np.float64)
         else:
             lqf, lqv = _NONE_I, _NONE_F
-        lay, jj, p, was, look = self._out
-        n = merge(self.p, self.idx, self.cnt, of, op, oldf, lqf, lqv, g, J, self._pos,
-                  lay, jj, p, was, look)  # fmt: skip
-        self.cnt = 0
-        return lay[:n], jj[:n], p[:n], was[:n], look[:n]
+        return of, op, oldf, lqf, lqv

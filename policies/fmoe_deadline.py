@@ -49,6 +49,7 @@ import numpy as np
 from policies.base import ExecutorView, Policy, PolicyContext
 from policies.cache import ExpertKey, ExpertState
 from policies.fmoe_admit import FmoeAdmitKernel
+from policies.fmoe_admit_one import FmoeAdmitOne
 from policies.fmoe_blocking import FmoeBlocking, gate_crossings
 from policies.fmoe_calib import FmoeCalib
 from policies.fmoe_cands import CandidateSet
@@ -68,7 +69,7 @@ _LIVE_FAST = True
 
 
 class FmoeDeadline(
-    FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, FmoeForecast, FmoeCalib
+    FmoeAdmitOne, FmoeAdmitKernel, FmoeBlocking, FmoeResidence, FmoeFinish, FmoeForecast, FmoeCalib
 ):
     """Deadline-aware admission and re-ranking of fMoE's prefetch orders."""
 
@@ -287,17 +288,35 @@ class FmoeDeadline(
                     stale += 1
                     continue
                 live.append((key, p))
-        # the candidates: the live pending ones, then this hook's (policies.fmoe_cands)
-        lay, jj, pv, was, look_c = dl.take_merged(live, old, g, self._look_q)
-        n = lay.shape[0]
-        if n and self._cal_on and self._rows <= 1:
-            self._calib_note(lay, jj, look_c)  # the map candidates' cells (fmoe_calib)
+        # one row: the pass below in one kernel call (policies.fmoe_admit_one), which
+        # judges even one candidate (its merge is in the call already), unless
+        # _KERNEL_MIN is raised to keep passes in the loop (as tests do)
+        one = (
+            self._admit_one(g, live, old, 1 if _KERNEL_MIN <= 2 else _KERNEL_MIN)
+            if self._rows <= 1
+            else None
+        )
+        if one is None:
+            # the candidates: the live pending ones, then this hook's (policies.fmoe_cands)
+            lay, jj, pv, was, look_c = dl.take_merged(live, old, g, self._look_q)
+            n = lay.shape[0]
+            if n and self._cal_on and self._rows <= 1:
+                self._calib_note(lay, jj, look_c)  # the map candidates' cells (fmoe_calib)
+            kernel = self._rows <= 1 and n >= _KERNEL_MIN
+        else:
+            left, lay, jj, pv, was, look_c = one
+            n = lay.shape[0]
+            kernel = left == "kernel"
+            if left == "done":
+                if stale:
+                    self._stats["orders_cancelled_stale"] += stale
+                return
         if not n:
             self._pending = {}
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return
-        if self._rows <= 1 and n >= _KERNEL_MIN and self._admit_kernel(g, lay, jj, pv, was, look_c):
+        if kernel and self._admit_kernel(g, lay, jj, pv, was, look_c):
             if stale:
                 self._stats["orders_cancelled_stale"] += stale
             return

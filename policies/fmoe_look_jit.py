@@ -114,3 +114,124 @@ def topk_rows(rows, k, out):  # noqa: ANN001, ANN201 - numba
         if not topk_row(rows[r], k, out[r]):
             return False
     return True
+
+
+@njit(cache=True)
+def look_gate_row(  # noqa: ANN201, PLR0913 - numba
+    chosen,
+    rows_g,
+    base,
+    pk_prev,
+    ids,
+    n,
+    h,
+    e,
+    scored,
+    bnd,
+    on,
+    p,
+    top,
+    map_it,
+    map_n,
+    map_h,
+    cat_n,
+    cat_h,
+    g,
+    split,
+    named_ids,
+    mcat_n,
+    mcat_h,
+    row,
+    pk,
+    on_n,
+    p_n,
+    top_n,
+    have_top,
+    prot,
+    etnu,
+    out_j,
+    out_p,
+    out_q,
+):  # noqa: ANN001 - numba
+    """``FmoeLookahead._lookahead_gate`` of one row at gate ``g`` (``lookahead="auto"``,
+    deadline admission, a next layer g + 1) in one call, issue 21 (speed only):
+
+    1. :func:`score_row` (the picks ``pk_prev`` for g, the map's top-k ``top``; ``on``,
+       ``p`` are layer g's rows of the cells' state, written where ``scored``);
+    2. ``_map_split_score`` where ``split``: each of the map's top-k ``top`` counted in
+       ``mcat_n``/``mcat_h``[named by the lookahead's last orders ``named_ids``, g];
+    3. ``_lookahead_picks``: the top-k of the lookahead ``row`` into ``pk`` (as
+       :func:`topk_row`);
+    4. ``_lookahead_measured_orders`` for layer g + 1 (``on_n``, ``p_n`` its cells;
+       ``top_n`` the map's top-k there where ``have_top``): the picks of cells that are
+       on with their p (the part's measured precision where ``have_top``), ranked by
+       (-p, expert) into ``out_j``/``out_p`` with their chance of use 1 - 1.0 x (1 - p)
+       in ``out_q``, each protected (``prot`` True, ``etnu`` -0.0 at [g + 1, j]).
+
+    Returns how many were ranked; -1 when no cell of g + 1 is on (nothing ordered, as
+    the Python returns early); -2 when the row or a p holds a NaN (nothing written: the
+    caller runs the Python, whose sorts order NaNs their own way)."""
+    k = pk.shape[0]
+    if not topk_row(row, k, pk):
+        return -2
+    nxt = g + 1
+    any_on = False
+    m = 0
+    for r in range(k):
+        if not on_n[r]:
+            continue
+        any_on = True
+        j = pk[r]
+        if have_top:
+            c = 0
+            for t in range(top_n.shape[0]):
+                if top_n[t] == j:
+                    c = 1
+                    break
+            pv = (cat_h[c, nxt, r] + p_n[r]) / (cat_n[c, nxt, r] + 1.0)
+        else:
+            pv = p_n[r]
+        if pv != pv:
+            return -2
+        if pv > -1.0:
+            out_j[m] = j
+            out_p[m] = pv
+            out_q[m] = 1.0 - 1.0 * (1.0 - pv)
+            m += 1
+    # nothing above wrote the policy's state: from here on it is the Python's order
+    score_row(
+        chosen, rows_g, base, pk_prev, ids, n, h, e, scored, bnd, on, p, top, map_it, map_n,
+        map_h, cat_n, cat_h, g,
+    )  # fmt: skip
+    if split:
+        for t in range(top.shape[0]):
+            j = top[t]
+            c = 0
+            for q in range(named_ids.shape[0]):
+                if named_ids[q] == j:
+                    c = 1
+                    break
+            hit = 0.0
+            for q in range(ids.shape[0]):
+                if ids[q] == j:
+                    hit = 1.0
+                    break
+            mcat_n[c, g] += 1.0
+            mcat_h[c, g] += hit
+    if not any_on:
+        return -1
+    for i in range(1, m):  # insertion sort by (-p, j): distinct experts, no NaN
+        j, v, q = out_j[i], out_p[i], out_q[i]
+        s = i
+        while s > 0 and (-out_p[s - 1] > -v or (-out_p[s - 1] == -v and out_j[s - 1] > j)):
+            out_j[s] = out_j[s - 1]
+            out_p[s] = out_p[s - 1]
+            out_q[s] = out_q[s - 1]
+            s -= 1
+        out_j[s] = j
+        out_p[s] = v
+        out_q[s] = q
+    for i in range(m):
+        prot[nxt, out_j[i]] = True
+        etnu[nxt, out_j[i]] = -0.0
+    return m

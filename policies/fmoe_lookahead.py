@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from policies.fmoe_look_row import FmoeLookRow
 from specs.errors import InputError
 
 # chance that any noise cell of a run is ever on; the mixture's scale (module doc)
@@ -61,6 +62,9 @@ ALPHA = 0.01
 RHO = 0.25
 # one-row gates are measured by policies.fmoe_look_jit (False: the numpy code, for tests)
 _KERNEL = True
+# one-row gates with deadline admission run _lookahead_gate in one kernel call
+# (policies.fmoe_look_jit.look_gate_row; False: the Python, the reference for tests)
+_GATE_KERNEL = True
 
 
 def mixture_boundary(n: np.ndarray, log_a2: float) -> np.ndarray:
@@ -71,7 +75,7 @@ def mixture_boundary(n: np.ndarray, log_a2: float) -> np.ndarray:
     return np.sqrt(v * (np.log(v / RHO) - log_a2))
 
 
-class FmoeLookahead:
+class FmoeLookahead(FmoeLookRow):
     """Online precision of lookahead rows and of the map forecast; orders of cells that
     are measured right (``lookahead="auto"``)."""
 
@@ -88,6 +92,7 @@ class FmoeLookahead:
         self._la_on = [[False] * k for _ in range(L)]
         self._la_on_arr = np.zeros((L, k), np.bool_)  # the same, for kernels (fmoe_admit_jit)
         self._la_p = [[self._la_base] * k for _ in range(L)]
+        self._la_p_arr = np.array(self._la_p, np.float64).reshape(L, k)  # the same (kernels)
         # the choice frequency per layer: times chosen per expert, rows seen
         self._la_chosen = np.zeros((L, J))
         self._la_rows = np.zeros(L)
@@ -115,6 +120,9 @@ class FmoeLookahead:
         from policies import fmoe_look_jit  # numba: loaded at bind, not at import
 
         self._la_jit = fmoe_look_jit
+        self._la_J = J
+        self._map_top_arr: dict[int, tuple[Any, np.ndarray]] = {}
+        self._la_out = (np.empty(k, np.int64), np.empty(k), np.empty(k))  # look_gate_row's
 
     def _map_topk(self, layer: int) -> list[int]:
         """The top-k experts of layer ``layer``'s map forecast (``self._pred[layer]``),
@@ -166,6 +174,7 @@ class FmoeLookahead:
                 self._la_on[g] = on.tolist()
                 self._la_on_arr[g] = on
                 self._la_p[g] = p.tolist()
+                self._la_p_arr[g] = p
             self._la_picks = None
             return
         if scored:
@@ -191,6 +200,7 @@ class FmoeLookahead:
         self._la_on[g] = [bool(x) for x in (h - ec > mixture_boundary(n, self._la_log_a2))]
         self._la_on_arr[g] = self._la_on[g]
         self._la_p[g] = ((h + self._la_base) / (n + 1.0)).tolist()
+        self._la_p_arr[g] = self._la_p[g]
         return hit
 
     def _lookahead_fit(self, ids: np.ndarray, look: np.ndarray) -> None:
@@ -353,6 +363,13 @@ class FmoeLookahead:
         if mode is False or self.spec is None:
             return
         self._look_q = {}
+        if (
+            _GATE_KERNEL
+            and mode == "auto"
+            and self._view is not None
+            and self._lookahead_gate_row(ev, g)
+        ):
+            return
         self._lookahead_score(g, ev.topk_ids, ev.iteration)
         self._map_split_score(g, ev.topk_ids)
         la = ev.lookahead

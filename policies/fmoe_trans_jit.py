@@ -24,6 +24,7 @@ a gate costs O(rows x K + slots x K x J) for its layer.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 
@@ -111,7 +112,75 @@ def transition_bins(ist, tc, tn, tm, tau, prev, rc, rn, slots, pop, base, bins, 
 def transition_bins_into(ist, out, tc, tn, tm, tau, prev, rc, rn, slots, pop, base, bins, layer):  # noqa: ANN001, ANN201, E501 - numba
     """:func:`transition_bins` into ist[out]: with the one-step counts, the bins of the
     next token; with the two-step counts (tc[l, i, j]: tokens choosing j two tokens after
-    a token that chose i), the bins of the token after it."""
+    a token that chose i), the bins of the token after it.
+
+    Per expert j the operations of :func:`transition_bins_into_ref` in its order (each
+    slot's transition_chance: the sum over the latest token's experts i in order, over
+    their count; the products over slots in slot order), with the loop over j innermost
+    so that the divisions of a row of tc run as vector instructions (the same IEEE
+    operations on each element: bitwise the same, tests/test_fmoe_trans_jit.py)."""
+    L, J = ist.shape[1], ist.shape[2]
+    lo, hi = (0, L) if layer < 0 else (layer, layer + 1)
+    f = np.empty(J)
+    m = np.empty(J)
+    k = np.empty(J)
+    km = np.empty(J)
+    acc = np.empty(J)
+    miss_t = np.empty(J)
+    miss_m = np.empty(J)
+    for lay in range(lo, hi):
+        for j in range(J):
+            f[j] = _request_f(rc, rn, slots, pop, lay, j, base)
+            miss_t[j] = 1.0
+            miss_m[j] = 1.0
+        seen = False
+        t2 = tau[lay]
+        if t2 > 0.0:
+            den = tn[lay, J] + 1.0
+            for j in range(J):
+                mj = (tm[lay, j] + base) / den  # _marginal
+                m[j] = mj
+                kj = mj * (1.0 - mj) / t2
+                k[j] = kj
+                km[j] = kj * mj
+            for s in slots:
+                if s >= prev.shape[0] or prev[s, lay, 0] < 0:
+                    continue
+                seen = True
+                for j in range(J):
+                    acc[j] = 0.0
+                c = 0
+                for q in range(prev.shape[2]):
+                    i = prev[s, lay, q]
+                    if i < 0:
+                        continue
+                    ni = tn[lay, i]
+                    row = tc[lay, i]
+                    for j in range(J):
+                        acc[j] += (row[j] + km[j]) / (ni + k[j])
+                    c += 1
+                for j in range(J):
+                    t = acc[j] / c if c > 0 else m[j]
+                    miss_t[j] *= 1.0 - t
+                    miss_m[j] *= 1.0 - m[j]
+        for j in range(J):
+            fj = f[j]
+            if seen and 0.0 < fj < 1.0:
+                t = 1.0 - miss_t[j]
+                mg = 1.0 - miss_m[j]
+                # odds(f) x odds(T) / odds(marginal); T and m lie strictly inside (0, 1)
+                o = fj / (1.0 - fj) * (t / (1.0 - t)) / (mg / (1.0 - mg))
+                fj = o / (1.0 + o)
+            ist[out, lay, j] = min(int(fj / (fj + base) * bins), bins - 1)
+
+
+@njit(cache=True)
+def transition_bins_into_ref(
+    ist, out, tc, tn, tm, tau, prev, rc, rn, slots, pop, base, bins, layer
+):  # noqa: ANN001, ANN201, E501 - numba
+    """:func:`transition_bins_into` expert by expert (the form it had before issue 21's
+    speed work): the reference tests/test_fmoe_trans_jit.py holds it equal to, bit for
+    bit."""
     L, J = ist.shape[1], ist.shape[2]
     lo, hi = (0, L) if layer < 0 else (layer, layer + 1)
     for lay in range(lo, hi):

@@ -2,12 +2,15 @@
 FmoeDeadline._admit from _KERNEL_MIN candidates), one-row lookahead measurement kernel
 (policies.fmoe_look_jit) and _order's bulk protection, against the code they replace,
 end to end: a simulated run that always takes the fast paths and one that never does
-give the same results to the bit."""
+give the same results to the bit. The one-call paths that now run instead of these
+(policies.fmoe_admit_one._ONE, policies.fmoe_lookahead._GATE_KERNEL) are off in both runs:
+tests/test_fmoe_gate_one.py holds them equal to the paths tested here."""
 
 from __future__ import annotations
 
 import pytest
 
+import policies.fmoe_admit_one as one_mod
 import policies.fmoe_deadline as deadline_mod
 import policies.fmoe_lookahead as lookahead_mod
 import policies.fmoe_orders as orders_mod
@@ -40,14 +43,17 @@ def _run(model: str, hardware: str, experts: int, fast: bool, opts: dict) -> tup
         return done
 
     old = deadline_mod._KERNEL_MIN, orders_mod._BULK, lookahead_mod._KERNEL
+    old_one = one_mod._ONE, lookahead_mod._GATE_KERNEL
     deadline_mod._KERNEL_MIN, orders_mod._BULK, lookahead_mod._KERNEL = (
         (1, 0, True) if fast else (1 << 30, 1 << 30, False)
     )
+    one_mod._ONE = lookahead_mod._GATE_KERNEL = False
     FmoeDeadline._admit_kernel = counted
     try:
         m = simulate(w, cfg).metrics
     finally:
         deadline_mod._KERNEL_MIN, orders_mod._BULK, lookahead_mod._KERNEL = old
+        one_mod._ONE, lookahead_mod._GATE_KERNEL = old_one
         FmoeDeadline._admit_kernel = inner
     return {k: v for k, v in m.items() if k not in WALL}, calls[0]
 

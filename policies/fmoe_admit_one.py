@@ -1,0 +1,166 @@
+"""A one-row admission pass of :meth:`policies.fmoe_deadline.FmoeDeadline._admit`
+in one kernel call (:func:`policies.fmoe_gate_jit.admit_one`; issue 21, speed only), as a
+mixin of FmoeDeadline: the merge of the candidates, the calibration notes, the chance
+table, the victims' listing and the ranking and judging, which were four kernel calls
+with Python between them (``CandidateSet.take_merged``, ``_calib_note``,
+``FmoeAdmitKernel._admit_kernel`` with ``_kernel_victims``). It reads what that pass reads
+(the link's state, the device's free slots and candidate arrays) before the call, all
+of it free of side effects, and takes over from the step-by-step pass only where both
+would act the same; elsewhere it returns None before anything is changed
+(tests/test_fmoe_gate_one.py compares the two passes on random routings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from policies.base import Policy
+from policies.fmoe_admit import _AdmitBufs
+from policies.fmoe_eviction import _TIE_EPS, CAL_BINS, FmoeEviction
+from policies.fmoe_victim import _LIST_KERNEL, VICTIMS_PRICED
+
+# one-row passes on one device through admit_one (False: the step-by-step pass, the
+# reference the tests compare it with)
+_ONE = True
+_DONE, _KERNEL, _LOOP = "done", "kernel", "loop"
+_NO_I = np.zeros(0, np.int64)
+_NO_F = np.zeros(0, np.float64)
+
+
+class FmoeAdmitOne:
+    """:meth:`_admit_one`: the one-call pass."""
+
+    _one_k: Any = None  # policies.fmoe_gate_jit (numba: at the first pass)
+    _one_v: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # victims' outputs
+    _one_res: np.ndarray | None = None
+
+    def _admit_one(
+        self, g: int, live: list[tuple[tuple[int, int], float]], old: dict, kmin: int
+    ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """The pass at gate ``g`` of a one-row iteration on one device, ``live`` the pending
+        candidates not started whose layer is ahead (in ``old``'s order), ``kmin`` the fewest
+        candidates the admission kernel judges (fewer: the Python loop's): None (nothing
+        done) where it does not apply; else (what is left, the merged candidates' layers,
+        experts, p, was queued, lookahead chance). What is left: "done" (sent and counted,
+        but for the stale cancellations), "kernel" (a NaN victim score: the step-by-step
+        admission kernel's Python victim listing) or "loop" (the Python loop judges them;
+        none where there are none)."""
+        if (
+            not _ONE
+            or not self._rank_chance
+            or self.ctx is None
+            or type(self).prefetch is not Policy.prefetch
+            or type(self).cancel is not Policy.cancel
+            # the call makes the chance table FmoeEviction._chance makes (not another
+            # table a subclass or a test puts in its place)
+            or type(self)._chance is not FmoeEviction._chance
+            or "_chance" in self.__dict__
+        ):
+            return None
+        price = self._victim_priced
+        if price and not (_LIST_KERNEL and self._scores_fast):
+            return None
+        K = self._one_k
+        if K is None:
+            from policies import fmoe_gate_jit
+
+            K = self._one_k = fmoe_gate_jit
+            self._one_v = (
+                np.empty(VICTIMS_PRICED, np.int64),
+                np.empty(VICTIMS_PRICED),
+                np.empty(VICTIMS_PRICED),
+            )
+            self._one_res = np.zeros(2, np.int64)
+            nd = self._n_dev
+            self._one_arrs = (
+                np.zeros(nd, np.int64),
+                np.zeros(nd, np.bool_),
+                np.zeros(nd, np.int64),
+            )
+            self._one_mv = tuple(memoryview(a) for a in self._one_arrs)  # item writes
+            self._one_per = np.zeros(nd, np.int64)
+            # per device its cache's candidate arrays (placeholders until listed)
+            self._one_cl, self._one_ce = [_NO_I] * nd, [_NO_I] * nd
+            self._one_cu = [_NO_F] * nd
+            self._one_flat = self._dev_arr.ravel().tolist()  # flat key -> device
+        dl = self._dl_cands
+        nd = self._n_dev
+        bufs = self._admit_bufs
+        if bufs is None:  # sized for every candidate of the set (n <= L x J)
+            bufs = self._admit_bufs = _AdmitBufs.make(dl.p.shape[0], nd, len(self._la_on_arr))
+        of, op, oldf, lqf, lqv = dl.merge_inputs(live, old, self._look_q)
+        view = self._view
+        committed, copy, avail = bufs.committed, bufs.copy, bufs.avail
+        iv = self._interval
+        if iv is None:
+            iv = view.layer_time_s(self._rows)
+        av_all = [max(iv - x, 0.0) for x in self._demand_s]
+        shift = self._first_step_shift(g, av_all)  # forecast="gate" (FmoeDeadline)
+        # the links and caches of the candidates' devices (a superset: every live one's
+        # and every new one's, some of whose layers may have run), read as the
+        # step-by-step pass reads them for its candidates' devices (reading changes
+        # nothing; the kernel reads no other device's)
+        if nd == 1:
+            devs: Any = (0,)
+        else:
+            flat = self._one_flat
+            devs = {flat[k[0] * dl.J + k[1]] for k, _ in live}
+            if dl.cnt:
+                devs.update(map(flat.__getitem__, dl.idx[: dl.cnt].tolist()))
+        caches = self.ctx.caches
+        free, c_ok, cn = self._one_mv
+        cl, ce, cu = self._one_cl, self._one_ce, self._one_cu
+        for dev in devs:
+            link = view.link_state(dev)
+            committed[dev] = link.queued_s + shift[dev] if shift is not None else link.queued_s
+            copy[dev] = link.copy_s
+            avail[dev] = av_all[dev]
+            cache = caches[dev]
+            free[dev] = cache.free
+            arr = cache._arr  # the cache's candidate arrays, as _victims_kernel reads them
+            # (else made or remade by the cache's own call there: the Python's listing)
+            ok = arr is not None and arr.src is cache._cands and arr.n == len(cache._cands)
+            c_ok[dev] = ok
+            if ok:
+                cl[dev], ce[dev], cu[dev], cn[dev] = arr.layers, arr.experts, arr.last_used, arr.n
+        interval = self._interval
+        no_rho = not interval or interval <= 0
+        step = 0.0  # FmoeAdmitKernel._kernel_victims' step (read only where avail <= 0)
+        if price and any(av_all[dev] <= 0 for dev in devs):
+            s = self._interval or view.layer_time_s(self._rows)
+            step = float(s) if s else 0.0
+        resid = bufs.resid
+        if price and self._victim_resid:
+            resid[0], resid[1] = self._residence_steps(0), self._residence_steps(1)
+        else:
+            resid[0] = resid[1] = 0.0
+        named_layer, named_ids, mh0, mn0 = self._admit_named_args()
+        demand, beta, kap = self._admit_link_arrays()
+        vo, vs, ve = self._one_v  # type: ignore[misc]
+        lay, jj, p, was, look = dl._out
+        res = self._one_res
+        code = K.admit_one(
+            dl.p, dl.idx, dl.cnt, of, op, oldf, lqf, lqv, g, dl.J, dl._pos, lay, jj, p, was,
+            look, self._cal_on, self._cal_pend, self._cal_noted,
+            self._chance_it != self._cur_it, self._fl, self._base, CAL_BINS, kmin, price,
+            *self._one_arrs[:2], tuple(cl), tuple(ce), tuple(cu), self._one_arrs[2],
+            self._one_per, _TIE_EPS / (abs(self._now) + 1.0), self._prot, self._g,
+            self._ev_rows, vo, vs, ve,
+            VICTIMS_PRICED, step, bufs.vfree, bufs.v_e, bufs.v_len, bufs.v_loaded,
+            self._dev_arr, committed, copy, avail, demand, 0.0 if no_rho else float(interval),
+            no_rho, self._ist, self._chance_tab, self._cur_it, bufs.act, bufs.counts, True,
+            beta, resid, kap, self._cal_h, self._cal_n, self._map_marginal, self._admit_mode(),
+            self._map_h, self._la_cat_h[1], self._la_on_arr, bufs.rec, named_layer, named_ids,
+            mh0, mn0, bufs.sv, bufs.ch0, bufs.cn0, bufs.p, res,
+        )  # fmt: skip
+        dl.cnt = 0
+        n = int(res[0])
+        if res[1]:  # FmoeEviction._chance's bookkeeping: the table is this iteration's
+            self._chance_it = self._cur_it
+            self._ev += 1
+        lay, jj, p, was, look = lay[:n], jj[:n], p[:n], was[:n], look[:n]
+        if code >= 0:
+            self._admit_acts(g, lay, jj, bufs.p[:n], code, bufs.act, bufs.counts)
+            return _DONE, lay, jj, p, was, look
+        return (_KERNEL if code == K.PY_VICTIMS else _LOOP), lay, jj, p, was, look
