@@ -124,6 +124,7 @@ class FmoeEviction:
         # the population's choices per [layer, expert] and rows per layer ([:, J]): the
         # prior of every request's frequency (empty: the uninformed K/J)
         self._pop = np.zeros((L, J + 1) if self.options.population_prior else (0, 0))
+        self._setup_request_prior(L, J)  # policies.fmoe_reqprior (eb: a weight column)
         self._jit.request_bins(
             self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1, self._pop
         )
@@ -209,6 +210,7 @@ class FmoeEviction:
         self._transition_refresh()  # off: nothing
         s = self._slot_of.pop(request_id, None)
         if s is not None:
+            self._request_prior_served(s)  # policies.fmoe_reqprior (off: nothing)
             self._free_slots.append(s)
             self._batch_rids = None  # its slot may be reused: rebuild the batch's slots
 
