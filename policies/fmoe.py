@@ -166,12 +166,12 @@ class FmoeOptions(PolicyOptions):
         "requests rank as such before a request has chosen them; False: the uninformed "
         "rate K/J (the earlier rule)",
     )
-    request_prior: Literal["one", "eb"] = Field(
-        default="one",
+    request_prior: Literal["eb", "one"] = Field(
+        default="eb",
         description="eviction=fmoe with population_prior: the weight of the population's rate "
-        "in a request's frequency. one: one pseudo-observation (the earlier rule); eb: "
-        "learned per layer by empirical Bayes from how far finished requests' rates stray "
-        "from the population's (policies/fmoe_reqprior.py)",
+        "in a request's frequency. eb: learned per layer by empirical Bayes from how far "
+        "finished requests' rates stray from the population's (policies/fmoe_reqprior.py; "
+        "docs/fmoe.md); one: one pseudo-observation (the earlier rule)",
     )
     table_fit: bool = Field(
         default=True,

@@ -8,10 +8,11 @@ the maps' predictions, the running requests' own routing, and recency through on
 the policy learns as it runs: for every expert at every gate, the chance it is chosen
 given (its forecast for this iteration, binned by the map's probability p and by source,
 semantic or trajectory; or, without a fresh forecast, its *request frequency*: how often
-the batch's requests chose it at that layer so far, f = 1 - prod_r (1 - (c_r + q) /
-(n_r + 1)), with the prior q its rate over all requests so far (one pseudo-observation at
-the population's rate (C + K/J) / (N + 1); ``population_prior=False``: q = K/J), binned in
-equal steps of f / (f + K/J), which puts the uninformed rate in the middle bin for any
+the batch's requests chose it at that layer so far, f = 1 - prod_r (1 - (c_r + w q) /
+(n_r + w)), with the prior q its rate over all requests so far (the population's rate
+(C + K/J) / (N + 1); ``population_prior=False``: q = K/J) weighing w
+pseudo-observations, learned by empirical Bayes (policies/fmoe_reqprior.py;
+``request_prior="one"``: w = 1), binned in equal steps of f / (f + K/J), which puts the uninformed rate in the middle bin for any
 number of experts) x (its age: iterations since the layer last chose it, in doubling
 buckets, or "never"). That is recency, the request's own frequency (what MoE-Infinity's
 request-level activation matrix tracks; a request's prompt rows already tell which

@@ -1,10 +1,11 @@
 """The weight of the population prior in a request's expert frequency, learned by
-empirical Bayes (``request_prior="eb"``), as a mixin of :class:`policies.fmoe.FmoePolicy`;
-measured in docs/fmoe.md ("How much a request's own choices tell").
+empirical Bayes (``request_prior="eb"``, the default since issue 20's branch ``qwen25``;
+``"one"``: the earlier rule), as a mixin of :class:`policies.fmoe.FmoePolicy`; measured in
+docs/fmoe.md ("The Qwen-shaped gap at 25%").
 
 fMoE's eviction bins each expert by the batch's request frequency, per request
 f_r = (c + w q) / (n + w): c its choices in the request's n rows at that layer, q the
-population's rate, w the prior's weight in pseudo-observations. The default w = 1 trusts
+population's rate, w the prior's weight in pseudo-observations. The earlier w = 1 trusts
 a request's few rows almost entirely (one choice in two rows: f = 0.5 whatever the
 expert's rate). How far a request's rates really stray from the population's is
 measured here, from the requests that finished (the training requests at fit, then the
@@ -18,12 +19,12 @@ and the prior weighs w = mean_j m_j (1 - m_j) / tau2 pseudo-observations, the
 beta-binomial's (Efron and Morris's) weight: requests that differ little from the
 population get a strong prior, ones that differ much a weak one; no excess spread:
 w = inf, every request at the population's rate. Before the first request finishes w = 1
-(the default's rule). Nothing is set by hand. The sums are sufficient statistics kept per
+(the earlier rule). Nothing is set by hand. The sums are sufficient statistics kept per
 (layer, expert): sum_r c^2 / n, sum_r c, and per layer sum_r n and R.
 
 The weight rides in an extra column of the population's counts (``pop[:, J + 1]``), which
 the request-frequency kernels read (policies.fmoe_jit.request_bins,
-policies.fmoe_trans_jit._request_f); without the column (the default) they compute what
+policies.fmoe_trans_jit._request_f); without the column (``"one"``) they compute what
 they did. Needs ``population_prior`` (the prior is the population's rate).
 """
 

@@ -123,8 +123,8 @@ def test_request_bins_with_the_weight_column(seed, w):
 
 def test_weights_are_learned_at_fit_and_reported():
     """The training replay's requests set the weights before serving (finite on routing
-    whose requests differ), and the policy's metadata reports them; the default keeps the
-    population counts without the column."""
+    whose requests differ), and the policy's metadata reports them; the earlier rule
+    (``request_prior="one"``) keeps the population counts without the column."""
     from traces.synth import SynthConfig, generate
 
     spec = small_spec(layers=3, experts=6, top_k=2, hidden=8)
@@ -137,7 +137,7 @@ def test_weights_are_learned_at_fit_and_reported():
     meta = pol.metadata()
     assert 0 < meta["request_prior_weight_min"] <= meta["request_prior_weight_max"]
     assert np.isfinite(meta["request_prior_weight_min"])
-    default = FmoePolicy(store_capacity=20, admission="none")
+    default = FmoePolicy(store_capacity=20, admission="none", request_prior="one")
     default.bind(PolicyContext(spec, Placement(3, 6), [ExpertCache(capacity=9, expert_bytes=1)]))
     assert default._pop.shape == (3, 7)
     assert "request_prior_weight_min" not in default.metadata()
