@@ -57,6 +57,7 @@ from policies.fmoe_fit import FIT_CHUNK_ROWS, FmoeFit  # noqa: F401 - FIT_CHUNK_
 from policies.fmoe_lookahead import FmoeLookahead
 from policies.fmoe_minlabel import FmoeMinLabel
 from policies.fmoe_orders import FmoeOrders
+from policies.fmoe_reqprior import FmoeRequestPrior
 from policies.fmoe_residence import FmoeResidence
 from policies.fmoe_search import FmoeSearch
 from policies.fmoe_select import topk_rows
@@ -64,6 +65,7 @@ from policies.fmoe_shadow import FmoeShadow
 from policies.fmoe_state import PLAN_MAX_ELEMENTS, _inv_sqrt, _IterState, _SearchPlan
 from policies.fmoe_transition import FmoeTransition
 from policies.fmoe_victim import FmoeVictim
+from policies.fmoe_window import FmoeWindow
 from policies.registry import register_policy
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
@@ -80,6 +82,9 @@ Admission = Literal["deadline", "all", "none"]
 def default_prefetch_distance(spec: ModelSpec) -> int:
     """The paper's d for the spec's family (Mixtral 3, Qwen1.5-MoE 6, Phi-3.5-MoE 4), else 3."""
     return FAMILY_DISTANCE.get(spec.family, DEFAULT_DISTANCE)
+
+
+EvictionOrder = Literal["time", "uses", "switch", "blend", "layer", "shadow", "density", "window"]
 
 
 class FmoeOptions(PolicyOptions):
@@ -116,20 +121,26 @@ class FmoeOptions(PolicyOptions):
         "consecutive tokens reuse experts more keeps its recent experts longer (False: "
         "one table pooled over layers; docs/fmoe.md has both measured)",
     )
-    eviction_order: Literal["time", "uses", "switch", "blend", "layer", "shadow", "density"] = (
-        Field(
-            default="time",
-            description="eviction=fmoe: time: the expected time to next use alone; uses: the "
-            "expected uses while resident, the stay memoryless at the cache's measured "
-            "residency (policies/fmoe_duel.py); switch: "
-            "follow recency (LRU's order) while it has the lower counterfactual regret on "
-            "the decisions the two orders disagree on, measured online; blend: weigh the "
-            "expected time and the age since last use by those regrets (policies/fmoe_duel.py); "
-            "layer: evict from the layer whose next visit is furthest, within it by the "
-            "expected time; shadow: simulate the time and layer orders on the demands seen "
-            "(key-only shadow caches) and follow the one with more hits; density: evict the "
-            "fewest expected hits per slot-step, max(P1 / t1, p / L) (policies/fmoe_shadow.py)",
-        )
+    eviction_order: EvictionOrder = Field(
+        default="time",
+        description="eviction=fmoe: time: the expected time to next use alone; uses: the "
+        "expected uses while resident, the stay memoryless at the cache's measured "
+        "residency (policies/fmoe_duel.py); switch: "
+        "follow recency (LRU's order) while it has the lower counterfactual regret on "
+        "the decisions the two orders disagree on, measured online; blend: weigh the "
+        "expected time and the age since last use by those regrets (policies/fmoe_duel.py); "
+        "layer: evict from the layer whose next visit is furthest, within it by the "
+        "expected time; shadow: simulate the time and layer orders on the demands seen "
+        "(key-only shadow caches) and follow the one with more hits; density: evict the "
+        "fewest expected hits per slot-step, max(P1 / t1, p / L) (policies/fmoe_shadow.py); "
+        "window: evict the lowest chance of use within the cache's measured residence "
+        "time (Che's characteristic time; policies/fmoe_window.py)",
+    )
+    window_time: Literal["residence", "age"] = Field(
+        default="residence",
+        description="eviction_order=window: the window T. residence: the cache's mean "
+        "residence, capacity over loads per layer step (Little's law); age: the mean age "
+        "(since last use or load) at which the order's victims leave the cache, measured",
     )
     # Default "deadline": a copy is sent when its expected saving (the part done before its
     # layer, if its expert is used) beats the delay its unused rest causes demand loads;
@@ -154,6 +165,13 @@ class FmoeOptions(PolicyOptions):
         "rate over all requests so far (one pseudo-observation), so experts popular across "
         "requests rank as such before a request has chosen them; False: the uninformed "
         "rate K/J (the earlier rule)",
+    )
+    request_prior: Literal["eb", "one"] = Field(
+        default="eb",
+        description="eviction=fmoe with population_prior: the weight of the population's rate "
+        "in a request's frequency. eb: learned per layer by empirical Bayes from how far "
+        "finished requests' rates stray from the population's (policies/fmoe_reqprior.py; "
+        "docs/fmoe.md); one: one pseudo-observation (the earlier rule)",
     )
     table_fit: bool = Field(
         default=True,
@@ -280,6 +298,8 @@ class FmoePolicy(
     FmoeTransition,
     FmoeMinLabel,
     FmoeShadow,
+    FmoeWindow,
+    FmoeRequestPrior,
     FmoeEviction,
     Policy,
 ):
@@ -479,6 +499,8 @@ class FmoePolicy(
             **(self.calib_metadata() if getattr(self, "_cal_on", False) else {}),
             **self.lookahead_metadata(),
             **(self.shadow_metadata() if self._shadow_on else {}),
+            **(self.window_metadata() if self._window_on else {}),
+            **(self.request_prior_metadata() if self._rp_on else {}),
             predictions_widened_by_delta=s["delta_widened"],
             store_rows=0 if self.store is None else self.store.size,
             store_writes=0 if self.store is None else self.store.version,

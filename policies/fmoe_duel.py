@@ -82,6 +82,7 @@ class FmoeDuel:
         self._duel_recency = False  # switch: recency leads now
         self._duel_buf = (np.empty(1, np.int64), np.empty(1), np.empty(1))
         self._setup_shadow(mode)  # policies.fmoe_shadow: "layer" and "shadow"
+        self._setup_window(mode)  # policies.fmoe_window: "window"
 
     @property
     def duel_weight(self) -> float:
@@ -194,6 +195,8 @@ class FmoeDuel:
         give); -1 (score in Python) before bind or on a NaN."""
         if self._density_on:  # eviction_order="density" (policies.fmoe_shadow)
             return self._density_victim_index(arr)
+        if self._window_on:  # eviction_order="window" (policies.fmoe_window)
+            return self._window_victim_index(arr)
         if not self._pred or self.ctx is None or arr.n == 0:
             return -1
         lay, j = int(arr.layers[0]), int(arr.experts[0])

@@ -8,10 +8,11 @@ the maps' predictions, the running requests' own routing, and recency through on
 the policy learns as it runs: for every expert at every gate, the chance it is chosen
 given (its forecast for this iteration, binned by the map's probability p and by source,
 semantic or trajectory; or, without a fresh forecast, its *request frequency*: how often
-the batch's requests chose it at that layer so far, f = 1 - prod_r (1 - (c_r + q) /
-(n_r + 1)), with the prior q its rate over all requests so far (one pseudo-observation at
-the population's rate (C + K/J) / (N + 1); ``population_prior=False``: q = K/J), binned in
-equal steps of f / (f + K/J), which puts the uninformed rate in the middle bin for any
+the batch's requests chose it at that layer so far, f = 1 - prod_r (1 - (c_r + w q) /
+(n_r + w)), with the prior q its rate over all requests so far (the population's rate
+(C + K/J) / (N + 1); ``population_prior=False``: q = K/J) weighing w
+pseudo-observations, learned by empirical Bayes (policies/fmoe_reqprior.py;
+``request_prior="one"``: w = 1), binned in equal steps of f / (f + K/J), which puts the uninformed rate in the middle bin for any
 number of experts) x (its age: iterations since the layer last chose it, in doubling
 buckets, or "never"). That is recency, the request's own frequency (what MoE-Infinity's
 request-level activation matrix tracks; a request's prompt rows already tell which
@@ -124,6 +125,7 @@ class FmoeEviction:
         # the population's choices per [layer, expert] and rows per layer ([:, J]): the
         # prior of every request's frequency (empty: the uninformed K/J)
         self._pop = np.zeros((L, J + 1) if self.options.population_prior else (0, 0))
+        self._setup_request_prior(L, J)  # policies.fmoe_reqprior (eb: a weight column)
         self._jit.request_bins(
             self._ist, self._rc, self._rn, self._no_slots, self._base, CAL_BINS, -1, self._pop
         )
@@ -209,6 +211,7 @@ class FmoeEviction:
         self._transition_refresh()  # off: nothing
         s = self._slot_of.pop(request_id, None)
         if s is not None:
+            self._request_prior_served(s)  # policies.fmoe_reqprior (off: nothing)
             self._free_slots.append(s)
             self._batch_rids = None  # its slot may be reused: rebuild the batch's slots
 

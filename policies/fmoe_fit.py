@@ -110,6 +110,7 @@ class FmoeFit:
                 "pop": np.zeros_like(self._pop),
                 "it": 0,
             }
+            self._request_prior_fit_state(st["pop"])  # policies.fmoe_reqprior (off: nothing)
         ist, prot, rc, rn, pop = st["ist"], st["prot"], st["rc"], st["rn"], st["pop"]
         before = self._fl[:2].copy()
         rc[:] = 0.0
@@ -133,6 +134,7 @@ class FmoeFit:
                 )  # fmt: skip
                 if self._tr_on:
                     self._transition_fit(st, layer, ids[a:b, layer], slots)
+        self._request_prior_fit(st)  # policies.fmoe_reqprior (off: nothing)
         # what the replay added, taken out again when the first served request finishes
         added = self._fl[:2] - before
         self._fit_counts = added if self._fit_counts is None else self._fit_counts + added

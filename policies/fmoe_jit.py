@@ -81,7 +81,8 @@ def layer_row(fl, lay):  # noqa: ANN001, ANN201 - numba
 def request_bins(ist, rc, rn, slots, base, bins, layer, pop):  # noqa: ANN001, ANN201 - numba
     """ist[3, l] for l = ``layer`` (all layers when -1): each expert's request-frequency
     bin for the batch of request slots ``slots``: f = 1 - prod over the batch's requests
-    of (1 - f_r), f_r = (choices of the request + q) / (its rows seen + 1), binned into
+    of (1 - f_r), f_r = (choices of the request + w q) / (its rows seen + w) (w = 1, or
+    pop[l, J + 1] when ``pop`` has that column: ``request_prior="eb"``), binned into
     ``bins`` equal bins (no request: f = q). q is the prior of one pseudo-observation:
     the population's rate (pop[l, j] + base) / (pop[l, J] + 1), ``pop`` [L, J + 1] the
     choices of every expert and the rows seen at each layer over all requests so far
@@ -90,14 +91,18 @@ def request_bins(ist, rc, rn, slots, base, bins, layer, pop):  # noqa: ANN001, A
     lo, hi = (0, L) if layer < 0 else (layer, layer + 1)
     population = pop.shape[0] > 0
     for lay in range(lo, hi):
+        # the prior's weight: one pseudo-observation, or pop[l, J + 1] where kept
+        # (``request_prior="eb"``, policies/fmoe_reqprior.py; inf: f_r = q). w = 1.0 gives
+        # the same bits as the one-observation rule (1.0 * q == q)
+        w = pop[lay, J + 1] if pop.shape[1] > J + 1 else 1.0
         for j in range(J):
             q = (pop[lay, j] + base) / (pop[lay, J] + 1.0) if population else base
-            if slots.shape[0] == 0:
+            if slots.shape[0] == 0 or w == np.inf:
                 f = q
             else:
                 miss = 1.0
                 for s in slots:
-                    miss *= 1.0 - (rc[s, lay, j] + q) / (rn[s, lay] + 1.0)
+                    miss *= 1.0 - (rc[s, lay, j] + w * q) / (rn[s, lay] + w)
                 f = 1.0 - miss
             # bins equal in f / (f + base): the uninformed rate in the middle, so fine-
             # grained models (base = K/J of a few percent) get as many bins as coarse ones

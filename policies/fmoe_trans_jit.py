@@ -87,11 +87,12 @@ def _request_f(rc, rn, slots, pop, lay, j, base):  # noqa: ANN001, ANN202 - numb
     """f of policies.fmoe_jit.request_bins for (lay, j): the same operations."""
     J = rc.shape[2]
     q = (pop[lay, j] + base) / (pop[lay, J] + 1.0) if pop.shape[0] > 0 else base
-    if slots.shape[0] == 0:
+    w = pop[lay, J + 1] if pop.shape[1] > J + 1 else 1.0  # request_prior="eb"'s weight
+    if slots.shape[0] == 0 or w == np.inf:
         return q
     miss = 1.0
     for s in slots:
-        miss *= 1.0 - (rc[s, lay, j] + q) / (rn[s, lay] + 1.0)
+        miss *= 1.0 - (rc[s, lay, j] + w * q) / (rn[s, lay] + w)
     return 1.0 - miss
 
 
