@@ -123,8 +123,11 @@ class CandidateArrays:
 # KernelVictims.state's slots: vi[KV_ON] whether the kernel's choice applies now (else
 # the executor calls the policy's scorer), KV_G the last gate's layer, KV_IT the
 # iteration, KV_ROWS its rows, KV_DIRTY whether the eviction table is stale, KV_CHANCE
-# whether this iteration's chance table is made; vf[KV_TIE] the recency tie weight
+# whether this iteration's chance table is made, KV_EV a version of the policy's state
+# that changes whenever a score may (the clock's tie weight aside; the executor may keep
+# a ranking while it stands); vf[KV_TIE] the recency tie weight
 KV_ON, KV_G, KV_IT, KV_ROWS, KV_DIRTY, KV_CHANCE = range(6)
+KV_EV = 10
 KV_TIE = 0
 
 

@@ -58,6 +58,7 @@ from policies.cache import CacheEntry
 from policies.cache_victims import (
     KV_CHANCE,
     KV_DIRTY,
+    KV_EV,
     KV_G,
     KV_IT,
     KV_ON,
@@ -453,4 +454,5 @@ class FmoeEviction:
         vi[KV_ROWS] = self._ev_rows
         vi[KV_DIRTY] = self._etnu_dirty
         vi[KV_CHANCE] = self._chance_it == self._cur_it
+        vi[KV_EV] = self._ev
         vf[KV_TIE] = _TIE_EPS / (abs(self._now) + 1.0)

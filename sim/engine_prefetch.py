@@ -46,6 +46,7 @@ from policies.cache import (
 from policies.cache_victims import (
     KV_CHANCE,
     KV_DIRTY,
+    KV_EV,
     KV_G,
     KV_IT,
     KV_ON,
@@ -241,9 +242,9 @@ class PrefetchPath:
                 raise ValueError(f"unknown kernel victims {self._kv.kind!r}")
             self.vs = fk.victim_state(self._kv, self.vs[6].shape[0])
             self.vs[0][fk.V_MIN] = VICTIM_INDEX_MIN
-            assert (fk.V_ON, fk.V_G, fk.V_IT, fk.V_ROWS, fk.V_DIRTY, fk.V_CHANCE, fk.VF_TIE) == (
-                KV_ON, KV_G, KV_IT, KV_ROWS, KV_DIRTY, KV_CHANCE, KV_TIE
-            )  # fmt: skip
+            assert (
+                fk.V_ON, fk.V_G, fk.V_IT, fk.V_ROWS, fk.V_DIRTY, fk.V_CHANCE, fk.V_EV, fk.VF_TIE
+            ) == (KV_ON, KV_G, KV_IT, KV_ROWS, KV_DIRTY, KV_CHANCE, KV_EV, KV_TIE)  # fmt: skip
         self.vi = self.vs[0]
         self.state = (
             self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.hf, self.hi,

@@ -86,7 +86,9 @@ G_C0 = 18
 ) = range(G_C0, G_C0 + 14)
 # Link.stats
 S_ORDERS, S_SKIPPED, S_STALE, S_DROPPED, S_PREEMPT = range(G_C0 + 14, G_C0 + 19)
-N_GI = G_C0 + 19
+# candidates added or refreshed on the GPU (a kept victim ranking holds while it stands)
+G_PUTS = G_C0 + 19
+N_GI = G_C0 + 20
 # -- gf: per GPU floats ---------------------------------------------------------------
 GF_LATEST, GF_BUSYS, GF_BUSYT0, GF_EVT, GF_COMP, GF_LOAD, GF_START, GF_T0, GF_END = range(9)
 N_GF = 9
@@ -99,9 +101,14 @@ N_W = 9
 # caches' membership changes (sim.engine_prefetch keeps the entries dicts from it)
 V_ON, V_G, V_IT, V_ROWS, V_DIRTY, V_CHANCE, V_MIN, V_NLOG = range(8)
 V_NBIG, V_NSMALL = 8, 9  # victims chosen by each score (counts, for tests)
-N_VI = 10
-VF_TIE = 0
-N_VF = 1
+# the state version (KernelVictims' KV_EV), then the ranking of the last scan of the
+# large-cache score (as the policy's victim_index keeps one): its GPU (-1: none), that
+# GPU's G_PUTS and the version then, how many ranked, the next to try, and the keys
+V_EV, V_MG, V_MPUTS, V_MEV, V_MN, V_MPOS, V_MK = 10, 11, 12, 13, 14, 15, 16
+RANKED = 8
+N_VI = V_MK + RANKED
+VF_TIE, VF_MTIE, VF_MS = 0, 1, 2  # the tie weight; the ranking's, and its scores
+N_VF = VF_MS + RANKED
 # mlog rows: an entry added (ADDED) to or removed (REMOVED) from its cache's entries, and
 # a removed entry's fields at that moment (mlogf: its last_used and loaded_at)
 M_KIND, M_K, M_STATE, M_USES, M_PINS, M_PROT, M_BYPF, M_PFUSED = range(8)
@@ -262,6 +269,18 @@ def _victim(ki, kf, gi, g):
 VICTIM: list = [None]
 
 
+# The objmode blocks call these module functions, never VICTIM or CALLBACK themselves:
+# numba's disk cache pickles the globals an objmode block reads, by value (a list holding
+# a bound method of the run's path: its whole state, the trace included, ~1 GB a kernel
+# on DeepSeek-V3), while a function of an importable module pickles by name.
+def _call_victim(g: int, n: int) -> int:
+    return VICTIM[0](g, n)
+
+
+def _call_back(code: int) -> None:
+    CALLBACK[0](code)
+
+
 @njit(cache=True, _nrt=False)
 def _py_victim(ki, gi, scratch, g):
     """ExpertCache._victim with the policy's own scorer: the candidates (resident,
@@ -280,7 +299,7 @@ def _py_victim(ki, gi, scratch, g):
     if n <= 1:
         return scratch[0] if n else -1
     with objmode(v="int64"):
-        v = VICTIM[0](g, n)
+        v = _call_victim(g, n)
     return v
 
 
@@ -288,7 +307,7 @@ def _py_victim(ki, gi, scratch, g):
 def _callback(code):
     """CALLBACK[0](code) in Python. Not inlined: it holds a call back into Python."""
     with objmode():
-        CALLBACK[0](code)
+        _call_back(code)
 
 
 @njit(cache=True, _nrt=False)
@@ -325,7 +344,7 @@ def _kernel_victim(ki, kf, gi, scratch, g, vs):
     are made in Python (CALLBACK) exactly when the Python engine would make them. A NaN
     score: the policy's scorer in Python decides (VICTIM), as the cache's fallback does.
     -1 when no entry can go."""
-    vi, vf, ist, fl, prot, etnu = vs[0], vs[1], vs[2], vs[3], vs[4], vs[5]
+    vi, vf, ist, etnu = vs[0], vs[1], vs[2], vs[5]
     n = 0
     pp = 0
     for pp in range(2):
@@ -344,14 +363,26 @@ def _kernel_victim(ki, kf, gi, scratch, g, vs):
         vi[V_NBIG] += 1
         if not vi[V_CHANCE]:
             _callback(CB_CHANCE)
-    else:
-        vi[V_NSMALL] += 1
-        if vi[V_DIRTY]:
-            _callback(CB_TABLE)
+        # the ranking of the last scan while nothing it read changed (the policy's state
+        # version, the tie weight, no candidate added or refreshed on g since): its first
+        # still a candidate is the lowest of what is left
+        if (
+            vi[V_MG] == g
+            and vi[V_MPUTS] == gi[g, G_PUTS]
+            and vi[V_MEV] == vi[V_EV]
+            and vf[VF_MTIE] == vf[VF_TIE]
+        ):
+            for p in range(vi[V_MPOS], vi[V_MN]):
+                k = vi[V_MK + p]
+                if ki[k, K_STATE] == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0:
+                    vi[V_MPOS] = p
+                    return k
+        return _rank_victims(ki, kf, gi, scratch, g, n, vs)
+    vi[V_NSMALL] += 1
+    if vi[V_DIRTY]:
+        _callback(CB_TABLE)
     J = ist.shape[2]
-    L = ist.shape[1]
     tie = vf[VF_TIE]
-    g_, it, rows = vi[V_G], vi[V_IT], vi[V_ROWS]
     best = -1
     bs = 0.0
     bl = 0
@@ -360,13 +391,10 @@ def _kernel_victim(ki, kf, gi, scratch, g, vs):
         k = scratch[i]
         lay = k // J
         j = k - lay * J
-        if large:
-            s = _victim_etnu(ist, fl, prot, g_, it, L, lay, j, rows) + tie * kf[k, KF_LAST]
-        else:
-            s = etnu[lay, j] + tie * kf[k, KF_LAST]
+        s = etnu[lay, j] + tie * kf[k, KF_LAST]
         if s != s:  # NaN: the policy's scorer in Python (the cache's own fallback)
             with objmode(v="int64"):
-                v = VICTIM[0](g, n)
+                v = _call_victim(g, n)
             return v
         if best < 0 or _before(s, lay, j, bs, bl, bj):
             best = k
@@ -374,6 +402,52 @@ def _kernel_victim(ki, kf, gi, scratch, g, vs):
             bl = lay
             bj = j
     return best
+
+
+@njit(cache=True, _nrt=False)
+def _rank_victims(ki, kf, gi, scratch, g, n, vs):
+    """The large-cache score of candidates scratch[:n] (:func:`_kernel_victim`): the
+    lowest RANKED by (score, key) kept in vi/vf, the first returned; a NaN score: the
+    policy's scorer in Python decides (no ranking kept)."""
+    vi, vf, ist, fl, prot = vs[0], vs[1], vs[2], vs[3], vs[4]
+    J = ist.shape[2]
+    L = ist.shape[1]
+    tie = vf[VF_TIE]
+    g_, it, rows = vi[V_G], vi[V_IT], vi[V_ROWS]
+    c = 0
+    for i in range(n):
+        k = scratch[i]
+        lay = k // J
+        j = k - lay * J
+        s = _victim_etnu(ist, fl, prot, g_, it, L, lay, j, rows) + tie * kf[k, KF_LAST]
+        if s != s:
+            vi[V_MG] = -1
+            with objmode(v="int64"):
+                v = _call_victim(g, n)
+            return v
+        if c == RANKED:
+            w = vi[V_MK + RANKED - 1]
+            if not _before(s, lay, j, vf[VF_MS + RANKED - 1], w // J, w - (w // J) * J):
+                continue
+        q = c if c < RANKED else RANKED - 1
+        while q > 0:  # insert (the worst falls off a full ranking)
+            w = vi[V_MK + q - 1]
+            if not _before(s, lay, j, vf[VF_MS + q - 1], w // J, w - (w // J) * J):
+                break
+            vi[V_MK + q] = w
+            vf[VF_MS + q] = vf[VF_MS + q - 1]
+            q -= 1
+        vi[V_MK + q] = k
+        vf[VF_MS + q] = s
+        if c < RANKED:
+            c += 1
+    vi[V_MG] = g
+    vi[V_MPUTS] = gi[g, G_PUTS]
+    vi[V_MEV] = vi[V_EV]
+    vf[VF_MTIE] = vf[VF_TIE]
+    vi[V_MN] = c
+    vi[V_MPOS] = 0
+    return vi[V_MK]
 
 
 @njit(cache=True, _nrt=False)
@@ -463,6 +537,7 @@ def _use(isc, ki, kf, gi, gf, scratch, k, now):
     _append(ki, gi, k)
     _touched(gi, gf, ki[k, K_DEV], now)
     ki[k, K_PROT] = 0
+    gi[ki[k, K_DEV], G_PUTS] += 1
 
 
 # -- the links ----------------------------------------------------------------------------
@@ -598,6 +673,7 @@ def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, 
     if rem <= 0:
         ki[k, K_JOB] = JOB_NONE
         ki[k, K_STATE] = RESIDENT  # ExpertCache.finish_load
+        gi[g, G_PUTS] += 1
         kf[k, KF_LOADED] = now
         gi[g, G_NLOAD] -= 1
         gi[g, G_FREES] += 1
@@ -1343,6 +1419,7 @@ def iteration(
             for k in range(layer * J, layer * J + J):  # Engine._unprotect
                 if ki[k, K_PROT]:
                     ki[k, K_PROT] = 0
+                    gi[ki[k, K_DEV], G_PUTS] += 1
             _attribute(isc, ids, layer, work, row_off, req_out)
             ph = PH_USED
             if isc[I_HOOKUSED]:  # the policy's on_expert_used per expert, in Python
@@ -1463,6 +1540,7 @@ def victim_state(kv: object, log_rows: int) -> tuple:
     (policies.cache_victims.KernelVictims; None: dummies, V_ON never set) and a
     membership log of ``log_rows`` rows."""
     vi = np.zeros(N_VI, np.int64)
+    vi[V_MG] = -1
     vf = np.zeros(N_VF, np.float64)
     if kv is None:
         arrays = (
