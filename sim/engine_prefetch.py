@@ -4,19 +4,27 @@ numba (:mod:`sim.fastkernel_prefetch`), the policy's hooks in Python.
 A run takes it (``FMOE_SIM_ENGINE``, as :mod:`sim.engine_fast`) when it does not qualify
 for the evict-only kernel and :func:`why_not_prefetch` finds nothing against it: the
 policy keeps the default ``decide_prefetch``, ``miss_action`` and ``on_load_finished``
-(its other hooks run in Python: the kernel returns at each gate and after each layer's
-experts are used; arrivals, iteration starts and ends are the engine's own Python);
-links carry one copy at a time (no host-side cap); no copy interference, fused expert
-call, event log or hybrid action; no layer of the workload can route to a GPU as many
-experts as its cache holds (a demand could then wait for a slot: waves); and a scorer
-with a ``victim_index`` only on caches below ``VICTIM_INDEX_MIN`` slots (the cache would
-call it, with its own side effects, where the kernel calls the scorer).
+(its other hooks run in Python: the kernel returns at each gate, for ``on_gate_now`` and
+``on_gate``, and after each layer's experts are used; arrivals, iteration starts and ends
+are the engine's own Python); links carry one copy at a time (no host-side cap); no copy
+interference, fused expert call, event log or hybrid action; no layer of the workload can
+route to a GPU as many experts as its cache holds (a demand could then wait for a slot:
+waves); and a scorer with a ``victim_index`` only on caches below ``VICTIM_INDEX_MIN``
+slots unless the policy offers ``kernel_victims`` (the cache would call victim_index,
+with its own side effects, where the kernel calls the scorer).
 
-Victims: a recency scorer's are the kernel's own; any other scorer is called back from
-the kernel (numba ``objmode``) with the candidates as live entries. Delayed orders (an
-async search's) are timed calls inside the kernel. What a hook or scorer reads of the
-caches (``entries``, ``_cands``, ``counters``) and of the links
-(``ExecutorView.link_state``) is answered from the arrays at the moment of the read
+Victims: a recency scorer's are the kernel's own, and so are those of a policy's
+:class:`~policies.cache_victims.KernelVictims` (fMoE's: the kernel reads the policy's
+arrays and calls it back only to make a table where its Python would make it lazily,
+:meth:`PrefetchPath._callback`); any other scorer is called back from the kernel (numba
+``objmode``) with the candidates as live entries. Delayed orders (an async search's) are
+timed calls inside the kernel. What a hook or scorer reads of the caches and of the links
+is the Python engine's: each cache's ``entries`` stays its own dict (a policy may hold it
+from bind), its members kept in step from the kernel's log of keys entering and leaving
+(:meth:`PrefetchPath._flush`, after every kernel call and before every call back), one
+:class:`~sim.engine_prefetch_view.LiveEntry` per load whose fields are read from the
+arrays, frozen when its key leaves; ``_cands``, ``candidate_arrays()``, ``counters`` and
+``ExecutorView.link_state`` are answered from the arrays at the moment of the read
 (:mod:`sim.engine_prefetch_view`); the orders a hook makes go back as arrays. After the
 run everything is written back into the cache and link objects.
 """
@@ -255,6 +263,7 @@ class PrefetchPath:
         # the current entry object of each cached key (one per load, as the cache makes)
         self._live: dict[int, V.LiveEntry] = {}
         self._dev_of = ki[:, fk.K_DEV].tolist()
+        self._key_of = [key for row in eng.key_table for key in row]  # by key index
         # element reads without numpy scalars (the arrays are never reallocated)
         self.kim, self.kfm, self.gim = memoryview(ki), memoryview(self.kf), memoryview(gi)
         self.keybuf = np.zeros(max(caps) + 1, np.int64)
@@ -322,20 +331,21 @@ class PrefetchPath:
             return
         vi[self.fk.V_NLOG] = 0
         log = self.vs[6][:n].tolist()
-        logf = self.vs[7][:n].tolist()
-        live, dicts, dev, J, keys = self._live, self._dicts, self._dev_of, self.J, self.keys
-        added = self.fk.ADDED
-        for row, fl in zip(log, logf, strict=True):
+        live, dicts, dev, key_of = self._live, self._dicts, self._dev_of, self._key_of
+        added, kim, kfm = self.fk.ADDED, self.kim, self.kfm
+        new, cls = object.__new__, V.LiveEntry
+        for i, row in enumerate(log):
             k = row[1]
-            key = keys[k // J][k % J]
-            if row[0] == added:
-                e = live[k] = V.LiveEntry(self, k, key)
+            key = key_of[k]
+            if row[0] == added:  # LiveEntry(self, k, key), without the call
+                e = live[k] = new(cls)
+                e._i, e._f, e._k, e.key = kim, kfm, k, key
                 dicts[dev[k]][key] = e
                 continue
             e = dicts[dev[k]].pop(key)
             del live[k]
             if sys.getrefcount(e) > 2:  # held (e and getrefcount's): frozen as it left
-                V.freeze(e, row, fl)
+                V.freeze(e, row, self.vs[7][i].tolist())
 
     def _callback(self, code: int) -> None:
         """The kernel's call back (sim.fastkernel_prefetch.CALLBACK)."""

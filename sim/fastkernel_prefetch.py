@@ -8,17 +8,27 @@ demand loads first, preemption of a prefetch at a chunk boundary, suspended (pre
 copies, stale orders, cancels, promotion of a LOADING key to a demand load, protection of
 prefetched entries until their layer passes, and a recency eviction order (unprotected
 entries first). Policy hooks stay in Python: the kernel returns at each gate (``HOOK``;
-the caller runs ``on_gate`` and resumes it with the orders the policy decided) and after
-a layer's experts are used (``HOOK_USED``: ``on_expert_used`` per expert). No waves, no
-copy interference, no event log: the caller admits only such runs. The Python engine is
-the reference; ``tests/test_engine_prefetch.py`` holds them equal.
+the caller runs ``on_gate_now`` and ``on_gate`` and resumes it with the orders they
+decided: on_gate_now's, then on_gate's when they need no search, are applied after the
+layer's demand loads) and after a layer's experts are used (``HOOK_USED``:
+``on_expert_used`` per expert). No waves, no copy interference, no event log: the caller
+admits only such runs. The Python engine is the reference; ``tests/test_engine_prefetch.py``
+and ``tests/test_engine_prefetch_fmoe.py`` hold them equal.
 
-A victim scorer other than recency is called back (``objmode``, :data:`VICTIM`), and an
-async policy's delayed orders are timed calls the kernel runs in time order with the
-link events (``cf``/``ci``, their orders in ``bk``/``bp``).
+Victims: recency's are the kernel's own; a policy's KernelVictims (fMoE's expected time to
+next use, :func:`_kernel_victim`) are chosen here too, from the policy's own arrays
+(``vs``), calling Python only where the policy would make a table lazily; any other scorer
+is called back (``objmode``, :data:`VICTIM`). An async policy's delayed orders are timed
+calls the kernel runs in time order with the link events (``cf``/``ci``, their orders in
+``bk``/``bp``). Every key entering or leaving a cache is logged (``vs``' ``mlog``) for the
+caller, which keeps the caches' entries dicts in step from it.
 
 Over 450 lines on purpose: numba's on-disk cache keys a compiled function on its own
-source file only, so the kernel and every helper it calls live in one module. Compiled
+source file only, so the kernel and every helper it calls live in one module, but for
+the list helpers of :mod:`sim.fastkernel` and fMoE's score (:mod:`policies.fmoe_jit`'s
+``_victim_etnu`` and ``_before``, which the policy's own kernels share): those two files'
+contents join every kernel's cache stamp here (:func:`_stamp_dependencies`), so editing
+them recompiles this module's kernels. Compiled
 with ``_nrt=False`` (no reference counting): nothing here allocates. The helpers are not
 marked ``inline="always"`` (numba's IR inlining; LLVM still inlines what pays): with it
 the first compile took 114.6 s, without it 13.3 s (a first deepspeed run, empty numba
@@ -88,7 +98,10 @@ G_C0 = 18
 S_ORDERS, S_SKIPPED, S_STALE, S_DROPPED, S_PREEMPT = range(G_C0 + 14, G_C0 + 19)
 # candidates added or refreshed on the GPU (a kept victim ranking holds while it stands)
 G_PUTS = G_C0 + 19
-N_GI = G_C0 + 20
+# unprotected candidates lost (pinned by a demand, or evicted) on the GPU: with G_PUTS
+# standing, the candidates now are those of the kept ranking's scan less these
+G_CLOST = G_C0 + 20
+N_GI = G_C0 + 21
 # -- gf: per GPU floats ---------------------------------------------------------------
 GF_LATEST, GF_BUSYS, GF_BUSYT0, GF_EVT, GF_COMP, GF_LOAD, GF_START, GF_T0, GF_END = range(9)
 N_GF = 9
@@ -104,7 +117,8 @@ V_NBIG, V_NSMALL = 8, 9  # victims chosen by each score (counts, for tests)
 # the state version (KernelVictims' KV_EV), then the ranking of the last scan of the
 # large-cache score (as the policy's victim_index keeps one): its GPU (-1: none), that
 # GPU's G_PUTS and the version then, how many ranked, the next to try, and the keys
-V_EV, V_MG, V_MPUTS, V_MEV, V_MN, V_MPOS, V_MK = 10, 11, 12, 13, 14, 15, 16
+V_EV, V_MG, V_MPUTS, V_MEV, V_MN, V_MPOS, V_MCANDS, V_MLOST = 10, 11, 12, 13, 14, 15, 16, 17
+V_MK = 18
 RANKED = 8
 N_VI = V_MK + RANKED
 VF_TIE, VF_MTIE, VF_MS = 0, 1, 2  # the tie weight; the ranking's, and its scores
@@ -345,6 +359,25 @@ def _kernel_victim(ki, kf, gi, scratch, g, vs):
     score: the policy's scorer in Python decides (VICTIM), as the cache's fallback does.
     -1 when no entry can go."""
     vi, vf, ist, etnu = vs[0], vs[1], vs[2], vs[5]
+    if (
+        vi[V_MG] == g
+        and vi[V_MPUTS] == gi[g, G_PUTS]
+        and vi[V_MCANDS] - (gi[g, G_CLOST] - vi[V_MLOST]) >= vi[V_MIN]
+    ):
+        # no candidate added or refreshed since the kept ranking's scan, and still enough
+        # of them for the large-cache score: while nothing else it read changed (the
+        # policy's state version, the tie weight) its first still a candidate is the
+        # lowest of what is left (as the policy's victim_index keeps its ranking)
+        vi[V_NBIG] += 1
+        if not vi[V_CHANCE]:
+            _callback(CB_CHANCE)
+        if vi[V_MEV] == vi[V_EV] and vf[VF_MTIE] == vf[VF_TIE]:
+            for p in range(vi[V_MPOS], vi[V_MN]):
+                k = vi[V_MK + p]
+                if ki[k, K_STATE] == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0:
+                    vi[V_MPOS] = p
+                    return k
+        vi[V_NBIG] -= 1  # counted again below
     n = 0
     pp = 0
     for pp in range(2):
@@ -363,20 +396,6 @@ def _kernel_victim(ki, kf, gi, scratch, g, vs):
         vi[V_NBIG] += 1
         if not vi[V_CHANCE]:
             _callback(CB_CHANCE)
-        # the ranking of the last scan while nothing it read changed (the policy's state
-        # version, the tie weight, no candidate added or refreshed on g since): its first
-        # still a candidate is the lowest of what is left
-        if (
-            vi[V_MG] == g
-            and vi[V_MPUTS] == gi[g, G_PUTS]
-            and vi[V_MEV] == vi[V_EV]
-            and vf[VF_MTIE] == vf[VF_TIE]
-        ):
-            for p in range(vi[V_MPOS], vi[V_MN]):
-                k = vi[V_MK + p]
-                if ki[k, K_STATE] == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0:
-                    vi[V_MPOS] = p
-                    return k
         return _rank_victims(ki, kf, gi, scratch, g, n, vs)
     vi[V_NSMALL] += 1
     if vi[V_DIRTY]:
@@ -443,6 +462,8 @@ def _rank_victims(ki, kf, gi, scratch, g, n, vs):
             c += 1
     vi[V_MG] = g
     vi[V_MPUTS] = gi[g, G_PUTS]
+    vi[V_MCANDS] = n
+    vi[V_MLOST] = gi[g, G_CLOST]
     vi[V_MEV] = vi[V_EV]
     vf[VF_MTIE] = vf[VF_TIE]
     vi[V_MN] = c
@@ -465,6 +486,8 @@ def _begin_load(isc, ki, kf, gi, gf, scratch, vs, k, now, prefetch):
         if v < 0:
             return False
         _log(ki, kf, vs, v, REMOVED)
+        if ki[v, K_PROT] == 0:
+            gi[g, G_CLOST] += 1
         _unlink(ki, gi, v)
         ki[v, K_STATE] = ABSENT
         gi[g, G_COUNT] -= 1
@@ -1122,6 +1145,8 @@ def _demand(
                     gi[g, C_PFTIMELY] += 1
                 else:
                     gi[g, C_PFLATE] += 1
+            if st == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0:
+                gi[g, G_CLOST] += 1
             ki[k, K_PINS] += 1
         if st == RESIDENT:
             gf[g, GF_COMP] += ct
@@ -1571,3 +1596,28 @@ def fill_cands(ki, kf, gi, g, keys, layers, experts, last_used, J):
             n += 1
         k = ki[k, K_NEXT]
     return n
+
+
+def _stamp_dependencies() -> None:
+    """Add the contents of the modules whose jitted helpers this one compiles in
+    (:mod:`sim.fastkernel`, :mod:`policies.fmoe_jit`) to each kernel's disk-cache stamp:
+    numba compares a cached kernel's stamp with its own source file's only, and would
+    load a kernel compiled from an older callee. (numba internals, read defensively: a
+    numba without them keeps its own stamp.)"""
+    import hashlib
+
+    import policies.fmoe_jit
+    import sim.fastkernel
+
+    h = hashlib.sha256()
+    for mod in (sim.fastkernel, policies.fmoe_jit):
+        with open(mod.__file__, "rb") as f:  # type: ignore[arg-type]
+            h.update(f.read())
+    dep = h.hexdigest()
+    for obj in list(globals().values()):
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+            cache_file._source_stamp = (cache_file._source_stamp, dep)
+
+
+_stamp_dependencies()

@@ -34,7 +34,9 @@ def _cfg(hardware: str, cache_gb: float, batch: int, **options: Any) -> SimConfi
 
 
 def _workload(seed: int = 2, n: int = 3) -> Any:
-    return generate(load_model("mixtral-8x7b"), SynthConfig(num_requests=n, arrival_rate=2.91, seed=seed))
+    return generate(
+        load_model("mixtral-8x7b"), SynthConfig(num_requests=n, arrival_rate=2.91, seed=seed)
+    )
 
 
 @pytest.mark.parametrize(
@@ -45,7 +47,9 @@ def _workload(seed: int = 2, n: int = 3) -> Any:
         ("a100-80gb-pcie4", 24.0, 1, "index"),  # one GPU, ~70 slots: victim_index's
     ],
 )
-def test_fmoe_compiled_equals_python(hardware: str, cache_gb: float, batch: int, scores: str) -> None:
+def test_fmoe_compiled_equals_python(
+    hardware: str, cache_gb: float, batch: int, scores: str
+) -> None:
     """Mixtral-8x7B, Poisson arrivals, fMoE's defaults (deadline admission, lookahead,
     residence pricing): the compiled path runs, picks its victims in the kernel with the
     score the cache's size calls for, and gives the Python engine's results."""
