@@ -107,7 +107,7 @@ def use_compiled(eng: Engine, steps_estimate: int) -> bool:
     if choice == "auto" and steps_estimate < AUTO_MIN_STEPS:
         return False
     if why_not_compiled(eng):
-        from sim.engine_prefetch import by_recency, why_not_prefetch
+        from sim.engine_prefetch_rules import by_recency, why_not_prefetch
 
         # auto: the prefetching path only where the kernel picks victims itself (a
         # recency scorer, or the policy's KernelVictims: fmoe); with a scorer called back

@@ -138,3 +138,21 @@ def test_fmoe_hooks_see_what_the_python_engine_shows() -> None:
     # it saw evictions: entries held from an earlier gate that had left, with their uses
     assert any(not same for g in logs[0] for _, same, *_ in g[2])
     assert any(n >= VICTIM_INDEX_MIN for g in logs[0] for n in g[5])
+
+
+def test_the_kernels_cache_stamp_includes_their_callees_sources() -> None:
+    """numba keys a cached kernel on its own file only; the prefetching kernels compile in
+    helpers of sim.fastkernel and policies.fmoe_jit (fMoE's score), so those files'
+    contents are part of every kernel's stamp: editing them recompiles the kernels."""
+    import hashlib
+
+    import policies.fmoe_jit
+    import sim.fastkernel
+
+    h = hashlib.sha256()
+    for mod in (sim.fastkernel, policies.fmoe_jit):
+        with open(mod.__file__, "rb") as f:  # type: ignore[arg-type]
+            h.update(f.read())
+    for fn in (fk.iteration, fk.advance, fk.apply_orders, fk.run_calls, fk._kernel_victim):
+        stamp = fn._cache._cache_file._source_stamp
+        assert stamp[1] == h.hexdigest()
