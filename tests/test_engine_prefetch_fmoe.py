@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from policies.cache import VICTIM_INDEX_MIN
 from policies.fmoe import FmoePolicy
@@ -20,6 +22,8 @@ from sim.config import SimConfig
 from sim.run import simulate
 from specs.presets import load_hardware, load_model
 from tests.sim_compare import both, engine, outcome
+from tests.strategies import random_workload, small_spec
+from tests.test_sim_kit import exact_profile
 from traces.synth import SynthConfig, generate
 
 PATH = engine_prefetch.PrefetchPath
@@ -156,3 +160,54 @@ def test_the_kernels_cache_stamp_includes_their_callees_sources() -> None:
     for fn in (fk.iteration, fk.advance, fk.apply_orders, fk.run_calls, fk._kernel_victim):
         stamp = fn._cache._cache_file._source_stamp
         assert stamp[1] == h.hexdigest()
+
+
+@st.composite
+def fmoe_runs(draw: st.DrawFn) -> tuple[Any, SimConfig]:
+    """Small random fMoE runs: made-up models of 8-24 experts (caches from a layer's
+    experts per GPU up to every key, so both victim scores), fitted costs, one-copy links
+    with chunked preemption, a search latency of 0 (on_gate's orders then go at once,
+    after on_gate_now's) or not, batches, a training split."""
+    spec = small_spec(
+        layers=draw(st.integers(2, 6)),
+        experts=draw(st.integers(8, 24)),
+        top_k=draw(st.integers(1, 3)),
+    )
+    w = random_workload(
+        spec,
+        num_requests=draw(st.integers(2, 4)),
+        seed=draw(st.integers(0, 2**16)),
+        max_prompt=draw(st.integers(1, 6)),
+        with_lookahead=draw(st.booleans()),
+        arrival_gap_s=draw(st.sampled_from([0.0, 1e-4, 3e-3])),
+    )
+    f = st.floats(1e-5, 1e-3)
+    G = draw(st.integers(1, 2))
+    hw = exact_profile(
+        expert_s=draw(f), dense_s=draw(f), head_s=draw(f),
+        bandwidth_Bps=draw(st.floats(2e4, 1e8)),
+        latency_s=draw(st.sampled_from([0.0, 1e-5])),
+        num_gpus=G, search_s=draw(st.sampled_from([0.0, 1e-4])),
+    )  # fmt: skip
+    J, top = spec.num_experts, spec.total_experts
+    above = min(top, G * (J // G + 2))
+    cfg = SimConfig(
+        model=spec, hardware=hw, policy="fmoe",
+        cache_experts=draw(st.integers(above, top)),
+        batch_size=draw(st.integers(1, 2)),
+        train_fraction=0.5, chunk_bytes=draw(st.sampled_from([512, 1 << 30])),
+    )  # fmt: skip
+    return w, cfg
+
+
+@settings(max_examples=15, deadline=None)
+@given(fmoe_runs())
+def test_fmoe_compiled_equals_python_on_random_runs(run: tuple[Any, SimConfig]) -> None:
+    """Same results from both engine settings on random small fMoE runs (the compiled
+    path where the run qualifies; most of these do, some with caches large enough for
+    victim_index's score)."""
+    workload, cfg = run
+    ref, fast, built = both(workload, cfg, PATH)
+    assert fast == ref
+    if built:
+        event(f"victims by victim_index's score: {bool(built[0].vi[fk.V_NBIG])}")
