@@ -201,10 +201,18 @@ class LiveCandidateArrays:
         self.puts = 0
         self.src = None
         self.entries = _CandEntries(fp, self.keys, 0)
+        self._stamp: tuple[int, int] | None = None  # (G_PUTS, G_CLOST) at the last fill
 
     def refresh(self) -> LiveCandidateArrays:
-        """The device's candidates now (ExpertCache.candidate_arrays' contract)."""
+        """The device's candidates now (ExpertCache.candidate_arrays' contract): filled
+        again unless none was added, refreshed or lost since the last fill (the kernel's
+        counts of those, per GPU)."""
         fp = self.fp
+        fk, gim, g = fp.fk, fp.gim, self.g
+        stamp = (gim[g, fk.G_PUTS], gim[g, fk.G_CLOST])
+        if stamp == self._stamp:
+            return self
+        self._stamp = stamp
         self.n = n = int(
             fp.fk.fill_cands(
                 fp.ki, fp.kf, fp.gi, self.g, self.keys, self.layers, self.experts,
