@@ -45,6 +45,7 @@ from policies.cache import (
     VICTIM_INDEX_MIN,
     CacheCounters,
     CacheEntry,
+    ExpertCache,
     ExpertState,
     _lowest,
 )
@@ -182,15 +183,21 @@ class PrefetchPath:
         # the entries dicts stay the caches' own (a policy may hold them from bind): the
         # kernel logs who enters and leaves, applied before any Python reads (_flush)
         self._dicts = [cache.entries for cache in eng.caches]
+        self.cand_arrays: list[V.LiveCandidateArrays] = []
         for g, cache in enumerate(eng.caches):
             d = cache.entries
             for key in list(d):
                 k = key[0] * J + key[1]
                 d[key] = self._live[k] = V.LiveEntry(self, k, key)
             cache.counters = V.live_counters(self, g)
-            cache._cands = V.LiveCands(self, g)  # type: ignore[assignment]
-            arr = V.LiveCandidateArrays(self, g, cache.capacity + 1)
+            cands = cache._cands = V.LiveCands(self, g)  # type: ignore[assignment]
+            arr = V.LiveCandidateArrays(self, g, cache.capacity + 1, cands)
+            self.cand_arrays.append(arr)
             cache.candidate_arrays = arr.refresh  # type: ignore[method-assign]
+            # ExpertCache._arr (which fMoE's one-call admission reads) is these arrays,
+            # filled at the read when a candidate changed
+            cache.__dict__["_live_arr"] = arr
+            cache.__class__ = V.LiveCache
         eng.links.call_at = self.call_at  # type: ignore[method-assign]
         self._warm_up()
 
@@ -419,6 +426,8 @@ class PrefetchPath:
                     e.by_prefetch, e.prefetch_used,
                 )  # fmt: skip
             del cache.candidate_arrays  # the class's again
+            cache.__class__ = ExpertCache
+            del cache.__dict__["_live_arr"]
             c0 = fk.G_C0
             cache.counters = CacheCounters(*gi[g, c0 : c0 + len(V.COUNTERS)].tolist())
             order = []

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from policies.cache import CacheCounters, CacheEntry, ExpertKey, ExpertState
+from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertKey, ExpertState
 
 if TYPE_CHECKING:
     from sim.engine_prefetch import PrefetchPath
@@ -88,8 +88,7 @@ class LiveCands(LiveEntries):
         return k if ok else -1
 
     def __len__(self) -> int:
-        fp = self.fp
-        return int(fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf))
+        return self.fp.cand_arrays[self.g].refresh().n
 
     def __iter__(self) -> Iterator[ExpertKey]:
         fp = self.fp
@@ -191,7 +190,7 @@ class LiveCandidateArrays:
     the call (the candidates in recency order) and counts a put, so a ranking kept from
     an earlier call is never reused."""
 
-    def __init__(self, fp: PrefetchPath, g: int, cap: int) -> None:
+    def __init__(self, fp: PrefetchPath, g: int, cap: int, src: LiveCands) -> None:
         self.fp, self.g = fp, g
         self.keys = np.zeros(cap, np.int64)
         self.layers = np.zeros(cap, np.int64)
@@ -199,7 +198,7 @@ class LiveCandidateArrays:
         self.last_used = np.zeros(cap, np.float64)
         self.n = 0
         self.puts = 0
-        self.src = None
+        self.src = src  # the cache's _cands (ExpertCache.candidate_arrays' check)
         self.entries = _CandEntries(fp, self.keys, 0)
         self._stamp: tuple[int, int] | None = None  # (G_PUTS, G_CLOST) at the last fill
 
@@ -228,3 +227,19 @@ class LiveCandidateArrays:
         fp = self.fp
         J, keys = fp.J, fp.keys
         return {keys[k // J][k % J]: i for i, k in enumerate(self.keys[: self.n].tolist())}
+
+
+class LiveCache(ExpertCache):
+    """An :class:`ExpertCache` while the kernel runs (the path sets it as the cache's
+    class, and back after): its ``_arr``, the candidate arrays the cache keeps and a
+    policy may read directly, is the device's :class:`LiveCandidateArrays`, filled at
+    the read when a candidate changed. The cache's own upkeep of ``_arr`` does not run on
+    this path (its methods are not called), so a write is ignored."""
+
+    @property  # type: ignore[override]
+    def _arr(self) -> LiveCandidateArrays:
+        return self.__dict__["_live_arr"].refresh()
+
+    @_arr.setter
+    def _arr(self, value: object) -> None:
+        pass
