@@ -45,6 +45,7 @@ from policies.cache import (
     lru_score,
     lru_scores,
 )
+from policies.cache_victims import KernelVictims
 from policies.placement import Placement
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
@@ -371,6 +372,13 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
         that do nothing besides the counts the spec names. Read only from the class that
         defines it (a subclass must define its own), so overriding a hook never inherits
         a spec that no longer holds."""
+        return None
+
+    def kernel_victims(self) -> KernelVictims | None:
+        """This policy's victim choice for a compiled executor's kernel
+        (:class:`~policies.cache_victims.KernelVictims`; None, the default: the executor
+        calls :meth:`eviction_scores`). A policy returns one only when it is exactly what
+        its scorer (and ``victim_index``) would choose, side effects included."""
         return None
 
 

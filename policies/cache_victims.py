@@ -13,6 +13,7 @@ only, and keeps it while it mirrors the same candidate dict; it decides nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -117,3 +118,42 @@ class CandidateArrays:
             self._exp[i] = self._exp[last]
             self._lu[i] = self._lu[last]
         entries.pop()
+
+
+# KernelVictims.state's slots: vi[KV_ON] whether the kernel's choice applies now (else
+# the executor calls the policy's scorer), KV_G the last gate's layer, KV_IT the
+# iteration, KV_ROWS its rows, KV_DIRTY whether the eviction table is stale, KV_CHANCE
+# whether this iteration's chance table is made, KV_EV a version of the policy's state
+# that changes whenever a score may (the clock's tie weight aside; the executor may keep
+# a ranking while it stands); vf[KV_TIE] the recency tie weight
+KV_ON, KV_G, KV_IT, KV_ROWS, KV_DIRTY, KV_CHANCE = range(6)
+KV_EV = 10
+KV_TIE = 0
+
+
+@dataclass(frozen=True)
+class KernelVictims:
+    """A policy's victim choice in a form a compiled executor makes itself, without a call
+    back per victim (``Policy.kernel_victims``); the executor still calls the policy where
+    its Python would make a table lazily, so the policy's state stays the reference's.
+
+    ``kind`` ``"expected-time"`` (fMoE's default eviction, policies/fmoe_eviction.py):
+    among the cache's unprotected candidates (else its protected ones) the lowest
+    ``score + tie * last_used`` wins, ties to the lower key; from ``VICTIM_INDEX_MIN``
+    unprotected candidates on the score is :func:`policies.fmoe_jit._victim_etnu` of
+    (``ist``, ``fl``, ``prot``) at gate ``vi[KV_G]`` of iteration ``vi[KV_IT]`` of
+    ``vi[KV_ROWS]`` rows (what the policy's ``victim_index`` computes), after
+    ``make_chance()`` when ``vi[KV_CHANCE]`` is 0; below, ``etnu[layer, expert]`` (its
+    ``eviction_scores``), after ``make_table()`` when ``vi[KV_DIRTY]`` is 1. A NaN score:
+    the policy's scorer decides. The arrays are the policy's own, updated in place (never
+    replaced); ``state(vi, vf)`` writes the scalars above, read whenever the executor
+    enters its kernel (they change only in the policy's hooks and in the two makers)."""
+
+    kind: str
+    ist: np.ndarray
+    fl: np.ndarray
+    prot: np.ndarray
+    etnu: np.ndarray
+    state: Callable[[np.ndarray, np.ndarray], None]
+    make_chance: Callable[[], Any]
+    make_table: Callable[[], Any]

@@ -55,7 +55,19 @@ from __future__ import annotations
 import numpy as np
 
 from policies.cache import CacheEntry
-from policies.cache_victims import CandidateArrays, with_victim_index
+from policies.cache_victims import (
+    KV_CHANCE,
+    KV_DIRTY,
+    KV_EV,
+    KV_G,
+    KV_IT,
+    KV_ON,
+    KV_ROWS,
+    KV_TIE,
+    CandidateArrays,
+    KernelVictims,
+    with_victim_index,
+)
 from specs.errors import InputError
 
 _TIE_EPS = 1e-9  # recency tie-break weight, far below any meaningful score gap
@@ -409,3 +421,38 @@ class FmoeEviction:
             return [tie * e.last_used for e in entries]
         tab = self._etnu_table()
         return [tab[e.key] + tie * e.last_used for e in entries]
+
+    # -- the compiled executor's victim choice (issue 21) ----------------------------------
+    def kernel_victims(self) -> KernelVictims | None:
+        """The ``fmoe`` score's victim choice for a compiled executor
+        (:class:`~policies.cache_victims.KernelVictims`: what :meth:`eviction_scores`
+        and :meth:`victim_index` choose, from this policy's arrays); None when bound to no
+        model, for the other scores and eviction orders (they change the scorer as they
+        run), or when a subclass scores its own way."""
+        cls = type(self)
+        if (
+            not self._pred
+            or not self._scores_fast
+            or self.options.eviction != "fmoe"
+            or self.options.eviction_order != "time"
+            or cls.eviction_scores is not FmoeEviction.eviction_scores
+            or cls.victim_index is not FmoeEviction.victim_index
+            or cls._etnu_table is not FmoeEviction._etnu_table
+            or cls._chance is not FmoeEviction._chance
+        ):
+            return None
+        return KernelVictims(
+            "expected-time", self._ist, self._fl, self._prot, self._etnu,
+            self._kernel_victim_state, self._chance, self._etnu_table,
+        )  # fmt: skip
+
+    def _kernel_victim_state(self, vi: np.ndarray, vf: np.ndarray) -> None:
+        """KernelVictims.state: the scalars the victim choice reads now."""
+        vi[KV_ON] = self._scores_fast
+        vi[KV_G] = self._g
+        vi[KV_IT] = self._cur_it
+        vi[KV_ROWS] = self._ev_rows
+        vi[KV_DIRTY] = self._etnu_dirty
+        vi[KV_CHANCE] = self._chance_it == self._cur_it
+        vi[KV_EV] = self._ev
+        vf[KV_TIE] = _TIE_EPS / (abs(self._now) + 1.0)

@@ -107,11 +107,12 @@ def use_compiled(eng: Engine, steps_estimate: int) -> bool:
     if choice == "auto" and steps_estimate < AUTO_MIN_STEPS:
         return False
     if why_not_compiled(eng):
-        from sim.engine_prefetch import by_recency, why_not_prefetch
+        from sim.engine_prefetch_rules import by_recency, why_not_prefetch
 
-        # auto: the prefetching path only where the kernel picks victims itself; with a
-        # scorer called back it measured slower (fmoe, mixtral-offloading: docs/simulator.md)
-        if choice == "auto" and not by_recency(eng.policy):
+        # auto: the prefetching path only where the kernel picks victims itself (a
+        # recency scorer, or the policy's KernelVictims: fmoe); with a scorer called back
+        # it measured slower (mixtral-offloading: docs/simulator.md)
+        if choice == "auto" and not by_recency(eng.policy) and eng.policy.kernel_victims() is None:
             return False
         if why_not_prefetch(eng):
             return False

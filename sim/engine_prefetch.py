@@ -4,19 +4,27 @@ numba (:mod:`sim.fastkernel_prefetch`), the policy's hooks in Python.
 A run takes it (``FMOE_SIM_ENGINE``, as :mod:`sim.engine_fast`) when it does not qualify
 for the evict-only kernel and :func:`why_not_prefetch` finds nothing against it: the
 policy keeps the default ``decide_prefetch``, ``miss_action`` and ``on_load_finished``
-(its other hooks run in Python: the kernel returns at each gate and after each layer's
-experts are used; arrivals, iteration starts and ends are the engine's own Python);
-links carry one copy at a time (no host-side cap); no copy interference, fused expert
-call, event log or hybrid action; no layer of the workload can route to a GPU as many
-experts as its cache holds (a demand could then wait for a slot: waves); and a scorer
-with a ``victim_index`` only on caches below ``VICTIM_INDEX_MIN`` slots (the cache would
-call it, with its own side effects, where the kernel calls the scorer).
+(its other hooks run in Python: the kernel returns at each gate, for ``on_gate_now`` and
+``on_gate``, and after each layer's experts are used; arrivals, iteration starts and ends
+are the engine's own Python); links carry one copy at a time (no host-side cap); no copy
+interference, fused expert call, event log or hybrid action; no layer of the workload can
+route to a GPU as many experts as its cache holds (a demand could then wait for a slot:
+waves); and a scorer with a ``victim_index`` only on caches below ``VICTIM_INDEX_MIN``
+slots unless the policy offers ``kernel_victims`` (the cache would call victim_index,
+with its own side effects, where the kernel calls the scorer).
 
-Victims: a recency scorer's are the kernel's own; any other scorer is called back from
-the kernel (numba ``objmode``) with the candidates as live entries. Delayed orders (an
-async search's) are timed calls inside the kernel. What a hook or scorer reads of the
-caches (``entries``, ``_cands``, ``counters``) and of the links
-(``ExecutorView.link_state``) is answered from the arrays at the moment of the read
+Victims: a recency scorer's are the kernel's own, and so are those of a policy's
+:class:`~policies.cache_victims.KernelVictims` (fMoE's: the kernel reads the policy's
+arrays and calls it back only to make a table where its Python would make it lazily,
+:meth:`PrefetchPath._callback`); any other scorer is called back from the kernel (numba
+``objmode``) with the candidates as live entries. Delayed orders (an async search's) are
+timed calls inside the kernel. What a hook or scorer reads of the caches and of the links
+is the Python engine's: each cache's ``entries`` stays its own dict (a policy may hold it
+from bind), its members kept in step from the kernel's log of keys entering and leaving
+(:meth:`PrefetchPath._flush`, after every kernel call and before every call back), one
+:class:`~sim.engine_prefetch_view.LiveEntry` per load whose fields are read from the
+arrays, frozen when its key leaves; ``_cands``, ``candidate_arrays()``, ``counters`` and
+``ExecutorView.link_state`` are answered from the arrays at the moment of the read
 (:mod:`sim.engine_prefetch_view`); the orders a hook makes go back as arrays. After the
 run everything is written back into the cache and link objects.
 """
@@ -30,9 +38,7 @@ import numpy as np
 
 from policies.base import (
     LinkState,
-    Policy,
     PrefetchDecision,
-    RecencyEviction,
     validate_order,
 )
 from policies.cache import (
@@ -43,111 +49,24 @@ from policies.cache import (
     ExpertState,
     _lowest,
 )
-from policies.cache_victims import victim_index_of
+from policies.cache_victims import (
+    KV_CHANCE,
+    KV_DIRTY,
+    KV_EV,
+    KV_G,
+    KV_IT,
+    KV_ON,
+    KV_ROWS,
+    KV_TIE,
+)
 from sim import engine_prefetch_view as V
 from sim.engine_fast import FastPath
+from sim.engine_prefetch_rules import by_recency, why_not_prefetch
+
+__all__ = ["PrefetchPath", "by_recency", "why_not_prefetch"]
 
 if TYPE_CHECKING:
     from sim.engine import Engine
-
-# hooks the policy must leave to Policy on this path (on_gate_now: the kernel applies
-# every gate order of an async policy after the search; orders that need none, applied at
-# once by the Python engine, it cannot tell apart yet)
-_NOT_HOOKS = (
-    "on_gate_now",
-    "on_load_finished",
-    "decide_prefetch",
-    "miss_action",
-    "kernel_eviction",
-)
-
-
-def _overrides(policy: Policy, hook: str) -> bool:
-    return getattr(type(policy), hook) is not getattr(Policy, hook)
-
-
-def by_recency(policy: Policy) -> bool:
-    """Whether the policy's victims are the cache's least recently used (unprotected first)."""
-    cls = type(policy)
-    if cls.eviction_scores is RecencyEviction.eviction_scores:  # type: ignore[attr-defined]
-        return True
-    return cls.eviction_scores is Policy.eviction_scores and not _overrides(
-        policy, "eviction_score"
-    )
-
-
-def why_not_prefetch(eng: Engine) -> str:
-    """Why the prefetching compiled path cannot run ``eng``'s run ('' when it can)."""
-    policy = eng.policy
-    for hook in _NOT_HOOKS:
-        if _overrides(policy, hook):
-            return f"policy {policy.name!r} overrides {hook}"
-    vix = victim_index_of(eng.links.scores)
-    if vix is not None and max(c.capacity for c in eng.caches) >= VICTIM_INDEX_MIN:
-        # the cache would call the policy's victim_index (its side effects are the
-        # policy's); the kernel calls back only its scorer
-        return f"policy {policy.name!r} picks victims of large caches with victim_index"
-    if eng.log is not None:
-        return "an event log is recorded"
-    if eng.interferes:
-        return "copies interfere with compute"
-    if eng.after_loads:
-        return "experts wait for all loads (experts_wait_for_loads)"
-    if eng.side or eng.h_miss:
-        return "miss actions other than a fetch"
-    hw = eng.cfg.hardware
-    if hw.link.concurrency != 1 or hw.host_bandwidth_cap_Bps is not None:
-        return "links carry several copies at once"
-    for cache in eng.caches:
-        if type(cache) is not ExpertCache:
-            return f"cache type {type(cache).__name__}"
-        for e in cache.entries.values():
-            if e.state is not ExpertState.RESIDENT or e.pins or e.protected or e.by_prefetch:
-                return "a cache starts with an entry that is not plainly resident"
-    for cache in eng.caches:
-        # the cache's own reference and getrefcount's: any other holder (a policy that
-        # kept the dict at bind) would read the real dict, not the kernel's state
-        if sys.getrefcount(cache.entries) > 2 or sys.getrefcount(cache.counters) > 2:
-            return "something holds a cache's entries or counters (read past the kernel)"
-    try:
-        waves = _may_wave(eng)
-    except ImportError:  # a broken numba install: the Python engine
-        return "numba cannot be imported"
-    if waves:
-        return "a layer may route more experts to a GPU than its cache holds beside a copy"
-    return ""
-
-
-def _may_wave(eng: Engine) -> bool:
-    """Whether some iteration could route to a GPU at least as many distinct experts of one
-    layer as its cache holds (then a demand may find no slot and the engine runs waves)."""
-    from sim import fastkernel_prefetch as fk
-
-    spec, n = eng.spec, eng.num_gpus
-    L, J = spec.num_moe_layers, spec.num_experts
-    dev = np.asarray(eng.dev_table, dtype=np.int64)  # [L, J]
-    caps = np.array([c.capacity for c in eng.caches], dtype=np.int64)
-    per_gpu = np.stack([(dev == g).sum(axis=1).max() for g in range(n)])
-    if (per_gpu < caps).all():  # even a whole layer fits beside a copy in flight
-        return False
-    if eng.cfg.batch_size != 1:  # batches mix requests' rows: not bounded per request
-        return True
-    ki = np.zeros((L * J, fk.N_KI), np.int64)
-    ki[:, fk.K_DEV] = dev.reshape(-1)
-    gi = np.zeros((n, fk.N_GI), np.int64)
-    gi[:, fk.G_CAP] = caps
-    counts, seen = np.zeros(n, np.int64), np.zeros(L * J, np.int64)
-    mark = 0
-    K = spec.top_k
-    for s in eng.states:  # batch 1: an iteration is a request's prompt, or one decode row
-        ids = s.req.routing.topk_ids
-        p = s.req.iteration_rows(0)
-        mark += 1
-        if fk.needs_waves(ids[p].astype(np.int64), ki, gi, counts, seen, mark, J):
-            return True
-        if ids.shape[0] > p.stop and K >= caps.min():  # a decode row: top-K a layer
-            return True
-    return False
 
 
 class PrefetchPath:
@@ -182,6 +101,7 @@ class PrefetchPath:
             self.ci,
             self.bk,
             self.bp,
+            self.vs,
             self.work,
         ) = st
         self.ordk = np.zeros(max(64, 2 * J), np.int64)
@@ -222,13 +142,27 @@ class PrefetchPath:
         self._per_rows: dict[tuple[int, int], tuple[float, float, float, float]] = {}
         self.one_row_off = np.zeros(2, np.int64)
         self.one_req_out = np.zeros((1, 2), np.int64)
+        # the policy's victim choice in the kernel, where it offers one (KernelVictims)
+        self._kv = eng.policy.kernel_victims() if not by_recency(eng.policy) else None
+        if self._kv is not None:
+            if self._kv.kind != "expected-time":
+                raise ValueError(f"unknown kernel victims {self._kv.kind!r}")
+            self.vs = fk.victim_state(self._kv, self.vs[6].shape[0])
+            self.vs[0][fk.V_MIN] = VICTIM_INDEX_MIN
+            assert (
+                fk.V_ON, fk.V_G, fk.V_IT, fk.V_ROWS, fk.V_DIRTY, fk.V_CHANCE, fk.V_EV, fk.VF_TIE
+            ) == (KV_ON, KV_G, KV_IT, KV_ROWS, KV_DIRTY, KV_CHANCE, KV_EV, KV_TIE)  # fmt: skip
+        self.vi = self.vs[0]
         self.state = (
             self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.hf, self.hi,
-            self.lg, self.scratch, self.cf, self.ci, self.bk, self.bp,
+            self.lg, self.scratch, self.cf, self.ci, self.bk, self.bp, self.vs,
         )  # fmt: skip
         self.keys = eng.key_table
         self.experts_shape = (L, J)
+        # the current entry object of each cached key (one per load, as the cache makes)
         self._live: dict[int, V.LiveEntry] = {}
+        self._dev_of = ki[:, fk.K_DEV].tolist()
+        self._key_of = [key for row in eng.key_table for key in row]  # by key index
         # element reads without numpy scalars (the arrays are never reallocated)
         self.kim, self.kfm, self.gim = memoryview(ki), memoryview(self.kf), memoryview(gi)
         self.keybuf = np.zeros(max(caps) + 1, np.int64)
@@ -246,10 +180,24 @@ class PrefetchPath:
             V.K_STATE, V.K_PINS, V.K_USES, V.K_DEV, V.K_PROT, V.K_BYPF, V.K_PFUSED
         )  # fmt: skip
         assert (fk.KF_LAST, fk.KF_LOADED, fk.G_COUNT) == (V.KF_LAST, V.KF_LOADED, V.G_COUNT)
+        # the entries dicts stay the caches' own (a policy may hold them from bind): the
+        # kernel logs who enters and leaves, applied before any Python reads (_flush)
+        self._dicts = [cache.entries for cache in eng.caches]
+        self.cand_arrays: list[V.LiveCandidateArrays] = []
         for g, cache in enumerate(eng.caches):
-            cache.entries = V.LiveEntries(self, g)  # type: ignore[assignment]
+            d = cache.entries
+            for key in list(d):
+                k = key[0] * J + key[1]
+                d[key] = self._live[k] = V.LiveEntry(self, k, key)
             cache.counters = V.live_counters(self, g)
-            cache._cands = V.LiveCands(self, g)  # type: ignore[assignment]
+            cands = cache._cands = V.LiveCands(self, g)  # type: ignore[assignment]
+            arr = V.LiveCandidateArrays(self, g, cache.capacity + 1, cands)
+            self.cand_arrays.append(arr)
+            cache.candidate_arrays = arr.refresh  # type: ignore[method-assign]
+            # ExpertCache._arr (which fMoE's one-call admission reads) is these arrays,
+            # filled at the read when a candidate changed
+            cache.__dict__["_live_arr"] = arr
+            cache.__class__ = V.LiveCache
         eng.links.call_at = self.call_at  # type: ignore[method-assign]
         self._warm_up()
 
@@ -258,6 +206,7 @@ class PrefetchPath:
         fk = self.fk
         nxt, t = self.fsc[fk.F_NXT], self.fsc[fk.F_T]
         self.fsc[fk.F_NXT] = np.inf
+        self._enter()
         fk.iteration(
             *self.state, self.work, self.ordk, self.ordp, np.zeros((1, 1, 1), np.int64),
             np.zeros(2, np.int64), self.et, np.zeros((0, 2), np.int64), np.zeros((1, 2), np.int64),
@@ -265,6 +214,57 @@ class PrefetchPath:
         self.fsc[fk.F_NXT], self.fsc[fk.F_T] = nxt, t
         fk.apply_orders(*self.state, self.ordk, self.ordp, 0.0)
         self.advance(-np.inf)
+        self._eng.caches[0].candidate_arrays()  # its kernel too
+
+    # -- entering and leaving the kernel ----------------------------------------------------
+    def _enter(self) -> None:
+        """Before each kernel call: the call backs, and what the policy's victim choice
+        reads now (each entry: runs of this process may interleave)."""
+        fk = self.fk
+        fk.VICTIM[0] = self._victim
+        fk.CALLBACK[0] = self._callback
+        if self._kv is not None:
+            self._kv.state(self.vi, self.vs[1])
+
+    def _flush(self) -> None:
+        """Apply the kernel's membership log to the caches' entries dicts: a new entry
+        object per load (at the dict's end), a removed one frozen with its fields then
+        (what the Python cache's dropped entry keeps) when anything still holds it."""
+        vi = self.vi
+        n = int(vi[self.fk.V_NLOG])
+        if not n:
+            return
+        vi[self.fk.V_NLOG] = 0
+        log = self.vs[6][:n].tolist()
+        live, dicts, dev, key_of = self._live, self._dicts, self._dev_of, self._key_of
+        added, kim, kfm = self.fk.ADDED, self.kim, self.kfm
+        new, cls = object.__new__, V.LiveEntry
+        for i, row in enumerate(log):
+            k = row[1]
+            key = key_of[k]
+            if row[0] == added:  # LiveEntry(self, k, key), without the call
+                e = live[k] = new(cls)
+                e._i, e._f, e._k, e.key = kim, kfm, k, key
+                dicts[dev[k]][key] = e
+                continue
+            e = dicts[dev[k]].pop(key)
+            del live[k]
+            if sys.getrefcount(e) > 2:  # held (e and getrefcount's): frozen as it left
+                V.freeze(e, row, self.vs[7][i].tolist())
+
+    def _callback(self, code: int) -> None:
+        """The kernel's call back (sim.fastkernel_prefetch.CALLBACK)."""
+        self._flush()
+        fk = self.fk
+        if code == fk.CB_FLUSH:
+            return
+        kv = self._kv
+        assert kv is not None
+        if code == fk.CB_CHANCE:
+            kv.make_chance()
+        elif code == fk.CB_TABLE:
+            kv.make_table()
+        kv.state(self.vi, self.vs[1])
 
     # -- the links' face ----------------------------------------------------------------
     @property
@@ -272,13 +272,15 @@ class PrefetchPath:
         return float(self.fsc[self.fk.F_DUE])
 
     def advance(self, t: float) -> None:
-        self.fk.VICTIM[0] = self._victim  # (each entry: runs of this process may interleave)
+        self._enter()
         self.fk.advance(*self.state, float(t))
+        self._flush()
 
     def run_calls(self) -> None:
         """Links.run_calls: every pending delayed order, in time order with the links."""
-        self.fk.VICTIM[0] = self._victim
+        self._enter()
         self.fk.run_calls(*self.state)
+        self._flush()
 
     def call_at(self, when: float, fn: Any) -> None:
         """Links.call_at for the engine's delayed drains (``partial(_apply, dec, stamp)``):
@@ -306,7 +308,7 @@ class PrefetchPath:
         m = 2 * self.cf.shape[0]
         self.cf = np.concatenate([self.cf, np.zeros(m - self.cf.shape[0], np.float64)])
         self.ci = np.concatenate([self.ci, np.zeros((m - self.ci.shape[0], 5), np.int64)])
-        self.state = (*self.state[:11], self.cf, self.ci, self.bk, self.bp)
+        self.state = (*self.state[:11], self.cf, self.ci, self.bk, self.bp, self.vs)
 
     # -- the policy's view ----------------------------------------------------------------
     def sync(self) -> None:
@@ -326,6 +328,7 @@ class PrefetchPath:
         """The kernel's call back for a victim: the policy's scorer over the candidates in
         scratch[:n], the lowest score going first (ties to the lowest key), as
         ExpertCache._victim."""
+        self._flush()  # the scorer may read the caches' entries
         live, entry = self._live, self.entry
         group = [live.get(k) or entry(k) for k in self.scratch[:n].tolist()]
         return _lowest(group, self._scores(group))._k  # type: ignore[attr-defined]
@@ -353,19 +356,22 @@ class PrefetchPath:
             left_s += view.hybrid.pending_fetches[device] * view._copy_s
         return LinkState(left_s / 1, bw, view._copy_s)
 
-    def _orders(self, dec: PrefetchDecision) -> None:
-        """Put ``dec`` into the order arrays (validated as Engine._apply does)."""
+    def _orders(self, dec: PrefetchDecision, start: int = 0) -> int:
+        """Put ``dec`` into the order arrays from ``start`` (0: the first batch, the
+        kernel's isc[I_NCAN]/isc[I_NORD]; else the second, I_NCAN2/I_NORD2 from I_SEG2),
+        validated as Engine._apply does; returns the end of what it wrote."""
         fk = self.fk
         nc, ne = len(dec.cancel), len(dec.enqueue)
-        if nc + ne > self.ordk.shape[0]:
-            self.ordk = np.zeros(2 * (nc + ne), np.int64)
-            self.ordp = np.zeros(2 * (nc + ne), np.float64)
+        if start + nc + ne > self.ordk.shape[0]:
+            n = 2 * (start + nc + ne)
+            self.ordk = np.concatenate([self.ordk[:start], np.zeros(n - start, np.int64)])
+            self.ordp = np.concatenate([self.ordp[:start], np.zeros(n - start, np.float64)])
         L, J = self.experts_shape
         ordk, ordp = self.ordk, self.ordp
-        for i, (lay, e) in enumerate(dec.cancel):
+        for i, (lay, e) in enumerate(dec.cancel, start):
             ordk[i] = lay * J + e
         spec = self._eng.spec
-        i = nc
+        i = start + nc
         for order in dec.enqueue:
             lay, e, pri = order
             if not (0 <= lay < L and 0 <= e < J and np.isfinite(pri)):
@@ -373,8 +379,12 @@ class PrefetchPath:
             ordk[i] = lay * J + e
             ordp[i] = pri
             i += 1
-        self.isc[fk.I_NCAN] = nc
-        self.isc[fk.I_NORD] = ne
+        isc = self.isc
+        if start:
+            isc[fk.I_NCAN2], isc[fk.I_NORD2], isc[fk.I_SEG2] = nc, ne, start
+        else:
+            isc[fk.I_NCAN], isc[fk.I_NORD] = nc, ne
+        return i
 
     def apply(self, dec: PrefetchDecision, stamp: int, now: float) -> None:
         """Engine._apply on this path (a drain at an iteration's start or end)."""
@@ -382,8 +392,9 @@ class PrefetchPath:
         if stamp != self.isc[fk.I_STAMP]:
             raise RuntimeError("orders of an earlier gate on the compiled path")
         self._orders(dec)
-        fk.VICTIM[0] = self._victim
+        self._enter()
         fk.apply_orders(*self.state, self.ordk, self.ordp, float(now))
+        self._flush()
 
     # -- per iteration ----------------------------------------------------------------------
     def expert_times(self, rows: int) -> np.ndarray:
@@ -406,15 +417,17 @@ class PrefetchPath:
         self.sync()
         isc, fsc, ki, gi, gf = self.isc, self.fsc, self.ki, self.gi, self.gf
         J = self.J
+        self._flush()
         for g, cache in enumerate(eng.caches):
-            live = cache.entries
-            entries = cache.entries = {  # plain entries again, in the dict's order
-                key: CacheEntry(
+            entries = cache.entries
+            for key, e in list(entries.items()):  # plain entries again, in the dict's order
+                entries[key] = CacheEntry(
                     key, e.state, e.loaded_at, e.last_used, e.uses, e.pins, e.protected,
                     e.by_prefetch, e.prefetch_used,
-                )
-                for key, e in ((key, live[key]) for key in live)
-            }  # fmt: skip
+                )  # fmt: skip
+            del cache.candidate_arrays  # the class's again
+            cache.__class__ = ExpertCache
+            del cache.__dict__["_live_arr"]
             c0 = fk.G_C0
             cache.counters = CacheCounters(*gi[g, c0 : c0 + len(V.COUNTERS)].tolist())
             order = []

@@ -67,35 +67,46 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     # an async policy's gate search over this iteration's rows (Engine._iteration's)
     search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
     plain = eng._plain_decide
+    h_now = eng._h_gate_now
     iteration = eng.iterations
+    enter, flush = fp._enter, fp._flush
     while True:
-        fk.VICTIM[0] = fp._victim
+        enter()
         code = kernel(*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
+        flush()
         links.stamp = int(isc[fk.I_STAMP])  # what a drain (a hook's, an arrival's) reads
         if code == fk.DONE:
             break
-        if code == fk.HOOK:  # the gate of MoE layer `layer`: the policy's on_gate
+        if code == fk.HOOK:  # the gate of MoE layer `layer`: on_gate_now, on_gate
             layer = int(plan[isc[fk.I_POS], 0])
             assert ids_l is not None and w_l is not None
-            policy.on_gate(
-                GateOutput(
-                    iteration,
-                    layer,
-                    ids_l[layer],
-                    w_l[layer],
-                    None if probs_l is None else probs_l[layer],
-                    None if look_l is None else look_l[layer],
-                    float(fsc[fk.F_T]),
-                )
+            now = float(fsc[fk.F_T])
+            gev = GateOutput(
+                iteration,
+                layer,
+                ids_l[layer],
+                w_l[layer],
+                None if probs_l is None else probs_l[layer],
+                None if look_l is None else look_l[layer],
+                now,
             )
+            now_dec = None
+            if h_now:  # orders that need no search: applied at once, after the demands
+                policy.on_gate_now(gev)
+                if not plain or policy._enqueue or policy._cancel:
+                    now_dec = policy.decide_prefetch()
+            policy.on_gate(gev)
+            dec = None
             if not plain or policy._enqueue or policy._cancel:
                 dec = policy.decide_prefetch()  # Engine._drain of the gate (see above)
-                if dec:
-                    if search_t > 0:  # after the search: a timed call at t + search_t
-                        eng.delayed_orders += len(dec.enqueue)
-                        fp.add_call(float(fsc[fk.F_T]) + search_t, dec, links.stamp)
-                    else:  # applied by the kernel after the layer's demand loads
-                        fp._orders(dec)
+                if dec and search_t > 0:  # after the search: a timed call at t + search_t
+                    eng.delayed_orders += len(dec.enqueue)
+                    fp.add_call(now + search_t, dec, links.stamp)
+                    dec = None
+            # the kernel applies them after the layer's demand loads, on_gate_now's first
+            end = fp._orders(now_dec) if now_dec else 0
+            if dec:
+                fp._orders(dec, end) if end else fp._orders(dec)
             continue  # nothing yields between a gate and its demands
         if code == fk.HOOK_USED:  # the layer's end: on_expert_used per expert, drained
             layer = int(plan[isc[fk.I_POS], 0])

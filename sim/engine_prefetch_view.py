@@ -1,9 +1,12 @@
 """What a policy reads of the caches while the prefetching compiled path runs
-(:mod:`sim.engine_prefetch`): ``ExpertCache.entries``, ``_cands`` and ``counters`` of each
-device answered from the kernel's arrays at the moment of the read, so a hook or the
-policy's victim scorer sees exactly the state the Python engine would show it. Policies
-read entries and never write them (the cache's contract); the caches' own private
-indexes (recency order, candidate arrays) are rebuilt at the end of the run.
+(:mod:`sim.engine_prefetch`): each entry's fields, ``ExpertCache._cands``,
+``candidate_arrays()`` and ``counters`` of each device answered from the kernel's arrays at
+the moment of the read, so a hook or the policy's victim scorer sees exactly the state the
+Python engine would show it. ``ExpertCache.entries`` stays the cache's own dict (a policy
+may hold it from bind): the path keeps its members in step with the kernel, one
+:class:`LiveEntry` per load, frozen (:func:`freeze`) when it leaves. Policies read entries
+and never write them (the cache's contract); the caches' own private indexes (recency
+order, candidate arrays) are rebuilt at the end of the run.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from policies.cache import CacheCounters, CacheEntry, ExpertKey, ExpertState
+import numpy as np
+
+from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertKey, ExpertState
 
 if TYPE_CHECKING:
     from sim.engine_prefetch import PrefetchPath
@@ -24,10 +29,10 @@ KF_LAST, KF_LOADED, G_COUNT = 0, 1, 2
 
 
 class LiveEntries(Mapping):
-    """``ExpertCache.entries`` of one device while the kernel runs: a read-only mapping
+    """The cache entries of one device while the kernel runs: a read-only mapping
     answered from the kernel's arrays at the moment of the read (membership, length, the
-    entries in the dict's insertion order, each a fresh :class:`CacheEntry` with the
-    current fields). Policies read entries and never write them (the cache's contract)."""
+    entries in the dict's insertion order, each the key's :class:`LiveEntry`); the base of
+    :class:`LiveCands`."""
 
     def __init__(self, fp: PrefetchPath, g: int) -> None:
         self.fp, self.g = fp, g
@@ -83,8 +88,7 @@ class LiveCands(LiveEntries):
         return k if ok else -1
 
     def __len__(self) -> int:
-        fp = self.fp
-        return int(fp.fk.cached_cands(fp.ki, fp.gi, self.g, fp.keybuf))
+        return self.fp.cand_arrays[self.g].refresh().n
 
     def __iter__(self) -> Iterator[ExpertKey]:
         fp = self.fp
@@ -133,3 +137,109 @@ def live_counters(fp: PrefetchPath, g: int) -> Any:
     ns["as_dict"] = lambda self: {n: getattr(self, n) for n in COUNTERS}
     ns["add"] = lambda self, other: CacheCounters(**self.as_dict()).add(other)
     return type("LiveCounters", (), ns)()
+
+
+class FrozenEntry(LiveEntry):
+    """A :class:`LiveEntry` whose key has left its cache: its fields as they were then
+    (what the Python cache's dropped entry object keeps), in CacheEntry's own slots."""
+
+    __slots__ = ()
+
+
+for _name in (
+    "state", "loaded_at", "last_used", "uses", "pins", "protected", "by_prefetch",
+    "prefetch_used",
+):  # fmt: skip
+    setattr(FrozenEntry, _name, CacheEntry.__dict__[_name])  # the slot, not LiveEntry's property
+
+
+def freeze(e: LiveEntry, row: list[int], floats: list[float]) -> None:
+    """Make ``e`` a :class:`FrozenEntry` with the fields the kernel's log noted when its
+    key left (``row``: sim.fastkernel_prefetch's M_* columns; ``floats``: last_used,
+    loaded_at)."""
+    e.__class__ = FrozenEntry
+    _, _, st, uses, pins, prot, bypf, pfused = row
+    e.state = STATES[st]
+    e.uses, e.pins = uses, pins
+    e.protected, e.by_prefetch, e.prefetch_used = bool(prot), bool(bypf), bool(pfused)
+    e.last_used, e.loaded_at = floats
+
+
+class _CandEntries:
+    """``CandidateArrays.entries`` of :class:`LiveCandidateArrays`: slot -> the entry."""
+
+    __slots__ = ("fp", "keys", "n")
+
+    def __init__(self, fp: PrefetchPath, keys: np.ndarray, n: int) -> None:
+        self.fp, self.keys, self.n = fp, keys, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> CacheEntry:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.fp.entry(int(self.keys[i]))
+
+
+class LiveCandidateArrays:
+    """``ExpertCache.candidate_arrays()`` of one device while the kernel runs (a
+    :class:`policies.cache_victims.CandidateArrays` in what a policy reads: ``layers``,
+    ``experts``, ``last_used``, ``n``, ``entries``, ``slot``, ``puts``): :meth:`refresh`,
+    which the path puts in the method's place, fills them from the kernel's arrays at
+    the call (the candidates in recency order) and counts a put, so a ranking kept from
+    an earlier call is never reused."""
+
+    def __init__(self, fp: PrefetchPath, g: int, cap: int, src: LiveCands) -> None:
+        self.fp, self.g = fp, g
+        self.keys = np.zeros(cap, np.int64)
+        self.layers = np.zeros(cap, np.int64)
+        self.experts = np.zeros(cap, np.int64)
+        self.last_used = np.zeros(cap, np.float64)
+        self.n = 0
+        self.puts = 0
+        self.src = src  # the cache's _cands (ExpertCache.candidate_arrays' check)
+        self.entries = _CandEntries(fp, self.keys, 0)
+        self._stamp: tuple[int, int] | None = None  # (G_PUTS, G_CLOST) at the last fill
+
+    def refresh(self) -> LiveCandidateArrays:
+        """The device's candidates now (ExpertCache.candidate_arrays' contract): filled
+        again unless none was added, refreshed or lost since the last fill (the kernel's
+        counts of those, per GPU)."""
+        fp = self.fp
+        fk, gim, g = fp.fk, fp.gim, self.g
+        stamp = (gim[g, fk.G_PUTS], gim[g, fk.G_CLOST])
+        if stamp == self._stamp:
+            return self
+        self._stamp = stamp
+        self.n = n = int(
+            fp.fk.fill_cands(
+                fp.ki, fp.kf, fp.gi, self.g, self.keys, self.layers, self.experts,
+                self.last_used, fp.J,
+            )
+        )  # fmt: skip
+        self.puts += 1
+        self.entries = _CandEntries(fp, self.keys, n)
+        return self
+
+    @property
+    def slot(self) -> dict[ExpertKey, int]:
+        fp = self.fp
+        J, keys = fp.J, fp.keys
+        return {keys[k // J][k % J]: i for i, k in enumerate(self.keys[: self.n].tolist())}
+
+
+class LiveCache(ExpertCache):
+    """An :class:`ExpertCache` while the kernel runs (the path sets it as the cache's
+    class, and back after): its ``_arr``, the candidate arrays the cache keeps and a
+    policy may read directly, is the device's :class:`LiveCandidateArrays`, filled at
+    the read when a candidate changed. The cache's own upkeep of ``_arr`` does not run on
+    this path (its methods are not called), so a write is ignored."""
+
+    @property  # type: ignore[override]
+    def _arr(self) -> LiveCandidateArrays:
+        return self.__dict__["_live_arr"].refresh()
+
+    @_arr.setter
+    def _arr(self, value: object) -> None:
+        pass

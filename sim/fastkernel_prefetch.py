@@ -8,17 +8,27 @@ demand loads first, preemption of a prefetch at a chunk boundary, suspended (pre
 copies, stale orders, cancels, promotion of a LOADING key to a demand load, protection of
 prefetched entries until their layer passes, and a recency eviction order (unprotected
 entries first). Policy hooks stay in Python: the kernel returns at each gate (``HOOK``;
-the caller runs ``on_gate`` and resumes it with the orders the policy decided) and after
-a layer's experts are used (``HOOK_USED``: ``on_expert_used`` per expert). No waves, no
-copy interference, no event log: the caller admits only such runs. The Python engine is
-the reference; ``tests/test_engine_prefetch.py`` holds them equal.
+the caller runs ``on_gate_now`` and ``on_gate`` and resumes it with the orders they
+decided: on_gate_now's, then on_gate's when they need no search, are applied after the
+layer's demand loads) and after a layer's experts are used (``HOOK_USED``:
+``on_expert_used`` per expert). No waves, no copy interference, no event log: the caller
+admits only such runs. The Python engine is the reference; ``tests/test_engine_prefetch.py``
+and ``tests/test_engine_prefetch_fmoe.py`` hold them equal.
 
-A victim scorer other than recency is called back (``objmode``, :data:`VICTIM`), and an
-async policy's delayed orders are timed calls the kernel runs in time order with the
-link events (``cf``/``ci``, their orders in ``bk``/``bp``).
+Victims: recency's are the kernel's own; a policy's KernelVictims (fMoE's expected time to
+next use, :func:`_kernel_victim`) are chosen here too, from the policy's own arrays
+(``vs``), calling Python only where the policy would make a table lazily; any other scorer
+is called back (``objmode``, :data:`VICTIM`). An async policy's delayed orders are timed
+calls the kernel runs in time order with the link events (``cf``/``ci``, their orders in
+``bk``/``bp``). Every key entering or leaving a cache is logged (``vs``' ``mlog``) for the
+caller, which keeps the caches' entries dicts in step from it.
 
 Over 450 lines on purpose: numba's on-disk cache keys a compiled function on its own
-source file only, so the kernel and every helper it calls live in one module. Compiled
+source file only, so the kernel and every helper it calls live in one module, but for
+the list helpers of :mod:`sim.fastkernel` and fMoE's score (:mod:`policies.fmoe_jit`'s
+``_victim_etnu`` and ``_before``, which the policy's own kernels share): those two files'
+contents join every kernel's cache stamp here (:func:`_stamp_dependencies`), so editing
+them recompiles this module's kernels. Compiled
 with ``_nrt=False`` (no reference counting): nothing here allocates. The helpers are not
 marked ``inline="always"`` (numba's IR inlining; LLVM still inlines what pays): with it
 the first compile took 114.6 s, without it 13.3 s (a first deepspeed run, empty numba
@@ -33,6 +43,7 @@ import math
 import numpy as np
 from numba import njit, objmode
 
+from policies.fmoe_jit import _before, _victim_etnu
 from sim.fastkernel import _append, _touched, _unlink
 
 # -- isc: int64 scalars ---------------------------------------------------------------
@@ -40,7 +51,10 @@ I_PHASE, I_POS, I_GATESEQ, I_STEPS, I_SEQ, I_NUSED, I_NPEND, I_STEP = 0, 1, 2, 3
 I_EBYTES, I_J, I_NITEMS, I_NMISSED, I_MARK, I_NGPU, I_CHUNK, I_NSUSP = 8, 9, 10, 11, 12, 13, 14, 15
 I_PYSCORE, I_NORD, I_NCAN, I_STAMP, I_HOOKGATE, I_INS = 16, 17, 18, 19, 20, 21
 I_NCALL, I_CALLSEQ, I_BUFTOP, I_HOOKUSED = 22, 23, 24, 25  # timed calls; on_expert_used
-N_ISC = 26
+# a gate's second batch of orders applied at once (after the first: on_gate's when
+# on_gate_now also ordered), from ordk[I_SEG2:]
+I_NCAN2, I_NORD2, I_SEG2 = 26, 27, 28
+N_ISC = 29
 # ci: per pending timed call (a delayed drain), sorted by (time cf, seq)
 C_SEQ, C_START, C_NCAN, C_NENQ, C_STAMP = 0, 1, 2, 3, 4
 # -- fsc: float64 scalars -------------------------------------------------------------
@@ -82,13 +96,43 @@ G_C0 = 18
 ) = range(G_C0, G_C0 + 14)
 # Link.stats
 S_ORDERS, S_SKIPPED, S_STALE, S_DROPPED, S_PREEMPT = range(G_C0 + 14, G_C0 + 19)
-N_GI = G_C0 + 19
+# candidates added or refreshed on the GPU (a kept victim ranking holds while it stands)
+G_PUTS = G_C0 + 19
+# unprotected candidates lost (pinned by a demand, or evicted) on the GPU: with G_PUTS
+# standing, the candidates now are those of the kept ranking's scan less these
+G_CLOST = G_C0 + 20
+N_GI = G_C0 + 21
 # -- gf: per GPU floats ---------------------------------------------------------------
 GF_LATEST, GF_BUSYS, GF_BUSYT0, GF_EVT, GF_COMP, GF_LOAD, GF_START, GF_T0, GF_END = range(9)
 N_GF = 9
 # -- work: per distinct expert of a layer step ----------------------------------------
 W_E, W_TOK, W_USED, W_PEND, W_PTOK, W_ABS, W_CNT, W_MISSED, W_MARK = 0, 1, 2, 3, 4, 5, 6, 7, 8
 N_W = 9
+
+# -- vs: (vi, vf, ist, fl, prot, etnu, mlog, mlogf): the policy's victim choice in the
+# kernel (policies.cache_victims.KernelVictims; dummies without one) and the log of the
+# caches' membership changes (sim.engine_prefetch keeps the entries dicts from it)
+V_ON, V_G, V_IT, V_ROWS, V_DIRTY, V_CHANCE, V_MIN, V_NLOG = range(8)
+V_NBIG, V_NSMALL = 8, 9  # victims chosen by each score (counts, for tests)
+# the state version (KernelVictims' KV_EV), then the ranking of the last scan of the
+# large-cache score (as the policy's victim_index keeps one): its GPU (-1: none), that
+# GPU's G_PUTS and the version then, how many ranked, the next to try, and the keys
+V_EV, V_MG, V_MPUTS, V_MEV, V_MN, V_MPOS, V_MCANDS, V_MLOST = 10, 11, 12, 13, 14, 15, 16, 17
+V_MK = 18
+RANKED = 8
+N_VI = V_MK + RANKED
+VF_TIE, VF_MTIE, VF_MS = 0, 1, 2  # the tie weight; the ranking's, and its scores
+N_VF = VF_MS + RANKED
+# mlog rows: an entry added (ADDED) to or removed (REMOVED) from its cache's entries, and
+# a removed entry's fields at that moment (mlogf: its last_used and loaded_at)
+M_KIND, M_K, M_STATE, M_USES, M_PINS, M_PROT, M_BYPF, M_PFUSED = range(8)
+N_M = 8
+ADDED, REMOVED = 1, 2
+# CALLBACK[0](code), set by sim.engine_prefetch: 1 the policy's chance table, 2 its
+# eviction table (each made now, as its Python victim choice would make it; vi refreshed)
+# 3: the membership log is full (Python applies it and empties it)
+CB_CHANCE, CB_TABLE, CB_FLUSH = 1, 2, 3
+CALLBACK: list = [None]
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
 DONE, YIELD_T, WAIT, NO_LINK, HOOK, BAD, HOOK_USED = 0, 1, 2, 3, 4, 5, 6
@@ -239,6 +283,18 @@ def _victim(ki, kf, gi, g):
 VICTIM: list = [None]
 
 
+# The objmode blocks call these module functions, never VICTIM or CALLBACK themselves:
+# numba's disk cache pickles the globals an objmode block reads, by value (a list holding
+# a bound method of the run's path: its whole state, the trace included, ~1 GB a kernel
+# on DeepSeek-V3), while a function of an importable module pickles by name.
+def _call_victim(g: int, n: int) -> int:
+    return VICTIM[0](g, n)
+
+
+def _call_back(code: int) -> None:
+    CALLBACK[0](code)
+
+
 @njit(cache=True, _nrt=False)
 def _py_victim(ki, gi, scratch, g):
     """ExpertCache._victim with the policy's own scorer: the candidates (resident,
@@ -257,22 +313,181 @@ def _py_victim(ki, gi, scratch, g):
     if n <= 1:
         return scratch[0] if n else -1
     with objmode(v="int64"):
-        v = VICTIM[0](g, n)
+        v = _call_victim(g, n)
     return v
 
 
 @njit(cache=True, _nrt=False)
-def _begin_load(isc, ki, kf, gi, gf, scratch, k, now, prefetch):
+def _callback(code):
+    """CALLBACK[0](code) in Python. Not inlined: it holds a call back into Python."""
+    with objmode():
+        _call_back(code)
+
+
+@njit(cache=True, _nrt=False)
+def _log(ki, kf, vs, k, kind):
+    """Note that key ``k`` entered (ADDED) or left (REMOVED, with its fields now) its
+    cache's entries."""
+    vi, mlog, mlogf = vs[0], vs[6], vs[7]
+    n = vi[V_NLOG]
+    if n == mlog.shape[0]:
+        _callback(CB_FLUSH)
+        n = vi[V_NLOG]
+    mlog[n, M_KIND] = kind
+    mlog[n, M_K] = k
+    mlog[n, M_STATE] = ki[k, K_STATE]
+    mlog[n, M_USES] = ki[k, K_USES]
+    mlog[n, M_PINS] = ki[k, K_PINS]
+    mlog[n, M_PROT] = ki[k, K_PROT]
+    mlog[n, M_BYPF] = ki[k, K_BYPF]
+    mlog[n, M_PFUSED] = ki[k, K_PFUSED]
+    mlogf[n, 0] = kf[k, KF_LAST]
+    mlogf[n, 1] = kf[k, KF_LOADED]
+    vi[V_NLOG] = n + 1
+
+
+@njit(cache=True, _nrt=False)
+def _kernel_victim(ki, kf, gi, scratch, g, vs):
+    """ExpertCache._victim with a policy's kernel victims (fMoE's expected time to next
+    use, policies.cache_victims.KernelVictims), as the cache and the policy's Python make
+    it: among the unprotected candidates (resident, unpinned; else the protected ones)
+    the lowest ``score + tie * last_used``, ties to the lowest key, the score being, from
+    VICTIM_INDEX_MIN unprotected candidates on, the policy's victim_index value
+    (policies.fmoe_jit._victim_etnu, this iteration's chance table made first), else its
+    eviction_scores value (its eviction table ``etnu``, made first when stale). The tables
+    are made in Python (CALLBACK) exactly when the Python engine would make them. A NaN
+    score: the policy's scorer in Python decides (VICTIM), as the cache's fallback does.
+    -1 when no entry can go."""
+    vi, vf, ist, etnu = vs[0], vs[1], vs[2], vs[5]
+    if (
+        vi[V_MG] == g
+        and vi[V_MPUTS] == gi[g, G_PUTS]
+        and vi[V_MCANDS] - (gi[g, G_CLOST] - vi[V_MLOST]) >= vi[V_MIN]
+    ):
+        # no candidate added or refreshed since the kept ranking's scan, and still enough
+        # of them for the large-cache score: while nothing else it read changed (the
+        # policy's state version, the tie weight) its first still a candidate is the
+        # lowest of what is left (as the policy's victim_index keeps its ranking)
+        vi[V_NBIG] += 1
+        if not vi[V_CHANCE]:
+            _callback(CB_CHANCE)
+        if vi[V_MEV] == vi[V_EV] and vf[VF_MTIE] == vf[VF_TIE]:
+            for p in range(vi[V_MPOS], vi[V_MN]):
+                k = vi[V_MK + p]
+                if ki[k, K_STATE] == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0:
+                    vi[V_MPOS] = p
+                    return k
+        vi[V_NBIG] -= 1  # counted again below
+    n = 0
+    pp = 0
+    for pp in range(2):
+        k = gi[g, G_HEAD]
+        while k >= 0:
+            if ki[k, K_STATE] == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == pp:
+                scratch[n] = k
+                n += 1
+            k = ki[k, K_NEXT]
+        if n:
+            break
+    if n <= 1:  # the cache takes a lone candidate unscored
+        return scratch[0] if n else -1
+    large = pp == 0 and n >= vi[V_MIN]
+    if large:
+        vi[V_NBIG] += 1
+        if not vi[V_CHANCE]:
+            _callback(CB_CHANCE)
+        return _rank_victims(ki, kf, gi, scratch, g, n, vs)
+    vi[V_NSMALL] += 1
+    if vi[V_DIRTY]:
+        _callback(CB_TABLE)
+    J = ist.shape[2]
+    tie = vf[VF_TIE]
+    best = -1
+    bs = 0.0
+    bl = 0
+    bj = 0
+    for i in range(n):
+        k = scratch[i]
+        lay = k // J
+        j = k - lay * J
+        s = etnu[lay, j] + tie * kf[k, KF_LAST]
+        if s != s:  # NaN: the policy's scorer in Python (the cache's own fallback)
+            with objmode(v="int64"):
+                v = _call_victim(g, n)
+            return v
+        if best < 0 or _before(s, lay, j, bs, bl, bj):
+            best = k
+            bs = s
+            bl = lay
+            bj = j
+    return best
+
+
+@njit(cache=True, _nrt=False)
+def _rank_victims(ki, kf, gi, scratch, g, n, vs):
+    """The large-cache score of candidates scratch[:n] (:func:`_kernel_victim`): the
+    lowest RANKED by (score, key) kept in vi/vf, the first returned; a NaN score: the
+    policy's scorer in Python decides (no ranking kept)."""
+    vi, vf, ist, fl, prot = vs[0], vs[1], vs[2], vs[3], vs[4]
+    J = ist.shape[2]
+    L = ist.shape[1]
+    tie = vf[VF_TIE]
+    g_, it, rows = vi[V_G], vi[V_IT], vi[V_ROWS]
+    c = 0
+    for i in range(n):
+        k = scratch[i]
+        lay = k // J
+        j = k - lay * J
+        s = _victim_etnu(ist, fl, prot, g_, it, L, lay, j, rows) + tie * kf[k, KF_LAST]
+        if s != s:
+            vi[V_MG] = -1
+            with objmode(v="int64"):
+                v = _call_victim(g, n)
+            return v
+        if c == RANKED:
+            w = vi[V_MK + RANKED - 1]
+            if not _before(s, lay, j, vf[VF_MS + RANKED - 1], w // J, w - (w // J) * J):
+                continue
+        q = c if c < RANKED else RANKED - 1
+        while q > 0:  # insert (the worst falls off a full ranking)
+            w = vi[V_MK + q - 1]
+            if not _before(s, lay, j, vf[VF_MS + q - 1], w // J, w - (w // J) * J):
+                break
+            vi[V_MK + q] = w
+            vf[VF_MS + q] = vf[VF_MS + q - 1]
+            q -= 1
+        vi[V_MK + q] = k
+        vf[VF_MS + q] = s
+        if c < RANKED:
+            c += 1
+    vi[V_MG] = g
+    vi[V_MPUTS] = gi[g, G_PUTS]
+    vi[V_MCANDS] = n
+    vi[V_MLOST] = gi[g, G_CLOST]
+    vi[V_MEV] = vi[V_EV]
+    vf[VF_MTIE] = vf[VF_TIE]
+    vi[V_MN] = c
+    vi[V_MPOS] = 0
+    return vi[V_MK]
+
+
+@njit(cache=True, _nrt=False)
+def _begin_load(isc, ki, kf, gi, gf, scratch, vs, k, now, prefetch):
     """ExpertCache.begin_load(key, now, prefetch=prefetch, pin=not prefetch); False
     (nothing changed) when no slot can be freed."""
     g = ki[k, K_DEV]
     while gi[g, G_COUNT] >= gi[g, G_CAP]:
-        if isc[I_PYSCORE]:
+        if vs[0][V_ON]:
+            v = _kernel_victim(ki, kf, gi, scratch, g, vs)
+        elif isc[I_PYSCORE]:
             v = _py_victim(ki, gi, scratch, g)
         else:
             v = _victim(ki, kf, gi, g)
         if v < 0:
             return False
+        _log(ki, kf, vs, v, REMOVED)
+        if ki[v, K_PROT] == 0:
+            gi[g, G_CLOST] += 1
         _unlink(ki, gi, v)
         ki[v, K_STATE] = ABSENT
         gi[g, G_COUNT] -= 1
@@ -291,6 +506,7 @@ def _begin_load(isc, ki, kf, gi, gf, scratch, k, now, prefetch):
     ki[k, K_PROT] = 1 if prefetch else 0
     ki[k, K_BYPF] = 1 if prefetch else 0
     ki[k, K_PFUSED] = 0
+    _log(ki, kf, vs, k, ADDED)
     _append(ki, gi, k)
     gi[g, G_COUNT] += 1
     _touched(gi, gf, g, now)
@@ -319,9 +535,10 @@ def _can_evict(ki, gi, g):
 
 
 @njit(cache=True, _nrt=False)
-def _cancel_slot(isc, ki, gi, scratch, k):
+def _cancel_slot(isc, ki, kf, gi, vs, k):
     """Link._cancel_slot: ExpertCache.cancel_load(key) and the freed slot counted."""
     g = ki[k, K_DEV]
+    _log(ki, kf, vs, k, REMOVED)
     _unlink(ki, gi, k)
     ki[k, K_STATE] = ABSENT
     gi[g, G_COUNT] -= 1
@@ -343,6 +560,7 @@ def _use(isc, ki, kf, gi, gf, scratch, k, now):
     _append(ki, gi, k)
     _touched(gi, gf, ki[k, K_DEV], now)
     ki[k, K_PROT] = 0
+    gi[ki[k, K_DEV], G_PUTS] += 1
 
 
 # -- the links ----------------------------------------------------------------------------
@@ -373,7 +591,7 @@ def _begin(isc, fsc, ki, gi, gf, g, k, now, new_run):
 
 
 @njit(cache=True, _nrt=False)
-def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now):
+def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now):
     """Link._next_job: the demand queue first, then the best live prefetch; -1 when none."""
     if gi[g, G_QN] > 0:
         nq = q.shape[1]
@@ -394,7 +612,7 @@ def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, no
                 ki[k, K_JSUSP] = 0
                 gi[g, G_NSUSP] -= 1
                 isc[I_NSUSP] -= 1
-                _cancel_slot(isc, ki, gi, scratch, k)
+                _cancel_slot(isc, ki, kf, gi, vs, k)
             continue
         if ki[k, K_JSUSP]:
             ki[k, K_JSUSP] = 0
@@ -404,7 +622,7 @@ def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, no
         if ki[k, K_STATE] != ABSENT:
             gi[g, S_SKIPPED] += 1
             continue
-        if not _begin_load(isc, ki, kf, gi, gf, scratch, k, now, True):
+        if not _begin_load(isc, ki, kf, gi, gf, scratch, vs, k, now, True):
             gi[g, S_DROPPED] += 1
             continue
         return k
@@ -412,21 +630,23 @@ def _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, no
 
 
 @njit(cache=True, _nrt=False)
-def _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now):
+def _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now):
     """Link._kick then _preempt, for one channel."""
     if gi[g, G_BUSY] < 0:
-        k = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
+        k = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now)
         if k >= 0:
             _begin(isc, fsc, ki, gi, gf, g, k, now, True)
     while gi[g, G_QN] > 0:
         k = gi[g, G_BUSY]
         if k < 0 or ki[k, K_JDEM] or ki[k, K_JSTOP]:
             return
-        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now, _SUSPEND)
+        _stop(
+            isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now, _SUSPEND
+        )
 
 
 @njit(cache=True, _nrt=False)
-def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now, kind):
+def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now, kind):
     """Link._stop: stop link g's prefetch at its next chunk boundary (at once in its
     latency phase). Not inlined: it and _segment_done call each other."""
     k = gi[g, G_BUSY]
@@ -438,7 +658,7 @@ def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, n
     if now <= gf[g, GF_T0]:
         gi[g, G_SEG] = 0
         gi[g, G_EVSEQ] = -1
-        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
+        _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now)
         return
     eb = isc[I_EBYTES]
     chunk = isc[I_CHUNK]
@@ -457,7 +677,7 @@ def _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, n
 
 
 @njit(cache=True, _nrt=False)
-def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now):
+def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now):
     """Link._segment_done of link g's segment (ending at ``now``)."""
     k = gi[g, G_BUSY]
     seg = gi[g, G_SEG]
@@ -476,6 +696,7 @@ def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, 
     if rem <= 0:
         ki[k, K_JOB] = JOB_NONE
         ki[k, K_STATE] = RESIDENT  # ExpertCache.finish_load
+        gi[g, G_PUTS] += 1
         kf[k, KF_LOADED] = now
         gi[g, G_NLOAD] -= 1
         gi[g, G_FREES] += 1
@@ -489,9 +710,9 @@ def _segment_done(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, 
         _hpush(ki, gi, hf, hi, g, -kf[k, KF_JPRI], ki[k, K_JSEQ], k)
     else:
         ki[k, K_JOB] = JOB_NONE
-        _cancel_slot(isc, ki, gi, scratch, k)
+        _cancel_slot(isc, ki, kf, gi, vs, k)
     if gi[g, G_QN] > 0 or gi[g, G_HN] > 0:
-        nk = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
+        nk = _next_job(isc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now)
         if nk >= 0:
             _begin(isc, fsc, ki, gi, gf, g, nk, now, True)
 
@@ -523,32 +744,49 @@ def _due(isc, gi, gf, cf):
 
 
 @njit(cache=True, _nrt=False)
-def _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t):
+def _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, t):
     """Links.advance(t): link events and timed calls at or before ``t`` in time order
     (ties: link events first, then calls in the order they were made)."""
     while True:
         g = _next_event(isc, gi, gf)
         if g >= 0 and gf[g, GF_EVT] <= t and (isc[I_NCALL] == 0 or gf[g, GF_EVT] <= cf[0]):
             _segment_done(
-                isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, gf[g, GF_EVT]
+                isc,
+                fsc,
+                ki,
+                kf,
+                gi,
+                gf,
+                q,
+                hf,
+                hi,
+                lg,
+                scratch,
+                cf,
+                ci,
+                bk,
+                bp,
+                vs,
+                g,
+                gf[g, GF_EVT],
             )
         elif isc[I_NCALL] and cf[0] <= t:
-            _run_call(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp)
+            _run_call(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs)
         else:
             return
 
 
 @njit(cache=True, _nrt=False)
-def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
+def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, k, now):
     """Link.start_demand(key, now); False (nothing reserved) when no slot can be freed."""
     g = ki[k, K_DEV]
     if ki[k, K_JOB] == JOB_QUEUED and not ki[k, K_JSUSP]:
         ki[k, K_JOB] = JOB_NONE  # take_queued: it is about to be a demand load
-    if not _begin_load(isc, ki, kf, gi, gf, scratch, k, now, False):
+    if not _begin_load(isc, ki, kf, gi, gf, scratch, vs, k, now, False):
         if gi[g, G_NSUSP] == 0:
             return False
-        _free_suspended(isc, ki, gi, scratch, g)
-        if not _begin_load(isc, ki, kf, gi, gf, scratch, k, now, False):
+        _free_suspended(isc, ki, kf, gi, vs, g)
+        if not _begin_load(isc, ki, kf, gi, gf, scratch, vs, k, now, False):
             return False
     ki[k, K_JDEM] = 1
     ki[k, K_JSTOP] = 0
@@ -564,12 +802,12 @@ def _start_demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, 
     q[g, (gi[g, G_QH] + gi[g, G_QN]) % nq] = k
     gi[g, G_QN] += 1
     ki[k, K_JOB] = JOB_DEMANDQ
-    _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
+    _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now)
     return True
 
 
 @njit(cache=True, _nrt=False)
-def _free_suspended(isc, ki, gi, scratch, g):
+def _free_suspended(isc, ki, kf, gi, vs, g):
     """Link.free_suspended: cancel every preempted prefetch of link g (by key)."""
     for k in range(ki.shape[0]):
         if ki[k, K_JSUSP] and ki[k, K_DEV] == g:
@@ -577,11 +815,11 @@ def _free_suspended(isc, ki, gi, scratch, g):
             gi[g, G_NSUSP] -= 1
             isc[I_NSUSP] -= 1
             ki[k, K_JOB] = JOB_NONE
-            _cancel_slot(isc, ki, gi, scratch, k)
+            _cancel_slot(isc, ki, kf, gi, vs, k)
 
 
 @njit(cache=True, _nrt=False)
-def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
+def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, k, now):
     """Link.promote: a LOADING key is demanded: its copy becomes a demand load."""
     g = ki[k, K_DEV]
     if ki[k, K_JSUSP]:
@@ -594,7 +832,7 @@ def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k
         q[g, (gi[g, G_QH] + gi[g, G_QN]) % nq] = k
         gi[g, G_QN] += 1
         ki[k, K_JOB] = JOB_DEMANDQ
-        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
+        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now)
         return
     if ki[k, K_JOB] == JOB_FLIGHT:
         ki[k, K_JDEM] = 1
@@ -602,7 +840,9 @@ def _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k
 
 
 @njit(cache=True, _nrt=False)
-def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, pri, stamp, now):
+def _enqueue(
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, k, pri, stamp, now
+):
     """Link.enqueue: queue or re-prioritise a prefetch; cached keys are skipped."""
     g = ki[k, K_DEV]
     gi[g, S_ORDERS] += 1
@@ -626,11 +866,11 @@ def _enqueue(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k
     ki[k, K_JSTAMP] = stamp
     _hpush(ki, gi, hf, hi, g, -pri, ki[k, K_JSEQ], k)
     if gi[g, G_BUSY] < 0 or gi[g, G_QN] > 0:
-        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now)
+        _kick(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now)
 
 
 @njit(cache=True, _nrt=False)
-def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, now):
+def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, k, now):
     """Link.cancel: drop a queued order, cancel a preempted or in-flight prefetch."""
     g = ki[k, K_DEV]
     if ki[k, K_JOB] == JOB_QUEUED:
@@ -639,10 +879,10 @@ def _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k,
             ki[k, K_JSUSP] = 0
             gi[g, G_NSUSP] -= 1
             isc[I_NSUSP] -= 1
-            _cancel_slot(isc, ki, gi, scratch, k)
+            _cancel_slot(isc, ki, kf, gi, vs, k)
         return
     if ki[k, K_JOB] == JOB_FLIGHT and not ki[k, K_JDEM]:
-        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, g, now, _CANCEL)
+        _stop(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, g, now, _CANCEL)
 
 
 @njit(cache=True, _nrt=False)
@@ -662,6 +902,7 @@ def _apply_from(
     ci,
     bk,
     bp,
+    vs,
     keys,
     pris,
     start,
@@ -673,7 +914,7 @@ def _apply_from(
     """Engine._apply: ``nc`` cancels (keys[start:]) first, then ``ne`` prefetches
     (keys/pris after them), ordered at gate ``stamp``."""
     for i in range(start, start + nc):
-        _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, keys[i], now)
+        _cancel(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, keys[i], now)
     for i in range(start + nc, start + nc + ne):
         _enqueue(
             isc,
@@ -691,6 +932,7 @@ def _apply_from(
             ci,
             bk,
             bp,
+            vs,
             keys[i],
             pris[i],
             stamp,
@@ -699,7 +941,7 @@ def _apply_from(
 
 
 @njit(cache=True, _nrt=False)
-def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, now):
+def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, ordk, ordp, now):
     """The orders the caller put in ordk/ordp (isc[I_NCAN] cancels, then isc[I_NORD]
     prefetches) at the current stamp."""
     _apply_from(
@@ -718,6 +960,7 @@ def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ord
         ci,
         bk,
         bp,
+        vs,
         ordk,
         ordp,
         0,
@@ -731,7 +974,7 @@ def _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ord
 
 
 @njit(cache=True, _nrt=False)
-def _run_call(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp):
+def _run_call(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs):
     """Run the earliest timed call (a delayed drain's orders) at its time."""
     when = cf[0]
     start, nc, ne, stamp = ci[0, C_START], ci[0, C_NCAN], ci[0, C_NENQ], ci[0, C_STAMP]
@@ -757,6 +1000,7 @@ def _run_call(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp):
         ci,
         bk,
         bp,
+        vs,
         bk,
         bp,
         start,
@@ -800,25 +1044,27 @@ def add_call(isc, fsc, gi, gf, cf, ci, bk, bp, ordk, ordp, when, stamp):
 
 
 @njit(cache=True, _nrt=False)
-def run_calls(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp):
+def run_calls(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs):
     """Links.run_calls: every pending call, each after the link events before it."""
     while isc[I_NCALL]:
-        _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, cf[0])
+        _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, cf[0])
     fsc[F_DUE] = _due(isc, gi, gf, cf)
 
 
 @njit(cache=True, _nrt=False)
-def apply_orders(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, now):
+def apply_orders(
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, ordk, ordp, now
+):
     """:func:`_apply` from Python (a drain at an iteration's start or end, after an
     arrival or an expert used), at ``now`` (the caller has advanced the links to it)."""
-    _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, now)
+    _apply(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, ordk, ordp, now)
     fsc[F_DUE] = _due(isc, gi, gf, cf)
 
 
 @njit(cache=True, _nrt=False)
-def advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t):
+def advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, t):
     """Links.advance(t): every link event at or before ``t``, in time order."""
-    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
+    _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, t)
     fsc[F_DUE] = _due(isc, gi, gf, cf)
 
 
@@ -859,7 +1105,9 @@ def _items(isc, ids, layer, work):
 
 
 @njit(cache=True, _nrt=False)
-def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work, et, layer, t):
+def _demand(
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, et, layer, t
+):
     """LayerSteps._demand: demand and pin the layer's experts (a LOADING one is promoted
     to a demand load), then start loading the absent ones; returns the number of GPUs
     with misses, or -1 when an absent one found no slot (the caller admits no such run)."""
@@ -897,6 +1145,8 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, wo
                     gi[g, C_PFTIMELY] += 1
                 else:
                     gi[g, C_PFLATE] += 1
+            if st == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0:
+                gi[g, G_CLOST] += 1
             ki[k, K_PINS] += 1
         if st == RESIDENT:
             gf[g, GF_COMP] += ct
@@ -911,7 +1161,7 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, wo
             nslow += 1
         gf[g, GF_LOAD] += ct
         if st == LOADING:
-            _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, t)
+            _promote(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, k, t)
             work[npend, W_PEND] = k
             work[npend, W_PTOK] = tok
             npend += 1
@@ -924,7 +1174,7 @@ def _demand(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, wo
         i = work[a, W_ABS]
         k = base + work[i, W_E]
         if not _start_demand(
-            isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, k, t
+            isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, k, t
         ):
             return -1
         work[npend, W_PEND] = k
@@ -1001,7 +1251,7 @@ def _attribute(isc, ids, layer, work, row_off, req_out):
 
 
 @njit(cache=True, _nrt=False)
-def _drop_suspended_of_layer(isc, ki, gi, lg, scratch, layer):
+def _drop_suspended_of_layer(isc, ki, kf, gi, lg, vs, layer):
     """Link.drop_suspended_of_layer on every link: cancel preempted prefetches of
     ``layer`` ordered before its gate that just ran."""
     J = isc[I_J]
@@ -1014,12 +1264,12 @@ def _drop_suspended_of_layer(isc, ki, gi, lg, scratch, layer):
             isc[I_NSUSP] -= 1
             ki[k, K_JOB] = JOB_NONE
             gi[g, S_STALE] += 1
-            _cancel_slot(isc, ki, gi, scratch, k)
+            _cancel_slot(isc, ki, kf, gi, vs, k)
 
 
 @njit(cache=True, _nrt=False)
 def iteration(
-    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work, ordk, ordp, ids, row_off, et, plan,
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
     req_out,
 ):  # fmt: skip
     """Run (or resume) one iteration's layers (Engine._iteration from the head on); returns
@@ -1057,7 +1307,7 @@ def iteration(
         if ph == PH_GATE:
             layer = plan[isc[I_POS], 0]
             if _due(isc, gi, gf, cf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, t)
             isc[I_GATESEQ] += 1
             isc[I_STAMP] = isc[I_GATESEQ]
             lg[layer] = isc[I_GATESEQ]
@@ -1072,7 +1322,26 @@ def iteration(
         if ph == PH_DEMAND:
             layer = plan[isc[I_POS], 0]
             nslow = _demand(
-                isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work, et, layer, t
+                isc,
+                fsc,
+                ki,
+                kf,
+                gi,
+                gf,
+                q,
+                hf,
+                hi,
+                lg,
+                scratch,
+                cf,
+                ci,
+                bk,
+                bp,
+                vs,
+                work,
+                et,
+                layer,
+                t,
             )
             if nslow < 0:
                 isc[I_PHASE] = ph
@@ -1081,10 +1350,35 @@ def iteration(
             # the policy's orders of this gate, after the demand loads (they go first)
             if isc[I_NCAN] or isc[I_NORD]:
                 _apply(
-                    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, ordk, ordp, t
+                    isc,
+                    fsc,
+                    ki,
+                    kf,
+                    gi,
+                    gf,
+                    q,
+                    hf,
+                    hi,
+                    lg,
+                    scratch,
+                    cf,
+                    ci,
+                    bk,
+                    bp,
+                    vs,
+                    ordk,
+                    ordp,
+                    t,
                 )
+            if isc[I_NCAN2] or isc[I_NORD2]:  # on_gate's, after on_gate_now's
+                _apply_from(
+                    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs,
+                    ordk, ordp, isc[I_SEG2], isc[I_NCAN2], isc[I_NORD2], isc[I_STAMP], t,
+                )  # fmt: skip
+                isc[I_NCAN2] = 0
+                isc[I_NORD2] = 0
             if isc[I_NSUSP]:
-                _drop_suspended_of_layer(isc, ki, gi, lg, scratch, layer)
+                _drop_suspended_of_layer(isc, ki, kf, gi, lg, vs, layer)
             top = gf[0, GF_COMP]
             for g in range(1, isc[I_NGPU]):
                 if gf[g, GF_COMP] > top:
@@ -1121,7 +1415,7 @@ def iteration(
                     fsc[F_T] = t
                     fsc[F_DUE] = when
                     return WAIT
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, when)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, when)
             end = t + fsc[F_TOP]
             step = isc[I_STEP]
             for g in range(isc[I_NGPU]):
@@ -1144,12 +1438,13 @@ def iteration(
         if ph == PH_END2:
             layer = plan[isc[I_POS], 0]
             if _due(isc, gi, gf, cf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, t)
             for i in range(isc[I_NUSED]):
                 _use(isc, ki, kf, gi, gf, scratch, work[i, W_USED], t)
             for k in range(layer * J, layer * J + J):  # Engine._unprotect
                 if ki[k, K_PROT]:
                     ki[k, K_PROT] = 0
+                    gi[ki[k, K_DEV], G_PUTS] += 1
             _attribute(isc, ids, layer, work, row_off, req_out)
             ph = PH_USED
             if isc[I_HOOKUSED]:  # the policy's on_expert_used per expert, in Python
@@ -1171,7 +1466,7 @@ def iteration(
                 return YIELD_T
         if ph == PH_ITER2:
             if _due(isc, gi, gf, cf) <= t:
-                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, t)
+                _advance(isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, t)
             isc[I_PHASE] = PH_HEAD
             fsc[F_T] = t
             fsc[F_DUE] = _due(isc, gi, gf, cf)
@@ -1203,7 +1498,8 @@ def needs_waves(ids, ki, gi, counts, seen, mark, num_experts):
 
 
 def new_state(num_keys: int, num_layers: int, num_gpus: int, num_experts: int, qcap: int) -> tuple:
-    """Zeroed state arrays (isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work) for a run."""
+    """Zeroed state arrays (isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp,
+    vs, work) for a run; vs without kernel victims (:func:`victim_state` makes one)."""
     isc = np.zeros(N_ISC, np.int64)
     fsc = np.zeros(N_FSC, np.float64)
     ki = np.zeros((num_keys, N_KI), np.int64)
@@ -1228,7 +1524,8 @@ def new_state(num_keys: int, num_layers: int, num_gpus: int, num_experts: int, q
     bp = np.zeros(1024, np.float64)
     work = np.zeros((num_experts, N_W), np.int64)
     work[:, W_MISSED] = work[:, W_MARK] = -1
-    return isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, work
+    vs = victim_state(None, 4 * num_keys + 64)
+    return isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work
 
 
 @njit(cache=True, _nrt=False)
@@ -1261,3 +1558,66 @@ def cached_cands(ki, gi, g, out):
             n += 1
         k = ki[k, K_NEXT]
     return n
+
+
+def victim_state(kv: object, log_rows: int) -> tuple:
+    """The kernel's ``vs`` tuple: the arrays of a policy's kernel victims ``kv``
+    (policies.cache_victims.KernelVictims; None: dummies, V_ON never set) and a
+    membership log of ``log_rows`` rows."""
+    vi = np.zeros(N_VI, np.int64)
+    vi[V_MG] = -1
+    vf = np.zeros(N_VF, np.float64)
+    if kv is None:
+        arrays = (
+            np.zeros((1, 1, 1), np.int64),
+            np.zeros((1, 1, 1), np.float64),
+            np.zeros((1, 1), np.bool_),
+            np.zeros((1, 1), np.float64),
+        )
+    else:
+        arrays = (kv.ist, kv.fl, kv.prot, kv.etnu)  # type: ignore[attr-defined]
+    mlog = np.zeros((log_rows, N_M), np.int64)
+    mlogf = np.zeros((log_rows, 2), np.float64)
+    return (vi, vf, *arrays, mlog, mlogf)
+
+
+@njit(cache=True, _nrt=False)
+def fill_cands(ki, kf, gi, g, keys, layers, experts, last_used, J):
+    """GPU g's unprotected eviction candidates (ExpertCache._cands) in recency order:
+    their key indices, layers, experts and last_used; returns how many."""
+    n = 0
+    k = gi[g, G_HEAD]
+    while k >= 0:
+        if ki[k, K_STATE] == RESIDENT and ki[k, K_PINS] == 0 and ki[k, K_PROT] == 0:
+            keys[n] = k
+            layers[n] = k // J
+            experts[n] = k - (k // J) * J
+            last_used[n] = kf[k, KF_LAST]
+            n += 1
+        k = ki[k, K_NEXT]
+    return n
+
+
+def _stamp_dependencies() -> None:
+    """Add the contents of the modules whose jitted helpers this one compiles in
+    (:mod:`sim.fastkernel`, :mod:`policies.fmoe_jit`) to each kernel's disk-cache stamp:
+    numba compares a cached kernel's stamp with its own source file's only, and would
+    load a kernel compiled from an older callee. (numba internals, read defensively: a
+    numba without them keeps its own stamp.)"""
+    import hashlib
+
+    import policies.fmoe_jit
+    import sim.fastkernel
+
+    h = hashlib.sha256()
+    for mod in (sim.fastkernel, policies.fmoe_jit):
+        with open(mod.__file__, "rb") as f:  # type: ignore[arg-type]
+            h.update(f.read())
+    dep = h.hexdigest()
+    for obj in list(globals().values()):
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+            cache_file._source_stamp = (cache_file._source_stamp, dep)
+
+
+_stamp_dependencies()

@@ -27,8 +27,8 @@ PATH = engine_prefetch.PrefetchPath  # the compiled path these tests hold equal
 
 
 ON_KERNEL = ["deepspeed", "promoe", "mixtral-offloading", "moe-infinity", "least-stale"]
-# oracle overrides on_load_finished; fmoe keeps the caches' entries dicts from its bind
-PYTHON_ONLY = ["oracle", "fmoe"]
+# oracle overrides on_load_finished (fmoe: tests/test_engine_prefetch_fmoe.py)
+PYTHON_ONLY = ["oracle"]
 
 
 @pytest.mark.parametrize("policy", ON_KERNEL)
@@ -58,8 +58,7 @@ def test_prefetching_compiled_equals_python(
 
 @pytest.mark.parametrize("policy", PYTHON_ONLY)
 def test_policies_with_other_hooks_fall_back(policy: str) -> None:
-    """Policies with hooks the kernel does not return for (on_load_finished), or that hold
-    a cache's entries dict (its reads would not see the kernel's state), run on the
+    """Policies with hooks the kernel does not return for (on_load_finished) run on the
     Python engine under any setting, with the same results."""
     spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
     w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=3))
@@ -269,13 +268,16 @@ def test_prefetch_heap_pops_like_heapq(ops: list[tuple[int, float]], data: st.Da
     assert popped == [k for k, _ in sorted(live.items(), key=lambda kv: kv[1])]
 
 
-@pytest.mark.parametrize(("policy", "taken"), [("deepspeed", True), ("mixtral-offloading", False)])
+@pytest.mark.parametrize(
+    ("policy", "taken"), [("deepspeed", True), ("mixtral-offloading", False), ("fmoe", True)]
+)
 def test_auto_takes_the_path_only_with_kernel_victims(
     policy: str, taken: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """FMOE_SIM_ENGINE=auto (on a run large enough for it) takes the prefetching path only
-    where the kernel picks victims itself (a recency scorer); a policy whose scorer is
-    called back stays on the Python engine (measured faster there). Same results."""
+    where the kernel picks victims itself (a recency scorer, fMoE's KernelVictims); a
+    policy whose scorer is called back stays on the Python engine (measured faster
+    there). Same results."""
     monkeypatch.setattr(engine_fast, "AUTO_MIN_STEPS", 1)
     spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
     w = generate(spec, SynthConfig(num_requests=1, arrival_rate=2.91, seed=8))
