@@ -117,10 +117,15 @@ class FmoeRequestPrior:
         self._etnu_dirty = True
         self._ev += 1
 
-    def request_prior_metadata(self) -> dict[str, float]:
-        """The measured weights (pseudo-observations per layer: min, max)."""
+    def request_prior_metadata(self) -> dict[str, float | int | None]:
+        """The measured weights (pseudo-observations per layer: min and max of the finite
+        ones, None when there are none) and how many layers showed no excess spread
+        (weight infinite: every request at the population's rate). Infinity is kept out
+        of the numbers: it is not valid JSON."""
         w = self._pop[:, -1]
+        finite = w[np.isfinite(w)]
         return {
-            "request_prior_weight_min": float(w.min()),
-            "request_prior_weight_max": float(w.max()),
+            "request_prior_weight_min": float(finite.min()) if finite.size else None,
+            "request_prior_weight_max": float(finite.max()) if finite.size else None,
+            "request_prior_layers_no_spread": int((~np.isfinite(w)).sum()),
         }

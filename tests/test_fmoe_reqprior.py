@@ -6,6 +6,8 @@ default path unchanged."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -85,6 +87,11 @@ def test_requests_that_stray_get_a_weak_prior_and_typical_ones_an_infinite_one()
         pol2._request_prior_add(np.full((L, J), 10.0), np.array([40.0]))
     pol2._request_prior_weights(pop2)
     assert pop2[0, J + 1] == np.inf
+    # the metadata keeps infinity out of its numbers (not valid JSON) and counts the layer
+    meta = pol2.request_prior_metadata()
+    assert meta["request_prior_layers_no_spread"] == 1
+    assert meta["request_prior_weight_min"] is None and meta["request_prior_weight_max"] is None
+    json.dumps(meta, allow_nan=False)
 
 
 @settings(max_examples=20, deadline=None)
@@ -137,6 +144,7 @@ def test_weights_are_learned_at_fit_and_reported():
     meta = pol.metadata()
     assert 0 < meta["request_prior_weight_min"] <= meta["request_prior_weight_max"]
     assert np.isfinite(meta["request_prior_weight_min"])
+    assert meta["request_prior_layers_no_spread"] == 0
     default = FmoePolicy(store_capacity=20, admission="none", request_prior="one")
     default.bind(PolicyContext(spec, Placement(3, 6), [ExpertCache(capacity=9, expert_bytes=1)]))
     assert default._pop.shape == (3, 7)
