@@ -32,6 +32,7 @@ from numba import njit
 
 from policies.fmoe_blocking import gate_crossings as _gate_crossings_py
 from policies.fmoe_jit import age_bucket1
+from specs.jitcache import stamp_dependencies
 
 # the same function, compiled: one source for the Python admission and the kernel
 gate_crossings = njit(cache=True)(_gate_crossings_py)
@@ -472,25 +473,12 @@ def admit_gate(  # noqa: ANN201, PLR0913 - numba
     )  # fmt: skip
 
 
-def _stamp_dependencies() -> None:
-    """Add the contents of the modules whose jitted functions these kernels compile in
-    (policies.fmoe_blocking's gate_crossings, policies.fmoe_jit's age_bucket1) to each
-    kernel's disk-cache stamp: numba compares a cached kernel's stamp with its own source
-    file's only (docs/testing.md). (numba internals, read defensively: a numba without
-    them keeps its own stamp.)"""
-    import hashlib
-
+# these kernels compile in policies.fmoe_blocking's gate_crossings and policies.fmoe_jit's
+# age_bucket1: their sources join the kernels' disk-cache stamp (specs/jitcache.py)
+def _stamp_own_kernels() -> None:
     from policies import fmoe_blocking, fmoe_jit
 
-    h = hashlib.sha256()
-    for mod in (fmoe_blocking, fmoe_jit):
-        with open(mod.__file__, "rb") as f:  # type: ignore[arg-type]
-            h.update(f.read())
-    dep = h.hexdigest()
-    for obj in list(globals().values()):
-        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
-        if cache_file is not None and hasattr(cache_file, "_source_stamp"):
-            cache_file._source_stamp = (cache_file._source_stamp, dep)
+    stamp_dependencies(globals().values(), (fmoe_blocking, fmoe_jit))
 
 
-_stamp_dependencies()
+_stamp_own_kernels()

@@ -12,7 +12,7 @@ and the step-by-step passes side by side on random routings).
 
 It calls kernels of other modules: numba keys a kernel's disk cache on its own source
 file only (docs/testing.md, "numba's disk cache"), so the contents of those modules join
-this file's kernels' cache stamp (:func:`_stamp_dependencies`, as
+this file's kernels' cache stamp (:func:`specs.jitcache.stamp_dependencies`, as
 sim/fastkernel_prefetch.py does): a changed callee recompiles them.
 
 Imported when an fMoE policy with deadline admission is bound (with policies.fmoe_jit).
@@ -25,6 +25,7 @@ from numba import njit
 from policies.fmoe_admit_jit import admit_gate, merge_cands
 from policies.fmoe_calib_jit import calib_note
 from policies.fmoe_jit import decreasing_rows, victims
+from specs.jitcache import stamp_dependencies
 
 # admit_one's codes besides admit_gate's (>= -3)
 LOOP = -10  # fewer candidates than the kernel takes: the Python loop judges them
@@ -170,24 +171,12 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
     )  # fmt: skip
 
 
-def _stamp_dependencies() -> None:
-    """Add the contents of the modules whose kernels :func:`admit_one` compiles in
-    (policies.fmoe_admit_jit, fmoe_blocking, fmoe_calib_jit, fmoe_jit) to its disk-cache
-    stamp: numba compares a cached kernel's stamp with its own source file's only, and
-    would load one compiled from an older callee. (numba internals, read defensively: a
-    numba without them keeps its own stamp.)"""
-    import hashlib
-
+# admit_one compiles in kernels of these modules: their sources join its disk-cache
+# stamp (specs/jitcache.py)
+def _stamp_own_kernels() -> None:
     from policies import fmoe_admit_jit, fmoe_blocking, fmoe_calib_jit, fmoe_jit
 
-    h = hashlib.sha256()
-    for mod in (fmoe_admit_jit, fmoe_blocking, fmoe_calib_jit, fmoe_jit):
-        with open(mod.__file__, "rb") as f:  # type: ignore[arg-type]
-            h.update(f.read())
-    dep = h.hexdigest()
-    cache_file = getattr(getattr(admit_one, "_cache", None), "_cache_file", None)
-    if cache_file is not None and hasattr(cache_file, "_source_stamp"):
-        cache_file._source_stamp = (cache_file._source_stamp, dep)
+    stamp_dependencies((admit_one,), (fmoe_admit_jit, fmoe_blocking, fmoe_calib_jit, fmoe_jit))
 
 
-_stamp_dependencies()
+_stamp_own_kernels()

@@ -27,7 +27,7 @@ Over 450 lines on purpose: numba's on-disk cache keys a compiled function on its
 source file only, so the kernel and every helper it calls live in one module, but for
 the list helpers of :mod:`sim.fastkernel` and fMoE's score (:mod:`policies.fmoe_jit`'s
 ``_victim_etnu`` and ``_before``, which the policy's own kernels share): those two files'
-contents join every kernel's cache stamp here (:func:`_stamp_dependencies`), so editing
+contents join every kernel's cache stamp here (:func:`specs.jitcache.stamp_dependencies`), so editing
 them recompiles this module's kernels. Compiled
 with ``_nrt=False`` (no reference counting): nothing here allocates. The helpers are not
 marked ``inline="always"`` (numba's IR inlining; LLVM still inlines what pays): with it
@@ -45,6 +45,7 @@ from numba import njit, objmode
 
 from policies.fmoe_jit import _before, _victim_etnu
 from sim.fastkernel import _append, _touched, _unlink
+from specs.jitcache import stamp_dependencies
 
 # -- isc: int64 scalars ---------------------------------------------------------------
 I_PHASE, I_POS, I_GATESEQ, I_STEPS, I_SEQ, I_NUSED, I_NPEND, I_STEP = 0, 1, 2, 3, 4, 5, 6, 7
@@ -1598,26 +1599,13 @@ def fill_cands(ki, kf, gi, g, keys, layers, experts, last_used, J):
     return n
 
 
-def _stamp_dependencies() -> None:
-    """Add the contents of the modules whose jitted helpers this one compiles in
-    (:mod:`sim.fastkernel`, :mod:`policies.fmoe_jit`) to each kernel's disk-cache stamp:
-    numba compares a cached kernel's stamp with its own source file's only, and would
-    load a kernel compiled from an older callee. (numba internals, read defensively: a
-    numba without them keeps its own stamp.)"""
-    import hashlib
-
+# the kernels compile in sim.fastkernel's list helpers and policies.fmoe_jit's score:
+# their sources join every kernel's disk-cache stamp (specs/jitcache.py)
+def _stamp_own_kernels() -> None:
     import policies.fmoe_jit
     import sim.fastkernel
 
-    h = hashlib.sha256()
-    for mod in (sim.fastkernel, policies.fmoe_jit):
-        with open(mod.__file__, "rb") as f:  # type: ignore[arg-type]
-            h.update(f.read())
-    dep = h.hexdigest()
-    for obj in list(globals().values()):
-        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
-        if cache_file is not None and hasattr(cache_file, "_source_stamp"):
-            cache_file._source_stamp = (cache_file._source_stamp, dep)
+    stamp_dependencies(globals().values(), (sim.fastkernel, policies.fmoe_jit))
 
 
-_stamp_dependencies()
+_stamp_own_kernels()
