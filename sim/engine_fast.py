@@ -87,6 +87,13 @@ def why_not_compiled(eng: Engine) -> str:
         return "an event log is recorded"
     if eng.interferes:
         return "copies interfere with compute"
+    return why_not_plain_start(eng)
+
+
+def why_not_plain_start(eng: Engine) -> str:
+    """Why ``eng``'s links or caches are not what both compiled paths model ('' when they
+    are): links that carry one copy at a time with no host-side cap, plain
+    :class:`ExpertCache` caches whose entries start plainly resident."""
     hw = eng.cfg.hardware
     if hw.link.concurrency != 1 or hw.host_bandwidth_cap_Bps is not None:
         return "links carry several copies at once"

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from policies.base import Policy, RecencyEviction
-from policies.cache import VICTIM_INDEX_MIN, ExpertCache, ExpertState
+from policies.cache import VICTIM_INDEX_MIN
 from policies.cache_victims import victim_index_of
+from sim.engine_fast import why_not_plain_start
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -63,15 +64,9 @@ def why_not_prefetch(eng: Engine) -> str:
         return "experts wait for all loads (experts_wait_for_loads)"
     if eng.side or eng.h_miss:
         return "miss actions other than a fetch"
-    hw = eng.cfg.hardware
-    if hw.link.concurrency != 1 or hw.host_bandwidth_cap_Bps is not None:
-        return "links carry several copies at once"
-    for cache in eng.caches:
-        if type(cache) is not ExpertCache:
-            return f"cache type {type(cache).__name__}"
-        for e in cache.entries.values():
-            if e.state is not ExpertState.RESIDENT or e.pins or e.protected or e.by_prefetch:
-                return "a cache starts with an entry that is not plainly resident"
+    plain = why_not_plain_start(eng)
+    if plain:
+        return plain
     for cache in eng.caches:
         # the cache's own reference and getrefcount's: any other holder (a policy that
         # kept it at bind) would read the real counters, not the kernel's (the entries
