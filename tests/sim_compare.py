@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sim import engine_fast
@@ -62,3 +62,21 @@ def both(workload: Any, cfg: Any, path: type = engine_fast.FastPath) -> tuple[st
     with engine("compiled", path) as built:
         fast = outcome(simulate(workload, cfg))
     return ref, fast, built
+
+
+def both_with(
+    workload: Any, cfg: Any, path: type, make_policy: Callable[[], Any]
+) -> tuple[list[str], list[Any]]:
+    """([Python outcome, compiled outcome], [their policies]): each run under its engine
+    setting with a fresh policy from ``make_policy`` (e.g. one that records what its
+    hooks read); the Python run builds no ``path`` object, the compiled run exactly one."""
+    from sim.run import simulate
+
+    outs, policies = [], []
+    for name in ("python", "compiled"):
+        with engine(name, path) as built:
+            pol = make_policy()
+            outs.append(outcome(simulate(workload, cfg, policy=pol)))
+            policies.append(pol)
+        assert len(built) == (name == "compiled")
+    return outs, policies

@@ -18,7 +18,7 @@ from sim import engine_fast, engine_prefetch
 from sim.config import SimConfig
 from sim.run import simulate
 from specs.presets import load_hardware, load_model
-from tests.sim_compare import both, engine, outcome
+from tests.sim_compare import both, both_with, engine, outcome
 from tests.strategies import random_workload, specs
 from tests.test_sim_kit import exact_profile
 from traces.synth import SynthConfig, generate
@@ -174,13 +174,8 @@ def test_hooks_see_what_the_python_engine_shows() -> None:
     spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
     w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=5))
     cfg = SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_gb=12.0, batch_size=2)
-    logs, outs = [], []
-    for name in ("python", "compiled"):
-        with engine(name, PATH) as built:
-            pol = Watcher()
-            outs.append(outcome(simulate(w, cfg, policy=pol)))
-            logs.append(pol.seen)
-        assert len(built) == (name == "compiled")
+    outs, pols = both_with(w, cfg, PATH, Watcher)
+    logs = [p.seen for p in pols]
     assert outs[0] == outs[1]
     assert logs[0] == logs[1]
     assert any(c[1]["evictions"] for g in logs[0] for c in g[3])  # it saw evictions
@@ -219,11 +214,7 @@ def test_small_call_buffers_grow(monkeypatch: pytest.MonkeyPatch) -> None:
     spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
     w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=7))
     cfg = SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_gb=12.0, batch_size=2)
-    outs = []
-    for name in ("python", "compiled"):
-        with engine(name, PATH) as built:
-            outs.append(outcome(simulate(w, cfg, policy=SlowSearch())))
-        assert len(built) == (name == "compiled")
+    outs, _ = both_with(w, cfg, PATH, SlowSearch)
     assert outs[0] == outs[1]
     assert grown  # the delayed orders outgrew the buffers
 

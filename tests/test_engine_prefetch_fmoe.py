@@ -19,9 +19,8 @@ from policies.fmoe import FmoePolicy
 from sim import engine_prefetch
 from sim import fastkernel_prefetch as fk
 from sim.config import SimConfig
-from sim.run import simulate
 from specs.presets import load_hardware, load_model
-from tests.sim_compare import both, engine, outcome
+from tests.sim_compare import both, both_with
 from tests.strategies import random_workload, small_spec
 from tests.test_sim_kit import exact_profile
 from traces.synth import SynthConfig, generate
@@ -130,13 +129,8 @@ def test_fmoe_hooks_see_what_the_python_engine_shows() -> None:
     objects kept from an earlier gate, candidate arrays) is the Python engine's."""
     cfg = _cfg("a100-80gb-pcie4", 16.0, 2)
     w = _workload(seed=5, n=2)
-    logs, outs = [], []
-    for name in ("python", "compiled"):
-        with engine(name, PATH) as built:
-            pol = Watcher()
-            outs.append(outcome(simulate(w, cfg, policy=pol)))
-            logs.append(pol.seen)
-        assert len(built) == (name == "compiled")
+    outs, pols = both_with(w, cfg, PATH, Watcher)
+    logs = [p.seen for p in pols]
     assert outs[0] == outs[1]
     assert logs[0] == logs[1]
     # it saw evictions: entries held from an earlier gate that had left, with their uses
