@@ -85,6 +85,8 @@ class FmoeDeadline(
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
         # this hook's new candidates, (layer, j) -> p as arrays (policies.fmoe_cands)
         self._dl_cands = CandidateSet(L, J)
+        # the one-call pass's arguments fixed at bind hold this set's arrays: made again
+        self._one_k = self._one_av = self._one_sh = None
         self._gate_times: list[float] = []  # gate times of the current iteration
         self._interval: float | None = None  # measured mean gate interval (see _kind)
         self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
