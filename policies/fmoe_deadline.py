@@ -59,7 +59,7 @@ from policies.fmoe_forecast import FmoeForecast
 from policies.fmoe_residence import FmoeResidence
 
 _LAST_BUCKET = AGE_BUCKETS - 1
-_RESIDENT = ExpertState.RESIDENT
+_RESIDENT, _LOADING = ExpertState.RESIDENT, ExpertState.LOADING
 # from this many candidates a one-row gate ranks and judges them in one kernel call
 # (policies.fmoe_admit_jit; below it the call and its arrays cost more than the loop)
 _KERNEL_MIN = 2
@@ -186,15 +186,34 @@ class FmoeDeadline(
         if not cache_of:
             return
         now_n = [0] * self._n_dev  # this gate's demand loads per device
+        blocking = self._blocking
+        # blocking="measured": the devices with absent experts (and their keys) and with a
+        # copy still loading, found in the same loop (FmoeBlocking._blocking_gate's)
+        absent: dict[int, list[ExpertKey]] = {}
+        late: set[int] = set()
+        one = self._layer_ents[layer]  # the layer's one entries dict, where one cache has it
+        ents, devs = self._ents_of[layer], dev_of[layer]
         for j in ids:
             # a demanded copy still loading (a late prefetch, promoted to a demand load)
             # is link time this gate waits for, as a demand load's: counted as one, else
             # its stall lengthens the measured interval and so the link time the rule
             # thinks prefetches have (more late copies admitted, longer stalls: measured
             # on one A100, docs/fmoe.md)
-            e = cache_of[layer][j].entries.get((layer, j))
-            if e is None or e.state is not _RESIDENT:
-                now_n[dev_of[layer][j]] += 1
+            key = (layer, j)
+            e = (ents[j] if one is None else one).get(key)
+            if e is None:
+                dev = devs[j]
+                now_n[dev] += 1
+                if blocking:
+                    got = absent.get(dev)
+                    if got is None:
+                        absent[dev] = [key]
+                    else:
+                        got.append(key)
+            elif e.state is not _RESIDENT:
+                now_n[devs[j]] += 1
+                if blocking and e.state is _LOADING:
+                    late.add(devs[j])  # a late prefetch, now this gate's demand load
         for dev, k in enumerate(now_n):
             if k:
                 self._demand_now[dev] += k
@@ -202,8 +221,9 @@ class FmoeDeadline(
         self._max_now += max(now_n)
         if self._gate_fc:  # forecast="gate": the first step's link time from these
             self._gate_dem = (layer, now_n)
-        if self._blocking:
-            self._blocking_gate(layer, ids, now)
+        if blocking:
+            self._blocking_resolve()
+            self._blocking_seen(absent, late, now)
         if self._res_on:
             self._residence_gate(layer, ids)
         if self._fin_on:
