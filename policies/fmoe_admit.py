@@ -216,8 +216,13 @@ class FmoeAdmitKernel:
         saving="finish" (policies.fmoe_finish): link-time costs over kappa (1.0: as
         before). These lists change once an iteration: their arrays are made again only
         when their values differ from the last pass's (compared as lists)."""
-        src = (self._demand_s, self._beta if self._blocking else None, self._kap)
+        d, b, k = self._demand_s, self._beta if self._blocking else None, self._kap
         memo = self._admit_arrs
+        # the same three lists as the last pass's: the same values (each is replaced by
+        # a new list when measured again, never changed in place)
+        if memo is not None and memo[4][0] is d and memo[4][1] is b and memo[4][2] is k:
+            return memo[1], memo[2], memo[3]
+        src = (d, b, k)
         if memo is None or memo[0] != src:
             beta = np.asarray(self._beta if self._blocking else np.zeros(self._n_dev), np.float64)
             kap = np.asarray(self._kap, np.float64)
@@ -226,7 +231,10 @@ class FmoeAdmitKernel:
                 np.asarray(self._demand_s, np.float64),
                 beta / kap,
                 kap,
+                src,
             )
+        else:
+            memo = self._admit_arrs = (*memo[:4], src)
         return memo[1], memo[2], memo[3]
 
     def _admit_acts(

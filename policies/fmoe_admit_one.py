@@ -26,6 +26,8 @@ _ONE = True
 _DONE, _KERNEL, _LOOP = "done", "kernel", "loop"
 _NO_I = np.zeros(0, np.int64)
 _NO_F = np.zeros(0, np.float64)
+# what _admit_one returns once it sent and counted (_admit_pass reads only the first)
+_DONE_ONE = (_DONE, _NO_I, _NO_I, _NO_F, np.zeros(0, np.bool_), _NO_F)
 
 
 class FmoeAdmitOne:
@@ -130,7 +132,7 @@ class FmoeAdmitOne:
         candidates the admission kernel judges (fewer: the Python loop's): None (nothing
         done) where it does not apply; else (what is left, the merged candidates' layers,
         experts, p, was queued, lookahead chance). What is left: "done" (sent and counted,
-        but for the stale cancellations), "kernel" (a NaN victim score: the step-by-step
+        but for the stale cancellations; the arrays then empty), "kernel" (a NaN victim score: the step-by-step
         admission kernel's Python victim listing) or "loop" (the Python loop judges them;
         none where there are none)."""
         if (
@@ -191,7 +193,7 @@ class FmoeAdmitOne:
             step = float(s) if s else 0.0
         resid = bufs.resid  # type: ignore[union-attr]
         if price and self._victim_resid:
-            resid[0], resid[1] = self._residence_steps(0), self._residence_steps(1)
+            resid[0], resid[1] = self._residence_both()
         else:
             resid[0] = resid[1] = 0.0
         named_layer, named_ids, mh0, mn0 = self._admit_named_args()
@@ -210,8 +212,9 @@ class FmoeAdmitOne:
             self._chance_it = it
             self._ev += 1
         lay, jj, p, was, look = dl._out
-        lay, jj, p, was, look = lay[:n], jj[:n], p[:n], was[:n], look[:n]
         if code >= 0:
-            self._admit_acts(g, lay, jj, bufs.p[:n], code, bufs.act, bufs.counts)  # type: ignore[union-attr]
-            return _DONE, lay, jj, p, was, look
+            # the actions name candidates below n: the whole buffers serve (no slices)
+            self._admit_acts(g, lay, jj, bufs.p, code, bufs.act, bufs.counts)  # type: ignore[union-attr]
+            return _DONE_ONE
+        lay, jj, p, was, look = lay[:n], jj[:n], p[:n], was[:n], look[:n]
         return (_KERNEL if code == K.PY_VICTIMS else _LOOP), lay, jj, p, was, look
