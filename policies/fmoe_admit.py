@@ -258,16 +258,30 @@ class FmoeAdmitKernel:
             pending = {}
             enq, canc = self._enqueue, self._cancel
             order = K.ORDER
+            # victim="residence": the orders noted as they are sent (_residence_admitted's
+            # rule, in the same order; FmoeDeadline._admit then skips it)
+            res = self._res_on
+            sent, look = self._res_sent, self._look_q
             for i, code in act[:na].tolist():
                 la, j = lay.item(i), jj.item(i)
+                key = (la, j)
                 if code == order:
                     v = p.item(i)
-                    pending[(la, j)] = v
+                    pending[key] = v
                     enq.append(PrefetchOrder(la, j, v / (la - g)))
+                    if res:
+                        s = sent.get(la)
+                        if s is None:
+                            s = sent[la] = {}
+                        if key in look:
+                            s[key] = 1
+                        elif key not in s:
+                            s[key] = 0
                 else:
-                    canc.append((la, j))
+                    canc.append(key)
             self._pending = pending
-            self._count_orders(*counts.tolist())
+            self._res_noted = res
+            self._count_kernel(counts.tolist())
             return
         if plain:
             # the loop below in comprehensions (Policy.prefetch and cancel only append to

@@ -63,6 +63,17 @@ _RESIDENT, _LOADING = ExpertState.RESIDENT, ExpertState.LOADING
 # from this many candidates a one-row gate ranks and judges them in one kernel call
 # (policies.fmoe_admit_jit; below it the call and its arrays cost more than the loop)
 _KERNEL_MIN = 2
+# the statistics of the admission kernel's counts, in its order (_count_orders' after
+# its stale cancellations)
+_KERNEL_COUNTS = (
+    "orders_rejected_late",
+    "orders_queued_none_done",
+    "orders_admitted_late",
+    "orders_issued",
+    "orders_reranked",
+    "orders_rejected_value",
+    "orders_rejected_blocking",
+)
 # _admit's candidates still not started, and the stale ones, found in comprehensions
 # (False: the loop; tests/test_fmoe_fast_glue.py compares them)
 _LIVE_FAST = True
@@ -278,8 +289,9 @@ class FmoeDeadline(
         """Rank every candidate not started by p / (l - g) and send those whose copy is
         worth its link time (module doc); cancel the rest not started. The orders sent are
         followed to their layer (victim="residence", policies.fmoe_residence)."""
+        self._res_noted = False  # set where the orders were noted as they were sent
         self._admit_pass(g)
-        if self._res_on and self._pending:
+        if self._res_on and self._pending and not self._res_noted:
             self._residence_admitted(self._pending)
 
     def _admit_pass(self, g: int) -> None:
@@ -503,6 +515,14 @@ class FmoeDeadline(
         self._count_orders(
             late_no, none_done, late_yes, issued, reranked, value_no, blocked_no, stale
         )
+
+    def _count_kernel(self, c: list[int]) -> None:
+        """:meth:`_count_orders` of the kernel's seven counts ``c`` (in its order), no
+        stale ones: the same additions in the same order."""
+        st = self._stats
+        for name, n in zip(_KERNEL_COUNTS, c, strict=True):
+            if n:
+                st[name] += n
 
     def _count_orders(
         self,
