@@ -37,6 +37,7 @@ class FmoeAdmitOne:
     _one_v: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # victims' outputs
     _one_res: np.ndarray | None = None
     _one_static: tuple = ()  # admit_one's arguments fixed at bind (_one_setup)
+    _one_mm: tuple = ()  # memoryviews of merge_cands' input buffers (_one_setup)
     _one_av: tuple | None = None  # _one_avail's memo: (demand seconds, interval, avail)
     _one_sh: tuple | None = None  # _one_shift's memo
 
@@ -75,11 +76,17 @@ class FmoeAdmitOne:
         bufs = self._admit_bufs
         if bufs is None:  # sized for every candidate of the set (n <= L x J)
             bufs = self._admit_bufs = _AdmitBufs.make(dl.p.shape[0], nd, len(self._la_on_arr))
+        # merge_cands' inputs, filled item by item (a pass has a few: numpy's array from a
+        # list costs more), each key at most once: <= L x J
+        size = dl.p.shape[0]
+        mi = (np.zeros(size, np.int64), np.zeros(size), np.zeros(size, np.int64))
+        ml = (np.zeros(size, np.int64), np.zeros(size))
+        self._one_mm = tuple(memoryview(a) for a in (*mi, *ml))
         free, c_ok, c_n = self._one_arrs
         vo, vs, ve = self._one_v
         # every array here is made at bind and filled in place from then on
         self._one_static = (
-            dl.p, dl.idx, dl.J, dl._pos, *dl._out, self._cal_on, self._cal_pend,
+            dl.p, dl.idx, *mi, *ml, dl.J, dl._pos, *dl._out, self._cal_on, self._cal_pend,
             self._cal_noted, self._fl, self._base, CAL_BINS, self._victim_priced, free, c_ok,
             c_n, self._one_per, self._prot, vo, vs, ve, VICTIMS_PRICED, bufs.vfree, bufs.v_e,
             bufs.v_len, bufs.v_loaded, self._dev_arr, bufs.committed, bufs.copy, bufs.avail,
@@ -153,7 +160,25 @@ class FmoeAdmitOne:
             return None
         dl = self._dl_cands
         bufs = self._admit_bufs
-        of, op, oldf, lqf, lqv = dl.merge_inputs(live, old, self._look_q)
+        # CandidateSet.merge_inputs' arrays, into the call's buffers: the live keys (flat)
+        # and p, the pending keys where more than the live ones, the lookahead chances
+        J = dl.J
+        mf, mp, mo, lf, lv = self._one_mm
+        n_of = 0
+        for (la, j), v in live:
+            mf[n_of] = la * J + j
+            mp[n_of] = v
+            n_of += 1
+        n_old = 0
+        if len(old) > n_of:
+            for la, j in old:
+                mo[n_old] = la * J + j
+                n_old += 1
+        n_lq = 0
+        for (la, j), v in self._look_q.items():
+            lf[n_lq] = la * J + j
+            lv[n_lq] = v
+            n_lq += 1
         view = self._view
         committed, copy, avail = bufs.committed, bufs.copy, bufs.avail  # type: ignore[union-attr]
         av_all = self._one_avail()
@@ -201,7 +226,7 @@ class FmoeAdmitOne:
         res = self._one_res
         it = self._cur_it
         code = K.admit_one(
-            dl.cnt, of, op, oldf, lqf, lqv, g, self._chance_it != it, kmin, tuple(cl),
+            dl.cnt, n_of, n_old, n_lq, g, self._chance_it != it, kmin, tuple(cl),
             tuple(ce), tuple(cu), _TIE_EPS / (abs(self._now) + 1.0), self._g, self._ev_rows,
             step, demand, 0.0 if no_rho else float(interval), no_rho, it, beta, kap,
             named_layer, named_ids, mh0, mn0, *self._one_static,

@@ -35,11 +35,9 @@ PY_VICTIMS = -11  # a victim's score is NaN: the step-by-step pass (its Python l
 @njit(cache=True)
 def admit_one(  # noqa: ANN201, PLR0913 - numba
     cnt,
-    of,
-    op,
-    oldf,
-    lqf,
-    lqv,
+    n_of,
+    n_old,
+    n_lq,
     g,
     need_tab,
     kmin,
@@ -62,6 +60,11 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
     mn0,
     P,
     idx,
+    of,
+    op,
+    oldf,
+    lqf,
+    lqv,
     J,
     pos,
     lay,
@@ -117,7 +120,9 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
     (``cnt`` .. ``mn0``), then those fixed once the policy is bound (``P`` .. ``res``:
     arrays filled in place and options, which the caller keeps as one tuple instead of
     reading fifty attributes a call):
-    merge_cands' arguments (``P`` .. ``look``), calib_note's
+    merge_cands' arguments (``P`` .. ``look``; its live pending keys and p, the pending
+    keys and the lookahead chances' keys and values the first ``n_of``, ``n_old`` and
+    ``n_lq`` of the buffers ``of``, ``op``, ``oldf``, ``lqf``, ``lqv``), calib_note's
     where ``cal_on``, the chance table (``fl``, ``base``, ``pooled``) made where
     ``need_tab`` and ``kmin`` or more candidates merged, where ``price`` the victims of
     each device with candidates (per device: ``free`` slots, ``c_ok`` whether its
@@ -129,7 +134,8 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
     (actions, or -2 / -3 where the Python pass decides), :data:`LOOP` below ``kmin``
     candidates (nothing judged: the Python loop's turn), or :data:`PY_VICTIMS` (the
     step-by-step pass's turn; the merge, notes and table stand, as they would there)."""
-    n = merge_cands(P, idx, cnt, of, op, oldf, lqf, lqv, g, J, pos, lay, jj, p, was, look)
+    n = merge_cands(P, idx, cnt, of[:n_of], op[:n_of], oldf[:n_old], lqf[:n_lq], lqv[:n_lq],
+                    g, J, pos, lay, jj, p, was, look)  # fmt: skip
     res[0] = n
     res[1] = 0
     if cal_on:
