@@ -38,7 +38,7 @@ class FmoeAdmitOne:
     _one_res: np.ndarray | None = None
     _one_static: tuple = ()  # admit_one's arguments fixed at bind (_one_setup)
     _one_mm: tuple = ()  # memoryviews of merge_cands' input buffers (_one_setup)
-    _one_av: tuple | None = None  # _one_avail's memo: (demand seconds, interval, avail)
+    _one_av: tuple | None = None  # _one_avail's memo: (demand s, interval, avail, any <= 0)
     _one_sh: tuple | None = None  # _one_shift's memo
 
     def _one_class_ok(self) -> bool:
@@ -110,7 +110,8 @@ class FmoeAdmitOne:
         if iv is None:
             iv = self._view.layer_time_s(self._rows)
         av = [max(iv - x, 0.0) for x in ds]
-        self._one_av = (ds, self._interval, av)
+        # [3]: whether some device has no prefetch time (the step is read only then)
+        self._one_av = (ds, self._interval, av, any(x <= 0 for x in av))
         return av
 
     def _one_shift(self, g: int, av_all: list[float]) -> list[float] | None:
@@ -213,7 +214,7 @@ class FmoeAdmitOne:
         interval = self._interval
         no_rho = not interval or interval <= 0
         step = 0.0  # FmoeAdmitKernel._kernel_victims' step (read only where avail <= 0)
-        if price and any(av_all[dev] <= 0 for dev in devs):
+        if price and self._one_av[3] and any(av_all[dev] <= 0 for dev in devs):  # type: ignore[index]
             s = self._interval or view.layer_time_s(self._rows)
             step = float(s) if s else 0.0
         resid = bufs.resid  # type: ignore[union-attr]
