@@ -216,8 +216,13 @@ class FmoeAdmitKernel:
         saving="finish" (policies.fmoe_finish): link-time costs over kappa (1.0: as
         before). These lists change once an iteration: their arrays are made again only
         when their values differ from the last pass's (compared as lists)."""
-        src = (self._demand_s, self._beta if self._blocking else None, self._kap)
+        d, b, k = self._demand_s, self._beta if self._blocking else None, self._kap
         memo = self._admit_arrs
+        # the same three lists as the last pass's: the same values (each is replaced by
+        # a new list when measured again, never changed in place)
+        if memo is not None and memo[4][0] is d and memo[4][1] is b and memo[4][2] is k:
+            return memo[1], memo[2], memo[3]
+        src = (d, b, k)
         if memo is None or memo[0] != src:
             beta = np.asarray(self._beta if self._blocking else np.zeros(self._n_dev), np.float64)
             kap = np.asarray(self._kap, np.float64)
@@ -226,7 +231,10 @@ class FmoeAdmitKernel:
                 np.asarray(self._demand_s, np.float64),
                 beta / kap,
                 kap,
+                src,
             )
+        else:
+            memo = self._admit_arrs = (*memo[:4], src)
         return memo[1], memo[2], memo[3]
 
     def _admit_acts(
@@ -250,16 +258,30 @@ class FmoeAdmitKernel:
             pending = {}
             enq, canc = self._enqueue, self._cancel
             order = K.ORDER
+            # victim="residence": the orders noted as they are sent (_residence_admitted's
+            # rule, in the same order; FmoeDeadline._admit then skips it)
+            res = self._res_on
+            sent, look = self._res_sent, self._look_q
             for i, code in act[:na].tolist():
                 la, j = lay.item(i), jj.item(i)
+                key = (la, j)
                 if code == order:
                     v = p.item(i)
-                    pending[(la, j)] = v
+                    pending[key] = v
                     enq.append(PrefetchOrder(la, j, v / (la - g)))
+                    if res:
+                        s = sent.get(la)
+                        if s is None:
+                            s = sent[la] = {}
+                        if key in look:
+                            s[key] = 1
+                        elif key not in s:
+                            s[key] = 0
                 else:
-                    canc.append((la, j))
+                    canc.append(key)
             self._pending = pending
-            self._count_orders(*counts.tolist())
+            self._res_noted = res
+            self._count_kernel(counts.tolist())
             return
         if plain:
             # the loop below in comprehensions (Policy.prefetch and cancel only append to

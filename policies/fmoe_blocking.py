@@ -74,9 +74,8 @@ class FmoeBlocking:
         load on each device, and note each device whose demand loads find a copy on its
         link, with the keys they bring."""
         self._blocking_resolve()
-        view = self._view
         cache_of, dev_of = self._cache_of, self._dev_of
-        if view is None or not cache_of:
+        if self._view is None or not cache_of:
             return
         absent: dict[int, list[ExpertKey]] = {}
         late: set[int] = set()
@@ -87,6 +86,18 @@ class FmoeBlocking:
                 absent.setdefault(dev, []).append((layer, j))
             elif e.state is _LOADING:
                 late.add(dev)  # a late prefetch, now this gate's demand load
+        self._blocking_seen(absent, late, now)
+
+    def _blocking_seen(
+        self, absent: dict[int, list[ExpertKey]], late: set[int], now: float
+    ) -> None:
+        """The rest of :meth:`_blocking_gate` once its loop found the devices with absent
+        experts (``absent``: device -> their keys, in the gate's order) and those with a
+        copy still loading (``late``); FmoeDeadline._deadline_gate finds them in its own
+        loop over the gate's experts and calls this after :meth:`_blocking_resolve`."""
+        view = self._view
+        if view is None or not self._cache_of:
+            return
         tot = self._blk[self._kind]
         for dev, t in enumerate(tot):
             t[3] += 1.0

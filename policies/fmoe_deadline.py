@@ -59,10 +59,21 @@ from policies.fmoe_forecast import FmoeForecast
 from policies.fmoe_residence import FmoeResidence
 
 _LAST_BUCKET = AGE_BUCKETS - 1
-_RESIDENT = ExpertState.RESIDENT
+_RESIDENT, _LOADING = ExpertState.RESIDENT, ExpertState.LOADING
 # from this many candidates a one-row gate ranks and judges them in one kernel call
 # (policies.fmoe_admit_jit; below it the call and its arrays cost more than the loop)
 _KERNEL_MIN = 2
+# the statistics of the admission kernel's counts, in its order (_count_orders' after
+# its stale cancellations)
+_KERNEL_COUNTS = (
+    "orders_rejected_late",
+    "orders_queued_none_done",
+    "orders_admitted_late",
+    "orders_issued",
+    "orders_reranked",
+    "orders_rejected_value",
+    "orders_rejected_blocking",
+)
 # _admit's candidates still not started, and the stale ones, found in comprehensions
 # (False: the loop; tests/test_fmoe_fast_glue.py compares them)
 _LIVE_FAST = True
@@ -85,6 +96,8 @@ class FmoeDeadline(
         self._pending: dict[ExpertKey, float] = {}  # candidates not started: key -> p
         # this hook's new candidates, (layer, j) -> p as arrays (policies.fmoe_cands)
         self._dl_cands = CandidateSet(L, J)
+        # the one-call pass's arguments fixed at bind hold this set's arrays: made again
+        self._one_k = self._one_av = self._one_sh = None
         self._gate_times: list[float] = []  # gate times of the current iteration
         self._interval: float | None = None  # measured mean gate interval (see _kind)
         self._demand_now = [0] * self._n_dev  # demand loads per device, this iteration
@@ -184,15 +197,34 @@ class FmoeDeadline(
         if not cache_of:
             return
         now_n = [0] * self._n_dev  # this gate's demand loads per device
+        blocking = self._blocking
+        # blocking="measured": the devices with absent experts (and their keys) and with a
+        # copy still loading, found in the same loop (FmoeBlocking._blocking_gate's)
+        absent: dict[int, list[ExpertKey]] = {}
+        late: set[int] = set()
+        one = self._layer_ents[layer]  # the layer's one entries dict, where one cache has it
+        ents, devs = self._ents_of[layer], dev_of[layer]
         for j in ids:
             # a demanded copy still loading (a late prefetch, promoted to a demand load)
             # is link time this gate waits for, as a demand load's: counted as one, else
             # its stall lengthens the measured interval and so the link time the rule
             # thinks prefetches have (more late copies admitted, longer stalls: measured
             # on one A100, docs/fmoe.md)
-            e = cache_of[layer][j].entries.get((layer, j))
-            if e is None or e.state is not _RESIDENT:
-                now_n[dev_of[layer][j]] += 1
+            key = (layer, j)
+            e = (ents[j] if one is None else one).get(key)
+            if e is None:
+                dev = devs[j]
+                now_n[dev] += 1
+                if blocking:
+                    got = absent.get(dev)
+                    if got is None:
+                        absent[dev] = [key]
+                    else:
+                        got.append(key)
+            elif e.state is not _RESIDENT:
+                now_n[devs[j]] += 1
+                if blocking and e.state is _LOADING:
+                    late.add(devs[j])  # a late prefetch, now this gate's demand load
         for dev, k in enumerate(now_n):
             if k:
                 self._demand_now[dev] += k
@@ -200,8 +232,9 @@ class FmoeDeadline(
         self._max_now += max(now_n)
         if self._gate_fc:  # forecast="gate": the first step's link time from these
             self._gate_dem = (layer, now_n)
-        if self._blocking:
-            self._blocking_gate(layer, ids, now)
+        if blocking:
+            self._blocking_resolve()
+            self._blocking_seen(absent, late, now)
         if self._res_on:
             self._residence_gate(layer, ids)
         if self._fin_on:
@@ -256,8 +289,9 @@ class FmoeDeadline(
         """Rank every candidate not started by p / (l - g) and send those whose copy is
         worth its link time (module doc); cancel the rest not started. The orders sent are
         followed to their layer (victim="residence", policies.fmoe_residence)."""
+        self._res_noted = False  # set where the orders were noted as they were sent
         self._admit_pass(g)
-        if self._res_on and self._pending:
+        if self._res_on and self._pending and not self._res_noted:
             self._residence_admitted(self._pending)
 
     def _admit_pass(self, g: int) -> None:
@@ -481,6 +515,14 @@ class FmoeDeadline(
         self._count_orders(
             late_no, none_done, late_yes, issued, reranked, value_no, blocked_no, stale
         )
+
+    def _count_kernel(self, c: list[int]) -> None:
+        """:meth:`_count_orders` of the kernel's seven counts ``c`` (in its order), no
+        stale ones: the same additions in the same order."""
+        st = self._stats
+        for name, n in zip(_KERNEL_COUNTS, c, strict=True):
+            if n:
+                st[name] += n
 
     def _count_orders(
         self,

@@ -34,15 +34,37 @@ PY_VICTIMS = -11  # a victim's score is NaN: the step-by-step pass (its Python l
 
 @njit(cache=True)
 def admit_one(  # noqa: ANN201, PLR0913 - numba
+    cnt,
+    n_of,
+    n_old,
+    n_lq,
+    g,
+    need_tab,
+    kmin,
+    c_lay,
+    c_exp,
+    c_lu,
+    tie,
+    gev,
+    ev_rows,
+    step,
+    demand_s,
+    interval,
+    no_rho,
+    it,
+    beta,
+    kap,
+    named_layer,
+    named_ids,
+    mh0,
+    mn0,
     P,
     idx,
-    cnt,
     of,
     op,
     oldf,
     lqf,
     lqv,
-    g,
     J,
     pos,
     lay,
@@ -53,28 +75,19 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
     cal_on,
     pend,
     noted,
-    need_tab,
     fl,
     base,
     pooled,
-    kmin,
     price,
     free,
     c_ok,
-    c_lay,
-    c_exp,
-    c_lu,
     c_n,
     per_dev,
-    tie,
     prot,
-    gev,
-    ev_rows,
     vout,
     vout_s,
     vout_e,
     most_cap,
-    step,
     vfree,
     v_e,
     v_len,
@@ -83,18 +96,12 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
     committed,
     copy,
     avail,
-    demand_s,
-    interval,
-    no_rho,
     ist,
     tab,
-    it,
     act,
     counts,
     rank_chance,
-    beta,
     resid,
-    kap,
     cal_h,
     cal_n,
     marginal,
@@ -103,17 +110,19 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
     cat_h1,
     on,
     rec,
-    named_layer,
-    named_ids,
-    mh0,
-    mn0,
     sv,
     ch0,
     cn0,
     pbuf,
     res,
 ):  # noqa: ANN001 - numba
-    """One pass (module doc): merge_cands' arguments (``P`` .. ``look``), calib_note's
+    """One pass (module doc). The arguments that change from call to call come first
+    (``cnt`` .. ``mn0``), then those fixed once the policy is bound (``P`` .. ``res``:
+    arrays filled in place and options, which the caller keeps as one tuple instead of
+    reading fifty attributes a call):
+    merge_cands' arguments (``P`` .. ``look``; its live pending keys and p, the pending
+    keys and the lookahead chances' keys and values the first ``n_of``, ``n_old`` and
+    ``n_lq`` of the buffers ``of``, ``op``, ``oldf``, ``lqf``, ``lqv``), calib_note's
     where ``cal_on``, the chance table (``fl``, ``base``, ``pooled``) made where
     ``need_tab`` and ``kmin`` or more candidates merged, where ``price`` the victims of
     each device with candidates (per device: ``free`` slots, ``c_ok`` whether its
@@ -125,7 +134,8 @@ def admit_one(  # noqa: ANN201, PLR0913 - numba
     (actions, or -2 / -3 where the Python pass decides), :data:`LOOP` below ``kmin``
     candidates (nothing judged: the Python loop's turn), or :data:`PY_VICTIMS` (the
     step-by-step pass's turn; the merge, notes and table stand, as they would there)."""
-    n = merge_cands(P, idx, cnt, of, op, oldf, lqf, lqv, g, J, pos, lay, jj, p, was, look)
+    n = merge_cands(P, idx, cnt, of[:n_of], op[:n_of], oldf[:n_old], lqf[:n_lq], lqv[:n_lq],
+                    g, J, pos, lay, jj, p, was, look)  # fmt: skip
     res[0] = n
     res[1] = 0
     if cal_on:

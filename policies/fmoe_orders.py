@@ -17,10 +17,15 @@ _BULK = 16
 # _order's deadline candidates through policies.fmoe_jit.fresh_put (False: the loop;
 # tests compare them)
 _FRESH_KERNEL = True
+# a layer still ahead: its protection and deadline candidates in one kernel call
+# (policies.fmoe_orders_jit.protect_put; False: the loop or numpy writes, then fresh_put)
+_PROTECT_PUT = True
 
 
 class FmoeOrders:
     """Steps 3-4 of fMoE: expert selection and prefetch orders."""
+
+    _orders_k: object = None  # policies.fmoe_orders_jit (numba: at the first order)
 
     def _issue(
         self, it: _IterState, layer: int, probs: np.ndarray, score: np.ndarray, now_layer: int
@@ -130,6 +135,17 @@ class FmoeOrders:
         cands = self._dl_cands if deadline else None
         ahead = float(layer - self._g)
         orders = 0
+        if (
+            _PROTECT_PUT
+            and _FRESH_KERNEL
+            and cands is not None
+            and cache_of
+            and not self._no_prefetch
+            and 0 < len(experts) <= len(self._no_hit)
+        ):
+            # the protection and the candidates below in one kernel call
+            self._order_candidates(it, cands, layer, experts, vals, ahead, arrs, protect)
+            return
         if protect and len(experts) > _BULK:
             # a fine-grained layer's weak match selects up to all its experts: protect
             # them in two numpy writes (the same values as the loop's, one per expert)
@@ -178,9 +194,11 @@ class FmoeOrders:
         vals: Sequence[float],
         ahead: float,
         arrs: tuple[np.ndarray, np.ndarray] | None = None,
+        protect: bool = False,
     ) -> None:
-        """:meth:`_order`'s deadline candidates (``experts`` of ``layer``, nothing to
-        protect; a fine-grained layer's weak match selects a hundred): which experts are
+        """:meth:`_order`'s deadline candidates (``experts`` of ``layer``; a fine-grained
+        layer's weak match selects a hundred; ``protect``: all of them protected from
+        eviction first, policies.fmoe_orders_jit, in the same call): which experts are
         neither ordered this iteration nor cached are marked ordered and become candidates
         at p = priority x ``ahead``, in order, each kept at the larger p where it already
         is one: one kernel call (:func:`policies.fmoe_jit.fresh_put`, the loop's and
@@ -197,6 +215,15 @@ class FmoeOrders:
         cached = np.fromiter(map(hit.__contains__, keys), np.bool_, n) if hit else self._no_hit
         if arrs is None:  # (a decode plan hands its arrays over: no conversion per gate)
             arrs = (np.array(experts, np.int64), np.asarray(vals, np.float64))
+        if protect:  # and protected first (policies.fmoe_orders_jit)
+            K = self._orders_k
+            if K is None:
+                from policies import fmoe_orders_jit  # numba: at the first order
+
+                K = self._orders_k = fmoe_orders_jit
+            cands.cnt = K.protect_put(True, self._prot, self._etnu, it.issued, layer, arrs[0],
+                                      cached, arrs[1], ahead, cands.p, cands.idx, cands.cnt)  # fmt: skip
+            return
         cands.cnt = self._jit.fresh_put(
             it.issued,
             layer,

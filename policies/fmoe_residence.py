@@ -110,6 +110,19 @@ class FmoeResidence:
         ages = self._res_n[src] * step - self._res_sum_t0[src]
         return (self._res_exposure[src] + max(ages, 0)) / left
 
+    def _residence_both(self) -> tuple[float, float]:
+        """``(_residence_steps(0), _residence_steps(1))``, the same operations with the
+        shared reads once (the admission reads both at every pass)."""
+        left = self._res_left
+        step = self._cur_it * self._res_L + self._g  # type: ignore[attr-defined]
+        n, t0, ex = self._res_n, self._res_sum_t0, self._res_exposure
+        out = [0.0, 0.0]
+        for src in (0, 1):
+            if left[src]:
+                ages = n[src] * step - t0[src]
+                out[src] = (ex[src] + max(ages, 0)) / left[src]
+        return out[0], out[1]
+
     def _residence_used_later(self, src: int) -> float:
         """The share of the unused copies of source ``src`` that left by a use (in a later
         visit of their layer) rather than by eviction; 0.0 before any has left."""

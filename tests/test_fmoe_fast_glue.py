@@ -7,7 +7,9 @@ every switch off give the same results to the bit.
   Below VICTIM_INDEX_MIN candidates (or another score) the Python list, by a plain sort
   of (score, key, entry) where no score is NaN (else heapq.nsmallest, as before).
 - policies.fmoe_orders._FRESH_KERNEL: _order's deadline candidates (the experts neither
-  ordered this iteration nor cached) from one kernel call (fmoe_jit.fresh_put).
+  ordered this iteration nor cached) from one kernel call (fmoe_jit.fresh_put);
+  policies.fmoe_orders._PROTECT_PUT: with a layer still ahead, its protection in the
+  same call (fmoe_orders_jit.protect_put; off, the loop or numpy writes protect them).
 - policies.fmoe_deadline._LIVE_FAST: _admit's candidates not started yet, and the stale
   ones it cancels, found in comprehensions.
 """
@@ -32,6 +34,7 @@ WALL = {"wall_s", "run_wall_s", "layer_steps_per_s", "bound_wall_s"}
 SWITCHES = (
     (victim_mod, "_LIST_KERNEL"),
     (orders_mod, "_FRESH_KERNEL"),
+    (orders_mod, "_PROTECT_PUT"),
     (deadline_mod, "_LIVE_FAST"),
 )
 

@@ -79,6 +79,11 @@ def test_the_residence_is_exposure_over_departures(stays, now_it):
     assert h._res_left == [left, 0] and h._res_used_later == [used, 0]
     assert h._residence_steps(0) == ((done + age) / left if left else 0.0)
     assert h._residence_steps(1) == 0.0
+    # the admission's read of both (one call) gives the same two values, to the bit
+    h._res_left[1], h._res_n[1], h._res_sum_t0[1], h._res_exposure[1] = left + 1, 2, 3, done
+    both = h._residence_both()
+    assert both == (h._residence_steps(0), h._residence_steps(1))
+    assert both[1] > 0.0
 
 
 def test_a_copy_chosen_at_its_layer_is_not_followed_and_none_left_means_no_measurement():
