@@ -28,18 +28,25 @@ class FmoeGateRow:
     """:meth:`_gate_row`: a planned one-row gate's observation and lookahead in one call."""
 
     _row_jit: Any = None  # policies.fmoe_row_jit, loaded at the first gate that uses it
+    _row_view: Any = False  # the executor view _row_ok was decided with (False: none yet)
+    _row_ok = False
 
     def _gate_row_applies(self) -> bool:
-        """Whether :meth:`_gate_row` may replace the step-by-step path (module doc)."""
-        return (
-            _ROW
-            and self._la_mode == "auto"
-            and self._view is not None
-            and self._tr_on
-            and not self._tr2
-            and not self._ml_on
-            and not self._duel_on
-        )
+        """Whether :meth:`_gate_row` may replace the step-by-step path (module doc);
+        decided once per executor view (bind sets the view, the options are fixed)."""
+        view = self._view
+        if self._row_view is not view:
+            self._row_view = view
+            self._row_ok = bool(
+                _ROW
+                and self._la_mode == "auto"
+                and view is not None
+                and self._tr_on
+                and not self._tr2
+                and not self._ml_on
+                and not self._duel_on
+            )
+        return self._row_ok
 
     def _gate_row(self, ev: Any, it: Any, plan: Any, g: int) -> bool:
         """The planned decode gate ``g``'s observation and, where it applies, its

@@ -23,7 +23,11 @@ class FmoeLookRow:
         memo = self._map_top_arr.get(layer)
         if memo is not None and memo[0] is row:
             return memo[1]
-        arr = np.array(self._map_topk(layer), np.int64)
+        plan = self._plan_tops.get(id(row))  # a decode plan's row: its top-k array made
+        if plan is not None and plan[0] is row:  # with the list _map_topk reads there
+            arr = plan[2]
+        else:
+            arr = np.array(self._map_topk(layer), np.int64)
         self._map_top_arr[layer] = (row, arr)
         return arr
 
@@ -47,8 +51,8 @@ class FmoeLookRow:
             or g + 1 >= len(self._la_on_arr)
         ):
             return None
-        if type(la) is np.ndarray and la.dtype == np.float32 and la.shape == (1, self._la_J):
-            row = la[0]  # as float32: the kernel widens it as np.asarray(la, float64) does
+        if type(la) is np.ndarray and la.shape == (1, self._la_J) and la.dtype.char in "fd":
+            row = la[0]  # float32 or float64: the kernel widens it as np.asarray(la, float64)
         else:
             rows = np.asarray(la, dtype=np.float64)
             if rows.shape != (1, self._la_J):

@@ -113,7 +113,8 @@ class FmoeLookahead(FmoeLookRow, FmoeGateRow):
         self._map_top_memo: dict[int, tuple[list[float], list[int]]] = {}
         self._la_bounds: dict[bytes, np.ndarray] = {}  # mixture_boundary per pick counts
         self._no_ids = np.zeros(0, np.int64)
-        self._plan_tops: dict[int, tuple[list[float], list[int]]] = {}  # row id -> (row, top-k)
+        # row id -> (row, top-k, the same as an int64 array): FmoeSearch._plan_decode's
+        self._plan_tops: dict[int, tuple[list[float], list[int], np.ndarray]] = {}
         # the map forecast's top-K of one-row iterations split by whether the lookahead
         # ordered them at the gate before (1) or not (0): picks, hits per layer; and the
         # experts the lookahead ordered at this gate: (iteration, layer, experts)
@@ -141,10 +142,10 @@ class FmoeLookahead(FmoeLookRow, FmoeGateRow):
         memo = self._map_top_memo.get(layer)
         if memo is not None and memo[0] is row:
             return memo[1]
-        memo = self._plan_tops.get(id(row))  # a decode plan's rows (FmoeSearch._plan_decode)
-        if memo is not None and memo[0] is row:
-            self._map_top_memo[layer] = memo
-            return memo[1]
+        plan = self._plan_tops.get(id(row))  # a decode plan's rows (FmoeSearch._plan_decode)
+        if plan is not None and plan[0] is row:
+            self._map_top_memo[layer] = (row, plan[1])
+            return plan[1]
         a = None if len(row) <= 32 else np.asarray(row, dtype=np.float64)
         if a is None or np.isnan(a).any():  # few experts; or NaNs, ordered as Python does
             top = sorted(range(len(row)), key=lambda j: (-row[j], j))[: self._la_k]
