@@ -143,7 +143,7 @@ def _separate(s: dict) -> tuple:
     K=st.sampled_from([1, 2, 4]),
     g=st.integers(0, L - 2),
     bools=st.lists(st.booleans(), min_size=10, max_size=10),
-    ids_dtype=st.sampled_from([np.int64, np.int16]),
+    ids_dtype=st.sampled_from([np.int64, np.int16, np.uint8]),
     la_dtype=st.sampled_from([np.float32, np.float64]),
 )
 def test_gate_row_is_the_separate_calls(
