@@ -86,7 +86,7 @@ class FmoeLookahead(FmoeLookRow, FmoeGateRow):
         self._la_k = k
         self._la_base = K / J
         # the per-cell and per-layer counts below are views of two arrays, so that a
-        # kernel takes them as two arguments (policies/fmoe_row_jit.py: LA_CELL, LA_LAYER)
+        # kernel takes them as two arguments (policies/fmoe_row_jit.py: la_cell, la_layer)
         self._la_cell = np.zeros((8, L, k))
         self._la_layer = np.zeros((7, L))
         # per (layer, rank): picks, hits, chance hits
