@@ -570,9 +570,10 @@ class FmoePolicy(
             if self._view is not None:
                 # one row of top-K ids: distinct, as np.unique would list them
                 self._deadline_gate(g, ev.topk_ids[0].tolist(), ev.now)
-            self._planned_decode_observe(ev, it, plan, g)
+            looked = self._planned_decode_observe(ev, it, plan, g)
             self._gate_plan = plan
         else:
+            looked = False
             if self._pred and 0 <= g < len(self._pred):
                 if it is None or it.iteration != ev.iteration:  # no iteration start seen
                     self._cur_it += 1
@@ -590,7 +591,8 @@ class FmoePolicy(
                 self._new_state(ev.iteration, B, None)  # no iteration start: no embeddings
         if self._duel_on:
             self._duel_gate(g, ev.topk_ids)
-        self._lookahead_gate(ev, g)
+        if not looked:
+            self._lookahead_gate(ev, g)
         if self._view is not None:
             self._admit(g)
 
@@ -614,12 +616,15 @@ class FmoePolicy(
 
     def _planned_decode_observe(
         self, ev: GateOutput, it: _IterState, plan: _SearchPlan, g: int
-    ) -> None:
+    ) -> bool:
         """The no-search half of on_gate(g) of one decode row whose searches were all done
         at the iteration's start (``plan.targets``) and whose order the gates keep: the
         same statistics as the general path, in one kernel call for the eviction's
         bookkeeping (the caller checked every condition the general path would branch
-        on); :meth:`_planned_decode_search` is the other half."""
+        on); :meth:`_planned_decode_search` is the other half. True when the gate's
+        lookahead work was done too (policies/fmoe_gate_row.py, one kernel call)."""
+        if self._gate_row_applies():
+            return self._gate_row(ev, it, plan, g)
         if ev.now > self._now:
             self._now = ev.now
         plan.next_layer = g + 1
@@ -646,6 +651,7 @@ class FmoePolicy(
         self._ev += 1
         if self._tr_on:
             self._transition_gate(g, ids, row_slot)
+        return False
 
     def _planned_decode_search(self, it: _IterState, plan: _SearchPlan, g: int) -> None:
         """The search half of a planned decode gate g: layer g + d's forecast (its table

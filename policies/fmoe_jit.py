@@ -22,8 +22,8 @@ from numba import njit
 
 AGE_BUCKETS = 16  # as policies.fmoe_eviction.AGE_BUCKETS
 _SATURATED = 1 << (AGE_BUCKETS - 2)  # ages above this land in the last bucket
-# _select_partial scans for the next largest this many times, then sorts the row once
-# (a scan is O(J): cheaper for the few experts a good match selects)
+# _select_partial takes this many of a row's largest in one pass, then sorts the row once
+# (cheaper for the few experts a good match selects)
 _PARTIAL_MAX = 12
 # table rows of one block (3 x policies.fmoe_eviction.CAL_BINS): the request-frequency
 # bins, then the semantic and the trajectory forecasts' bins. A table of more rows is the
@@ -463,10 +463,11 @@ def running_sums(cum_dots):  # noqa: ANN001, ANN201 - numba
 
 
 @njit(cache=True)
-def _select_partial(p, score, k, use_delta, used, out, counts, r):  # noqa: ANN001, ANN202 - numba
-    """:func:`select_rows` of one row without sorting all of it: the stable descending
-    order's i-th expert is the largest not yet taken (ties to the lower id), found only
-    for the i the rule reads (the selection stops at n; fine-grained rows of hundreds of
+def _select_partial(p, score, k, use_delta, head, out, counts, r):  # noqa: ANN001, ANN202 - numba
+    """:func:`select_rows` of one row without sorting all of it: the first _PARTIAL_MAX
+    of the stable descending order (ties to the lower id) from one pass over the row
+    into ``head`` (an index enters only when it beats the last kept one strictly), read
+    as far as the rule reads (the selection stops at n; fine-grained rows of hundreds of
     experts select a few); from the _PARTIAL_MAX-th on, the rest of the order comes from
     one stable sort of -p (the same order; NaN rows are left to the caller). The same
     running sums in the same order, so the same picks.
@@ -475,7 +476,19 @@ def _select_partial(p, score, k, use_delta, used, out, counts, r):  # noqa: ANN0
     for q in range(J):
         if p[q] != p[q]:
             return False
-        used[q] = False
+    h = min(_PARTIAL_MAX, J)
+    c0 = 0
+    for q in range(J):
+        v = p[q]
+        if c0 == h and not v > p[head[h - 1]]:
+            continue
+        s = c0 if c0 < h else h - 1
+        while s > 0 and v > p[head[s - 1]]:
+            head[s] = head[s - 1]
+            s -= 1
+        head[s] = q
+        if c0 < h:
+            c0 += 1
     thr = min(1.0 - np.float64(score), 1.0) - 1e-6
     cum = np.float32(0.0)
     found = not use_delta
@@ -490,14 +503,7 @@ def _select_partial(p, score, k, use_delta, used, out, counts, r):  # noqa: ANN0
             # a weak match reads far down the row: the rest of the order from one stable
             # sort (its first i entries are the ones taken: the same order from here)
             order = np.argsort(-p, kind="mergesort")
-        if i >= _PARTIAL_MAX:
-            m = order[i]
-        else:
-            m = -1
-            for q in range(J):
-                if not used[q] and (m < 0 or p[q] > p[m]):
-                    m = q
-            used[m] = True
+        m = order[i] if i >= _PARTIAL_MAX else head[i]
         if not found:
             cum += p[m]
             if np.float64(cum) >= thr:
@@ -527,10 +533,10 @@ def select_rows(rows, scores, k, use_delta, picks, counts):  # noqa: ANN001, ANN
     """
     R, J = rows.shape
     order = np.empty(J, np.int64)
-    used = np.empty(J, np.bool_)
+    head = np.empty(_PARTIAL_MAX, np.int64)
     for r in range(R):
         p = rows[r]
-        if _select_partial(p, scores[r], k, use_delta, used, picks[r], counts, r):
+        if _select_partial(p, scores[r], k, use_delta, head, picks[r], counts, r):
             continue
         # a NaN in the row: the full sort below, whose comparisons place it as before
         # stable descending order: insertion sort, a later equal value stays behind

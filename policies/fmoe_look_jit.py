@@ -8,7 +8,6 @@ Imported when an fMoE policy is bound (with :mod:`policies.fmoe_jit`).
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 
@@ -84,24 +83,26 @@ def topk_row(row, k, out):  # noqa: ANN001, ANN201 - numba
     """``out[:k]`` = the first k of ``np.argsort(-row, kind="stable")``: the k largest of
     ``row`` (float64 [J], k <= J), best first, ties to the lower index (-0.0 ties 0.0, as
     there). False (``out`` unspecified) when the row holds a NaN, which numpy orders its
-    own way."""
+    own way.
+
+    One pass keeping the best so far ranked in ``out`` (an index enters only when its
+    value beats the last kept one's strictly: an equal value at a larger index ranks
+    after it, the stable order); O(J) for the top-K of a row of hundreds of experts."""
     J = row.shape[0]
+    c = 0
     for q in range(J):
-        if row[q] != row[q]:
+        v = row[q]
+        if v != v:
             return False
-    last = np.inf  # the value taken last, and its index: the next is the largest below
-    li = -1  # it or equal to it at a larger index (a scan per pick: k is the top-K)
-    for i in range(k):
-        m = -1
-        for q in range(J):
-            v = row[q]
-            if v > last or (v == last and q <= li):
-                continue  # taken already
-            if m < 0 or v > row[m]:
-                m = q
-        out[i] = m
-        last = row[m]
-        li = m
+        if c == k and (k == 0 or not v > row[out[k - 1]]):
+            continue
+        s = c if c < k else k - 1
+        while s > 0 and v > row[out[s - 1]]:
+            out[s] = out[s - 1]
+            s -= 1
+        out[s] = q
+        if c < k:
+            c += 1
     return True
 
 

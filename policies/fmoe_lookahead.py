@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from policies.fmoe_gate_row import FmoeGateRow
 from policies.fmoe_look_row import FmoeLookRow
 from specs.errors import InputError
 
@@ -75,7 +76,7 @@ def mixture_boundary(n: np.ndarray, log_a2: float) -> np.ndarray:
     return np.sqrt(v * (np.log(v / RHO) - log_a2))
 
 
-class FmoeLookahead(FmoeLookRow):
+class FmoeLookahead(FmoeLookRow, FmoeGateRow):
     """Online precision of lookahead rows and of the map forecast; orders of cells that
     are measured right (``lookahead="auto"``)."""
 
@@ -84,38 +85,41 @@ class FmoeLookahead(FmoeLookRow):
         k = min(K, J)
         self._la_k = k
         self._la_base = K / J
+        # the per-cell and per-layer counts below are views of two arrays, so that a
+        # kernel takes them as two arguments (policies/fmoe_row_jit.py: la_cell, la_layer)
+        self._la_cell = np.zeros((8, L, k))
+        self._la_layer = np.zeros((7, L))
         # per (layer, rank): picks, hits, chance hits
-        self._la_n = np.zeros((L, k))
-        self._la_h = np.zeros((L, k))
-        self._la_e = np.zeros((L, k))
+        self._la_n, self._la_h, self._la_e = self._la_cell[0], self._la_cell[1], self._la_cell[2]
         self._la_log_a2 = 2.0 * math.log(ALPHA / (L * k))  # ln a^2 per cell
         self._la_on = [[False] * k for _ in range(L)]
         self._la_on_arr = np.zeros((L, k), np.bool_)  # the same, for kernels (fmoe_admit_jit)
         self._la_p = [[self._la_base] * k for _ in range(L)]
-        self._la_p_arr = np.array(self._la_p, np.float64).reshape(L, k)  # the same (kernels)
+        self._la_p_arr = self._la_cell[3]  # the same (kernels)
+        self._la_p_arr[:] = self._la_base
         # the choice frequency per layer: times chosen per expert, rows seen
         self._la_chosen = np.zeros((L, J))
-        self._la_rows = np.zeros(L)
+        self._la_rows = self._la_layer[0]
         # the picks for the next layer: (iteration, layer, [B, k] expert ids)
         self._la_picks: tuple[int, int, np.ndarray] | None = None
         # the map forecast's top-K precision per layer: picks, hits
-        self._map_n = np.zeros(L)
-        self._map_h = np.zeros(L)
+        self._map_n, self._map_h = self._la_layer[1], self._la_layer[2]
         # picks of one-row iterations whose layer had a map forecast, per [the map's
         # top-K names it (1) or not (0)]: picks, hits per (layer, rank)
-        self._la_cat_n = np.zeros((2, L, k))
-        self._la_cat_h = np.zeros((2, L, k))
+        self._la_cat_n = self._la_cell[4:6]
+        self._la_cat_h = self._la_cell[6:8]
         self._look_q: dict[tuple[int, int], float] = {}  # this gate's lookahead chances
         # the map forecast's top-k per layer, with the forecast row it was made of
         self._map_top_memo: dict[int, tuple[list[float], list[int]]] = {}
         self._la_bounds: dict[bytes, np.ndarray] = {}  # mixture_boundary per pick counts
         self._no_ids = np.zeros(0, np.int64)
-        self._plan_tops: dict[int, tuple[list[float], list[int]]] = {}  # row id -> (row, top-k)
+        # row id -> (row, top-k, the same as an int64 array): FmoeSearch._plan_decode's
+        self._plan_tops: dict[int, tuple[list[float], list[int], np.ndarray]] = {}
         # the map forecast's top-K of one-row iterations split by whether the lookahead
         # ordered them at the gate before (1) or not (0): picks, hits per layer; and the
         # experts the lookahead ordered at this gate: (iteration, layer, experts)
-        self._mcat_n = np.zeros((2, L))
-        self._mcat_h = np.zeros((2, L))
+        self._mcat_n = self._la_layer[3:5]
+        self._mcat_h = self._la_layer[5:7]
         self._look_named: tuple[int, int, frozenset[int]] | None = None
         from policies import fmoe_look_jit  # numba: loaded at bind, not at import
 
@@ -123,6 +127,11 @@ class FmoeLookahead(FmoeLookRow):
         self._la_J = J
         self._map_top_arr: dict[int, tuple[Any, np.ndarray]] = {}
         self._la_out = (np.empty(k, np.int64), np.empty(k), np.empty(k))  # look_gate_row's
+        # policies.fmoe_gate_row's: the orders (experts; p and chance), the row as float64,
+        # the picks when there is no row
+        self._row_out = (np.empty(k, np.int64), np.empty((2, k)))
+        self._row64 = np.empty(J)
+        self._no_pk = np.empty((1, k), np.int64)
 
     def _map_topk(self, layer: int) -> list[int]:
         """The top-k experts of layer ``layer``'s map forecast (``self._pred[layer]``),
@@ -133,10 +142,10 @@ class FmoeLookahead(FmoeLookRow):
         memo = self._map_top_memo.get(layer)
         if memo is not None and memo[0] is row:
             return memo[1]
-        memo = self._plan_tops.get(id(row))  # a decode plan's rows (FmoeSearch._plan_decode)
-        if memo is not None and memo[0] is row:
-            self._map_top_memo[layer] = memo
-            return memo[1]
+        plan = self._plan_tops.get(id(row))  # a decode plan's rows (FmoeSearch._plan_decode)
+        if plan is not None and plan[0] is row:
+            self._map_top_memo[layer] = (row, plan[1])
+            return plan[1]
         a = None if len(row) <= 32 else np.asarray(row, dtype=np.float64)
         if a is None or np.isnan(a).any():  # few experts; or NaNs, ordered as Python does
             top = sorted(range(len(row)), key=lambda j: (-row[j], j))[: self._la_k]

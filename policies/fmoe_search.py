@@ -169,7 +169,8 @@ class FmoeSearch:
             self._la_jit.topk_rows(rows, self._la_k, top)
             tops = top.tolist()
             keyed = rows_py if lo == d else self._pred[:d] + rows_py
-            self._plan_tops = {id(r): (r, t) for r, t in zip(keyed, tops, strict=True)}
+            # (row, its top-k as a list, and as an int64 array for the one-call gate)
+            self._plan_tops = {id(r): (r, t, a) for r, t, a in zip(keyed, tops, top, strict=True)}
         plan.fc_rows = forecast_rows(targets.astype(np.float64), TRAJECTORY)
 
     def _planned_gate(

@@ -6,7 +6,9 @@ and one with them off give the same results to the bit, and the one-call paths r
   call (policies.fmoe_gate_jit.admit_one: merge, calibration notes, chance table,
   victims, ranking and judging);
 - policies.fmoe_lookahead._GATE_KERNEL: a one-row gate's lookahead measurement, picks
-  and measured orders in one kernel call (policies.fmoe_look_jit.look_gate_row).
+  and measured orders in one kernel call (policies.fmoe_look_jit.look_gate_row);
+- policies.fmoe_gate_row._ROW: a planned one-row gate's observation, transitions and
+  lookahead in one kernel call (policies.fmoe_row_jit.gate_row).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import policies.fmoe_admit_one as one_mod
+import policies.fmoe_gate_row as row_mod
 import policies.fmoe_lookahead as look_mod
 from sim.config import SimConfig
 from sim.run import simulate
@@ -24,7 +27,7 @@ from specs.presets import load_hardware, load_model
 from tests.sim_compare import outcome
 from traces.synth import SynthConfig, generate
 
-SWITCHES = ((one_mod, "_ONE"), (look_mod, "_GATE_KERNEL"))
+SWITCHES = ((one_mod, "_ONE"), (look_mod, "_GATE_KERNEL"), (row_mod, "_ROW"))
 # options that change what the fused paths compute or whether they apply
 OPTIONS = [
     {},
@@ -33,6 +36,7 @@ OPTIONS = [
     {"candidate_chance": "table", "map_value": "whole"},
     {"forecast": "mean", "saving": "finish"},
     {"lookahead": "true"},
+    {"transitions": False},  # the one-call gate row does not apply: the lookahead's call does
 ]
 
 
@@ -52,8 +56,9 @@ def _run(
         train_fraction=0.34,
     )
     old = [getattr(mod, name) for mod, name in SWITCHES]
-    calls = {"one": 0, "look": 0}
+    calls = {"one": 0, "look": 0, "row": 0}
     one0, look0 = one_mod.FmoeAdmitOne._admit_one, look_mod.FmoeLookahead._lookahead_gate_row
+    row0 = row_mod.FmoeGateRow._gate_row
 
     def one(self: Any, *a: Any) -> Any:
         r = one0(self, *a)
@@ -65,10 +70,16 @@ def _run(
         calls["look"] += r
         return r
 
+    def row(self: Any, *a: Any) -> bool:
+        r = row0(self, *a)
+        calls["row"] += r
+        return r
+
     for mod, name in SWITCHES:
         setattr(mod, name, fast)
     one_mod.FmoeAdmitOne._admit_one = one  # type: ignore[method-assign]
     look_mod.FmoeLookahead._lookahead_gate_row = look  # type: ignore[method-assign]
+    row_mod.FmoeGateRow._gate_row = row  # type: ignore[method-assign]
     try:
         res = simulate(w, cfg)
     finally:
@@ -76,6 +87,7 @@ def _run(
             setattr(mod, name, value)
         one_mod.FmoeAdmitOne._admit_one = one0  # type: ignore[method-assign]
         look_mod.FmoeLookahead._lookahead_gate_row = look0  # type: ignore[method-assign]
+        row_mod.FmoeGateRow._gate_row = row0  # type: ignore[method-assign]
     return outcome(res), calls
 
 
@@ -99,10 +111,10 @@ def test_one_call_gate_paths_give_the_python_results(seed: int, opts: dict, setu
     fast, calls = _run(model, hardware, experts, seed, True, opts)
     slow, off = _run(model, hardware, experts, seed, False, opts)
     assert fast == slow
-    assert off == {"one": 0, "look": 0}
+    assert off == {"one": 0, "look": 0, "row": 0}
     assert calls["one"] > 0
     if opts.get("lookahead", "auto") == "auto":
-        assert calls["look"] > 0
+        assert calls["row" if opts.get("transitions", True) else "look"] > 0
 
 
 def test_several_gpus_take_the_one_call_admission_too() -> None:
@@ -111,4 +123,4 @@ def test_several_gpus_take_the_one_call_admission_too() -> None:
     fast, calls = _run("mixtral-8x7b", "paper-6x3090", 60, 7, True, {})
     slow, _ = _run("mixtral-8x7b", "paper-6x3090", 60, 7, False, {})
     assert fast == slow
-    assert calls["one"] > 0 and calls["look"] > 0
+    assert calls["one"] > 0 and calls["row"] > 0
