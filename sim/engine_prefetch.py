@@ -61,7 +61,7 @@ from policies.cache_victims import (
 )
 from sim import engine_prefetch_view as V
 from sim.engine_fast import FastPath
-from sim.engine_prefetch_rules import by_recency, why_not_prefetch
+from sim.engine_prefetch_rules import by_recency, compiled_gate_of, why_not_prefetch
 
 __all__ = ["PrefetchPath", "by_recency", "why_not_prefetch"]
 
@@ -111,7 +111,14 @@ class PrefetchPath:
         isc[fk.I_J] = J
         isc[fk.I_NGPU] = n
         isc[fk.I_CHUNK] = eng.links.links[0].chunk
-        isc[fk.I_HOOKGATE] = int(eng._h_gate)
+        # the policy's compiled gate, called in the kernel in place of its gate hooks
+        cg = compiled_gate_of(eng)
+        self.gate: tuple | None = None
+        if cg is not None:
+            from sim.engine_prefetch_gate import gate_args
+
+            self.gate = gate_args(cg, fk)
+        isc[fk.I_HOOKGATE] = int(eng._h_gate and cg is None)
         isc[fk.I_HOOKUSED] = int(eng._h_used)
         fsc[fk.F_BW] = eng.links.links[0].bw
         fsc[fk.F_LAT] = eng.links.links[0].lat
@@ -207,10 +214,14 @@ class PrefetchPath:
         nxt, t = self.fsc[fk.F_NXT], self.fsc[fk.F_T]
         self.fsc[fk.F_NXT] = np.inf
         self._enter()
-        fk.iteration(
+        args = (
             *self.state, self.work, self.ordk, self.ordp, np.zeros((1, 1, 1), np.int64),
             np.zeros(2, np.int64), self.et, np.zeros((0, 2), np.int64), np.zeros((1, 2), np.int64),
         )  # fmt: skip
+        if self.gate is None:
+            fk.iteration(*args)
+        else:
+            fk.iteration_gate(*args, *self.gate)
         self.fsc[fk.F_NXT], self.fsc[fk.F_T] = nxt, t
         fk.apply_orders(*self.state, self.ordk, self.ordp, 0.0)
         self.advance(-np.inf)

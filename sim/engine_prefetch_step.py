@@ -36,7 +36,8 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     fsc, isc = fp.fsc, fp.isc
     ids_l = w_l = probs_l = look_l = None
     weights = probs = None
-    if eng._h_gate:
+    gate = fp.gate  # the policy's compiled gate: no return at a gate (no GateOutput)
+    if eng._h_gate and (gate is None or eng._pass_gates):
         weights = stack_field(batch, slices, "topk_weights")
         probs = stack_field(batch, slices, "gate_probs") if eng.has_probs else None
         look = stack_field(batch, slices, "lookahead") if eng.has_look else None
@@ -62,7 +63,10 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     isc[fk.I_PHASE] = fk.PH_HEAD
     work, plan = fp.work, fp.plan  # (fp.state is read per call: call buffers may grow)
     et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
-    kernel = fk.iteration
+    kernel, extra = fk.iteration, ()
+    if gate is not None:
+        kernel, extra = fk.iteration_gate, gate
+        ids64 = np.ascontiguousarray(ids64)  # the gate's signature: C order
     links = eng.links
     # an async policy's gate search over this iteration's rows (Engine._iteration's)
     search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
@@ -72,7 +76,7 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     enter, flush = fp._enter, fp._flush
     while True:
         enter()
-        code = kernel(*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
+        code = kernel(*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out, *extra)
         flush()
         links.stamp = int(isc[fk.I_STAMP])  # what a drain (a hook's, an arrival's) reads
         if code == fk.DONE:
@@ -123,6 +127,10 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
             fsc[fk.F_T] = max(t, env.now)
         elif code == fk.WAIT:
             yield env.timeout(max(float(fsc[fk.F_NXT]) - env.now, 0.0))
+        elif code == fk.BAD_GATE:
+            raise RuntimeError(
+                f"policy {policy.name!r}: its compiled gate failed or made malformed orders"
+            )
         elif code == fk.NO_LINK:
             raise RuntimeError("waiting for loads that no link carries")
         else:

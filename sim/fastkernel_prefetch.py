@@ -136,7 +136,7 @@ CB_CHANCE, CB_TABLE, CB_FLUSH = 1, 2, 3
 CALLBACK: list = [None]
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
-DONE, YIELD_T, WAIT, NO_LINK, HOOK, BAD, HOOK_USED = 0, 1, 2, 3, 4, 5, 6
+DONE, YIELD_T, WAIT, NO_LINK, HOOK, BAD, HOOK_USED, BAD_GATE = 0, 1, 2, 3, 4, 5, 6, 7
 PH_HEAD, PH_LAYER, PH_GATE, PH_DEMAND, PH_WAIT, PH_END, PH_END2, PH_ITER, PH_ITER2 = range(9)
 PH_USED = 9
 
@@ -1269,6 +1269,21 @@ def _drop_suspended_of_layer(isc, ki, kf, gi, lg, vs, layer):
 
 
 @njit(cache=True, _nrt=False)
+def _gate_orders_ok(ki, ordk, ordp, nout):
+    """Whether a compiled gate's orders are well formed (counts within the buffer, keys
+    in range, finite priorities), as Engine._apply's validation asks."""
+    nc, ne = nout[0], nout[1]
+    if nc < 0 or ne < 0 or nc + ne > ordk.shape[0]:
+        return False
+    for i in range(nc + ne):
+        if ordk[i] < 0 or ordk[i] >= ki.shape[0]:
+            return False
+        if i >= nc and not math.isfinite(ordp[i]):
+            return False
+    return True
+
+
+@njit(cache=True, _nrt=False)
 def iteration(
     isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
     req_out,
@@ -1276,6 +1291,38 @@ def iteration(
     """Run (or resume) one iteration's layers (Engine._iteration from the head on); returns
     DONE, YIELD_T / WAIT where the engine yields to simpy, HOOK at a gate (the caller
     runs the policy's on_gate, puts its orders in ordk/ordp and calls again)."""
+    return _iteration(
+        isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp,
+        ids, row_off, et, plan, req_out, None, isc, fsc, isc,
+    )  # fmt: skip
+
+
+@njit(cache=True, _nrt=False)
+def iteration_gate(
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
+    req_out, gate, pi, pf, gout,
+):  # fmt: skip
+    """:func:`iteration` with the policy's compiled gate (policies.compiled_gate): called
+    at each gate in place of the HOOK return, its orders (``gout``: cancels, prefetches
+    in ordk/ordp) applied after the layer's demand loads; BAD_GATE when it fails or
+    orders something malformed. ``gate`` is a first-class function (numba
+    ``FunctionType`` of policies.compiled_gate.gate_sig), so this kernel stays in
+    numba's disk cache whatever the policy."""
+    return _iteration(
+        isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp,
+        ids, row_off, et, plan, req_out, gate, pi, pf, gout,
+    )  # fmt: skip
+
+
+@njit(cache=True, _nrt=False)
+def _iteration(
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
+    req_out, gate, pi, pf, gout,
+):  # fmt: skip
+    """The body of :func:`iteration` and :func:`iteration_gate` (``gate`` None: no
+    compiled gate; numba prunes that branch from the plain kernel as it compiles it, so
+    no function value is passed there: one passed would keep the kernel out of numba's
+    disk cache)."""
     ph = isc[I_PHASE]
     t = fsc[F_T]
     nxt = fsc[F_NXT]
@@ -1315,7 +1362,17 @@ def iteration(
             isc[I_STEP] += 1
             isc[I_NITEMS] = _items(isc, ids, layer, work)
             ph = PH_DEMAND
-            if isc[I_HOOKGATE]:
+            if gate is not None:  # the policy's compiled gate: its orders, as its hooks' would be
+                gout[0] = 0
+                gout[1] = 0
+                r = gate(pi, pf, layer, t, ids, ki, kf, gi, ordk, ordp, gout)
+                if r < 0 or not _gate_orders_ok(ki, ordk, ordp, gout):
+                    isc[I_PHASE] = ph
+                    fsc[F_T] = t
+                    return BAD_GATE
+                isc[I_NCAN] = gout[0]
+                isc[I_NORD] = gout[1]
+            elif isc[I_HOOKGATE]:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
                 fsc[F_DUE] = _due(isc, gi, gf, cf)
