@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from policies.base import Policy, RecencyEviction
-from policies.compiled_gate import CompiledGate
 from policies.cache import VICTIM_INDEX_MIN
 from policies.cache_victims import victim_index_of
+from policies.compiled_gate import CompiledGate
 from sim.engine_fast import why_not_plain_start
 
 if TYPE_CHECKING:
