@@ -1284,17 +1284,58 @@ def _gate_orders_ok(ki, ordk, ordp, nout):
 
 
 @njit(cache=True, _nrt=False)
+def _compact_log(vs, last):
+    """Drop from the membership log each key's entry that is added and removed again in
+    it (the caller applies the log to the entries dicts: such an entry would be made and
+    dropped there before any Python could hold it, leaving the dict as it was).
+    ``last``: int64 scratch per key (its values are not kept)."""
+    vi, mlog, mlogf = vs[0], vs[6], vs[7]
+    n = vi[V_NLOG]
+    if n < 2:
+        return
+    for i in range(n):
+        last[mlog[i, M_K]] = -1
+    dropped = 0
+    for i in range(n):
+        k = mlog[i, M_K]
+        if mlog[i, M_KIND] == ADDED:
+            last[k] = i
+        elif last[k] >= 0:  # removed after its add in this log: neither is applied
+            mlog[last[k], M_KIND] = 0
+            mlog[i, M_KIND] = 0
+            last[k] = -1
+            dropped += 2
+    if not dropped:
+        return
+    m = 0
+    for i in range(n):
+        if mlog[i, M_KIND] == 0:
+            continue
+        if m != i:
+            for c in range(N_M):
+                mlog[m, c] = mlog[i, c]
+            mlogf[m, 0] = mlogf[i, 0]
+            mlogf[m, 1] = mlogf[i, 1]
+        m += 1
+    vi[V_NLOG] = m
+
+
+@njit(cache=True, _nrt=False)
 def iteration(
     isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
     req_out,
 ):  # fmt: skip
     """Run (or resume) one iteration's layers (Engine._iteration from the head on); returns
     DONE, YIELD_T / WAIT where the engine yields to simpy, HOOK at a gate (the caller
-    runs the policy's on_gate, puts its orders in ordk/ordp and calls again)."""
-    return _iteration(
+    runs the policy's on_gate, puts its orders in ordk/ordp and calls again). The
+    membership log it leaves holds no entry both added and removed in it
+    (:func:`_compact_log`)."""
+    code = _iteration(
         isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp,
         ids, row_off, et, plan, req_out, None, isc, fsc, isc,
     )  # fmt: skip
+    _compact_log(vs, scratch)
+    return code
 
 
 @njit(cache=True, _nrt=False)
@@ -1308,10 +1349,12 @@ def iteration_gate(
     orders something malformed. ``gate`` is a first-class function (numba
     ``FunctionType`` of policies.compiled_gate.gate_sig), so this kernel stays in
     numba's disk cache whatever the policy."""
-    return _iteration(
+    code = _iteration(
         isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp,
         ids, row_off, et, plan, req_out, gate, pi, pf, gout,
     )  # fmt: skip
+    _compact_log(vs, scratch)
+    return code
 
 
 @njit(cache=True, _nrt=False)
