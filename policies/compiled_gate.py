@@ -23,19 +23,22 @@ The contract (docs/simulator.md, "A policy's gate inside the kernel"):
   Read only: ``ki`` ([layers x experts, ...] int64, row ``layer * J + expert``: columns
   :data:`K_STATE`, 0 absent / 1 loading / 2 resident, and :data:`K_DEV`, the key's GPU),
   ``kf`` (its float columns, :data:`KF_LAST` the last use, :data:`KF_LOADED`) and ``gi``
-  (per GPU: :data:`G_COUNT` entries, :data:`G_CAP` slots). The gate writes its orders:
-  ``nout[0]`` cancels (flat keys ``layer * J + expert``) in ``ordk[:nout[0]]``, then
-  ``nout[1]`` prefetches in ``ordk`` / ``ordp`` (key, priority) after them; at most
-  ``ordk.shape[0]`` (at least twice the experts of a layer) in all. It returns 0, or a
-  negative number for a state it cannot handle (the run stops with an error).
-- The orders are those the policy's ``on_gate_now`` and ``on_gate`` (then
-  ``decide_prefetch``) would make at that gate, in that order, with the same
-  priorities: the kernel applies them after the layer's demand loads, stamped with the
-  gate, as the reference engine does with a gate's orders that need no search. The
-  Python engine never calls the compiled gate (it stays the reference: tests run both).
+  (per GPU: :data:`G_COUNT` entries, :data:`G_CAP` slots). The gate writes its orders
+  (flat keys ``layer * J + expert``; priorities in ``ordp`` at the same positions) as
+  two batches, one after the other from ``ordk[0]``: ``on_gate_now``'s, ``nout[0]``
+  cancels then ``nout[1]`` prefetches, and ``on_gate``'s, ``nout[2]`` cancels then
+  ``nout[3]`` prefetches; at most ``ordk.shape[0]`` (at least twice the experts of a
+  layer) in all. It returns 0, or a negative number for a state it cannot handle (the
+  run stops with an error).
+- The batches are the orders the policy's ``on_gate_now`` and ``on_gate`` (each then
+  ``decide_prefetch``) would make at that gate, with the same priorities, and the kernel
+  treats them as the reference engine treats those hooks' orders: stamped with the gate,
+  ``on_gate_now``'s applied after the layer's demand loads, ``on_gate``'s right after
+  them, or, for an ``async_search`` policy, as a timed call after the gate's search
+  latency. The Python engine never calls the compiled gate (it stays the reference:
+  tests run both).
 - Only the class that defines ``compiled_gate`` is trusted: a subclass that overrides
-  ``on_gate`` or ``on_gate_now`` below it runs its Python hooks. A policy with a search
-  latency (``async_search``) keeps its Python hooks (its orders wait as timed calls).
+  ``on_gate`` or ``on_gate_now`` below it runs its Python hooks.
 """
 
 from __future__ import annotations

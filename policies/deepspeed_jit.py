@@ -62,6 +62,6 @@ def whole_layer_gate(pi, pf, layer, now, ids, ki, kf, gi, ordk, ordp, nout):
         ordk[n] = k
         ordp[n] = 1.0
         n += 1
-    nout[0] = 0
-    nout[1] = n
+    nout[2] = 0  # on_gate's orders: the second batch (none of on_gate_now's)
+    nout[3] = n
     return 0

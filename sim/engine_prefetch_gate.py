@@ -42,4 +42,4 @@ def gate_args(cg: CompiledGate, fk: Any) -> tuple:
     assert (cg_mod.G_COUNT, cg_mod.G_CAP, cg_mod.ABSENT, cg_mod.LOADING, cg_mod.RESIDENT) == (
         fk.G_COUNT, fk.G_CAP, fk.ABSENT, fk.LOADING, fk.RESIDENT
     )  # fmt: skip
-    return _GateAddress(cg.kernel, cg_mod.gate_sig()), cg.pi, cg.pf, np.zeros(2, np.int64)
+    return _GateAddress(cg.kernel, cg_mod.gate_sig()), cg.pi, cg.pf, np.zeros(4, np.int64)

@@ -125,10 +125,9 @@ GATE_ENV = "FMOE_SIM_GATE"
 def compiled_gate_of(eng: Engine) -> CompiledGate | None:
     """The policy's compiled gate (policies.compiled_gate) the kernel calls in place of
     returning to ``on_gate_now`` / ``on_gate``, or None: none offered, ``FMOE_SIM_GATE``
-    is ``python``, the policy's gate orders wait for a search latency (timed calls), or
-    a subclass below the class that offers it overrides a gate hook (then the offer no
-    longer describes the hooks that run)."""
-    if os.environ.get(GATE_ENV, "compiled") == "python" or eng.search_s > 0:
+    is ``python``, or a subclass below the class that offers it overrides a gate hook
+    (then the offer no longer describes the hooks that run)."""
+    if os.environ.get(GATE_ENV, "compiled") == "python":
         return None
     mro = type(eng.policy).__mro__
 

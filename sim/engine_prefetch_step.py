@@ -58,6 +58,9 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     fsc[fk.F_DENSE] = eng.timing.dense(rows, context)
     fsc[fk.F_HAND], fsc[fk.F_EXCH], fsc[fk.F_OVER], fsc[fk.F_HEAD] = fp.per_rows(rows, n)
     fsc[fk.F_T] = t
+    # an async policy's gate search over this iteration's rows (Engine._iteration's)
+    search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
+    fsc[fk.F_SEARCH] = search_t  # (a compiled gate's on_gate orders wait for it)
     fsc[fk.F_NXT] = env.peek()
     fsc[fk.F_NOW] = env.now
     isc[fk.I_PHASE] = fk.PH_HEAD
@@ -79,8 +82,6 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
         if fixed and kernel is not disp:
             fp.entries[disp] = kernel
     links = eng.links
-    # an async policy's gate search over this iteration's rows (Engine._iteration's)
-    search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
     plain = eng._plain_decide
     h_now = eng._h_gate_now
     iteration = eng.iterations
@@ -88,11 +89,15 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     iscm, fscm, planm = fp.iscm, fp.fscm, memoryview(plan)
     done, hook, hook_used = fk.DONE, fk.HOOK, fk.HOOK_USED
     I_STAMP, I_POS, I_NITEMS, F_T = fk.I_STAMP, fk.I_POS, fk.I_NITEMS, fk.F_T
+    I_DELAYED = fk.I_DELAYED
     while True:
         enter()
         code = kernel(*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out, *extra)
         flush()
         links.stamp = iscm[I_STAMP]  # what a drain (a hook's, an arrival's) reads
+        if gate is not None and iscm[I_DELAYED]:  # the engine's count of delayed orders
+            eng.delayed_orders += iscm[I_DELAYED]
+            iscm[I_DELAYED] = 0
         if code == done:
             break
         if code == hook:  # the gate of MoE layer `layer`: on_gate_now, on_gate
@@ -141,6 +146,10 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
             fsc[F_T] = max(t, env.now)
         elif code == fk.WAIT:
             yield env.timeout(max(float(fsc[fk.F_NXT]) - env.now, 0.0))
+        elif code == fk.GROW:  # a compiled gate's timed call needs room (as add_call)
+            out = gate[3]
+            fp._grow_calls(iscm[fk.I_BUFTOP] + out[2] + out[3])
+            continue
         elif code == fk.BAD_GATE:
             raise RuntimeError(
                 f"policy {policy.name!r}: its compiled gate failed or made malformed orders"

@@ -78,6 +78,7 @@ def _three_ways(
             assert len(built) == (eng_name == "compiled"), "the compiled path did not run"
         if built:
             assert (built[0].gate is not None) == (gate is None)
+            pol.delayed = built[0]._eng.delayed_orders  # the engine's count (no metric)
             if not must_run:  # a hypothesis example: which runs took the path
                 event(f"compiled path, gate {'compiled' if gate is None else 'python'}")
     return outs, pols
@@ -124,7 +125,7 @@ def test_the_gate_is_taken_only_where_it_describes_the_hooks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No compiled gate for a subclass overriding on_gate, without the whole-layer fetch,
-    with a search latency, or under FMOE_SIM_GATE=python; the runs still take the path."""
+    or under FMOE_SIM_GATE=python; the runs still take the path."""
     spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
     w = generate(spec, SynthConfig(num_requests=1, arrival_rate=2.91, seed=6))
     cfg = SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_gb=24.0)
@@ -143,14 +144,30 @@ def test_the_gate_is_taken_only_where_it_describes_the_hooks(
     assert built[0].gate is None
     monkeypatch.delenv(GATE_ENV)
 
-    class Async(DeepSpeed):
-        async_search = True
 
-    hw2 = hw.model_copy(update={"compute": hw.compute.model_copy(update={"policy_search_s": 1e-4})})
-    cfg2 = cfg.model_copy(update={"hardware": hw2})
-    with engine("compiled", PATH) as built:
-        simulate(w, cfg2, policy=Async())
-    assert built[0].gate is None  # its orders wait as timed calls: the Python hooks
+class SlowCounted(CountedGates):
+    """deepspeed whose on_gate orders wait for the profile's search latency (timed
+    calls, as fMoE's do); its compiled gate's orders wait in the kernel."""
+
+    async_search = True
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_compiled_gates_orders_wait_for_the_search(batch: int) -> None:
+    """With a search latency the compiled gate's on_gate orders are timed calls in the
+    kernel: the same results and delayed-order count as the Python hooks' on both
+    engines (batch 3 with a small cache: timed calls outgrow the buffers)."""
+    spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
+    assert hw.compute.policy_search_s > 0
+    w = generate(spec, SynthConfig(num_requests=2, arrival_rate=2.91, seed=7))
+    cfg = SimConfig(
+        model=spec, hardware=hw, policy="deepspeed", cache_gb=24.0 if batch == 1 else 12.0,
+        batch_size=batch,
+    )  # fmt: skip
+    outs, pols = _three_ways(w, cfg, SlowCounted)
+    assert outs[0] == outs[1] == outs[2]
+    assert pols[2].gates == 0 < pols[0].gates
+    assert pols[2].delayed == pols[1].delayed > 0
 
 
 @njit(cache=False)
