@@ -5,8 +5,10 @@ A run takes it (``FMOE_SIM_ENGINE``, as :mod:`sim.engine_fast`) when it does not
 for the evict-only kernel and :func:`why_not_prefetch` finds nothing against it: the
 policy keeps the default ``decide_prefetch``, ``miss_action`` and ``on_load_finished``
 (its other hooks run in Python: the kernel returns at each gate, for ``on_gate_now`` and
-``on_gate``, and after each layer's experts are used; arrivals, iteration starts and ends
-are the engine's own Python); links carry one copy at a time (no host-side cap); no copy
+``on_gate``, unless the policy offers a compiled gate the kernel calls instead
+(:mod:`policies.compiled_gate`, :func:`~sim.engine_prefetch_rules.compiled_gate_of`),
+and after each layer's experts are used; arrivals, iteration starts and ends are the
+engine's own Python); links carry one copy at a time (no host-side cap); no copy
 interference, fused expert call, event log or hybrid action; no layer of the workload can
 route to a GPU as many experts as its cache holds (a demand could then wait for a slot:
 waves); and a scorer with a ``victim_index`` only on caches below ``VICTIM_INDEX_MIN``

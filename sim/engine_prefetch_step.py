@@ -69,18 +69,20 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     disp, extra = fk.iteration, ()
     if gate is not None:
         disp, extra = fk.iteration_gate, gate
-        ids64 = np.ascontiguousarray(ids64)  # the gate's signature: C order
+        if not (ids64.flags.c_contiguous and ids64.flags.writeable):
+            ids64 = np.array(ids64, order="C")  # the gate's signature: C order, writeable
     # the kernel's compiled entry for these argument types (no type resolution a call):
-    # every argument's type is fixed for the run (arrays the path makes, C order,
-    # writeable) but the trace's rows', which may be read-only (a memory-mapped trace)
+    # every argument's type is fixed for the run (int64 or float64 arrays the path makes,
+    # C order, writeable) but the trace's rows' layout and write flag (a memory-mapped
+    # trace's are read-only), which key the entries kept
     fl = ids64.flags
-    fixed = fl.c_contiguous and fl.writeable
-    kernel = fp.entries.get(disp) if fixed else None
+    key = (disp, fl.c_contiguous, fl.f_contiguous, fl.writeable)
+    kernel = fp.entries.get(key)
     if kernel is None:
         args = (*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out, *extra)
         kernel = entry_of(disp, args)
-        if fixed and kernel is not disp:
-            fp.entries[disp] = kernel
+        if kernel is not disp:
+            fp.entries[key] = kernel
     links = eng.links
     plain = eng._plain_decide
     h_now = eng._h_gate_now

@@ -11,7 +11,8 @@ entries first). Policy hooks stay in Python: the kernel returns at each gate (``
 the caller runs ``on_gate_now`` and ``on_gate`` and resumes it with the orders they
 decided: on_gate_now's, then on_gate's when they need no search, are applied after the
 layer's demand loads) and after a layer's experts are used (``HOOK_USED``:
-``on_expert_used`` per expert). No waves, no copy interference, no event log: the caller
+``on_expert_used`` per expert). A policy's compiled gate (policies.compiled_gate) is
+called in the kernel instead of the HOOK return (:func:`iteration_gate`). No waves, no copy interference, no event log: the caller
 admits only such runs. The Python engine is the reference; ``tests/test_engine_prefetch.py``
 and ``tests/test_engine_prefetch_fmoe.py`` hold them equal.
 
