@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from policies import compiled_gate
 from policies.compiled_gate import ABSENT, G_CAP, K_DEV, K_STATE
+from specs.jitcache import stamp_dependencies
 
 # pi: [0] experts per layer J, [1] devices D, then scratch: J marks, D routed counts, D ranks
 P_J, P_D, P_SCRATCH = 0, 1, 2
@@ -65,3 +67,8 @@ def whole_layer_gate(pi, pf, layer, now, ids, ki, kf, gi, ordk, ordp, nout):
     nout[2] = 0  # on_gate's orders: the second batch (none of on_gate_now's)
     nout[3] = n
     return 0
+
+
+# the kernel compiles in policies.compiled_gate's column numbers: that file's contents
+# join its disk-cache stamp (specs/jitcache.py), so a change there recompiles it
+stamp_dependencies(globals().values(), (compiled_gate,))
