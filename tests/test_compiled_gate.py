@@ -196,3 +196,39 @@ def test_gate_state_arrays_are_checked() -> None:
         CompiledGate(_bad_gate, np.zeros(2, np.int32), np.zeros(1, np.float64))
     with pytest.raises(ValueError, match="1-D C-order"):
         CompiledGate(_bad_gate, np.zeros(2, np.int64), np.zeros((2, 2), np.float64)[:, 0])
+
+
+_PROBE = """
+import os
+os.environ["FMOE_SIM_ENGINE"] = "compiled"
+from sim.config import SimConfig
+from sim.run import simulate
+from specs.presets import load_hardware, load_model
+from traces.synth import SynthConfig, generate
+from sim import fastkernel_prefetch as fk
+from policies import deepspeed_jit
+spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
+w = generate(spec, SynthConfig(num_requests=1, arrival_rate=2.91, seed=8))
+simulate(w, SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_gb=24.0))
+for f in (fk.iteration_gate, deepspeed_jit.whole_layer_gate):
+    print(sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))
+"""
+
+
+def test_the_gate_kernel_stays_in_numbas_disk_cache() -> None:
+    """A new process loads the kernel that takes a compiled gate, and the gate, from
+    numba's disk cache (the gate is a function value, not compiled into the kernel): the
+    second of two processes compiles neither."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for _ in range(2):  # the first may compile (a fresh checkout) and write the cache
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env,
+            cwd=root, check=True, timeout=600,
+        ).stdout.split()  # fmt: skip
+    hits_k, miss_k, hits_g, miss_g = map(int, out[-4:])
+    assert (hits_k, miss_k, hits_g, miss_g) == (1, 0, 1, 0)
