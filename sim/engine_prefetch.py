@@ -122,8 +122,11 @@ class PrefetchPath:
         if cg is not None:
             from sim.engine_prefetch_gate import gate_args
 
-            self.gate = gate_args(cg, fk)
-        isc[fk.I_HOOKGATE] = int(eng._h_gate and cg is None)
+            try:
+                self.gate = gate_args(cg, fk)
+            except ImportError:  # a numba without its dispatcher-to-function conversion
+                self.gate = None  # (a private helper): the Python hooks, as before
+        isc[fk.I_HOOKGATE] = int(eng._h_gate and self.gate is None)
         isc[fk.I_HOOKUSED] = int(eng._h_used)
         fsc[fk.F_BW] = eng.links.links[0].bw
         fsc[fk.F_LAT] = eng.links.links[0].lat
