@@ -44,7 +44,7 @@ import simpy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies.base import Policy  # noqa: E402
+from policies.base import Policy, RecencyEviction  # noqa: E402
 from policies.registry import policy_class  # noqa: E402
 from sim import engine_fast  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
@@ -112,12 +112,20 @@ def timed_policy(name: str) -> Policy:
     # keeps its scorer unwrapped: a wrapped one would no longer be that choice, and the
     # run would call the scorer back instead (the kernel's victim time is the engine's)
     in_kernel = base.kernel_victims is not Policy.kernel_victims
+    # so does a recency scorer (RecencyEviction's): the prefetching path knows it by
+    # identity and picks its victims itself; wrapped, the kernel would call it back
+    in_kernel = in_kernel or base.eviction_scores is RecencyEviction.eviction_scores
+    # likewise a policy whose gate the kernel calls compiled (Policy.compiled_gate) keeps
+    # its gate hooks unwrapped: wrapped (a subclass overriding them) they would run
+    # instead; the compiled gate's time is then the engine's
+    gate_in_kernel = base.compiled_gate is not Policy.compiled_gate
     own = {
         h: wrap(h)
         for h in HOOKS
         if getattr(base, h, None) is not None
         and getattr(base, h) is not getattr(Policy, h, None)
         and not (in_kernel and h in ("eviction_scores", "victim_index"))
+        and not (gate_in_kernel and h in ("on_gate", "on_gate_now"))
     }
     pol = type(f"Timed{base.__name__}", (base,), own)()
     pol.spent = spent  # type: ignore[attr-defined]

@@ -46,6 +46,7 @@ from policies.cache import (
     lru_scores,
 )
 from policies.cache_victims import KernelVictims
+from policies.compiled_gate import CompiledGate
 from policies.placement import Placement
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
@@ -379,6 +380,14 @@ class Policy(ABC):  # noqa: B024 - abstract by intent; every hook has a safe def
         (:class:`~policies.cache_victims.KernelVictims`; None, the default: the executor
         calls :meth:`eviction_scores`). A policy returns one only when it is exactly what
         its scorer (and ``victim_index``) would choose, side effects included."""
+        return None
+
+    def compiled_gate(self) -> CompiledGate | None:
+        """This policy's gate as compiled code, called from inside a compiled executor's
+        kernel instead of ``on_gate_now`` and ``on_gate``
+        (:class:`~policies.compiled_gate.CompiledGate`, whose docstring is the contract;
+        None, the default: the executor calls the hooks). A policy returns one only when
+        its orders are exactly those the hooks would make at every gate."""
         return None
 
 

@@ -15,6 +15,10 @@ a whole, not just the routed ones. What we model:
   (real DeepSpeed would need room for the whole layer; with less it could not run).
 - The expert cache evicts the least recently used expert.
 
+Its gate also exists as compiled code (:meth:`DeepSpeed.compiled_gate`,
+:mod:`policies.deepspeed_jit`): the simulator's prefetching kernel calls it in place of
+``on_gate`` (same orders; the Python hook stays the reference).
+
 ``whole_layer=False`` keeps only the on-demand loads (then it behaves like ``lru``).
 """
 
@@ -25,6 +29,7 @@ from pydantic import Field
 
 from policies.base import GateOutput, Policy, PolicyContext, PolicyOptions, RecencyEviction
 from policies.baseline_common import layer_reserve, select_orders
+from policies.compiled_gate import CompiledGate
 from policies.registry import register_policy
 
 
@@ -62,3 +67,16 @@ class DeepSpeed(RecencyEviction, Policy):
             ctx, self._ones[: rest.size], layers, rest, layer_reserve(ctx, ev.layer, chosen)
         ):
             self.prefetch(o.layer, o.expert, o.priority)
+
+    def compiled_gate(self) -> CompiledGate | None:
+        """``on_gate``'s orders in numba (:mod:`policies.deepspeed_jit`), for a compiled
+        executor's kernel; None without the whole-layer fetch (no orders: no gate)."""
+        if not self.options.whole_layer:
+            return None
+        from policies import deepspeed_jit
+
+        ctx = self.ctx
+        if len(ctx.caches) != ctx.placement.num_devices:
+            return None  # select_orders' budget and devices would not line up
+        pi = deepspeed_jit.state(ctx.spec.num_experts, ctx.placement.num_devices)
+        return CompiledGate(deepspeed_jit.whole_layer_gate, pi, np.zeros(1, np.float64))

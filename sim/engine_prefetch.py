@@ -5,8 +5,10 @@ A run takes it (``FMOE_SIM_ENGINE``, as :mod:`sim.engine_fast`) when it does not
 for the evict-only kernel and :func:`why_not_prefetch` finds nothing against it: the
 policy keeps the default ``decide_prefetch``, ``miss_action`` and ``on_load_finished``
 (its other hooks run in Python: the kernel returns at each gate, for ``on_gate_now`` and
-``on_gate``, and after each layer's experts are used; arrivals, iteration starts and ends
-are the engine's own Python); links carry one copy at a time (no host-side cap); no copy
+``on_gate``, unless the policy offers a compiled gate the kernel calls instead
+(:mod:`policies.compiled_gate`, :func:`~sim.engine_prefetch_rules.compiled_gate_of`),
+and after each layer's experts are used; arrivals, iteration starts and ends are the
+engine's own Python); links carry one copy at a time (no host-side cap); no copy
 interference, fused expert call, event log or hybrid action; no layer of the workload can
 route to a GPU as many experts as its cache holds (a demand could then wait for a slot:
 waves); and a scorer with a ``victim_index`` only on caches below ``VICTIM_INDEX_MIN``
@@ -43,10 +45,7 @@ from policies.base import (
 )
 from policies.cache import (
     VICTIM_INDEX_MIN,
-    CacheCounters,
     CacheEntry,
-    ExpertCache,
-    ExpertState,
     _lowest,
 )
 from policies.cache_victims import (
@@ -61,9 +60,15 @@ from policies.cache_victims import (
 )
 from sim import engine_prefetch_view as V
 from sim.engine_fast import FastPath
-from sim.engine_prefetch_rules import by_recency, why_not_prefetch
+from sim.engine_prefetch_rules import by_recency, compiled_gate_of, why_not_prefetch
 
 __all__ = ["PrefetchPath", "by_recency", "why_not_prefetch"]
+
+# sim.fastkernel_prefetch's columns read per call on the hot paths (checked equal to the
+# kernel's at the path's start: _check_columns)
+_G_BUSY, _G_SEG, _G_QH, _G_QN, _GF_START, _GF_END, _K_JREM = 8, 15, 6, 7, 6, 8, 15
+_V_NLOG, _ADDED = 7, 1
+_new_link_state = tuple.__new__  # LinkState(...) without its __new__'s Python frame
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -111,7 +116,17 @@ class PrefetchPath:
         isc[fk.I_J] = J
         isc[fk.I_NGPU] = n
         isc[fk.I_CHUNK] = eng.links.links[0].chunk
-        isc[fk.I_HOOKGATE] = int(eng._h_gate)
+        # the policy's compiled gate, called in the kernel in place of its gate hooks
+        cg = compiled_gate_of(eng)
+        self.gate: tuple | None = None
+        if cg is not None:
+            from sim.engine_prefetch_gate import gate_args
+
+            try:
+                self.gate = gate_args(cg, fk)
+            except ImportError:  # a numba without its dispatcher-to-function conversion
+                self.gate = None  # (a private helper): the Python hooks, as before
+        isc[fk.I_HOOKGATE] = int(eng._h_gate and self.gate is None)
         isc[fk.I_HOOKUSED] = int(eng._h_used)
         fsc[fk.F_BW] = eng.links.links[0].bw
         fsc[fk.F_LAT] = eng.links.links[0].lat
@@ -153,6 +168,10 @@ class PrefetchPath:
                 fk.V_ON, fk.V_G, fk.V_IT, fk.V_ROWS, fk.V_DIRTY, fk.V_CHANCE, fk.V_EV, fk.VF_TIE
             ) == (KV_ON, KV_G, KV_IT, KV_ROWS, KV_DIRTY, KV_CHANCE, KV_EV, KV_TIE)  # fmt: skip
         self.vi = self.vs[0]
+        self.iscm, self.fscm = memoryview(isc), memoryview(self.fsc)  # reads as Python numbers
+        # the kernels' compiled entries for this run's argument types (engine_prefetch_step)
+        self.entries: dict[Any, Any] = {}
+        self.vim = memoryview(self.vi)  # the log's length read as a Python int (_flush)
         self.state = (
             self.isc, self.fsc, self.ki, self.kf, self.gi, self.gf, self.q, self.hf, self.hi,
             self.lg, self.scratch, self.cf, self.ci, self.bk, self.bp, self.vs,
@@ -165,6 +184,8 @@ class PrefetchPath:
         self._key_of = [key for row in eng.key_table for key in row]  # by key index
         # element reads without numpy scalars (the arrays are never reallocated)
         self.kim, self.kfm, self.gim = memoryview(ki), memoryview(self.kf), memoryview(gi)
+        self.gfm, self.qm = memoryview(self.gf), memoryview(self.q)
+        self._bw = float(fsc[fk.F_BW])  # the links' bandwidth (fixed for the run)
         self.keybuf = np.zeros(max(caps) + 1, np.int64)
         if not by_recency(eng.policy):  # victims scored by the policy, called back
             isc[fk.I_PYSCORE] = 1
@@ -173,6 +194,10 @@ class PrefetchPath:
         self._view = getattr(eng.policy.ctx, "executor", None) if eng.policy.ctx else None
         if self._view is not None:
             self._view.link_state = self.link_state  # type: ignore[method-assign]
+        assert (_G_BUSY, _G_SEG, _G_QH, _G_QN, _GF_START, _GF_END, _K_JREM) == (
+            fk.G_BUSY, fk.G_SEG, fk.G_QH, fk.G_QN, fk.GF_START, fk.GF_END, fk.K_JREM
+        )  # fmt: skip
+        assert (_V_NLOG, _ADDED) == (fk.V_NLOG, fk.ADDED)
         # the engine's drains (iteration start and end) apply orders through the kernel
         eng._apply = self.apply  # type: ignore[method-assign]
         # what a hook reads of the caches comes from the arrays until export
@@ -199,6 +224,8 @@ class PrefetchPath:
             cache.__dict__["_live_arr"] = arr
             cache.__class__ = V.LiveCache
         eng.links.call_at = self.call_at  # type: ignore[method-assign]
+        # the kernel's call backs, bound once (_enter sets them at every entry)
+        self._victim_cb, self._callback_cb = self._victim, self._callback
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -207,10 +234,14 @@ class PrefetchPath:
         nxt, t = self.fsc[fk.F_NXT], self.fsc[fk.F_T]
         self.fsc[fk.F_NXT] = np.inf
         self._enter()
-        fk.iteration(
+        args = (
             *self.state, self.work, self.ordk, self.ordp, np.zeros((1, 1, 1), np.int64),
             np.zeros(2, np.int64), self.et, np.zeros((0, 2), np.int64), np.zeros((1, 2), np.int64),
         )  # fmt: skip
+        if self.gate is None:
+            fk.iteration(*args)
+        else:
+            fk.iteration_gate(*args, *self.gate)
         self.fsc[fk.F_NXT], self.fsc[fk.F_T] = nxt, t
         fk.apply_orders(*self.state, self.ordk, self.ordp, 0.0)
         self.advance(-np.inf)
@@ -221,8 +252,8 @@ class PrefetchPath:
         """Before each kernel call: the call backs, and what the policy's victim choice
         reads now (each entry: runs of this process may interleave)."""
         fk = self.fk
-        fk.VICTIM[0] = self._victim
-        fk.CALLBACK[0] = self._callback
+        fk.VICTIM[0] = self._victim_cb
+        fk.CALLBACK[0] = self._callback_cb
         if self._kv is not None:
             self._kv.state(self.vi, self.vs[1])
 
@@ -230,27 +261,28 @@ class PrefetchPath:
         """Apply the kernel's membership log to the caches' entries dicts: a new entry
         object per load (at the dict's end), a removed one frozen with its fields then
         (what the Python cache's dropped entry keeps) when anything still holds it."""
-        vi = self.vi
-        n = int(vi[self.fk.V_NLOG])
+        vim = self.vim
+        n = vim[_V_NLOG]
         if not n:
             return
-        vi[self.fk.V_NLOG] = 0
-        log = self.vs[6][:n].tolist()
+        vim[_V_NLOG] = 0
+        mlog = self.vs[6]
+        # only the kind and key columns as Python ints (a frozen entry reads its row)
+        log = mlog[:n, :2].tolist()
         live, dicts, dev, key_of = self._live, self._dicts, self._dev_of, self._key_of
-        added, kim, kfm = self.fk.ADDED, self.kim, self.kfm
-        new, cls = object.__new__, V.LiveEntry
-        for i, row in enumerate(log):
-            k = row[1]
+        kim, kfm = self.kim, self.kfm
+        new, cls, getrefcount = object.__new__, V.LiveEntry, sys.getrefcount
+        for i, (kind, k) in enumerate(log):
             key = key_of[k]
-            if row[0] == added:  # LiveEntry(self, k, key), without the call
+            if kind == _ADDED:  # LiveEntry(self, k, key), without the call
                 e = live[k] = new(cls)
                 e._i, e._f, e._k, e.key = kim, kfm, k, key
                 dicts[dev[k]][key] = e
                 continue
             e = dicts[dev[k]].pop(key)
             del live[k]
-            if sys.getrefcount(e) > 2:  # held (e and getrefcount's): frozen as it left
-                V.freeze(e, row, self.vs[7][i].tolist())
+            if getrefcount(e) > 2:  # held (e and getrefcount's): frozen as it left
+                V.freeze(e, mlog[i].tolist(), self.vs[7][i].tolist())
 
     def _callback(self, code: int) -> None:
         """The kernel's call back (sim.fastkernel_prefetch.CALLBACK)."""
@@ -336,25 +368,27 @@ class PrefetchPath:
     def link_state(self, device: int) -> LinkState:
         """SimExecutorView.link_state of a one-copy link, from the kernel's arrays (the
         same floating-point operations in the same order)."""
-        fk, g = self.fk, device
-        gim, gf, kim = self.gim, self.gf, self.kim
+        g = device
+        gim, kim = self.gim, self.kim
         now = self._eng.env.now
-        bw = float(self.fsc[fk.F_BW])
+        bw = self._bw
         left_s = 0.0
-        k = gim[g, fk.G_BUSY]
+        k = gim[g, _G_BUSY]
         if k >= 0:
-            start = float(gf[g, fk.GF_START])
+            gfm = self.gfm
+            start = gfm[g, _GF_START]
             if start > now:
                 now = start
-            seg = gim[g, fk.G_SEG]
-            left_s += max(0.0, float(gf[g, fk.GF_END]) - now) + max(0, kim[k, fk.K_JREM] - seg) / bw
-        h, nq, cap = gim[g, fk.G_QH], gim[g, fk.G_QN], self.q.shape[1]
-        q = self.q
-        left_s += sum(kim[int(q[g, (h + i) % cap]), fk.K_JREM] for i in range(nq)) / bw
+            seg = gim[g, _G_SEG]
+            left_s += max(0.0, gfm[g, _GF_END] - now) + max(0, kim[k, _K_JREM] - seg) / bw
+        nq = gim[g, _G_QN]
+        if nq:  # (an empty queue adds 0.0 to a sum that is never negative: skipped)
+            h, cap, qm = gim[g, _G_QH], self.q.shape[1], self.qm
+            left_s += sum(kim[qm[g, (h + i) % cap], _K_JREM] for i in range(nq)) / bw
         view = self._view
         if view.hybrid is not None:
             left_s += view.hybrid.pending_fetches[device] * view._copy_s
-        return LinkState(left_s / 1, bw, view._copy_s)
+        return _new_link_state(LinkState, (left_s / 1, bw, view._copy_s))
 
     def _orders(self, dec: PrefetchDecision, start: int = 0) -> int:
         """Put ``dec`` into the order arrays from ``start`` (0: the first batch, the
@@ -412,59 +446,8 @@ class PrefetchPath:
     per_rows = FastPath.per_rows  # the same memoised per-iteration costs
 
     def export(self, eng: Engine) -> None:
-        """Write the arrays back into the caches, links and engine counters (after the run)."""
-        fk = self.fk
-        self.sync()
-        isc, fsc, ki, gi, gf = self.isc, self.fsc, self.ki, self.gi, self.gf
-        J = self.J
-        self._flush()
-        for g, cache in enumerate(eng.caches):
-            entries = cache.entries
-            for key, e in list(entries.items()):  # plain entries again, in the dict's order
-                entries[key] = CacheEntry(
-                    key, e.state, e.loaded_at, e.last_used, e.uses, e.pins, e.protected,
-                    e.by_prefetch, e.prefetch_used,
-                )  # fmt: skip
-            del cache.candidate_arrays  # the class's again
-            cache.__class__ = ExpertCache
-            del cache.__dict__["_live_arr"]
-            c0 = fk.G_C0
-            cache.counters = CacheCounters(*gi[g, c0 : c0 + len(V.COUNTERS)].tolist())
-            order = []
-            k = int(gi[g, fk.G_HEAD])
-            while k >= 0:
-                order.append(eng.key_table[k // J][k % J])
-                k = int(ki[k, fk.K_NEXT])
-            cache._recency.clear()
-            cache._recency.update((key, entries[key]) for key in order)
-            cache._cands = {
-                key: e
-                for key, e in entries.items()
-                if e.state is ExpertState.RESIDENT and not e.pins and not e.protected
-            }
-            cache._arr = None
-            cache._protected = {key for key, e in entries.items() if e.protected}
-            cache._n_loading = int(gi[g, fk.G_NLOAD])
-            cache._in_order = bool(gi[g, fk.G_INORDER])
-            cache._latest = float(gf[g, fk.GF_LATEST])
-            link = eng.links.links[g]
-            link.busy_s = float(gf[g, fk.GF_BUSYS])
-            link._busy_t0 = float(gf[g, fk.GF_BUSYT0])
-            link.active = int(gi[g, fk.G_ACTIVE])
-            link.bytes_moved = int(gi[g, fk.G_BYTES])
-            for name, col in (
-                ("orders", fk.S_ORDERS),
-                ("skipped_cached", fk.S_SKIPPED),
-                ("stale", fk.S_STALE),
-                ("dropped_full", fk.S_DROPPED),
-                ("preemptions", fk.S_PREEMPT),
-            ):
-                link.stats[name] = int(gi[g, col])
-            eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
-        if self._view is not None:
-            del self._view.link_state  # the class's again: it reads the Link objects
-        del eng.links.call_at
-        eng.gate_seq = int(isc[fk.I_GATESEQ])
-        eng.links.stamp = int(isc[fk.I_STAMP])
-        eng.layer_steps = int(isc[fk.I_STEPS])
-        eng.stall_s = float(fsc[fk.F_STALL])
+        """Write the arrays back into the caches, links and engine counters (after the run:
+        :func:`sim.engine_prefetch_export.export`)."""
+        from sim.engine_prefetch_export import export
+
+        export(self, eng)

@@ -1,10 +1,12 @@
 """Which runs the prefetching compiled path (:mod:`sim.engine_prefetch`) can take:
 :func:`why_not_prefetch` names the first reason a run cannot ('' when it can; the rules
-are listed in :mod:`sim.engine_prefetch`'s docstring and docs/simulator.md), and
-:func:`by_recency` whether a policy's victims are the kernel's own recency order."""
+are listed in :mod:`sim.engine_prefetch`'s docstring and docs/simulator.md),
+:func:`by_recency` whether a policy's victims are the kernel's own recency order, and
+:func:`compiled_gate_of` the policy's compiled gate the kernel calls, if any."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -13,6 +15,7 @@ import numpy as np
 from policies.base import Policy, RecencyEviction
 from policies.cache import VICTIM_INDEX_MIN
 from policies.cache_victims import victim_index_of
+from policies.compiled_gate import CompiledGate
 from sim.engine_fast import why_not_plain_start
 
 if TYPE_CHECKING:
@@ -112,3 +115,28 @@ def _may_wave(eng: Engine) -> bool:
         if ids.shape[0] > p.stop and K >= caps.min():  # a decode row: top-K a layer
             return True
     return False
+
+
+# FMOE_SIM_GATE=python: the prefetching kernel returns to the policy's Python gate hooks
+# even where the policy offers a compiled gate (to compare, or to debug a gate)
+GATE_ENV = "FMOE_SIM_GATE"
+
+
+def compiled_gate_of(eng: Engine) -> CompiledGate | None:
+    """The policy's compiled gate (policies.compiled_gate) the kernel calls in place of
+    returning to ``on_gate_now`` / ``on_gate``, or None: none offered, ``FMOE_SIM_GATE``
+    is ``python``, or a subclass below the class that offers it overrides a gate hook
+    (then the offer no longer describes the hooks that run)."""
+    if os.environ.get(GATE_ENV, "compiled") == "python":
+        return None
+    mro = type(eng.policy).__mro__
+
+    def owner(name: str) -> int:
+        return next(i for i, c in enumerate(mro) if name in c.__dict__)
+
+    at = owner("compiled_gate")
+    if mro[at] is Policy:
+        return None
+    if owner("on_gate") < at or owner("on_gate_now") < at:
+        return None
+    return eng.policy.compiled_gate()

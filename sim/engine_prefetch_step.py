@@ -36,7 +36,8 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     fsc, isc = fp.fsc, fp.isc
     ids_l = w_l = probs_l = look_l = None
     weights = probs = None
-    if eng._h_gate:
+    gate = fp.gate  # the policy's compiled gate: no return at a gate (no GateOutput)
+    if eng._h_gate and (gate is None or eng._pass_gates):
         weights = stack_field(batch, slices, "topk_weights")
         probs = stack_field(batch, slices, "gate_probs") if eng.has_probs else None
         look = stack_field(batch, slices, "lookahead") if eng.has_look else None
@@ -57,30 +58,54 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     fsc[fk.F_DENSE] = eng.timing.dense(rows, context)
     fsc[fk.F_HAND], fsc[fk.F_EXCH], fsc[fk.F_OVER], fsc[fk.F_HEAD] = fp.per_rows(rows, n)
     fsc[fk.F_T] = t
+    # an async policy's gate search over this iteration's rows (Engine._iteration's)
+    search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
+    fsc[fk.F_SEARCH] = search_t  # (a compiled gate's on_gate orders wait for it)
     fsc[fk.F_NXT] = env.peek()
     fsc[fk.F_NOW] = env.now
     isc[fk.I_PHASE] = fk.PH_HEAD
     work, plan = fp.work, fp.plan  # (fp.state is read per call: call buffers may grow)
     et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
-    kernel = fk.iteration
+    disp, extra = fk.iteration, ()
+    if gate is not None:
+        disp, extra = fk.iteration_gate, gate
+        if not (ids64.flags.c_contiguous and ids64.flags.writeable):
+            ids64 = np.array(ids64, order="C")  # the gate's signature: C order, writeable
+    # the kernel's compiled entry for these argument types (no type resolution a call):
+    # every argument's type is fixed for the run (int64 or float64 arrays the path makes,
+    # C order, writeable) but the trace's rows' layout and write flag (a memory-mapped
+    # trace's are read-only), which key the entries kept
+    fl = ids64.flags
+    key = (disp, fl.c_contiguous, fl.f_contiguous, fl.writeable)
+    kernel = fp.entries.get(key)
+    if kernel is None:
+        args = (*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out, *extra)
+        kernel = entry_of(disp, args)
+        if kernel is not disp:
+            fp.entries[key] = kernel
     links = eng.links
-    # an async policy's gate search over this iteration's rows (Engine._iteration's)
-    search_t = eng.compute_model.gate_search_s(rows) if eng.search_s > 0 else 0.0
     plain = eng._plain_decide
     h_now = eng._h_gate_now
     iteration = eng.iterations
     enter, flush = fp._enter, fp._flush
+    iscm, fscm, planm = fp.iscm, fp.fscm, memoryview(plan)
+    done, hook, hook_used = fk.DONE, fk.HOOK, fk.HOOK_USED
+    I_STAMP, I_POS, I_NITEMS, F_T = fk.I_STAMP, fk.I_POS, fk.I_NITEMS, fk.F_T
+    I_DELAYED = fk.I_DELAYED
     while True:
         enter()
-        code = kernel(*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out)
+        code = kernel(*fp.state, work, fp.ordk, fp.ordp, ids64, row_off, et, plan, req_out, *extra)
         flush()
-        links.stamp = int(isc[fk.I_STAMP])  # what a drain (a hook's, an arrival's) reads
-        if code == fk.DONE:
+        links.stamp = iscm[I_STAMP]  # what a drain (a hook's, an arrival's) reads
+        if gate is not None and iscm[I_DELAYED]:  # the engine's count of delayed orders
+            eng.delayed_orders += iscm[I_DELAYED]
+            iscm[I_DELAYED] = 0
+        if code == done:
             break
-        if code == fk.HOOK:  # the gate of MoE layer `layer`: on_gate_now, on_gate
-            layer = int(plan[isc[fk.I_POS], 0])
+        if code == hook:  # the gate of MoE layer `layer`: on_gate_now, on_gate
+            layer = planm[iscm[I_POS], 0]
             assert ids_l is not None and w_l is not None
-            now = float(fsc[fk.F_T])
+            now = fscm[F_T]
             gev = GateOutput(
                 iteration,
                 layer,
@@ -108,21 +133,29 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
             if dec:
                 fp._orders(dec, end) if end else fp._orders(dec)
             continue  # nothing yields between a gate and its demands
-        if code == fk.HOOK_USED:  # the layer's end: on_expert_used per expert, drained
-            layer = int(plan[isc[fk.I_POS], 0])
-            now = float(fsc[fk.F_T])
-            keys = fp.keys[layer]
-            for e, tok in work[: isc[fk.I_NITEMS], :2].tolist():
-                policy.on_expert_used(keys[e], tok, now)
+        if code == hook_used:  # the layer's end: on_expert_used per expert, drained
+            now = fscm[F_T]
+            keys = fp.keys[planm[iscm[I_POS], 0]]
+            used = policy.on_expert_used
+            for e, tok in work[: iscm[I_NITEMS], :2].tolist():
+                used(keys[e], tok, now)
                 if not plain or policy._enqueue or policy._cancel:
                     eng._drain(now)
             continue
         if code == fk.YIELD_T:
-            t = float(fsc[fk.F_T])
+            t = fscm[F_T]
             yield env.timeout(t - env.now)
-            fsc[fk.F_T] = max(t, env.now)
+            fsc[F_T] = max(t, env.now)
         elif code == fk.WAIT:
             yield env.timeout(max(float(fsc[fk.F_NXT]) - env.now, 0.0))
+        elif code == fk.GROW:  # a compiled gate's timed call needs room (as add_call)
+            out = gate[3]
+            fp._grow_calls(iscm[fk.I_BUFTOP] + out[2] + out[3])
+            continue
+        elif code == fk.BAD_GATE:
+            raise RuntimeError(
+                f"policy {policy.name!r}: its compiled gate failed or made malformed orders"
+            )
         elif code == fk.NO_LINK:
             raise RuntimeError("waiting for loads that no link carries")
         else:
@@ -133,6 +166,17 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     add_request_counts(batch, req_out)
     eng._finish_iteration(batch, t)
     return t
+
+
+def entry_of(disp: Any, args: tuple) -> Any:
+    """The compiled entry of numba dispatcher ``disp`` for ``args``' exact types (a call
+    then skips the dispatcher's per-argument type resolution, ~0.5 us of ~25 arrays);
+    the dispatcher itself when it has not compiled them yet (it will at the call). Slow
+    (numba's Python typeof per argument, ~0.1 ms): once a run, not once a call."""
+    from numba import typeof
+
+    cres = disp.overloads.get(tuple(typeof(a) for a in args))
+    return disp if cres is None else cres.entry_point
 
 
 class _Rows:

@@ -200,18 +200,20 @@ class LiveCandidateArrays:
         self.puts = 0
         self.src = src  # the cache's _cands (ExpertCache.candidate_arrays' check)
         self.entries = _CandEntries(fp, self.keys, 0)
-        self._stamp: tuple[int, int] | None = None  # (G_PUTS, G_CLOST) at the last fill
+        # G_PUTS and G_CLOST at the last fill (-1: none yet; the counts start at 0)
+        self._puts = self._lost = -1
+        self._c_puts, self._c_lost = fp.fk.G_PUTS, fp.fk.G_CLOST
 
     def refresh(self) -> LiveCandidateArrays:
         """The device's candidates now (ExpertCache.candidate_arrays' contract): filled
         again unless none was added, refreshed or lost since the last fill (the kernel's
         counts of those, per GPU)."""
         fp = self.fp
-        fk, gim, g = fp.fk, fp.gim, self.g
-        stamp = (gim[g, fk.G_PUTS], gim[g, fk.G_CLOST])
-        if stamp == self._stamp:
+        gim, g = fp.gim, self.g
+        puts, lost = gim[g, self._c_puts], gim[g, self._c_lost]
+        if puts == self._puts and lost == self._lost:
             return self
-        self._stamp = stamp
+        self._puts, self._lost = puts, lost
         self.n = n = int(
             fp.fk.fill_cands(
                 fp.ki, fp.kf, fp.gi, self.g, self.keys, self.layers, self.experts,

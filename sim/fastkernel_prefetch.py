@@ -11,7 +11,8 @@ entries first). Policy hooks stay in Python: the kernel returns at each gate (``
 the caller runs ``on_gate_now`` and ``on_gate`` and resumes it with the orders they
 decided: on_gate_now's, then on_gate's when they need no search, are applied after the
 layer's demand loads) and after a layer's experts are used (``HOOK_USED``:
-``on_expert_used`` per expert). No waves, no copy interference, no event log: the caller
+``on_expert_used`` per expert). A policy's compiled gate (policies.compiled_gate) is
+called in the kernel instead of the HOOK return (:func:`iteration_gate`). No waves, no copy interference, no event log: the caller
 admits only such runs. The Python engine is the reference; ``tests/test_engine_prefetch.py``
 and ``tests/test_engine_prefetch_fmoe.py`` hold them equal.
 
@@ -55,13 +56,15 @@ I_NCALL, I_CALLSEQ, I_BUFTOP, I_HOOKUSED = 22, 23, 24, 25  # timed calls; on_exp
 # a gate's second batch of orders applied at once (after the first: on_gate's when
 # on_gate_now also ordered), from ordk[I_SEG2:]
 I_NCAN2, I_NORD2, I_SEG2 = 26, 27, 28
-N_ISC = 29
+I_DELAYED = 29  # a compiled gate's orders queued after the search (the engine's count)
+N_ISC = 30
 # ci: per pending timed call (a delayed drain), sorted by (time cf, seq)
 C_SEQ, C_START, C_NCAN, C_NENQ, C_STAMP = 0, 1, 2, 3, 4
 # -- fsc: float64 scalars -------------------------------------------------------------
 F_T, F_NXT, F_STALL, F_TOP, F_IDEAL, F_TLAYER, F_DENSE, F_HAND = 0, 1, 2, 3, 4, 5, 6, 7
 F_EXCH, F_OVER, F_HEAD, F_BW, F_LAT, F_DUE, F_NOW = 8, 9, 10, 11, 12, 13, 14
-N_FSC = 15
+F_SEARCH = 15  # this iteration's gate search latency (a compiled gate's on_gate orders)
+N_FSC = 16
 # -- ki: per key (layer * J + expert) ints --------------------------------------------
 K_STATE, K_PINS, K_USES, K_PREV, K_NEXT, K_DEV, K_PROT, K_BYPF, K_PFUSED = 0, 1, 2, 3, 4, 5, 6, 7, 8
 # its copy (at most one per key): none / queued (prefetch, new or suspended) / in flight /
@@ -136,9 +139,10 @@ CB_CHANCE, CB_TABLE, CB_FLUSH = 1, 2, 3
 CALLBACK: list = [None]
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
-DONE, YIELD_T, WAIT, NO_LINK, HOOK, BAD, HOOK_USED = 0, 1, 2, 3, 4, 5, 6
+DONE, YIELD_T, WAIT, NO_LINK, HOOK, BAD, HOOK_USED, BAD_GATE, GROW = 0, 1, 2, 3, 4, 5, 6, 7, 8
 PH_HEAD, PH_LAYER, PH_GATE, PH_DEMAND, PH_WAIT, PH_END, PH_END2, PH_ITER, PH_ITER2 = range(9)
 PH_USED = 9
+PH_GATED = 10  # a compiled gate has run: its on_gate orders queued or kept (GROW: resumed)
 
 
 # -- bookkeeping ------------------------------------------------------------------------
@@ -1020,13 +1024,19 @@ def add_call(isc, fsc, gi, gf, cf, ci, bk, bp, ordk, ordp, when, stamp):
     copy them into the calls' buffer and queue the call by (time, order made). The
     caller makes room first (:func:`call_room`)."""
     nc, ne = isc[I_NCAN], isc[I_NORD]
-    top = isc[I_BUFTOP]
-    for i in range(nc + ne):
-        bk[top + i] = ordk[i]
-        bp[top + i] = ordp[i]
-    isc[I_BUFTOP] = top + nc + ne
     isc[I_NCAN] = 0
     isc[I_NORD] = 0
+    _add_call_from(isc, fsc, gi, gf, cf, ci, bk, bp, ordk, ordp, 0, nc, ne, when, stamp)
+
+
+@njit(cache=True, _nrt=False)
+def _add_call_from(isc, fsc, gi, gf, cf, ci, bk, bp, keys, pris, start, nc, ne, when, stamp):
+    """:func:`add_call` of ``nc`` cancels then ``ne`` prefetches at keys/pris[start:]."""
+    top = isc[I_BUFTOP]
+    for i in range(nc + ne):
+        bk[top + i] = keys[start + i]
+        bp[top + i] = pris[start + i]
+    isc[I_BUFTOP] = top + nc + ne
     isc[I_CALLSEQ] += 1
     m = isc[I_NCALL]
     while m > 0 and cf[m - 1] > when:  # equal times keep the order made
@@ -1269,13 +1279,107 @@ def _drop_suspended_of_layer(isc, ki, kf, gi, lg, vs, layer):
 
 
 @njit(cache=True, _nrt=False)
+def _gate_orders_ok(ki, ordk, ordp, nout):
+    """Whether a compiled gate's orders are well formed (two batches of cancels then
+    prefetches: counts within the buffer, keys in range, finite priorities), as
+    Engine._apply's validation asks."""
+    i = 0
+    for b in range(2):
+        nc, ne = nout[2 * b], nout[2 * b + 1]
+        if nc < 0 or ne < 0 or i + nc + ne > ordk.shape[0]:
+            return False
+        for j in range(i, i + nc + ne):
+            if ordk[j] < 0 or ordk[j] >= ki.shape[0]:
+                return False
+            if j >= i + nc and not math.isfinite(ordp[j]):
+                return False
+        i += nc + ne
+    return True
+
+
+@njit(cache=True, _nrt=False)
+def _compact_log(vs, last):
+    """Drop from the membership log each key's entry that is added and removed again in
+    it (the caller applies the log to the entries dicts: such an entry would be made and
+    dropped there before any Python could hold it, leaving the dict as it was).
+    ``last``: int64 scratch per key (its values are not kept)."""
+    vi, mlog, mlogf = vs[0], vs[6], vs[7]
+    n = vi[V_NLOG]
+    if n < 2:
+        return
+    for i in range(n):
+        last[mlog[i, M_K]] = -1
+    dropped = 0
+    for i in range(n):
+        k = mlog[i, M_K]
+        if mlog[i, M_KIND] == ADDED:
+            last[k] = i
+        elif last[k] >= 0:  # removed after its add in this log: neither is applied
+            mlog[last[k], M_KIND] = 0
+            mlog[i, M_KIND] = 0
+            last[k] = -1
+            dropped += 2
+    if not dropped:
+        return
+    m = 0
+    for i in range(n):
+        if mlog[i, M_KIND] == 0:
+            continue
+        if m != i:
+            for c in range(N_M):
+                mlog[m, c] = mlog[i, c]
+            mlogf[m, 0] = mlogf[i, 0]
+            mlogf[m, 1] = mlogf[i, 1]
+        m += 1
+    vi[V_NLOG] = m
+
+
+@njit(cache=True, _nrt=False)
 def iteration(
     isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
     req_out,
 ):  # fmt: skip
     """Run (or resume) one iteration's layers (Engine._iteration from the head on); returns
     DONE, YIELD_T / WAIT where the engine yields to simpy, HOOK at a gate (the caller
-    runs the policy's on_gate, puts its orders in ordk/ordp and calls again)."""
+    runs the policy's on_gate, puts its orders in ordk/ordp and calls again). The
+    membership log it leaves holds no entry both added and removed in it
+    (:func:`_compact_log`)."""
+    code = _iteration(
+        isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp,
+        ids, row_off, et, plan, req_out, None, isc, fsc, isc,
+    )  # fmt: skip
+    _compact_log(vs, scratch)
+    return code
+
+
+@njit(cache=True, _nrt=False)
+def iteration_gate(
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
+    req_out, gate, pi, pf, gout,
+):  # fmt: skip
+    """:func:`iteration` with the policy's compiled gate (policies.compiled_gate): called
+    at each gate in place of the HOOK return, its orders (``gout``: cancels, prefetches
+    in ordk/ordp) applied after the layer's demand loads; BAD_GATE when it fails or
+    orders something malformed. ``gate`` is a first-class function (numba
+    ``FunctionType`` of policies.compiled_gate.gate_sig), so this kernel stays in
+    numba's disk cache whatever the policy."""
+    code = _iteration(
+        isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp,
+        ids, row_off, et, plan, req_out, gate, pi, pf, gout,
+    )  # fmt: skip
+    _compact_log(vs, scratch)
+    return code
+
+
+@njit(cache=True, _nrt=False)
+def _iteration(
+    isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
+    req_out, gate, pi, pf, gout,
+):  # fmt: skip
+    """The body of :func:`iteration` and :func:`iteration_gate` (``gate`` None: no
+    compiled gate; numba prunes that branch from the plain kernel as it compiles it, so
+    no function value is passed there: one passed would keep the kernel out of numba's
+    disk cache)."""
     ph = isc[I_PHASE]
     t = fsc[F_T]
     nxt = fsc[F_NXT]
@@ -1315,11 +1419,40 @@ def iteration(
             isc[I_STEP] += 1
             isc[I_NITEMS] = _items(isc, ids, layer, work)
             ph = PH_DEMAND
-            if isc[I_HOOKGATE]:
+            if gate is not None:  # the policy's compiled gate: its orders, as its hooks' would be
+                for c in range(4):
+                    gout[c] = 0
+                r = gate(pi, pf, layer, t, ids, ki, kf, gi, ordk, ordp, gout)
+                if r < 0 or not _gate_orders_ok(ki, ordk, ordp, gout):
+                    isc[I_PHASE] = ph
+                    fsc[F_T] = t
+                    return BAD_GATE
+                isc[I_NCAN] = gout[0]  # on_gate_now's: applied after the demand loads
+                isc[I_NORD] = gout[1]
+                ph = PH_GATED
+            elif isc[I_HOOKGATE]:
                 isc[I_PHASE] = ph
                 fsc[F_T] = t
                 fsc[F_DUE] = _due(isc, gi, gf, cf)
                 return HOOK
+        if ph == PH_GATED:  # on_gate's orders: after the search (timed), else at once
+            ph = PH_DEMAND
+            nc2, ne2, start2 = gout[2], gout[3], gout[0] + gout[1]
+            if nc2 + ne2 > 0:
+                if fsc[F_SEARCH] > 0:
+                    if isc[I_BUFTOP] + nc2 + ne2 > bk.shape[0] or isc[I_NCALL] + 1 > cf.shape[0]:
+                        isc[I_PHASE] = PH_GATED  # the caller makes room (the Python's add_call)
+                        fsc[F_T] = t
+                        return GROW
+                    _add_call_from(
+                        isc, fsc, gi, gf, cf, ci, bk, bp, ordk, ordp, start2, nc2, ne2,
+                        t + fsc[F_SEARCH], isc[I_STAMP],
+                    )  # fmt: skip
+                    isc[I_DELAYED] += ne2
+                else:
+                    isc[I_NCAN2] = nc2
+                    isc[I_NORD2] = ne2
+                    isc[I_SEG2] = start2
         if ph == PH_DEMAND:
             layer = plan[isc[I_POS], 0]
             nslow = _demand(
