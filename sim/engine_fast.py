@@ -148,6 +148,22 @@ def make_fast_path(eng: Engine) -> FastPath | PrefetchPath:
     return PrefetchPath(eng)
 
 
+def write_back_device(eng: Engine, g: int, fk: Any, gi: np.ndarray, gf: np.ndarray) -> None:
+    """Device ``g``'s scalars from a compiled path's per-GPU arrays back into its cache
+    and link (both compiled paths' export; ``fk`` is the kernel module whose column
+    names index ``gi`` / ``gf``)."""
+    cache = eng.caches[g]
+    cache._n_loading = int(gi[g, fk.G_NLOAD])
+    cache._in_order = bool(gi[g, fk.G_INORDER])
+    cache._latest = float(gf[g, fk.GF_LATEST])
+    link = eng.links.links[g]
+    link.busy_s = float(gf[g, fk.GF_BUSYS])
+    link._busy_t0 = float(gf[g, fk.GF_BUSYT0])
+    link.active = int(gi[g, fk.G_ACTIVE])
+    link.bytes_moved = int(gi[g, fk.G_BYTES])
+    eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
+
+
 def batch_ids(
     fp: FastPath | PrefetchPath, batch: list[Any], slices: list[slice]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -397,15 +413,7 @@ class FastPath:
             cache._cands = {  # nothing is protected on this path
                 k: e for k, e in entries.items() if e.state is ExpertState.RESIDENT and not e.pins
             }
-            cache._n_loading = int(gi[g, fk.G_NLOAD])
-            cache._in_order = bool(gi[g, fk.G_INORDER])
-            cache._latest = float(gf[g, fk.GF_LATEST])
-            link = eng.links.links[g]
-            link.busy_s = float(gf[g, fk.GF_BUSYS])
-            link._busy_t0 = float(gf[g, fk.GF_BUSYT0])
-            link.active = int(gi[g, fk.G_ACTIVE])
-            link.bytes_moved = int(gi[g, fk.G_BYTES])
-            eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
+            write_back_device(eng, g, fk, gi, gf)
         eng.gate_seq = int(isc[fk.I_GATESEQ])
         eng.links.stamp = eng.gate_seq
         eng.layer_steps = int(isc[fk.I_STEPS])

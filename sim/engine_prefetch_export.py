@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertState
 from sim import engine_prefetch_view as V
+from sim.engine_fast import write_back_device
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -47,14 +48,8 @@ def export(fp: PrefetchPath, eng: Engine) -> None:
         }
         cache._arr = None
         cache._protected = {key for key, e in entries.items() if e.protected}
-        cache._n_loading = int(gi[g, fk.G_NLOAD])
-        cache._in_order = bool(gi[g, fk.G_INORDER])
-        cache._latest = float(gf[g, fk.GF_LATEST])
+        write_back_device(eng, g, fk, gi, gf)
         link = eng.links.links[g]
-        link.busy_s = float(gf[g, fk.GF_BUSYS])
-        link._busy_t0 = float(gf[g, fk.GF_BUSYT0])
-        link.active = int(gi[g, fk.G_ACTIVE])
-        link.bytes_moved = int(gi[g, fk.G_BYTES])
         for name, col in (
             ("orders", fk.S_ORDERS),
             ("skipped_cached", fk.S_SKIPPED),
@@ -63,7 +58,6 @@ def export(fp: PrefetchPath, eng: Engine) -> None:
             ("preemptions", fk.S_PREEMPT),
         ):
             link.stats[name] = int(gi[g, col])
-        eng.links.slot_frees[g] = int(gi[g, fk.G_FREES])
     if fp._view is not None:
         del fp._view.link_state  # the class's again: it reads the Link objects
     del eng.links.call_at
