@@ -20,6 +20,9 @@ _FRESH_KERNEL = True
 # a layer still ahead: its protection and deadline candidates in one kernel call
 # (policies.fmoe_orders_jit.protect_put; False: the loop or numpy writes, then fresh_put)
 _PROTECT_PUT = True
+# the executor's residency arrays where it offers them (False: the caches' dicts
+# always; tests and measurements compare the two)
+_ARRAYS = True
 
 
 class FmoeOrders:
@@ -36,6 +39,8 @@ class FmoeOrders:
         memoryview (a Python int per read); None where the executor keeps no arrays (the
         Python engine, the real executor) and the caches' dicts are read instead. Fetched
         at every call (an executor may hand out others or none later)."""
+        if not _ARRAYS:
+            return None
         view = self._view  # type: ignore[attr-defined]
         f = getattr(view, "residency", None)
         res = f() if f is not None else None

@@ -80,3 +80,17 @@ def test_arrays_equal_the_dicts_on_random_runs(run: tuple[Any, SimConfig]) -> No
     assert outs[0] == outs[1]
     assert pols[0].reads == 0
     event(f"arrays read: {pols[1].reads > 0}")
+
+
+def test_arrays_or_dicts_give_the_same_compiled_run(monkeypatch: Any) -> None:
+    """On the compiled path itself, fMoE reading the arrays or the dicts (the module's
+    switch) gives the same results (and the Python engine's): the reads are one rule."""
+    from policies import fmoe_orders
+
+    cfg = _cfg("paper-6x3090", 12.0, 2)
+    w = _workload(seed=3, n=2)
+    outs, pols = both_with(w, cfg, PATH, ArrayChecker)
+    monkeypatch.setattr(fmoe_orders, "_ARRAYS", False)
+    outs_off, pols_off = both_with(w, cfg, PATH, ArrayChecker)
+    assert pols[1].reads > 0 and pols_off[1].reads == 0
+    assert outs[1] == outs_off[1] == outs[0]
