@@ -193,6 +193,21 @@ class CpuState(NamedTuple):
     copy_slowdown: float = 0.0
 
 
+@dataclass(frozen=True)
+class Residency:
+    """Cache membership as arrays, read only, kept current by the executor between the
+    policy's hooks (:meth:`ExecutorView.residency`): ``state`` [layers x experts] int64,
+    row ``layer * J + expert`` (0 absent, 1 loading, 2 resident on the key's own GPU:
+    ``state[k] != 0`` is ``key in ctx.cache_of(key).entries``); ``counts`` / ``caps`` per
+    GPU its cache's entries and slots. Views of the executor's own arrays (no Python
+    objects in them): a hook reads them, never writes them, and fetches them again
+    at its next call (the executor may hand out others, or none, later)."""
+
+    state: np.ndarray
+    counts: np.ndarray
+    caps: np.ndarray
+
+
 class ExecutorView(Protocol):
     """What an executor tells a policy so it can decide well (deadline-aware prefetch,
     hybrid miss actions). Times are seconds on the executor's clock; estimates, not
@@ -210,6 +225,13 @@ class ExecutorView(Protocol):
     def cpu_state(self) -> CpuState | None:
         """The host CPU's expert queue, or None when this executor cannot compute
         experts on the CPU (no host figures in the profile)."""
+        ...
+
+    def residency(self) -> Residency | None:
+        """The caches' membership as arrays (:class:`Residency`), where this executor
+        keeps it in arrays (the simulator's prefetching compiled path); None elsewhere,
+        and the policy reads ``ctx.caches`` as before. Optional: a view without this
+        method answers None (read it with ``getattr(view, "residency", None)``)."""
         ...
 
 

@@ -56,6 +56,7 @@ from policies.fmoe_cands import CandidateSet
 from policies.fmoe_eviction import AGE_BUCKETS, CAL_BINS
 from policies.fmoe_finish import FmoeFinish
 from policies.fmoe_forecast import FmoeForecast
+from policies.fmoe_resarrays import count_demand
 from policies.fmoe_residence import FmoeResidence
 
 _LAST_BUCKET = AGE_BUCKETS - 1
@@ -204,7 +205,10 @@ class FmoeDeadline(
         late: set[int] = set()
         one = self._layer_ents[layer]  # the layer's one entries dict, where one cache has it
         ents, devs = self._ents_of[layer], dev_of[layer]
-        for j in ids:
+        rows = self._res_rows()
+        if rows is not None:  # the executor's arrays: the loop below on the state codes
+            count_demand(rows[1], layer, ids, devs, now_n, blocking, absent, late)
+        for j in ids if rows is None else ():
             # a demanded copy still loading (a late prefetch, promoted to a demand load)
             # is link time this gate waits for, as a demand load's: counted as one, else
             # its stall lengthens the measured interval and so the link time the rule
@@ -303,8 +307,13 @@ class FmoeDeadline(
         cache_of, dev_of = self._cache_of, self._dev_of
         if _LIVE_FAST and old and cache_of and type(self).cancel is Policy.cancel:
             # the loop below in comprehensions (Policy.cancel only appends, in call order)
-            ents = self._ents_of
-            live = [kp for kp in old.items() if kp[0] not in ents[kp[0][0]][kp[0][1]]]
+            rows = self._res_rows()
+            if rows is not None:  # the executor's arrays: zero is "not started"
+                mv = rows[1]
+                live = [kp for kp in old.items() if not mv[kp[0]]]
+            else:
+                ents = self._ents_of
+                live = [kp for kp in old.items() if kp[0] not in ents[kp[0][0]][kp[0][1]]]
             gone = [k for k, _ in live if k[0] <= g]  # not started, its layer has run
             if gone:
                 self._cancel.extend(gone)

@@ -20,12 +20,38 @@ _FRESH_KERNEL = True
 # a layer still ahead: its protection and deadline candidates in one kernel call
 # (policies.fmoe_orders_jit.protect_put; False: the loop or numpy writes, then fresh_put)
 _PROTECT_PUT = True
+# the executor's residency arrays where it offers them (False: the caches' dicts
+# always; tests and measurements compare the two)
+_ARRAYS = True
 
 
 class FmoeOrders:
     """Steps 3-4 of fMoE: expert selection and prefetch orders."""
 
     _orders_k: object = None  # policies.fmoe_orders_jit (numba: at the first order)
+    # the executor's Residency and its state as [L, J] (array, memoryview), memoized
+    _res_memo: tuple = (None, None, None)
+
+    def _res_rows(self) -> tuple[np.ndarray, memoryview] | None:
+        """The executor's cache membership as arrays, where it offers them
+        (:meth:`policies.base.ExecutorView.residency`): the state [L, J] (0 absent, 1
+        loading, 2 resident; non-zero is "in its device's entries") as an array and as a
+        memoryview (a Python int per read); None where the executor keeps no arrays (the
+        Python engine, the real executor) and the caches' dicts are read instead. Fetched
+        at every call (an executor may hand out others or none later)."""
+        if not _ARRAYS:
+            return None
+        view = self._view  # type: ignore[attr-defined]
+        f = getattr(view, "residency", None)
+        res = f() if f is not None else None
+        if res is None:
+            return None
+        memo = self._res_memo
+        if memo[0] is not res:
+            assert self.spec is not None  # type: ignore[attr-defined]
+            st = res.state.reshape(-1, self.spec.num_experts)  # type: ignore[attr-defined]
+            memo = self._res_memo = (res, st, memoryview(st))
+        return memo[1], memo[2]
 
     def _issue(
         self, it: _IterState, layer: int, probs: np.ndarray, score: np.ndarray, now_layer: int
@@ -204,17 +230,21 @@ class FmoeOrders:
         is one: one kernel call (:func:`policies.fmoe_jit.fresh_put`, the loop's and
         :meth:`policies.fmoe_cands.CandidateSet.put`'s rule; each numba call costs a few
         microseconds of argument checks, so one call, not one per step)."""
-        keys = [(layer, j) for j in experts]
-        d = self._layer_ents[layer]
-        if d is not None:  # one cache holds the layer: its cached keys among these, in C
-            hit = d.keys() & keys
-        else:
-            ents = self._ents_of[layer]
-            hit = {k for k in keys if k in ents[k[1]]}
-        n = len(keys)
-        cached = np.fromiter(map(hit.__contains__, keys), np.bool_, n) if hit else self._no_hit
         if arrs is None:  # (a decode plan hands its arrays over: no conversion per gate)
             arrs = (np.array(experts, np.int64), np.asarray(vals, np.float64))
+        rows = self._res_rows()
+        if rows is not None:  # the executor's arrays: the layer's row at these experts
+            cached = rows[0][layer][arrs[0]] != 0
+        else:
+            keys = [(layer, j) for j in experts]
+            d = self._layer_ents[layer]
+            if d is not None:  # one cache holds the layer: its cached keys among these, in C
+                hit = d.keys() & keys
+            else:
+                ents = self._ents_of[layer]
+                hit = {k for k in keys if k in ents[k[1]]}
+            n = len(keys)
+            cached = np.fromiter(map(hit.__contains__, keys), np.bool_, n) if hit else self._no_hit
         if protect:  # and protected first (policies.fmoe_orders_jit)
             K = self._orders_k
             if K is None:

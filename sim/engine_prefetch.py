@@ -194,6 +194,7 @@ class PrefetchPath:
         self._view = getattr(eng.policy.ctx, "executor", None) if eng.policy.ctx else None
         if self._view is not None:
             self._view.link_state = self.link_state  # type: ignore[method-assign]
+            self._view.residency = V.residency_of(self)  # type: ignore[method-assign]
         assert (_G_BUSY, _G_SEG, _G_QH, _G_QN, _GF_START, _GF_END, _K_JREM) == (
             fk.G_BUSY, fk.G_SEG, fk.G_QH, fk.G_QN, fk.GF_START, fk.GF_END, fk.K_JREM
         )  # fmt: skip

@@ -60,6 +60,7 @@ def export(fp: PrefetchPath, eng: Engine) -> None:
             link.stats[name] = int(gi[g, col])
     if fp._view is not None:
         del fp._view.link_state  # the class's again: it reads the Link objects
+        del fp._view.residency  # None again: the caches' dicts are the state
     del eng.links.call_at
     eng.gate_seq = int(isc[fk.I_GATESEQ])
     eng.links.stamp = int(isc[fk.I_STAMP])

@@ -11,11 +11,12 @@ order, candidate arrays) are rebuilt at the end of the run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from policies.base import Residency
 from policies.cache import CacheCounters, CacheEntry, ExpertCache, ExpertKey, ExpertState
 
 if TYPE_CHECKING:
@@ -245,3 +246,17 @@ class LiveCache(ExpertCache):
     @_arr.setter
     def _arr(self, value: object) -> None:
         pass
+
+
+def residency_of(fp: PrefetchPath) -> Callable[[], Residency]:
+    """The view's ``residency`` while the kernel runs: read-only views of the kernel's
+    own arrays (its K_STATE column per flat key and G_COUNT / G_CAP per GPU), current at
+    every hook (the kernel writes them in place; they are never reallocated). Made
+    once: each call hands out the same object."""
+    st = fp.ki[:, K_STATE]
+    cn = fp.gi[:, G_COUNT]
+    cp = fp.gi[:, fp.fk.G_CAP]
+    for a in (st, cn, cp):
+        a.flags.writeable = False  # a view of its own: the kernel's arrays stay writable
+    res = Residency(st, cn, cp)
+    return lambda: res

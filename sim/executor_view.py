@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.base import CpuState, LinkState
+from policies.base import CpuState, LinkState, Residency
 from sim.links import Links
 from sim.timing import Timing
 from specs.model_spec import ModelSpec
@@ -93,3 +93,9 @@ class SimExecutorView:
         if e is None or e.cpu is None:
             return None
         return e.cpu.state(e.now_hint)
+
+    def residency(self) -> Residency | None:
+        """None: the Python engine's caches are dicts only (policies read them). The
+        prefetching compiled path puts its own method on the view while it runs
+        (:func:`sim.engine_prefetch_view.residency_of`)."""
+        return None
