@@ -625,11 +625,7 @@ class FmoePolicy(
         lookahead work was done too (policies/fmoe_gate_row.py, one kernel call)."""
         if self._gate_row_applies():
             return self._gate_row(ev, it, plan, g)
-        if ev.now > self._now:
-            self._now = ev.now
-        plan.next_layer = g + 1
-        it.seen[g] = True
-        self._planned_rows[0 if ev.probs is not None else 1] += 1
+        self._planned_gate_seen(ev, it, plan, g)
         # FmoeEviction._observe_choice in one kernel call, which on a small [L, J] table
         # also brings the expected times up to date once this iteration's chance table
         # exists (a large one waits for a reader: the caches' victim choice computes its
@@ -652,6 +648,15 @@ class FmoePolicy(
         if self._tr_on:
             self._transition_gate(g, ids, row_slot)
         return False
+
+    def _planned_gate_seen(self, ev: GateOutput, it: _IterState, plan: _SearchPlan, g: int) -> None:
+        """A planned gate's first bookkeeping (both observation paths): the clock, the
+        plan's next layer, the layer seen, the gate-row counter."""
+        if ev.now > self._now:
+            self._now = ev.now
+        plan.next_layer = g + 1
+        it.seen[g] = True
+        self._planned_rows[0 if ev.probs is not None else 1] += 1
 
     def _planned_decode_search(self, it: _IterState, plan: _SearchPlan, g: int) -> None:
         """The search half of a planned decode gate g: layer g + d's forecast (its table

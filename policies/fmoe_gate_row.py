@@ -53,11 +53,7 @@ class FmoeGateRow:
         lookahead work (module doc). True: both done; False: the observation done, the
         caller runs ``_lookahead_gate`` (no lookahead row, or a NaN in it)."""
         look = self._look_inputs(ev, g)
-        if ev.now > self._now:
-            self._now = ev.now
-        plan.next_layer = g + 1
-        it.seen[g] = True
-        self._planned_rows[0 if ev.probs is not None else 1] += 1
+        self._planned_gate_seen(ev, it, plan, g)
         eager = self._eager_table and self._chance_it == self._cur_it
         ids = ev.topk_ids
         row_slot = self._row_slot if len(self._row_slot) == len(ids) else self._no_slots
