@@ -1,6 +1,7 @@
 """A policy's compiled gate (policies.compiled_gate) inside the prefetching kernel: the
 kernel calls it in place of returning to the policy's gate hooks, with the same results
-as those hooks on both engines (deepspeed's twin, policies.deepspeed_jit); it is taken
+as those hooks on both engines (deepspeed's twin, policies.deepspeed_jit; promoe's,
+policies.promoe_jit); it is taken
 only where it describes the hooks that would run, and a malformed gate stops the run."""
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from numba import njit
 
 from policies.compiled_gate import CompiledGate
 from policies.deepspeed import DeepSpeed
+from policies.promoe import ProMoE
 from sim import engine_prefetch
 from sim.config import SimConfig
 from sim.engine_prefetch_rules import GATE_ENV
@@ -27,20 +30,28 @@ from traces.synth import SynthConfig, generate
 PATH = engine_prefetch.PrefetchPath
 
 
-class CountedGates(DeepSpeed):
-    """deepspeed counting the Python gate calls (an instance attribute wraps on_gate, so
-    the class still offers its compiled gate)."""
+def _counting(cls: type) -> type:
+    """``cls`` counting its Python gate calls (an instance attribute wraps on_gate, so the
+    class still offers its compiled gate: no hook is overridden below it)."""
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.gates = 0
-        hook = super().on_gate
+    class Counted(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            self.gates = 0
+            hook = super().on_gate
 
-        def counted(ev: Any) -> None:
-            self.gates += 1
-            hook(ev)
+            def counted(ev: Any) -> None:
+                self.gates += 1
+                hook(ev)
 
-        self.on_gate = counted  # type: ignore[method-assign]
+            self.on_gate = counted  # type: ignore[method-assign]
+
+    Counted.__name__ = f"Counted{cls.__name__}"
+    return Counted
+
+
+CountedGates = _counting(DeepSpeed)
+CountedProMoE = _counting(ProMoE)
 
 
 def _gate_setting(value: str | None) -> Any:
@@ -113,6 +124,63 @@ def test_compiled_gate_on_random_runs(run: tuple[Any, SimConfig]) -> None:
     w, cfg = run
     cfg = cfg.model_copy(update={"policy": "deepspeed", "train_fraction": None})
     outs, _ = _three_ways(w, cfg, DeepSpeed, must_run=False)
+    assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize(
+    ("hardware", "cache_gb", "batch", "train"),
+    [
+        ("paper-6x3090", 24.0, 1, None),
+        ("paper-6x3090", 12.0, 3, 0.5),
+        ("a100-80gb-pcie4", 8.0, 1, 0.5),
+        ("a100-80gb-pcie4", 16.0, 2, None),
+    ],
+)
+def test_promoes_compiled_gate_gives_its_hooks_results(
+    hardware: str, cache_gb: float, batch: int, train: float | None
+) -> None:
+    """Mixtral-8x7B (six GPUs, one GPU; batches; trained on a split or learning online
+    only): promoe's compiled gate gives the Python hooks' results on both engines, no
+    gate returns to Python, and its online learning still sees every iteration."""
+    spec, hw = load_model("mixtral-8x7b"), load_hardware(hardware)
+    w = generate(spec, SynthConfig(num_requests=4, arrival_rate=2.91, seed=5))
+    cfg = SimConfig(
+        model=spec, hardware=hw, policy="promoe", cache_gb=cache_gb, batch_size=batch,
+        train_fraction=train,
+    )  # fmt: skip
+    outs, pols = _three_ways(w, cfg, CountedProMoE)
+    assert outs[0] == outs[1] == outs[2]
+    assert pols[0].gates > 0 and pols[1].gates == pols[0].gates
+    assert pols[2].gates == 0  # every gate ran in the kernel
+    assert pols[2]._online_tokens == pols[0]._online_tokens > 0
+    assert '"prefetch_orders": 0' not in outs[2]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    runs(),
+    st.sampled_from([None, 1, 2]),
+    st.sampled_from([None, 1, 3]),
+    st.booleans(),
+    st.sampled_from([0.0, 0.1, 2.0]),
+)
+def test_promoes_compiled_gate_on_random_runs(
+    run: tuple[Any, SimConfig],
+    stride: int | None,
+    top_n: int | None,
+    online: bool,
+    smoothing: float,
+) -> None:
+    """Random small runs of promoe (made-up models, 1-3 GPUs, chunked preemption,
+    batches, strides, top-n, smoothing 0 or not, online or not): the three settings
+    agree."""
+    w, cfg = run
+    cfg = cfg.model_copy(update={"policy": "promoe"})
+
+    def make() -> ProMoE:
+        return ProMoE(stride=stride, top_n=top_n, online=online, smoothing=smoothing)
+
+    outs, _ = _three_ways(w, cfg, make, must_run=False)
     assert outs[0] == outs[1] == outs[2]
 
 
@@ -206,19 +274,20 @@ from sim.run import simulate
 from specs.presets import load_hardware, load_model
 from traces.synth import SynthConfig, generate
 from sim import fastkernel_prefetch as fk
-from policies import deepspeed_jit
+from policies import deepspeed_jit, promoe_jit
 spec, hw = load_model("mixtral-8x7b"), load_hardware("paper-6x3090")
 w = generate(spec, SynthConfig(num_requests=1, arrival_rate=2.91, seed=8))
-simulate(w, SimConfig(model=spec, hardware=hw, policy="deepspeed", cache_gb=24.0))
-for f in (fk.iteration_gate, deepspeed_jit.whole_layer_gate):
+for policy in ("deepspeed", "promoe"):
+    simulate(w, SimConfig(model=spec, hardware=hw, policy=policy, cache_gb=24.0))
+for f in (fk.iteration_gate, deepspeed_jit.whole_layer_gate, promoe_jit.stride_gate):
     print(sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()))
 """
 
 
 def test_the_gate_kernel_stays_in_numbas_disk_cache() -> None:
-    """A new process loads the kernel that takes a compiled gate, and the gate, from
-    numba's disk cache (the gate is a function value, not compiled into the kernel): the
-    second of two processes compiles neither."""
+    """A new process loads the kernel that takes a compiled gate, and the gates
+    (deepspeed's, promoe's), from numba's disk cache (a gate is a function value, not
+    compiled into the kernel): the second of two processes compiles none of them."""
     import subprocess
     import sys
     from pathlib import Path
@@ -230,5 +299,5 @@ def test_the_gate_kernel_stays_in_numbas_disk_cache() -> None:
             [sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env,
             cwd=root, check=True, timeout=600,
         ).stdout.split()  # fmt: skip
-    hits_k, miss_k, hits_g, miss_g = map(int, out[-4:])
-    assert (hits_k, miss_k, hits_g, miss_g) == (1, 0, 1, 0)
+    # the kernel (one entry for both policies' gates), deepspeed's gate, promoe's
+    assert list(map(int, out[-6:])) == [1, 0, 1, 0, 1, 0]
