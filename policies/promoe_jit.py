@@ -29,24 +29,23 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from policies import compiled_gate
-from policies.compiled_gate import ABSENT, G_CAP, K_DEV, K_STATE
+from policies import compiled_gate, gate_select_jit
+from policies.gate_select_jit import orders_from_votes, scratch_ints, vote_top
 from specs.jitcache import stamp_dependencies
 
-# pi: sizes and options, then scratch (J routed marks, D routed counts, D ranks,
-# J picked marks, J candidates)
+# pi: sizes and options, then scratch (policies.gate_select_jit's)
 P_J, P_D, P_L, P_STRIDE, P_TOPN, P_SCRATCH = 0, 1, 2, 3, 4, 5
 
 
 def int_state(layers: int, experts: int, devices: int, stride: int, top_n: int) -> np.ndarray:
     """The gate's int state (``pi``): sizes, stride, top-n and its scratch."""
-    pi = np.zeros(P_SCRATCH + 3 * experts + 2 * devices, np.int64)
+    pi = np.zeros(P_SCRATCH + scratch_ints(experts, devices), np.int64)
     pi[P_J], pi[P_D], pi[P_L], pi[P_STRIDE], pi[P_TOPN] = experts, devices, layers, stride, top_n
     return pi
 
 
 @njit(cache=True, _nrt=False)
-def stride_gate(pi, pf, layer, now, ids, ki, kf, gi, ordk, ordp, nout):
+def stride_gate(pi, pf, layer, now, ids, look, ki, kf, gi, ordk, ordp, nout):
     """The stride prefetch's orders at ``layer``'s gate (the module's docstring)."""
     J, D, L, d, n = pi[P_J], pi[P_D], pi[P_L], pi[P_STRIDE], pi[P_TOPN]
     for c in range(4):
@@ -54,11 +53,6 @@ def stride_gate(pi, pf, layer, now, ids, ki, kf, gi, ordk, ordp, nout):
     target = layer + d
     if target >= L:
         return 0
-    mark = P_SCRATCH  # pi[mark + e]: expert e routed at this layer by some row
-    routed = mark + J  # per device: distinct routed experts (layer_reserve)
-    rank = routed + D  # per device: candidates kept so far
-    picked = rank + D  # a row's top-n picks so far
-    cand = picked + J  # candidate experts, best first
     o_rows = L * J * J
     o_a = o_rows + L * J
     o_sc = o_a + 1  # a row's scores
@@ -66,7 +60,6 @@ def stride_gate(pi, pf, layer, now, ids, ki, kf, gi, ordk, ordp, nout):
     a = pf[o_a]
     den_add = a * J
     R, _, K = ids.shape
-    nsel = min(n, J)
     for e in range(J):
         pf[o_v + e] = 0.0
     known = 0
@@ -85,56 +78,14 @@ def stride_gate(pi, pf, layer, now, ids, ki, kf, gi, ordk, ordp, nout):
                     pf[o_rows + layer * J + i] + den_add + 1e-300
                 )
             pf[o_sc + e] = acc / K
-            pi[picked + e] = 0
-        for _ in range(nsel):  # the row's top n: highest first, ties to the lower expert
-            best = -1
-            for e in range(J):
-                if pi[picked + e] == 0 and (best < 0 or pf[o_sc + e] > pf[o_sc + best]):
-                    best = e
-            pi[picked + best] = 1
-            pf[o_v + best] += pf[o_sc + best]
+        vote_top(pi, pf, P_SCRATCH, o_sc, o_v, J, n)
     if known == 0:
         return 0
-    nc = 0  # candidates by vote descending, then expert ascending (a stable insertion)
-    for e in range(J):
-        v = pf[o_v + e]
-        if not v > 0:
-            continue
-        p = nc
-        while p > 0 and pf[o_v + pi[cand + p - 1]] < v:
-            pi[cand + p] = pi[cand + p - 1]
-            p -= 1
-        pi[cand + p] = e
-        nc += 1
-    for e in range(J):
-        pi[mark + e] = 0
-    for dv in range(D):
-        pi[routed + dv] = 0
-        pi[rank + dv] = 0
-    for r in range(R):
-        for k in range(K):
-            e = ids[r, layer, k]
-            if pi[mark + e] == 0:
-                pi[mark + e] = 1
-                pi[routed + (layer * J + e) % D] += 1
-    m = 0
-    for c in range(nc):
-        e = pi[cand + c]
-        key = target * J + e
-        dv = key % D
-        budget = gi[dv, G_CAP] - pi[routed + dv]
-        if pi[rank + dv] >= budget:  # budget <= 0 keeps none
-            continue
-        pi[rank + dv] += 1
-        if ki[key, K_STATE] != ABSENT and ki[key, K_DEV] == dv:  # in that cache's entries
-            continue
-        ordk[m] = key
-        ordp[m] = pf[o_v + e]
-        m += 1
+    m = orders_from_votes(pi, pf, P_SCRATCH, o_v, J, D, layer, target, ids, ki, gi, ordk, ordp)
     nout[3] = m  # on_gate's orders: the second batch
     return 0
 
 
-# the kernel compiles in policies.compiled_gate's column numbers: that file's contents
-# join its disk-cache stamp (specs/jitcache.py), so a change there recompiles it
-stamp_dependencies(globals().values(), (compiled_gate,))
+# the kernel compiles in policies.compiled_gate's column numbers and gate_select_jit's
+# kernels: their contents join its disk-cache stamp (specs/jitcache.py)
+stamp_dependencies(globals().values(), (compiled_gate, gate_select_jit))
