@@ -3,7 +3,7 @@ a row's top-n vote (:func:`policies.baseline_common.union_top`) and the orders
 :func:`policies.baseline_common.select_orders` makes of the votes, step for step.
 
 Both work on the gates' own state arrays: ``pf[o_v:o_v + J]`` the votes, and int scratch
-in ``pi`` from ``scratch`` on (:data:`SCRATCH_INTS` per ``J`` experts and ``D`` devices).
+in ``pi`` from ``scratch`` on (:func:`scratch_ints` of ``J`` experts and ``D`` devices).
 """
 
 from __future__ import annotations
