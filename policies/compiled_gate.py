@@ -13,7 +13,7 @@ The contract (docs/simulator.md, "A policy's gate inside the kernel"):
   :data:`GATE_SIG` and called through a function pointer, so the engine's own kernel
   stays in numba's disk cache whatever the policy):
 
-  ``kernel(pi, pf, layer, now, ids, ki, kf, gi, ordk, ordp, nout) -> int64``
+  ``kernel(pi, pf, layer, now, ids, look, ki, kf, gi, ordk, ordp, nout) -> int64``
 
   ``pi`` / ``pf``: the policy's own state (int64 / float64, 1-D, C order), which the
   kernel passes through and the gate may read and write (its state between gates; the
@@ -65,7 +65,8 @@ def gate_sig() -> Any:
     i2 = types.Array(types.int64, 2, "C")
     f2 = types.Array(types.float64, 2, "C")
     i3 = types.Array(types.int64, 3, "C")
-    return types.int64(i1, f1, types.int64, types.float64, i3, i2, f2, i2, i1, f1, i1)
+    f3 = types.Array(types.float64, 3, "C")
+    return types.int64(i1, f1, types.int64, types.float64, i3, f3, i2, f2, i2, i1, f1, i1)
 
 
 @dataclass

@@ -31,7 +31,7 @@ def state(num_experts: int, num_devices: int) -> np.ndarray:
 
 
 @njit(cache=True, _nrt=False)
-def whole_layer_gate(pi, pf, layer, now, ids, ki, kf, gi, ordk, ordp, nout):
+def whole_layer_gate(pi, pf, layer, now, ids, look, ki, kf, gi, ordk, ordp, nout):
     """The whole-layer fetch's orders at ``layer``'s gate (the module's docstring)."""
     J, D = pi[P_J], pi[P_D]
     mark = P_SCRATCH  # pi[mark + e]: 1 when a row routes expert e at this layer

@@ -18,6 +18,10 @@ first, then the least recent of all. When layer l needs a slot and every layer i
 share, the global LRU victim lies in the layer visited longest ago, which then takes its
 slot back from layer l next time, the same victims a per-layer LRU picks in steady state.
 ``per_layer_share=False`` gives a plain global LRU.
+
+Its gate also exists as compiled code (:meth:`MixtralOffloading.compiled_gate`,
+:mod:`policies.mixtral_offloading_jit`): the simulator's prefetching kernel calls it in
+place of ``on_gate`` (same orders and counts; the Python hook stays the reference).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pydantic import Field
 from policies.base import GateOutput, Policy, PolicyContext, PolicyOptions
 from policies.baseline_common import SCORE_SCALE, layer_reserve, select_orders, union_top
 from policies.cache import CacheEntry
+from policies.compiled_gate import CompiledGate
 from policies.registry import register_policy
 
 
@@ -59,6 +64,7 @@ class MixtralOffloading(Policy):
         super().__init__(**options)
         self._gates = 0
         self._speculated = 0
+        self._gate_pi: np.ndarray | None = None  # the compiled gate's counts live there
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
@@ -87,6 +93,29 @@ class MixtralOffloading(Policy):
         for o in orders:
             self.prefetch(o.layer, o.expert, o.priority)
 
+    def compiled_gate(self) -> CompiledGate | None:
+        """``on_gate``'s orders in numba (:mod:`policies.mixtral_offloading_jit`), for a
+        compiled executor's kernel (its gate and speculation counts kept in ``pi``)."""
+        from policies import mixtral_offloading_jit as jit
+
+        ctx = self.ctx
+        if len(ctx.caches) != ctx.placement.num_devices:
+            return None  # select_orders' budget and devices would not line up
+        J = ctx.spec.num_experts
+        n = self.options.prefetch_top_k or ctx.spec.top_k
+        pi = jit.int_state(ctx.spec.num_moe_layers, J, ctx.placement.num_devices, n)
+        self._gate_pi = pi
+        return CompiledGate(jit.lookahead_gate, pi, jit.float_state(J))
+
+    def _counts(self) -> tuple[int, int]:
+        """(gates, gates with lookahead): the Python hook's and the compiled gate's."""
+        g, s = self._gates, self._speculated
+        if self._gate_pi is not None:
+            from policies.mixtral_offloading_jit import P_GATES, P_SPEC
+
+            g, s = g + int(self._gate_pi[P_GATES]), s + int(self._gate_pi[P_SPEC])
+        return g, s
+
     def _over_share(self, d: int, layer: int) -> bool:
         """Whether ``layer`` holds more than its share of device ``d``'s slots."""
         cache = self.ctx.caches[d]
@@ -112,15 +141,16 @@ class MixtralOffloading(Policy):
         return entry.last_used + SCORE_SCALE
 
     def metadata(self) -> dict[str, Any]:
-        if self._gates == 0:
+        gates, speculated = self._counts()
+        if gates == 0:
             mode = "not run"
-        elif self._speculated:
+        elif speculated:
             mode = "lookahead: next layer's gate on this layer's hidden state"
         else:
             mode = "none: no lookahead rows, on-demand loading with the LRU cache only"
         return {
             **super().metadata(),
             "speculation": mode,
-            "gates_with_lookahead": self._speculated,
-            "gates": self._gates,
+            "gates_with_lookahead": speculated,
+            "gates": gates,
         }

@@ -20,6 +20,12 @@ hidden states, so our predictor learns from routing alone, kept simple and fast 
 - Eviction: least recently used.
 
 The stride d is ``stride``, else ``--prefetch-distance``, else 2.
+
+Its gate also exists as compiled code (:meth:`ProMoE.compiled_gate`,
+:mod:`policies.promoe_jit`): the simulator's prefetching kernel calls it in place of
+``on_gate`` (same orders; the Python hook stays the reference). Online learning then
+takes the iteration's routing from ``IterationStart.gates`` (``precomputes_from_gates``:
+the same rows ``on_gate`` would have collected), where the executor passes them.
 """
 
 from __future__ import annotations
@@ -39,11 +45,27 @@ from policies.base import (
     RecencyEviction,
 )
 from policies.baseline_common import check_training, layer_reserve, select_orders, union_top
+from policies.compiled_gate import CompiledGate
 from policies.registry import register_policy
 from specs.errors import InputError
 from specs.model_spec import ModelSpec
 
 DEFAULT_STRIDE = 2
+
+
+def float_state(layers: int, experts: int, smoothing: float) -> np.ndarray:
+    """The compiled gate's float state (``pf``, :mod:`policies.promoe_jit`): ``N``
+    (L*J*J), ``rows`` (L*J), the smoothing, then scratch (J scores, J votes)."""
+    L, J = layers, experts
+    pf = np.zeros(L * J * J + L * J + 1 + 2 * J, np.float64)
+    pf[L * J * J + L * J] = smoothing
+    return pf
+
+
+def tables(pf: np.ndarray, layers: int, experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views of ``pf``: ``N`` [L, J, J] and ``rows`` [L, J] (writes reach the gate)."""
+    L, J = layers, experts
+    return pf[: L * J * J].reshape(L, J, J), pf[L * J * J : L * J * J + L * J].reshape(L, J)
 
 
 class ProMoEOptions(PolicyOptions):
@@ -74,6 +96,9 @@ class ProMoE(RecencyEviction, Policy):
         "training split), stride prefetch"
     )
     Options = ProMoEOptions
+    # the iteration's routing at its start only stands in for the rows on_gate collects
+    # (online learning), so the compiled gate can leave on_gate out
+    precomputes_from_gates = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -96,12 +121,14 @@ class ProMoE(RecencyEviction, Policy):
         d = self._stride_for(spec)
         self._tables = (L, J, d)
         self._L, self._J, self._d = L, J, d
-        self._N = np.zeros((L, J, J))
-        self._rows = np.zeros((L, J))  # sum over j of N[l, i, j]
+        # the tables live in the compiled gate's float state (views: learning reaches it)
+        self._pf = float_state(L, J, self.options.smoothing)
+        self._N, self._rows = tables(self._pf, L, J)  # rows: sum over j of N[l, i, j]
         self._prior = np.zeros((L, J))
         self._layer_off = np.arange(L, dtype=np.int64)[None, :, None] * J
         self._pair_off = (np.arange(max(L - d, 0), dtype=np.int64) * J)[None, :, None, None]
         self._iter_ids: list[np.ndarray | None] = [None] * L
+        self._iter_all: np.ndarray | None = None  # IterationStart.gates' ids [T, L, K]
 
     def _learn(self, ids: np.ndarray) -> int:
         """Add token rows ``ids`` [T, L, K] to the tables; returns T."""
@@ -145,6 +172,7 @@ class ProMoE(RecencyEviction, Policy):
     # -- observe / decide ----------------------------------------------------------------
     def on_iteration_start(self, ev: IterationStart) -> None:
         self._iter_ids = [None] * self._L
+        self._iter_all = None if ev.gates is None else ev.gates.topk_ids
         if not self.options.first_layers:
             return
         n = min(self._J, (self.options.top_n or self.ctx.spec.top_k) * max(len(ev.request_ids), 1))
@@ -193,10 +221,31 @@ class ProMoE(RecencyEviction, Policy):
             self.prefetch(o.layer, o.expert, o.priority)
 
     def on_iteration_end(self, ev: IterationEnd) -> None:
-        if not self.options.online or any(x is None for x in self._iter_ids):
+        if not self.options.online:
             return
-        self._online_tokens += self._learn(np.stack(self._iter_ids, axis=1))
+        if self._iter_all is not None:  # the same rows as on_gate's, all at once
+            ids = self._iter_all
+        elif any(x is None for x in self._iter_ids):
+            return
+        else:
+            ids = np.stack(self._iter_ids, axis=1)
+        self._online_tokens += self._learn(ids)
         self._iter_ids = [None] * self._L
+        self._iter_all = None
+
+    def compiled_gate(self) -> CompiledGate | None:
+        """``on_gate``'s orders in numba (:mod:`policies.promoe_jit`), for a compiled
+        executor's kernel, reading the tables themselves (``_pf``)."""
+        from policies import promoe_jit
+
+        ctx = self.ctx
+        if len(ctx.caches) != ctx.placement.num_devices:
+            return None  # select_orders' budget and devices would not line up
+        pi = promoe_jit.int_state(
+            self._L, self._J, ctx.placement.num_devices, self._d,
+            self.options.top_n or ctx.spec.top_k,
+        )  # fmt: skip
+        return CompiledGate(promoe_jit.stride_gate, pi, self._pf)
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -242,7 +242,7 @@ class PrefetchPath:
         if self.gate is None:
             fk.iteration(*args)
         else:
-            fk.iteration_gate(*args, *self.gate)
+            fk.iteration_gate(*args, *self.gate, np.zeros((0, 0, 0), np.float64))
         self.fsc[fk.F_NXT], self.fsc[fk.F_T] = nxt, t
         fk.apply_orders(*self.state, self.ordk, self.ordp, 0.0)
         self.advance(-np.inf)

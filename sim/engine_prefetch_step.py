@@ -68,7 +68,7 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     et = fp.et if fp.et.shape[0] > rows else fp.expert_times(rows)
     disp, extra = fk.iteration, ()
     if gate is not None:
-        disp, extra = fk.iteration_gate, gate
+        disp, extra = fk.iteration_gate, (*gate, gate_look(eng, batch, slices))
         if not (ids64.flags.c_contiguous and ids64.flags.writeable):
             ids64 = np.array(ids64, order="C")  # the gate's signature: C order, writeable
     # the kernel's compiled entry for these argument types (no type resolution a call):
@@ -166,6 +166,25 @@ def iteration_prefetch(eng: Engine, fp: PrefetchPath, t: float) -> Proc:
     add_request_counts(batch, req_out)
     eng._finish_iteration(batch, t)
     return t
+
+
+_NO_LOOK = np.zeros((0, 0, 0), np.float64)
+
+
+def gate_look(eng: Any, batch: list, slices: list) -> np.ndarray:
+    """A compiled gate's ``look`` (policies.compiled_gate): the iteration's lookahead
+    rows as float64, C order, writeable, where the policy wants them and the workload
+    has them (as ``GateOutput.lookahead``), else an array with no rows."""
+    if not (eng.has_look and eng.policy.wants_lookahead):
+        return _NO_LOOK
+    from sim.iteration import stack_field
+
+    look = stack_field(batch, slices, "lookahead")
+    if look is None:
+        return _NO_LOOK
+    if look.dtype != np.float64 or not (look.flags.c_contiguous and look.flags.writeable):
+        look = np.array(look, dtype=np.float64, order="C")
+    return look
 
 
 def entry_of(disp: Any, args: tuple) -> Any:

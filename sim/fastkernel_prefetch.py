@@ -1346,7 +1346,7 @@ def iteration(
     (:func:`_compact_log`)."""
     code = _iteration(
         isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp,
-        ids, row_off, et, plan, req_out, None, isc, fsc, isc,
+        ids, row_off, et, plan, req_out, None, isc, fsc, isc, None,
     )  # fmt: skip
     _compact_log(vs, scratch)
     return code
@@ -1355,17 +1355,18 @@ def iteration(
 @njit(cache=True, _nrt=False)
 def iteration_gate(
     isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
-    req_out, gate, pi, pf, gout,
+    req_out, gate, pi, pf, gout, look,
 ):  # fmt: skip
     """:func:`iteration` with the policy's compiled gate (policies.compiled_gate): called
     at each gate in place of the HOOK return, its orders (``gout``: cancels, prefetches
     in ordk/ordp) applied after the layer's demand loads; BAD_GATE when it fails or
     orders something malformed. ``gate`` is a first-class function (numba
     ``FunctionType`` of policies.compiled_gate.gate_sig), so this kernel stays in
-    numba's disk cache whatever the policy."""
+    numba's disk cache whatever the policy. ``look``: the iteration's lookahead rows
+    [rows, layers, J] (no rows when the gate does not read them)."""
     code = _iteration(
         isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp,
-        ids, row_off, et, plan, req_out, gate, pi, pf, gout,
+        ids, row_off, et, plan, req_out, gate, pi, pf, gout, look,
     )  # fmt: skip
     _compact_log(vs, scratch)
     return code
@@ -1374,7 +1375,7 @@ def iteration_gate(
 @njit(cache=True, _nrt=False)
 def _iteration(
     isc, fsc, ki, kf, gi, gf, q, hf, hi, lg, scratch, cf, ci, bk, bp, vs, work, ordk, ordp, ids, row_off, et, plan,
-    req_out, gate, pi, pf, gout,
+    req_out, gate, pi, pf, gout, look,
 ):  # fmt: skip
     """The body of :func:`iteration` and :func:`iteration_gate` (``gate`` None: no
     compiled gate; numba prunes that branch from the plain kernel as it compiles it, so
@@ -1422,7 +1423,7 @@ def _iteration(
             if gate is not None:  # the policy's compiled gate: its orders, as its hooks' would be
                 for c in range(4):
                     gout[c] = 0
-                r = gate(pi, pf, layer, t, ids, ki, kf, gi, ordk, ordp, gout)
+                r = gate(pi, pf, layer, t, ids, look, ki, kf, gi, ordk, ordp, gout)
                 if r < 0 or not _gate_orders_ok(ki, ordk, ordp, gout):
                     isc[I_PHASE] = ph
                     fsc[F_T] = t
