@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from policies import compiled_gate
+from policies import compiled_gate, gate_select_jit
 from policies.compiled_gate import ABSENT, G_CAP, K_DEV, K_STATE
+from policies.gate_select_jit import mark_routed
 from specs.jitcache import stamp_dependencies
 
 # pi: [0] experts per layer J, [1] devices D, then scratch: J marks, D routed counts, D ranks
@@ -37,18 +38,7 @@ def whole_layer_gate(pi, pf, layer, now, ids, look, ki, kf, gi, ordk, ordp, nout
     mark = P_SCRATCH  # pi[mark + e]: 1 when a row routes expert e at this layer
     routed = mark + J  # per device: distinct routed experts (layer_reserve)
     rank = routed + D  # per device: candidates kept so far
-    for e in range(J):
-        pi[mark + e] = 0
-    for d in range(D):
-        pi[routed + d] = 0
-        pi[rank + d] = 0
-    R, _, K = ids.shape
-    for r in range(R):
-        for j in range(K):
-            e = ids[r, layer, j]
-            if pi[mark + e] == 0:
-                pi[mark + e] = 1
-                pi[routed + (layer * J + e) % D] += 1
+    mark_routed(pi, ids, layer, J, D, mark, routed, rank)
     n = 0
     for e in range(J):
         if pi[mark + e]:
@@ -69,6 +59,7 @@ def whole_layer_gate(pi, pf, layer, now, ids, look, ki, kf, gi, ordk, ordp, nout
     return 0
 
 
-# the kernel compiles in policies.compiled_gate's column numbers: that file's contents
-# join its disk-cache stamp (specs/jitcache.py), so a change there recompiles it
-stamp_dependencies(globals().values(), (compiled_gate,))
+# the kernel compiles in policies.compiled_gate's column numbers and calls
+# gate_select_jit's kernel: those files' contents join its disk-cache stamp
+# (specs/jitcache.py), so a change there recompiles it
+stamp_dependencies(globals().values(), (compiled_gate, gate_select_jit))

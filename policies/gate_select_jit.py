@@ -37,6 +37,26 @@ def vote_top(pi, pf, scratch, o_sc, o_v, J, n):
 
 
 @njit(cache=True, _nrt=False)
+def mark_routed(pi, ids, layer, J, D, mark, routed, rank):
+    """Marks (``pi[mark + e]`` = 1) the experts some row of ``ids`` routes at ``layer``,
+    counts them per device (``pi[routed + d]``, ``(layer * J + e) % D``: the
+    ``layer_reserve`` of ``select_orders``) and zeroes the per-device ranks
+    (``pi[rank + d]``)."""
+    for e in range(J):
+        pi[mark + e] = 0
+    for dv in range(D):
+        pi[routed + dv] = 0
+        pi[rank + dv] = 0
+    R, _, K = ids.shape
+    for r in range(R):
+        for k in range(K):
+            e = ids[r, layer, k]
+            if pi[mark + e] == 0:
+                pi[mark + e] = 1
+                pi[routed + (layer * J + e) % D] += 1
+
+
+@njit(cache=True, _nrt=False)
 def orders_from_votes(pi, pf, scratch, o_v, J, D, layer, target, ids, ki, gi, ordk, ordp):
     """``select_orders`` of the experts with a positive vote at layer ``target``, with
     ``layer_reserve`` of ``ids[:, layer]`` (the running layer's routed experts): vote
@@ -61,18 +81,7 @@ def orders_from_votes(pi, pf, scratch, o_v, J, D, layer, target, ids, ki, gi, or
         nc += 1
     if nc == 0:
         return 0
-    for e in range(J):
-        pi[mark + e] = 0
-    for dv in range(D):
-        pi[routed + dv] = 0
-        pi[rank + dv] = 0
-    R, _, K = ids.shape
-    for r in range(R):
-        for k in range(K):
-            e = ids[r, layer, k]
-            if pi[mark + e] == 0:
-                pi[mark + e] = 1
-                pi[routed + (layer * J + e) % D] += 1
+    mark_routed(pi, ids, layer, J, D, mark, routed, rank)
     m = 0
     for c in range(nc):
         e = pi[cand + c]
