@@ -16,8 +16,7 @@ import numpy as np
 from numba import njit
 
 from policies import compiled_gate, gate_select_jit
-from policies.compiled_gate import ABSENT, G_CAP, K_DEV, K_STATE
-from policies.gate_select_jit import mark_routed
+from policies.gate_select_jit import keep_to_order, mark_routed
 from specs.jitcache import stamp_dependencies
 
 # pi: [0] experts per layer J, [1] devices D, then scratch: J marks, D routed counts, D ranks
@@ -44,12 +43,7 @@ def whole_layer_gate(pi, pf, layer, now, ids, look, ki, kf, gi, ordk, ordp, nout
         if pi[mark + e]:
             continue
         k = layer * J + e
-        d = k % D
-        budget = gi[d, G_CAP] - pi[routed + d]
-        if pi[rank + d] >= budget:  # budget <= 0 keeps none
-            continue
-        pi[rank + d] += 1
-        if ki[k, K_STATE] != ABSENT and ki[k, K_DEV] == d:  # in that cache's entries
+        if not keep_to_order(pi, ki, gi, k, D, routed, rank):
             continue
         ordk[n] = k
         ordp[n] = 1.0

@@ -56,6 +56,19 @@ def mark_routed(pi, ids, layer, J, D, mark, routed, rank):
                 pi[routed + (layer * J + e) % D] += 1
 
 
+@njit(cache=True, _nrt=False, inline="always")
+def keep_to_order(pi, ki, gi, key, D, routed, rank):
+    """``select_orders``' test of one candidate (flat ``key``, taken best first): kept
+    while its device (``key % D``) has room (``capacity - reserve``, at least 0; the
+    rank counts up), and ordered when kept and not among that device's cache entries."""
+    dv = key % D
+    budget = gi[dv, G_CAP] - pi[routed + dv]
+    if pi[rank + dv] >= budget:  # budget <= 0 keeps none
+        return False
+    pi[rank + dv] += 1
+    return not (ki[key, K_STATE] != ABSENT and ki[key, K_DEV] == dv)  # not in its entries
+
+
 @njit(cache=True, _nrt=False)
 def orders_from_votes(pi, pf, scratch, o_v, J, D, layer, target, ids, ki, gi, ordk, ordp):
     """``select_orders`` of the experts with a positive vote at layer ``target``, with
@@ -86,12 +99,7 @@ def orders_from_votes(pi, pf, scratch, o_v, J, D, layer, target, ids, ki, gi, or
     for c in range(nc):
         e = pi[cand + c]
         key = target * J + e
-        dv = key % D
-        budget = gi[dv, G_CAP] - pi[routed + dv]
-        if pi[rank + dv] >= budget:  # budget <= 0 keeps none
-            continue
-        pi[rank + dv] += 1
-        if ki[key, K_STATE] != ABSENT and ki[key, K_DEV] == dv:  # in that cache's entries
+        if not keep_to_order(pi, ki, gi, key, D, routed, rank):
             continue
         ordk[m] = key
         ordp[m] = pf[o_v + e]
